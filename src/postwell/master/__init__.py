@@ -1,0 +1,1 @@
+"""postwell.master"""
