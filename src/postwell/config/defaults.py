@@ -1,7 +1,16 @@
-"""Postfix's defaults for the parameters postwell knows (newest safe defaults).
+"""Parameter defaults: Postfix 3.7's table plus postwell's deliberate differences.
 
-Values are the unexpanded defaults as `postconf -d` prints them.  The config
-owner extends this table; every parameter postwell reads must be here.
+Values are the unexpanded defaults as `postconf -d` prints them.  How the final
+DEFAULTS dict is built (see the end of this file):
+
+1. the literal below: entries other parts added (postwell-only parameters, or
+   Postfix parameters they need; for a parameter Postfix knows, Postfix's own
+   value from postfix_defaults.py wins, so a typo here cannot change a default);
+2. POSTFIX_DEFAULTS (postfix_defaults.py, generated from `postconf -d`);
+3. POSTWELL_DIFFERENCES: deliberate, documented departures (safer defaults);
+4. machine-dependent defaults (myhostname, mydomain, mynetworks, process_id,
+   process_name) computed for this host at import; Config recomputes them
+   from the loaded main.cf (machine.py), as Postfix does at run time.
 """
 
 DEFAULTS: dict[str, str] = {
@@ -9,19 +18,93 @@ DEFAULTS: dict[str, str] = {
     "syslog_name": "postfix",
     "syslog_facility": "mail",
     "maillog_file": "",
-    "myhostname": "localhost.localdomain",
-    "mydomain": "localdomain",
     "myorigin": "$myhostname",
     "mydestination": "$myhostname, localhost.$mydomain, localhost",
     "smtpd_banner": "$myhostname ESMTP $mail_name",
     "queue_directory": "/var/spool/postfix",
     "data_directory": "/var/lib/postfix",
     "mail_owner": "postfix",
+    # master / qmgr / virtual (owner: master+qmgr engineer)
+    "mail_version": "3.7.11",
+    "process_id_directory": "pid",
+    "service_throttle_time": "60s",
+    "default_process_limit": "100",
+    "inet_interfaces": "all",
+    "inet_protocols": "all",
+    "minimal_backoff_time": "300s",
+    "maximal_backoff_time": "4000s",
+    "queue_run_delay": "300s",
+    "maximal_queue_lifetime": "5d",
+    "bounce_queue_lifetime": "5d",
+    "default_destination_concurrency_limit": "20",
+    "default_destination_recipient_limit": "50",
+    "delay_logging_resolution_limit": "2",
+    "qmgr_message_active_limit": "20000",
+    "double_bounce_sender": "double-bounce",
+    "virtual_transport": "virtual",
+    "virtual_mailbox_base": "",
+    "virtual_mailbox_maps": "",
+    "virtual_mailbox_domains": "$virtual_mailbox_maps",
+    "virtual_uid_maps": "",
+    "virtual_gid_maps": "",
+    "virtual_minimum_uid": "100",
+    "virtual_mailbox_limit": "51200000",
+    "virtual_mailbox_lock": "fcntl, dotlock",
+    "virtual_destination_concurrency_limit": "$default_destination_concurrency_limit",
+    "virtual_destination_recipient_limit": "$default_destination_recipient_limit",
     "message_size_limit": "10240000",
     "mailbox_size_limit": "51200000",
     "smtpd_recipient_limit": "1000",
     "line_length_limit": "2048",
+    # queue/ and cleanup/
+    "header_size_limit": "102400",
+    "hopcount_limit": "50",
+    "queue_minfree": "0",
+    "always_add_missing_headers": "no",
+    "local_header_rewrite_clients": "permit_inet_interfaces",
+    "undisclosed_recipients_header": "",
+    "virtual_maps": "",
+    "virtual_alias_maps": "$virtual_maps",
+    "virtual_alias_expansion_limit": "1000",
+    "virtual_alias_recursion_limit": "1000",
+    "recipient_delimiter": "",
     "smtpd_timeout": "300s",
     "mynetworks_style": "host",
     "smtpd_relay_restrictions": "permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination",
+    # postwell extensions (dns/, delivery/smtp.py): name servers for the smtp client
+    # ("127.0.0.1:5353, [::1]:53"; empty = resolv.conf) and BDAT on output (Postfix's
+    # smtp client never sends BDAT, so the default stays off).
+    "postwell_dns_servers": "",
+    "postwell_smtp_use_chunking": "no",
 }
+
+
+# ---- structure (config owner); add plain entries to the literal above ----
+from .postfix_defaults import POSTFIX_DEFAULTS  # noqa: E402
+
+# Deliberate differences from Postfix 3.7 (docs/architecture.md, DESIGN.md).
+POSTWELL_DIFFERENCES: dict[str, str] = {
+    "mail_name": "postwell",
+    # Postfix 3.7 defaults to 0 (legacy); we run with the 3.6 behaviour that
+    # Postfix's own `${{$compatibility_level} <level ...}` defaults select.
+    "compatibility_level": "3.6",
+    # The Postfix 3.9 default, against SMTP smuggling.
+    "smtpd_forbid_bare_newline": "normalize",
+}
+
+# Names whose default depends on the machine (and on main.cf): machine.py.
+MACHINE_DEPENDENT = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
+
+_ADDED_BY_PARTS = {k: v for k, v in DEFAULTS.items() if k not in POSTFIX_DEFAULTS}
+DEFAULTS.clear()
+DEFAULTS.update(POSTFIX_DEFAULTS)
+DEFAULTS.update(_ADDED_BY_PARTS)
+DEFAULTS.update(POSTWELL_DIFFERENCES)
+
+
+def _machine_defaults() -> None:
+    from .machine import static_machine_defaults
+    DEFAULTS.update(static_machine_defaults())
+
+
+_machine_defaults()

@@ -1,10 +1,19 @@
-"""main.cf parsing and parameter expansion (minimal core; see config/__init__)."""
+"""main.cf parsing and the Config object (see config/__init__ for the API).
+
+Syntax, as Postfix reads it (readlline + split_nameval):
+- a line whose first non-blank character is '#' is a comment; blank lines are
+  skipped; neither ends a logical line;
+- a line starting with white space continues the previous logical line (the
+  newline is dropped, the leading white space kept);
+- a logical line is `name = value`; white space around name and value is
+  stripped; a later definition of the same name wins.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .defaults import DEFAULTS
 
@@ -21,27 +30,82 @@ class ConfigError(Exception):
 _LIST_SPLIT = re.compile(r"[\s,]+")
 
 
-def parse_main_cf(text: str, filename: str = "main.cf") -> dict[str, str]:
-    """Parse main.cf text: comments, name = value, continuation lines."""
-    params: dict[str, str] = {}
-    logical: list[tuple[int, str]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+@dataclass
+class MainEntry:
+    """One `name = value` logical line of main.cf (lines are 1-based, inclusive)."""
+    name: str
+    value: str
+    first_line: int
+    last_line: int
+
+
+def iter_logical_lines(text: str, filename: str = "main.cf", warn=None):
+    """Yield (first_line, last_line, text) for each logical line.
+
+    A first line that starts with white space has nothing to continue: Postfix
+    warns and skips it; `warn(message)` receives that warning.
+    """
+    current: list | None = None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r") if line.endswith("\r") else line
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
             continue
         if line[0] in " \t":
-            if not logical:
-                raise ConfigError("continuation line without a preceding parameter", filename, lineno)
-            start, prev = logical[-1]
-            logical[-1] = (start, prev + " " + line.strip())
+            if current is None:
+                if warn:
+                    warn(f'{filename}: logical line must not start with whitespace: "{line}"')
+                continue
+            current[1] = lineno
+            current[2] += line
             continue
-        logical.append((lineno, line.strip()))
-    for lineno, line in logical:
-        name, sep, value = line.partition("=")
-        name = name.strip()
-        if not sep or not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-            raise ConfigError(f"missing '=' after attribute name: \"{name or line}\"", filename, lineno)
-        params[name] = value.strip()
-    return params
+        if current is not None:
+            yield tuple(current)
+        current = [lineno, lineno, line]
+    if current is not None:
+        yield tuple(current)
+
+
+def split_name_value(line: str, filename: str, lineno: int) -> tuple[str, str]:
+    stripped = line.strip()
+    m = re.match(r"[^\s=]*", stripped)
+    name = m.group()
+    rest = stripped[m.end():].lstrip()
+    if not name:
+        raise ConfigError(f'missing attribute name: "{stripped}"', filename, lineno)
+    if not rest.startswith("="):
+        raise ConfigError(f"missing '=' after attribute name: \"{stripped}\"", filename, lineno)
+    return name, rest[1:].strip()
+
+
+def parse_main_cf_entries(text: str, filename: str = "main.cf", warn=None) -> list[MainEntry]:
+    entries = []
+    for first, last, line in iter_logical_lines(text, filename, warn):
+        name, value = split_name_value(line, filename, first)
+        entries.append(MainEntry(name, value, first, last))
+    return entries
+
+
+def parse_main_cf(text: str, filename: str = "main.cf", warn=None) -> dict[str, str]:
+    """Parse main.cf text into {name: raw value}; later definitions win."""
+    return {e.name: e.value for e in parse_main_cf_entries(text, filename, warn)}
+
+
+def _service_param_default(name: str, services) -> str | None:
+    """Per-transport parameters Postfix derives from master.cf service names."""
+    from .registry import service_parameter_default
+    return service_parameter_default(name, services)
+
+
+_UNCACHED = frozenset({"process_id"})
+
+# Parameters Postfix never expands when reading the configuration: their
+# $names are per-message macros expanded at use time (postconf -x leaves them).
+RAW_PARAMETERS = frozenset({
+    "default_rbl_reply", "forward_path", "luser_relay", "mailbox_command",
+    "postscreen_expansion_filter", "postscreen_reject_footer",
+    "smtpd_expansion_filter", "smtpd_reject_footer",
+})
 
 
 @dataclass
@@ -50,62 +114,164 @@ class Config:
     params: dict[str, str]
     overrides: dict[str, str]
     services: list
+    main_cf_path: str | None = None
+    param_lines: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    # ---- raw values --------------------------------------------------------
     def raw(self, name: str) -> str | None:
         if name in self.overrides:
             return self.overrides[name]
         if name in self.params:
             return self.params[name]
-        return DEFAULTS.get(name)
+        machine = self._machine_default(name)
+        if machine is not None:
+            return machine
+        value = DEFAULTS.get(name)
+        if value is None and "_" in name:
+            value = _service_param_default(name, self.services)
+        return value
+
+    def default(self, name: str) -> str | None:
+        """The default value (as `postconf -d` prints it), ignoring main.cf."""
+        machine = self._machine_default(name, defaults_only=True)
+        if machine is not None:
+            return machine
+        value = DEFAULTS.get(name)
+        if value is None and "_" in name:
+            value = _service_param_default(name, self.services)
+        return value
+
+    def _machine_default(self, name: str, defaults_only: bool = False) -> str | None:
+        from . import machine
+        if name not in ("myhostname", "mydomain", "mynetworks", "process_id", "process_name"):
+            return None
+        if name == "process_id":
+            return str(os.getpid())
+        if name == "process_name":
+            return machine.process_name()
+        base = Config(self.config_dir, {}, {}, self.services) if defaults_only else self
+        key = ("machine", name, defaults_only)
+        if key in self._cache:
+            return self._cache[key]
+        if name == "myhostname":
+            mydomain = base.get("mydomain") if base.is_set("mydomain") else None
+            value = machine.default_myhostname(mydomain)
+        elif name == "mydomain":
+            value = machine.default_mydomain(base.get("myhostname"))
+        else:
+            try:
+                value = machine.compute_mynetworks(base.get("mynetworks_style"),
+                                                   base.get("inet_interfaces"),
+                                                   base.get("inet_protocols"))
+            except ValueError as e:
+                raise ConfigError(str(e), self.main_cf_path) from None
+        self._cache[key] = value
+        return value
 
     def is_set(self, name: str) -> bool:
         return name in self.overrides or name in self.params
 
+    def is_known(self, name: str) -> bool:
+        return self.default(name) is not None
+
+    # ---- expanded values ---------------------------------------------------
     def get(self, name: str) -> str:
+        if name in self._cache:
+            return self._cache[name]
         value = self.raw(name)
         if value is None:
-            return ""
-        return self.expand(value)
+            result = ""
+        elif name in RAW_PARAMETERS:
+            result = value
+        else:
+            result = self.expand(value)
+        if name not in _UNCACHED:
+            self._cache[name] = result
+        return result
 
-    def expand(self, value: str, _depth: int = 0) -> str:
-        from .expand import expand
-        return expand(value, self.raw, _depth)
+    def expand(self, value: str, _depth: int = 0, undefined=None) -> str:
+        from .expand import ExpandError, expand
+        try:
+            return expand(value, self.raw, _depth, undefined)
+        except ExpandError as e:
+            raise ConfigError(str(e), self.main_cf_path) from None
 
+    # ---- typed accessors (Postfix's conversion rules and messages) ---------
     def get_int(self, name: str) -> int:
-        return int(self.get(name) or 0)
+        text = self.get(name).strip()
+        if not re.fullmatch(r"-?\d+", text):
+            raise ConfigError(f"bad numerical configuration: {name} = {text}", self.main_cf_path)
+        return int(text)
 
     def get_bool(self, name: str) -> bool:
-        return self.get(name).strip().lower() in ("yes", "true", "1", "on")
+        text = self.get(name).strip().lower()
+        if text == "yes":
+            return True
+        if text == "no":
+            return False
+        raise ConfigError(f"bad boolean configuration: {name} = {self.get(name)}", self.main_cf_path)
 
-    def get_time(self, name: str, default_unit: str = "s") -> float:
-        from .units import parse_time
-        return parse_time(self.get(name), default_unit)
+    def get_time(self, name: str, default_unit: str | None = None) -> float:
+        """Seconds.  A bare number takes the parameter's own default unit (the
+        unit of its Postfix default, e.g. days for maximal_queue_lifetime)."""
+        from .units import default_time_unit, parse_time
+        unit = default_unit or default_time_unit(self.default(name) or "", self) or "s"
+        text = self.get(name)
+        try:
+            return parse_time(text, unit)
+        except ValueError:
+            raise ConfigError(f"parameter {name}: bad time value or unit: {text}",
+                              self.main_cf_path) from None
 
     def get_size(self, name: str) -> int:
-        return self.get_int(name)
+        text = self.get(name).strip()
+        if not re.fullmatch(r"\d+", text):
+            raise ConfigError(f"bad numerical configuration: {name} = {text}", self.main_cf_path)
+        return int(text)
 
     def get_list(self, name: str) -> list[str]:
         return [x for x in _LIST_SPLIT.split(self.get(name)) if x]
 
+    # ---- master.cf -o overrides ---------------------------------------------
     def override(self, overrides: dict[str, str]) -> "Config":
         merged = dict(self.overrides)
         merged.update(overrides)
-        return Config(self.config_dir, self.params, merged, self.services)
+        return Config(self.config_dir, self.params, merged, self.services,
+                      self.main_cf_path, self.param_lines, self.warnings)
+
+    def for_service(self, service) -> "Config":
+        """This config with a master.cf service's -o overrides and $service_name."""
+        extra = {"service_name": service.name}
+        extra.update(service.overrides)
+        return self.override(extra)
 
 
-def load_config(config_dir: str | None = None) -> Config:
-    config_dir = config_dir or os.environ.get("MAIL_CONFIG") or DEFAULT_CONFIG_DIR
+def config_dir_from_env(config_dir: str | None = None) -> str:
+    return config_dir or os.environ.get("MAIL_CONFIG") or DEFAULT_CONFIG_DIR
+
+
+def load_config(config_dir: str | None = None, *, read_master: bool = True) -> Config:
+    explicit = bool(config_dir or os.environ.get("MAIL_CONFIG"))
+    config_dir = config_dir_from_env(config_dir)
     path = os.path.join(config_dir, "main.cf")
+    warnings: list[str] = []
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            params = parse_main_cf(f.read(), path)
+            entries = parse_main_cf_entries(f.read(), path, warnings.append)
     except FileNotFoundError:
-        raise ConfigError("open main.cf: No such file or directory", path) from None
-    params.setdefault("config_directory", config_dir)
+        raise ConfigError(f"open {path}: No such file or directory") from None
+    except PermissionError:
+        raise ConfigError(f"open {path}: Permission denied") from None
+    params = {e.name: e.value for e in entries}
+    lines = {e.name: e.first_line for e in entries}
+    if explicit:
+        params.setdefault("config_directory", config_dir)
     services: list = []
     master_path = os.path.join(config_dir, "master.cf")
-    if os.path.exists(master_path):
+    if read_master and os.path.exists(master_path):
         from .master import parse_master_cf
         with open(master_path, encoding="utf-8", errors="surrogateescape") as f:
             services = parse_master_cf(f.read(), master_path)
-    return Config(config_dir, params, {}, services)
+    return Config(config_dir, params, {}, services, path, lines, warnings)

@@ -1,8 +1,29 @@
-"""master.cf parsing (minimal core; the config owner completes it)."""
+"""master.cf parsing, in Postfix's model (master(5)).
+
+Each logical line (same comment and continuation rules as main.cf) has eight
+or more white-space separated fields:
+
+    service type private unpriv chroot wakeup maxproc command [args...]
+
+A field of "-" takes the default: private y, unpriv y, chroot n (Postfix 3.0
+and later), wakeup 0, maxproc $default_process_limit.  Arguments may be
+grouped with braces (Postfix 3.0): `-o { name = value with spaces }` or
+`{ one argument with spaces }`.
+"""
 
 from __future__ import annotations
 
+import re
+import socket
 from dataclasses import dataclass, field
+
+from .main import ConfigError, iter_logical_lines
+
+SERVICE_TYPES = ("inet", "unix", "unix-dgram", "fifo", "pass")
+
+# Used when /etc/services lacks a name (minimal containers).
+_PORT_FALLBACK = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465,
+                  "lmtp": 24, "urd": 465}
 
 
 @dataclass
@@ -18,7 +39,173 @@ class MasterService:
     args: list[str] = field(default_factory=list)
     overrides: dict[str, str] = field(default_factory=dict)   # -o name=value
     line: int = 0
+    # The eight fields as written (postconf -M prints these), and the argument
+    # words after the command, -o pairs included, in order.
+    fields: tuple = ()
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.type}"
+
+    @property
+    def wakeup_seconds(self) -> int:
+        """Wake-up interval; a trailing '?' (wake only when used) is ignored."""
+        text = self.wakeup.rstrip("?")
+        return int(text) if text.isdigit() else 0
+
+    def process_limit(self, config=None) -> int:
+        if self.maxproc is not None:
+            return self.maxproc
+        if config is not None:
+            return config.get_int("default_process_limit")
+        return 100
 
 
-def parse_master_cf(text: str, filename: str = "master.cf") -> list[MasterService]:
-    raise NotImplementedError
+def split_args(text: str, filename: str = "master.cf", lineno: int = 0) -> list[str]:
+    """Split on white space; a {...} group is one word (braces kept)."""
+    words: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t\r\n":
+            i += 1
+            continue
+        if text[i] == "{":
+            level, j = 0, i
+            while j < n:
+                if text[j] == "{":
+                    level += 1
+                elif text[j] == "}":
+                    level -= 1
+                    if level == 0:
+                        break
+                j += 1
+            if level:
+                raise ConfigError(f'missing \'}}\' in "{text[i:]}"', filename, lineno)
+            words.append(text[i:j + 1])
+            i = j + 1
+            continue
+        j = i
+        while j < n and text[j] not in " \t\r\n":
+            j += 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+def unbrace(word: str) -> str:
+    if word.startswith("{") and word.endswith("}"):
+        return word[1:-1].strip()
+    return word
+
+
+def _yes_no(value: str, default: bool, what: str, line: str, filename: str, lineno: int) -> bool:
+    if value == "-":
+        return default
+    if value in ("y", "n"):
+        return value == "y"
+    raise ConfigError(f'invalid {what} field "{value}" in "{line}"', filename, lineno)
+
+
+def parse_master_cf(text: str, filename: str = "master.cf", warn=None) -> list[MasterService]:
+    services: list[MasterService] = []
+    for first, _last, line in iter_logical_lines(text, filename, warn):
+        services.append(parse_master_line(line, filename, first))
+    return services
+
+
+def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0) -> MasterService:
+    flat = " ".join(line.split())
+    words = split_args(line, filename, lineno)
+    if len(words) < 8:
+        raise ConfigError("bad field count", filename, lineno)
+    name, stype, private, unpriv, chroot, wakeup, maxproc, command = words[:8]
+    if stype not in SERVICE_TYPES:
+        raise ConfigError(f'invalid type field "{stype}" in "{flat}"', filename, lineno)
+    priv = _yes_no(private, True, "private", flat, filename, lineno)
+    unpr = _yes_no(unpriv, True, "unpriv", flat, filename, lineno)
+    chrt = _yes_no(chroot, False, "chroot", flat, filename, lineno)
+    if wakeup == "-":
+        wake = "0"
+    elif re.fullmatch(r"\d+\??", wakeup):
+        wake = wakeup
+    else:
+        raise ConfigError(f'invalid wakeup field "{wakeup}" in "{flat}"', filename, lineno)
+    if maxproc == "-":
+        limit = None
+    elif maxproc.isdigit():
+        limit = int(maxproc)
+    else:
+        raise ConfigError(f'invalid process_limit field "{maxproc}" in "{flat}"', filename, lineno)
+    argv = words[8:]
+    overrides: dict[str, str] = {}
+    args: list[str] = []
+    k = 0
+    in_options = True       # only leading daemon options carry -o (as postconf reads them)
+    while k < len(argv):
+        word = argv[k]
+        if not word.startswith("-"):
+            in_options = False
+        if in_options and word == "-o" and k + 1 < len(argv):
+            pair = unbrace(argv[k + 1])
+            pname, sep, pvalue = pair.partition("=")
+            pname = pname.strip()
+            if not sep or not pname:
+                raise ConfigError(f"missing '=' after attribute name: \"{pair}\"", filename, lineno)
+            overrides[pname] = pvalue.strip()
+            args += ["-o", f"{pname}={pvalue.strip()}"]
+            k += 2
+            continue
+        args.append(unbrace(word))
+        k += 1
+    return MasterService(name=name, type=stype, private=priv, unpriv=unpr, chroot=chrt,
+                         wakeup=wake, maxproc=limit, command=command, args=args,
+                         overrides=overrides, line=lineno,
+                         fields=(name, stype, private, unpriv, chroot, wakeup, maxproc, command),
+                         argv=argv)
+
+
+def service_port(port: str) -> int:
+    """A port number or /etc/services name (tcp) as a number."""
+    if port.isdigit():
+        value = int(port)
+        if 0 < value < 65536:
+            return value
+        raise ValueError(f"bad port number: {port}")
+    try:
+        return socket.getservbyname(port, "tcp")
+    except OSError:
+        if port in _PORT_FALLBACK:
+            return _PORT_FALLBACK[port]
+        raise ValueError(f"unknown service: {port}/tcp") from None
+
+
+def listen_address(service: MasterService | str) -> tuple[str | None, int]:
+    """(host, port) for an inet service; host None means every inet_interfaces address.
+
+    Forms: "smtp", "2525", "host:port", "127.0.0.1:smtp", "[::1]:2525".
+    """
+    name = service.name if isinstance(service, MasterService) else service
+    filename = "master.cf"
+    lineno = service.line if isinstance(service, MasterService) else None
+    try:
+        if name.startswith("["):
+            end = name.find("]")
+            if end < 0 or name[end + 1:end + 2] != ":":
+                raise ValueError(f"bad address in service name: {name}")
+            return name[1:end], service_port(name[end + 2:])
+        host, sep, port = name.rpartition(":")
+        if not sep:
+            return None, service_port(name)
+        if ":" in host:           # bare IPv6 without brackets is ambiguous
+            raise ValueError(f"IPv6 address in service name must be in []: {name}")
+        return (host or None), service_port(port)
+    except ValueError as e:
+        raise ConfigError(str(e), filename, lineno) from None
+
+
+def find_service(services: list[MasterService], name: str, stype: str | None = None):
+    for svc in services:
+        if svc.name == name and (stype is None or svc.type == stype):
+            return svc
+    return None

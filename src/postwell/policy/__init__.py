@@ -1,1 +1,16 @@
-"""postwell.policy"""
+"""postwell.policy: smtpd access control, match lists and address resolution.
+
+    policy = SmtpdPolicy(config, log)              # PolicyConfigError: refuse to start
+    reply = await policy.on_connect/on_helo/on_mail/on_rcpt/on_data/on_end_of_data(state)
+    policy.reject_log_line(state, reply)           # "NOQUEUE: reject: RCPT from ..."
+    resolver = AddressResolver(config)
+    r = resolver.resolve(address, sender=None)     # Resolved(address_class, transport, nexthop,
+                                                   #          recipient, flags)
+    resolver.recipient_known(r) -> (bool, table_name | None)
+"""
+
+from .matchlist import DomainList, HostList, MatchListError, OwnAddresses, StringList  # noqa: F401
+from .resolve import AddressResolver, Resolved, ResolveFlag  # noqa: F401
+from .restrictions import PolicyConfigError, format_whatsup  # noqa: F401
+from .smtpd_policy import SmtpdPolicy  # noqa: F401
+from .state import SessionState  # noqa: F401

@@ -1,1 +1,58 @@
-"""postwell.qmgr"""
+"""The queue manager.  ``serve(config)`` is the master's entry point for the
+qmgr child; ``QueueManager`` is the scheduler itself (tests drive it directly)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from .manager import QueueManager  # noqa: F401
+
+
+def serve(config, stop_event=None) -> None:
+    """Run the qmgr until SIGTERM (finish deliveries in flight, then return)."""
+    from postwell.log import MailLog
+    from postwell.queue import QueueStore
+
+    log = MailLog.from_config(config, "qmgr")
+    logs = {"qmgr": log}
+
+    def agent_log(name):
+        if name not in logs:
+            logs[name] = MailLog.from_config(config, name)
+        return logs[name]
+
+    _raise_fd_limit()
+
+    async def main():
+        import concurrent.futures
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Mailbox writes and queue fsyncs run here; enough threads that one slow
+        # disk operation does not hold up every other delivery.
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix="qmgr-io"))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        # SIGUSR1: "flush" (retry deferred mail now), as postqueue -f asks.
+        store = QueueStore(config.get("queue_directory"))
+        qm = QueueManager(config, store, log=log, resolver=None, agent_logs=agent_log,
+                          bounce_log=agent_log("bounce"))
+        loop.add_signal_handler(signal.SIGUSR1, qm.flush)
+        fifo = os.path.join(config.get("queue_directory"), "public", "qmgr")
+        await qm.run(fifo, stop)
+
+    asyncio.run(main())
+
+
+def _raise_fd_limit() -> None:
+    """Every message in delivery holds its queue file open; use the hard limit."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
+    except (ImportError, ValueError, OSError):
+        pass

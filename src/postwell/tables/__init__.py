@@ -1,1 +1,134 @@
-"""postwell.tables"""
+"""postwell.tables - Postfix lookup tables.
+
+Public API (docs/architecture.md):
+
+    open_table(spec, config=None, warn=None) -> Table   # a new, private instance
+    get_table(spec, config=None, warn=None) -> Table    # shared per process, re-opened
+                                                        # when the file under it changes
+    Table.lookup(key) -> str | None; Table.items(); Table.close()
+    TableError                                          # open/lookup failure, Postfix wording
+    TableLookupError(TableError)                        # lookup failed: a temporary error
+    parse_aliases(text) / newaliases_build(config)      # aliases(5)
+
+Supported types: hash btree lmdb texthash inline static regexp pcre cidr
+unix (passwd.byname, group.byname) fail environ, and the proxy: prefix
+(stripped: postwell has no proxymap; the table is opened in-process).
+``warn`` receives warning texts (bad table lines, stale index) without the
+"warning: " prefix; default: dropped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+from .base import Table, TableError, TableLookupError  # noqa: F401
+
+# type -> "module:Class"; modules load on first use so a missing optional
+# package (lmdb, berkeleydb) only breaks the type that needs it.
+_TYPES = {
+    "inline": "simple:InlineTable",
+    "static": "simple:StaticTable",
+    "fail": "simple:FailTable",
+    "environ": "simple:EnvironTable",
+    "texthash": "text:TexthashTable",
+    "cidr": "cidr:CidrTable",
+    "regexp": "regexp:RegexpTable",
+    "pcre": "regexp:PcreTable",
+    "hash": "dbfile:HashTable",
+    "btree": "dbfile:BtreeTable",
+    "lmdb": "lmdbfile:LmdbTable",
+    "unix": "unix:UnixTable",
+}
+
+# types whose constructor takes warn=
+_WANTS_WARN = {"texthash", "cidr", "regexp", "pcre", "hash", "btree", "lmdb"}
+# types that need the config (default_database_type etc.)
+_WANTS_CONFIG = {"hash", "btree", "lmdb"}
+
+
+def table_types() -> list[str]:
+    """What `postconf -m` would list for postwell."""
+    return sorted(_TYPES)
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """'type:name' -> (type, name); proxy: prefixes are removed."""
+    spec = spec.strip()
+    while spec.startswith("proxy:"):
+        spec = spec[len("proxy:"):]
+    typ, sep, name = spec.partition(":")
+    if not sep or not typ or "{" in typ or "/" in typ:
+        raise TableError(f'open dictionary: expecting "type:name" form instead of "{spec}"')
+    return typ.lower(), name
+
+
+def _class_for(typ: str, spec: str):
+    target = _TYPES.get(typ)
+    if target is None:
+        raise TableError(f"unsupported dictionary type: {typ}")
+    modname, clsname = target.split(":")
+    try:
+        mod = importlib.import_module(f"{__name__}.{modname}")
+    except ImportError as e:
+        raise TableError(f"unsupported dictionary type: {typ} ({e})") from None
+    return getattr(mod, clsname)
+
+
+def open_table(spec: str, config=None, warn=None) -> Table:
+    """Open a table. Raises TableError with Postfix's wording on failure."""
+    typ, name = split_spec(spec)
+    cls = _class_for(typ, spec)
+    kwargs = {}
+    if typ in _WANTS_WARN:
+        kwargs["warn"] = warn
+    if typ in _WANTS_CONFIG:
+        kwargs["config"] = config
+    table = cls(f"{typ}:{name}", name, **kwargs)
+    if warn is not None:
+        table.warn = warn
+    return table
+
+
+_cache: dict[tuple, Table] = {}
+_cache_lock = threading.Lock()
+
+
+def get_table(spec: str, config=None, warn=None) -> Table:
+    """A per-process shared table: open once, re-open when the file changed.
+
+    Postfix daemons exit when a table they use changes on disk and the
+    master starts fresh ones; postwell's long-lived workers re-open instead.
+    The check is a stat() per call, which is cheap next to a lookup.
+    """
+    key = (spec.strip(), id(config) if config is not None else None)
+    with _cache_lock:
+        table = _cache.get(key)
+        if table is not None and not table.changed():
+            return table
+        new = open_table(spec, config, warn)
+        if table is not None:
+            table.close()
+        _cache[key] = new
+        return new
+
+
+def clear_cache() -> None:
+    """Close every shared table (on reload, or between tests)."""
+    with _cache_lock:
+        for t in _cache.values():
+            try:
+                t.close()
+            except Exception:
+                pass
+        _cache.clear()
+
+
+def parse_aliases(text: str, warn=None, path: str = "aliases"):
+    from .aliases import parse_aliases as _p
+    return _p(text, warn=warn, path=path)
+
+
+def newaliases_build(config, warn=None) -> int:
+    from .aliases import newaliases_build as _n
+    return _n(config, warn=warn)

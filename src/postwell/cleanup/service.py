@@ -1,0 +1,328 @@
+"""Cleanup as a library: what Postfix's cleanup(8) daemon does, in-process.
+
+One :class:`Cleanup` per process; one :class:`CleanupSession` per message.
+The session creates the queue file at ``open()`` (the queue id is known from
+then on, for the smtpd's ``ID: client=...`` log line), streams content through
+:class:`~postwell.cleanup.headers.ContentProcessor` into the queue file, and
+at ``finish()`` expands virtual aliases, de-duplicates recipients, commits
+durably and only then answers 250.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..queue import QueueStore, QueueWriteError, notify_qmgr
+from ..queue.format import HEADER_SIZE
+from ..smtp.reply import Reply
+from .headers import ContentProcessor
+from .virtual import AliasExpansionError, VirtualAliasExpander
+
+# Replies as Postfix 3.7's smtpd words them after cleanup's status (checked
+# against a real instance).  "552 5.3.4 Message size exceeds fixed limit" is
+# the MAIL FROM SIZE= reply (smtpd's); at end of data Postfix says "message
+# file too big".
+REPLY_QUEUED = "Ok: queued as {}"
+REPLY_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+REPLY_TOO_MANY_HOPS = Reply(554, "Error: too many hops", "5.4.0")
+REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
+REPLY_ALIAS_ERROR = Reply(451, "Alias expansion error", "4.6.0")
+REPLY_NO_RECIPIENTS = Reply(554, "Error: no valid recipients", "5.5.1")
+
+
+def mail_date(when: float) -> str:
+    """RFC 5322 3.3 date as Postfix's mail_date() writes it: local time, numeric
+    zone, and the zone name in a comment: ``Sun, 29 Nov 2026 06:11:14 +0000 (UTC)``."""
+    lt = time.localtime(when)
+    off = lt.tm_gmtoff or 0
+    sign = "+" if off >= 0 else "-"
+    off = abs(off)
+    zone = f"{sign}{off // 3600:02d}{(off % 3600) // 60:02d}"
+    base = time.strftime("%a, %d %b %Y %H:%M:%S", lt)
+    # strftime's %a/%b follow the C locale here (Python does not call setlocale by default).
+    return f"{base} {zone} ({lt.tm_zone or 'UTC'})"
+
+
+def _quote_local(address: str) -> str:
+    """Quote the localpart when needed (RFC 5322 3.4.1), as quote_822_local does."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    specials = set('()<>@,;:\\".[] \t')
+    parts = local.split(".")
+    if local and (any(not p for p in parts) or any(c in specials and c != "." or ord(c) < 33 for c in local)):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{local}@{domain}" if at else local
+
+
+class CleanupSession:
+    def __init__(self, cleanup: "Cleanup", rewrite_local: bool):
+        self.cleanup = cleanup
+        self.rewrite_local = rewrite_local
+        self.msg = cleanup.store.create()
+        self.queue_id = self.msg.queue_id
+        self.arrival_time = self.msg.arrival_time
+        self.size = 0
+        self.too_big = False
+        self.write_error: QueueWriteError | None = None
+        self.finished = False
+        self._recipients: list[tuple[str, str | None, str | None, str | None]] = []
+        self.message_id: str | None = None
+        cfg = cleanup
+        self.proc = ContentProcessor(self._sink, header_size_limit=cfg.header_size_limit,
+                                     hopcount_limit=cfg.hopcount_limit,
+                                     on_header_end=self._missing_headers,
+                                     on_message_id=self._log_message_id)
+        self._id_logged = False
+
+    # -- envelope ----------------------------------------------------------------
+    @property
+    def sender(self) -> str:
+        return self.msg.sender
+
+    def set_sender(self, sender: str, ret: str | None = None, envid: str | None = None,
+                   smtputf8: bool = False, body_type: str | None = None) -> None:
+        self.msg.set_sender(self.cleanup.qualify(sender), ret=ret, envid=envid, smtputf8=smtputf8,
+                            body_type=body_type)
+
+    def add_recipient(self, address: str, orig: str | None = None, orcpt: str | None = None,
+                      notify: str | None = None) -> None:
+        self._recipients.append((address, orig, orcpt, notify))
+
+    def set_attribute(self, name: str, value) -> None:
+        self.msg.set_attribute(name, None if value is None else str(value))
+
+    # -- content ----------------------------------------------------------------
+    def prepend_header(self, text: str) -> None:
+        """A header the receiving server adds in front (its Received: header)."""
+        data = text.replace("\r\n", "\n").rstrip("\n").encode("utf-8", "surrogateescape") + b"\n"
+        # Counts toward the size limit: Postfix limits the whole queue file.
+        self.size += len(data)
+        self.proc.feed(data)
+
+    def write(self, data: bytes) -> None:
+        """Message data as received (dot-unstuffed; CRLF or LF lines; any chunking)."""
+        if self.finished:
+            raise RuntimeError("cleanup session already finished")
+        self.size += len(data)
+        limit = self.cleanup.message_size_limit
+        if limit and self.size > limit and not self.too_big:
+            # Keep reading the client's data (the caller does) but stop storing it.
+            self.too_big = True
+            self.msg.abort()
+        if self.too_big or self.write_error is not None:
+            return
+        self.proc.feed(data)
+
+    def _sink(self, data: bytes) -> None:
+        if self.too_big or self.write_error is not None:
+            return
+        try:
+            self.msg.write(data)
+        except QueueWriteError as exc:
+            self.write_error = exc
+
+    def _log_message_id(self, value: str, resent: bool) -> None:
+        self.message_id = value
+        self._id_logged = True
+        self.cleanup.log.info(f"{self.queue_id}: {'resent-' if resent else ''}message-id={value}")
+
+    def _missing_headers(self, proc: ContentProcessor) -> list[bytes]:
+        """Headers Postfix adds when missing: only for local clients unless
+        always_add_missing_headers = yes (Postfix >= 2.6)."""
+        out: list[bytes] = []
+        c = self.cleanup
+        if not (self.rewrite_local or c.always_add_missing_headers) or proc.too_many_hops:
+            return out
+        resent = proc.resent
+        pre = "Resent-" if resent else ""
+        if not proc.seen(pre + "message-id"):
+            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(self.arrival_time))
+            mid = f"<{stamp}.{self.queue_id}@{c.myhostname}>"
+            out.append(f"{pre}Message-Id: {mid}".encode())
+            self._log_message_id(mid, resent)
+        if not proc.seen(pre + "date"):
+            out.append(f"{pre}Date: {mail_date(self.arrival_time)}".encode())
+        if not proc.seen(pre + "from"):
+            sender = self.msg.sender or "MAILER-DAEMON"
+            out.append(f"{pre}From: {_quote_local(sender)}".encode("utf-8", "surrogateescape"))
+        if c.undisclosed_recipients_header and not proc.has_destination(resent):
+            out.append(c.undisclosed_recipients_header.encode("utf-8", "surrogateescape"))
+        return out
+
+    # -- the end -----------------------------------------------------------------
+    async def finish(self) -> Reply:
+        """Commit and answer; 250 is returned only after the durable commit."""
+        reply = self._prepare()
+        if reply is not None:
+            return reply
+        try:
+            await self.msg.commit_async()
+        except QueueWriteError as exc:
+            self.cleanup.log.warning(f"{self.queue_id}: {exc}")
+            return REPLY_WRITE_ERROR
+        return self._committed()
+
+    def finish_sync(self) -> Reply:
+        """finish() for callers without an event loop (sendmail/pickup)."""
+        reply = self._prepare()
+        if reply is not None:
+            return reply
+        try:
+            self.msg.commit()
+        except QueueWriteError as exc:
+            self.cleanup.log.warning(f"{self.queue_id}: {exc}")
+            return REPLY_WRITE_ERROR
+        return self._committed()
+
+    def _prepare(self) -> Reply | None:
+        if self.finished:
+            raise RuntimeError("cleanup session already finished")
+        self.finished = True
+        if not self.too_big and self.write_error is None:
+            self.proc.finish()
+        if self.too_big:
+            self.msg.abort()
+            return REPLY_TOO_BIG
+        if self.write_error is not None:
+            self.msg.abort()
+            self.cleanup.log.warning(f"{self.queue_id}: {self.write_error}")
+            return REPLY_WRITE_ERROR
+        if self.proc.too_many_hops:
+            self.cleanup.log.warning(f"{self.queue_id}: message rejected: hopcount exceeded")
+            self.msg.abort()
+            return REPLY_TOO_MANY_HOPS
+        if not self._id_logged:
+            # Postfix logs the (missing) message-id for every message.
+            self.cleanup.log.info(f"{self.queue_id}: message-id=<>")
+        try:
+            self._output_recipients()
+        except AliasExpansionError as exc:
+            self.cleanup.log.warning(f"{self.queue_id}: {exc} -- message not accepted, try again later")
+            self.msg.abort()
+            return REPLY_ALIAS_ERROR
+        except Exception as exc:   # a table that cannot be read: defer, never lose or bounce
+            self.cleanup.log.warning(f"{self.queue_id}: virtual_alias_maps lookup failure: {exc}")
+            self.msg.abort()
+            return REPLY_ALIAS_ERROR
+        if not self.msg.recipients:
+            self.msg.abort()
+            return REPLY_NO_RECIPIENTS
+        # message_size_limit covers the whole queue file, envelope included, as in
+        # Postfix ("the maximal size in bytes of a message, including envelope
+        # information"): a message of exactly the limit is refused there too.
+        limit = self.cleanup.message_size_limit
+        if limit and self.size + self.envelope_overhead() > limit:
+            self.msg.abort()
+            return REPLY_TOO_BIG
+        return None
+
+    def envelope_overhead(self) -> int:
+        return HEADER_SIZE + len(self.msg.envelope.pack())
+
+    def _output_recipients(self) -> None:
+        expander = self.cleanup.expander()
+        self.msg.clear_recipients()
+        dups: set[tuple] = set()
+        for address, orig, orcpt, notify in self._recipients:
+            given = address
+            address = self.cleanup.qualify(address)
+            if orig is None:
+                orig = given      # Postfix keeps the address as the client gave it
+            targets = expander.expand(address) if expander is not None else [address]
+            for t in targets:
+                # Postfix's duplicate filter key (verified against 3.7): the final
+                # recipient (case-sensitive), NOTIFY and the client's ORCPT; the
+                # original recipient is not part of it.
+                key = (t, notify or "", _client_orcpt(orcpt, orig))
+                if key in dups:
+                    continue
+                dups.add(key)
+                self.msg.add_recipient(t, orig=orig if orig is not None else address,
+                                       orcpt=orcpt, notify=notify)
+
+    def _committed(self) -> Reply:
+        notify_qmgr(self.cleanup.store.queue_directory)
+        return Reply(250, REPLY_QUEUED.format(self.queue_id), "2.0.0")
+
+    def abort(self) -> None:
+        self.finished = True
+        self.msg.abort()
+
+
+class Cleanup:
+    def __init__(self, config, store: QueueStore, log, *, clock: Callable[[], float] | None = None,
+                 table_opener: Callable[[str], object] | None = None):
+        self.config = config
+        self.store = store
+        self.log = log
+        self.message_size_limit = _int(config, "message_size_limit", 10240000)
+        self.header_size_limit = _int(config, "header_size_limit", 102400)
+        self.hopcount_limit = _int(config, "hopcount_limit", 50)
+        self.myhostname = config.get("myhostname") or "localhost"
+        self.myorigin = (config.get("myorigin") if config.raw("myorigin") is not None else "") or self.myhostname
+        self.always_add_missing_headers = _bool(config, "always_add_missing_headers", False)
+        self.undisclosed_recipients_header = (config.get("undisclosed_recipients_header") or "") \
+            if config.raw("undisclosed_recipients_header") is not None else ""
+        self._table_opener = table_opener
+        self._tables: list | None = None
+        if clock is not None:
+            store.clock = clock
+
+    def qualify(self, address: str) -> str:
+        """Envelope addresses without a domain get @$myorigin, for every client
+        (Postfix's trivial-rewrite append_at_myorigin; checked against 3.7)."""
+        if not address or "@" in address:
+            return address
+        return f"{address}@{self.myorigin}"
+
+    def open(self, rewrite_local: bool = False) -> CleanupSession:
+        return CleanupSession(self, rewrite_local)
+
+    def _open_tables(self) -> list:
+        if self._tables is None:
+            specs = self.config.get_list("virtual_alias_maps") if self.config.raw("virtual_alias_maps") is not None else []
+            opener = self._table_opener
+            if opener is None and specs:
+                from ..tables import open_table   # built by the tables engineer
+                opener = lambda spec: open_table(spec, self.config)  # noqa: E731
+            self._tables = [opener(s) for s in specs]
+        return self._tables
+
+    def expander(self) -> VirtualAliasExpander | None:
+        tables = self._open_tables()
+        if not tables:
+            return None
+        mydest = {d.lower() for d in (self.config.get_list("mydestination")
+                                      if self.config.raw("mydestination") is not None else [])}
+        mydest.add(self.myhostname.lower())
+        return VirtualAliasExpander(
+            [t.lookup for t in tables],
+            expansion_limit=_int(self.config, "virtual_alias_expansion_limit", 1000),
+            recursion_limit=_int(self.config, "virtual_alias_recursion_limit", 1000),
+            recipient_delimiter=self.config.get("recipient_delimiter") if self.config.raw("recipient_delimiter") is not None else "",
+            local_domain=lambda d: d in mydest)
+
+
+def _client_orcpt(orcpt: str | None, orig: str | None) -> str:
+    """The ORCPT the client sent, for the duplicate filter.  The smtpd may fill
+    in the default ``rfc822;<original recipient>`` itself; that one counts as
+    no ORCPT, as in Postfix, where only the client's parameter is compared."""
+    if not orcpt:
+        return ""
+    if orig is not None and orcpt.lower() == f"rfc822;{orig}".lower():
+        return ""
+    return orcpt
+
+
+def _int(config, name: str, default: int) -> int:
+    if config.raw(name) is None:
+        return default
+    return config.get_int(name)
+
+
+def _bool(config, name: str, default: bool) -> bool:
+    if config.raw(name) is None:
+        return default
+    return config.get_bool(name)

@@ -1,0 +1,497 @@
+"""postconf: show and edit main.cf / master.cf, as Postfix's postconf(1) does.
+
+Supported: [-c dir] [-d] [-e] [-f] [-h] [-H] [-M] [-n] [-o name=value] [-p]
+[-P] [-x] [-X] [-#] [-v] [name ...] and `postconf name=value` (implies -e).
+Output matches Postfix: `name = value` with white space runs shown as one
+space, sorted by name; warnings on stderr as `postconf: warning: ...`.
+Exit status 0, or 1 after a fatal error (usage, unreadable or broken file).
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import sys
+import tempfile
+
+from postwell.config import registry
+from postwell.config.defaults import DEFAULTS
+from postwell.config.main import (RAW_PARAMETERS, Config, ConfigError, config_dir_from_env,
+                                  iter_logical_lines, load_config, split_name_value)
+from postwell.config.master import MasterService, parse_master_line, split_args, unbrace
+
+PROG = "postconf"
+LINE_LIMIT = 80
+MASTER_COLUMNS = (0, 11, 17, 25, 33, 41, 49, 57)
+
+USAGE = ("usage: postconf [-c config_dir] [-d (parameter defaults)] [-e (edit configuration)] "
+         "[-f (fold lines)] [-h (no names)] [-H (no values)] [-M (master.cf)] "
+         "[-n (non-default parameters)] [-o name=value (override parameter value)] "
+         "[-p (main.cf, default)] [-P (master.cf parameters)] [-x (expand parameter values)] "
+         "[-X (exclude)] [-# (comment-out)] [name...]")
+
+
+class Fatal(Exception):
+    pass
+
+
+class _Out:
+    def __init__(self, out, err):
+        self.out, self.err = out, err
+
+    def line(self, text: str) -> None:
+        self.out.write(text + "\n")
+
+    def warn(self, text: str) -> None:
+        self.err.write(f"{PROG}: warning: {text}\n")
+
+
+def _words(value: str) -> list[str]:
+    return value.split()
+
+
+def format_param(name: str | None, value: str | None, fold: bool = False) -> str:
+    """`name = value` with white space collapsed; folded at 80 columns with -f."""
+    words = _words(value) if value is not None else []
+    if name is None:
+        head, parts = "", words
+    elif value is None:
+        return name
+    else:
+        head, parts = f"{name} =", words
+    if not fold:
+        if not head:
+            return " ".join(parts)
+        return head + ("" if not parts else " " + " ".join(parts))
+    lines, cur = [], head
+    for w in parts:
+        if not cur:
+            cur = w
+        elif len(cur) + 1 + len(w) > LINE_LIMIT - 1 and cur.strip():
+            lines.append(cur)
+            cur = "    " + w
+        else:
+            cur = cur + " " + w
+    lines.append(cur)
+    return "\n".join(lines)
+
+
+# ---- main.cf parameters ---------------------------------------------------
+
+def _all_names(cfg: Config, defaults_only: bool) -> list[str]:
+    names = set(DEFAULTS) | set(registry.service_parameters(cfg.services))
+    if not defaults_only:
+        names |= registry.user_defined_parameters(cfg)
+    return sorted(names)
+
+
+def _warn_undefined(cfg: Config, out: _Out) -> None:
+    seen: list[str] = []
+    for value in cfg.params.values():
+        for ref in sorted(registry.referenced_names(value)):
+            if ref in seen or ref in cfg.params or cfg.default(ref) is not None:
+                continue
+            if ref == "service_name":
+                continue
+            seen.append(ref)
+            out.warn(f"{cfg.main_cf_path}: undefined parameter: {ref}")
+
+
+def _warn_unused(cfg: Config, out: _Out) -> None:
+    for name, value in registry.unused_parameters(cfg):
+        out.warn(registry.unused_parameter_warning(cfg.main_cf_path, name, value))
+    master_path = os.path.join(cfg.config_dir, "master.cf")
+    for name, value in registry.unused_master_parameters(cfg):
+        out.warn(registry.unused_parameter_warning(master_path, name, value))
+
+
+def show_params(cfg: Config, names: list[str], opts: dict, out: _Out) -> None:
+    defaults_only, nondefault = "-d" in opts, "-n" in opts
+    known_user = registry.user_defined_parameters(cfg)
+
+    def known(name: str) -> bool:
+        if defaults_only:
+            return cfg.default(name) is not None
+        return cfg.default(name) is not None or name in known_user
+
+    def value_of(name: str) -> str:
+        raw = cfg.default(name) if defaults_only else cfg.raw(name)
+        raw = raw or ""
+        if "-x" in opts and name not in RAW_PARAMETERS:
+            base = Config(cfg.config_dir, {}, {}, cfg.services) if defaults_only else cfg
+            raw = base.expand(raw)
+        return raw
+
+    if names:
+        selected = []
+        for name in names:
+            if not known(name):
+                out.warn(f"{name}: unknown parameter")
+                continue
+            if nondefault and not cfg.is_set(name):
+                continue
+            selected.append(name)
+    elif nondefault:
+        selected = sorted(n for n in cfg.params if known(n))
+    else:
+        selected = _all_names(cfg, defaults_only)
+    fold = "-f" in opts
+    for name in selected:
+        if "-H" in opts:
+            out.line(name)
+        elif "-h" in opts:
+            out.line(format_param(None, value_of(name), fold))
+        else:
+            out.line(format_param(name, value_of(name), fold))
+
+
+# ---- editing main.cf ------------------------------------------------------
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise Fatal(f"open {path}: No such file or directory") from None
+    except PermissionError:
+        raise Fatal(f"open {path}: Permission denied") from None
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write beside the file, fsync, then rename over it (keeps the file's mode)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _logical_spans(text: str, path: str):
+    """(first_index, last_index, line) for each logical line, 0-based physical lines."""
+    for first, last, line in iter_logical_lines(text, path):
+        yield first - 1, last - 1, line
+
+
+def edit_main_cf(path: str, edits: dict[str, str | None], mode: str, out: _Out) -> None:
+    """mode 'e': set (append when absent); 'X': remove; '#': comment out."""
+    text = _read(path)
+    lines = text.split("\n")
+    trailing_newline = text.endswith("\n")
+    if trailing_newline:
+        lines = lines[:-1]
+    found: dict[str, int] = {}
+    result: list[str | None] = list(lines)
+    for first, last, line in _logical_spans(text, path):
+        try:
+            name, _ = split_name_value(line, path, first + 1)
+        except ConfigError:
+            continue
+        if name not in edits:
+            continue
+        found[name] = found.get(name, 0) + 1
+        if found[name] == 2:
+            out.warn(f'{path}: multiple entries for "{name}"')
+        for k in range(first, last + 1):
+            is_comment = not lines[k].strip() or lines[k].lstrip().startswith("#")
+            if is_comment:
+                continue          # comments inside a definition stay as they are
+            if mode == "#":
+                result[k] = "#" + lines[k]
+            elif mode == "e" and k == first:
+                result[k] = f"{name} = {edits[name]}"
+            else:
+                result[k] = None
+    new = [x for x in result if x is not None]
+    if mode == "e":
+        for name, value in edits.items():
+            if name not in found:
+                new.append(f"{name} = {value}")
+    body = "\n".join(new)
+    if new and (trailing_newline or mode == "e" or not text):
+        body += "\n"
+    atomic_write(path, body)
+
+
+def _parse_assignments(args: list[str]) -> dict[str, str]:
+    edits: dict[str, str] = {}
+    for arg in args:
+        try:
+            name, value = split_name_value(arg, "", 0)
+        except ConfigError as e:
+            raise Fatal(e.msg) from None
+        edits[name] = value
+    return edits
+
+
+# ---- master.cf ------------------------------------------------------------
+
+def format_master(svc: MasterService, fold: bool = False) -> str:
+    line = ""
+    for i, text in enumerate(svc.fields):
+        col = MASTER_COLUMNS[i]
+        if i and len(line) + 1 > col:
+            line += " "
+        else:
+            line += " " * (col - len(line))
+        line += text
+    args = _master_args(svc)
+    if not fold:
+        return " ".join([line] + args) if args else line
+    # Postfix puts each leading daemon option (-o name=value, -v, ...) on its
+    # own line, breaks once more after the last of them, then wraps at 80.
+    lines, cur = [], line
+    in_options, seen_option = True, False
+    k = 0
+    while k < len(args):
+        word = args[k]
+        if in_options and word.startswith("-"):
+            lines.append(cur)
+            cur = "    " + word
+            if word == "-o" and k + 1 < len(args):
+                cur += " " + args[k + 1]
+                k += 1
+            seen_option = True
+            k += 1
+            continue
+        if in_options:
+            in_options = False
+            if seen_option:
+                lines.append(cur)
+                cur = "    " + word
+                k += 1
+                continue
+        if len(cur) + 1 + len(word) > LINE_LIMIT - 1:
+            lines.append(cur)
+            cur = "    " + word
+        else:
+            cur += " " + word
+        k += 1
+    lines.append(cur)
+    return "\n".join(lines)
+
+
+def _master_args(svc: MasterService) -> list[str]:
+    """Arguments as Postfix normalizes them: -o name=value, {braces} only when needed."""
+    out: list[str] = []
+    argv = svc.argv
+    k = 0
+    in_options = True
+    while k < len(argv):
+        word = argv[k]
+        if not word.startswith("-"):
+            in_options = False
+        if in_options and word == "-o" and k + 1 < len(argv):
+            pair = unbrace(argv[k + 1])
+            name, _, value = pair.partition("=")
+            text = f"{name.strip()}={value.strip()}"
+            if any(c.isspace() for c in text):
+                text = "{" + text + "}"
+            out += ["-o", text]
+            k += 2
+            continue
+        out.append(unbrace(word))
+        k += 1
+    return out
+
+
+def _master_entries(config_dir: str):
+    path = os.path.join(config_dir, "master.cf")
+    text = _read(path)
+    entries = []
+    for first, last, line in iter_logical_lines(text, path):
+        entries.append((first - 1, last - 1, parse_master_line(line, path, first)))
+    return path, text, entries
+
+
+def _match(svc: MasterService, request: str) -> bool:
+    name, _, stype = request.partition("/")
+    return svc.name == name and (not stype or svc.type == stype)
+
+
+def show_master(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
+    _, _, entries = _master_entries(config_dir)
+    services = [e[2] for e in entries]
+    fold = "-f" in opts
+    if not requests:
+        for svc in services:
+            out.line(format_master(svc, fold))
+        return
+    for req in requests:
+        matched = [s for s in services if _match(s, req)]
+        if not matched:
+            out.warn(f'unmatched request: "{req}"')
+        for svc in matched:
+            out.line(format_master(svc, fold))
+
+
+def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
+    _, _, entries = _master_entries(config_dir)
+    rows = []
+    for _, _, svc in entries:
+        for name, value in svc.overrides.items():
+            rows.append((f"{svc.name}/{svc.type}/{name}", value))
+    if not requests:
+        chosen = rows
+    else:
+        chosen = []
+        for req in requests:
+            hits = [r for r in rows if r[0] == req or r[0].startswith(req.rstrip("/") + "/")]
+            if not hits:
+                out.warn(f'unmatched request: "{req}"')
+            chosen += hits
+    for key, value in chosen:
+        if "-H" in opts:
+            out.line(key)
+        elif "-h" in opts:
+            out.line(format_param(None, value))
+        else:
+            out.line(format_param(key, value))
+
+
+def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
+    """-Me service/type=entry, -MX service/type, -M# service/type."""
+    path, text, entries = _master_entries(config_dir)
+    lines = text.split("\n")
+    trailing = text.endswith("\n")
+    if trailing:
+        lines = lines[:-1]
+    result: list[str | None] = list(lines)
+    appended: list[str] = []
+    for arg in args:
+        key, sep, entry = arg.partition("=") if mode == "e" else (arg, "", "")
+        if mode == "e":
+            if not sep:
+                raise Fatal(f'-Me requires service/type=entry argument, not "{arg}"')
+            new_svc = parse_master_line(entry, path, 0)
+            if "/" not in key:
+                raise Fatal(f'-Me requires service/type=entry argument, not "{arg}"')
+            if f"{new_svc.name}/{new_svc.type}" != key:
+                raise Fatal(f'-Me service/type "{key}" does not match entry "{entry}"')
+        hit = False
+        for first, last, svc in entries:
+            if not _match(svc, key) or ("/" not in key and mode == "e"):
+                continue
+            hit = True
+            for k in range(first, last + 1):
+                if result[k] is None:
+                    continue
+                if mode == "#":
+                    if not lines[k].lstrip().startswith("#") and lines[k].strip():
+                        result[k] = "#" + lines[k]
+                elif mode == "e" and k == first:
+                    result[k] = format_master(parse_master_line(entry, path, 0), fold=True)
+                elif not lines[k].lstrip().startswith("#"):
+                    result[k] = None
+        if mode == "e" and not hit:
+            appended.append(format_master(parse_master_line(entry, path, 0), fold=True))
+    new = [x for x in result if x is not None] + appended
+    atomic_write(path, "\n".join(new) + ("\n" if new else ""))
+
+
+# ---- entry point ----------------------------------------------------------
+
+def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
+    out = _Out(stdout or sys.stdout, stderr or sys.stderr)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts_list, names = getopt.gnu_getopt(args, "c:defhHMno:pPvxX#")
+    except getopt.GetoptError as e:
+        out.err.write(f"{PROG}: invalid option -- '{e.opt}'\n")
+        out.err.write(f"{PROG}: fatal: {USAGE}\n")
+        return 1
+    opts: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+    for flag, value in opts_list:
+        if flag == "-o":
+            name, sep, val = value.partition("=")
+            if not sep:
+                out.err.write(f"{PROG}: fatal: -o option requires name=value argument\n")
+                return 1
+            overrides[name.strip()] = val.strip()
+        opts[flag] = value
+    try:
+        return _run(opts, names, overrides, out)
+    except Fatal as e:
+        out.err.write(f"{PROG}: fatal: {e}\n")
+        return 1
+    except ConfigError as e:
+        out.err.write(f"{PROG}: fatal: {e}\n")
+        return 1
+    except BrokenPipeError:
+        return 1
+
+
+def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
+    config_dir = config_dir_from_env(opts.get("-c"))
+    if "-c" in opts:
+        os.environ["MAIL_CONFIG"] = config_dir
+    edit_modes = [m for m in ("-e", "-X", "-#") if m in opts]
+    if len(edit_modes) > 1:
+        raise Fatal(USAGE)
+    if not edit_modes and names and all("=" in n for n in names) and "-M" not in opts \
+            and "-P" not in opts:
+        edit_modes = ["-e"]
+    main_cf = os.path.join(config_dir, "main.cf")
+
+    if "-M" in opts:
+        if edit_modes:
+            if not names:
+                raise Fatal(f"{edit_modes[0]} requires service/type argument")
+            edit_master(config_dir, names, edit_modes[0][1], out)
+            return 0
+        show_master(config_dir, names, opts, out)
+        return 0
+    if "-P" in opts:
+        show_master_params(config_dir, names, opts, out)
+        return 0
+    if edit_modes:
+        mode = edit_modes[0][1]
+        if mode == "e":
+            if not names:
+                raise Fatal("-e requires name=value argument")
+            edits = _parse_assignments(names)
+        else:
+            if not names:
+                raise Fatal(f"{edit_modes[0]} requires parameter name argument")
+            edits = {n: None for n in names}
+        edit_main_cf(main_cf, edits, mode, out)
+        return 0
+
+    cfg = load_config(config_dir if "-c" in opts else None)
+    for warning in cfg.warnings:
+        out.warn(warning)
+    if overrides:
+        cfg = Config(cfg.config_dir, {**cfg.params, **overrides}, {}, cfg.services,
+                     cfg.main_cf_path, cfg.param_lines, cfg.warnings)
+    if "-d" not in opts:
+        _warn_undefined(cfg, out)
+    show_params(cfg, names, opts, out)
+    if "-d" not in opts:
+        _warn_unused(cfg, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

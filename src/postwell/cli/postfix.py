@@ -1,0 +1,276 @@
+"""postfix(1) / postwell: start, stop, reload, status, check, start-fg, abort, flush; demo.
+
+Usage: postwell [-c config_dir] [-v] command
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+PROG = "postfix"
+SCRIPT = "postfix/postfix-script"
+STOP_WAIT_SECONDS = 90.0
+START_WAIT_SECONDS = 60.0
+
+
+def _script_log(config, text: str, *, to_stderr: bool | None = None) -> None:
+    """Log as postfix-script does, and echo on a terminal (postlog -i behaviour)."""
+    try:
+        from postwell.log import MailLog
+        log = MailLog.from_config(config, "postfix-script")
+        log.info(text)
+        log.close()
+    except Exception:
+        pass
+    if to_stderr or (to_stderr is None and sys.stderr.isatty()):
+        sys.stderr.write(f"{SCRIPT}: {text}\n")
+
+
+def _fatal(text: str) -> int:
+    sys.stderr.write(f"{PROG}: fatal: {text}\n")
+    return 1
+
+
+def _load(config_dir):
+    from postwell.master.daemon import MasterError, load
+    try:
+        return load(config_dir), None
+    except MasterError as exc:
+        return None, str(exc)
+
+
+def cmd_check(config_dir: str, quiet: bool = False) -> int:
+    from postwell.master.check import run_check
+    fatal, warnings = run_check(config_dir)
+    for w in warnings:
+        sys.stderr.write(f"{PROG}: warning: {w}\n")
+    if fatal:
+        return _fatal(fatal)
+    return 0
+
+
+def cmd_status(config_dir: str) -> int:
+    from postwell.master.daemon import read_running_pid
+    cfg, err = _load(config_dir)
+    if cfg is None:
+        return _fatal(err)
+    pid = read_running_pid(cfg)
+    if pid:
+        _script_log(cfg, f"the Postfix mail system is running: PID: {pid}", to_stderr=True)
+        return 0
+    _script_log(cfg, "the Postfix mail system is not running", to_stderr=True)
+    return 1
+
+
+def cmd_start(config_dir: str) -> int:
+    from postwell.master.daemon import Master, read_running_pid
+    rc = cmd_check(config_dir)
+    if rc:
+        return rc
+    cfg, err = _load(config_dir)
+    if cfg is None:
+        return _fatal(err)
+    if read_running_pid(cfg):
+        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is already running\n")
+        return 1
+    _script_log(cfg, "starting the Postfix mail system")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - daemon side
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            if null > 2:
+                os.close(null)
+            code = Master(os.path.abspath(config_dir), ready_fd=w).run()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(w)
+    os.waitpid(pid, 0)
+    data = b""
+    deadline = time.monotonic() + START_WAIT_SECONDS
+    import select
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([r], [], [], 1.0)
+        if ready:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            data += chunk
+            if data.endswith(b"\n"):
+                break
+    os.close(r)
+    text = data.decode(errors="replace").strip()
+    if text == "ok":
+        return 0
+    if text.startswith("fatal: "):
+        text = text[len("fatal: "):]
+    if text == "the Postfix mail system is already running":
+        sys.stderr.write(f"{SCRIPT}: fatal: {text}\n")
+        return 1
+    return _fatal(text or "mail system startup failed")
+
+
+def cmd_start_fg(config_dir: str) -> int:
+    from postwell.master.daemon import Master, read_running_pid
+    rc = cmd_check(config_dir)
+    if rc:
+        return rc
+    cfg, err = _load(config_dir)
+    if cfg is None:
+        return _fatal(err)
+    if read_running_pid(cfg):
+        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is already running\n")
+        return 1
+    _script_log(cfg, "starting the Postfix mail system")
+    r, w = os.pipe()
+    master = Master(os.path.abspath(config_dir), ready_fd=w)
+    code = master.run()
+    try:
+        data = os.read(r, 4096).decode(errors="replace").strip()
+    except OSError:
+        data = ""
+    os.close(r)
+    if code and data.startswith("fatal: "):
+        return _fatal(data[len("fatal: "):])
+    return code
+
+
+def _signal_master(config_dir: str, sig, verb: str) -> tuple[int, object, int | None]:
+    from postwell.master.daemon import read_running_pid
+    cfg, err = _load(config_dir)
+    if cfg is None:
+        return _fatal(err), None, None
+    pid = read_running_pid(cfg)
+    if not pid:
+        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is not running\n")
+        return 1, cfg, None
+    if verb:
+        _script_log(cfg, verb)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is not running\n")
+        return 1, cfg, None
+    return 0, cfg, pid
+
+
+def _wait_gone(cfg, pid: int, limit: float) -> bool:
+    from postwell.master.daemon import read_running_pid
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if read_running_pid(cfg) != pid:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return True
+            # pid file released; the process is in its last moments
+        time.sleep(0.05)
+    return False
+
+
+def cmd_stop(config_dir: str) -> int:
+    rc, cfg, pid = _signal_master(config_dir, signal.SIGTERM, "stopping the Postfix mail system")
+    if rc:
+        return rc
+    if not _wait_gone(cfg, pid, STOP_WAIT_SECONDS):
+        return _fatal("timed out waiting for the Postfix mail system to stop")
+    return 0
+
+
+def cmd_abort(config_dir: str) -> int:
+    rc, cfg, pid = _signal_master(config_dir, signal.SIGQUIT, "aborting the Postfix mail system")
+    if rc:
+        return rc
+    if not _wait_gone(cfg, pid, 10):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return 0
+
+
+def cmd_reload(config_dir: str) -> int:
+    rc = cmd_check(config_dir)
+    if rc:
+        return rc
+    rc, _, _ = _signal_master(config_dir, signal.SIGHUP, "refreshing the Postfix mail system")
+    return rc
+
+
+def cmd_flush(config_dir: str) -> int:
+    cfg, err = _load(config_dir)
+    if cfg is None:
+        return _fatal(err)
+    # postqueue -f: a byte on the qmgr FIFO; the master's SIGUSR1 path too in case
+    # the FIFO is unreachable for this user.
+    path = os.path.join(cfg.get("queue_directory"), "public", "qmgr")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"F")
+        finally:
+            os.close(fd)
+        return 0
+    except OSError:
+        pass
+    rc, _, _ = _signal_master(config_dir, signal.SIGUSR1, "")
+    return rc
+
+
+COMMANDS = {
+    "start": cmd_start, "stop": cmd_stop, "reload": cmd_reload, "status": cmd_status,
+    "check": cmd_check, "start-fg": cmd_start_fg, "abort": cmd_abort, "flush": cmd_flush,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_dir = os.environ.get("MAIL_CONFIG") or "/etc/postfix"
+    args = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-c" and i + 1 < len(argv):
+            config_dir = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("-c") and len(a) > 2:
+            config_dir = a[2:]
+        elif a in ("-v", "-D"):
+            pass
+        else:
+            args.append(a)
+        i += 1
+    if not args:
+        sys.stderr.write(f"{PROG}: fatal: usage: postfix [-c config_dir] [-Dv] command\n")
+        return 1
+    if args[0] == "demo":
+        from postwell.demo import main as demo_main
+        return demo_main(args[1:])
+    cmd = COMMANDS.get(args[0])
+    if cmd is None:
+        sys.stderr.write(f"{SCRIPT}: fatal: unknown command: '{args[0]}'. "
+                         f"Usage: postfix start (or stop, reload, abort, flush, check, status, start-fg)\n")
+        return 1
+    os.environ["MAIL_CONFIG"] = config_dir
+    try:
+        return cmd(config_dir)
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""postmap(1): build, query, dump and edit Postfix lookup tables.
+
+    postmap [-bfFhimnNoprsuUvw] [-c config_dir] [-d key] [-q key] [map_type:]file...
+
+Messages and exit codes follow Postfix's postmap. The index is always
+rebuilt atomically (temporary file + rename), so a daemon never opens a
+half-written table. postalias shares this code (``mode="alias"``).
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import re
+import sys
+
+from postwell.tables import TableError, open_table, split_spec
+from postwell.tables.text import parse_source
+
+INDEXED = ("hash", "btree", "lmdb")
+USAGE = {
+    "postmap": "usage: postmap [-bfFhimnNoprsuUvw] [-c config_dir] [-d key] [-q key] "
+               "[map_type:]file...",
+    "postalias": "usage: postalias [-Nfinoprsuvw] [-c config_dir] [-d key] [-q key] "
+                 "[map_type:]file...",
+}
+OPTSTRING = {"postmap": "bc:d:fFhimnNopq:rsuUvw", "postalias": "c:d:fiNnopq:rsuvw"}
+
+
+class Fatal(Exception):
+    pass
+
+
+class _Ctx:
+    def __init__(self, prog: str):
+        self.prog = prog
+        self.config = None
+        self.fold = True
+        self.dup = "warn"
+        self.keep_perms = True
+        self.nul = True
+
+    def warn(self, text: str) -> None:
+        print(f"{self.prog}: warning: {text}", file=sys.stderr)
+
+    def default_type(self) -> str:
+        if self.config is not None:
+            try:
+                return self.config.get("default_database_type") or "hash"
+            except Exception:
+                pass
+        return "hash"
+
+    def split(self, arg: str) -> tuple[str, str]:
+        if ":" in arg and not arg.startswith("/"):
+            try:
+                return split_spec(arg)
+            except TableError as e:
+                raise Fatal(str(e)) from None
+        return self.default_type(), arg
+
+
+def _load_config(config_dir):
+    from postwell.config import ConfigError, load_config
+    try:
+        return load_config(config_dir, read_master=False)
+    except ConfigError as e:
+        raise Fatal(str(e)) from None
+
+
+def _open(ctx: _Ctx, typ: str, name: str):
+    try:
+        t = open_table(f"{typ}:{name}", ctx.config, warn=ctx.warn)
+    except TableError as e:
+        raise Fatal(str(e)) from None
+    if not ctx.fold:
+        t.fold = False
+    return t
+
+
+def _store_class(typ: str):
+    from postwell.tables import _class_for
+    cls = _class_for(typ, typ)
+    return cls.store_class
+
+
+def _require_indexed(typ: str, what: str = "bulk-mode creation"):
+    if typ not in INDEXED:
+        from postwell.tables import _TYPES
+        if typ in _TYPES:
+            raise Fatal(f"unsupported dictionary type: {typ} does not support {what}.")
+        raise Fatal(f"unsupported dictionary type: {typ}")
+
+
+def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
+    _require_indexed(typ)
+    try:
+        st = os.stat(name)
+        with open(name, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    except OSError as e:
+        raise Fatal(f"open {name}: {e.strerror}") from None
+    if not ctx.keep_perms:
+        st = None
+    try:
+        if alias:
+            from postwell.tables.aliases import build_aliases
+            build_aliases(typ, name, config=ctx.config, warn=ctx.warn, dup=ctx.dup,
+                          text=text, fold=ctx.fold, nul=ctx.nul, keep_perms=ctx.keep_perms)
+            return
+        from postwell.tables.index import Builder
+        store = _store_class(typ)
+        label = f"lmdb:{name}" if typ == "lmdb" else name + store.suffix
+        b = Builder(store, name, src_stat=st, warn=ctx.warn, dup=ctx.dup, label=label,
+                    nul=ctx.nul)
+        try:
+            for lineno, key, value in parse_source(text, name, ctx.fold, ctx.warn):
+                b.put(key, value)
+            b.commit()
+        except BaseException:
+            b.abort()
+            raise
+    except TableError as e:
+        raise Fatal(str(e)) from None
+
+
+def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
+    """-i: add entries from stdin to the existing index (created if absent)."""
+    _require_indexed(typ, "incremental mode")
+    from postwell.tables.index import Builder
+    store = _store_class(typ)
+    path = name + store.suffix
+    exists = os.path.exists(path)
+    st = None
+    try:
+        st = os.stat(path) if exists else (os.stat(name) if os.path.exists(name) else None)
+    except OSError:
+        st = None
+    text = stdin.read()
+    try:
+        b = Builder(store, name, src_stat=st if ctx.keep_perms else None,
+                    copy_existing=exists, warn=ctx.warn, dup=ctx.dup, nul=ctx.nul,
+                    label=f"lmdb:{name}" if typ == "lmdb" else path)
+        try:
+            if alias:
+                from postwell.tables.aliases import parse_aliases
+                for _lineno, key, value in parse_aliases(text, ctx.warn, "-"):
+                    b.put(key, value)
+            else:
+                for _lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn):
+                    b.put(key, value)
+            b.commit()
+        except BaseException:
+            b.abort()
+            raise
+    except TableError as e:
+        raise Fatal(str(e)) from None
+
+
+def delete(ctx: _Ctx, typ: str, name: str, keys: list[str]) -> bool:
+    _require_indexed(typ, "delete")
+    from postwell.tables.index import Builder
+    store = _store_class(typ)
+    path = name + store.suffix
+    if not os.path.exists(path):
+        raise Fatal(f"open database {path}: No such file or directory")
+    found = False
+    try:
+        st = os.stat(path)
+        b = Builder(store, name, src_stat=st, copy_existing=True, warn=ctx.warn)
+        try:
+            for key in keys:
+                k = key.lower() if ctx.fold else key
+                # delete both spellings: with and without the trailing NUL
+                hit = b.writer.delete(k.encode("utf-8", "surrogateescape") + b"\0")
+                hit = b.writer.delete(k.encode("utf-8", "surrogateescape")) or hit
+                found = found or hit
+            b.commit()
+        except BaseException:
+            b.abort()
+            raise
+    except TableError as e:
+        raise Fatal(str(e)) from None
+    return found
+
+
+def _lookup(ctx, table, key):
+    try:
+        return table.lookup(key)
+    except TableError as e:
+        msg = str(e)
+        if not msg.startswith("table "):
+            msg = f"table {table.spec}: query error: {msg}"
+        raise Fatal(msg) from None
+
+
+_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]*)"|([^\s;]+))', re.I)
+
+
+def message_items(lines, headers: bool, body: bool, mime: bool):
+    """What postmap -h/-b/-m query for a message on stdin: logical headers
+    (folded lines joined with their newlines, as header_checks sees them)
+    and body lines one by one. With -m, the headers of MIME parts count as
+    headers; without it they are body lines."""
+    state = "header"
+    hdr: list[str] = []
+    boundaries: list[str] = []
+    part_boundary = None
+
+    def flush():
+        nonlocal part_boundary
+        if not hdr:
+            return []
+        text = "\n".join(hdr)
+        hdr.clear()
+        if mime and text[:13].lower() == "content-type:" and "multipart" in text.lower():
+            m = _BOUNDARY.search(text)
+            if m:
+                part_boundary = m.group(1) or m.group(2)
+        return [text] if headers else []
+
+    for raw in lines:
+        line = raw.rstrip("\n").rstrip("\r")
+        if state == "header":
+            if line[:1] in (" ", "\t") and hdr:
+                hdr.append(line)
+                continue
+            yield from flush()
+            if line == "":
+                state = "body"
+                if part_boundary:
+                    boundaries.append(part_boundary)
+                    part_boundary = None
+                continue
+            hdr.append(line)
+            continue
+        if mime and line.startswith("--"):
+            for i in range(len(boundaries) - 1, -1, -1):
+                b = boundaries[i]
+                if line == "--" + b + "--":
+                    del boundaries[i:]
+                    break
+                if line == "--" + b:
+                    del boundaries[i + 1:]
+                    state = "header"
+                    break
+            if body:
+                yield line
+            continue
+        if body and line:
+            yield line
+    yield from flush()
+
+
+def query(ctx: _Ctx, specs, key: str, stdin, stdout, msg=None) -> int:
+    tables = [_open(ctx, *ctx.split(s)) for s in specs]
+    try:
+        if key == "-" and msg is not None:
+            found = False
+            for item in message_items(stdin, *msg):
+                for t in tables:
+                    v = _lookup(ctx, t, item)
+                    if v is not None:
+                        stdout.write(f"{item}\t{v}\n")
+                        found = True
+                        break
+            return 0 if found else 1
+        if key != "-":
+            for t in tables:
+                v = _lookup(ctx, t, key)
+                if v is not None:
+                    stdout.write(v + "\n")
+                    return 0
+            return 1
+        found = False
+        for line in stdin:
+            k = line.rstrip("\n")
+            if not k:
+                continue
+            for t in tables:
+                v = _lookup(ctx, t, k)
+                if v is not None:
+                    stdout.write(f"{k}\t{v}\n")
+                    found = True
+                    break
+        return 0 if found else 1
+    finally:
+        for t in tables:
+            t.close()
+
+
+def dump(ctx: _Ctx, specs, stdout, alias: bool) -> int:
+    for s in specs:
+        t = _open(ctx, *ctx.split(s))
+        try:
+            sep = ":\t" if alias else "\t"
+            for k, v in t.items():
+                stdout.write(f"{k}{sep}{v}\n")
+        except TableError as e:
+            msg = str(e)
+            raise Fatal(msg if msg.startswith("table ") else f"table {t.spec}: {msg}") from None
+        finally:
+            t.close()
+    return 0
+
+
+def run(argv, prog: str, stdin=None, stdout=None) -> int:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    ctx = _Ctx(prog)
+    alias = prog == "postalias"
+    try:
+        try:
+            opts, args = getopt.getopt(argv, OPTSTRING[prog])
+        except getopt.GetoptError as e:
+            print(f"{prog}: invalid option -- '{e.opt}'", file=sys.stderr)
+            raise Fatal(USAGE[prog]) from None
+        config_dir = None
+        mode = None
+        qkey = None
+        dkeys: list[str] = []
+        incr = False
+        hflag = bflag = mflag = False
+        for o, a in opts:
+            if o == "-c":
+                config_dir = a
+            elif o == "-d":
+                if mode not in (None, "d"):
+                    raise Fatal("specify only one of -s -q or -d")
+                mode = "d"
+                dkeys.append(a)
+            elif o == "-q":
+                if mode is not None:
+                    raise Fatal("specify only one of -s -q or -d")
+                mode, qkey = "q", a
+            elif o == "-s":
+                if mode is not None:
+                    raise Fatal("specify only one of -s or -q or -d")
+                mode = "s"
+            elif o == "-f":
+                ctx.fold = False
+            elif o == "-i":
+                incr = True
+            elif o == "-r":
+                ctx.dup = "replace"
+            elif o == "-w":
+                ctx.dup = "ignore"
+            elif o == "-p":
+                ctx.keep_perms = False
+            elif o == "-h":
+                hflag = True
+            elif o == "-b":
+                bflag = True
+            elif o == "-m":
+                mflag = True
+            elif o == "-N":
+                ctx.nul = True
+            elif o == "-n":
+                ctx.nul = False
+            # -o (run as source owner), -u/-U (UTF-8), -v, -F:
+            # accepted and ignored. Lookups try "key\0" and "key" both.
+        if not args:
+            raise Fatal(USAGE[prog])
+        ctx.config = _load_config(config_dir)
+        if mode == "q":
+            msg = (hflag, bflag, mflag) if (hflag or bflag) else None
+            return query(ctx, args, qkey, stdin, stdout, msg)
+        if mode == "s":
+            return dump(ctx, args, stdout, alias)
+        if mode == "d":
+            keys = dkeys
+            if dkeys == ["-"]:
+                keys = [ln.rstrip("\n") for ln in stdin if ln.strip()]
+            found = False
+            for a in args:
+                typ, name = ctx.split(a)
+                found = delete(ctx, typ, name, keys) or found
+            return 0 if found else 1
+        for a in args:
+            typ, name = ctx.split(a)
+            if incr:
+                incremental(ctx, typ, name, alias, stdin)
+            else:
+                build(ctx, typ, name, alias)
+        return 0
+    except Fatal as e:
+        print(f"{prog}: fatal: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv=None) -> int:
+    return run(sys.argv[1:] if argv is None else list(argv), "postmap")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""postsuper(1): queue maintenance (delete, hold, release, requeue, purge, structure check).
+
+Usage: postsuper [-psSv] [-c config_dir] [-d queue_id] [-h queue_id] [-H queue_id]
+                 [-r queue_id] [queue...]
+
+``queue_id`` may be ``ALL`` or ``-`` (ids read from standard input, one per
+line).  Messages and log lines are worded as Postfix's; per-message lines
+are printed only for ids named explicitly, the totals always.
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import sys
+
+from postwell.queue import QueueStore, is_queue_id, notify_qmgr
+
+PROG = "postsuper"
+USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-e queue_id (expire)] "
+         "[-f queue_id (expire and/or un-hold)] [-h queue_id (hold)] [-H queue_id (un-hold)] "
+         "[-p (purge temporary files)] [-r queue_id (requeue)] [-s (structure fix)] "
+         "[-S (redundant structure fix)][-v (verbose)] [queue...]")
+
+# Postfix's default queues per operation.
+DEFAULT_QUEUES = {
+    "d": ("hold", "incoming", "active", "deferred"),
+    "h": ("incoming", "active", "deferred"),
+    "H": ("hold",),
+    "r": ("hold", "incoming", "active", "deferred"),
+}
+# The order operations run in, and the words of their per-message and total lines.
+OPERATIONS = (
+    ("d", "removed", "Deleted"),
+    ("H", "released from hold", "Released from hold"),
+    ("h", "placed on hold", "Placed on hold"),
+    ("r", "requeued", "Requeued"),
+)
+SUMMARY_ORDER = ("d", "r", "h", "H")
+
+
+class Reporter:
+    def __init__(self, log):
+        self.log = log
+
+    def say(self, text: str) -> None:
+        sys.stderr.write(f"{PROG}: {text}\n")
+        if self.log is not None:
+            self.log.info(text)
+
+    def warn(self, text: str) -> None:
+        sys.stderr.write(f"{PROG}: warning: {text}\n")
+        if self.log is not None:
+            self.log.warning(text)
+
+
+def _plural(n: int) -> str:
+    return f"{n} message{'' if n == 1 else 's'}"
+
+
+def _apply(store: QueueStore, op: str, qid: str, src: str) -> bool:
+    """One operation on one message in queue ``src``; False when it was not there."""
+    try:
+        if op == "d":
+            return store.remove(qid, src)
+        if op == "h":
+            if src == "hold":
+                return False
+            store.move(qid, src, "hold")
+            return True
+        if op == "H":
+            # Released mail goes to deferred, where the qmgr finds it at once
+            # (its retry time is not moved into the future).
+            store.move(qid, "hold", "deferred")
+            return True
+        if op == "r":
+            # Postfix re-runs the message through pickup/cleanup; postwell gives it
+            # back to the qmgr as new mail, with a clean slate of delay reasons.
+            store.move(qid, src, "incoming")
+            try:
+                os.unlink(store.path("defer", qid))
+            except FileNotFoundError:
+                pass
+            return True
+    except FileNotFoundError:
+        return False
+    return False
+
+
+def run_operation(store: QueueStore, op: str, ids: list[str], queues, report: Reporter) -> int:
+    done = 0
+    verb = next(v for o, v, _ in OPERATIONS if o == op)
+    for qid in ids:
+        if qid == "ALL":
+            for q in queues:
+                for t in store.scan(q):
+                    if _apply(store, op, t, q):
+                        done += 1
+            continue
+        if not is_queue_id(qid):
+            report.warn(f"invalid mail queue id: {qid}")
+            continue
+        for q in queues:
+            if os.path.lexists(store.path(q, qid)) and _apply(store, op, qid, q):
+                done += 1
+                report.say(f"{qid}: {verb}")
+                break
+    return done
+
+
+def purge_temporary(store: QueueStore, report: Reporter) -> int:
+    removed = store.purge_stale()
+    if removed:
+        report.say(f"Deleted: {len(removed)} file{'' if len(removed) == 1 else 's'}")
+    return len(removed)
+
+
+def structure_check(store: QueueStore, report: Reporter, uid=None, gid=None) -> None:
+    """-s: create missing queue directories; move misplaced or misnamed files aside."""
+    store.ensure_layout(uid, gid)
+    for q in ("incoming", "active", "deferred", "hold"):
+        try:
+            names = os.listdir(store.path(q))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if is_queue_id(name) or name.startswith("tmp."):
+                continue
+            path = store.path(q, name)
+            if os.path.isfile(path):
+                report.warn(f"{q}/{name}: not a queue file name; moved to corrupt")
+                try:
+                    os.rename(path, store.path("corrupt", name))
+                except OSError:
+                    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, queues = getopt.getopt(argv, "c:d:e:f:h:H:pr:sSv")
+    except getopt.GetoptError as exc:
+        sys.stderr.write(f"{PROG}: invalid option -- '{exc.opt}'\n")
+        sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
+        return 1
+    config_dir = os.environ.get("MAIL_CONFIG")
+    wanted: dict[str, list[str]] = {}
+    purge = fix = False
+    for o, v in opts:
+        if o == "-c":
+            config_dir = v
+        elif o in ("-d", "-h", "-H", "-r"):
+            wanted.setdefault(o[1], []).append(v)
+        elif o in ("-e", "-f"):
+            sys.stderr.write(f"{PROG}: fatal: option {o} is not supported by postwell\n")
+            return 1
+        elif o == "-p":
+            purge = True
+        elif o in ("-s", "-S"):
+            fix = True
+    if config_dir and not os.path.isabs(config_dir):
+        sys.stderr.write(f"{PROG}: fatal: -c requires absolute pathname\n")
+        return 1
+    from postwell.config import load_config
+    try:
+        cfg = load_config(config_dir)
+    except Exception as exc:
+        sys.stderr.write(f"{PROG}: fatal: {exc}\n")
+        return 1
+    store = QueueStore(cfg.get("queue_directory"))
+    if not os.path.isdir(store.queue_directory):
+        sys.stderr.write(f"{PROG}: fatal: chdir {store.queue_directory}: No such file or directory\n")
+        return 1
+    for q in queues:
+        if q not in ("hold", "incoming", "active", "deferred", "maildrop"):
+            sys.stderr.write(f"{PROG}: fatal: invalid directory name: {q}\n")
+            return 1
+    log = None
+    try:
+        from postwell.log import MailLog
+        log = MailLog.from_config(cfg, "postsuper")
+    except Exception:
+        log = None
+    report = Reporter(log)
+    if not wanted and not purge and not fix:
+        purge = fix = True      # postsuper without options: structure check and purge
+    if fix:
+        structure_check(store, report)
+    if purge:
+        purge_temporary(store, report)
+    counts: dict[str, int] = {}
+    for op, _verb, _total in OPERATIONS:
+        if op not in wanted:
+            continue
+        ids: list[str] = []
+        for v in wanted[op]:
+            if v == "-":
+                ids.extend(line.strip() for line in sys.stdin if line.strip())
+            else:
+                ids.append(v)
+        qs = [q for q in (queues or DEFAULT_QUEUES[op]) if q != "maildrop"]
+        counts[op] = run_operation(store, op, ids, qs, report)
+    for op in SUMMARY_ORDER:
+        if op in counts:
+            total = next(t for o, _v, t in OPERATIONS if o == op)
+            report.say(f"{total}: {_plural(counts[op])}")
+    if counts.get("H") or counts.get("r"):
+        notify_qmgr(store.queue_directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Which parameters exist (Postfix's view) and which postwell honours.
+
+Postfix accepts, besides its built-in parameters:
+- per-transport parameters `<service>_<suffix>` for each master.cf service
+  whose command is a delivery agent (e.g. relay_destination_concurrency_limit);
+- user-defined parameters: any main.cf name that some main.cf value or
+  master.cf -o value references as $name.
+Anything else set in main.cf draws `unused parameter: name=value`.
+
+IMPLEMENTED lists what postwell actually honours; every part registers its
+own names with register_implemented(), so a start-up warning can name each
+explicitly set parameter that Postfix knows but postwell ignores.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .defaults import DEFAULTS
+
+IMPLEMENTED: set[str] = set()
+
+
+def register_implemented(*names: str) -> None:
+    IMPLEMENTED.update(names)
+
+
+# Parameters the config part itself honours.
+register_implemented(
+    "config_directory", "compatibility_level", "myhostname", "mydomain", "mynetworks",
+    "mynetworks_style", "inet_interfaces", "inet_protocols", "process_id", "process_name",
+    "mail_name", "mail_version", "default_process_limit", "service_name",
+)
+
+# master.cf commands that are delivery agents (postconf registers the
+# per-transport parameters below for their service names).
+DELIVERY_COMMANDS = frozenset({"smtp", "lmtp", "local", "virtual", "pipe", "error"})
+
+TRANSPORT_SUFFIXES = {
+    "delivery_slot_cost": "$default_delivery_slot_cost",
+    "delivery_slot_discount": "$default_delivery_slot_discount",
+    "delivery_slot_loan": "$default_delivery_slot_loan",
+    "destination_concurrency_failed_cohort_limit":
+        "$default_destination_concurrency_failed_cohort_limit",
+    "destination_concurrency_limit": "$default_destination_concurrency_limit",
+    "destination_concurrency_negative_feedback":
+        "$default_destination_concurrency_negative_feedback",
+    "destination_concurrency_positive_feedback":
+        "$default_destination_concurrency_positive_feedback",
+    "destination_rate_delay": "$default_destination_rate_delay",
+    "destination_recipient_limit": "$default_destination_recipient_limit",
+    "extra_recipient_limit": "$default_extra_recipient_limit",
+    "initial_destination_concurrency": "$initial_destination_concurrency",
+    "minimum_delivery_slots": "$default_minimum_delivery_slots",
+    "recipient_limit": "$default_recipient_limit",
+    "recipient_refill_delay": "$default_recipient_refill_delay",
+    "recipient_refill_limit": "$default_recipient_refill_limit",
+    "transport_rate_delay": "$default_transport_rate_delay",
+}
+PIPE_SUFFIXES = {"time_limit": "$command_time_limit"}
+
+_REF = re.compile(r"\$(?:\{\s*|\(\s*)?([A-Za-z0-9_]+)")
+
+
+def service_parameters(services) -> dict[str, str]:
+    """{name: default} for the per-transport parameters of master.cf services."""
+    out: dict[str, str] = {}
+    for svc in services or ():
+        if svc.command not in DELIVERY_COMMANDS:
+            continue
+        suffixes = dict(TRANSPORT_SUFFIXES)
+        if svc.command == "pipe":
+            suffixes.update(PIPE_SUFFIXES)
+        for suffix, default in suffixes.items():
+            out.setdefault(f"{svc.name}_{suffix}", default)
+    return out
+
+
+def service_parameter_default(name: str, services) -> str | None:
+    for svc in services or ():
+        if svc.command in DELIVERY_COMMANDS and name.startswith(svc.name + "_"):
+            suffix = name[len(svc.name) + 1:]
+            if suffix in TRANSPORT_SUFFIXES:
+                return TRANSPORT_SUFFIXES[suffix]
+            if svc.command == "pipe" and suffix in PIPE_SUFFIXES:
+                return PIPE_SUFFIXES[suffix]
+    return None
+
+
+def referenced_names(text: str) -> set[str]:
+    return set(_REF.findall(text))
+
+
+def user_defined_parameters(cfg) -> set[str]:
+    """main.cf names that are not built in but are referenced as $name."""
+    refs: set[str] = set()
+    for value in cfg.params.values():
+        refs |= referenced_names(value)
+    for svc in cfg.services or ():
+        for value in svc.overrides.values():
+            refs |= referenced_names(value)
+    # Restriction class names are parameters too (smtpd_restriction_classes).
+    classes = cfg.params.get("smtpd_restriction_classes", "")
+    refs |= {w for w in re.split(r"[\s,]+", classes) if w}
+    return {n for n in refs if n in cfg.params and not _builtin(n, cfg)}
+
+
+def _builtin(name: str, cfg) -> bool:
+    return name in DEFAULTS or service_parameter_default(name, cfg.services) is not None
+
+
+def is_known(name: str, cfg) -> bool:
+    """Known to Postfix: built in, per-transport, or user-defined."""
+    return _builtin(name, cfg) or name in user_defined_parameters(cfg)
+
+
+def unused_parameters(cfg) -> list[tuple[str, str]]:
+    """main.cf (name, value) pairs Postfix would report as "unused parameter"."""
+    user = user_defined_parameters(cfg)
+    return [(n, v) for n, v in cfg.params.items()
+            if not _builtin(n, cfg) and n not in user]
+
+
+def unused_master_parameters(cfg) -> list[tuple[str, str]]:
+    """master.cf -o (name, value) pairs that name no known parameter."""
+    user = user_defined_parameters(cfg)
+    out = []
+    for svc in cfg.services or ():
+        for n, v in svc.overrides.items():
+            if not _builtin(n, cfg) and n not in user and n not in cfg.params:
+                out.append((n, v))
+    return out
+
+
+def unused_parameter_warning(path: str, name: str, value: str) -> str:
+    """Postfix's wording (non-printable characters shown as '?')."""
+    shown = "".join(c if c.isprintable() else "?" for c in value)
+    return f"{path}: unused parameter: {name}={shown}"
+
+
+def unimplemented_parameters(cfg) -> list[str]:
+    """Explicitly set parameters that Postfix knows but postwell ignores."""
+    names = list(cfg.params)
+    for svc in cfg.services or ():
+        names += [n for n in svc.overrides if n not in names]
+    user = user_defined_parameters(cfg)
+    out = []
+    for n in names:
+        if n in IMPLEMENTED or n in user or n in out:
+            continue
+        if _builtin(n, cfg):
+            out.append(n)
+    return out

@@ -1,0 +1,139 @@
+"""What every delivery agent shares: the request the qmgr hands over, the
+per-recipient result it gets back, and lookup-map helpers.
+
+An agent is an object with an async ``deliver(request)``; the qmgr runs it
+in its own event loop and does all logging/bookkeeping with the results, so
+an agent never touches the queue file state itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+
+@dataclass
+class Recipient:
+    address: str
+    orig: str | None = None          # original recipient (before alias/virtual rewriting)
+    orcpt: str | None = None         # RFC 3461 ORCPT
+    notify: str | None = None        # RFC 3461 NOTIFY
+    nexthop_recipient: str | None = None   # the resolver's rewritten recipient, if it differs
+
+
+@dataclass
+class DeliveryRequest:
+    queue_id: str
+    sender: str
+    recipients: list[Recipient]
+    transport: str
+    nexthop: str
+    arrival_time: float
+    # Returns a fresh iterator over the message content (headers + body,
+    # LF-terminated lines) each time it is called.
+    open_content: Callable[[], Iterable[bytes]]
+    content_size: int = 0
+    attributes: dict = field(default_factory=dict)
+    # Set by the qmgr when it hands the request over (for delays=a/b/c/d).
+    active_time: float = 0.0
+    handoff_time: float = 0.0
+
+
+@dataclass
+class RecipientResult:
+    recipient: Recipient
+    status: str                      # "sent" | "deferred" | "bounced"
+    dsn: str                         # "2.0.0", "4.2.0", "5.1.1" ...
+    reason: str                      # text in the parentheses of the log line
+    relay: str = "none"
+    conn_setup_done: float | None = None   # agents with a network connection set this
+    done_time: float = field(default_factory=time.time)
+
+    @classmethod
+    def sent(cls, rcpt, reason, relay, dsn="2.0.0"):
+        return cls(rcpt, "sent", dsn, reason, relay)
+
+    @classmethod
+    def deferred(cls, rcpt, reason, relay, dsn="4.0.0"):
+        return cls(rcpt, "deferred", dsn, reason, relay)
+
+    @classmethod
+    def bounced(cls, rcpt, reason, relay, dsn="5.0.0"):
+        return cls(rcpt, "bounced", dsn, reason, relay)
+
+
+class DeliveryAgent:
+    """Base class; ``name`` is the master.cf command / transport it serves."""
+
+    name = "none"
+
+    def __init__(self, config, log=None, clock=time.time):
+        self.config = config
+        self.log = log
+        self.clock = clock
+
+    async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def open_map(spec: str, config=None):
+    """Open one lookup table through postwell.tables (the tables owner's code)."""
+    from postwell import tables
+    return tables.open_table(spec, config)
+
+
+def split_map_list(value: str) -> list[str]:
+    """Split a table list on commas/white space, keeping "{...}" groups whole
+    (inline:{a=b, c=d} is one table), as Postfix's mystrtokq() does."""
+    out, cur, depth = [], [], 0
+    for ch in value:
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        if depth == 0 and (ch == "," or ch.isspace()):
+            if cur:
+                out.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+class MapList:
+    """A parameter's list of tables, searched in order (Postfix's maps_find)."""
+
+    def __init__(self, specs: list[str], config=None, opener=open_map):
+        self.specs = specs
+        self.tables = [opener(s, config) for s in specs]
+
+    def lookup(self, key: str) -> str | None:
+        for t in self.tables:
+            v = t.lookup(key)
+            if v is not None:
+                return v
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.tables)
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Re-split content chunks into lines (each with its LF, the last maybe without)."""
+    rest = b""
+    for chunk in chunks:
+        if not chunk:
+            continue
+        data = rest + chunk
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest

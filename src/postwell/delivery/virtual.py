@@ -1,0 +1,347 @@
+"""virtual(8): deliver to Maildir or mbox files under virtual_mailbox_base.
+
+The mailbox path comes from virtual_mailbox_maps (a trailing "/" means
+Maildir), ownership from virtual_uid_maps / virtual_gid_maps.  Blocking file
+I/O runs in a worker thread so the qmgr's event loop keeps scheduling.  When
+running as root each delivery happens in a forked child that has switched to
+the recipient's uid/gid first, so root never writes into a user-controlled
+directory (Postfix's set_eugid() in virtual/maildir.c and mailbox.c).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import itertools
+import json
+import os
+import socket
+import time
+
+from .base import DeliveryAgent, DeliveryRequest, MapList, RecipientResult, iter_lines, split_map_list
+
+try:  # start-up warnings name set-but-ignored parameters; these are honoured here
+    from postwell.config.registry import register_implemented as _register
+except ImportError:  # pragma: no cover
+    def _register(*names):
+        pass
+_register("virtual_mailbox_base", "virtual_mailbox_maps", "virtual_uid_maps", "virtual_gid_maps", "virtual_minimum_uid", "virtual_mailbox_limit", "virtual_mailbox_lock", "virtual_transport", "myhostname")
+
+RELAY = "virtual"
+_counter = itertools.count(1)
+
+
+class MailboxFull(Exception):
+    """Writing would pass virtual_mailbox_limit (Postfix gets EFBIG from RLIMIT_FSIZE)."""
+
+
+class Delivery:
+    """One recipient's delivery: everything the file-writing code needs."""
+
+    def __init__(self, *, path, maildir, uid, gid, sender, recipient, orig, limit, lock_methods,
+                 hostname):
+        self.path, self.maildir, self.uid, self.gid = path, maildir, uid, gid
+        self.sender, self.recipient, self.orig = sender, recipient, orig
+        self.limit, self.lock_methods, self.hostname = limit, lock_methods, hostname
+
+    def headers(self) -> bytes:
+        # Same order as Postfix's mail_copy(): Return-Path, X-Original-To, Delivered-To.
+        out = [f"Return-Path: <{self.sender}>\n"]
+        if self.orig:
+            out.append(f"X-Original-To: {self.orig}\n")
+        out.append(f"Delivered-To: {self.recipient.lower()}\n")
+        return "".join(out).encode("utf-8", "surrogateescape")
+
+
+class VirtualAgent(DeliveryAgent):
+    name = "virtual"
+
+    def __init__(self, config, log=None, clock=time.time, opener=None):
+        super().__init__(config, log, clock)
+        kw = {"opener": opener} if opener else {}
+        self.mailbox_maps = MapList(split_map_list(config.get("virtual_mailbox_maps")), config, **kw)
+        self.uid_maps = MapList(split_map_list(config.get("virtual_uid_maps")), config, **kw)
+        self.gid_maps = MapList(split_map_list(config.get("virtual_gid_maps")), config, **kw)
+        self.base = config.get("virtual_mailbox_base")
+        self.minimum_uid = config.get_int("virtual_minimum_uid")
+        self.limit = config.get_int("virtual_mailbox_limit")
+        self.lock_methods = [m.lower() for m in config.get_list("virtual_mailbox_lock")]
+        # Maildir names carry the system host name (Postfix's get_hostname()), not $myhostname.
+        self.hostname = socket.gethostname() or config.get("myhostname")
+        message_limit = config.get_int("message_size_limit")
+        if self.limit and message_limit and self.limit < message_limit:
+            # Same start-up refusal as Postfix's virtual(8).
+            raise ValueError("configuration error: virtual_mailbox_limit is smaller than message_size_limit")
+
+    # -- lookups -------------------------------------------------------
+    @staticmethod
+    def _find(maps: MapList, address: str) -> str | None:
+        # Postfix's mail_addr_find(): the full address, then the @domain catch-all.
+        value = maps.lookup(address)
+        if value is None and "@" in address:
+            value = maps.lookup("@" + address.rsplit("@", 1)[1])
+        return value
+
+    def plan(self, request: DeliveryRequest, rcpt) -> Delivery | RecipientResult:
+        address = rcpt.address
+        try:
+            mailbox = self._find(self.mailbox_maps, address)
+        except Exception as exc:  # table trouble is temporary, as in Postfix
+            return RecipientResult.deferred(rcpt, f"table lookup failure: {exc}", RELAY, "4.3.0")
+        if mailbox is None:
+            # virtual(8): unknown user: "x@y"
+            return RecipientResult.bounced(rcpt, f'unknown user: "{address.lower()}"', RELAY, "5.1.1")
+        ids = []
+        for maps, what in ((self.uid_maps, "uid"), (self.gid_maps, "gid")):
+            try:
+                raw = self._find(maps, address)
+            except Exception as exc:
+                return RecipientResult.deferred(rcpt, f"table lookup failure: {exc}", RELAY, "4.3.0")
+            if raw is None:
+                self._warn(f"recipient {address}: no mapping in virtual_{what}_maps")
+                return RecipientResult.deferred(rcpt, "mail system configuration error", RELAY, "4.3.0")
+            try:
+                ids.append(int(raw.strip()))
+            except ValueError:
+                self._warn(f"recipient {address}: bad {what} {raw} in virtual_{what}_maps")
+                return RecipientResult.deferred(rcpt, "mail system configuration error", RELAY, "4.3.0")
+        uid, gid = ids
+        if uid < self.minimum_uid:
+            self._warn(f"recipient {address}: bad uid {uid} in virtual_uid_maps")
+            return RecipientResult.deferred(rcpt, "mail system configuration error", RELAY, "4.3.0")
+        if not self.base or ".." in mailbox.split("/"):
+            self._warn(f"recipient {address}: bad mailbox {mailbox!r}")
+            return RecipientResult.deferred(rcpt, "mail system configuration error", RELAY, "4.3.0")
+        path = os.path.join(self.base, mailbox.lstrip("/"))
+        return Delivery(path=path, maildir=mailbox.endswith("/"), uid=uid, gid=gid,
+                        sender=request.sender, recipient=address, orig=rcpt.orig or address,
+                        limit=self.limit, lock_methods=self.lock_methods, hostname=self.hostname)
+
+    def _warn(self, text):
+        if self.log:
+            self.log.warning(text)
+
+    # -- delivery --------------------------------------------------------
+    async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        results = []
+        delivered_to = None
+        for rcpt in request.recipients:
+            plan = self.plan(request, rcpt)
+            if not isinstance(plan, RecipientResult):
+                if delivered_to is None:
+                    delivered_to = delivered_to_headers(request.open_content)
+                if rcpt.address.lower() in delivered_to:
+                    # virtual(8): our own Delivered-To is already there -> loop.
+                    plan = RecipientResult.bounced(
+                        rcpt, f"mail forwarding loop for {rcpt.address.lower()}", RELAY, "5.4.6")
+            if isinstance(plan, RecipientResult):
+                plan.done_time = self.clock()
+                results.append(plan)
+                continue
+            status, dsn, reason = await asyncio.get_running_loop().run_in_executor(
+                None, deliver_as_owner, plan, request.open_content)
+            r = RecipientResult(rcpt, status, dsn, reason, RELAY)
+            r.done_time = self.clock()
+            results.append(r)
+        return results
+
+
+def delivered_to_headers(open_content, limit: int = 1 << 20) -> set[str]:
+    """Lower-cased Delivered-To values in the header section (bounded read)."""
+    found: set[str] = set()
+    seen = 0
+    for line in iter_lines(open_content()):
+        seen += len(line)
+        if line in (b"\n", b"\r\n") or seen > limit:
+            break
+        if line[:13].lower() == b"delivered-to:":
+            found.add(line[13:].strip().decode("utf-8", "replace").lower())
+    return found
+
+
+def deliver_as_owner(d: Delivery, open_content) -> tuple[str, str, str]:
+    """Deliver with the mailbox owner's privileges; returns (status, dsn, reason)."""
+    if os.geteuid() != 0 or d.uid == 0:
+        return deliver_one(d, open_content)
+    # Root: do the file work in a child that runs as the recipient.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups([d.gid])
+            os.setgid(d.gid)
+            os.setuid(d.uid)
+            res = deliver_one(d, open_content)
+        except BaseException as exc:
+            res = ("deferred", "4.3.0", f"delivery child: {exc}")
+        try:
+            os.write(w, json.dumps(res).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    try:
+        status, dsn, reason = json.loads(data)
+        return status, dsn, reason
+    except ValueError:
+        return "deferred", "4.3.0", "delivery child died unexpectedly"
+
+
+def _errno_dsn(err: OSError, default: str) -> str:
+    # Postfix's mbox_dsn(): quota-like errors are "mailbox full", others keep the default.
+    if err.errno in (errno.EDQUOT, errno.EFBIG, errno.ENOSPC):
+        return "5.2.2" if err.errno != errno.ENOSPC else "4.3.0"
+    return default
+
+
+def _status(dsn: str) -> str:
+    return "bounced" if dsn.startswith("5") else "deferred"
+
+
+def deliver_one(d: Delivery, open_content) -> tuple[str, str, str]:
+    if d.maildir:
+        try:
+            deliver_maildir(d, open_content)
+        except MailboxFull:
+            return "bounced", "5.2.2", "maildir delivery failed: error writing message: File too large"
+        except OSError as exc:
+            dsn = _errno_dsn(exc, "4.2.0")
+            return _status(dsn), dsn, f"maildir delivery failed: {exc.strerror}: {exc.filename or d.path}"
+        return "sent", "2.0.0", "delivered to maildir"
+    try:
+        deliver_mbox(d, open_content)
+    except MailboxFull:
+        return ("bounced", "5.2.2",
+                f"cannot update mailbox {d.path} for user {d.recipient}. "
+                "error writing message: File too large")
+    except OSError as exc:
+        dsn = _errno_dsn(exc, "4.2.0")
+        return (_status(dsn), dsn,
+                f"cannot update mailbox {d.path} for user {d.recipient}. {exc.strerror}")
+    return "sent", "2.0.0", "delivered to mailbox"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_limited(fd: int, data: bytes, written: int, limit: int) -> int:
+    if limit and written + len(data) > limit:
+        raise MailboxFull()
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return written + len(data)
+
+
+def deliver_maildir(d: Delivery, open_content) -> None:
+    """Maildir delivery (the Maildir spec: tmp/ -> fsync -> link into new/)."""
+    tmpdir, newdir, curdir = (os.path.join(d.path, x) for x in ("tmp", "new", "cur"))
+    for sub in (tmpdir, newdir, curdir):
+        os.makedirs(sub, mode=0o700, exist_ok=True)
+    now = time.time()
+    sec, usec = int(now), int((now % 1) * 1_000_000)
+    host = d.hostname.replace("/", "\\057").replace(":", "\\072")
+    # Unique within the process too: several deliveries may run at once in the qmgr.
+    tmpfile = os.path.join(tmpdir, f"{sec}.P{os.getpid()}Q{next(_counter)}.{host}")
+    fd = os.open(tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    linked = False
+    try:
+        st = os.fstat(fd)
+        # The per-file limit is virtual_mailbox_limit (postconf(5): "an individual ... maildir file").
+        written = _write_limited(fd, d.headers(), 0, d.limit)
+        buf = bytearray()
+        for line in iter_lines(open_content()):
+            buf += line
+            if len(buf) >= 65536:
+                written = _write_limited(fd, bytes(buf), written, d.limit)
+                buf.clear()
+        if buf:
+            written = _write_limited(fd, bytes(buf), written, d.limit)
+        os.fsync(fd)
+        newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
+        os.link(tmpfile, newfile)
+        linked = True
+        _fsync_dir(newdir)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(tmpfile)
+        except OSError:
+            pass
+        if not linked:
+            pass
+
+
+def _dotlock(path: str, tries: int = 10):
+    lock = path + ".lock"
+    for i in range(tries):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            return lock
+        except FileExistsError:
+            try:  # a lock older than 500s is stale (Postfix's stale_lock_time default)
+                if time.time() - os.stat(lock).st_mtime > 500:
+                    os.unlink(lock)
+                    continue
+            except OSError:
+                pass
+            time.sleep(0.05 * (i + 1))
+    raise OSError(errno.EAGAIN, "unable to lock for exclusive access", lock)
+
+
+def deliver_mbox(d: Delivery, open_content) -> None:
+    """mbox delivery: From_ line, >From quoting, blank line; locked, fsync'd;
+    a failed write is undone by truncating to the old size."""
+    parent = os.path.dirname(d.path)
+    if parent:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    lockfile = _dotlock(d.path) if "dotlock" in d.lock_methods else None
+    try:
+        fd = os.open(d.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            if "fcntl" in d.lock_methods:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            if not (st.st_mode & 0o170000 == 0o100000):
+                raise OSError(errno.EPERM, "destination is not a regular file", d.path)
+            start = st.st_size
+            try:
+                sender = d.sender or "MAILER-DAEMON"
+                from_line = f"From {sender}  {time.asctime()}\n".encode("utf-8", "surrogateescape")
+                written = _write_limited(fd, from_line + d.headers(), start, d.limit)
+                buf = bytearray()
+                for line in iter_lines(open_content()):
+                    if line.startswith(b"From "):
+                        buf += b">"  # mboxo quoting, as Postfix's MAIL_COPY_QUOTE
+                    buf += line
+                    if len(buf) >= 65536:
+                        written = _write_limited(fd, bytes(buf), written, d.limit)
+                        buf.clear()
+                if buf and not buf.endswith(b"\n"):
+                    buf += b"\n"
+                buf += b"\n"
+                written = _write_limited(fd, bytes(buf), written, d.limit)
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
+    finally:
+        if lockfile:
+            try:
+                os.unlink(lockfile)
+            except OSError:
+                pass

@@ -1,0 +1,571 @@
+"""The master daemon: binds the listeners, forks and supervises the smtpd
+workers and the qmgr, handles stop (SIGTERM), abort (SIGQUIT) and reload
+(SIGHUP).  Signals only write into a self-pipe; all work happens in one
+select() loop, so no handler ever runs in the middle of bookkeeping.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pwd
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from . import services as sv
+
+try:  # start-up warnings name set-but-ignored parameters; these are honoured here
+    from postwell.config.registry import register_implemented as _register
+except ImportError:  # pragma: no cover
+    def _register(*names):
+        pass
+_register("queue_directory", "data_directory", "maillog_file", "mail_owner", "process_id_directory", "service_throttle_time", "daemon_directory", "syslog_name", "syslog_facility", "mail_version", "inet_interfaces", "inet_protocols", "default_process_limit", "import_environment")
+
+STOP_DRAIN_SECONDS = 60.0      # smtpd sessions get this long to finish on stop
+BAD_STARTUP_SECONDS = 1.0      # a child dying sooner than this throttles its service
+
+
+class MasterError(Exception):
+    """Fatal start-up problem; the text is what follows "fatal: "."""
+
+
+def load(config_dir: str):
+    from postwell.config import ConfigError, load_config
+    try:
+        return load_config(config_dir)
+    except ConfigError as exc:
+        raise MasterError(str(exc)) from None
+    except NotImplementedError:
+        raise MasterError("master.cf parsing is not available in this build") from None
+
+
+def mail_owner_ids(config) -> tuple[int, int, str] | None:
+    """(uid, gid, name) to run children as, or None when not root (run as ourselves)."""
+    name = config.get("mail_owner")
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise MasterError(f"file {config.config_dir}/main.cf: parameter mail_owner: "
+                          f"unknown user name value: {name}") from None
+    if pw.pw_uid == 0:
+        raise MasterError(f"file {config.config_dir}/main.cf: parameter mail_owner: "
+                          f"user {name} has privileged user ID: 0")
+    return pw.pw_uid, pw.pw_gid, name
+
+
+def pid_path(config) -> str:
+    return os.path.join(config.get("queue_directory"), config.get("process_id_directory") or "pid",
+                        "master.pid")
+
+
+def read_running_pid(config) -> int | None:
+    """The live master's pid, or None (stale files don't count)."""
+    path = pid_path(config)
+    try:
+        fd = os.open(path, os.O_RDONLY)   # read-only: unprivileged users may ask too
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass   # locked: a master holds it
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        try:
+            pid = int(os.read(fd, 64).strip() or 0)
+        except ValueError:
+            return None
+        if pid <= 0:
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
+    finally:
+        os.close(fd)
+
+
+@dataclass(eq=False)
+class Child:
+    pid: int
+    slot: "Slot"
+    started: float
+    retired: bool = False    # told to drain after a reload: never restarted
+
+
+@dataclass(eq=False)
+class Slot:
+    kind: str                   # "smtpd" | "qmgr"
+    svc: object                 # MasterService (or None for an implicit qmgr)
+    config: object
+    sockets: list = field(default_factory=list)
+    nproc: int = 1
+    children: set = field(default_factory=set)
+    throttled_until: float = 0.0
+    blocked_by: set = field(default_factory=set)   # old pids that must exit first (qmgr)
+    key: tuple = ()
+
+    @property
+    def command(self) -> str:
+        return self.svc.command if self.svc is not None else "qmgr"
+
+
+class Master:
+    def __init__(self, config_dir: str, *, ready_fd: int | None = None, log_stderr: bool = False):
+        self.config_dir = config_dir
+        self.ready_fd = ready_fd
+        self.log_stderr = log_stderr
+        self.slots: list[Slot] = []
+        self.children: dict[int, Child] = {}
+        self.stopping = False
+        self.aborting = False
+        self._pipe_r = self._pipe_w = -1
+        self._pid_fd = None
+        self.owner = None
+        self._warned: set = set()
+
+    # ---------------------------------------------------------------- start
+    def run(self) -> int:
+        try:
+            try:
+                self._startup()
+            except MasterError:
+                raise
+            except OSError as exc:
+                raise MasterError(f"{exc.filename + ': ' if exc.filename else ''}"
+                                  f"{exc.strerror or exc}") from None
+            except Exception as exc:
+                raise MasterError(f"start-up failed: {exc!r}") from None
+        except MasterError as exc:
+            self._ready(f"fatal: {exc}")
+            if getattr(self, "log", None):
+                self.log.fatal(str(exc))
+            self._cleanup()
+            return 1
+        self._ready("ok")
+        try:
+            self._loop()
+        finally:
+            self._cleanup()
+        return 0
+
+    def _ready(self, text: str) -> None:
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, (text + "\n").encode())
+            except OSError:
+                pass
+            try:
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def _startup(self) -> None:
+        from postwell.log import MailLog
+        from postwell.queue import QueueStore
+        cfg = load(self.config_dir)
+        self.config = cfg
+        self.owner = mail_owner_ids(cfg)
+        self._prepare_dirs(cfg)
+        try:
+            self.log = MailLog.from_config(cfg, "master", also_stderr=self.log_stderr)
+        except OSError as exc:
+            raise MasterError(f"open {cfg.get('maillog_file')}: {exc.strerror}") from None
+        store = QueueStore(cfg.get("queue_directory"))
+        try:
+            store.ensure_layout(*(self.owner[:2] if self.owner else (None, None)))
+        except TypeError:
+            store.ensure_layout()
+        except OSError as exc:
+            raise MasterError(f"queue directory {cfg.get('queue_directory')}: {exc.strerror}") from None
+        self._chown_queue(cfg)
+        self._lock_pid(cfg)
+        self.slots = self._make_slots(cfg, {}, warn=True)
+        # Before forking (children may not be able to read the library once
+        # unprivileged) and before the warning (parts register what they honour).
+        preload_modules()
+        self._warn_unimplemented_parameters(cfg)
+        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._pipe_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
+                    signal.SIGUSR1):
+            signal.signal(sig, lambda *_: None)   # the wakeup fd carries the signal number
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.log.info(f"daemon started -- version {cfg.get('mail_version')}, "
+                      f"configuration {cfg.config_dir}")
+        self._start_missing()
+
+    def _prepare_dirs(self, cfg) -> None:
+        qdir = cfg.get("queue_directory")
+        for d in (qdir, cfg.get("data_directory")):
+            if d:
+                try:
+                    os.makedirs(d, 0o755, exist_ok=True)
+                except OSError as exc:
+                    raise MasterError(f"mkdir {d}: {exc.strerror}") from None
+        logfile = cfg.get("maillog_file")
+        if logfile and not logfile.startswith("/dev/"):
+            try:
+                fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.close(fd)
+                if self.owner:
+                    # children log as mail_owner: they must be able to append
+                    os.chown(logfile, self.owner[0], self.owner[1])
+            except OSError as exc:
+                raise MasterError(f"open logfile {logfile}: {exc.strerror}") from None
+
+    def _chown_queue(self, cfg) -> None:
+        if not self.owner:
+            return
+        uid, gid, _ = self.owner
+        qdir = cfg.get("queue_directory")
+        data = cfg.get("data_directory")
+        paths = [data] if data else []
+        for name in ("incoming", "active", "deferred", "hold", "corrupt", "maildrop", "defer",
+                     "bounce", "public", "flush", "saved", "trace", "private"):
+            p = os.path.join(qdir, name)
+            if os.path.isdir(p):
+                paths.append(p)
+        for p in paths:
+            try:
+                st = os.stat(p)
+                if st.st_uid != uid:
+                    os.chown(p, uid, gid)
+            except OSError:
+                pass
+
+    def _lock_pid(self, cfg) -> None:
+        path = pid_path(cfg)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            # flock: held by this open file only, released when the master dies.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MasterError("the Postfix mail system is already running") from None
+        os.ftruncate(fd, 0)
+        # Postfix's format: the pid right-aligned in 32 columns, then a newline.
+        os.pwrite(fd, f"{os.getpid():>32}\n".encode(), 0)
+        os.fsync(fd)
+        self._pid_fd = fd
+        self._pid_file = path
+
+    def _warn_unimplemented_parameters(self, cfg) -> None:
+        try:
+            from postwell.config.registry import unimplemented_parameters
+        except ImportError:
+            return
+        try:
+            names = unimplemented_parameters(cfg)
+        except Exception:
+            return
+        for name in names:
+            self.log.warning(f"{cfg.config_dir}/main.cf: parameter {name} is not implemented "
+                             "by postwell and is ignored")
+
+    def _make_slots(self, cfg, old_sockets: dict, warn: bool) -> list[Slot]:
+        plan = sv.plan_services(cfg.services or [])
+        if warn:
+            for svc, why in plan.unsupported:
+                if (svc.name, svc.type, svc.command) in self._warned:
+                    continue   # once per service, not again at every reload
+                self._warned.add((svc.name, svc.type, svc.command))
+                self.log.warning(f"master.cf line {svc.line}: service {svc.name} ({svc.type}) "
+                                 f"command {svc.command}: {why}; service ignored")
+        slots = []
+        for svc in plan.smtpd:
+            scfg = cfg.override(svc.overrides) if svc.overrides else cfg
+            key = sv.bind_key(svc, scfg)
+            socks = old_sockets.pop(key, None)
+            if socks is None:
+                try:
+                    socks = sv.bind_service(svc, scfg)
+                except OSError as exc:
+                    for s in slots:
+                        if s.key not in old_sockets:
+                            pass
+                    raise MasterError(exc.strerror or str(exc)) from None
+            slots.append(Slot("smtpd", svc, scfg, socks, sv.worker_count(svc, scfg), key=key))
+        qsvc = plan.qmgr
+        qcfg = cfg.override(qsvc.overrides) if qsvc is not None and qsvc.overrides else cfg
+        slots.append(Slot("qmgr", qsvc, qcfg, [], 1, key=("qmgr",)))
+        return slots
+
+    # ------------------------------------------------------------ children
+    def _spawn(self, slot: Slot) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                self._child_main(slot)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException as exc:
+                try:
+                    from postwell.log import MailLog
+                    MailLog.from_config(slot.config, slot.command).fatal(f"{exc!r}")
+                except Exception:
+                    pass
+            finally:
+                os._exit(code)
+        child = Child(pid, slot, time.monotonic())
+        self.children[pid] = child
+        slot.children.add(pid)
+
+    def _child_main(self, slot: Slot) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
+                    signal.SIGUSR1, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # reloads are the master's job
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.set_wakeup_fd(-1)
+        for fd in (self._pipe_r, self._pipe_w):
+            os.close(fd)
+        if self._pid_fd is not None:
+            os.close(self._pid_fd)
+        mine = {s.fileno() for s in slot.sockets}
+        for other in self.slots + list(self._retired_slots()):
+            for s in other.sockets:
+                if s.fileno() not in mine and s.fileno() >= 0:
+                    s.close()
+        drop_privileges(self.owner)
+        if slot.kind == "smtpd":
+            from postwell import smtpd
+            smtpd.serve(slot.config, slot.svc, slot.sockets)
+        else:
+            from postwell import qmgr
+            qmgr.serve(slot.config)
+
+    def _retired_slots(self):
+        return {c.slot for c in self.children.values() if c.retired and c.slot not in self.slots}
+
+    def _start_missing(self) -> None:
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.throttled_until > now:
+                continue
+            slot.blocked_by = {p for p in slot.blocked_by if p in self.children}
+            if slot.blocked_by:
+                continue
+            while len(slot.children) < slot.nproc:
+                self._spawn(slot)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            child.slot.children.discard(pid)
+            if self.stopping or child.retired:
+                continue
+            path = f"{self.config.get('daemon_directory') or '/usr/lib/postfix/sbin'}/{child.slot.command}"
+            if os.WIFSIGNALED(status):
+                self.log.warning(f"process {path} pid {pid} killed by signal {os.WTERMSIG(status)}")
+                bad = True
+            else:
+                code = os.WEXITSTATUS(status)
+                bad = code != 0
+                if bad:
+                    self.log.warning(f"process {path} pid {pid} exit status {code}")
+            if bad and time.monotonic() - child.started < BAD_STARTUP_SECONDS:
+                # Postfix: a service that keeps dying at start-up is throttled,
+                # so a crash loop costs one fork per service_throttle_time.
+                self.log.warning(f"{path}: bad command startup -- throttling")
+                child.slot.throttled_until = time.monotonic() + self.config.get_time("service_throttle_time")
+
+    # ------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        deadline = None
+        while True:
+            timeout = 1.0
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            try:
+                ready, _, _ = select.select([self._pipe_r], [], [], timeout)
+            except InterruptedError:
+                ready = []
+            sigs = b""
+            if ready:
+                try:
+                    sigs = os.read(self._pipe_r, 512)
+                except BlockingIOError:
+                    pass
+            for signum in sigs:
+                if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                    self.log.info(f"terminating on signal {signum}")
+                    self.stopping = True
+                    deadline = time.monotonic() + STOP_DRAIN_SECONDS
+                    self._signal_children(signal.SIGTERM)
+                    for slot in self.slots:
+                        for s in slot.sockets:
+                            s.close()
+                elif signum == signal.SIGQUIT:
+                    self.log.info(f"terminating on signal {signum}")
+                    self.stopping = True
+                    self._signal_children(signal.SIGKILL)
+                    deadline = time.monotonic() + 5
+                elif signum == signal.SIGHUP and not self.stopping:
+                    self._reload()
+                elif signum == signal.SIGUSR1:
+                    self._flush()
+            self._reap()
+            if self.stopping:
+                if not self.children:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._signal_children(signal.SIGKILL)
+                    deadline = time.monotonic() + 5
+                continue
+            self._start_missing()
+
+    def _signal_children(self, sig) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _flush(self) -> None:
+        for c in self.children.values():
+            if c.slot.kind == "qmgr" and not c.retired:
+                try:
+                    os.kill(c.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+
+    def _reload(self) -> None:
+        try:
+            cfg = load(self.config_dir)
+            owner = mail_owner_ids(cfg)
+        except MasterError as exc:
+            self.log.warning(f"reload failed: {exc}; configuration unchanged")
+            return
+        self.log.info(f"reload -- version {cfg.get('mail_version')}, configuration {cfg.config_dir}")
+        old_sockets = {s.key: s.sockets for s in self.slots if s.kind == "smtpd"}
+        try:
+            new_slots = self._make_slots(cfg, old_sockets, warn=True)
+        except MasterError as exc:
+            self.log.warning(f"reload failed: {exc}; configuration unchanged")
+            # put back the sockets the failed plan took over
+            return
+        self.config, self.owner = cfg, owner
+        try:
+            from postwell.log import MailLog
+            new_log = MailLog.from_config(cfg, "master", also_stderr=self.log_stderr)
+            self.log.close()
+            self.log = new_log
+        except OSError as exc:
+            self.log.warning(f"open logfile {cfg.get('maillog_file')}: {exc.strerror}")
+        old_qmgr = set()
+        for slot in self.slots:
+            for pid in slot.children:
+                child = self.children.get(pid)
+                if child:
+                    child.retired = True
+                    if slot.kind == "qmgr":
+                        old_qmgr.add(pid)
+                    try:
+                        os.kill(pid, signal.SIGTERM)   # drain: sessions in progress finish
+                    except ProcessLookupError:
+                        pass
+        # Listeners no new service wants are closed here; draining children keep their copies.
+        for socks in old_sockets.values():
+            for s in socks:
+                s.close()
+        for slot in new_slots:
+            if slot.kind == "qmgr":
+                # Two queue managers must never deliver the same file: wait for the old one.
+                slot.blocked_by = old_qmgr
+        self.slots = new_slots
+        self._start_missing()
+
+    def _cleanup(self) -> None:
+        for slot in self.slots:
+            for s in slot.sockets:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        if self._pid_fd is not None:
+            try:
+                os.unlink(self._pid_file)
+            except OSError:
+                pass
+            os.close(self._pid_fd)
+            self._pid_fd = None
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+
+
+# Standard modules the children import lazily.  A child runs as mail_owner and
+# may not be able to read the interpreter's library (e.g. a Python installed in
+# a private home directory), so the master imports them before forking.
+_PRELOAD_STDLIB = (
+    "asyncio", "concurrent.futures", "email", "email.utils", "email.parser", "email.policy",
+    "email.message", "email.header", "email.headerregistry", "ssl", "json", "hashlib", "hmac",
+    "base64", "binascii", "ipaddress", "encodings.idna", "encodings.utf_8", "encodings.ascii",
+    "encodings.latin_1", "stringprep", "unicodedata", "uuid", "secrets", "random", "socket", "selectors",
+    "fcntl", "struct", "zlib", "datetime", "calendar", "locale", "gettext", "dbm", "sqlite3",
+    "shlex", "textwrap", "urllib.parse", "quopri", "syslog", "pwd", "grp", "resource",
+    "concurrent.futures.thread", "concurrent.futures.process", "queue", "threading", "logging",
+    "traceback", "linecache", "tokenize", "email.feedparser", "email.generator", "email.charset",
+    "email.base64mime", "email.quoprimime", "email.encoders", "email.iterators",
+    "email._header_value_parser", "email.mime.text", "email.mime.multipart", "email.mime.base",
+    "email.mime.message", "email.contentmanager", "mimetypes", "dns.resolver", "dns.asyncresolver",
+    "lmdb", "berkeleydb", "uvloop", "signal", "errno", "stat", "tempfile", "glob", "fnmatch", "re",
+)
+
+
+def preload_modules() -> None:
+    import importlib
+    import pkgutil
+    for name in _PRELOAD_STDLIB:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+    import postwell
+    for info in pkgutil.walk_packages(postwell.__path__, "postwell."):
+        if info.name.startswith(("postwell.cli", "postwell.demo")) or ".tests" in info.name:
+            continue
+        try:
+            importlib.import_module(info.name)
+        except Exception:
+            pass   # a part that does not import simply is not used
+
+
+def drop_privileges(owner) -> None:
+    """As root: become mail_owner for good (groups first, then gid, then uid)."""
+    if owner is None:
+        if os.geteuid() == 0:
+            raise SystemExit("refusing to run a child process as root")
+        return
+    uid, gid, _ = owner
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise SystemExit("failed to drop root privileges")

@@ -1,0 +1,1031 @@
+"""smtpd_*_restrictions, evaluated as Postfix's smtpd_check does.
+
+Each restriction returns DUNNO (go on with the list), OK (this list is done,
+permitted) or REJECT (reply sent).  Replies are built the way Postfix builds
+them ("<name>: Class rejected: text", the SMTP code's first digit forced onto
+the enhanced code, soft_bounce, warn_if_reject, defer_if_permit /
+defer_if_reject), so the text a client sees is the text Postfix would send.
+
+One function per restriction name, registered in RESTRICTIONS; the ones that
+look up a table (check_*_access) are in MAP_COMMANDS.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from postwell.smtp.reply import Reply
+
+from .matchlist import HostList, OwnAddresses, is_table_spec, mynetworks_list, parse_ip
+from .resolve import AddressResolver, ResolveFlag
+from .resolve import valid_hostname as _valid_hostname
+from .resolve import valid_mailhost_addr
+from .state import SessionState
+
+DUNNO, OK, REJECT = 0, 1, 2
+
+# Reply classes, as Postfix names what it rejects.
+CLIENT = "Client host"
+REV_CLIENT = "Unverified Client host"
+HELO = "Helo command"
+SENDER = "Sender address"
+RECIPIENT = "Recipient address"
+DATA = "Data command"
+EOD = "End-of-data"
+
+_ERR_SOFTWARE = "software"
+_ERR_DATA = "data"
+_ERR_RESOURCE = "resource"
+_ERR_POLICY = "policy"
+_ERR_BOUNCE = "bounce"
+
+
+class PolicyConfigError(Exception):
+    """A configuration Postfix's smtpd refuses to start with (logged as fatal)."""
+
+
+class _Abort(Exception):
+    """Postfix's longjmp out of the restriction lists (server errors)."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+_DSN = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+def dsn_split(default: str, text: str) -> tuple[str, str]:
+    """'5.1.1 text' -> ('5.1.1', 'text'); no leading code -> (default, text)."""
+    m = _DSN.match(text)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}.{m.group(3)}", text[m.end():]
+    return default, text
+
+
+# Observed on Postfix 3.7.11: "550 5.1.N text" in check_sender_access /
+# check_recipient_access answers 5.1.<sender>/5.1.<recipient> below.
+_DSN_MAP = {"1": ("4.1.7", "4.1.1"), "2": ("4.1.8", "4.1.2"), "3": ("4.1.7", "4.1.3"),
+            "4": ("4.1.7", "4.1.4"), "5": ("4.1.0", "4.1.5"), "6": ("4.1.7", "4.1.6"),
+            "7": ("4.1.7", "4.1.3"), "8": ("4.1.8", "4.1.2")}
+
+
+def dsn_fix(status: str, reply_class: str) -> str:
+    """Make an address status (X.1.Y) fit what is rejected (smtpd_dsn_fix)."""
+    if len(status) >= 4 and status[0].isdigit() and status[1:4] == ".1.":
+        if reply_class == SENDER:
+            return _DSN_MAP.get(status[4:], ("4.1.0", "4.1.0"))[0]
+        if reply_class == RECIPIENT:
+            return _DSN_MAP.get(status[4:], ("4.1.0", "4.1.0"))[1]
+        return "4.0.0"
+    return status
+
+
+def _printable(text: str) -> str:
+    return "".join(c if (c.isprintable() and c != "\x7f") else " " for c in text)
+
+
+def format_whatsup(state: SessionState, whatsup: str, text: str) -> str:
+    """The smtpd's log line for a reject/warn/hold... (log_whatsup):
+    'NOQUEUE: reject: RCPT from name[addr]: 554 5.7.1 ...; from=<s> to=<r> proto=ESMTP helo=<h>'."""
+    line = f"{state.queue_id or 'NOQUEUE'}: {whatsup}: {state.where} from {state.namaddr}: {text};"
+    if state.sender is not None:
+        line += f" from=<{state.sender}>"
+    if state.recipient is not None:
+        line += f" to=<{state.recipient}>"
+    if state.protocol:
+        line += f" proto={state.protocol}"
+    if state.helo_name is not None:
+        line += f" helo=<{state.helo_name}>"
+    return line
+
+
+MailhostLookup = Callable[[str], Awaitable[str]]
+"""DNS hook for reject_unknown_*_domain: domain -> "ok" | "notfound" |
+"retry" | "nullmx" | "inval" | "policy" (the dns package supplies it)."""
+
+
+@dataclass
+class _Ctx:
+    state: SessionState
+    reply_name: str
+    reply_class: str
+    def_acl: str | None
+
+
+class Engine:
+    """The restriction evaluator shared by all sessions of one smtpd."""
+
+    def __init__(self, config, log, *, tables=None, resolver: AddressResolver | None = None,
+                 own_addresses: OwnAddresses | None = None,
+                 mailhost_lookup: MailhostLookup | None = None,
+                 sleep: Callable[[float], Awaitable[None]] | None = None):
+        self.config = config
+        self.log = log
+        self._tables = tables
+        self.own = own_addresses if own_addresses is not None else OwnAddresses(config)
+        self.resolver = resolver or AddressResolver(config, tables=tables, own_addresses=self.own, log=log)
+        self.mailhost_lookup = mailhost_lookup
+        self.sleep = sleep
+        self._mynetworks: HostList | None = None
+        self.last_reply: Reply | None = None
+        g = config.get
+        gi = self._int
+        self.codes = {
+            "access_map_reject_code": gi("access_map_reject_code", 554),
+            "access_map_defer_code": gi("access_map_defer_code", 450),
+            "relay_domains_reject_code": gi("relay_domains_reject_code", 554),
+            "reject_code": gi("reject_code", 554),
+            "defer_code": gi("defer_code", 450),
+            "non_fqdn_reject_code": gi("non_fqdn_reject_code", 504),
+            "invalid_hostname_reject_code": gi("invalid_hostname_reject_code", 501),
+            "unknown_address_reject_code": gi("unknown_address_reject_code", 450),
+            "unknown_local_recipient_reject_code": gi("unknown_local_recipient_reject_code", 550),
+            "unknown_virtual_mailbox_reject_code": gi("unknown_virtual_mailbox_reject_code", 550),
+            "unknown_virtual_alias_reject_code": gi("unknown_virtual_alias_reject_code", 550),
+            "unknown_relay_recipient_reject_code": gi("unknown_relay_recipient_reject_code", 550),
+            "multi_recipient_bounce_reject_code": gi("multi_recipient_bounce_reject_code", 550),
+            "plaintext_reject_code": gi("plaintext_reject_code", 450),
+        }
+        self.soft_bounce = config.get_bool("soft_bounce")
+        self.allow_untrusted_routing = config.get_bool("allow_untrusted_routing")
+        self.show_table = _bool(g("show_user_unknown_table_name"), True)
+        self.null_key = g("smtpd_null_access_lookup_key") or "<>"
+        self.access_parent = "smtpd_access_maps" in _words(
+            g("parent_domain_matches_subdomains")
+            if config.raw("parent_domain_matches_subdomains") is not None
+            else "debug_peer_list,fast_flush_domains,mynetworks,permit_mx_backup_networks,"
+                 "qmqpd_authorized_clients,relay_domains,smtpd_access_maps")
+        self.recipient_delimiter = g("recipient_delimiter")
+        self.policy_default_action = (g("smtpd_policy_service_default_action")
+                                      or "451 4.3.5 Server configuration problem")
+        self.classes: dict[str, list[str]] = {}
+        for name in _words(g("smtpd_restriction_classes")):
+            self.classes[name] = parse_restrictions(g(name))
+        self._warned: set[str] = set()
+
+    def _int(self, name: str, default: int) -> int:
+        v = self.config.get(name)
+        try:
+            return int(v) if v else default
+        except ValueError:
+            return default
+
+    @property
+    def mynetworks(self) -> HostList:
+        if self._mynetworks is None:
+            self._mynetworks = mynetworks_list(self.config, tables=self._tables)
+        return self._mynetworks
+
+    def warn_once(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            self.log.warning(text)
+
+    # -- replies ------------------------------------------------------------
+    def reject(self, state: SessionState, error_class: str, code: int, dsn: str, text: str) -> int:
+        """smtpd_check_reject(): format, apply warn_if_reject / defer_if_reject /
+        soft_bounce, remember the reply.  Returns REJECT or (warn only) DUNNO."""
+        chk = state.check
+        warn_only = bool(chk.warn_if_reject) and error_class not in (_ERR_SOFTWARE, _ERR_RESOURCE, _ERR_DATA)
+        full = f"{code} {dsn} {text}"
+        if code < 400 or code > 599:
+            self.log.warning(f"SMTP reply code configuration error: {full}")
+            code, dsn, text = 450, "4.7.1", "Service unavailable"
+        elif not _DSN.match(dsn + " "):
+            self.log.warning(f"DSN detail code configuration error: {full}")
+            code, dsn, text = 450, "4.7.1", "Service unavailable"
+        # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with CRLF.
+        full = _printable(f"{code} {dsn} {text}")[:510]
+        if not warn_only and chk.defer_if_reject.active and full[0] == "5":
+            d = chk.defer_if_reject
+            chk.warn_if_reject = 0
+            d.active = False
+            return self.reject(state, d.error_class, d.code, d.dsn, d.text)
+        if self.soft_bounce and full[0] == "5":
+            full = "4" + full[1:]
+        # The enhanced code's class follows the SMTP code (RFC 3463 / RFC 2034).
+        full = full[:4] + full[0] + full[5:]
+        code_s, dsn_s, text_s = full[:3], full[4:].split(" ", 1)[0], full[4:].partition(" ")[2]
+        reply = Reply(int(code_s), text_s, dsn_s)
+        if warn_only:
+            self.log.info(format_whatsup(state, "reject_warning", str(reply)))
+            return DUNNO
+        self.last_reply = reply
+        return REJECT
+
+    def server_error(self, state: SessionState):
+        raise _Abort(self.reject(state, _ERR_SOFTWARE, 451, "4.3.5", "Server configuration error"))
+
+    def dict_retry(self, state: SessionState, reply_name: str):
+        raise _Abort(self.reject(state, _ERR_DATA, 451, "4.3.0",
+                                 f"<{reply_name}>: Temporary lookup failure"))
+
+    def defer_if_permit(self, state: SessionState, code: int, dsn: str, text: str) -> int:
+        if state.check.warn_if_reject == 0:
+            state.check.defer_if_permit.arm(code, dsn, text)
+            return DUNNO
+        return self.reject(state, _ERR_POLICY, code, dsn, text)
+
+    # -- list evaluation ------------------------------------------------------
+    async def generic_checks(self, state: SessionState, restrictions: list[str],
+                             reply_name: str, reply_class: str, def_acl: str | None) -> int:
+        chk = state.check
+        saved_recursion = chk.recursion
+        chk.recursion += 1
+        status = DUNNO
+        try:
+            i = 0
+            while i < len(restrictions):
+                if state.discard:
+                    break
+                name = restrictions[i]
+                low = name.lower()
+                if low == "warn_if_reject":
+                    if chk.warn_if_reject == 0:
+                        chk.warn_if_reject = chk.recursion
+                    i += 1
+                    continue
+                args = restrictions[i + 1:]
+                if is_table_spec(name):
+                    # A bare type:table means the list's own check_*_access.
+                    if def_acl is None:
+                        self.log.warning(
+                            "specify one of (check_client_access, check_reverse_client_host_access, "
+                            "check_helo_access, check_sender_access, check_recipient_access, "
+                            f"check_etrn_access) before {reply_class} restriction \"{name}\"")
+                        self.server_error(state)
+                    low = def_acl
+                    args = restrictions[i:]
+                    i -= 1
+                ctx = _Ctx(state, reply_name, reply_class, def_acl)
+                used = 0
+                if low in MAP_COMMANDS:
+                    if not args or not is_table_spec(args[0]):
+                        self.log.warning(f"restriction {low}: bad argument \"{args[0] if args else ''}\": "
+                                         "need maptype:mapname")
+                        self.server_error(state)
+                    status = await MAP_COMMANDS[low](self, ctx, args[0])
+                    used = 1
+                elif low in RESTRICTIONS:
+                    fn, nargs = RESTRICTIONS[low]
+                    if nargs:
+                        used = nargs
+                    status = await fn(self, ctx, args, name)
+                    if nargs and status is None:
+                        status = DUNNO
+                elif name in self.classes:
+                    status = await self.generic_checks(state, self.classes[name], reply_name,
+                                                       reply_class, def_acl)
+                else:
+                    self.log.warning(f"unknown smtpd restriction: \"{name}\"")
+                    self.server_error(state)
+                i += 1 + used
+                if chk.warn_if_reject >= chk.recursion:
+                    chk.warn_if_reject = 0
+                if status != DUNNO:
+                    break
+                if chk.defer_if_permit.active and chk.defer_if_reject.active:
+                    break
+        finally:
+            chk.recursion = saved_recursion
+        if chk.warn_if_reject >= chk.recursion:
+            chk.warn_if_reject = 0
+        return status
+
+    async def run_list(self, state: SessionState, restrictions: list[str], reply_name: str,
+                       reply_class: str, def_acl: str | None) -> int:
+        """One restriction list with Postfix's setjmp boundary."""
+        if not restrictions:
+            return DUNNO
+        try:
+            return await self.generic_checks(state, restrictions, reply_name, reply_class, def_acl)
+        except _Abort as a:
+            return a.status
+
+    # -- access maps ----------------------------------------------------------
+    def _table_lookup(self, spec: str, key: str) -> str | None:
+        t = self._tables.get(spec) if self._tables is not None else None
+        if t is None:
+            from postwell.tables import get_table
+            t = get_table(spec, self.config)
+        return t.lookup(key)
+
+    async def _found(self, ctx: _Ctx, table: str, key: str) -> tuple[bool, int]:
+        """Look up one key; (found, status)."""
+        try:
+            value = self._table_lookup(table, key)
+        except Exception as e:  # noqa: BLE001 - any table failure is a config/server problem
+            self.warn_once(f"{table}: table lookup problem: {e}")
+            return True, await self.table_result(ctx, table, "451 4.3.5 Server configuration error", key)
+        if value is None:
+            return False, DUNNO
+        return True, await self.table_result(ctx, table, value, key)
+
+    async def check_access(self, ctx: _Ctx, table: str, key: str) -> tuple[bool, int]:
+        return await self._found(ctx, table, key)
+
+    async def check_domain_access(self, ctx: _Ctx, table: str, domain: str) -> tuple[bool, int]:
+        name = domain.lower()
+        numeric = parse_ip(domain) is not None and "[" not in domain
+        first = True
+        while name:
+            if first or not _is_regexp(table):
+                found, status = await self._found(ctx, table, name)
+                if found:
+                    return True, status
+            # Don't apply subdomain magic to numerical hostnames.
+            if numeric:
+                break
+            j = name.find(".", 1)
+            if j < 0:
+                break
+            name = name[j + 1:] if self.access_parent else name[j:]
+            first = False
+        return False, DUNNO
+
+    async def check_addr_access(self, ctx: _Ctx, table: str, address: str) -> tuple[bool, int]:
+        addr = address
+        delim = ":" if ":" in addr else "."
+        first = True
+        while True:
+            if first or not _is_regexp(table):
+                found, status = await self._found(ctx, table, addr)
+                if found:
+                    return True, status
+            first = False
+            j = addr.rfind(delim)
+            if j < 0:
+                break
+            addr = addr[:j]
+            if not addr:
+                break
+        return False, DUNNO
+
+    async def check_mail_access(self, ctx: _Ctx, table: str, addr: str) -> int:
+        state = ctx.state
+        other = state.recipient if ctx.reply_class == SENDER else state.sender
+        r = self.resolver.resolve(addr, other)
+        if r.failed:
+            self.dict_retry(state, addr)
+        rcpt = r.recipient.lower()
+        if "@" not in rcpt:
+            self.log.warning(f"check_mail_access: no @domain in address: {rcpt}")
+            return DUNNO
+        suspicious = (not self.allow_untrusted_routing and r.routed and ctx.reply_class == RECIPIENT)
+        for key, partial in access_keys(rcpt, self.recipient_delimiter, self.access_parent):
+            if partial and _is_regexp(table):
+                continue
+            found, status = await self._found(ctx, table, key)
+            if found:
+                if status == OK and suspicious:
+                    return DUNNO
+                return status
+        return DUNNO
+
+    async def table_result(self, ctx: _Ctx, table: str, value: str, datum: str) -> int:
+        """check_table_result(): what an access(5) right-hand side means."""
+        state = ctx.state
+        cmd, _, rest = value.strip().partition(" ")
+        if not _:
+            cmd, _, rest = value.strip().partition("\t")
+        text = rest.strip()
+        up = cmd.upper()
+        rn, rc = ctx.reply_name, ctx.reply_class
+        if up == "DUNNO":
+            return DUNNO
+        if up == "REJECT":
+            dsn, t = dsn_split("5.7.1", text)
+            return self.reject(state, _ERR_POLICY, self.codes["access_map_reject_code"],
+                               dsn_fix(dsn, rc), f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
+        if up == "DEFER":
+            dsn, t = dsn_split("4.7.1", text)
+            return self.reject(state, _ERR_POLICY, self.codes["access_map_defer_code"],
+                               dsn_fix(dsn, rc), f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
+        if up == "INFO":
+            self.log.info(format_whatsup(state, "info", text))
+            return DUNNO
+        if up == "WARN":
+            self.log.info(format_whatsup(state, "warn", text))
+            return DUNNO
+        if up in ("FILTER", "HOLD", "DISCARD", "REDIRECT", "BCC", "PREPEND"):
+            return self._delegated_action(ctx, table, up, text, datum)
+        if up == "DEFER_IF_PERMIT":
+            dsn, t = dsn_split("4.7.1", text)
+            return self.defer_if_permit(state, self.codes["access_map_defer_code"], dsn_fix(dsn, rc),
+                                        f"<{rn}>: {rc} rejected: {t or 'Service unavailable'}")
+        if up == "DEFER_IF_REJECT":
+            dsn, t = dsn_split("4.7.1", text)
+            state.check.defer_if_reject.arm(self.codes["access_map_defer_code"], dsn_fix(dsn, rc),
+                                            f"<{rn}>: {rc} rejected: {t or 'Service unavailable'}")
+            return DUNNO
+        if value.strip().isdigit():
+            return OK  # an all-numeric result is a time stamp meaning OK
+        if len(cmd) == 3 and text and cmd[0] in "45" and cmd[1:].isdigit():
+            dsn, t = dsn_split(cmd[0] + ".7.1", text)
+            return self.reject(state, _ERR_POLICY, int(cmd), dsn_fix(dsn, rc),
+                               f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
+        if up in ("OK", "RELAY"):
+            return OK
+        if ":" in value:
+            self.log.warning(f"access table {table} has entry with lookup table: {value}")
+            self.log.warning("do not specify lookup tables inside SMTPD access maps")
+            self.log.warning("define a restriction class and specify its name instead.")
+            self.server_error(state)
+        if state.check.recursion > 100:
+            self.log.warning(f"access table {table} entry {value} causes unreasonable recursion")
+            self.server_error(state)
+        restrictions = parse_restrictions(value)
+        if not restrictions:
+            self.log.warning(f"access table {table} entry {value} has empty value")
+            return OK
+        return await self.generic_checks(state, restrictions, rn, rc, ctx.def_acl)
+
+    def _delegated_action(self, ctx: _Ctx, table: str, action: str, text: str, datum: str) -> int:
+        state = ctx.state
+        rn, rc = ctx.reply_name, ctx.reply_class
+        if state.sender is None:
+            # Postfix: with smtpd_delay_reject = no, client/helo actions are skipped.
+            self.log.warning(f"access table {table}: with smtpd_delay_reject=no, action {action} "
+                             "is always skipped in client or helo restrictions")
+            return DUNNO
+        if action == "FILTER":
+            if not text:
+                self.log.warning(f"access table {table} entry \"{datum}\" has FILTER entry without value")
+            elif ":" not in text:
+                self.log.warning(f"access table {table} entry \"{datum}\" requires transport:destination")
+            else:
+                self.log.info(format_whatsup(state, "filter", f"<{rn}>: {rc} triggers FILTER {text}"))
+                state.filter = text
+            return DUNNO
+        if action == "HOLD":
+            if not state.hold:
+                self.log.info(format_whatsup(state, "hold",
+                                             f"<{rn}>: {rc} {text or 'triggers HOLD action'}"))
+                state.hold = True
+            return DUNNO
+        if action == "DISCARD":
+            self.log.info(format_whatsup(state, "discard",
+                                         f"<{rn}>: {rc} {text or 'triggers DISCARD action'}"))
+            state.discard = True
+            return OK
+        if action in ("REDIRECT", "BCC"):
+            if "@" not in text:
+                self.log.warning(f"access table {table} entry \"{datum}\" requires user@domain target")
+                return DUNNO
+            self.log.info(format_whatsup(state, action.lower(), f"<{rn}>: {rc} triggers {action} {text}"))
+            if action == "REDIRECT":
+                state.redirect = text
+            else:
+                state.bcc.append(text)
+            return DUNNO
+        # PREPEND
+        if state.where == "END-OF-MESSAGE":
+            self.log.warning(f"access table {table}: action PREPEND must be used before "
+                             "smtpd_end_of_data_restrictions")
+            return DUNNO
+        if not text or not re.match(r"^[!-9;-~]+:", text):
+            self.log.warning(f"access table {table} entry \"{datum}\" requires header: text")
+            return DUNNO
+        state.prepend.append(text)
+        return DUNNO
+
+    # -- recipient tables -------------------------------------------------------
+    async def check_rcpt_maps(self, state: SessionState, other: str | None, address: str,
+                              reply_class: str) -> int:
+        r = self.resolver.resolve(address, other)
+        if r.failed:
+            self.dict_retry(state, address)
+        try:
+            known, table = self.resolver.recipient_known(r, sender_check=(reply_class == SENDER))
+        except Exception:  # noqa: BLE001
+            self.dict_retry(state, address)
+        if known:
+            return DUNNO
+        is_sender = reply_class == SENDER
+        if r.transport == "error":
+            dsn, text = dsn_split("5.1.0" if is_sender else "5.1.1", r.nexthop)
+            code = (self.codes["unknown_virtual_alias_reject_code"]
+                    if r.flags & ResolveFlag.CLASS_ALIAS else 550)
+            return self.reject(state, _ERR_BOUNCE, code, dsn_fix(dsn, reply_class),
+                               f"<{address}>: {reply_class} rejected: {text}")
+        if r.transport == "retry":
+            dsn, text = dsn_split("4.1.0" if is_sender else "4.1.1", r.nexthop)
+            return self.reject(state, _ERR_BOUNCE, 450, dsn_fix(dsn, reply_class),
+                               f"<{address}>: {reply_class} rejected: {text}")
+        code_param = {"local recipient table": "unknown_local_recipient_reject_code",
+                      "virtual mailbox table": "unknown_virtual_mailbox_reject_code",
+                      "relay recipient table": "unknown_relay_recipient_reject_code"}.get(table or "")
+        if code_param is None:
+            return DUNNO
+        suffix = f" in {table}" if self.show_table else ""
+        return self.reject(state, _ERR_BOUNCE, self.codes[code_param], "5.1.0" if is_sender else "5.1.1",
+                           f"<{address}>: {reply_class} rejected: User unknown{suffix}")
+
+    async def check_recipient_rcpt_maps(self, state: SessionState, recipient: str) -> int:
+        chk = state.check
+        if chk.recipient_rcptmap_checked:
+            return DUNNO
+        if chk.warn_if_reject == 0:
+            chk.recipient_rcptmap_checked = True
+        return await self.check_rcpt_maps(state, state.sender, recipient, RECIPIENT)
+
+    async def check_sender_rcpt_maps(self, state: SessionState, sender: str) -> int:
+        chk = state.check
+        if chk.sender_rcptmap_checked:
+            return DUNNO
+        if chk.warn_if_reject == 0:
+            chk.sender_rcptmap_checked = True
+        return await self.check_rcpt_maps(state, state.recipient, sender, SENDER)
+
+    # -- relay decision -------------------------------------------------------
+    def permit_auth_destination(self, state: SessionState, recipient: str) -> int:
+        r = self.resolver.resolve(recipient, state.sender)
+        if r.failed:
+            self.dict_retry(state, recipient)
+        if "@" not in r.recipient:
+            return OK
+        # Source-routed non-local mail has an uncertain destination.
+        if not self.allow_untrusted_routing and r.routed:
+            return DUNNO
+        if r.is_final:
+            return OK
+        if r.flags & ResolveFlag.CLASS_RELAY:
+            return OK
+        return DUNNO
+
+    def reject_unauth_destination(self, state: SessionState, recipient: str, code: int, dsn: str) -> int:
+        if self.permit_auth_destination(state, recipient) == OK:
+            return DUNNO
+        return self.reject(state, _ERR_POLICY, code, dsn, f"<{recipient}>: Relay access denied")
+
+
+def _is_regexp(spec: str) -> bool:
+    s = spec
+    while s.startswith("proxy:"):
+        s = s[6:]
+    return s.split(":", 1)[0].lower() in ("regexp", "pcre", "cidr")
+
+
+def _words(value: str | None) -> list[str]:
+    return [w for w in re.split(r"[\s,]+", value or "") if w]
+
+
+def _bool(value: str | None, default: bool) -> bool:
+    if not value:
+        return default
+    return value.strip().lower() in ("yes", "true", "1", "on")
+
+
+def parse_restrictions(value: str | None) -> list[str]:
+    """Split a restriction list; "{ ... }" groups stay whole (inline tables)."""
+    out, cur, depth = [], [], 0
+    for ch in value or "":
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        if depth == 0 and ch in " \t\r\n,":
+            if cur:
+                out.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def access_keys(address: str, delimiter: str, parent: bool) -> list[tuple[str, bool]]:
+    """access(5) search order for an e-mail address: user+ext@domain,
+    user@domain, domain, parent domains, user+ext@, user@."""
+    local, _, domain = address.rpartition("@")
+    keys: list[tuple[str, bool]] = [(address, False)]
+    stripped = None
+    if delimiter and local:
+        for ch in delimiter:
+            if ch in local and not local.startswith(ch):
+                stripped = local.split(ch, 1)[0]
+                break
+    if stripped is not None:
+        keys.append((f"{stripped}@{domain}", True))
+    name = domain
+    if name:
+        keys.append((name, True))
+        while True:
+            j = name.find(".", 1)
+            if j < 0:
+                break
+            name = name[j + 1:] if parent else name[j:]
+            if not name:
+                break
+            keys.append((name, True))
+    keys.append((f"{local}@", True))
+    if stripped is not None:
+        keys.append((f"{stripped}@", True))
+    return keys
+
+
+def _dup_if_truncate(name: str) -> str:
+    if len(name) > 1 and name.endswith(".") and name[-2] != ".":
+        return name[:-1]
+    return name
+
+
+def _valid_hostaddr(name: str) -> bool:
+    return valid_mailhost_addr(name) is not None or (":" in name and parse_ip(name) is not None)
+
+
+# ---------------------------------------------------------------------------
+# Restriction implementations: async fn(engine, ctx, args, name) -> status
+
+async def _permit(e: Engine, c: _Ctx, args, name):
+    return OK
+
+
+async def _reject(e: Engine, c: _Ctx, args, name):
+    return e.reject(c.state, _ERR_POLICY, e.codes["reject_code"], "5.7.1",
+                    f"<{c.reply_name}>: {c.reply_class} rejected: Access denied")
+
+
+async def _defer(e: Engine, c: _Ctx, args, name):
+    return e.reject(c.state, _ERR_POLICY, e.codes["defer_code"], "4.3.2",
+                    f"<{c.reply_name}>: {c.reply_class} rejected: Try again later")
+
+
+async def _defer_if_permit(e: Engine, c: _Ctx, args, name):
+    return e.defer_if_permit(c.state, 450, "4.7.0",
+                             f"<{c.reply_name}>: {c.reply_class} rejected: defer_if_permit requested")
+
+
+async def _defer_if_reject(e: Engine, c: _Ctx, args, name):
+    c.state.check.defer_if_reject.arm(450, "4.7.0",
+                                      f"<{c.reply_name}>: {c.reply_class} rejected: defer_if_reject requested")
+    return DUNNO
+
+
+async def _sleep(e: Engine, c: _Ctx, args, name):
+    if not args or not args[0].isdigit():
+        e.log.warning("restriction sleep must be followed by number")
+        e.server_error(c.state)
+    # Postfix really sleeps (a tarpit); bounded here, and skippable in tests.
+    if e.sleep is not None:
+        await e.sleep(min(int(args[0]), 300))
+    return DUNNO
+
+
+async def _reject_unauth_pipelining(e: Engine, c: _Ctx, args, name):
+    if c.state.pipelining_violation:
+        return e.reject(c.state, "protocol", 503, "5.5.0",
+                        f"<{c.reply_name}>: {c.reply_class} rejected: Improper use of SMTP command pipelining")
+    return DUNNO
+
+
+async def _reject_plaintext_session(e: Engine, c: _Ctx, args, name):
+    if not c.state.encryption_protocol:
+        return e.reject(c.state, _ERR_POLICY, e.codes["plaintext_reject_code"], "4.7.1",
+                        "Session encryption is required")
+    return DUNNO
+
+
+async def _check_policy_service(e: Engine, c: _Ctx, args, name):
+    if not args or ":" not in args[0]:
+        e.log.warning("restriction check_policy_service must be followed by transport:server")
+        e.server_error(c.state)
+    # Not implemented yet: behave as Postfix does when the policy server
+    # cannot be reached, i.e. apply smtpd_policy_service_default_action.
+    e.warn_once(f"check_policy_service {args[0]}: policy delegation is not implemented in "
+                "postwell; using smtpd_policy_service_default_action")
+    return await e.table_result(c, args[0], e.policy_default_action, "policy query")
+
+
+async def _permit_mynetworks(e: Engine, c: _Ctx, args, name):
+    try:
+        return OK if e.mynetworks.match(c.state.client_name, c.state.client_addr) else DUNNO
+    except Exception as ex:  # noqa: BLE001
+        e.warn_once(f"mynetworks: {ex}")
+        e.server_error(c.state)
+
+
+async def _permit_inet_interfaces(e: Engine, c: _Ctx, args, name):
+    return OK if e.own.is_inet(c.state.client_addr) else DUNNO
+
+
+async def _permit_sasl_authenticated(e: Engine, c: _Ctx, args, name):
+    return OK if c.state.sasl_username else DUNNO
+
+
+async def _reject_unknown_client(e: Engine, c: _Ctx, args, name):
+    # Name lookup status is not tracked yet: "unknown" is a permanent failure.
+    if c.state.client_name == "unknown":
+        return e.reject(c.state, _ERR_POLICY, e._int("unknown_client_reject_code", 450), "4.7.25",
+                        f"Client host rejected: cannot find your hostname, [{c.state.client_addr}]")
+    return DUNNO
+
+
+async def _reject_unknown_reverse(e: Engine, c: _Ctx, args, name):
+    if c.state.reverse_client_name == "unknown":
+        return e.reject(c.state, _ERR_POLICY, e._int("unknown_client_reject_code", 450), "4.7.1",
+                        f"Client host rejected: cannot find your reverse hostname, [{c.state.client_addr}]")
+    return DUNNO
+
+
+async def _reject_invalid_helo(e: Engine, c: _Ctx, args, name):
+    h = c.state.helo_name
+    if h is None:
+        return DUNNO
+    if h.startswith("["):
+        return _reject_invalid_hostaddr(e, c, h)
+    test = _dup_if_truncate(h)
+    if not _valid_hostname(test) and not _valid_hostaddr(test):
+        return e.reject(c.state, _ERR_POLICY, e.codes["invalid_hostname_reject_code"], "5.5.2",
+                        f"<{h}>: {HELO} rejected: Invalid name")
+    return DUNNO
+
+
+def _reject_invalid_hostaddr(e: Engine, c: _Ctx, h: str) -> int:
+    test = h[1:-1] if len(h) > 2 and h.startswith("[") and h.endswith("]") else h
+    if valid_mailhost_addr(test) is None:
+        return e.reject(c.state, _ERR_POLICY, e.codes["invalid_hostname_reject_code"], "5.5.2",
+                        f"<{h}>: {HELO} rejected: invalid ip address")
+    return DUNNO
+
+
+async def _reject_non_fqdn_helo(e: Engine, c: _Ctx, args, name):
+    h = c.state.helo_name
+    if h is None:
+        return DUNNO
+    if h.startswith("["):
+        return _reject_invalid_hostaddr(e, c, h)
+    test = _dup_if_truncate(h)
+    if not _valid_hostname(test) or "." not in test:
+        return e.reject(c.state, _ERR_POLICY, e.codes["non_fqdn_reject_code"], "5.5.2",
+                        f"<{h}>: {HELO} rejected: need fully-qualified hostname")
+    return DUNNO
+
+
+def _reject_non_fqdn_address(e: Engine, c: _Ctx, addr: str, reply_class: str) -> int:
+    domain = addr.rpartition("@")[2] if "@" in addr else ""
+    if domain.startswith("[") and domain.endswith("]"):
+        return DUNNO
+    test = _dup_if_truncate(domain)
+    if not test or not _valid_hostname(test) or "." not in test:
+        return e.reject(c.state, _ERR_POLICY, e.codes["non_fqdn_reject_code"], "4.5.2",
+                        f"<{addr}>: {reply_class} rejected: need fully-qualified address")
+    return DUNNO
+
+
+async def _reject_non_fqdn_sender(e: Engine, c: _Ctx, args, name):
+    s = c.state.sender
+    if s:
+        return _reject_non_fqdn_address(e, c, s, SENDER)
+    return DUNNO
+
+
+async def _reject_non_fqdn_recipient(e: Engine, c: _Ctx, args, name):
+    r = c.state.recipient
+    if r is not None:
+        return _reject_non_fqdn_address(e, c, r, RECIPIENT)
+    return DUNNO
+
+
+async def _reject_unknown_address(e: Engine, c: _Ctx, addr: str, reply_class: str) -> int:
+    r = e.resolver.resolve(addr, c.state.recipient if reply_class == SENDER else c.state.sender)
+    if r.failed:
+        e.dict_retry(c.state, addr)
+    if "@" not in r.recipient:
+        return DUNNO
+    domain = r.domain
+    if r.is_final or (domain.startswith("[") and domain.endswith("]")):
+        return DUNNO
+    if e.mailhost_lookup is None:
+        e.warn_once(f"reject_unknown_{'sender' if reply_class == SENDER else 'recipient'}_domain: "
+                    "no DNS resolver configured; restriction skipped")
+        return DUNNO
+    status = await e.mailhost_lookup(domain)
+    is_sender = reply_class == SENDER
+    if status == "ok":
+        return DUNNO
+    if status == "policy":
+        e.log.warning(f"{domain}: MX or address lookup error: DNS reply filter drops all results")
+        return DUNNO
+    if status == "nullmx":
+        return e.reject(c.state, _ERR_POLICY, 550 if is_sender else 556,
+                        "4.7.27" if is_sender else "4.1.10",
+                        f"<{addr}>: {reply_class} rejected: Domain {domain} does not accept mail (nullMX)")
+    dsn = "4.1.8" if is_sender else "4.1.2"
+    if status == "retry":
+        return e.defer_if_permit(c.state, 450, dsn, f"<{addr}>: {reply_class} rejected: Domain not found")
+    why = "Malformed DNS server reply" if status == "inval" else "Domain not found"
+    return e.reject(c.state, _ERR_POLICY, e.codes["unknown_address_reject_code"], dsn,
+                    f"<{addr}>: {reply_class} rejected: {why}")
+
+
+async def _reject_unknown_sender_domain(e: Engine, c: _Ctx, args, name):
+    if c.state.sender:
+        return await _reject_unknown_address(e, c, c.state.sender, SENDER)
+    return DUNNO
+
+
+async def _reject_unknown_recipient_domain(e: Engine, c: _Ctx, args, name):
+    if c.state.recipient:
+        return await _reject_unknown_address(e, c, c.state.recipient, RECIPIENT)
+    return DUNNO
+
+
+async def _reject_unlisted_sender(e: Engine, c: _Ctx, args, name):
+    if c.state.sender:
+        return await e.check_sender_rcpt_maps(c.state, c.state.sender)
+    return DUNNO
+
+
+async def _reject_unlisted_recipient(e: Engine, c: _Ctx, args, name):
+    if c.state.recipient:
+        return await e.check_recipient_rcpt_maps(c.state, c.state.recipient)
+    return DUNNO
+
+
+async def _permit_auth_destination(e: Engine, c: _Ctx, args, name):
+    if c.state.recipient is not None:
+        return e.permit_auth_destination(c.state, c.state.recipient)
+    return DUNNO
+
+
+async def _reject_unauth_destination(e: Engine, c: _Ctx, args, name):
+    if c.state.recipient is not None:
+        return e.reject_unauth_destination(c.state, c.state.recipient,
+                                           e.codes["relay_domains_reject_code"], "5.7.1")
+    return DUNNO
+
+
+async def _defer_unauth_destination(e: Engine, c: _Ctx, args, name):
+    if c.state.recipient is not None:
+        return e.reject_unauth_destination(c.state, c.state.recipient,
+                                           e.codes["relay_domains_reject_code"] - 100, "4.7.1")
+    return DUNNO
+
+
+async def _reject_multi_recipient_bounce(e: Engine, c: _Ctx, args, name):
+    s = c.state
+    if s.sender == "" and s.recipient_count > (0 if s.where == "RCPT" else 1):
+        return e.reject(s, _ERR_POLICY, e.codes["multi_recipient_bounce_reject_code"], "5.5.3",
+                        f"<{c.reply_name}>: {c.reply_class} rejected: Multi-recipient bounce")
+    return DUNNO
+
+
+async def _not_available(e: Engine, c: _Ctx, args, name):
+    e.warn_once(f"restriction `{name}' ignored: not supported by postwell yet")
+    return DUNNO
+
+
+# access-map commands -------------------------------------------------------
+
+async def _check_client_access(e: Engine, c: _Ctx, table: str):
+    s = c.state
+    sub = _Ctx(s, s.namaddr, CLIENT, c.def_acl)
+    found, status = await e.check_domain_access(sub, table, s.client_name)
+    if found or status:
+        return status
+    found, status = await e.check_addr_access(sub, table, s.client_addr)
+    return status
+
+
+async def _check_reverse_client_access(e: Engine, c: _Ctx, table: str):
+    s = c.state
+    sub = _Ctx(s, s.reverse_client_name, REV_CLIENT, c.def_acl)
+    found, status = await e.check_domain_access(sub, table, s.reverse_client_name)
+    if not (found or status):
+        found, status = await e.check_addr_access(sub, table, s.client_addr)
+    if status == OK and not s.discard:
+        e.log.warning(f"restriction check_reverse_client_hostname_access returns OK for "
+                      f"{s.reverse_client_name}")
+        e.log.warning("this is not allowed for security reasons")
+        e.log.warning("use DUNNO instead of OK if you want to make an exception")
+        e.server_error(s)
+    return status
+
+
+async def _check_helo_access(e: Engine, c: _Ctx, table: str):
+    s = c.state
+    if s.helo_name is None:
+        return DUNNO
+    found, status = await e.check_domain_access(_Ctx(s, s.helo_name, HELO, c.def_acl), table, s.helo_name)
+    return status
+
+
+async def _check_sender_access(e: Engine, c: _Ctx, table: str):
+    s = c.state
+    if s.sender is None:
+        return DUNNO
+    sub = _Ctx(s, s.sender, SENDER, c.def_acl)
+    if s.sender == "":
+        found, status = await e.check_access(sub, table, e.null_key)
+        return status
+    return await e.check_mail_access(sub, table, s.sender)
+
+
+async def _check_recipient_access(e: Engine, c: _Ctx, table: str):
+    s = c.state
+    if s.recipient is None:
+        return DUNNO
+    return await e.check_mail_access(_Ctx(s, s.recipient, RECIPIENT, c.def_acl), table, s.recipient)
+
+
+async def _check_sasl_access(e: Engine, c: _Ctx, table: str):
+    s = c.state
+    if not s.sasl_username:
+        return DUNNO
+    sane = "".join(ch if ch.isprintable() else "_" for ch in s.sasl_username)
+    found, status = await e.check_access(_Ctx(s, sane, "SASL login name", c.def_acl), table, s.sasl_username)
+    return status
+
+
+MAP_COMMANDS: dict[str, Callable] = {
+    "check_client_access": _check_client_access,
+    "check_reverse_client_hostname_access": _check_reverse_client_access,
+    "check_helo_access": _check_helo_access,
+    "check_sender_access": _check_sender_access,
+    "check_recipient_access": _check_recipient_access,
+    "check_sasl_access": _check_sasl_access,
+}
+
+# name -> (function, number of arguments it consumes)
+RESTRICTIONS: dict[str, tuple[Callable, int]] = {
+    "permit": (_permit, 0),
+    "reject": (_reject, 0),
+    "defer": (_defer, 0),
+    "defer_if_permit": (_defer_if_permit, 0),
+    "defer_if_reject": (_defer_if_reject, 0),
+    "sleep": (_sleep, 1),
+    "reject_unauth_pipelining": (_reject_unauth_pipelining, 0),
+    "reject_plaintext_session": (_reject_plaintext_session, 0),
+    "check_policy_service": (_check_policy_service, 1),
+    "permit_mynetworks": (_permit_mynetworks, 0),
+    "permit_inet_interfaces": (_permit_inet_interfaces, 0),
+    "permit_sasl_authenticated": (_permit_sasl_authenticated, 0),
+    "reject_unknown_client_hostname": (_reject_unknown_client, 0),
+    "reject_unknown_client": (_reject_unknown_client, 0),
+    "reject_unknown_reverse_client_hostname": (_reject_unknown_reverse, 0),
+    "reject_invalid_helo_hostname": (_reject_invalid_helo, 0),
+    "reject_invalid_hostname": (_reject_invalid_helo, 0),
+    "reject_non_fqdn_helo_hostname": (_reject_non_fqdn_helo, 0),
+    "reject_non_fqdn_hostname": (_reject_non_fqdn_helo, 0),
+    "reject_non_fqdn_sender": (_reject_non_fqdn_sender, 0),
+    "reject_non_fqdn_recipient": (_reject_non_fqdn_recipient, 0),
+    "reject_unknown_sender_domain": (_reject_unknown_sender_domain, 0),
+    "reject_unknown_address": (_reject_unknown_sender_domain, 0),
+    "reject_unknown_recipient_domain": (_reject_unknown_recipient_domain, 0),
+    "reject_unlisted_sender": (_reject_unlisted_sender, 0),
+    "reject_unlisted_recipient": (_reject_unlisted_recipient, 0),
+    "check_recipient_maps": (_reject_unlisted_recipient, 0),
+    "permit_auth_destination": (_permit_auth_destination, 0),
+    "reject_unauth_destination": (_reject_unauth_destination, 0),
+    "defer_unauth_destination": (_defer_unauth_destination, 0),
+    "reject_multi_recipient_bounce": (_reject_multi_recipient_bounce, 0),
+    # Need DNS, TLS or a verify service that postwell does not have yet.
+    "reject_unknown_helo_hostname": (_not_available, 0),
+    "reject_unknown_hostname": (_not_available, 0),
+    "reject_unverified_sender": (_not_available, 0),
+    "reject_unverified_recipient": (_not_available, 0),
+    "permit_tls_clientcerts": (_not_available, 0),
+    "permit_tls_all_clientcerts": (_not_available, 0),
+    "permit_mx_backup": (_not_available, 0),
+    "reject_sender_login_mismatch": (_not_available, 0),
+    "reject_authenticated_sender_login_mismatch": (_not_available, 0),
+    "reject_known_sender_login_mismatch": (_not_available, 0),
+    "reject_unauthenticated_sender_login_mismatch": (_not_available, 0),
+}
+
+for _n in ("reject_rbl_client", "reject_rbl", "reject_rhsbl_client", "reject_rhsbl_sender",
+           "reject_rhsbl_helo", "reject_rhsbl_recipient", "reject_rhsbl_reverse_client",
+           "permit_dnswl_client", "permit_rhswl_client"):
+    RESTRICTIONS[_n] = (_not_available, 1)
+for _n in ("check_client_mx_access", "check_client_ns_access", "check_client_a_access",
+           "check_helo_mx_access", "check_helo_ns_access", "check_helo_a_access",
+           "check_sender_mx_access", "check_sender_ns_access", "check_sender_a_access",
+           "check_recipient_mx_access", "check_recipient_ns_access", "check_recipient_a_access",
+           "check_ccert_access", "check_etrn_access"):
+    RESTRICTIONS[_n] = (_not_available, 1)
+
+REQUIRED_RELAY = ["reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
+                  "defer_if_permit", "check_relay_domains"]
+
+
+def has_required(restrictions: list[str], classes: dict[str, list[str]], required: list[str],
+                 _depth: int = 0) -> bool:
+    if _depth > 100:
+        return False
+    i = 0
+    while i < len(restrictions):
+        r = restrictions[i]
+        if r == "warn_if_reject" and i + 1 < len(restrictions):
+            i += 2
+            continue
+        if r in required:
+            return True
+        if r in classes and has_required(classes[r], classes, required, _depth + 1):
+            return True
+        i += 1
+    return False
+

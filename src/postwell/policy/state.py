@@ -1,0 +1,89 @@
+"""The per-session facts restrictions look at (Postfix's SMTPD_STATE subset)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DeferredReply:
+    """A defer_if_permit / defer_if_reject reply waiting to be used."""
+    active: bool = False
+    code: int = 450
+    dsn: str = "4.7.1"
+    text: str = ""
+    error_class: str = "policy"
+
+    def arm(self, code: int, dsn: str, text: str, error_class: str = "policy") -> None:
+        # The first reason wins, to keep the story simple for the client.
+        if not self.active:
+            self.active, self.code, self.dsn, self.text = True, code, dsn, text
+            self.error_class = error_class
+
+
+@dataclass
+class CheckState:
+    """Bookkeeping of the restriction engine; reset as Postfix resets it."""
+    recursion: int = 0
+    warn_if_reject: int = 0
+    defer_if_reject: DeferredReply = field(default_factory=DeferredReply)
+    defer_if_permit: DeferredReply = field(default_factory=DeferredReply)
+    defer_if_permit_client: bool = False
+    defer_if_permit_helo: bool = False
+    defer_if_permit_sender: bool = False
+    recipient_rcptmap_checked: bool = False
+    sender_rcptmap_checked: bool = False
+
+
+@dataclass
+class SessionState:
+    client_name: str = "unknown"            # verified name or "unknown"
+    client_addr: str = ""
+    client_port: str = ""
+    reverse_client_name: str = "unknown"
+    server_addr: str = ""
+    server_port: str = ""
+    helo_name: str | None = None
+    protocol: str = "SMTP"                  # SMTP / ESMTP (ESMTPS, ESMTPA... when known)
+    sender: str | None = None               # None before MAIL FROM; "" is the null sender
+    recipient: str | None = None            # the RCPT TO address being checked
+    recipient_count: int = 0                # accepted recipients so far
+    sasl_method: str | None = None
+    sasl_username: str | None = None
+    sasl_sender: str | None = None
+    queue_id: str | None = None
+    encryption_protocol: str | None = None  # TLS placeholders
+    encryption_cipher: str | None = None
+    encryption_keysize: int = 0
+    tls_peer_cert_fingerprint: str | None = None
+    pipelining_violation: bool = False      # set by smtpd for reject_unauth_pipelining
+    smtputf8: bool = False
+    message_size: int = 0
+    where: str = "CONNECT"                  # CONNECT HELO EHLO MAIL RCPT DATA END-OF-MESSAGE
+    # Side effects of access-map actions, for the smtpd/cleanup to apply.
+    discard: bool = False
+    hold: bool = False
+    filter: str | None = None
+    redirect: str | None = None
+    bcc: list[str] = field(default_factory=list)
+    prepend: list[str] = field(default_factory=list)
+    check: CheckState = field(default_factory=CheckState)
+
+    @property
+    def namaddr(self) -> str:
+        return f"{self.client_name}[{self.client_addr}]"
+
+    def reset_transaction(self) -> None:
+        """After RSET / end of a mail transaction (access-map actions are per message)."""
+        self.sender = None
+        self.recipient = None
+        self.recipient_count = 0
+        self.discard = False
+        self.hold = False
+        self.filter = None
+        self.redirect = None
+        self.bcc = []
+        self.prepend = []
+        self.queue_id = None
+        self.check.defer_if_permit_sender = False
+        self.check.sender_rcptmap_checked = False

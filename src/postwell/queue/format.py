@@ -1,0 +1,312 @@
+"""The postwell queue file format (authoritative description).
+
+Every message in the queue is one file, named by its queue id, in exactly one
+of the queue directories (incoming, active, deferred, hold, corrupt).  All
+queue directories must live on one file system: ids are unique only there and
+moves between directories are rename(2).
+
+Queue ids
+---------
+Postfix's short id form: five upper-case hex digits of the microseconds part
+of the creation time (0..F423F, zero-padded) followed by the queue file's
+inode number in upper-case hex, e.g. ``4F1A2B3C7D``.  The file is first created
+under a temporary name (``incoming/tmp.<pid>.<n>``; never a valid id because
+ids are upper-case hex only), fstat()ed for its inode, then link()ed to its id
+name and the temporary name unlinked.
+
+Why this is unique: while a queue file exists its inode number is not reused
+on that file system, so no other live queue file can carry the same inode
+suffix.  Inodes are reused after a file is removed; a new file may then get
+the same inode *and* the same microsecond value as a message that left the
+queue long ago.  That repeats an id in the logs over time (as in Postfix) but
+never clashes on disk.  The on-disk clash that can still happen (a leftover
+file with the same name, e.g. after restoring a backup, or a stray file in
+another queue directory) is caught: link(2) refuses to replace an existing
+name (EEXIST), and the other queue directories are checked too; the creator
+then waits for the microsecond clock to move and tries the next id.
+
+File layout
+-----------
+All integers are unsigned little-endian.  Text is UTF-8 (with
+surrogateescape for bytes that are not UTF-8).
+
+``header`` (64 bytes at offset 0)::
+
+    0   4  magic  b"PWQ1"
+    4   4  header length (64)
+    8   8  arrival time, microseconds since the epoch
+    16  8  content offset (always 64)
+    24  8  content size in bytes
+    32  8  envelope offset (= 64 + content size)
+    40  8  envelope size in bytes
+    48  8  total file size (= envelope offset + envelope size)
+    56  4  CRC-32 of bytes 0..55
+    60  4  reserved, zero
+
+While the message is being written the header is 64 zero bytes; the real
+header is written with pwrite() at commit, before the data fsync.
+
+``content`` follows: the message exactly as it will be delivered (header block,
+empty line, body), LF line ends, no transparency dots.  It is streamed to
+disk and never held in memory.
+
+``envelope`` follows the content: a sequence of records, each
+``type (1 byte) | length (4 bytes) | payload``.  Record types:
+
+    ``S``  sender address (may be empty: the null sender ``<>``)
+    ``P``  envelope parameter ``name NUL value``: ``ret`` (FULL/HDRS),
+           ``envid`` (xtext-decoded), ``smtputf8`` (``1``), ``body``
+           (7BIT/8BITMIME/BINARYMIME)
+    ``A``  free attribute ``name NUL value`` (client_name, client_address,
+           helo_name, protocol, sasl_method, sasl_username, log_ident,
+           rewrite_context, ...)
+    ``R``  recipient: ``status (1 byte) | address NUL orig NUL orcpt NUL notify``.
+           status is ``b"-"`` (pending) or ``b"D"`` (done: delivered, bounced
+           or otherwise finished - the notice has been queued).  It is
+           rewritten in place (one pwrite of one byte, then fsync) so a crash
+           after some recipients were delivered re-delivers only the others.
+    ``E``  end of envelope, empty payload; must be the last record.
+
+Completeness and durability
+---------------------------
+A queue file is a message only when all of these hold:
+
+1. its mode has the owner-execute bit (0700), set with fchmod() after the
+   data fsync (the marker Postfix uses); ``scan()`` and the qmgr ignore
+   files without it;
+2. the header magic and CRC are valid and its sizes agree with the file size;
+3. the envelope parses to an ``E`` record that ends exactly at the end of the
+   file, with exactly one ``S`` record.
+
+Commit order: write content; append envelope; pwrite header; fsync(file);
+fchmod(0700); fsync(file); fsync(directory).  Only then does ``commit()``
+return and may the SMTP server say 250.  Any error on the way removes the
+file and raises ``QueueWriteError``.  A move between directories is
+rename() followed by fsync of the destination directory, then of the source.
+
+The deferred queue keeps the time of the next delivery attempt in the file's
+mtime (as Postfix does); rename() keeps mtimes.
+
+Side logs (``defer/ID`` and ``bounce/ID``) hold one entry per recipient
+attempt: ``name=value`` lines (``recipient``, ``orig_rcpt``, ``status``,
+``action``, ``reason``, ``time``) ending with an empty line.  Values escape
+``\\`` as ``\\\\`` and newline as ``\\n``.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+MAGIC = b"PWQ1"
+HEADER_SIZE = 64
+HEADER_STRUCT = struct.Struct("<4sIQQQQQQII")   # 64 bytes
+REC_HEAD = struct.Struct("<cI")                  # type, payload length
+MAX_RECORD = 16 * 1024 * 1024                     # sanity bound for one envelope record
+
+REC_SENDER = b"S"
+REC_PARAM = b"P"
+REC_ATTR = b"A"
+REC_RCPT = b"R"
+REC_END = b"E"
+
+STATUS_PENDING = b"-"
+STATUS_DONE = b"D"
+
+QUEUE_ID_RE = re.compile(r"^[0-9A-F]{6,}$")      # 5 hex microseconds + >=1 hex inode digit
+
+
+class CorruptQueueFile(Exception):
+    """The file is not a complete, well-formed queue file; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def make_queue_id(microseconds: int, inode: int) -> str:
+    return f"{microseconds % 1000000:05X}{inode:X}"
+
+
+def is_queue_id(name: str) -> bool:
+    return bool(QUEUE_ID_RE.match(name))
+
+
+def encode_text(value: str | None) -> bytes:
+    return (value or "").encode("utf-8", "surrogateescape")
+
+
+def decode_text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+def pack_header(arrival_us: int, content_size: int, envelope_size: int) -> bytes:
+    env_off = HEADER_SIZE + content_size
+    body = HEADER_STRUCT.pack(MAGIC, HEADER_SIZE, arrival_us, HEADER_SIZE, content_size,
+                              env_off, envelope_size, env_off + envelope_size, 0, 0)
+    crc = zlib.crc32(body[:56])
+    return body[:56] + struct.pack("<II", crc, 0)
+
+
+@dataclass
+class Header:
+    arrival_us: int
+    content_offset: int
+    content_size: int
+    envelope_offset: int
+    envelope_size: int
+    file_size: int
+
+
+def unpack_header(data: bytes, actual_size: int) -> Header:
+    if len(data) < HEADER_SIZE:
+        raise CorruptQueueFile(f"truncated header ({len(data)} of {HEADER_SIZE} bytes)")
+    (magic, hlen, arrival, c_off, c_size, e_off, e_size, f_size, crc, _r) = HEADER_STRUCT.unpack(data[:HEADER_SIZE])
+    if magic != MAGIC:
+        raise CorruptQueueFile("bad magic (file never committed or not a queue file)")
+    if zlib.crc32(data[:56]) != crc:
+        raise CorruptQueueFile("header checksum mismatch")
+    if hlen != HEADER_SIZE or c_off != HEADER_SIZE or e_off != c_off + c_size or f_size != e_off + e_size:
+        raise CorruptQueueFile("inconsistent header offsets")
+    if actual_size != f_size:
+        raise CorruptQueueFile(f"file size {actual_size} differs from recorded size {f_size} (truncated?)")
+    return Header(arrival, c_off, c_size, e_off, e_size, f_size)
+
+
+def pack_record(rtype: bytes, payload: bytes) -> bytes:
+    return REC_HEAD.pack(rtype, len(payload)) + payload
+
+
+def pack_pair(name: str, value: str) -> bytes:
+    return encode_text(name) + b"\0" + encode_text(value)
+
+
+@dataclass
+class Recipient:
+    address: str
+    orig: str | None = None
+    orcpt: str | None = None
+    notify: str | None = None
+    done: bool = False
+    index: int = 0
+    status_offset: int = -1   # absolute file offset of the status byte (-1: not on disk)
+
+    def pack(self) -> bytes:
+        fields = [self.address, self.orig or "", self.orcpt or "", self.notify or ""]
+        return (STATUS_DONE if self.done else STATUS_PENDING) + b"\0".join(encode_text(f) for f in fields)
+
+
+@dataclass
+class Envelope:
+    sender: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, str] = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+
+    def pack(self) -> bytes:
+        out = [pack_record(REC_SENDER, encode_text(self.sender))]
+        for k, v in self.params.items():
+            out.append(pack_record(REC_PARAM, pack_pair(k, v)))
+        for k, v in self.attributes.items():
+            out.append(pack_record(REC_ATTR, pack_pair(k, v)))
+        for r in self.recipients:
+            out.append(pack_record(REC_RCPT, r.pack()))
+        out.append(pack_record(REC_END, b""))
+        return b"".join(out)
+
+
+def parse_envelope(data: bytes, base_offset: int) -> Envelope:
+    """Parse envelope records; ``base_offset`` is where ``data`` starts in the file."""
+    env = Envelope()
+    pos = 0
+    seen_sender = False
+    ended = False
+    n = len(data)
+    while pos < n:
+        if n - pos < REC_HEAD.size:
+            raise CorruptQueueFile("truncated envelope record header")
+        rtype, length = REC_HEAD.unpack_from(data, pos)
+        pos += REC_HEAD.size
+        if length > MAX_RECORD or pos + length > n:
+            raise CorruptQueueFile("truncated envelope record")
+        payload = data[pos:pos + length]
+        if rtype == REC_END:
+            if length != 0:
+                raise CorruptQueueFile("malformed end record")
+            pos += length
+            ended = True
+            if pos != n:
+                raise CorruptQueueFile("data after end record")
+            break
+        if rtype == REC_SENDER:
+            if seen_sender:
+                raise CorruptQueueFile("duplicate sender record")
+            env.sender = decode_text(payload)
+            seen_sender = True
+        elif rtype in (REC_PARAM, REC_ATTR):
+            name, sep, value = payload.partition(b"\0")
+            if not sep:
+                raise CorruptQueueFile("malformed attribute record")
+            target = env.params if rtype == REC_PARAM else env.attributes
+            target[decode_text(name)] = decode_text(value)
+        elif rtype == REC_RCPT:
+            if length < 1 or payload[:1] not in (STATUS_PENDING, STATUS_DONE):
+                raise CorruptQueueFile("malformed recipient status")
+            fields = payload[1:].split(b"\0")
+            if len(fields) != 4 or not fields[0]:
+                raise CorruptQueueFile("malformed recipient record")
+            addr, orig, orcpt, notify = (decode_text(f) for f in fields)
+            env.recipients.append(Recipient(addr, orig or None, orcpt or None, notify or None,
+                                            done=payload[:1] == STATUS_DONE,
+                                            index=len(env.recipients),
+                                            status_offset=base_offset + pos))
+        else:
+            raise CorruptQueueFile(f"unknown record type {rtype!r}")
+        pos += length
+    if not ended:
+        raise CorruptQueueFile("missing end record (truncated envelope)")
+    if not seen_sender:
+        raise CorruptQueueFile("no sender record")
+    return env
+
+
+# Side log (defer/ID, bounce/ID) entries.
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _unesc(value: str) -> str:
+    out = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            nxt = value[i + 1]
+            out.append({"n": "\n", "r": "\r", "\\": "\\"}.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def pack_log_entry(entry: dict[str, str]) -> bytes:
+    return "".join(f"{k}={_esc(str(v))}\n" for k, v in entry.items()).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def parse_log_entries(data: bytes) -> list[dict[str, str]]:
+    entries: list[dict[str, str]] = []
+    cur: dict[str, str] = {}
+    for line in data.decode("utf-8", "surrogateescape").split("\n"):
+        if not line:
+            if cur:
+                entries.append(cur)
+                cur = {}
+            continue
+        k, _, v = line.partition("=")
+        cur[k] = _unesc(v)
+    # A final entry without its terminating blank line was cut by a crash: drop it.
+    return entries

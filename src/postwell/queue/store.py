@@ -1,0 +1,678 @@
+"""The on-disk queue: creating, committing, reading, moving and removing queue files.
+
+See :mod:`postwell.queue.format` for the file format, the id format and the
+fsync rules this module follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import itertools
+import os
+import stat
+import threading
+import time
+from typing import Callable, Iterable, Iterator
+
+from . import format as qf
+from .format import CorruptQueueFile, Envelope, Recipient
+
+QUEUE_NAMES = ("incoming", "active", "deferred", "hold", "corrupt")
+LOG_NAMES = ("defer", "bounce")
+ALL_DIRS = QUEUE_NAMES + ("maildrop",) + LOG_NAMES + ("public", "pid")
+
+COMPLETE_MODE = 0o700     # owner execute bit = "complete" (Postfix's marker)
+INCOMPLETE_MODE = 0o600
+STALE_AGE = 3600.0        # seconds; an incomplete incoming file older than this is garbage
+WRITE_BUFFER = 65536
+
+
+class QueueWriteError(Exception):
+    """A queue file could not be written durably; the partial file has been removed."""
+
+    def __init__(self, msg: str, errno_: int | None = None):
+        super().__init__(msg)
+        self.errno = errno_
+
+
+class QueueNoSpaceError(QueueWriteError):
+    """ENOSPC / EDQUOT while writing."""
+
+
+class QueueIOError(QueueWriteError):
+    """EIO or another I/O error while writing."""
+
+
+class QueueFileNotFound(LookupError):
+    pass
+
+
+def _write_error(exc: OSError, what: str) -> QueueWriteError:
+    cls = QueueNoSpaceError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else QueueIOError
+    return cls(f"{what}: {os.strerror(exc.errno) if exc.errno else exc}", exc.errno)
+
+
+def fsync_dir(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_executor_lock = threading.Lock()
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_pid = 0
+
+
+def commit_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """A process-wide pool for commit fsyncs.
+
+    Sized well above the core count: the threads mostly wait in fsync(), and
+    many fsyncs in flight at once let the file system fold them into one
+    journal commit (group commit).
+    """
+    global _executor, _executor_pid
+    with _executor_lock:
+        if _executor is None or _executor_pid != os.getpid():
+            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="qcommit")
+            _executor_pid = os.getpid()
+        return _executor
+
+
+QMGR_SCAN_INCOMING = b"I"   # Postfix's QMGR_REQ_SCAN_INCOMING
+QMGR_FLUSH = b"F"           # QMGR_REQ_FLUSH_DEAD: retry deferred mail now (postqueue -f)
+
+
+def notify_qmgr(queue_directory: str, request: bytes = QMGR_SCAN_INCOMING) -> None:
+    """Wake the queue manager: one byte into public/qmgr, never blocking.
+
+    A lost wake-up costs only the qmgr's periodic scan, so every failure to
+    deliver the byte (no reader, FIFO full, no FIFO) is ignored.
+    """
+    path = os.path.join(queue_directory, "public", "qmgr")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return   # ENXIO: no reader; ENOENT: no FIFO; EACCES: wrong user
+    try:
+        os.write(fd, request)
+    except OSError:
+        pass                 # EAGAIN: FIFO full, the qmgr is awake anyway
+    finally:
+        os.close(fd)
+
+
+class IncomingMessage:
+    """A queue file being written in incoming/.  Not thread-safe; one writer."""
+
+    def __init__(self, store: "QueueStore", queue_id: str, fd: int, arrival: float):
+        self.store = store
+        self.queue_id = queue_id
+        self.path = store.path("incoming", queue_id)
+        self.arrival_time = arrival
+        self.envelope = Envelope()
+        self.content_size = 0
+        self._fd: int | None = fd
+        self._buf = bytearray()
+        self._error: QueueWriteError | None = None
+        self.committed = False
+        self.aborted = False
+
+    # -- envelope -------------------------------------------------------
+    @property
+    def sender(self) -> str:
+        return self.envelope.sender
+
+    @property
+    def recipients(self) -> list[Recipient]:
+        return self.envelope.recipients
+
+    def set_sender(self, sender: str, ret: str | None = None, envid: str | None = None,
+                   smtputf8: bool = False, body_type: str | None = None) -> None:
+        self.envelope.sender = sender or ""
+        params = self.envelope.params
+        for k, v in (("ret", ret), ("envid", envid), ("body", body_type)):
+            if v:
+                params[k] = v
+            else:
+                params.pop(k, None)
+        if smtputf8:
+            params["smtputf8"] = "1"
+        else:
+            params.pop("smtputf8", None)
+
+    def add_recipient(self, address: str, orig: str | None = None, orcpt: str | None = None,
+                      notify: str | None = None) -> Recipient:
+        r = Recipient(address, orig, orcpt, notify, index=len(self.envelope.recipients))
+        self.envelope.recipients.append(r)
+        return r
+
+    def clear_recipients(self) -> None:
+        self.envelope.recipients = []
+
+    def set_attribute(self, name: str, value: str | None) -> None:
+        if value is None:
+            self.envelope.attributes.pop(name, None)
+        else:
+            self.envelope.attributes[name] = str(value)
+
+    # -- content --------------------------------------------------------
+    @property
+    def failed(self) -> QueueWriteError | None:
+        return self._error
+
+    def write(self, data: bytes) -> None:
+        """Append content.  Raises QueueWriteError on the first failure (sticky)."""
+        if self._error is not None:
+            raise self._error
+        if self._fd is None:
+            raise QueueWriteError("queue file is closed")
+        self._buf += data
+        self.content_size += len(data)
+        if len(self._buf) >= WRITE_BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        view = memoryview(self._buf)
+        try:
+            while view:
+                n = self.store._write(self._fd, view)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                view = view[n:]
+        except OSError as exc:
+            self._error = _write_error(exc, f"{self.queue_id}: write queue file")
+            view.release()
+            raise self._error
+        view.release()
+        self._buf.clear()
+
+    # -- commit ---------------------------------------------------------
+    def commit(self) -> None:
+        """Make the message durable; on return it is safe to say 250."""
+        if self.committed:
+            return
+        if self._fd is None:
+            raise QueueWriteError("queue file is closed")
+        try:
+            if self._error is not None:
+                raise self._error
+            st = self.store
+            try:
+                self._flush()
+                env = self.envelope.pack()
+                env_off = qf.HEADER_SIZE + self.content_size
+                # Offsets of recipient status bytes are known only now.
+                self._buf += env
+                self._flush()
+                header = qf.pack_header(int(self.arrival_time * 1_000_000), self.content_size, len(env))
+                if os.pwrite(self._fd, header, 0) != len(header):
+                    raise OSError(errno.EIO, "short header write")
+                st._fsync(self._fd)
+                os.fchmod(self._fd, COMPLETE_MODE)
+                st._fsync(self._fd)
+                fsync_dir(st.path("incoming"), st._fsync)
+            except OSError as exc:
+                raise _write_error(exc, f"{self.queue_id}: commit queue file")
+            # Record where status bytes live, for callers that keep the object.
+            parsed = qf.parse_envelope(env, env_off)
+            for mine, on_disk in zip(self.envelope.recipients, parsed.recipients):
+                mine.status_offset = on_disk.status_offset
+        except QueueWriteError:
+            self._discard()
+            raise
+        os.close(self._fd)
+        self._fd = None
+        self.committed = True
+
+    async def commit_async(self) -> None:
+        """commit() in the commit thread pool, so the event loop keeps serving sessions."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(commit_executor(), self.commit)
+
+    def abort(self) -> None:
+        """Throw the message away (rejected, size limit, client gone)."""
+        if self.committed or self.aborted:
+            return
+        self._discard()
+
+    def _discard(self) -> None:
+        self.aborted = True
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def __del__(self):  # a dropped, uncommitted message must not leak its fd
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+class QueuedMessage:
+    """A committed message opened for reading (and per-recipient done marking)."""
+
+    def __init__(self, store: "QueueStore", queue_id: str, queue_name: str, writable: bool = True):
+        self.store = store
+        self.queue_id = queue_id
+        self.queue_name = queue_name
+        self.path = store.path(queue_name, queue_id)
+        fd = None
+        if writable:
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except PermissionError:
+                fd = None
+        if fd is None:
+            fd = os.open(self.path, os.O_RDONLY)   # FileNotFoundError propagates
+        self._fd: int | None = fd
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self) -> None:
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptQueueFile("not a regular file")
+        if not st.st_mode & stat.S_IXUSR:
+            raise CorruptQueueFile("incomplete queue file (no complete marker)")
+        self.stat = st
+        head = os.pread(self._fd, qf.HEADER_SIZE, 0)
+        h = qf.unpack_header(head, st.st_size)
+        self.header = h
+        env_data = self._pread_all(h.envelope_size, h.envelope_offset)
+        if len(env_data) != h.envelope_size:
+            raise CorruptQueueFile("truncated envelope")
+        self.envelope = qf.parse_envelope(env_data, h.envelope_offset)
+        self.arrival_time = h.arrival_us / 1_000_000
+        self.content_size = h.content_size
+
+    def _pread_all(self, size: int, offset: int) -> bytes:
+        parts = []
+        while size > 0:
+            chunk = os.pread(self._fd, min(size, 1 << 20), offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size -= len(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+
+    # -- envelope accessors ----------------------------------------------
+    @property
+    def sender(self) -> str:
+        return self.envelope.sender
+
+    @property
+    def recipients(self) -> list[Recipient]:
+        return self.envelope.recipients
+
+    @property
+    def pending_recipients(self) -> list[Recipient]:
+        return [r for r in self.envelope.recipients if not r.done]
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return self.envelope.attributes
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.envelope.params
+
+    @property
+    def ret(self) -> str | None:
+        return self.envelope.params.get("ret")
+
+    @property
+    def envid(self) -> str | None:
+        return self.envelope.params.get("envid")
+
+    @property
+    def smtputf8(self) -> bool:
+        return self.envelope.params.get("smtputf8") == "1"
+
+    @property
+    def body_type(self) -> str | None:
+        return self.envelope.params.get("body")
+
+    # -- content ----------------------------------------------------------
+    def iter_content(self, chunk: int = 65536) -> Iterator[bytes]:
+        """Yield the message content in chunks; reads through this object's fd."""
+        offset = self.header.content_offset
+        remaining = self.header.content_size
+        while remaining > 0:
+            if self._fd is None:
+                raise ValueError("queue file closed")
+            data = os.pread(self._fd, min(chunk, remaining), offset)
+            if not data:
+                raise CorruptQueueFile("content shorter than recorded")
+            offset += len(data)
+            remaining -= len(data)
+            yield data
+
+    def read_content(self) -> bytes:
+        """Whole content in memory: tests and small messages only."""
+        return b"".join(self.iter_content())
+
+    # -- per-recipient state ----------------------------------------------
+    def mark_done(self, recipients: Iterable[Recipient | str | int]) -> None:
+        """Mark recipients finished, in place, durably (one fsync for the batch).
+
+        Accepts Recipient objects from ``.recipients``, indexes, or addresses
+        (an address marks every pending recipient with that address).
+        """
+        targets: list[Recipient] = []
+        for item in recipients:
+            if isinstance(item, Recipient):
+                found = [r for r in self.envelope.recipients if r.status_offset == item.status_offset]
+            elif isinstance(item, int):
+                found = [self.envelope.recipients[item]]
+            else:
+                found = [r for r in self.envelope.recipients if r.address == item]
+            targets.extend(found)
+        if self._fd is None:
+            raise ValueError("queue file closed")
+        changed = False
+        for r in targets:
+            if r.done:
+                continue
+            if os.pwrite(self._fd, qf.STATUS_DONE, r.status_offset) != 1:
+                raise OSError(errno.EIO, "short write")
+            r.done = True
+            changed = True
+        if changed:
+            self.store._fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+class QueueStore:
+    """The queue directory.  Safe to use from several processes at once."""
+
+    def __init__(self, queue_directory: str, *, queue_minfree: int = 0, message_size_limit: int = 0,
+                 clock: Callable[[], float] = time.time,
+                 fsync: Callable[[int], None] = os.fsync,
+                 write: Callable[[int, memoryview], int] = os.write):
+        self.queue_directory = queue_directory
+        self.queue_minfree = queue_minfree
+        self.message_size_limit = message_size_limit
+        self.clock = clock
+        self._fsync = fsync
+        self._write = write
+        self._tmp_counter = itertools.count()
+
+    @classmethod
+    def from_config(cls, config, **kw) -> "QueueStore":
+        return cls(config.get("queue_directory"),
+                   queue_minfree=config.get_size("queue_minfree") if config.raw("queue_minfree") is not None else 0,
+                   message_size_limit=config.get_size("message_size_limit"), **kw)
+
+    def path(self, queue_name: str, queue_id: str | None = None) -> str:
+        if queue_id is None:
+            return os.path.join(self.queue_directory, queue_name)
+        return os.path.join(self.queue_directory, queue_name, queue_id)
+
+    # -- layout --------------------------------------------------------------
+    def ensure_layout(self, uid: int | None = None, gid: int | None = None) -> None:
+        """Create the queue directories (idempotent) with Postfix's modes."""
+        os.makedirs(self.queue_directory, exist_ok=True)
+        root = os.geteuid() == 0
+        for name in ALL_DIRS:
+            p = self.path(name)
+            if name == "maildrop":
+                mode = 0o1730 if root else 0o700
+            elif name == "public":
+                mode = 0o710
+            elif name == "pid":
+                mode = 0o755
+            else:
+                mode = 0o700
+            try:
+                os.mkdir(p, mode)
+            except FileExistsError:
+                pass
+            os.chmod(p, mode)   # mkdir's mode is filtered by the umask
+            if root and uid is not None:
+                # pid/ stays root's as in Postfix; maildrop/public are group postdrop there.
+                if name != "pid":
+                    os.chown(p, uid, gid if gid is not None and name not in ("maildrop", "public") else -1)
+        fsync_dir(self.queue_directory, self._fsync)
+
+    # -- creating --------------------------------------------------------------
+    def _microseconds(self, previous: int | None) -> int:
+        """The microsecond part of now; after a clash, a value different from the last one
+        (the real clock has moved on by the next try; an injected frozen clock is stepped)."""
+        t = self.clock()
+        us = int((t - int(t)) * 1_000_000) % 1_000_000
+        if previous is not None and us == previous:
+            us = (previous + 1) % 1_000_000
+        return us
+
+    def create(self) -> IncomingMessage:
+        """Create a queue file in incoming/ and give it its id."""
+        incoming = self.path("incoming")
+        tmp = os.path.join(incoming, f"tmp.{os.getpid()}.{next(self._tmp_counter)}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, INCOMPLETE_MODE)
+        except OSError as exc:
+            raise _write_error(exc, "create queue file")
+        try:
+            os.fchmod(fd, INCOMPLETE_MODE)
+            # 64 zero bytes: a header that says "not committed" until commit().
+            os.write(fd, b"\0" * qf.HEADER_SIZE)
+            ino = os.fstat(fd).st_ino
+            us = None
+            for _attempt in range(1000):
+                us = self._microseconds(us)
+                qid = qf.make_queue_id(us, ino)
+                if any(os.path.lexists(self.path(q, qid)) for q in QUEUE_NAMES if q != "incoming"):
+                    continue
+                try:
+                    os.link(tmp, self.path("incoming", qid))   # never replaces an existing name
+                except FileExistsError:
+                    continue
+                break
+            else:
+                raise OSError(errno.EEXIST, "cannot find a free queue id")
+            os.unlink(tmp)
+            # Leftover side logs of an earlier message with this id are not ours.
+            for log in LOG_NAMES:
+                try:
+                    os.unlink(self.path(log, qid))
+                except OSError:
+                    pass
+        except OSError as exc:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _write_error(exc, "create queue file")
+        return IncomingMessage(self, qid, fd, self.clock())
+
+    def space_ok(self, size_hint: int = 0) -> bool:
+        """Enough free space to accept a message of ``size_hint`` bytes?
+
+        Postfix: reject when free space < max(queue_minfree, 1.5 * message_size_limit)
+        plus the announced size (SIZE=).
+        """
+        try:
+            sv = os.statvfs(self.queue_directory)
+        except OSError:
+            return True
+        free = sv.f_bavail * sv.f_frsize
+        need = max(self.queue_minfree, int(1.5 * self.message_size_limit)) + max(0, size_hint)
+        return free >= need
+
+    # -- reading -----------------------------------------------------------------
+    def find(self, queue_id: str) -> str | None:
+        """The queue name holding ``queue_id``, or None."""
+        if not qf.is_queue_id(queue_id):
+            return None
+        for q in ("active", "incoming", "deferred", "hold", "corrupt"):
+            if os.path.exists(self.path(q, queue_id)):
+                return q
+        return None
+
+    def open(self, queue_id: str, queue_name: str | None = None, writable: bool = True) -> QueuedMessage:
+        """Open a committed message; raises QueueFileNotFound or CorruptQueueFile."""
+        names = [queue_name] if queue_name else ["active", "incoming", "deferred", "hold", "corrupt"]
+        for q in names:
+            try:
+                return QueuedMessage(self, queue_id, q, writable=writable)
+            except FileNotFoundError:
+                continue
+        raise QueueFileNotFound(queue_id)
+
+    def scan(self, queue_name: str) -> list[str]:
+        """Ids of complete files in a queue directory (temporaries and incomplete files skipped)."""
+        out = []
+        try:
+            it = os.scandir(self.path(queue_name))
+        except FileNotFoundError:
+            return out
+        with it:
+            for e in it:
+                if not qf.is_queue_id(e.name):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IXUSR:
+                    out.append(e.name)
+        return sorted(out)
+
+    # -- state changes --------------------------------------------------------
+    def move(self, queue_id: str, src: str, dst: str) -> None:
+        """Rename between queue directories, durably (destination dir, then source dir)."""
+        if src == dst:
+            return
+        os.rename(self.path(src, queue_id), self.path(dst, queue_id))
+        fsync_dir(self.path(dst), self._fsync)
+        fsync_dir(self.path(src), self._fsync)
+
+    def remove(self, queue_id: str, queue_name: str | None = None) -> bool:
+        """Remove a message and its side logs.  True when a queue file was removed."""
+        removed = False
+        names = [queue_name] if queue_name else list(QUEUE_NAMES)
+        for q in names:
+            try:
+                os.unlink(self.path(q, queue_id))
+            except FileNotFoundError:
+                continue
+            fsync_dir(self.path(q), self._fsync)
+            removed = True
+            break
+        for log in LOG_NAMES:
+            try:
+                os.unlink(self.path(log, queue_id))
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def set_next_attempt(self, queue_id: str, when: float, queue_name: str = "deferred") -> None:
+        """Record the next delivery attempt time in the file's mtime (Postfix's way)."""
+        p = self.path(queue_name, queue_id)
+        st = os.stat(p)
+        os.utime(p, (st.st_atime, when))
+
+    def next_attempt(self, queue_id: str, queue_name: str = "deferred") -> float:
+        return os.stat(self.path(queue_name, queue_id)).st_mtime
+
+    def purge_stale(self, max_age: float = STALE_AGE) -> list[str]:
+        """Remove incomplete incoming files (and temporaries) older than ``max_age``."""
+        removed = []
+        now = self.clock()
+        try:
+            it = os.scandir(self.path("incoming"))
+        except FileNotFoundError:
+            return removed
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                complete = qf.is_queue_id(e.name) and st.st_mode & stat.S_IXUSR
+                if complete or now - st.st_mtime < max_age:
+                    continue
+                try:
+                    os.unlink(e.path)
+                    removed.append(e.name)
+                except OSError:
+                    pass
+        if removed:
+            fsync_dir(self.path("incoming"), self._fsync)
+        return removed
+
+    # -- side logs ---------------------------------------------------------------
+    def _append_log(self, kind: str, queue_id: str, entry: dict[str, str], sync: bool) -> None:
+        data = qf.pack_log_entry(entry)
+        fd = os.open(self.path(kind, queue_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)   # one write: concurrent appenders never interleave an entry
+            if sync:
+                self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append_defer_log(self, queue_id: str, recipient: Recipient | str, dsn: str, reason: str,
+                         *, action: str = "delayed", sync: bool = True) -> None:
+        self._append_log("defer", queue_id, self._log_entry(recipient, dsn, reason, action), sync)
+
+    def append_bounce_log(self, queue_id: str, recipient: Recipient | str, dsn: str, reason: str,
+                          *, action: str = "failed", sync: bool = True) -> None:
+        self._append_log("bounce", queue_id, self._log_entry(recipient, dsn, reason, action), sync)
+
+    def _log_entry(self, recipient, dsn, reason, action) -> dict[str, str]:
+        if isinstance(recipient, Recipient):
+            addr, orig = recipient.address, recipient.orig or ""
+        else:
+            addr, orig = recipient, ""
+        return {"recipient": addr, "orig_rcpt": orig, "status": dsn, "action": action,
+                "reason": reason, "time": str(int(self.clock()))}
+
+    def read_defer_log(self, queue_id: str) -> list[dict[str, str]]:
+        return self._read_log("defer", queue_id)
+
+    def read_bounce_log(self, queue_id: str) -> list[dict[str, str]]:
+        return self._read_log("bounce", queue_id)
+
+    def _read_log(self, kind: str, queue_id: str) -> list[dict[str, str]]:
+        try:
+            with open(self.path(kind, queue_id), "rb") as f:
+                return qf.parse_log_entries(f.read(4 * 1024 * 1024))
+        except FileNotFoundError:
+            return []

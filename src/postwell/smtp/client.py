@@ -1,0 +1,766 @@
+"""Sans-IO SMTP client engine (RFC 5321, with RFC 2920 PIPELINING, RFC 3030 CHUNKING,
+RFC 6152 8BITMIME, RFC 6531 SMTPUTF8, RFC 3461 DSN, RFC 1870 SIZE).
+
+The engine owns no socket and no clock.  The I/O layer (postwell.delivery.smtp)
+moves bytes both ways and applies the per-stage timeouts::
+
+    c = SmtpClient("mx.example.org")
+    c.receive_data(server_bytes)          # b"" means the server closed
+    ev = c.next_event()                   # an event, or NEED_DATA
+    out = c.data_to_send()                # bytes to write now
+
+Driving a transaction::
+
+    Greeting -> (EHLO/HELO sent by the engine) -> HelloDone
+    c.start_transaction(envelope)         # MAIL, RCPT..., DATA (one write with PIPELINING)
+    MailReply, RcptReply * n, then ContentWanted (354 or BDAT) or TransactionFailed
+    c.send_content(chunk) ... c.end_content()   # stored LF-terminated content
+    MessageDone(reply)                    # final reply to "." / BDAT LAST
+    c.start_transaction(...) again (connection reuse), or c.quit()
+
+Every reply event carries ``command``: the Postfix "in reply to X command" label.
+
+Content conversion (``send_content``): stored content is LF-terminated lines.
+LF becomes CRLF; every CR is dropped (a stored CRLF thus stays one line end, and
+a bare CR is never sent: RFC 5321 2.3.8 forbids it outside CRLF); lines that
+start with "." are dot-stuffed (RFC 5321 4.5.2; not with BDAT, RFC 3030 2);
+lines longer than ``line_length_limit`` are broken with CRLF SPACE, as Postfix's
+smtp_line_length_limit does.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from postwell.smtp.reply import Reply
+
+# Reply lines longer than this are truncated (the rest of the line is dropped);
+# replies with more lines than MAX_REPLY_LINES keep only the first ones.  Bounded
+# memory whatever the server sends (DESIGN.md property 4).
+MAX_REPLY_LINE = 2048
+MAX_REPLY_LINES = 100
+# Unread server bytes we keep before declaring the server broken.
+MAX_PENDING_INPUT = 1 << 20
+
+
+class _Need(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = _Need.NEED_DATA
+
+
+class SmtpClientError(Exception):
+    """The caller used the engine out of order (a bug in the driver)."""
+
+
+# ---------------------------------------------------------------- envelope
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    notify: str | None = None     # "SUCCESS,FAILURE", "NEVER", ... (RFC 3461 4.1)
+    orcpt: str | None = None      # "rfc822;user@example.com" or a bare address
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sender: str                   # "" is the null sender
+    recipients: tuple[Recipient, ...]
+    size: int | None = None       # content size estimate for SIZE= (RFC 1870)
+    body_type: str | None = None  # "8BITMIME", "7BIT" or None (unknown)
+    smtputf8: bool = False        # the client asked for SMTPUTF8 on submission
+    ret: str | None = None        # "FULL" / "HDRS" (RFC 3461 4.3)
+    envid: str | None = None      # RFC 3461 4.4, stored decoded
+
+
+# ---------------------------------------------------------------- extensions
+
+@dataclass(frozen=True)
+class Extensions:
+    """What the server's EHLO reply announced (RFC 5321 4.1.1.1)."""
+    esmtp: bool = False
+    keywords: frozenset[str] = frozenset()
+    size: int | None = None       # SIZE value; 0 = no fixed limit; None = not announced
+    auth: tuple[str, ...] = ()
+
+    def has(self, keyword: str) -> bool:
+        return keyword.upper() in self.keywords
+
+    @property
+    def pipelining(self) -> bool:
+        return self.has("PIPELINING")
+
+    @property
+    def eightbitmime(self) -> bool:
+        return self.has("8BITMIME")
+
+    @property
+    def smtputf8(self) -> bool:
+        return self.has("SMTPUTF8")
+
+    @property
+    def dsn(self) -> bool:
+        return self.has("DSN")
+
+    @property
+    def chunking(self) -> bool:
+        return self.has("CHUNKING")
+
+    @property
+    def starttls(self) -> bool:
+        return self.has("STARTTLS")
+
+    @property
+    def enhancedstatuscodes(self) -> bool:
+        return self.has("ENHANCEDSTATUSCODES")
+
+
+def parse_ehlo(reply: Reply, discard: frozenset[str] = frozenset()) -> Extensions:
+    """Keywords from an EHLO reply; ``discard`` mimics smtp_discard_ehlo_keywords."""
+    keywords: set[str] = set()
+    size: int | None = None
+    auth: list[str] = []
+    for line in reply.text.split("\n")[1:]:
+        parts = line.split()
+        if not parts:
+            continue
+        word = parts[0].upper()
+        # Old servers announce "AUTH=LOGIN PLAIN" (pre-RFC 4954 syntax).
+        if word.startswith("AUTH="):
+            auth.extend(p.upper() for p in [word[5:], *parts[1:]] if p)
+            word = "AUTH"
+        elif word == "AUTH":
+            auth.extend(p.upper() for p in parts[1:])
+        if word in discard:
+            continue
+        keywords.add(word)
+        if word == "SIZE":
+            if len(parts) > 1 and parts[1].isdigit():
+                size = int(parts[1])
+            else:
+                size = 0
+    return Extensions(True, frozenset(keywords), size, tuple(dict.fromkeys(auth)))
+
+
+# ---------------------------------------------------------------- events
+
+@dataclass(frozen=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True)
+class Greeting(Event):
+    reply: Reply
+    command: str = "initial greeting"
+
+
+@dataclass(frozen=True)
+class HelloDone(Event):
+    """EHLO (or HELO) accepted; the connection is ready for MAIL."""
+    reply: Reply
+    extensions: Extensions
+    command: str = "EHLO"
+
+
+@dataclass(frozen=True)
+class Rejected(Event):
+    """Greeting, EHLO/HELO refused: the session cannot be used.
+
+    ``stage`` is "greeting" or "helo"; Postfix words this "host X refused to talk to me".
+    """
+    reply: Reply
+    stage: str
+    command: str
+
+
+@dataclass(frozen=True)
+class MailReply(Event):
+    reply: Reply
+    command: str = "MAIL FROM"
+
+
+@dataclass(frozen=True)
+class RcptReply(Event):
+    index: int
+    recipient: Recipient
+    reply: Reply
+    command: str = "RCPT TO"
+
+
+@dataclass(frozen=True)
+class ContentWanted(Event):
+    """Feed the content now (after 354, or at once with BDAT)."""
+    reply: Reply | None      # the 354 reply; None with BDAT
+
+
+@dataclass(frozen=True)
+class TransactionFailed(Event):
+    """MAIL, DATA or every RCPT was refused: no content is sent.
+
+    ``reply``/``command`` are what the still-pending recipients should be told.
+    The engine has queued RSET itself (the connection stays usable after RsetDone).
+    """
+    reply: Reply
+    command: str
+    # True when the server said 421 (RFC 5321 3.8: it is closing the channel):
+    # no RSET was queued, the connection is finished, every recipient without a
+    # final answer takes this reply.
+    closing: bool = False
+
+
+@dataclass(frozen=True)
+class MessageDone(Event):
+    reply: Reply
+    command: str = "end of DATA"
+
+
+@dataclass(frozen=True)
+class RsetDone(Event):
+    reply: Reply
+    command: str = "RSET"
+
+
+@dataclass(frozen=True)
+class QuitDone(Event):
+    reply: Reply | None
+
+
+@dataclass(frozen=True)
+class ConnectionClosed(Event):
+    """The server closed the connection; ``stage`` says while doing what."""
+    stage: str
+
+
+@dataclass(frozen=True)
+class ProtocolError(Event):
+    """The server sent something that is not an SMTP reply."""
+    stage: str
+    detail: str
+
+
+# ---------------------------------------------------------------- states
+
+class State(enum.Enum):
+    GREETING = "receiving the initial server greeting"
+    HELLO = "performing the EHLO handshake"
+    HELO = "performing the HELO handshake"
+    READY = "idle"
+    MAIL = "sending MAIL FROM"
+    RCPT = "sending RCPT TO"
+    DATA = "sending DATA command"
+    CONTENT = "sending message body"
+    DONE = "sending end of data -- message may be sent more than once"
+    RSET = "sending final RSET"
+    QUIT = "sending QUIT"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+# What Postfix calls the command in "(in reply to X command)".
+_EXPECT_LABEL = {
+    "greeting": "initial greeting", "ehlo": "EHLO", "helo": "HELO", "mail": "MAIL FROM",
+    "rcpt": "RCPT TO", "data": "DATA", "dot": "end of DATA", "bdat": "end of DATA",
+    "bdat_mid": "end of DATA", "rset": "RSET", "quit": "QUIT", "dot_abort": "end of DATA",
+}
+
+_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)")
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+_ATOM_OK = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+)*$")
+
+
+def quote_address(address: str) -> str:
+    """RFC 5321 4.1.2: quote a local part that is not a dot-atom (smtp_quote_rfc821_envelope)."""
+    if not address:
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if _ATOM_OK.match(local) or (local.startswith('"') and local.endswith('"') and len(local) > 1):
+        return address
+    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return quoted + ("@" + domain if at else "")
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 4: xtext encoding for ENVID and ORCPT."""
+    out = []
+    for ch in value.encode("utf-8", "surrogateescape"):
+        if 33 <= ch <= 126 and ch not in (ord("+"), ord("=")):
+            out.append(chr(ch))
+        else:
+            out.append(f"+{ch:02X}")
+    return "".join(out)
+
+
+def _orcpt_param(orcpt: str) -> str:
+    addr_type, sep, addr = orcpt.partition(";")
+    if not sep or not addr_type or "@" in addr_type:
+        addr_type, addr = "rfc822", orcpt
+    return f"{addr_type};{xtext(addr)}"
+
+
+def _is_ascii(s: str) -> bool:
+    return s.isascii()
+
+
+def needs_smtputf8(envelope: Envelope) -> bool:
+    """Postfix sends SMTPUTF8 only when the envelope actually needs it (RFC 6531 3.4)."""
+    if not envelope.smtputf8:
+        return False
+    return not (_is_ascii(envelope.sender) and all(_is_ascii(r.address) for r in envelope.recipients))
+
+
+def parse_reply_lines(lines: list[bytes]) -> Reply:
+    """Build a Reply from raw reply lines (without CRLF); code from the last line."""
+    code = int(lines[-1][:3])
+    texts = [ln[4:].decode("utf-8", "replace") for ln in lines]
+    enhanced = None
+    m = _ENHANCED.match(texts[0]) if texts else None
+    # RFC 2034 3: the enhanced code leads every line and its class matches the reply's.
+    if m and m.group(1) == str(code)[0]:
+        enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+        stripped = []
+        for t in texts:
+            mm = _ENHANCED.match(t)
+            stripped.append(t[mm.end():] if mm and mm.group(0).strip() == enhanced else t)
+        texts = stripped
+    return Reply(code, "\n".join(texts), enhanced)
+
+
+class SmtpClient:
+    """One SMTP client connection, from greeting to QUIT."""
+
+    def __init__(self, helo_name: str, *, never_send_ehlo: bool = False,
+                 use_chunking: bool = False, line_length_limit: int = 998,
+                 quote_envelope: bool = True, skip_quit_response: bool = True,
+                 discard_ehlo_keywords: frozenset[str] = frozenset(),
+                 chunk_size: int = 65536) -> None:
+        self.helo_name = helo_name
+        self.never_send_ehlo = never_send_ehlo
+        self.use_chunking = use_chunking
+        self.line_length_limit = line_length_limit
+        self.quote_envelope = quote_envelope
+        self.skip_quit_response = skip_quit_response
+        self.discard_ehlo_keywords = frozenset(k.upper() for k in discard_ehlo_keywords)
+        self.chunk_size = chunk_size
+        self.state = State.GREETING
+        self.extensions = Extensions()
+        self.transactions = 0              # completed MAIL transactions on this connection
+        self._in = bytearray()
+        self._out = bytearray()
+        self._events: list[Event] = []
+        self._lines: list[bytes] = []      # lines of the reply being read
+        self._discarding = False           # inside an over-long reply line
+        self._closed = False
+        # Replies we wait for, in order (RFC 2920 3.1: replies come in command order).
+        self._expect: list[tuple[str, int]] = []
+        self._envelope: Envelope | None = None
+        self._accepted = 0
+        self._rcpt_pending: list[int] = []
+        self._mail_reply: Reply | None = None
+        self._failure: tuple[Reply, str] | None = None
+        self._bdat = False
+        self._at_line_start = True
+        self._column = 0
+        self._bdat_buf = bytearray()
+        self._unusable = False
+        self._partial_line: bytes | None = None
+
+    # ------------------------------------------------------------ I/O side
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self._closed = True
+        else:
+            if len(self._in) + len(data) > MAX_PENDING_INPUT:
+                self._protocol_error("server sent too much data")
+                return
+            self._in += data
+        self._parse()
+
+    def next_event(self):
+        if self._events:
+            return self._events.pop(0)
+        return NEED_DATA
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def stage(self) -> str:
+        """What we were doing, in Postfix's words ("while sending RCPT TO")."""
+        return self.state.value
+
+    @property
+    def usable(self) -> bool:
+        """The connection is idle and may carry another transaction (connection cache)."""
+        return (self.state is State.READY and not self._closed and not self._expect
+                and not self._unusable)
+
+    # ------------------------------------------------------------ commands
+
+    def _send(self, line: str) -> None:
+        self._out += line.encode("utf-8", "surrogateescape") + b"\r\n"
+
+    def _addr(self, address: str) -> str:
+        return quote_address(address) if self.quote_envelope else address
+
+    def start_transaction(self, envelope: Envelope) -> None:
+        if not self.usable:
+            raise SmtpClientError(f"start_transaction in state {self.state.name}")
+        if not envelope.recipients:
+            raise SmtpClientError("no recipients")
+        ext = self.extensions
+        self._envelope = envelope
+        self._accepted = 0
+        self._mail_reply = None
+        self._failure = None
+        self._bdat = self.use_chunking and ext.chunking
+        params = []
+        if ext.size is not None and envelope.size is not None:
+            params.append(f"SIZE={envelope.size}")      # RFC 1870 6
+        if ext.eightbitmime and envelope.body_type in ("8BITMIME", "7BIT"):
+            params.append(f"BODY={envelope.body_type}")  # RFC 6152 2
+        if ext.smtputf8 and envelope.smtputf8:
+            params.append("SMTPUTF8")                    # RFC 6531 3.4 (as requested)
+        if ext.dsn:                                      # Postfix's order: ENVID, RET
+            if envelope.envid:
+                params.append(f"ENVID={xtext(envelope.envid)}")  # RFC 3461 4.4
+            if envelope.ret:
+                params.append(f"RET={envelope.ret.upper()}")   # RFC 3461 4.3
+        self._send(" ".join([f"MAIL FROM:<{self._addr(envelope.sender)}>", *params]))
+        self._expect = [("mail", -1)]
+        self.state = State.MAIL
+        if ext.pipelining:
+            # RFC 2920 3.1: MAIL, every RCPT and DATA go out in one write; DATA
+            # is the last command of the group.  BDAT waits for the RCPT replies.
+            for i in range(len(envelope.recipients)):
+                self._queue_rcpt(i)
+            if not self._bdat:
+                self._send("DATA")
+                self._expect.append(("data", -1))
+        self._rcpt_pending = list(range(len(envelope.recipients)))
+
+    def _queue_rcpt(self, i: int) -> None:
+        r = self._envelope.recipients[i]
+        params = []
+        if self.extensions.dsn:
+            # RFC 3461 4.2: without a stored ORCPT, Postfix sends the original
+            # recipient (quoted as in the envelope); ORCPT comes before NOTIFY.
+            orcpt = r.orcpt or "rfc822;" + quote_address(r.address)
+            params.append(f"ORCPT={_orcpt_param(orcpt)}")
+            if r.notify:
+                params.append(f"NOTIFY={r.notify.upper()}")    # RFC 3461 4.1
+        self._send(" ".join([f"RCPT TO:<{self._addr(r.address)}>", *params]))
+        self._expect.append(("rcpt", i))
+
+    def send_content(self, chunk: bytes) -> None:
+        """Queue stored content (LF-terminated lines, any chunking)."""
+        if self.state is not State.CONTENT:
+            raise SmtpClientError(f"send_content in state {self.state.name}")
+        if not chunk:
+            return
+        data = self._convert(chunk)
+        if self._bdat:
+            self._bdat_buf += data
+            while len(self._bdat_buf) >= self.chunk_size:
+                piece = bytes(self._bdat_buf[:self.chunk_size])
+                del self._bdat_buf[:self.chunk_size]
+                self._out += b"BDAT %d\r\n" % len(piece) + piece   # RFC 3030 2
+                self._expect.append(("bdat_mid", -1))
+        else:
+            self._out += data
+
+    def end_content(self) -> None:
+        if self.state is not State.CONTENT:
+            raise SmtpClientError(f"end_content in state {self.state.name}")
+        tail = b"" if self._at_line_start else b"\r\n"   # the last line always ends in CRLF
+        self._at_line_start, self._column = True, 0
+        if self._bdat:
+            piece = bytes(self._bdat_buf) + tail
+            self._bdat_buf.clear()
+            self._out += b"BDAT %d LAST\r\n" % len(piece) + piece
+            self._expect.append(("bdat", -1))
+        else:
+            self._out += tail + b".\r\n"                 # RFC 5321 4.1.1.4
+            self._expect.append(("dot", -1))
+        self.state = State.DONE
+
+    def reset(self) -> None:
+        """RSET (RFC 5321 4.1.1.5): abandon the current transaction, keep the connection."""
+        if self.state in (State.CLOSED, State.ERROR, State.QUIT):
+            raise SmtpClientError("reset on a closed connection")
+        self._send("RSET")
+        self._expect.append(("rset", -1))
+        self.state = State.RSET
+
+    def quit(self) -> None:
+        """QUIT (RFC 5321 4.1.1.10).  With skip_quit_response, QuitDone comes at once."""
+        if self.state in (State.CLOSED, State.ERROR):
+            self.state = State.CLOSED
+            return
+        self._send("QUIT")
+        self.state = State.QUIT
+        if self.skip_quit_response:
+            self._expect.clear()
+            self._events.append(QuitDone(None))
+            self.state = State.CLOSED
+        else:
+            self._expect.append(("quit", -1))
+
+    # ------------------------------------------------------------ content
+
+    def _convert(self, chunk: bytes) -> bytes:
+        chunk = chunk.replace(b"\r", b"")
+        lines = chunk.split(b"\n")
+        out = bytearray()
+        stuff = not self._bdat
+        limit = self.line_length_limit
+        last = len(lines) - 1
+        for n, line in enumerate(lines):
+            if line:
+                if self._at_line_start and stuff and line[:1] == b".":
+                    out += b"."                                # RFC 5321 4.5.2
+                    self._column += 1
+                if limit and self._column + len(line) > limit:
+                    # smtp_line_length_limit: break with CRLF SPACE.
+                    pos = 0
+                    while self._column + (len(line) - pos) > limit:
+                        take = max(limit - self._column, 0)
+                        out += line[pos:pos + take] + b"\r\n "
+                        pos += take
+                        self._column = 1
+                    line = line[pos:]
+                out += line
+                self._column += len(line)
+                self._at_line_start = False
+            if n != last:
+                out += b"\r\n"
+                self._at_line_start, self._column = True, 0
+        return bytes(out)
+
+    # ------------------------------------------------------------ replies
+
+    def _protocol_error(self, detail: str) -> None:
+        if self.state is not State.ERROR:
+            self._events.append(ProtocolError(self.state.value, detail))
+            self.state = State.ERROR
+        self._expect.clear()
+        self._in.clear()
+
+    def _parse(self) -> None:
+        while self.state is not State.ERROR:
+            nl = self._in.find(b"\n")
+            if nl < 0:
+                if len(self._in) > MAX_REPLY_LINE:
+                    # Keep the head of an over-long line, drop the rest up to its LF.
+                    if not self._discarding:
+                        self._lines_add(bytes(self._in[:MAX_REPLY_LINE]), partial=True)
+                    self._discarding = True
+                    self._in.clear()
+                break
+            raw = bytes(self._in[:nl])
+            del self._in[:nl + 1]
+            if self._discarding:
+                self._discarding = False
+                self._lines_finish_partial()
+                continue
+            self._lines_add(raw[:MAX_REPLY_LINE].rstrip(b"\r"), partial=False)
+        if self._closed and self.state not in (State.ERROR, State.CLOSED):
+            stage = self.state.value
+            self.state = State.CLOSED
+            self._expect.clear()
+            self._events.append(ConnectionClosed(stage))
+
+    def _lines_add(self, line: bytes, partial: bool) -> None:
+        if not _REPLY_LINE.match(line):
+            self._protocol_error("malformed server reply: " + line[:100].decode("utf-8", "replace"))
+            return
+        if partial:
+            self._partial_line = line
+            return
+        self._collect(line)
+
+    def _lines_finish_partial(self) -> None:
+        line, self._partial_line = self._partial_line, None
+        if line is not None:
+            self._collect(line)
+
+    def _collect(self, line: bytes) -> None:
+        if self._lines and line[:3] != self._lines[0][:3]:
+            # RFC 5321 4.2.1: every line of a reply has the same code.
+            self._protocol_error("inconsistent multi-line reply codes")
+            return
+        if len(self._lines) < MAX_REPLY_LINES:
+            self._lines.append(line)
+        if line[3:4] == b"-":
+            return
+        reply = parse_reply_lines(self._lines)
+        self._lines = []
+        self._on_reply(reply)
+
+    def _on_reply(self, reply: Reply) -> None:
+        if self.state is State.GREETING:
+            self._on_greeting(reply)
+            return
+        if not self._expect:
+            self._protocol_error(f"unexpected reply: {reply}")
+            return
+        what, index = self._expect.pop(0)
+        if reply.code == 421 and what not in ("quit", "ehlo", "helo"):
+            # RFC 5321 3.8: 421 means the server closes the channel; replies to the
+            # rest of a pipelined group will never come.
+            self._expect.clear()
+            self._unusable = True
+            self._envelope = None
+            self.state = State.READY
+            self._events.append(TransactionFailed(reply, _EXPECT_LABEL[what], closing=True))
+            return
+        handler = getattr(self, "_on_" + what)
+        handler(reply, index)
+
+    def _on_greeting(self, reply: Reply) -> None:
+        self._events.append(Greeting(reply))
+        if reply.code != 220:            # RFC 5321 3.1: 554 means "no service"
+            self._events.append(Rejected(reply, "greeting", "initial greeting"))
+            self.state = State.READY     # the driver QUITs
+            self._unusable = True
+            return
+        if self.never_send_ehlo:
+            self._send_helo()
+        else:
+            self._send(f"EHLO {self.helo_name}")
+            self._expect.append(("ehlo", -1))
+            self.state = State.HELLO
+
+    def _send_helo(self) -> None:
+        self._send(f"HELO {self.helo_name}")
+        self._expect.append(("helo", -1))
+        self.state = State.HELO
+
+    def _on_ehlo(self, reply: Reply, _i: int) -> None:
+        if reply.code // 100 == 2:
+            self.extensions = parse_ehlo(reply, self.discard_ehlo_keywords)
+            self.state = State.READY
+            self._events.append(HelloDone(reply, self.extensions, "EHLO"))
+        elif reply.code == 421:
+            self.state = State.READY
+            self._unusable = True
+            self._events.append(Rejected(reply, "helo", "EHLO"))
+        else:
+            # RFC 5321 3.2: a server that does not know EHLO gets HELO.
+            self._send_helo()
+
+    def _on_helo(self, reply: Reply, _i: int) -> None:
+        self.state = State.READY
+        if reply.code // 100 == 2:
+            self.extensions = Extensions()
+            self._events.append(HelloDone(reply, self.extensions, "HELO"))
+        else:
+            self._unusable = True
+            self._events.append(Rejected(reply, "helo", "HELO"))
+
+    def _on_mail(self, reply: Reply, _i: int) -> None:
+        self._mail_reply = reply
+        self._events.append(MailReply(reply))
+        if reply.code // 100 != 2:
+            self._failure = (reply, "MAIL FROM")
+            if not self.extensions.pipelining:
+                self._fail_transaction()
+            return
+        self.state = State.RCPT
+        if not self.extensions.pipelining:
+            self._queue_rcpt(0)
+
+    def _on_rcpt(self, reply: Reply, i: int) -> None:
+        env = self._envelope
+        if self._failure is not None:
+            # MAIL was refused: RCPT replies (503s) mean nothing (RFC 2920 3.1).
+            self._rcpt_pending.remove(i)
+            return
+        self._rcpt_pending.remove(i)
+        if reply.code // 100 == 2:
+            self._accepted += 1
+        self._events.append(RcptReply(i, env.recipients[i], reply))
+        last = i == len(env.recipients) - 1
+        if not self.extensions.pipelining and not last:
+            self._queue_rcpt(i + 1)
+            return
+        if last:
+            if self._accepted == 0:
+                # No valid recipient: no DATA (or ignore its reply when pipelined).
+                self._failure = (reply, "RCPT TO")
+                if not self._expect:
+                    self._fail_transaction()
+                return
+            if self._bdat:
+                self.state = State.CONTENT
+                self._at_line_start, self._column = True, 0
+                self._events.append(ContentWanted(None))
+            elif not self.extensions.pipelining:
+                self._send("DATA")
+                self._expect.append(("data", -1))
+                self.state = State.DATA
+            else:
+                self.state = State.DATA
+
+    def _on_data(self, reply: Reply, _i: int) -> None:
+        if self._failure is not None:
+            if reply.code == 354:
+                # A server that says 354 with no recipient accepted: end the empty
+                # message at once; its reply is ignored (Postfix does the same).
+                self._out += b".\r\n"
+                self._expect.append(("dot_abort", -1))
+                return
+            self._fail_transaction()
+            return
+        if reply.code == 354:
+            self.state = State.CONTENT
+            self._at_line_start, self._column = True, 0
+            self._events.append(ContentWanted(reply))
+        else:
+            self._failure = (reply, "DATA")
+            self._fail_transaction()
+
+    def _on_dot_abort(self, reply: Reply, _i: int) -> None:
+        self._fail_transaction()
+
+    def _fail_transaction(self) -> None:
+        reply, command = self._failure
+        self._events.append(TransactionFailed(reply, command))
+        self._envelope = None
+        self.reset()
+
+    def _on_bdat_mid(self, reply: Reply, _i: int) -> None:
+        if reply.code // 100 != 2 and self._failure is None:
+            self._failure = (reply, "end of DATA")
+
+    def _on_bdat(self, reply: Reply, _i: int) -> None:
+        if self._failure is not None:
+            reply = self._failure[0]
+        self._on_dot(reply, _i)
+
+    def _on_dot(self, reply: Reply, _i: int) -> None:
+        self.state = State.READY
+        self._envelope = None
+        self._failure = None
+        self.transactions += 1
+        self._events.append(MessageDone(reply))
+
+    def _on_rset(self, reply: Reply, _i: int) -> None:
+        self.state = State.READY
+        self._events.append(RsetDone(reply))
+        if reply.code // 100 != 2:
+            # A server that refuses RSET cannot be trusted with another transaction.
+            self._unusable = True
+
+    def _on_quit(self, reply: Reply, _i: int) -> None:
+        self.state = State.CLOSED
+        self._events.append(QuitDone(reply))

@@ -1,0 +1,1235 @@
+"""Sans-IO SMTP server engine (RFC 5321, 1870, 2920, 3030, 3207, 3461, 4954, 6152, 6531).
+
+API (the asyncio glue in postwell.smtpd is the only caller; tests drive it directly)::
+
+    cfg  = ServerConfig.from_config(config)          # or ServerConfig(hostname=..., ...)
+    conn = ServerConnection(cfg, client="name[addr]")  # client is used in warning texts only
+    conn.send_greeting(Reply(220, "mx ESMTP postwell"))  # or a 421/554 from on_connect
+    conn.receive_data(data)      # bytes from the peer; b"" means the peer closed
+    ev = conn.next_event()       # an Event, or NEED_DATA (feed more / flush replies),
+                                 # or PAUSED (an event awaits its reply)
+    conn.send_reply(reply)       # answer the pending event (ev.needs_reply); None = ev.default
+    conn.data_to_send() -> bytes # replies to write; call it when next_event() says NEED_DATA
+    conn.error_delay() -> float  # seconds to sleep before writing (smtpd_soft_error_limit)
+    conn.tls_started()           # after the TLS handshake (STARTTLS accepted with 220)
+    conn.where                   # "CONNECT", "EHLO", "DATA", "END-OF-MESSAGE", ... for logs
+    conn.counters_text()         # "ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4"
+    conn.closed                  # no more input is read once True (after QUIT, 421, 521, EOF)
+
+Events (frozen dataclasses): Helo, Ehlo, Mail, Rcpt, Data (DATA accepted by the engine; the
+glue runs policy; default reply 354), Bdat (first chunk of a transaction: policy check; default
+reply None = no reply now), DataChunk (message content, dot-unstuffed, CRLF lines; a long line
+may arrive in pieces), DataEnd (end of DATA or BDAT LAST: the glue finishes the queue file and
+replies), BdatChunkEnd (a non-LAST chunk consumed; default "250 2.0.0 Ok: N bytes"),
+Rset, Vrfy, Etrn, StartTls, Auth, AuthResponse, Warning (text to log), ConnectionClosed.
+Replies the engine decides itself (syntax, sequence, limits) never become events; their
+counters and error accounting are kept here so the glue cannot get them wrong.
+
+PIPELINING (RFC 2920): replies accumulate in the output buffer; the glue writes them only when
+next_event() returns NEED_DATA, i.e. when every complete command already received has been
+answered -- the same grouping Postfix does (flush when the input buffer is empty).
+
+Memory: the input buffer never holds more than about line_length_limit bytes of an unfinished
+line plus one network read; longer command lines are truncated (as Postfix does), longer data
+lines are passed on in pieces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .reply import Reply
+
+# --- sentinels ----------------------------------------------------------------------------
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+PAUSED = _Sentinel("PAUSED")
+
+
+# --- events -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Event:
+    needs_reply = False
+
+
+@dataclass(frozen=True)
+class Helo(Event):
+    name: str
+    default: Reply
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Ehlo(Event):
+    name: str
+    default: Reply
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Mail(Event):
+    sender: str                     # "" for the null sender <>
+    size: int | None = None
+    body: str | None = None         # "7BIT" / "8BITMIME" / "BINARYMIME"
+    smtputf8: bool = False
+    ret: str | None = None          # "FULL" / "HDRS"
+    envid: str | None = None        # decoded from xtext
+    auth: str | None = None         # decoded AUTH= value
+    default: Reply = Reply(250, "Ok", "2.1.0")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Rcpt(Event):
+    recipient: str
+    notify: str | None = None       # "NEVER" or "SUCCESS,FAILURE,DELAY" subset
+    orcpt: str | None = None        # "rfc822;addr" with the address decoded from xtext
+    default: Reply = Reply(250, "Ok", "2.1.5")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Data(Event):
+    default: Reply = Reply(354, "End data with <CR><LF>.<CR><LF>")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Bdat(Event):
+    """First BDAT of a transaction: the place for smtpd_data_restrictions."""
+    size: int
+    last: bool
+    default: Reply | None = None
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class DataChunk(Event):
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BdatChunkEnd(Event):
+    total: int
+    default: Reply = Reply(250, "Ok", "2.0.0")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class DataEnd(Event):
+    """End of message. too_big: message_size_limit was exceeded (content was discarded)."""
+    size: int
+    too_big: bool = False
+    bdat: bool = False
+    default: Reply = Reply(250, "Ok", "2.0.0")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Rset(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class Vrfy(Event):
+    address: str
+    default: Reply = Reply(252, "", "2.0.0")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Etrn(Event):
+    domain: str
+    default: Reply = Reply(459, "service unavailable")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class StartTls(Event):
+    default: Reply = Reply(220, "Ready to start TLS", "2.0.0")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Auth(Event):
+    """AUTH mechanism [initial-response]; reply 334 to continue, 235 / 535 / 454 to end."""
+    mechanism: str
+    initial_response: str | None = None
+    default: Reply = Reply(535, "Error: authentication failed", "5.7.8")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class AuthResponse(Event):
+    data: str
+    default: Reply = Reply(535, "Error: authentication failed", "5.7.8")
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Warning(Event):  # noqa: A001 - a log warning, not the builtin category
+    text: str
+    with_queue_id: bool = False     # the glue prefixes "ID: " (or "NOQUEUE: ")
+
+
+@dataclass(frozen=True)
+class Info(Event):
+    """An informational log line ("improper command pipelining after ...")."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Rejected(Event):
+    """An engine-decided reject Postfix logs as "NOQUEUE: reject: MAIL from ..."."""
+    command: str
+    reply: Reply
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionClosed(Event):
+    reason: str          # "quit", "lost", "too many errors", "bare newline", "bdat syntax"
+
+
+# --- configuration ------------------------------------------------------------------------
+
+EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH",
+                       "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "localhost.localdomain"
+    message_size_limit: int = 10240000
+    line_length_limit: int = 2048
+    recipient_limit: int = 1000
+    recipient_overshoot_limit: int = 1000
+    soft_error_limit: int = 10
+    hard_error_limit: int = 20
+    error_sleep_time: float = 1.0
+    disable_vrfy: bool = False
+    discard_ehlo_keywords: frozenset = frozenset()
+    forbid_bare_newline: str = "normalize"      # "normalize" | "reject" | "no"
+    starttls_offered: bool = False
+    auth_mechanisms: tuple = ()                 # offered in EHLO when non-empty
+    smtputf8_enable: bool = True
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "ServerConfig":
+        def num(name, default):
+            try:
+                return config.get_int(name) if config.get(name) != "" else default
+            except ValueError:
+                return default
+
+        def time_(name, default):
+            try:
+                return config.get_time(name) if config.get(name) != "" else default
+            except (ValueError, Exception):
+                return default
+
+        bare = (config.get("smtpd_forbid_bare_newline") or "normalize").strip().lower()
+        bare = {"yes": "normalize", "no": "no", "reject": "reject", "normalize": "normalize",
+                "true": "normalize", "false": "no"}.get(bare, "normalize")
+        kw = dict(
+            hostname=config.get("myhostname") or "localhost.localdomain",
+            message_size_limit=num("message_size_limit", 10240000),
+            line_length_limit=max(num("line_length_limit", 2048), 512),
+            recipient_limit=num("smtpd_recipient_limit", 1000),
+            recipient_overshoot_limit=num("smtpd_recipient_overshoot_limit", 1000),
+            soft_error_limit=num("smtpd_soft_error_limit", 10),
+            hard_error_limit=num("smtpd_hard_error_limit", 20),
+            error_sleep_time=time_("smtpd_error_sleep_time", 1.0),
+            disable_vrfy=config.get_bool("disable_vrfy_command"),
+            discard_ehlo_keywords=frozenset(
+                k.upper() for k in config.get_list("smtpd_discard_ehlo_keywords")),
+            forbid_bare_newline=bare,
+            smtputf8_enable=(config.get("smtputf8_enable") or "yes").lower() != "no",
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+# --- address and parameter parsing --------------------------------------------------------
+
+class _SyntaxError(Exception):
+    pass
+
+
+_XTEXT_RE = re.compile(r"\+([0-9A-F]{2})")
+
+
+def decode_xtext(text: str) -> str:
+    """RFC 3461 4: xtext; raises ValueError when malformed."""
+    if not text:
+        raise ValueError("empty xtext")
+    for ch in text:
+        if ord(ch) < 33 or ord(ch) > 126 or ch == "=":
+            raise ValueError("bad xtext char")
+    if re.search(r"\+(?![0-9A-F]{2})", text):
+        raise ValueError("bad xtext escape")
+    return _XTEXT_RE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+_ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~.")
+
+
+def _valid_mailbox(addr: str) -> bool:
+    """RFC 5321 4.1.2 Mailbox, with Postfix's tolerance (local-part only, UTF-8 octets)."""
+    if not addr:
+        return False
+    if any(ord(c) < 32 or c in " \t<>()[],;\\\x7f" for c in _unquoted_parts(addr)):
+        return False
+    if addr.startswith('"'):
+        # Quoted-string local part: RFC 5321 4.1.2 Quoted-string
+        m = re.fullmatch(r'"((?:[^"\\\r\n]|\\[\x20-\x7e])*)"(@.*)?', addr, re.S)
+        if not m:
+            return False
+        domain = (m.group(2) or "")[1:]
+        return _valid_domain(domain) if m.group(2) else True
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        local, domain = addr, None
+    if not local or '"' in local:
+        return False
+    if domain is not None and not _valid_domain(domain):
+        return False
+    return True
+
+
+def _unquoted_parts(addr: str) -> str:
+    if addr.startswith('"'):
+        end = addr.rfind('"')
+        return addr[end + 1:] if end > 0 else addr
+    return addr
+
+
+def _valid_domain(domain: str) -> bool:
+    if not domain:
+        return False
+    if domain.startswith("[") and domain.endswith("]"):
+        return all(c not in " \t<>\\" and ord(c) >= 33 for c in domain)  # RFC 5321 4.1.3
+    return all(c not in " \t<>()[],;:\\\"@" and ord(c) >= 33 for c in domain)
+
+
+def parse_path(text: str, null_ok: bool) -> tuple[str, str]:
+    """Split "<addr> params" (or the bare "addr params" Postfix tolerates).
+
+    Returns (address, rest). Raises _SyntaxError for a malformed path. Source routes
+    (RFC 5321 4.1.2 A-d-l, deprecated by Appendix C) are dropped as Postfix does.
+    """
+    text = text.lstrip(" ")
+    if text.startswith("<"):
+        i, quoted, esc = 1, False, False
+        while i < len(text):
+            c = text[i]
+            if esc:
+                esc = False
+            elif c == "\\" and quoted:
+                esc = True
+            elif c == '"':
+                quoted = not quoted
+            elif c == ">" and not quoted:
+                break
+            i += 1
+        else:
+            raise _SyntaxError
+        addr, rest = text[1:i], text[i + 1:]
+        if rest and not rest.startswith(" "):
+            raise _SyntaxError
+    else:
+        # strict_rfc821_envelopes = no: a bare address without angle brackets.
+        addr, _, rest = text.partition(" ")
+        if not addr or "<" in addr or ">" in addr:
+            raise _SyntaxError
+    if addr.startswith("@"):
+        route, colon, mailbox = addr.partition(":")
+        if not colon:
+            raise _SyntaxError
+        addr = mailbox
+    if addr == "":
+        if not null_ok:
+            raise _SyntaxError
+        return "", rest
+    if not _valid_mailbox(addr):
+        raise _SyntaxError
+    return addr, rest
+
+
+# --- the connection -----------------------------------------------------------------------
+
+# Session states. A transaction is "in mail" once MAIL was accepted.
+S_GREETING = "greeting"      # greeting not sent yet
+S_CMD = "command"            # reading commands
+S_DATA = "data"              # reading DATA content
+S_BDAT = "bdat"              # reading a BDAT chunk
+S_AUTH = "auth"              # reading an AUTH continuation line
+S_TLS = "tls"                # STARTTLS accepted, waiting for tls_started()
+S_CLOSED = "closed"
+
+# Counter names in the order Postfix prints them in the disconnect line.
+_COUNTER_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
+                  "noop", "vrfy", "etrn", "quit", "unknown")
+
+REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+# RFC 2920 3.1: commands that can only be the last of a pipelined group.
+_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "ETRN", "STARTTLS",
+                            "AUTH"})
+_MAIL_PARAMS = ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH")
+
+
+class ServerConnection:
+    def __init__(self, config: ServerConfig | None = None, client: str = "unknown[unknown]",
+                 forbid_bare_newline: str | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.client = client
+        self.bare_newline = forbid_bare_newline or self.config.forbid_bare_newline
+        self.state = S_GREETING
+        self.where = "CONNECT"
+        self.closed = False
+        self.tls_active = False
+        self.authenticated = False
+        self.helo_name: str | None = None
+        self.esmtp = False
+        self._inbuf = bytearray()
+        self._eof = False
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._pending: Event | None = None   # event awaiting send_reply
+        self._pending_cmd: str | None = None  # counter name of the pending command
+        self._delay = 0.0
+        self.error_count = 0
+        self._attempts: dict[str, int] = {}
+        self._successes: dict[str, int] = {}
+        self._reset_transaction()
+        # DATA/BDAT reader state
+        self._discard_line = False            # skipping the rest of an over-long command line
+        self._bdat_remaining = 0
+        self._bdat_last = False
+        self._bdat_discard = False            # chunk is read and thrown away
+        self._bdat_active = False             # a BDAT sequence is open (Postfix's "after BDAT")
+        self._bdat_error: Reply | None = None  # repeated to later chunks of a refused sequence
+        self._bdat_skip_reply = False
+        self._bdat_tail = b"\n"
+        self._long_line: bytes | None = None
+        self._access_denied = False
+        self.pipelining_violation = False     # for reject_unauth_pipelining
+        self._datapart: list[bytes] = []
+        self._line_start = True
+        self._prev_crlf = True
+
+    # ----- public API --------------------------------------------------------------------
+
+    def send_greeting(self, reply: Reply) -> None:
+        self._queue_reply(reply)
+        if reply.code >= 400:
+            # RFC 5321 3.1: a 554/421 greeting; we answer nothing more and close.
+            self._close("greeting rejected")
+        else:
+            self.state = S_CMD
+
+    def deny_access(self) -> None:
+        """The client was refused at connect time: every command but QUIT gets 503."""
+        self._access_denied = True
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self._eof = True
+            return
+        if self.closed or self.state == S_TLS:
+            # RFC 3207 4 / CVE-2011-0411: plaintext after STARTTLS must never be executed.
+            return
+        self._inbuf += data
+
+    def next_event(self):
+        if self._events:
+            return self._events.pop(0)
+        if self._pending is not None:
+            return PAUSED
+        while not self.closed and self._pending is None and not self._events:
+            if not self._step():
+                break
+        if self._events:
+            return self._events.pop(0)
+        if self._pending is not None:
+            return PAUSED
+        if self._eof and not self.closed:
+            if self.state == S_DATA:
+                self._count("data", False)      # Postfix: data=0/1 after a lost DATA
+            elif self.state == S_BDAT:
+                self._count("bdat", False)
+            self._close("lost")
+            return self._events.pop(0)
+        return NEED_DATA
+
+    def send_reply(self, reply: Reply | None = None) -> None:
+        ev = self._pending
+        if ev is None:
+            raise RuntimeError("send_reply() without a pending event")
+        self._pending = None
+        if reply is None:
+            reply = ev.default
+        self._on_reply(ev, reply)
+
+    def accept(self) -> None:
+        self.send_reply(None)
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def error_delay(self) -> float:
+        d, self._delay = self._delay, 0.0
+        return d
+
+    def tls_started(self) -> None:
+        # RFC 3207 4.2: forget everything learnt before TLS, including HELO.
+        self.tls_active = True
+        self._inbuf.clear()
+        self.helo_name = None
+        self.esmtp = False
+        self._reset_transaction()
+        self.state = S_CMD
+
+    def counters_text(self) -> str:
+        parts = []
+        total_ok = total = 0
+        for name in _COUNTER_ORDER:
+            n = self._attempts.get(name, 0)
+            if not n:
+                continue
+            ok = self._successes.get(name, 0)
+            parts.append(f"{name}={ok}" if ok == n else f"{name}={ok}/{n}")
+            total += n
+            total_ok += ok
+        parts.append(f"commands={total_ok}" if total_ok == total else f"commands={total_ok}/{total}")
+        return " ".join(parts)
+
+    @property
+    def where(self) -> str:
+        """The "after ..." part of Postfix's lost-connection / timeout log lines."""
+        if self.state == S_DATA:
+            return f"DATA ({self._data_size} bytes)"
+        if self.state == S_BDAT:
+            return f"BDAT ({self._bdat_total} bytes)"
+        return self._where
+
+    @where.setter
+    def where(self, value: str) -> None:
+        self._where = value
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.sender is not None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._inbuf)
+
+    # ----- internals: replies and accounting ----------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+        self.rcpt_attempts = 0
+        self._data_size = 0
+        self._too_big = False
+        self._bdat_active = False
+        self._bdat_total = 0
+        self._bdat_started = False
+        self._bdat_discard = False
+        self._bdat_error = None
+        self._bdat_tail = b"\n"
+
+    def _queue_reply(self, reply: Reply) -> None:
+        # smtpd_soft_error_limit: past it, every reply is slowed down (the glue sleeps).
+        if self.error_count >= self.config.soft_error_limit:
+            self._delay += self.config.error_sleep_time
+        self._out.append(reply.to_bytes())
+
+    def _count(self, name: str, ok: bool) -> None:
+        self._attempts[name] = self._attempts.get(name, 0) + 1
+        if ok:
+            self._successes[name] = self._successes.get(name, 0) + 1
+
+    def _error(self, name: str, reply: Reply) -> None:
+        """An engine-decided error reply to command `name`."""
+        self.error_count += 1
+        self._count(name, False)
+        self._queue_reply(reply)
+
+    def _ok(self, name: str, reply: Reply) -> None:
+        self._count(name, True)
+        self._queue_reply(reply)
+
+    def _ask(self, name: str, ev: Event) -> None:
+        self._pending = ev
+        self._pending_cmd = name
+        self._events.append(ev)
+
+    def _warn(self, text: str, with_queue_id: bool = False) -> None:
+        self._events.append(Warning(text, with_queue_id))
+
+    def _close(self, reason: str) -> None:
+        self._where = self.where
+        self.closed = True
+        self.state = S_CLOSED
+        self._inbuf.clear()
+        self._events.append(ConnectionClosed(reason))
+
+    def _on_reply(self, ev: Event, reply: Reply | None) -> None:
+        name = self._pending_cmd
+        ok = reply is None or reply.code < 400
+        if isinstance(ev, (Helo, Ehlo)):
+            self._count(name, ok)
+            if not ok:
+                self.error_count += 1
+            self._queue_reply(reply)
+            if ok:
+                self.helo_name = ev.name
+                self.esmtp = isinstance(ev, Ehlo)
+                self._reset_transaction()
+        elif isinstance(ev, Mail):
+            self._count(name, ok)
+            if not ok:
+                self.error_count += 1
+            self._queue_reply(reply)
+            if ok:
+                self.sender = ev.sender
+        elif isinstance(ev, Rcpt):
+            self._count(name, ok)
+            if not ok:
+                self.error_count += 1
+            self._queue_reply(reply)
+            if ok:
+                self.recipients.append(ev.recipient)
+        elif isinstance(ev, Data):
+            self._queue_reply(reply)
+            if reply.code == 354:
+                self.state = S_DATA
+                self.where = "DATA"
+                self._line_start = True
+                self._prev_crlf = True
+                self._data_size = 0
+                self._too_big = False
+                self._datapart = []
+            else:
+                self._count("data", False)
+                self.error_count += 1
+        elif isinstance(ev, Bdat):
+            if reply is not None:
+                self._queue_reply(reply)
+            if ok:
+                self._bdat_started = True
+                self._bdat_discard = False
+            else:
+                self._count("bdat", False)
+                self.error_count += 1
+                self._bdat_discard = True
+                self._bdat_error = reply
+                self._bdat_skip_reply = True
+            self.state = S_BDAT
+            self.where = "BDAT"
+        elif isinstance(ev, BdatChunkEnd):
+            self._count("bdat", ok)
+            if not ok:
+                self.error_count += 1
+            self._queue_reply(reply)
+        elif isinstance(ev, DataEnd):
+            cmd = "bdat" if ev.bdat else "data"
+            self._count(cmd, ok)
+            if not ok:
+                self.error_count += 1
+            if ok:
+                self.error_count = 0   # the limits count errors "without delivering mail"
+            self._queue_reply(reply)
+            self._reset_transaction()
+            self.where = "END-OF-MESSAGE" if not ev.bdat else "BDAT"
+        elif isinstance(ev, (Vrfy, Etrn)):
+            self._count(name, ok)
+            if not ok:
+                self.error_count += 1
+            self._queue_reply(reply)
+        elif isinstance(ev, StartTls):
+            self._count("starttls", ok)
+            self._queue_reply(reply)
+            if reply.code == 220:
+                # RFC 3207 4 / CVE-2011-0411: drop whatever was pipelined after STARTTLS.
+                self._inbuf.clear()
+                self.state = S_TLS
+            else:
+                self.error_count += 1
+        elif isinstance(ev, (Auth, AuthResponse)):
+            self._queue_reply(reply)
+            if reply.code == 334:
+                self.state = S_AUTH
+                return
+            self.state = S_CMD
+            self._count("auth", ok)
+            if ok:
+                self.authenticated = True
+            else:
+                self.error_count += 1
+
+    # ----- internals: input processing ----------------------------------------------------
+
+    def _step(self) -> bool:
+        """Process some input; False when more data is needed."""
+        if self.state == S_CMD or self.state == S_AUTH:
+            return self._read_command()
+        if self.state == S_DATA:
+            return self._read_data()
+        if self.state == S_BDAT:
+            return self._read_bdat()
+        return False
+
+    def _take_line(self) -> bytes | None:
+        """One command line without its ending; over-long lines are truncated (Postfix)."""
+        limit = self.config.line_length_limit
+        buf = self._inbuf
+        while True:
+            i = buf.find(b"\n")
+            if self._discard_line:
+                if i < 0:
+                    buf.clear()
+                    return None
+                del buf[:i + 1]
+                self._discard_line = False
+                line = self._long_line
+                self._long_line = None
+                return line
+            if i < 0:
+                if len(buf) > limit:
+                    line = bytes(buf[:limit])
+                    self._long_line = line
+                    self._discard_line = True
+                    self._warn(f"{self.client}: request longer than {limit}: "
+                               f"{line[:30].decode('utf-8', 'replace')}...")
+                    buf.clear()
+                    continue
+                return None
+            line = bytes(buf[:i])
+            del buf[:i + 1]
+            bare_lf = not line.endswith(b"\r")
+            if not bare_lf:
+                line = line[:-1]
+            if len(line) > limit:
+                self._warn(f"{self.client}: request longer than {limit}: "
+                           f"{line[:30].decode('utf-8', 'replace')}...")
+                line = line[:limit]
+            if bare_lf and self.bare_newline == "reject":
+                self._bare_lf_reject()
+                return None
+            return line
+
+    def _bare_lf_reject(self) -> None:
+        self._warn(f"disconnect: bare <LF> received from {self.client}")
+        self.error_count += 1
+        self._queue_reply(Reply(521, f"{self.config.hostname} Error: bare <LF> received", "5.5.2"))
+        self._close("bare newline")
+
+    def _read_command(self) -> bool:
+        line = self._take_line()
+        if line is None:
+            return False
+        text = line.decode("utf-8", "surrogateescape")
+        if self.state == S_AUTH:
+            self.state = S_CMD
+            if text == "*":
+                # RFC 4954 4: the client cancels the exchange.
+                self._error("auth", Reply(501, "Authentication aborted", "5.7.0"))
+                return True
+            self._pending = AuthResponse(text)
+            self._pending_cmd = "auth"
+            self._events.append(self._pending)
+            return True
+        if self.error_count >= self.config.hard_error_limit:
+            self._queue_reply(Reply(421, f"{self.config.hostname} Error: too many errors", "4.7.0"))
+            self._close("too many errors")
+            return False
+        verb, _, arg = text.strip(" \t").partition(" ")
+        if not verb:
+            self._error("unknown", Reply(500, "Error: bad syntax", "5.5.2"))
+            return True
+        verb_u = verb.upper()
+        handler = _COMMANDS.get(verb_u)
+        if self._access_denied and verb_u != "QUIT" and handler is not None:
+            self.where = verb_u
+            self._error(verb.lower(), Reply(503, f"Error: access denied for {self.client}", "5.7.0"))
+            return True
+        if handler is None or "\x00" in text:
+            self._error("unknown", Reply(500, "Error: command not recognized", "5.5.2"))
+            return True
+        self.where = verb_u
+        if verb_u in _LAST_IN_GROUP and self._inbuf and not self.pipelining_violation:
+            # RFC 2920 3.1: these commands end a group; more input means the client did
+            # not wait for our reply. Postfix logs it once per session.
+            self.pipelining_violation = True
+            rest = bytes(self._inbuf[:100]).decode("latin-1")
+            rest = rest.replace("\r", "\\r").replace("\n", "\\n")
+            self._events.append(Info(f"improper command pipelining after {verb_u} from "
+                                     f"{self.client}: {rest}"))
+        handler(self, arg.strip(" \t"))
+        return True
+
+    # ----- commands (one handler each; the sequence rules live in these guards) -----------
+
+    def _cmd_helo(self, arg: str, ehlo: bool = False) -> None:
+        name = "ehlo" if ehlo else "helo"
+        if not arg:
+            # Postfix sends this one without an enhanced code.
+            self._error(name, Reply(501, f"Syntax: {name.upper()} hostname"))
+            return
+        if ehlo:
+            self._ask(name, Ehlo(arg, self._ehlo_reply()))
+        else:
+            self._ask(name, Helo(arg, Reply(250, self.config.hostname)))
+
+    def _cmd_ehlo(self, arg: str) -> None:
+        self._cmd_helo(arg, ehlo=True)
+
+    def _ehlo_reply(self) -> Reply:
+        c = self.config
+        lines = [c.hostname]
+        offered = {
+            "PIPELINING": "PIPELINING",
+            "SIZE": f"SIZE {c.message_size_limit}" if c.message_size_limit else "SIZE",
+            "VRFY": None if c.disable_vrfy else "VRFY",
+            "ETRN": "ETRN",
+            "STARTTLS": "STARTTLS" if c.starttls_offered and not self.tls_active else None,
+            "AUTH": ("AUTH " + " ".join(c.auth_mechanisms)) if c.auth_mechanisms else None,
+            "ENHANCEDSTATUSCODES": "ENHANCEDSTATUSCODES",
+            "8BITMIME": "8BITMIME",
+            "DSN": "DSN",
+            "SMTPUTF8": "SMTPUTF8" if c.smtputf8_enable else None,
+            "CHUNKING": "CHUNKING",
+        }
+        for kw in EHLO_KEYWORDS_ORDER:
+            line = offered[kw]
+            if line and kw not in c.discard_ehlo_keywords:
+                lines.append(line)
+        return Reply(250, "\n".join(lines))
+
+    def _cmd_mail(self, arg: str) -> None:
+        if self.in_transaction:
+            self._error("mail", Reply(503, "Error: nested MAIL command", "5.5.1"))
+            return
+        if self._bdat_active:
+            self._error("mail", Reply(503, "Error: MAIL after BDAT", "5.5.1"))
+            return
+        if arg[:5].upper() != "FROM:":
+            self._error("mail", Reply(501, "Syntax: MAIL FROM:<address>", "5.5.4"))
+            return
+        rest = arg[5:]
+        if not rest.strip():
+            self._error("mail", Reply(501, "Syntax: MAIL FROM:<address>", "5.5.4"))
+            return
+        try:
+            sender, params = parse_path(rest, null_ok=True)
+        except _SyntaxError:
+            self._warn(f"Illegal address syntax from {self.client} in MAIL command: {rest.strip()}")
+            self._error("mail", Reply(501, "Bad sender address syntax", "5.1.7"))
+            return
+        kw: dict = {"_sender": sender}
+        for p in params.split():
+            key, eq, val = p.partition("=")
+            k = key.upper()
+            bad = self._mail_param(k, eq, val, kw, p)
+            if bad is not None:
+                self._error("mail", bad)
+                return
+        del kw["_sender"]
+        self._ask("mail", Mail(sender, **kw))
+
+    def _mail_param(self, k, eq, val, kw, raw) -> Reply | None:
+        unsupported = Reply(555, f"Unsupported option: {raw}", "5.5.4")
+        limit = self.config.message_size_limit
+        if k == "SIZE" and eq:
+            # RFC 1870 6
+            if not val.isdigit() or len(val) > 18:
+                return Reply(501, "Bad message size syntax", "5.5.4")
+            if limit and int(val) > limit:
+                reply = Reply(552, "Message size exceeds fixed limit", "5.3.4")
+                self._events.append(Rejected("MAIL", reply, kw.get("_sender")))
+                return reply
+            kw["size"] = int(val)
+        elif k == "BODY" and eq:
+            # RFC 6152 2 (8BITMIME); BINARYMIME (RFC 3030 3) only with BDAT, which we do not
+            # advertise for binary content, so refuse it like Postfix.
+            if val.upper() not in ("7BIT", "8BITMIME"):
+                return unsupported
+            kw["body"] = val.upper()
+        elif k == "SMTPUTF8" and not eq and self.config.smtputf8_enable:
+            kw["smtputf8"] = True     # RFC 6531 3.4
+        elif k == "RET" and eq:
+            # RFC 3461 4.3
+            if val.upper() not in ("FULL", "HDRS") or "ret" in kw:
+                return Reply(501, "Bad RET parameter syntax", "5.5.4")
+            kw["ret"] = val.upper()
+        elif k == "ENVID" and eq:
+            # RFC 3461 4.4
+            try:
+                if "envid" in kw or len(val) > 100:
+                    raise ValueError
+                kw["envid"] = decode_xtext(val)
+            except ValueError:
+                return Reply(501, "Bad ENVID parameter syntax", "5.5.4")
+        elif k == "AUTH" and eq:
+            # RFC 4954 5: accepted and (unless trusted) ignored
+            try:
+                kw["auth"] = decode_xtext(val)
+            except ValueError:
+                kw["auth"] = None
+        else:
+            return unsupported
+        return None
+
+    def _cmd_rcpt(self, arg: str) -> None:
+        if not self.in_transaction:
+            self._error("rcpt", Reply(503, "Error: need MAIL command", "5.5.1"))
+            return
+        if arg[:3].upper() != "TO:" or not arg[3:].strip():
+            self._error("rcpt", Reply(501, "Syntax: RCPT TO:<address>", "5.5.4"))
+            return
+        rest = arg[3:]
+        try:
+            rcpt, params = parse_path(rest, null_ok=False)
+        except _SyntaxError:
+            self._warn(f"Illegal address syntax from {self.client} in RCPT command: {rest.strip()}")
+            self._error("rcpt", Reply(501, "Bad recipient address syntax", "5.1.3"))
+            return
+        kw: dict = {}
+        for p in params.split():
+            key, eq, val = p.partition("=")
+            k = key.upper()
+            if k == "NOTIFY" and eq and "notify" not in kw:
+                # RFC 3461 4.1: NEVER alone, or any of SUCCESS, FAILURE, DELAY
+                items = val.upper().split(",")
+                if (not val or any(i not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for i in items)
+                        or ("NEVER" in items and len(items) > 1)):
+                    bad = [i for i in val.split(",") if i.upper() not in
+                           ("NEVER", "SUCCESS", "FAILURE", "DELAY")]
+                    if bad:
+                        self._warn(f'unknown DSN NOTIFY command value "{bad[0]}" in "{val}"')
+                    self._error("rcpt", Reply(501, "Error: Bad NOTIFY parameter syntax", "5.5.4"))
+                    return
+                kw["notify"] = ",".join(items)
+            elif k == "NOTIFY" and eq:
+                self._error("rcpt", Reply(501, "Error: Bad NOTIFY parameter syntax", "5.5.4"))
+                return
+            elif k == "ORCPT" and eq:
+                # RFC 3461 4.2: addr-type ";" xtext
+                atype, semi, xt = val.partition(";")
+                try:
+                    if "orcpt" in kw or not semi or not atype or len(val) > 500:
+                        raise ValueError
+                    kw["orcpt"] = f"{atype};{decode_xtext(xt)}"
+                except ValueError:
+                    self._error("rcpt", Reply(501, "Error: Bad ORCPT parameter syntax", "5.5.4"))
+                    return
+            else:
+                self._error("rcpt", Reply(555, f"Unsupported option: {p}", "5.5.4"))
+                return
+        self.rcpt_attempts += 1
+        c = self.config
+        if c.recipient_limit and len(self.recipients) >= c.recipient_limit:
+            # RFC 5321 4.5.3.1.10: 452 makes the client retry the rest later. Only the
+            # overshoot beyond smtpd_recipient_overshoot_limit counts as a client error.
+            reply = Reply(452, "Error: too many recipients", "4.5.3")
+            # Postfix counts these in rcpt=N as successes (verified against 3.7).
+            if self.rcpt_attempts > c.recipient_limit + c.recipient_overshoot_limit:
+                self.error_count += 1
+            self._count("rcpt", True)
+            self._queue_reply(reply)
+            return
+        self._ask("rcpt", Rcpt(rcpt, **kw))
+
+    def _cmd_data(self, arg: str) -> None:
+        if self._bdat_active:
+            self._error("data", Reply(503, "Error: DATA after BDAT", "5.5.1"))
+            return
+        if not self.recipients:
+            if not self.in_transaction:
+                self._error("data", Reply(503, "Error: need RCPT command", "5.5.1"))
+            else:
+                self._error("data", Reply(554, "Error: no valid recipients", "5.5.1"))
+            return
+        if arg:
+            self._error("data", Reply(501, "Syntax: DATA", "5.5.4"))
+            return
+        self._ask("data", Data())
+
+    def _cmd_bdat(self, arg: str) -> None:
+        # RFC 3030 2: BDAT chunk-size [LAST]
+        parts = arg.split()
+        if ("CHUNKING" in self.config.discard_ehlo_keywords):
+            self._error("unknown", Reply(502, "Error: command not implemented", "5.5.1"))
+            return
+        if (not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 15
+                or (len(parts) == 2 and parts[1].upper() != "LAST")):
+            # The chunk boundary is lost: Postfix closes the session.
+            self._warn(f"NOQUEUE: malformed BDAT command syntax from {self.client}: BDAT {arg}")
+            self._error("bdat", Reply(521, "Syntax: BDAT count [LAST]", "5.5.4"))
+            self._close("bdat syntax")
+            return
+        size = int(parts[0])
+        last = len(parts) == 2
+        self._bdat_remaining = size
+        self._bdat_last = last
+        self._bdat_cur = size
+        self._bdat_skip_reply = False
+        if not self.recipients:
+            self._bdat_active = True
+            reply = (Reply(503, "Error: need RCPT command", "5.5.1") if not self.in_transaction
+                     else Reply(554, "Error: no valid recipients", "5.5.1"))
+            self._error("bdat", reply)
+            self._bdat_discard = True
+            self._bdat_error = reply
+            self._bdat_skip_reply = True
+            if last:
+                self._bdat_active = False
+            self.state = S_BDAT
+            return
+        self._bdat_active = True
+        limit = self.config.message_size_limit
+        if limit and not self._bdat_discard and self._bdat_total + size > limit:
+            # Refuse before reading: the chunk is skipped, later chunks get the same answer.
+            self._warn(f"BDAT request from {self.client} exceeds message size limit", True)
+            reply = Reply(552, "Chunk exceeds message size limit", "5.3.4")
+            self._error("bdat", reply)
+            self._bdat_discard = True
+            self._bdat_error = reply
+            self._bdat_skip_reply = True
+            if last:
+                self._bdat_active = False
+            self.state = S_BDAT
+            return
+        if not self._bdat_started:
+            self._data_size = 0
+            self._too_big = False
+            self._bdat_total = 0
+            self._pending_cmd = "bdat"
+            self._ask("bdat", Bdat(size, last))
+            return
+        if self._bdat_discard:
+            if last:
+                self._bdat_active = False
+            self._error("bdat", self._bdat_error or Reply(503, "Error: need RCPT command", "5.5.1"))
+            self._bdat_skip_reply = True
+        self.state = S_BDAT
+
+    def _cmd_rset(self, arg: str) -> None:
+        if arg:
+            self._error("rset", Reply(501, "Syntax: RSET", "5.5.4"))
+            return
+        self._reset_transaction()
+        self._ok("rset", Reply(250, "Ok", "2.0.0"))
+        self._events.append(Rset())
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._ok("noop", Reply(250, "Ok", "2.0.0"))
+
+    def _cmd_quit(self, arg: str) -> None:
+        self._ok("quit", Reply(221, "Bye", "2.0.0"))
+        self._close("quit")
+
+    def _cmd_vrfy(self, arg: str) -> None:
+        if self.config.disable_vrfy:
+            self._error("vrfy", Reply(502, "VRFY command is disabled", "5.5.1"))
+            return
+        if not arg:
+            self._error("vrfy", Reply(501, "Syntax: VRFY address [SMTPUTF8]", "5.5.4"))
+            return
+        addr = arg.split()[0]
+        if addr.startswith("<") and addr.endswith(">"):
+            addr = addr[1:-1]
+        self._ask("vrfy", Vrfy(addr, Reply(252, addr, "2.0.0")))
+
+    def _cmd_etrn(self, arg: str) -> None:
+        if not arg:
+            self._error("etrn", Reply(500, "Syntax: ETRN domain"))
+            return
+        if self.in_transaction:
+            self._error("etrn", Reply(503, "Error: MAIL transaction in progress"))
+            return
+        domain = arg.split()[0]
+        self._ask("etrn", Etrn(domain, Reply(459, f"<{domain}>: service unavailable")))
+
+    def _cmd_starttls(self, arg: str) -> None:
+        if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
+            self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
+            return
+        if self.tls_active:
+            self._error("starttls", Reply(554, "Error: TLS already active", "5.5.1"))
+            return
+        if arg:
+            self._error("starttls", Reply(501, "Syntax: STARTTLS", "5.5.4"))
+            return
+        if self.in_transaction:
+            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
+            return
+        self._ask("starttls", StartTls())
+
+    def _cmd_auth(self, arg: str) -> None:
+        if not self.config.auth_mechanisms:
+            self._error("auth", Reply(503, "Error: authentication not enabled", "5.5.1"))
+            return
+        if not self.esmtp and self.helo_name is None:
+            self._error("auth", Reply(503, "Error: send HELO/EHLO first", "5.5.1"))
+            return
+        if self.authenticated:
+            self._error("auth", Reply(503, "Error: already authenticated", "5.5.1"))
+            return
+        if self.in_transaction:
+            self._error("auth", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
+            return
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            self._error("auth", Reply(501, "Syntax: AUTH mechanism", "5.5.4"))
+            return
+        self._ask("auth", Auth(parts[0].upper(), parts[1] if len(parts) == 2 else None))
+
+    # ----- DATA content ------------------------------------------------------------------
+
+    def _emit_content(self, piece: bytes) -> None:
+        if self._too_big:
+            return
+        self._data_size += len(piece)
+        limit = self.config.message_size_limit
+        if limit and self._data_size > limit:
+            # Keep reading to the end, pass nothing more on (Postfix: 552 5.3.4 at the end).
+            self._too_big = True
+            return
+        self._datapart.append(piece)
+
+    def _flush_content(self) -> None:
+        if self._datapart:
+            self._events.append(DataChunk(b"".join(self._datapart)))
+            self._datapart = []
+
+    def _read_data(self) -> bool:
+        """RFC 5321 4.1.1.4 / 4.5.2: lines, dot-unstuffing, end only on CRLF.CRLF."""
+        buf = self._inbuf
+        limit = self.config.line_length_limit
+        pos = 0
+        n = len(buf)
+        ended = False
+        while pos < n:
+            i = buf.find(b"\n", pos)
+            if i < 0:
+                rest = n - pos
+                if rest > limit:
+                    # Pass an over-long line on in pieces; keep a trailing CR, it may pair
+                    # with the next LF.
+                    end = n - 1 if buf[n - 1] == 0x0D else n
+                    piece = bytes(buf[pos:end])
+                    if self._line_start and piece.startswith(b"."):
+                        piece = piece[1:]
+                    self._emit_content(piece)
+                    self._line_start = False
+                    pos = end
+                break
+            line = buf[pos:i + 1]
+            pos = i + 1
+            crlf = len(line) >= 2 and line[-2] == 0x0D
+            if not crlf:
+                if self.bare_newline == "reject":
+                    del buf[:pos]
+                    self._flush_content()
+                    self._bare_lf_reject()
+                    return False
+            if self._line_start:
+                body = line[:-2] if crlf else line[:-1]
+                if body == b"." and crlf and self._prev_crlf:
+                    ended = True
+                    break
+                if line.startswith(b"."):
+                    line = line[1:]   # RFC 5321 4.5.2 transparency
+            content = bytes(line) if crlf else bytes(line[:-1]) + b"\r\n"
+            self._emit_content(content)
+            self._line_start = True
+            # RFC 5321 4.1.1.4: the terminator is CRLF "." CRLF; a "." after a bare LF is
+            # content, so no second message can be smuggled past a lenient peer.
+            self._prev_crlf = crlf
+        del buf[:pos]
+        self._flush_content()
+        if ended:
+            self.state = S_CMD
+            self.where = "END-OF-MESSAGE"
+            self._ask("data", DataEnd(self._data_size, self._too_big, False,
+                                      self._end_reply()))
+            return True
+        return False
+
+    def _end_reply(self) -> Reply:
+        if self._too_big:
+            return REPLY_FILE_TOO_BIG
+        return Reply(250, "Ok", "2.0.0")
+
+    def _read_bdat(self) -> bool:
+        buf = self._inbuf
+        if self._bdat_remaining:
+            take = min(self._bdat_remaining, len(buf))
+            if take == 0:
+                return False
+            if not self._bdat_discard:
+                self._datapart = []
+                self._emit_content(bytes(buf[:take]))
+                self._flush_content()
+                self._bdat_tail = bytes(buf[take - 1:take])
+            self._bdat_total += take
+            self._bdat_remaining -= take
+            del buf[:take]
+            if self._bdat_remaining:
+                return bool(self._events)
+        self.state = S_CMD
+        if self._bdat_skip_reply:
+            # The error was already answered; this chunk's bytes are gone.
+            self._bdat_skip_reply = False
+            if self._bdat_last:
+                self._bdat_active = False
+                self._bdat_discard = False
+                self._reset_transaction()
+            return True
+        if self._bdat_last:
+            total = self._bdat_total
+            if self._bdat_tail != b"\n":
+                # An unterminated last line gets its CRLF, as Postfix does (and counts it).
+                self._datapart = []
+                self._emit_content(b"\r\n")
+                self._flush_content()
+                total += 2
+            self._ask("bdat", DataEnd(total, self._too_big, True, self._end_reply()))
+            return True
+        self._ask("bdat", BdatChunkEnd(self._bdat_total,
+                                       Reply(250, f"Ok: {self._bdat_total} bytes", "2.0.0")))
+        return True
+
+
+_COMMANDS = {
+    "HELO": ServerConnection._cmd_helo,
+    "EHLO": ServerConnection._cmd_ehlo,
+    "MAIL": ServerConnection._cmd_mail,
+    "RCPT": ServerConnection._cmd_rcpt,
+    "DATA": ServerConnection._cmd_data,
+    "BDAT": ServerConnection._cmd_bdat,
+    "RSET": ServerConnection._cmd_rset,
+    "NOOP": ServerConnection._cmd_noop,
+    "QUIT": ServerConnection._cmd_quit,
+    "VRFY": ServerConnection._cmd_vrfy,
+    "ETRN": ServerConnection._cmd_etrn,
+    "STARTTLS": ServerConnection._cmd_starttls,
+    "AUTH": ServerConnection._cmd_auth,
+}

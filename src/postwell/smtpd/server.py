@@ -1,0 +1,667 @@
+"""The SMTP server process: asyncio glue around postwell.smtp.server.
+
+API::
+
+    serve(config, service, sockets) -> None        # master's entry point (blocking)
+    SmtpdServer(config, *, log=None, policy=None, cleanup=None, service_name="smtp")
+        await srv.start(sockets)                   # listen on already-bound sockets
+        await srv.drain(timeout)                   # stop accepting, let sessions finish
+        srv.sessions                               # live SmtpdSession objects
+
+This layer only moves bytes, calls the policy (``SmtpdPolicy.on_*``) and the
+cleanup (``Cleanup.open()`` at the first accepted RCPT, ``write`` per chunk,
+``finish`` before the 250), and writes Postfix-shaped log lines.  All protocol
+decisions live in the sans-IO engine.
+
+smtpd_client_connection_count_limit is enforced per smtpd process (Postfix
+uses its anvil server for a machine-wide count); with N worker processes a
+client can hold up to N times the limit.  Clients matching
+smtpd_client_event_limit_exceptions ($mynetworks by default) are exempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+import socket
+import time
+
+from postwell.smtp.reply import Reply
+from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthResponse, Bdat, BdatChunkEnd,
+                                  ConnectionClosed, Data, DataChunk, DataEnd, Ehlo, Etrn, Helo,
+                                  Info, Mail, Rcpt, Rejected, Rset, ServerConfig,
+                                  ServerConnection, StartTls, Vrfy, Warning)
+
+REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
+REPLY_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+DRAIN_SECONDS = 50.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+_hosts_cache: dict[str, str] | None = None
+
+
+def _etc_hosts() -> dict[str, str]:
+    """Address -> first name from /etc/hosts (never DNS: loopback stays on the box)."""
+    global _hosts_cache
+    if _hosts_cache is None:
+        table: dict[str, str] = {}
+        try:
+            with open("/etc/hosts", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split("#", 1)[0].split()
+                    if len(fields) >= 2:
+                        try:
+                            key = str(ipaddress.ip_address(fields[0]))
+                        except ValueError:
+                            continue
+                        table.setdefault(key, fields[1])
+        except OSError:
+            pass
+        _hosts_cache = table
+    return _hosts_cache
+
+
+def client_hostname(addr: str, lookup: bool) -> str:
+    """smtpd_peername_lookup: loopback clients are named from /etc/hosts; any other
+    client is "unknown" (no DNS lookups leave this process)."""
+    if not lookup:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return "unknown"
+    if not ip.is_loopback:
+        return "unknown"
+    name = _etc_hosts().get(str(ip))
+    if name is None and ip.version == 4:
+        name = "localhost" if str(ip) == "127.0.0.1" else None
+    return name or "unknown"
+
+
+def _rfc_addr(addr: str) -> str:
+    # RFC 5321 4.1.3: IPv6 address literals carry the "IPv6:" tag in the Received header.
+    return f"IPv6:{addr}" if ":" in addr else addr
+
+
+def _mail_date(when: float) -> str:
+    try:
+        from postwell.cleanup import mail_date
+        return mail_date(when)
+    except ImportError:   # pragma: no cover - cleanup always ships with smtpd
+        lt = time.localtime(when)
+        off = lt.tm_gmtoff or 0
+        sign = "+" if off >= 0 else "-"
+        off = abs(off)
+        return (time.strftime("%a, %d %b %Y %H:%M:%S", lt)
+                + f" {sign}{off // 3600:02d}{(off % 3600) // 60:02d} ({lt.tm_zone or 'UTC'})")
+
+
+def _load_policy(config, log):
+    try:
+        from postwell.policy import SmtpdPolicy
+    except ImportError:
+        from postwell.policy.smtpd_policy import SmtpdPolicy
+    return SmtpdPolicy(config, log)
+
+
+def _load_cleanup(config, log):
+    from postwell.cleanup import Cleanup
+    from postwell.queue import QueueStore
+    store = QueueStore(config.get("queue_directory"))
+    return Cleanup(config, store, log)
+
+
+def _time(config, name: str, default: float) -> float:
+    try:
+        return config.get_time(name) if config.get(name) else default
+    except Exception:
+        return default
+
+
+def _int(config, name: str, default: int) -> int:
+    try:
+        return config.get_int(name) if config.get(name) else default
+    except ValueError:
+        return default
+
+
+# --------------------------------------------------------------------------- session
+
+class SmtpdSession(asyncio.Protocol):
+    def __init__(self, server: "SmtpdServer") -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.conn: ServerConnection | None = None
+        self.state = None
+        self.cs = None                      # the open cleanup session
+        self._data_ready = asyncio.Event()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._lost = False
+        self._paused = False
+        self._task: asyncio.Task | None = None
+        self._mail: Mail | None = None
+        self._received_for: str | None = None
+        self.addr = ""
+        self.namaddr = "unknown[unknown]"
+        self.finished = asyncio.Event()
+
+    # --- asyncio.Protocol ---------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is None:
+            self._early = getattr(self, "_early", b"") + data
+            if len(self._early) > 65536:
+                self.transport.pause_reading()
+                self._paused = True
+            return
+        self.conn.receive_data(data)
+        self._data_ready.set()
+        # Bounded memory: stop reading while the engine holds more than it may need.
+        if self.conn.buffered > self.server.read_bound and not self._paused:
+            self.transport.pause_reading()
+            self._paused = True
+
+    def eof_received(self):
+        self._lost = True
+        self._data_ready.set()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._lost = True
+        self._data_ready.set()
+        self._can_write.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # --- the session --------------------------------------------------------------
+    async def _run(self) -> None:
+        srv = self.server
+        try:
+            await self._session()
+        except Exception as exc:   # never let one session take the process down
+            srv.log.warning(f"{self.namaddr}: session error: {exc!r}")
+        finally:
+            self._abort_transaction()
+            if self.transport is not None:
+                self.transport.close()
+            if self.conn is not None:
+                srv.log.info(f"disconnect from {self.namaddr} {self.conn.counters_text()}")
+            srv._session_done(self)
+            self.finished.set()
+
+    async def _session(self) -> None:
+        srv = self.server
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        sock = self.transport.get_extra_info("sockname") or ("", 0)
+        addr = str(peer[0])
+        if addr.startswith("::ffff:"):
+            addr = addr[7:]
+        self.addr = addr
+        name = client_hostname(addr, srv.peername_lookup)
+        self.namaddr = f"{name}[{addr}]"
+        srv.log.info(f"connect from {self.namaddr}")
+        state = srv.new_state(name, addr, str(peer[1]), str(sock[0]), str(sock[1]))
+        self.state = state
+        bare = srv.server_config.forbid_bare_newline
+        if bare != "no" and srv.bare_newline_exempt(name, addr):
+            bare = "no"
+        self.conn = conn = ServerConnection(srv.server_config, client=self.namaddr,
+                                            forbid_bare_newline=bare)
+        early = getattr(self, "_early", b"")
+        if early:
+            conn.receive_data(early)
+            self._early = b""
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+        if srv.too_many_connections(self):
+            srv.log.warning(f"Connection concurrency limit exceeded: {srv.count_for(addr)} from "
+                            f"{self.namaddr} for service {srv.service_name}")
+            conn.send_greeting(Reply(421, f"{srv.hostname} Error: too many connections from {addr}",
+                                     "4.7.0"))
+            await self._flush()
+            return
+        if srv.draining:
+            conn.send_greeting(Reply(421, f"{srv.hostname} Service shutting down, closing "
+                                          "transmission channel", "4.3.2"))
+            await self._flush()
+            return
+        reply = await srv.policy.on_connect(state)
+        if reply is not None:
+            # As Postfix (smtpd_delay_reject = no): greet, then refuse every command but QUIT.
+            self._log_reject(reply)
+            conn.deny_access()
+        conn.send_greeting(Reply(220, srv.banner))
+        await self._flush()
+
+        while True:
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                if not await self._flush():
+                    return
+                if self._paused:
+                    self._paused = False
+                    self.transport.resume_reading()
+                if not await self._wait_input():
+                    return
+                continue
+            if ev is PAUSED:   # every event is answered before we ask again
+                raise RuntimeError("engine paused without a pending event")
+            if isinstance(ev, ConnectionClosed):
+                self._log_close(ev)
+                await self._flush()
+                return
+            await self._handle(ev)
+
+    async def _wait_input(self) -> bool:
+        """Wait for bytes; False on timeout (after the 421) or when the peer went away."""
+        conn = self.conn
+        if self._lost:
+            conn.receive_data(b"")
+            return True
+        self._data_ready.clear()
+        try:
+            await asyncio.wait_for(self._data_ready.wait(), self.server.timeout)
+        except asyncio.TimeoutError:
+            self.server.log.info(f"timeout after {conn.where} from {self.namaddr}")
+            self.transport.write(Reply(421, f"{self.server.hostname} Error: timeout exceeded",
+                                       "4.4.2").to_bytes())
+            return False
+        if self._lost:
+            conn.receive_data(b"")
+        return True
+
+    async def _flush(self) -> bool:
+        conn = self.conn
+        delay = conn.error_delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        data = conn.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+        if not self._can_write.is_set():
+            # A client that does not read its replies must not make us buffer without bound.
+            try:
+                await asyncio.wait_for(self._can_write.wait(), self.server.timeout)
+            except asyncio.TimeoutError:
+                self.server.log.info(f"timeout after {conn.where} from {self.namaddr}")
+                return False
+        return True
+
+    def _log_close(self, ev: ConnectionClosed) -> None:
+        where = self.conn.where
+        if ev.reason == "lost":
+            self.server.log.info(f"lost connection after {where} from {self.namaddr}")
+        elif ev.reason == "too many errors":
+            self.server.log.info(f"too many errors after {where} from {self.namaddr}")
+
+    def _log_reject(self, reply: Reply) -> None:
+        pol = self.server.policy
+        if hasattr(pol, "reject_log_line"):
+            line = pol.reject_log_line(self.state, reply)
+        else:
+            st = self.state
+            line = (f"{st.queue_id or 'NOQUEUE'}: reject: {st.where} from {self.namaddr}: {reply};"
+                    + (f" from=<{st.sender}>" if st.sender is not None else "")
+                    + (f" to=<{st.recipient}>" if st.recipient is not None else "")
+                    + f" proto={st.protocol}"
+                    + (f" helo=<{st.helo_name}>" if st.helo_name is not None else ""))
+        self.server.log.info(line)
+
+    def _abort_transaction(self) -> None:
+        if self.cs is not None:
+            try:
+                self.cs.abort()
+            except Exception:
+                pass
+            self.cs = None
+        self._mail = None
+        self._received_for = None
+        if self.state is not None:
+            self.state.reset_transaction()
+
+    # --- one handler per event ----------------------------------------------------
+    async def _handle(self, ev) -> None:
+        conn, state, srv = self.conn, self.state, self.server
+        if isinstance(ev, DataChunk):
+            if self.cs is not None:
+                self.cs.write(ev.data)
+            return
+        if isinstance(ev, Warning):
+            text = ev.text
+            if ev.with_queue_id:
+                text = f"{state.queue_id or 'NOQUEUE'}: {text}"
+            srv.log.warning(text)
+            return
+        if isinstance(ev, Info):
+            state.pipelining_violation = conn.pipelining_violation
+            srv.log.info(ev.text)
+            return
+        if isinstance(ev, Rejected):
+            saved = state.where, state.sender
+            state.where, state.sender = ev.command, ev.sender
+            self._log_reject(ev.reply)
+            state.where, state.sender = saved
+            return
+        if isinstance(ev, Rset):
+            self._abort_transaction()
+            return
+        if isinstance(ev, (Helo, Ehlo)):
+            self._abort_transaction()
+            old = (state.helo_name, state.protocol)
+            state.helo_name = ev.name
+            state.protocol = "ESMTP" if isinstance(ev, Ehlo) else "SMTP"
+            reply = await srv.policy.on_helo(state)
+            if reply is not None:
+                self._log_reject(reply)
+                state.helo_name, state.protocol = old
+            conn.send_reply(reply)
+            return
+        if isinstance(ev, Mail):
+            state.sender = ev.sender
+            state.smtputf8 = ev.smtputf8
+            state.message_size = ev.size or 0
+            reply = await srv.policy.on_mail(state)
+            if reply is not None:
+                self._log_reject(reply)
+                state.sender = None
+            else:
+                self._mail = ev
+            conn.send_reply(reply)
+            return
+        if isinstance(ev, Rcpt):
+            await self._rcpt(ev)
+            return
+        if isinstance(ev, (Data, Bdat)):
+            reply = await srv.policy.on_data(state)
+            if reply is not None:
+                self._log_reject(reply)
+                conn.send_reply(reply)
+                return
+            if self.cs is None:   # cannot happen: RCPT opened it; be safe anyway
+                conn.send_reply(REPLY_WRITE_ERROR)
+                return
+            self.cs.prepend_header(self._received_header(isinstance(ev, Bdat)))
+            conn.send_reply(None)
+            return
+        if isinstance(ev, BdatChunkEnd):
+            conn.send_reply(None)
+            return
+        if isinstance(ev, DataEnd):
+            await self._end_of_data(ev)
+            return
+        if isinstance(ev, Vrfy):
+            hook = getattr(srv.policy, "on_vrfy", None)
+            reply = await hook(state, ev.address) if hook is not None else None
+            conn.send_reply(reply)
+            return
+        if isinstance(ev, Etrn):
+            # No fast_flush_domains support yet: refused as Postfix refuses unlisted domains.
+            srv.log.warning(f"reject: ETRN {ev.domain}... from {self.namaddr}")
+            conn.send_reply(None)
+            return
+        if isinstance(ev, StartTls):
+            # TLS arrives with issue 5; the engine only offers it when configured.
+            conn.send_reply(Reply(454, "TLS not available due to local problem", "4.7.0"))
+            return
+        if isinstance(ev, (Auth, AuthResponse)):
+            conn.send_reply(Reply(535, "Error: authentication failed", "5.7.8"))
+            return
+        raise RuntimeError(f"unhandled event {ev!r}")
+
+    async def _rcpt(self, ev: Rcpt) -> None:
+        conn, state, srv = self.conn, self.state, self.server
+        state.recipient = ev.recipient
+        reply = await srv.policy.on_rcpt(state)
+        if reply is not None:
+            self._log_reject(reply)
+            conn.send_reply(reply)
+            return
+        if self.cs is None:
+            # smtpd_delay_open: the queue file and id appear at the first accepted RCPT.
+            try:
+                cs = srv.cleanup.open(rewrite_local=srv.rewrite_local(state.client_addr))
+            except Exception as exc:
+                srv.log.warning(f"queue file create error: {exc}")
+                conn.send_reply(REPLY_WRITE_ERROR)
+                return
+            self.cs = cs
+            state.queue_id = cs.queue_id
+            srv.log.info(f"{cs.queue_id}: client={self.namaddr}")
+            mail = self._mail
+            cs.set_sender(state.sender or "", ret=mail.ret if mail else None,
+                          envid=mail.envid if mail else None,
+                          smtputf8=bool(mail and mail.smtputf8),
+                          body_type=mail.body if mail else None)
+            for key, value in (("client_name", state.client_name),
+                               ("reverse_client_name", state.reverse_client_name),
+                               ("client_address", state.client_addr),
+                               ("client_port", state.client_port),
+                               ("server_address", state.server_addr),
+                               ("server_port", state.server_port),
+                               ("helo_name", state.helo_name),
+                               ("protocol_name", state.protocol),
+                               ("log_message_origin", self.namaddr)):
+                if value:
+                    cs.set_attribute(key, value)
+        orcpt = ev.orcpt if ev.orcpt is not None else f"rfc822;{ev.recipient}"
+        self.cs.add_recipient(ev.recipient, orig=ev.recipient, orcpt=orcpt, notify=ev.notify)
+        state.recipient_count += 1
+        self._received_for = ev.recipient if state.recipient_count == 1 else None
+        conn.send_reply(None)
+
+    def _received_header(self, bdat: bool) -> str:
+        st, srv = self.state, self.server
+        helo = st.helo_name if st.helo_name is not None else st.client_name
+        proto = st.protocol or "SMTP"
+        head = (f"Received: from {helo} ({st.client_name} [{_rfc_addr(st.client_addr)}])\n"
+                f"\tby {srv.hostname} ({srv.mail_name}) with {proto} id {st.queue_id}")
+        date = _mail_date(srv.clock())
+        if self._received_for is not None and st.recipient_count == 1:
+            return head + f"\n\tfor <{self._received_for}>; {date}"
+        return head + f"; {date}"
+
+    async def _end_of_data(self, ev: DataEnd) -> None:
+        conn, state, srv = self.conn, self.state, self.server
+        cs = self.cs
+        state.where = "END-OF-MESSAGE"
+        try:
+            if cs is None:
+                conn.send_reply(REPLY_WRITE_ERROR)
+                return
+            if ev.too_big:
+                srv.log.warning(f"{cs.queue_id}: queue file size limit exceeded")
+                conn.send_reply(REPLY_TOO_BIG)
+                return
+            reply = await srv.policy.on_end_of_data(state)
+            if reply is not None:
+                self._log_reject(reply)
+                conn.send_reply(reply)
+                return
+            try:
+                reply = await cs.finish()
+            except Exception as exc:
+                srv.log.warning(f"{cs.queue_id}: {exc}")
+                reply = REPLY_WRITE_ERROR
+            self.cs = None          # finished: committed or already discarded by cleanup
+            if reply.code == 552 and "too big" in reply.text:
+                srv.log.warning(f"{cs.queue_id}: queue file size limit exceeded")
+            if ev.bdat and reply.code == 250:
+                # Postfix words the last BDAT reply "Ok: N bytes queued as ID".
+                reply = Reply(250, f"Ok: {ev.size} bytes queued as {cs.queue_id}", "2.0.0")
+            conn.send_reply(reply)
+        finally:
+            self._abort_transaction()
+
+
+# --------------------------------------------------------------------------- server
+
+class SmtpdServer:
+    def __init__(self, config, *, log=None, policy=None, cleanup=None, service_name: str = "smtp",
+                 clock=time.time) -> None:
+        from postwell.log import MailLog
+        self.config = config
+        self.service_name = service_name
+        self.log = log if log is not None else MailLog.from_config(config, "smtpd")
+        self.policy = policy if policy is not None else _load_policy(config, self.log)
+        self.cleanup = cleanup if cleanup is not None else _load_cleanup(config, self.log)
+        self.clock = clock
+        self.server_config = ServerConfig.from_config(config)
+        self.hostname = config.get("myhostname") or "localhost"
+        self.mail_name = config.get("mail_name") or "postwell"
+        self.banner = config.get("smtpd_banner") or f"{self.hostname} ESMTP {self.mail_name}"
+        self.timeout = _time(config, "smtpd_timeout", 300.0)
+        self.peername_lookup = (config.get("smtpd_peername_lookup") or "yes").lower() != "no"
+        self.connection_limit = _int(config, "smtpd_client_connection_count_limit", 50)
+        self.read_bound = 4 * self.server_config.line_length_limit + 256 * 1024
+        self.sessions: set[SmtpdSession] = set()
+        self._per_ip: dict[str, int] = {}
+        self._servers: list[asyncio.base_events.Server] = []
+        self.draining = False
+        self._limit_exceptions = self._host_list("smtpd_client_event_limit_exceptions",
+                                                 "$mynetworks")
+        self._bare_exclusions = self._host_list("smtpd_forbid_bare_newline_exclusions",
+                                                "$mynetworks")
+        self._own = None
+
+    def _host_list(self, param: str, default: str):
+        try:
+            from postwell.policy.matchlist import HostList
+            value = self.config.get(param) if self.config.raw(param) is not None \
+                else self.config.expand(default)
+            return HostList(param, value, self.config)
+        except Exception:
+            return None
+
+    # per-session helpers
+    def new_state(self, name, addr, port, server_addr, server_port):
+        from postwell.policy.state import SessionState
+        return SessionState(client_name=name, client_addr=addr, client_port=port,
+                            reverse_client_name=name, server_addr=server_addr,
+                            server_port=server_port)
+
+    def bare_newline_exempt(self, name: str, addr: str) -> bool:
+        try:
+            return bool(self._bare_exclusions and self._bare_exclusions.match(name, addr))
+        except Exception:
+            return False
+
+    def rewrite_local(self, addr: str) -> bool:
+        # local_header_rewrite_clients = permit_inet_interfaces (Postfix's default).
+        try:
+            if ipaddress.ip_address(addr).is_loopback:
+                return True
+        except ValueError:
+            return False
+        try:
+            if self._own is None:
+                from postwell.policy.matchlist import OwnAddresses
+                self._own = OwnAddresses(self.config)
+            return bool(self._own.is_own(addr))
+        except Exception:
+            return False
+
+    def count_for(self, addr: str) -> int:
+        return self._per_ip.get(addr, 0)
+
+    def too_many_connections(self, session: SmtpdSession) -> bool:
+        addr = session.addr
+        self._per_ip[addr] = self._per_ip.get(addr, 0) + 1
+        session._counted = True
+        if not self.connection_limit or self._per_ip[addr] <= self.connection_limit:
+            return False
+        try:
+            name = session.state.client_name
+            if self._limit_exceptions and self._limit_exceptions.match(name, addr):
+                return False
+        except Exception:
+            pass
+        return True
+
+    def _session_done(self, session: SmtpdSession) -> None:
+        self.sessions.discard(session)
+        if getattr(session, "_counted", False):
+            n = self._per_ip.get(session.addr, 1) - 1
+            if n <= 0:
+                self._per_ip.pop(session.addr, None)
+            else:
+                self._per_ip[session.addr] = n
+
+    def _factory(self) -> SmtpdSession:
+        s = SmtpdSession(self)
+        self.sessions.add(s)
+        return s
+
+    async def start(self, sockets) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            sock.setblocking(False)
+            # create_server() listens again; keep the master's large backlog.
+            srv = await loop.create_server(self._factory, sock=sock, backlog=4096)
+            self._servers.append(srv)
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Stop accepting; give live sessions `timeout` seconds, then cut them."""
+        self.draining = True
+        for srv in self._servers:
+            srv.close()
+        sessions = [s.finished.wait() for s in list(self.sessions)]
+        if sessions:
+            try:
+                await asyncio.wait_for(asyncio.gather(*sessions), timeout)
+            except asyncio.TimeoutError:
+                for s in list(self.sessions):
+                    if s.transport is not None:
+                        s.transport.abort()
+                await asyncio.sleep(0)
+
+
+# --------------------------------------------------------------------------- entry point
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+def serve(config, service, sockets, *, drain_seconds: float = DRAIN_SECONDS) -> None:
+    """Run one smtpd worker until SIGTERM, then drain and return."""
+    if service is not None and getattr(service, "overrides", None):
+        config = config.override(dict(service.overrides)) if isinstance(service.overrides, dict) \
+            else config.override(dict(o.split("=", 1) for o in service.overrides if "=" in o))
+    name = getattr(service, "name", None) or "smtp"
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_main(config, name, sockets, drain_seconds))
+    finally:
+        loop.close()
+
+
+async def _main(config, service_name: str, sockets, drain_seconds: float) -> None:
+    server = SmtpdServer(config, service_name=service_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if hasattr(server.log, "reopen"):
+        # SIGHUP: re-open maillog_file (log rotation); reloads are the master's job.
+        loop.add_signal_handler(signal.SIGHUP, server.log.reopen)
+    await server.start(sockets)
+    await stop.wait()
+    await server.drain(drain_seconds)

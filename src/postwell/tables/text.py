@@ -1,0 +1,61 @@
+"""The "key whitespace value" source format shared by texthash: and postmap,
+and the texthash: table that reads it directly without an index."""
+
+from __future__ import annotations
+
+from .base import FileStamp, Table, TableError, logical_lines, read_source
+
+
+def parse_source(text: str, path: str, fold: bool = True, warn=None, skip_note: str = ""):
+    """Yield (key, value) from postmap's input format.
+
+    A logical line is "key whitespace value"; the value keeps its inner
+    white space. Lines without a value draw Postfix's warning and are
+    skipped. ``fold`` lower-cases keys like postmap does without -f.
+    """
+    for lineno, line in logical_lines(text, warn, path):
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            if warn:
+                warn(f"{path}, line {lineno}: expected format: key whitespace value{skip_note}")
+            continue
+        key, value = parts[0], parts[1].strip()
+        if fold:
+            key = key.lower()
+        yield lineno, key, value
+
+
+class TexthashTable(Table):
+    """texthash:/path - the postmap source file, read into memory at open.
+
+    Duplicate keys keep the first entry and warn, as postmap does."""
+
+    type = "texthash"
+
+    def __init__(self, spec: str, name: str, warn=None):
+        super().__init__(spec, name)
+        try:
+            self.stamp = FileStamp(name)
+            with open(name, "rb") as f:
+                text = f.read().decode("utf-8", "surrogateescape")
+        except OSError as e:
+            raise TableError(f"open database {name}: {e.strerror}") from None
+        self.data: dict[str, str] = {}
+        for lineno, key, value in parse_source(text, name, True, warn, " -- ignoring this line"):
+            if key in self.data:
+                if warn:
+                    warn(f'{name}, line {lineno}: duplicate entry: "{key}"')
+                continue
+            self.data[key] = value
+
+    def _lookup(self, key):
+        return self.data.get(key)
+
+    def items(self):
+        return iter(self.data.items())
+
+    def changed(self):
+        return self.stamp.changed()
+
+
+__all__ = ["parse_source", "TexthashTable", "read_source"]

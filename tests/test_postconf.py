@@ -1,0 +1,281 @@
+"""postconf CLI, compared line by line with Postfix's /usr/sbin/postconf."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from postwell.cli import postconf
+from postwell.config.postfix_defaults import POSTFIX_DEFAULTS
+
+REF = "/usr/sbin/postconf"
+STOCK = "/usr/share/postfix"
+need_ref = pytest.mark.skipif(not os.path.exists(REF), reason="Postfix postconf not installed")
+need_stock = pytest.mark.skipif(not os.path.exists(f"{STOCK}/master.cf.dist"),
+                                reason="no postfix package")
+
+# Lines that differ on purpose (documented) or by nature (pid, program name).
+DELIBERATE = ("mail_name", "process_id", "process_name", "smtpd_forbid_bare_newline",
+              "compatibility_level", "milter_macro_v", "smtpd_banner",
+              "postscreen_greet_banner", "debugger_command")
+
+
+def ours(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    rc = postconf.main(list(args), out, err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def ref(*args: str) -> tuple[int, str, str]:
+    p = subprocess.run([REF, *args], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "LC_ALL": "C"})
+    return p.returncode, p.stdout, p.stderr.replace(f"{REF}:", "postconf:")
+
+
+def comparable(stdout: str) -> list[str]:
+    keep = []
+    for line in stdout.splitlines():
+        name = line.split(" =", 1)[0]
+        if name in DELIBERATE:
+            continue
+        if " = " in line or line.endswith(" ="):
+            base = name.split("/")[-1]
+            if base not in POSTFIX_DEFAULTS and not _per_service(base) and "/" not in name \
+                    and name not in ("bb", "cc", "mua_client_restrictions", "cls"):
+                continue          # postwell-only parameters other parts registered
+        keep.append(line)
+    return keep
+
+
+def _per_service(name: str) -> bool:
+    return any(name.endswith("_" + s) for s in ("limit", "cost", "discount", "loan",
+                                                 "feedback", "delay", "concurrency", "slots"))
+
+
+def same(*args: str, mynetworks_differs: bool = False):
+    r_rc, r_out, r_err = ref(*args)
+    o_rc, o_out, o_err = ours(*args)
+    assert o_rc == r_rc, (o_err, r_err)
+    r_lines, o_lines = comparable(r_out), comparable(o_out)
+    if mynetworks_differs:
+        r_lines = [x for x in r_lines if not x.startswith("mynetworks =")]
+        o_lines = [x for x in o_lines if not x.startswith("mynetworks =")]
+    assert o_lines == r_lines
+    assert sorted(set(o_err.splitlines())) == sorted(set(r_err.splitlines()))
+    return o_out
+
+
+@pytest.fixture
+def confdir(tmp_path):
+    def make(main: str, master: str | None = None) -> str:
+        (tmp_path / "main.cf").write_text(main)
+        if master is None:
+            if os.path.exists(f"{STOCK}/master.cf.dist"):
+                shutil.copy(f"{STOCK}/master.cf.dist", tmp_path / "master.cf")
+            else:
+                (tmp_path / "master.cf").write_text("")
+        else:
+            (tmp_path / "master.cf").write_text(master)
+        return str(tmp_path)
+    return make
+
+
+MAIN = """# test configuration
+compatibility_level = 3.6
+aa = $bb x
+bb = ${cc?yes}${cc:no} $(cc) ${dd?{a b}:{c d}} $$ z
+cc = 1
+foo = bar
+myorigin = $mydomain
+mynetworks_style = subnet
+smtpd_client_restrictions = permit_mynetworks,
+   reject
+mua_client_restrictions = reject
+x1 = ${{$cc} == {1} ? {one} : {other}}
+x2 = ${{$compatibility_level} <level {3.6} ? {lt} : {ge}} $undefinedthing ${undefined2:d}
+smtpd_helo_restrictions = $x1 $x2 $aa
+cont = a
+# mid comment
+  b
+\tc
+empty =
+sp1 =    lead and trail
+mydestination = ${{$cc} != {1} ? {x} : {y}} ${{5} < {10} ? {lt}:{ge}}
+smtpd_restriction_classes = cls
+cls = reject
+relay_destination_concurrency_limit = 5
+mailman_time_limit = 10s
+smtp_time_limit = 1
+"""
+
+
+@need_ref
+@pytest.mark.parametrize("args", [
+    ("-n",), ("-nx",), ("-nh",), ("-nH",), (), ("-x",),
+    ("aa", "foo", "mydestination", "bb", "nosuch"),
+    ("-x", "smtpd_helo_restrictions", "mydestination", "x2", "myorigin", "default_rbl_reply"),
+    ("-h", "empty", "mydestination", "myorigin"),
+    ("-H", "myorigin", "bb", "foo"),
+    ("-n", "myorigin", "mynetworks", "bb", "relayhost"),
+    ("-d", "mail_version", "smtpd_timeout", "bb", "syslog_name", "smtputf8_enable"),
+    ("-dx", "smtpd_timeout", "relay_destination_concurrency_limit"),
+    ("-nf",),
+])
+def test_parameters_like_postfix(confdir, args):
+    d = confdir(MAIN)
+    same("-c", d, *args)
+
+
+@need_ref
+@pytest.mark.parametrize("args", [("-M",), ("-Mf",), ("-P",), ("-M", "smtp"),
+                                  ("-M", "relay/unix", "maildrop", "nonexist/unix"),
+                                  ("-P", "relay/unix/syslog_name", "smtp/inet/foo")])
+def test_master_like_postfix(confdir, args):
+    master = None
+    if not os.path.exists(f"{STOCK}/master.cf.dist"):
+        pytest.skip("no stock master.cf")
+    d = confdir("compatibility_level = 3.6\n", master)
+    same("-c", d, *args)
+
+
+@need_ref
+def test_master_normalized_columns(confdir):
+    master = ("smtp inet n - n - - smtpd\n"
+              "  -o { smtpd_banner = hello there }\n"
+              "  -o smtpd_sasl_auth_enable=yes {arg with space} -o {syslog_name=x}\n"
+              "postlog unix-dgram n - n - 1 postlogd\n"
+              "a-very-long-service-name unix - - n 1000? 100 pipe flags=R user=x "
+              "argv=/bin/some/long/program/name ${nexthop} ${user} ${extension} more words\n"
+              "127.0.0.1:2525 inet n - n - - smtpd\n")
+    d = confdir("compatibility_level = 3.6\n", master)
+    for args in (("-M",), ("-Mf",), ("-P",)):
+        same("-c", d, *args)
+
+
+@need_ref
+@need_stock
+@pytest.mark.parametrize("main", ["main.cf.debian", "main.cf.dist"])
+@pytest.mark.parametrize("args", [("-n",), ("-nx",), (), ("-M",)])
+def test_stock_files_like_postfix(tmp_path, main, args):
+    shutil.copy(f"{STOCK}/{main}", tmp_path / "main.cf")
+    shutil.copy(f"{STOCK}/master.cf.dist", tmp_path / "master.cf")
+    # main.cf.dist sets no compatibility_level: mynetworks_style differs by design.
+    same("-c", str(tmp_path), *args, mynetworks_differs=(main == "main.cf.dist"))
+
+
+@need_ref
+@pytest.mark.parametrize("main", ["a = 1\nthis is bad\n", "= 1\n", "a b = 1\n", "  b = 1\n"])
+def test_broken_main_cf_like_postfix(confdir, main):
+    d = confdir(main)
+    same("-c", d, "-n")
+
+
+@need_ref
+def test_missing_main_cf_like_postfix(tmp_path):
+    r = ref("-c", str(tmp_path / "nope"), "-n")
+    o = ours("-c", str(tmp_path / "nope"), "-n")
+    assert o[0] == r[0] == 1 and o[2] == r[2]
+
+
+@need_ref
+def test_bad_master_cf_like_postfix(confdir):
+    for line in ("smtp inet n - n - smtpd", "smtp bogus n - n - - smtpd"):
+        d = confdir("", line + "\n")
+        r, o = ref("-c", d, "-M"), ours("-c", d, "-M")
+        assert o[0] == r[0] == 1
+        assert r[2].split("fatal: ")[1].split(": ")[-1].strip() in o[2]
+
+
+EDIT_MAIN = ("# head\nmyorigin = a\n  b\n# mid\n  c\nmydestination = x\nfoo = 1\n"
+             "myorigin = second\n# tail\n")
+
+
+def _two_dirs(tmp_path, main=EDIT_MAIN):
+    dirs = []
+    for name in ("ref", "ours"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "main.cf").write_text(main)
+        if os.path.exists(f"{STOCK}/master.cf.dist"):
+            shutil.copy(f"{STOCK}/master.cf.dist", d / "master.cf")
+        else:
+            (d / "master.cf").write_text("smtp inet n - n - - smtpd\n")
+        dirs.append(str(d))
+    return dirs
+
+
+@need_ref
+@pytest.mark.parametrize("args", [
+    ("-e", "myorigin =  new   val ", "relayhost=[h]:25"),
+    ("-X", "myorigin", "nonexist"),
+    ("-#", "myorigin", "foo"),
+    ("mydestination=q",),
+    ("foo=",),
+    ("-e", "x"),
+    ("-e",),
+])
+def test_edit_main_cf_like_postfix(tmp_path, args):
+    rdir, odir = _two_dirs(tmp_path)
+    r = ref("-c", rdir, *args)
+    o = ours("-c", odir, *args)
+    assert o[0] == r[0]
+    assert o[2].replace(odir, "DIR") == r[2].replace(rdir, "DIR")
+    with open(f"{rdir}/main.cf") as a, open(f"{odir}/main.cf") as b:
+        assert b.read() == a.read()
+
+
+@need_ref
+@need_stock
+@pytest.mark.parametrize("args", [
+    ("-Me", "relay/unix=relay unix - - n - - smtp -o a=b"),
+    ("-MX", "relay/unix", "maildrop/unix"),
+    ("-M#", "relay/unix"),
+    ("-Me", "new/unix=new unix - - n - - smtp"),
+    ("-Me", "submission/inet=submission inet n - n - - smtpd -o syslog_name=postfix/submission"
+            " -o { smtpd_client_restrictions = permit_sasl_authenticated, reject }"),
+])
+def test_edit_master_cf_like_postfix(tmp_path, args):
+    rdir, odir = _two_dirs(tmp_path, "compatibility_level = 3.6\n")
+    r, o = ref("-c", rdir, *args), ours("-c", odir, *args)
+    assert o[0] == r[0]
+    with open(f"{rdir}/master.cf") as a, open(f"{odir}/master.cf") as b:
+        assert b.read() == a.read()
+
+
+def test_edit_is_atomic_and_keeps_mode(tmp_path):
+    (tmp_path / "main.cf").write_text("a = 1\n")
+    (tmp_path / "master.cf").write_text("")
+    os.chmod(tmp_path / "main.cf", 0o640)
+    assert ours("-c", str(tmp_path), "-e", "myorigin=example.org")[0] == 0
+    assert (tmp_path / "main.cf").read_text() == "a = 1\nmyorigin = example.org\n"
+    assert os.stat(tmp_path / "main.cf").st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["main.cf", "master.cf"]   # no temp file left
+
+
+def test_usage_error_and_unknown_parameter(tmp_path):
+    (tmp_path / "main.cf").write_text("")
+    rc, out, err = ours("-c", str(tmp_path), "-Z")
+    assert rc == 1 and "fatal: usage:" in err
+    rc, out, err = ours("-c", str(tmp_path), "nosuch_thing")
+    assert rc == 0 and err == "postconf: warning: nosuch_thing: unknown parameter\n"
+
+
+def test_mail_config_env_and_module_entry(tmp_path):
+    (tmp_path / "main.cf").write_text("myorigin = example.net\n")
+    env = {**os.environ, "MAIL_CONFIG": str(tmp_path)}
+    p = subprocess.run(["python3", "-m", "postwell.cli.postconf", "-h", "myorigin"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0 and p.stdout == "example.net\n"
+
+
+def test_long_values_not_folded_unless_f(tmp_path):
+    long = " ".join(f"word{i}" for i in range(40))
+    (tmp_path / "main.cf").write_text(f"mydestination = {long}\n")
+    _, out, _ = ours("-c", str(tmp_path), "mydestination")
+    assert out == f"mydestination = {long}\n"
+    _, out, _ = ours("-c", str(tmp_path), "-f", "mydestination")
+    assert all(len(x) < 80 for x in out.splitlines()) and "\n    word" in out

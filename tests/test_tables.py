@@ -1,0 +1,420 @@
+"""Lookup tables: every type, plus semantics compared with Debian's real
+postmap (skipped when /usr/sbin/postmap is not installed)."""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from postwell.tables import (
+    TableError, TableLookupError, clear_cache, get_table, open_table, split_spec,
+)
+from postwell.tables.aliases import normalize_value, parse_aliases
+
+POSTMAP = "/usr/sbin/postmap"
+HAVE_POSTMAP = os.path.exists(POSTMAP) and os.access(POSTMAP, os.X_OK)
+needs_postfix = pytest.mark.skipif(not HAVE_POSTMAP, reason="Debian postfix not installed")
+
+
+@pytest.fixture
+def cfdir(tmp_path):
+    d = tmp_path / "etc"
+    d.mkdir()
+    (d / "main.cf").write_text("")
+    return d
+
+
+def real_query(cfdir, spec, keys):
+    """{key: value} and warnings from the real postmap -q - for keys."""
+    r = subprocess.run([POSTMAP, "-c", str(cfdir), "-q", "-", spec],
+                       input="\n".join(keys) + "\n", capture_output=True, text=True, timeout=30)
+    found = {}
+    for line in r.stdout.splitlines():
+        k, _, v = line.partition("\t")
+        found[k] = v
+    warnings = [ln.split("warning: ", 1)[1] for ln in r.stderr.splitlines() if "warning: " in ln]
+    return found, warnings
+
+
+def compare(cfdir, spec, keys):
+    ours_w = []
+    t = open_table(spec, warn=ours_w.append)
+    real, real_w = real_query(cfdir, spec, keys)
+    diffs = {k: (t.lookup(k), real.get(k)) for k in keys if t.lookup(k) != real.get(k)}
+    return diffs, ours_w, real_w
+
+
+# --- spec parsing, simple types ------------------------------------------------
+
+def test_split_spec_and_proxy():
+    assert split_spec("hash:/etc/postfix/access") == ("hash", "/etc/postfix/access")
+    assert split_spec("proxy:hash:/x") == ("hash", "/x")
+    with pytest.raises(TableError, match='expecting "type:name" form'):
+        split_spec("/etc/aliases")
+
+
+def test_unsupported_type():
+    with pytest.raises(TableError, match="unsupported dictionary type: foo"):
+        open_table("foo:bar")
+
+
+def test_inline():
+    t = open_table("inline:{ A=b, { c = d e }, x={ y z } }")
+    assert t.lookup("a") == "b"
+    assert t.lookup("C") == "d e"
+    assert t.lookup("x") == "y z"
+    assert t.lookup("nope") is None
+    with pytest.raises(TableError, match="missing '=' after attribute name"):
+        open_table("inline:{a}")
+
+
+def test_static():
+    assert open_table("static:OK").lookup("anything") == "OK"
+    assert open_table("static:{ text with spaces }").lookup("x") == "text with spaces"
+
+
+def test_fail_and_environ(monkeypatch):
+    with pytest.raises(TableLookupError, match="query error"):
+        open_table("fail:x").lookup("a")
+    monkeypatch.setenv("postwell_test_var", "v")
+    assert open_table("environ:x").lookup("POSTWELL_TEST_VAR") == "v"  # folded
+
+
+def test_unix_tables():
+    import pwd
+    root = pwd.getpwuid(0)
+    t = open_table("unix:passwd.byname")
+    assert t.lookup(root.pw_name.upper()).startswith(f"{root.pw_name}:")
+    assert t.lookup("no-such-user-xyz") is None
+    assert open_table("unix:group.byname").lookup("root").startswith("root:")
+    with pytest.raises(TableError, match="unknown table"):
+        open_table("unix:foo")
+
+
+# --- texthash --------------------------------------------------------------------
+
+def test_texthash_format(tmp_path):
+    src = tmp_path / "t"
+    src.write_text("Foo bar baz\n  cont\n# c\n\nKey2\tv2  \nnoval\nfoo dup\n  lead x\n")
+    w = []
+    t = open_table(f"texthash:{src}", warn=w.append)
+    assert t.lookup("FOO") == "bar baz  cont"
+    assert t.lookup("key2") == "v2"
+    assert t.lookup("noval") is None
+    assert any("expected format: key whitespace value -- ignoring this line" in x for x in w)
+    assert any('duplicate entry: "foo"' in x for x in w)
+
+
+def test_texthash_missing(tmp_path):
+    with pytest.raises(TableError, match=r"open database .*/nope: No such file or directory"):
+        open_table(f"texthash:{tmp_path}/nope")
+
+
+# --- cidr ------------------------------------------------------------------------
+
+CIDR = """\
+192.168.1.1 OK
+192.168.1.0/24 REJECT sub net
+10.0.0.1/8 bad
+010.1.2.3 octal
+1.2.3.0/33 bad2
+foo bar
+1.1.1.1
+[2001:db8::1] v6exact
+2001:DB8::/32   V6NET
+if 172.16.0.0/12 garbage
+172.16.1.1 in-if
+endif
+if !10.0.0.0/8
+if 10.20.0.0/16
+10.20.1.1 never
+endif
+172.20.0.0/16 nested
+endif
+!8.8.8.8 notgoogle
+[1.2.3.0/24] brnet
+/8 b
+1.2.3.4/ a
+[1.2.3.4 d
+if 9.9.9.9
+"""
+CIDR_KEYS = ["192.168.1.1", "192.168.1.5", "8.1.2.3", "10.1.2.3", "2001:db8::1", "2001:0db8::2",
+             "[2001:db8::1]", "172.16.1.1", "172.20.1.1", "8.8.8.8", "1.1.1.1", "foo",
+             "::ffff:192.168.1.1", "[192.168.1.1]", "192.168.001.001", "2001:db9::1",
+             "1.2.3.5", "10.20.1.1", "::1", " 1.1.1.1", ""]
+
+
+def test_cidr_semantics(tmp_path):
+    f = tmp_path / "c.cidr"
+    f.write_text(CIDR)
+    w = []
+    t = open_table(f"cidr:{f}", warn=w.append)
+    assert t.lookup("192.168.1.1") == "OK"
+    assert t.lookup("192.168.1.7") == "REJECT sub net"
+    assert t.lookup("2001:db8::1") == "v6exact"
+    assert t.lookup("2001:db8::5") == "V6NET"
+    assert t.lookup("172.20.1.1") == "nested"
+    assert t.lookup("8.8.8.8") is None
+    assert t.lookup("2001:db9::1") is None  # "!8.8.8.8" matches IPv4 keys only
+    assert t.lookup("not-an-address") is None
+    assert any("non-null host address bits" in x for x in w)
+    assert any("IF has no matching ENDIF" in x for x in w)
+
+
+def test_cidr_inline():
+    t = open_table("cidr:{ {192.168.0.0/16 REJECT}, {2001:db8::/32 V6} }")
+    assert t.lookup("192.168.3.4") == "REJECT"
+    assert t.lookup("2001:db8::9") == "V6"
+    with pytest.raises(TableError, match="no '\\{' at start of text"):
+        open_table("cidr:{1.2.3.4 a}")
+
+
+@needs_postfix
+def test_cidr_matches_real_postmap(tmp_path, cfdir):
+    f = tmp_path / "c.cidr"
+    f.write_text(CIDR)
+    diffs, ours_w, real_w = compare(cfdir, f"cidr:{f}", CIDR_KEYS)
+    assert diffs == {}
+    assert ours_w == real_w
+
+
+# --- regexp / pcre ---------------------------------------------------------------
+
+REGEXP = r"""/^echo-(.*)$/ got $1 ${1}x $(1)y $$ z
+/^case-ABC$/ ci
+/^CS-abc$/i cs
+/^(a|ab)(c|bcd)(d*)$/ longest:$1:$2:$3
+/^opt(x)?(y)$/ opt:[$1]:[$2]
+/^bre-a\(b\)c$/x bre:$1
+/^cls-[[:digit:]]+$/ digits
+/^wb-\<foo\>$/ wordb
+/^esc-\d\w$/ esc
+/^br-[]a]$/ brk
+/^bs-[\]+$/ bslash
+/^int-a{2}$/ interval
+/^back-(a)\1$/ backref
+%^pct$% pct
+/^d\/e$/ slash
+/^foo-(.*)$/ bad $foo
+/^brace-(.*)$/ bad ${1
+!/^neg-(.*)$/ neg $1
+/^flag-(.*)$/q flagq
+/unterminated
+foo bar
+/(a/ x
+/[a/ y
+/^zero(x)$/ $0
+/^two(x)$/ $2
+/^nores$/
+if /^in-/
+/^in-a$/ ina
+endif
+if /^in-/ junk
+endif
+if foo
+endif
+endif
+!/@/ nolocal
+if /^never/
+/x/ y
+"""
+REGEXP_KEYS = ["echo-Hello", "case-abc", "CS-abc", "cs-abc", "abcd", "optxy", "opty", "bre-abc",
+               "bre-a(b)c", "cls-123", "wb-foo", "esc-1a", "esc-da", "br-]", "bs-\\", "int-aa",
+               "back-aa", "pct", "d/e", "foo-1", "brace-1", "neg-a", "in-a", "nores", "x@y", "X"]
+
+
+def test_regexp_semantics(tmp_path):
+    f = tmp_path / "r.re"
+    f.write_text(REGEXP)
+    w = []
+    t = open_table(f"regexp:{f}", warn=w.append)
+    assert t.lookup("echo-Hello") == "got Hello Hellox Helloy $ z"
+    assert t.lookup("CASE-abc") == "ci"
+    assert t.lookup("cs-abc") == "nolocal"
+    assert t.lookup("opty") == "opt:[]:[y]"
+    assert t.lookup("bre-abc") == "bre:b"
+    assert t.lookup("esc-da") == "nolocal"  # glibc: escaped lower-case letter + REG_ICASE never matches
+    assert t.lookup("nores") == ""
+    assert t.lookup("x@y") is None
+    assert 'regexp map %s, line 16: non-numeric replacement index "foo"' % f in w
+    assert any("$number found in negative match" in x for x in w)
+
+
+def test_regexp_inline():
+    t = open_table("regexp:{ {/^a(.*)$/ got $1}, {!/@/ local} }")
+    assert t.lookup("abc") == "got bc"
+    assert t.lookup("zz") == "local"
+    with pytest.raises(TableError, match="missing '}'"):
+        open_table("regexp:{")
+    with pytest.raises(TableError, match="no '\\{' at start of text"):
+        open_table("regexp:{/a/ b}")
+
+
+@needs_postfix
+def test_regexp_matches_real_postmap(tmp_path, cfdir):
+    f = tmp_path / "r.re"
+    f.write_text(REGEXP)
+    diffs, ours_w, real_w = compare(cfdir, f"regexp:{f}", REGEXP_KEYS)
+    assert diffs == {}
+    assert ours_w == real_w
+
+
+PCRE = r"""/^echo-(.*)$/ got $1 ${1}x $$
+/^d-\d+$/ digits
+/^CASE$/ ci
+/^CS$/i cs
+/^lazy-(.*?)(b*)$/ lazy:$1:$2
+/^ung-(a*)(a*)$/U ung:$1:$2
+/^ug2-(a+?)(a*)$/U ug2:$1:$2
+/^x - y $/x ext
+/^nlD$/E nlD
+/^anch/A anch
+/^s.x$/s dotall
+/^look-(?=a)a(?<!b)$/ look
+/^named-(?<n>a+)\k<n>$/ named
+/^atomic-(?>a+)b$/ atomic
+/^poss-a++b$/ poss
+/^K-a\Kb$/ keep
+/^opt(x)?(y)$/ opt:[$1]:[$2]
+/^u-\x{41}$/ hexu
+/^q-\Qa.b\E$/ quote
+/^pos-[[:alpha:]]+$/ posix
+/^z-a\z/ zlow
+/^cond-(a)?(?(1)b|c)$/ cond
+/^comm-a(?#comment)b$/ comm
+/^mid-a(?-i)b|c$/ mid
+/^h-\h$/ hspace
+/^g-(a)\g{1}$/ gref
+/^zero(x)$/ $0
+"""
+PCRE_KEYS = ["echo-Hello", "d-12", "case", "CS", "cs", "lazy-abb", "ung-aa", "ug2-aaa", "x-y", "xy",
+             "nlD", "anch-x", "xanch", "sax", "look-a", "named-aa", "atomic-aab", "poss-aab",
+             "K-ab", "opty", "u-A", "q-a.b", "q-axb", "pos-abc", "z-a", "cond-ab", "cond-c",
+             "comm-ab", "mid-aB", "mid-Ab", "mid-c", "MID-C", "h- ", "g-aa", "zerox"]
+
+
+@needs_postfix
+def test_pcre_matches_real_postmap(tmp_path, cfdir):
+    f = tmp_path / "p.pcre"
+    f.write_text(PCRE)
+    diffs, ours_w, real_w = compare(cfdir, f"pcre:{f}", PCRE_KEYS)
+    assert diffs == {}
+    assert ours_w == real_w
+
+
+def test_pcre_rejects_recursion(tmp_path):
+    f = tmp_path / "p.pcre"
+    f.write_text("/^(\\((?:[^()]|(?1))*\\))$/ r\n/^ok$/ fine\n")
+    w = []
+    t = open_table(f"pcre:{f}", warn=w.append)
+    assert t.lookup("ok") == "fine"
+    assert any("recursion is not supported" in x for x in w)
+
+
+# --- hash / btree / lmdb ------------------------------------------------------------
+
+def _build(typ, src, text):
+    from postwell.cli.postmap import main
+    src.write_text(text)
+    (src.parent / "main.cf").exists() or (src.parent / "main.cf").write_text("")
+    assert main(["-c", str(src.parent), f"{typ}:{src}"]) == 0
+
+
+@pytest.mark.parametrize("typ", ["hash", "btree", "lmdb"])
+def test_indexed_roundtrip(tmp_path, typ):
+    src = tmp_path / "map"
+    _build(typ, src, "Foo bar baz\nkey2 v2\n")
+    t = open_table(f"{typ}:{src}")
+    assert t.lookup("FOO") == "bar baz"
+    assert t.lookup("key2") == "v2"
+    assert t.lookup("none") is None
+    assert sorted(t.items()) == [("foo", "bar baz"), ("key2", "v2")]
+    t.close()
+
+
+@pytest.mark.parametrize("typ,suffix", [("hash", ".db"), ("btree", ".db"), ("lmdb", ".lmdb")])
+def test_indexed_missing(tmp_path, typ, suffix):
+    with pytest.raises(TableError) as e:
+        open_table(f"{typ}:{tmp_path}/nope")
+    assert str(e.value) == f"open database {tmp_path}/nope{suffix}: No such file or directory"
+
+
+def test_hash_wrong_format(tmp_path):
+    src = tmp_path / "map"
+    _build("btree", src, "a b\n")
+    with pytest.raises(TableError, match=r"map\.db: Invalid argument"):
+        open_table(f"hash:{src}")
+
+
+def test_stale_index_warning(tmp_path):
+    from postwell.tables.dbfile import HashTable
+    src = tmp_path / "map"
+    _build("hash", src, "a b\n")
+    now = time.time()
+    os.utime(f"{src}.db", (now - 600, now - 600))
+    os.utime(src, (now - 300, now - 300))
+    w = []
+    HashTable(f"hash:{src}", str(src), warn=w.append, now=now).close()
+    assert w == [f"database {src}.db is older than source file {src}"]
+    # an edit in the last 100 seconds is not reported yet (Postfix's grace)
+    os.utime(src, (now - 50, now - 50))
+    w.clear()
+    HashTable(f"hash:{src}", str(src), warn=w.append, now=now).close()
+    assert w == []
+
+
+def test_get_table_reopens_after_rebuild(tmp_path):
+    clear_cache()
+    src = tmp_path / "map"
+    _build("hash", src, "a one\n")
+    t1 = get_table(f"hash:{src}")
+    assert t1.lookup("a") == "one"
+    assert get_table(f"hash:{src}") is t1
+    _build("hash", src, "a two\n")
+    t2 = get_table(f"hash:{src}")
+    assert t2 is not t1 and t2.lookup("a") == "two"
+    clear_cache()
+
+
+def test_get_table_texthash_reopen(tmp_path):
+    clear_cache()
+    src = tmp_path / "t"
+    src.write_text("a one\n")
+    assert get_table(f"texthash:{src}").lookup("a") == "one"
+    src.write_text("a two, longer\n")
+    assert get_table(f"texthash:{src}").lookup("a") == "two, longer"
+    clear_cache()
+
+
+def test_lmdb_grows_map(tmp_path, monkeypatch):
+    from postwell.tables import lmdbfile
+    monkeypatch.setattr(lmdbfile, "DEFAULT_MAP_SIZE", 64 * 1024)
+    src = tmp_path / "big"
+    _build("lmdb", src, "".join(f"key{i} {'v' * 200}{i}\n" for i in range(3000)))
+    t = open_table(f"lmdb:{src}")
+    assert t.lookup("key2999") == "v" * 200 + "2999"
+    t.close()
+
+
+# --- aliases --------------------------------------------------------------------------
+
+def test_parse_aliases():
+    w = []
+    text = ('# c\npostmaster: root\nRoot:   admin,  other@example.com\n"foo bar": x\n\t, y\n'
+            'list: :include:/etc/postfix/list.txt\npipe: "|/usr/bin/prog arg"\nnoval:\n'
+            'nocolon value\na3: a . b @ c\na6: /var/mail/file, \\user\n')
+    got = {n: v for _, n, v in parse_aliases(text, warn=w.append, path="al")}
+    assert got == {
+        "postmaster": "root", "root": "admin, other@example.com", "foo bar": "x, y",
+        "list": ":include:/etc/postfix/list.txt", "pipe": '"|/usr/bin/prog arg"',
+        "a3": "a.b@c", "a6": "/var/mail/file, user",
+    }
+    assert w == ["al, line 8: need name:value pair", "al, line 9: need name:value pair"]
+
+
+def test_normalize_value():
+    assert normalize_value(" Foo Bar <a@b>,,x") == "Foo Bar <a@b>, , x"
+    assert normalize_value("x@ex.com (Real Name)") == "x@ex.com (Real Name)"
+    assert normalize_value('"unterminated') == '"unterminated"'
