@@ -143,6 +143,23 @@ def process_tree(root_pid: int) -> list[int]:
     return [p for p in out if os.path.exists(f"/proc/{p}")]
 
 
+def pids_with_argument(arg: str) -> list[int]:
+    """Live processes (not us) whose argv contains ``arg`` exactly."""
+    want = arg.encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in argv and pid_alive(int(entry)):
+            out.append(int(entry))
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -287,7 +304,6 @@ class MtaInstance:
             "virtual_minimum_uid": "1",
             "biff": "no",
             "append_dot_mydomain": "no",
-            "smtputf8_enable": "no",
             # No outside DNS: a relay destination must never leave the machine.
             "disable_dns_lookups": "yes",
             "smtp_host_lookup": "native",
@@ -468,6 +484,10 @@ class PostwellInstance(MtaInstance):
                 wait_for(lambda: not pid_alive(pid), 10, 0.05, "postwell master to exit")
             if pid_alive(pid):
                 kill_tree(pid)
+        # A master that died before writing its pid file, or children it lost:
+        # anything still running with our (unique, temporary) config dir in argv.
+        for stray in pids_with_argument(str(self.config_dir)):
+            kill_tree(stray)
         self.running = False
 
     def reload(self) -> subprocess.CompletedProcess:

@@ -171,16 +171,25 @@ def test_final_line_without_newline_gets_one(tmp_path):
     assert content(store, cs.queue_id).endswith("\n\nno newline\n")
 
 
-def test_long_and_much_folded_headers_kept_whole(tmp_path):
-    # Postfix 3.7 with header_size_limit = 100 keeps both of these whole.
-    c, store, _ = make(tmp_path, {"header_size_limit": "100"})
-    long = b"X-Long: " + b"a" * 300 + b"\r\n\tcontinued " + b"b" * 300 + b"\r\n"
-    many = b"X-Many: first\r\n" + b"".join(b"\tcont%04d %s\r\n" % (i, b"c" * 60) for i in range(40))
-    cs, reply = submit(c, long + many + b"Subject: after\r\n\r\nbody\r\n", local=False, chunks=7)
+def _many(n):
+    return b"X-Many: a\r\n" + b"".join(b"\tcont%05d %s\r\n" % (i, b"c" * 60) for i in range(n))
+
+
+@pytest.mark.parametrize("limit,data,kept", [
+    # Postfix 3.7: line pieces of line_length_limit bytes; the folding newline
+    # counts; a piece that would pass the limit is dropped, with the rest of
+    # that header.
+    ("102400", b"X-Huge: " + b"h" * 150000 + b"\r\n", ["X-Huge: " + "h" * (102400 - 8)]),
+    ("102400", _many(2000), ["X-Many: a"] + ["\tcont%05d %s" % (i, "c" * 60) for i in range(1422)]),
+    ("3000", _many(2000), ["X-Many: a"] + ["\tcont%05d %s" % (i, "c" * 60) for i in range(41)]),
+    ("102400", b"X-Mid: " + b"m" * 5000 + b"\r\n", ["X-Mid: " + "m" * 5000]),
+])
+def test_header_size_limit_as_postfix(tmp_path, limit, data, kept):
+    c, store, _ = make(tmp_path, {"header_size_limit": limit})
+    cs, reply = submit(c, data + b"Subject: after\r\n\r\nbody\r\n", local=False, received=None,
+                       chunks=997)
     assert reply.code == 250
-    text = content(store, cs.queue_id)
-    expect = (long + many).replace(b"\r\n", b"\n").decode() + "Subject: after\n\nbody\n"
-    assert text.endswith(expect)
+    assert content(store, cs.queue_id) == "\n".join(kept) + "\nSubject: after\n\nbody\n"
 
 
 def test_header_lookahead_bounded(tmp_path):
@@ -336,7 +345,24 @@ def test_virtual_table_failure_defers(tmp_path):
     c, store, log = make(tmp_path, {"virtual_alias_maps": "hash:/nonexistent"})
     c._table_opener = lambda spec: Broken()
     cs, reply = submit(c, b"S: x\r\n\r\nb\r\n")
+    # Postfix 3.7's reply and warning for a table that cannot be read.
+    assert (reply.code, reply.enhanced, reply.text) == (451, "4.3.0", "Error: queue file write error")
+    assert log.lines[-1] == (f"warning: {cs.queue_id}: virtual_alias_maps map lookup problem for "
+                             "u@example.test -- message not accepted, try again later")
+    assert os.listdir(store.path("incoming")) == []
+
+
+def test_missing_table_file_defers(tmp_path):
+    pytest.importorskip("postwell.tables")
+    cfg = Config(str(tmp_path), {"myhostname": "mx.example.test",
+                                 "virtual_alias_maps": f"hash:{tmp_path}/nonexistent"}, {}, [])
+    store = QueueStore(str(tmp_path / "q"))
+    store.ensure_layout()
+    log = NullLog("cleanup")
+    c = Cleanup(cfg, store, log)
+    cs, reply = submit(c, b"S: x\r\n\r\nb\r\n")
     assert reply.code == 451 and os.listdir(store.path("incoming")) == []
+    assert any("map lookup problem for u@example.test" in line for line in log.lines)
 
 
 def expander(d, **kw):
@@ -446,3 +472,175 @@ def test_unqualified_envelope_addresses_get_myorigin(tmp_path):
     cs, reply = submit(c, b"Subject: s\r\n\r\nb\r\n", sender="")
     with store.open(cs.queue_id) as q:
         assert q.sender == ""
+
+
+def test_undecided_header_line_fed_bytewise_is_linear(tmp_path):
+    # 100 KB of header-name characters with no colon, one byte per write: must
+    # not rescan the buffer on every byte.
+    c, store, _ = make(tmp_path, {"message_size_limit": "0"})
+    cs = c.open(rewrite_local=False)
+    cs.set_sender("s@x")
+    cs.add_recipient("u@x")
+    t0 = time.monotonic()
+    for _ in range(102500):
+        cs.write(b"A")
+    cs.write(b"\r\nbody\r\n")
+    assert run(cs.finish()).code == 250
+    assert time.monotonic() - t0 < 20
+    assert content(store, cs.queue_id) == "\n" + "A" * 102500 + "\nbody\n"
+
+
+def test_name_then_blanks_then_colon_across_chunks(tmp_path):
+    c, store, _ = make(tmp_path)
+    cs, _ = submit(c, b"X-Odd  \t: v\r\nNot header line\r\n", chunks=1, local=False, received=None)
+    assert content(store, cs.queue_id) == "X-Odd  \t: v\n\nNot header line\n"
+
+
+# Header address rewriting for local clients: inputs and outputs observed on Postfix 3.7
+# (myorigin = ref.example.test).
+POSTFIX_REWRITES = [
+    (b"From: f, Joe <joe>, \"q u\"@x.test (c), g@h",
+     b"From: f@ref.example.test, Joe <joe@ref.example.test>,\n\t\"q u\"@x.test (c), g@h"),
+    (b"To: undisclosed:;, bob", b"To: undisclosed: ;, bob@ref.example.test"),
+    (b"Cc: a (comment) , <b>", b"Cc: a@ref.example.test (comment), <b@ref.example.test>"),
+    (b"Reply-To: r", b"Reply-To: r@ref.example.test"),
+    (b"From: Joe  <joe@x.test>", b"From: Joe  <joe@x.test>"),
+    (b"To: a@b.test,c@d.test", b"To: a@b.test,c@d.test"),
+    (b"From: host!user, a%b, \"q\\\"x\" <qq>, x@y.", b"From: user@host, a@b, \"q\\\"x\" <qq@ref.example.test>, x@y"),
+    (b"To: ,, a ,", b"To: , , a@ref.example.test, "),
+    (b"Cc: \"\" <c>, d (c1) (c2), \"Doe, John\" <jd>, <>",
+     b"Cc: \"\" <c@ref.example.test>, d@ref.example.test (c1) (c2),\n\t\"Doe, John\" <jd@ref.example.test>, <>"),
+    (b"Reply-To: Group: m1, m2@x.test;, Other:;", b"Reply-To: Group: m1@ref.example.test, m2@x.test;, Other: ;"),
+    (b"Sender: weird <a b>", b"Sender: weird <ab@ref.example.test>"),
+    (b"From: root (Cron Daemon)", b"From: root@ref.example.test (Cron Daemon)"),
+    (b"Errors-To: e", b"Errors-To: e@ref.example.test"),
+    (b"Disposition-Notification-To: dn", b"Disposition-Notification-To: dn@ref.example.test"),
+    (b"X-Addr: xa", b"X-Addr: xa"),
+]
+
+
+@pytest.mark.parametrize("given,expected", POSTFIX_REWRITES)
+def test_header_address_rewriting_matches_postfix(tmp_path, given, expected):
+    c, store, _ = make(tmp_path, {"myorigin": "ref.example.test"})
+    cs, _ = submit(c, given.replace(b"\n", b"\r\n") + b"\r\nSubject: s\r\n\r\nbody\r\n", chunks=4,
+                   received=None)
+    assert content(store, cs.queue_id).startswith(expected.decode() + "\nSubject: s\n")
+
+
+def test_no_header_rewriting_for_remote_clients(tmp_path):
+    c, store, _ = make(tmp_path)
+    data = b"From: root (Cron Daemon)\r\nTo: ,, a ,\r\n\r\nbody\r\n"
+    cs, _ = submit(c, data, local=False, received=None)
+    assert content(store, cs.queue_id) == "From: root (Cron Daemon)\nTo: ,, a ,\n\nbody\n"
+
+
+def test_return_path_and_content_length_dropped(tmp_path):
+    c, store, _ = make(tmp_path)
+    data = b"Return-Path: <rp@x.test>\r\nContent-Length: 42\r\nSubject: s\r\n\r\nbody\r\n"
+    for local in (True, False):
+        cs, _ = submit(c, data, local=local, received=None)
+        assert content(store, cs.queue_id).startswith("Subject: s\n")
+
+
+def test_oversized_address_header_passes_unchanged(tmp_path):
+    c, store, _ = make(tmp_path, {"header_size_limit": "200"})
+    to = b"To: " + b", ".join(b"u%d" % i for i in range(100))
+    cs, _ = submit(c, to + b"\r\n\r\nbody\r\n", received=None, chunks=50)
+    assert content(store, cs.queue_id).startswith(to.decode() + "\n")
+
+
+def test_envelope_bang_and_percent(tmp_path):
+    c, store, _ = make(tmp_path, {"myorigin": "o.test"})
+    cs, _ = submit(c, b"S: x\r\n\r\nb\r\n", rcpts=["host!user", "a%b", "x@y."], sender="s")
+    with store.open(cs.queue_id) as q:
+        assert q.sender == "s@o.test"
+        assert [r.address for r in q.recipients] == ["user@host", "a@b", "x@y"]
+
+
+def test_pattern_tables_see_whole_address_only():
+    import re as _re
+
+    def regexp_lookup(key):
+        m = _re.fullmatch(r"(?i)(.*)@old\.test", key)
+        return f"{m.group(1)}@new.test" if m else None
+    seen = []
+
+    def spy(key):
+        seen.append(key)
+        return None
+    e = VirtualAliasExpander([(spy, True), (regexp_lookup, True)], local_domain=lambda d: True)
+    assert e.expand("Joe@OLD.test") == ["Joe@new.test"]
+    assert seen == ["Joe@OLD.test", "Joe@new.test"]     # never "joe", "@old.test", ...
+
+
+def test_real_inline_table_integration(tmp_path):
+    pytest.importorskip("postwell.tables")
+    p = {"myhostname": "mx.example.test",
+         "virtual_alias_maps": "inline:{a@x.test=b@x.test, {l@x.test = m1@y.test, m2@y.test}}"}
+    cfg = Config(str(tmp_path), p, {}, [])
+    store = QueueStore(str(tmp_path / "q"))
+    store.ensure_layout()
+    c = Cleanup(cfg, store, NullLog("cleanup"))
+    cs, reply = submit(c, b"S: x\r\n\r\nb\r\n", rcpts=["A@x.test", "l@x.test", "z@x.test"])
+    assert reply.code == 250
+    with store.open(cs.queue_id) as q:
+        assert [r.address for r in q.recipients] == ["b@x.test", "m1@y.test", "m2@y.test", "z@x.test"]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_ALPHABET = st.sampled_from([b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b"a", b"B", b"Received: x",
+                             b"Message-Id: <m@x>", b"To: y", b"Bcc: z", b"\xc3\xa9", b"-"])
+
+
+def _process(data: bytes, cuts: list[int], limit: int) -> tuple[bytes, int, set]:
+    out = []
+    p = ContentProcessor(out.append, header_size_limit=limit,
+                         on_header_end=lambda proc: [b"X-Added: 1"],
+                         header_rewriter=lambda raw, n: raw.upper(), rewrite_names=frozenset({"to"}))
+    pos = 0
+    for c in sorted(set(cuts)):
+        if 0 < c < len(data):
+            p.feed(data[pos:c])
+            pos = c
+    p.feed(data[pos:])
+    p.finish()
+    return b"".join(out), p.hops, p.headers_seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ALPHABET, max_size=60).map(b"".join), st.lists(st.integers(0, 400), max_size=8),
+       st.sampled_from([5, 16, 102400]))
+def test_chunking_never_changes_the_result(data, cuts, limit):
+    whole = _process(data, [], limit)
+    split = _process(data, cuts, limit)
+    assert split == whole
+    out = whole[0]
+    assert b"\r" not in out
+    assert out.endswith(b"\n")
+    assert b"X-Added: 1\n" in out
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_first_client_line_rules(tmp_path, local):
+    # Checked against Postfix 3.7: a leading mbox "From " line (also ">From ")
+    # becomes X-Mailbox-Line:, only as the first line; a first line starting
+    # with white space does not continue the Received: header.
+    c, store, _ = make(tmp_path)
+    cases = [
+        (b"From someone Sun Nov 29 06:11:14 2026\r\nSubject: x\r\n\r\nb\r\n",
+         "X-Mailbox-Line: From someone Sun Nov 29 06:11:14 2026\nSubject: x\n"),
+        (b">From someone\r\nSubject: x\r\n\r\nb\r\n", "X-Mailbox-Line: >From someone\nSubject: x\n"),
+        (b"Subject: x\r\nFrom someone\r\n\r\nb\r\n", "Subject: x\n"),
+        (b"\tTab first\r\nSubject: x\r\n\r\nb\r\n", ""),
+    ]
+    for data, head in cases:
+        cs, _ = submit(c, data, local=local, chunks=3)
+        text = content(store, cs.queue_id).split("mx.example.test\n", 1)[1]
+        assert text.startswith(head)
+        if data.startswith(b"\t"):
+            assert "\n\n\tTab first\nSubject: x\n\nb\n" in "\n" + text
+        if data.startswith(b"Subject"):
+            assert "\n\nFrom someone\n\nb\n" in text
+        if local and data.startswith(b"From"):
+            assert "\nFrom: s@example.test\n" in text

@@ -148,6 +148,14 @@ def test_recursion_guard():
     assert "unreasonable macro call nesting" in str(ei.value)
 
 
+def test_expansion_stays_linear():
+    text = "".join(f"p{i} = $p{i + 1}$p{i + 1}\n" for i in range(60)) + "p60 = x\n"
+    # 2**60 expansions without memoization; instant with it.
+    assert cfg_of(text.replace("p60 = x", "p60 =")).get("p0") == ""
+    small = "".join(f"q{i} = $q{i + 1}$q{i + 1}\n" for i in range(10)) + "q10 = x\n"
+    assert cfg_of(small).get("q0") == "x" * 1024
+
+
 def test_undefined_callback_reports_names():
     seen = []
     assert expand("a $x ${y:z}", LOOK, undefined=seen.append) == "a  z"
@@ -315,7 +323,8 @@ def test_unused_and_user_defined_parameters(tmp_path):
         "/d/main.cf: unused parameter: x=a?b")
 
 
-def test_unimplemented_parameters(tmp_path):
+def test_unimplemented_parameters(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "IMPLEMENTED", set(registry.IMPLEMENTED))
     d = write(tmp_path, "myhostname = a.example\nbiff = no\nfoo = 1\n",
               "smtp inet n - n - - smtpd -o smtpd_tls_security_level=may\n")
     cfg = load_config(d)
@@ -326,6 +335,18 @@ def test_unimplemented_parameters(tmp_path):
         assert "biff" in names
     if "smtpd_tls_security_level" not in registry.IMPLEMENTED:
         assert "smtpd_tls_security_level" in names
+
+
+def test_implemented_suffix_patterns(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "IMPLEMENTED", set(registry.IMPLEMENTED))
+    d = write(tmp_path, "relay_transport_rate_delay = 1s\n", "relay unix - - n - - smtp\n")
+    cfg = load_config(d)
+    assert registry.is_implemented("relay_transport_rate_delay") is (
+        "relay_transport_rate_delay" in registry.IMPLEMENTED
+        or "*_transport_rate_delay" in registry.IMPLEMENTED)
+    registry.register_implemented("*_transport_rate_delay")
+    assert registry.is_implemented("relay_transport_rate_delay")
+    assert "relay_transport_rate_delay" not in registry.unimplemented_parameters(cfg)
 
 
 @pytest.mark.skipif(not os.path.exists(f"{STOCK}/main.cf.debian"), reason="no postfix package")

@@ -1,8 +1,10 @@
 """smtp(8) delivery agent against a scripted asyncio SMTP server on loopback."""
 
 import asyncio
+import base64
 import random
 import socket
+import ssl
 
 import pytest
 
@@ -25,7 +27,8 @@ class ScriptedServer:
 
     def __init__(self, *, greeting="220 mx.test ESMTP", ehlo=("PIPELINING", "SIZE 10240000",
                  "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"), rcpt=None, replies=None,
-                 hold_until_data=False, name="mx.test", close_after=None):
+                 hold_until_data=False, name="mx.test", close_after=None, tls=None,
+                 broken_tls=False, auth=None):
         self.greeting = greeting
         self.ehlo = list(ehlo)
         self.rcpt = rcpt or {}
@@ -33,6 +36,12 @@ class ScriptedServer:
         self.hold_until_data = hold_until_data
         self.name = name
         self.close_after = close_after
+        self.tls = tls                  # server SSLContext: offer STARTTLS
+        self.broken_tls = broken_tls    # say 220 to STARTTLS, then talk garbage
+        self.tls_sessions = []          # per connection: True once TLS is up
+        self.auth = auth                # user -> password; None: no AUTH offered
+        self.logins = []                # (mechanism, user, password) tried
+        self.auth_line = "AUTH PLAIN LOGIN"
         self.sessions = []          # one list of command lines per connection
         self.messages = []          # raw DATA bytes (still dot-stuffed, CRLF)
         self.server = None
@@ -53,6 +62,8 @@ class ScriptedServer:
     async def handle(self, reader, writer):
         lines = []
         self.sessions.append(lines)
+        self.tls_sessions.append(False)
+        tls_up = False
         held = []
 
         def send(text):
@@ -75,12 +86,56 @@ class ScriptedServer:
                     return
                 if verb == "EHLO":
                     r = self.reply("EHLO", None)
+                    ehlo = list(self.ehlo)
+                    if (self.tls or self.broken_tls) and not tls_up:
+                        ehlo.append("STARTTLS")
+                    if self.auth is not None:
+                        ehlo.append(self.auth_line)
                     if r:
                         send(r)
                     else:
-                        for kw in [self.name] + self.ehlo[:-1]:
+                        for kw in [self.name] + ehlo[:-1]:
                             send(f"250-{kw}")
-                        send(f"250 {self.ehlo[-1]}" if self.ehlo else f"250 {self.name}")
+                        send(f"250 {ehlo[-1]}" if ehlo else f"250 {self.name}")
+                elif verb == "AUTH":
+                    parts = line.split()
+                    mech = parts[1].upper()
+                    if mech == "PLAIN":
+                        if len(parts) > 2:
+                            blob = parts[2]
+                        else:
+                            send("334 ")
+                            await writer.drain()
+                            blob = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+                        fields = base64.b64decode(blob).split(b"\0")
+                        user, password = fields[1].decode(), fields[2].decode()
+                    else:
+                        send("334 VXNlcm5hbWU6")
+                        await writer.drain()
+                        raw_user = (await asyncio.wait_for(reader.readline(), 5)).strip()
+                        send("334 UGFzc3dvcmQ6")
+                        await writer.drain()
+                        raw_pw = (await asyncio.wait_for(reader.readline(), 5)).strip()
+                        user = base64.b64decode(raw_user).decode()
+                        password = base64.b64decode(raw_pw).decode()
+                    self.logins.append((mech, user, password))
+                    if (self.auth or {}).get(user) == password:
+                        send("235 2.7.0 Authentication successful")
+                    else:
+                        send(self.reply("AUTH", "535 5.7.8 Error: authentication failed: "
+                                                "authentication failure"))
+                elif verb == "STARTTLS":
+                    r = self.reply("STARTTLS", "220 2.0.0 Ready to start TLS")
+                    send(r)
+                    await writer.drain()
+                    if r.startswith("220"):
+                        if self.broken_tls:
+                            send("this is not a TLS handshake")
+                            await writer.drain()
+                            return
+                        await writer.start_tls(self.tls)
+                        tls_up = True
+                        self.tls_sessions[-1] = True
                 elif verb == "HELO":
                     send(self.reply("HELO", f"250 {self.name}"))
                 elif verb == "MAIL":
@@ -120,7 +175,7 @@ class ScriptedServer:
                         send(r)
                     held.clear()
                 await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
             pass
         finally:
             writer.close()
@@ -685,3 +740,75 @@ def test_mx_session_limit_and_final_soft_error():
     assert res[0].status == "deferred" and res[0].relay == "m2.test[127.0.0.12]:25"
     assert res[0].reason == ("host m2.test[127.0.0.12] said: 450 4.2.0 busy 1 "
                              "(in reply to RCPT TO command)")
+
+
+def test_multiline_and_odd_replies_worded_like_postfix():
+    srv = ScriptedServer(rcpt={"m@x.test": "550-5.1.1 first line\r\n550-5.1.1 second line\r\n"
+                                           "550 5.1.1 third",
+                               "n@x.test": "452 Too many",
+                               "o@x.test": "354 what"})
+
+    async def body(srv):
+        a = agent()
+        res = await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["m@x.test", "n@x.test",
+                                                                   "o@x.test", "ok@x.test"]))
+        a.close()
+        return res
+    res = run(with_server(srv, body))
+    said = "host 127.0.0.1[127.0.0.1] said: "
+    assert (res[0].status, res[0].dsn) == ("bounced", "5.1.1")
+    assert res[0].reason == (said + "550-5.1.1 first line 550-5.1.1 second line 550 5.1.1 third "
+                             "(in reply to RCPT TO command)")
+    assert (res[1].status, res[1].dsn) == ("deferred", "4.0.0")
+    assert (res[2].status, res[2].dsn) == ("bounced", "5.5.0")
+    assert res[3].status == "sent"
+
+
+def test_garbage_reply_line_skipped_with_warning():
+    srv = ScriptedServer(replies={"MAIL": "hello there\r\n250 2.1.0 Ok"})
+
+    async def body(srv):
+        log = NullLog("smtp")
+        a = SmtpDeliveryAgent(make_config(), FakeResolver({}), log, rng=random.Random(0),
+                              own_addresses=frozenset())
+        res = await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["a@x.test"]))
+        a.close()
+        return res, log
+    res, log = run(with_server(srv, body))
+    assert res[0].status == "sent"
+    assert (f"warning: ABC: non-ESMTP response from 127.0.0.1[127.0.0.1]:{srv.port}: hello there"
+            in log.lines)
+
+
+def test_bind_address():
+    srv = ScriptedServer()
+    peers = []
+    orig = srv.handle
+
+    async def handle(reader, writer):
+        peers.append(writer.get_extra_info("peername")[0])
+        await orig(reader, writer)
+    srv.handle = handle
+
+    async def body(srv):
+        a = agent(make_config(smtp_bind_address="127.0.0.2"))
+        res = await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["a@x.test"]))
+        await a.close_all()
+        return res
+    res = run(with_server(srv, body))
+    assert res[0].status == "sent" and peers == ["127.0.0.2"]
+
+
+def test_bind_address_unavailable_not_enforced():
+    srv = ScriptedServer()
+
+    async def body(srv):
+        log = NullLog("smtp")
+        a = SmtpDeliveryAgent(make_config(smtp_bind_address="192.0.2.123"), FakeResolver({}), log,
+                              rng=random.Random(0), own_addresses=frozenset())
+        res = await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["a@x.test"]))
+        await a.close_all()
+        return res, log
+    res, log = run(with_server(srv, body))
+    assert res[0].status == "sent"
+    assert any("bind 192.0.2.123" in line for line in log.lines)

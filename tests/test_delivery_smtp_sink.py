@@ -20,7 +20,8 @@ from postwell.dns import FakeResolver
 from postwell.log import NullLog
 
 SINK = "/usr/sbin/smtp-sink"
-pytestmark = pytest.mark.skipif(not os.access(SINK, os.X_OK), reason="smtp-sink not installed")
+pytestmark = [pytest.mark.postfix,
+              pytest.mark.skipif(not os.access(SINK, os.X_OK), reason="smtp-sink not installed")]
 
 
 def free_port():

@@ -9,6 +9,7 @@ by design and are not compared).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import smtplib
@@ -251,6 +252,31 @@ DIALOGUES = {
                                          "QUIT"], False),
     "xclient_xforward_unauthorised": ("default", [EHLO, "XCLIENT ADDR=192.0.2.1",
                                                   "XFORWARD ADDR=192.0.2.1", "QUIT"], False),
+    "mail_rcpt_without_brackets": ("default", [EHLO, "MAIL FROM:sender@example.org",
+                                               f"RCPT TO:alice@{VD}", "QUIT"], False),
+    "rcpt_source_route_and_case": ("default", [EHLO, MAIL, f"RCPT TO:<@relay.example:alice@{VD}>",
+                                               "RCPT TO:<ALICE@VIRTUAL.TEST>", "QUIT"], False),
+    "rcpt_null_and_bare_postmaster": ("default", [EHLO, MAIL, "RCPT TO:<>", "RCPT TO:<postmaster>",
+                                                  "QUIT"], False),
+    "rcpt_address_too_long": ("default", [EHLO, MAIL, f"RCPT TO:<{'a' * 600}@{VD}>", "QUIT"], False),
+    "rcpt_bad_dsn_parameters": ("default", [EHLO, MAIL, RCPT + " NOTIFY=BOGUS",
+                                            RCPT + " ORCPT=bogus", RCPT + " FOO=1", "QUIT"], False),
+    "mail_bad_size_and_auth": ("default", [EHLO, MAIL + " SIZE=abc", MAIL + " AUTH=<>", "QUIT"], False),
+    "mail_smtputf8": ("default", [EHLO, "MAIL FROM:<s\u00fc@example.org> SMTPUTF8", RCPT, "QUIT"], False),
+    "ehlo_resets_transaction": ("default", [EHLO, MAIL, EHLO, RCPT, "QUIT"], False),
+    "commands_with_stray_arguments": ("default", [EHLO, "NOOP hello", "RSET now", MAIL, RCPT,
+                                                  "DATA now", "QUIT now"], False),
+    "vrfy_without_argument": ("default", [EHLO, "VRFY", "VRFY <alice@virtual.test>", "QUIT"], False),
+    "etrn_domain": ("default", [EHLO, "ETRN example.test", "ETRN @example.test", "QUIT"], False),
+    "bdat_bad_size": ("default", [EHLO, MAIL, RCPT, "BDAT abc", "QUIT"], False),
+    "data_after_bdat_chunk": ("default", [EHLO, MAIL, RCPT, "BDAT 4\r\nab\r\n", "DATA", "QUIT"], False),
+    "foreign_address_tricks": ("foreign", [EHLO, MAIL, "RCPT TO:<x%elsewhere.example@mx.example.test>",
+                                           "RCPT TO:<elsewhere.example!x@mx.example.test>",
+                                           'RCPT TO:<"x@elsewhere.example"@mx.example.test>',
+                                           "RCPT TO:<x@elsewhere.example.>", "QUIT"], False),
+    "foreign_ip_literals": ("foreign", [EHLO, MAIL, "RCPT TO:<postmaster@[127.0.0.1]>",
+                                        "RCPT TO:<x@[10.0.0.1]>", "RCPT TO:<@mx.example.test:x@elsewhere.example>",
+                                        "QUIT"], False),
     "foreign_relay_denied": ("foreign", [EHLO, MAIL, "RCPT TO:<x@elsewhere.example>",
                                          "RCPT TO:<x@[192.0.2.1]>", RCPT, "QUIT"], False),
     "foreign_local_domain_ok": ("foreign", [EHLO, MAIL, "RCPT TO:<postmaster@mx.example.test>",
@@ -310,8 +336,7 @@ def test_reject_log_line_matches_reference(pairs, variant, lines, pattern):
 
 def test_pflogsumm_counts(mta):
     """pflogsumm, the classic Postfix log summariser, reads our log as it reads Postfix's."""
-    pflogsumm = shutil.which("pflogsumm") or ("/usr/sbin/pflogsumm" if shutil.os.path.exists(
-        "/usr/sbin/pflogsumm") else None)
+    pflogsumm = shutil.which("pflogsumm") or shutil.which("pflogsumm", path="/usr/sbin")
     if not pflogsumm:
         pytest.skip("pflogsumm is not installed")
     res = harness.smtp_source(mta.port, sessions=2, messages=20, size=1000, timeout=60)
@@ -330,3 +355,94 @@ def test_pflogsumm_counts(mta):
     assert (count("received"), count("delivered"), count("rejected \\(\\d+%\\)")) == (20, 20, 1), \
         cp.stdout[:3000]
     assert re.search(r"^\s*\d+\s+connections\s*$", cp.stdout, re.M), cp.stdout[:3000]
+
+
+def test_ehlo_keywords_match_reference(pairs):
+    ref, pw = pairs("default")
+    got = {}
+    for inst in (ref, pw):
+        replies = harness.dialogue(inst.port, [EHLO, "QUIT"])
+        got[inst.kind] = replies[1].lines[1:]
+    assert got["postwell"] == got["postfix"]
+
+
+def _normalise_delivered(data: bytes, qid: str) -> bytes:
+    data = data.replace(qid.encode(), b"QUEUEID")
+    data = re.sub(rb"\((?:Postfix|postwell)\)", b"(MTA)", data)
+    data = re.sub(rb"\w{3}, +\d+ \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4} \(\w+\)", b"DATE", data)
+    return re.sub(rb"<\d{14}\.QUEUEID@", b"<STAMP.QUEUEID@", data)
+
+
+def test_delivered_message_matches_reference(pairs):
+    """Same DATA in, same Maildir file out: header fix-ups, dot-unstuffing, long lines."""
+    ref, pw = pairs("default")
+    data = ["Subject: same-bytes", "X-Long: " + "h" * 100, "", "..leading dot", "...two dots",
+            "tab\there", "bare\rcr", "x" * 3000, "", "line after long", "."]
+    files = {}
+    for inst in (ref, pw):
+        replies = harness.dialogue(inst.port, [EHLO, MAIL, f"RCPT TO:<carol@{VD}>", "DATA",
+                                               *data, "QUIT"])
+        m = harness.QUEUED_RE.search(replies[-2].text)
+        assert m, [str(r) for r in replies]
+
+        def mine():
+            return [f for f in inst.maildir_messages("carol")
+                    if m.group(1).encode() in f.read_bytes()]
+        found = harness.wait_for(mine, 20, 0.05, f"{inst.kind} delivery to carol")
+        files[inst.kind] = _normalise_delivered(found[0].read_bytes(), m.group(1))
+    assert files["postwell"].decode("latin-1") == files["postfix"].decode("latin-1")
+
+
+def _session_log(inst, lines, pipelined=False) -> str:
+    """Run one dialogue and return the smtpd log lines it produced (prefix stripped)."""
+    before = os.path.getsize(inst.maillog) if inst.maillog.exists() else 0
+    harness.dialogue(inst.port, lines, pipelined=pipelined, timeout=10)
+
+    def grab():
+        with open(inst.maillog, "rb") as f:
+            f.seek(before)
+            text = f.read().decode("utf-8", "replace")
+        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from ", text) else None
+    return harness.wait_for(grab, 10, 0.05, f"{inst.kind} disconnect line")
+
+
+@pytest.mark.parametrize("name", sorted(DIALOGUES))
+def test_disconnect_log_matches_reference(pairs, name):
+    """The per-command counters in "disconnect from ... commands=N/M" (pflogsumm and
+    fail2ban-style tools read them) and the NOQUEUE reject lines match Postfix's."""
+    variant, lines, pipelined = DIALOGUES[name]
+    ref, pw = pairs(variant)
+    shapes = {}
+    for inst in (ref, pw):
+        text = _session_log(inst, lines, pipelined)
+        keep = [_strip_prefix(ln) for ln in text.splitlines()
+                if re.search(r"postfix/smtpd\[\d+\]: (disconnect from|NOQUEUE: )", ln)]
+        shapes[inst.kind] = keep
+    assert shapes["postwell"] == shapes["postfix"]
+
+
+def test_console_script_start_status_stop(tmp_path):
+    """The installed `postwell` script drives an instance like `postfix -c DIR` does."""
+    script = shutil.which("postwell")
+    if not script:
+        pytest.skip("the postwell console script is not installed (pip install -e .)")
+    inst = harness.PostwellInstance(tmp_path)
+    try:
+        def run(*args):
+            return subprocess.run([script, "-c", str(inst.config_dir), *args], capture_output=True,
+                                  text=True, timeout=60, stdin=subprocess.DEVNULL)
+        cp = run("start")
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        inst.running = True
+        harness.wait_banner(inst.port)
+        assert run("status").returncode == 0
+        pids = inst.processes()
+        cp = run("stop")
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        harness.wait_for(lambda: not any(harness.pid_alive(p) for p in pids), 15, 0.05,
+                         "postwell to stop")
+        inst.running = False
+        assert run("status").returncode != 0
+    finally:
+        inst.stop()
+        inst.cleanup()

@@ -122,12 +122,16 @@ class Instance:
         self.port = free_port()
         self.mail = os.path.join(self.dir, "mail")
         os.mkdir(self.mail, 0o755)
-        os.chown(self.mail, self.owner.pw_uid, self.owner.pw_gid) if os.geteuid() == 0 else None
+        # As root the mailboxes belong to another account than mail_owner (nobody),
+        # which only the privileged virtual helper can write as.
+        self.box_uid, self.box_gid = ((65534, 65534) if os.geteuid() == 0
+                                      else (self.owner.pw_uid, self.owner.pw_gid))
+        if os.geteuid() == 0:
+            os.chown(self.mail, self.box_uid, self.box_gid)
         self.write_main()
         self.write_master([f"127.0.0.1:{self.port} inet n - n - 2 smtpd"])
 
     def write_main(self, extra=""):
-        uid = self.owner.pw_uid if self.owner.pw_uid >= 100 else 5000
         text = textwrap.dedent(f"""\
             queue_directory = {self.dir}/queue
             data_directory = {self.dir}/data
@@ -138,8 +142,8 @@ class Instance:
             virtual_mailbox_domains = demo.test
             virtual_mailbox_maps = inline:{{alice@demo.test=alice/}}
             virtual_mailbox_base = {self.mail}
-            virtual_uid_maps = static:{uid}
-            virtual_gid_maps = static:{self.owner.pw_gid}
+            virtual_uid_maps = static:{self.box_uid}
+            virtual_gid_maps = static:{self.box_gid}
             virtual_minimum_uid = 1
             """) + extra
         with open(os.path.join(self.etc, "main.cf"), "w") as f:
@@ -227,12 +231,15 @@ def test_start_status_stop(inst):
     assert "postfix/master[" in log and "daemon started -- version" in log
     # one warning for the unsupported pipe service, none for the mapped internals
     assert log.count("service maildrop") == 1 and "service cleanup" not in log
-    assert wait_for(lambda: len(inst.children()) == 3)   # 2 smtpd + qmgr
+    # 2 smtpd + qmgr (+ the root virtual helper when running as root)
+    assert wait_for(lambda: len(inst.children()) == 3 + (os.geteuid() == 0))
     if os.geteuid() == 0:
+        uids = []
         for child in inst.children():
             with open(f"/proc/{child}/status") as f:
-                uids = [l for l in f if l.startswith("Uid:")][0].split()[1:]
-            assert set(uids) == {str(inst.owner.pw_uid)}
+                uids.append(set([l for l in f if l.startswith("Uid:")][0].split()[1:]))
+        assert uids.count({"0"}) == 1                     # only the virtual helper
+        assert uids.count({str(inst.owner.pw_uid)}) == 3  # smtpd x2 + qmgr as mail_owner
     r = inst.run("start")
     assert r.returncode == 1 and "already running" in r.stderr
     r = inst.run("stop")
@@ -297,11 +304,12 @@ def _connects(port):
 
 def test_crashed_child_is_restarted(inst):
     assert inst.run("start").returncode == 0
-    assert wait_for(lambda: len(inst.children()) == 3)
+    n = 3 + (os.geteuid() == 0)
+    assert wait_for(lambda: len(inst.children()) == n)
     time.sleep(1.2)   # a child dying right at start-up would throttle the service instead
     victim = inst.children()[0]
     os.kill(victim, signal.SIGKILL)
-    assert wait_for(lambda: victim not in inst.children() and len(inst.children()) == 3)
+    assert wait_for(lambda: victim not in inst.children() and len(inst.children()) == n)
     assert f"pid {victim} killed by signal 9" in inst.log()
     assert smtp_banner(inst.port).startswith(b"220")
     assert inst.run("abort").returncode == 0
@@ -328,4 +336,31 @@ def test_end_to_end_virtual_delivery(inst):
     assert f"postfix/qmgr[" in log and f"{msg.queue_id}: from=<bob@remote.test>, size=20, nrcpt=1 (queue active)" in log
     assert "postfix/virtual[" in log and f"{msg.queue_id}: to=<alice@demo.test>, relay=virtual, delay=" in log
     assert "status=sent (delivered to maildir)" in log
+    st = os.stat(os.path.join(new, os.listdir(new)[0]))
+    assert (st.st_uid, st.st_gid) == (inst.box_uid, inst.box_gid)
+    assert inst.run("stop").returncode == 0
+
+
+def test_children_exit_when_master_is_killed(inst):
+    assert inst.run("start").returncode == 0
+    n = 3 + (os.geteuid() == 0)
+    assert wait_for(lambda: len(inst.children()) == n)
+    children = inst.children()
+    os.kill(inst.master_pid(), signal.SIGKILL)
+
+    def gone():
+        for c in children:
+            try:
+                with open(f"/proc/{c}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        return False
+            except OSError:
+                continue
+        return True
+    assert wait_for(gone, 70), [(c, open(f"/proc/{c}/status").read()[:300]) for c in children
+                                if os.path.exists(f"/proc/{c}")]
+    # A fresh start works: no orphan holds the port, the stale pid file is ignored.
+    r = inst.run("start")
+    assert r.returncode == 0, r.stderr
+    assert smtp_banner(inst.port).startswith(b"220")
     assert inst.run("stop").returncode == 0

@@ -728,3 +728,69 @@ def test_reference_vrfy():
 def test_bad_mynetworks_is_config_error():
     with pytest.raises(PolicyConfigError):
         make_policy({"mynetworks": "10.0.0.0/40"})
+
+
+@pytest.mark.parametrize("restriction,src,expected", [
+    # Postfix 3.7.11, smtpd_peername_lookup = no (client name "unknown")
+    ("reject_unknown_client_hostname", "127.0.0.1",
+     "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
+    ("reject_unknown_reverse_client_hostname", "127.0.0.1",
+     "450 4.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]"),
+    ("sleep 1, reject_unauth_pipelining, permit_inet_interfaces, reject", "127.0.0.1", None),
+    ("permit_inet_interfaces, reject", "127.0.0.5",
+     "554 5.7.1 <unknown[127.0.0.5]>: Client host rejected: Access denied"),
+])
+def test_reference_client_restrictions(restriction, src, expected):
+    p = make_policy({"smtpd_client_restrictions": restriction})
+    assert rcpt_reply(p, "user@example.com", client_addr=src) == expected
+
+
+def test_self_referencing_class_is_bounded():
+    log = NullLog()
+    p = make_policy({"smtpd_restriction_classes": "loop", "loop": "loop",
+                     "smtpd_recipient_restrictions": "loop"}, log=log)
+    assert rcpt_reply(p, "user@example.com") == "451 4.3.5 Server configuration error"
+    assert any("unreasonable recursion" in line for line in log.lines)
+    p = make_policy({"smtpd_recipient_restrictions": "check_recipient_access hash:/x/self"},
+                    {"hash:/x/self": DictTable({"example.com": "check_recipient_access hash:/x/self"})})
+    assert rcpt_reply(p, "user@example.com") == "451 4.3.5 Server configuration error"
+
+
+def test_mailhost_lookup_adapter():
+    from postwell.dns import FakeResolver
+    from postwell.policy.dnscheck import mailhost_lookup
+    fake = FakeResolver({("mx.example", "MX"): [(10, "mail.mx.example")],
+                         ("a-only.example", "A"): ["192.0.2.1"],
+                         ("nullmx.example", "MX"): [(0, ".")],
+                         ("nodata.example", "TXT"): ["x"],
+                         ("fail.example", "MX"): "SERVFAIL", ("fail.example", "A"): "SERVFAIL",
+                         ("fail.example", "AAAA"): "SERVFAIL"})
+    look = mailhost_lookup(fake)
+    got = {d: run(look(d)) for d in ("mx.example", "a-only.example", "nullmx.example", "nodata.example",
+                                     "fail.example", "nx.example")}
+    assert got == {"mx.example": "ok", "a-only.example": "ok", "nullmx.example": "nullmx",
+                   "nodata.example": "notfound", "fail.example": "retry", "nx.example": "notfound"}
+
+
+def test_unknown_recipient_domain_nullmx():
+    async def lookup(domain):
+        return "nullmx"
+    params = dict(BASE)
+    params.update({"smtpd_recipient_restrictions": "reject_unknown_recipient_domain",
+                   "smtpd_relay_restrictions": "permit"})
+    params["smtpd_recipient_restrictions"] += ", reject_unauth_destination"
+    cfg = Config("/nonexistent", params, {}, [])
+    p = SmtpdPolicy(cfg, NullLog(), tables=TABLES, mailhost_lookup=lookup,
+                    own_addresses=OwnAddresses(cfg, system_addresses=lambda: ["127.0.0.1"]))
+    assert str(run(rcpt(p, session(), "x@other.org"))) == \
+        "556 5.1.10 <x@other.org>: Recipient address rejected: Domain other.org does not accept mail (nullMX)"
+
+
+def test_relay_before_recipient_order():
+    extra = {"smtpd_relay_restrictions": "reject_unauth_destination",
+             "smtpd_recipient_restrictions": "check_recipient_access hash:/x/o"}
+    t = {"hash:/x/o": DictTable({"x@other.org": "REJECT custom"})}
+    p = make_policy(extra, t)
+    assert rcpt_reply(p, "x@other.org") == "554 5.7.1 <x@other.org>: Relay access denied"
+    p = make_policy(dict(extra, smtpd_relay_before_recipient_restrictions="no"), t)
+    assert rcpt_reply(p, "x@other.org") == "554 5.7.1 <x@other.org>: Recipient address rejected: custom"

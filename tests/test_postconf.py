@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -22,6 +23,16 @@ need_stock = pytest.mark.skipif(not os.path.exists(f"{STOCK}/master.cf.dist"),
 DELIBERATE = ("mail_name", "process_id", "process_name", "smtpd_forbid_bare_newline",
               "compatibility_level", "milter_macro_v", "smtpd_banner",
               "postscreen_greet_banner", "debugger_command")
+
+
+def age(directory) -> None:
+    """Postfix re-reads a main.cf younger than a few seconds (waits for the
+    editor to finish); back-date the files so the reference answers at once."""
+    old = time.time() - 60
+    for name in ("main.cf", "master.cf"):
+        path = os.path.join(str(directory), name)
+        if os.path.exists(path):
+            os.utime(path, (old, old))
 
 
 def ours(*args: str) -> tuple[int, str, str]:
@@ -80,6 +91,7 @@ def confdir(tmp_path):
                 (tmp_path / "master.cf").write_text("")
         else:
             (tmp_path / "master.cf").write_text(master)
+        age(tmp_path)
         return str(tmp_path)
     return make
 
@@ -163,6 +175,7 @@ def test_master_normalized_columns(confdir):
 def test_stock_files_like_postfix(tmp_path, main, args):
     shutil.copy(f"{STOCK}/{main}", tmp_path / "main.cf")
     shutil.copy(f"{STOCK}/master.cf.dist", tmp_path / "master.cf")
+    age(tmp_path)
     # main.cf.dist sets no compatibility_level: mynetworks_style differs by design.
     same("-c", str(tmp_path), *args, mynetworks_differs=(main == "main.cf.dist"))
 
@@ -204,6 +217,7 @@ def _two_dirs(tmp_path, main=EDIT_MAIN):
             shutil.copy(f"{STOCK}/master.cf.dist", d / "master.cf")
         else:
             (d / "master.cf").write_text("smtp inet n - n - - smtpd\n")
+        age(d)
         dirs.append(str(d))
     return dirs
 
@@ -278,4 +292,79 @@ def test_long_values_not_folded_unless_f(tmp_path):
     _, out, _ = ours("-c", str(tmp_path), "mydestination")
     assert out == f"mydestination = {long}\n"
     _, out, _ = ours("-c", str(tmp_path), "-f", "mydestination")
-    assert all(len(x) < 80 for x in out.splitlines()) and "\n    word" in out
+    assert all(len(x) <= 80 for x in out.splitlines()) and "\n    word" in out
+
+
+FOLD_MAIN = ("mydestination = " + " ".join(f"word{i}" for i in range(40)) + "\n"
+             "smtpd_recipient_restrictions = " + ", ".join(
+                 f"check_recipient_access hash:/etc/postfix/very/long/path/number{i}"
+                 for i in range(4)) + "\n"
+             "alias_maps = " + "x" * 100 + " y\n")
+FOLD_MASTER = ("long unix - n n - - pipe flags=R user=x argv=/bin/some/long/program/name "
+               "${nexthop} ${user} ${extension} more words and more words and more words\n"
+               "abcd unix - n n - - pipe flags=R user=xy argv=/bin/some/progr\n"
+               "mailman unix - n n - - pipe\n"
+               "  flags=FRX user=list argv=/usr/lib/mailman/bin/postfix-to-mailman.py"
+               " ${nexthop} ${user}\n")
+
+
+@need_ref
+def test_folding_like_postfix(confdir):
+    d = confdir(FOLD_MAIN, FOLD_MASTER)
+    same("-c", d, "-nf")
+    same("-c", d, "-Mf")
+
+
+@need_ref
+@pytest.mark.parametrize("args", [
+    ("-F",), ("-F", "relay/unix", "smtp/inet/command", "pickup/unix/wakeup"),
+    ("-Fh", "relay/unix/command"), ("-F", "//command"), ("-F", "smtp//command"),
+    ("-M", "relay", "relay"), ("-M", "/inet"), ("-P", "relay/"), ("-P", "//syslog_name"),
+])
+def test_master_queries_like_postfix(confdir, args):
+    if not os.path.exists(f"{STOCK}/master.cf.dist"):
+        pytest.skip("no stock master.cf")
+    d = confdir("compatibility_level = 3.6\n")
+    same("-c", d, *args)
+
+
+@need_ref
+@pytest.mark.parametrize("args", [("-n",), ("-M",), ("-P",), ("-F", "smtp/inet/type")])
+def test_master_warnings_like_postfix(confdir, args):
+    d = confdir("mua_client_restrictions = reject\nfoo = bar\nzz = $undefm\n",
+                "smtp inet n - n - - smtpd\n"
+                "  -o smtpd_x=1 -o smtpd_client_restrictions=$mua_client_restrictions"
+                " -o y=$undefz\n")
+    same("-c", d, *args)
+
+
+def test_lock_and_map_types(tmp_path):
+    rc, out, _ = ours("-l")
+    assert rc == 0 and out.split() == ["flock", "fcntl", "dotlock"]
+    rc, out, _ = ours("-m")
+    assert rc == 0 and "hash" in out.split() and "inline" in out.split()
+
+
+def test_edit_master_parameters(tmp_path):
+    (tmp_path / "main.cf").write_text("")
+    (tmp_path / "master.cf").write_text(
+        "# services\nsmtp inet n - n - - smtpd\n"
+        "relay unix - - n - - smtp\n  -o syslog_name=postfix/$service_name\n"
+        "maildrop unix - n n - - pipe\n  flags=DRXhu user=vmail argv=/usr/bin/maildrop\n")
+    d = str(tmp_path)
+    assert ours("-c", d, "-Pe", "relay/unix/syslog_name=foo", "smtp/inet/smtpd_banner=hi")[0] == 0
+    assert ours("-c", d, "-P")[1] == ("smtp/inet/smtpd_banner = hi\n"
+                                      "relay/unix/syslog_name = foo\n")
+    assert ours("-c", d, "-PX", "relay/unix/syslog_name")[0] == 0
+    assert ours("-c", d, "-P")[1] == "smtp/inet/smtpd_banner = hi\n"
+    rc, _, err = ours("-c", d, "-Pe", "smtp/inet/smtpd_banner=a b")
+    assert rc == 1 and "does not accept whitespace" in err
+    text = (tmp_path / "master.cf").read_text()
+    assert text.startswith("# services\n") and "argv=/usr/bin/maildrop" in text
+
+
+def test_defaults_without_main_cf(tmp_path):
+    rc, out, _ = ours("-c", str(tmp_path), "-d", "mail_version")
+    assert rc == 0 and out == "mail_version = 3.7.11\n"
+    rc, _, err = ours("-c", str(tmp_path), "-n")
+    assert rc == 1 and err == f"postconf: fatal: open {tmp_path}/main.cf: No such file or directory\n"

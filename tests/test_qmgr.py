@@ -331,3 +331,69 @@ def test_concurrency_limit_per_destination(env):
     run(go())
     assert state["peak"] == 2
     assert env.store.scan("incoming") == [] and env.store.scan("active") == []
+
+
+def test_notify_never_suppresses_notice(env):
+    msg = env.store.create()
+    msg.set_sender("s@x.test")
+    msg.add_recipient("u@bad.test", notify="NEVER")
+    msg.add_recipient("v@bad.test", notify="SUCCESS")
+    msg.write(b"Subject: t\n\nx\n")
+    msg.commit()
+    qm = env.make()
+
+    async def go():
+        qm.scan_incoming()
+        await qm.drain()
+    run(go())
+    assert env.store.find(msg.queue_id) is None
+    assert env.store.scan("incoming") == []       # no notice at all
+    assert sum("status=bounced" in l for l in env.logs["error"].lines) == 2
+
+
+def test_dead_destination_is_not_retried_until_backoff(env):
+    calls = []
+
+    class Refused(DeliveryAgent):
+        async def deliver(self, req):
+            calls.append(req.queue_id)
+            return [RecipientResult.deferred(r, "connect to mx.far.test[192.0.2.1]:25: Connection refused",
+                                             "none", "4.4.1") for r in req.recipients]
+
+    class R:
+        def resolve(self, a):
+            return SimpleNamespace(address_class="default", transport="smtp", nexthop="far.test",
+                                   recipient=a)
+    q1 = queue(env.store, "s@x.test", ["a@far.test"])
+    qm = env.make()
+    qm.resolver = R()
+    qm._agents["smtp"] = Refused(env.cfg)
+
+    async def go():
+        qm.scan_incoming()
+        await qm.drain()
+        queue(env.store, "s@x.test", ["b@far.test"])
+        qm.scan_incoming()
+        await qm.drain()
+    run(go())
+    assert calls == [q1]
+    assert any("status=deferred (delivery temporarily suspended: connect to mx.far.test[192.0.2.1]:25: "
+               "Connection refused)" in l for l in env.logs["smtp"].lines)
+    assert len(env.store.scan("deferred")) == 2
+
+
+def test_corrupt_file_moved_aside(env):
+    qid = queue(env.store, "s@x.test", ["a@ok.test"], queue_name="active")
+    path = env.store.path("active", qid)
+    with open(path, "r+b") as f:     # break the header CRC, keep the "complete" mode bit
+        f.seek(8)
+        f.write(b"\xff\xff\xff\xff")
+    qm = env.make()
+
+    async def go():
+        qm.recover_active()
+        await qm.drain()
+    run(go())
+    assert env.store.scan("corrupt") == [qid]
+    assert env.ok.calls == []
+    assert any("moving to corrupt queue" in l for l in env.qm_log.lines)

@@ -199,3 +199,21 @@ def test_recipient_delimiter_lookup():
     res = make({"local_recipient_maps": "hash:/x/users", "recipient_delimiter": "+"},
                {"hash:/x/users": DictTable({"alice": "x"})})
     assert res.recipient_known(res.resolve("alice+tag@example.com")) == (True, None)
+
+
+@pytest.mark.parametrize("external,internal", [
+    ('"user@other.org"@example.com', "user@other.org@example.com"),
+    ('"a b"@example.com', "a b@example.com"),
+    ('"a\\"b"@example.com', 'a"b@example.com'),
+    ("plain@example.com", "plain@example.com"),
+])
+def test_external_quoted_forms_are_internalised(external, internal):
+    from postwell.policy.resolve import to_internal
+    assert to_internal(external) == internal
+    res = make()
+    assert res.resolve(external) == res.resolve(internal)
+
+
+def test_quoted_relay_trick_in_external_form_is_refused():
+    r = make().resolve('"user@other.org"@example.com')
+    assert r.address_class == "default" and r.domain == "other.org"

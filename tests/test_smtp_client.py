@@ -2,8 +2,8 @@
 
 import pytest
 
-from postwell.smtp.client import (NEED_DATA, ConnectionClosed, ContentWanted, Envelope, Greeting,
-                                  HelloDone, MailReply, MessageDone, ProtocolError, QuitDone,
+from postwell.smtp.client import (NEED_DATA, ConnectionClosed, ContentWanted, Envelope, Extensions,
+                                  Greeting, HelloDone, IgnoredLine, TlsRefused, TlsWanted, MailReply, MessageDone, ProtocolError, QuitDone,
                                   RcptReply, Recipient, Rejected, RsetDone, SmtpClient,
                                   SmtpClientError, TransactionFailed, parse_ehlo, quote_address,
                                   xtext, needs_smtputf8)
@@ -110,7 +110,10 @@ def test_pipelined_transaction_with_params_and_partial_rejection():
     assert isinstance(evs[0], MailReply)
     assert isinstance(evs[1], RcptReply) and evs[1].reply.code == 250
     assert isinstance(evs[2], RcptReply) and evs[2].index == 1
-    assert evs[2].reply == Reply(550, "<b@x.org>: Recipient address rejected: User unknown", "5.1.1")
+    r = evs[2].reply
+    assert (r.code, r.enhanced, r.text) == (550, "5.1.1",
+                                            "<b@x.org>: Recipient address rejected: User unknown")
+    assert str(r) == "550 5.1.1 <b@x.org>: Recipient address rejected: User unknown"
     assert evs[2].command == "RCPT TO"
     assert isinstance(evs[3], ContentWanted)
     c.send_content(b"Subject: t\n\n.hidden\nline")
@@ -314,17 +317,42 @@ def test_enhanced_code_only_when_class_matches():
     assert ev.reply.enhanced is None and ev.reply.text == "4.1.1 odd"
 
 
-@pytest.mark.parametrize("garbage", [b"hello there\r\n", b"2500 x\r\n", b"\x00\xff\r\n",
-                                     b"250-a\r\n251 b\r\n"])
-def test_garbage_is_protocol_error(garbage):
+@pytest.mark.parametrize("garbage", [b"hello there\r\n", b"2500 x\r\n", b"\x00\xff\r\n", b"\r\n"])
+def test_garbage_lines_are_skipped_like_postfix(garbage):
     c = SmtpClient("me")
     c.receive_data(b"220 x\r\n")
     c.data_to_send()
-    c.receive_data(garbage)
+    c.receive_data(garbage + b"250 x\r\n")
+    evs = events(c)
+    assert isinstance(evs[-2], IgnoredLine) and not evs[-2].pipelining
+    assert isinstance(evs[-1], HelloDone) and c.usable
+
+
+def test_garbage_flood_is_protocol_error():
+    c = SmtpClient("me")
+    c.receive_data(b"220 x\r\n")
+    c.data_to_send()
+    c.receive_data(b"junk\r\n" * 500)
     evs = events(c)
     assert isinstance(evs[-1], ProtocolError)
     assert evs[-1].stage == "performing the EHLO handshake"
     assert not c.usable
+
+
+def test_multiline_reply_keeps_raw_lines_and_last_code():
+    c = SmtpClient("me")
+    c.receive_data(b"220 x\r\n")
+    c.data_to_send()
+    c.receive_data(b"250-a\r\n251 b\r\n")
+    ev = events(c)[-1]
+    assert isinstance(ev, HelloDone) and ev.reply.code == 251
+    c = ready()
+    c.start_transaction(env("a@x"))
+    c.data_to_send()
+    c.receive_data(b"250 ok\r\n550-5.1.1 first\r\n550 5.1.1 second\r\n")
+    r = events(c)[-1].reply
+    assert r.text == "first\nsecond" and r.enhanced == "5.1.1"
+    assert str(r) == "550-5.1.1 first 550 5.1.1 second"     # as Postfix quotes it
 
 
 def test_overlong_reply_line_bounded():
@@ -391,3 +419,33 @@ def test_null_sender_and_quoting():
     assert quote_address("a.b@x") == "a.b@x"
     assert quote_address('a"b@x') == '"a\\"b"@x'
     assert xtext("a+b=c d") == "a+2Bb+3Dc+20d"
+
+
+def test_starttls_discards_plaintext_after_220_and_says_ehlo_again():
+    c = ready()
+    c.starttls()
+    assert c.data_to_send() == b"STARTTLS\r\n"
+    # An attacker appends a forged reply to the 220 (CVE-2011-0411 pattern).
+    c.receive_data(b"220 2.0.0 Ready\r\n250-forged\r\n250 AUTH PLAIN\r\n")
+    evs = events(c)
+    assert isinstance(evs[-1], TlsWanted)
+    c.tls_established()
+    assert c.data_to_send() == b"EHLO client.example.com\r\n"
+    assert c.extensions == Extensions()
+    c.receive_data(b"250-mx\r\n250 PIPELINING\r\n")
+    ev = events(c)[-1]
+    assert isinstance(ev, HelloDone) and c.tls and c.extensions.pipelining
+    assert not c.extensions.auth
+    with pytest.raises(SmtpClientError):
+        c.starttls()                     # once per connection
+
+
+def test_starttls_refused_keeps_connection():
+    c = ready()
+    c.starttls()
+    c.data_to_send()
+    c.receive_data(b"454 4.7.0 TLS not available\r\n")
+    assert isinstance(events(c)[-1], TlsRefused) and c.usable and not c.tls
+    c = ready(EHLO_PLAIN)
+    with pytest.raises(SmtpClientError):
+        c.starttls()                     # not offered

@@ -8,6 +8,7 @@ import socket
 import shutil
 import stat
 import tempfile
+import time
 
 import pytest
 
@@ -163,3 +164,33 @@ def test_delivered_to_loop_bounces(tmp_path):
 def test_limit_below_message_size_limit_refuses(tmp_path):
     with pytest.raises(ValueError, match="virtual_mailbox_limit is smaller than message_size_limit"):
         make_agent(tmp_path, virtual_mailbox_limit="1000")
+
+
+def test_mbox_stale_dotlock_is_broken(tmp_path):
+    agent = make_agent(tmp_path)
+    d = tmp_path / "mail" / "demo.test"
+    d.mkdir(parents=True)
+    if os.getuid() == 0:
+        os.chown(d, UID, GID)
+    lock = d / "bob.lock"
+    lock.write_text("")
+    old = time.time() - 1000
+    os.utime(lock, (old, old))
+    [res] = run(agent, request(["bob@demo.test"]))
+    assert res.status == "sent", res.reason
+    assert not lock.exists()
+
+
+def test_mbox_refuses_symlink(tmp_path):
+    agent = make_agent(tmp_path)
+    d = tmp_path / "mail" / "demo.test"
+    d.mkdir(parents=True)
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    os.symlink(target, d / "bob")
+    if os.getuid() == 0:
+        os.chown(d, UID, GID)
+        os.lchown(d / "bob", UID, GID)
+    [res] = run(agent, request(["bob@demo.test"]))
+    assert res.status == "deferred"
+    assert target.read_text() == ""

@@ -1,9 +1,32 @@
-"""postwell.cleanup: Postfix's cleanup(8) as a library (header fix-ups, size
-limit, virtual alias expansion, the durable queue write)."""
+"""postwell.cleanup: Postfix's cleanup(8) as a library.
+
+``Cleanup(config, store, log)``; ``cs = cleanup.open(rewrite_local)`` creates
+the queue file (queue id known at once); ``set_sender`` / ``add_recipient`` /
+``set_attribute`` / ``prepend_header`` / ``write``; ``await cs.finish()``
+answers only after the durable commit (``finish_sync()`` without a loop).
+
+What it does to a message, each point checked against Postfix 3.7:
+
+* line ends: CRLF and LF become LF, a bare CR becomes a space;
+* envelope addresses: local-context rewriting for every client (append
+  @$myorigin, ``host!user``, ``user%domain``, trailing dots);
+* header block: streamed, never held whole; Bcc, Resent-Bcc, Return-Path and
+  Content-Length removed; a leading mbox ``From `` line becomes
+  X-Mailbox-Line:; a first line starting with white space starts the body;
+  a non-header line ends the header block (an empty line is inserted);
+* for local clients (local_header_rewrite_clients, decided by the smtpd) or
+  always_add_missing_headers = yes: address headers rewritten (canonical
+  Postfix form only when an address changes) and missing (Resent-)Message-Id,
+  Date, From added; undisclosed_recipients_header when set;
+* ``ID: message-id=...`` log line (``<>`` when none), hopcount_limit
+  (554 5.4.0), message_size_limit over the whole queue file (552 5.3.4
+  "Error: message file too big"), virtual_alias_maps expansion (451 4.6.0 on
+  limits/loops, 451 4.3.0 on table failure), Postfix's duplicate filter.
+"""
 
 from .headers import ContentProcessor  # noqa: F401
 from .service import (  # noqa: F401
     REPLY_ALIAS_ERROR, REPLY_TOO_BIG, REPLY_TOO_MANY_HOPS, REPLY_WRITE_ERROR, Cleanup,
     CleanupSession, mail_date,
 )
-from .virtual import AliasExpansionError, VirtualAliasExpander  # noqa: F401
+from .virtual import AliasExpansionError, AliasLookupError, VirtualAliasExpander  # noqa: F401

@@ -16,8 +16,9 @@ from typing import Callable
 from ..queue import QueueStore, QueueWriteError, notify_qmgr
 from ..queue.format import HEADER_SIZE
 from ..smtp.reply import Reply
+from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
 from .headers import ContentProcessor
-from .virtual import AliasExpansionError, VirtualAliasExpander
+from .virtual import AliasExpansionError, AliasLookupError, VirtualAliasExpander
 
 # Replies as Postfix 3.7's smtpd words them after cleanup's status (checked
 # against a real instance).  "552 5.3.4 Message size exceeds fixed limit" is
@@ -72,9 +73,13 @@ class CleanupSession:
         cfg = cleanup
         self.proc = ContentProcessor(self._sink, header_size_limit=cfg.header_size_limit,
                                      hopcount_limit=cfg.hopcount_limit,
+                                     line_length_limit=cfg.line_length_limit,
                                      on_header_end=self._missing_headers,
-                                     on_message_id=self._log_message_id)
+                                     on_message_id=self._log_message_id,
+                                     header_rewriter=self._rewrite_header if rewrite_local else None,
+                                     rewrite_names=ADDRESS_HEADERS)
         self._id_logged = False
+        self._data_started = False
 
     # -- envelope ----------------------------------------------------------------
     @property
@@ -113,6 +118,9 @@ class CleanupSession:
             self.msg.abort()
         if self.too_big or self.write_error is not None:
             return
+        if not self._data_started:
+            self._data_started = True
+            self.proc.begin_client_data()
         self.proc.feed(data)
 
     def _sink(self, data: bytes) -> None:
@@ -122,6 +130,9 @@ class CleanupSession:
             self.msg.write(data)
         except QueueWriteError as exc:
             self.write_error = exc
+
+    def _rewrite_header(self, raw: bytes, name_len: int) -> bytes | None:
+        return rewrite_header(raw, name_len, self.cleanup.myorigin)
 
     def _log_message_id(self, value: str, resent: bool) -> None:
         self.message_id = value
@@ -202,10 +213,11 @@ class CleanupSession:
             self.cleanup.log.warning(f"{self.queue_id}: {exc} -- message not accepted, try again later")
             self.msg.abort()
             return REPLY_ALIAS_ERROR
-        except Exception as exc:   # a table that cannot be read: defer, never lose or bounce
-            self.cleanup.log.warning(f"{self.queue_id}: virtual_alias_maps lookup failure: {exc}")
+        except AliasLookupError as exc:
+            # A table that cannot be read: defer, never lose or bounce (Postfix's words).
+            self.cleanup.log.warning(f"{self.queue_id}: {exc} -- message not accepted, try again later")
             self.msg.abort()
-            return REPLY_ALIAS_ERROR
+            return REPLY_WRITE_ERROR
         if not self.msg.recipients:
             self.msg.abort()
             return REPLY_NO_RECIPIENTS
@@ -260,6 +272,7 @@ class Cleanup:
         self.message_size_limit = _int(config, "message_size_limit", 10240000)
         self.header_size_limit = _int(config, "header_size_limit", 102400)
         self.hopcount_limit = _int(config, "hopcount_limit", 50)
+        self.line_length_limit = _int(config, "line_length_limit", 2048)
         self.myhostname = config.get("myhostname") or "localhost"
         self.myorigin = (config.get("myorigin") if config.raw("myorigin") is not None else "") or self.myhostname
         self.always_add_missing_headers = _bool(config, "always_add_missing_headers", False)
@@ -267,28 +280,39 @@ class Cleanup:
             if config.raw("undisclosed_recipients_header") is not None else ""
         self._table_opener = table_opener
         self._tables: list | None = None
+        self._specs: list[str] = []
         if clock is not None:
             store.clock = clock
+        # The store built with QueueStore(dir) knows no limits; give it ours so
+        # store.space_ok() (smtpd's 452 4.3.1 check) follows queue_minfree.
+        if not store.message_size_limit:
+            store.message_size_limit = self.message_size_limit
+        if not store.queue_minfree:
+            store.queue_minfree = _int(config, "queue_minfree", 0)
 
     def qualify(self, address: str) -> str:
-        """Envelope addresses without a domain get @$myorigin, for every client
-        (Postfix's trivial-rewrite append_at_myorigin; checked against 3.7)."""
-        if not address or "@" in address:
-            return address
-        return f"{address}@{self.myorigin}"
+        """Envelope addresses are rewritten in the local context for every client
+        (append @$myorigin, bang path, percent hack; checked against 3.7)."""
+        return rewrite_local(address, self.myorigin)
 
     def open(self, rewrite_local: bool = False) -> CleanupSession:
         return CleanupSession(self, rewrite_local)
 
     def _open_tables(self) -> list:
-        if self._tables is None:
-            specs = self.config.get_list("virtual_alias_maps") if self.config.raw("virtual_alias_maps") is not None else []
-            opener = self._table_opener
-            if opener is None and specs:
-                from ..tables import open_table   # built by the tables engineer
-                opener = lambda spec: open_table(spec, self.config)  # noqa: E731
-            self._tables = [opener(s) for s in specs]
-        return self._tables
+        """The virtual_alias_maps tables, through the tables package's shared
+        cache (re-opened when postmap rebuilds a file).  A table that cannot be
+        opened fails its lookups, which defers the message (451 4.3.0)."""
+        raw = self.config.get("virtual_alias_maps") if self.config.raw("virtual_alias_maps") is not None else ""
+        self._specs = split_map_list(raw)
+        if not self._specs:
+            return []
+        if self._table_opener is not None:
+            if self._tables is None:
+                self._tables = [self._table_opener(s) for s in self._specs]
+            return self._tables
+        from ..tables import get_table   # built by the tables engineer
+        warn = self.log.warning
+        return [get_table(s, self.config, warn=warn, surrogate=True) for s in self._specs]
 
     def expander(self) -> VirtualAliasExpander | None:
         tables = self._open_tables()
@@ -298,11 +322,39 @@ class Cleanup:
                                       if self.config.raw("mydestination") is not None else [])}
         mydest.add(self.myhostname.lower())
         return VirtualAliasExpander(
-            [t.lookup for t in tables],
+            [(t.lookup, _is_pattern_table(spec)) for spec, t in zip(self._specs, tables)],
             expansion_limit=_int(self.config, "virtual_alias_expansion_limit", 1000),
             recursion_limit=_int(self.config, "virtual_alias_recursion_limit", 1000),
             recipient_delimiter=self.config.get("recipient_delimiter") if self.config.raw("recipient_delimiter") is not None else "",
             local_domain=lambda d: d in mydest)
+
+
+def split_map_list(text: str) -> list[str]:
+    """Split a map list on commas/white space, keeping ``inline:{...}`` braces whole."""
+    out: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        if depth == 0 and (ch in ", \t\n"):
+            if cur:
+                out.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def _is_pattern_table(spec: str) -> bool:
+    kind = spec.split(":", 1)[0].lower()
+    if kind == "proxy":
+        kind = spec.split(":", 2)[1].lower() if spec.count(":") >= 2 else kind
+    return kind in ("regexp", "pcre", "cidr", "socketmap", "tcp")
 
 
 def _client_orcpt(orcpt: str | None, orig: str | None) -> str:

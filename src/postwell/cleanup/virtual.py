@@ -17,7 +17,16 @@ _SPLIT = re.compile(r"[\s,]+")
 
 
 class AliasExpansionError(Exception):
-    """Expansion exceeded a limit or a table failed: defer the message (451)."""
+    """Expansion exceeded a limit: defer the message (451 4.6.0)."""
+
+
+class AliasLookupError(Exception):
+    """A table lookup failed: defer the message (451 4.3.0), as Postfix does."""
+
+    def __init__(self, address: str, cause: Exception):
+        super().__init__(f"virtual_alias_maps map lookup problem for {address}")
+        self.address = address
+        self.cause = cause
 
 
 def split_result(value: str) -> list[str]:
@@ -25,24 +34,41 @@ def split_result(value: str) -> list[str]:
 
 
 class VirtualAliasExpander:
-    def __init__(self, lookups: list[Callable[[str], str | None]], *, expansion_limit: int = 1000,
+    def __init__(self, lookups: list, *, expansion_limit: int = 1000,
                  recursion_limit: int = 1000, recipient_delimiter: str = "",
                  local_domain: Callable[[str], bool] | None = None):
-        self.lookups = lookups
+        # Each lookup is a callable (a fixed-key table: keys are folded to lower
+        # case, every address form is tried) or a (callable, True) pair for a
+        # pattern table (regexp/pcre): virtual(5) says those see the whole
+        # address only, as given.
+        self.lookups = [(fn, False) if callable(fn) else (fn[0], bool(fn[1])) for fn in lookups]
         self.expansion_limit = expansion_limit
         self.recursion_limit = recursion_limit
         self.delimiter = recipient_delimiter
         self.local_domain = local_domain or (lambda d: False)
 
-    def _lookup(self, key: str) -> str | None:
-        for fn in self.lookups:
-            v = fn(key)
+    def _lookup(self, key: str, original: str | None = None) -> str | None:
+        """Try every table for one key form; ``original`` marks the full-address
+        form, the only one pattern tables are asked (with the original case)."""
+        for fn, pattern in self.lookups:
+            try:
+                if pattern:
+                    if original is None:
+                        continue
+                    v = fn(original)
+                else:
+                    v = fn(key)
+            except Exception as exc:
+                raise AliasLookupError(self._current, exc) from exc
             if v is not None:
                 return v
         return None
 
+    _current = ""
+
     def lookup_address(self, address: str) -> list[str] | None:
         """One-level expansion of an address, or None when no rule matches."""
+        self._current = address
         local, at, domain = address.rpartition("@")
         if not at:
             local, domain = address, ""
@@ -62,7 +88,7 @@ class VirtualAliasExpander:
         if ext:
             keys.append(f"{base_local}@{dom_l}".lower() if at else base_local.lower())
         for k in keys:
-            v = self._lookup(k)
+            v = self._lookup(k, address if k == full else None)
             if v is not None:
                 return self._propagate_ext(split_result(v), ext if k != full else "")
         if not at or self.local_domain(dom_l):

@@ -1,7 +1,7 @@
 """postconf: show and edit main.cf / master.cf, as Postfix's postconf(1) does.
 
-Supported: [-c dir] [-d] [-e] [-f] [-h] [-H] [-M] [-n] [-o name=value] [-p]
-[-P] [-x] [-X] [-#] [-v] [name ...] and `postconf name=value` (implies -e).
+Supported: [-c dir] [-d] [-e] [-f] [-F] [-h] [-H] [-l] [-m] [-M] [-n]
+[-o name=value] [-p] [-P] [-x] [-X] [-#] [-v] [name ...] and `postconf name=value` (implies -e).
 Output matches Postfix: `name = value` with white space runs shown as one
 space, sorted by name; warnings on stderr as `postconf: warning: ...`.
 Exit status 0, or 1 after a fatal error (usage, unreadable or broken file).
@@ -16,9 +16,10 @@ import tempfile
 
 from postwell.config import registry
 from postwell.config.defaults import DEFAULTS
+from postwell.config.postfix_defaults import POSTFIX_DEFAULTS
 from postwell.config.main import (RAW_PARAMETERS, Config, ConfigError, config_dir_from_env,
                                   iter_logical_lines, load_config, split_name_value)
-from postwell.config.master import MasterService, parse_master_line, split_args, unbrace
+from postwell.config.master import MasterService, parse_master_line, unbrace
 
 PROG = "postconf"
 LINE_LIMIT = 80
@@ -67,7 +68,7 @@ def format_param(name: str | None, value: str | None, fold: bool = False) -> str
     for w in parts:
         if not cur:
             cur = w
-        elif len(cur) + 1 + len(w) > LINE_LIMIT - 1 and cur.strip():
+        elif len(cur) + 1 + len(w) > LINE_LIMIT and cur.strip():
             lines.append(cur)
             cur = "    " + w
         else:
@@ -79,27 +80,33 @@ def format_param(name: str | None, value: str | None, fold: bool = False) -> str
 # ---- main.cf parameters ---------------------------------------------------
 
 def _all_names(cfg: Config, defaults_only: bool) -> list[str]:
-    names = set(DEFAULTS) | set(registry.service_parameters(cfg.services))
+    per_service = set(registry.service_parameters(cfg.services))
+    # Per-transport names other parts put in DEFAULTS as a fallback are shown
+    # only when master.cf has that transport, as Postfix shows them.
+    names = {n for n in DEFAULTS
+             if n in POSTFIX_DEFAULTS or not registry.looks_per_service(n)} | per_service
     if not defaults_only:
         names |= registry.user_defined_parameters(cfg)
     return sorted(names)
 
 
 def _warn_undefined(cfg: Config, out: _Out) -> None:
-    seen: list[str] = []
-    for value in cfg.params.values():
+    master_path = os.path.join(cfg.config_dir, "master.cf")
+    sources = [(cfg.main_cf_path, v) for v in cfg.params.values()]
+    sources += [(master_path, v) for svc in cfg.services or () for v in svc.overrides.values()]
+    seen: set[tuple[str, str]] = set()
+    for path, value in sources:
         for ref in sorted(registry.referenced_names(value)):
-            if ref in seen or ref in cfg.params or cfg.default(ref) is not None:
+            if (path, ref) in seen or ref in cfg.params or cfg.default(ref) is not None:
                 continue
-            if ref == "service_name":
-                continue
-            seen.append(ref)
-            out.warn(f"{cfg.main_cf_path}: undefined parameter: {ref}")
+            seen.add((path, ref))
+            out.warn(f"{path}: undefined parameter: {ref}")
 
 
-def _warn_unused(cfg: Config, out: _Out) -> None:
-    for name, value in registry.unused_parameters(cfg):
-        out.warn(registry.unused_parameter_warning(cfg.main_cf_path, name, value))
+def _warn_unused(cfg: Config, out: _Out, main_cf: bool = True) -> None:
+    if main_cf:
+        for name, value in registry.unused_parameters(cfg):
+            out.warn(registry.unused_parameter_warning(cfg.main_cf_path, name, value))
     master_path = os.path.join(cfg.config_dir, "master.cf")
     for name, value in registry.unused_master_parameters(cfg):
         out.warn(registry.unused_parameter_warning(master_path, name, value))
@@ -282,7 +289,7 @@ def format_master(svc: MasterService, fold: bool = False) -> str:
                 cur = "    " + word
                 k += 1
                 continue
-        if len(cur) + 1 + len(word) > LINE_LIMIT - 1:
+        if len(cur) + 1 + len(word) >= LINE_LIMIT:     # master.cf folds one column earlier
             lines.append(cur)
             cur = "    " + word
         else:
@@ -330,44 +337,67 @@ def _match(svc: MasterService, request: str) -> bool:
     return svc.name == name and (not stype or svc.type == stype)
 
 
+def _select(items, requests, matches, out: _Out):
+    """Postfix's order: master.cf order outside, requests inside (so a request
+    given twice prints twice); a request that matches nothing is warned about."""
+    if not requests:
+        return list(items)
+    hit = [False] * len(requests)
+    chosen = []
+    for item in items:
+        for i, req in enumerate(requests):
+            if matches(item, req):
+                hit[i] = True
+                chosen.append(item)
+    for i, req in enumerate(requests):
+        if not hit[i]:
+            out.warn(f'unmatched request: "{req}"')
+    return chosen
+
+
 def show_master(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
     _, _, entries = _master_entries(config_dir)
-    services = [e[2] for e in entries]
     fold = "-f" in opts
-    if not requests:
-        for svc in services:
-            out.line(format_master(svc, fold))
-        return
-    for req in requests:
-        matched = [s for s in services if _match(s, req)]
-        if not matched:
-            out.warn(f'unmatched request: "{req}"')
-        for svc in matched:
-            out.line(format_master(svc, fold))
+    for svc in _select([e[2] for e in entries], requests, _match, out):
+        out.line(format_master(svc, fold))
 
 
-def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
-    _, _, entries = _master_entries(config_dir)
-    rows = []
-    for _, _, svc in entries:
-        for name, value in svc.overrides.items():
-            rows.append((f"{svc.name}/{svc.type}/{name}", value))
-    if not requests:
-        chosen = rows
-    else:
-        chosen = []
-        for req in requests:
-            hits = [r for r in rows if r[0] == req or r[0].startswith(req.rstrip("/") + "/")]
-            if not hits:
-                out.warn(f'unmatched request: "{req}"')
-            chosen += hits
-    for key, value in chosen:
+MASTER_FIELD_NAMES = ("service", "type", "private", "unprivileged", "chroot", "wakeup",
+                      "process_limit", "command")
+
+
+def _print_rows(rows, opts: dict, out: _Out) -> None:
+    for key, value in rows:
         if "-H" in opts:
             out.line(key)
         elif "-h" in opts:
             out.line(format_param(None, value))
         else:
             out.line(format_param(key, value))
+
+
+def _row_match(row, req: str) -> bool:
+    parts, want = row[0].split("/"), req.rstrip("/").split("/")
+    return len(want) <= len(parts) and all(w == p for w, p in zip(want, parts))
+
+
+def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
+    _, _, entries = _master_entries(config_dir)
+    rows = []
+    for _, _, svc in entries:
+        for name, value in sorted(svc.overrides.items()):
+            rows.append((f"{svc.name}/{svc.type}/{name}", value))
+    _print_rows(_select(rows, requests, _row_match, out), opts, out)
+
+
+def show_master_fields(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
+    _, _, entries = _master_entries(config_dir)
+    rows = []
+    for _, _, svc in entries:
+        values = list(svc.fields[:7]) + [" ".join([svc.command] + _master_args(svc))]
+        for field_name, value in zip(MASTER_FIELD_NAMES, values):
+            rows.append((f"{svc.name}/{svc.type}/{field_name}", value))
+    _print_rows(_select(rows, requests, _row_match, out), opts, out)
 
 
 def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
@@ -410,13 +440,73 @@ def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
     atomic_write(path, "\n".join(new) + ("\n" if new else ""))
 
 
+def edit_master_params(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
+    """-Pe service/type/name=value and -PX service/type/name: edit -o options
+    of one entry; the entry is rewritten in place in folded form."""
+    path, text, entries = _master_entries(config_dir)
+    lines = text.split("\n")
+    trailing = text.endswith("\n")
+    if trailing:
+        lines = lines[:-1]
+    changes: dict[int, list[tuple[str, str | None]]] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        parts = key.strip().split("/")
+        if len(parts) != 3 or not all(parts) or (mode == "e" and not sep):
+            raise Fatal(f"-P{mode} requires service/type/parameter"
+                        + ("=value" if mode == "e" else "") + " argument")
+        if mode == "e" and any(c.isspace() for c in value.strip()):
+            raise Fatal("-Pe does not accept whitespace in parameter value")
+        hit = False
+        for idx, (_, _, svc) in enumerate(entries):
+            if svc.name == parts[0] and svc.type == parts[1]:
+                hit = True
+                changes.setdefault(idx, []).append(
+                    (parts[2], value.strip() if mode == "e" else None))
+        if not hit:
+            out.warn(f'unmatched service: "{parts[0]}/{parts[1]}"')
+    result: list[str | None] = list(lines)
+    for idx, edits in changes.items():
+        first, last, svc = entries[idx]
+        words = _master_args(svc)
+        opts_part, rest, k = [], [], 0
+        while k < len(words) and words[k].startswith("-"):
+            if words[k] == "-o" and k + 1 < len(words):
+                opts_part.append(("-o", unbrace(words[k + 1])))
+                k += 2
+            else:
+                opts_part.append((words[k], None))
+                k += 1
+        rest = words[k:]
+        for name, value in edits:
+            idxs = [i for i, (f, pair) in enumerate(opts_part)
+                    if f == "-o" and pair.partition("=")[0] == name]
+            if value is None:
+                opts_part = [x for i, x in enumerate(opts_part) if i not in idxs]
+            elif idxs:
+                opts_part[idxs[0]] = ("-o", f"{name}={value}")
+            else:
+                opts_part.append(("-o", f"{name}={value}"))
+        argv: list[str] = []
+        for flag, pair in opts_part:
+            argv += [flag] + ([pair] if pair is not None else [])
+        argv += ["{" + w + "}" if any(c.isspace() for c in w) else w for w in rest]
+        new_svc = parse_master_line(" ".join(list(svc.fields) + argv), path, first + 1)
+        for k in range(first, last + 1):
+            if not lines[k].lstrip().startswith("#"):
+                result[k] = None
+        result[first] = format_master(new_svc, fold=True)
+    new = [x for x in result if x is not None]
+    atomic_write(path, "\n".join(new) + ("\n" if new else ""))
+
+
 # ---- entry point ----------------------------------------------------------
 
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     out = _Out(stdout or sys.stdout, stderr or sys.stderr)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        opts_list, names = getopt.gnu_getopt(args, "c:defhHMno:pPvxX#")
+        opts_list, names = getopt.gnu_getopt(args, "c:defFhHlmMno:pPvxX#")
     except getopt.GetoptError as e:
         out.err.write(f"{PROG}: invalid option -- '{e.opt}'\n")
         out.err.write(f"{PROG}: fatal: {USAGE}\n")
@@ -445,16 +535,23 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
 
 def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
     config_dir = config_dir_from_env(opts.get("-c"))
-    if "-c" in opts:
-        os.environ["MAIL_CONFIG"] = config_dir
     edit_modes = [m for m in ("-e", "-X", "-#") if m in opts]
     if len(edit_modes) > 1:
         raise Fatal(USAGE)
     if not edit_modes and names and all("=" in n for n in names) and "-M" not in opts \
-            and "-P" not in opts:
+            and "-P" not in opts \
+            and "-F" not in opts:
         edit_modes = ["-e"]
     main_cf = os.path.join(config_dir, "main.cf")
 
+    for flag, shape in (("-M", "service_name[/type]"), ("-F", "service_name[/type[/field]]"),
+                        ("-P", "service_name[/type[/parameter]]")):
+        if flag in opts and not edit_modes and any(n.startswith("/") for n in names):
+            raise Fatal(f"{flag} option requires {shape}")
+    if not edit_modes and ("-M" in opts or "-P" in opts or "-F" in opts):
+        cfg = load_config(config_dir if "-c" in opts else None)
+        _warn_undefined(cfg, out)
+        _warn_unused(cfg, out, main_cf=False)
     if "-M" in opts:
         if edit_modes:
             if not names:
@@ -464,7 +561,28 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         show_master(config_dir, names, opts, out)
         return 0
     if "-P" in opts:
+        if edit_modes:
+            if not names:
+                raise Fatal(f"-P{edit_modes[0][1]} requires service/type/parameter argument")
+            edit_master_params(config_dir, names, edit_modes[0][1], out)
+            return 0
         show_master_params(config_dir, names, opts, out)
+        return 0
+    if "-F" in opts:
+        show_master_fields(config_dir, names, opts, out)
+        return 0
+    if "-m" in opts:
+        try:
+            from postwell.tables import table_types
+            types = sorted(table_types())
+        except ImportError:
+            types = []
+        for name in types:
+            out.line(name)
+        return 0
+    if "-l" in opts:
+        for name in ("flock", "fcntl", "dotlock"):
+            out.line(name)
         return 0
     if edit_modes:
         mode = edit_modes[0][1]
@@ -479,7 +597,12 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         edit_main_cf(main_cf, edits, mode, out)
         return 0
 
-    cfg = load_config(config_dir if "-c" in opts else None)
+    try:
+        cfg = load_config(config_dir if "-c" in opts else None)
+    except ConfigError:
+        if "-d" not in opts or os.path.exists(main_cf):
+            raise
+        cfg = Config(config_dir, {}, {}, [], main_cf)     # defaults need no main.cf
     for warning in cfg.warnings:
         out.warn(warning)
     if overrides:

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from postwell.tables import TableError, open_table, split_spec
+from postwell.tables import TableError, fold_key, open_table, split_spec, utf8_from_config
 from postwell.tables.text import parse_source
 
 INDEXED = ("hash", "btree", "lmdb")
@@ -39,6 +39,8 @@ class _Ctx:
         self.dup = "warn"
         self.keep_perms = True
         self.nul = True
+        self.utf8 = True
+        self.no_utf8 = False
 
     def warn(self, text: str) -> None:
         print(f"{self.prog}: warning: {text}", file=sys.stderr)
@@ -75,6 +77,7 @@ def _open(ctx: _Ctx, typ: str, name: str):
         raise Fatal(str(e)) from None
     if not ctx.fold:
         t.fold = False
+    t.utf8 = ctx.utf8
     return t
 
 
@@ -106,7 +109,8 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
         if alias:
             from postwell.tables.aliases import build_aliases
             build_aliases(typ, name, config=ctx.config, warn=ctx.warn, dup=ctx.dup,
-                          text=text, fold=ctx.fold, nul=ctx.nul, keep_perms=ctx.keep_perms)
+                          text=text, fold=ctx.fold, nul=ctx.nul, keep_perms=ctx.keep_perms,
+                          utf8=ctx.utf8)
             return
         from postwell.tables.index import Builder
         store = _store_class(typ)
@@ -114,7 +118,8 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
         b = Builder(store, name, src_stat=st, warn=ctx.warn, dup=ctx.dup, label=label,
                     nul=ctx.nul)
         try:
-            for lineno, key, value in parse_source(text, name, ctx.fold, ctx.warn):
+            for lineno, key, value in parse_source(text, name, ctx.fold, ctx.warn,
+                                                   utf8=ctx.utf8):
                 b.put(key, value)
             b.commit()
         except BaseException:
@@ -144,10 +149,12 @@ def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
         try:
             if alias:
                 from postwell.tables.aliases import parse_aliases
-                for _lineno, key, value in parse_aliases(text, ctx.warn, "-"):
+                for _lineno, key, value in parse_aliases(text, ctx.warn, "-", fold=ctx.fold,
+                                                         utf8=ctx.utf8):
                     b.put(key, value)
             else:
-                for _lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn):
+                for _lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn,
+                                                        utf8=ctx.utf8):
                     b.put(key, value)
             b.commit()
         except BaseException:
@@ -170,7 +177,7 @@ def delete(ctx: _Ctx, typ: str, name: str, keys: list[str]) -> bool:
         b = Builder(store, name, src_stat=st, copy_existing=True, warn=ctx.warn)
         try:
             for key in keys:
-                k = key.lower() if ctx.fold else key
+                k = fold_key(key, ctx.utf8) if ctx.fold else key
                 # delete both spellings: with and without the trailing NUL
                 hit = b.writer.delete(k.encode("utf-8", "surrogateescape") + b"\0")
                 hit = b.writer.delete(k.encode("utf-8", "surrogateescape")) or hit
@@ -252,7 +259,7 @@ def message_items(lines, headers: bool, body: bool, mime: bool):
     yield from flush()
 
 
-def query(ctx: _Ctx, specs, key: str, stdin, stdout, msg=None) -> int:
+def query(ctx: _Ctx, specs, key: str, stdin, stdout, msg=None, sep="\t") -> int:
     tables = [_open(ctx, *ctx.split(s)) for s in specs]
     try:
         if key == "-" and msg is not None:
@@ -280,7 +287,7 @@ def query(ctx: _Ctx, specs, key: str, stdin, stdout, msg=None) -> int:
             for t in tables:
                 v = _lookup(ctx, t, k)
                 if v is not None:
-                    stdout.write(f"{k}\t{v}\n")
+                    stdout.write(f"{k}{sep}{v}\n")
                     found = True
                     break
         return 0 if found else 1
@@ -353,18 +360,21 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
                 bflag = True
             elif o == "-m":
                 mflag = True
+            elif o == "-u":
+                ctx.no_utf8 = True
             elif o == "-N":
                 ctx.nul = True
             elif o == "-n":
                 ctx.nul = False
-            # -o (run as source owner), -u/-U (UTF-8), -v, -F:
+            # -o (run as source owner), -U, -v, -F:
             # accepted and ignored. Lookups try "key\0" and "key" both.
         if not args:
             raise Fatal(USAGE[prog])
         ctx.config = _load_config(config_dir)
+        ctx.utf8 = utf8_from_config(ctx.config) and not ctx.no_utf8
         if mode == "q":
             msg = (hflag, bflag, mflag) if (hflag or bflag) else None
-            return query(ctx, args, qkey, stdin, stdout, msg)
+            return query(ctx, args, qkey, stdin, stdout, msg, ":\t" if alias else "\t")
         if mode == "s":
             return dump(ctx, args, stdout, alias)
         if mode == "d":

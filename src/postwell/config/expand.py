@@ -41,6 +41,9 @@ class _Expander:
     def __init__(self, lookup, undefined):
         self.lookup = lookup
         self.undefined = undefined
+        # A name's value is fixed during one expansion: remembering results
+        # keeps `a = $b$b, b = $c$c, ...` linear instead of exponential.
+        self.memo: dict[str, str] = {}
 
     def run(self, text: str, depth: int) -> str:
         if depth > MAX_DEPTH:
@@ -80,9 +83,12 @@ class _Expander:
             if self.undefined:
                 self.undefined(name)
             return ""
+        if name in self.memo:
+            return self.memo[name]
         if depth + 1 > MAX_DEPTH:
             raise ExpandError(f'unreasonable macro call nesting: "{name}"')
-        return self.run(raw, depth + 1)
+        result = self.memo[name] = self.run(raw, depth + 1)
+        return result
 
     def _braced(self, body: str, whole: str, depth: int) -> str:
         stripped = body.strip()

@@ -22,7 +22,15 @@ IMPLEMENTED: set[str] = set()
 
 
 def register_implemented(*names: str) -> None:
+    """Mark parameters as honoured.  A name "*_suffix" covers every
+    per-transport form, e.g. "*_destination_concurrency_limit"."""
     IMPLEMENTED.update(names)
+
+
+def is_implemented(name: str) -> bool:
+    if name in IMPLEMENTED:
+        return True
+    return any(p.startswith("*_") and name.endswith(p[1:]) for p in IMPLEMENTED)
 
 
 # Parameters the config part itself honours.
@@ -87,6 +95,11 @@ def service_parameter_default(name: str, services) -> str | None:
     return None
 
 
+def looks_per_service(name: str) -> bool:
+    """True for names shaped like `<service>_<per-transport suffix>`."""
+    return any(name.endswith("_" + sfx) for sfx in (*TRANSPORT_SUFFIXES, *PIPE_SUFFIXES))
+
+
 def referenced_names(text: str) -> set[str]:
     return set(_REF.findall(text))
 
@@ -146,7 +159,7 @@ def unimplemented_parameters(cfg) -> list[str]:
     user = user_defined_parameters(cfg)
     out = []
     for n in names:
-        if n in IMPLEMENTED or n in user or n in out:
+        if is_implemented(n) or n in user or n in out:
             continue
         if _builtin(n, cfg):
             out.append(n)

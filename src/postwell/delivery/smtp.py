@@ -3,12 +3,20 @@
 asyncio glue around the sans-IO engine :class:`postwell.smtp.client.SmtpClient`:
 this module resolves the destination (postwell.dns), connects, applies Postfix's
 per-stage timeouts, streams the queued content and turns replies into
-per-recipient :class:`RecipientResult` objects worded as Postfix words them.
+per-recipient :class:`RecipientResult` objects worded as Postfix words them
+(checked side by side against Postfix 3.7's smtp(8)).
+
+Also here, per Postfix's parameters: STARTTLS (smtp_tls_security_level none /
+may / encrypt / fingerprint / verify / secure, smtp_tls_policy_maps; "dane" acts
+as "may" and "dane-only" as "verify" since there is no DNSSEC validation), SASL
+PLAIN/LOGIN client authentication (smtp_sasl_*), and BDAT when
+postwell_smtp_use_chunking = yes (a postwell extension; Postfix never sends BDAT).
 
 Idle connections are cached per destination and reused by later deliver()
-calls (smtp_connection_cache_*, smtp_connection_reuse_*).  A reused connection
-adds ``conn_use=N`` to the result (``result.conn_use``; the qmgr logs it after
-``relay=``, as Postfix does).
+calls (smtp_connection_cache_*, smtp_connection_reuse_*).  Unlike Postfix, which
+caches only when the qmgr reports a backlog, an idle connection is always kept
+for smtp_connection_cache_time_limit.  A reused connection sets
+``result.conn_use = N`` (Postfix logs ", conn_use=N" after relay=).
 
 8-bit content to a server without 8BITMIME (RFC 6152 3): Postfix's default
 (disable_mime_output_conversion = no) downgrades MIME parts that declare
@@ -21,23 +29,59 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import errno
+import hashlib
+import ipaddress
 import os
 import random
 import re
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
 from postwell.dns import (DestinationError, DnsPythonResolver, NativeResolver, Target,
                           families_from_inet_protocols, own_addresses_from_config, parse_nexthop,
                           resolve_destination)
-from postwell.smtp.client import (NEED_DATA, ConnectionClosed, ContentWanted, Envelope, Greeting,
-                                  HelloDone, MailReply, MessageDone, ProtocolError,
+from postwell.smtp.client import (NEED_DATA, AuthChallenge, AuthDone, ConnectionClosed, ContentWanted, Envelope, Greeting,
+                                  HelloDone, IgnoredLine, MailReply, MessageDone, ProtocolError, TlsRefused,
+                                  TlsWanted,
                                   RcptReply, Recipient, Rejected, SmtpClient, State,
                                   TransactionFailed, needs_smtputf8, quote_address)
 from postwell.smtp.reply import Reply
 
 from .base import DeliveryAgent, RecipientResult
+
+_SMTP_PARAMS = (
+    "helo_name", "tcp_port", "connect_timeout", "helo_timeout", "mail_timeout", "rcpt_timeout",
+    "data_init_timeout", "data_xfer_timeout", "data_done_timeout", "rset_timeout",
+    "quit_timeout", "starttls_timeout", "mx_address_limit", "mx_session_limit",
+    "never_send_ehlo", "always_send_ehlo", "skip_5xx_greeting", "skip_quit_response",
+    "line_length_limit", "quote_rfc821_envelope", "connection_cache_on_demand",
+    "connection_cache_destinations", "connection_cache_time_limit",
+    "connection_reuse_time_limit", "connection_reuse_count_limit", "address_preference",
+    "host_lookup", "dns_support_level", "discard_ehlo_keywords", "bind_address",
+    "bind_address6", "bind_address_enforce", "tls_security_level", "tls_policy_maps",
+    "tls_loglevel", "tls_CAfile", "tls_CApath", "tls_cert_file", "tls_key_file",
+    "tls_fingerprint_digest", "tls_fingerprint_cert_match", "tls_verify_cert_match",
+    "tls_secure_cert_match", "use_tls", "enforce_tls", "tls_enforce_peername",
+    "sasl_auth_enable", "sasl_password_maps", "sasl_security_options",
+    "sasl_tls_security_options", "sasl_mechanism_filter", "sasl_auth_soft_bounce",
+    "sender_dependent_authentication")
+
+
+def _register_parameters() -> None:
+    try:
+        from postwell.config.registry import register_implemented
+    except ImportError:     # pragma: no cover - older config part
+        return
+    register_implemented(*(f"smtp_{n}" for n in _SMTP_PARAMS), "disable_dns_lookups",
+                         "disable_mime_output_conversion", "mime_nesting_limit",
+                         "proxy_interfaces", "postwell_dns_servers",
+                         "postwell_smtp_use_chunking")
+
+
+_register_parameters()
 
 
 def eight_bit_action(body_type: str | None, server_8bitmime: bool,
@@ -174,13 +218,81 @@ def _orig_orcpt(rcpt) -> str | None:
     return f"rfc822;{quote_address(orig)}" if orig else None
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _name_matches(pattern: str, wanted: str) -> bool:
+    pattern, wanted = pattern.lower().rstrip("."), wanted.lower().rstrip(".")
+    if wanted.startswith("."):
+        # Postfix "dot-nexthop": any subdomain of the next-hop domain.
+        return pattern.endswith(wanted) and not pattern.startswith("*")
+    if pattern.startswith("*."):
+        # RFC 6125 6.4.3: the wildcard covers exactly one label.
+        head, _, rest = wanted.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == wanted
+
+
+def _cert_matches(cert: dict | None, wanted: list[str]) -> bool:
+    """RFC 6125 name check: subjectAltName DNS (or IP) names, else the subject CN."""
+    if not cert:
+        return False
+    sans = [v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+    if not sans:
+        sans = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return any(_name_matches(p, w) for p in sans for w in wanted if w and w != ".")
+
+
+def split_table_list(value: str) -> list[str]:
+    """A list of table specs, split on commas/space outside {} (inline:{ a=b, c=d })."""
+    out, cur, depth = [], [], 0
+    for ch in value:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(depth - 1, 0)
+        if depth == 0 and (ch == "," or ch.isspace()):
+            if cur:
+                out.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def tls_level_from_config(cfg, prefix: str = "smtp") -> str:
+    """smtp_tls_security_level, or the legacy smtp_use_tls / smtp_enforce_tls."""
+    level = cfg.get(f"{prefix}_tls_security_level").strip().lower()
+    if not level:
+        if cfg.get_bool(f"{prefix}_enforce_tls"):
+            level = "verify" if cfg.get_bool(f"{prefix}_tls_enforce_peername") else "encrypt"
+        elif cfg.get_bool(f"{prefix}_use_tls"):
+            level = "may"
+        else:
+            level = "none"
+    # No DNSSEC here: "dane" degrades to "may" (as Postfix does without usable
+    # TLSA records); "dane-only" is held to certificate verification instead.
+    return {"dane": "may"}.get(level, level)
+
+
 def _dsn_of(reply: Reply) -> str:
-    # Postfix synthesises X.0.0 when the server gives no enhanced status code.
-    return reply.enhanced or f"{reply.code // 100}.0.0"
+    # Postfix synthesises X.0.0 when the server gives no enhanced status code, and
+    # 5.5.0 for a reply of an unexpected class (a 3xx to RCPT, say).
+    if reply.enhanced:
+        return reply.enhanced
+    cls = reply.code // 100
+    return f"{cls}.0.0" if cls in (2, 4, 5) else "5.5.0"
 
 
 def _one_line(reply: Reply) -> str:
-    return str(reply)
+    return str(reply)     # ServerReply: every line with its code, joined by spaces
 
 
 def _soft(dsn: str) -> str:
@@ -195,6 +307,7 @@ class _SessionFailure(Exception):
         super().__init__(reason)
         self.dsn, self.reason, self.permanent, self.relay = dsn, reason, permanent, relay
         self.before_mail = False
+        self.tls_fallback = False
         self.conn_setup_done: float | None = None
 
 
@@ -209,6 +322,7 @@ class _Connection:
         self.uses = 0
         self.idle_handle: asyncio.TimerHandle | None = None
         self.closed = False
+        self.queue_id = ""      # the message being delivered (for warnings)
 
     @property
     def namaddr(self) -> str:
@@ -285,6 +399,20 @@ class _Settings:
     myhostname: str
     disable_mime_output_conversion: bool
     discard_ehlo_keywords: frozenset[str]
+    bind_address: str
+    bind_address6: str
+    bind_address_enforce: bool
+    tls_level: str
+    tls_policy_maps: list[str]
+    tls_loglevel: int
+    starttls_timeout: float
+    sasl_enable: bool
+    sasl_password_maps: list[str]
+    sasl_security_options: list[str]
+    sasl_tls_security_options: list[str]
+    sasl_mechanism_filter: list[str]
+    sasl_auth_soft_bounce: bool
+    sasl_sender_dependent: bool
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "smtp") -> "_Settings":
@@ -340,6 +468,23 @@ class _Settings:
             disable_mime_output_conversion=cfg.get_bool("disable_mime_output_conversion"),
             discard_ehlo_keywords=frozenset(w.upper() for w in
                                             cfg.get_list(f"{prefix}_discard_ehlo_keywords")),
+            bind_address=g("bind_address").strip(),
+            bind_address6=g("bind_address6").strip(),
+            bind_address_enforce=b("bind_address_enforce"),
+            tls_level=tls_level_from_config(cfg, prefix),
+            tls_policy_maps=split_table_list(g("tls_policy_maps")),
+            tls_loglevel=i("tls_loglevel"),
+            starttls_timeout=t("starttls_timeout"),
+            sasl_enable=b("sasl_auth_enable"),
+            sasl_password_maps=split_table_list(g("sasl_password_maps")),
+            sasl_security_options=[w.lower() for w in
+                                   cfg.get_list(f"{prefix}_sasl_security_options")],
+            sasl_tls_security_options=[w.lower() for w in
+                                       cfg.get_list(f"{prefix}_sasl_tls_security_options")],
+            sasl_mechanism_filter=[w.upper() for w in
+                                   cfg.get_list(f"{prefix}_sasl_mechanism_filter")],
+            sasl_auth_soft_bounce=b("sasl_auth_soft_bounce"),
+            sasl_sender_dependent=b("sender_dependent_authentication"),
         )
 
 
@@ -361,6 +506,9 @@ class SmtpDeliveryAgent(DeliveryAgent):
         self._own = own_addresses
         self._native = NativeResolver()
         self._tasks: set[asyncio.Task] = set()
+        self._tls_contexts: dict[str, ssl.SSLContext] = {}
+        self._sasl_maps = None
+        self._tls_policy_maps = None
         # destination key -> idle connections (LIFO)
         self._cache: dict[str, list[_Connection]] = {}
 
@@ -387,6 +535,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
             State.MAIL: s.mail_timeout, State.RCPT: s.rcpt_timeout, State.DATA: s.data_init_timeout,
             State.CONTENT: s.data_xfer_timeout, State.DONE: s.data_done_timeout,
             State.RSET: s.rset_timeout, State.QUIT: s.quit_timeout,
+            State.STARTTLS: s.starttls_timeout, State.TLS: s.starttls_timeout,
         }.get(state, s.helo_timeout) or 300.0
 
     @staticmethod
@@ -418,6 +567,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
     def _caching_wanted(self, request) -> bool:
         s = self.settings
+        if s.sasl_enable and s.sasl_sender_dependent:
+            # postconf(5): sender-dependent authentication disables connection
+            # caching, so that every sender's mail goes with its own credentials.
+            return False
         return s.cache_on_demand or request.nexthop in s.cache_destinations
 
     def _take_cached(self, key: str) -> _Connection | None:
@@ -484,6 +637,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
         recipients = list(request.recipients)
         if not recipients:
             return []
+        queue_id = getattr(request, "queue_id", "") or ""
+        if not (request.nexthop or "").strip():
+            # No explicit next hop: the recipient domain, as trivial-rewrite would say.
+            request.nexthop = recipients[0].address.rpartition("@")[2] or "localhost"
         results: dict[int, RecipientResult] = {}
         pending = list(range(len(recipients)))
         key = self._cache_key(request)
@@ -495,6 +652,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
         # 1. A cached connection to the same destination first.
         conn = self._take_cached(key)
         if conn is not None:
+            conn.queue_id = queue_id
             try:
                 soft = await self._transaction(conn, request, recipients, pending, results,
                                                final=False)
@@ -525,18 +683,27 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
         session_limit = self.settings.mx_session_limit
         sessions = 0
-        for n, target in enumerate(targets):
-            last_target = n == len(targets) - 1
+        nexthop_host = parse_nexthop(request.nexthop).host
+        policy_level, tls_match = self._tls_policy(request.nexthop)
+        if policy_level is None:
+            policy_level = self.settings.tls_level
+        work = [(t, policy_level) for t in targets]
+        while work:
+            target, tls_level = work.pop(0)
+            last_target = not work
             try:
                 conn = await self._connect(target)
             except _SessionFailure as f:
                 last = f
                 if not last_target:
-                    self._info(f.reason)
+                    self._info(f.reason)    # Postfix logs these without the queue id
                 continue
+            conn.queue_id = queue_id
             try:
-                await self._handshake(conn, best=target.best,
-                                      nexthop=parse_nexthop(request.nexthop).host)
+                await self._handshake(conn, best=target.best, nexthop=nexthop_host,
+                                      tls_level=tls_level, tls_match=tls_match)
+                if self.settings.sasl_enable:
+                    await self._authenticate(conn, request)
                 sessions += 1
                 final = last_target or bool(session_limit and sessions >= session_limit)
                 soft = await self._transaction(conn, request, recipients, pending, results,
@@ -547,6 +714,11 @@ class SmtpDeliveryAgent(DeliveryAgent):
                     await conn.quit(self.settings.quit_timeout)
                 conn.abort()
                 pending = left()
+                if f.tls_fallback and tls_level == "may":
+                    # Opportunistic TLS failed: same server again in plain text.
+                    self._info(f"{queue_id}: {f.reason}; retrying {target.relay} without TLS")
+                    work.insert(0, (target, "none"))
+                    continue
                 if f.permanent:
                     for i in pending:
                         results[i] = RecipientResult(recipients[i], "bounced", f.dsn, f.reason,
@@ -554,7 +726,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
                     pending = []
                     break
                 if not last_target and pending:
-                    self._info(f.reason)
+                    self._info(f"{queue_id}: {f.reason}" if queue_id else f.reason)
                 if session_limit and sessions >= session_limit:
                     break
                 continue
@@ -582,9 +754,21 @@ class SmtpDeliveryAgent(DeliveryAgent):
     async def _connect(self, target: Target) -> _Connection:
         s = self.settings
         where = f"connect to {target.namaddr}:{target.port}"
+        bind = s.bind_address6 if ":" in target.ip else s.bind_address
+        kwargs = {"local_addr": (bind, 0)} if bind else {}
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(target.ip, target.port, limit=1 << 16), s.connect_timeout)
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(target.ip, target.port, limit=1 << 16, **kwargs),
+                    s.connect_timeout)
+            except OSError as e:
+                if not kwargs or e.errno != errno.EADDRNOTAVAIL or s.bind_address_enforce:
+                    raise
+                # smtp_bind_address_enforce = no: warn and connect from any address.
+                self._warning(f"smtp_connect_addr: bind {bind}: {os.strerror(e.errno)}")
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(target.ip, target.port, limit=1 << 16),
+                    s.connect_timeout)
         except asyncio.TimeoutError:
             raise _SessionFailure("4.4.1", f"{where}: Connection timed out") from None
         except OSError as e:
@@ -599,7 +783,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
     @staticmethod
     def _fail(dsn: str, reason: str, target: Target, **kw) -> _SessionFailure:
-        return _SessionFailure(dsn, reason, relay=target.relay, **kw)
+        fallback = kw.pop("tls_fallback", False)
+        f = _SessionFailure(dsn, reason, relay=target.relay, **kw)
+        f.tls_fallback = fallback
+        return f
 
     async def _event(self, conn: _Connection):
         """Next engine event, with the stage's timeout; I/O trouble becomes a site failure."""
@@ -619,6 +806,14 @@ class SmtpDeliveryAgent(DeliveryAgent):
             conn.abort()
             raise self._fail("4.4.2", f"lost connection with {conn.namaddr} while {ev.stage}",
                              conn.target)
+        if isinstance(ev, IgnoredLine):
+            if ev.pipelining:
+                qid = f"{conn.queue_id}: " if conn.queue_id else ""
+                self._warning(f"{qid}non-ESMTP response from {conn.target.relay}: {ev.text}")
+                self._warning("to prevent loss of mail, turn off command pipelining for "
+                              f"{conn.target.ip} with the smtp_discard_ehlo_keyword_address_maps "
+                              "parameter")
+            return await self._event(conn)
         if isinstance(ev, ProtocolError):
             conn.abort()
             self._warning(f"{conn.namaddr}: {ev.detail}")
@@ -626,7 +821,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
                              "malformed server reply", conn.target)
         return ev
 
-    async def _handshake(self, conn: _Connection, best: bool, nexthop: str) -> None:
+    async def _handshake(self, conn: _Connection, best: bool, nexthop: str,
+                         tls_level: str = "none", tls_match: list[str] | None = None) -> None:
         s = self.settings
         # Postfix detects loops only on the SMTP port (smtp_connect.c).
         loop_detect = conn.target.port == 25
@@ -651,7 +847,212 @@ class SmtpDeliveryAgent(DeliveryAgent):
                     self._warning(f"host {conn.target.relay} replied to HELO/EHLO with my own "
                                   f"hostname {s.myhostname}")
                     raise self._loop(conn, best, nexthop)
+                if tls_level == "none" or conn.engine.tls:
+                    return
+                if conn.engine.extensions.starttls:
+                    conn.engine.starttls()
+                    continue
+                if tls_level != "may":
+                    # Never fall back to plain text when TLS is mandatory.
+                    raise self._fail("4.7.4", "TLS is required, but was not offered by host "
+                                     f"{conn.namaddr}", conn.target)
                 return
+            if isinstance(ev, TlsRefused):
+                if tls_level != "may" or not conn.engine.usable:
+                    raise self._fail(_soft(_dsn_of(ev.reply)) if ev.reply.code != 421 else "4.7.0",
+                                     f"TLS is required, but host {conn.namaddr} refused to start "
+                                     f"TLS: {_one_line(ev.reply)}" if tls_level != "may" else
+                                     f"host {conn.namaddr} refused to talk to me: "
+                                     f"{_one_line(ev.reply)}", conn.target)
+                return          # RFC 3207 4: go on without TLS
+            if isinstance(ev, TlsWanted):
+                await self._start_tls(conn, tls_level, nexthop, tls_match)
+                conn.engine.tls_established()
+                continue
+
+    async def _start_tls(self, conn: _Connection, level: str, nexthop: str,
+                         match: list[str] | None = None) -> None:
+        """The TLS handshake after 220 to STARTTLS (RFC 3207), per smtp_tls_security_level."""
+        s = self.settings
+        if conn.reader._buffer:    # noqa: SLF001 - plaintext read ahead after the 220
+            raise self._fail("4.7.5", "Cannot start TLS: handshake failure", conn.target,
+                             tls_fallback=level == "may")
+        ctx = self._tls_context(level)
+        server_name = None if _is_ip(conn.target.host) else conn.target.host
+        try:
+            await asyncio.wait_for(conn.writer.start_tls(ctx, server_hostname=server_name),
+                                   s.starttls_timeout or 300.0)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
+            conn.abort()
+            self._info(f"SSL_connect error to {conn.target.relay}: {e}")
+            raise self._fail("4.7.5", "Cannot start TLS: handshake failure", conn.target,
+                             tls_fallback=level == "may") from None
+        sslobj = conn.writer.get_extra_info("ssl_object")
+        trust = "Untrusted"
+        if level in ("verify", "secure", "dane-only"):
+            if match is None:
+                param = "smtp_tls_secure_cert_match" if level == "secure" else \
+                    "smtp_tls_verify_cert_match"
+                match = self.config.get_list(param) or ["hostname"]
+            names = []
+            for m in match:
+                m = m.lower()
+                names.append({"hostname": conn.target.host, "nexthop": nexthop,
+                              "dot-nexthop": "." + nexthop}.get(m, m))
+            if not _cert_matches(sslobj.getpeercert(), names):
+                conn.abort()
+                raise self._fail("4.7.5", "Server certificate not verified", conn.target)
+            trust = "Verified"
+        elif level == "fingerprint":
+            der = sslobj.getpeercert(binary_form=True) or b""
+            algo = (self.config.get("smtp_tls_fingerprint_digest") or "sha256").lower()
+            digest = hashlib.new(algo, der).hexdigest().upper()
+            wanted = {w.replace(":", "").upper() for w in
+                      (match or self.config.get_list("smtp_tls_fingerprint_cert_match"))}
+            if digest not in wanted:
+                conn.abort()
+                raise self._fail("4.7.5", "Server certificate not verified", conn.target)
+            trust = "Verified"
+        if s.tls_loglevel >= 1:
+            cipher = sslobj.cipher() or ("", "", 0)
+            self._info(f"{trust} TLS connection established to {conn.target.relay}: "
+                       f"{sslobj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)")
+
+    def _tls_policy(self, nexthop: str) -> tuple[str | None, list[str] | None]:
+        """smtp_tls_policy_maps: the next hop as written, then (for a bare domain)
+        its parent domains with a leading dot.  Returns (level, match) or (None, None)."""
+        specs = self.settings.tls_policy_maps
+        if not specs:
+            return None, None
+        if self._tls_policy_maps is None:
+            from .base import MapList
+            try:
+                self._tls_policy_maps = MapList(specs, self.config)
+            except Exception as e:
+                self._warning(f"smtp_tls_policy_maps: {e}")
+                return "encrypt", None      # fail safe: never downgrade to plain text
+        keys = [nexthop]
+        bare = nexthop
+        if bare.lower().startswith(("smtp:", "relay:")):
+            bare = bare.split(":", 1)[1]
+            keys.append(bare)
+        if not bare.startswith("[") and ":" not in bare:
+            labels = bare.split(".")
+            keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+        for key in keys:
+            try:
+                value = self._tls_policy_maps.lookup(key)
+            except Exception as e:
+                self._warning(f"smtp_tls_policy_maps lookup for {key}: {e}")
+                return "encrypt", None
+            if value is None:
+                continue
+            words = value.split()
+            if not words:
+                continue
+            level = {"dane": "may"}.get(words[0].lower(), words[0].lower())
+            match = None
+            for w in words[1:]:
+                name, _, val = w.partition("=")
+                if name.lower() == "match":
+                    match = [m for m in val.replace("|", ":").split(":") if m] \
+                        if level != "fingerprint" else [m for m in val.split("|") if m]
+            return level, match
+        return None, None
+
+    def _sasl_credentials(self, conn: _Connection, request) -> tuple[str, str] | None:
+        """smtp_sasl_password_maps: sender (when sender-dependent), the remote host
+        name, then the next-hop destination as written ("[relay]:587")."""
+        s = self.settings
+        if self._sasl_maps is None:
+            from .base import MapList
+            try:
+                self._sasl_maps = MapList(s.sasl_password_maps, self.config)
+            except Exception as e:      # a broken table must defer, not crash the agent
+                raise self._fail("4.3.0", f"smtp_sasl_password_maps: {e}", conn.target) from None
+        keys = []
+        sender = request.sender or ""
+        if s.sasl_sender_dependent and sender:
+            keys += [sender, "@" + sender.rpartition("@")[2]]
+        keys += [conn.target.host, request.nexthop]
+        for key in keys:
+            try:
+                value = self._sasl_maps.lookup(key)
+            except Exception as e:      # a broken table must defer, not crash the agent
+                raise self._fail("4.3.0", f"smtp_sasl_password_maps lookup error: {e}",
+                                 conn.target) from None
+            if value is not None:
+                user, _, password = value.partition(":")
+                return user, password
+        return None
+
+    def _sasl_mechanisms(self, conn: _Connection) -> list[str]:
+        s = self.settings
+        options = s.sasl_tls_security_options if conn.engine.tls else s.sasl_security_options
+        offered = list(conn.engine.extensions.auth)
+        if s.sasl_mechanism_filter:
+            offered = [m for m in offered if m in s.sasl_mechanism_filter]
+        usable = [m for m in ("PLAIN", "LOGIN") if m in offered]
+        if "noplaintext" in options:
+            usable = []          # PLAIN and LOGIN are both plaintext mechanisms
+        return usable
+
+    async def _authenticate(self, conn: _Connection, request) -> None:
+        """SASL client authentication (RFC 4954) with PLAIN or LOGIN."""
+        s = self.settings
+        if not conn.engine.extensions.auth or conn.engine.authenticated:
+            return
+        creds = self._sasl_credentials(conn, request)
+        if creds is None:
+            return               # Postfix: no entry, no AUTH
+        mechs = self._sasl_mechanisms(conn)
+        if not mechs:
+            raise self._fail("4.7.0", "SASL authentication failed; cannot authenticate to server "
+                             f"{conn.namaddr}: no mechanism available", conn.target)
+        user, password = (c.encode("utf-8") for c in creds)
+        if mechs[0] == "PLAIN":
+            conn.engine.auth("PLAIN", b"\0" + user + b"\0" + password)   # RFC 4616 2
+            answers = []
+        else:
+            conn.engine.auth("LOGIN")
+            answers = [user, password]
+        while True:
+            ev = await self._event(conn)
+            if isinstance(ev, AuthChallenge):
+                conn.engine.auth_response(answers.pop(0) if answers else None)
+                continue
+            if isinstance(ev, AuthDone):
+                if ev.ok:
+                    return
+                dsn = _dsn_of(ev.reply)
+                if s.sasl_auth_soft_bounce:
+                    dsn = _soft(dsn)
+                raise self._fail(dsn, f"SASL authentication failed; server {conn.namaddr} said: "
+                                 f"{_one_line(ev.reply)}", conn.target,
+                                 permanent=dsn.startswith("5"))
+
+    def _tls_context(self, level: str) -> ssl.SSLContext:
+        cached = self._tls_contexts.get(level)
+        if cached is not None:
+            return cached
+        cfg = self.config
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False      # names are matched per level in _start_tls
+        if level in ("verify", "secure", "dane-only"):
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            cafile = cfg.get("smtp_tls_CAfile") or None
+            capath = cfg.get("smtp_tls_CApath") or None
+            if cafile or capath:
+                ctx.load_verify_locations(cafile=cafile, capath=capath)
+            else:
+                ctx.load_default_certs()
+        else:
+            ctx.verify_mode = ssl.CERT_NONE  # opportunistic/encrypt: no authentication
+        cert = cfg.get("smtp_tls_cert_file")
+        if cert:
+            ctx.load_cert_chain(cert, cfg.get("smtp_tls_key_file") or cert)
+        self._tls_contexts[level] = ctx
+        return ctx
 
     def _is_myself(self, name: str) -> bool:
         return bool(name) and name.lower() == (self.settings.myhostname or "").lower()
@@ -712,7 +1113,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
         def refuse(i, reply: Reply, command: str):
             nonlocal soft
-            if reply.code // 100 == 5:
+            if not _dsn_of(reply).startswith("4"):
                 result(i, "bounced", _dsn_of(reply), said(reply, command))
             elif final:
                 result(i, "deferred", _dsn_of(reply), said(reply, command))

@@ -118,12 +118,36 @@ class VirtualAgent(DeliveryAgent):
                         sender=request.sender, recipient=address, orig=rcpt.orig or address,
                         limit=self.limit, lock_methods=self.lock_methods, hostname=self.hostname)
 
+    async def _deliver_via_helper(self, request, helper) -> list[RecipientResult]:
+        """Unprivileged qmgr: the root helper writes as the mailbox owner."""
+        if getattr(self, "_helper", None) is None:
+            self._helper = helper.HelperClient(helper.HELPER_SOCKET)
+        try:
+            raw = await self._helper.deliver(request.queue_id, request.sender, request.nexthop,
+                                             request.recipients)
+        except (OSError, ConnectionError, ValueError) as exc:
+            self._warn(f"virtual delivery helper: {exc}")
+            raw = []
+        out = []
+        for i, rcpt in enumerate(request.recipients):
+            if i < len(raw):
+                status, dsn, reason = raw[i]
+            else:
+                status, dsn, reason = "deferred", "4.3.0", "mail system configuration error"
+            r = RecipientResult(rcpt, status, dsn, reason, RELAY)
+            r.done_time = self.clock()
+            out.append(r)
+        return out
+
     def _warn(self, text):
         if self.log:
             self.log.warning(text)
 
     # -- delivery --------------------------------------------------------
     async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        from . import helper
+        if helper.HELPER_SOCKET and os.geteuid() != 0:
+            return await self._deliver_via_helper(request, helper)
         results = []
         delivered_to = None
         for rcpt in request.recipients:
@@ -255,7 +279,6 @@ def deliver_maildir(d: Delivery, open_content) -> None:
     # Unique within the process too: several deliveries may run at once in the qmgr.
     tmpfile = os.path.join(tmpdir, f"{sec}.P{os.getpid()}Q{next(_counter)}.{host}")
     fd = os.open(tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    linked = False
     try:
         st = os.fstat(fd)
         # The per-file limit is virtual_mailbox_limit (postconf(5): "an individual ... maildir file").
@@ -271,15 +294,12 @@ def deliver_maildir(d: Delivery, open_content) -> None:
         os.fsync(fd)
         newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
         os.link(tmpfile, newfile)
-        linked = True
         _fsync_dir(newdir)
     finally:
         os.close(fd)
-        try:
+        try:   # linked into new/ (or failed): the tmp/ name goes either way
             os.unlink(tmpfile)
         except OSError:
-            pass
-        if not linked:
             pass
 
 

@@ -25,10 +25,6 @@ class FailedRecipient:
     remote_mta: str | None = None
 
 
-def _status_comment(dsn: str) -> str:
-    return dsn
-
-
 def build_bounce(*, config, queue_id: str, sender: str, arrival_time: float,
                  recipients: list[FailedRecipient], original_content, notice_id: str = "",
                  now: float | None = None, max_header_bytes: int = 65536) -> bytes:

@@ -6,7 +6,6 @@ select() loop, so no handler ever runs in the middle of bookkeeping.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import pwd
@@ -117,7 +116,9 @@ class Slot:
 
     @property
     def command(self) -> str:
-        return self.svc.command if self.svc is not None else "qmgr"
+        if self.svc is not None:
+            return self.svc.command
+        return "virtual" if self.kind == "helper" else "qmgr"
 
 
 class Master:
@@ -189,6 +190,10 @@ class Master:
             store.ensure_layout()
         except OSError as exc:
             raise MasterError(f"queue directory {cfg.get('queue_directory')}: {exc.strerror}") from None
+        try:   # unix sockets of postwell's own helpers (Postfix's private/)
+            os.makedirs(os.path.join(cfg.get("queue_directory"), "private"), 0o700, exist_ok=True)
+        except OSError:
+            pass
         self._chown_queue(cfg)
         self._lock_pid(cfg)
         self.slots = self._make_slots(cfg, {}, warn=True)
@@ -285,6 +290,7 @@ class Master:
                 self.log.warning(f"master.cf line {svc.line}: service {svc.name} ({svc.type}) "
                                  f"command {svc.command}: {why}; service ignored")
         slots = []
+        fresh = []   # sockets bound by this call: closed again if the plan fails
         for svc in plan.smtpd:
             scfg = cfg.override(svc.overrides) if svc.overrides else cfg
             key = sv.bind_key(svc, scfg)
@@ -293,11 +299,16 @@ class Master:
                 try:
                     socks = sv.bind_service(svc, scfg)
                 except OSError as exc:
-                    for s in slots:
-                        if s.key not in old_sockets:
-                            pass
+                    for s in fresh:
+                        s.close()
                     raise MasterError(exc.strerror or str(exc)) from None
+                fresh.extend(socks)
             slots.append(Slot("smtpd", svc, scfg, socks, sv.worker_count(svc, scfg), key=key))
+        if self.owner:
+            # Root: the privileged half of virtual(8) writes mailboxes as their owners.
+            vsvc = next((s for s in cfg.services or [] if s.name == "virtual" and s.type == "unix"), None)
+            vcfg = cfg.override(vsvc.overrides) if vsvc is not None and vsvc.overrides else cfg
+            slots.append(Slot("helper", vsvc, vcfg, [], 1, key=("virtual-helper",)))
         qsvc = plan.qmgr
         qcfg = cfg.override(qsvc.overrides) if qsvc is not None and qsvc.overrides else cfg
         slots.append(Slot("qmgr", qsvc, qcfg, [], 1, key=("qmgr",)))
@@ -305,6 +316,7 @@ class Master:
 
     # ------------------------------------------------------------ children
     def _spawn(self, slot: Slot) -> None:
+        self.master_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
@@ -341,12 +353,25 @@ class Master:
             for s in other.sockets:
                 if s.fileno() not in mine and s.fileno() >= 0:
                     s.close()
+        master_pid = self.master_pid   # not getppid(): the master may already be gone
+        if slot.kind == "helper":
+            _die_with_master(master_pid)
+            from postwell.delivery import helper
+            # Stays root by design: it forks per delivery and each child becomes
+            # the mailbox owner before opening anything.
+            helper.serve(slot.config, self.owner[0], self.owner[1])
+            return
         drop_privileges(self.owner)
+        # After the uid change: the kernel clears the parent-death signal on it.
+        _die_with_master(master_pid)
         if slot.kind == "smtpd":
             from postwell import smtpd
             smtpd.serve(slot.config, slot.svc, slot.sockets)
         else:
             from postwell import qmgr
+            if self.owner:
+                from postwell.delivery import helper
+                helper.HELPER_SOCKET = helper.socket_path(slot.config)
             qmgr.serve(slot.config)
 
     def _retired_slots(self):
@@ -555,6 +580,20 @@ def preload_modules() -> None:
             importlib.import_module(info.name)
         except Exception:
             pass   # a part that does not import simply is not used
+
+
+def _die_with_master(master_pid: int) -> None:
+    """A child must not outlive a killed master (it would keep the listening
+    sockets and make the next start fail): ask for SIGTERM when the parent dies
+    (Linux PR_SET_PDEATHSIG), then make sure it has not died already."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != master_pid:
+        raise SystemExit(0)
 
 
 def drop_privileges(owner) -> None:

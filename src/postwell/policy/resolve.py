@@ -220,6 +220,19 @@ def valid_mailhost_addr(text: str) -> str | None:
 
 # --------------------------------------------------------------------------
 
+def to_internal(address: str) -> str:
+    """External (RFC 5321) form to Postfix's internal form: '"a b"@x' -> 'a b@x'.
+
+    The smtpd should hand the policy internal forms, as Postfix's smtpd does;
+    this is the safety net for a quoted local part that slipped through.
+    """
+    if address.startswith('"'):
+        a = _Addr.scan(address)
+        if a.quoted:
+            return a.internal()
+    return address
+
+
 def strip_source_route(address: str) -> str:
     """'@a,@b:user@dom' -> 'user@dom' (RFC 5321 4.1.2: routes are ignored)."""
     if address.startswith("@"):
@@ -406,6 +419,7 @@ class AddressResolver:
             return Resolved("", "", "", address, int(ResolveFlag.FLAG_FAIL))
 
     def _resolve(self, address: str, sender: str | None, rewrite: bool) -> Resolved:
+        address = to_internal(address)
         if rewrite:
             address = self.rewrite(address)
         flags = ResolveFlag(0)
@@ -661,6 +675,6 @@ def mail_addr_keys(address: str, delimiter: str = "", *, local_ok: bool,
     return keys
 
 
-__all__ = ["AddressResolver", "Resolved", "ResolveFlag", "ResolveError", "CLASS_FINAL",
+__all__ = ["AddressResolver", "Resolved", "to_internal", "ResolveFlag", "ResolveError", "CLASS_FINAL",
            "mail_addr_keys", "valid_hostname", "valid_hostliteral", "valid_mailhost_addr",
            "is_table_spec"]

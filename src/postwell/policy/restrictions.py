@@ -127,6 +127,7 @@ class Engine:
         self.own = own_addresses if own_addresses is not None else OwnAddresses(config)
         self.resolver = resolver or AddressResolver(config, tables=tables, own_addresses=self.own, log=log)
         self.mailhost_lookup = mailhost_lookup
+        self._dns_tried = mailhost_lookup is not None
         self.sleep = sleep
         self._mynetworks: HostList | None = None
         self.last_reply: Reply | None = None
@@ -213,6 +214,7 @@ class Engine:
             self.log.info(format_whatsup(state, "reject_warning", str(reply)))
             return DUNNO
         self.last_reply = reply
+        chk.last_reply = reply
         return REJECT
 
     def server_error(self, state: SessionState):
@@ -232,6 +234,10 @@ class Engine:
     async def generic_checks(self, state: SessionState, restrictions: list[str],
                              reply_name: str, reply_class: str, def_acl: str | None) -> int:
         chk = state.check
+        if chk.recursion > 100:
+            # A restriction class that names itself: stop, as for access maps.
+            self.log.warning(f"restriction list for {reply_class} causes unreasonable recursion")
+            self.server_error(state)
         saved_recursion = chk.recursion
         chk.recursion += 1
         status = DUNNO
@@ -640,18 +646,29 @@ def _valid_hostaddr(name: str) -> bool:
 # ---------------------------------------------------------------------------
 # Restriction implementations: async fn(engine, ctx, args, name) -> status
 
+def _ignored_after(e: Engine, c: _Ctx, args, name: str) -> None:
+    if args and c.state.check.warn_if_reject == 0:
+        e.log.warning(f"restriction `{args[0]}' after `{name}' is ignored")
+
+
 async def _permit(e: Engine, c: _Ctx, args, name):
+    if args:
+        e.log.warning(f"restriction `{args[0]}' after `{name}' is ignored")
     return OK
 
 
 async def _reject(e: Engine, c: _Ctx, args, name):
-    return e.reject(c.state, _ERR_POLICY, e.codes["reject_code"], "5.7.1",
-                    f"<{c.reply_name}>: {c.reply_class} rejected: Access denied")
+    status = e.reject(c.state, _ERR_POLICY, e.codes["reject_code"], "5.7.1",
+                      f"<{c.reply_name}>: {c.reply_class} rejected: Access denied")
+    _ignored_after(e, c, args, name)
+    return status
 
 
 async def _defer(e: Engine, c: _Ctx, args, name):
-    return e.reject(c.state, _ERR_POLICY, e.codes["defer_code"], "4.3.2",
-                    f"<{c.reply_name}>: {c.reply_class} rejected: Try again later")
+    status = e.reject(c.state, _ERR_POLICY, e.codes["defer_code"], "4.3.2",
+                      f"<{c.reply_name}>: {c.reply_class} rejected: Try again later")
+    _ignored_after(e, c, args, name)
+    return status
 
 
 async def _defer_if_permit(e: Engine, c: _Ctx, args, name):
@@ -799,9 +816,11 @@ async def _reject_unknown_address(e: Engine, c: _Ctx, addr: str, reply_class: st
     domain = r.domain
     if r.is_final or (domain.startswith("[") and domain.endswith("]")):
         return DUNNO
+    if e.mailhost_lookup is None and not e._dns_tried:
+        e._dns_tried = True
+        from .dnscheck import default_mailhost_lookup
+        e.mailhost_lookup = default_mailhost_lookup(e.config, e.log)
     if e.mailhost_lookup is None:
-        e.warn_once(f"reject_unknown_{'sender' if reply_class == SENDER else 'recipient'}_domain: "
-                    "no DNS resolver configured; restriction skipped")
         return DUNNO
     status = await e.mailhost_lookup(domain)
     is_sender = reply_class == SENDER

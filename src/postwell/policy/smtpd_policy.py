@@ -66,8 +66,10 @@ class SmtpdPolicy:
         """The 'NOQUEUE: reject: RCPT from ...' line for the smtpd to log."""
         return format_whatsup(state, "reject", str(reply))
 
-    def _result(self, status: int) -> Reply | None:
-        return self.engine.last_reply if status == REJECT else None
+    @staticmethod
+    def _result(state: SessionState, status: int) -> Reply | None:
+        # Per-session: another session may reject while this one awaits.
+        return state.check.last_reply if status == REJECT else None
 
     # -- one stage each (smtpd_check_client/helo/mail/rcpt/data/eod) ----------
     async def _check_client(self, state: SessionState) -> int:
@@ -127,13 +129,13 @@ class SmtpdPolicy:
         state.where = "CONNECT"
         if self.delay_reject:
             return None
-        return self._result(await self._check_client(state))
+        return self._result(state, await self._check_client(state))
 
     async def on_helo(self, state: SessionState) -> Reply | None:
         state.where = "EHLO" if state.protocol and state.protocol.upper().startswith("ESMTP") else "HELO"
         if self.delay_reject:
             return None
-        return self._result(await self._check_helo(state))
+        return self._result(state, await self._check_helo(state))
 
     async def on_mail(self, state: SessionState) -> Reply | None:
         state.where = "MAIL"
@@ -141,7 +143,7 @@ class SmtpdPolicy:
             return Reply(503, "Error: send HELO/EHLO first", "5.5.1")
         if self.delay_reject:
             return None
-        return self._result(await self._check_mail(state))
+        return self._result(state, await self._check_mail(state))
 
     async def on_rcpt(self, state: SessionState) -> Reply | None:
         state.where = "RCPT"
@@ -156,7 +158,7 @@ class SmtpdPolicy:
         if self.delay_reject:
             for stage in (self._check_client, self._check_helo, self._check_mail):
                 if await stage(state) == REJECT:
-                    return self.engine.last_reply
+                    return state.check.last_reply
         chk.defer_if_permit.active = chk.defer_if_permit_sender
         self._reset(state)
         lists = ([self.relay_restrictions, self.recipient_restrictions] if self.relay_before_rcpt
@@ -174,7 +176,7 @@ class SmtpdPolicy:
         if (self.reject_unlisted_recipient and status != REJECT and not chk.recipient_rcptmap_checked
                 and not state.discard and not self.skip_unknown_rcpt):
             status = await self._guarded(state, self.engine.check_recipient_rcpt_maps(state, recipient))
-        return self._result(status)
+        return self._result(state, status)
 
     async def on_vrfy(self, state: SessionState, address: str) -> Reply | None:
         """VRFY runs the RCPT checks on the address (None: the smtpd answers 252).
@@ -205,7 +207,7 @@ class SmtpdPolicy:
             if status != REJECT and chk.defer_if_permit.active:
                 d = chk.defer_if_permit
                 status = self.engine.reject(state, d.error_class, d.code, d.dsn, d.text)
-            return self._result(status)
+            return self._result(state, status)
         finally:
             state.recipient = saved
 

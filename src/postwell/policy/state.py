@@ -33,6 +33,7 @@ class CheckState:
     defer_if_permit_sender: bool = False
     recipient_rcptmap_checked: bool = False
     sender_rcptmap_checked: bool = False
+    last_reply: object = None               # the Reply of the last reject (per session)
 
 
 @dataclass

@@ -92,6 +92,7 @@ class QueueManager:
         self._global = asyncio.Semaphore(max(1, config.get_int("default_process_limit") or 100))
         self._in_progress: set[str] = set()
         self._open_sem = asyncio.Semaphore(OPEN_MESSAGE_LIMIT)
+        self._dead: dict[tuple[str, str], tuple[float, str, str]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -326,6 +327,16 @@ class QueueManager:
 
     async def _deliver_chunk(self, qid, qm, sender, arrival, active_time, transport, nexthop, chunk):
         rcpts = [rc for _, rc in chunk]
+        dead = self._dead.get((transport, nexthop.lower()))
+        if dead is not None:
+            until, reason, dsn = dead
+            if self.clock() < until:
+                # Postfix's dead-destination shortcut: no new connection attempt
+                # until the retry time; the mail is deferred with the last reason.
+                now = self.clock()
+                return [(now, RecipientResult.deferred(rc, f"delivery temporarily suspended: {reason}",
+                                                       "none", dsn)) for rc in rcpts]
+            del self._dead[(transport, nexthop.lower())]
         agent = self.agent(transport)
         if agent is None:
             now = self.clock()
@@ -347,6 +358,7 @@ class QueueManager:
                 results = [RecipientResult.deferred(rc, "delivery temporarily suspended: "
                                                     f"unexpected agent failure", "none", "4.3.0")
                            for rc in rcpts]
+        self._note_destination(transport, nexthop, results)
         by_rcpt = {id(res.recipient): res for res in results}
         out = []
         for rc in rcpts:
@@ -355,6 +367,20 @@ class QueueManager:
                 res = RecipientResult.deferred(rc, "delivery status unavailable", "none", "4.3.0")
             out.append((handoff, res))
         return out
+
+    def _note_destination(self, transport, nexthop, results) -> None:
+        """A destination where no connection could be set up at all is "dead"
+        until minimal_backoff_time from now (Postfix's qmgr_queue_throttle)."""
+        if not results or transport in ("virtual", "local", "error", "retry", "discard"):
+            return
+        if all(r.status == "deferred" and r.conn_setup_done is None and r.relay == "none"
+               for r in results):
+            first = results[0]
+            reason = first.reason
+            prefix = "delivery temporarily suspended: "
+            if reason.startswith(prefix):
+                reason = reason[len(prefix):]
+            self._dead[(transport, nexthop.lower())] = (self.clock() + self.min_backoff, reason, first.dsn)
 
     def _log_result(self, qid, res: RecipientResult, arrival, active_time, handoff, service) -> None:
         rc = res.recipient
@@ -371,9 +397,11 @@ class QueueManager:
         for i, (r, res) in enumerate(defer_entries):
             self.store.append_defer_log(qid, r, res.dsn, res.reason,
                                         sync=False)   # reasons only; losing one costs nothing
-        for i, (r, res) in enumerate(bounce_entries):
+        # RFC 3461 4.1: no failure notice unless NOTIFY (when given) asks for FAILURE.
+        wanted = [(r, res) for r, res in bounce_entries if _wants_failure_notice(r)]
+        for i, (r, res) in enumerate(wanted):
             self.store.append_bounce_log(qid, r, res.dsn, res.reason,
-                                         sync=(i == len(bounce_entries) - 1))
+                                         sync=(i == len(wanted) - 1))
         if done:
             qm.mark_done(done)
 
@@ -482,10 +510,12 @@ class QueueManager:
         # ignores retry times (postqueue -f / postfix flush); 'A' and any other
         # byte mean "new mail in incoming".
         if b"F" in data or b"D" in data:
+            self._dead.clear()   # QMGR_REQ_FLUSH_DEAD
             self._flush_requested = True
         self._wake.set()
 
     def flush(self) -> None:
+        self._dead.clear()
         self._flush_requested = True
         self._wake.set()
 
@@ -498,6 +528,11 @@ def _open_fifo(path: str):
         return os.open(path, os.O_RDWR | os.O_NONBLOCK)
     except OSError:
         return None
+
+
+def _wants_failure_notice(r) -> bool:
+    notify = (getattr(r, "notify", None) or "").upper()
+    return not notify or "FAILURE" in notify.replace(" ", "").split(",")
 
 
 def _unlink(path: str) -> None:

@@ -18,6 +18,12 @@ Driving a transaction::
     MessageDone(reply)                    # final reply to "." / BDAT LAST
     c.start_transaction(...) again (connection reuse), or c.quit()
 
+Before the first transaction, after HelloDone: ``c.starttls()`` -> TlsWanted (the
+driver runs the TLS handshake, then ``c.tls_established()`` says EHLO again) or
+TlsRefused; ``c.auth(mech, initial)`` -> AuthChallenge* (``c.auth_response()``)
+-> AuthDone.  Lines that are not replies are skipped with an IgnoredLine event,
+as Postfix skips them; a flood of them is a ProtocolError.
+
 Every reply event carries ``command``: the Postfix "in reply to X command" label.
 
 Content conversion (``send_content``): stored content is LF-terminated lines.
@@ -30,6 +36,8 @@ smtp_line_length_limit does.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import re
 from dataclasses import dataclass
@@ -41,6 +49,8 @@ from postwell.smtp.reply import Reply
 # memory whatever the server sends (DESIGN.md property 4).
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
+# Consecutive non-reply lines skipped before the server is declared broken.
+MAX_GARBAGE_LINES = 100
 # Unread server bytes we keep before declaring the server broken.
 MAX_PENDING_INPUT = 1 << 20
 
@@ -178,6 +188,37 @@ class Rejected(Event):
 
 
 @dataclass(frozen=True)
+class TlsWanted(Event):
+    """The server said 220 to STARTTLS: start the TLS handshake now, then call
+    ``tls_established()`` (RFC 3207 4.2)."""
+    reply: Reply
+    command: str = "STARTTLS"
+
+
+@dataclass(frozen=True)
+class TlsRefused(Event):
+    """The server refused STARTTLS; the connection is still usable in plain text."""
+    reply: Reply
+    command: str = "STARTTLS"
+
+
+@dataclass(frozen=True)
+class AuthChallenge(Event):
+    """334 during AUTH (RFC 4954 4): answer with ``auth_response()``."""
+    reply: Reply
+    challenge: bytes          # base64-decoded server challenge
+    command: str = "AUTH"
+
+
+@dataclass(frozen=True)
+class AuthDone(Event):
+    """AUTH finished: ``ok`` for 235, else ``reply`` is the refusal."""
+    reply: Reply
+    ok: bool
+    command: str = "AUTH"
+
+
+@dataclass(frozen=True)
 class MailReply(Event):
     reply: Reply
     command: str = "MAIL FROM"
@@ -236,6 +277,13 @@ class ConnectionClosed(Event):
 
 
 @dataclass(frozen=True)
+class IgnoredLine(Event):
+    """A line that is not an SMTP reply was skipped (Postfix: "non-ESMTP response")."""
+    text: str
+    pipelining: bool
+
+
+@dataclass(frozen=True)
 class ProtocolError(Event):
     """The server sent something that is not an SMTP reply."""
     stage: str
@@ -248,6 +296,9 @@ class State(enum.Enum):
     GREETING = "receiving the initial server greeting"
     HELLO = "performing the EHLO handshake"
     HELO = "performing the HELO handshake"
+    AUTH = "performing the SASL authentication"
+    STARTTLS = "performing the STARTTLS handshake"
+    TLS = "performing the TLS handshake"
     READY = "idle"
     MAIL = "sending MAIL FROM"
     RCPT = "sending RCPT TO"
@@ -265,6 +316,7 @@ _EXPECT_LABEL = {
     "greeting": "initial greeting", "ehlo": "EHLO", "helo": "HELO", "mail": "MAIL FROM",
     "rcpt": "RCPT TO", "data": "DATA", "dot": "end of DATA", "bdat": "end of DATA",
     "bdat_mid": "end of DATA", "rset": "RSET", "quit": "QUIT", "dot_abort": "end of DATA",
+    "starttls": "STARTTLS", "auth": "AUTH",
 }
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)")
@@ -309,14 +361,29 @@ def _is_ascii(s: str) -> bool:
 
 
 def needs_smtputf8(envelope: Envelope) -> bool:
-    """Postfix sends SMTPUTF8 only when the envelope actually needs it (RFC 6531 3.4)."""
+    """True when SMTPUTF8 was requested and an envelope address is not ASCII: such
+    mail cannot go to a server without SMTPUTF8 (RFC 6531 3.2; Postfix bounces 5.6.7)."""
     if not envelope.smtputf8:
         return False
     return not (_is_ascii(envelope.sender) and all(_is_ascii(r.address) for r in envelope.recipients))
 
 
-def parse_reply_lines(lines: list[bytes]) -> Reply:
-    """Build a Reply from raw reply lines (without CRLF); code from the last line."""
+@dataclass(frozen=True)
+class ServerReply(Reply):
+    """A Reply that also keeps the lines as the server sent them (``raw``).
+
+    Postfix quotes a server's reply in log lines and bounces with every line's
+    code, joined by spaces: "550-5.1.1 first 550 5.1.1 second".
+    """
+    raw: str = ""
+
+    def __str__(self) -> str:
+        return self.raw.replace("\n", " ") if self.raw else super().__str__()
+
+
+def parse_reply_lines(lines: list[bytes]) -> ServerReply:
+    """Build a reply from raw reply lines (without CRLF); code from the last line
+    (as Postfix does; RFC 5321 4.2.1 wants them all equal)."""
     code = int(lines[-1][:3])
     texts = [ln[4:].decode("utf-8", "replace") for ln in lines]
     enhanced = None
@@ -329,7 +396,8 @@ def parse_reply_lines(lines: list[bytes]) -> Reply:
             mm = _ENHANCED.match(t)
             stripped.append(t[mm.end():] if mm and mm.group(0).strip() == enhanced else t)
         texts = stripped
-    return Reply(code, "\n".join(texts), enhanced)
+    raw = "\n".join(ln.decode("utf-8", "replace") for ln in lines)
+    return ServerReply(code, "\n".join(texts), enhanced, raw)
 
 
 class SmtpClient:
@@ -370,6 +438,9 @@ class SmtpClient:
         self._bdat_buf = bytearray()
         self._unusable = False
         self._partial_line: bytes | None = None
+        self._garbage = 0
+        self.tls = False
+        self.authenticated = False
 
     # ------------------------------------------------------------ I/O side
 
@@ -411,6 +482,72 @@ class SmtpClient:
 
     def _addr(self, address: str) -> str:
         return quote_address(address) if self.quote_envelope else address
+
+    def starttls(self) -> None:
+        """STARTTLS (RFC 3207); only after HelloDone and when the server offers it."""
+        if not self.usable or not self.extensions.starttls or self.tls:
+            raise SmtpClientError(f"starttls in state {self.state.name}")
+        self._send("STARTTLS")
+        self._expect.append(("starttls", -1))
+        self.state = State.STARTTLS
+
+    def tls_established(self) -> None:
+        """The TLS layer is up: forget what the server said and say EHLO again
+        (RFC 3207 4.2)."""
+        if self.state is not State.TLS:
+            raise SmtpClientError(f"tls_established in state {self.state.name}")
+        self.tls = True
+        self.extensions = Extensions()
+        self._send(f"EHLO {self.helo_name}")
+        self._expect.append(("ehlo", -1))
+        self.state = State.HELLO
+
+    def auth(self, mechanism: str, initial_response: bytes | None = None) -> None:
+        """AUTH (RFC 4954 4); an empty initial response is sent as "="."""
+        if not self.usable or self.authenticated:
+            raise SmtpClientError(f"auth in state {self.state.name}")
+        line = f"AUTH {mechanism.upper()}"
+        if initial_response is not None:
+            line += " " + (base64.b64encode(initial_response).decode() or "=")
+        self._send(line)
+        self._expect.append(("auth", -1))
+        self.state = State.AUTH
+
+    def auth_response(self, data: bytes | None) -> None:
+        """Answer a 334 challenge; None cancels the exchange ("*", RFC 4954 4)."""
+        if self.state is not State.AUTH or self._expect:
+            raise SmtpClientError(f"auth_response in state {self.state.name}")
+        self._send("*" if data is None else base64.b64encode(data).decode())
+        self._expect.append(("auth", -1))
+
+    def _on_auth(self, reply: Reply, _i: int) -> None:
+        if reply.code == 334:
+            try:
+                challenge = base64.b64decode(reply.text.split("\n")[0].strip(), validate=True)
+            except (ValueError, binascii.Error):
+                challenge = b""
+            self._events.append(AuthChallenge(reply, challenge))
+            return
+        self.state = State.READY
+        ok = reply.code == 235
+        self.authenticated = ok
+        if reply.code == 421:
+            self._unusable = True
+        self._events.append(AuthDone(reply, ok))
+
+    def _on_starttls(self, reply: Reply, _i: int) -> None:
+        if reply.code == 220:
+            # Bytes that arrived with the 220 were sent before TLS: never let them
+            # pass as protected replies (CVE-2011-0411, the client side).
+            self._in.clear()
+            self._lines = []
+            self.state = State.TLS
+            self._events.append(TlsWanted(reply))
+        else:
+            self.state = State.READY
+            if reply.code == 421:
+                self._unusable = True
+            self._events.append(TlsRefused(reply))
 
     def start_transaction(self, envelope: Envelope) -> None:
         if not self.usable:
@@ -556,7 +693,7 @@ class SmtpClient:
         self._in.clear()
 
     def _parse(self) -> None:
-        while self.state is not State.ERROR:
+        while self.state not in (State.ERROR, State.TLS):
             nl = self._in.find(b"\n")
             if nl < 0:
                 if len(self._in) > MAX_REPLY_LINE:
@@ -581,8 +718,17 @@ class SmtpClient:
 
     def _lines_add(self, line: bytes, partial: bool) -> None:
         if not _REPLY_LINE.match(line):
-            self._protocol_error("malformed server reply: " + line[:100].decode("utf-8", "replace"))
+            # Postfix skips lines that are not replies (smtp_chat.c), warning when
+            # pipelining, since a skipped line may shift later replies.  We do the
+            # same, but only so many times before calling the server broken.
+            self._garbage += 1
+            if self._garbage > MAX_GARBAGE_LINES:
+                self._protocol_error("too many malformed reply lines")
+                return
+            self._events.append(IgnoredLine(line[:100].decode("utf-8", "replace"),
+                                            self.extensions.pipelining))
             return
+        self._garbage = 0
         if partial:
             self._partial_line = line
             return
@@ -594,10 +740,6 @@ class SmtpClient:
             self._collect(line)
 
     def _collect(self, line: bytes) -> None:
-        if self._lines and line[:3] != self._lines[0][:3]:
-            # RFC 5321 4.2.1: every line of a reply has the same code.
-            self._protocol_error("inconsistent multi-line reply codes")
-            return
         if len(self._lines) < MAX_REPLY_LINES:
             self._lines.append(line)
         if line[3:4] == b"-":
@@ -614,7 +756,7 @@ class SmtpClient:
             self._protocol_error(f"unexpected reply: {reply}")
             return
         what, index = self._expect.pop(0)
-        if reply.code == 421 and what not in ("quit", "ehlo", "helo"):
+        if reply.code == 421 and what not in ("quit", "ehlo", "helo", "starttls", "auth"):
             # RFC 5321 3.8: 421 means the server closes the channel; replies to the
             # rest of a pipelined group will never come.
             self._expect.clear()

@@ -282,89 +282,147 @@ def decode_xtext(text: str) -> str:
     return _XTEXT_RE.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
-_ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~.")
-
-
-def _valid_mailbox(addr: str) -> bool:
-    """RFC 5321 4.1.2 Mailbox, with Postfix's tolerance (local-part only, UTF-8 octets)."""
-    if not addr:
-        return False
-    if any(ord(c) < 32 or c in " \t<>()[],;\\\x7f" for c in _unquoted_parts(addr)):
-        return False
-    if addr.startswith('"'):
-        # Quoted-string local part: RFC 5321 4.1.2 Quoted-string
-        m = re.fullmatch(r'"((?:[^"\\\r\n]|\\[\x20-\x7e])*)"(@.*)?', addr, re.S)
-        if not m:
-            return False
-        domain = (m.group(2) or "")[1:]
-        return _valid_domain(domain) if m.group(2) else True
-    local, at, domain = addr.rpartition("@")
-    if not at:
-        local, domain = addr, None
-    if not local or '"' in local:
-        return False
-    if domain is not None and not _valid_domain(domain):
-        return False
-    return True
-
-
-def _unquoted_parts(addr: str) -> str:
-    if addr.startswith('"'):
-        end = addr.rfind('"')
-        return addr[end + 1:] if end > 0 else addr
-    return addr
-
-
-def _valid_domain(domain: str) -> bool:
-    if not domain:
-        return False
-    if domain.startswith("[") and domain.endswith("]"):
-        return all(c not in " \t<>\\" and ord(c) >= 33 for c in domain)  # RFC 5321 4.1.3
-    return all(c not in " \t<>()[],;:\\\"@" and ord(c) >= 33 for c in domain)
-
-
-def parse_path(text: str, null_ok: bool) -> tuple[str, str]:
-    """Split "<addr> params" (or the bare "addr params" Postfix tolerates).
-
-    Returns (address, rest). Raises _SyntaxError for a malformed path. Source routes
-    (RFC 5321 4.1.2 A-d-l, deprecated by Appendix C) are dropped as Postfix does.
-    """
-    text = text.lstrip(" ")
-    if text.startswith("<"):
-        i, quoted, esc = 1, False, False
-        while i < len(text):
-            c = text[i]
-            if esc:
-                esc = False
-            elif c == "\\" and quoted:
-                esc = True
-            elif c == '"':
-                quoted = not quoted
-            elif c == ">" and not quoted:
-                break
-            i += 1
+def split_args(text: str) -> list[str]:
+    """Split a command argument on blanks, keeping quoted strings whole (RFC 5321 4.1.2)."""
+    args: list[str] = []
+    cur: list[str] = []
+    quoted = esc = False
+    for ch in text:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            cur.append(ch)
+            esc = True
+        elif ch == '"':
+            quoted = not quoted
+            cur.append(ch)
+        elif ch in " \t" and not quoted:
+            if cur:
+                args.append("".join(cur))
+                cur = []
         else:
+            cur.append(ch)
+    if cur:
+        args.append("".join(cur))
+    return args
+
+
+def _scan(text: str):
+    """Yield (index, char, quoted) with backslash escapes and quoted strings tracked."""
+    quoted = esc = False
+    for i, ch in enumerate(text):
+        if esc:
+            esc = False
+            yield i, ch, True
+            continue
+        if ch == "\\":
+            esc = True
+            yield i, ch, True
+            continue
+        if ch == '"':
+            quoted = not quoted
+            yield i, ch, True
+            continue
+        yield i, ch, quoted
+
+
+def _open_quote(text: str) -> bool:
+    quoted = esc = False
+    for ch in text:
+        if esc:
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == '"':
+            quoted = not quoted
+    return quoted
+
+
+def _drop_comments(text: str) -> str:
+    # RFC 5322 3.2.2 comments, which Postfix's RFC 822 parser ignores in envelopes.
+    out, depth = [], 0
+    for _, ch, quoted in _scan(text):
+        if not quoted and ch == "(":
+            depth += 1
+            continue
+        if not quoted and ch == ")":
+            if not depth:
+                raise _SyntaxError      # a stray ")" (Postfix refuses it; an open "(" it lets run)
+            depth -= 1
+            continue
+        if depth == 0:
+            out.append(ch)
+    return "".join(out)
+
+
+def _unquoted_index(text: str, chars: str, last: bool = False) -> int:
+    found = -1
+    for i, ch, quoted in _scan(text):
+        if not quoted and ch in chars:
+            if not last:
+                return i
+            found = i
+    return found
+
+
+def extract_address(token: str, null_ok: bool) -> str:
+    """One envelope address token -> address, with Postfix's tolerance.
+
+    RFC 5321 4.1.2 Path, plus what Postfix (strict_rfc821_envelopes = no) lets
+    through: no angle brackets, doubled or stray brackets, RFC 822 comments,
+    a group phrase; source routes (RFC 5321 Appendix C) are dropped.
+    """
+    s = token
+    if _open_quote(s):
+        raise _SyntaxError              # unbalanced quote
+    if len(s) >= 2 and s[0] == "<" and s[-1] == ">":
+        s = s[1:-1]
+    s = _drop_comments(s)
+    lt = _unquoted_index(s, "<")
+    if lt >= 0:
+        gt = _unquoted_index(s[lt:], ">")
+        if gt < 0 or s[:lt].strip() or s[lt + gt + 1:].strip(">"):
             raise _SyntaxError
-        addr, rest = text[1:i], text[i + 1:]
-        if rest and not rest.startswith(" "):
+        s = s[lt + 1:lt + gt]
+    s = "".join(ch for _, ch, quoted in _scan(s) if quoted or ch != ">")
+    if s.startswith("@"):
+        colon = _unquoted_index(s, ":")
+        if colon < 0:
             raise _SyntaxError
-    else:
-        # strict_rfc821_envelopes = no: a bare address without angle brackets.
-        addr, _, rest = text.partition(" ")
-        if not addr or "<" in addr or ">" in addr:
-            raise _SyntaxError
-    if addr.startswith("@"):
-        route, colon, mailbox = addr.partition(":")
-        if not colon:
-            raise _SyntaxError
-        addr = mailbox
-    if addr == "":
+        s = s[colon + 1:]
+    if _unquoted_index(s, ",;<") >= 0:
+        raise _SyntaxError              # more than one address, or junk
+    colon = _unquoted_index(s, ":", last=True)
+    if colon >= 0:
+        s = s[colon + 1:]               # an RFC 822 group phrase
+    if s in ("", '""'):
         if not null_ok:
             raise _SyntaxError
-        return "", rest
-    if not _valid_mailbox(addr):
+        return ""
+    for _, ch, quoted in _scan(s):
+        if ord(ch) < 32 or ch == "\x7f" or (not quoted and ch in " \t"):
+            raise _SyntaxError
+    at = _unquoted_index(s, "@", last=True)
+    if at >= 0:
+        local, domain = s[:at], s[at + 1:]
+        if not local or not domain:
+            raise _SyntaxError
+        if _unquoted_index(domain, "[]") >= 0 and not (
+                domain.startswith("[") and domain.endswith("]")
+                and _unquoted_index(domain[1:-1], "[]") < 0):
+            raise _SyntaxError          # RFC 5321 4.1.3 address literal
+    elif _unquoted_index(s, "[]") >= 0 and not (s.startswith("[") and s.endswith("]")):
         raise _SyntaxError
-    return addr, rest
+    return s
+
+
+def parse_path(text: str, null_ok: bool) -> tuple[str, list[str]]:
+    """"<addr> params" -> (address, [params]); raises _SyntaxError for a bad address."""
+    args = split_args(text)
+    if not args:
+        raise _SyntaxError
+    return extract_address(args[0], null_ok), args[1:]
 
 
 # --- the connection -----------------------------------------------------------------------
@@ -843,7 +901,7 @@ class ServerConnection:
             self._error("mail", Reply(501, "Bad sender address syntax", "5.1.7"))
             return
         kw: dict = {"_sender": sender}
-        for p in params.split():
+        for p in params:
             key, eq, val = p.partition("=")
             k = key.upper()
             bad = self._mail_param(k, eq, val, kw, p)
@@ -911,7 +969,7 @@ class ServerConnection:
             self._error("rcpt", Reply(501, "Bad recipient address syntax", "5.1.3"))
             return
         kw: dict = {}
-        for p in params.split():
+        for p in params:
             key, eq, val = p.partition("=")
             k = key.upper()
             if k == "NOTIFY" and eq and "notify" not in kw:

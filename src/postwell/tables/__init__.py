@@ -3,8 +3,10 @@
 Public API (docs/architecture.md):
 
     open_table(spec, config=None, warn=None) -> Table   # a new, private instance
-    get_table(spec, config=None, warn=None) -> Table    # shared per process, re-opened
-                                                        # when the file under it changes
+    get_table(spec, config=None, warn=None, surrogate=False) -> Table
+                                        # shared per process, re-opened when the
+                                        # file under it changes; surrogate=True:
+                                        # never raises, see SurrogateTable
     Table.lookup(key) -> str | None; Table.items(); Table.close()
     TableError                                          # open/lookup failure, Postfix wording
     TableLookupError(TableError)                        # lookup failed: a temporary error
@@ -22,7 +24,7 @@ from __future__ import annotations
 import importlib
 import threading
 
-from .base import Table, TableError, TableLookupError  # noqa: F401
+from .base import Table, TableError, TableLookupError, fold_key, utf8_from_config  # noqa: F401
 
 # type -> "module:Class"; modules load on first use so a missing optional
 # package (lmdb, berkeleydb) only breaks the type that needs it.
@@ -58,7 +60,7 @@ def split_spec(spec: str) -> tuple[str, str]:
     while spec.startswith("proxy:"):
         spec = spec[len("proxy:"):]
     typ, sep, name = spec.partition(":")
-    if not sep or not typ or "{" in typ or "/" in typ:
+    if not sep or not typ or not name or "{" in typ or "/" in typ:
         raise TableError(f'open dictionary: expecting "type:name" form instead of "{spec}"')
     return typ.lower(), name
 
@@ -84,29 +86,80 @@ def open_table(spec: str, config=None, warn=None) -> Table:
         kwargs["warn"] = warn
     if typ in _WANTS_CONFIG:
         kwargs["config"] = config
-    table = cls(f"{typ}:{name}", name, **kwargs)
+    # utf8 must be known while the constructor folds keys (texthash, inline)
+    table = cls.__new__(cls)
+    table.utf8 = utf8_from_config(config)
+    table.__init__(f"{typ}:{name}", name, **kwargs)
     if warn is not None:
         table.warn = warn
     return table
 
 
-_cache: dict[tuple, Table] = {}
+class SurrogateTable(Table):
+    """Stands in for a table that failed to open, as Postfix's surrogate
+    dictionary does: every lookup is an error (a temporary failure for the
+    caller), and the open error was logged once as
+    "TYPE:NAME is unavailable. REASON". get_table() retries the real open
+    when the file under it changes (it appears, or is rebuilt)."""
+
+    fold = False
+
+    def __init__(self, spec: str, name: str, reason: str, watch: str | None):
+        super().__init__(spec, name)
+        self.reason = reason
+        from .base import FileStamp
+        self.stamp = FileStamp(watch) if watch else None
+
+    def _lookup(self, key):
+        raise TableLookupError(f'{self.spec} lookup error for "{key}"')
+
+    def changed(self):
+        return self.stamp.changed() if self.stamp else False
+
+
+_SUFFIX = {"hash": ".db", "btree": ".db", "lmdb": ".lmdb"}
+
+
+def _watch_path(typ: str, name: str) -> str | None:
+    if typ in _SUFFIX:
+        return name + _SUFFIX[typ]
+    if name.startswith("/") and typ in ("texthash", "cidr", "regexp", "pcre"):
+        return name
+    return None
+
+
+_cache: dict[str, Table] = {}
 _cache_lock = threading.Lock()
 
 
-def get_table(spec: str, config=None, warn=None) -> Table:
+def get_table(spec: str, config=None, warn=None, surrogate: bool = False) -> Table:
     """A per-process shared table: open once, re-open when the file changed.
 
     Postfix daemons exit when a table they use changes on disk and the
     master starts fresh ones; postwell's long-lived workers re-open instead.
     The check is a stat() per call, which is cheap next to a lookup.
+
+    surrogate=True: a table that cannot be opened does not raise; ``warn``
+    gets "TYPE:NAME is unavailable. REASON" and the returned SurrogateTable
+    fails every lookup with TableLookupError (smtpd answers 451 4.3.0), as
+    Postfix daemons behave.
     """
-    key = (spec.strip(), id(config) if config is not None else None)
+    # keyed by spec alone: per-service config copies (master.cf -o) must
+    # share one open table, and a table's contents do not depend on config
+    key = spec.strip()
     with _cache_lock:
         table = _cache.get(key)
         if table is not None and not table.changed():
             return table
-        new = open_table(spec, config, warn)
+        try:
+            new = open_table(spec, config, warn)
+        except TableError as e:
+            if not surrogate:
+                raise
+            typ, name = split_spec(spec)
+            if warn is not None:
+                warn(f"{typ}:{name} is unavailable. {e}")
+            new = SurrogateTable(f"{typ}:{name}", name, str(e), _watch_path(typ, name))
         if table is not None:
             table.close()
         _cache[key] = new

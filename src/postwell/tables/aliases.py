@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from .base import TableError, logical_lines
+from .base import TableError, fold_key, logical_lines, utf8_from_config
 
 _SPECIALS = set("<>@,;:.")
 
@@ -114,7 +114,8 @@ def _split_name(line: str):
     return line[:colon].strip(), line[colon + 1:]
 
 
-def parse_aliases(text: str, warn=None, path: str = "aliases", fold: bool = True):
+def parse_aliases(text: str, warn=None, path: str = "aliases", fold: bool = True,
+                  utf8: bool = True):
     """Parse aliases(5) text into [(lineno, name, value)] in file order.
 
     Names are lower-cased; values are normalized like postalias stores
@@ -128,12 +129,13 @@ def parse_aliases(text: str, warn=None, path: str = "aliases", fold: bool = True
             if warn:
                 warn(f"{path}, line {lineno}: need name:value pair")
             continue
-        entries.append((lineno, got[0].lower() if fold else got[0], value))
+        entries.append((lineno, fold_key(got[0], utf8) if fold else got[0], value))
     return entries
 
 
 def build_aliases(typ: str, path: str, config=None, warn=None, dup="warn",
-                  fold=True, text: str | None = None, nul=True, keep_perms=True) -> int:
+                  fold=True, text: str | None = None, nul=True, keep_perms=True,
+                  utf8: bool | None = None) -> int:
     """Compile an aliases source file into path.db / path.lmdb atomically.
     Returns the number of entries stored."""
     from .index import Builder
@@ -152,7 +154,9 @@ def build_aliases(typ: str, path: str, config=None, warn=None, dup="warn",
                 label=label, nul=nul)
     count = 0
     try:
-        for lineno, name, value in parse_aliases(text, warn, path, fold=fold):
+        if utf8 is None:
+            utf8 = utf8_from_config(config)
+        for lineno, name, value in parse_aliases(text, warn, path, fold=fold, utf8=utf8):
             if b.put(name, value):
                 count += 1
         # Sendmail compatibility markers that postalias writes: "@" tells

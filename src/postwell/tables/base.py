@@ -16,6 +16,27 @@ class TableError(Exception):
     """
 
 
+_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_key(key: str, utf8: bool = True) -> str:
+    """Postfix's key folding: full Unicode case folding when SMTPUTF8 is
+    enabled (smtputf8_enable = yes, the default from compatibility level 1),
+    ASCII-only lower-casing otherwise. Checked against postmap 3.7."""
+    if utf8:
+        return key.casefold()
+    return key.translate(_ASCII_UPPER)
+
+
+def utf8_from_config(config) -> bool:
+    if config is None:
+        return True
+    try:
+        return config.get_bool("smtputf8_enable")
+    except Exception:
+        return True
+
+
 class TableLookupError(TableError):
     """A lookup that failed (not "not found"): callers must treat it as a
     temporary error (Postfix's DICT_ERR_RETRY), e.g. 451 4.3.0 in smtpd."""
@@ -32,6 +53,7 @@ class Table:
 
     type = ""
     fold = True
+    utf8 = True     # set by open_table() from smtputf8_enable; see fold_key()
     warn = None
 
     def __init__(self, spec: str, name: str):
@@ -40,7 +62,7 @@ class Table:
 
     def lookup(self, key: str) -> str | None:
         if self.fold:
-            key = key.lower()
+            key = fold_key(key, self.utf8)
         value = self._lookup(key)
         if value == "" and self.warn:
             # Postfix's dict layer reports this and still returns the value
@@ -53,7 +75,7 @@ class Table:
 
     def items(self):
         """Iterate (key, value) pairs in table order (postmap -s)."""
-        raise TableError(f"table {self.spec} does not support sequential access")
+        raise TableError(f"table {self.spec}: sequence operation is not supported")
 
     def close(self) -> None:
         pass

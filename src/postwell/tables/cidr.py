@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from .base import FileStamp, Table, TableError, logical_lines, read_source, split_braced_list, strip_braces
+from .base import FileStamp, Table, TableError, logical_lines, read_source, strip_braces
 
 
 def parse_address(text: str):

@@ -11,6 +11,7 @@ programs), like Postfix's DICT_FLAG_TRY1NULL|TRY0NULL.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import time
@@ -51,13 +52,61 @@ class IndexedTable(Table):
     def __init__(self, spec: str, name: str, warn=None, config=None, now=None):
         super().__init__(spec, name)
         self.path = name + self.store_class.suffix
-        self.stamp = FileStamp(self.path)
-        self.store = self.store_class.open_read(self.path)
         self.warn = warn
-        # sticky choice between "key\0" and "key", as Postfix learns it
-        self._nul_mode: bool | None = None
+        self.store = None
+        self._lock_fd = None
+        self._open_store()
         if warn is not None:
             self.check_stale(now)
+
+    def _open_store(self) -> None:
+        """Open under a shared flock: Debian's postmap holds an exclusive
+        flock on the index while it rewrites it in place, and Postfix's
+        readers take a shared one, so we never read a half-written file."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise TableError(f"open database {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                self.stamp = FileStamp(self.path)
+                self.store = self.store_class.open_read(self.path)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        # sticky choice between "key\0" and "key", as Postfix learns it
+        self._nul_mode: bool | None = None
+
+    def _reopen_if_changed(self) -> None:
+        """Called with the shared lock held: a postmap that rewrote the
+        file in place (same inode) leaves our handle's cache stale."""
+        if self.stamp.changed():
+            self._close_store()
+            self._open_store()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def _close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def lookup(self, key: str):
+        if self.store is None:
+            raise TableLookupError(f"{self.spec}: table is closed")
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        try:
+            self._reopen_if_changed()
+            return super().lookup(key)
+        finally:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def check_stale(self, now=None) -> str | None:
         """Postfix's "database X is older than source file Y" warning text."""
@@ -97,20 +146,24 @@ class IndexedTable(Table):
             raise TableLookupError(f"error reading {self.path}: {e}") from None
 
     def items(self):
-        for k, v in self.store.items():
-            if k.endswith(b"\0"):
-                k = k[:-1]
-            if v.endswith(b"\0"):
-                v = v[:-1]
-            yield to_str(k), to_str(v)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        try:
+            self._reopen_if_changed()
+            for k, v in self.store.items():
+                if k.endswith(b"\0"):
+                    k = k[:-1]
+                if v.endswith(b"\0"):
+                    v = v[:-1]
+                yield to_str(k), to_str(v)
+        finally:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def changed(self) -> bool:
         return self.stamp.changed()
 
     def close(self):
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        self._close_store()
 
 
 class Builder:
@@ -121,7 +174,8 @@ class Builder:
 
     ``dup``: what to do with a key already present - "warn" keeps the first
     entry (postmap's default), "replace" keeps the last (postmap -r),
-    "ignore" keeps the first quietly (postmap -w).
+    "ignore" keeps the first quietly (postmap -w). ``nul``: store keys and
+    values with the trailing NUL (postmap -N, the Linux default) or not (-n).
     """
 
     def __init__(self, store_class, name: str, src_stat=None, copy_existing=False,
@@ -132,11 +186,13 @@ class Builder:
         self.warn = warn
         self.dup = dup
         self.label = label or self.path
-        # postmap -N / -n: keys and values with or without the trailing NUL
         self.nul = nul
         d = os.path.dirname(self.path) or "."
         base = os.path.basename(self.path)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=d)
+        except OSError as e:
+            raise TableError(f"open database {self.path}: {e.strerror}") from None
         os.close(fd)
         os.unlink(self.tmp)  # the backend creates the file itself
         self.src_stat = src_stat
@@ -146,8 +202,6 @@ class Builder:
             try:
                 for k, v in old.items():
                     self.writer.put(k, v)
-                    if not k.endswith(b"\0"):
-                        self.nul = False
             finally:
                 old.close()
 
@@ -155,16 +209,21 @@ class Builder:
         k = to_bytes(key)
         return k + b"\0" if self.nul else k
 
-    def put(self, key: str, value: str, lineno=None, where=None) -> bool:
+    def _v(self, value: str) -> bytes:
+        v = to_bytes(value)
+        return v + b"\0" if self.nul else v
+
+    def put(self, key: str, value: str, where=None) -> bool:
+        """Store one entry; False when an existing key was kept."""
         k = self._k(key)
         if self.writer.get(k) is not None:
             if self.dup == "replace":
-                self.writer.put(k, to_bytes(value) + (b"\0" if self.nul else b""))
+                self.writer.put(k, self._v(value))
                 return True
             if self.dup == "warn" and self.warn:
                 self.warn(f'{where or self.label}: duplicate entry: "{key}"')
             return False
-        self.writer.put(k, to_bytes(value) + (b"\0" if self.nul else b""))
+        self.writer.put(k, self._v(value))
         return True
 
     def delete(self, key: str) -> bool:

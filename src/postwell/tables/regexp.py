@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .base import FileStamp, Table, TableError, logical_lines, read_source, split_braced_list, strip_braces
+from .base import FileStamp, Table, TableError, logical_lines, read_source, strip_braces
 
 _POSIX_CLASSES = {
     "alpha": "a-zA-Z", "digit": "0-9", "alnum": "a-zA-Z0-9", "upper": "A-Z",
@@ -66,6 +66,8 @@ def _bracket(pat: str, i: int, backslash_escapes: bool) -> tuple[str, int]:
                     raise PatternError(f"invalid character class [:{name}:]")
                 out.append(_POSIX_CLASSES[name])
             else:
+                if backslash_escapes:
+                    raise PatternError("POSIX collating elements are not supported")
                 out.append(re.escape(name))
             j = end + 2
             continue
@@ -155,7 +157,27 @@ def posix_to_python(pat: str, extended: bool, multiline: bool, icase: bool = Fal
                 out.append(")")
             elif c == "$":
                 out.append(f"(?:{dollar})")
-            elif c in "|*+?{}^.":
+            elif c == "{":
+                m = re.match(r"\{(\d*)(,?)(\d*)\}", pat[i:])
+                if not m:
+                    raise PatternError("Unmatched \\{" if "}" not in pat[i:]
+                                       else "Invalid content of \\{\\}")
+                if out and (out[-1] in ("*", "+", "?") or out[-1].startswith("{")):
+                    raise PatternError("stacked repetition (a*{2}) is not supported by postwell")
+                out.append(m.group(0))
+                i += m.end()
+                continue
+            elif c in "*+?":
+                prev = out[-1] if out else ""
+                if prev in ("*", "+", "?"):
+                    # stacked repeats (a**, a+?): POSIX has no lazy forms;
+                    # the combination repeats like the wider of the two
+                    out[-1] = prev if prev == c else "*"
+                elif prev.startswith("{") and prev.endswith("}"):
+                    raise PatternError("stacked repetition (a{2}*) is not supported by postwell")
+                else:
+                    out.append(c)
+            elif c in "|}^.":
                 out.append(c)
             else:
                 out.append(re.escape(c))
@@ -321,10 +343,24 @@ def pcre_to_python(pat: str, ungreedy: bool = False) -> str:
                 else:
                     out.append("?")
                 continue
+        if c == "{" and not re.match(r"\{\d+(?:,\d*)?\}", pat[i:]):
+            out.append("\\{")  # PCRE2: not a quantifier, so a literal brace
+            i += 1
+            continue
         out.append(c)
         i += 1
     out.append(")" * stack[0][0])
     return "".join(out)
+
+
+def _octets(text: str) -> str:
+    """UTF-8 text as one character per octet: Postfix runs regex(3) and
+    PCRE on bytes (no UTF mode), so '.' matches one octet of 'é'."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _unoctets(text: str) -> str:
+    return text.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 class _Rule:
@@ -390,7 +426,7 @@ def _expand(parts, m) -> str:
     out = []
     for p in parts:
         if isinstance(p, int):
-            out.append(m.group(p) or "")
+            out.append(_unoctets(m.group(p) or ""))
         else:
             out.append(p)
     return "".join(out)
@@ -471,7 +507,7 @@ class RegexpTable(Table):
                 return None
             i += 1
         try:
-            rx, anchored = self._compile(pattern, flags)
+            rx, anchored = self._compile(_octets(pattern), flags)
         except (PatternError, re.error, ValueError, OverflowError) as e:
             self.warn(f"{self._where(lineno)}: {self._compile_error(pattern, e)}")
             return None
@@ -554,7 +590,7 @@ class RegexpTable(Table):
 
     # -- lookup ----------------------------------------------------------
     def _lookup(self, key: str):
-        return self._search(self.rules, key)
+        return self._search(self.rules, _octets(key))
 
     def _search(self, rules, key):
         for r in rules:

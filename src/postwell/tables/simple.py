@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Table, TableError, TableLookupError, split_braced_list, strip_braces
+from .base import fold_key, Table, TableError, TableLookupError, split_braced_list, strip_braces
 
 
 class InlineTable(Table):
@@ -26,11 +26,8 @@ class InlineTable(Table):
                 raise TableError(f'missing \'=\' after attribute name: "{spec}"; '
                                  f'need "inline:{{name=value...}}"')
             k, v = elem.split("=", 1)
-            k, v = k.strip(), v.strip()
-            inner, was = strip_braces(v)
-            if was:
-                v = inner
-            self.data.setdefault(k.lower(), v)
+            # like Postfix: the value keeps any braces, a later key wins
+            self.data[fold_key(k.strip(), self.utf8)] = v.strip()
 
     def _lookup(self, key):
         return self.data.get(key)
@@ -46,14 +43,19 @@ class StaticTable(Table):
 
     def __init__(self, spec: str, name: str):
         super().__init__(spec, name)
-        inner, braced = strip_braces(name)
-        self.value = inner if braced else name
+        if name.startswith("{"):
+            end = name.rfind("}")
+            if end < 0:
+                raise TableError(f"bad static:name syntax: missing '}}' in \"{name}\"")
+            if end != len(name) - 1:
+                raise TableError(f"bad static:name syntax: syntax error after '}}' in \"{name}\"")
+            self.value = name[1:end].strip()
+        else:
+            self.value = name
 
     def _lookup(self, key):
         return self.value
 
-    def items(self):
-        raise TableError(f"table {self.spec}: sequential access is not supported")
 
 
 class FailTable(Table):
@@ -64,6 +66,9 @@ class FailTable(Table):
     def _lookup(self, key):
         raise TableLookupError(f"table {self.spec}: query error: Application error")
 
+    def items(self):
+        raise TableLookupError(f"table {self.spec}: sequence error: Application error")
+
 
 class EnvironTable(Table):
     """environ:name: the process environment. Keys fold to lower case like
@@ -73,6 +78,3 @@ class EnvironTable(Table):
 
     def _lookup(self, key):
         return os.environ.get(key)
-
-    def items(self):
-        return iter(sorted(os.environ.items()))

@@ -3,10 +3,11 @@ and the texthash: table that reads it directly without an index."""
 
 from __future__ import annotations
 
-from .base import FileStamp, Table, TableError, logical_lines, read_source
+from .base import fold_key, FileStamp, Table, TableError, logical_lines, read_source
 
 
-def parse_source(text: str, path: str, fold: bool = True, warn=None, skip_note: str = ""):
+def parse_source(text: str, path: str, fold: bool = True, warn=None, skip_note: str = "",
+                 utf8: bool = True):
     """Yield (key, value) from postmap's input format.
 
     A logical line is "key whitespace value"; the value keeps its inner
@@ -21,7 +22,7 @@ def parse_source(text: str, path: str, fold: bool = True, warn=None, skip_note: 
             continue
         key, value = parts[0], parts[1].strip()
         if fold:
-            key = key.lower()
+            key = fold_key(key, utf8)
         yield lineno, key, value
 
 
@@ -41,7 +42,7 @@ class TexthashTable(Table):
         except OSError as e:
             raise TableError(f"open database {name}: {e.strerror}") from None
         self.data: dict[str, str] = {}
-        for lineno, key, value in parse_source(text, name, True, warn, " -- ignoring this line"):
+        for lineno, key, value in parse_source(text, name, True, warn, " -- ignoring this line", self.utf8):
             if key in self.data:
                 if warn:
                     warn(f'{name}, line {lineno}: duplicate entry: "{key}"')
