@@ -359,3 +359,14 @@ def test_stock_files_parse(tmp_path, main):
     assert registry.unused_parameters(cfg) == []
     cfg.get("smtpd_banner")
     cfg.get("mynetworks")
+
+
+def test_typed_error_points_at_main_cf_line(tmp_path):
+    d = write(tmp_path, "# c\nmyorigin = x\nsmtpd_timeout = soon\n")
+    cfg = load_config(d)
+    with pytest.raises(ConfigError) as ei:
+        cfg.get_time("smtpd_timeout")
+    assert (ei.value.file, ei.value.line) == (f"{d}/main.cf", 3)
+    with pytest.raises(ConfigError) as ei:
+        cfg.override({"smtpd_timeout": "later"}).get_time("smtpd_timeout")
+    assert ei.value.file == f"{d}/master.cf"

@@ -8,7 +8,8 @@ from postwell.smtp.reply import Reply
 from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthResponse, Bdat, BdatChunkEnd,
                                   ConnectionClosed, Data, DataChunk, DataEnd, Ehlo, Etrn, Helo,
                                   Info, Rejected, Mail, Rcpt, Rset, ServerConfig, ServerConnection, StartTls,
-                                  Vrfy, Warning, decode_xtext, parse_path)
+                                  Vrfy, Warning, _SyntaxError, decode_xtext,
+                                  extract_address, parse_path)
 
 CFG = ServerConfig(hostname="mx.example.com", error_sleep_time=0)
 
@@ -111,6 +112,10 @@ def test_ehlo_options():
     (b"QUIT x", b"", "221 2.0.0 Bye"),
     (b"VRFY", b"", "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"),
     (b"VRFY foo@bar", b"", "252 2.0.0 foo@bar"),
+    (b"VRFY <a@b>", b"", "252 2.0.0 <a@b>"),
+    (b"VRFY a@b SMTPUTF8", b"", "252 2.0.0 a@b"),
+    (b"VRFY a b", b"", "501 5.1.3 Bad recipient address syntax"),
+    (b"STARTTLS x", b"", "501 5.5.4 Syntax: STARTTLS"),
     (b"ETRN", b"", "500 Syntax: ETRN domain"),
     (b"ETRN x", b"MAIL FROM:<a@b>\r\n", "503 Error: MAIL transaction in progress"),
     (b"ETRN example.com", b"", "459 <example.com>: service unavailable"),
@@ -207,8 +212,18 @@ def test_xtext_and_paths():
     for bad in ("", "a+2", "a+zz", "a b", "a=b"):
         with pytest.raises(ValueError):
             decode_xtext(bad)
-    assert parse_path("<a@b> X=1", False) == ("a@b", " X=1")
-    assert parse_path('<"x>y"@b>', False) == ('"x>y"@b', "")
+    assert parse_path("<a@b> X=1\tY", False) == ("a@b", ["X=1", "Y"])
+    assert parse_path('<"x>y"@b>', False) == ('"x>y"@b', [])
+    # Postfix's tolerance (checked against 3.7)
+    for ok, want in [("<<a@b>>", "a@b"), ("a@b>", "a@b"), ("<a(comment)@b>", "a@b"),
+                     ("<@x,@y:a@b>", "a@b"), ("<[1.2.3.4]>", "[1.2.3.4]"),
+                     ("<a@[1.2.3.4]>", "a@[1.2.3.4]"), ('<"a b"@c>', '"a b"@c'),
+                     ("<a:b@c>", "b@c"), ("<a@b(>", "a@b"), ("<\xe9@b>", "\xe9@b")]:
+        assert extract_address(ok, False) == want, ok
+    for bad in ["<<a@b>", "<a@b", "<a>b", "<a@>", "<@>", '<"">', "<a;b@c>", "<a,b@c>", "<@x,a@b>",
+                "<a@b)>", '<"a>', "<a\tb@c>", "<a@b\x7f>", "<a@[1.2]x>", "<a@b>X=1"]:
+        with pytest.raises(_SyntaxError):
+            extract_address(bad, False)
 
 
 def test_recipient_limit_and_overshoot():
@@ -403,15 +418,19 @@ def test_bdat_syntax_closes(cmd):
 def test_bdat_chunk_over_limit_skipped():
     cfg = ServerConfig(message_size_limit=100, error_sleep_time=0)
     d = Driver(cfg)
-    out = d.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 150 LAST\r\n" + b"x" * 150 + b"QUIT\r\n")
-    assert lines(out)[-2:] == ["552 5.3.4 Chunk exceeds message size limit", "221 2.0.0 Bye"]
-    assert d.content() == b""
+    out = d.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 150\r\n" + b"x" * 150 +
+                 b"BDAT 1 LAST\r\nxRSET\r\nQUIT\r\n")
+    assert lines(out)[-4:] == ["552 5.3.4 Chunk exceeds message size limit",
+                               "551 5.0.0 Discarded 1 bytes after earlier error",
+                               "250 2.0.0 Ok", "221 2.0.0 Bye"]
+    assert d.content() == b"" and d.of(DataEnd) == [] and d.of(Bdat) == []
 
 
 def test_bdat_rejected_by_policy():
     d = Driver(replies={Bdat: Reply(554, "Error: data rejected", "5.7.1")})
     out = d.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 3\r\nabcBDAT 2 LAST\r\nxyNOOP\r\n")
-    assert lines(out)[-3:] == ["554 5.7.1 Error: data rejected"] * 2 + ["250 2.0.0 Ok"]
+    assert lines(out)[-3:] == ["554 5.7.1 Error: data rejected",
+                               "551 5.0.0 Discarded 2 bytes after earlier error", "250 2.0.0 Ok"]
     assert d.content() == b""
 
 

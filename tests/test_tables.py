@@ -475,3 +475,32 @@ def test_inline_specs_match_real_postmap(cfdir, spec):
     keys = ["a", "A", "c", "d", "abc", "x", "10.1.2.3", "11.1.1.1"]
     diffs, _, _ = compare(cfdir, spec, keys)
     assert diffs == {}
+
+
+def test_sqlite_table(tmp_path):
+    import sqlite3
+    db = tmp_path / "v.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE alias (address TEXT, goto TEXT)")
+    con.executemany("INSERT INTO alias VALUES (?, ?)", [
+        ("a@example.com", "x@dest.org"), ("a@example.com", "y@dest.org"),
+        ("it's@example.com", "quoted@dest.org"), ("example.com", "domain-row")])
+    con.commit()
+    con.close()
+    cf = tmp_path / "alias.cf"
+    cf.write_text(f"dbpath = {db}\nquery = SELECT goto FROM alias\n  WHERE address = '%s'\n")
+    t = open_table(f"sqlite:{cf}")
+    assert t.lookup("A@Example.COM") == "x@dest.org,y@dest.org"
+    assert t.lookup("it's@example.com") == "quoted@dest.org"   # %s is SQL-quoted
+    assert t.lookup("nobody@example.com") is None
+    cf.write_text(f"dbpath = {db}\nquery = SELECT goto FROM alias WHERE address = '%u@%d'\n"
+                  "result_format = %u+%1\ndomain = example.com\nexpansion_limit = 1\n")
+    t = open_table(f"sqlite:{cf}")
+    with pytest.raises(TableLookupError, match="Expansion limit exceeded"):
+        t.lookup("a@example.com")
+    assert t.lookup("it's@example.com") == "quoted+com"
+    assert t.lookup("example.com") is None            # not user@domain: no query
+    assert t.lookup("a@other.example") is None        # domain not listed
+    with pytest.raises(TableError, match="dbpath"):
+        cf.write_text("query = SELECT 1\n")
+        open_table(f"sqlite:{cf}")

@@ -199,10 +199,19 @@ class Config:
             raise ConfigError(str(e), self.main_cf_path) from None
 
     # ---- typed accessors (Postfix's conversion rules and messages) ---------
+    def _error(self, name: str, msg: str) -> ConfigError:
+        """A ConfigError pointing at where `name` was set (main.cf line, master.cf)."""
+        if name in self.overrides:
+            master = os.path.join(self.config_dir, "master.cf")
+            return ConfigError(msg, master)
+        if name in self.params:
+            return ConfigError(msg, self.main_cf_path, self.param_lines.get(name))
+        return ConfigError(msg, self.main_cf_path)
+
     def get_int(self, name: str) -> int:
         text = self.get(name).strip()
         if not re.fullmatch(r"-?\d+", text):
-            raise ConfigError(f"bad numerical configuration: {name} = {text}", self.main_cf_path)
+            raise self._error(name, f"bad numerical configuration: {name} = {text}")
         return int(text)
 
     def get_bool(self, name: str) -> bool:
@@ -211,7 +220,7 @@ class Config:
             return True
         if text == "no":
             return False
-        raise ConfigError(f"bad boolean configuration: {name} = {self.get(name)}", self.main_cf_path)
+        raise self._error(name, f"bad boolean configuration: {name} = {self.get(name)}")
 
     def get_time(self, name: str, default_unit: str | None = None) -> float:
         """Seconds.  A bare number takes the parameter's own default unit (the
@@ -222,13 +231,12 @@ class Config:
         try:
             return parse_time(text, unit)
         except ValueError:
-            raise ConfigError(f"parameter {name}: bad time value or unit: {text}",
-                              self.main_cf_path) from None
+            raise self._error(name, f"parameter {name}: bad time value or unit: {text}") from None
 
     def get_size(self, name: str) -> int:
         text = self.get(name).strip()
         if not re.fullmatch(r"\d+", text):
-            raise ConfigError(f"bad numerical configuration: {name} = {text}", self.main_cf_path)
+            raise self._error(name, f"bad numerical configuration: {name} = {text}")
         return int(text)
 
     def get_list(self, name: str) -> list[str]:

@@ -1061,8 +1061,16 @@ class ServerConnection:
             self.state = S_BDAT
             return
         self._bdat_active = True
+        if self._bdat_discard:
+            # RFC 3030 2: every BDAT gets a reply; the rest of a failed sequence is thrown away.
+            if last:
+                self._bdat_active = False
+            self._error("bdat", Reply(551, f"Discarded {size} bytes after earlier error", "5.0.0"))
+            self._bdat_skip_reply = True
+            self.state = S_BDAT
+            return
         limit = self.config.message_size_limit
-        if limit and not self._bdat_discard and self._bdat_total + size > limit:
+        if limit and self._bdat_total + size > limit:
             # Refuse before reading: the chunk is skipped, later chunks get the same answer.
             self._warn(f"BDAT request from {self.client} exceeds message size limit", True)
             reply = Reply(552, "Chunk exceeds message size limit", "5.3.4")
@@ -1081,11 +1089,6 @@ class ServerConnection:
             self._pending_cmd = "bdat"
             self._ask("bdat", Bdat(size, last))
             return
-        if self._bdat_discard:
-            if last:
-                self._bdat_active = False
-            self._error("bdat", self._bdat_error or Reply(503, "Error: need RCPT command", "5.5.1"))
-            self._bdat_skip_reply = True
         self.state = S_BDAT
 
     def _cmd_rset(self, arg: str) -> None:
@@ -1110,10 +1113,16 @@ class ServerConnection:
         if not arg:
             self._error("vrfy", Reply(501, "Syntax: VRFY address [SMTPUTF8]", "5.5.4"))
             return
-        addr = arg.split()[0]
-        if addr.startswith("<") and addr.endswith(">"):
-            addr = addr[1:-1]
-        self._ask("vrfy", Vrfy(addr, Reply(252, addr, "2.0.0")))
+        args = split_args(arg)
+        try:
+            if len(args) > 2 or (len(args) == 2 and args[1].upper() != "SMTPUTF8"):
+                raise _SyntaxError
+            addr = extract_address(args[0], null_ok=False)
+        except _SyntaxError:
+            self._error("vrfy", Reply(501, "Bad recipient address syntax", "5.1.3"))
+            return
+        # Postfix echoes the argument as the client wrote it.
+        self._ask("vrfy", Vrfy(addr, Reply(252, args[0], "2.0.0")))
 
     def _cmd_etrn(self, arg: str) -> None:
         if not arg:
@@ -1126,14 +1135,14 @@ class ServerConnection:
         self._ask("etrn", Etrn(domain, Reply(459, f"<{domain}>: service unavailable")))
 
     def _cmd_starttls(self, arg: str) -> None:
+        if arg:
+            self._error("starttls", Reply(501, "Syntax: STARTTLS", "5.5.4"))
+            return
         if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
             self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
             return
         if self.tls_active:
             self._error("starttls", Reply(554, "Error: TLS already active", "5.5.1"))
-            return
-        if arg:
-            self._error("starttls", Reply(501, "Syntax: STARTTLS", "5.5.4"))
             return
         if self.in_transaction:
             self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))

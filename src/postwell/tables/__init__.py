@@ -13,7 +13,7 @@ Public API (docs/architecture.md):
     parse_aliases(text) / newaliases_build(config)      # aliases(5)
 
 Supported types: hash btree lmdb texthash inline static regexp pcre cidr
-unix (passwd.byname, group.byname) fail environ, and the proxy: prefix
+unix (passwd.byname, group.byname) sqlite fail environ, and the proxy: prefix
 (stripped: postwell has no proxymap; the table is opened in-process).
 ``warn`` receives warning texts (bad table lines, stale index) without the
 "warning: " prefix; default: dropped.
@@ -41,12 +41,13 @@ _TYPES = {
     "btree": "dbfile:BtreeTable",
     "lmdb": "lmdbfile:LmdbTable",
     "unix": "unix:UnixTable",
+    "sqlite": "sqlite:SqliteTable",
 }
 
 # types whose constructor takes warn=
 _WANTS_WARN = {"texthash", "cidr", "regexp", "pcre", "hash", "btree", "lmdb"}
 # types that need the config (default_database_type etc.)
-_WANTS_CONFIG = {"hash", "btree", "lmdb"}
+_WANTS_CONFIG = {"hash", "btree", "lmdb", "sqlite"}
 
 
 def table_types() -> list[str]:
