@@ -209,3 +209,16 @@ def test_fake_resolver_errors_and_ptr():
     r = FakeResolver({("x.example", "MX"): "SERVFAIL"})
     with pytest.raises(DnsTempFail):
         run(r.mx("x.example"))
+
+
+def test_randomize_addresses_of_one_host():
+    zone = {("multi.example", "A"): [f"192.0.2.{i}" for i in range(1, 9)]}
+    orders = set()
+    for seed in range(10):
+        t = run(resolve_destination(FakeResolver(zone), "[multi.example]", rng=random.Random(seed),
+                                    randomize=True, address_limit=0))
+        orders.add(tuple(x.ip for x in t))
+        assert sorted(x.ip for x in t) == sorted(zone[("multi.example", "A")])
+    assert len(orders) > 1
+    t = run(resolve_destination(FakeResolver(zone), "[multi.example]", rng=random.Random(0)))
+    assert [x.ip for x in t] == [f"192.0.2.{i}" for i in range(1, 6)]   # limit 5, DNS order

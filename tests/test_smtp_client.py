@@ -3,7 +3,8 @@
 import pytest
 
 from postwell.smtp.client import (NEED_DATA, ConnectionClosed, ContentWanted, Envelope, Extensions,
-                                  Greeting, HelloDone, IgnoredLine, TlsRefused, TlsWanted, MailReply, MessageDone, ProtocolError, QuitDone,
+                                  Greeting, HelloDone, IgnoredLine, RecipientDone, TlsRefused,
+                                  TlsWanted, MailReply, MessageDone, ProtocolError, QuitDone,
                                   RcptReply, Recipient, Rejected, RsetDone, SmtpClient,
                                   SmtpClientError, TransactionFailed, parse_ehlo, quote_address,
                                   xtext, needs_smtputf8)
@@ -449,3 +450,42 @@ def test_starttls_refused_keeps_connection():
     c = ready(EHLO_PLAIN)
     with pytest.raises(SmtpClientError):
         c.starttls()                     # not offered
+
+
+def test_lmtp_per_recipient_final_replies():
+    c = SmtpClient("me", lmtp=True)
+    c.receive_data(b"220 lmtp ready\r\n")
+    assert c.data_to_send() == b"LHLO me\r\n"
+    c.receive_data(b"250-lmtp\r\n250 PIPELINING\r\n")
+    assert isinstance(events(c)[-1], HelloDone)
+    c.start_transaction(env("a@x", "b@x", "c@x"))
+    c.data_to_send()
+    c.receive_data(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n250 ok\r\n354 go\r\n")
+    assert isinstance(events(c)[-1], ContentWanted)
+    c.send_content(b"hi\n")
+    c.end_content()
+    c.data_to_send()
+    c.receive_data(b"250 2.0.0 <a@x> delivered\r\n452 4.2.2 <c@x> mailbox full\r\n")
+    evs = events(c)
+    assert [type(e) for e in evs] == [RecipientDone, RecipientDone, MessageDone]
+    assert (evs[0].index, evs[0].reply.code) == (0, 250)
+    assert (evs[1].index, evs[1].recipient.address, evs[1].reply.code) == (2, "c@x", 452)
+    assert c.usable
+
+
+def test_lmtp_lhlo_refused_has_no_helo_fallback():
+    c = SmtpClient("me", lmtp=True)
+    c.receive_data(b"220 x\r\n")
+    c.data_to_send()
+    c.receive_data(b"500 5.5.1 what\r\n")
+    assert isinstance(events(c)[-1], Rejected) and c.data_to_send() == b""
+
+
+def test_bdat_pipelined_mail_rejected_fails_transaction():
+    c = ready(use_chunking=True)
+    c.start_transaction(env("a@x"))
+    c.data_to_send()
+    c.receive_data(b"553 5.7.1 no\r\n503 5.5.1 need MAIL\r\n")
+    evs = events(c)
+    assert isinstance(evs[-1], TransactionFailed) and evs[-1].command == "MAIL FROM"
+    assert c.data_to_send() == b"RSET\r\n"

@@ -128,6 +128,17 @@ def test_single_command(cmd, setup, reply):
     assert one(cmd + b"\r\n", setup) == reply + "\r\n"
 
 
+@pytest.mark.parametrize("cmd", [b"Subject: x", b"GET / HTTP/1.0", b"get x", b".", b"From: a",
+                                 b"X-Foo: b", b"1", b"CONNECT x", b"post"])
+def test_non_smtp_commands(cmd):
+    d = Driver()
+    d.feed(b"EHLO x\r\n")
+    assert d.feed(cmd + b"\r\nNOOP\r\n") == "221 2.7.0 Error: I can break rules, too. Goodbye.\r\n"
+    assert d.conn.closed
+    assert d.of(Warning)[-1].text == f"non-SMTP command from unknown[127.0.0.1]: {cmd.decode()}"
+    assert d.conn.counters_text() == "ehlo=1 unknown=0/1 commands=1/2"
+
+
 def test_vrfy_disabled():
     cfg = ServerConfig(disable_vrfy=True)
     assert one(b"VRFY a\r\n", cfg=cfg) == "502 5.5.1 VRFY command is disabled\r\n"

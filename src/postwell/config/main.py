@@ -99,6 +99,43 @@ def _service_param_default(name: str, services) -> str | None:
 
 _UNCACHED = frozenset({"process_id"})
 
+
+class Params(dict):
+    """A dict that counts its changes, so Config can cache expanded values
+    and still see an edit made after the fact (tests poke cfg.params)."""
+    version = 0
+
+    def _bump(self):
+        self.version += 1
+
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        self._bump()
+
+    def __delitem__(self, k):
+        super().__delitem__(k)
+        self._bump()
+
+    def update(self, *a, **kw):
+        super().update(*a, **kw)
+        self._bump()
+
+    def pop(self, *a):
+        self._bump()
+        return super().pop(*a)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
+
+    def clear(self):
+        super().clear()
+        self._bump()
+
+    def setdefault(self, k, v=None):
+        self._bump()
+        return super().setdefault(k, v)
+
 # Parameters Postfix never expands when reading the configuration: their
 # $names are per-message macros expanded at use time (postconf -x leaves them).
 RAW_PARAMETERS = frozenset({
@@ -152,9 +189,14 @@ class Config:
         if name == "process_name":
             return machine.process_name()
         base = Config(self.config_dir, {}, {}, self.services) if defaults_only else self
-        key = ("machine", name, defaults_only)
-        if key in self._cache:
-            return self._cache[key]
+        inputs = {"myhostname": ("mydomain",), "mydomain": ("myhostname",),
+                  "mynetworks": ("mynetworks_style", "inet_interfaces", "inet_protocols",
+                                 "compatibility_level")}[name]
+        key = ("machine", name, defaults_only) + tuple(
+            (base.params.get(i), base.overrides.get(i)) for i in inputs)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         if name == "myhostname":
             mydomain = base.get("mydomain") if base.is_set("mydomain") else None
             value = machine.default_myhostname(mydomain)
@@ -177,8 +219,21 @@ class Config:
         return self.default(name) is not None
 
     # ---- expanded values ---------------------------------------------------
+    def _cache_valid(self) -> bool:
+        """Expanded values are cached only while both dicts are change-counting
+        and unchanged; a Config built on plain dicts always recomputes."""
+        p, o = self.params, self.overrides
+        if not (isinstance(p, Params) and isinstance(o, Params)):
+            return False
+        stamp = (id(p), p.version, id(o), o.version)
+        if self._cache.get("__stamp__") != stamp:
+            self._cache.clear()
+            self._cache["__stamp__"] = stamp
+        return True
+
     def get(self, name: str) -> str:
-        if name in self._cache:
+        cacheable = self._cache_valid() and name not in _UNCACHED
+        if cacheable and name in self._cache:
             return self._cache[name]
         value = self.raw(name)
         if value is None:
@@ -187,7 +242,7 @@ class Config:
             result = value
         else:
             result = self.expand(value)
-        if name not in _UNCACHED:
+        if cacheable:
             self._cache[name] = result
         return result
 
@@ -244,7 +299,7 @@ class Config:
 
     # ---- master.cf -o overrides ---------------------------------------------
     def override(self, overrides: dict[str, str]) -> "Config":
-        merged = dict(self.overrides)
+        merged = Params(self.overrides)
         merged.update(overrides)
         return Config(self.config_dir, self.params, merged, self.services,
                       self.main_cf_path, self.param_lines, self.warnings)
@@ -272,7 +327,7 @@ def load_config(config_dir: str | None = None, *, read_master: bool = True) -> C
         raise ConfigError(f"open {path}: No such file or directory") from None
     except PermissionError:
         raise ConfigError(f"open {path}: Permission denied") from None
-    params = {e.name: e.value for e in entries}
+    params = Params((e.name, e.value) for e in entries)
     lines = {e.name: e.first_line for e in entries}
     if explicit:
         params.setdefault("config_directory", config_dir)
@@ -282,4 +337,4 @@ def load_config(config_dir: str | None = None, *, read_master: bool = True) -> C
         from .master import parse_master_cf
         with open(master_path, encoding="utf-8", errors="surrogateescape") as f:
             services = parse_master_cf(f.read(), master_path)
-    return Config(config_dir, params, {}, services, path, lines, warnings)
+    return Config(config_dir, params, Params(), services, path, lines, warnings)

@@ -67,7 +67,7 @@ _SMTP_PARAMS = (
     "tls_secure_cert_match", "use_tls", "enforce_tls", "tls_enforce_peername",
     "sasl_auth_enable", "sasl_password_maps", "sasl_security_options",
     "sasl_tls_security_options", "sasl_mechanism_filter", "sasl_auth_soft_bounce",
-    "sender_dependent_authentication")
+    "sender_dependent_authentication", "randomize_addresses")
 
 
 def _register_parameters() -> None:
@@ -399,6 +399,7 @@ class _Settings:
     myhostname: str
     disable_mime_output_conversion: bool
     discard_ehlo_keywords: frozenset[str]
+    randomize_addresses: bool
     bind_address: str
     bind_address6: str
     bind_address_enforce: bool
@@ -468,6 +469,7 @@ class _Settings:
             disable_mime_output_conversion=cfg.get_bool("disable_mime_output_conversion"),
             discard_ehlo_keywords=frozenset(w.upper() for w in
                                             cfg.get_list(f"{prefix}_discard_ehlo_keywords")),
+            randomize_addresses=b("randomize_addresses"),
             bind_address=g("bind_address").strip(),
             bind_address6=g("bind_address6").strip(),
             bind_address_enforce=b("bind_address_enforce"),
@@ -674,7 +676,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 own_addresses=self.own_addresses, address_limit=self.settings.mx_address_limit,
                 address_preference=self.settings.address_preference,
                 default_port=self.settings.port, dns_enabled=self.settings.dns_enabled,
-                address_resolver=self._native if self.settings.native_hosts else None)
+                address_resolver=self._native if self.settings.native_hosts else None,
+                randomize=self.settings.randomize_addresses)
         except DestinationError as e:
             status = "bounced" if e.permanent else "deferred"
             for i in pending:

@@ -99,7 +99,7 @@ class VirtualAgent(DeliveryAgent):
             except Exception as exc:
                 return RecipientResult.deferred(rcpt, f"table lookup failure: {exc}", RELAY, "4.3.0")
             if raw is None:
-                self._warn(f"recipient {address}: no mapping in virtual_{what}_maps")
+                self._warn(f"recipient {address}: {what} not found in virtual_{what}_maps")
                 return RecipientResult.deferred(rcpt, "mail system configuration error", RELAY, "4.3.0")
             try:
                 ids.append(int(raw.strip()))

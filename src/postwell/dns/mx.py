@@ -136,11 +136,13 @@ async def resolve_destination(resolver: Resolver, nexthop: str, *, rng: random.R
                               own_addresses: frozenset[str] = frozenset(),
                               address_limit: int = 5, address_preference: str = "any",
                               default_port: int = 25, dns_enabled: bool = True,
-                              address_resolver: Resolver | None = None) -> list[Target]:
+                              address_resolver: Resolver | None = None,
+                              randomize: bool = False) -> list[Target]:
     """Addresses to try, in order; raises :class:`DestinationError` when there are none.
 
     ``address_resolver`` answers the A/AAAA questions when it differs from the MX
-    resolver (smtp_host_lookup = native); ``dns_enabled`` False skips MX lookups.
+    resolver (smtp_host_lookup = native); ``dns_enabled`` False skips MX lookups;
+    ``randomize`` shuffles each host's addresses (smtp_randomize_addresses).
     """
     address_resolver = address_resolver or resolver
     families = tuple(families)
@@ -183,6 +185,9 @@ async def resolve_destination(resolver: Resolver, nexthop: str, *, rng: random.R
             if not e.permanent:
                 temp_error = e
             continue
+        if randomize:
+            ips = list(ips)
+            rng.shuffle(ips)      # smtp_randomize_addresses: spread load over A records
         ips = order_families(ips, address_preference)
         if loop_detect and any(ip in own_addresses for ip in ips):
             # RFC 5321 5.1: a host that finds itself in the MX list must only try

@@ -254,6 +254,15 @@ class TransactionFailed(Event):
 
 
 @dataclass(frozen=True)
+class RecipientDone(Event):
+    """LMTP only (RFC 2033 4.2): the final reply for one accepted recipient."""
+    index: int
+    recipient: Recipient
+    reply: Reply
+    command: str = "end of DATA"
+
+
+@dataclass(frozen=True)
 class MessageDone(Event):
     reply: Reply
     command: str = "end of DATA"
@@ -315,7 +324,8 @@ class State(enum.Enum):
 _EXPECT_LABEL = {
     "greeting": "initial greeting", "ehlo": "EHLO", "helo": "HELO", "mail": "MAIL FROM",
     "rcpt": "RCPT TO", "data": "DATA", "dot": "end of DATA", "bdat": "end of DATA",
-    "bdat_mid": "end of DATA", "rset": "RSET", "quit": "QUIT", "dot_abort": "end of DATA",
+    "bdat_mid": "end of DATA", "lmtp_dot": "end of DATA", "lmtp_bdat": "end of DATA",
+    "rset": "RSET", "quit": "QUIT", "dot_abort": "end of DATA",
     "starttls": "STARTTLS", "auth": "AUTH",
 }
 
@@ -407,8 +417,10 @@ class SmtpClient:
                  use_chunking: bool = False, line_length_limit: int = 998,
                  quote_envelope: bool = True, skip_quit_response: bool = True,
                  discard_ehlo_keywords: frozenset[str] = frozenset(),
-                 chunk_size: int = 65536) -> None:
+                 chunk_size: int = 65536, lmtp: bool = False) -> None:
         self.helo_name = helo_name
+        self.lmtp = lmtp                   # RFC 2033: LHLO, one final reply per recipient
+        self.hello_verb = "LHLO" if lmtp else "EHLO"
         self.never_send_ehlo = never_send_ehlo
         self.use_chunking = use_chunking
         self.line_length_limit = line_length_limit
@@ -498,7 +510,7 @@ class SmtpClient:
             raise SmtpClientError(f"tls_established in state {self.state.name}")
         self.tls = True
         self.extensions = Extensions()
-        self._send(f"EHLO {self.helo_name}")
+        self._send(f"{self.hello_verb} {self.helo_name}")
         self._expect.append(("ehlo", -1))
         self.state = State.HELLO
 
@@ -557,6 +569,7 @@ class SmtpClient:
         ext = self.extensions
         self._envelope = envelope
         self._accepted = 0
+        self._accepted_idx: list[int] = []
         self._mail_reply = None
         self._failure = None
         self._bdat = self.use_chunking and ext.chunking
@@ -624,10 +637,15 @@ class SmtpClient:
             piece = bytes(self._bdat_buf) + tail
             self._bdat_buf.clear()
             self._out += b"BDAT %d LAST\r\n" % len(piece) + piece
-            self._expect.append(("bdat", -1))
+            final = "bdat"
         else:
             self._out += tail + b".\r\n"                 # RFC 5321 4.1.1.4
-            self._expect.append(("dot", -1))
+            final = "dot"
+        if self.lmtp:
+            # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
+            self._expect += [("lmtp_" + final, i) for i in self._accepted_idx]
+        else:
+            self._expect.append((final, -1))
         self.state = State.DONE
 
     def reset(self) -> None:
@@ -775,10 +793,10 @@ class SmtpClient:
             self.state = State.READY     # the driver QUITs
             self._unusable = True
             return
-        if self.never_send_ehlo:
+        if self.never_send_ehlo and not self.lmtp:
             self._send_helo()
         else:
-            self._send(f"EHLO {self.helo_name}")
+            self._send(f"{self.hello_verb} {self.helo_name}")
             self._expect.append(("ehlo", -1))
             self.state = State.HELLO
 
@@ -791,11 +809,12 @@ class SmtpClient:
         if reply.code // 100 == 2:
             self.extensions = parse_ehlo(reply, self.discard_ehlo_keywords)
             self.state = State.READY
-            self._events.append(HelloDone(reply, self.extensions, "EHLO"))
-        elif reply.code == 421:
+            self._events.append(HelloDone(reply, self.extensions, self.hello_verb))
+        elif reply.code == 421 or self.lmtp:
+            # LMTP has no HELO to fall back to (RFC 2033 4.1).
             self.state = State.READY
             self._unusable = True
-            self._events.append(Rejected(reply, "helo", "EHLO"))
+            self._events.append(Rejected(reply, "helo", self.hello_verb))
         else:
             # RFC 5321 3.2: a server that does not know EHLO gets HELO.
             self._send_helo()
@@ -826,10 +845,13 @@ class SmtpClient:
         if self._failure is not None:
             # MAIL was refused: RCPT replies (503s) mean nothing (RFC 2920 3.1).
             self._rcpt_pending.remove(i)
+            if not self._expect:          # no pipelined DATA (BDAT) to wait for
+                self._fail_transaction()
             return
         self._rcpt_pending.remove(i)
         if reply.code // 100 == 2:
             self._accepted += 1
+            self._accepted_idx.append(i)
         self._events.append(RcptReply(i, env.recipients[i], reply))
         last = i == len(env.recipients) - 1
         if not self.extensions.pipelining and not last:
@@ -888,6 +910,16 @@ class SmtpClient:
         if self._failure is not None:
             reply = self._failure[0]
         self._on_dot(reply, _i)
+
+    def _on_lmtp_bdat(self, reply: Reply, i: int) -> None:
+        if self._failure is not None:
+            reply = self._failure[0]
+        self._on_lmtp_dot(reply, i)
+
+    def _on_lmtp_dot(self, reply: Reply, i: int) -> None:
+        self._events.append(RecipientDone(i, self._envelope.recipients[i], reply))
+        if not self._expect:
+            self._on_dot(reply, -1)
 
     def _on_dot(self, reply: Reply, _i: int) -> None:
         self.state = State.READY

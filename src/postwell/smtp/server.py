@@ -224,6 +224,8 @@ class ServerConfig:
     starttls_offered: bool = False
     auth_mechanisms: tuple = ()                 # offered in EHLO when non-empty
     smtputf8_enable: bool = True
+    forbidden_commands: frozenset = frozenset({"CONNECT", "GET", "POST"})
+    forbid_non_alpha: bool = True               # Postfix's regexp:{{/^[^A-Z]/ Bogus}}
 
     @classmethod
     def from_config(cls, config, **overrides) -> "ServerConfig":
@@ -257,6 +259,11 @@ class ServerConfig:
             forbid_bare_newline=bare,
             smtputf8_enable=(config.get("smtputf8_enable") or "yes").lower() != "no",
         )
+        if config.raw("smtpd_forbidden_commands") is not None:
+            words = config.get_list("smtpd_forbidden_commands")
+            kw["forbidden_commands"] = frozenset(w.upper() for w in words if ":" not in w)
+            # Only Postfix's stock pattern is understood among table entries.
+            kw["forbid_non_alpha"] = any(":" in w for w in words)
         kw.update(overrides)
         return cls(**kw)
 
@@ -441,6 +448,7 @@ _COUNTER_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "b
                   "noop", "vrfy", "etrn", "quit", "unknown")
 
 REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+_HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "ETRN", "STARTTLS",
                             "AUTH"})
@@ -822,6 +830,13 @@ class ServerConnection:
             self._error("unknown", Reply(500, "Error: bad syntax", "5.5.2"))
             return True
         verb_u = verb.upper()
+        if self._forbidden(verb_u, text):
+            # smtpd_forbidden_commands: HTTP proxies, mail headers sent as commands.
+            self._warn(f"non-SMTP command from {self.client}: {text[:100]}")
+            self._count("unknown", False)
+            self._queue_reply(Reply(221, "Error: I can break rules, too. Goodbye.", "2.7.0"))
+            self._close("non-SMTP command")
+            return False
         handler = _COMMANDS.get(verb_u)
         if self._access_denied and verb_u != "QUIT" and handler is not None:
             self.where = verb_u
@@ -843,6 +858,14 @@ class ServerConnection:
         return True
 
     # ----- commands (one handler each; the sequence rules live in these guards) -----------
+
+    def _forbidden(self, verb_u: str, line: str) -> bool:
+        c = self.config
+        if verb_u in c.forbidden_commands:
+            return True
+        if c.forbid_non_alpha and not ("A" <= verb_u[0] <= "Z"):
+            return True
+        return _HEADER_LIKE.match(line) is not None
 
     def _cmd_helo(self, arg: str, ehlo: bool = False) -> None:
         name = "ehlo" if ehlo else "helo"
