@@ -16,7 +16,6 @@ import hashlib
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import socket

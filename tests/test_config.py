@@ -370,3 +370,24 @@ def test_typed_error_points_at_main_cf_line(tmp_path):
     with pytest.raises(ConfigError) as ei:
         cfg.override({"smtpd_timeout": "later"}).get_time("smtpd_timeout")
     assert ei.value.file == f"{d}/master.cf"
+
+
+def test_cached_values_follow_later_edits(tmp_path):
+    cfg = load_config(write(tmp_path, "myorigin = $mydomain\nmydomain = a.example\n"))
+    assert cfg.get("myorigin") == "a.example"
+    cfg.params["mydomain"] = "b.example"
+    assert cfg.get("myorigin") == "b.example"
+    plain = {"myorigin": "x"}
+    c2 = Config("/x", plain, {}, [])
+    assert c2.get("myorigin") == "x"
+    plain["myorigin"] = "y"
+    assert c2.get("myorigin") == "y"
+    o = cfg.override({"myorigin": "z"})
+    assert o.get("myorigin") == "z" and cfg.get("myorigin") == "b.example"
+
+
+def test_get_list_keeps_braced_groups():
+    cfg = cfg_of("virtual_alias_maps = hash:/etc/a, inline:{ a@x=b@y, { c@x = d@y } }\n"
+                 "  regexp:/etc/r\n")
+    assert cfg.get_list("virtual_alias_maps") == [
+        "hash:/etc/a", "inline:{ a@x=b@y, { c@x = d@y } }", "regexp:/etc/r"]

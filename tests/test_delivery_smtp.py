@@ -28,7 +28,7 @@ class ScriptedServer:
     def __init__(self, *, greeting="220 mx.test ESMTP", ehlo=("PIPELINING", "SIZE 10240000",
                  "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"), rcpt=None, replies=None,
                  hold_until_data=False, name="mx.test", close_after=None, tls=None,
-                 broken_tls=False, auth=None):
+                 broken_tls=False, auth=None, lmtp_final=None, unix_path=None):
         self.greeting = greeting
         self.ehlo = list(ehlo)
         self.rcpt = rcpt or {}
@@ -40,6 +40,8 @@ class ScriptedServer:
         self.broken_tls = broken_tls    # say 220 to STARTTLS, then talk garbage
         self.tls_sessions = []          # per connection: True once TLS is up
         self.auth = auth                # user -> password; None: no AUTH offered
+        self.lmtp_final = lmtp_final    # LMTP: address -> final reply after DATA
+        self.unix_path = unix_path      # listen on a UNIX-domain socket instead
         self.logins = []                # (mechanism, user, password) tried
         self.auth_line = "AUTH PLAIN LOGIN"
         self.sessions = []          # one list of command lines per connection
@@ -48,6 +50,10 @@ class ScriptedServer:
         self.port = None
 
     async def start(self):
+        if self.unix_path:
+            self.server = await asyncio.start_unix_server(self.handle, self.unix_path)
+            self.port = 0
+            return self
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -65,6 +71,7 @@ class ScriptedServer:
         self.tls_sessions.append(False)
         tls_up = False
         held = []
+        accepted = []
 
         def send(text):
             writer.write(text.encode() + b"\r\n")
@@ -84,7 +91,7 @@ class ScriptedServer:
                 verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
                 if self.close_after == verb:
                     return
-                if verb == "EHLO":
+                if verb in ("EHLO", "LHLO"):
                     r = self.reply("EHLO", None)
                     ehlo = list(self.ehlo)
                     if (self.tls or self.broken_tls) and not tls_up:
@@ -142,7 +149,10 @@ class ScriptedServer:
                     held.append(self.reply("MAIL", "250 2.1.0 Ok"))
                 elif verb == "RCPT":
                     addr = line.split("<", 1)[1].split(">", 1)[0]
-                    held.append(self.rcpt.get(addr, "250 2.1.5 Ok"))
+                    r = self.rcpt.get(addr, "250 2.1.5 Ok")
+                    if r.startswith("2"):
+                        accepted.append(addr)
+                    held.append(r)
                 elif verb == "DATA":
                     for r in held:
                         send(r)
@@ -161,7 +171,12 @@ class ScriptedServer:
                     self.messages.append(bytes(data))
                     if self.close_after == ".":
                         return
-                    send(self.reply(".", f"250 2.0.0 Ok: queued as Q{len(self.messages)}"))
+                    if self.lmtp_final is not None:
+                        for addr in accepted:   # RFC 2033 4.2
+                            send(self.lmtp_final.get(addr, f"250 2.0.0 <{addr}> Saved"))
+                    else:
+                        send(self.reply(".", f"250 2.0.0 Ok: queued as Q{len(self.messages)}"))
+                    accepted.clear()
                 elif verb == "RSET":
                     send(self.reply("RSET", "250 2.0.0 Ok"))
                 elif verb == "QUIT":
@@ -812,3 +827,55 @@ def test_bind_address_unavailable_not_enforced():
     res, log = run(with_server(srv, body))
     assert res[0].status == "sent"
     assert any("bind 192.0.2.123" in line for line in log.lines)
+
+
+def test_connection_reuse_time_limit_with_injected_clock():
+    srv = ScriptedServer()
+    now = [1000.0]
+
+    async def body(srv):
+        a = SmtpDeliveryAgent(make_config(smtp_connection_cache_time_limit="30s"),
+                              FakeResolver({}), NullLog("smtp"), rng=random.Random(0),
+                              own_addresses=frozenset(), monotonic=lambda: now[0])
+        out = []
+        for step in (0, 100, 250):      # reuse_time_limit 300s counts from the connect
+            now[0] = 1000.0 + step
+            out += await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["a@x.test"]))
+        await a.close_all()
+        return out
+    res = run(with_server(srv, body))
+    # 1st at t=0 (new), 2nd at t=100 (reuse), 3rd at t=250: after the 2nd use the
+    # connection is 100s old (< 300s) so it was cached and reused again.
+    assert [getattr(r, "conn_use", None) for r in res] == [None, 2, 3]
+
+    srv = ScriptedServer()
+
+    async def body2(srv):
+        a = SmtpDeliveryAgent(make_config(smtp_connection_cache_time_limit="30s"),
+                              FakeResolver({}), NullLog("smtp"), rng=random.Random(0),
+                              own_addresses=frozenset(), monotonic=lambda: now[0])
+        out = []
+        for step in (0, 301):
+            now[0] = 1000.0 + step
+            out += await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["a@x.test"]))
+            now[0] = 1000.0 + step + 301      # the connection is too old to go back
+        await a.close_all()
+        return out
+    res = run(with_server(srv, body2))
+    assert [getattr(r, "conn_use", None) for r in res] == [None, None]
+    assert len(srv.sessions) == 2
+
+
+def test_connection_reused_after_rset():
+    srv = ScriptedServer(rcpt={"bad@x.test": "550 5.1.1 no such user"})
+
+    async def body(srv):
+        a = agent()
+        first = await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["bad@x.test"]))
+        second = await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["good@x.test"]))
+        await a.close_all()
+        return first + second
+    res = run(with_server(srv, body))
+    assert [r.status for r in res] == ["bounced", "sent"]
+    assert getattr(res[1], "conn_use", None) == 2
+    assert len(srv.sessions) == 1 and "RSET" in srv.sessions[0]

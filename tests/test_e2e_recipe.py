@@ -446,3 +446,13 @@ def test_console_script_start_status_stop(tmp_path):
     finally:
         inst.stop()
         inst.cleanup()
+
+
+def test_recipe_large_message_intact(mta):
+    """A 5 MB message (under the default 10240000 message_size_limit) arrives whole."""
+    before = len(mta.maildir_messages("carol"))
+    msg = harness.make_message("large-1", size=5_000_000, recipient=f"carol@{VD}")
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=60) as s:
+        assert s.sendmail(SENDER, [f"carol@{VD}"], msg) == {}
+    files = mta.wait_maildir("carol", before + 1, timeout=60)
+    assert ("large-1", True) in [harness.check_delivered(f) for f in files]

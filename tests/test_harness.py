@@ -17,6 +17,7 @@ pytestmark = pytest.mark.postfix
 
 # Postfix's maillog_file line: "Mon dd hh:mm:ss host program[pid]: text" (no year,
 # no sub-seconds, host = first label of myhostname).  postwell.log writes the same.
+# libpostfix-util formats the stamp with strftime "%b %d %H:%M:%S" (zero-padded day).
 LOG_LINE = re.compile(r"^[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d mx postfix/[\w-]+\[\d+\]: \S.*$")
 
 
@@ -134,3 +135,10 @@ def test_kill9_then_restart(postwell_factory):
     pw.start()
     assert harness.normalise(harness.dialogue(pw.port, ["HELO x.example.org", "QUIT"])) == [
         (220, None), (250, None), (221, "2.0.0")]
+
+
+def test_reference_setgid_tools_accept_the_instance(reference_postfix):
+    """The default main.cf lists the instance in alternate_config_directories."""
+    cp = reference_postfix.run("postqueue", "-p", timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    assert "Mail queue is empty" in cp.stdout or cp.stdout.strip() == "" or "Queue ID" in cp.stdout

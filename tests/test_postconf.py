@@ -195,12 +195,23 @@ def test_missing_main_cf_like_postfix(tmp_path):
 
 
 @need_ref
-def test_bad_master_cf_like_postfix(confdir):
-    for line in ("smtp inet n - n - smtpd", "smtp bogus n - n - - smtpd"):
-        d = confdir("", line + "\n")
-        r, o = ref("-c", d, "-M"), ours("-c", d, "-M")
-        assert o[0] == r[0] == 1
-        assert r[2].split("fatal: ")[1].split(": ")[-1].strip() in o[2]
+@pytest.mark.parametrize("line", ["smtp inet n - n - smtpd", "smtp bogus n - n - - smtpd",
+                                  "smtp inet x - n - - smtpd", "  smtp inet n - n - - smtpd"])
+@pytest.mark.parametrize("args", [("-n",), ("-M",)])
+def test_bad_master_cf_like_postfix(confdir, line, args):
+    d = confdir("", line + "\n")
+    r, o = ref("-c", d, *args), ours("-c", d, *args)
+    assert o[0] == r[0] and o[1] == r[1]
+    assert set(o[2].splitlines()) == set(r[2].splitlines())
+
+
+@need_ref
+@pytest.mark.parametrize("args", [("-n",), ("-M",), ("-P",)])
+def test_missing_master_cf_like_postfix(tmp_path, args):
+    (tmp_path / "main.cf").write_text("myorigin = x\n")
+    age(tmp_path)
+    r, o = ref("-c", str(tmp_path), *args), ours("-c", str(tmp_path), *args)
+    assert (o[0], o[1], o[2]) == (r[0], r[1], r[2])
 
 
 EDIT_MAIN = ("# head\nmyorigin = a\n  b\n# mid\n  c\nmydestination = x\nfoo = 1\n"
@@ -272,6 +283,7 @@ def test_edit_is_atomic_and_keeps_mode(tmp_path):
 
 def test_usage_error_and_unknown_parameter(tmp_path):
     (tmp_path / "main.cf").write_text("")
+    (tmp_path / "master.cf").write_text("")
     rc, out, err = ours("-c", str(tmp_path), "-Z")
     assert rc == 1 and "fatal: usage:" in err
     rc, out, err = ours("-c", str(tmp_path), "nosuch_thing")
@@ -368,3 +380,15 @@ def test_defaults_without_main_cf(tmp_path):
     assert rc == 0 and out == "mail_version = 3.7.11\n"
     rc, _, err = ours("-c", str(tmp_path), "-n")
     assert rc == 1 and err == f"postconf: fatal: open {tmp_path}/main.cf: No such file or directory\n"
+
+
+@need_ref
+@pytest.mark.parametrize("args", [
+    ("-n",), (),
+    ("stress", "home", "rbl_code", "fallback_relay", "virtual_maps",
+     "smtpd_per_record_deadline", "tlsproxy_client_level", "postscreen_dnsbl_ttl"),
+])
+def test_legacy_names_like_postfix(confdir, args):
+    d = confdir("postscreen_whitelist_interfaces = static:all\nsmtpd_per_record_deadline = yes\n"
+                "stress = yes\ntlsproxy_client_level = may\nhome = /x\n", "")
+    same("-c", d, *args)

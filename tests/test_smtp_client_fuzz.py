@@ -20,8 +20,8 @@ REPLIES = [b"220 mx ESMTP\r\n", b"250-mx\r\n", b"250-PIPELINING\r\n", b"250-CHUN
 ENV = Envelope("s@x", (Recipient("a@x"), Recipient("b@x", notify="NEVER")), size=10)
 
 
-def drive(chunks, use_chunking):
-    c = SmtpClient("me", use_chunking=use_chunking, chunk_size=16)
+def drive(chunks, use_chunking, lmtp=False):
+    c = SmtpClient("me", use_chunking=use_chunking, chunk_size=16, lmtp=lmtp)
     started = False
     for ch in chunks + [b""]:
         c.receive_data(ch)
@@ -48,9 +48,10 @@ def drive(chunks, use_chunking):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(REPLIES) | st.binary(max_size=40), max_size=40), st.booleans())
-def test_engine_never_raises(chunks, use_chunking):
-    drive(chunks, use_chunking)
+@given(st.lists(st.sampled_from(REPLIES) | st.binary(max_size=40), max_size=40), st.booleans(),
+       st.booleans())
+def test_engine_never_raises(chunks, use_chunking, lmtp):
+    drive(chunks, use_chunking, lmtp)
 
 
 def convert(content: bytes, cuts: list[int], limit: int = 20) -> bytes:

@@ -310,6 +310,19 @@ def test_smuggling_variants_stay_content(body):
     assert b"MAIL FROM:<e@x>" in d.content()
 
 
+@pytest.mark.parametrize("body,content", [
+    (b"a\n.\nMAIL\r\n", b"a\r\nMAIL\r\n"),            # the stray "." line vanishes (as Postfix)
+    (b"a\r\n.\nMAIL\r\n", b"a\r\nMAIL\r\n"),
+    (b"a\n.\r\nMAIL\r\n", b"a\r\nMAIL\r\n"),
+    (b"a\r\n.\x00\r\nMAIL\r\n", b"a\r\n\x00\r\nMAIL\r\n"),
+])
+def test_smuggling_content_as_postfix(body, content):
+    d = Driver()
+    start_data(d)
+    d.feed(body + b".\r\n")
+    assert d.content() == content
+
+
 def test_commands_after_final_dot_are_commands():
     d = Driver()
     start_data(d)

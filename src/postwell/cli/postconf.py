@@ -83,8 +83,10 @@ def _all_names(cfg: Config, defaults_only: bool) -> list[str]:
     per_service = set(registry.service_parameters(cfg.services))
     # Per-transport names other parts put in DEFAULTS as a fallback are shown
     # only when master.cf has that transport, as Postfix shows them.
+    legacy = registry.legacy_parameters()
     names = {n for n in DEFAULTS
-             if n in POSTFIX_DEFAULTS or not registry.looks_per_service(n)} | per_service
+             if n in POSTFIX_DEFAULTS
+             or not (registry.looks_per_service(n) or n in legacy)} | per_service
     if not defaults_only:
         names |= registry.user_defined_parameters(cfg)
     return sorted(names)
@@ -116,10 +118,12 @@ def show_params(cfg: Config, names: list[str], opts: dict, out: _Out) -> None:
     defaults_only, nondefault = "-d" in opts, "-n" in opts
     known_user = registry.user_defined_parameters(cfg)
 
+    legacy = registry.legacy_parameters()
+
     def known(name: str) -> bool:
         if defaults_only:
             return cfg.default(name) is not None
-        return cfg.default(name) is not None or name in known_user
+        return cfg.default(name) is not None or name in known_user or name in legacy
 
     def value_of(name: str) -> str:
         raw = cfg.default(name) if defaults_only else cfg.raw(name)
@@ -527,10 +531,22 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         out.err.write(f"{PROG}: fatal: {e}\n")
         return 1
     except ConfigError as e:
-        out.err.write(f"{PROG}: fatal: {e}\n")
+        out.err.write(f"{PROG}: fatal: {_postfix_wording(e)}\n")
         return 1
     except BrokenPipeError:
         return 1
+
+
+def _postfix_wording(e: ConfigError) -> str:
+    """Postfix words master.cf errors its own way: the field count error as
+    'file F: line N: ...', field errors without a location (the text quotes
+    the line)."""
+    if e.file and os.path.basename(e.file) == "master.cf" and e.line:
+        if e.msg == "bad field count":
+            return f"file {e.file}: line {e.line}: {e.msg}"
+        if e.msg.startswith("invalid "):
+            return e.msg
+    return str(e)
 
 
 def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
@@ -549,7 +565,10 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         if flag in opts and not edit_modes and any(n.startswith("/") for n in names):
             raise Fatal(f"{flag} option requires {shape}")
     if not edit_modes and ("-M" in opts or "-P" in opts or "-F" in opts):
+        _read(os.path.join(config_dir, "master.cf"))
         cfg = load_config(config_dir if "-c" in opts else None)
+        for warning in cfg.warnings:
+            out.warn(warning)
         _warn_undefined(cfg, out)
         _warn_unused(cfg, out, main_cf=False)
     if "-M" in opts:

@@ -39,6 +39,7 @@ class _Ctx:
         self.dup = "warn"
         self.keep_perms = True
         self.nul = True
+        self.as_owner = True
         self.utf8 = True
         self.no_utf8 = False
 
@@ -110,16 +111,16 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
             from postwell.tables.aliases import build_aliases
             build_aliases(typ, name, config=ctx.config, warn=ctx.warn, dup=ctx.dup,
                           text=text, fold=ctx.fold, nul=ctx.nul, keep_perms=ctx.keep_perms,
-                          utf8=ctx.utf8)
+                          utf8=ctx.utf8, as_owner=ctx.as_owner)
             return
         from postwell.tables.index import Builder
         store = _store_class(typ)
         label = f"lmdb:{name}" if typ == "lmdb" else name + store.suffix
         b = Builder(store, name, src_stat=st, warn=ctx.warn, dup=ctx.dup, label=label,
-                    nul=ctx.nul)
+                    nul=ctx.nul, as_owner=ctx.as_owner)
         try:
             for lineno, key, value in parse_source(text, name, ctx.fold, ctx.warn,
-                                                   utf8=ctx.utf8):
+                                                   utf8=ctx.utf8, as_owner=ctx.as_owner):
                 b.put(key, value)
             b.commit()
         except BaseException:
@@ -150,11 +151,11 @@ def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
             if alias:
                 from postwell.tables.aliases import parse_aliases
                 for _lineno, key, value in parse_aliases(text, ctx.warn, "-", fold=ctx.fold,
-                                                         utf8=ctx.utf8):
+                                                         utf8=ctx.utf8, as_owner=ctx.as_owner):
                     b.put(key, value)
             else:
                 for _lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn,
-                                                        utf8=ctx.utf8):
+                                                        utf8=ctx.utf8, as_owner=ctx.as_owner):
                     b.put(key, value)
             b.commit()
         except BaseException:
@@ -360,13 +361,15 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
                 bflag = True
             elif o == "-m":
                 mflag = True
+            elif o == "-o":
+                ctx.as_owner = False
             elif o == "-u":
                 ctx.no_utf8 = True
             elif o == "-N":
                 ctx.nul = True
             elif o == "-n":
                 ctx.nul = False
-            # -o (run as source owner), -U, -v, -F:
+            # -U, -v, -F:
             # accepted and ignored. Lookups try "key\0" and "key" both.
         if not args:
             raise Fatal(USAGE[prog])

@@ -30,6 +30,30 @@ class ConfigError(Exception):
 _LIST_SPLIT = re.compile(r"[\s,]+")
 
 
+def split_list(text: str) -> list[str]:
+    """Split on commas and white space, but not inside {...}, as Postfix does
+    for lists of tables ("hash:/a, inline:{ a=b, c=d }" is two items)."""
+    if "{" not in text:
+        return [x for x in _LIST_SPLIT.split(text) if x]
+    items: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        if depth == 0 and (ch == "," or ch.isspace()):
+            if cur:
+                items.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        items.append("".join(cur))
+    return items
+
+
 @dataclass
 class MainEntry:
     """One `name = value` logical line of main.cf (lines are 1-based, inclusive)."""
@@ -136,6 +160,9 @@ class Params(dict):
         self._bump()
         return super().setdefault(k, v)
 
+
+_MACHINE_NAMES = frozenset({"myhostname", "mydomain", "mynetworks", "process_id", "process_name"})
+
 # Parameters Postfix never expands when reading the configuration: their
 # $names are per-message macros expanded at use time (postconf -x leaves them).
 RAW_PARAMETERS = frozenset({
@@ -181,9 +208,9 @@ class Config:
         return value
 
     def _machine_default(self, name: str, defaults_only: bool = False) -> str | None:
-        from . import machine
-        if name not in ("myhostname", "mydomain", "mynetworks", "process_id", "process_name"):
+        if name not in _MACHINE_NAMES:
             return None
+        from . import machine
         if name == "process_id":
             return str(os.getpid())
         if name == "process_name":
@@ -295,7 +322,7 @@ class Config:
         return int(text)
 
     def get_list(self, name: str) -> list[str]:
-        return [x for x in _LIST_SPLIT.split(self.get(name)) if x]
+        return split_list(self.get(name))
 
     # ---- master.cf -o overrides ---------------------------------------------
     def override(self, overrides: dict[str, str]) -> "Config":
@@ -333,8 +360,15 @@ def load_config(config_dir: str | None = None, *, read_master: bool = True) -> C
         params.setdefault("config_directory", config_dir)
     services: list = []
     master_path = os.path.join(config_dir, "master.cf")
-    if read_master and os.path.exists(master_path):
+    if read_master:
         from .master import parse_master_cf
-        with open(master_path, encoding="utf-8", errors="surrogateescape") as f:
-            services = parse_master_cf(f.read(), master_path)
+        try:
+            with open(master_path, encoding="utf-8", errors="surrogateescape") as f:
+                master_text = f.read()
+        except FileNotFoundError:
+            warnings.append(f"open {master_path}: No such file or directory")
+        except PermissionError:
+            raise ConfigError(f"open {master_path}: Permission denied") from None
+        else:
+            services = parse_master_cf(master_text, master_path, warnings.append)
     return Config(config_dir, params, Params(), services, path, lines, warnings)

@@ -104,9 +104,33 @@ def referenced_names(text: str) -> set[str]:
     return set(_REF.findall(text))
 
 
+_LEGACY: set[str] | None = None
+
+# $names in default values that are filled in per use (per message, per
+# recipient), not parameters.
+PER_USE_MACROS = frozenset({"home", "extension", "recipient_delimiter_", "rbl_class",
+                            "rbl_code", "rbl_domain", "rbl_reason", "rbl_what"})
+
+
+def legacy_parameters() -> set[str]:
+    """Names that built-in defaults refer to but that have no default of their
+    own (renamed parameters such as postscreen_whitelist_interfaces, and
+    stress, virtual_maps, ...): Postfix accepts them when set."""
+    global _LEGACY
+    if _LEGACY is None:
+        from .postfix_defaults import POSTFIX_DEFAULTS
+        refs: set[str] = set()
+        for value in POSTFIX_DEFAULTS.values():
+            if "$" in value:
+                refs |= referenced_names(value)
+        from .defaults import MACHINE_DEPENDENT
+        _LEGACY = refs - set(POSTFIX_DEFAULTS) - set(MACHINE_DEPENDENT) - PER_USE_MACROS
+    return _LEGACY
+
+
 def user_defined_parameters(cfg) -> set[str]:
     """main.cf names that are not built in but are referenced as $name."""
-    refs: set[str] = set()
+    refs: set[str] = set(legacy_parameters())
     for value in cfg.params.values():
         refs |= referenced_names(value)
     for svc in cfg.services or ():

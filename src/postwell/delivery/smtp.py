@@ -12,6 +12,10 @@ as "may" and "dane-only" as "verify" since there is no DNSSEC validation), SASL
 PLAIN/LOGIN client authentication (smtp_sasl_*), and BDAT when
 postwell_smtp_use_chunking = yes (a postwell extension; Postfix never sends BDAT).
 
+LMTP (RFC 2033): a subclass with ``protocol = "lmtp"`` reads the lmtp_* parameters,
+says LHLO, takes next hops "unix:path", "inet:host:port" or "[host]:port" without
+MX lookups, and gets one final reply per recipient after the data.
+
 Idle connections are cached per destination and reused by later deliver()
 calls (smtp_connection_cache_*, smtp_connection_reuse_*).  Unlike Postfix, which
 caches only when the qmgr reports a backlog, an idle connection is always kept
@@ -46,7 +50,7 @@ from postwell.dns import (DestinationError, DnsPythonResolver, NativeResolver, T
 from postwell.smtp.client import (NEED_DATA, AuthChallenge, AuthDone, ConnectionClosed, ContentWanted, Envelope, Greeting,
                                   HelloDone, IgnoredLine, MailReply, MessageDone, ProtocolError, TlsRefused,
                                   TlsWanted,
-                                  RcptReply, Recipient, Rejected, SmtpClient, State,
+                                  RcptReply, Recipient, RecipientDone, Rejected, SmtpClient, State,
                                   TransactionFailed, needs_smtputf8, quote_address)
 from postwell.smtp.reply import Reply
 
@@ -299,6 +303,20 @@ def _soft(dsn: str) -> str:
     return "4" + dsn[1:] if dsn.startswith("5") else dsn
 
 
+@dataclass(frozen=True)
+class UnixTarget(Target):
+    """An LMTP server on a UNIX-domain socket; Postfix logs it as host[path]."""
+    path: str = ""
+
+    @property
+    def relay(self) -> str:
+        return f"{self.host}[{self.ip}]"
+
+    @property
+    def namaddr(self) -> str:
+        return f"{self.host}[{self.ip}]"
+
+
 class _SessionFailure(Exception):
     """The session with one server failed; try the next one (site failure)."""
 
@@ -417,20 +435,24 @@ class _Settings:
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "smtp") -> "_Settings":
+        def known(name):
+            # lmtp(8) lacks some smtp_* names (never_send_ehlo...): those read as unset.
+            return cfg.raw(f"{prefix}_{name}") is not None
+
         def g(name):
-            return cfg.get(f"{prefix}_{name}")
+            return cfg.get(f"{prefix}_{name}") if known(name) else ""
 
         def t(name):
-            return cfg.get_time(f"{prefix}_{name}")
+            return cfg.get_time(f"{prefix}_{name}") if known(name) else 0.0
 
         def b(name):
-            return cfg.get_bool(f"{prefix}_{name}")
+            return cfg.get_bool(f"{prefix}_{name}") if known(name) else False
 
         def i(name):
             v = g(name).strip()
             return int(v) if v.isdigit() else 0
 
-        port_text = g("tcp_port") or "smtp"
+        port_text = g("tcp_port") or prefix
         if port_text.isdigit():
             port = int(port_text)
         else:
@@ -439,9 +461,11 @@ class _Settings:
             except OSError:
                 port = 25
         return cls(
-            helo_name=g("helo_name") or cfg.get("myhostname") or socket.getfqdn(),
+            helo_name=(g("lhlo_name") if prefix == "lmtp" else g("helo_name"))
+            or cfg.get("myhostname") or socket.getfqdn(),
             port=port,
-            connect_timeout=t("connect_timeout"), helo_timeout=t("helo_timeout"),
+            connect_timeout=t("connect_timeout"),
+            helo_timeout=t("lhlo_timeout" if prefix == "lmtp" else "helo_timeout"),
             mail_timeout=t("mail_timeout"), rcpt_timeout=t("rcpt_timeout"),
             data_init_timeout=t("data_init_timeout"), data_xfer_timeout=t("data_xfer_timeout"),
             data_done_timeout=t("data_done_timeout"), rset_timeout=t("rset_timeout"),
@@ -467,8 +491,9 @@ class _Settings:
                           == ["native"]),
             myhostname=cfg.get("myhostname"),
             disable_mime_output_conversion=cfg.get_bool("disable_mime_output_conversion"),
-            discard_ehlo_keywords=frozenset(w.upper() for w in
-                                            cfg.get_list(f"{prefix}_discard_ehlo_keywords")),
+            discard_ehlo_keywords=frozenset(
+                w.upper() for w in split_table_list(
+                    g("discard_lhlo_keywords" if prefix == "lmtp" else "discard_ehlo_keywords"))),
             randomize_addresses=b("randomize_addresses"),
             bind_address=g("bind_address").strip(),
             bind_address6=g("bind_address6").strip(),
@@ -494,6 +519,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
     """The smtp(8) delivery agent (also serves the "relay" transport)."""
 
     name = "smtp"
+    protocol = "smtp"       # "lmtp": LHLO, per-recipient final replies, no MX lookups
 
     def __init__(self, config, resolver=None, log=None, *, clock=time.time,
                  monotonic=time.monotonic, rng: random.Random | None = None,
@@ -502,7 +528,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
         self.log = log
         self.clock = clock
         self.monotonic = monotonic
-        self.settings = _Settings.from_config(config)
+        self.settings = _Settings.from_config(config, self.protocol)
         self.resolver = resolver if resolver is not None else DnsPythonResolver.from_config(config)
         self.rng = rng or random.Random()
         self._own = own_addresses
@@ -582,8 +608,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
             if conn.idle_handle is not None:
                 conn.idle_handle.cancel()
                 conn.idle_handle = None
-            if conn.closed or conn.reader.at_eof() or not conn.engine.usable:
-                conn.abort()
+            if conn.closed or conn.reader.at_eof() or not self._reusable(conn):
+                self._background(conn.quit(self.settings.quit_timeout))
                 continue
             return conn
         return None
@@ -671,8 +697,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
         # 2. Fresh connections along the MX list (RFC 5321 5.1).
         try:
-            targets = await resolve_destination(
-                self.resolver, request.nexthop, rng=self.rng, families=self.settings.families,
+            nexthop = request.nexthop
+            targets = None
+            if self.protocol == "lmtp":
+                nexthop, targets = self._lmtp_nexthop(nexthop)
+            targets = targets or await resolve_destination(
+                self.resolver, nexthop, rng=self.rng, families=self.settings.families,
                 own_addresses=self.own_addresses, address_limit=self.settings.mx_address_limit,
                 address_preference=self.settings.address_preference,
                 default_port=self.settings.port, dns_enabled=self.settings.dns_enabled,
@@ -748,30 +778,55 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 results[i].conn_setup_done = last.conn_setup_done
         return [results[i] for i in range(len(recipients))]
 
+    def _lmtp_nexthop(self, nexthop: str) -> tuple[str, list[Target] | None]:
+        """LMTP next hops (lmtp(8)): unix:/path (a relative path lives under the queue
+        directory), inet:host:port, [host]:port or host; never an MX lookup.
+        Returns the nexthop to resolve, or the UNIX-domain target itself."""
+        hop = nexthop.strip()
+        if hop.lower().startswith("unix:"):
+            shown = hop[5:]
+            path = shown if shown.startswith("/") else \
+                os.path.join(self.config.get("queue_directory"), shown)
+            return hop, [UnixTarget(self.settings.myhostname or "localhost", shown, 0, path=path)]
+        if hop.lower().startswith("inet:"):
+            hop = hop[5:]
+        if not hop.startswith("["):
+            host, sep, port = hop.partition(":")
+            hop = f"[{host}]" + (f":{port}" if sep else "")
+        return hop, None
+
     def _finish_connection(self, key: str, request, conn: _Connection) -> None:
         if self._caching_wanted(request) and self._reusable(conn):
             self._put_cached(key, conn)
         else:
             self._background(conn.quit(self.settings.quit_timeout))
 
-    async def _connect(self, target: Target) -> _Connection:
+    async def _open(self, target: Target):
         s = self.settings
-        where = f"connect to {target.namaddr}:{target.port}"
+        timeout = s.connect_timeout or None      # lmtp_connect_timeout = 0: no limit
+        if isinstance(target, UnixTarget):
+            return await asyncio.wait_for(
+                asyncio.open_unix_connection(target.path, limit=1 << 16), timeout)
         bind = s.bind_address6 if ":" in target.ip else s.bind_address
-        kwargs = {"local_addr": (bind, 0)} if bind else {}
-        try:
+        if bind:
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(target.ip, target.port, limit=1 << 16, **kwargs),
-                    s.connect_timeout)
+                return await asyncio.wait_for(asyncio.open_connection(
+                    target.ip, target.port, limit=1 << 16, local_addr=(bind, 0)), timeout)
             except OSError as e:
-                if not kwargs or e.errno != errno.EADDRNOTAVAIL or s.bind_address_enforce:
+                if e.errno != errno.EADDRNOTAVAIL or s.bind_address_enforce:
                     raise
                 # smtp_bind_address_enforce = no: warn and connect from any address.
                 self._warning(f"smtp_connect_addr: bind {bind}: {os.strerror(e.errno)}")
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(target.ip, target.port, limit=1 << 16),
-                    s.connect_timeout)
+        return await asyncio.wait_for(
+            asyncio.open_connection(target.ip, target.port, limit=1 << 16), timeout)
+
+    async def _connect(self, target: Target) -> _Connection:
+        s = self.settings
+        # Postfix: "connect to host[private/dovecot-lmtp]: ..." for UNIX sockets.
+        where = (f"connect to {target.namaddr}" if isinstance(target, UnixTarget)
+                 else f"connect to {target.namaddr}:{target.port}")
+        try:
+            reader, writer = await self._open(target)
         except asyncio.TimeoutError:
             raise _SessionFailure("4.4.1", f"{where}: Connection timed out") from None
         except OSError as e:
@@ -781,7 +836,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
         engine = SmtpClient(s.helo_name, never_send_ehlo=s.never_send_ehlo,
                             use_chunking=s.use_chunking, line_length_limit=s.line_length_limit,
                             quote_envelope=s.quote_envelope, skip_quit_response=s.skip_quit_response,
-                            discard_ehlo_keywords=s.discard_ehlo_keywords)
+                            discard_ehlo_keywords=s.discard_ehlo_keywords,
+                            lmtp=self.protocol == "lmtp")
         return _Connection(target, reader, writer, engine, self.monotonic())
 
     @staticmethod
@@ -828,7 +884,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
                          tls_level: str = "none", tls_match: list[str] | None = None) -> None:
         s = self.settings
         # Postfix detects loops only on the SMTP port (smtp_connect.c).
-        loop_detect = conn.target.port == 25
+        loop_detect = conn.target.port == 25 and self.protocol == "smtp"
         while True:
             ev = await self._event(conn)
             if isinstance(ev, Greeting):
@@ -1154,6 +1210,15 @@ class SmtpDeliveryAgent(DeliveryAgent):
                     return soft
                 elif isinstance(ev, ContentWanted):
                     await self._send_content(conn, request, downgrade)
+                elif isinstance(ev, RecipientDone):
+                    # LMTP (RFC 2033 4.2): this recipient's own final reply.
+                    i = pending[ev.index]
+                    if ev.reply.code // 100 == 2:
+                        result(i, "sent", _dsn_of(ev.reply), _one_line(ev.reply))
+                    else:
+                        refuse(i, ev.reply, ev.command)
+                elif isinstance(ev, MessageDone) and conn.engine.lmtp:
+                    return soft
                 elif isinstance(ev, MessageDone):
                     for i in accepted:
                         if ev.reply.code // 100 == 2:

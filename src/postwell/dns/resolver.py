@@ -143,7 +143,12 @@ class DnsPythonResolver:
             r = dns.asyncresolver.Resolver(configure=False)
             r.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
         else:
-            r = dns.asyncresolver.Resolver()
+            try:
+                r = dns.asyncresolver.Resolver()
+            except Exception:
+                # No usable resolv.conf: like the C library, ask a local name server.
+                r = dns.asyncresolver.Resolver(configure=False)
+                r.nameservers = ["127.0.0.1"]
         r.timeout = timeout
         r.lifetime = lifetime
         self._r = r

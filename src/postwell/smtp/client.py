@@ -441,8 +441,6 @@ class SmtpClient:
         self._expect: list[tuple[str, int]] = []
         self._envelope: Envelope | None = None
         self._accepted = 0
-        self._rcpt_pending: list[int] = []
-        self._mail_reply: Reply | None = None
         self._failure: tuple[Reply, str] | None = None
         self._bdat = False
         self._at_line_start = True
@@ -570,7 +568,6 @@ class SmtpClient:
         self._envelope = envelope
         self._accepted = 0
         self._accepted_idx: list[int] = []
-        self._mail_reply = None
         self._failure = None
         self._bdat = self.use_chunking and ext.chunking
         params = []
@@ -596,7 +593,6 @@ class SmtpClient:
             if not self._bdat:
                 self._send("DATA")
                 self._expect.append(("data", -1))
-        self._rcpt_pending = list(range(len(envelope.recipients)))
 
     def _queue_rcpt(self, i: int) -> None:
         r = self._envelope.recipients[i]
@@ -829,7 +825,6 @@ class SmtpClient:
             self._events.append(Rejected(reply, "helo", "HELO"))
 
     def _on_mail(self, reply: Reply, _i: int) -> None:
-        self._mail_reply = reply
         self._events.append(MailReply(reply))
         if reply.code // 100 != 2:
             self._failure = (reply, "MAIL FROM")
@@ -844,11 +839,9 @@ class SmtpClient:
         env = self._envelope
         if self._failure is not None:
             # MAIL was refused: RCPT replies (503s) mean nothing (RFC 2920 3.1).
-            self._rcpt_pending.remove(i)
             if not self._expect:          # no pipelined DATA (BDAT) to wait for
                 self._fail_transaction()
             return
-        self._rcpt_pending.remove(i)
         if reply.code // 100 == 2:
             self._accepted += 1
             self._accepted_idx.append(i)

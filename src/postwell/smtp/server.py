@@ -260,7 +260,8 @@ class ServerConfig:
             smtputf8_enable=(config.get("smtputf8_enable") or "yes").lower() != "no",
         )
         if config.raw("smtpd_forbidden_commands") is not None:
-            words = config.get_list("smtpd_forbidden_commands")
+            value = re.sub(r"\{\{.*?\}\}", "", config.get("smtpd_forbidden_commands"))
+            words = [w for w in re.split(r"[\s,]+", value) if w]
             kw["forbidden_commands"] = frozenset(w.upper() for w in words if ":" not in w)
             # Only Postfix's stock pattern is understood among table entries.
             kw["forbid_non_alpha"] = any(":" in w for w in words)
@@ -1242,9 +1243,15 @@ class ServerConnection:
                     return False
             if self._line_start:
                 body = line[:-2] if crlf else line[:-1]
-                if body == b"." and crlf and self._prev_crlf:
-                    ended = True
-                    break
+                if body == b".":
+                    if crlf and self._prev_crlf:
+                        ended = True
+                        break
+                    # A lone "." that is not CRLF "." CRLF ends nothing and, as in Postfix
+                    # (normalize), leaves no line behind.
+                    self._line_start = True
+                    self._prev_crlf = crlf
+                    continue
                 if line.startswith(b"."):
                     line = line[1:]   # RFC 5321 4.5.2 transparency
             content = bytes(line) if crlf else bytes(line[:-1]) + b"\r\n"

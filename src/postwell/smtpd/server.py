@@ -110,9 +110,16 @@ def _load_policy(config, log):
 
 def _load_cleanup(config, log):
     from postwell.cleanup import Cleanup
+    from postwell.log import MailLog
     from postwell.queue import QueueStore
     store = QueueStore(config.get("queue_directory"))
-    return Cleanup(config, store, log)
+    # In-process cleanup still logs as postfix/cleanup, where log tools look for it.
+    try:
+        clog = MailLog.from_config(config, "cleanup") if isinstance(log, MailLog) and \
+            type(log) is MailLog else log
+    except OSError:
+        clog = log
+    return Cleanup(config, store, clog)
 
 
 def _time(config, name: str, default: float) -> float:
@@ -405,7 +412,11 @@ class SmtpdSession(asyncio.Protocol):
             return
         if isinstance(ev, Vrfy):
             hook = getattr(srv.policy, "on_vrfy", None)
+            saved = state.where, state.recipient
             reply = await hook(state, ev.address) if hook is not None else None
+            if reply is not None:
+                self._log_reject(reply)
+            state.where, state.recipient = saved
             conn.send_reply(reply)
             return
         if isinstance(ev, Etrn):

@@ -11,12 +11,14 @@ canonical spacing (", " between list members, no space around '.', '@',
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 
 from .base import TableError, fold_key, logical_lines, utf8_from_config
 
 _SPECIALS = set("<>@,;:.")
+_NEEDS_QUOTE = set('()<>@,;:\\".[]')
 
 
 def _tokens(text: str):
@@ -67,7 +69,12 @@ def _tokens(text: str):
                 continue
             buf.append(text[i])
             i += 1
-        yield "word", "".join(buf)
+        word = "".join(buf)
+        if any(ch in _NEEDS_QUOTE or ch.isspace() or ord(ch) < 32 for ch in word):
+            # only a backslash escape can put these into an atom: postalias
+            # writes such a word back as a quoted string
+            word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        yield "word", word
 
 
 def normalize_value(text: str) -> str:
@@ -111,7 +118,10 @@ def _split_name(line: str):
     colon = line.find(":")
     if colon <= 0:
         return None
-    return line[:colon].strip(), line[colon + 1:]
+    name = line[:colon].strip()
+    # a backslash quotes the next character and is itself dropped
+    name = re.sub(r"\\(.)", r"\1", name)
+    return name, line[colon + 1:]
 
 
 def parse_aliases(text: str, warn=None, path: str = "aliases", fold: bool = True,
@@ -129,13 +139,17 @@ def parse_aliases(text: str, warn=None, path: str = "aliases", fold: bool = True
             if warn:
                 warn(f"{path}, line {lineno}: need name:value pair")
             continue
+        if "@" in got[0]:
+            if warn:
+                warn(f"{path}, line {lineno}: name must be local")
+            continue
         entries.append((lineno, fold_key(got[0], utf8) if fold else got[0], value))
     return entries
 
 
 def build_aliases(typ: str, path: str, config=None, warn=None, dup="warn",
                   fold=True, text: str | None = None, nul=True, keep_perms=True,
-                  utf8: bool | None = None) -> int:
+                  utf8: bool | None = None, as_owner: bool = True) -> int:
     """Compile an aliases source file into path.db / path.lmdb atomically.
     Returns the number of entries stored."""
     from .index import Builder
@@ -151,7 +165,7 @@ def build_aliases(typ: str, path: str, config=None, warn=None, dup="warn",
         raise TableError(f"open {path}: {e.strerror}") from None
     label = f"lmdb:{path}" if typ == "lmdb" else path + store.suffix
     b = Builder(store, path, src_stat=st if keep_perms else None, warn=warn, dup=dup,
-                label=label, nul=nul)
+                label=label, nul=nul, as_owner=as_owner)
     count = 0
     try:
         if utf8 is None:

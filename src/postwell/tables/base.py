@@ -184,7 +184,7 @@ def logical_lines(text: str, warn=None, path: str = ""):
     start = 0
     bad = False
     for lineno, raw in enumerate(text.split("\n"), 1):
-        line = raw[:-1] if raw.endswith("\r") else raw
+        line = raw  # like Postfix, only the newline goes (a CR stays, mid-line)
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

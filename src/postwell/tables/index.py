@@ -179,7 +179,7 @@ class Builder:
     """
 
     def __init__(self, store_class, name: str, src_stat=None, copy_existing=False,
-                 warn=None, dup="warn", label=None, nul=True):
+                 warn=None, dup="warn", label=None, nul=True, as_owner=True):
         self.store_class = store_class
         self.name = name
         self.path = name + store_class.suffix
@@ -187,6 +187,7 @@ class Builder:
         self.dup = dup
         self.label = label or self.path
         self.nul = nul
+        self.as_owner = as_owner  # False: postmap -o (keep root as the owner)
         d = os.path.dirname(self.path) or "."
         base = os.path.basename(self.path)
         try:
@@ -236,7 +237,7 @@ class Builder:
                 os.chmod(self.tmp, 0o644)  # postmap -p, or no source file
             else:
                 os.chmod(self.tmp, self.src_stat.st_mode & 0o666)
-                if os.geteuid() == 0:
+                if os.geteuid() == 0 and self.as_owner:
                     # postmap run by root creates the index as the source's owner
                     os.chown(self.tmp, self.src_stat.st_uid, self.src_stat.st_gid)
             fd = os.open(self.tmp, os.O_RDONLY)

@@ -15,12 +15,24 @@ def parse_source(text: str, path: str, fold: bool = True, warn=None, skip_note: 
     skipped. ``fold`` lower-cases keys like postmap does without -f.
     """
     for lineno, line in logical_lines(text, warn, path):
-        parts = line.split(None, 1)
-        if len(parts) < 2:
+        # the key ends at white space outside double quotes; the quotes stay
+        # part of the key ("a b" is a key with a space), \ escapes inside them
+        i, n, quoted = 0, len(line), False
+        while i < n and (quoted or not line[i].isspace()):
+            if line[i] == '"':
+                quoted = not quoted
+            elif line[i] == "\\" and quoted and i + 1 < n:
+                i += 1
+            i += 1
+        if quoted:
+            if warn:
+                warn(f"{path}, line {lineno}: unbalanced '\"' in '{line}' -- ignoring this line")
+            continue
+        key, value = line[:i], line[i:].strip()
+        if not value:
             if warn:
                 warn(f"{path}, line {lineno}: expected format: key whitespace value{skip_note}")
             continue
-        key, value = parts[0], parts[1].strip()
         if fold:
             key = fold_key(key, utf8)
         yield lineno, key, value

@@ -1,0 +1,926 @@
+"""sendmail(1), newaliases(1): Postfix's Sendmail-compatible interface.
+
+Usage: sendmail [options] [recipient ...]
+
+The message is read from standard input and written, as the invoking user,
+into the maildrop (see :mod:`postwell.pickup` for the design and
+:mod:`postwell.pickup.maildrop` for the file format); the pickup service
+queues it.  Flags, messages and exit codes follow Postfix's sendmail:
+
+* ``-t`` adds the recipients of the To:/Cc:/Bcc: headers (Resent-To:/-Cc:/
+  -Bcc: when the message has any) to those on the command line;
+* ``-i`` / ``-oi``: a line with a lone dot does not end the input (it does by
+  default);
+* ``-f``/``-r`` sender, ``-F`` full name, ``-N``/``-R``/``-V`` DSN options,
+  ``-B 7BIT|8BITMIME``, ``-G`` (gateway: remote rewriting context);
+* ``-bm`` (default), ``-bs`` (SMTP on stdin/stdout, mail goes through the
+  maildrop too), ``-bv`` (see below), ``-bi``/``-I`` (newaliases), ``-bp``
+  (mailq), ``-bd``/``-bl`` (postfix start), ``-bh``/``-bH`` (ignored),
+  ``-q`` (flush), ``-qRsite``, ``-qIid``, ``-qINTERVAL`` (ignored);
+* ``-oA``path (alias database), other ``-o`` options and ``-A -c -e -h -L -m
+  -O -p -U -v -x -XV`` are accepted and ignored as Postfix ignores them;
+  ``-n`` is refused.
+
+Deliberate differences: Postfix's ``-bv`` queues a probe and mails a
+delivery report; postwell checks each address's syntax and resolves it
+(class, transport, next hop) and prints the result on standard output, exit
+status 0 when every address resolves, 67 (EX_NOUSER) otherwise.  A message
+larger than message_size_limit is refused here (exit 69, nothing queued)
+instead of being bounced later.  ``-C`` and MAIL_CONFIG are honoured
+without Postfix's alternate_config_directories check: sendmail has no
+privilege a configuration file could abuse.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import sys
+import time
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_OSERR = 71
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+
+MODE_ENQUEUE, MODE_NEWALIAS, MODE_MAILQ, MODE_DAEMON, MODE_USER, MODE_FLUSHQ, MODE_IGNORE = range(1, 8)
+
+# Options with an argument, as in Postfix's GETOPT_LIST "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx".
+OPTS_WITH_ARG = set("ABCFLNORVXbefhopqr")
+OPTS_PLAIN = set("GIUcimntvx")
+
+READ_CHUNK = 65536
+PIECE_LIMIT = 65536            # a line longer than this is stored in pieces, never held whole
+HEADER_COLLECT_LIMIT = 102400  # header_size_limit: longer headers are not parsed for -t
+
+
+class Fatal(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class Options:
+    def __init__(self) -> None:
+        self.mode = MODE_ENQUEUE
+        self.config_dir: str | None = None
+        self.sender: str | None = None
+        self.full_name: str | None = None
+        self.extract = False
+        self.dot_ends = True               # Postfix's SM_FLAG_AEOF
+        self.verify = False
+        self.notify: str | None = None
+        self.ret: str | None = None
+        self.envid: str | None = None
+        self.body: str | None = None
+        self.rewrite = "local"
+        self.alias_database: str | None = None
+        self.qtime: str | None = None
+        self.site_to_flush: str | None = None
+        self.id_to_flush: str | None = None
+        self.verbose = 0
+        self.recipients: list[str] = []
+        self.warnings: list[str] = []
+
+
+# --------------------------------------------------------------------------- option parsing
+
+def _notify_value(text: str) -> str | None:
+    """-N: "never" or a comma list of success, failure, delay (RFC 3461 4.1)."""
+    words = [w.strip().lower() for w in re.split(r"[,\s]+", text) if w.strip()]
+    if not words:
+        return None
+    if words == ["never"]:
+        return "NEVER"
+    order = ("success", "failure", "delay")
+    if any(w not in order for w in words):
+        return None
+    return ",".join(w.upper() for w in order if w in words)
+
+
+def parse_args(args: list[str], prog: str = "sendmail") -> Options:
+    o = Options()
+    if prog == "mailq":
+        o.mode = MODE_MAILQ
+    elif prog == "newaliases":
+        o.mode = MODE_NEWALIAS
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-q":   # not getopt compatible: -q alone flushes
+            if o.mode == MODE_DAEMON:
+                o.warnings.append("ignoring -q option in daemon mode")
+            else:
+                o.mode = MODE_FLUSHQ
+            i += 1
+            continue
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break           # getopt with "+": options end at the first operand
+        if arg == "-XV":
+            i += 1          # VERP: accepted, not implemented (no VERP delivery yet)
+            continue
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            if c in OPTS_WITH_ARG:
+                if j + 1 < len(arg):
+                    val = arg[j + 1:]
+                else:
+                    i += 1
+                    if i >= len(args):
+                        raise Fatal(EX_USAGE, f"usage: {prog} [options]",) from _UsageHint(
+                            f"{prog}: option requires an argument -- '{c}'")
+                    val = args[i]
+                _apply_arg(o, c, val)
+                break
+            if c not in OPTS_PLAIN:
+                raise Fatal(EX_USAGE, f"usage: {prog} [options]") from _UsageHint(
+                    f"{prog}: invalid option -- '{c}'")
+            _apply_flag(o, c)
+            j += 1
+        i += 1
+    o.recipients = args[i:]
+    # Conflicting options (Postfix's checks, same words).
+    if o.extract and o.mode != MODE_ENQUEUE:
+        raise Fatal(EX_USAGE, "-t can be used only in delivery mode")
+    if o.site_to_flush and o.mode != MODE_ENQUEUE:
+        raise Fatal(EX_USAGE, "-qR can be used only in delivery mode")
+    if o.id_to_flush and o.mode != MODE_ENQUEUE:
+        raise Fatal(EX_USAGE, "-qI can be used only in delivery mode")
+    if o.verify:
+        if o.extract:
+            raise Fatal(EX_USAGE, "-t option cannot be used with -bv")
+        if o.notify:
+            raise Fatal(EX_USAGE, "-N option cannot be used with -bv")
+        if o.ret:
+            raise Fatal(EX_USAGE, "-R option cannot be used with -bv")
+        if o.verbose == 1:
+            raise Fatal(EX_USAGE, "-v option cannot be used with -bv")
+    return o
+
+
+class _UsageHint(Exception):
+    """getopt's own complaint, printed before the fatal usage line."""
+
+
+def _apply_flag(o: Options, c: str) -> None:
+    if c == "n":
+        raise Fatal(EX_USAGE, "-n option not supported")
+    if c == "G":
+        o.rewrite = "remote"
+    elif c == "I":
+        o.mode = MODE_NEWALIAS
+    elif c == "i":
+        o.dot_ends = False
+    elif c == "t":
+        o.extract = True
+    elif c == "v":
+        o.verbose += 1
+    # -U (initial submission), -c, -m, -x: ignored as in Postfix.
+
+
+def _apply_arg(o: Options, c: str, val: str) -> None:
+    if c == "B":
+        if val == "8BITMIME":
+            o.body = "8BITMIME"
+        elif val == "7BIT":
+            o.body = "7BIT"
+        else:
+            raise Fatal(EX_USAGE, "-B option needs 8BITMIME or 7BIT")
+    elif c == "C":
+        o.config_dir = os.path.dirname(val) if os.path.basename(val) == "main.cf" else val
+    elif c == "F":
+        o.full_name = val
+    elif c == "N":
+        n = _notify_value(val)
+        if n is None:
+            o.warnings.append("bad -N option value -- ignored")
+        else:
+            o.notify = n
+    elif c == "R":
+        v = val.strip().lower()
+        if v in ("full", "hdrs"):
+            o.ret = v.upper()
+        else:
+            o.warnings.append("bad -R option value -- ignored")
+    elif c == "V":
+        if len(val) > 100:
+            o.warnings.append("too long -V option value -- ignored")
+        elif not all(32 < ord(ch) < 127 for ch in val):
+            o.warnings.append("bad syntax in -V option value -- ignored")
+        else:
+            o.envid = val
+    elif c == "X":
+        if not val.startswith("V"):
+            raise Fatal(EX_USAGE, f"unsupported: -{c}{val[:1]}")
+    elif c == "b":
+        b = val[:1]
+        if b in ("d", "l"):
+            if o.mode == MODE_FLUSHQ:
+                o.warnings.append("ignoring -q option in daemon mode")
+            o.mode = MODE_DAEMON
+        elif b in ("h", "H"):
+            o.mode = MODE_IGNORE
+        elif b == "i":
+            o.mode = MODE_NEWALIAS
+        elif b == "m":
+            o.mode = MODE_ENQUEUE
+        elif b == "p":
+            o.mode = MODE_MAILQ
+        elif b == "s":
+            o.mode = MODE_USER
+        elif b == "v":
+            o.verify = True
+        else:
+            raise Fatal(EX_USAGE, f"unsupported: -{c}{b}")
+    elif c in ("f", "r"):
+        o.sender = val
+    elif c == "o":
+        if val[:1] == "A":
+            if len(val) == 1:
+                raise Fatal(EX_USAGE, "-oA requires pathname")
+            o.alias_database = val[1:]
+        elif val[:1] == "i":
+            o.dot_ends = False
+        # -o7, -o8, -om and the rest: ignored, as Postfix does.
+    elif c == "q":
+        if val[:1].isdigit():
+            o.qtime = val
+        elif val[:1] == "R":
+            o.site_to_flush = val[1:]
+            if not o.site_to_flush:
+                raise Fatal(EX_USAGE, "specify: -qRsitename")
+        elif val[:1] == "I":
+            o.id_to_flush = val[1:]
+            if not o.id_to_flush:
+                raise Fatal(EX_USAGE, "specify: -qIqueueid")
+        else:
+            raise Fatal(EX_USAGE, f"-q{val[:1]} is not implemented")
+    # -A, -L, -O, -e, -h, -p: accepted and ignored.
+
+
+# --------------------------------------------------------------------------- addresses
+
+def parse_address_list(text: str) -> list[str]:
+    """Addresses of an RFC 5322 3.4 address list, in internal (unquoted) form.
+    Display names, comments and group syntax are dropped."""
+    from postwell.cleanup.addresses import group_addresses, tokenize
+    out = []
+    for t in group_addresses(tokenize(text)):
+        if t.kind != "addr":
+            continue
+        parts = []
+        for p in t.parts:
+            if p.kind == "qstring":
+                parts.append(re.sub(r"\\(.)", r"\1", p.text))
+            elif p.kind == "domlit":
+                parts.append(f"[{p.text}]")
+            elif p.kind == "comment":
+                continue
+            else:
+                parts.append(p.text)
+        # A source route (RFC 5321 4.1.2 "@a,@b:user@c") keeps only the mailbox.
+        addr = "".join(parts)
+        if addr:
+            out.append(addr)
+    return out
+
+
+def login_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise Fatal(EX_OSERR, f"no login name found for user ID {uid}") from None
+
+
+def full_name_of(uid: int) -> str | None:
+    """Postfix's fullname(): $NAME, else the GECOS field up to the first
+    comma, with "&" standing for the capitalised login name."""
+    name = os.environ.get("NAME")
+    if name:
+        return name
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return None
+    gecos = pw.pw_gecos.split(",", 1)[0]
+    if "&" in gecos:
+        gecos = gecos.replace("&", pw.pw_name[:1].upper() + pw.pw_name[1:])
+    return gecos or None
+
+
+# --------------------------------------------------------------------------- reading the message
+
+_HEADER_NAME_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_FROM_LINE_RE = re.compile(rb">*From ")
+
+
+class TooBig(Exception):
+    pass
+
+
+class HeaderRecipients:
+    """Collects To/Cc/Bcc (and Resent-) addresses from the primary header block for -t."""
+
+    def __init__(self) -> None:
+        self.recipients: list[str] = []
+        self.resent_recipients: list[str] = []
+        self.resent = False
+        self._name: str | None = None
+        self._value = bytearray()
+        self._truncated = False
+        self.in_headers = True
+        self._first = True
+
+    def line(self, line: bytes, complete: bool) -> None:
+        """One content line without its LF; complete=False for a piece of a long line."""
+        if not self.in_headers:
+            return
+        first, self._first = self._first, False
+        if line[:1] in (b" ", b"\t") and not first:
+            self._add(line)
+            return
+        m = _HEADER_NAME_RE.match(line)
+        if line == b"" or not m or first and line[:1] in (b" ", b"\t"):
+            self._flush()
+            self.in_headers = False
+            return
+        self._flush()
+        self._name = m.group(1).decode("ascii").lower()
+        self._add(line[m.end():])
+
+    def piece(self, data: bytes) -> None:
+        """More of the current (long) line."""
+        if self.in_headers and self._name is not None:
+            self._add(data)
+
+    def _add(self, data: bytes) -> None:
+        if len(self._value) + len(data) > HEADER_COLLECT_LIMIT:
+            self._truncated = True
+            return
+        self._value += b" " + data if self._value else data
+
+    def _flush(self) -> None:
+        name, self._name = self._name, None
+        value = bytes(self._value)
+        self._value.clear()
+        if name is None:
+            return
+        if name in ("resent-to", "resent-cc", "resent-bcc"):
+            self.resent = True
+            self.resent_recipients.extend(parse_address_list(value.decode("utf-8", "surrogateescape")))
+        elif name in ("to", "cc", "bcc") and not self.resent:
+            self.recipients.extend(parse_address_list(value.decode("utf-8", "surrogateescape")))
+
+    def finish(self) -> list[str]:
+        if self.in_headers:
+            self._flush()
+            self.in_headers = False
+        return self.resent_recipients if self.resent else self.recipients
+
+
+def copy_message(infd: int, sink, *, dot_ends: bool, headers: HeaderRecipients | None = None,
+                 fix_line_endings: str = "always", size_limit: int = 0) -> int:
+    """Stream the message from ``infd`` to ``sink(bytes)``: line ends become
+    LF, leading mbox "From " lines are dropped, a lone "." ends the input
+    when ``dot_ends``.  Memory stays bounded: a line longer than PIECE_LIMIT
+    is passed on in pieces.  Returns the number of bytes written; raises
+    TooBig past ``size_limit`` and OSError on a read error."""
+    written = 0
+    pending = bytearray()
+    in_piece = False          # the current line has been passed on in part already
+    skip_from = True
+    strip_cr = {"always": True, "never": False}.get(fix_line_endings)   # None: strict, decide on line 1
+
+    def emit(data: bytes) -> None:
+        nonlocal written
+        written += len(data)
+        if size_limit and written > size_limit:
+            raise TooBig()
+        sink(data)
+
+    while True:
+        chunk = os.read(infd, READ_CHUNK)
+        eof = not chunk
+        pending += chunk
+        while True:
+            nl = pending.find(b"\n")
+            if nl < 0:
+                if eof and pending:
+                    nl = len(pending)        # a last line without LF: stored with one
+                elif len(pending) > PIECE_LIMIT:
+                    # Keep a possible CR run for the next look; pass the rest on.
+                    cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
+                    piece = bytes(pending[:cut])
+                    del pending[:cut]
+                    if headers is not None:
+                        if not in_piece:
+                            headers.line(piece, complete=False)
+                        else:
+                            headers.piece(piece)
+                    skip_from = False
+                    in_piece = True
+                    emit(piece)
+                    continue
+                else:
+                    break
+            line = bytes(pending[:nl])
+            del pending[:nl + 1]
+            if strip_cr is None:
+                strip_cr = line.endswith(b"\r")
+            if strip_cr:
+                line = line.rstrip(b"\r")
+            if skip_from and not in_piece:
+                if _FROM_LINE_RE.match(line):
+                    continue
+                skip_from = False
+            if dot_ends and not in_piece and line == b".":
+                return written
+            if headers is not None:
+                if in_piece:
+                    headers.piece(line)
+                else:
+                    headers.line(line, complete=True)
+            in_piece = False
+            emit(line + b"\n")
+            if eof and not pending:
+                break
+        if eof:
+            return written
+
+
+# --------------------------------------------------------------------------- the command
+
+class Sendmail:
+    def __init__(self, prog: str, opts: Options, config, log) -> None:
+        self.prog = prog
+        self.o = opts
+        self.config = config
+        self.log = log
+        self.uid = os.getuid()
+        self.queue_directory = config.get("queue_directory")
+
+    # -- messages ----------------------------------------------------------------
+    def warn(self, text: str) -> None:
+        sys.stderr.write(f"{self.prog}: warning: {text}\n")
+        self._log("warning", text)
+
+    def _log(self, kind: str, text: str) -> None:
+        if self.log is None:
+            return
+        try:
+            getattr(self.log, kind)(text)
+        except Exception:
+            pass
+
+    def ident(self, sender: str) -> str:
+        return f"{sender}({self.uid})"
+
+    # -- modes -------------------------------------------------------------------
+    def run(self) -> int:
+        o = self.o
+        for w in o.warnings:
+            self.warn(w)
+        if not os.path.isdir(self.queue_directory):
+            raise Fatal(EX_UNAVAILABLE, f"chdir {self.queue_directory}: No such file or directory")
+        if o.qtime and o.mode != MODE_DAEMON:
+            return EX_OK
+        if o.mode == MODE_ENQUEUE:
+            if o.site_to_flush:
+                if o.recipients:
+                    raise Fatal(EX_USAGE, "flush site requires no recipient")
+                return self._postqueue(["-s", o.site_to_flush])
+            if o.id_to_flush:
+                if o.recipients:
+                    raise Fatal(EX_USAGE, "flush queue_id requires no recipient")
+                return self._postqueue(["-i", o.id_to_flush])
+            if o.verify:
+                return self.verify()
+            return self.enqueue()
+        if o.mode == MODE_MAILQ:
+            if o.recipients:
+                raise Fatal(EX_USAGE, "display queue mode requires no recipient")
+            return self._postqueue(["-p"])
+        if o.mode == MODE_FLUSHQ:
+            if o.recipients:
+                raise Fatal(EX_USAGE, "flush queue mode requires no recipient")
+            from postwell.queue import QMGR_FLUSH, notify_qmgr
+            notify_qmgr(self.queue_directory, QMGR_FLUSH)
+            return EX_OK
+        if o.mode == MODE_DAEMON:
+            if o.recipients:
+                raise Fatal(EX_USAGE, "daemon mode requires no recipient")
+            from postwell.cli import postfix as postfix_cli
+            return postfix_cli.main(["-c", self.config.config_dir, "start"]) or 0
+        if o.mode == MODE_NEWALIAS:
+            if o.recipients:
+                raise Fatal(EX_USAGE, "alias initialization mode requires no recipient")
+            return newaliases(self.config, o.alias_database, warn=self.warn)
+        if o.mode == MODE_USER:
+            if o.recipients:
+                raise Fatal(EX_USAGE, "stand-alone mode requires no recipient")
+            self.check_submit_acl()
+            return run_smtp(self)
+        return EX_OK
+
+    def _postqueue(self, args: list[str]) -> int:
+        from postwell.cli import postqueue
+        return postqueue.main(["-c", self.config.config_dir] + args)
+
+    def check_submit_acl(self) -> None:
+        err = submit_denied(self.config, self.uid)
+        if err:
+            raise Fatal(EX_NOPERM, f"User {err}({self.uid}) is not allowed to submit mail")
+
+    def sender_address(self) -> str:
+        o = self.o
+        if o.sender is None:
+            return login_name(self.uid)
+        addrs = parse_address_list(o.sender)
+        if len(addrs) > 1:
+            self.warn(f"-f option specified malformed sender: {o.sender}")
+        return addrs[0] if addrs else ""
+
+    def command_line_recipients(self) -> list[str]:
+        out = []
+        for arg in self.o.recipients:
+            addrs = parse_address_list(arg)
+            if addrs:
+                out.extend(addrs)
+            elif arg.strip():
+                out.append(arg.strip())
+        return out
+
+    def open_maildrop(self, sender: str):
+        from postwell.pickup import MaildropWriter
+        writer = MaildropWriter(os.path.join(self.queue_directory, "maildrop"))
+        try:
+            writer.open()
+        except OSError as exc:
+            raise Fatal(EX_TEMPFAIL, f"{self.ident(sender)}: mail_queue_enter: create file "
+                                     f"maildrop/.tmp: {exc.strerror}") from None
+        return writer
+
+    def envelope(self, sender: str, recipients: list[str]):
+        from postwell.pickup import MaildropEnvelope
+        o = self.o
+        full = o.full_name if o.full_name is not None else full_name_of(self.uid)
+        return MaildropEnvelope(sender=sender, recipients=recipients, submit_time=time.time(),
+                                fullname=full or None, notify=o.notify, ret=o.ret, envid=o.envid,
+                                body=o.body, rewrite=o.rewrite)
+
+    def size_limit(self) -> int:
+        try:
+            return self.config.get_int("message_size_limit")
+        except (ValueError, TypeError):
+            return 0
+
+    def enqueue(self) -> int:
+        o = self.o
+        self.check_submit_acl()
+        sender = self.sender_address()
+        who = self.ident(sender)
+        recipients = self.command_line_recipients()
+        writer = self.open_maildrop(sender)
+        from postwell.pickup import poke_pickup
+        try:
+            headers = HeaderRecipients() if o.extract else None
+            limit = self.size_limit()
+            try:
+                copy_message(0, writer.write, dot_ends=o.dot_ends, headers=headers,
+                             fix_line_endings=self.config.get("sendmail_fix_line_endings") or "always",
+                             size_limit=max(0, limit - ENVELOPE_ALLOWANCE) if limit else 0)
+            except TooBig:
+                raise Fatal(EX_UNAVAILABLE, f"{who}: message file too big") from None
+            except OSError as exc:
+                if exc.errno is None:
+                    raise
+                raise Fatal(EX_DATAERR, f"{who}: error reading input: {exc.strerror}") from None
+            if headers is not None:
+                recipients.extend(headers.finish())
+            if not recipients:
+                raise Fatal(EX_USAGE, f"{who}: No recipient addresses found in message header"
+                            if o.extract else
+                            f"{who}: Recipient addresses must be specified on"
+                            " the command line or via the -t option")
+            env = self.envelope(sender, recipients)
+            try:
+                writer.finish(env)
+            except OSError as exc:
+                raise Fatal(EX_TEMPFAIL, f"{who}: error writing queue file: {exc.strerror}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        poke_pickup(self.queue_directory)
+        return EX_OK
+
+    def verify(self) -> int:
+        """-bv: syntax and resolution of each recipient, printed (see module doc)."""
+        from postwell.policy import AddressResolver
+        recipients = self.command_line_recipients()
+        if not recipients:
+            sender = self.sender_address()
+            raise Fatal(EX_USAGE, f"{self.ident(sender)}: Recipient addresses must be specified on"
+                                  " the command line or via the -t option")
+        resolver = AddressResolver(self.config)
+        bad = 0
+        for rcpt in recipients:
+            text = _verify_one(resolver, rcpt)
+            if not text.startswith("deliverable"):
+                bad += 1
+            sys.stdout.write(f"<{rcpt}>: {text}\n")
+        sys.stdout.flush()
+        return EX_NOUSER if bad else EX_OK
+
+
+# Room kept under message_size_limit for what pickup adds (Received: header,
+# envelope), so a message accepted here is not refused by cleanup later.
+ENVELOPE_ALLOWANCE = 1024
+
+
+def _verify_one(resolver, rcpt: str) -> str:
+    if len(rcpt) > 320 or re.search(r"[\x00-\x20\x7f]", rcpt) or rcpt.count("@") > 1 \
+            or rcpt.startswith("@") or rcpt.endswith("@"):
+        return "undeliverable: bad address syntax"
+    try:
+        r = resolver.resolve(rcpt)
+    except Exception as exc:
+        return f"undeliverable: address resolution failed: {exc}"
+    if getattr(r, "error", False) or not r.transport or r.transport == "error":
+        reason = r.nexthop or "address resolution failed"
+        return f"undeliverable: {reason}"
+    return (f"deliverable: address class {r.address_class}, transport {r.transport}, "
+            f"nexthop {r.nexthop or '(none)'}, recipient <{r.recipient}>")
+
+
+# --------------------------------------------------------------------------- sendmail -bs
+
+class _CrlfToLf:
+    """Streams SMTP data lines (CRLF) into stored form (LF); a CR that ends a
+    chunk waits for the next one."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self._cr = False
+
+    def feed(self, data: bytes) -> None:
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._cr = True
+        if data:
+            self.sink(data.replace(b"\r\n", b"\n"))
+
+    def close(self) -> None:
+        if self._cr:
+            self.sink(b"\r")
+            self._cr = False
+
+
+def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
+    """sendmail -bs: an SMTP session on stdin/stdout driven by the sans-IO
+    server engine; each accepted message goes into the maildrop like any
+    other submission.  The client is "localhost[127.0.0.1]", as Postfix's
+    stand-alone smtpd calls a client that is not on a socket."""
+    from postwell.cleanup.service import mail_date
+    from postwell.pickup import MaildropEnvelope, poke_pickup
+    from postwell.smtp import server as eng
+    from postwell.smtp.reply import Reply
+
+    cfg = sm.config
+    limit = sm.size_limit()
+    conn = eng.ServerConnection(eng.ServerConfig.from_config(cfg, starttls_offered=False, auth_mechanisms=()),
+                                client="localhost[127.0.0.1]")
+    banner = cfg.get("smtpd_banner") or f"{cfg.get('myhostname')} ESMTP {cfg.get('mail_name')}"
+    conn.send_greeting(Reply(220, banner))
+    hostname = cfg.get("myhostname") or "localhost"
+    mail_name = cfg.get("mail_name") or "postwell"
+    state = {"mail": None, "rcpts": [], "writer": None, "conv": None}
+    write_error = Reply(451, "Error: queue file write error", "4.3.0")
+
+    def drop_writer() -> None:
+        w = state["writer"]
+        if w is not None:
+            w.abort()
+        state["writer"] = None
+        state["conv"] = None
+
+    def reset() -> None:
+        drop_writer()
+        state["mail"] = None
+        state["rcpts"] = []
+
+    def start_data() -> Reply | None:
+        mail = state["mail"]
+        try:
+            w = sm.open_maildrop(mail.sender)
+        except Fatal as f:
+            sm.warn(f.text)
+            return write_error
+        state["writer"] = w
+        state["conv"] = _CrlfToLf(w.write)
+        helo = conn.helo_name or "localhost"
+        proto = "ESMTP" if conn.esmtp else "SMTP"
+        w.write((f"Received: from {helo} (localhost [127.0.0.1])\n"
+                 f"\tby {hostname} ({mail_name}) with {proto};\n"
+                 f"\t{mail_date(time.time())}\n").encode("utf-8", "surrogateescape"))
+        return None
+
+    def end_data(ev) -> Reply:
+        w, conv = state["writer"], state["conv"]
+        if w is None:
+            return write_error
+        if ev.too_big or (limit and w.content_size > max(0, limit - ENVELOPE_ALLOWANCE)):
+            drop_writer()
+            return Reply(552, "Error: message file too big", "5.3.4")
+        conv.close()
+        mail = state["mail"]
+        env = MaildropEnvelope(sender=mail.sender, recipients=[r.recipient for r in state["rcpts"]],
+                               submit_time=time.time(), notify=None, ret=mail.ret, envid=mail.envid,
+                               body=mail.body if mail.body in ("7BIT", "8BITMIME") else None,
+                               protocol="ESMTP" if conn.esmtp else "SMTP", helo=conn.helo_name)
+        notifies = {r.notify for r in state["rcpts"]}
+        if len(notifies) == 1:
+            env.notify = notifies.pop()
+        try:
+            w.finish(env)
+        except OSError as exc:
+            sm.warn(f"{sm.ident(mail.sender)}: error writing queue file: {exc.strerror}")
+            drop_writer()
+            return write_error
+        state["writer"] = None
+        poke_pickup(sm.queue_directory)
+        return Reply(250, "Ok: queued", "2.0.0")
+
+    def flush() -> None:
+        out = conn.data_to_send()
+        while out:
+            n = os.write(outfd, out)
+            out = out[n:]
+
+    try:
+        while True:
+            ev = conn.next_event()
+            if ev is eng.NEED_DATA:
+                flush()
+                if conn.closed:
+                    break
+                try:
+                    data = os.read(infd, READ_CHUNK)
+                except OSError:
+                    data = b""
+                conn.receive_data(data)
+                continue
+            if ev is eng.PAUSED:
+                raise RuntimeError("SMTP engine paused without a pending event")
+            if isinstance(ev, eng.ConnectionClosed):
+                break
+            if isinstance(ev, eng.Mail):
+                reset()
+                state["mail"] = ev
+                conn.send_reply(None)
+            elif isinstance(ev, eng.Rcpt):
+                state["rcpts"].append(ev)
+                conn.send_reply(None)
+            elif isinstance(ev, (eng.Data, eng.Bdat)):
+                reply = start_data()
+                if reply is not None:
+                    conn.send_reply(reply)
+                else:
+                    conn.send_reply(None)
+            elif isinstance(ev, eng.DataChunk):
+                if state["conv"] is not None:
+                    state["conv"].feed(ev.data)
+            elif isinstance(ev, eng.DataEnd):
+                reply = end_data(ev)
+                state["mail"] = None
+                state["rcpts"] = []
+                conn.send_reply(reply)
+            elif isinstance(ev, (eng.Rset, eng.Helo, eng.Ehlo)):
+                reset()
+                if ev.needs_reply:
+                    conn.send_reply(None)
+            elif isinstance(ev, (eng.Warning, eng.Info)):
+                sm._log("warning" if isinstance(ev, eng.Warning) else "info", ev.text)
+            elif getattr(ev, "needs_reply", False):
+                if isinstance(ev, (eng.StartTls, eng.Auth, eng.AuthResponse)):
+                    conn.send_reply(Reply(502, "Error: command not implemented", "5.5.1"))
+                else:
+                    conn.send_reply(None)
+        flush()
+    except BrokenPipeError:
+        pass
+    finally:
+        reset()
+    return EX_OK
+
+
+def submit_denied(config, uid: int) -> str | None:
+    """authorized_submit_users: None when uid may submit, else its login name
+    (or the uid as text).  Supports static:anyone, user names, !name and
+    lookup tables (a table hit means allowed, as in Postfix's check_user_acl)."""
+    spec = config.get("authorized_submit_users") if config.raw("authorized_submit_users") is not None \
+        else "static:anyone"
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    items = [x for x in re.split(r"[,\s]+", spec or "") if x]
+    if not items:
+        return name
+    for item in items:
+        neg = item.startswith("!")
+        if neg:
+            item = item[1:]
+        if item == "static:anyone":
+            return name if neg else None
+        if ":" in item and not item.startswith("/"):
+            try:
+                from postwell.tables import open_table
+                hit = open_table(item, config).lookup(name) is not None
+            except Exception:
+                hit = False
+        else:
+            hit = item == name
+        if hit:
+            return name if neg else None
+    return name
+
+
+def newaliases(config, alias_database: str | None = None, warn=None) -> int:
+    """Build every indexed alias_database entry with the tables package's builder."""
+    if alias_database is not None:
+        config = config.override({"alias_database": alias_database})
+    if not (config.get("alias_database") or "").strip():
+        return EX_OK
+    from postwell import tables
+    try:
+        tables.newaliases_build(config, warn=warn)
+    except Exception as exc:
+        raise Fatal(EX_UNAVAILABLE, str(exc)) from None
+    return EX_OK
+
+
+def _open_log(config):
+    from postwell.log import MailLog
+    try:
+        return MailLog.from_config(config, "sendmail")
+    except OSError:
+        return None   # maillog_file belongs to mail_owner: stderr has to do
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    if prog is None:
+        prog = os.path.basename(sys.argv[0] or "sendmail") or "sendmail"
+        if prog not in ("sendmail", "mailq", "newaliases"):
+            prog = "sendmail"
+    args = sys.argv[1:] if argv is None else argv
+    os.umask(0o022)
+    log = None
+    try:
+        try:
+            opts = parse_args(args, prog)
+        except Fatal as f:
+            if isinstance(f.__cause__, _UsageHint):
+                sys.stderr.write(f"{f.__cause__}\n")
+            raise
+        from postwell.config import load_config
+        try:
+            config = load_config(opts.config_dir or os.environ.get("MAIL_CONFIG") or None)
+        except Exception as exc:
+            raise Fatal(EX_UNAVAILABLE, str(exc)) from None
+        log = _open_log(config)
+        return Sendmail(prog, opts, config, log).run()
+    except Fatal as f:
+        sys.stderr.write(f"{prog}: fatal: {f.text}\n")
+        if log is not None:
+            try:
+                log.fatal(f.text)
+            except Exception:
+                pass
+        return f.status
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+
+
+def newaliases_main(argv: list[str] | None = None) -> int:
+    return main(argv, prog="newaliases")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,885 @@
+"""local(8): delivery to the users of the local domains (mydestination).
+
+For each recipient, in Postfix's order: alias_maps (recursively, lists,
+``:include:``, ``|command``, ``/file``, owner-aliases), the user's
+~/.forward (forward_path), the mailbox (mailbox_command, home_mailbox
+Maildir or mbox, else $mail_spool_directory/USER), then luser_relay, else
+``unknown user``.  Addresses that leave the local user set are re-injected
+as one NEW queue file through cleanup ("forwarded as NEWID"); local ones are
+delivered in the same run, keeping the original recipient.
+
+Every user path is opened and every command run in a child process that
+has become the responsible user first (local_exec.run_as).  An agent that
+is not root either asks the root helper (local_helper) or, without one,
+delivers only as its own uid and defers the rest with a clear reason.
+
+The qmgr contract is one RecipientResult per request recipient.  Because
+one recipient may expand into several deliveries (each of which Postfix
+logs on its own line), the result also carries ``expanded``: the list of
+per-destination RecipientResults (``recipient.address`` = final address,
+``recipient.orig`` = the original one).  The aggregate status is
+"deferred" if any part deferred, else "bounced" if any part bounced, else
+"sent"; a qmgr that knows ``expanded`` should log and bounce-log those
+instead of the aggregate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import re
+import socket
+import time
+from dataclasses import dataclass, field, replace
+
+from .base import DeliveryAgent, DeliveryRequest, Recipient, RecipientResult, iter_lines, split_map_list
+from .local_exec import (
+    Identity, LocalCopy, NeedRoot, op_command, op_file, op_mailbox, op_read_file, run_as,
+)
+from .virtual import delivered_to_headers
+
+try:
+    from postwell.config.registry import register_implemented as _register
+except ImportError:  # pragma: no cover
+    def _register(*names):
+        pass
+_register("alias_maps", "forward_path", "home_mailbox", "mail_spool_directory", "mailbox_command",
+          "mailbox_command_maps", "mailbox_size_limit", "mailbox_delivery_lock", "luser_relay",
+          "allow_mail_to_commands", "allow_mail_to_files", "default_privs",
+          "propagate_unmatched_extensions", "enable_original_recipient", "prepend_delivered_header",
+          "owner_request_special", "expand_owner_alias", "command_time_limit", "local_command_shell",
+          "export_environment", "command_expansion_filter", "forward_expansion_filter",
+          "command_execution_directory", "strict_mailbox_ownership", "duplicate_filter_limit",
+          "frozen_delivered_to", "recipient_delimiter")
+
+RELAY = "local"
+MAX_LEVEL = 100          # Postfix's nesting limit ("possible alias database loop")
+MAX_NODES = 10000        # total expansion work per recipient: bounded CPU for any alias graph
+DEFAULT_PATH = "/usr/bin:/bin"
+
+
+@dataclass
+class Leaf:
+    """One final destination of a recipient's expansion."""
+    address: str
+    orig: str
+    status: str = "sent"
+    dsn: str = "2.0.0"
+    reason: str = ""
+    forward_sender: str | None = None     # not None: still to be re-injected with this sender
+    delivered: str | None = None          # Delivered-To for the forwarded copy
+
+    def to_json(self) -> list:
+        return [self.address, self.orig, self.status, self.dsn, self.reason,
+                self.forward_sender, self.delivered]
+
+    @classmethod
+    def from_json(cls, v) -> "Leaf":
+        return cls(*[x if x is None else str(x) for x in v[:7]])
+
+
+@dataclass
+class Branch:
+    """Postfix's msg_attr/usr_attr for one step of the expansion."""
+    address: str
+    orig: str
+    delivered: str
+    level: int = 0
+    exp_type: str | None = None      # None (top), "alias", "forward", "include"
+    exp_from: str | None = None      # alias/user being expanded (self-reference check)
+    owner: str | None = None         # set: addresses go out in a new queue file, errors to owner
+    ident: Identity | None = None    # rights for |command and /file (None: default_privs)
+    unmatched: str | None = None     # extension to propagate (propagate_unmatched_extensions)
+    sender: str = ""
+
+    def child(self, **kw) -> "Branch":
+        kw.setdefault("level", self.level + 1)
+        return replace(self, **kw)
+
+
+class DeferAll(Exception):
+    """A temporary problem that stops this recipient's expansion (table trouble)."""
+
+    def __init__(self, dsn, reason):
+        super().__init__(reason)
+        self.dsn, self.reason = dsn, reason
+
+
+# ---------------------------------------------------------------- parsing
+
+def split_tokens(text: str) -> list[str]:
+    """Split an alias value or .forward line into destinations (commas
+    outside quotes, <> and comments); a fully quoted item loses its quotes."""
+    out, cur, quote, depth, paren = [], [], False, 0, 0
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\" and i + 1 < len(text):
+                cur.append(text[i:i + 2])
+                i += 2
+                continue
+            if c == '"':
+                quote = False
+        elif paren:
+            paren += {"(": 1, ")": -1}.get(c, 0)
+            i += 1
+            continue
+        elif c == '"':
+            quote = True
+        elif c == "(" and not (cur and "".join(cur).lstrip().startswith(("|", "/"))):
+            paren = 1
+            i += 1
+            continue
+        elif c == "<":
+            depth += 1
+        elif c == ">" and depth:
+            depth -= 1
+        elif c == "," and not depth:
+            out.append("".join(cur))
+            cur = []
+            i += 1
+            continue
+        cur.append(c)
+        i += 1
+    out.append("".join(cur))
+    tokens = []
+    for t in out:
+        t = t.strip()
+        if not t:
+            continue
+        if len(t) >= 2 and t[0] == '"' and t[-1] == '"' and '"' not in _unescape(t[1:-1], keep=True):
+            t = _unescape(t[1:-1])
+        elif not t.startswith(("|", "/", ":include:")) and "<" in t and t.endswith(">"):
+            t = t[t.rindex("<") + 1:-1].strip()
+        tokens.append(t)
+    return tokens
+
+
+def _unescape(s: str, keep: bool = False) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s):
+            out.append("" if keep else s[i + 1])
+            i += 2
+            continue
+        out.append(s[i])
+        i += 1
+    return "".join(out)
+
+
+_MACRO = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:([?:])(\{[^{}]*\}(?::\{[^{}]*\})?|[^}]*))?\}"
+                    r"|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_template(template: str, attrs: dict[str, str | None], allowed: str):
+    """local_expand(): $name, ${name}, ${name?value}, ${name:value},
+    ${name?{a}:{b}}.  Returns (text, undefined_used, names_used); values are
+    filtered (characters outside ``allowed`` become "_")."""
+    undefined = False
+    used: set[str] = set()
+
+    def clean(v: str) -> str:
+        return "".join(c if c in allowed else "_" for c in v)
+
+    def sub(m):
+        nonlocal undefined
+        name = m.group(1) or m.group(4)
+        value = attrs.get(name)
+        defined = bool(value)
+        op, arg = m.group(2), m.group(3)
+        if op is None:
+            if not defined:
+                undefined = True
+                return ""
+            used.add(name)
+            return clean(value)
+        a, b = arg, ""
+        if arg.startswith("{"):
+            parts = re.fullmatch(r"\{([^{}]*)\}(?::\{([^{}]*)\})?", arg)
+            if parts:
+                a, b = parts.group(1), parts.group(2) or ""
+        if op == "?":
+            if defined:
+                used.add(name)
+            return a if defined else b
+        return a if not defined else ""
+
+    return _MACRO.sub(sub, template), undefined, used
+
+
+# ---------------------------------------------------------------- settings
+
+class Settings:
+    def __init__(self, config):
+        g = config.get
+        self.config = config
+        self.transport_default = "local"
+        self.alias_specs = split_map_list(g("alias_maps"))
+        self.forward_path = split_map_list(g("forward_path"))
+        self.delimiter = g("recipient_delimiter") or ""
+        self.propagate = {x.lower() for x in config.get_list("propagate_unmatched_extensions")}
+        self.luser_relay = g("luser_relay")
+        self.home_mailbox = g("home_mailbox")
+        self.spool = g("mail_spool_directory")
+        self.mailbox_command = g("mailbox_command")
+        self.mailbox_command_maps = split_map_list(g("mailbox_command_maps"))
+        self.size_limit = config.get_int("mailbox_size_limit")
+        self.lock_methods = [m.lower() for m in config.get_list("mailbox_delivery_lock")]
+        self.allow_commands = {x.lower() for x in config.get_list("allow_mail_to_commands")}
+        self.allow_files = {x.lower() for x in config.get_list("allow_mail_to_files")}
+        self.default_privs = g("default_privs")
+        self.original_recipient = config.get_bool("enable_original_recipient")
+        self.delivered_hdr = {x.lower() for x in config.get_list("prepend_delivered_header")}
+        self.owner_special = config.get_bool("owner_request_special")
+        self.expand_owner = config.get_bool("expand_owner_alias")
+        self.time_limit = config.get_time("command_time_limit")
+        self.shell = g("local_command_shell")
+        self.export_env = config.get_list("export_environment")
+        self.cmd_filter = g("command_expansion_filter")
+        self.fwd_filter = g("forward_expansion_filter")
+        self.exec_dir = g("command_execution_directory")
+        self.exec_dir_filter = g("execution_directory_expansion_filter")
+        self.strict_owner = config.get_bool("strict_mailbox_ownership")
+        self.dup_limit = config.get_int("duplicate_filter_limit")
+        self.myorigin = g("myorigin") or g("myhostname")
+        self.queue_directory = g("queue_directory")
+        self.hostname = socket.gethostname() or g("myhostname")
+        message_limit = config.get_int("message_size_limit")
+        if self.size_limit and message_limit and self.size_limit < message_limit:
+            # Same start-up refusal as Postfix's local(8).
+            raise ValueError("main.cf configuration error: mailbox_size_limit is smaller than "
+                             "message_size_limit")
+
+
+class AliasMaps:
+    """alias_maps, opened once; each table with its owner uid (dict_owner)."""
+
+    def __init__(self, specs, config, warn):
+        self.tables = []     # (spec, table, owner_uid)
+        self.errors = []
+        from postwell import tables
+        for spec in specs:
+            typ, _, name = spec.partition(":")
+            if typ in ("nis", "nisplus", "netinfo"):
+                continue   # Debian's compiled-in default lists nis:mail.aliases; nothing serves it here
+            if typ == "proxy":   # local(8) opens proxied alias tables directly
+                spec = name
+                typ, _, name = spec.partition(":")
+            try:
+                t = tables.open_table(spec, config)
+            except Exception as exc:
+                warn(f"{spec}: {exc}")
+                self.errors.append(spec)
+                continue
+            self.tables.append((spec, t, self._owner(typ, name)))
+
+    @staticmethod
+    def _owner(typ: str, name: str) -> int:
+        if typ in ("inline", "static", "unix"):
+            return 0
+        for path in (name + ".db", name + ".lmdb", name):
+            try:
+                return os.stat(path).st_uid
+            except OSError:
+                continue
+        return 0
+
+    def lookup(self, key: str):
+        """(value, owner_uid) or None; DeferAll when a table cannot answer."""
+        if self.errors:
+            raise DeferAll("4.3.0", "alias database unavailable")
+        for spec, t, owner in self.tables:
+            try:
+                v = t.lookup(key)
+            except Exception:
+                raise DeferAll("4.3.0", "alias database unavailable")
+            if v is not None:
+                return v, owner
+        return None
+
+
+# ---------------------------------------------------------------- agent
+
+class LocalAgent(DeliveryAgent):
+    """local(8).  ``LocalAgent(config, log=None, clock=time.time, *, store=None,
+    resolver=None, helper_socket=None)``; ``store`` (a QueueStore) is where
+    forwarded mail is re-injected (default: $queue_directory)."""
+
+    name = "local"
+
+    def __init__(self, config, log=None, clock=time.time, *, store=None, resolver=None,
+                 helper_socket: str | None = None):
+        super().__init__(config, log, clock)
+        self.settings = Settings(config)
+        self._store = store
+        self._resolver = resolver
+        self._aliases: AliasMaps | None = None
+        self._cmd_maps = None
+        self.helper_socket = helper_socket
+        self._helper = None
+
+    # -- shared pieces -------------------------------------------------
+    def _warn(self, text: str) -> None:
+        if self.log:
+            self.log.warning(text)
+
+    @property
+    def resolver(self):
+        if self._resolver is None:
+            from postwell.policy.resolve import AddressResolver
+            self._resolver = AddressResolver(self.config)
+        return self._resolver
+
+    @property
+    def aliases(self) -> AliasMaps:
+        if self._aliases is None:
+            self._aliases = AliasMaps(self.settings.alias_specs, self.config, self._warn)
+        return self._aliases
+
+    def command_maps(self):
+        if self._cmd_maps is None and self.settings.mailbox_command_maps:
+            from .base import MapList
+            self._cmd_maps = MapList(self.settings.mailbox_command_maps, self.config)
+        return self._cmd_maps
+
+    @property
+    def store(self):
+        if self._store is None:
+            from postwell.queue import QueueStore
+            self._store = QueueStore(self.settings.queue_directory)
+        return self._store
+
+    def default_identity(self) -> Identity:
+        try:
+            pw = pwd.getpwnam(self.settings.default_privs)
+        except KeyError:
+            raise DeferAll("4.3.0", "mail system configuration error")
+        if pw.pw_uid == 0:
+            raise DeferAll("4.3.0", "mail system configuration error")
+        return Identity.from_pwd(pw)
+
+    # -- the qmgr entry point ------------------------------------------
+    async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        socket_path = self.helper_socket
+        if socket_path is None:
+            from . import local_helper
+            socket_path = local_helper.HELPER_SOCKET
+        loop = asyncio.get_running_loop()
+        if socket_path and os.geteuid() != 0:
+            per_rcpt = await self._expand_via_helper(request, socket_path)
+        else:
+            per_rcpt = await loop.run_in_executor(None, self.expand_request, request)
+        await self._forward(request, per_rcpt)
+        return [self._aggregate(rc, leaves) for rc, leaves in zip(request.recipients, per_rcpt)]
+
+    def expand_request(self, request: DeliveryRequest) -> list[list[Leaf]]:
+        """Blocking: every recipient's deliveries (forwards left pending)."""
+        delivered_to = None
+        out = []
+        for rc in request.recipients:
+            if delivered_to is None:
+                delivered_to = delivered_to_headers(request.open_content)
+            out.append(Expansion(self, request, delivered_to).run(rc))
+        return out
+
+    async def _expand_via_helper(self, request, path) -> list[list[Leaf]]:
+        from .helper import HelperClient
+        if self._helper is None or self._helper.path != path:
+            self._helper = HelperClient(path)
+        try:
+            raw = await self._helper.deliver(request.queue_id, request.sender, request.nexthop,
+                                             request.recipients)
+        except (OSError, ConnectionError, ValueError) as exc:
+            self._warn(f"local delivery helper: {exc}")
+            raw = []
+        out = []
+        for i, rc in enumerate(request.recipients):
+            try:
+                out.append([Leaf.from_json(v) for v in raw[i]])
+            except (IndexError, TypeError, ValueError):
+                out.append([Leaf(rc.address, rc.orig or rc.address, "deferred", "4.3.0",
+                                 "mail system configuration error")])
+        return out
+
+    async def _forward(self, request: DeliveryRequest, per_rcpt: list[list[Leaf]]) -> None:
+        """Re-inject pending forwards: one new queue file per envelope sender."""
+        groups: dict[str, list[Leaf]] = {}
+        for leaves in per_rcpt:
+            for leaf in leaves:
+                if leaf.forward_sender is not None:
+                    groups.setdefault(leaf.forward_sender, []).append(leaf)
+        for sender, leaves in groups.items():
+            try:
+                new_id = await self._inject(request, sender, leaves)
+            except Exception as exc:
+                self._warn(f"{request.queue_id}: cannot forward: {exc}")
+                new_id = None
+            for leaf in leaves:
+                leaf.forward_sender = None
+                if new_id:
+                    leaf.status, leaf.dsn, leaf.reason = "sent", "2.0.0", f"forwarded as {new_id}"
+                else:
+                    leaf.status, leaf.dsn, leaf.reason = ("deferred", "4.3.0",
+                                                          "mail system configuration error")
+
+    async def _inject(self, request, sender, leaves) -> str | None:
+        from postwell.cleanup import Cleanup
+        cleanup = Cleanup(self.config, self.store, self.log or _NoLog())
+        cs = cleanup.open(rewrite_local=False)
+        try:
+            cs.set_sender(sender)
+            seen = set()
+            for leaf in leaves:
+                if leaf.address in seen:
+                    continue
+                seen.add(leaf.address)
+                cs.add_recipient(leaf.address, orig=leaf.orig)
+            delivered = leaves[0].delivered
+            if delivered and "forward" in self.settings.delivered_hdr:
+                # Loop control travels with the copy (local(8) MAIL FORWARDING).
+                cs.write(f"Delivered-To: {delivered.lower()}\n".encode("utf-8", "surrogateescape"))
+            for chunk in request.open_content():
+                cs.write(chunk)
+        except BaseException:
+            cs.abort()
+            raise
+        reply = await cs.finish()
+        if reply.code != 250:
+            self._warn(f"{request.queue_id}: forward rejected by cleanup: {reply.code} {reply.text}"
+                       if hasattr(reply, "text") else f"{request.queue_id}: forward rejected")
+            return None
+        return cs.queue_id
+
+    def _aggregate(self, rc: Recipient, leaves: list[Leaf]) -> RecipientResult:
+        now = self.clock()
+        parts = []
+        for leaf in leaves:
+            r = RecipientResult(Recipient(leaf.address, orig=leaf.orig, orcpt=rc.orcpt,
+                                          notify=rc.notify), leaf.status, leaf.dsn, leaf.reason, RELAY)
+            r.done_time = now
+            parts.append(r)
+        if not parts:   # everything was a duplicate of an earlier delivery
+            res = RecipientResult.sent(rc, "delivered", RELAY)
+        else:
+            pick = next((p for p in parts if p.status == "deferred"), None) \
+                or next((p for p in parts if p.status == "bounced"), None) or parts[0]
+            res = RecipientResult(rc, pick.status, pick.dsn, pick.reason, RELAY)
+        res.done_time = now
+        res.expanded = parts
+        return res
+
+
+class _NoLog:
+    def info(self, *a):
+        pass
+
+    warning = error = fatal = info
+
+
+# ---------------------------------------------------------------- expansion
+
+class Expansion:
+    """One top-level recipient: aliases -> .forward -> mailbox, recursively."""
+
+    def __init__(self, agent: LocalAgent, request: DeliveryRequest, delivered_to: set[str]):
+        self.agent = agent
+        self.s = agent.settings
+        self.request = request
+        self.delivered_to = delivered_to
+        self.leaves: list[Leaf] = []
+        self.seen: set[tuple] = set()
+        self.forward_active: set[str] = set()
+        self.nodes = 0
+
+    # -- helpers -------------------------------------------------------
+    def leaf(self, b: Branch, dsn: str, reason: str) -> None:
+        status = "sent" if dsn[0] == "2" else "bounced" if dsn[0] == "5" else "deferred"
+        self.leaves.append(Leaf(b.address, b.orig, status, dsn, reason))
+
+    def been_here(self, key: tuple) -> bool:
+        if key in self.seen:
+            return True
+        if not self.s.dup_limit or len(self.seen) < self.s.dup_limit:
+            self.seen.add(key)
+        return False
+
+    def split(self, address: str):
+        local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
+        local_l = local.lower()
+        user, ext = local_l, None
+        delim = self.s.delimiter
+        if delim:
+            idx = min((i for i in (local_l.find(c) for c in delim) if i > 0), default=-1)
+            if idx > 0:
+                special = self.s.owner_special and "-" in delim and (
+                    local_l.startswith("owner-") or local_l.endswith("-request"))
+                if not special:
+                    user, ext = local_l[:idx], local_l[idx + 1:]
+        return local_l, user, ext, domain
+
+    def run(self, rc: Recipient) -> list[Leaf]:
+        address = rc.address
+        top = Branch(address=address, orig=rc.orig or address, delivered=address,
+                     sender=self.request.sender)
+        try:
+            if address.lower() in self.delivered_to:
+                # local(8) MAIL FORWARDING: our own Delivered-To is already there.
+                self.leaf(top, "5.4.6", f"mail forwarding loop for {address}")
+            else:
+                self.recipient(top)
+        except DeferAll as exc:
+            self.leaves = [l for l in self.leaves if l.forward_sender is None and l.status != "sent"]
+            self.leaves.append(Leaf(address, top.orig, "deferred", exc.dsn, exc.reason))
+        return self.leaves
+
+    # -- the recipient switch -------------------------------------------
+    def recipient(self, b: Branch, mailbox_only: bool = False) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise DeferAll("5.4.6", f"possible alias database loop for {b.address}")
+        local_l, user, ext, domain = self.split(b.address)
+        if b.level > MAX_LEVEL:
+            self._warn(f"possible alias database loop for {local_l}")
+            self.leaf(b, "5.4.6", f"possible alias database loop for {local_l}")
+            return
+        if not mailbox_only:
+            if self.alias(b, local_l, None):
+                return
+            if ext is not None and self.alias(b, user, ext):
+                return
+            if self.dotforward(b, user, ext, domain):
+                return
+        if self.mailbox(b, user, ext, domain):
+            return
+        if self.s.luser_relay:
+            attrs = self._attrs(b, user, ext, domain, None)
+            target, _, _ = expand_template(self.s.luser_relay, attrs, self.s.cmd_filter + "@")
+            if target:
+                self.address(b.child(), target)
+                return
+        self.leaf(b, "5.1.1", f'unknown user: "{user}"')
+
+    def _warn(self, text):
+        self.agent._warn(text)
+
+    # -- aliases ---------------------------------------------------------
+    def alias(self, b: Branch, name: str, unmatched: str | None) -> bool:
+        if b.exp_from is not None and b.exp_from.lower() == name:
+            return False   # an alias that lists itself means the user
+        found = self.agent.aliases.lookup(name)
+        if found is None:
+            if name in ("mailer-daemon", "postmaster"):
+                self._warn(f"required alias not found: {name}")
+                self.leaf(b, "2.0.0", "discarded")
+                return True
+            return False
+        value, owner_uid = found
+        ident = None
+        if owner_uid != 0:
+            try:
+                ident = Identity.from_pwd(pwd.getpwuid(owner_uid))
+            except KeyError:
+                self._warn("cannot find alias database owner")
+                self.leaf(b, "4.3.0", "cannot find alias database owner")
+                return True
+        owner = None
+        sender = b.sender
+        if self.s.owner_special and not name.startswith("owner-"):
+            got = self.agent.aliases.lookup("owner-" + name)
+            if got is not None:
+                owner = got[0] if self.s.expand_owner else "owner-" + name
+                if "@" not in owner:
+                    owner = f"{owner}@{self.s.myorigin}"
+                sender = owner
+        prop = unmatched if "alias" in self.s.propagate else None
+        child = b.child(exp_type="alias", exp_from=name, ident=ident, owner=owner, sender=sender,
+                        unmatched=prop)
+        self.tokens(child, split_tokens(value))
+        return True
+
+    # -- tokens ----------------------------------------------------------
+    def tokens(self, b: Branch, items: list[str]) -> int:
+        count = 0
+        for tok in items:
+            count += 1
+            if tok.startswith("|"):
+                self.command_token(b, tok[1:].strip())
+            elif tok.lower().startswith(":include:"):
+                self.include(b, tok[9:].strip())
+            elif tok.startswith("/"):
+                self.file_token(b, tok)
+            elif tok.startswith("\\"):
+                # \user: that user's own mailbox, no alias or .forward expansion.
+                self.address(b, tok[1:], mailbox_only=True)
+            else:
+                self.address(b, tok)
+        return count
+
+    def _ident_for(self, b: Branch) -> Identity:
+        ident = b.ident
+        if ident is None or ident.uid == 0:
+            return self.agent.default_identity()
+        return ident
+
+    def command_token(self, b: Branch, command: str) -> None:
+        if (b.exp_type or "") not in self.s.allow_commands:
+            self.leaf(b, "5.7.1", "mail to command is restricted")
+            return
+        ident = self._ident_for(b)
+        if self.been_here(("command", ident.uid, command)):
+            return
+        self.run_command(b, ident, command)
+
+    def file_token(self, b: Branch, path: str) -> None:
+        if (b.exp_type or "") not in self.s.allow_files:
+            self.leaf(b, "5.7.1", "mail to file is restricted")
+            return
+        ident = self._ident_for(b)
+        if self.been_here(("file", path)):
+            return
+        copy = self._copy(b, path, path.endswith("/"), "file")
+        copy.lock_methods = [m for m in self.s.lock_methods if m != "dotlock"]
+        self._do(b, ident, op_file, copy, self.request.open_content)
+
+    def include(self, b: Branch, path: str) -> None:
+        if not path.startswith("/"):
+            self.leaf(b, "5.3.5", f":include: path must be absolute: {path}")
+            return
+        if self.been_here(("include", b.level, path)):
+            return
+        reader = b.ident if b.ident is not None else Identity(0, 0, "root")
+        res = self._call(reader, op_read_file, path, reader.uid, "include")
+        if "error" in res or "defer" in res:
+            self.leaf(b, "4.3.0", res.get("defer") or res["error"])
+            return
+        if res.get("missing"):
+            self.leaf(b, "5.3.5", f"unable to lookup include file {path}: No such file or directory")
+            return
+        if "bounce" in res:
+            self.leaf(b, "5.3.5", res["bounce"])
+            return
+        owner_uid = res.get("owner", 0)
+        ident, owner = b.ident, b.owner
+        if owner_uid != 0:
+            # Deliveries on behalf of a user's include file use that user's rights,
+            # never the alias owner's or default_privs (alias.c DELIVERY RIGHTS).
+            try:
+                pw = pwd.getpwuid(owner_uid)
+            except KeyError:
+                self.leaf(b, "4.3.0", "cannot find include file owner")
+                return
+            ident = Identity.from_pwd(pw)
+            if owner is None:
+                owner = f"{pw.pw_name}@{self.s.myorigin}"
+        items = []
+        for line in res["text"].splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                items.extend(split_tokens(line))
+        self.tokens(b.child(exp_type="include", ident=ident, owner=owner,
+                            sender=owner or b.sender), items)
+
+    # -- addresses ---------------------------------------------------------
+    def address(self, b: Branch, addr: str, mailbox_only: bool = False) -> None:
+        addr = addr.strip()
+        if not addr:
+            return
+        if "@" not in addr:
+            addr = f"{addr}@{self.s.myorigin}"
+        if b.unmatched and self.s.delimiter:
+            local, _, domain = addr.rpartition("@")
+            if self.s.delimiter[0] not in local:
+                addr = f"{local}{self.s.delimiter[0]}{b.unmatched}@{domain}"
+        try:
+            res = self.agent.resolver.resolve(addr)
+        except Exception:
+            raise DeferAll("4.3.0", "address resolver failure")
+        if getattr(res, "failed", False):
+            raise DeferAll("4.3.0", "address resolver failure")
+        target = getattr(res, "recipient", None) or addr
+        mine = res.transport == (self.request.transport or "local") and \
+            (res.nexthop or "").lower() == (self.request.nexthop or res.nexthop or "").lower()
+        local_l, user, ext, domain = self.split(target)
+        self_ref = mine and b.exp_from is not None and user == b.exp_from.lower()
+        if mine and (self_ref or mailbox_only):
+            # The user in her own alias/.forward, or "\user": straight to the mailbox.
+            self.recipient(b.child(address=target, unmatched=None), mailbox_only=True)
+            return
+        if mine and b.owner is None and b.exp_type != "include":
+            self.recipient(b.child(address=target, exp_type=b.exp_type, unmatched=None))
+            return
+        if self.been_here(("forward", target.lower(), b.sender)):
+            return
+        self.leaves.append(Leaf(target, b.orig, "deferred", "4.3.0", "forward pending",
+                                forward_sender=b.sender, delivered=b.delivered))
+
+    # -- .forward -------------------------------------------------------
+    def dotforward(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return False
+        ident = Identity.from_pwd(pw)
+        attrs = self._attrs(b, user, ext, domain, pw)
+        for template in self.s.forward_path:
+            path, undefined, used = expand_template(template, attrs, self.s.fwd_filter)
+            if undefined or not path:
+                continue
+            if path in self.forward_active:
+                return False      # recursion into the same .forward: deliver to the mailbox
+            res = self._call(ident, op_read_file, path, pw.pw_uid, "forward")
+            if "error" in res:
+                raise DeferAll("4.3.0", res["error"])
+            if res.get("missing"):
+                continue
+            if "warn" in res:
+                self._warn(res["warn"])
+                return False
+            items = []
+            for line in res["text"].splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    items.extend(split_tokens(line))
+            if not items:
+                return False       # an empty .forward means: no forwarding
+            unmatched = ext if (ext and "extension" not in used and "forward" in self.s.propagate) else None
+            self.forward_active.add(path)
+            try:
+                self.tokens(b.child(exp_type="forward", exp_from=user, ident=ident, owner=user,
+                                    unmatched=unmatched), items)
+            finally:
+                self.forward_active.discard(path)
+            return True
+        return False
+
+    # -- mailbox -------------------------------------------------------
+    def mailbox(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return False
+        if self.been_here(("mailbox", user)):
+            return True
+        ident = Identity.from_pwd(pw)
+        command = None
+        maps = self.agent.command_maps()
+        if maps:
+            try:
+                command = maps.lookup(user)
+            except Exception:
+                raise DeferAll("4.3.0", "mailbox_command_maps lookup failure")
+        command = command or self.s.mailbox_command
+        if command:
+            # As root the command runs as default_privs (local(8) MAILBOX DELIVERY).
+            run_ident = ident if ident.uid != 0 else self.agent.default_identity()
+            self.run_command(b, run_ident, command, pw=pw)
+            return True
+        chown_to = None
+        if self.s.home_mailbox:
+            path = os.path.join(pw.pw_dir, self.s.home_mailbox)
+            maildir = self.s.home_mailbox.endswith("/")
+            act = ident
+        else:
+            maildir = self.s.spool.endswith("/")
+            path = os.path.join(self.s.spool, user) + ("/" if maildir else "")
+            act = ident
+            try:
+                st = os.stat(self.s.spool)
+            except OSError:
+                st = None
+            if st is not None and not maildir and not st.st_mode & 0o002:
+                if st.st_mode & 0o020:
+                    # Group-writable spool (Debian: root:mail 2775): the user with the spool group.
+                    act = Identity(ident.uid, st.st_gid, ident.name, ident.home, ident.shell)
+                elif ident.uid != 0:
+                    # Root-only spool: create as root, chown, as Postfix does.
+                    act = Identity(0, 0, "root")
+                    chown_to = (ident.uid, ident.gid)
+        copy = self._copy(b, path, maildir, "file")
+        self._do(b, act, op_mailbox, copy, user, ident.uid, self.s.strict_owner, chown_to,
+                 self.request.open_content)
+        return True
+
+    # -- doing things --------------------------------------------------
+    def _copy(self, b: Branch, path: str, maildir: bool, kind: str) -> LocalCopy:
+        return LocalCopy(path=path, maildir=maildir, sender=self.request.sender, recipient=b.address,
+                         orig=b.orig, delivered=b.delivered, limit=self.s.size_limit,
+                         lock_methods=self.s.lock_methods, hostname=self.s.hostname,
+                         want_orig=self.s.original_recipient,
+                         want_delivered=kind in self.s.delivered_hdr)
+
+    def _call(self, ident: Identity, func, *args) -> dict:
+        try:
+            return run_as(ident, func, *args)
+        except NeedRoot as exc:
+            return {"error": str(exc)}
+
+    def _do(self, b: Branch, ident: Identity, func, *args) -> None:
+        try:
+            res = run_as(ident, func, *args)
+        except NeedRoot as exc:
+            self.leaf(b, "4.3.0", f"mail system configuration error: {exc}")
+            return
+        if "error" in res:
+            self.leaf(b, "4.3.0", f"local delivery failed: {res['error']}")
+            return
+        self.leaves.append(Leaf(b.address, b.orig, res["status"], res["dsn"], res["reason"]))
+
+    def _attrs(self, b: Branch, user, ext, domain, pw) -> dict:
+        local = b.address.rpartition("@")[0] if "@" in b.address else b.address
+        return {"user": user, "home": pw.pw_dir if pw else None, "shell": pw.pw_shell if pw else None,
+                "recipient": b.address, "extension": ext, "domain": domain, "local": local,
+                "recipient_delimiter": self.s.delimiter[:1] if self.s.delimiter else None}
+
+    def run_command(self, b: Branch, ident: Identity, command: str, pw=None) -> None:
+        local_l, user, ext, domain = self.split(b.address)
+        f = self.s.cmd_filter
+
+        def clean(v):
+            return "".join(c if c in f else "_" for c in (v or ""))
+
+        env = {"PATH": DEFAULT_PATH}
+        for name in self.s.export_env:
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env.update({
+            "HOME": ident.home, "USER": ident.name if pw is None else user,
+            "LOGNAME": ident.name if pw is None else user, "SHELL": ident.shell,
+            "SENDER": clean(self.request.sender), "RECIPIENT": clean(b.address),
+            "LOCAL": clean(b.address.rpartition("@")[0] if "@" in b.address else b.address),
+            "DOMAIN": clean(domain), "ORIGINAL_RECIPIENT": clean(b.orig),
+        })
+        if pw is not None:
+            env["HOME"], env["SHELL"] = pw.pw_dir, pw.pw_shell
+        if ext:
+            env["EXTENSION"] = clean(ext)
+        attrs = self.request.attributes or {}
+        for key, var in (("client_address", "CLIENT_ADDRESS"), ("helo_name", "CLIENT_HELO"),
+                         ("client_name", "CLIENT_HOSTNAME"), ("protocol", "CLIENT_PROTOCOL"),
+                         ("sasl_method", "SASL_METHOD"), ("sasl_sender", "SASL_SENDER"),
+                         ("sasl_username", "SASL_USERNAME")):
+            if attrs.get(key):
+                env[var] = clean(str(attrs[key]))
+        cwd = "/"
+        if self.s.exec_dir:
+            cwd, undefined, _ = expand_template(self.s.exec_dir,
+                                                self._attrs(b, user, ext, domain, pw),
+                                                self.s.exec_dir_filter)
+        elif self.s.queue_directory and os.path.isdir(self.s.queue_directory):
+            cwd = self.s.queue_directory
+        copy = self._copy(b, "", False, "command")
+        self._do(b, ident, _command_in_dir, command, env, cwd, self.s.time_limit, self.s.shell,
+                 copy, self.request.open_content, bool(self.s.exec_dir))
+
+
+def _command_in_dir(command, env, cwd, time_limit, shell, copy, open_content, strict_cwd):
+    """Runs in the user's child: the working directory must be reachable as the user."""
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        if strict_cwd:
+            return {"status": "deferred", "dsn": "4.3.0",
+                    "reason": f"mail system configuration error: cannot change directory to {cwd}: "
+                              f"{exc.strerror}"}
+        cwd = "/"
+    return op_command(command, env, cwd, time_limit, shell, copy, open_content)

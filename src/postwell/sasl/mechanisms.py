@@ -1,0 +1,395 @@
+"""SASL mechanisms run inside postwell against a password back end.
+
+Used by the cyrus (sasldb, saslauthd) and postwell (passwd file) back ends;
+Dovecot runs its own mechanisms.  Failure texts are Cyrus SASL's
+``sasl_errstring()`` words, which Postfix puts into its 535 reply, so a client
+sees the same text as from Postfix with Cyrus.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import time
+from dataclasses import dataclass
+
+from .base import (Challenge, Failure, SaslExchange, SaslStep, Success,
+                   RESPONSE_LIMIT_FAILURE)
+
+# Cyrus SASL error strings (sasl_errstring) as Postfix reports them.
+BADAUTH = "authentication failure"          # SASL_BADAUTH, also SASL_NOUSER (privacy)
+BADPROT = "bad protocol / cancel"           # SASL_BADPROT
+CONTINUE = "another step is needed in authentication"   # SASL_CONTINUE
+NOMECH = "no mechanism available"           # SASL_NOMECH
+GENERIC = "generic failure"                 # SASL_FAIL (temporary)
+UNAVAIL = "remote authentication server unavailable"   # SASL_UNAVAIL (temporary)
+NOAUTHZ = "authorization failure"           # SASL_NOAUTHZ
+
+SCRAM_ITERATIONS = 4096      # RFC 7677 4: at least 4096 for SHA-256
+_MAX_FIELD = 1024            # longest user name / password we consider
+
+
+class BackendUnavailable(Exception):
+    """The password store cannot answer now (temporary failure)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A login split as Cyrus SASL does it (canonusr): ``user@realm`` names
+    its realm, a bare ``user`` gets smtpd_sasl_local_domain, or the server's
+    host name when that is empty.  ``reported`` is Postfix's sasl_username."""
+    user: str
+    realm: str
+    reported: str
+
+
+def canonical_identity(login: str, local_domain: str, hostname: str) -> Identity:
+    if "@" in login:
+        user, _, realm = login.rpartition("@")
+        return Identity(user, realm, login)
+    if local_domain:
+        return Identity(login, local_domain, f"{login}@{local_domain}")
+    return Identity(login, hostname, login)
+
+
+class PasswordBackend:
+    """Where a local mechanism checks a password.
+
+    ``verify`` answers for a clear-text password (PLAIN, LOGIN);
+    ``secret`` returns the clear-text (or plaintext-equivalent) secret that
+    CRAM-MD5 and SCRAM need, or None for an unknown user.  Both raise
+    BackendUnavailable on a temporary problem.
+    """
+    supports_secret = False
+    failure_delay = 0.0
+
+    async def verify(self, ident: Identity, password: str) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    async def secret(self, ident: Identity) -> str | None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _text(data: bytes) -> str | None:
+    if len(data) > _MAX_FIELD:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class LocalExchange(SaslExchange):
+    """Base for the mechanisms below: response decoding (Cyrus's texts),
+    size bound, and failure bookkeeping."""
+
+    def __init__(self, backend: PasswordBackend, initial: str | bytes | None, *,
+                 local_domain: str, hostname: str, response_limit: int) -> None:
+        self.backend = backend
+        self.initial = initial
+        self.local_domain = local_domain
+        self.hostname = hostname
+        self.response_limit = response_limit
+        self.username: str | None = None
+        self.done = False
+
+    def identity(self, login: str) -> Identity:
+        ident = canonical_identity(login, self.local_domain, self.hostname)
+        self.username = ident.reported
+        return ident
+
+    def fail(self, reason: str = BADAUTH, temporary: bool = False) -> Failure:
+        self.done = True
+        delay = self.backend.failure_delay if reason == BADAUTH else 0.0
+        return Failure(reason, temporary=temporary, username=self.username, delay=delay)
+
+    def succeed(self, username: str, authzid: str | None = None) -> Success:
+        self.done = True
+        return Success(username, authzid)
+
+    def decode(self, response: str | bytes) -> bytes | Failure:
+        if isinstance(response, bytes):
+            if len(response) > self.response_limit:
+                self.done = True
+                return RESPONSE_LIMIT_FAILURE
+            return response
+        if len(response) > self.response_limit:
+            self.done = True
+            return RESPONSE_LIMIT_FAILURE
+        # Cyrus's sasl_decode64: a length that is not a multiple of 4 is
+        # "incomplete" (SASL_CONTINUE, hence its odd text; this includes the
+        # "=" empty initial response), a bad character is SASL_BADPROT.
+        if len(response) % 4:
+            return self.fail(CONTINUE)
+        try:
+            return base64.b64decode(response.encode("ascii"), validate=True)
+        except Exception:
+            return self.fail(BADPROT)
+
+    async def begin(self) -> SaslStep:
+        if self.initial is None:
+            return await self.first(None)
+        data = self.decode(self.initial)
+        if isinstance(data, Failure):
+            return data
+        return await self.first(data)
+
+    async def step(self, response: str | bytes) -> SaslStep:
+        if self.done:
+            return self.fail(BADPROT)
+        data = self.decode(response)
+        if isinstance(data, Failure):
+            return data
+        return await self.next(data)
+
+    async def first(self, data: bytes | None) -> SaslStep:  # pragma: no cover
+        raise NotImplementedError
+
+    async def next(self, data: bytes) -> SaslStep:  # pragma: no cover
+        raise NotImplementedError
+
+    async def check_password(self, login: str, password: str,
+                             authzid: str | None = None) -> SaslStep:
+        ident = self.identity(login)
+        if authzid:
+            # RFC 4616 2: we let nobody act for somebody else.
+            az = canonical_identity(authzid, self.local_domain, self.hostname)
+            if (az.user, az.realm) != (ident.user, ident.realm):
+                return self.fail(BADAUTH)
+        try:
+            ok = await self.backend.verify(ident, password)
+        except BackendUnavailable:
+            return self.fail(GENERIC, temporary=True)
+        return self.succeed(ident.reported) if ok else self.fail(BADAUTH)
+
+    async def lookup_secret(self, login: str) -> tuple[Identity, str | None] | Failure:
+        ident = self.identity(login)
+        try:
+            return ident, await self.backend.secret(ident)
+        except BackendUnavailable:
+            return self.fail(GENERIC, temporary=True)
+
+
+class PlainExchange(LocalExchange):
+    """RFC 4616: [authzid] NUL authcid NUL passwd."""
+    mechanism = "PLAIN"
+
+    async def first(self, data: bytes | None) -> SaslStep:
+        if data is None:
+            return Challenge(b"")
+        return await self.next(data)
+
+    async def next(self, data: bytes) -> SaslStep:
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            return self.fail(BADPROT)
+        authzid, authcid, passwd = (_text(p) for p in parts)
+        if authcid is None or passwd is None or authzid is None or not authcid:
+            return self.fail(BADPROT)
+        return await self.check_password(authcid, passwd, authzid or None)
+
+
+class LoginExchange(LocalExchange):
+    """The LOGIN mechanism (draft-murchison-sasl-login): two prompts."""
+    mechanism = "LOGIN"
+    _login: str | None = None
+
+    async def first(self, data: bytes | None) -> SaslStep:
+        if data is None:
+            return Challenge(b"Username:")
+        return await self.next(data)
+
+    async def next(self, data: bytes) -> SaslStep:
+        text = _text(data)
+        if text is None:
+            return self.fail(BADPROT)
+        if self._login is None:
+            if not text:
+                return self.fail(BADPROT)
+            self._login = text
+            self.identity(text)
+            return Challenge(b"Password:")
+        return await self.check_password(self._login, text)
+
+
+class CramMd5Exchange(LocalExchange):
+    """RFC 2195: HMAC-MD5 over a server challenge with the shared secret."""
+    mechanism = "CRAM-MD5"
+
+    def __init__(self, *args, clock=time.time, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.challenge = (f"<{int.from_bytes(os.urandom(4), 'big')}."
+                          f"{int(clock())}@{self.hostname}>").encode("ascii")
+        self.sent = False
+
+    async def first(self, data: bytes | None) -> SaslStep:
+        if data:
+            # RFC 2195 has no initial response.
+            return self.fail(BADPROT)
+        self.sent = True
+        return Challenge(self.challenge)
+
+    async def next(self, data: bytes) -> SaslStep:
+        text = _text(data)
+        if text is None or " " not in text:
+            return self.fail(BADPROT)
+        login, _, digest = text.rpartition(" ")
+        if not login or len(digest) != 32:
+            return self.fail(BADPROT)
+        found = await self.lookup_secret(login)
+        if isinstance(found, Failure):
+            return found
+        ident, secret = found
+        if secret is None:
+            return self.fail(BADAUTH)
+        expected = hmac.new(secret.encode("utf-8"), self.challenge, hashlib.md5).hexdigest()
+        if hmac.compare_digest(expected, digest.lower()):
+            return self.succeed(ident.reported)
+        return self.fail(BADAUTH)
+
+
+def _scram_unescape(name: str) -> str | None:
+    # RFC 5802 5.1: "=2C" and "=3D" stand for "," and "="; any other "=" is an error.
+    out, i = [], 0
+    while i < len(name):
+        c = name[i]
+        if c == "=":
+            esc = name[i:i + 3]
+            if esc == "=2C":
+                out.append(",")
+            elif esc == "=3D":
+                out.append("=")
+            else:
+                return None
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+class ScramExchange(LocalExchange):
+    """RFC 5802 (SCRAM-SHA-1) and RFC 7677 (SCRAM-SHA-256), without channel
+    binding (we do not advertise the -PLUS variants)."""
+
+    def __init__(self, *args, hash_name: str = "sha256", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hash_name = hash_name
+        self.mechanism = "SCRAM-SHA-256" if hash_name == "sha256" else "SCRAM-SHA-1"
+        self.state = "first"
+
+    def _h(self, data: bytes) -> bytes:
+        return hashlib.new(self.hash_name, data).digest()
+
+    def _hmac(self, key: bytes, data: bytes) -> bytes:
+        return hmac.new(key, data, self.hash_name).digest()
+
+    async def first(self, data: bytes | None) -> SaslStep:
+        if data is None:
+            self.state = "client-first"
+            return Challenge(b"")
+        return await self._client_first(data)
+
+    async def next(self, data: bytes) -> SaslStep:
+        if self.state in ("first", "client-first"):
+            return await self._client_first(data)
+        if self.state == "client-final":
+            return await self._client_final(data)
+        if self.state == "server-final" and data == b"":
+            # RFC 4954 4: the client acknowledges our server-final message.
+            return self.succeed(self._ident.reported)
+        return self.fail(BADPROT)
+
+    async def _client_first(self, data: bytes) -> SaslStep:
+        text = _text(data)
+        if text is None:
+            return self.fail(BADPROT)
+        parts = text.split(",", 2)
+        if len(parts) != 3:
+            return self.fail(BADPROT)
+        cbflag, authzid, bare = parts
+        # RFC 5802 7: gs2-cbind-flag; "p=" asks for channel binding we did not offer.
+        if cbflag not in ("n", "y"):
+            return self.fail(BADPROT)
+        if authzid and not authzid.startswith("a="):
+            return self.fail(BADPROT)
+        fields = bare.split(",")
+        if len(fields) < 2 or not fields[0].startswith("n=") or not fields[1].startswith("r="):
+            return self.fail(BADPROT)
+        login = _scram_unescape(fields[0][2:])
+        cnonce = fields[1][2:]
+        if not login or not cnonce or any(c in cnonce for c in ", "):
+            return self.fail(BADPROT)
+        az = _scram_unescape(authzid[2:]) if authzid else None
+        self._gs2 = f"{cbflag},{authzid},"
+        self._bare = bare
+        found = await self.lookup_secret(login)
+        if isinstance(found, Failure):
+            return found
+        self._ident, secret = found
+        if az:
+            azi = canonical_identity(az, self.local_domain, self.hostname)
+            if (azi.user, azi.realm) != (self._ident.user, self._ident.realm):
+                secret = None
+        # An unknown user gets a challenge like any other: no user enumeration.
+        salt = os.urandom(16)
+        self._secret = secret
+        self._salted = hashlib.pbkdf2_hmac(self.hash_name, (secret or "\0").encode("utf-8"),
+                                           salt, SCRAM_ITERATIONS)
+        self._nonce = cnonce + base64.b64encode(os.urandom(18)).decode("ascii")
+        self._server_first = (f"r={self._nonce},s={base64.b64encode(salt).decode('ascii')},"
+                              f"i={SCRAM_ITERATIONS}")
+        self.state = "client-final"
+        return Challenge(self._server_first.encode("ascii"))
+
+    async def _client_final(self, data: bytes) -> SaslStep:
+        text = _text(data)
+        if text is None or ",p=" not in text:
+            return self.fail(BADPROT)
+        without_proof, _, proof_b64 = text.rpartition(",p=")
+        fields = dict(f.split("=", 1) for f in without_proof.split(",") if "=" in f)
+        try:
+            cbind = base64.b64decode(fields.get("c", ""), validate=True)
+            proof = base64.b64decode(proof_b64, validate=True)
+        except Exception:
+            return self.fail(BADPROT)
+        if cbind != self._gs2.encode("utf-8") or fields.get("r") != self._nonce:
+            return self.fail(BADPROT)
+        auth_message = f"{self._bare},{self._server_first},{without_proof}".encode("utf-8")
+        client_key = self._hmac(self._salted, b"Client Key")
+        stored_key = self._h(client_key)
+        signature = self._hmac(stored_key, auth_message)
+        if len(proof) != len(signature) or self._secret is None:
+            return self.fail(BADAUTH)
+        candidate = bytes(a ^ b for a, b in zip(proof, signature))
+        if not hmac.compare_digest(self._h(candidate), stored_key):
+            return self.fail(BADAUTH)
+        server_key = self._hmac(self._salted, b"Server Key")
+        verifier = base64.b64encode(self._hmac(server_key, auth_message)).decode("ascii")
+        self.state = "server-final"
+        return Challenge(f"v={verifier}".encode("ascii"))
+
+
+class NoMechanismExchange(SaslExchange):
+    """AUTH with a mechanism we do not offer: Cyrus's SASL_NOMECH."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism
+
+    async def begin(self) -> SaslStep:
+        return Failure(NOMECH)
+
+    async def step(self, response: str | bytes) -> SaslStep:
+        return Failure(NOMECH)
+
+
+LOCAL_MECHANISMS = {
+    "PLAIN": (PlainExchange, {}),
+    "LOGIN": (LoginExchange, {}),
+    "CRAM-MD5": (CramMd5Exchange, {}),
+    "SCRAM-SHA-1": (ScramExchange, {"hash_name": "sha1"}),
+    "SCRAM-SHA-256": (ScramExchange, {"hash_name": "sha256"}),
+}
+SECRET_MECHANISMS = frozenset({"CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"})
