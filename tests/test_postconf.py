@@ -392,3 +392,21 @@ def test_legacy_names_like_postfix(confdir, args):
     d = confdir("postscreen_whitelist_interfaces = static:all\nsmtpd_per_record_deadline = yes\n"
                 "stress = yes\ntlsproxy_client_level = may\nhome = /x\n", "")
     same("-c", d, *args)
+
+
+@need_ref
+@pytest.mark.parametrize("args", [("-X", "a"), ("-X", "c"), ("-#", "c"), ("-e", "c=3"),
+                                  ("-e", "a=5"), ("-e", "c=2")])
+def test_edit_unterminated_last_line_like_postfix(tmp_path, args):
+    rdir, odir = _two_dirs(tmp_path, "a = 1\nc = 2")
+    ref("-c", rdir, *args)
+    ours("-c", odir, *args)
+    with open(f"{rdir}/main.cf") as a, open(f"{odir}/main.cf") as b:
+        assert b.read() == a.read()
+
+
+def test_edit_appends_after_unterminated_line(tmp_path):
+    # Postfix 3.7 glues the new line onto an unterminated last line; we do not.
+    (tmp_path / "main.cf").write_text("a = 1\nc = 2")
+    ours("-c", str(tmp_path), "-e", "b=2")
+    assert (tmp_path / "main.cf").read_text() == "a = 1\nc = 2\nb = 2\n"

@@ -210,9 +210,10 @@ def edit_main_cf(path: str, edits: dict[str, str | None], mode: str, out: _Out) 
     text = _read(path)
     lines = text.split("\n")
     trailing_newline = text.endswith("\n")
-    if trailing_newline:
+    if trailing_newline or not text:
         lines = lines[:-1]
     found: dict[str, int] = {}
+    replaced: set[int] = set()
     result: list[str | None] = list(lines)
     for first, last, line in _logical_spans(text, path):
         try:
@@ -232,16 +233,19 @@ def edit_main_cf(path: str, edits: dict[str, str | None], mode: str, out: _Out) 
                 result[k] = "#" + lines[k]
             elif mode == "e" and k == first:
                 result[k] = f"{name} = {edits[name]}"
+                replaced.add(k)
             else:
                 result[k] = None
-    new = [x for x in result if x is not None]
-    if mode == "e":
-        for name, value in edits.items():
-            if name not in found:
-                new.append(f"{name} = {value}")
-    body = "\n".join(new)
-    if new and (trailing_newline or mode == "e" or not text):
-        body += "\n"
+    # Every line keeps its newline; an unterminated last line stays so
+    # unless something is appended after it.
+    kept = [(k, x) for k, x in enumerate(result) if x is not None]
+    appended = [f"{n} = {v}" for n, v in edits.items() if mode == "e" and n not in found]
+    pieces = [x + "\n" for _, x in kept] + [x + "\n" for x in appended]
+    last_verbatim = kept and kept[-1][0] not in replaced
+    if (kept and last_verbatim and not appended and not trailing_newline and text
+            and kept[-1][0] == len(lines) - 1):
+        pieces[-1] = pieces[-1][:-1]
+    body = "".join(pieces)
     atomic_write(path, body)
 
 

@@ -120,7 +120,7 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
                     nul=ctx.nul, as_owner=ctx.as_owner)
         try:
             for lineno, key, value in parse_source(text, name, ctx.fold, ctx.warn,
-                                                   utf8=ctx.utf8, as_owner=ctx.as_owner):
+                                                   utf8=ctx.utf8):
                 b.put(key, value)
             b.commit()
         except BaseException:
@@ -146,16 +146,17 @@ def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
     try:
         b = Builder(store, name, src_stat=st if ctx.keep_perms else None,
                     copy_existing=exists, warn=ctx.warn, dup=ctx.dup, nul=ctx.nul,
+                    as_owner=ctx.as_owner,
                     label=f"lmdb:{name}" if typ == "lmdb" else path)
         try:
             if alias:
                 from postwell.tables.aliases import parse_aliases
                 for _lineno, key, value in parse_aliases(text, ctx.warn, "-", fold=ctx.fold,
-                                                         utf8=ctx.utf8, as_owner=ctx.as_owner):
+                                                         utf8=ctx.utf8):
                     b.put(key, value)
             else:
                 for _lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn,
-                                                        utf8=ctx.utf8, as_owner=ctx.as_owner):
+                                                        utf8=ctx.utf8):
                     b.put(key, value)
             b.commit()
         except BaseException:

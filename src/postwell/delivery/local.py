@@ -698,8 +698,7 @@ class Expansion:
         if getattr(res, "failed", False):
             raise DeferAll("4.3.0", "address resolver failure")
         target = getattr(res, "recipient", None) or addr
-        mine = res.transport == (self.request.transport or "local") and \
-            (res.nexthop or "").lower() == (self.request.nexthop or res.nexthop or "").lower()
+        mine = res.transport == (self.request.transport or "local")
         local_l, user, ext, domain = self.split(target)
         self_ref = mine and b.exp_from is not None and user == b.exp_from.lower()
         if mine and (self_ref or mailbox_only):

@@ -1062,7 +1062,7 @@ class ServerConnection:
         if (not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 15
                 or (len(parts) == 2 and parts[1].upper() != "LAST")):
             # The chunk boundary is lost: Postfix closes the session.
-            self._warn(f"NOQUEUE: malformed BDAT command syntax from {self.client}: BDAT {arg}")
+            self._warn(f"malformed BDAT command syntax from {self.client}: BDAT {arg}", True)
             self._error("bdat", Reply(521, "Syntax: BDAT count [LAST]", "5.5.4"))
             self._close("bdat syntax")
             return
