@@ -231,14 +231,14 @@ def test_start_status_stop(inst):
     assert "postfix/master[" in log and "daemon started -- version" in log
     # one warning for the unsupported pipe service, none for the mapped internals
     assert log.count("service maildrop") == 1 and "service cleanup" not in log
-    # 2 smtpd + qmgr (+ the root virtual helper when running as root)
-    assert wait_for(lambda: len(inst.children()) == 3 + (os.geteuid() == 0))
+    # 2 smtpd + qmgr (+ the root virtual and local helpers when running as root)
+    assert wait_for(lambda: len(inst.children()) == 3 + 2 * (os.geteuid() == 0))
     if os.geteuid() == 0:
         uids = []
         for child in inst.children():
             with open(f"/proc/{child}/status") as f:
                 uids.append(set([l for l in f if l.startswith("Uid:")][0].split()[1:]))
-        assert uids.count({"0"}) == 1                     # only the virtual helper
+        assert uids.count({"0"}) == 2                     # only the virtual and local helpers
         assert uids.count({str(inst.owner.pw_uid)}) == 3  # smtpd x2 + qmgr as mail_owner
     r = inst.run("start")
     assert r.returncode == 1 and "already running" in r.stderr
@@ -304,7 +304,7 @@ def _connects(port):
 
 def test_crashed_child_is_restarted(inst):
     assert inst.run("start").returncode == 0
-    n = 3 + (os.geteuid() == 0)
+    n = 3 + 2 * (os.geteuid() == 0)
     assert wait_for(lambda: len(inst.children()) == n)
     time.sleep(1.2)   # a child dying right at start-up would throttle the service instead
     victim = inst.children()[0]
@@ -343,7 +343,7 @@ def test_end_to_end_virtual_delivery(inst):
 
 def test_children_exit_when_master_is_killed(inst):
     assert inst.run("start").returncode == 0
-    n = 3 + (os.geteuid() == 0)
+    n = 3 + 2 * (os.geteuid() == 0)
     assert wait_for(lambda: len(inst.children()) == n)
     children = inst.children()
     os.kill(inst.master_pid(), signal.SIGKILL)

@@ -119,10 +119,19 @@ def test_ehlo_options():
     (b"ETRN", b"", "500 Syntax: ETRN domain"),
     (b"ETRN x", b"MAIL FROM:<a@b>\r\n", "503 Error: MAIL transaction in progress"),
     (b"ETRN example.com", b"", "459 <example.com>: service unavailable"),
+    (b"ETRN @example.com", b"", "459 <example.com>: service unavailable"),
+    (b"ETRN a b", b"", "500 Syntax: ETRN domain"),
+    (b"XCLIENT", b"", "501 5.5.4 Syntax: XCLIENT attribute=value..."),
+    (b"XCLIENT ADDR=192.0.2.1", b"", "550 5.7.0 Error: insufficient authorization"),
+    (b"XFORWARD ADDR=192.0.2.1", b"", "550 5.7.0 Error: insufficient authorization"),
     (b"STARTTLS", b"", "502 5.5.1 Error: command not implemented"),
     (b"AUTH PLAIN", b"", "503 5.5.1 Error: authentication not enabled"),
     (b"mail from:<a@b>", b"", "250 2.1.0 Ok"),     # no HELO needed (smtpd_helo_required=no)
-    (b"MAIL FROM:<a\x00b@c>", b"", "500 5.5.2 Error: command not recognized"),
+    (b"MAIL FROM:<a\x00b@c>", b"", "501 5.1.7 Bad sender address syntax"),   # NUL ends the line
+    (b"NOOP\x00x", b"", "250 2.0.0 Ok"),
+    (b"NOOP\xff", b"", "500 5.5.2 Error: bad UTF-8 syntax"),
+    (b"HELO \xff", b"", "500 5.5.2 Error: bad UTF-8 syntax"),
+    (b"RCPT\tTO:<a@b>", b"MAIL FROM:<a@b>\r\n", "250 2.1.5 Ok"),
 ])
 def test_single_command(cmd, setup, reply):
     assert one(cmd + b"\r\n", setup) == reply + "\r\n"
@@ -224,7 +233,9 @@ def test_xtext_and_paths():
         with pytest.raises(ValueError):
             decode_xtext(bad)
     assert parse_path("<a@b> X=1\tY", False) == ("a@b", ["X=1", "Y"])
-    assert parse_path('<"x>y"@b>', False) == ('"x>y"@b', [])
+    assert parse_path('<"x>y"@b>', False) == ('x>y@b', [])     # internal (unquoted) form
+    assert parse_path('<a\\@b@c>', False) == ('a@b@c', [])
+    assert parse_path('<""@b>', False) == ('@b', [])
     # Postfix's tolerance (checked against 3.7)
     for ok, want in [("<<a@b>>", "a@b"), ("a@b>", "a@b"), ("<a(comment)@b>", "a@b"),
                      ("<@x,@y:a@b>", "a@b"), ("<[1.2.3.4]>", "[1.2.3.4]"),
@@ -496,6 +507,7 @@ def test_paused_until_reply():
     c = ServerConnection(CFG)
     c.send_greeting(Reply(220, "x"))
     c.receive_data(b"MAIL FROM:<a@b>\r\nNOOP\r\n")
+    assert isinstance(c.next_event(), Info)   # no EHLO: no PIPELINING (logged by Postfix)
     assert isinstance(c.next_event(), Mail)
     assert c.next_event() is PAUSED
     c.send_reply(Reply(451, "try later", "4.3.0"))
@@ -591,3 +603,33 @@ def test_vrfy_and_etrn_events():
     assert d.of(Vrfy)[0].address == "x"
     d.feed(b"ETRN d.example\r\n")
     assert d.of(Etrn)[0].domain == "d.example"
+
+
+def test_abort_during_data_counts_failed_data():
+    d = Driver()
+    start_data(d)
+    d.conn.abort("timeout")
+    assert d.conn.closed and d.conn.where == "DATA (0 bytes)"
+    assert d.conn.counters_text() == "mail=1 rcpt=1 data=0/1 commands=2/3"
+
+
+def test_counters_without_commands():
+    d = Driver()
+    d.close()
+    assert d.conn.counters_text() == "commands=0/0"
+    assert d.conn.where == "CONNECT"
+
+
+@pytest.mark.parametrize("ehlo,group,flagged", [
+    (True, b"NOOP\r\nNOOP\r\n", True), (True, b"RSET\r\nNOOP\r\n", False),
+    (True, b"VRFY a\r\nNOOP\r\n", True), (True, b"HELO x\r\nNOOP\r\n", True),
+    (True, b"ETRN x\r\nNOOP\r\n", False), (True, b"MAIL FROM:<a b>\r\nNOOP\r\n", False),
+    (False, b"MAIL FROM:<a@b>\r\nNOOP\r\n", True), (False, b"RSET\r\nNOOP\r\n", True),
+    (False, b"FOO\r\nNOOP\r\n", False), (True, b"FOO\r\nNOOP\r\n", False),
+])
+def test_improper_pipelining_as_postfix(ehlo, group, flagged):
+    d = Driver()
+    if ehlo:
+        d.feed(b"EHLO x\r\n")
+    d.feed(group)
+    assert bool(d.of(Info)) == flagged

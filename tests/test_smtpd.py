@@ -26,7 +26,7 @@ WAIT = 10.0
 class Running:
     """One SmtpdServer on its own event loop thread, bound to 127.0.0.1:<free port>."""
 
-    def __init__(self, tmp_path, extra: dict | None = None, **server_kw):
+    def __init__(self, tmp_path, extra: dict | None = None, family=socket.AF_INET, **server_kw):
         etc = tmp_path / "etc"
         etc.mkdir(exist_ok=True)
         queue = tmp_path / "queue"
@@ -52,9 +52,9 @@ class Running:
         self.log = NullLog("smtpd")
         if "cleanup" not in server_kw:
             server_kw["cleanup"] = Cleanup(self.config, self.store, self.log)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
         self.loop = asyncio.new_event_loop()
@@ -212,9 +212,9 @@ def test_pipelining_group(smtpd):
     assert codes(out)[-7:] == ["250", "250", "250", "250", "354", "250", "221"]
     qid = r.queued()[0]
     content = r.store.open(qid, "incoming").read_content().decode()
-    # Two recipients: no "for" clause, the date follows the id.
+    # Two recipients: no "for" clause; the date gets its own line (as Postfix 3.7).
     assert re.match(rf"Received: from x \(unknown \[127\.0\.0\.1\]\)\n\tby mx\.example\.test "
-                    rf"\(postwell\) with ESMTP id {qid}; ", content)
+                    rf"\(postwell\) with ESMTP id {qid};\n\t\w\w\w, ", content), content
 
 
 def test_smuggling_never_second_message(smtpd):
@@ -443,3 +443,94 @@ def test_serve_in_child_process_sigterm_drain(tmp_path):
     assert f": connect from {name}[127.0.0.1]\n" in text
     assert f"disconnect from {name}[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5\n" in text
     assert len(QueueStore(str(queue)).scan("incoming")) == 1
+
+
+def test_access_prepend_and_discard(smtpd):
+    r = smtpd({"smtpd_data_restrictions": "check_client_access inline:{{ 127.0.0.1 = PREPEND X-Seen: yes }}"})
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=WAIT) as c:
+        c.sendmail("a@b.example", ["u@mx.example.test"], b"Subject: s\r\n\r\nhi\r\n")
+    qid = r.queued()[0]
+    content = r.store.open(qid, "incoming").read_content().decode()
+    assert content.startswith("X-Seen: yes\nReceived: from "), content
+
+    r2 = smtpd({"smtpd_end_of_data_restrictions": "check_client_access static:DISCARD"})
+    with smtplib.SMTP("127.0.0.1", r2.port, timeout=WAIT) as c:
+        code, resp = c.ehlo("x")
+        c.mail("a@b.example")
+        c.rcpt("u@mx.example.test")
+        code, resp = c.data(b"Subject: s\r\n\r\nhi\r\n")
+        assert code == 250 and resp.startswith(b"2.0.0 Ok: queued as "), resp
+    assert r2.queued() == []
+
+
+def test_size_param_reject_logged(smtpd):
+    r = smtpd({"message_size_limit": "20000"})
+    raw_session(r.port, [b"EHLO x\r\n", b"MAIL FROM:<a@b.example> SIZE=20001\r\n", b"QUIT\r\n"])
+    r.wait_log(r"^NOQUEUE: reject: MAIL from unknown\[127\.0\.0\.1\]: 552 5\.3\.4 Message size "
+               r"exceeds fixed limit; from=<a@b\.example> proto=ESMTP helo=<x>$")
+
+
+def test_non_smtp_command_logged(smtpd):
+    r = smtpd()
+    out = raw_session(r.port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"])
+    assert out.endswith(b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n")
+    r.wait_log(r"^warning: non-SMTP command from unknown\[127\.0\.0\.1\]: GET / HTTP/1\.1$")
+    r.wait_log(r"^disconnect from unknown\[127\.0\.0\.1\] unknown=0/1 commands=0/1$")
+
+
+def _have_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback")
+def test_ipv6_client(tmp_path):
+    r = Running(tmp_path, {"mynetworks": "[::1]/128"}, family=socket.AF_INET6)
+    try:
+        with smtplib.SMTP("::1", r.port, timeout=WAIT) as c:
+            c.ehlo("v6.example")
+            assert c.sendmail("a@b.example", ["x@far.example"], b"Subject: v6\r\n\r\nhi\r\n") == {}
+        content = r.store.open(r.queued()[0], "incoming").read_content().decode()
+        assert content.startswith("Received: from v6.example (unknown [IPv6:::1])\n")
+        r.wait_log(r"^connect from unknown\[::1\]$")
+    finally:
+        r.stop()
+
+
+def test_half_close_still_answered(smtpd):
+    r = smtpd()
+    s = socket.create_connection(("127.0.0.1", r.port), timeout=WAIT)
+    try:
+        s.sendall(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            data += d
+    finally:
+        s.close()
+    assert data.endswith(b"250 2.1.0 Ok\r\n221 2.0.0 Bye\r\n"), data
+
+
+class _BrokenPolicy:
+    async def on_connect(self, state):
+        return None
+
+    async def on_helo(self, state):
+        return None
+
+    async def on_mail(self, state):
+        raise RuntimeError("table went away")
+
+
+def test_policy_failure_defers(smtpd):
+    r = smtpd(policy=_BrokenPolicy())
+    out = raw_session(r.port, [b"EHLO x\r\n", b"MAIL FROM:<a@b.example>\r\n", b"QUIT\r\n"])
+    assert b"451 4.3.5 Server configuration error\r\n" in out
+    assert out.endswith(b"221 2.0.0 Bye\r\n")

@@ -375,7 +375,8 @@ def test_get_table_reopens_after_rebuild(tmp_path):
     assert get_table(f"hash:{src}") is t1
     _build("hash", src, "a two\n")
     t2 = get_table(f"hash:{src}")
-    assert t2 is not t1 and t2.lookup("a") == "two"
+    # an indexed table follows the rebuilt file itself: same object, new data
+    assert t2 is t1 and t2.lookup("a") == "two"
     clear_cache()
 
 
@@ -506,3 +507,14 @@ def test_sqlite_table(tmp_path):
     with pytest.raises(TableError, match="dbpath"):
         cf.write_text("query = SELECT 1\n")
         open_table(f"sqlite:{cf}")
+
+
+def test_indexed_table_survives_deleted_index(tmp_path):
+    src = tmp_path / "map"
+    _build("hash", src, "a one\n")
+    t = open_table(f"hash:{src}")
+    os.unlink(f"{src}.db")
+    with pytest.raises(TableLookupError, match="No such file or directory"):
+        t.lookup("a")
+    _build("hash", src, "a two\n")
+    assert t.lookup("a") == "two"

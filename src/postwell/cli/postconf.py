@@ -94,12 +94,16 @@ def _all_names(cfg: Config, defaults_only: bool) -> list[str]:
 
 def _warn_undefined(cfg: Config, out: _Out) -> None:
     master_path = os.path.join(cfg.config_dir, "master.cf")
-    sources = [(cfg.main_cf_path, v) for v in cfg.params.values()]
-    sources += [(master_path, v) for svc in cfg.services or () for v in svc.overrides.values()]
+    # Values of raw parameters hold per-use macros ($home, $recipient...).
+    sources = [(cfg.main_cf_path, v) for n, v in cfg.params.items() if n not in RAW_PARAMETERS]
+    sources += [(master_path, v) for svc in cfg.services or ()
+                for n, v in svc.overrides.items() if n not in RAW_PARAMETERS]
+    legacy = registry.legacy_parameters()
     seen: set[tuple[str, str]] = set()
     for path, value in sources:
         for ref in sorted(registry.referenced_names(value)):
-            if (path, ref) in seen or ref in cfg.params or cfg.default(ref) is not None:
+            if (path, ref) in seen or ref in cfg.params or ref in legacy \
+                    or cfg.default(ref) is not None:
                 continue
             seen.add((path, ref))
             out.warn(f"{path}: undefined parameter: {ref}")
@@ -274,70 +278,98 @@ def format_master(svc: MasterService, fold: bool = False) -> str:
     args = _master_args(svc)
     if not fold:
         return " ".join([line] + args) if args else line
-    # Postfix puts each leading daemon option (-o name=value, -v, ...) on its
-    # own line, breaks once more after the last of them, then wraps at 80.
+    # Postfix starts a new line before each leading -o and after each -o
+    # pair; everything else wraps before column 80.
     lines, cur = [], line
-    in_options, seen_option = True, False
+    in_options, after_pair = True, False
     k = 0
     while k < len(args):
         word = args[k]
-        if in_options and word.startswith("-"):
+        if in_options and word == "-o" and k + 1 < len(args):
             lines.append(cur)
-            cur = "    " + word
-            if word == "-o" and k + 1 < len(args):
-                cur += " " + args[k + 1]
-                k += 1
-            seen_option = True
-            k += 1
+            cur = "    -o " + args[k + 1]
+            after_pair = True
+            k += 2
             continue
-        if in_options:
+        if in_options and not word.startswith("-"):
             in_options = False
-            if seen_option:
-                lines.append(cur)
-                cur = "    " + word
-                k += 1
-                continue
-        if len(cur) + 1 + len(word) >= LINE_LIMIT:     # master.cf folds one column earlier
+        # Postfix measures a {braced} word without its braces.
+        width = len(word) - 2 if word.startswith("{") and word.endswith("}") else len(word)
+        if after_pair or len(cur) + 1 + width >= LINE_LIMIT:
             lines.append(cur)
             cur = "    " + word
         else:
             cur += " " + word
+        after_pair = False
         k += 1
     lines.append(cur)
     return "\n".join(lines)
 
 
 def _master_args(svc: MasterService) -> list[str]:
-    """Arguments as Postfix normalizes them: -o name=value, {braces} only when needed."""
-    out: list[str] = []
+    """Arguments as postconf prints them.  Leading options are normalized
+    (-o name=value, braced again only if it holds white space); the first
+    non-option word loses its braces; later braced words are trimmed inside
+    and keep their braces only when they hold white space."""
     argv = svc.argv
-    k = 0
+    out: list[str] = []
     in_options = True
+    k = 0
     while k < len(argv):
         word = argv[k]
-        if not word.startswith("-"):
-            in_options = False
-        if in_options and word == "-o" and k + 1 < len(argv):
-            pair = unbrace(argv[k + 1])
-            name, _, value = pair.partition("=")
-            text = f"{name.strip()}={value.strip()}"
-            if any(c.isspace() for c in text):
-                text = "{" + text + "}"
-            out += ["-o", text]
-            k += 2
-            continue
-        out.append(unbrace(word))
+        if in_options:
+            if word == "-o" and k + 1 < len(argv):
+                pair = unbrace(argv[k + 1])
+                name, _, value = pair.partition("=")
+                text = f"{name.strip()}={value.strip()}"
+                out += ["-o", "{" + text + "}" if _has_space(text) else text]
+                k += 2
+                continue
+            plain = unbrace(word)
+            out.append(plain)
+            if not plain.startswith("-"):
+                in_options = False
+        else:
+            inner = unbrace(word)
+            out.append("{" + inner + "}" if word.startswith("{") and _has_space(inner) else inner)
         k += 1
     return out
 
 
-def _master_entries(config_dir: str):
+def _has_space(text: str) -> bool:
+    return any(c.isspace() for c in text)
+
+
+def _master_entries(config_dir: str, expand_with: Config | None = None):
+    """(path, text, [(first, last, MasterService)]); with expand_with, the
+    leading -o values are $-expanded for that service (postconf -x)."""
     path = os.path.join(config_dir, "master.cf")
     text = _read(path)
     entries = []
     for first, last, line in iter_logical_lines(text, path):
-        entries.append((first - 1, last - 1, parse_master_line(line, path, first)))
+        svc = parse_master_line(line, path, first)
+        if expand_with is not None:
+            svc = _expand_service(svc, expand_with)
+        entries.append((first - 1, last - 1, svc))
     return path, text, entries
+
+
+def _expand_service(svc: MasterService, cfg: Config) -> MasterService:
+    import dataclasses
+    scfg = cfg.for_service(svc)
+    argv, k = list(svc.argv), 0
+    while k < len(argv) and argv[k].startswith("-"):
+        if argv[k] == "-o" and k + 1 < len(argv):
+            name, _, value = unbrace(argv[k + 1]).partition("=")
+            if name.strip() not in RAW_PARAMETERS:
+                value = scfg.expand(value.strip())
+            argv[k + 1] = "{" + f"{name.strip()}={value}" + "}"
+            k += 2
+        else:
+            k += 1
+    overrides = {n: (v if n in RAW_PARAMETERS else scfg.expand(v))
+                 for n, v in svc.overrides.items()}
+    return dataclasses.replace(svc, argv=argv, overrides=overrides)
 
 
 def _match(svc: MasterService, request: str) -> bool:
@@ -363,8 +395,9 @@ def _select(items, requests, matches, out: _Out):
     return chosen
 
 
-def show_master(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
-    _, _, entries = _master_entries(config_dir)
+def show_master(config_dir: str, requests: list[str], opts: dict, out: _Out,
+                cfg: Config | None = None) -> None:
+    _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
     fold = "-f" in opts
     for svc in _select([e[2] for e in entries], requests, _match, out):
         out.line(format_master(svc, fold))
@@ -389,8 +422,9 @@ def _row_match(row, req: str) -> bool:
     return len(want) <= len(parts) and all(w == p for w, p in zip(want, parts))
 
 
-def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
-    _, _, entries = _master_entries(config_dir)
+def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _Out,
+                       cfg: Config | None = None) -> None:
+    _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
     rows = []
     for _, _, svc in entries:
         for name, value in sorted(svc.overrides.items()):
@@ -398,8 +432,9 @@ def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _O
     _print_rows(_select(rows, requests, _row_match, out), opts, out)
 
 
-def show_master_fields(config_dir: str, requests: list[str], opts: dict, out: _Out) -> None:
-    _, _, entries = _master_entries(config_dir)
+def show_master_fields(config_dir: str, requests: list[str], opts: dict, out: _Out,
+                       cfg: Config | None = None) -> None:
+    _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
     rows = []
     for _, _, svc in entries:
         values = list(svc.fields[:7]) + [" ".join([svc.command] + _master_args(svc))]
@@ -553,11 +588,35 @@ def _postfix_wording(e: ConfigError) -> str:
     return str(e)
 
 
+_FLAG_ORDER = "aAbdeFhHlmMnpPtTxX#"
+_EXCLUSIVE_GROUPS = ({"-F", "-l", "-m", "-M", "-P"}, {"-d", "-e", "-n", "-X", "-#"},
+                     {"-h", "-H"}, {"-e", "-h"}, {"-e", "-x"})
+_NOT_WITH = {"-M": ("-n", "-d", "-h", "-H"), "-P": ("-n", "-d", "-#"),
+             "-F": ("-n", "-d", "-X", "-#"), "-m": ("-n", "-d"), "-l": ("-n", "-d")}
+
+
+def _check_flags(opts: dict) -> None:
+    """Postfix's sanity checks on option combinations, with its wording."""
+    def order(flag: str) -> int:
+        return _FLAG_ORDER.index(flag[1])
+    for group in _EXCLUSIVE_GROUPS:
+        given = sorted((f for f in group if f in opts), key=order)
+        if len(given) > 1:
+            raise Fatal(f"specify one of {given[0]} {given[1]}")
+    for mode, bad in _NOT_WITH.items():
+        if mode in opts:
+            for flag in bad:
+                if flag in opts:
+                    raise Fatal(f"with option {mode}, do not specify {flag}")
+
+
 def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
     config_dir = config_dir_from_env(opts.get("-c"))
+    _check_flags(opts)
     edit_modes = [m for m in ("-e", "-X", "-#") if m in opts]
-    if len(edit_modes) > 1:
-        raise Fatal(USAGE)
+    if edit_modes and not names:
+        raise Fatal("-e requires name=value argument" if edit_modes[0] == "-e"
+                    else "missing service argument")
     if not edit_modes and names and all("=" in n for n in names) and "-M" not in opts \
             and "-P" not in opts \
             and "-F" not in opts:
@@ -568,6 +627,7 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
                         ("-P", "service_name[/type[/parameter]]")):
         if flag in opts and not edit_modes and any(n.startswith("/") for n in names):
             raise Fatal(f"{flag} option requires {shape}")
+    cfg = None
     if not edit_modes and ("-M" in opts or "-P" in opts or "-F" in opts):
         _read(os.path.join(config_dir, "master.cf"))
         cfg = load_config(config_dir if "-c" in opts else None)
@@ -581,7 +641,7 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
                 raise Fatal(f"{edit_modes[0]} requires service/type argument")
             edit_master(config_dir, names, edit_modes[0][1], out)
             return 0
-        show_master(config_dir, names, opts, out)
+        show_master(config_dir, names, opts, out, cfg)
         return 0
     if "-P" in opts:
         if edit_modes:
@@ -589,10 +649,10 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
                 raise Fatal(f"-P{edit_modes[0][1]} requires service/type/parameter argument")
             edit_master_params(config_dir, names, edit_modes[0][1], out)
             return 0
-        show_master_params(config_dir, names, opts, out)
+        show_master_params(config_dir, names, opts, out, cfg)
         return 0
     if "-F" in opts:
-        show_master_fields(config_dir, names, opts, out)
+        show_master_fields(config_dir, names, opts, out, cfg)
         return 0
     if "-m" in opts:
         try:

@@ -90,6 +90,12 @@ POSTWELL_DIFFERENCES: dict[str, str] = {
     "compatibility_level": "3.6",
     # The Postfix 3.9 default, against SMTP smuggling.
     "smtpd_forbid_bare_newline": "normalize",
+    # TLS 1.0/1.1 are deprecated (RFC 8996); OpenSSL 3 refuses them at its
+    # default security level anyway.  (owner: tls/)
+    "smtpd_tls_protocols": ">=TLSv1.2",
+    "smtpd_tls_mandatory_protocols": ">=TLSv1.2",
+    "smtp_tls_protocols": ">=TLSv1.2",
+    "smtp_tls_mandatory_protocols": ">=TLSv1.2",
 }
 
 # Names whose default depends on the machine (and on main.cf): machine.py.

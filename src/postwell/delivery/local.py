@@ -31,11 +31,12 @@ import pwd
 import re
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from .base import DeliveryAgent, DeliveryRequest, Recipient, RecipientResult, iter_lines, split_map_list
+from .base import DeliveryAgent, DeliveryRequest, Recipient, RecipientResult, split_map_list
 from .local_exec import (
-    Identity, LocalCopy, NeedRoot, op_command, op_file, op_mailbox, op_read_file, run_as,
+    Identity, LocalCopy, NeedRoot, op_command, op_file, op_forward_lookup, op_mailbox, op_read_file,
+    run_as,
 )
 from .virtual import delivered_to_headers
 
@@ -244,6 +245,8 @@ class Settings:
         self.strict_owner = config.get_bool("strict_mailbox_ownership")
         self.dup_limit = config.get_int("duplicate_filter_limit")
         self.myorigin = g("myorigin") or g("myhostname")
+        self.myhostname = g("myhostname")
+        self.mail_name = g("mail_name") or "postwell"
         self.queue_directory = g("queue_directory")
         self.hostname = socket.gethostname() or g("myhostname")
         message_limit = config.get_int("message_size_limit")
@@ -254,12 +257,14 @@ class Settings:
 
 
 class AliasMaps:
-    """alias_maps, opened once; each table with its owner uid (dict_owner)."""
+    """alias_maps, each table with its owner uid (Postfix's dict_owner()).
+
+    Tables come from tables.get_table(), which re-opens a table whose file
+    changed, so a newaliases run is seen by the next delivery."""
 
     def __init__(self, specs, config, warn):
-        self.tables = []     # (spec, table, owner_uid)
-        self.errors = []
-        from postwell import tables
+        self.config, self.warn = config, warn
+        self.specs = []      # (spec, type, name)
         for spec in specs:
             typ, _, name = spec.partition(":")
             if typ in ("nis", "nisplus", "netinfo"):
@@ -267,16 +272,15 @@ class AliasMaps:
             if typ == "proxy":   # local(8) opens proxied alias tables directly
                 spec = name
                 typ, _, name = spec.partition(":")
-            try:
-                t = tables.open_table(spec, config)
-            except Exception as exc:
-                warn(f"{spec}: {exc}")
-                self.errors.append(spec)
+            if typ in ("regexp", "pcre", "cidr"):
+                # Pattern tables could hand out $1 substitutions as |commands:
+                # local(8) refuses them (alias.c DICT_FLAG_FIXED).
+                warn(f"invalid alias map type: {spec}")
                 continue
-            self.tables.append((spec, t, self._owner(typ, name)))
+            self.specs.append((spec, typ, name))
 
     @staticmethod
-    def _owner(typ: str, name: str) -> int:
+    def owner(typ: str, name: str) -> int:
         if typ in ("inline", "static", "unix"):
             return 0
         for path in (name + ".db", name + ".lmdb", name):
@@ -288,15 +292,15 @@ class AliasMaps:
 
     def lookup(self, key: str):
         """(value, owner_uid) or None; DeferAll when a table cannot answer."""
-        if self.errors:
-            raise DeferAll("4.3.0", "alias database unavailable")
-        for spec, t, owner in self.tables:
+        from postwell import tables
+        for spec, typ, name in self.specs:
             try:
-                v = t.lookup(key)
-            except Exception:
+                v = tables.get_table(spec, self.config).lookup(key)
+            except Exception as exc:
+                self.warn(f"{spec}: {exc}")
                 raise DeferAll("4.3.0", "alias database unavailable")
             if v is not None:
-                return v, owner
+                return v, self.owner(typ, name)
         return None
 
 
@@ -324,6 +328,12 @@ class LocalAgent(DeliveryAgent):
     def _warn(self, text: str) -> None:
         if self.log:
             self.log.warning(text)
+
+    def close(self) -> None:
+        writer = getattr(self._helper, "_writer", None)
+        if writer is not None:
+            writer.close()
+        self._helper = None
 
     @property
     def resolver(self):
@@ -362,12 +372,14 @@ class LocalAgent(DeliveryAgent):
 
     # -- the qmgr entry point ------------------------------------------
     async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        # An explicit helper_socket always uses the helper ("" never does); else
+        # the master's setting is used when this process cannot switch users itself.
         socket_path = self.helper_socket
         if socket_path is None:
             from . import local_helper
-            socket_path = local_helper.HELPER_SOCKET
+            socket_path = local_helper.HELPER_SOCKET if os.geteuid() != 0 else None
         loop = asyncio.get_running_loop()
-        if socket_path and os.geteuid() != 0:
+        if socket_path:
             per_rcpt = await self._expand_via_helper(request, socket_path)
         else:
             per_rcpt = await loop.run_in_executor(None, self.expand_request, request)
@@ -408,8 +420,8 @@ class LocalAgent(DeliveryAgent):
         groups: dict[str, list[Leaf]] = {}
         for leaves in per_rcpt:
             for leaf in leaves:
-                if leaf.forward_sender is not None:
-                    groups.setdefault(leaf.forward_sender, []).append(leaf)
+                if leaf.status == "pending":
+                    groups.setdefault(leaf.forward_sender or "", []).append(leaf)
         for sender, leaves in groups.items():
             try:
                 new_id = await self._inject(request, sender, leaves)
@@ -417,7 +429,6 @@ class LocalAgent(DeliveryAgent):
                 self._warn(f"{request.queue_id}: cannot forward: {exc}")
                 new_id = None
             for leaf in leaves:
-                leaf.forward_sender = None
                 if new_id:
                     leaf.status, leaf.dsn, leaf.reason = "sent", "2.0.0", f"forwarded as {new_id}"
                 else:
@@ -425,21 +436,26 @@ class LocalAgent(DeliveryAgent):
                                                           "mail system configuration error")
 
     async def _inject(self, request, sender, leaves) -> str | None:
-        from postwell.cleanup import Cleanup
-        cleanup = Cleanup(self.config, self.store, self.log or _NoLog())
+        from postwell.cleanup import Cleanup, mail_date
+        cleanup = Cleanup(self.config, self.store, self._cleanup_log())
         cs = cleanup.open(rewrite_local=False)
         try:
             cs.set_sender(sender)
+            for name, value in (request.attributes or {}).items():
+                cs.set_attribute(name, value)
             seen = set()
             for leaf in leaves:
                 if leaf.address in seen:
                     continue
                 seen.add(leaf.address)
                 cs.add_recipient(leaf.address, orig=leaf.orig)
+            # As Postfix's forwarded copy: our own Received line, then the
+            # Delivered-To that stops a forwarding loop (local(8) MAIL FORWARDING).
+            cs.prepend_header(f"Received: by {self.settings.myhostname} ({self.settings.mail_name})\n"
+                              f"\tid {cs.queue_id}; {mail_date(self.clock())}")
             delivered = leaves[0].delivered
             if delivered and "forward" in self.settings.delivered_hdr:
-                # Loop control travels with the copy (local(8) MAIL FORWARDING).
-                cs.write(f"Delivered-To: {delivered.lower()}\n".encode("utf-8", "surrogateescape"))
+                cs.prepend_header(f"Delivered-To: {delivered}")
             for chunk in request.open_content():
                 cs.write(chunk)
         except BaseException:
@@ -452,14 +468,42 @@ class LocalAgent(DeliveryAgent):
             return None
         return cs.queue_id
 
+    def _cleanup_log(self):
+        """cleanup's own lines (message-id=...) carry postfix/cleanup, as in Postfix."""
+        if getattr(self, "_clog", None) is None:
+            from postwell.log import MailLog, NullLog
+            if self.log is None:
+                self._clog = _NoLog()
+            elif isinstance(self.log, NullLog):
+                self._clog = self.log
+            else:
+                try:
+                    self._clog = MailLog.from_config(self.config, "cleanup")
+                except Exception:
+                    self._clog = self.log
+        return self._clog
+
     def _aggregate(self, rc: Recipient, leaves: list[Leaf]) -> RecipientResult:
         now = self.clock()
-        parts = []
+        parts, forward_parts = [], []
+        forwards = set()
         for leaf in leaves:
-            r = RecipientResult(Recipient(leaf.address, orig=leaf.orig, orcpt=rc.orcpt,
-                                          notify=rc.notify), leaf.status, leaf.dsn, leaf.reason, RELAY)
+            if leaf.forward_sender is not None:
+                # Postfix logs a forward once per new queue file, under the
+                # recipient being delivered (to=<alias>), not per forwarded address,
+                # and after the other deliveries (when the new file is done).
+                if (leaf.status, leaf.reason) in forwards:
+                    continue
+                forwards.add((leaf.status, leaf.reason))
+                who = Recipient(rc.address, orig=rc.orig, orcpt=rc.orcpt, notify=rc.notify)
+                into = forward_parts
+            else:
+                who = Recipient(leaf.address, orig=leaf.orig, orcpt=rc.orcpt, notify=rc.notify)
+                into = parts
+            r = RecipientResult(who, leaf.status, leaf.dsn, leaf.reason, RELAY)
             r.done_time = now
-            parts.append(r)
+            into.append(r)
+        parts += forward_parts
         if not parts:   # everything was a duplicate of an earlier delivery
             res = RecipientResult.sent(rc, "delivered", RELAY)
         else:
@@ -517,6 +561,11 @@ class Expansion:
                     local_l.startswith("owner-") or local_l.endswith("-request"))
                 if not special:
                     user, ext = local_l[:idx], local_l[idx + 1:]
+                    if "/" in ext:
+                        # An extension never names a path (.forward+EXT): dropped, as Postfix.
+                        self.agent._warn(f"{self.request.queue_id}: address with illegal extension: "
+                                         f"{local_l}")
+                        ext = None
         return local_l, user, ext, domain
 
     def run(self, rc: Recipient) -> list[Leaf]:
@@ -524,33 +573,42 @@ class Expansion:
         top = Branch(address=address, orig=rc.orig or address, delivered=address,
                      sender=self.request.sender)
         try:
-            if address.lower() in self.delivered_to:
-                # local(8) MAIL FORWARDING: our own Delivered-To is already there.
-                self.leaf(top, "5.4.6", f"mail forwarding loop for {address}")
-            else:
-                self.recipient(top)
+            self.recipient(top)
         except DeferAll as exc:
+            # Nothing of a failed expansion goes out: the retry redoes all of it.
             self.leaves = [l for l in self.leaves if l.forward_sender is None and l.status != "sent"]
-            self.leaves.append(Leaf(address, top.orig, "deferred", exc.dsn, exc.reason))
+            status = "bounced" if exc.dsn.startswith("5") else "deferred"
+            self.leaves.append(Leaf(address, top.orig, status, exc.dsn, exc.reason))
         return self.leaves
 
-    # -- the recipient switch -------------------------------------------
+    # -- the recipient switch (Postfix's deliver_recipient/deliver_switch) --
     def recipient(self, b: Branch, mailbox_only: bool = False) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            raise DeferAll("5.4.6", f"possible alias database loop for {b.address}")
+            raise DeferAll("5.4.6", f"alias database loop for {b.address}")
+        if self.been_here(("recipient", b.level, b.address)):
+            return
+        if b.address.lower() in self.delivered_to:
+            # local(8) MAIL FORWARDING: this recipient's Delivered-To is already there.
+            self.leaf(b, "5.4.6", f"mail forwarding loop for {b.address}")
+            return
         local_l, user, ext, domain = self.split(b.address)
-        if b.level > MAX_LEVEL:
-            self._warn(f"possible alias database loop for {local_l}")
-            self.leaf(b, "5.4.6", f"possible alias database loop for {local_l}")
+        if not user:
+            self.leaf(b, "5.1.3", f"null username in {b.address}")
             return
         if not mailbox_only:
             if self.alias(b, local_l, None):
                 return
             if ext is not None and self.alias(b, user, ext):
                 return
-            if self.dotforward(b, user, ext, domain):
-                return
+        # Mail aliased or forwarded on behalf of someone else (an owner- alias, a
+        # .forward of another user) or listed in an :include: file goes out as a
+        # new queue file, so it gets its own status records and error recipient.
+        if b.level and ((b.owner is not None and b.owner.lower() != user) or b.exp_type == "include"):
+            self.forward(b, b.address)
+            return
+        if not mailbox_only and self.dotforward(b, user, ext, domain):
+            return
         if self.mailbox(b, user, ext, domain):
             return
         if self.s.luser_relay:
@@ -568,6 +626,10 @@ class Expansion:
     def alias(self, b: Branch, name: str, unmatched: str | None) -> bool:
         if b.exp_from is not None and b.exp_from.lower() == name:
             return False   # an alias that lists itself means the user
+        if b.level > MAX_LEVEL:
+            self._warn(f"alias database loop for {name}")
+            self.leaf(b, "5.4.6", f"alias database loop for {name}")
+            return True
         found = self.agent.aliases.lookup(name)
         if found is None:
             if name in ("mailer-daemon", "postmaster"):
@@ -651,14 +713,16 @@ class Expansion:
             return
         reader = b.ident if b.ident is not None else Identity(0, 0, "root")
         res = self._call(reader, op_read_file, path, reader.uid, "include")
-        if "error" in res or "defer" in res:
-            self.leaf(b, "4.3.0", res.get("defer") or res["error"])
+        if "error" in res:
+            self.leaf(b, "4.3.0", res["error"])
             return
+        problem = res.get("defer") or res.get("bounce")
         if res.get("missing"):
-            self.leaf(b, "5.3.5", f"unable to lookup include file {path}: No such file or directory")
-            return
-        if "bounce" in res:
-            self.leaf(b, "5.3.5", res["bounce"])
+            problem = f"unable to lookup :include: file {path}: No such file or directory"
+        if problem:
+            # As Postfix: the details go to the log, the sender sees a generic text.
+            self._warn(problem)
+            self.leaf(b, "5.3.5", "mail system configuration error")
             return
         owner_uid = res.get("owner", 0)
         ident, owner = b.ident, b.owner
@@ -698,19 +762,15 @@ class Expansion:
         if getattr(res, "failed", False):
             raise DeferAll("4.3.0", "address resolver failure")
         target = getattr(res, "recipient", None) or addr
-        mine = res.transport == (self.request.transport or "local")
-        local_l, user, ext, domain = self.split(target)
-        self_ref = mine and b.exp_from is not None and user == b.exp_from.lower()
-        if mine and (self_ref or mailbox_only):
-            # The user in her own alias/.forward, or "\user": straight to the mailbox.
-            self.recipient(b.child(address=target, unmatched=None), mailbox_only=True)
+        if res.transport == (self.request.transport or "local"):
+            self.recipient(b.child(address=target, unmatched=None), mailbox_only=mailbox_only)
             return
-        if mine and b.owner is None and b.exp_type != "include":
-            self.recipient(b.child(address=target, exp_type=b.exp_type, unmatched=None))
-            return
+        self.forward(b, target)
+
+    def forward(self, b: Branch, target: str) -> None:
         if self.been_here(("forward", target.lower(), b.sender)):
             return
-        self.leaves.append(Leaf(target, b.orig, "deferred", "4.3.0", "forward pending",
+        self.leaves.append(Leaf(target, b.orig, "pending", "4.3.0", "forward pending",
                                 forward_sender=b.sender, delivered=b.delivered))
 
     # -- .forward -------------------------------------------------------
@@ -721,35 +781,43 @@ class Expansion:
             return False
         ident = Identity.from_pwd(pw)
         attrs = self._attrs(b, user, ext, domain, pw)
+        candidates = []
         for template in self.s.forward_path:
             path, undefined, used = expand_template(template, attrs, self.s.fwd_filter)
-            if undefined or not path:
-                continue
-            if path in self.forward_active:
-                return False      # recursion into the same .forward: deliver to the mailbox
-            res = self._call(ident, op_read_file, path, pw.pw_uid, "forward")
-            if "error" in res:
-                raise DeferAll("4.3.0", res["error"])
-            if res.get("missing"):
-                continue
-            if "warn" in res:
-                self._warn(res["warn"])
-                return False
-            items = []
-            for line in res["text"].splitlines():
-                if line.strip() and not line.lstrip().startswith("#"):
-                    items.extend(split_tokens(line))
-            if not items:
-                return False       # an empty .forward means: no forwarding
-            unmatched = ext if (ext and "extension" not in used and "forward" in self.s.propagate) else None
-            self.forward_active.add(path)
-            try:
-                self.tokens(b.child(exp_type="forward", exp_from=user, ident=ident, owner=user,
-                                    unmatched=unmatched), items)
-            finally:
-                self.forward_active.discard(path)
+            if not undefined and path:
+                candidates.append((path, "extension" in used))
+        # One child, as the user: the home directory check, then the first
+        # forward_path file that exists.
+        res = self._call(ident, op_forward_lookup, pw.pw_dir, [c[0] for c in candidates], pw.pw_uid)
+        if "error" in res:
+            raise DeferAll("4.3.0", res["error"])
+        if "home_error" in res:
+            # local(8): no home directory, no delivery (the admin must fix it).
+            self.leaf(b, "4.3.0", f"cannot access home directory {pw.pw_dir}: {res['home_error']}")
             return True
-        return False
+        if "path" not in res:
+            return False
+        path = res["path"]
+        if path in self.forward_active:
+            return False      # back in the same .forward: deliver to the mailbox
+        if "warn" in res:
+            self._warn(res["warn"])
+            return False
+        items = []
+        for line in res["text"].splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                items.extend(split_tokens(line))
+        if not items:
+            return False       # an empty .forward means: no forwarding
+        ext_matched = dict(candidates).get(path, False)
+        unmatched = ext if (ext and not ext_matched and "forward" in self.s.propagate) else None
+        self.forward_active.add(path)
+        try:
+            self.tokens(b.child(exp_type="forward", exp_from=user, ident=ident, owner=user,
+                                unmatched=unmatched), items)
+        finally:
+            self.forward_active.discard(path)
+        return True
 
     # -- mailbox -------------------------------------------------------
     def mailbox(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
@@ -841,15 +909,19 @@ class Expansion:
         for name in self.s.export_env:
             if name in os.environ:
                 env[name] = os.environ[name]
+        # USER/LOGNAME: the bare recipient name; HOME/SHELL: whose rights the command has.
         env.update({
-            "HOME": ident.home, "USER": ident.name if pw is None else user,
-            "LOGNAME": ident.name if pw is None else user, "SHELL": ident.shell,
+            "USER": clean(user), "LOGNAME": clean(user),
             "SENDER": clean(self.request.sender), "RECIPIENT": clean(b.address),
             "LOCAL": clean(b.address.rpartition("@")[0] if "@" in b.address else b.address),
             "DOMAIN": clean(domain), "ORIGINAL_RECIPIENT": clean(b.orig),
         })
+        # HOME and SHELL only with a user context (.forward, mailbox_command, an
+        # alias database or include file owned by a user): none for root's aliases.
         if pw is not None:
             env["HOME"], env["SHELL"] = pw.pw_dir, pw.pw_shell
+        elif b.ident is not None:
+            env["HOME"], env["SHELL"] = b.ident.home, b.ident.shell
         if ext:
             env["EXTENSION"] = clean(ext)
         attrs = self.request.attributes or {}

@@ -27,7 +27,6 @@ import subprocess
 import threading
 import time
 
-from .base import iter_lines
 from .virtual import Delivery, MailboxFull, deliver_maildir, deliver_mbox
 
 # sysexits.h codes -> (dsn, text), as Postfix's sys_exits_detail().
@@ -160,7 +159,7 @@ def op_read_file(path: str, uid: int, checks: str) -> dict:
     except OSError as exc:
         if checks == "forward":
             return {"missing": True, "warn": f"cannot access file {path}: {exc.strerror}"}
-        return {"defer": f"unable to lookup include file {path}: {exc.strerror}"}
+        return {"defer": f"unable to lookup :include: file {path}: {exc.strerror}"}
     if checks == "forward":
         # local(8): ignore files that are not regular, owned by someone other than
         # the user or root, or world writable.
@@ -172,9 +171,9 @@ def op_read_file(path: str, uid: int, checks: str) -> dict:
             return {"warn": f"file {path} is world writable"}
     else:
         if not stat.S_ISREG(st.st_mode):
-            return {"bounce": f"not a regular file: {path}"}
+            return {"bounce": f"file {path} is not a regular file"}
         if st.st_mode & 0o002:
-            return {"bounce": f"file is world writable: {path}"}
+            return {"bounce": f"file {path} is world writable"}
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -189,6 +188,23 @@ def op_read_file(path: str, uid: int, checks: str) -> dict:
     finally:
         os.close(fd)
     return {"text": data.decode("utf-8", "surrogateescape"), "owner": st.st_uid}
+
+
+def op_forward_lookup(home: str, paths: list[str], uid: int) -> dict:
+    """As the user: check the home directory, then read the first existing
+    forward_path file.  {"home_error": text} | {} (none) | op_read_file's
+    answer plus "path"."""
+    try:
+        os.stat(home)
+    except OSError as exc:
+        return {"home_error": exc.strerror}
+    for path in paths:
+        res = op_read_file(path, uid, "forward")
+        if res.get("missing"):
+            continue   # lstat failed, whatever the reason: try the next name (dotforward.c)
+        res["path"] = path
+        return res
+    return {}
 
 
 # ------------------------------------------------------------------ writing
@@ -212,7 +228,8 @@ class LocalCopy(Delivery):
         if self.want_orig and self.orig:
             out.append(f"X-Original-To: {self.orig}\n")
         if self.want_delivered and self.delivered:
-            out.append(f"Delivered-To: {self.delivered.lower()}\n")
+            # As given (Postfix 3.7 does not fold it); loop checks compare case-blind.
+            out.append(f"Delivered-To: {self.delivered}\n")
         return "".join(out).encode("utf-8", "surrogateescape")
 
 
@@ -318,8 +335,8 @@ def op_file(d: LocalCopy, open_content) -> dict:
 
 def command_argv(command: str, shell: str = "") -> list[str]:
     """Postfix's exec_command(): exec directly unless the command needs a shell."""
-    if shell:
-        return shell.split() + [command] if "-c" in shell.split() else [*shell.split(), "-c", command]
+    if shell:   # local_command_shell, e.g. "/some/where/smrsh -c": used for every command
+        return [*shell.split(), command]
     words = command.split()
     if not words or any(c in SHELL_META for c in command) or words[0] in SHELL_BUILTINS:
         return ["/bin/sh", "-c", command]
@@ -327,8 +344,10 @@ def command_argv(command: str, shell: str = "") -> list[str]:
 
 
 def _printable(data: bytes) -> str:
+    # Line breaks and tabs become spaces (so "text\n" ends in a blank, as in
+    # Postfix's log), anything else unprintable becomes "_".
     text = data.decode("utf-8", "replace")
-    return "".join(c if c.isprintable() else " " for c in text).strip()
+    return "".join(c if c.isprintable() else " " if c in "\n\t\r" else "_" for c in text)
 
 
 def op_command(command: str, env: dict, cwd: str, time_limit: float, shell: str, copy: LocalCopy,
@@ -376,8 +395,8 @@ def op_command(command: str, env: dict, cwd: str, time_limit: float, shell: str,
         head = f"From {sender}  {time.asctime()}\n".encode("utf-8", "surrogateescape") + copy.headers()
         try:
             proc.stdin.write(head)
-            for line in iter_lines(open_content()):
-                proc.stdin.write(line)
+            for chunk in open_content():
+                proc.stdin.write(chunk)
             proc.stdin.close()
         except (BrokenPipeError, ValueError, OSError):
             pass   # a command may stop reading early; its exit status decides

@@ -80,8 +80,11 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
         log.fatal(str(exc))
         agent = None
 
+    connections = set()
+
     async def handle(reader, writer):
         tasks = set()
+        connections.add(reader)
 
         async def one(req):
             async with limit:
@@ -117,6 +120,7 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
             if tasks:
                 await asyncio.wait(list(tasks), timeout=3600)
         finally:
+            connections.discard(reader)
             writer.close()
 
     async def main():
@@ -138,6 +142,9 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
             os.chown(path, owner_uid, owner_gid if owner_gid is not None else -1)
         await stop.wait()
         server.close()
+        # Stop reading new requests; deliveries in flight still finish and answer.
+        for reader in list(connections):
+            reader.feed_eof()
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if pending:
             await asyncio.wait(pending, timeout=60)

@@ -118,7 +118,7 @@ class Slot:
     def command(self) -> str:
         if self.svc is not None:
             return self.svc.command
-        return "virtual" if self.kind == "helper" else "qmgr"
+        return {"helper": "virtual", "localhelper": "local"}.get(self.kind, "qmgr")
 
 
 class Master:
@@ -309,6 +309,10 @@ class Master:
             vsvc = next((s for s in cfg.services or [] if s.name == "virtual" and s.type == "unix"), None)
             vcfg = cfg.override(vsvc.overrides) if vsvc is not None and vsvc.overrides else cfg
             slots.append(Slot("helper", vsvc, vcfg, [], 1, key=("virtual-helper",)))
+            # ... and of local(8): it switches to each recipient user per delivery.
+            lsvc = next((s for s in cfg.services or [] if s.name == "local" and s.type == "unix"), None)
+            lcfg = cfg.override(lsvc.overrides) if lsvc is not None and lsvc.overrides else cfg
+            slots.append(Slot("localhelper", lsvc, lcfg, [], 1, key=("local-helper",)))
         qsvc = plan.qmgr
         qcfg = cfg.override(qsvc.overrides) if qsvc is not None and qsvc.overrides else cfg
         slots.append(Slot("qmgr", qsvc, qcfg, [], 1, key=("qmgr",)))
@@ -361,6 +365,13 @@ class Master:
             # the mailbox owner before opening anything.
             helper.serve(slot.config, self.owner[0], self.owner[1])
             return
+        if slot.kind == "localhelper":
+            _die_with_master(master_pid)
+            from postwell.delivery import local_helper
+            # Stays root by design, like local(8): every user operation runs in a
+            # forked child that drops to the recipient's uid/gid first.
+            local_helper.serve(slot.config, self.owner[0], self.owner[1])
+            return
         drop_privileges(self.owner)
         # After the uid change: the kernel clears the parent-death signal on it.
         _die_with_master(master_pid)
@@ -372,6 +383,8 @@ class Master:
             if self.owner:
                 from postwell.delivery import helper
                 helper.HELPER_SOCKET = helper.socket_path(slot.config)
+                from postwell.delivery import local_helper
+                local_helper.HELPER_SOCKET = local_helper.socket_path(slot.config)
             qmgr.serve(slot.config)
 
     def _retired_slots(self):

@@ -8,6 +8,13 @@ recipients already marked done in its envelope are not delivered twice).
 
 Time: ``clock()`` (injectable) decides retry and expiry; sleeping uses the
 event loop, so tests drive the scheduler with a fake clock and direct calls.
+
+Notices (Postfix's bounce/defer/trace services, in-process): failures and
+NOTIFY=SUCCESS deliveries go to bounce/ID (fsync'd before the recipients are
+marked done), and at the end of each pass become one notice each through
+cleanup (postwell.dsn).  defer/ID holds this pass's deferral reasons plus one
+``delay_warning=sent`` entry once the single delay warning went out; it is
+reset (marker kept) each time the message becomes active.
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ from collections import defaultdict
 
 from postwell.delivery import agent_class
 from postwell.delivery.base import DeliveryRequest, Recipient, RecipientResult
-from postwell.dsn.notice import FailedRecipient, build_bounce
+from postwell.dsn import (
+    DELAY, FAILURE, SUCCESS, DsnRecipient, NoticeError, double_bounce_address, is_double_bounce,
+    notify_classes, post_notice, render_notice, wants,
+)
+from postwell.queue import format as qformat
 
 from .logfmt import delivery_line
 
@@ -28,7 +39,7 @@ try:  # start-up warnings name set-but-ignored parameters; these are honoured he
 except ImportError:  # pragma: no cover
     def _register(*names):
         pass
-_register("minimal_backoff_time", "maximal_backoff_time", "queue_run_delay", "maximal_queue_lifetime", "bounce_queue_lifetime", "default_destination_concurrency_limit", "default_destination_recipient_limit", "default_process_limit", "delay_logging_resolution_limit", "qmgr_message_active_limit", "double_bounce_sender", "virtual_destination_concurrency_limit", "virtual_destination_recipient_limit")
+_register("minimal_backoff_time", "maximal_backoff_time", "queue_run_delay", "maximal_queue_lifetime", "bounce_queue_lifetime", "default_destination_concurrency_limit", "default_destination_recipient_limit", "default_process_limit", "delay_logging_resolution_limit", "qmgr_message_active_limit", "double_bounce_sender", "virtual_destination_concurrency_limit", "virtual_destination_recipient_limit", "delay_warning_time", "bounce_size_limit", "notify_classes", "bounce_notice_recipient", "2bounce_notice_recipient", "delay_notice_recipient")
 
 SAFETY_SCAN_INTERVAL = 5.0     # seconds between incoming/ scans without a wake-up
 OPEN_MESSAGE_LIMIT = 500       # messages being delivered at once (each holds its queue file open)
@@ -103,6 +114,8 @@ class QueueManager:
         self.bounce_lifetime = config.get_time("bounce_queue_lifetime", "d")
         self.active_limit = max(1, config.get_int("qmgr_message_active_limit") or 20000)
         self.max_decimals = config.get_int("delay_logging_resolution_limit")
+        self.delay_warning = config.get_time("delay_warning_time", "h")
+        self._cleanup = None
 
     # ---------------------------------------------------------------- agents
     def _service_for(self, transport: str):
@@ -260,8 +273,6 @@ class QueueManager:
         # Postfix's qmgr line, logged each time a message enters the active queue.
         self.log.info(f"{qid}: from=<{sender}>, size={size}, nrcpt={len(all_rcpts)} (queue active)")
         pending = [r for r in all_rcpts if not _rcpt_done(r)]
-        lifetime = self.bounce_lifetime if sender == "" else self.lifetime
-        expired = (active_time - arrival) >= lifetime
 
         groups: dict[tuple[str, str], list[tuple[object, Recipient]]] = defaultdict(list)
         early: list[tuple[object, RecipientResult]] = []
@@ -281,24 +292,26 @@ class QueueManager:
             rc.nexthop_recipient = getattr(res, "recipient", None) or rc.address
             groups[(res.transport, res.nexthop or "")].append((r, rc))
 
-        deferred_any = False
-        expired_any = False
+        deferred: list[tuple[object, RecipientResult]] = []
+        warned = await self._blocking(self._reset_defer_log, qid)
 
         async def settle(pairs, handoff_default, service):
             # Log each result, then one durable batch: bounce log entries
             # (fsync'd) before the recipients are marked done, so a crash in
             # between still leads to the notice, never to silence.
-            nonlocal deferred_any, expired_any
             done, bounce_entries, defer_entries = [], [], []
             for r, handoff, res in pairs:
                 self._log_result(qid, res, arrival, active_time, handoff or handoff_default, service)
-                if res.status == "deferred" and not expired:
+                if res.status == "deferred":
                     defer_entries.append((r, res))
-                    deferred_any = True
+                    deferred.append((r, res))
                     continue
-                if res.status != "sent":
-                    bounce_entries.append((r, res))
-                    expired_any |= res.status == "deferred"
+                if res.status == "sent":
+                    action = _success_action(res)
+                    if action and wants(getattr(r, "notify", None), "SUCCESS"):
+                        bounce_entries.append((r, res, action, f"delivery via {res.relay}: {res.reason}"))
+                else:
+                    bounce_entries.append((r, res, "failed", res.reason))
                 done.append(r)
             await self._blocking(self._record, qid, qm, done, bounce_entries, defer_entries)
 
@@ -316,10 +329,27 @@ class QueueManager:
 
         await asyncio.gather(*(run_group(t, n, items) for (t, n), items in groups.items()))
 
-        if expired_any:
+        # Postfix's qmgr_active_done(): expiry is judged after the attempt, on
+        # the message's age now; the remaining recipients are returned with
+        # the reason (and 4.x status) of this last deferral.
+        lifetime = self.bounce_lifetime if sender == "" else self.lifetime
+        if deferred and self.clock() - arrival >= lifetime:
             self.log.info(f"{qid}: from=<{sender}>, status=expired, returned to sender")
-        await self._send_bounce(qid, qm, sender, arrival)
-        if deferred_any:
+            await self._blocking(self._record, qid, qm, [r for r, _ in deferred],
+                                 [(r, res, "failed", res.reason) for r, res in deferred], [])
+            deferred = []
+        try:
+            await self._send_notices(qid, qm, sender, arrival)
+            notices_pending = False
+        except NoticeError:
+            # bounce/ID stays; the message waits in deferred/ until the notice
+            # can be queued (Postfix: a failed bounce defers the message).
+            notices_pending = True
+        if deferred or notices_pending:
+            if (deferred and self.delay_warning > 0 and not warned
+                    and self.clock() >= arrival + self.delay_warning):
+                deferred.sort(key=lambda p: getattr(p[0], "index", 0))
+                await self._send_delay_warning(qid, qm, sender, arrival, deferred)
             await self._blocking(self._defer_file, qid, self.clock() + self._backoff(arrival))
         else:
             await self._blocking(self.store.remove, qid)
@@ -393,17 +423,56 @@ class QueueManager:
                                   max_decimals=self.max_decimals))
 
     def _record(self, qid, qm, done, bounce_entries, defer_entries) -> None:
-        """Blocking part of settling results (runs in a worker thread)."""
-        for i, (r, res) in enumerate(defer_entries):
+        """Blocking part of settling results (runs in a worker thread).
+
+        ``bounce_entries`` are (recipient, result, action, reason): failures
+        and, for NOTIFY=SUCCESS, deliveries (Postfix's trace log); both live
+        in bounce/ID until their notices are queued."""
+        for r, res in defer_entries:
             self.store.append_defer_log(qid, r, res.dsn, res.reason,
                                         sync=False)   # reasons only; losing one costs nothing
         # RFC 3461 4.1: no failure notice unless NOTIFY (when given) asks for FAILURE.
-        wanted = [(r, res) for r, res in bounce_entries if _wants_failure_notice(r)]
-        for i, (r, res) in enumerate(wanted):
-            self.store.append_bounce_log(qid, r, res.dsn, res.reason,
+        wanted = [e for e in bounce_entries
+                  if e[2] != "failed" or wants(getattr(e[0], "notify", None), "FAILURE")]
+        for i, (r, res, action, reason) in enumerate(wanted):
+            self.store.append_bounce_log(qid, r, res.dsn, reason, action=action,
                                          sync=(i == len(wanted) - 1))
         if done:
             qm.mark_done(done)
+
+    def _reset_defer_log(self, qid: str) -> bool:
+        """Start each attempt with a fresh defer log (Postfix removes it when
+        the message becomes active), keeping only the "delay warning sent"
+        marker.  Returns whether that warning was already sent."""
+        path = self.store.path("defer", qid)
+        try:
+            with open(path, "rb") as f:
+                entries = qformat.parse_log_entries(f.read(4 * 1024 * 1024))
+        except FileNotFoundError:
+            return False
+        markers = [e for e in entries if e.get("delay_warning")]
+        if not markers:
+            _unlink(path)
+            return False
+        if len(markers) != len(entries):
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(qformat.pack_log_entry(markers[0]))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)   # atomic: the marker is never lost in between
+        return True
+
+    def _mark_delay_warned(self, qid: str) -> None:
+        """Durably record that the one delay warning went out (a free entry in
+        defer/ID, which leaves the queue with the message)."""
+        entry = {"delay_warning": "sent", "time": str(int(self.clock()))}
+        fd = os.open(self.store.path("defer", qid), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, qformat.pack_log_entry(entry))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _backoff(self, arrival: float) -> float:
         # Postfix: the wait grows with the message's age (so it doubles per
@@ -418,47 +487,130 @@ class QueueManager:
         except OSError as exc:
             self.log.warning(f"{qid}: set retry time: {exc}")
 
-    def _is_bounce_sender(self, sender: str) -> bool:
-        dbl = self.config.get("double_bounce_sender").lower()
-        low = sender.lower()
-        return sender == "" or low == dbl or low.startswith(dbl + "@")
+    # ------------------------------------------------------------ notices
+    def _cleanup_service(self):
+        if self._cleanup is None:
+            from postwell.cleanup import Cleanup
+            log = self.agent_logs("cleanup") if self.agent_logs else self.log
+            self._cleanup = Cleanup(self.config, self.store, log)
+        return self._cleanup
 
-    async def _send_bounce(self, qid, qm, sender, arrival) -> None:
-        """Turn the bounce log into one notice to the sender (then drop the log)."""
+    async def _post(self, qid: str, label: str, sender: str, to: str, data: bytes,
+                    critical: bool = True) -> bool:
+        """Queue one notice; log ``ID: <label> notification: NEWID`` as
+        Postfix's bounce daemon does.  A non-critical notice (postmaster
+        copy, success report) that fails is only warned about."""
+        try:
+            new_id = await post_notice(self.config, self.store, sender=sender, recipient=to,
+                                       data=data, cleanup=self._cleanup_service())
+        except NoticeError as exc:
+            self.log.warning(f"{qid}: cannot queue {label} notification: {exc}")
+            if critical:
+                raise
+            return False
+        if not new_id:
+            self.log.warning(f"{qid}: {label} notification refused by cleanup: discarded")
+            return False
+        self.bounce_log.info(f"{qid}: {label} notification: {new_id}")
+        self.wake()
+        return True
+
+    def _render(self, kind, qid, qm, sender, arrival, rcpts, to, postmaster=False, full=None):
+        return render_notice(self.config, kind=kind, queue_id=qid, sender=sender,
+                             arrival_time=arrival, recipients=rcpts,
+                             original=lambda: qm.iter_content(),
+                             content_size=getattr(qm, "content_size", 0), to=to,
+                             ret=getattr(qm, "ret", None), envid=getattr(qm, "envid", None),
+                             postmaster=postmaster, full=full, now=self.clock())
+
+    def _dsn_recipients(self, qm, entries) -> list[DsnRecipient]:
+        by_key = {}
+        for i, r in enumerate(getattr(qm, "recipients", []) or []):
+            if not isinstance(r, str):
+                by_key.setdefault((r.address, r.orig or ""), (i, r))
+        out = []
+        for e in entries:
+            addr, orig = e.get("recipient", ""), e.get("orig_rcpt", "")
+            i, r = by_key.get((addr, orig), (len(by_key), None))
+            out.append((i, DsnRecipient(addr, e.get("status", "5.0.0"), e.get("reason", ""),
+                                        e.get("action", "failed"), orig or None,
+                                        getattr(r, "orcpt", None) or None)))
+        # Envelope order, whatever order the parallel deliveries finished in.
+        out.sort(key=lambda x: x[0])
+        return [d for _, d in out]
+
+    async def _send_notices(self, qid, qm, sender, arrival) -> None:
+        """Turn bounce/ID into notices (Postfix's bounce_notify_service and
+        bounce_trace_service), then drop it.  The log stays when the main
+        notice cannot be queued: the next pass over the message tries again."""
         entries = await self._blocking(self.store.read_bounce_log, qid)
         if not entries:
             return
-        bounce_log_path = self.store.path("bounce", qid)
-        if self._is_bounce_sender(sender):
-            # Never bounce a bounce (notify_classes has no 2bounce by default).
-            await self._blocking(_unlink, bounce_log_path)
-            return
-        failed = [FailedRecipient(e.get("recipient", ""), e.get("orig_rcpt") or None,
-                                  e.get("status", "5.0.0"), e.get("reason", ""))
-                  for e in entries]
-        msg = None
+        failed = self._dsn_recipients(qm, [e for e in entries if e.get("action", "failed") == "failed"])
+        success = self._dsn_recipients(qm, [e for e in entries if e.get("action", "failed") != "failed"])
+        classes = notify_classes(self.config)
+        pm_sender = double_bounce_address(self.config)
+        if failed:
+            if is_double_bounce(self.config, sender):
+                # A postmaster notice that failed: never a triple bounce.
+                self.log.warning(f"{qid}: undeliverable postmaster notification discarded")
+            elif sender == "":
+                # A failed notice: a double bounce to the postmaster, with the
+                # whole notice, only when notify_classes asks for it.
+                if classes & {"bounce", "2bounce"}:
+                    to = self.config.get("2bounce_notice_recipient")
+                    data = self._render(FAILURE, qid, qm, sender, arrival, failed, to,
+                                        postmaster=True, full=True)
+                    await self._post(qid, "postmaster non-delivery", pm_sender, to, data)
+            else:
+                data = self._render(FAILURE, qid, qm, sender, arrival, failed, sender)
+                if await self._post(qid, "sender non-delivery", "", sender, data) \
+                        and "bounce" in classes:
+                    to = self.config.get("bounce_notice_recipient")
+                    data = self._render(FAILURE, qid, qm, sender, arrival, failed, to,
+                                        postmaster=True, full=False)
+                    await self._post(qid, "postmaster non-delivery", pm_sender, to, data,
+                                     critical=False)
+        if success and sender and not is_double_bounce(self.config, sender):
+            data = self._render(SUCCESS, qid, qm, sender, arrival, success, sender)
+            await self._post(qid, "sender delivery status", "", sender, data, critical=False)
+        await self._blocking(_unlink, self.store.path("bounce", qid))
+
+    async def _send_delay_warning(self, qid, qm, sender, arrival, deferred) -> None:
+        """One "Delayed Mail (still being retried)" notice per message, for
+        recipients whose NOTIFY asks for DELAY (Postfix's bounce_warn_service)."""
+        def rcpt(r, res):
+            rc = _rcpt_fields(r)
+            return DsnRecipient(rc.address, res.dsn, res.reason, "delayed", rc.orig, rc.orcpt)
+        everyone = [rcpt(r, res) for r, res in deferred]
+        asked = [rcpt(r, res) for r, res in deferred if wants(getattr(r, "notify", None), "DELAY")]
+        classes = notify_classes(self.config)
+        pm_sender = double_bounce_address(self.config)
         try:
-            msg = self.store.create()
-            data = build_bounce(config=self.config, queue_id=qid, sender=sender,
-                                arrival_time=arrival, recipients=failed,
-                                original_content=lambda: qm.iter_content(),
-                                notice_id=msg.queue_id, now=self.clock())
-            msg.set_sender("")
-            msg.add_recipient(sender)
-            msg.write(data)
-            await self._blocking(msg.commit)
-        except Exception as exc:
-            # The bounce log stays: the next pass over this message tries again.
-            self.log.warning(f"{qid}: cannot queue non-delivery notification: {exc}")
-            if msg is not None:
-                try:
-                    msg.abort()
-                except Exception:
-                    pass
-            raise
-        self.bounce_log.info(f"{qid}: sender non-delivery notification: {msg.queue_id}")
-        await self._blocking(_unlink, bounce_log_path)
-        self.wake()
+            if is_double_bounce(self.config, sender):
+                pass
+            elif sender == "":
+                if "2bounce" in classes:
+                    to = self.config.get("2bounce_notice_recipient")
+                    data = self._render(DELAY, qid, qm, sender, arrival, everyone, to,
+                                        postmaster=True)
+                    await self._post(qid, "postmaster delay", pm_sender, to, data)
+            else:
+                if asked:
+                    data = self._render(DELAY, qid, qm, sender, arrival, asked, sender)
+                    await self._post(qid, "sender delay", "", sender, data)
+                if "delay" in classes:
+                    to = self.config.get("delay_notice_recipient")
+                    data = self._render(DELAY, qid, qm, sender, arrival, everyone, to,
+                                        postmaster=True)
+                    await self._post(qid, "postmaster delay", pm_sender, to, data, critical=False)
+        except NoticeError:
+            return      # not marked: the next deferral tries again
+        await self._blocking(self._mark_delay_warned, qid)
+
+    # kept for callers of the first draft
+    async def _send_bounce(self, qid, qm, sender, arrival) -> None:
+        await self._send_notices(qid, qm, sender, arrival)
 
     # ------------------------------------------------------------ main loop
     async def run(self, fifo_path: str | None = None, stop: asyncio.Event | None = None) -> None:
@@ -531,8 +683,24 @@ def _open_fifo(path: str):
 
 
 def _wants_failure_notice(r) -> bool:
-    notify = (getattr(r, "notify", None) or "").upper()
-    return not notify or "FAILURE" in notify.replace(" ", "").split(",")
+    return wants(getattr(r, "notify", None), "FAILURE")
+
+
+_UNSET = object()
+
+
+def _success_action(res) -> str | None:
+    """RFC 3464 2.3.3 action for a delivered recipient with NOTIFY=SUCCESS.
+
+    An agent may say so itself with ``res.dsn_action`` ("delivered",
+    "relayed", "expanded", or None when the next hop took over DSN duties,
+    e.g. an SMTP server that accepted NOTIFY, RFC 3461 5.2.2).  Otherwise a
+    hand-off to a remote host ("name[addr]:port") is "relayed" and any local
+    delivery is "delivered"."""
+    action = getattr(res, "dsn_action", _UNSET)
+    if action is not _UNSET:
+        return action or None
+    return "relayed" if "[" in (res.relay or "") else "delivered"
 
 
 def _unlink(path: str) -> None:

@@ -79,6 +79,14 @@ def step_reply(step: SaslStep) -> Reply:
     return Reply(535, f"Error: authentication failed: {reason}", "5.7.8")
 
 
+def step_bytes(step: SaslStep, enhanced_status_codes: bool = True) -> bytes:
+    """Wire bytes for a step.  Postfix sends ``334 `` with the space even for an
+    empty challenge, which Reply.to_bytes() would trim."""
+    if isinstance(step, Challenge):
+        return b"334 " + step.text.encode("ascii") + b"\r\n"
+    return step_reply(step).to_bytes(enhanced_status_codes)
+
+
 def failure_log_text(namaddr: str, mechanism: str, failure: Failure) -> str:
     """The warning Postfix logs (MailLog.warning adds ``warning: ``)."""
     reason = failure.reason or "(reason unavailable)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import (MECHANISM_PROPERTIES, DEFAULT_RESPONSE_LIMIT, SaslExchange, SaslServer,
                    allowed_by_options, apply_mechanism_filter)
-from .mechanisms import (LOCAL_MECHANISMS, SECRET_MECHANISMS, NoMechanismExchange,
+from .mechanisms import (ENCRYPT, LOCAL_MECHANISMS, SECRET_MECHANISMS, NoMechanismExchange,
                          PasswordBackend)
 
 
@@ -46,8 +46,12 @@ class LocalSaslServer(SaslServer):
               local_port: str = "", local_domain: str | None = None,
               tls_active: bool = False) -> SaslExchange:
         name = mechanism.upper()
-        if name not in self.mechanisms(tls_active):
+        if name not in self.configured:
             return NoMechanismExchange(name)
+        required = self.tls_security_options if tls_active else self.security_options
+        if not allowed_by_options(MECHANISM_PROPERTIES.get(name, frozenset()), required):
+            # What libsasl2 answers for a mechanism the security options forbid.
+            return NoMechanismExchange(name, ENCRYPT)
         cls, kwargs = LOCAL_MECHANISMS[name]
         domain = self.local_domain if local_domain is None else local_domain
         return cls(self.backend, initial_response, local_domain=domain,

@@ -26,6 +26,7 @@ NOMECH = "no mechanism available"           # SASL_NOMECH
 GENERIC = "generic failure"                 # SASL_FAIL (temporary)
 UNAVAIL = "remote authentication server unavailable"   # SASL_UNAVAIL (temporary)
 NOAUTHZ = "authorization failure"           # SASL_NOAUTHZ
+ENCRYPT = "encryption needed to use mechanism"  # SASL_ENCRYPT: forbidden by security options
 
 SCRAM_ITERATIONS = 4096      # RFC 7677 4: at least 4096 for SHA-256
 _MAX_FIELD = 1024            # longest user name / password we consider
@@ -157,6 +158,8 @@ class LocalExchange(SaslExchange):
             # RFC 4616 2: we let nobody act for somebody else.
             az = canonical_identity(authzid, self.local_domain, self.hostname)
             if (az.user, az.realm) != (ident.user, ident.realm):
+                # libsasl2 reports the requested identity as the user name here.
+                self.username = az.reported
                 return self.fail(BADAUTH)
         try:
             ok = await self.backend.verify(ident, password)
@@ -186,8 +189,11 @@ class PlainExchange(LocalExchange):
         if len(parts) != 3:
             return self.fail(BADPROT)
         authzid, authcid, passwd = (_text(p) for p in parts)
-        if authcid is None or passwd is None or authzid is None or not authcid:
+        if authcid is None or passwd is None or authzid is None:
             return self.fail(BADPROT)
+        if not authcid:
+            # libsasl2's canonicalisation fails on an empty name: SASL_FAIL.
+            return self.fail(GENERIC, temporary=True)
         return await self.check_password(authcid, passwd, authzid or None)
 
 
@@ -206,11 +212,13 @@ class LoginExchange(LocalExchange):
         if text is None:
             return self.fail(BADPROT)
         if self._login is None:
-            if not text:
-                return self.fail(BADPROT)
             self._login = text
-            self.identity(text)
+            if text:
+                self.identity(text)
             return Challenge(b"Password:")
+        if not self._login:
+            # As libsasl2: an empty name is noticed only after the password.
+            return self.fail(GENERIC, temporary=True)
         return await self.check_password(self._login, text)
 
 
@@ -333,7 +341,10 @@ class ScramExchange(LocalExchange):
             azi = canonical_identity(az, self.local_domain, self.hostname)
             if (azi.user, azi.realm) != (self._ident.user, self._ident.realm):
                 secret = None
-        # An unknown user gets a challenge like any other: no user enumeration.
+        if secret is None:
+            # libsasl2 fails an unknown user at once (checked against Postfix
+            # 3.7 + Cyrus); we do the same rather than fake a challenge.
+            return self.fail(BADAUTH)
         salt = os.urandom(16)
         self._secret = secret
         self._salted = hashlib.pbkdf2_hmac(self.hash_name, (secret or "\0").encode("utf-8"),
@@ -375,14 +386,15 @@ class ScramExchange(LocalExchange):
 class NoMechanismExchange(SaslExchange):
     """AUTH with a mechanism we do not offer: Cyrus's SASL_NOMECH."""
 
-    def __init__(self, mechanism: str) -> None:
+    def __init__(self, mechanism: str, reason: str = NOMECH) -> None:
         self.mechanism = mechanism
+        self.reason = reason
 
     async def begin(self) -> SaslStep:
-        return Failure(NOMECH)
+        return Failure(self.reason)
 
     async def step(self, response: str | bytes) -> SaslStep:
-        return Failure(NOMECH)
+        return Failure(self.reason)
 
 
 LOCAL_MECHANISMS = {

@@ -12,16 +12,21 @@ API (the asyncio glue in postwell.smtpd is the only caller; tests drive it direc
     conn.data_to_send() -> bytes # replies to write; call it when next_event() says NEED_DATA
     conn.error_delay() -> float  # seconds to sleep before writing (smtpd_soft_error_limit)
     conn.tls_started()           # after the TLS handshake (STARTTLS accepted with 220)
-    conn.where                   # "CONNECT", "EHLO", "DATA", "END-OF-MESSAGE", ... for logs
+    conn.deny_access()           # on_connect refused: 503 to every command but QUIT
+    conn.abort(reason)           # timeout etc.: close, counting a DATA/BDAT in progress
+    conn.where                   # "CONNECT", "RCPT", "DATA (9 bytes)", ... for log lines
     conn.counters_text()         # "ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4"
     conn.closed                  # no more input is read once True (after QUIT, 421, 521, EOF)
+    conn.pipelining_violation    # for reject_unauth_pipelining
 
-Events (frozen dataclasses): Helo, Ehlo, Mail, Rcpt, Data (DATA accepted by the engine; the
-glue runs policy; default reply 354), Bdat (first chunk of a transaction: policy check; default
-reply None = no reply now), DataChunk (message content, dot-unstuffed, CRLF lines; a long line
-may arrive in pieces), DataEnd (end of DATA or BDAT LAST: the glue finishes the queue file and
-replies), BdatChunkEnd (a non-LAST chunk consumed; default "250 2.0.0 Ok: N bytes"),
-Rset, Vrfy, Etrn, StartTls, Auth, AuthResponse, Warning (text to log), ConnectionClosed.
+Events (frozen dataclasses; those with needs_reply=True carry a `default` reply and must be
+answered with send_reply() before the engine goes on): Helo, Ehlo, Mail, Rcpt, Data (default
+354), Bdat (first chunk of a transaction, for smtpd_data_restrictions; default None = go on
+silently), BdatChunkEnd (default "250 2.0.0 Ok: N bytes"), DataEnd (end of DATA / BDAT LAST:
+finish the queue file, then reply), Vrfy, Etrn, StartTls, Auth (reply 334 to get an
+AuthResponse), AuthResponse.  Notices without a reply: DataChunk (content, dot-unstuffed,
+CRLF lines; a long line may arrive in pieces), Rset, Warning / Info (log lines), Rejected (an
+engine reject Postfix logs as "NOQUEUE: reject"), ConnectionClosed(reason).
 Replies the engine decides itself (syntax, sequence, limits) never become events; their
 counters and error accounting are kept here so the glue cannot get them wrong.
 
@@ -425,12 +430,30 @@ def extract_address(token: str, null_ok: bool) -> str:
     return s
 
 
+def internalize(address: str) -> str:
+    """RFC 5321 quoted form -> Postfix's internal (unquoted) form: quotes and backslash
+    escapes go ("a b"@c -> a b@c). Queue files, logs and replies use this form."""
+    out = []
+    quoted = esc = False
+    for ch in address:
+        if esc:
+            out.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == '"':
+            quoted = not quoted
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def parse_path(text: str, null_ok: bool) -> tuple[str, list[str]]:
     """"<addr> params" -> (address, [params]); raises _SyntaxError for a bad address."""
     args = split_args(text)
     if not args:
         raise _SyntaxError
-    return extract_address(args[0], null_ok), args[1:]
+    return internalize(extract_address(args[0], null_ok)), args[1:]
 
 
 # --- the connection -----------------------------------------------------------------------
@@ -445,14 +468,13 @@ S_TLS = "tls"                # STARTTLS accepted, waiting for tls_started()
 S_CLOSED = "closed"
 
 # Counter names in the order Postfix prints them in the disconnect line.
-_COUNTER_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
+_COUNTER_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
                   "noop", "vrfy", "etrn", "quit", "unknown")
 
 REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 _HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
-_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "ETRN", "STARTTLS",
-                            "AUTH"})
+_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS"})
 _MAIL_PARAMS = ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH")
 
 
@@ -532,11 +554,7 @@ class ServerConnection:
         if self._pending is not None:
             return PAUSED
         if self._eof and not self.closed:
-            if self.state == S_DATA:
-                self._count("data", False)      # Postfix: data=0/1 after a lost DATA
-            elif self.state == S_BDAT:
-                self._count("bdat", False)
-            self._close("lost")
+            self.abort("lost")
             return self._events.pop(0)
         return NEED_DATA
 
@@ -561,6 +579,17 @@ class ServerConnection:
         d, self._delay = self._delay, 0.0
         return d
 
+    def abort(self, reason: str) -> None:
+        """End the session from outside (EOF, timeout): a DATA or BDAT being read counts as
+        a failed attempt, as in Postfix's "data=0/1"."""
+        if self.closed:
+            return
+        if self.state == S_DATA:
+            self._count("data", False)
+        elif self.state == S_BDAT:
+            self._count("bdat", False)
+        self._close(reason)
+
     def tls_started(self) -> None:
         # RFC 3207 4.2: forget everything learnt before TLS, including HELO.
         self.tls_active = True
@@ -581,7 +610,9 @@ class ServerConnection:
             parts.append(f"{name}={ok}" if ok == n else f"{name}={ok}/{n}")
             total += n
             total_ok += ok
-        parts.append(f"commands={total_ok}" if total_ok == total else f"commands={total_ok}/{total}")
+        # Postfix prints "commands=0/0" for a session without any command.
+        parts.append(f"commands={total_ok}" if total_ok == total and total
+                     else f"commands={total_ok}/{total}")
         return " ".join(parts)
 
     @property
@@ -811,7 +842,19 @@ class ServerConnection:
         line = self._take_line()
         if line is None:
             return False
-        text = line.decode("utf-8", "surrogateescape")
+        nul = line.find(b"\x00")
+        if nul >= 0:
+            line = line[:nul]        # Postfix reads commands as C strings: NUL ends the line
+        if self.config.smtputf8_enable and self.state != S_AUTH:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                # RFC 6531 3.3; not counted as a command, as Postfix does.
+                self.error_count += 1
+                self._queue_reply(Reply(500, "Error: bad UTF-8 syntax", "5.5.2"))
+                return True
+        else:
+            text = line.decode("utf-8", "surrogateescape")
         if self.state == S_AUTH:
             self.state = S_CMD
             if text == "*":
@@ -826,7 +869,8 @@ class ServerConnection:
             self._queue_reply(Reply(421, f"{self.config.hostname} Error: too many errors", "4.7.0"))
             self._close("too many errors")
             return False
-        verb, _, arg = text.strip(" \t").partition(" ")
+        parts = text.strip(" \t").split(None, 1)
+        verb, arg = (parts + ["", ""])[:2] if parts else ("", "")
         if not verb:
             self._error("unknown", Reply(500, "Error: bad syntax", "5.5.2"))
             return True
@@ -843,13 +887,15 @@ class ServerConnection:
             self.where = verb_u
             self._error(verb.lower(), Reply(503, f"Error: access denied for {self.client}", "5.7.0"))
             return True
-        if handler is None or "\x00" in text:
+        if handler is None:
             self._error("unknown", Reply(500, "Error: command not recognized", "5.5.2"))
             return True
         self.where = verb_u
-        if verb_u in _LAST_IN_GROUP and self._inbuf and not self.pipelining_violation:
-            # RFC 2920 3.1: these commands end a group; more input means the client did
-            # not wait for our reply. Postfix logs it once per session.
+        if (self._inbuf and not self.pipelining_violation and handler is not None
+                and (verb_u in _LAST_IN_GROUP or not self.esmtp)):
+            # RFC 2920 3.1: these commands end a group, and without EHLO there is no
+            # PIPELINING at all; more input means the client did not wait for our reply.
+            # Postfix logs it once per session (same command set, checked against 3.7).
             self.pipelining_violation = True
             rest = bytes(self._inbuf[:100]).decode("latin-1")
             rest = rest.replace("\r", "\\r").replace("\n", "\\n")
@@ -1141,7 +1187,7 @@ class ServerConnection:
         try:
             if len(args) > 2 or (len(args) == 2 and args[1].upper() != "SMTPUTF8"):
                 raise _SyntaxError
-            addr = extract_address(args[0], null_ok=False)
+            addr = internalize(extract_address(args[0], null_ok=False))
         except _SyntaxError:
             self._error("vrfy", Reply(501, "Bad recipient address syntax", "5.1.3"))
             return
@@ -1149,14 +1195,26 @@ class ServerConnection:
         self._ask("vrfy", Vrfy(addr, Reply(252, args[0], "2.0.0")))
 
     def _cmd_etrn(self, arg: str) -> None:
-        if not arg:
+        if not arg or len(arg.split()) != 1:
             self._error("etrn", Reply(500, "Syntax: ETRN domain"))
             return
         if self.in_transaction:
             self._error("etrn", Reply(503, "Error: MAIL transaction in progress"))
             return
-        domain = arg.split()[0]
+        # RFC 1985 5.2: "@domain" and "#queue" forms name the same domain for us.
+        domain = arg.lstrip("@#")
         self._ask("etrn", Etrn(domain, Reply(459, f"<{domain}>: service unavailable")))
+
+    def _cmd_xclient(self, arg: str, name: str = "XCLIENT") -> None:
+        # Postfix's XCLIENT/XFORWARD: only smtpd_authorized_xclient_hosts may use them, and
+        # postwell authorizes none.
+        if not arg:
+            self._error(name.lower(), Reply(501, f"Syntax: {name} attribute=value...", "5.5.4"))
+            return
+        self._error(name.lower(), Reply(550, "Error: insufficient authorization", "5.7.0"))
+
+    def _cmd_xforward(self, arg: str) -> None:
+        self._cmd_xclient(arg, "XFORWARD")
 
     def _cmd_starttls(self, arg: str) -> None:
         if arg:
@@ -1328,5 +1386,7 @@ _COMMANDS = {
     "VRFY": ServerConnection._cmd_vrfy,
     "ETRN": ServerConnection._cmd_etrn,
     "STARTTLS": ServerConnection._cmd_starttls,
+    "XCLIENT": ServerConnection._cmd_xclient,
+    "XFORWARD": ServerConnection._cmd_xforward,
     "AUTH": ServerConnection._cmd_auth,
 }

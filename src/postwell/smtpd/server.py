@@ -177,9 +177,10 @@ class SmtpdSession(asyncio.Protocol):
             self._paused = True
 
     def eof_received(self):
+        # Keep the transport open: replies to commands sent before a half-close still go out.
         self._lost = True
         self._data_ready.set()
-        return False
+        return True
 
     def connection_lost(self, exc) -> None:
         self._lost = True
@@ -246,7 +247,7 @@ class SmtpdSession(asyncio.Protocol):
                                           "transmission channel", "4.3.2"))
             await self._flush()
             return
-        reply = await srv.policy.on_connect(state)
+        reply = await self._policy("on_connect", state)
         if reply is not None:
             # As Postfix (smtpd_delay_reject = no): greet, then refuse every command but QUIT.
             self._log_reject(reply)
@@ -284,8 +285,10 @@ class SmtpdSession(asyncio.Protocol):
             await asyncio.wait_for(self._data_ready.wait(), self.server.timeout)
         except asyncio.TimeoutError:
             self.server.log.info(f"timeout after {conn.where} from {self.namaddr}")
-            self.transport.write(Reply(421, f"{self.server.hostname} Error: timeout exceeded",
-                                       "4.4.2").to_bytes())
+            conn.abort("timeout")
+            if not self.transport.is_closing():
+                self.transport.write(Reply(421, f"{self.server.hostname} Error: timeout exceeded",
+                                           "4.4.2").to_bytes())
             return False
         if self._lost:
             conn.receive_data(b"")
@@ -340,6 +343,14 @@ class SmtpdSession(asyncio.Protocol):
         if self.state is not None:
             self.state.reset_transaction()
 
+    async def _policy(self, name: str, *args) -> Reply | None:
+        """Call SmtpdPolicy.<name>; a failure inside it defers instead of dropping the client."""
+        try:
+            return await getattr(self.server.policy, name)(*args)
+        except Exception as exc:
+            self.server.log.warning(f"{self.namaddr}: {name}: {exc!r}")
+            return Reply(451, "Server configuration error", "4.3.5")
+
     # --- one handler per event ----------------------------------------------------
     async def _handle(self, ev) -> None:
         conn, state, srv = self.conn, self.state, self.server
@@ -371,7 +382,7 @@ class SmtpdSession(asyncio.Protocol):
             old = (state.helo_name, state.protocol)
             state.helo_name = ev.name
             state.protocol = "ESMTP" if isinstance(ev, Ehlo) else "SMTP"
-            reply = await srv.policy.on_helo(state)
+            reply = await self._policy("on_helo", state)
             if reply is not None:
                 self._log_reject(reply)
                 state.helo_name, state.protocol = old
@@ -381,7 +392,7 @@ class SmtpdSession(asyncio.Protocol):
             state.sender = ev.sender
             state.smtputf8 = ev.smtputf8
             state.message_size = ev.size or 0
-            reply = await srv.policy.on_mail(state)
+            reply = await self._policy("on_mail", state)
             if reply is not None:
                 self._log_reject(reply)
                 state.sender = None
@@ -393,7 +404,7 @@ class SmtpdSession(asyncio.Protocol):
             await self._rcpt(ev)
             return
         if isinstance(ev, (Data, Bdat)):
-            reply = await srv.policy.on_data(state)
+            reply = await self._policy("on_data", state)
             if reply is not None:
                 self._log_reject(reply)
                 conn.send_reply(reply)
@@ -401,6 +412,9 @@ class SmtpdSession(asyncio.Protocol):
             if self.cs is None:   # cannot happen: RCPT opened it; be safe anyway
                 conn.send_reply(REPLY_WRITE_ERROR)
                 return
+            # Access-map PREPEND headers go first, then our Received: (Postfix's order).
+            for header in getattr(state, "prepend", None) or []:
+                self.cs.prepend_header(header)
             self.cs.prepend_header(self._received_header(isinstance(ev, Bdat)))
             conn.send_reply(None)
             return
@@ -413,7 +427,7 @@ class SmtpdSession(asyncio.Protocol):
         if isinstance(ev, Vrfy):
             hook = getattr(srv.policy, "on_vrfy", None)
             saved = state.where, state.recipient
-            reply = await hook(state, ev.address) if hook is not None else None
+            reply = await self._policy("on_vrfy", state, ev.address) if hook is not None else None
             if reply is not None:
                 self._log_reject(reply)
             state.where, state.recipient = saved
@@ -436,7 +450,7 @@ class SmtpdSession(asyncio.Protocol):
     async def _rcpt(self, ev: Rcpt) -> None:
         conn, state, srv = self.conn, self.state, self.server
         state.recipient = ev.recipient
-        reply = await srv.policy.on_rcpt(state)
+        reply = await self._policy("on_rcpt", state)
         if reply is not None:
             self._log_reject(reply)
             conn.send_reply(reply)
@@ -483,7 +497,7 @@ class SmtpdSession(asyncio.Protocol):
         date = _mail_date(srv.clock())
         if self._received_for is not None and st.recipient_count == 1:
             return head + f"\n\tfor <{self._received_for}>; {date}"
-        return head + f"; {date}"
+        return head + f";\n\t{date}"
 
     async def _end_of_data(self, ev: DataEnd) -> None:
         conn, state, srv = self.conn, self.state, self.server
@@ -497,9 +511,18 @@ class SmtpdSession(asyncio.Protocol):
                 srv.log.warning(f"{cs.queue_id}: queue file size limit exceeded")
                 conn.send_reply(REPLY_TOO_BIG)
                 return
-            reply = await srv.policy.on_end_of_data(state)
+            reply = await self._policy("on_end_of_data", state)
             if reply is not None:
                 self._log_reject(reply)
+                conn.send_reply(reply)
+                return
+            if getattr(state, "discard", False):
+                # DISCARD: the client is told "queued" and the message is dropped (Postfix).
+                cs.abort()
+                self.cs = None
+                reply = Reply(250, f"Ok: queued as {cs.queue_id}", "2.0.0")
+                if ev.bdat:
+                    reply = Reply(250, f"Ok: {ev.size} bytes queued as {cs.queue_id}", "2.0.0")
                 conn.send_reply(reply)
                 return
             try:
@@ -665,7 +688,13 @@ def serve(config, service, sockets, *, drain_seconds: float = DRAIN_SECONDS) -> 
 
 
 async def _main(config, service_name: str, sockets, drain_seconds: float) -> None:
-    server = SmtpdServer(config, service_name=service_name)
+    from postwell.log import MailLog
+    try:
+        server = SmtpdServer(config, service_name=service_name)
+    except Exception as exc:
+        # E.g. a relay-unsafe restriction list: refuse to run, as Postfix's smtpd does.
+        MailLog.from_config(config, "smtpd").fatal(str(exc))
+        raise SystemExit(1) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -150,7 +150,7 @@ def get_table(spec: str, config=None, warn=None, surrogate: bool = False) -> Tab
     key = spec.strip()
     with _cache_lock:
         table = _cache.get(key)
-        if table is not None and not table.changed():
+        if table is not None and (table.reopens_itself or not table.changed()):
             return table
         try:
             new = open_table(spec, config, warn)
@@ -161,8 +161,8 @@ def get_table(spec: str, config=None, warn=None, surrogate: bool = False) -> Tab
             if warn is not None:
                 warn(f"{typ}:{name} is unavailable. {e}")
             new = SurrogateTable(f"{typ}:{name}", name, str(e), _watch_path(typ, name))
-        if table is not None:
-            table.close()
+        # the replaced table is not closed: a caller may still hold it; it is
+        # released when the last reference goes
         _cache[key] = new
         return new
 

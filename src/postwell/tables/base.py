@@ -53,6 +53,7 @@ class Table:
 
     type = ""
     fold = True
+    reopens_itself = False  # True: follows a rebuilt file on its own (indexed tables)
     utf8 = True     # set by open_table() from smtputf8_enable; see fold_key()
     warn = None
 

@@ -48,6 +48,7 @@ class IndexedTable(Table):
     """A table read from name+suffix through a Store."""
 
     store_class: type = None  # set by subclasses
+    reopens_itself = True
 
     def __init__(self, spec: str, name: str, warn=None, config=None, now=None):
         super().__init__(spec, name)
@@ -86,7 +87,10 @@ class IndexedTable(Table):
         file in place (same inode) leaves our handle's cache stale."""
         if self.stamp.changed():
             self._close_store()
-            self._open_store()
+            try:
+                self._open_store()
+            except TableError as e:
+                raise TableLookupError(str(e)) from None
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
 
     def _close_store(self) -> None:
@@ -99,7 +103,12 @@ class IndexedTable(Table):
 
     def lookup(self, key: str):
         if self.store is None:
-            raise TableLookupError(f"{self.spec}: table is closed")
+            # closed, or a re-open failed (index deleted): try again, so the
+            # table recovers once postmap has put a file back
+            try:
+                self._open_store()
+            except TableError as e:
+                raise TableLookupError(str(e)) from None
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         try:
             self._reopen_if_changed()
@@ -164,6 +173,12 @@ class IndexedTable(Table):
 
     def close(self):
         self._close_store()
+
+    def __del__(self):
+        try:
+            self._close_store()
+        except Exception:
+            pass
 
 
 class Builder:
