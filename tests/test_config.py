@@ -249,6 +249,7 @@ def test_override_and_for_service():
     from postwell.config.master import parse_master_line
     svc = parse_master_line("relay unix - - n - - smtp -o syslog_name=postfix/$service_name")
     assert cfg.for_service(svc).get("syslog_name") == "postfix/relay"
+    assert cfg.for_service(svc).get("process_name") == "smtp"
 
 
 # ---- units and typed getters --------------------------------------------
@@ -391,3 +392,11 @@ def test_get_list_keeps_braced_groups():
                  "  regexp:/etc/r\n")
     assert cfg.get_list("virtual_alias_maps") == [
         "hash:/etc/a", "inline:{ a@x=b@y, { c@x = d@y } }", "regexp:/etc/r"]
+
+
+def test_expansion_error_points_at_the_parameter(tmp_path):
+    d = write(tmp_path, "a = 1\nmyorigin = x$\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(d).get("myorigin")
+    assert (ei.value.file, ei.value.line, ei.value.msg) == (
+        f"{d}/main.cf", 2, 'empty macro name: "x$"')

@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -310,7 +311,7 @@ def test_usage_error_and_unknown_parameter(tmp_path):
 def test_mail_config_env_and_module_entry(tmp_path):
     (tmp_path / "main.cf").write_text("myorigin = example.net\n")
     env = {**os.environ, "MAIL_CONFIG": str(tmp_path)}
-    p = subprocess.run(["python3", "-m", "postwell.cli.postconf", "-h", "myorigin"],
+    p = subprocess.run([sys.executable, "-m", "postwell.cli.postconf", "-h", "myorigin"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 0 and p.stdout == "example.net\n"
 
@@ -546,3 +547,15 @@ def test_option_conflicts_like_postfix(confdir):
 def test_master_expansion_like_postfix(confdir, args):
     d = confdir("compatibility_level = 3.6\n")
     same("-c", d, *args)
+
+
+@need_ref
+def test_per_transport_parameters_like_postfix(confdir):
+    d = confdir("compatibility_level = 3.6\nmyl_destination_concurrency_limit = 2\n"
+                "policy_time_limit = 30s\ndisc_destination_concurrency_limit = 1\n",
+                "policy unix - n n - 0 spawn user=x argv=/bin/true\n"
+                "disc unix - - n - - discard\nmyl unix - - n - - lmtp\n"
+                "mylocal unix - n n - - local\nvv unix - n n - - virtual\n"
+                "err unix - - n - - error\nsm unix - - n - - smtp\n")
+    same("-c", d)
+    same("-c", d, "-n")

@@ -363,3 +363,33 @@ def test_postmap_source_edge_cases_like_real(cf, typ):
         return sorted(run_real(POSTMAP, cf, ["-s", f"{typ}:{path}"])[1].split("\n"))
     assert dump(ours_src) == dump(real_src)
     assert run_ours("postmap", ["-c", str(cf), "-q", '"quoted key"', f"{typ}:{real_src}"])[1] == "v\n"
+
+
+@needs_postfix
+def test_files_option_like_real(cf):
+    """-F: values name files whose contents are stored base64-encoded."""
+    (cf / "f1").write_text("one\n")
+    (cf / "f2").write_text("two")
+    text = f"k {cf}/f1, {cf}/f2\nk2 {cf}/f1\nk3 {cf}/missing\n"
+    ours_src, real_src = cf / "ours", cf / "real"
+    ours_src.write_text(text)
+    real_src.write_text(text)
+    our_err = run_ours("postmap", ["-c", str(cf), "-F", f"hash:{ours_src}"])[2]
+    real_err = run_real(POSTMAP, cf, ["-F", f"hash:{real_src}"])[2]
+    assert our_err.replace(str(ours_src), "F") == real_err.replace(str(real_src), "F")
+    assert run_real(POSTMAP, cf, ["-q", "k", f"hash:{ours_src}"])[1] == "b25lCgp0d28=\n"
+    assert run_ours("postmap", ["-c", str(cf), "-Fq", "k", f"hash:{real_src}"])[1] == "one\n\ntwo\n"
+    assert sorted(run_ours("postmap", ["-c", str(cf), "-Fs", f"hash:{real_src}"])[1].split("\n")) \
+        == sorted(run_real(POSTMAP, cf, ["-Fs", f"hash:{real_src}"])[1].split("\n"))
+
+
+@needs_postfix
+def test_multiline_header_regexp_like_real(cf):
+    """The m flag (REG_NEWLINE) on folded headers: '.', '[^x]', '^', '$'."""
+    f = cf / "nl.re"
+    f.write_text("/^X-A: a[^x] b$/m ml\n/^X-B: a[^x] b$/ nml\n/^X-C: a. b$/m dotml\n"
+                 "/^X-D: a. b$/ dot\n/^X-E: a$/m endml\n/^ b$/m begml\n")
+    msg = "X-A: a\n b\nX-B: a\n b\nX-C: a\n b\nX-D: a\n b\nX-E: a\n b\n\n"
+    ours = run_ours("postmap", ["-c", str(cf), "-hq", "-", f"regexp:{f}"], stdin=msg)
+    real = run_real(POSTMAP, cf, ["-hq", "-", f"regexp:{f}"], stdin=msg)
+    assert ours[:2] == real[:2]

@@ -161,6 +161,11 @@ def test_login_prompts_and_initial_username():
     assert steps[-1].reason == "authentication failure"
 
 
+def test_username_made_printable():
+    s = local_server(backend=DictBackend({"a\tb@x.test": "pw"}))
+    assert run(dialogue(s, "PLAIN", b64(b"\0a\tb@x.test\0pw"))) == [Success("a?b@x.test")]
+
+
 def test_decoded_bytes_are_accepted_too():
     s = local_server()
     assert run(dialogue(s, "PLAIN", b"\0alice\0secret")) == [Success(f"alice@{HOST}")]
@@ -199,7 +204,7 @@ def test_cram_md5():
 
 
 def scram_client(server, mech, user, password, *, tamper=False):
-    name = "sha256" if mech.endswith("256") else "sha1"
+    name = mech[len("SCRAM-"):].replace("-", "").lower()
     cnonce = "rOprNGfwEbeRWgbNEkqO"
     bare = f"n={user},r={cnonce}"
 
@@ -229,9 +234,10 @@ def scram_client(server, mech, user, password, *, tamper=False):
     return run(go())
 
 
-@pytest.mark.parametrize("mech", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-256", "SCRAM-SHA-1", "SCRAM-SHA-512",
+                                  "SCRAM-SHA-384", "SCRAM-SHA-224"])
 def test_scram(mech):
-    s = local_server()
+    s = local_server(mechs=[mech])
     assert scram_client(s, mech, "alice", "secret")[-1] == Success(f"alice@{HOST}")
     assert scram_client(s, mech, "alice", "wrong")[-1].reason == "authentication failure"
     assert scram_client(s, mech, "alice", "secret", tamper=True)[-1].reason == "authentication failure"
@@ -292,9 +298,11 @@ def test_canonical_identity():
 # --- configuration: postwell built-in ------------------------------------------------------
 
 def write_main_cf(tmp_path, **params):
+    import getpass
     etc = tmp_path / "etc"
     etc.mkdir(exist_ok=True)
-    lines = [f"myhostname = {HOST}", f"queue_directory = {tmp_path / 'q'}"]
+    lines = [f"myhostname = {HOST}", f"queue_directory = {tmp_path / 'q'}",
+             f"mail_owner = {params.pop('mail_owner', getpass.getuser())}"]
     lines += [f"{k} = {v}" for k, v in params.items()]
     (etc / "main.cf").write_text("\n".join(lines) + "\n")
     return load_config(str(etc))
@@ -324,6 +332,15 @@ def test_postwell_passwd_file(tmp_path):
         sys.stdin = old
     assert oct(pwfile.stat().st_mode & 0o777) == "0o640"
     assert check_sasl_config(cfg) == []
+    if os.geteuid() == 0:
+        # The smtpd reads the file as mail_owner, after dropping root.
+        cfg_nobody = write_main_cf(tmp_path, smtpd_sasl_auth_enable="yes",
+                                   smtpd_sasl_type="postwell", mail_owner="nobody")
+        assert check_sasl_config(cfg_nobody) == [
+            f"{pwfile}: mail_owner nobody cannot read it (smtpd runs as nobody; "
+            "add nobody to group of the file or change its mode)"]
+        cfg = write_main_cf(tmp_path, smtpd_sasl_auth_enable="yes", smtpd_sasl_type="postwell",
+                            smtpd_sasl_local_domain=HOST)
     server = server_for_config(cfg)
     assert server.mechanisms() == ["PLAIN", "LOGIN"]
     assert run(dialogue(server, "PLAIN", b64(b"\0alice\0secret"))) == [Success(f"alice@{HOST}")]
@@ -400,6 +417,14 @@ def test_cyrus_sasldb_made_by_saslpasswd2(tmp_path):
     # A user added later is seen without a restart, as with libsasl2.
     saslpasswd2(db, "carol", HOST, "pw3")
     assert run(dialogue(server, "PLAIN", b64(b"\0carol\0pw3"))) == [Success(f"carol@{HOST}")]
+
+
+def test_cyrus_default_mech_list_order(tmp_path):
+    (tmp_path / "sasldb2").write_bytes(b"")
+    cfg = cyrus_config(tmp_path, f"sasldb_path: {tmp_path}/sasldb2\n")
+    assert server_for_config(cfg).mechanisms() == [
+        "SCRAM-SHA-512", "SCRAM-SHA-384", "SCRAM-SHA-256", "SCRAM-SHA-224", "SCRAM-SHA-1",
+        "CRAM-MD5", "PLAIN", "LOGIN"]
 
 
 def test_cyrus_config_errors(tmp_path):

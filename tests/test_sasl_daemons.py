@@ -54,8 +54,9 @@ def stop(proc):
 def main_cf(tmp_path, **params):
     etc = tmp_path / "etc"
     etc.mkdir(exist_ok=True)
+    import getpass
     lines = [f"myhostname = {HOST}", f"queue_directory = {tmp_path / 'q'}",
-             "smtpd_sasl_auth_enable = yes"]
+             "smtpd_sasl_auth_enable = yes", f"mail_owner = {getpass.getuser()}"]
     lines += [f"{k} = {v}" for k, v in params.items()]
     (etc / "main.cf").write_text("\n".join(lines) + "\n")
     return load_config(str(etc))
@@ -378,3 +379,37 @@ def test_dovecot_socket_missing(tmp_path):
     server = server_for_config(cfg)
     steps = run(dialogue(server, "PLAIN", b64(b"\0a\0b")))
     assert steps[0].temporary and steps[0].reason == "Connection lost to authentication server"
+
+
+def test_dovecot_exchange_never_continues_on_a_new_connection(tmp_path):
+    sock = tmp_path / "auth"
+    drop = b64(b"\0drop\0x")
+
+    def on_auth(text):
+        fields = text.split("\t")
+        if fields[0] == "AUTH" and fields[2] == "LOGIN":
+            return f"CONT\t{fields[1]}\t{b64(b'Username:')}\n"
+        if fields[0] == "AUTH" and f"resp={drop}" in fields:
+            return None
+        return f"FAIL\t{fields[1]}\tuser=x\n"
+
+    fake = FakeDovecot(sock, on_auth)
+    cfg = main_cf(tmp_path, smtpd_sasl_type="dovecot", smtpd_sasl_path=str(sock))
+
+    async def go():
+        srv = await asyncio.start_unix_server(fake.handle, path=str(sock))
+        server = server_for_config(cfg)
+        a = server.start("LOGIN", None)
+        first = await a.begin()
+        lost = await server.start("PLAIN", drop).begin()       # the server hangs up
+        other = await server.start("PLAIN", b64(b"\0x\0y")).begin()   # reconnects
+        late = await a.step(b64(b"alice"))
+        await server.close()
+        srv.close()
+        return first, lost, other, late
+
+    first, lost, other, late = run(go())
+    assert first == Challenge(b"Username:")
+    assert lost.temporary and other.reason == "" and not other.temporary
+    assert late.temporary and late.reason == "Connection lost to authentication server"
+    assert not any(line.startswith("CONT") for line in fake.lines)

@@ -87,9 +87,16 @@ def run(args, stdin=b"", **kw):
         pid = os.fork()
         if pid == 0:
             try:
-                os.dup2(fin.fileno(), 0)
+                if kw.get("stdin_dir"):
+                    dfd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+                    os.dup2(dfd, 0)
+                else:
+                    os.dup2(fin.fileno(), 0)
                 os.dup2(fout.fileno(), 1)
                 os.dup2(ferr.fileno(), 2)
+                # pytest replaced sys.stdout/err: talk to the real descriptors.
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
                 if env:
                     os.environ.update(env)
                 if user is not None:
@@ -219,17 +226,12 @@ def test_address_lists():
 # --------------------------------------------------------------------------- message input
 
 def _copy(data: bytes, **kw) -> tuple[bytes, int]:
-    r, w = os.pipe()
     out = bytearray()
-    try:
-        os.write(w, data)
-        os.close(w)
-        w = None
-        n = sm.copy_message(r, out.extend, **kw)
-    finally:
-        os.close(r)
-        if w is not None:
-            os.close(w)
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        f.seek(0)
+        n = sm.copy_message(f.fileno(), out.extend, **kw)
     return bytes(out), n
 
 
@@ -457,4 +459,11 @@ def test_bv_prints_resolution(inst):
     assert "<root@localhost>: deliverable: address class local" in text
     assert "<bad@@x>: undeliverable: bad address syntax" in text
     assert rc == 67
+    assert maildrop_names(inst) == []
+
+
+def test_unreadable_stdin_is_dataerr(inst):
+    rc, _, err = run(["-C", str(inst / "etc"), "-f", "s@x", "a@example.org"], stdin_dir=True)
+    assert rc == 65
+    assert err == f"sendmail: fatal: s@x({os.getuid()}): error reading input: Is a directory\n".encode()
     assert maildrop_names(inst) == []

@@ -351,11 +351,23 @@ def test_bare_lf_normalized():
 
 
 def test_bare_lf_reject():
+    # As Postfix 3.7.11: read to the end, refuse the message, keep the session.
     d = Driver(forbid_bare_newline="reject")
     start_data(d)
-    out = d.feed(b"a\nb\r\n.\r\n")
-    assert out == "521 5.5.2 mx.example.com Error: bare <LF> received\r\n"
-    assert d.conn.closed and not d.of(DataEnd)
+    out = d.feed(b"a\nb\r\n.\r\nNOOP\r\n")
+    assert out == "550 5.5.2 mx.example.com Error: bare <LF> received\r\n250 2.0.0 Ok\r\n"
+    (end,) = d.of(DataEnd)
+    assert end.bare_lf and d.content() == b""
+    assert "data=0/1" in d.conn.counters_text()
+
+
+def test_bare_lf_reject_in_command():
+    d = Driver(forbid_bare_newline="reject")
+    assert d.feed(b"EHLO x\nNOOP\r\n") == "550 5.5.2 mx.example.com Error: bare <LF> received\r\n"
+    assert d.conn.closed
+    (rej,) = d.of(Rejected)
+    assert (rej.command, rej.text) == ("CONNECT", "bare <LF> received")
+    assert d.conn.counters_text() == "commands=0/0"
 
 
 def test_data_too_big_discards_rest():
@@ -633,3 +645,14 @@ def test_improper_pipelining_as_postfix(ehlo, group, flagged):
         d.feed(b"EHLO x\r\n")
     d.feed(group)
     assert bool(d.of(Info)) == flagged
+
+
+def test_bare_lf_reject_in_bdat():
+    d = Driver(forbid_bare_newline="reject")
+    out = d.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 4\r\na\r\r\nBDAT 3 LAST\r\n\nb\n")
+    assert lines(out)[-2:] == ["250 2.0.0 Ok: 4 bytes",
+                               "550 5.5.2 mx.example.com Error: bare <LF> received"]
+    assert d.of(DataEnd)[0].bare_lf
+    d2 = Driver(forbid_bare_newline="reject")
+    out = d2.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 2\r\na\rBDAT 3 LAST\r\n\nb\r")
+    assert lines(out)[-1] == "250 2.0.0 Ok"      # CR at the chunk end pairs with the next LF

@@ -352,10 +352,13 @@ def test_connection_limit_mynetworks_exempt(smtpd):
 
 def test_bare_newline_reject(smtpd):
     r = smtpd({"smtpd_forbid_bare_newline": "reject", "smtpd_forbid_bare_newline_exclusions": ""})
-    out = raw_session(r.port, [b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@mx.example.test>\r\n"
-                               b"DATA\r\n", b"line\n.\r\n"])
-    assert out.endswith(b"521 5.5.2 mx.example.test Error: bare <LF> received\r\n")
+    out = raw_session(r.port, [b"EHLO x\r\n", b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@mx.example.test>\r\n"
+                               b"DATA\r\n", b"line\nmore\r\n.\r\n", b"QUIT\r\n"])
+    assert out.endswith(b"550 5.5.2 mx.example.test Error: bare <LF> received\r\n221 2.0.0 Bye\r\n")
     assert r.queued() == []
+    r.wait_log(r"^[0-9A-F]+: reject: END-OF-MESSAGE from unknown\[127\.0\.0\.1\]: bare <LF> received; "
+               r"from=<a@b\.example> to=<u@mx\.example\.test> proto=ESMTP helo=<x>$")
+    r.wait_log(r"ehlo=1 mail=1 rcpt=1 data=0/1 quit=1 commands=4/5$")
 
 
 def test_drain_finishes_session(smtpd):

@@ -518,3 +518,53 @@ def test_indexed_table_survives_deleted_index(tmp_path):
         t.lookup("a")
     _build("hash", src, "a two\n")
     assert t.lookup("a") == "two"
+
+
+PCRE_HEADER_CHECKS = '/^Subject:.*\\b(viagra|cialis)\\b/ REJECT spam $1\n/^Received: from .*\\[((\\d{1,3}\\.){3}\\d{1,3})\\]/ PREPEND X-Src: $1\n/^From:.*@(?!example\\.com>?$)/ WARN foreign\n/^Content-(Disposition|Type).*name\\s*=\\s*"?(.*(\\.|=2E)(exe|vbs|scr))"?\\s*$/x REJECT att $4\n/(?i)^X-Mailer: .*bulk/ DISCARD\n/^X-Look:\\s+(?<=:\\s)(\\S+)$/ look $1\n/^X-Lb:\\s(?<=a|bc)x/ lb\n/^X-Neg:[[:^alpha:]]+$/ negclass\n/^X-Oct:\\101$/ oct\n/^X-Ctl:\\cA$/ ctl\n/^X-Hex:\\x41\\x{42}$/ hex\n/^X-Uni:\\N{U+41}$/ uni\n/^X-Alt:(?|(a)|(b))$/ reset $1\n/^X-Dollar:a$/ dollar\n'
+PCRE_HEADER_KEYS = ["Subject: buy VIAGRA now", "Received: from x ([1.2.3.4])",
+                    "Received: from x [10.0.0.1]", "From: a@example.com", "From: a@other.com",
+                    'Content-Type: text/plain; name="x.exe"', "Content-Type: text/plain; name=x.scr",
+                    "X-Mailer: Bulk mailer", "X-Look: word", "X-Lb: bcx", "X-Lb: ax", "X-Neg:123",
+                    "X-Neg:a1", "X-Oct:A", "X-Ctl:\x01", "X-Hex:AB", "X-Dollar:a"]
+
+
+@needs_postfix
+def test_pcre_header_checks_match_real_postmap(tmp_path, cfdir):
+    f = tmp_path / "hc.pcre"
+    f.write_text(PCRE_HEADER_CHECKS)
+    diffs, _, _ = compare(cfdir, f"pcre:{f}", PCRE_HEADER_KEYS)
+    assert diffs == {}
+
+
+LONGEST = "/^x(a|ab)/ got:$1\n/^y(a*)(a|b)*/ y:$1:$2\n/^z(a|ab)(b*)/ z:$1:$2\n/^w(.*)(b|bc)/ w:$1:$2\n"
+
+
+@needs_postfix
+@pytest.mark.skipif(__import__("importlib").util.find_spec("regex") is None,
+                    reason="regex module not installed")
+def test_regexp_leftmost_longest_captures_like_real(tmp_path, cfdir):
+    f = tmp_path / "ll.re"
+    f.write_text(LONGEST)
+    diffs, _, _ = compare(cfdir, f"regexp:{f}", ["xab", "XAB", "yaab", "zabb", "wabcbc"])
+    assert diffs == {}
+    assert open_table(f"regexp:{f}").lookup("xab") == "got:ab"
+
+
+def test_indexed_table_reopens_after_fork(tmp_path):
+    src = tmp_path / "map"
+    _build("lmdb", src, "a one\n")
+    t = open_table(f"lmdb:{src}")
+    assert t.lookup("a") == "one"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must get its own handles
+        try:
+            os.write(w, (t.lookup("a") or "none").encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == "one"
+    assert t.lookup("a") == "one"

@@ -245,7 +245,7 @@ class StartTlsServer(asyncio.Protocol):
             self.data_received(early)
 
 
-async def starttls_session(server_ctx, client_ctx, server_hostname=None):
+async def starttls_session(server_ctx, client_ctx, server_hostname=None, ask_ccert=False):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     srv = await loop.create_server(lambda: StartTlsServer(server_ctx, done), "127.0.0.1", 0)
@@ -261,7 +261,9 @@ async def starttls_session(server_ctx, client_ctx, server_hostname=None):
         assert await reader.readline() == b"221 2.0.0 Bye\r\n"
         server_ssl = await asyncio.wait_for(done, 10)
         client_text = tls_log_text("Trusted", HOST, "127.0.0.1", port, client_ssl)
-        server_texts = (received_header_tls_text(server_ssl),
+        if isinstance(server_ssl, Exception):
+            raise server_ssl
+        server_texts = (received_header_tls_text(server_ssl, client_cert_requested=ask_ccert),
                         server_log_text("unknown[127.0.0.1]", server_ssl))
         writer.close()
         return server_texts, client_text
@@ -385,3 +387,19 @@ def test_session_resumption_and_cache_timeout_zero(tmp_path, pki):
     assert resumed(server_context(config(tmp_path, **base)), cctx) is True
     assert resumed(server_context(config(tmp_path, smtpd_tls_session_cache_timeout="0s", **base)),
                    cctx) is False
+
+
+def test_client_certificate_texts(tmp_path, pki):
+    sctx = server_context(config(tmp_path, smtpd_tls_security_level="may", smtpd_tls_ask_ccert="yes",
+                                 smtpd_tls_CAfile=pki / "ca.pem",
+                                 smtpd_tls_cert_file=pki / "server.pem",
+                                 smtpd_tls_key_file=pki / "server.key"))
+    with_cert = client_context(config(tmp_path, smtp_tls_cert_file=pki / "server.pem",
+                                      smtp_tls_key_file=pki / "server.key"), "may")
+    (received, log), _ = run_loop(lambda: starttls_session(sctx, with_cert, ask_ccert=True))
+    assert received.endswith('\n\t(Client CN "mx.example.test", Issuer "Test CA" (verified OK))')
+    assert log.startswith("Trusted TLS connection established from unknown[127.0.0.1]: TLSv1.3")
+    without = client_context(config(tmp_path), "may")
+    (received, log), _ = run_loop(lambda: starttls_session(sctx, without, ask_ccert=True))
+    assert received.endswith("\n\t(Client did not present a certificate)")
+    assert log.startswith("Anonymous TLS connection")

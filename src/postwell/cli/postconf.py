@@ -176,9 +176,10 @@ def atomic_write(path: str, text: str) -> None:
     """Write beside the file, fsync, then rename over it (keeps the file's mode)."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        mode = os.stat(path).st_mode & 0o7777
+        st = os.stat(path)
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
     except FileNotFoundError:
-        mode = 0o644
+        mode, owner = 0o644, None
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
@@ -186,6 +187,11 @@ def atomic_write(path: str, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(tmp, *owner)
+            except PermissionError:
+                pass          # not root: the file becomes ours, as with Postfix
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -356,7 +362,7 @@ def _master_entries(config_dir: str, expand_with: Config | None = None):
 
 def _expand_service(svc: MasterService, cfg: Config) -> MasterService:
     import dataclasses
-    scfg = cfg.for_service(svc)
+    scfg = cfg.override({"service_name": svc.name, **svc.overrides})
     argv, k = list(svc.argv), 0
     while k < len(argv) and argv[k].startswith("-"):
         if argv[k] == "-o" and k + 1 < len(argv):

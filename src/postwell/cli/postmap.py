@@ -9,6 +9,8 @@ half-written table. postalias shares this code (``mode="alias"``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import getopt
 import os
 import re
@@ -39,6 +41,7 @@ class _Ctx:
         self.dup = "warn"
         self.keep_perms = True
         self.nul = True
+        self.files = False      # -F: values are file names / base64 content
         self.as_owner = True
         self.utf8 = True
         self.no_utf8 = False
@@ -121,6 +124,10 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
         try:
             for lineno, key, value in parse_source(text, name, ctx.fold, ctx.warn,
                                                    utf8=ctx.utf8):
+                if ctx.files:
+                    value = _files_base64(ctx, value, f"{name}, line {lineno}")
+                    if value is None:
+                        continue
                 b.put(key, value)
             b.commit()
         except BaseException:
@@ -128,6 +135,29 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
             raise
     except TableError as e:
         raise Fatal(str(e)) from None
+
+
+def _files_base64(ctx: _Ctx, value: str, where: str) -> str | None:
+    """postmap -F: the value names files (comma/space separated); store their
+    contents, newline-joined, base64-encoded (tls_server_sni_maps and the like)."""
+    chunks = []
+    for fname in value.replace(",", " ").split():
+        try:
+            with open(fname, "rb") as f:
+                chunks.append(f.read())
+        except OSError as e:
+            ctx.warn(f"{where}: open {fname}: {e.strerror}: skipping this entry")
+            return None
+    return base64.b64encode(b"\n".join(chunks)).decode("ascii")
+
+
+def _show(ctx: _Ctx, value: str) -> str:
+    if not ctx.files:
+        return value
+    try:
+        return base64.b64decode(value, validate=True).decode("utf-8", "surrogateescape")
+    except (ValueError, binascii.Error):
+        return value
 
 
 def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
@@ -155,8 +185,12 @@ def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
                                                          utf8=ctx.utf8):
                     b.put(key, value)
             else:
-                for _lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn,
-                                                        utf8=ctx.utf8):
+                for lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn,
+                                                       utf8=ctx.utf8):
+                    if ctx.files:
+                        value = _files_base64(ctx, value, f"-, line {lineno}")
+                        if value is None:
+                            continue
                     b.put(key, value)
             b.commit()
         except BaseException:
@@ -278,7 +312,7 @@ def query(ctx: _Ctx, specs, key: str, stdin, stdout, msg=None, sep="\t") -> int:
             for t in tables:
                 v = _lookup(ctx, t, key)
                 if v is not None:
-                    stdout.write(v + "\n")
+                    stdout.write(_show(ctx, v) + "\n")
                     return 0
             return 1
         found = False
@@ -289,7 +323,7 @@ def query(ctx: _Ctx, specs, key: str, stdin, stdout, msg=None, sep="\t") -> int:
             for t in tables:
                 v = _lookup(ctx, t, k)
                 if v is not None:
-                    stdout.write(f"{k}{sep}{v}\n")
+                    stdout.write(f"{k}{sep}{_show(ctx, v)}\n")
                     found = True
                     break
         return 0 if found else 1
@@ -304,7 +338,7 @@ def dump(ctx: _Ctx, specs, stdout, alias: bool) -> int:
         try:
             sep = ":\t" if alias else "\t"
             for k, v in t.items():
-                stdout.write(f"{k}{sep}{v}\n")
+                stdout.write(f"{k}{sep}{_show(ctx, v)}\n")
         except TableError as e:
             msg = str(e)
             raise Fatal(msg if msg.startswith("table ") else f"table {t.spec}: {msg}") from None
@@ -362,6 +396,8 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
                 bflag = True
             elif o == "-m":
                 mflag = True
+            elif o == "-F":
+                ctx.files = True
             elif o == "-o":
                 ctx.as_owner = False
             elif o == "-u":
@@ -370,7 +406,7 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
                 ctx.nul = True
             elif o == "-n":
                 ctx.nul = False
-            # -U, -v, -F:
+            # -U, -v:
             # accepted and ignored. Lookups try "key\0" and "key" both.
         if not args:
             raise Fatal(USAGE[prog])

@@ -332,6 +332,12 @@ class TooBig(Exception):
     pass
 
 
+class _WriteError(Exception):
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class HeaderRecipients:
     """Collects To/Cc/Bcc (and Resent-) addresses from the primary header block for -t."""
 
@@ -599,12 +605,20 @@ class Sendmail:
         try:
             headers = HeaderRecipients() if o.extract else None
             limit = self.size_limit()
+            def sink(data: bytes) -> None:
+                try:
+                    writer.write(data)
+                except OSError as exc:
+                    raise _WriteError(exc) from None
+
             try:
-                copy_message(0, writer.write, dot_ends=o.dot_ends, headers=headers,
+                copy_message(0, sink, dot_ends=o.dot_ends, headers=headers,
                              fix_line_endings=self.config.get("sendmail_fix_line_endings") or "always",
                              size_limit=max(0, limit - ENVELOPE_ALLOWANCE) if limit else 0)
             except TooBig:
                 raise Fatal(EX_UNAVAILABLE, f"{who}: message file too big") from None
+            except _WriteError as exc:
+                raise Fatal(EX_TEMPFAIL, f"{who}: error writing queue file: {exc.error.strerror}") from None
             except OSError as exc:
                 if exc.errno is None:
                     raise
@@ -897,7 +911,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             opts = parse_args(args, prog)
         except Fatal as f:
             if isinstance(f.__cause__, _UsageHint):
-                sys.stderr.write(f"{f.__cause__}\n")
+                # Postfix runs getopt twice (a pre-scan for -C), so its
+                # complaint appears twice.
+                sys.stderr.write(f"{f.__cause__}\n{f.__cause__}\n")
             raise
         from postwell.config import load_config
         try:
@@ -913,7 +929,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
                 log.fatal(f.text)
             except Exception:
                 pass
-        return f.status
+        # Postfix 3.7's sendmail exits EX_TEMPFAIL after every fatal error
+        # (its run-time error handler exits before the status is used); the
+        # intended status stays in f.status for callers of the library code.
+        return EX_TEMPFAIL
     except KeyboardInterrupt:
         return EX_TEMPFAIL
 

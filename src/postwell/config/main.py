@@ -268,7 +268,10 @@ class Config:
         elif name in RAW_PARAMETERS:
             result = value
         else:
-            result = self.expand(value)
+            try:
+                result = self.expand(value)
+            except ConfigError as e:
+                raise self._error(name, e.msg) from None
         if cacheable:
             self._cache[name] = result
         return result
@@ -332,8 +335,10 @@ class Config:
                       self.main_cf_path, self.param_lines, self.warnings)
 
     def for_service(self, service) -> "Config":
-        """This config with a master.cf service's -o overrides and $service_name."""
-        extra = {"service_name": service.name}
+        """The configuration a daemon of this master.cf service sees: the
+        service's -o overrides, $service_name (the master.cf name) and
+        $process_name (the command, e.g. "smtpd", as Postfix logs it)."""
+        extra = {"service_name": service.name, "process_name": service.command}
         extra.update(service.overrides)
         return self.override(extra)
 

@@ -4,7 +4,9 @@ Postfix accepts, besides its built-in parameters:
 - per-transport parameters `<service>_<suffix>` for each master.cf service
   whose command is a delivery agent (e.g. relay_destination_concurrency_limit);
 - user-defined parameters: any main.cf name that some main.cf value or
-  master.cf -o value references as $name.
+  master.cf -o value references as $name, or that smtpd_restriction_classes lists;
+- legacy names that built-in defaults still refer to (stress, virtual_maps,
+  postscreen_whitelist_interfaces, ...).
 Anything else set in main.cf draws `unused parameter: name=value`.
 
 IMPLEMENTED lists what postwell actually honours; every part registers its
@@ -74,6 +76,9 @@ def service_parameters(services) -> dict[str, str]:
     """{name: default} for the per-transport parameters of master.cf services."""
     out: dict[str, str] = {}
     for svc in services or ():
+        if svc.command == "spawn":          # spawn(8) only has a time limit
+            out.setdefault(f"{svc.name}_time_limit", PIPE_SUFFIXES["time_limit"])
+            continue
         if svc.command not in DELIVERY_COMMANDS:
             continue
         suffixes = dict(TRANSPORT_SUFFIXES)
@@ -86,11 +91,11 @@ def service_parameters(services) -> dict[str, str]:
 
 def service_parameter_default(name: str, services) -> str | None:
     for svc in services or ():
-        if svc.command in DELIVERY_COMMANDS and name.startswith(svc.name + "_"):
+        if name.startswith(svc.name + "_"):
             suffix = name[len(svc.name) + 1:]
-            if suffix in TRANSPORT_SUFFIXES:
+            if svc.command in DELIVERY_COMMANDS and suffix in TRANSPORT_SUFFIXES:
                 return TRANSPORT_SUFFIXES[suffix]
-            if svc.command == "pipe" and suffix in PIPE_SUFFIXES:
+            if svc.command in ("pipe", "spawn") and suffix in PIPE_SUFFIXES:
                 return PIPE_SUFFIXES[suffix]
     return None
 

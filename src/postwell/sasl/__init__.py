@@ -116,6 +116,35 @@ def server_for_config(config, service_overrides: dict | None = None) -> SaslServ
     return server
 
 
+def _access_problem(path: str, user: str, write: bool = False) -> str | None:
+    """Why ``user`` (mail_owner) cannot read (or, for a socket, write) ``path``."""
+    import pwd
+    import stat
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None                # the master's own check reports a bad mail_owner
+    if pw.pw_uid == 0:
+        return None
+    groups = set(os.getgrouplist(user, pw.pw_gid))
+    want = stat.S_IWOTH if write else stat.S_IROTH
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_uid == pw.pw_uid:
+        ok = st.st_mode & (want << 6)
+    elif st.st_gid in groups:
+        ok = st.st_mode & (want << 3)
+    else:
+        ok = st.st_mode & want
+    if ok:
+        return None
+    verb = "write to" if write else "read"
+    return (f"{path}: mail_owner {user} cannot {verb} it (smtpd runs as {user}; "
+            f"add {user} to group of the file or change its mode)")
+
+
 def check_sasl_config(config, service_overrides: dict | None = None) -> list[str]:
     """Problems that would make AUTH fail, as texts for `postfix check`."""
     if service_overrides:
@@ -130,6 +159,13 @@ def check_sasl_config(config, service_overrides: dict | None = None) -> list[str
     problems: list[str] = []
     if backend is not None:
         problems.extend(backend.check())
+        path = getattr(backend, "path", None)
+        owner = _get(config, "mail_owner", "postfix")
+        if path and not problems and os.geteuid() == 0:
+            # The smtpd reads the store after dropping to mail_owner.
+            why = _access_problem(path, owner, write=path.endswith("mux"))
+            if why:
+                problems.append(why)
         if hasattr(server, "configured") and not server.configured:
             problems.append(f"SASL type {server.type_name}: no usable mechanism "
                             "(check mech_list and the password store)")

@@ -33,6 +33,12 @@ class Challenge:
         return base64.b64encode(self.data).decode("ascii")
 
 
+def printable(text: str) -> str:
+    """Control characters become '?', as Postfix's printable() does for the
+    names it logs and stores (sasl_username, sasl_method)."""
+    return "".join("?" if (ord(c) < 0x20 or ord(c) == 0x7F) else c for c in text)
+
+
 @dataclass(frozen=True)
 class Success:
     """Authenticated.  ``username`` is what Postfix logs as sasl_username."""
@@ -145,8 +151,8 @@ MECHANISM_PROPERTIES: dict[str, frozenset[str]] = {
     "LOGIN": frozenset({"noanonymous"}),
     "CRAM-MD5": frozenset({"noanonymous", "noplaintext"}),
     "DIGEST-MD5": frozenset({"noanonymous", "noplaintext", "mutual_auth"}),
-    "SCRAM-SHA-1": frozenset({"noanonymous", "noplaintext", "noactive", "mutual_auth"}),
-    "SCRAM-SHA-256": frozenset({"noanonymous", "noplaintext", "noactive", "mutual_auth"}),
+    **{f"SCRAM-SHA-{n}": frozenset({"noanonymous", "noplaintext", "noactive", "mutual_auth"})
+       for n in (1, 224, 256, 384, 512)},
     "ANONYMOUS": frozenset({"noplaintext"}),
 }
 

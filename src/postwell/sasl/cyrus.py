@@ -25,7 +25,10 @@ from .mechanisms import BackendUnavailable, Identity, PasswordBackend
 DEFAULT_CONFIG_DIRS = ("/etc/postfix/sasl", "/etc/sasl2", "/usr/lib/sasl2")
 DEFAULT_SASLDB = "/etc/sasldb2"
 DEFAULT_SASLAUTHD = "/var/run/saslauthd/mux"
-DEFAULT_MECH_LIST = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "SCRAM-SHA-1")
+# libsasl2's order with Debian's plugins when smtpd.conf has no mech_list (seen
+# in Postfix 3.7's EHLO), less DIGEST-MD5 and NTLM, which postwell lacks.
+DEFAULT_MECH_LIST = ("SCRAM-SHA-512", "SCRAM-SHA-384", "SCRAM-SHA-256", "SCRAM-SHA-224",
+                     "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
 _SASLAUTHD_TIMEOUT = 15.0
 _MAX_CONF = 65536
 

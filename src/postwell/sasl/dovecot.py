@@ -22,7 +22,8 @@ import itertools
 import os
 
 from .base import (Challenge, DEFAULT_RESPONSE_LIMIT, Failure, RESPONSE_LIMIT_FAILURE,
-                   SaslExchange, SaslServer, SaslStep, Success, apply_mechanism_filter)
+                   SaslExchange, SaslServer, SaslStep, Success, apply_mechanism_filter,
+                   printable)
 
 _CONNECT_TIMEOUT = 10.0
 _REPLY_TIMEOUT = 60.0
@@ -84,6 +85,9 @@ class DovecotConnection:
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
+        # Bumped at each (re)connect: request ids are only valid on their own
+        # connection, so an exchange never continues on a newer one.
+        self.generation = 0
 
     @property
     def connected(self) -> bool:
@@ -121,6 +125,7 @@ class DovecotConnection:
                 writer.close()
                 raise
             self._reader, self._writer = reader, writer
+            self.generation += 1
             self.mechanisms = mechs
             self._task = asyncio.ensure_future(self._read_loop(reader, writer))
 
@@ -142,10 +147,15 @@ class DovecotConnection:
                 for q in self._pending.values():
                     q.put_nowait(None)
 
-    async def request(self, line: str, req_id: str | None = None) -> asyncio.Queue:
-        await self.connect()
-        if req_id is None:
-            raise ValueError("request id needed")
+    async def request(self, line: str, req_id: str, generation: int | None = None
+                      ) -> asyncio.Queue:
+        """Send one AUTH/CONT line; replies for ``req_id`` arrive on the queue
+        (None: connection lost).  With ``generation``, refuse to send on a
+        connection other than that one."""
+        if generation is None:
+            await self.connect()
+        if not self.connected or (generation is not None and generation != self.generation):
+            raise ConnectionError("authentication server connection lost")
         q = self._pending.setdefault(req_id, asyncio.Queue())
         assert self._writer is not None
         self._writer.write(line.encode("utf-8", "surrogateescape"))
@@ -163,6 +173,8 @@ class DovecotConnection:
         if self._writer is not None:
             self._writer.close()
         self._writer = None
+        self._task = None
+        self._lock = None          # bound to this event loop
 
 
 class DovecotExchange(SaslExchange):
@@ -174,6 +186,7 @@ class DovecotExchange(SaslExchange):
         self.initial = initial
         self.params = params
         self.req_id: str | None = None
+        self.generation = 0
         self.queue: asyncio.Queue | None = None
         self.username: str | None = None
         self.done = False
@@ -200,6 +213,7 @@ class DovecotExchange(SaslExchange):
         line[1] = self.req_id
         try:
             self.queue = await conn.request("\t".join(line) + "\n", self.req_id)
+            self.generation = conn.generation
         except (OSError, asyncio.TimeoutError, ConnectionError):
             return self._end(Failure(LOST, temporary=True))
         return await self._answer()
@@ -218,7 +232,8 @@ class DovecotExchange(SaslExchange):
         if not _b64_ok(text):
             return self._end(Failure(BAD_CONTINUED, username=self.username))
         try:
-            await self.server.connection.request(f"CONT\t{self.req_id}\t{text}\n", self.req_id)
+            await self.server.connection.request(f"CONT\t{self.req_id}\t{text}\n", self.req_id,
+                                                 self.generation)
         except (OSError, ConnectionError, asyncio.TimeoutError):
             return self._end(Failure(LOST, temporary=True))
         return await self._answer()
@@ -250,7 +265,7 @@ class DovecotExchange(SaslExchange):
                 return self._end(Failure(LOST, temporary=True))
             self.done = True
             self._forget()
-            return Success(self.username)
+            return Success(printable(self.username))
         if kind == "FAIL":
             return self._end(Failure(params.get("reason", ""), temporary="temp" in params,
                                      username=self.username))

@@ -15,8 +15,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from .base import (Challenge, Failure, SaslExchange, SaslStep, Success,
-                   RESPONSE_LIMIT_FAILURE)
+from .base import (RESPONSE_LIMIT_FAILURE, Challenge, Failure, SaslExchange, SaslStep,
+                   Success, printable)
 
 # Cyrus SASL error strings (sasl_errstring) as Postfix reports them.
 BADAUTH = "authentication failure"          # SASL_BADAUTH, also SASL_NOUSER (privacy)
@@ -108,7 +108,7 @@ class LocalExchange(SaslExchange):
 
     def succeed(self, username: str, authzid: str | None = None) -> Success:
         self.done = True
-        return Success(username, authzid)
+        return Success(printable(username), authzid)
 
     def decode(self, response: str | bytes) -> bytes | Failure:
         if isinstance(response, bytes):
@@ -279,13 +279,14 @@ def _scram_unescape(name: str) -> str | None:
 
 
 class ScramExchange(LocalExchange):
-    """RFC 5802 (SCRAM-SHA-1) and RFC 7677 (SCRAM-SHA-256), without channel
+    """RFC 5802 (SCRAM-SHA-1) and RFC 7677 (SCRAM-SHA-256; the -224/-384/-512
+    variants that libsasl2 also offers work the same way), without channel
     binding (we do not advertise the -PLUS variants)."""
 
     def __init__(self, *args, hash_name: str = "sha256", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.hash_name = hash_name
-        self.mechanism = "SCRAM-SHA-256" if hash_name == "sha256" else "SCRAM-SHA-1"
+        self.mechanism = "SCRAM-" + hash_name.upper().replace("SHA", "SHA-")
         self.state = "first"
 
     def _h(self, data: bytes) -> bytes:
@@ -401,7 +402,8 @@ LOCAL_MECHANISMS = {
     "PLAIN": (PlainExchange, {}),
     "LOGIN": (LoginExchange, {}),
     "CRAM-MD5": (CramMd5Exchange, {}),
-    "SCRAM-SHA-1": (ScramExchange, {"hash_name": "sha1"}),
-    "SCRAM-SHA-256": (ScramExchange, {"hash_name": "sha256"}),
+    **{f"SCRAM-SHA-{n}": (ScramExchange, {"hash_name": f"sha{n}"})
+       for n in (1, 224, 256, 384, 512)},
 }
-SECRET_MECHANISMS = frozenset({"CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"})
+SECRET_MECHANISMS = frozenset({"CRAM-MD5"} | {m for m in LOCAL_MECHANISMS
+                                               if m.startswith("SCRAM-")})

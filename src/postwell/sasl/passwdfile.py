@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 
 from .base import SaslConfigError
 from .mechanisms import BackendUnavailable, Identity, PasswordBackend
@@ -32,6 +33,14 @@ DEFAULT_NAME = "sasl_passwd"
 # Guessing passwords against a cheap store is throttled by the smtpd sleeping
 # this long before the 535 (Failure.delay).
 FAILURE_DELAY = 1.0
+# argon2 needs 64 MiB per check and bcrypt a full CPU: at most this many run at
+# once in a process, whatever the number of sessions (bounded memory).
+_HASH_SLOTS = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
+
+
+def _verify_bounded(stored: str, password: str) -> bool:
+    with _HASH_SLOTS:
+        return verify_password(stored, password)
 
 
 def resolve_path(smtpd_sasl_path: str, config_dir: str) -> str:
@@ -135,7 +144,7 @@ class PasswdFileBackend(PasswordBackend):
         if stored is None:
             return False
         try:
-            return await asyncio.to_thread(verify_password, stored, password)
+            return await asyncio.to_thread(_verify_bounded, stored, password)
         except HashError as e:
             raise BackendUnavailable(str(e)) from e
 

@@ -133,11 +133,14 @@ class BdatChunkEnd(Event):
 
 @dataclass(frozen=True)
 class DataEnd(Event):
-    """End of message. too_big: message_size_limit was exceeded (content was discarded)."""
+    """End of message. too_big: message_size_limit was exceeded; bare_lf: a bare LF was seen
+    with smtpd_forbid_bare_newline = reject. In both cases the content was discarded and
+    `default` is the refusal."""
     size: int
     too_big: bool = False
     bdat: bool = False
     default: Reply = Reply(250, "Ok", "2.0.0")
+    bare_lf: bool = False
     needs_reply = True
 
 
@@ -200,6 +203,7 @@ class Rejected(Event):
     command: str
     reply: Reply
     sender: str | None = None
+    text: str | None = None          # what the log line says instead of the reply
 
 
 @dataclass(frozen=True)
@@ -512,6 +516,7 @@ class ServerConnection:
         self._bdat_skip_reply = False
         self._bdat_tail = b"\n"
         self._long_line: bytes | None = None
+        self._bare_lf = False
         self._access_denied = False
         self.pipelining_violation = False     # for reject_unauth_pipelining
         self._datapart: list[bytes] = []
@@ -650,6 +655,7 @@ class ServerConnection:
         self._bdat_discard = False
         self._bdat_error = None
         self._bdat_tail = b"\n"
+        self._bare_lf = False
 
     def _queue_reply(self, reply: Reply) -> None:
         # smtpd_soft_error_limit: past it, every reply is slowed down (the glue sleeps).
@@ -722,6 +728,7 @@ class ServerConnection:
                 self._prev_crlf = True
                 self._data_size = 0
                 self._too_big = False
+                self._bare_lf = False
                 self._datapart = []
             else:
                 self._count("data", False)
@@ -832,10 +839,16 @@ class ServerConnection:
                 return None
             return line
 
+    def _bare_lf_reply(self) -> Reply:
+        return Reply(550, f"{self.config.hostname} Error: bare <LF> received", "5.5.2")
+
     def _bare_lf_reject(self) -> None:
-        self._warn(f"disconnect: bare <LF> received from {self.client}")
+        # smtpd_forbid_bare_newline = reject, in a command: Postfix 3.7.11 answers 550 and
+        # hangs up, logging "NOQUEUE: reject: <where> from ...: bare <LF> received".
         self.error_count += 1
-        self._queue_reply(Reply(521, f"{self.config.hostname} Error: bare <LF> received", "5.5.2"))
+        self._events.append(Rejected(self._where, self._bare_lf_reply(), None,
+                                     "bare <LF> received"))
+        self._queue_reply(self._bare_lf_reply())
         self._close("bare newline")
 
     def _read_command(self) -> bool:
@@ -1293,12 +1306,10 @@ class ServerConnection:
             line = buf[pos:i + 1]
             pos = i + 1
             crlf = len(line) >= 2 and line[-2] == 0x0D
-            if not crlf:
-                if self.bare_newline == "reject":
-                    del buf[:pos]
-                    self._flush_content()
-                    self._bare_lf_reject()
-                    return False
+            if not crlf and self.bare_newline == "reject" and not self._bare_lf:
+                # Read on to the end of the message, then refuse it (Postfix 3.7.11).
+                self._bare_lf = True
+                self._too_big = True            # stop passing content on
             if self._line_start:
                 body = line[:-2] if crlf else line[:-1]
                 if body == b".":
@@ -1323,6 +1334,10 @@ class ServerConnection:
         if ended:
             self.state = S_CMD
             self.where = "END-OF-MESSAGE"
+            if self._bare_lf:
+                self._ask("data", DataEnd(self._data_size, False, False, self._bare_lf_reply(),
+                                          bare_lf=True))
+                return True
             self._ask("data", DataEnd(self._data_size, self._too_big, False,
                                       self._end_reply()))
             return True
@@ -1333,6 +1348,15 @@ class ServerConnection:
             return REPLY_FILE_TOO_BIG
         return Reply(250, "Ok", "2.0.0")
 
+    def _has_bare_lf(self, chunk: bytes) -> bool:
+        prev_cr = self._bdat_tail == b"\r"
+        i = chunk.find(b"\n")
+        while i >= 0:
+            if not (chunk[i - 1:i] == b"\r" if i else prev_cr):
+                return True
+            i = chunk.find(b"\n", i + 1)
+        return False
+
     def _read_bdat(self) -> bool:
         buf = self._inbuf
         if self._bdat_remaining:
@@ -1340,10 +1364,14 @@ class ServerConnection:
             if take == 0:
                 return False
             if not self._bdat_discard:
+                chunk = bytes(buf[:take])
+                if self.bare_newline == "reject" and not self._bare_lf and self._has_bare_lf(chunk):
+                    self._bare_lf = True
+                    self._too_big = True        # stop passing content on; refuse at LAST
                 self._datapart = []
-                self._emit_content(bytes(buf[:take]))
+                self._emit_content(chunk)
                 self._flush_content()
-                self._bdat_tail = bytes(buf[take - 1:take])
+                self._bdat_tail = chunk[-1:]
             self._bdat_total += take
             self._bdat_remaining -= take
             del buf[:take]
@@ -1357,6 +1385,10 @@ class ServerConnection:
                 self._bdat_active = False
                 self._bdat_discard = False
                 self._reset_transaction()
+            return True
+        if self._bdat_last and self._bare_lf:
+            self._ask("bdat", DataEnd(self._bdat_total, False, True, self._bare_lf_reply(),
+                                      bare_lf=True))
             return True
         if self._bdat_last:
             total = self._bdat_total

@@ -318,13 +318,14 @@ class SmtpdSession(asyncio.Protocol):
         elif ev.reason == "too many errors":
             self.server.log.info(f"too many errors after {where} from {self.namaddr}")
 
-    def _log_reject(self, reply: Reply) -> None:
+    def _log_reject(self, reply: Reply, text: str | None = None) -> None:
         pol = self.server.policy
-        if hasattr(pol, "reject_log_line"):
+        if text is None and hasattr(pol, "reject_log_line"):
             line = pol.reject_log_line(self.state, reply)
         else:
             st = self.state
-            line = (f"{st.queue_id or 'NOQUEUE'}: reject: {st.where} from {self.namaddr}: {reply};"
+            line = (f"{st.queue_id or 'NOQUEUE'}: reject: {st.where} from {self.namaddr}: "
+                    f"{text if text is not None else reply};"
                     + (f" from=<{st.sender}>" if st.sender is not None else "")
                     + (f" to=<{st.recipient}>" if st.recipient is not None else "")
                     + f" proto={st.protocol}"
@@ -370,8 +371,10 @@ class SmtpdSession(asyncio.Protocol):
             return
         if isinstance(ev, Rejected):
             saved = state.where, state.sender
-            state.where, state.sender = ev.command, ev.sender
-            self._log_reject(ev.reply)
+            state.where = ev.command
+            if ev.sender is not None:
+                state.sender = ev.sender
+            self._log_reject(ev.reply, ev.text)
             state.where, state.sender = saved
             return
         if isinstance(ev, Rset):
@@ -510,6 +513,10 @@ class SmtpdSession(asyncio.Protocol):
             if ev.too_big:
                 srv.log.warning(f"{cs.queue_id}: queue file size limit exceeded")
                 conn.send_reply(REPLY_TOO_BIG)
+                return
+            if ev.bare_lf:
+                self._log_reject(ev.default, "bare <LF> received")
+                conn.send_reply(ev.default)
                 return
             reply = await self._policy("on_end_of_data", state)
             if reply is not None:

@@ -79,6 +79,7 @@ class IndexedTable(Table):
             os.close(fd)
             raise
         self._lock_fd = fd
+        self._pid = os.getpid()
         # sticky choice between "key\0" and "key", as Postfix learns it
         self._nul_mode: bool | None = None
 
@@ -102,6 +103,15 @@ class IndexedTable(Table):
             self._lock_fd = None
 
     def lookup(self, key: str):
+        if self.store is not None and self._pid != os.getpid():
+            # opened before a fork: the flock would be shared with the parent
+            # (same open file description) and LMDB handles must not cross fork
+            self.store = None
+            try:
+                os.close(self._lock_fd)  # the child's copy only
+            except OSError:
+                pass
+            self._lock_fd = None
         if self.store is None:
             # closed, or a re-open failed (index deleted): try again, so the
             # table recovers once postmap has put a file back

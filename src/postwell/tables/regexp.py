@@ -1,24 +1,38 @@
 """regexp: (regexp_table(5), POSIX regular expressions) and pcre:
 (pcre_table(5)) tables, both run on Python's re module.
 
+Both match on octets, as Postfix does (no UTF mode): '.' matches one byte
+of a UTF-8 character and case folding is ASCII-only.
+
 regexp: patterns are POSIX ERE (BRE with the x flag toggled off) as glibc
-reads them; they are translated to Python syntax: bracket expressions with
-[:class:], backslash literal inside brackets, \\< \\> word edges, '.'
-matching newline unless m, '$' only at the very end. Known difference:
-POSIX picks the leftmost-longest alternative, Python the leftmost-first,
-which can change what $1 holds for patterns like (a|ab).
+reads them, translated to Python syntax: bracket expressions with
+[:class:] and a literal backslash, \\< \\> word edges, '.' matching
+newline unless m, '$' only at the very end, stacked repeats (a**), and
+glibc's quirk that an escaped lower-case letter (\\d) never matches under
+REG_ICASE. POSIX captures are leftmost-longest, Python's leftmost-first;
+this only changes what $N holds (x(a|ab) on "xab"), so a rule with $N in
+its result is re-matched with the `regex` package's POSIX mode when that
+package is installed (else Python's captures are used). Rejected: a repeat
+stacked on an interval (a{2}*).
 
 pcre: PCRE syntax mostly is Python's. Translated: (?<name>..), \\k<name>,
-\\g{N}, \\z, \\Z, \\h, \\x{HH}, \\Q..\\E, [:class:] inside brackets, (?flags)
-in mid-pattern. \\K is dropped (results use
-only capture groups), the U flag swaps quantifier greediness. Rejected with
-a clear warning (the rule is skipped, as Postfix skips a rule that does not
-compile): recursion ((?R), (?1)), backtracking verbs (*...), \\p{..}.
+\\g{N}, \\z, \\Z, \\h, \\cX, \\x{HH}, \\Q..\\E, [:class:] and [:^class:]
+inside brackets, (?flags) in mid-pattern, look-behinds whose alternatives
+differ in length, PCRE2's literal '{' when not a quantifier; \\K is dropped
+(results use capture groups only); the U flag swaps quantifier greediness.
+Rejected with a warning (the rule is skipped, as Postfix skips a rule that
+does not compile): recursion ((?R), (?1)), backtracking verbs (*...),
+\\p{..} properties, branch reset (?|..).
 """
 
 from __future__ import annotations
 
 import re
+
+try:  # optional: POSIX leftmost-longest captures for regexp: $N results
+    import regex as _regex
+except ImportError:  # pragma: no cover - then Python's leftmost-first captures
+    _regex = None
 
 from .base import FileStamp, Table, TableError, logical_lines, read_source, strip_braces
 
@@ -37,14 +51,17 @@ class PatternError(ValueError):
 _UNMATCHED_BRACKET = "Unmatched [, [^, [:, [., or [="
 
 
-def _bracket(pat: str, i: int, backslash_escapes: bool) -> tuple[str, int]:
+def _bracket(pat: str, i: int, backslash_escapes: bool, newline_excluded: bool = False
+             ) -> tuple[str, int]:
     """Translate a bracket expression starting at pat[i] == '['.
     Returns (python_text, index after the closing ']')."""
     n = len(pat)
     j = i + 1
-    out = ["["]
+    out = []
+    negated = False
+    neg_classes: list[str] = []   # PCRE [:^name:] members
     if j < n and pat[j] == "^":
-        out.append("^")
+        negated = True
         j += 1
     first = True
     while True:
@@ -52,8 +69,9 @@ def _bracket(pat: str, i: int, backslash_escapes: bool) -> tuple[str, int]:
             raise PatternError(_UNMATCHED_BRACKET)
         c = pat[j]
         if c == "]" and not first:
-            out.append("]")
-            return "".join(out), j + 1
+            if negated and newline_excluded:
+                out.append("\\n")  # REG_NEWLINE: a non-matching list never matches newline
+            return _assemble_set("".join(out), negated, neg_classes), j + 1
         first = False
         if c == "[" and j + 1 < n and pat[j + 1] in ":=.":
             kind = pat[j + 1]
@@ -61,7 +79,10 @@ def _bracket(pat: str, i: int, backslash_escapes: bool) -> tuple[str, int]:
             if end < 0:
                 raise PatternError(_UNMATCHED_BRACKET)
             name = pat[j + 2:end]
-            if kind == ":":
+            if kind == ":" and backslash_escapes and name.startswith("^") \
+                    and name[1:] in _POSIX_CLASSES:
+                neg_classes.append(_POSIX_CLASSES[name[1:]])
+            elif kind == ":":
                 if name not in _POSIX_CLASSES:
                     raise PatternError(f"invalid character class [:{name}:]")
                 out.append(_POSIX_CLASSES[name])
@@ -78,6 +99,10 @@ def _bracket(pat: str, i: int, backslash_escapes: bool) -> tuple[str, int]:
             nxt = pat[j + 1]
             if nxt == "h":
                 out.append(" \\t")
+            elif nxt == "c" and j + 2 < n:
+                out.append("\\x%02x" % (ord(pat[j + 2].upper()) ^ 0x40))
+                j += 3
+                continue
             elif nxt == "x" and j + 2 < n and pat[j + 2] == "{":
                 end = pat.find("}", j + 3)
                 if end < 0:
@@ -97,6 +122,22 @@ def _bracket(pat: str, i: int, backslash_escapes: bool) -> tuple[str, int]:
         j += 1
 
 
+def _assemble_set(members: str, negated: bool, neg_classes: list[str]) -> str:
+    """A Python equivalent of a bracket expression; PCRE's negated POSIX
+    classes ([[:^alpha:]]) have no set syntax in Python, so they become an
+    alternation (or a look-ahead for a negated bracket)."""
+    if not neg_classes:
+        return f"[{'^' if negated else ''}{members}]"
+    alts = [f"[^{c}]" for c in neg_classes]
+    if not negated:
+        if members:
+            alts.insert(0, f"[{members}]")
+        return "(?:" + "|".join(alts) + ")"
+    # [^X[:^c:]] = every class c, minus X
+    inner = "".join(f"(?=[{c}])" for c in neg_classes)
+    return f"(?:{inner}{'(?![' + members + '])' if members else ''}[\\s\\S])"
+
+
 def posix_to_python(pat: str, extended: bool, multiline: bool, icase: bool = False) -> str:
     """Translate a POSIX ERE (extended) or BRE to Python re syntax."""
     out: list[str] = []
@@ -106,7 +147,7 @@ def posix_to_python(pat: str, extended: bool, multiline: bool, icase: bool = Fal
     while i < n:
         c = pat[i]
         if c == "[":
-            text, i = _bracket(pat, i, backslash_escapes=False)
+            text, i = _bracket(pat, i, backslash_escapes=False, newline_excluded=multiline)
             out.append(text)
             continue
         if c == "\\":
@@ -203,7 +244,62 @@ def posix_to_python(pat: str, extended: bool, multiline: bool, icase: bool = Fal
 _REJECT = [
     (re.compile(r"\(\?R\)|\(\?[+-]?\d+\)|\(\?&\w+\)|\(\?P>\w+\)"), "recursion is not supported"),
     (re.compile(r"\(\*[A-Z_]"), "backtracking control verbs are not supported"),
+    (re.compile(r"\(\?\|"), "branch reset groups (?|...) are not supported"),
 ]
+
+
+def _group_end(pat: str, i: int) -> int:
+    """Index of the ')' closing the group that opens at pat[i]."""
+    depth, j, n = 0, i, len(pat)
+    while j < n:
+        c = pat[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "[":
+            j += 1
+            if j < n and pat[j] == "^":
+                j += 1
+            if j < n and pat[j] == "]":
+                j += 1
+            while j < n and pat[j] != "]":
+                j += 2 if pat[j] == "\\" else 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return j
+        j += 1
+    raise PatternError("missing closing parenthesis")
+
+
+def _split_alternatives(body: str) -> list[str]:
+    """Split a group body on its top-level '|'."""
+    alts, depth, start, j, n = [], 0, 0, 0, len(body)
+    while j < n:
+        c = body[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "[":
+            j += 1
+            if j < n and body[j] == "^":
+                j += 1
+            if j < n and body[j] == "]":
+                j += 1
+            while j < n and body[j] != "]":
+                j += 2 if body[j] == "\\" else 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            alts.append(body[start:j])
+            start = j + 1
+        j += 1
+    alts.append(body[start:])
+    return alts
 
 
 def pcre_to_python(pat: str, ungreedy: bool = False) -> str:
@@ -241,6 +337,10 @@ def pcre_to_python(pat: str, ungreedy: bool = False) -> str:
                 out.append(r"[^ \t]")
             elif d == "e":
                 out.append(r"\x1b")
+            elif d == "c" and i + 2 < n:
+                out.append("\\x%02x" % (ord(pat[i + 2].upper()) ^ 0x40))
+                i += 3
+                continue
             elif d == "K":
                 # \K only moves the start of the reported match; pcre_table
                 # results use capture groups only, so it can be dropped
@@ -281,6 +381,18 @@ def pcre_to_python(pat: str, ungreedy: bool = False) -> str:
             out.append(text)
             continue
         if c == "(":
+            if pat.startswith("(?<=", i) or pat.startswith("(?<!", i):
+                end = _group_end(pat, i)
+                alts = _split_alternatives(pat[i + 4:end])
+                if len(alts) > 1:
+                    # PCRE allows alternatives of different fixed lengths in
+                    # a look-behind; Python wants one length: one look-behind
+                    # per alternative
+                    kind = pat[i + 3]
+                    parts = [f"(?<{kind}{pcre_to_python(a)})" for a in alts]
+                    out.append("(?:" + "|".join(parts) + ")" if kind == "=" else "".join(parts))
+                    i = end + 1
+                    continue
             if pat.startswith("(?<", i) and i + 3 < n and pat[i + 3] not in "=!":
                 out.append("(?P<")
                 i += 3
@@ -363,12 +475,23 @@ def _unoctets(text: str) -> str:
     return text.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
+def _regex_flags(flags: int) -> int:
+    """re flags -> the regex module's (their bit values differ)."""
+    out = _regex.POSIX | _regex.ASCII
+    for a, b in ((re.IGNORECASE, _regex.IGNORECASE), (re.MULTILINE, _regex.MULTILINE),
+                 (re.DOTALL, _regex.DOTALL)):
+        if flags & a:
+            out |= b
+    return out
+
+
 class _Rule:
-    __slots__ = ("rx", "negate", "result", "children", "lineno", "anchored")
+    __slots__ = ("rx", "negate", "result", "children", "lineno", "anchored", "posix_rx")
 
     def __init__(self, rx, negate, result, children, lineno, anchored=False):
         self.rx, self.negate, self.result = rx, negate, result
         self.children, self.lineno, self.anchored = children, lineno, anchored
+        self.posix_rx = None
 
     def match(self, key):
         return self.rx.match(key) if self.anchored else self.rx.search(key)
@@ -583,7 +706,16 @@ class RegexpTable(Table):
                 self.warn(f'{self._where(lineno)}: out of range replacement index "{maxn}": '
                           f"skipping this rule")
                 continue
-            stack[-1][0].append(_Rule(rx, negate, parts, None, lineno, anchored))
+            rule = _Rule(rx, negate, parts, None, lineno, anchored)
+            if maxn and self.type == "regexp" and _regex is not None:
+                # whether a rule matches does not depend on leftmost-longest
+                # versus leftmost-first, but what $N captures does: re-match
+                # in POSIX mode only to fill in the substitutions
+                try:
+                    rule.posix_rx = _regex.compile(rx.pattern, _regex_flags(rx.flags))
+                except Exception:
+                    rule.posix_rx = None
+            stack[-1][0].append(rule)
         if len(stack) > 1:
             self.warn(f"{self._where(stack[-1][1])}: IF has no matching ENDIF")
         return top
@@ -602,6 +734,8 @@ class RegexpTable(Table):
             elif m is None:
                 continue
             if r.children is None:
+                if m is not None and r.posix_rx is not None:
+                    m = r.posix_rx.search(key) or m
                 return _expand(r.result, m)
             found = self._search(r.children, key)
             if found is not None:

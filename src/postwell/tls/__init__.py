@@ -457,10 +457,13 @@ def _cn(name) -> str:
     return ""
 
 
-def server_log_text(namaddr: str, ssl_object, trust: str = "Anonymous") -> str:
+def server_log_text(namaddr: str, ssl_object, trust: str | None = None) -> str:
     """``Anonymous TLS connection established from name[addr]: TLSv1.3 with
     cipher ... (256/256 bits) key-exchange X25519 server-signature ...``
-    (``trust`` is ``Trusted``/``Untrusted`` when a client certificate was seen)."""
+    ``trust`` defaults to ``Trusted`` when the client presented a certificate
+    (Python's ssl only accepts ones that verify) and ``Anonymous`` otherwise."""
+    if trust is None:
+        trust = "Trusted" if ssl_object.getpeercert() else "Anonymous"
     summary = _summary(ssl_object, server_side=True).replace("\n", " ")
     return f"{trust} TLS connection established from {namaddr}: {summary}"
 
