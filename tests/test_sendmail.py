@@ -308,11 +308,11 @@ def test_enqueue_t_adds_header_recipients_to_command_line(inst):
 def test_no_recipients_is_usage_error_and_leaves_nothing(inst):
     name = pwd.getpwuid(os.getuid()).pw_name
     rc, _, err = run(["-C", str(inst / "etc")], b"Subject: x\n\nbody\n")
-    assert rc == 64
+    assert rc == 75
     assert err == (f"sendmail: fatal: {name}({os.getuid()}): Recipient addresses must be specified "
                    f"on the command line or via the -t option\n").encode()
     rc, _, err = run(["-C", str(inst / "etc"), "-t", "-f", "s@x"], b"Subject: x\n\nbody\n")
-    assert rc == 64
+    assert rc == 75
     assert err == f"sendmail: fatal: s@x({os.getuid()}): No recipient addresses found in message header\n".encode()
     assert maildrop_names(inst) == []
 
@@ -321,7 +321,7 @@ def test_size_limit_nothing_queued_and_temp_removed(inst):
     with open(inst / "etc" / "main.cf", "a") as f:
         f.write("message_size_limit = 20000\n")
     rc, _, err = run(["-C", str(inst / "etc"), "-f", "s@x", "r@example.org"], b"x" * 100 + b"\n" + b"y" * 30000)
-    assert rc == 69
+    assert rc == 75
     assert err == f"sendmail: fatal: s@x({os.getuid()}): message file too big\n".encode()
     assert maildrop_names(inst) == []
     rc, _, err = run(["-C", str(inst / "etc"), "r@example.org"], b"small\n")
@@ -331,7 +331,7 @@ def test_size_limit_nothing_queued_and_temp_removed(inst):
 def test_missing_queue_directory(tmp_path):
     (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path / 'nope'}\n")
     rc, _, err = run(["-C", str(tmp_path), "a@b"], b"x\n")
-    assert rc == 69 and err == f"sendmail: fatal: chdir {tmp_path / 'nope'}: No such file or directory\n".encode()
+    assert rc == 75 and err == f"sendmail: fatal: chdir {tmp_path / 'nope'}: No such file or directory\n".encode()
 
 
 def test_unwritable_maildrop_is_tempfail(inst):
@@ -412,7 +412,7 @@ def test_bs_transcript_and_maildrop(inst):
 
 def test_bs_rejects_recipients_and_eof(inst):
     rc, out, _ = run(["-C", str(inst / "etc"), "-bs", "x@y"], b"")
-    assert rc == 64
+    assert rc == 75
     rc, out, _ = run(["-C", str(inst / "etc"), "-bs"], b"HELO a\r\n")
     assert rc == 0 and out.startswith(b"220 ") and b"250 mx.example.com\r\n" in out
 
@@ -429,14 +429,14 @@ def test_bi_builds_alias_database(inst):
     rc, _, err = run(["-C", str(inst / "etc")], prog="newaliases")
     assert rc == 0 and (inst / "etc" / "aliases.db").exists()
     rc, _, err = run(["-C", str(inst / "etc"), "-bi", "x@y"])
-    assert rc == 64 and b"alias initialization mode requires no recipient" in err
+    assert rc == 75 and b"alias initialization mode requires no recipient" in err
 
 
 def test_bp_lists_queue(inst):
     rc, out, _ = run(["-C", str(inst / "etc"), "-bp"])
     assert rc == 0 and out == b"Mail queue is empty\n"
     rc, out, err = run(["-C", str(inst / "etc"), "-bp", "x"])
-    assert rc == 64 and err == b"sendmail: fatal: display queue mode requires no recipient\n"
+    assert rc == 75 and err == b"sendmail: fatal: display queue mode requires no recipient\n"
 
 
 def test_q_sends_flush_request(inst):
@@ -464,6 +464,6 @@ def test_bv_prints_resolution(inst):
 
 def test_unreadable_stdin_is_dataerr(inst):
     rc, _, err = run(["-C", str(inst / "etc"), "-f", "s@x", "a@example.org"], stdin_dir=True)
-    assert rc == 65
+    assert rc == 75
     assert err == f"sendmail: fatal: s@x({os.getuid()}): error reading input: Is a directory\n".encode()
     assert maildrop_names(inst) == []

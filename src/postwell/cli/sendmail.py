@@ -21,14 +21,19 @@ queues it.  Flags, messages and exit codes follow Postfix's sendmail:
   -O -p -U -v -x -XV`` are accepted and ignored as Postfix ignores them;
   ``-n`` is refused.
 
+Exit status: as Postfix 3.7's sendmail (checked), every fatal error exits
+75 (EX_TEMPFAIL), whatever sysexits code the error carries internally.
+
 Deliberate differences: Postfix's ``-bv`` queues a probe and mails a
 delivery report; postwell checks each address's syntax and resolves it
 (class, transport, next hop) and prints the result on standard output, exit
 status 0 when every address resolves, 67 (EX_NOUSER) otherwise.  A message
-larger than message_size_limit is refused here (exit 69, nothing queued)
-instead of being bounced later.  ``-C`` and MAIL_CONFIG are honoured
-without Postfix's alternate_config_directories check: sendmail has no
-privilege a configuration file could abuse.
+larger than message_size_limit is refused here ("message file too big",
+nothing queued) instead of being bounced later.  ``-C`` and MAIL_CONFIG are
+honoured without Postfix's alternate_config_directories check: sendmail has
+no privilege a configuration file could abuse.  With ``-bs`` the reply to
+the end of data is "250 2.0.0 Ok: queued" (the queue id is given later by
+pickup), and a NOTIFY= that differs between recipients is not kept.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ LISTEN_BACKLOG = 4096   # Postfix's 100 stalls smtp-source with 200 parallel cli
 INTERNAL_COMMANDS = {
     "cleanup", "trivial-rewrite", "bounce", "defer", "trace", "verify", "flush",
     "proxymap", "proxywrite", "anvil", "scache", "tlsmgr", "showq", "error", "retry",
-    "discard", "local", "virtual", "smtp", "relay", "lmtp", "postlog", "tlsproxy", "dnsblog",
+    "discard", "local", "virtual", "smtp", "relay", "lmtp", "postlog", "postlogd", "tlsproxy",
+    "dnsblog",
 }
 QMGR_COMMANDS = {"qmgr", "oqmgr"}
 
@@ -27,6 +28,8 @@ QMGR_COMMANDS = {"qmgr", "oqmgr"}
 class Plan:
     smtpd: list = field(default_factory=list)        # MasterService, type inet, command smtpd
     qmgr: object | None = None                        # MasterService or None (qmgr runs anyway)
+    pickup: object | None = None                      # MasterService of the pickup service
+    pipe: list = field(default_factory=list)          # unix pipe(8) services (agents in qmgr)
     unsupported: list = field(default_factory=list)   # (service, why)
 
 
@@ -36,6 +39,14 @@ def smtpd_available() -> bool:
     except ImportError:
         return False
     return callable(getattr(smtpd, "serve", None))
+
+
+def pickup_available() -> bool:
+    try:
+        from postwell.pickup import service
+    except ImportError:
+        return False
+    return callable(getattr(service, "serve", None))
 
 
 def plan_services(services) -> Plan:
@@ -54,8 +65,13 @@ def plan_services(services) -> Plan:
             plan.qmgr = svc
         elif cmd in INTERNAL_COMMANDS:
             continue
-        elif cmd == "pipe":
-            plan.unsupported.append((svc, "pipe(8) delivery is not implemented"))
+        elif cmd == "pipe" and svc.type == "unix":
+            plan.pipe.append(svc)
+        elif cmd == "pickup" and svc.type in ("unix", "fifo"):
+            if plan.pickup is None and pickup_available():
+                plan.pickup = svc
+            elif plan.pickup is None:
+                plan.unsupported.append((svc, "local submission pickup is not available in this build"))
         elif cmd == "smtpd":
             plan.unsupported.append((svc, f"smtpd on a {svc.type} socket is not implemented"))
         else:
