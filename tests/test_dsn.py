@@ -174,6 +174,11 @@ def test_diagnostic_parsing():
         == ("h.test", "smtp; 554 5.7.1 no")
     assert diagnostic("host h.test[10.0.0.1] refused to talk to me: 554 go away") == \
         ("h.test", "smtp; 554 go away")
+    # Success reports (facts from a real Postfix 3.7 "relayed" report).
+    assert diagnostic("delivery via 127.0.0.1[127.0.0.1]:48827: 250 2.0.0 Ok") == \
+        ("127.0.0.1", "smtp; 250 2.0.0 Ok")
+    assert diagnostic("delivery via virtual: delivered to maildir") == \
+        (None, "X-Postfix; delivery via virtual: delivered to maildir")
     assert diagnostic("connect to h[1.2.3.4]:25: Connection refused") == \
         (None, "X-Postfix; connect to h[1.2.3.4]:25: Connection refused")
 
@@ -211,3 +216,31 @@ def test_double_bounce_address(cfg):
     assert is_double_bounce(cfg, "double-bounce@mx.demo.test")
     assert is_double_bounce(cfg, "Double-Bounce@demo.test")
     assert not is_double_bounce(cfg, "") and not is_double_bounce(cfg, "alice@x.test")
+
+
+def test_relayed_report_and_several_recipients_as_postfix_writes_them(cfg):
+    """Texts of a real Postfix 3.7 success report and a three-recipient bounce."""
+    relayed = DsnRecipient("p1@plain.test", "2.0.0", "delivery via 127.0.0.1[127.0.0.1]:48827: 250 2.0.0 Ok",
+                           action="relayed", orcpt="rfc822;p1@plain.test")
+    data, msg = render(cfg, kind=SUCCESS, rcpts=[relayed])
+    assert "\n<p1@plain.test>: delivery via 127.0.0.1[127.0.0.1]:48827: 250 2.0.0 Ok\n" in \
+        parts(msg)[0].get_payload()
+    assert (b"Final-Recipient: rfc822; p1@plain.test\nOriginal-Recipient: rfc822;p1@plain.test\n"
+            b"Action: relayed\nStatus: 2.0.0\nRemote-MTA: dns; 127.0.0.1\n"
+            b"Diagnostic-Code: smtp; 250 2.0.0 Ok\n") in data
+    said = "host 127.0.0.1[127.0.0.1] said: 500 5.3.0 Error: command failed (in reply to RCPT TO command)"
+    rcpts = [DsnRecipient("x1@err.test", "5.1.1", "no such user here", orig="info@virtual.test",
+                          orcpt="rfc822;info@virtual.test"),
+             DsnRecipient("u1@bad.test", "5.3.0", said, orcpt="rfc822;u1@bad.test"),
+             DsnRecipient("u2@bad.test", "5.3.0", said, orcpt="rfc822;u2@bad.test")]
+    data, msg = render(cfg, rcpts=rcpts)
+    assert parts(msg)[0].get_payload().endswith(
+        "                   The mail system\n\n"
+        "<x1@err.test> (expanded from <info@virtual.test>): no such user here\n\n"
+        "<u1@bad.test>: host 127.0.0.1[127.0.0.1] said: 500 5.3.0 Error: command failed\n"
+        "    (in reply to RCPT TO command)\n\n"
+        "<u2@bad.test>: host 127.0.0.1[127.0.0.1] said: 500 5.3.0 Error: command failed\n"
+        "    (in reply to RCPT TO command)\n")
+    assert (b"\n\nFinal-Recipient: rfc822; x1@err.test\nOriginal-Recipient: rfc822;info@virtual.test\n"
+            b"Action: failed\nStatus: 5.1.1\nDiagnostic-Code: X-Postfix; no such user here\n\n"
+            b"Final-Recipient: rfc822; u1@bad.test\n") in data

@@ -497,3 +497,38 @@ def test_engine_auth_dialogue():
     assert text.endswith("501 5.7.0 Authentication aborted\r\n")
     text = run(session([b"EHLO c", b"AUTH PLAIN " + b64(b"\0alice\0bad").encode()]))
     assert text.endswith("535 5.7.8 Error: authentication failed: authentication failure\r\n")
+
+
+def test_smtpd_auth_session_logs_and_delays():
+    from postwell.log import NullLog
+    from postwell.sasl.session import SmtpdAuth
+    slept = []
+
+    async def fake_sleep(t):
+        slept.append(t)
+
+    backend = DictBackend({f"alice@{HOST}": "secret"})
+    backend.failure_delay = 1.0
+    log = NullLog()
+    auth = SmtpdAuth(local_server(backend=backend), log, namaddr="unknown[127.0.0.1]",
+                     client_addr="127.0.0.1", sleep=fake_sleep)
+
+    async def go():
+        r1 = await auth.start("plain", b64(b"\0alice\0bad"))
+        r2 = await auth.start("LOGIN", None)
+        auth.aborted()
+        r3 = await auth.start("LOGIN", None)
+        r4 = await auth.respond(b64(b"alice"))
+        r5 = await auth.respond(b64(b"secret"))
+        return r1, r2, r3, r4, r5
+
+    r1, r2, r3, r4, r5 = run(go())
+    assert str(r1) == "535 5.7.8 Error: authentication failed: authentication failure"
+    assert slept == [1.0] and auth.failures == 1
+    assert (r2.code, r3.code, r4.code) == (334, 334, 334)
+    assert str(r5) == "235 2.7.0 Authentication successful"
+    assert (auth.username, auth.method) == (f"alice@{HOST}", "LOGIN")
+    text = "\n".join(log.lines)
+    assert ("unknown[127.0.0.1]: SASL PLAIN authentication failed: authentication failure, "
+            f"sasl_username=alice@{HOST}") in text
+    assert "unknown[127.0.0.1]: SASL LOGIN authentication aborted" in text

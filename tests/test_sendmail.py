@@ -467,3 +467,40 @@ def test_unreadable_stdin_is_dataerr(inst):
     assert rc == 75
     assert err == f"sendmail: fatal: s@x({os.getuid()}): error reading input: Is a directory\n".encode()
     assert maildrop_names(inst) == []
+
+
+def test_usage_error_output_matches_postfix(inst):
+    rc, _, err = run(["-C", str(inst / "etc"), "-z"])
+    assert rc == 75
+    assert err == (b"sendmail: invalid option -- 'z'\n" * 2) + b"sendmail: fatal: usage: sendmail [options]\n"
+    rc, _, err = run(["-C", str(inst / "etc"), "-t", "-bp"])
+    assert rc == 75 and err == b"sendmail: fatal: -t can be used only in delivery mode\n"
+
+
+def test_null_sender_and_gateway_context(inst):
+    rc, _, err = run(["-C", str(inst / "etc"), "-f", "<>", "-G", "-B", "7BIT", "a@example.org"], b"x\n")
+    assert (rc, err) == (0, b"")
+    env, _ = read_drop(inst, maildrop_names(inst)[0])
+    assert env.sender == "" and env.rewrite == "remote" and env.body == "7BIT"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_authorized_submit_users(inst):
+    user = submit_user()
+    uid = pwd.getpwnam(user).pw_uid
+    with open(inst / "etc" / "main.cf", "a") as f:
+        f.write("authorized_submit_users = root\n")
+    rc, _, err = run(["-C", str(inst / "etc"), "a@example.org"], b"x\n", user=user)
+    assert rc == 75 and err == f"sendmail: fatal: User {user}({uid}) is not allowed to submit mail\n".encode()
+    assert maildrop_names(inst) == []
+    assert run(["-C", str(inst / "etc"), "a@example.org"], b"x\n")[0] == 0
+    # A file dropped by hand (bypassing sendmail) is refused by pickup on its owner.
+    w = md.MaildropWriter(str(inst / "queue" / "maildrop"))
+    w.open()
+    w.write(b"x\n")
+    name = w.finish(md.MaildropEnvelope(sender=user, recipients=["a@example.org"]))
+    os.chown(inst / "queue" / "maildrop" / name, uid, -1)
+    log = NullLog()
+    assert pickup_once(load_config(str(inst / "etc")), log) == 1     # root's message only
+    assert os.listdir(inst / "queue" / "corrupt") == ["maildrop." + name]
+    assert any(f"User {user}({uid}) is not allowed to submit mail" in line for line in log.lines)

@@ -552,6 +552,7 @@ class Sendmail:
         return postqueue.main(["-c", self.config.config_dir] + args)
 
     def check_submit_acl(self) -> None:
+        from postwell.pickup import submit_denied
         err = submit_denied(self.config, self.uid)
         if err:
             raise Fatal(EX_NOPERM, f"User {err}({self.uid}) is not allowed to submit mail")
@@ -636,6 +637,10 @@ class Sendmail:
                             f"{who}: Recipient addresses must be specified on"
                             " the command line or via the -t option")
             env = self.envelope(sender, recipients)
+            # message_size_limit covers the envelope too (Postfix: "including
+            # envelope information"); pickup refuses what does not fit.
+            if limit and writer.content_size + len(env.pack()) + ENVELOPE_ALLOWANCE > limit:
+                raise Fatal(EX_UNAVAILABLE, f"{who}: message file too big")
             try:
                 writer.finish(env)
             except OSError as exc:
@@ -847,38 +852,6 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
     finally:
         reset()
     return EX_OK
-
-
-def submit_denied(config, uid: int) -> str | None:
-    """authorized_submit_users: None when uid may submit, else its login name
-    (or the uid as text).  Supports static:anyone, user names, !name and
-    lookup tables (a table hit means allowed, as in Postfix's check_user_acl)."""
-    spec = config.get("authorized_submit_users") if config.raw("authorized_submit_users") is not None \
-        else "static:anyone"
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    items = [x for x in re.split(r"[,\s]+", spec or "") if x]
-    if not items:
-        return name
-    for item in items:
-        neg = item.startswith("!")
-        if neg:
-            item = item[1:]
-        if item == "static:anyone":
-            return name if neg else None
-        if ":" in item and not item.startswith("/"):
-            try:
-                from postwell.tables import open_table
-                hit = open_table(item, config).lookup(name) is not None
-            except Exception:
-                hit = False
-        else:
-            hit = item == name
-        if hit:
-            return name if neg else None
-    return name
 
 
 def newaliases(config, alias_database: str | None = None, warn=None) -> int:

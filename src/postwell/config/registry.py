@@ -29,8 +29,42 @@ def register_implemented(*names: str) -> None:
     IMPLEMENTED.update(names)
 
 
+_SOURCE_NAMES: set[str] | None = None
+# Files that name every parameter without honouring it.
+_SCAN_SKIP = {"postfix_defaults.py", "defaults.py", "registry.py", "postconf.py"}
+_LITERAL = re.compile(r"""["']([a-z][a-z0-9_]*)["']""")
+
+
+def _source_names() -> set[str]:
+    """Parameter names that postwell's own code reads.
+
+    A parameter counts as honoured when some module other than the tables of
+    names mentions it as a string literal (``cfg.get("message_size_limit")``).
+    This keeps the start-up warning honest without every part having to keep
+    a registration list in step with its code; explicit registrations still
+    cover computed names ("*_destination_concurrency_limit").
+    """
+    global _SOURCE_NAMES
+    if _SOURCE_NAMES is None:
+        import pathlib
+        found: set[str] = set()
+        root = pathlib.Path(__file__).resolve().parent.parent
+        for path in root.rglob("*.py"):
+            if path.name in _SCAN_SKIP:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            found.update(m for m in _LITERAL.findall(text) if m in DEFAULTS)
+        _SOURCE_NAMES = found
+    return _SOURCE_NAMES
+
+
 def is_implemented(name: str) -> bool:
     if name in IMPLEMENTED:
+        return True
+    if name in _source_names():
         return True
     return any(p.startswith("*_") and name.endswith(p[1:]) for p in IMPLEMENTED)
 
@@ -180,6 +214,19 @@ def unused_parameter_warning(path: str, name: str, value: str) -> str:
     return f"{path}: unused parameter: {name}={shown}"
 
 
+# Parameters whose setting postwell always behaves as: no warning when the
+# admin's value says the same (Debian's stock main.cf sets biff = no).
+BEHAVES_AS = {"biff": "no"}
+
+# Where Postfix's own programs and documents are installed: they carry no
+# behaviour for postwell, which has its own installation.
+register_implemented(
+    "readme_directory", "html_directory", "manpage_directory", "sample_directory",
+    "daemon_directory", "command_directory", "shlib_directory", "meta_directory",
+    "sendmail_path", "newaliases_path", "mailq_path", "setgid_group",
+)
+
+
 def unimplemented_parameters(cfg) -> list[str]:
     """Explicitly set parameters that Postfix knows but postwell ignores."""
     names = list(cfg.params)
@@ -189,6 +236,8 @@ def unimplemented_parameters(cfg) -> list[str]:
     out = []
     for n in names:
         if is_implemented(n) or n in user or n in out:
+            continue
+        if n in BEHAVES_AS and cfg.get(n).strip().lower() == BEHAVES_AS[n]:
             continue
         if _builtin(n, cfg):
             out.append(n)

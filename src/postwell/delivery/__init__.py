@@ -1,9 +1,11 @@
 """Delivery agents.  ``agent_class(command)`` maps a master.cf command name
 to the agent class; the qmgr runs agents in-process.
 
-Other agents (smtp, lmtp, local, pipe) register by adding their command name
-to ``AGENTS`` as "module:Class" (imported lazily, so a broken optional agent
-never stops the qmgr from delivering to the others).
+Each agent is listed in ``AGENTS`` by command name as "module:Class"
+(imported lazily, so a broken optional agent never stops the qmgr from
+delivering to the others).  A module registers the parameters it honours
+when it is imported; the master imports them all before its start-up
+warnings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ AGENTS: dict[str, str] = {
     "relay": "postwell.delivery.smtp:SmtpDeliveryAgent",
     "lmtp": "postwell.delivery.lmtp:LmtpDeliveryAgent",
     "local": "postwell.delivery.local:LocalAgent",
+    "pipe": "postwell.delivery.pipe:PipeAgent",
 }
 
 

@@ -84,6 +84,9 @@ _REMOTE_REPLY = re.compile(
     r"^host (?P<name>[^\s\[\]]+)\[(?P<addr>[^\]]*)\](?::\d+)? "
     r"(?:said|refused to talk to me|greeted me with): (?P<reply>.*?)"
     r"(?: \(in reply to [^()]*\))?$", re.S)
+# A success report's "delivery via NAME[ADDR]:PORT: REPLY" (Postfix's trace text).
+_REMOTE_SUCCESS = re.compile(
+    r"^delivery via (?P<name>[^\s\[\]]+)\[(?P<addr>[^\]]*)\](?::\d+)?: (?P<reply>.*)$", re.S)
 
 
 @dataclass
@@ -138,7 +141,7 @@ def diagnostic(reason: str) -> tuple[str | None, str]:
     A reply from a remote server is reported as ``smtp; <reply>`` with the
     server's name as Remote-MTA (RFC 3464 2.3.5, 2.3.6); anything else is
     our own text, typed ``X-Postfix`` as Postfix does."""
-    m = _REMOTE_REPLY.match(reason)
+    m = _REMOTE_REPLY.match(reason) or _REMOTE_SUCCESS.match(reason)
     if m:
         return m.group("name"), f"smtp; {m.group('reply')}"
     return None, f"X-Postfix; {reason}"

@@ -23,6 +23,20 @@ except ImportError:  # pragma: no cover
         pass
 _register("queue_directory", "data_directory", "maillog_file", "mail_owner", "process_id_directory", "service_throttle_time", "daemon_directory", "syslog_name", "syslog_facility", "mail_version", "inet_interfaces", "inet_protocols", "default_process_limit", "import_environment")
 
+# Parameters that only tell Postfix's own installation tools where things are,
+# or only tune a cache: postwell behaves correctly without them, so setting
+# them (stock Debian main.cf does) draws no start-up warning.
+QUIET_PARAMETERS = frozenset({
+    "readme_directory", "html_directory", "manpage_directory", "sample_directory",
+    "sendmail_path", "newaliases_path", "mailq_path", "setgid_group", "meta_directory",
+    "shlib_directory", "command_directory", "config_directory",
+    "smtp_tls_session_cache_database", "smtpd_tls_session_cache_database",
+    "lmtp_tls_session_cache_database", "smtp_tls_session_cache_timeout",
+    "smtpd_tls_session_cache_timeout",
+})
+# Settings equal to what postwell does anyway.
+QUIET_VALUES = {"biff": ("no",)}
+
 STOP_DRAIN_SECONDS = 60.0      # smtpd sessions get this long to finish on stop
 BAD_STARTUP_SECONDS = 1.0      # a child dying sooner than this throttles its service
 
@@ -118,7 +132,7 @@ class Slot:
     def command(self) -> str:
         if self.svc is not None:
             return self.svc.command
-        return {"helper": "virtual", "localhelper": "local"}.get(self.kind, "qmgr")
+        return {"helper": "virtual", "localhelper": "local", "pipehelper": "pipe"}.get(self.kind, "qmgr")
 
 
 class Master:
@@ -268,15 +282,7 @@ class Master:
         self._pid_file = path
 
     def _warn_unimplemented_parameters(self, cfg) -> None:
-        try:
-            from postwell.config.registry import unimplemented_parameters
-        except ImportError:
-            return
-        try:
-            names = unimplemented_parameters(cfg)
-        except Exception:
-            return
-        for name in names:
+        for name in unimplemented_parameter_names(cfg):
             self.log.warning(f"{cfg.config_dir}/main.cf: parameter {name} is not implemented "
                              "by postwell and is ignored")
 
@@ -313,9 +319,17 @@ class Master:
             lsvc = next((s for s in cfg.services or [] if s.name == "local" and s.type == "unix"), None)
             lcfg = cfg.override(lsvc.overrides) if lsvc is not None and lsvc.overrides else cfg
             slots.append(Slot("localhelper", lsvc, lcfg, [], 1, key=("local-helper",)))
+            if plan.pipe:
+                # ... and of pipe(8): commands run as each service's user=.  The
+                # helper reads master.cf itself (per-service overrides included).
+                slots.append(Slot("pipehelper", None, cfg, [], 1, key=("pipe-helper",)))
         qsvc = plan.qmgr
         qcfg = cfg.override(qsvc.overrides) if qsvc is not None and qsvc.overrides else cfg
         slots.append(Slot("qmgr", qsvc, qcfg, [], 1, key=("qmgr",)))
+        if plan.pickup is not None:
+            psvc = plan.pickup
+            pcfg = cfg.override(psvc.overrides) if psvc.overrides else cfg
+            slots.append(Slot("pickup", psvc, pcfg, [], 1, key=("pickup",)))
         return slots
 
     # ------------------------------------------------------------ children
@@ -372,12 +386,22 @@ class Master:
             # forked child that drops to the recipient's uid/gid first.
             local_helper.serve(slot.config, self.owner[0], self.owner[1])
             return
+        if slot.kind == "pipehelper":
+            _die_with_master(master_pid)
+            from postwell.delivery import pipe_helper
+            # Stays root by design, like pipe(8): each command runs in a child
+            # that becomes the service's user= before exec.
+            pipe_helper.serve(slot.config, self.owner[0], self.owner[1])
+            return
         drop_privileges(self.owner)
         # After the uid change: the kernel clears the parent-death signal on it.
         _die_with_master(master_pid)
         if slot.kind == "smtpd":
             from postwell import smtpd
             smtpd.serve(slot.config, slot.svc, slot.sockets)
+        elif slot.kind == "pickup":
+            from postwell.pickup import service as pickup
+            pickup.serve(slot.config)
         else:
             from postwell import qmgr
             if self.owner:
@@ -385,6 +409,9 @@ class Master:
                 helper.HELPER_SOCKET = helper.socket_path(slot.config)
                 from postwell.delivery import local_helper
                 local_helper.HELPER_SOCKET = local_helper.socket_path(slot.config)
+                if any(s.kind == "pipehelper" for s in self.slots):
+                    from postwell.delivery import pipe_helper
+                    pipe_helper.HELPER_SOCKET = pipe_helper.socket_path(slot.config)
             qmgr.serve(slot.config)
 
     def _retired_slots(self):
@@ -516,6 +543,7 @@ class Master:
         except OSError as exc:
             self.log.warning(f"open logfile {cfg.get('maillog_file')}: {exc.strerror}")
         old_qmgr = set()
+        old_pickup = set()
         for slot in self.slots:
             for pid in slot.children:
                 child = self.children.get(pid)
@@ -523,6 +551,8 @@ class Master:
                     child.retired = True
                     if slot.kind == "qmgr":
                         old_qmgr.add(pid)
+                    elif slot.kind == "pickup":
+                        old_pickup.add(pid)
                     try:
                         os.kill(pid, signal.SIGTERM)   # drain: sessions in progress finish
                     except ProcessLookupError:
@@ -535,6 +565,9 @@ class Master:
             if slot.kind == "qmgr":
                 # Two queue managers must never deliver the same file: wait for the old one.
                 slot.blocked_by = old_qmgr
+            elif slot.kind == "pickup":
+                # Nor two pickups queue the same maildrop file twice.
+                slot.blocked_by = old_pickup
         self.slots = new_slots
         self._start_missing()
 
@@ -575,6 +608,43 @@ _PRELOAD_STDLIB = (
     "email.mime.message", "email.contentmanager", "mimetypes", "dns.resolver", "dns.asyncresolver",
     "lmdb", "berkeleydb", "uvloop", "signal", "errno", "stat", "tempfile", "glob", "fnmatch", "re",
 )
+
+
+def unimplemented_parameter_names(cfg) -> list[str]:
+    """Parameters set in main.cf/master.cf that postwell ignores, minus the
+    harmless ones.  Every delivery agent module is imported first: agents
+    register what they honour when their module loads."""
+    try:
+        from postwell.config.registry import unimplemented_parameters
+    except ImportError:
+        return []
+    import importlib
+    try:
+        from postwell.delivery import AGENTS
+    except ImportError:
+        AGENTS = {}
+    for target in set(AGENTS.values()):
+        try:
+            importlib.import_module(target.partition(":")[0])
+        except Exception:
+            pass
+    try:
+        names = unimplemented_parameters(cfg)
+    except Exception:
+        return []
+    out = []
+    for name in names:
+        if name in QUIET_PARAMETERS:
+            continue
+        quiet = QUIET_VALUES.get(name)
+        if quiet is not None:
+            try:
+                if cfg.get(name).strip().lower() in quiet:
+                    continue
+            except Exception:
+                pass
+        out.append(name)
+    return out
 
 
 def preload_modules() -> None:

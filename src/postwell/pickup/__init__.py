@@ -38,4 +38,4 @@ Entry points::
 from .maildrop import (  # noqa: F401
     MaildropEnvelope, MaildropFile, MaildropFormatError, MaildropWriter, poke_pickup, read_maildrop,
 )
-from .service import Pickup, pickup_once, prepare_public, serve  # noqa: F401
+from .service import Pickup, pickup_once, prepare_public, serve, submit_denied  # noqa: F401

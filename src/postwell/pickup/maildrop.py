@@ -51,7 +51,6 @@ PREAMBLE_SIZE = len(MAGIC) + len(SIZE_PREFIX) + SIZE_DIGITS + 1
 END_LINE = b"end\n"
 FILE_MODE = 0o644          # readable by pickup (mail_owner); nobody else can find the name
 MAX_ENVELOPE = 4 * 1024 * 1024   # bound on envelope bytes pickup is willing to parse
-MAX_RECIPIENTS = 100000
 NAME_RE = re.compile(r"^[0-9a-f]{32}$")   # 128 random bits, hex
 TMP_PREFIX = ".tmp."
 WRITE_BUFFER = 65536
@@ -183,8 +182,6 @@ def parse_envelope(data: bytes) -> MaildropEnvelope:
             else:
                 setattr(env, name, value)
         elif name in MULTI:
-            if len(env.recipients) >= MAX_RECIPIENTS:
-                raise MaildropFormatError("too many recipients")
             env.recipients.append(value)
         else:
             raise MaildropFormatError(f"unknown envelope line {name!r}")
@@ -214,7 +211,7 @@ class MaildropFile:
             yield data
 
 
-def read_maildrop(fd: int, file_size: int) -> MaildropFile:
+def read_maildrop(fd: int, file_size: int, max_envelope: int = MAX_ENVELOPE) -> MaildropFile:
     """Validate the preamble and envelope of an open maildrop file."""
     head = os.pread(fd, PREAMBLE_SIZE, 0)
     if len(head) < PREAMBLE_SIZE or not head.startswith(MAGIC):
@@ -228,7 +225,7 @@ def read_maildrop(fd: int, file_size: int) -> MaildropFile:
     env_size = file_size - env_off
     if env_size < len(END_LINE):
         raise MaildropFormatError("file shorter than its recorded content size")
-    if env_size > MAX_ENVELOPE:
+    if env_size > max_envelope:
         raise MaildropFormatError("envelope too large")
     data = b""
     while len(data) < env_size:

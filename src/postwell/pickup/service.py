@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import re
 import select
 import signal
@@ -15,7 +16,7 @@ from ..cleanup import Cleanup
 from ..cleanup.service import mail_date
 from ..queue import QueueStore, fsync_dir, notify_qmgr
 from .maildrop import (
-    NAME_RE, TMP_PREFIX, MaildropFile, MaildropFormatError, read_maildrop,
+    MAX_ENVELOPE, NAME_RE, TMP_PREFIX, MaildropFile, MaildropFormatError, read_maildrop,
 )
 
 WAKEUP_DEFAULT = 60.0        # master.cf's "pickup ... 60 1 pickup" wakeup field
@@ -207,13 +208,18 @@ class Pickup:
             # A hard link could make someone else's file look like a submission of theirs.
             return self._corrupt(name, uid, f"unexpected link count {st.st_nlink}")
         try:
-            md = read_maildrop(fd, st.st_size)
+            md = read_maildrop(fd, st.st_size, max_envelope=max(MAX_ENVELOPE, self.message_size_limit))
         except MaildropFormatError as exc:
             return self._corrupt(name, uid, f"malformed maildrop file: {exc.reason}")
         except OSError as exc:
             self.log.warning(f"maildrop/{name}: read error: {exc.strerror}")
             return KEEP
         env = md.envelope
+        denied = submit_denied(self.config, uid)
+        if denied:
+            # authorized_submit_users is enforced here, on the file owner: a
+            # user who bypasses sendmail still cannot get mail queued.
+            return self._corrupt(name, uid, f"User {denied}({uid}) is not allowed to submit mail")
         if not env.recipients:
             return self._corrupt(name, uid, "no recipients")
         if self.message_size_limit and md.content_size > self.message_size_limit:
@@ -326,6 +332,38 @@ def _owner_uid(config) -> int | None:
         return pwd.getpwnam(config.get("mail_owner") or "postfix").pw_uid
     except KeyError:
         return None
+
+
+def submit_denied(config, uid: int) -> str | None:
+    """authorized_submit_users: None when uid may submit, else its login name
+    (or the uid as text).  Supports static:anyone, user names, !name and
+    lookup tables (a table hit means allowed, as in Postfix's check_user_acl)."""
+    spec = config.get("authorized_submit_users") if config.raw("authorized_submit_users") is not None \
+        else "static:anyone"
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    items = [x for x in re.split(r"[,\s]+", spec or "") if x]
+    if not items:
+        return name
+    for item in items:
+        neg = item.startswith("!")
+        if neg:
+            item = item[1:]
+        if item == "static:anyone":
+            return name if neg else None
+        if ":" in item and not item.startswith("/"):
+            try:
+                from postwell.tables import open_table
+                hit = open_table(item, config).lookup(name) is not None
+            except Exception:
+                hit = False
+        else:
+            hit = item == name
+        if hit:
+            return name if neg else None
+    return name
 
 
 # ---------------------------------------------------------------------------- service

@@ -15,6 +15,9 @@ API for the smtpd glue::
     step_bytes(step) -> bytes                   # the same as wire bytes ("334 " keeps its space)
     failure_log_text(namaddr, mech, failure)    # "...: SASL PLAIN authentication failed: ..."
 
+Or, simpler, one ``postwell.sasl.session.SmtpdAuth`` per SMTP session: it runs the
+exchange, logs failures as Postfix does, applies Failure.delay and returns Replies.
+
 Back ends (smtpd_sasl_type): ``cyrus`` (default; smtpd.conf with auxprop/sasldb
 or saslauthd), ``dovecot`` (auth socket), ``postwell`` (built-in passwd file).
 """
