@@ -215,7 +215,7 @@ passdb {{
 }}
 userdb {{
   driver = static
-  args = uid=root gid=root home=/tmp
+  args = uid=root gid=root home={d}
 }}
 service auth {{
   unix_listener auth-client {{

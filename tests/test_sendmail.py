@@ -504,3 +504,37 @@ def test_authorized_submit_users(inst):
     assert pickup_once(load_config(str(inst / "etc")), log) == 1     # root's message only
     assert os.listdir(inst / "queue" / "corrupt") == ["maildrop." + name]
     assert any(f"User {user}({uid}) is not allowed to submit mail" in line for line in log.lines)
+
+
+def test_sigterm_while_reading_removes_partial_file(inst):
+    import signal as sig
+    _preload()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(w)
+            os.dup2(r, 0)
+            nul = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(nul, 1)
+            os.dup2(nul, 2)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            os._exit(sm.main(["-C", str(inst / "etc"), "a@example.org"], prog="sendmail"))
+        except BaseException:  # noqa: BLE001
+            os._exit(99)
+    os.close(r)
+    try:
+        os.write(w, b"Subject: partial\n\n" + b"x" * 100000)
+        harness.wait_for(lambda: bool(maildrop_names(inst)), 10, what="temporary maildrop file")
+        assert maildrop_names(inst)[0].startswith(".tmp.")
+        os.kill(pid, sig.SIGTERM)
+        _, st = os.waitpid(pid, 0)
+        pid = None
+        assert os.waitstatus_to_exitcode(st) == 75
+        assert maildrop_names(inst) == []
+    finally:
+        os.close(w)
+        if pid:
+            os.kill(pid, sig.SIGKILL)
+            os.waitpid(pid, 0)

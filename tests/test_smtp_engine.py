@@ -272,10 +272,16 @@ def test_rejected_rcpt_and_counters():
 
 
 def test_access_denied_at_connect():
-    d = Driver()
-    d.conn.deny_access()
-    out = d.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\nQUIT\r\n")
-    assert lines(out) == ["503 5.7.0 Error: access denied for unknown[127.0.0.1]"] * 2 + ["221 2.0.0 Bye"]
+    c = ServerConnection(CFG, client="unknown[127.0.0.1]")
+    c.deny_access()
+    c.send_greeting(Reply(554, "<unknown[127.0.0.1]>: Client host rejected: Access denied", "5.7.1"))
+    c.receive_data(b"EHLO x\r\nMAIL FROM:<a@b>\r\nFOO\r\nQUIT\r\n")
+    while not isinstance(c.next_event(), ConnectionClosed):
+        pass
+    assert lines(c.data_to_send().decode()) == [
+        "554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"] + \
+        ["503 5.7.0 Error: access denied for unknown[127.0.0.1]"] * 3 + ["221 2.0.0 Bye"]
+    assert c.counters_text() == "ehlo=0/1 mail=0/1 quit=1 unknown=0/1 commands=1/4"
 
 
 # ------------------------------------------------------------------ DATA

@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import signal
 import sys
 import time
 
@@ -883,7 +884,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             prog = "sendmail"
     args = sys.argv[1:] if argv is None else argv
     os.umask(0o022)
+    _standard_fds_open()
     log = None
+    previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             opts = parse_args(args, prog)
@@ -911,8 +914,33 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         # (its run-time error handler exits before the status is used); the
         # intended status stays in f.status for callers of the library code.
         return EX_TEMPFAIL
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
+        # The writer's abort() already removed any partial maildrop file.
         return EX_TEMPFAIL
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Interrupted(BaseException):
+    """A terminating signal: unwinds through the maildrop writer's cleanup."""
+
+
+def _interrupted(signum, frame):
+    raise _Interrupted(signum)
+
+
+def _standard_fds_open() -> None:
+    """As Postfix: a closed stdin/stdout/stderr becomes /dev/null, so that no
+    file we open later lands on descriptor 0, 1 or 2."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            nfd = os.open(os.devnull, os.O_RDWR)
+            if nfd != fd:
+                os.dup2(nfd, fd)
+                os.close(nfd)
 
 
 def newaliases_main(argv: list[str] | None = None) -> int:

@@ -270,6 +270,10 @@ class Pickup:
             cs.abort()
             self.log.warning(f"maildrop/{name}: read error: {exc.strerror}")
             return KEEP
+        except Exception as exc:   # never let one file take the service down
+            cs.abort()
+            self.log.warning(f"maildrop/{name}: {exc!r} -- will try again later")
+            return KEEP
         if reply.code != 250:
             if reply.code >= 500:
                 # Postfix's cleanup would bounce here; we keep the file for the postmaster.

@@ -180,7 +180,8 @@ def pack_record(rtype: bytes, payload: bytes) -> bytes:
 
 
 def pack_pair(name: str, value: str) -> bytes:
-    return encode_text(name) + b"\0" + encode_text(value)
+    # The first NUL separates name from value: a NUL in the name would move it.
+    return encode_text(name).split(b"\0", 1)[0] + b"\0" + encode_text(value)
 
 
 @dataclass
@@ -195,7 +196,11 @@ class Recipient:
 
     def pack(self) -> bytes:
         fields = [self.address, self.orig or "", self.orcpt or "", self.notify or ""]
-        return (STATUS_DONE if self.done else STATUS_PENDING) + b"\0".join(encode_text(f) for f in fields)
+        # The fields are NUL-separated, and a NUL can arrive inside one (ORCPT=rfc822;a+00b
+        # is valid xtext).  Postfix keeps C strings, so the value ends at the NUL there;
+        # the same here keeps the record parseable.
+        return (STATUS_DONE if self.done else STATUS_PENDING) + b"\0".join(
+            encode_text(f).split(b"\0", 1)[0] for f in fields)
 
 
 @dataclass

@@ -201,10 +201,16 @@ class IncomingMessage:
             if self._error is not None:
                 raise self._error
             st = self.store
+            env = self.envelope.pack()
+            env_off = qf.HEADER_SIZE + self.content_size
+            try:
+                # Checked before anything is marked complete: a file the reader would
+                # call corrupt must never follow a 250 (it would be lost, not delivered).
+                parsed = qf.parse_envelope(env, env_off)
+            except CorruptQueueFile as exc:
+                raise QueueWriteError(f"{self.queue_id}: envelope not storable: {exc.reason}")
             try:
                 self._flush()
-                env = self.envelope.pack()
-                env_off = qf.HEADER_SIZE + self.content_size
                 # Offsets of recipient status bytes are known only now.
                 self._buf += env
                 self._flush()
@@ -218,7 +224,6 @@ class IncomingMessage:
             except OSError as exc:
                 raise _write_error(exc, f"{self.queue_id}: commit queue file")
             # Record where status bytes live, for callers that keep the object.
-            parsed = qf.parse_envelope(env, env_off)
             for mine, on_disk in zip(self.envelope.recipients, parsed.recipients):
                 mine.status_offset = on_disk.status_offset
         except QueueWriteError:

@@ -527,14 +527,15 @@ class ServerConnection:
 
     def send_greeting(self, reply: Reply) -> None:
         self._queue_reply(reply)
-        if reply.code >= 400:
+        if reply.code >= 400 and not self._access_denied:
             # RFC 5321 3.1: a 554/421 greeting; we answer nothing more and close.
             self._close("greeting rejected")
         else:
             self.state = S_CMD
 
     def deny_access(self) -> None:
-        """The client was refused at connect time: every command but QUIT gets 503."""
+        """The client was refused at connect time (call before send_greeting(reject)): the
+        reject is the greeting, then every command but QUIT gets 503 (Postfix)."""
         self._access_denied = True
 
     def receive_data(self, data: bytes) -> None:
@@ -896,9 +897,12 @@ class ServerConnection:
             self._close("non-SMTP command")
             return False
         handler = _COMMANDS.get(verb_u)
-        if self._access_denied and verb_u != "QUIT" and handler is not None:
-            self.where = verb_u
-            self._error(verb.lower(), Reply(503, f"Error: access denied for {self.client}", "5.7.0"))
+        if self._access_denied and verb_u != "QUIT":
+            # RFC 5321 3.1: after a refusing greeting, everything but QUIT gets 503.
+            if handler is not None:
+                self.where = verb_u
+            self._error(verb.lower() if handler is not None else "unknown",
+                        Reply(503, f"Error: access denied for {self.client}", "5.7.0"))
             return True
         if handler is None:
             self._error("unknown", Reply(500, "Error: command not recognized", "5.5.2"))

@@ -249,10 +249,13 @@ class SmtpdSession(asyncio.Protocol):
             return
         reply = await self._policy("on_connect", state)
         if reply is not None:
-            # As Postfix (smtpd_delay_reject = no): greet, then refuse every command but QUIT.
+            # As Postfix (smtpd_delay_reject = no): the reject is the greeting, then every
+            # command but QUIT is refused.
             self._log_reject(reply)
             conn.deny_access()
-        conn.send_greeting(Reply(220, srv.banner))
+            conn.send_greeting(reply)
+        else:
+            conn.send_greeting(Reply(220, srv.banner))
         await self._flush()
 
         while True:
