@@ -325,7 +325,8 @@ def test_unused_and_user_defined_parameters(tmp_path):
 
 
 def test_unimplemented_parameters(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "IMPLEMENTED", set(registry.IMPLEMENTED))
+    # Only the config part's own names: other modules may have registered more.
+    monkeypatch.setattr(registry, "IMPLEMENTED", {"myhostname"})
     monkeypatch.setattr(registry, "_SOURCE_NAMES", set())
     d = write(tmp_path, "myhostname = a.example\nbiff = yes\nfoo = 1\n",
               "smtp inet n - n - - smtpd -o smtpd_tls_security_level=may\n")

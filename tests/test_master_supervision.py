@@ -72,11 +72,54 @@ def test_plan_maps_postfix_services():
     services = [svc("smtp", "inet", "smtpd"), svc("pickup", "unix", "pickup"),
                 svc("cleanup", "unix", "cleanup"), svc("qmgr", "unix", "qmgr"),
                 svc("tlsmgr", "unix", "tlsmgr"), svc("maildrop", "unix", "pipe"),
-                svc("proxywrite", "unix", "proxymap"), svc("policy", "unix", "spawn")]
+                svc("proxywrite", "unix", "proxymap"), svc("policy", "unix", "spawn"),
+                svc("postlog", "unix-dgram", "postlogd"), svc("uucp", "unix", "pipe")]
     plan = sv.plan_services(services)
     assert [s.name for s in plan.smtpd] == ["smtp"]
     assert plan.qmgr.name == "qmgr"
-    assert sorted(s.name for s, _ in plan.unsupported) == ["maildrop", "pickup", "policy"]
+    assert plan.pickup.name == "pickup"
+    assert [s.name for s in plan.pipe] == ["maildrop", "uucp"]
+    assert sorted(s.name for s, _ in plan.unsupported) == ["policy"]
+
+
+STOCK_SERVICES = """\
+smtp      inet  n       -       y       -       -       smtpd
+pickup    unix  n       -       y       60      1       pickup
+cleanup   unix  n       -       y       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       y       1000?   1       tlsmgr
+rewrite   unix  -       -       y       -       -       trivial-rewrite
+bounce    unix  -       -       y       -       0       bounce
+defer     unix  -       -       y       -       0       bounce
+trace     unix  -       -       y       -       0       bounce
+verify    unix  -       -       y       -       1       verify
+flush     unix  n       -       y       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       y       -       -       smtp
+relay     unix  -       -       y       -       -       smtp
+showq     unix  n       -       y       -       -       showq
+error     unix  -       -       y       -       -       error
+retry     unix  -       -       y       -       -       error
+discard   unix  -       -       y       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       y       -       -       lmtp
+anvil     unix  -       -       y       -       1       anvil
+scache    unix  -       -       y       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+maildrop  unix  -       n       n       -       -       pipe
+  flags=DRXhu user=vmail argv=/usr/bin/maildrop -d ${recipient}
+uucp      unix  -       n       n       -       -       pipe
+  flags=Fqhu user=uucp argv=uux -r -n -z -a$sender - $nexthop!rmail ($recipient)
+"""
+
+
+def test_stock_master_cf_draws_no_warning():
+    from postwell.config.master import parse_master_cf
+    plan = sv.plan_services(parse_master_cf(STOCK_SERVICES))
+    assert plan.unsupported == []
+    assert [s.name for s in plan.pipe] == ["maildrop", "uucp"] and plan.pickup is not None
 
 
 def test_worker_count():

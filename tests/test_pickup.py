@@ -96,6 +96,9 @@ def test_format_round_trip_and_escapes(inst):
     (b"time 1\nsender a\nnotify SOMETIMES\nend\n", "bad notify value"),
     (b"time x\nsender a\nend\n", "bad time value"),
     (b"time 1\nsender a\rb\nend\n", "unescaped control character"),
+    (b"time 1\nsender a\nrcpt-notify NEVER\nrcpt b\nend\n", "misplaced rcpt-notify"),
+    (b"time 1\nsender a\nrcpt b\nrcpt-orcpt x\nrcpt-orcpt y\nend\n", "misplaced rcpt-orcpt"),
+    (b"time 1\nsender a\nrcpt b\nrcpt-notify SOON\nend\n", "bad notify value"),
 ])
 def test_format_rejects(tail, reason):
     with pytest.raises(md.MaildropFormatError) as e:
@@ -226,9 +229,15 @@ def test_soft_cleanup_error_keeps_file(inst, monkeypatch):
 
 def test_bs_submission_attributes(inst):
     drop(inst, b"Received: from c (localhost [127.0.0.1])\n\tby mx; date\nSubject: s\n\nb\n",
-         sender="u@example.org", protocol="ESMTP", helo="client.example")
+         sender="u@example.org", protocol="ESMTP", helo="client.example",
+         recipients=["a@example.org", "b@example.org"], rcpt_notify={1: "DELAY"},
+         rcpt_orcpt={1: "rfc822;B@example.org"})
     assert pickup_once(cfg(inst), NullLog()) == 1
-    [(_, _, _, attrs, _, _)] = queued(inst)
+    [(_, _, rcpts, attrs, _, _)] = queued(inst)
+    assert rcpts == [("a@example.org", "a@example.org", None), ("b@example.org", "b@example.org", "DELAY")]
+    store = QueueStore(str(inst / "queue"))
+    with store.open(store.scan("incoming")[0]) as qm:
+        assert [r.orcpt for r in qm.recipients] == [None, "rfc822;B@example.org"]
     assert attrs["protocol_name"] == "ESMTP" and attrs["helo_name"] == "client.example"
     assert attrs["client_address"] == "127.0.0.1"
 
@@ -284,3 +293,42 @@ def test_serve_picks_up_on_poke_and_stops_on_sigterm(inst):
         if pid:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_obsolete_header_from_format(inst):
+    with open(inst / "etc" / "main.cf", "a") as f:
+        f.write("header_from_format = obsolete\n")
+    drop(inst, GOOD, fullname="Ann (the) Admin")
+    assert pickup_once(cfg(inst), NullLog()) == 1
+    [(*_, content)] = queued(inst)
+    assert b"From: alice@example.com (Ann \\(the\\) Admin)\n" in content
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_prepare_public_replaces_foreign_fifo(inst):
+    import pwd
+    from test_sendmail import submit_user
+    user = submit_user()
+    pw = pwd.getpwnam(user)
+    q = inst / "queue"
+    for sub in ("public", "maildrop"):
+        os.chown(q / sub, pw.pw_uid, pw.pw_gid)
+    os.chmod(q / "maildrop", 0o700)
+    assert os.stat(q / "public" / "pickup").st_uid == 0
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            fifo = prepare_public(str(q))
+            fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)   # what serve() does
+            os.close(fd)
+            code = 0
+        finally:
+            os._exit(code)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    assert os.stat(q / "public" / "pickup").st_uid == pw.pw_uid
+    assert os.stat(q / "maildrop").st_mode & 0o7777 == 0o1733

@@ -85,3 +85,46 @@ def test_bounce_reaches_sender(mta):
     assert rcpt["Final-Recipient"] == "rfc822; u1@bad.test"
     assert original.get_content_type() == "message/rfc822"
     assert original.get_payload()[0]["Subject"] == "e2e bounce"
+
+
+@pytest.fixture(params=["postwell", "postfix"])
+def delaying_mta(request, tmp_path):
+    closed = harness.free_port()       # nothing listens there: every attempt is deferred
+    extra = {"transport_maps": "texthash:$config_directory/transport",
+             "delay_warning_time": "1s"}
+    if request.param == "postfix":
+        if harness.reference_available():
+            pytest.skip(harness.reference_available())
+        inst = harness.ReferencePostfix(tmp_path, extra)
+    else:
+        inst = harness.PostwellInstance(tmp_path, extra)
+        inst.master_cf = inst.default_master_cf() + \
+            "smtp      unix  -       -       n       -       -       smtp\n"
+        inst.write_config()
+    (inst.config_dir / "transport").write_text(f"closed.test smtp:[127.0.0.1]:{closed}\n")
+    try:
+        inst.start()
+        yield inst
+    finally:
+        inst.stop()
+        inst.cleanup()
+
+
+def test_one_delay_warning(delaying_mta):
+    mta = delaying_mta
+    replies = harness.dialogue(mta.port, [
+        "EHLO client.test", "MAIL FROM:<alice@virtual.test>", "RCPT TO:<u5@closed.test>",
+        "DATA", *BODY, ".", "QUIT"], timeout=10)
+    qid = re.search(r"queued as (\w+)", replies[5].text).group(1)
+    [path] = mta.wait_maildir("alice", 1, timeout=40)
+    mta.wait_log(rf"postfix/bounce\[\d+\]: {qid}: sender delay notification: \w+$", 10)
+    # Another deferral (minimal_backoff_time is 5s here): still one warning.
+    mta.wait_log(rf"(?s)(?:{qid}: to=<u5@closed\.test>.*status=deferred.*){{2}}", 30)
+    assert mta.log_text().count(f"{qid}: sender delay notification") == 1
+    assert len(mta.maildir_messages("alice")) == 1
+    msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.compat32)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    rcpt = msg.get_payload()[1].get_payload()[1]
+    assert rcpt["Action"] == "delayed" and rcpt["Status"].startswith("4.")
+    assert rcpt["Will-Retry-Until"]
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"

@@ -46,7 +46,7 @@ def test_layout_modes(store):
                  "bounce", "public", "pid"):
         assert os.path.isdir(store.path(name))
     assert stat.S_IMODE(os.stat(store.path("incoming")).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(store.path("public")).st_mode) == 0o710
+    assert stat.S_IMODE(os.stat(store.path("public")).st_mode) == 0o711
     store.ensure_layout()   # idempotent
 
 

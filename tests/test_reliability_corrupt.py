@@ -41,8 +41,12 @@ DAMAGE = {
 
 
 def _corrupt(store: QueueStore, test_id: str, how: str, uid: int, gid: int) -> str:
-    qid = _good(store, test_id)
-    path = store.path("incoming", qid)
+    """A damaged file, made in a staging queue on the same file system (so the
+    running qmgr cannot grab it half-made) and renamed into incoming/ at once."""
+    staging = QueueStore(os.path.join(os.path.dirname(store.queue_directory), "staging"))
+    staging.ensure_layout()
+    qid = _good(staging, test_id)
+    path = staging.path("incoming", qid)
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
@@ -50,7 +54,8 @@ def _corrupt(store: QueueStore, test_id: str, how: str, uid: int, gid: int) -> s
     os.chmod(path, 0o700)   # looks complete: the reader, not the scanner, must catch it
     os.chown(path, uid, gid)
     with pytest.raises(CorruptQueueFile):
-        store.open(qid, "incoming", writable=False).close()
+        staging.open(qid, "incoming", writable=False).close()
+    os.rename(path, store.path("incoming", qid))
     return qid
 
 

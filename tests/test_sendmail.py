@@ -393,7 +393,9 @@ def test_unprivileged_user_submits_but_cannot_look(inst):
 # --------------------------------------------------------------------------- other modes
 
 def test_bs_transcript_and_maildrop(inst):
-    dialogue = (b"EHLO client.example\r\nMAIL FROM:<u@example.org>\r\nRCPT TO:<v@example.net>\r\n"
+    dialogue = (b"EHLO client.example\r\nMAIL FROM:<u@example.org> RET=HDRS ENVID=e1\r\n"
+                b"RCPT TO:<w@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;W@example.net\r\n"
+                b"RCPT TO:<v@example.net>\r\n"
                 b"DATA\r\nSubject: t\r\n\r\nhello\r\n..dot\r\n.\r\nQUIT\r\n")
     rc, out, err = run(["-C", str(inst / "etc"), "-bs"], dialogue)
     assert (rc, err) == (0, b"")
@@ -404,7 +406,9 @@ def test_bs_transcript_and_maildrop(inst):
     assert "250 2.0.0 Ok: queued" in lines
     assert lines[-2] == "221 2.0.0 Bye"
     env, content = read_drop(inst, maildrop_names(inst)[0])
-    assert env.sender == "u@example.org" and env.recipients == ["v@example.net"]
+    assert env.sender == "u@example.org" and env.recipients == ["w@example.net", "v@example.net"]
+    assert (env.ret, env.envid) == ("HDRS", "e1")
+    assert env.rcpt_notify == {0: "SUCCESS,FAILURE"} and env.rcpt_orcpt == {0: "rfc822;W@example.net"}
     assert env.protocol == "ESMTP" and env.helo == "client.example"
     assert content.startswith(b"Received: from client.example (localhost [127.0.0.1])\n\tby mx.example.com")
     assert content.endswith(b"Subject: t\n\nhello\n.dot\n")
@@ -538,3 +542,9 @@ def test_sigterm_while_reading_removes_partial_file(inst):
         if pid:
             os.kill(pid, sig.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_bi_failure_reported_as_postalias(inst):
+    rc, _, err = run(["-C", str(inst / "etc"), "-bi", f"-oAhash:{inst}/missing/aliases"])
+    assert rc == 1
+    assert err == f"postalias: fatal: open {inst}/missing/aliases: No such file or directory\n".encode()

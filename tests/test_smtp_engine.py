@@ -662,3 +662,14 @@ def test_bare_lf_reject_in_bdat():
     d2 = Driver(forbid_bare_newline="reject")
     out = d2.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 2\r\na\rBDAT 3 LAST\r\n\nb\r")
     assert lines(out)[-1] == "250 2.0.0 Ok"      # CR at the chunk end pairs with the next LF
+
+
+def test_discarded_chunking_and_dsn():
+    cfg = ServerConfig(discard_ehlo_keywords=frozenset({"CHUNKING", "DSN"}), error_sleep_time=0)
+    d = Driver(cfg)
+    out = d.feed(b"EHLO x\r\nMAIL FROM:<a@b> RET=FULL\r\nMAIL FROM:<a@b>\r\n"
+                 b"RCPT TO:<c@d> NOTIFY=NEVER\r\nRCPT TO:<c@d>\r\nBDAT 3 LAST\r\nabc")
+    assert lines(out)[-5:] == ["501 5.7.1 DSN support is disabled", "250 2.1.0 Ok",
+                               "501 5.7.1 DSN support is disabled", "250 2.1.5 Ok",
+                               "521 5.5.1 Error: command not implemented"]
+    assert d.conn.closed

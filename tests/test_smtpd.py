@@ -17,7 +17,6 @@ import pytest
 
 from postwell.config import load_config
 from postwell.log import NullLog
-from postwell.smtp.reply import Reply
 from postwell.smtpd import SmtpdServer, client_hostname
 
 WAIT = 10.0

@@ -33,7 +33,7 @@ nothing queued) instead of being bounced later.  ``-C`` and MAIL_CONFIG are
 honoured without Postfix's alternate_config_directories check: sendmail has
 no privilege a configuration file could abuse.  With ``-bs`` the reply to
 the end of data is "250 2.0.0 Ok: queued" (the queue id is given later by
-pickup), and a NOTIFY= that differs between recipients is not kept.
+pickup).
 """
 
 from __future__ import annotations
@@ -332,6 +332,7 @@ def full_name_of(uid: int) -> str | None:
 
 _HEADER_NAME_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _FROM_LINE_RE = re.compile(rb">*From ")
+_CR_RUN_LF = re.compile(rb"\r+\n")
 
 
 class TooBig(Exception):
@@ -428,6 +429,18 @@ def copy_message(infd: int, sink, *, dot_ends: bool, headers: HeaderRecipients |
         chunk = os.read(infd, READ_CHUNK)
         eof = not chunk
         pending += chunk
+        if (not skip_from and not in_piece and strip_cr is not None
+                and (headers is None or not headers.in_headers)):
+            # Body fast path: whole lines in one go (no per-line Python work).
+            last = pending.rfind(b"\n")
+            if last >= 0:
+                block = bytes(pending[:last + 1])
+                if strip_cr and b"\r\n" in block:
+                    block = (_CR_RUN_LF.sub(b"\n", block) if b"\r\r\n" in block
+                             else block.replace(b"\r\n", b"\n"))
+                if not (dot_ends and (block.startswith(b".\n") or b"\n.\n" in block)):
+                    del pending[:last + 1]
+                    emit(block)
         while True:
             nl = pending.find(b"\n")
             if nl < 0:
@@ -540,7 +553,7 @@ class Sendmail:
         if o.mode == MODE_NEWALIAS:
             if o.recipients:
                 raise Fatal(EX_USAGE, "alias initialization mode requires no recipient")
-            return newaliases(self.config, o.alias_database, warn=self.warn)
+            return newaliases(self.config, o.alias_database)
         if o.mode == MODE_USER:
             if o.recipients:
                 raise Fatal(EX_USAGE, "stand-alone mode requires no recipient")
@@ -583,8 +596,9 @@ class Sendmail:
         try:
             writer.open()
         except OSError as exc:
+            fname = os.path.basename(exc.filename) if isinstance(exc.filename, str) else ".tmp"
             raise Fatal(EX_TEMPFAIL, f"{self.ident(sender)}: mail_queue_enter: create file "
-                                     f"maildrop/.tmp: {exc.strerror}") from None
+                                     f"maildrop/{fname}: {exc.strerror}") from None
         return writer
 
     def envelope(self, sender: str, recipients: list[str]):
@@ -775,13 +789,13 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
             return Reply(552, "Error: message file too big", "5.3.4")
         conv.close()
         mail = state["mail"]
-        env = MaildropEnvelope(sender=mail.sender, recipients=[r.recipient for r in state["rcpts"]],
+        rcpts = state["rcpts"]
+        env = MaildropEnvelope(sender=mail.sender, recipients=[r.recipient for r in rcpts],
                                submit_time=time.time(), notify=None, ret=mail.ret, envid=mail.envid,
                                body=mail.body if mail.body in ("7BIT", "8BITMIME") else None,
-                               protocol="ESMTP" if conn.esmtp else "SMTP", helo=conn.helo_name)
-        notifies = {r.notify for r in state["rcpts"]}
-        if len(notifies) == 1:
-            env.notify = notifies.pop()
+                               protocol="ESMTP" if conn.esmtp else "SMTP", helo=conn.helo_name,
+                               rcpt_notify={i: r.notify for i, r in enumerate(rcpts) if r.notify},
+                               rcpt_orcpt={i: r.orcpt for i, r in enumerate(rcpts) if r.orcpt})
         try:
             w.finish(env)
         except OSError as exc:
@@ -855,17 +869,24 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
     return EX_OK
 
 
-def newaliases(config, alias_database: str | None = None, warn=None) -> int:
-    """Build every indexed alias_database entry with the tables package's builder."""
+def newaliases(config, alias_database: str | None = None) -> int:
+    """Build every indexed alias_database entry with the tables package's
+    builder.  Postfix execs postalias for this, so diagnostics carry the
+    "postalias:" prefix and a failure exits 1, as there."""
     if alias_database is not None:
         config = config.override({"alias_database": alias_database})
     if not (config.get("alias_database") or "").strip():
         return EX_OK
+
+    def warn(text: str) -> None:
+        sys.stderr.write(f"postalias: warning: {text}\n")
+
     from postwell import tables
     try:
         tables.newaliases_build(config, warn=warn)
     except Exception as exc:
-        raise Fatal(EX_UNAVAILABLE, str(exc)) from None
+        sys.stderr.write(f"postalias: fatal: {exc}\n")
+        return 1
     return EX_OK
 
 
@@ -898,7 +919,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             raise
         from postwell.config import load_config
         try:
-            config = load_config(opts.config_dir or os.environ.get("MAIL_CONFIG") or None)
+            # main.cf only: a master.cf problem is the daemon's business, not a submitter's.
+            config = load_config(opts.config_dir or os.environ.get("MAIL_CONFIG") or None, read_master=False)
         except Exception as exc:
             raise Fatal(EX_UNAVAILABLE, str(exc)) from None
         log = _open_log(config)

@@ -144,14 +144,36 @@ class VirtualAgent(DeliveryAgent):
             self.log.warning(text)
 
     # -- delivery --------------------------------------------------------
+    def _own_plans(self, request: DeliveryRequest) -> list | None:
+        """Plans for a request this unprivileged process may carry out itself:
+        every mailbox belongs to our own uid/gid, so the root helper's child
+        would run with the very identity we already have, minus a fork per
+        message.  Anything else (another owner, a lookup problem, a bounce)
+        goes to the helper, which decides and logs as before."""
+        uid, gid = os.geteuid(), os.getegid()
+        plans = []
+        warn, self._warn = self._warn, lambda text: None   # the helper warns, not both of us
+        try:
+            for rcpt in request.recipients:
+                plan = self.plan(request, rcpt)
+                if isinstance(plan, RecipientResult) or plan.uid != uid or plan.gid != gid:
+                    return None
+                plans.append(plan)
+        finally:
+            self._warn = warn
+        return plans
+
     async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
         from . import helper
+        plans = None
         if helper.HELPER_SOCKET and os.geteuid() != 0:
-            return await self._deliver_via_helper(request, helper)
+            plans = self._own_plans(request)
+            if plans is None:
+                return await self._deliver_via_helper(request, helper)
         results = []
         delivered_to = None
-        for rcpt in request.recipients:
-            plan = self.plan(request, rcpt)
+        for i, rcpt in enumerate(request.recipients):
+            plan = plans[i] if plans is not None else self.plan(request, rcpt)
             if not isinstance(plan, RecipientResult):
                 if delivered_to is None:
                     delivered_to = delivered_to_headers(request.open_content)
@@ -283,14 +305,9 @@ def deliver_maildir(d: Delivery, open_content) -> None:
         st = os.fstat(fd)
         # The per-file limit is virtual_mailbox_limit (postconf(5): "an individual ... maildir file").
         written = _write_limited(fd, d.headers(), 0, d.limit)
-        buf = bytearray()
-        for line in iter_lines(open_content()):
-            buf += line
-            if len(buf) >= 65536:
-                written = _write_limited(fd, bytes(buf), written, d.limit)
-                buf.clear()
-        if buf:
-            written = _write_limited(fd, bytes(buf), written, d.limit)
+        # The queue's content is already LF lines: copy its chunks as they come.
+        for chunk in open_content():
+            written = _write_limited(fd, chunk, written, d.limit)
         os.fsync(fd)
         newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
         os.link(tmpfile, newfile)

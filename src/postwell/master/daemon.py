@@ -23,6 +23,9 @@ except ImportError:  # pragma: no cover
         pass
 _register("queue_directory", "data_directory", "maillog_file", "mail_owner", "process_id_directory", "service_throttle_time", "daemon_directory", "syslog_name", "syslog_facility", "mail_version", "inet_interfaces", "inet_protocols", "default_process_limit", "import_environment")
 
+# The qmgr's scheduler reads these for every transport by name (qmgr.manager._limit).
+_register("*_destination_recipient_limit", "*_destination_concurrency_limit")
+
 # Parameters that only tell Postfix's own installation tools where things are,
 # or only tune a cache: postwell behaves correctly without them, so setting
 # them (stock Debian main.cf does) draws no start-up warning.

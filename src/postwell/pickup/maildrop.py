@@ -20,6 +20,9 @@ Envelope lines (values are escaped: ``%`` and the bytes 0x00-0x1F, 0x7F as
     time <seconds since the epoch, decimal>      exactly once
     sender <address>                            exactly once (empty: null sender)
     rcpt <address>                              zero or more
+    rcpt-notify <NOTIFY value>                  optional, right after its rcpt line
+    rcpt-orcpt <type;address>                   optional, right after its rcpt line
+                                                (both from sendmail -bs: RFC 3461)
     fullname <text>                             -F, or the user's GECOS name
     notify <NEVER | SUCCESS,FAILURE,DELAY subset>   -N (applies to every recipient)
     ret <FULL | HDRS>                           -R
@@ -57,6 +60,7 @@ WRITE_BUFFER = 65536
 
 SINGLE = ("time", "sender", "fullname", "notify", "ret", "envid", "body", "rewrite", "protocol", "helo")
 MULTI = ("rcpt",)
+PER_RCPT = ("rcpt-notify", "rcpt-orcpt")
 _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
 
 
@@ -72,6 +76,8 @@ class MaildropFormatError(Exception):
 class MaildropEnvelope:
     sender: str = ""
     recipients: list[str] = field(default_factory=list)
+    rcpt_notify: dict[int, str] = field(default_factory=dict)   # recipient index -> NOTIFY
+    rcpt_orcpt: dict[int, str] = field(default_factory=dict)    # recipient index -> ORCPT
     submit_time: float = 0.0
     fullname: str | None = None
     notify: str | None = None
@@ -93,7 +99,12 @@ class MaildropEnvelope:
             value = getattr(self, name)
             if value is not None:
                 lines.append(_line(name, value))
-        lines.extend(_line("rcpt", r) for r in self.recipients)
+        for i, r in enumerate(self.recipients):
+            lines.append(_line("rcpt", r))
+            if i in self.rcpt_notify:
+                lines.append(_line("rcpt-notify", self.rcpt_notify[i]))
+            if i in self.rcpt_orcpt:
+                lines.append(_line("rcpt-orcpt", self.rcpt_orcpt[i]))
         lines.append(END_LINE)
         return b"".join(lines)
 
@@ -136,11 +147,13 @@ def _line(name: str, value: str) -> bytes:
 
 
 def _check_values(env: MaildropEnvelope) -> None:
-    if env.notify is not None:
-        words = env.notify.split(",")
-        if not (env.notify == "NEVER" or (all(w in _NOTIFY_WORDS for w in words)
-                                           and len(set(words)) == len(words))):
-            raise MaildropFormatError(f"bad notify value {env.notify!r}")
+    for notify in [env.notify, *env.rcpt_notify.values()]:
+        if notify is None:
+            continue
+        words = notify.split(",")
+        if not (notify == "NEVER" or (all(w in _NOTIFY_WORDS for w in words)
+                                       and len(set(words)) == len(words))):
+            raise MaildropFormatError(f"bad notify value {notify!r}")
     if env.ret is not None and env.ret not in ("FULL", "HDRS"):
         raise MaildropFormatError(f"bad ret value {env.ret!r}")
     if env.body is not None and env.body not in ("7BIT", "8BITMIME"):
@@ -165,6 +178,7 @@ def parse_envelope(data: bytes) -> MaildropEnvelope:
         raise MaildropFormatError("envelope does not end in a newline")
     env = MaildropEnvelope()
     seen: set[str] = set()
+    last_rcpt_fields: set[str] = set()
     for raw in lines:
         name_b, sep, value_b = raw.partition(b" ")
         name = name_b.decode("ascii", "replace")
@@ -183,6 +197,13 @@ def parse_envelope(data: bytes) -> MaildropEnvelope:
                 setattr(env, name, value)
         elif name in MULTI:
             env.recipients.append(value)
+            last_rcpt_fields = set()
+        elif name in PER_RCPT:
+            if not env.recipients or name in last_rcpt_fields:
+                raise MaildropFormatError(f"misplaced {name} line")
+            last_rcpt_fields.add(name)
+            target = env.rcpt_notify if name == "rcpt-notify" else env.rcpt_orcpt
+            target[len(env.recipients) - 1] = value
         else:
             raise MaildropFormatError(f"unknown envelope line {name!r}")
     for required in ("time", "sender"):

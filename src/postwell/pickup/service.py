@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..cleanup import Cleanup
 from ..cleanup.service import mail_date
-from ..queue import QueueStore, fsync_dir, notify_qmgr
+from ..queue import QueueStore, fsync_dir
 from .maildrop import (
     MAX_ENVELOPE, NAME_RE, TMP_PREFIX, MaildropFile, MaildropFormatError, read_maildrop,
 )
@@ -260,8 +260,9 @@ class Pickup:
             cs.prepend_header(f"Received: by {self.myhostname} ({self.mail_name}, from userid {uid})\n"
                               f"\tid {qid}; {mail_date(mtime)}")
             self._copy_content(md, cs, env)
-            for rcpt in env.recipients:
-                cs.add_recipient(rcpt, notify=env.notify)
+            for i, rcpt in enumerate(env.recipients):
+                cs.add_recipient(rcpt, orcpt=env.rcpt_orcpt.get(i),
+                                 notify=env.rcpt_notify.get(i, env.notify))
             reply = cs.finish_sync()
         except MaildropFormatError as exc:
             cs.abort()
@@ -287,13 +288,14 @@ class Pickup:
         except OSError as exc:
             # The message would be queued twice on the next scan: warn loudly.
             self.log.warning(f"{qid}: remove maildrop/{name}: {exc.strerror}")
-        notify_qmgr(self.store.queue_directory)
+        # cleanup's commit has already woken the qmgr (public/qmgr).
         return DONE
 
     def _copy_content(self, md: MaildropFile, cs, env) -> None:
         inserter = None
         if env.fullname and env.sender and env.rewrite == "local":
-            inserter = _FromInserter(lambda seen: self._from_header(seen, env))
+            obsolete = (self.config.get("header_from_format") or "standard").strip().lower() == "obsolete"
+            inserter = _FromInserter(lambda seen: self._from_header(seen, env, obsolete))
         for chunk in md.iter_content():
             cs.write(inserter.feed(chunk) if inserter is not None else chunk)
         if inserter is not None:
@@ -302,12 +304,17 @@ class Pickup:
                 cs.write(tail)
 
     @staticmethod
-    def _from_header(seen: set, env) -> bytes:
+    def _from_header(seen: set, env, obsolete: bool = False) -> bytes:
         resent = any(h.startswith(b"resent-") for h in seen)
         name = b"resent-from" if resent else b"from"
         if name in seen:
             return b""
         label = "Resent-From" if resent else "From"
+        if obsolete:
+            # header_from_format = obsolete: "address (Full Name)".
+            comment = env.fullname.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+            comment = comment.replace("\n", " ").replace("\r", " ")
+            return f"{label}: {env.sender} ({comment})\n".encode("utf-8", "surrogateescape")
         # header_from_format = standard: "Full Name <address>" (RFC 5322 3.4).
         return f"{label}: {_phrase(env.fullname)} <{env.sender}>\n".encode("utf-8", "surrogateescape")
 
@@ -395,7 +402,9 @@ def prepare_public(queue_directory: str, log=None) -> str:
     fifo = os.path.join(queue_directory, "public", "pickup")
     try:
         st = os.lstat(fifo)
-        if not stat.S_ISFIFO(st.st_mode):
+        if not stat.S_ISFIFO(st.st_mode) or (me != 0 and st.st_uid != me):
+            # Not a FIFO, or one left by another user (e.g. an earlier run as
+            # root) that we could not open for reading: make our own.
             os.unlink(fifo)
             raise FileNotFoundError
     except FileNotFoundError:

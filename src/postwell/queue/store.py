@@ -454,9 +454,11 @@ class QueueStore:
         for name in ALL_DIRS:
             p = self.path(name)
             if name == "maildrop":
-                mode = 0o1730 if root else 0o700
+                # World-writable, sticky, not listable: users drop mail through
+                # sendmail but can neither find nor read others' (see pickup/).
+                mode = 0o1733 if root else 0o700
             elif name == "public":
-                mode = 0o710
+                mode = 0o711
             elif name == "pid":
                 mode = 0o755
             else:

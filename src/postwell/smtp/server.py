@@ -42,7 +42,7 @@ lines are passed on in pieces.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .reply import Reply
 
@@ -475,11 +475,11 @@ S_CLOSED = "closed"
 _COUNTER_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
                   "noop", "vrfy", "etrn", "quit", "unknown")
 
+REPLY_DSN_DISABLED = Reply(501, "DSN support is disabled", "5.7.1")
 REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 _HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS"})
-_MAIL_PARAMS = ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH")
 
 
 class ServerConnection:
@@ -633,6 +633,11 @@ class ServerConnection:
     @where.setter
     def where(self, value: str) -> None:
         self._where = value
+
+    @property
+    def _dsn_disabled(self) -> bool:
+        # smtpd_discard_ehlo_keywords = dsn also refuses the DSN parameters (Postfix).
+        return "DSN" in self.config.discard_ehlo_keywords
 
     @property
     def in_transaction(self) -> bool:
@@ -1000,6 +1005,8 @@ class ServerConnection:
 
     def _mail_param(self, k, eq, val, kw, raw) -> Reply | None:
         unsupported = Reply(555, f"Unsupported option: {raw}", "5.5.4")
+        if k in ("RET", "ENVID") and eq and self._dsn_disabled:
+            return REPLY_DSN_DISABLED
         limit = self.config.message_size_limit
         if k == "SIZE" and eq:
             # RFC 1870 6
@@ -1059,6 +1066,9 @@ class ServerConnection:
         for p in params:
             key, eq, val = p.partition("=")
             k = key.upper()
+            if k in ("NOTIFY", "ORCPT") and eq and self._dsn_disabled:
+                self._error("rcpt", REPLY_DSN_DISABLED)
+                return
             if k == "NOTIFY" and eq and "notify" not in kw:
                 # RFC 3461 4.1: NEVER alone, or any of SUCCESS, FAILURE, DELAY
                 items = val.upper().split(",")
@@ -1119,8 +1129,10 @@ class ServerConnection:
     def _cmd_bdat(self, arg: str) -> None:
         # RFC 3030 2: BDAT chunk-size [LAST]
         parts = arg.split()
-        if ("CHUNKING" in self.config.discard_ehlo_keywords):
-            self._error("unknown", Reply(502, "Error: command not implemented", "5.5.1"))
+        if "CHUNKING" in self.config.discard_ehlo_keywords:
+            # The chunk that follows cannot be skipped safely: refuse and hang up (Postfix).
+            self._error("bdat", Reply(521, "Error: command not implemented", "5.5.1"))
+            self._close("bdat disabled")
             return
         if (not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 15
                 or (len(parts) == 2 and parts[1].upper() != "LAST")):

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import signal
-import socket
 import time
 
 from postwell.smtp.reply import Reply
