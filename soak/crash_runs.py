@@ -178,11 +178,16 @@ def _wait_dead(pids: list[int]) -> None:
 
 def run(kills: int = 50, seed: int = 1, sessions: int = 8, size: int = 1500,
         max_delay: float = 1.5, budget: int = 100000, workdir: str | None = None,
-        main_cf: dict | None = None, verbose: bool = True) -> Summary:
+        main_cf: dict | None = None, verbose: bool = True, mta_kind: str = "postwell") -> Summary:
     rng = random.Random(seed)
     t_start = time.monotonic()
     tmp = Path(workdir or tempfile.mkdtemp(prefix="crash-runs-"))
-    mta = harness.PostwellInstance(tmp, main_cf, name="crashruns")
+    if mta_kind == "postfix":
+        # The same schedule against Debian's Postfix: the baseline for duplicates.
+        mta = harness.ReferencePostfix(tmp, dict(main_cf or {}, default_process_limit="100"),
+                                       name="crashruns-ref")
+    else:
+        mta = harness.PostwellInstance(tmp, main_cf, name="crashruns")
     summary = Summary(seed=seed, kills=0)
     load = None
     try:
@@ -239,7 +244,8 @@ def run(kills: int = 50, seed: int = 1, sessions: int = 8, size: int = 1500,
 def harness_complete(mta, queue_name: str) -> list[Path]:
     """Complete (owner-execute bit set) queue files: real messages, not crash debris."""
     d = mta.queue_dir / queue_name
-    return [p for p in d.iterdir() if p.is_file() and p.stat().st_mode & 0o100] if d.is_dir() else []
+    # rglob: Postfix hashes some queues into subdirectories.
+    return [p for p in d.rglob("*") if p.is_file() and p.stat().st_mode & 0o100] if d.is_dir() else []
 
 
 def _analyse(mta, load: Load, s: Summary) -> None:
@@ -267,10 +273,10 @@ def _analyse(mta, load: Load, s: Summary) -> None:
     for q in ("incoming", "active", "deferred", "hold"):
         s.queue_left += [f"{q}/{p.name}" for p in harness_complete(mta, q)]
     inc = mta.queue_dir / "incoming"
-    s.incomplete_left = sum(1 for p in inc.iterdir() if p.is_file()) - len(harness_complete(mta, "incoming")) \
+    s.incomplete_left = sum(1 for p in inc.rglob("*") if p.is_file()) - len(harness_complete(mta, "incoming")) \
         if inc.is_dir() else 0
     corrupt = mta.queue_dir / "corrupt"
-    s.corrupt = sum(1 for p in corrupt.iterdir()) if corrupt.is_dir() else 0
+    s.corrupt = sum(1 for p in corrupt.rglob("*") if p.is_file()) if corrupt.is_dir() else 0
 
 
 def main(argv=None) -> int:
@@ -283,10 +289,12 @@ def main(argv=None) -> int:
                     help="longest gap between a restart and the next kill (seconds)")
     ap.add_argument("--quick", action="store_true", help="5 kills, short gaps")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--mta", choices=("postwell", "postfix"), default="postwell",
+                    help="postfix: the same run against the reference Postfix (baseline)")
     args = ap.parse_args(argv)
     if args.quick:
         args.kills, args.max_delay = 5, 0.6
-    s = run(args.kills, args.seed, args.sessions, args.size, args.max_delay)
+    s = run(args.kills, args.seed, args.sessions, args.size, args.max_delay, mta_kind=args.mta)
     print(json.dumps(asdict(s), default=str, indent=1) if args.json else s.line())
     if not s.ok:
         print(f"FAILED: lost {s.lost[:10]} partial {s.partial[:10]} >2 {s.more_than_twice[:10]} "

@@ -172,3 +172,29 @@ def test_check_relative_queue_directory_is_fatal(tmp_path):
     d = _config_dir(tmp_path, "queue_directory = relative/queue\nmail_owner = nobody\n")
     fatal, _ = run_check(d)
     assert fatal and "queue_directory" in fatal
+
+
+def test_startup_parameter_warnings_are_not_noisy():
+    """Stock Debian main.cf settings and per-transport agent parameters draw
+    no warning; a parameter nothing honours still does."""
+    import subprocess
+    import sys
+    code = r'''
+import json, sys
+from postwell.config.main import Config
+from postwell.config.master import parse_master_cf
+from postwell.master.daemon import unimplemented_parameter_names
+params = {"biff": "no", "readme_directory": "no", "html_directory": "/usr/share/doc/postfix/html",
+          "setgid_group": "postdrop", "smtp_tls_session_cache_database": "btree:x",
+          "maildrop_destination_recipient_limit": "1", "lmtp_lhlo_name": "me.test",
+          "lmtp_destination_recipient_limit": "5", "maildrop_time_limit": "60s",
+          "command_time_limit": "100s", "postscreen_dnsbl_sites": "zen.example"}
+services = parse_master_cf("maildrop unix - n n - - pipe user=vmail argv=/bin/true\n"
+                           "lmtp unix - - n - - lmtp\n")
+print(json.dumps(unimplemented_parameter_names(Config("/tmp", params, {}, services))))
+'''
+    # A fresh interpreter: nothing imported yet, as in the master at start.
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    import json
+    assert json.loads(cp.stdout) == ["postscreen_dnsbl_sites"]

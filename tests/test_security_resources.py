@@ -329,3 +329,47 @@ def test_connection_flood_limit_machine_wide_as_postfix(limits_pair):
     ref, pw = limits_pair
     time.sleep(0.5)
     assert _flood(pw.port, 8) == _flood(ref.port, 8)
+
+
+@pytest.mark.timeout(120)
+def test_100mb_message_streams_with_bounded_memory(postwell_factory):
+    """DESIGN.md property 4: a 100 MB message goes to disk in pieces; neither the
+    smtpd nor the qmgr (which delivers it) holds it in memory."""
+    size = 100 * 1024 * 1024
+    inst = postwell_factory({"message_size_limit": str(size + 10 * 1024 * 1024),
+                             "virtual_mailbox_limit": "0"}, name="bigmsg").start()
+    pids = smtpd_pids(inst)
+    hwm_before = {p: status_kib(p, "VmHWM") for p in pids}
+    line = b"y" * 998 + b"\r\n"
+    s = socket.create_connection(("127.0.0.1", inst.port), timeout=60)
+    try:
+        s.recv(4096)
+        s.sendall(b"EHLO big.example.org\r\nMAIL FROM:<s@example.org>\r\n"
+                  b"RCPT TO:<alice@" + VD.encode() + b">\r\nDATA\r\n")
+        buf = b""
+        while b"354 " not in buf:
+            chunk = s.recv(4096)
+            assert chunk, buf
+            buf += chunk
+        s.sendall(b"Subject: big\r\n\r\n")
+        block = line * 1024
+        blocks = size // len(block)
+        for _ in range(blocks):
+            s.sendall(block)
+        s.sendall(b".\r\nQUIT\r\n")
+        buf = b""
+        s.settimeout(60)
+        while b"221 " not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    assert b"250 2.0.0 Ok: queued as" in buf, buf
+    [path] = inst.wait_maildir("alice", 1, timeout=90)
+    # Maildir files have LF line ends: one byte less per line than sent.
+    assert path.stat().st_size >= blocks * 1024 * (len(line) - 1)
+    growth = {p: status_kib(p, "VmHWM") - hwm_before[p] for p in pids}
+    print(f"100 MB message: peak RSS growth per mail_owner process {growth} KiB")
+    assert max(growth.values()) < 32 * 1024, growth

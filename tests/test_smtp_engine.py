@@ -673,3 +673,11 @@ def test_discarded_chunking_and_dsn():
                                "501 5.7.1 DSN support is disabled", "250 2.1.5 Ok",
                                "521 5.5.1 Error: command not implemented"]
     assert d.conn.closed
+
+
+def test_junk_command_limit():
+    cfg = ServerConfig(junk_command_limit=3, hard_error_limit=5, error_sleep_time=0)
+    d = Driver(cfg)
+    out = d.feed(b"NOOP\r\n" * 3 + b"RSET\r\nVRFY a\r\nETRN x\r\nNOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n")
+    # the 4th junk command is the first error; ETRN's own 459 counts too
+    assert lines(out)[-1] == "421 4.7.0 localhost.localdomain Error: too many errors"

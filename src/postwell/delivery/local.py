@@ -440,8 +440,14 @@ class LocalAgent(DeliveryAgent):
         cleanup = Cleanup(self.config, self.store, self._cleanup_log())
         cs = cleanup.open(rewrite_local=False)
         try:
-            cs.set_sender(sender)
-            for name, value in (request.attributes or {}).items():
+            attrs = dict(request.attributes or {})
+            # The qmgr hands the envelope's DSN parameters over among the
+            # attributes; a forwarded copy keeps them as envelope parameters.
+            dsn = {k: attrs.pop(k, None) for k in _ENVELOPE_PARAMS}
+            cs.set_sender(sender, ret=dsn["ret"] or None, envid=dsn["envid"] or None,
+                          smtputf8=str(dsn["smtputf8"] or "").lower() in ("1", "yes", "true"),
+                          body_type=dsn["body"] or None)
+            for name, value in attrs.items():
                 cs.set_attribute(name, value)
             seen = set()
             for leaf in leaves:
@@ -513,6 +519,10 @@ class LocalAgent(DeliveryAgent):
         res.done_time = now
         res.expanded = parts
         return res
+
+
+# Keys of DeliveryRequest.attributes that are envelope parameters, not attributes.
+_ENVELOPE_PARAMS = ("ret", "envid", "smtputf8", "body")
 
 
 class _NoLog:

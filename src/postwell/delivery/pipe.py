@@ -296,9 +296,7 @@ def expand_argv(template: list, request: DeliveryRequest, attrs: PipeAttributes,
     unknown macro (a configuration error: the mail is deferred)."""
     flags = attrs.flags
     sender = request.sender or attrs.null_sender
-    if sender and request.sender and "q" in flags:
-        sender = quote_local(sender)
-    elif sender and "q" in flags:
+    if sender and "q" in flags:
         sender = quote_local(sender)   # a non-empty null_sender text is quoted too
     values = {
         "sender": sender,

@@ -1116,6 +1116,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
     def _is_myself(self, name: str) -> bool:
         return bool(name) and name.lower() == (self.settings.myhostname or "").lower()
 
+    def _assume_final(self) -> bool:
+        try:
+            return self.config.get_bool("lmtp_assume_final")
+        except Exception:
+            return False
+
     def _loop(self, conn: _Connection, best: bool, nexthop: str) -> _SessionFailure:
         # Postfix bounces when the looping host is the best MX, else defers.
         dsn = "5.4.6" if best else "4.4.6"
@@ -1142,11 +1148,23 @@ class SmtpDeliveryAgent(DeliveryAgent):
         setup_done = self.clock()
         soft: _SessionFailure | None = None
 
+        # Who reports a success (RFC 3461 5.2.2/6.2): a next hop that announced DSN
+        # got our NOTIFY and owns the notice (None); otherwise we "relayed" it, or,
+        # to an LMTP server taken as final (lmtp_assume_final), "delivered" it.
+        if ext.dsn:
+            success_action = None
+        elif self.protocol == "lmtp" and self._assume_final():
+            success_action = "delivered"
+        else:
+            success_action = "relayed"
+
         def result(i, status, dsn, reason):
             r = RecipientResult(recipients[i], status, dsn, reason, relay)
             r.conn_setup_done = setup_done
             if conn_use:
                 r.conn_use = conn_use
+            if status == "sent":
+                r.dsn_action = success_action
             results[i] = r
 
         # Checks before MAIL FROM that fail the message, not the server.

@@ -19,6 +19,8 @@ import os
 import socket
 import time
 
+from postwell.queue.store import sync_dir_grouped
+
 from .base import DeliveryAgent, DeliveryRequest, MapList, RecipientResult, iter_lines, split_map_list
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
@@ -311,7 +313,9 @@ def deliver_maildir(d: Delivery, open_content) -> None:
         os.fsync(fd)
         newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
         os.link(tmpfile, newfile)
-        _fsync_dir(newdir)
+        # Deliveries running at once into one Maildir share the new/ fsync
+        # (group commit); each still returns only after one that covers its link.
+        sync_dir_grouped(newdir)
     finally:
         os.close(fd)
         try:   # linked into new/ (or failed): the tmp/ name goes either way

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable
 
-from .resolver import IPV4, IPV6, DnsError, MxRecord, Resolver
+from .resolver import IPV4, IPV6, DnsError, MxRecord, NoSuchDomain, Resolver
 
 
 class DestinationError(Exception):
@@ -33,8 +33,9 @@ class DestinationError(Exception):
 
 class NullMx(DestinationError):
     def __init__(self, domain: str) -> None:
-        # RFC 7505 3; Postfix: dsn=5.1.10 "... does not accept mail (nullMX)"
-        super().__init__("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
+        # RFC 7505 3 suggests 5.1.10, but Postfix 3.7's smtp(8) logs and bounces
+        # with dsn=5.1.0 (checked end to end against the reference, tests/test_outbound_mx.py).
+        super().__init__("5.1.0", f"Domain {domain} does not accept mail (nullMX)")
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ async def resolve_destination(resolver: Resolver, nexthop: str, *, rng: random.R
     if hop.mx_lookup:
         try:
             records = await resolver.mx(hop.host)
+        except NoSuchDomain:
+            # Postfix (smtp_addr.c) treats a name without MX records, NXDOMAIN
+            # included, as its own implicit MX: the error it reports then comes
+            # from the address lookup ("type=A: Host not found").
+            records = []
         except DnsError as e:
             raise _dns_reason(e) from None
         candidates = select_mx_hosts(hop.host, records, rng)

@@ -82,6 +82,8 @@ class FakeResolver:
     def __init__(self, records: dict[tuple[str, str], object]) -> None:
         self.records = {(_norm(n), t.upper()): v for (n, t), v in records.items()}
         self.names = {n for n, _ in self.records}
+        # NXDOMAIN is about the name, not one record type (RFC 8020).
+        self.nxdomain = {n for (n, _), v in self.records.items() if v == "NXDOMAIN"}
         self.queries: list[tuple[str, str]] = []
 
     def _get(self, name: str, rtype: str) -> list:
@@ -90,7 +92,7 @@ class FakeResolver:
         value = self.records.get((name, rtype))
         if value == "SERVFAIL":
             raise DnsTempFail(name, rtype)
-        if value == "NXDOMAIN" or (value is None and name not in self.names):
+        if name in self.nxdomain or (value is None and name not in self.names):
             raise NoSuchDomain(name, rtype)
         return list(value or [])
 
@@ -111,6 +113,47 @@ class FakeResolver:
 
     async def ptr(self, ip: str) -> list[str]:
         return [_norm(h) for h in self._get(ip, "PTR")]
+
+
+def preload_dnspython() -> None:
+    """Import every dnspython module a lookup would otherwise import lazily.
+
+    The qmgr drops root for mail_owner after start; where Python's packages
+    sit in a directory mail_owner cannot read, a first lookup that imports the
+    asyncio backend or an rdata class then fails with ModuleNotFoundError (seen
+    end to end: every MX delivery deferred with "unexpected agent failure").
+    The master imports all of postwell before the drop, so doing it here, at
+    import time, covers the daemons.
+    """
+    try:
+        import dns.asyncbackend
+        import dns.asyncresolver  # noqa: F401
+        import dns.exception  # noqa: F401
+        import dns.nameserver  # noqa: F401
+        import dns.rdata
+        import dns.rdataclass
+        import dns.rdatatype
+        import dns.resolver  # noqa: F401
+        import dns.reversename  # noqa: F401
+    except ImportError:          # dnspython missing: DnsPythonResolver reports it on use
+        return
+    try:
+        # dnspython sniffs the running async library with sniffio when present.
+        import sniffio  # noqa: F401
+    except ImportError:
+        pass
+    try:
+        dns.asyncbackend.get_backend("asyncio")
+    except Exception:            # noqa: BLE001 - best effort; a lookup will say what is wrong
+        pass
+    for rtype in ("A", "AAAA", "MX", "PTR", "CNAME", "SOA", "NS", "TXT", "DNAME"):
+        try:
+            dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(rtype))
+        except Exception:        # noqa: BLE001
+            pass
+
+
+preload_dnspython()
 
 
 def parse_dns_servers(value: str) -> list[tuple[str, int]]:

@@ -67,9 +67,16 @@ class MailLog:
             os.close(self._fd)
             self._fd = os.open(self.maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
+    _stamp_second: int | None = None
+    _stamp = ""
+
     def format_line(self, text: str) -> str:
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(self.clock()))
-        return f"{stamp} {self.hostname} {self.program}[{os.getpid()}]: {text}\n"
+        # The stamp has one-second resolution: format it once per second, not per line.
+        now = int(self.clock())
+        if now != self._stamp_second:
+            self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
+            self._stamp_second = now
+        return f"{self._stamp} {self.hostname} {self.program}[{os.getpid()}]: {text}\n"
 
     def _emit(self, priority: int, text: str) -> None:
         # Never let control characters from the network break the line shape.

@@ -1,33 +1,76 @@
 """`postfix check`: what would stop the mail system from starting or working.
 
-Returns Postfix-worded problems; fatal ones stop `postfix start`.
+As Postfix's check: fatal configuration problems stop `postfix start`
+(exit 1); missing queue directories are created with their owners and
+modes; wrong ownership or permissions of the queue directories and lookup
+tables that cannot be opened are reported as warnings, in Postfix's words
+("not owned by postfix: /var/spool/postfix/active", "hash:/etc/postfix/x is
+unavailable. open database /etc/postfix/x.db: No such file or directory").
+
+Tables are opened the way the daemons will open them: as mail_owner when
+the check runs as root (postwell's children drop privileges before they
+read any table).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
+import re
+import stat
 
 from . import services as sv
 
-# Parameters whose value is a list of lookup tables that must open.
-TABLE_PARAMETERS = (
-    "virtual_mailbox_maps", "virtual_uid_maps", "virtual_gid_maps", "virtual_alias_maps",
-    "transport_maps", "relay_recipient_maps", "canonical_maps", "sender_canonical_maps",
-    "recipient_canonical_maps", "alias_maps", "smtpd_sender_login_maps",
+# Table types Postfix knows: a list item "type:name" with one of these is a table.
+POSTFIX_TABLE_TYPES = frozenset({
+    "btree", "cdb", "cidr", "dbm", "environ", "fail", "hash", "inline", "internal", "ldap",
+    "lmdb", "memcache", "mongodb", "mysql", "netinfo", "nis", "nisplus", "pcre", "pgsql",
+    "pipemap", "proxy", "randmap", "regexp", "sdbm", "socketmap", "sqlite", "static", "tcp",
+    "texthash", "unionmap", "unix",
+})
+
+# Parameters (besides every *_maps and *_checks) whose value may name tables.
+TABLE_LIST_PARAMETERS = (
+    "mydestination", "relay_domains", "virtual_alias_domains", "virtual_mailbox_domains",
+    "mynetworks", "permit_mx_backup_networks", "smtpd_client_event_limit_exceptions",
+    "authorized_submit_users", "authorized_mailq_users", "authorized_flush_users",
+    "smtpd_sasl_exceptions_networks", "debug_peer_list", "fast_flush_domains",
 )
+_TABLE_SUFFIXES = ("_maps", "_checks", "_restrictions")
+_TOKEN = re.compile(r"^([a-z][a-z0-9_]*):(.+)$", re.S)
+
+# Queue directories postwell uses: name -> (mode as root, mode otherwise, owner);
+# owner "mail" = mail_owner, "root" = root.  maildrop is postwell's own design
+# (world-writable sticky drop box instead of Postfix's set-gid postdrop).
+QUEUE_LAYOUT = {
+    "incoming": (0o700, 0o700, "mail"), "active": (0o700, 0o700, "mail"),
+    "deferred": (0o700, 0o700, "mail"), "hold": (0o700, 0o700, "mail"),
+    "corrupt": (0o700, 0o700, "mail"), "defer": (0o700, 0o700, "mail"),
+    "bounce": (0o700, 0o700, "mail"), "maildrop": (0o1733, 0o700, "mail"),
+    "public": (0o711, 0o711, "mail"), "private": (0o700, 0o700, "mail"),
+    "pid": (0o755, 0o755, "root"),
+}
+# Postfix queue directories postwell does not create, checked when present.
+OPTIONAL_DIRS = ("flush", "saved", "trace")
 
 
 def run_check(config_dir: str) -> tuple[str | None, list[str]]:
-    from .daemon import MasterError, load, mail_owner_ids
+    """(fatal text or None, warnings).  Creates missing queue directories."""
+    from .daemon import MasterError, load
     warnings: list[str] = []
     try:
         cfg = load(config_dir)
     except MasterError as exc:
         return str(exc), warnings
+    root = os.geteuid() == 0
     try:
-        mail_owner_ids(cfg)
+        owner = check_mail_owner(cfg, root)
     except MasterError as exc:
         return str(exc), warnings
+    if owner is None and not root:
+        warnings.append(f"file {cfg.config_dir}/main.cf: parameter mail_owner: unknown user name "
+                        f"value: {cfg.get('mail_owner')}")
     main_cf = os.path.join(cfg.config_dir, "main.cf")
     for name in ("queue_directory", "data_directory"):
         path = cfg.get(name)
@@ -43,23 +86,13 @@ def run_check(config_dir: str) -> tuple[str | None, list[str]]:
                 sv.bind_addresses(svc, cfg.override(svc.overrides) if svc.overrides else cfg)
             except OSError as exc:
                 return f"{cfg.config_dir}/master.cf: line {svc.line}: {exc.strerror or exc}", warnings
-    # Lookup tables.
+    # pipe(8) services whose attributes pipe(8) would die on.
+    warnings += check_pipe_services(cfg, owner, root)
     try:
-        from postwell.delivery.base import split_map_list
-        from postwell.tables import open_table
-    except ImportError:
-        open_table = None
-    if open_table is not None:
-        for param in TABLE_PARAMETERS:
-            if not cfg.is_set(param):
-                continue
-            for spec in split_map_list(cfg.get(param)):
-                if ":" not in spec:
-                    continue
-                try:
-                    open_table(spec, cfg)
-                except Exception as exc:
-                    warnings.append(f"{param}: {exc}")
+        warnings += check_queue_directories(cfg, owner if root else None)
+    except OSError as exc:
+        return f"mkdir {exc.filename or qdir}: {exc.strerror}", warnings
+    warnings += check_tables(cfg, owner if root else None)
     # TLS files named in main.cf must exist and be readable.
     for param in ("smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_chain_files",
                   "smtpd_tls_CAfile", "smtp_tls_CAfile"):
@@ -71,3 +104,242 @@ def run_check(config_dir: str) -> tuple[str | None, list[str]]:
                                 f"{'No such file or directory' if not os.path.exists(path) else 'Permission denied'}")
     # Services postwell does not run are reported once, by the master at start.
     return None, warnings
+
+
+def check_mail_owner(cfg, root: bool):
+    """The mail_owner passwd entry; MasterError (fatal) when it is unknown
+    (as root: the daemons could not run) or privileged (always)."""
+    from .daemon import MasterError
+    name = cfg.get("mail_owner")
+    where = f"file {cfg.config_dir}/main.cf: parameter mail_owner"
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        if root:
+            raise MasterError(f"{where}: unknown user name value: {name}") from None
+        return None
+    if pw.pw_uid == 0:
+        raise MasterError(f"{where}: user {name} has privileged user ID: 0")
+    if pw.pw_gid == 0:
+        raise MasterError(f"{where}: user {name} has privileged group ID: 0")
+    return pw
+
+
+def check_queue_directories(cfg, owner) -> list[str]:
+    """Create what is missing (owner and mode as postwell's parts expect) and
+    report existing directories with the wrong owner or permissions.
+    ``owner``: mail_owner's passwd entry when running as root, else None
+    (then everything belongs to the invoking user)."""
+    warnings = []
+    qdir = cfg.get("queue_directory")
+    root = owner is not None
+    me = os.geteuid()
+    mail_name = owner.pw_name if root else (pwd.getpwuid(me).pw_name if _known_uid(me) else str(me))
+    mail_uid = owner.pw_uid if root else me
+    mail_gid = owner.pw_gid if root else os.getegid()
+    if not os.path.isdir(qdir):
+        os.makedirs(qdir, 0o755)
+        os.chmod(qdir, 0o755)
+    st = os.stat(qdir)
+    if root and st.st_uid != 0:
+        warnings.append(f"not owned by root: {qdir}")
+    if st.st_mode & 0o022:
+        warnings.append(f"group or other writable: {qdir}")
+    for name, (root_mode, user_mode, who) in QUEUE_LAYOUT.items():
+        path = os.path.join(qdir, name)
+        mode = root_mode if root else user_mode
+        want_uid = 0 if (who == "root" and root) else mail_uid
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, mode)
+            os.chmod(path, mode)     # mkdir's mode went through the umask
+            if root:
+                os.chown(path, want_uid, 0 if who == "root" else mail_gid)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            warnings.append(f"not a directory: {path}")
+            continue
+        if st.st_uid != want_uid:
+            warnings.append(f"not owned by {'root' if want_uid == 0 else mail_name}: {path}")
+        warnings += _mode_warnings(path, stat.S_IMODE(st.st_mode), mode)
+    for name in OPTIONAL_DIRS:
+        path = os.path.join(qdir, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid != mail_uid:
+            warnings.append(f"not owned by {mail_name}: {path}")
+    data = cfg.get("data_directory")
+    if data and os.path.isdir(data):
+        st = os.stat(data)
+        if st.st_uid != mail_uid:
+            warnings.append(f"not owned by {mail_name}: {data}")
+    return warnings
+
+
+def _mode_warnings(path: str, have: int, want: int) -> list[str]:
+    out = []
+    extra_write = have & 0o022 & ~want
+    if extra_write:
+        out.append(f"group or other writable: {path}")
+    extra_read = have & 0o055 & ~want
+    if extra_read:
+        out.append(f"group or other accessible: {path}")
+    if not out and have != want:
+        out.append(f"bad permissions {have:04o} (expected {want:04o}): {path}")
+    return out
+
+
+def _known_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def check_pipe_services(cfg, owner, root: bool) -> list[str]:
+    try:
+        from postwell.delivery.pipe import PipeConfigError, parse_attributes
+    except ImportError:
+        return []
+    out = []
+    for svc in cfg.services or []:
+        if svc.command != "pipe" or svc.type != "unix":
+            continue
+        try:
+            parse_attributes(svc.args, mail_owner=cfg.get("mail_owner") if root else None)
+        except PipeConfigError as exc:
+            if "unknown username" in str(exc) or "unknown group" in str(exc):
+                # Stock master.cf lists pipe services for accounts most systems
+                # lack (vmail, uucp...); Postfix only complains if one is used.
+                continue
+            out.append(f"{cfg.config_dir}/master.cf: line {svc.line}: service {svc.name}: {exc}")
+    return out
+
+
+# ------------------------------------------------------------------ tables
+
+def table_specs(cfg) -> list[str]:
+    """Every "type:name" table named by an explicitly set parameter (main.cf
+    and master.cf -o overrides), in order, without duplicates."""
+    from postwell.delivery.base import split_map_list
+    try:
+        from postwell.tables import table_types
+        known = POSTFIX_TABLE_TYPES | set(table_types())
+    except ImportError:
+        known = POSTFIX_TABLE_TYPES
+    values = []
+    names = list(getattr(cfg, "params", {}) or {})
+    for name in names:
+        if name.endswith(_TABLE_SUFFIXES) or name in TABLE_LIST_PARAMETERS:
+            try:
+                values.append(cfg.get(name))
+            except Exception:
+                continue
+    for svc in cfg.services or []:
+        for name, value in (svc.overrides or {}).items():
+            if name.endswith(_TABLE_SUFFIXES) or name in TABLE_LIST_PARAMETERS:
+                try:
+                    values.append(cfg.override(svc.overrides).get(name))
+                except Exception:
+                    continue
+    specs: list[str] = []
+    for value in values:
+        previous = ""
+        for token in split_map_list(value or ""):
+            after, previous = previous, token.lower()
+            if after == "check_policy_service":
+                continue   # a policy server's socket ("unix:private/policy"), not a table
+            m = _TOKEN.match(token)
+            if not m or m.group(1) not in known:
+                continue
+            if token not in specs:
+                specs.append(token)
+    return specs
+
+
+def _open_all(specs: list[str], config) -> list[tuple[str, str]]:
+    from postwell.tables import open_table
+    failed = []
+    for spec in specs:
+        try:
+            open_table(spec, config)
+        except ImportError:
+            continue   # our own installation problem, not the table's: the daemons preload
+        except Exception as exc:
+            failed.append((spec, str(exc) or type(exc).__name__))
+    return failed
+
+
+def _preload_table_modules() -> None:
+    # The child may not be able to read the interpreter's library once it is
+    # mail_owner (as the master's children): import the table types first.
+    import importlib
+    import pkgutil
+    try:
+        import postwell.tables as tables
+    except ImportError:
+        return
+    for info in pkgutil.iter_modules(tables.__path__, "postwell.tables."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:
+            pass
+
+
+def _open_as(owner, specs: list[str], config) -> list[tuple[str, str]]:
+    """Open the tables in a child that has become mail_owner (root only)."""
+    _preload_table_modules()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([owner.pw_gid])
+            os.setgid(owner.pw_gid)
+            os.setuid(owner.pw_uid)
+            data = json.dumps(_open_all(specs, config)).encode()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view):]
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while True:
+            b = f.read(65536)
+            if not b:
+                break
+            chunks.append(b)
+    os.waitpid(pid, 0)
+    try:
+        return [tuple(x) for x in json.loads(b"".join(chunks))]
+    except ValueError:
+        return _open_all(specs, config)
+
+
+def check_tables(cfg, owner) -> list[str]:
+    try:
+        specs = table_specs(cfg)
+    except ImportError:
+        return []
+    if not specs:
+        return []
+    try:
+        from postwell.tables import clear_cache
+    except ImportError:
+        clear_cache = None
+    failed = _open_as(owner, specs, cfg) if owner is not None else _open_all(specs, cfg)
+    if clear_cache is not None:
+        try:
+            clear_cache()
+        except Exception:
+            pass
+    # Postfix's wording when a daemon meets such a table.
+    return [f"{spec} is unavailable. {why}" for spec, why in failed]

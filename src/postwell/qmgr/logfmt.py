@@ -45,7 +45,8 @@ def format_delay(seconds: float, sig_digits: int = 2, max_decimals: int = 2) -> 
 
 def delivery_line(queue_id: str, recipient: str, orig: str | None, relay: str, *,
                   arrival: float, active: float, handoff: float, conn_setup: float | None,
-                  now: float, dsn: str, status: str, reason: str, max_decimals: int = 2) -> str:
+                  now: float, dsn: str, status: str, reason: str, max_decimals: int = 2,
+                  conn_use: int | None = None) -> str:
     def fmt(x):
         return format_delay(x, 2, max_decimals)
     delay = now - arrival
@@ -56,5 +57,7 @@ def delivery_line(queue_id: str, recipient: str, orig: str | None, relay: str, *
     orig_part = ""
     if orig and orig.lower() != recipient.lower():
         orig_part = f", orig_to=<{orig}>"
-    return (f"{queue_id}: to=<{recipient}>{orig_part}, relay={relay}, delay={fmt(delay)}, "
+    # Postfix prints conn_use only for a delivery over a reused (cached) connection.
+    use_part = f", conn_use={conn_use}" if conn_use and conn_use > 1 else ""
+    return (f"{queue_id}: to=<{recipient}>{orig_part}, relay={relay}{use_part}, delay={fmt(delay)}, "
             f"delays={fmt(a)}/{fmt(b)}/{fmt(c)}/{fmt(d)}, dsn={dsn}, status={status} ({reason})")

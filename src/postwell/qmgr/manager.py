@@ -20,7 +20,10 @@ reset (marker kept) each time the message becomes active.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import inspect
 import os
+import threading
 import time
 from collections import defaultdict
 
@@ -32,6 +35,7 @@ from postwell.dsn import (
 )
 from postwell.queue import format as qformat
 
+from .concurrency import Destination, parse_feedback
 from .logfmt import delivery_line
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
@@ -39,10 +43,46 @@ try:  # start-up warnings name set-but-ignored parameters; these are honoured he
 except ImportError:  # pragma: no cover
     def _register(*names):
         pass
+_register("initial_destination_concurrency", "default_destination_concurrency_positive_feedback",
+          "default_destination_concurrency_negative_feedback",
+          "default_destination_concurrency_failed_cohort_limit",
+          "*_initial_destination_concurrency", "*_destination_concurrency_positive_feedback",
+          "*_destination_concurrency_negative_feedback",
+          "*_destination_concurrency_failed_cohort_limit")
 _register("minimal_backoff_time", "maximal_backoff_time", "queue_run_delay", "maximal_queue_lifetime", "bounce_queue_lifetime", "default_destination_concurrency_limit", "default_destination_recipient_limit", "default_process_limit", "delay_logging_resolution_limit", "qmgr_message_active_limit", "double_bounce_sender", "virtual_destination_concurrency_limit", "virtual_destination_recipient_limit", "delay_warning_time", "bounce_size_limit", "notify_classes", "bounce_notice_recipient", "2bounce_notice_recipient", "delay_notice_recipient")
 
 SAFETY_SCAN_INTERVAL = 5.0     # seconds between incoming/ scans without a wake-up
 OPEN_MESSAGE_LIMIT = 500       # messages being delivered at once (each holds its queue file open)
+STATE_THREADS = 8              # threads that only make delivery outcomes durable
+
+# Envelope parameters (QueuedMessage.params) the agents read among the
+# request attributes: the smtp agent sends them on (RFC 3461 4.3/4.4, RFC 6531,
+# RFC 6152), local(8) keeps them on a forwarded copy.
+ENVELOPE_PARAMS = ("ret", "envid", "smtputf8", "body")
+# Agents that reach a next hop over the network: only their deliveries give
+# negative concurrency feedback (a destination where no server answered).
+NETWORK_COMMANDS = frozenset({"smtp", "relay", "lmtp"})
+
+_state_lock = threading.Lock()
+_state_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_state_pid = 0
+
+
+def state_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for done marks and bounce/defer log appends only.
+
+    They must never wait behind deliveries (mailbox writes, pipe commands) or
+    queue moves in the shared executor: the time between an agent's "sent" and
+    the fsync'd done mark is the window in which a crash re-delivers the
+    message, and a backlog must not stretch it to seconds.  One per process
+    (a forked child makes its own)."""
+    global _state_pool, _state_pid
+    with _state_lock:
+        if _state_pool is None or _state_pid != os.getpid():
+            _state_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=STATE_THREADS, thread_name_prefix="qmgr-state")
+            _state_pid = os.getpid()
+        return _state_pool
 
 
 def _rcpt_fields(r) -> Recipient:
@@ -99,11 +139,14 @@ class QueueManager:
         self.resolver = resolver or make_resolver(config)
         self.queue_directory = config.get("queue_directory")
         self._agents: dict[str, object] = dict(agents or {})
-        self._dest_sems: dict[tuple[str, str], asyncio.Semaphore] = {}
-        self._global = asyncio.Semaphore(max(1, config.get_int("default_process_limit") or 100))
+        # (transport, destination) -> concurrency window; a destination is the
+        # next hop, or the recipient when the transport's recipient limit is 1.
+        self._destinations: dict[tuple[str, str], Destination] = {}
+        self._transport_settings: dict[str, dict] = {}
+        self._process_sems: dict[str, asyncio.Semaphore | None] = {}
         self._in_progress: set[str] = set()
         self._open_sem = asyncio.Semaphore(OPEN_MESSAGE_LIMIT)
-        self._dead: dict[tuple[str, str], tuple[float, str, str]] = {}
+        self._sender_aware: tuple[object, bool] | None = None
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -155,12 +198,102 @@ class QueueManager:
                     continue
         return 20 if what == "concurrency" else 50
 
-    def _dest_sem(self, transport: str, nexthop: str) -> asyncio.Semaphore:
-        key = (transport, nexthop.lower())
-        sem = self._dest_sems.get(key)
-        if sem is None:
-            sem = self._dest_sems[key] = asyncio.Semaphore(self._limit(transport, "concurrency"))
+    def _param(self, transport: str, name: str, default_name: str) -> str | None:
+        """``transport_name`` when set or known, else ``default_name`` (Postfix's
+        per-transport overrides of the scheduler parameters)."""
+        for n in (f"{transport}_{name}", default_name):
+            value = self.config.raw(n)
+            if value is not None:
+                return self.config.get(n)
+        return None
+
+    def _settings(self, transport: str) -> dict:
+        got = self._transport_settings.get(transport)
+        if got is not None:
+            return got
+
+        def number(name, default_name, fallback):
+            try:
+                return int((self._param(transport, name, default_name) or "").strip())
+            except ValueError:
+                return fallback
+
+        def feedback(kind):
+            text = self._param(transport, f"destination_concurrency_{kind}_feedback",
+                               f"default_destination_concurrency_{kind}_feedback")
+            try:
+                return parse_feedback(text or "1")
+            except ValueError as exc:
+                self.log.warning(f"{transport}: {exc}; using 1")
+                return (1.0, False)
+        got = {
+            "initial": number("initial_destination_concurrency", "initial_destination_concurrency", 5),
+            "limit": number("destination_concurrency_limit",
+                            "default_destination_concurrency_limit", 20),
+            "cohorts": number("destination_concurrency_failed_cohort_limit",
+                              "default_destination_concurrency_failed_cohort_limit", 1),
+            "positive": feedback("positive"),
+            "negative": feedback("negative"),
+            "per_recipient": self._limit(transport, "recipient") == 1,
+        }
+        self._transport_settings[transport] = got
+        return got
+
+    def _destination(self, transport: str, nexthop: str, rcpts) -> tuple[tuple[str, str], Destination]:
+        st = self._settings(transport)
+        # postconf(5): "With a per-destination recipient limit > 1, a destination
+        # is a domain, otherwise it is a recipient."
+        name = rcpts[0].address if st["per_recipient"] and rcpts else nexthop
+        key = (transport, name.lower())
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = self._destinations[key] = Destination(
+                initial=st["initial"], limit=st["limit"], positive=st["positive"],
+                negative=st["negative"], cohort_limit=st["cohorts"])
+        return key, dest
+
+    def _forget_destination(self, key, dest: Destination) -> None:
+        # Like Postfix's in-core queues, a destination lives while it has work
+        # (or is dead): the table stays as small as the active queue.
+        if dest.idle and dest.dead is None and self._destinations.get(key) is dest:
+            del self._destinations[key]
+
+    def dead_destinations(self) -> dict[tuple[str, str], tuple[float, str, str]]:
+        return {k: d.dead for k, d in self._destinations.items() if d.dead is not None}
+
+    def _resume_dead(self) -> None:
+        """QMGR_REQ_FLUSH_DEAD: every dead destination gets another chance now."""
+        for key, dest in list(self._destinations.items()):
+            if dest.dead is not None:
+                dest.resume()
+                self._forget_destination(key, dest)
+
+    def _process_sem(self, transport: str) -> asyncio.Semaphore | None:
+        """master.cf maxproc of the transport's service ($default_process_limit
+        when "-", no limit when 0): deliveries at once over that transport."""
+        if transport in self._process_sems:
+            return self._process_sems[transport]
+        svc = self._service_for(transport)
+        try:
+            limit = svc.process_limit(self.config) if svc else self.config.get_int("default_process_limit")
+        except Exception:
+            limit = 100
+        sem = asyncio.Semaphore(limit) if limit > 0 else None
+        self._process_sems[transport] = sem
         return sem
+
+    def _command(self, transport: str) -> str:
+        svc = self._service_for(transport)
+        return svc.command if svc else transport
+
+    def _resolve(self, address: str, sender: str):
+        resolver = self.resolver
+        if self._sender_aware is None or self._sender_aware[0] is not resolver:
+            self._sender_aware = (resolver, _takes_sender(resolver))
+        if self._sender_aware[1]:
+            # sender_dependent_relayhost_maps and the like need the sender.
+            return resolver.resolve(address, sender=sender)
+        return resolver.resolve(address)
 
     # ------------------------------------------------------------ queue ops
     def _path(self, queue_name: str, qid: str) -> str:
@@ -279,7 +412,7 @@ class QueueManager:
         for r in pending:
             rc = _rcpt_fields(r)
             try:
-                res = self.resolver.resolve(rc.address)
+                res = self._resolve(rc.address, sender)
             except Exception as exc:
                 early.append((r, RecipientResult.deferred(rc, f"address resolver failure: {exc}",
                                                           "none", "4.3.0")))
@@ -294,26 +427,42 @@ class QueueManager:
 
         deferred: list[tuple[object, RecipientResult]] = []
         warned = await self._blocking(self._reset_defer_log, qid)
+        # The agents read the DSN/SMTPUTF8/BODY envelope parameters among the attributes.
+        attributes = dict(getattr(qm, "attributes", {}) or {})
+        for k, v in (getattr(qm, "params", None) or {}).items():
+            if k in ENVELOPE_PARAMS and v not in (None, ""):
+                attributes[k] = v
 
         async def settle(pairs, handoff_default, service):
-            # Log each result, then one durable batch: bounce log entries
-            # (fsync'd) before the recipients are marked done, so a crash in
-            # between still leads to the notice, never to silence.
-            done, bounce_entries, defer_entries = [], [], []
+            # Durable first: bounce log entries (fsync'd) and done marks go out
+            # in one batch on the state threads before anything else, so that a
+            # crash re-delivers as little as possible and never loses a notice.
+            # Then the log lines.
+            done, bounce_entries, defer_entries, lines = [], [], [], []
             for r, handoff, res in pairs:
-                self._log_result(qid, res, arrival, active_time, handoff or handoff_default, service)
+                # local(8) reports each final destination of an expanded
+                # recipient (alias, .forward) as a part; the top-level status
+                # decides the queue recipient's fate.
+                parts = getattr(res, "expanded", None) or [res]
+                for part in parts:
+                    lines.append((part, handoff or handoff_default))
+                    who = r if part is res else _part_recipient(part)
+                    if part.status == "deferred":
+                        defer_entries.append((who, part))
+                    elif part.status == "sent":
+                        action = _success_action(part)
+                        if action and wants(getattr(r, "notify", None), "SUCCESS"):
+                            bounce_entries.append((r, who, part, action,
+                                                   f"delivery via {part.relay}: {part.reason}"))
+                    else:
+                        bounce_entries.append((r, who, part, "failed", part.reason))
                 if res.status == "deferred":
-                    defer_entries.append((r, res))
                     deferred.append((r, res))
-                    continue
-                if res.status == "sent":
-                    action = _success_action(res)
-                    if action and wants(getattr(r, "notify", None), "SUCCESS"):
-                        bounce_entries.append((r, res, action, f"delivery via {res.relay}: {res.reason}"))
                 else:
-                    bounce_entries.append((r, res, "failed", res.reason))
-                done.append(r)
-            await self._blocking(self._record, qid, qm, done, bounce_entries, defer_entries)
+                    done.append(r)
+            await self._durable(self._record, qid, qm, done, bounce_entries, defer_entries)
+            for part, handoff in lines:
+                self._log_result(qid, part, arrival, active_time, handoff, service)
 
         if early:
             await settle([(r, active_time, res) for r, res in early], active_time, "qmgr")
@@ -323,7 +472,7 @@ class QueueManager:
             for i in range(0, len(items), limit):
                 chunk = items[i:i + limit]
                 results = await self._deliver_chunk(qid, qm, sender, arrival, active_time,
-                                                    transport, nexthop, chunk)
+                                                    transport, nexthop, chunk, attributes)
                 await settle([(r, handoff, res) for (r, _), (handoff, res) in zip(chunk, results)],
                              active_time, self._service_name(transport))
 
@@ -335,8 +484,8 @@ class QueueManager:
         lifetime = self.bounce_lifetime if sender == "" else self.lifetime
         if deferred and self.clock() - arrival >= lifetime:
             self.log.info(f"{qid}: from=<{sender}>, status=expired, returned to sender")
-            await self._blocking(self._record, qid, qm, [r for r, _ in deferred],
-                                 [(r, res, "failed", res.reason) for r, res in deferred], [])
+            await self._durable(self._record, qid, qm, [r for r, _ in deferred],
+                                [(r, r, res, "failed", res.reason) for r, res in deferred], [])
             deferred = []
         try:
             await self._send_notices(qid, qm, sender, arrival)
@@ -355,40 +504,63 @@ class QueueManager:
             await self._blocking(self.store.remove, qid)
             self.log.info(f"{qid}: removed")
 
-    async def _deliver_chunk(self, qid, qm, sender, arrival, active_time, transport, nexthop, chunk):
+    async def _durable(self, fn, *args):
+        """Run a state write (done marks, bounce log) on the state threads."""
+        return await asyncio.get_running_loop().run_in_executor(state_executor(), fn, *args)
+
+    async def _deliver_chunk(self, qid, qm, sender, arrival, active_time, transport, nexthop, chunk,
+                             attributes=None):
         rcpts = [rc for _, rc in chunk]
-        dead = self._dead.get((transport, nexthop.lower()))
-        if dead is not None:
-            until, reason, dsn = dead
-            if self.clock() < until:
+        key, dest = self._destination(transport, nexthop, rcpts)
+        if dest.dead is not None and self.clock() >= dest.dead[0]:
+            dest.resume()           # the backoff is over: try the destination again
+        try:
+            if not await dest.acquire():
                 # Postfix's dead-destination shortcut: no new connection attempt
                 # until the retry time; the mail is deferred with the last reason.
+                _, reason, dsn = dest.dead
                 now = self.clock()
                 return [(now, RecipientResult.deferred(rc, f"delivery temporarily suspended: {reason}",
                                                        "none", dsn)) for rc in rcpts]
-            del self._dead[(transport, nexthop.lower())]
-        agent = self.agent(transport)
-        if agent is None:
-            now = self.clock()
-            return [(now, RecipientResult.deferred(rc, "mail transport unavailable", "none", "4.3.0"))
-                    for rc in rcpts]
-        async with self._global, self._dest_sem(transport, nexthop):
-            handoff = self.clock()
-            request = DeliveryRequest(
-                queue_id=qid, sender=sender, recipients=rcpts, transport=transport,
-                nexthop=nexthop, arrival_time=arrival,
-                open_content=lambda: qm.iter_content(),
-                content_size=getattr(qm, "content_size", 0),
-                attributes=dict(getattr(qm, "attributes", {}) or {}),
-                active_time=active_time, handoff_time=handoff)
+        except BaseException:
+            self._forget_destination(key, dest)
+            raise
+        try:
+            agent = self.agent(transport)
+            if agent is None:
+                now = self.clock()
+                return [(now, RecipientResult.deferred(rc, "mail transport unavailable", "none", "4.3.0"))
+                        for rc in rcpts]
+            sem = self._process_sem(transport)
+            if sem is not None:
+                await sem.acquire()
             try:
-                results = await agent.deliver(request)
-            except Exception as exc:
-                self.log.warning(f"{qid}: {transport} delivery agent failed: {exc!r}")
-                results = [RecipientResult.deferred(rc, "delivery temporarily suspended: "
-                                                    f"unexpected agent failure", "none", "4.3.0")
-                           for rc in rcpts]
-        self._note_destination(transport, nexthop, results)
+                handoff = self.clock()
+                request = DeliveryRequest(
+                    queue_id=qid, sender=sender, recipients=rcpts, transport=transport,
+                    nexthop=nexthop, arrival_time=arrival,
+                    open_content=lambda: qm.iter_content(),
+                    content_size=getattr(qm, "content_size", 0),
+                    attributes=dict(attributes if attributes is not None
+                                    else getattr(qm, "attributes", {}) or {}),
+                    active_time=active_time, handoff_time=handoff)
+                failed_agent = False
+                try:
+                    results = await agent.deliver(request)
+                except Exception as exc:
+                    self.log.warning(f"{qid}: {transport} delivery agent failed: {exc!r}")
+                    failed_agent = True
+                    results = [RecipientResult.deferred(rc, "delivery temporarily suspended: "
+                                                        "unexpected agent failure", "none", "4.3.0")
+                               for rc in rcpts]
+            finally:
+                if sem is not None:
+                    sem.release()
+            if not failed_agent:
+                self._feedback(transport, dest, results)
+        finally:
+            dest.release()
+            self._forget_destination(key, dest)
         by_rcpt = {id(res.recipient): res for res in results}
         out = []
         for rc in rcpts:
@@ -398,19 +570,20 @@ class QueueManager:
             out.append((handoff, res))
         return out
 
-    def _note_destination(self, transport, nexthop, results) -> None:
-        """A destination where no connection could be set up at all is "dead"
-        until minimal_backoff_time from now (Postfix's qmgr_queue_throttle)."""
-        if not results or transport in ("virtual", "local", "error", "retry", "discard"):
-            return
-        if all(r.status == "deferred" and r.conn_setup_done is None and r.relay == "none"
-               for r in results):
+    def _feedback(self, transport, dest: Destination, results) -> None:
+        """Concurrency feedback (Postfix's qmgr_queue_throttle/unthrottle): a
+        delivery where no server could be reached at all is negative feedback,
+        anything else positive."""
+        if self._command(transport) in NETWORK_COMMANDS and results and all(
+                _site_failure(r) for r in results):
             first = results[0]
             reason = first.reason
             prefix = "delivery temporarily suspended: "
             if reason.startswith(prefix):
                 reason = reason[len(prefix):]
-            self._dead[(transport, nexthop.lower())] = (self.clock() + self.min_backoff, reason, first.dsn)
+            dest.failed(self.clock() + self.min_backoff, reason, first.dsn)
+        else:
+            dest.succeeded()
 
     def _log_result(self, qid, res: RecipientResult, arrival, active_time, handoff, service) -> None:
         rc = res.recipient
@@ -420,25 +593,28 @@ class QueueManager:
                                   active=active_time, handoff=handoff,
                                   conn_setup=res.conn_setup_done, now=self.clock(), dsn=res.dsn,
                                   status=res.status, reason=res.reason,
-                                  max_decimals=self.max_decimals))
+                                  max_decimals=self.max_decimals,
+                                  conn_use=getattr(res, "conn_use", None)))
 
     def _record(self, qid, qm, done, bounce_entries, defer_entries) -> None:
-        """Blocking part of settling results (runs in a worker thread).
+        """Blocking part of settling results (runs on the state threads).
 
-        ``bounce_entries`` are (recipient, result, action, reason): failures
-        and, for NOTIFY=SUCCESS, deliveries (Postfix's trace log); both live
-        in bounce/ID until their notices are queued."""
-        for r, res in defer_entries:
-            self.store.append_defer_log(qid, r, res.dsn, res.reason,
-                                        sync=False)   # reasons only; losing one costs nothing
+        ``bounce_entries`` are (queue recipient, logged recipient, result,
+        action, reason): failures and, for NOTIFY=SUCCESS, deliveries
+        (Postfix's trace log); both live in bounce/ID until their notices are
+        queued.  The logged recipient is the queue recipient itself or, for
+        an expanded one, the final address with the original in orig."""
         # RFC 3461 4.1: no failure notice unless NOTIFY (when given) asks for FAILURE.
         wanted = [e for e in bounce_entries
-                  if e[2] != "failed" or wants(getattr(e[0], "notify", None), "FAILURE")]
-        for i, (r, res, action, reason) in enumerate(wanted):
-            self.store.append_bounce_log(qid, r, res.dsn, reason, action=action,
+                  if e[3] != "failed" or wants(getattr(e[0], "notify", None), "FAILURE")]
+        for i, (_, who, res, action, reason) in enumerate(wanted):
+            self.store.append_bounce_log(qid, who, res.dsn, reason, action=action,
                                          sync=(i == len(wanted) - 1))
         if done:
             qm.mark_done(done)
+        for who, res in defer_entries:
+            self.store.append_defer_log(qid, who, res.dsn, res.reason,
+                                        sync=False)   # reasons only; losing one costs nothing
 
     def _reset_defer_log(self, qid: str) -> bool:
         """Start each attempt with a fresh defer log (Postfix removes it when
@@ -524,14 +700,17 @@ class QueueManager:
                              postmaster=postmaster, full=full, now=self.clock())
 
     def _dsn_recipients(self, qm, entries) -> list[DsnRecipient]:
-        by_key = {}
+        by_key, by_orig = {}, {}
         for i, r in enumerate(getattr(qm, "recipients", []) or []):
             if not isinstance(r, str):
                 by_key.setdefault((r.address, r.orig or ""), (i, r))
+                # An expanded part's entry names the queue recipient as its original.
+                by_orig.setdefault(r.orig or r.address, (i, r))
+                by_orig.setdefault(r.address, (i, r))
         out = []
         for e in entries:
             addr, orig = e.get("recipient", ""), e.get("orig_rcpt", "")
-            i, r = by_key.get((addr, orig), (len(by_key), None))
+            i, r = by_key.get((addr, orig)) or by_orig.get(orig) or (len(by_key), None)
             out.append((i, DsnRecipient(addr, e.get("status", "5.0.0"), e.get("reason", ""),
                                         e.get("action", "failed"), orig or None,
                                         getattr(r, "orcpt", None) or None)))
@@ -662,12 +841,12 @@ class QueueManager:
         # ignores retry times (postqueue -f / postfix flush); 'A' and any other
         # byte mean "new mail in incoming".
         if b"F" in data or b"D" in data:
-            self._dead.clear()   # QMGR_REQ_FLUSH_DEAD
+            self._resume_dead()   # QMGR_REQ_FLUSH_DEAD
             self._flush_requested = True
         self._wake.set()
 
     def flush(self) -> None:
-        self._dead.clear()
+        self._resume_dead()
         self._flush_requested = True
         self._wake.set()
 
@@ -680,6 +859,34 @@ def _open_fifo(path: str):
         return os.open(path, os.O_RDWR | os.O_NONBLOCK)
     except OSError:
         return None
+
+
+def _takes_sender(resolver) -> bool:
+    """Whether ``resolver.resolve`` accepts ``sender=`` (AddressResolver does;
+    simple stand-ins may not)."""
+    try:
+        params = inspect.signature(resolver.resolve).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "sender" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _part_recipient(part) -> qformat.Recipient:
+    """The bounce/defer log identity of one expanded part: its final address,
+    with the queue recipient's address as the original."""
+    rc = part.recipient
+    return qformat.Recipient(rc.address, getattr(rc, "orig", None) or None,
+                             getattr(rc, "orcpt", None) or None, getattr(rc, "notify", None) or None)
+
+
+def _site_failure(res) -> bool:
+    """No server of the destination could be reached (no connection set up,
+    no relay to name): Postfix's negative concurrency feedback.  An agent may
+    say so itself with ``res.site_failure``."""
+    explicit = getattr(res, "site_failure", None)
+    if explicit is not None:
+        return bool(explicit)
+    return res.status == "deferred" and res.conn_setup_done is None and res.relay == "none"
 
 
 def _wants_failure_notice(r) -> bool:

@@ -62,6 +62,77 @@ def fsync_dir(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
         os.close(fd)
 
 
+class DirSyncGroup:
+    """Group commit for one directory's fsync.
+
+    A caller needs a directory fsync that *starts* after its own change
+    (link, rename, unlink) was made.  While one fsync is running, everyone
+    who arrives waits for it to end and then shares the next one: with N
+    sessions committing at once the directory is synced about twice per
+    round instead of N times, and nobody returns before an fsync that
+    covers its change has completed (so no 250 before its name is durable).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._started = 0          # generations begun
+        self._done = 0             # generations finished (in order: one runs at a time)
+        self._running = False
+        self._errors: dict[int, BaseException] = {}
+
+    def sync(self, path: str, fsync: Callable[[int], None]) -> None:
+        with self._cond:
+            want = self._started + 1   # the first generation that starts after our change
+            while self._done < want:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                gen = self._started
+                error: BaseException | None = None
+                self._cond.release()
+                try:
+                    fsync_dir(path, fsync)
+                except BaseException as exc:   # every waiter of this generation must see it
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = gen
+                    if error is not None:
+                        self._errors[gen] = error
+                        for old in [g for g in self._errors if g < gen - 1000]:
+                            del self._errors[old]
+                    self._cond.notify_all()
+            error = self._errors.get(want)
+        if error is not None:
+            raise error
+
+
+_dir_groups_lock = threading.Lock()
+_dir_groups: dict[str, DirSyncGroup] = {}
+
+
+def _forget_groups_after_fork() -> None:
+    # A lock held by another thread at fork() would never be released in the child.
+    global _dir_groups_lock, _dir_groups
+    _dir_groups_lock = threading.Lock()
+    _dir_groups = {}
+
+
+os.register_at_fork(after_in_child=_forget_groups_after_fork)
+
+
+def sync_dir_grouped(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
+    """fsync_dir() shared with the other threads of this process (see DirSyncGroup)."""
+    group = _dir_groups.get(path)
+    if group is None:
+        with _dir_groups_lock:
+            group = _dir_groups.setdefault(path, DirSyncGroup())
+    group.sync(path, fsync)
+
+
 _executor_lock = threading.Lock()
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _executor_pid = 0
@@ -220,7 +291,7 @@ class IncomingMessage:
                 st._fsync(self._fd)
                 os.fchmod(self._fd, COMPLETE_MODE)
                 st._fsync(self._fd)
-                fsync_dir(st.path("incoming"), st._fsync)
+                sync_dir_grouped(st.path("incoming"), st._fsync)
             except OSError as exc:
                 raise _write_error(exc, f"{self.queue_id}: commit queue file")
             # Record where status bytes live, for callers that keep the object.
@@ -399,7 +470,9 @@ class QueuedMessage:
             r.done = True
             changed = True
         if changed:
-            self.store._fsync(self._fd)
+            # Status bytes are overwritten in place (size and blocks unchanged), so
+            # fdatasync() makes them durable without a metadata journal commit.
+            self.store._datasync(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -432,6 +505,8 @@ class QueueStore:
         self.message_size_limit = message_size_limit
         self.clock = clock
         self._fsync = fsync
+        # An injected fsync (tests, fault injection) stands in for fdatasync too.
+        self._datasync = os.fdatasync if fsync is os.fsync else fsync
         self._write = write
         self._tmp_counter = itertools.count()
 
@@ -585,8 +660,8 @@ class QueueStore:
         if src == dst:
             return
         os.rename(self.path(src, queue_id), self.path(dst, queue_id))
-        fsync_dir(self.path(dst), self._fsync)
-        fsync_dir(self.path(src), self._fsync)
+        sync_dir_grouped(self.path(dst), self._fsync)
+        sync_dir_grouped(self.path(src), self._fsync)
 
     def remove(self, queue_id: str, queue_name: str | None = None) -> bool:
         """Remove a message and its side logs.  True when a queue file was removed."""
@@ -597,7 +672,7 @@ class QueueStore:
                 os.unlink(self.path(q, queue_id))
             except FileNotFoundError:
                 continue
-            fsync_dir(self.path(q), self._fsync)
+            sync_dir_grouped(self.path(q), self._fsync)
             removed = True
             break
         for log in LOG_NAMES:

@@ -233,6 +233,7 @@ class ServerConfig:
     starttls_offered: bool = False
     auth_mechanisms: tuple = ()                 # offered in EHLO when non-empty
     smtputf8_enable: bool = True
+    junk_command_limit: int = 100
     forbidden_commands: frozenset = frozenset({"CONNECT", "GET", "POST"})
     forbid_non_alpha: bool = True               # Postfix's regexp:{{/^[^A-Z]/ Bogus}}
 
@@ -262,6 +263,7 @@ class ServerConfig:
             soft_error_limit=num("smtpd_soft_error_limit", 10),
             hard_error_limit=num("smtpd_hard_error_limit", 20),
             error_sleep_time=time_("smtpd_error_sleep_time", 1.0),
+            junk_command_limit=num("smtpd_junk_command_limit", 100),
             disable_vrfy=config.get_bool("disable_vrfy_command"),
             discard_ehlo_keywords=frozenset(
                 k.upper() for k in config.get_list("smtpd_discard_ehlo_keywords")),
@@ -344,6 +346,10 @@ def _scan(text: str):
         yield i, ch, quoted
 
 
+_PLAIN_MAILBOX = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+"
+_PLAIN_PATH = re.compile(rf"<({_PLAIN_MAILBOX})>|({_PLAIN_MAILBOX})")
+
+
 def _open_quote(text: str) -> bool:
     quoted = esc = False
     for ch in text:
@@ -390,6 +396,9 @@ def extract_address(token: str, null_ok: bool) -> str:
     through: no angle brackets, doubled or stray brackets, RFC 822 comments,
     a group phrase; source routes (RFC 5321 Appendix C) are dropped.
     """
+    m = _PLAIN_PATH.fullmatch(token)
+    if m:
+        return m.group(1) or m.group(2)    # the common case, without the slow scanner
     s = token
     if _open_quote(s):
         raise _SyntaxError              # unbalanced quote
@@ -479,6 +488,7 @@ REPLY_DSN_DISABLED = Reply(501, "DSN support is disabled", "5.7.1")
 REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 _HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
+_JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "ETRN", "RSET"})
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS"})
 
 
@@ -517,6 +527,7 @@ class ServerConnection:
         self._bdat_tail = b"\n"
         self._long_line: bytes | None = None
         self._bare_lf = False
+        self._junk = 0
         self._access_denied = False
         self.pipelining_violation = False     # for reject_unauth_pipelining
         self._datapart: list[bytes] = []
@@ -765,6 +776,7 @@ class ServerConnection:
                 self.error_count += 1
             if ok:
                 self.error_count = 0   # the limits count errors "without delivering mail"
+                self._junk = 0
             self._queue_reply(reply)
             self._reset_transaction()
             self.where = "END-OF-MESSAGE" if not ev.bdat else "BDAT"
@@ -924,6 +936,11 @@ class ServerConnection:
             self._events.append(Info(f"improper command pipelining after {verb_u} from "
                                      f"{self.client}: {rest}"))
         handler(self, arg.strip(" \t"))
+        if verb_u in _JUNK_COMMANDS:
+            # smtpd_junk_command_limit: past it, each junk command counts as an error.
+            self._junk += 1
+            if self._junk > self.config.junk_command_limit:
+                self.error_count += 1
         return True
 
     # ----- commands (one handler each; the sequence rules live in these guards) -----------

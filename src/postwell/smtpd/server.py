@@ -259,6 +259,8 @@ class SmtpdSession(asyncio.Protocol):
         while True:
             ev = conn.next_event()
             if ev is NEED_DATA:
+                # Clear before any await: bytes arriving while we flush must wake us.
+                self._data_ready.clear()
                 if not await self._flush():
                     return
                 if self._paused:
@@ -281,7 +283,6 @@ class SmtpdSession(asyncio.Protocol):
         if self._lost:
             conn.receive_data(b"")
             return True
-        self._data_ready.clear()
         try:
             await asyncio.wait_for(self._data_ready.wait(), self.server.timeout)
         except asyncio.TimeoutError:
