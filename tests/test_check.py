@@ -183,3 +183,16 @@ def test_cli_exit_status(site):
     cp = subprocess.run([sys.executable, "-m", "postwell.cli.postfix", "-c", etc, "check"],
                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert cp.returncode == 0, cp.stderr
+
+
+def test_configuration_files(site):
+    etc = write(site)
+    os.chmod(os.path.join(etc, "main.cf"), 0o666)
+    _, warnings = run_check(etc)
+    assert f"group or other writable: {etc}/main.cf" in warnings
+    os.chmod(os.path.join(etc, "main.cf"), 0o644)
+    if ROOT:
+        owner = pwd.getpwnam(_owner())
+        os.chown(os.path.join(etc, "master.cf"), owner.pw_uid, -1)
+        _, warnings = run_check(etc)
+        assert warnings == [f"not owned by root: {etc}/master.cf"]

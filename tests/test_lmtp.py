@@ -298,3 +298,61 @@ service stats {{
             proc.kill()
             proc.wait(5)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_inet_without_port_uses_lmtp_tcp_port(tmp_path):
+    srv = LmtpServer()
+
+    async def body():
+        await srv.start()
+        cfg = make_config(tmp_path, lmtp_tcp_port=str(srv.port))
+        a = agent(cfg)
+        try:
+            return await asyncio.wait_for(a.deliver(request("inet:127.0.0.1", ["a@x.test"])), WAIT)
+        finally:
+            await a.close_all()
+            await srv.stop()
+    [res] = asyncio.run(body())
+    assert res.status == "sent" and res.relay == f"127.0.0.1[127.0.0.1]:{srv.port}"
+
+
+def test_lmtp_through_the_master(tmp_path):
+    """virtual_transport = lmtp:unix:private/NAME: the qmgr (as mail_owner when
+    root) reaches a socket under $queue_directory, as with Dovecot."""
+    import threading
+
+    import harness
+    inst = harness.PostwellInstance(tmp_path, main_cf={
+        "transport_maps": "inline:{lmtp.test=lmtp:unix:private/test-lmtp}",
+        "lmtp_lhlo_name": "client.test"})
+    inst.master_cf = inst.default_master_cf() + "lmtp unix - - n - - lmtp\n"
+    inst.write_config()
+    private = inst.queue_dir / "private"
+    private.mkdir(parents=True, exist_ok=True)
+    srv = LmtpServer(unix_path=str(private / "test-lmtp"),
+                     final={"full@lmtp.test": "452 4.2.2 <full@lmtp.test> Quota exceeded"})
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(srv.start())
+        os.chmod(srv.unix_path, 0o666)
+        ready.set()
+        loop.run_forever()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(WAIT)
+    try:
+        with inst:
+            import smtplib
+            with smtplib.SMTP("127.0.0.1", inst.port, timeout=WAIT) as s:
+                s.sendmail("s@remote.test", ["ok@lmtp.test", "full@lmtp.test"],
+                           "Subject: via lmtp\r\n\r\nhi\r\n")
+            inst.wait_log(r"to=<ok@lmtp\.test>, relay=\S+\[private/test-lmtp\], .*dsn=2\.0\.0, "
+                          r"status=sent \(250 2\.0\.0 <ok@lmtp\.test> Saved\)", timeout=30)
+            inst.wait_log(r"to=<full@lmtp\.test>, .*dsn=4\.2\.2, status=deferred", timeout=30)
+            assert srv.commands[0] == "LHLO client.test"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(WAIT)

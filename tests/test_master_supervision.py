@@ -198,3 +198,20 @@ print(json.dumps(unimplemented_parameter_names(Config("/tmp", params, {}, servic
     assert cp.returncode == 0, cp.stderr
     import json
     assert json.loads(cp.stdout) == ["postscreen_dnsbl_sites"]
+
+
+def test_pipe_helper_and_pickup_slots(tmp_path):
+    from postwell.config.master import parse_master_cf
+    m = Master(str(tmp_path))
+    m.log = NullLog("master")
+    m.owner = (1234, 1234, "pwowner")     # as if root: privileged helpers are planned
+    with_pipe = Config(str(tmp_path), {}, {}, parse_master_cf(
+        "pickup unix n - n 60 1 pickup\n"
+        "maildrop unix - n n - - pipe flags=DRhu user=vmail argv=/bin/true\n"))
+    kinds = [s.kind for s in m._make_slots(with_pipe, {}, warn=True)]
+    assert kinds == ["helper", "localhelper", "pipehelper", "qmgr", "pickup"]
+    assert not [line for line in m.log.lines if "warning" in line]
+    without = Config(str(tmp_path), {}, {}, parse_master_cf("qmgr unix n - n 300 1 qmgr\n"))
+    assert "pipehelper" not in [s.kind for s in m._make_slots(without, {}, warn=True)]
+    m.owner = None                         # not root: the qmgr runs commands itself
+    assert "pipehelper" not in [s.kind for s in m._make_slots(with_pipe, {}, warn=True)]

@@ -189,8 +189,13 @@ def run_client_pair(postwell_factory, reference_factory, relay, client_extra: di
     return lines, pw, ref
 
 
+@pytest.mark.parametrize("options,status", [
+    ("noplaintext, noanonymous", "deferred"),
+    ("noanonymous", "sent"),
+])
 def test_auth_over_plaintext_follows_smtp_sasl_security_options(postwell_factory,
-                                                                reference_factory):
+                                                                reference_factory,
+                                                                options, status):
     """A relay offering AUTH without STARTTLS, client at smtp_tls_security_level = may.
 
     With smtp_sasl_security_options = noanonymous Postfix does send the password
@@ -199,13 +204,27 @@ def test_auth_over_plaintext_follows_smtp_sasl_security_options(postwell_factory
     """
     relay = make_relay(reference_factory, tls=False, auth_only=False)
     lines, pw, ref = run_client_pair(postwell_factory, reference_factory, relay, {
-        "smtp_tls_security_level": "may",
-        "smtp_sasl_security_options": "noplaintext, noanonymous"})
+        "smtp_tls_security_level": "may", "smtp_sasl_security_options": options})
+    for kind, line in lines.items():
+        assert f"status={status}" in line, (kind, line)
+    if status == "deferred":
+        # Postfix 3.7: "SASL authentication failed; cannot authenticate to server
+        # 127.0.0.1[127.0.0.1]: no mechanism available".
+        assert ("cannot authenticate to server 127.0.0.1[127.0.0.1]: no mechanism available"
+                in lines["postfix"]), lines
+        assert lines["postwell"].split("status=")[1] == lines["postfix"].split("status=")[1]
+        assert "sasl_username" not in relay.log_text()
+    else:
+        assert relay.log_text().count(f"sasl_method=PLAIN, sasl_username={LOGIN}") == 2
+
+
+def test_encrypt_level_never_talks_to_a_relay_without_starttls(postwell_factory,
+                                                               reference_factory):
+    """smtp_tls_security_level = encrypt and a relay without TLS: no AUTH, no mail;
+    the wording is the reference's."""
+    relay = make_relay(reference_factory, tls=False, auth_only=False)
+    lines, pw, ref = run_client_pair(postwell_factory, reference_factory, relay, {})
     for kind, line in lines.items():
         assert "status=deferred" in line, (kind, line)
-    # Postfix 3.7 words it as "SASL authentication failed; cannot authenticate to server
-    # 127.0.0.1[127.0.0.1]: no mechanism available".
-    assert ("cannot authenticate to server 127.0.0.1[127.0.0.1]: no mechanism available"
-            in lines["postfix"]), lines
-    assert lines["postwell"].split("status=")[1] == lines["postfix"].split("status=")[1], lines
+    assert lines["postwell"].split("dsn=")[1] == lines["postfix"].split("dsn=")[1], lines
     assert "sasl_username" not in relay.log_text()

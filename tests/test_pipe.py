@@ -394,3 +394,67 @@ def test_time_limit_parameter(tmp_path):
     agent = PipeAgent(cfg)
     assert agent.time_limit("md") == 7.0
     assert agent.time_limit("other") == 100.0
+
+
+def test_helper_runs_only_master_cf_pipe_services(tmp_path):
+    """A request (from the unprivileged qmgr) cannot name a command, a user or
+    a service that master.cf does not define as pipe."""
+    from postwell.delivery.pipe_helper import handle_request
+    cfg = make_config(tmp_path, "maildrop unix - n n - - pipe user=vmail argv=/bin/true\n"
+                      "local unix - n n - - local\n")
+    agent = PipeAgent(cfg, helper_socket="")
+    for transport in ("local", "nonexistent", ""):
+        got = handle_request(agent, None, {"queue_id": "4ABC12345", "transport": transport,
+                                           "recipients": [["a@b", None]]})
+        assert got == [["deferred", "4.3.0", "mail transport unavailable"]]
+    with pytest.raises(ValueError):
+        handle_request(agent, None, {"queue_id": "../../etc/passwd", "transport": "maildrop",
+                                     "recipients": [["a@b", None]]})
+
+
+def test_qmgr_side_uses_helper_when_not_root(tmp_path, monkeypatch):
+    from postwell.delivery import pipe_helper
+    cfg = make_config(tmp_path, "maildrop unix - n n - - pipe user=vmail argv=/bin/true\n")
+    monkeypatch.setattr(pipe_helper, "HELPER_SOCKET", str(tmp_path / "nonexistent-socket"))
+    agent = PipeAgent(cfg, log=NullLog("pipe"), euid=lambda: 100)
+    assert agent._helper_path() == str(tmp_path / "nonexistent-socket")
+    assert PipeAgent(cfg, euid=lambda: 0)._helper_path() is None
+    assert PipeAgent(cfg, helper_socket="", euid=lambda: 100)._helper_path() is None
+
+
+def test_unreachable_helper_defers(tmp_path, monkeypatch):
+    monkeypatch.setattr(asyncio, "sleep", _no_sleep)
+    cfg = make_config(tmp_path, "maildrop unix - n n - - pipe user=vmail argv=/bin/true\n")
+    log = NullLog("pipe")
+    agent = PipeAgent(cfg, log=log, helper_socket=str(tmp_path / "missing"), euid=lambda: 100)
+    [res] = asyncio.run(asyncio.wait_for(agent.deliver(request(["a@b"])), 20))
+    assert (res.status, res.dsn, res.reason) == ("deferred", "4.3.0", "mail transport unavailable")
+    assert any("pipe helper" in line for line in log.lines)
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _no_sleep(delay, *a, **kw):
+    await _real_sleep(0)
+
+
+def test_working_directory(tmp_path):
+    # directory= when given, else $queue_directory (pipe(8)).
+    cfg = make_config(tmp_path, "a unix - n n - - pipe user=me argv=/bin/sh -c { cat >/dev/null; pwd }\n"
+                      f"b unix - n n - - pipe user=me directory={tmp_path} argv=/bin/sh -c "
+                      "{ cat >/dev/null; pwd }\n")
+    agent = PipeAgent(cfg, log=NullLog("pipe"), euid=lambda: 4321)
+    for svc in cfg.services:
+        agent._attrs[svc.name] = parse_attributes(svc.args, getpwnam=lambda n: _Pw(4321, 4321))
+    [a] = asyncio.run(agent.deliver(request(["x@y"], transport="a")))
+    [b] = asyncio.run(agent.deliver(request(["x@y"], transport="b")))
+    assert a.reason == f"delivered via a service ({tmp_path}/queue)"
+    assert b.reason == f"delivered via b service ({tmp_path})"
+
+
+def test_time_limit_while_command_ignores_input():
+    # The write side blocks on a full pipe; the time limit still ends it.
+    big = (b"y" * 1000 + b"\n") * 2000
+    status, dsn, reason, _ = run(sh("sleep 30"), content=big, time_limit=0.5)
+    assert (status, dsn) == ("bounced", "5.3.0") and reason.startswith("Command time limit exceeded")

@@ -141,3 +141,69 @@ def test_mark_done_uses_datasync_and_survives_reopen(tmp_path, n):
         q.mark_done(q.recipients[:1])
     with store.open(m.queue_id) as q:
         assert [r.done for r in q.recipients] == [True] + [False] * (n - 1)
+
+
+def _dir_fd(fd: int) -> bool:
+    import stat
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def test_commit_async_syncs_file_and_name_before_returning(tmp_path):
+    import asyncio
+    events = []
+
+    def fsync(fd):
+        events.append("dir" if _dir_fd(fd) else "file")
+        os.fsync(fd)
+
+    store = QueueStore(str(tmp_path / "q"), fsync=fsync)
+    store.ensure_layout()
+    m = store.create()
+    m.set_sender("s@x")
+    m.add_recipient("a@x")
+    m.write(b"x\n")
+    events.clear()
+    asyncio.run(asyncio.wait_for(m.commit_async(), 10))
+    assert m.committed
+    assert sorted(events) == ["dir", "file", "file"]
+    assert store.scan("incoming") == [m.queue_id]
+
+
+@pytest.mark.parametrize("failing", ["dir", "file"])
+def test_commit_async_failure_leaves_no_file(tmp_path, failing):
+    import asyncio
+    from postwell.queue import QueueWriteError
+
+    armed = []
+
+    def fsync(fd):
+        if armed and ("dir" if _dir_fd(fd) else "file") == failing:
+            raise OSError(5, "Input/output error")
+        os.fsync(fd)
+
+    store = QueueStore(str(tmp_path / "q"), fsync=fsync)
+    store.ensure_layout()
+    armed.append(True)
+    m = store.create()
+    m.set_sender("s@x")
+    m.add_recipient("a@x")
+    m.write(b"x\n")
+    with pytest.raises(QueueWriteError):
+        asyncio.run(asyncio.wait_for(m.commit_async(), 10))
+    assert not m.committed
+    assert not os.path.exists(store.path("incoming", m.queue_id))
+
+
+def test_scan_skips_known_ids(tmp_path):
+    store = QueueStore(str(tmp_path / "q"))
+    store.ensure_layout()
+    ids = []
+    for i in range(3):
+        m = store.create()
+        m.set_sender("s@x")
+        m.add_recipient("a@x")
+        m.write(b"x\n")
+        m.commit()
+        ids.append(m.queue_id)
+    assert store.scan("incoming") == sorted(ids)
+    assert store.scan("incoming", skip={ids[0]}) == sorted(ids[1:])

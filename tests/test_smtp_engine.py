@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from postwell.smtp.reply import Reply
-from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthResponse, Bdat, BdatChunkEnd,
+from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthAborted, AuthResponse, Bdat, BdatChunkEnd,
                                   ConnectionClosed, Data, DataChunk, DataEnd, Ehlo, Etrn, Helo,
                                   Info, Rejected, Mail, Rcpt, Rset, ServerConfig, ServerConnection, StartTls,
                                   Vrfy, Warning, _SyntaxError, decode_xtext,
@@ -554,7 +554,10 @@ def test_auth_continuation():
     cfg = ServerConfig(auth_mechanisms=("PLAIN", "LOGIN"))
     d = Driver(cfg, replies={Auth: Reply(334, "VXNlcm5hbWU6"),
                              AuthResponse: Reply(235, "Authentication successful", "2.7.0")})
-    assert d.feed(b"AUTH LOGIN\r\n") == "503 5.5.1 Error: send HELO/EHLO first\r\n"
+    # Postfix 3.7 takes AUTH before HELO/EHLO (checked against the reference).
+    assert d.feed(b"AUTH LOGIN\r\n") == "334 VXNlcm5hbWU6\r\n"
+    assert d.feed(b"*\r\n") == "501 5.7.0 Authentication aborted\r\n"
+    assert d.of(AuthAborted)
     d.feed(b"EHLO x\r\n")
     assert d.feed(b"AUTH LOGIN\r\n") == "334 VXNlcm5hbWU6\r\n"
     assert d.feed(b"dXNlcg==\r\n") == "235 2.7.0 Authentication successful\r\n"

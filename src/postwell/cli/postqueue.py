@@ -12,6 +12,7 @@ from __future__ import annotations
 import getopt
 import json
 import os
+import stat
 import sys
 import time
 
@@ -29,11 +30,53 @@ def _fatal(text: str, code: int = 1) -> int:
     return code
 
 
+def collect_maildrop(store: QueueStore):
+    """Messages that sendmail dropped and pickup has not taken yet.
+
+    They have no queue id: the listing shows the file's random name (longer
+    than an id, as Postfix's long ids are), which ``postcat -q`` accepts.
+    Unreadable or half-written files are skipped, as showq does.
+    """
+    from postwell.pickup.maildrop import NAME_RE, MaildropFormatError, read_maildrop
+    mdir = store.path("maildrop")
+    try:
+        names = sorted(os.listdir(mdir))
+    except OSError:
+        return
+    for name in names:
+        if not NAME_RE.match(name):
+            continue   # temporaries (.tmp.*) and strays
+        try:
+            fd = os.open(os.path.join(mdir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            drop = read_maildrop(fd, st.st_size)
+            env, size = drop.envelope, drop.content_size
+        except (OSError, MaildropFormatError):
+            continue
+        finally:
+            os.close(fd)
+        yield {
+            "queue_name": "maildrop",
+            "queue_id": name,
+            "arrival_time": int(env.submit_time or st.st_mtime),
+            "message_size": size,
+            "forced_expire": False,
+            "sender": env.sender or "MAILER-DAEMON",
+            "recipients": [{"address": r} for r in env.recipients],
+        }
+
+
 def collect(store: QueueStore):
     """Yield one dict per queued message (the fields of ``postqueue -j``)."""
     for qname in SHOW_QUEUES:
         if qname == "maildrop":
-            continue   # postwell has no pickup yet: nothing is ever left in maildrop
+            yield from collect_maildrop(store)
+            continue
         for qid in store.scan(qname):
             try:
                 qm = store.open(qid, qname, writable=False)
@@ -72,8 +115,10 @@ def format_listing(messages) -> str:
         count += 1
         total += m["message_size"]
         stamp = time.strftime("%a %b %d %H:%M:%S", time.localtime(m["arrival_time"]))
-        status = STATUS_CHAR.get(m["queue_name"], " ")
-        out.append(f"{m['queue_id']:<11}{status}{m['message_size']:>7} {stamp:<20} {m['sender']}")
+        # Postfix 3.7 glues the status mark to the id and pads the pair to 11
+        # columns (checked against its postqueue): "ID!     306", "ID      306".
+        id_mark = m["queue_id"] + STATUS_CHAR.get(m["queue_name"], "")
+        out.append(f"{id_mark:<11}{m['message_size']:>8} {stamp:<20} {m['sender']}")
         # Recipients grouped under their delay reason, reason-less ones first.
         rcpts = sorted(m["recipients"], key=lambda r: r.get("delay_reason", ""))
         last = None
@@ -94,18 +139,57 @@ def format_json(messages) -> str:
     return "".join(json.dumps(m) + "\n" for m in messages)
 
 
-def schedule(store: QueueStore, queue_id: str) -> bool:
+def schedule(store: QueueStore, queue_id: str, now: float | None = None) -> bool:
     """postqueue -i: make a deferred message eligible for delivery now.
 
-    The file goes back to incoming/, which the qmgr scans on every wake-up.
+    As Postfix's flush(8) does: the retry time becomes now and the file goes
+    back to incoming/, which the qmgr scans on every wake-up.
     """
     if store.find(queue_id) != "deferred":
         return False
     try:
+        store.set_next_attempt(queue_id, time.time() if now is None else now)
         store.move(queue_id, "deferred", "incoming")
     except FileNotFoundError:
         return False
     return True
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+def site_matches(domain: str, site: str) -> bool:
+    """A recipient domain belongs to ``site`` (a domain; its subdomains too)."""
+    site = site.lower().rstrip(".")
+    return bool(domain) and (domain == site or domain.endswith("." + site))
+
+
+def flush_site(store: QueueStore, site: str) -> list[str]:
+    """postqueue -s: schedule every deferred message with a pending recipient at ``site``.
+
+    Postfix keeps per-site logs of deferred ids for this (fast flush); postwell
+    scans the deferred queue instead, which finds the same messages.
+    """
+    scheduled = []
+    for qid in store.scan("deferred"):
+        try:
+            with store.open(qid, "deferred", writable=False) as qm:
+                wanted = any(site_matches(_domain(r.address), site) for r in qm.pending_recipients)
+        except (QueueFileNotFound, CorruptQueueFile, OSError):
+            continue
+        if wanted and schedule(store, qid):
+            scheduled.append(qid)
+    return scheduled
+
+
+def flush_allowed(cfg, site: str) -> bool:
+    """fast_flush_domains (default $relay_domains) says which sites may be flushed."""
+    from postwell.policy.matchlist import DomainList
+    try:
+        return DomainList("fast_flush_domains", cfg.get("fast_flush_domains"), cfg).match(site)
+    except Exception:
+        return False
 
 
 def _load_store(config_dir):
@@ -138,20 +222,31 @@ def main(argv: list[str] | None = None, *, mailq: bool = False) -> int:
         return _fatal(str(exc))
     if not os.path.isdir(store.queue_directory):
         return _fatal(f"chdir {store.queue_directory}: No such file or directory")
-    if mode == "p":
-        sys.stdout.write(format_listing(collect(store)))
-    elif mode == "j":
-        sys.stdout.write(format_json(collect(store)))
+    if mode in ("p", "j"):
+        try:
+            text = (format_listing if mode == "p" else format_json)(collect(store))
+        except PermissionError as exc:
+            # Postfix asks its showq daemon, so any user may list the queue;
+            # postwell reads the (mail_owner-only) directories itself.
+            return _fatal(f"Queue report unavailable - cannot read {exc.filename or store.queue_directory}: "
+                          "Permission denied (run as root or $mail_owner)", 69)
+        sys.stdout.write(text)
     elif mode == "f":
         notify_qmgr(store.queue_directory, QMGR_FLUSH)
+    elif mode in ("i", "s") and not os.access(store.path("deferred"), os.R_OK | os.W_OK | os.X_OK):
+        # Scheduling moves queue files: only root and $mail_owner can (no flush daemon).
+        return _fatal(f"Cannot flush mail queue - cannot access {store.path('deferred')}: "
+                      "Permission denied (run as root or $mail_owner)", 69)
     elif mode == "i":
         # Unknown ids are silently ignored, as in Postfix.
         if schedule(store, arg):
             notify_qmgr(store.queue_directory)
     elif mode == "s":
-        # Per-site flush needs fast_flush_domains' logs, which postwell does not keep;
-        # a whole-queue flush delivers that site's mail too.
-        notify_qmgr(store.queue_directory, QMGR_FLUSH)
+        if not flush_allowed(cfg, arg):
+            # Postfix's words and exit status (EX_UNAVAILABLE).
+            return _fatal(f'Flush service is not configured for destination "{arg}"', 69)
+        if flush_site(store, arg):
+            notify_qmgr(store.queue_directory)
     sys.stdout.flush()
     return 0
 

@@ -54,7 +54,7 @@ _ATTRIBUTE_SOURCES = {
     "client_address": ("client_address",),
     "client_hostname": ("client_name", "client_hostname"),
     "client_helo": ("helo_name", "client_helo"),
-    "client_protocol": ("protocol", "client_protocol"),
+    "client_protocol": ("protocol_name", "protocol", "client_protocol"),
     "client_port": ("client_port",),
     "sasl_method": ("sasl_method",),
     "sasl_username": ("sasl_username",),
@@ -550,8 +550,8 @@ def run_command(argv: list[str], stream, *, uid: int | None, gid: int | None, en
                 output)
     if status == 0:
         if write_error is not None:
-            return (*_result("4.3.0", f"Command failed: {getattr(write_error, 'strerror', None) or write_error}: "
-                                       f"\"{command}\""), output)
+            why = getattr(write_error, "strerror", None) or write_error
+            return (*_result("4.3.0", f"Command failed: {why}: \"{command}\""), output)
         return "sent", "2.0.0", "", output
     # An enhanced status code at the start of the output wins over the exit status.
     m = re.match(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)(.*)", output, re.S)
@@ -564,6 +564,21 @@ def run_command(argv: list[str], stream, *, uid: int | None, gid: int | None, en
 
 
 # ------------------------------------------------------------ the agent
+
+MAX_COMMANDS = 50        # commands running at once per process
+_executor = None
+
+
+def command_executor():
+    """Threads that wait for commands: their own pool, so slow commands (up
+    to command_time_limit each) never starve the default executor, which the
+    qmgr uses for its fsync'd queue operations."""
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _executor = ThreadPoolExecutor(max_workers=MAX_COMMANDS, thread_name_prefix="pipe")
+    return _executor
+
 
 def find_pipe_service(config, transport: str):
     for svc in getattr(config, "services", None) or []:
@@ -635,8 +650,8 @@ class PipeAgent(DeliveryAgent):
         path = self._helper_path()
         if path:
             return await self._via_helper(path, request)
-        outcome = await asyncio.get_running_loop().run_in_executor(None, self.deliver_blocking,
-                                                                   request)
+        outcome = await asyncio.get_running_loop().run_in_executor(command_executor(),
+                                                                   self.deliver_blocking, request)
         status, dsn, reason = outcome
         relay = service
         return [RecipientResult(rc, status, dsn, reason, relay) for rc in request.recipients]
@@ -654,7 +669,8 @@ class PipeAgent(DeliveryAgent):
         for i, rc in enumerate(request.recipients):
             row = rows[i] if i < len(rows) else None
             if not row:
-                out.append(RecipientResult(rc, "deferred", "4.3.0", "mail system configuration error",
+                # As Postfix's qmgr when the delivery agent cannot be reached.
+                out.append(RecipientResult(rc, "deferred", "4.3.0", "mail transport unavailable",
                                            request.transport))
             else:
                 out.append(RecipientResult(rc, str(row[0]), str(row[1]), str(row[2]),

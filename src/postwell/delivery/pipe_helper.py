@@ -25,7 +25,7 @@ import signal
 
 SOCKET_NAME = "pipe"
 MAX_REQUEST = 1 << 20      # bytes per request line (bounded memory)
-MAX_CONCURRENT = 20        # commands running at once
+MAX_CONCURRENT = 50        # commands running at once (pipe.MAX_COMMANDS threads)
 
 # Set by the master in the qmgr child when the helper runs.
 HELPER_SOCKET: str | None = None
@@ -73,7 +73,7 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
     from postwell.log import MailLog
     from postwell.queue import QueueStore
 
-    from .pipe import PipeAgent
+    from .pipe import PipeAgent, command_executor
 
     log = MailLog.from_config(config, "pipe")
     limit = asyncio.Semaphore(MAX_CONCURRENT)
@@ -90,7 +90,7 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
             async with limit:
                 try:
                     results = await asyncio.get_running_loop().run_in_executor(
-                        None, handle_request, agent, store, req)
+                        command_executor(), handle_request, agent, store, req)
                 except Exception as exc:
                     log.warning(f"pipe helper: {exc}")
                     results = [["deferred", "4.3.0", "mail system configuration error"]

@@ -1173,7 +1173,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 result(i, "bounced", "5.3.4", f"message size {envelope.size} exceeds size limit "
                        f"{ext.size} of server {conn.namaddr}")
             return None
-        if needs_smtputf8(envelope) and not ext.smtputf8:
+        if envelope.smtputf8 and not ext.smtputf8 and (
+                needs_smtputf8(envelope) or self._header_has_utf8(request)):
             for i in pending:        # RFC 6531 3.2
                 result(i, "bounced", "5.6.7", "SMTPUTF8 is required, but was not offered by host "
                        f"{conn.namaddr}")
@@ -1248,6 +1249,37 @@ class SmtpDeliveryAgent(DeliveryAgent):
             f.before_mail = not got_mail
             f.conn_setup_done = setup_done
             raise
+
+    def _header_has_utf8(self, request) -> bool:
+        """Does the message header hold non-ASCII text?
+
+        Mail submitted with SMTPUTF8 whose header is UTF-8 cannot be downgraded
+        for a server without SMTPUTF8: Postfix (cleanup's header flag, then
+        smtp(8)) bounces it with 5.6.7 like a UTF-8 address; an 8-bit body alone
+        does not count.  Only the header is read (at most header_size_limit).
+        """
+        limit = self.config.get_int("header_size_limit") or 102400
+        seen = b""
+        chunks = self._content_chunks(request)
+        try:
+            for chunk in chunks:
+                seen += chunk
+                end = seen.find(b"\n\n")
+                if seen.startswith((b"\n", b"\r\n")):
+                    return False
+                if end < 0:
+                    end = seen.find(b"\n\r\n")
+                if end >= 0:
+                    seen = seen[:end]
+                    break
+                if len(seen) > limit:
+                    seen = seen[:limit]
+                    break
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        return any(b >= 0x80 for b in seen)
 
     async def _send_content(self, conn: _Connection, request, downgrade: bool = False) -> None:
         timeout = self.settings.data_xfer_timeout or 180.0

@@ -92,6 +92,7 @@ def run_check(config_dir: str) -> tuple[str | None, list[str]]:
         warnings += check_queue_directories(cfg, owner if root else None)
     except OSError as exc:
         return f"mkdir {exc.filename or qdir}: {exc.strerror}", warnings
+    warnings += check_config_files(cfg.config_dir, root)
     warnings += check_tables(cfg, owner if root else None)
     # TLS files named in main.cf must exist and be readable.
     for param in ("smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_chain_files",
@@ -100,8 +101,8 @@ def run_check(config_dir: str) -> tuple[str | None, list[str]]:
             continue
         for path in cfg.get_list(param):
             if not os.access(path, os.R_OK):
-                warnings.append(f"cannot access {param} file {path}: "
-                                f"{'No such file or directory' if not os.path.exists(path) else 'Permission denied'}")
+                why = "Permission denied" if os.path.exists(path) else "No such file or directory"
+                warnings.append(f"cannot access {param} file {path}: {why}")
     # Services postwell does not run are reported once, by the master at start.
     return None, warnings
 
@@ -162,7 +163,10 @@ def check_queue_directories(cfg, owner) -> list[str]:
             continue
         if st.st_uid != want_uid:
             warnings.append(f"not owned by {'root' if want_uid == 0 else mail_name}: {path}")
-        warnings += _mode_warnings(path, stat.S_IMODE(st.st_mode), mode)
+        have = stat.S_IMODE(st.st_mode)
+        if name == "maildrop" and have in (root_mode, user_mode):
+            continue   # pickup opens the drop box (1733) even when not root
+        warnings += _mode_warnings(path, have, mode)
     for name in OPTIONAL_DIRS:
         path = os.path.join(qdir, name)
         try:
@@ -177,6 +181,34 @@ def check_queue_directories(cfg, owner) -> list[str]:
         if st.st_uid != mail_uid:
             warnings.append(f"not owned by {mail_name}: {data}")
     return warnings
+
+
+CONFIG_SCAN_LIMIT = 2000     # entries looked at under config_directory (bounded work)
+
+
+def check_config_files(config_dir: str, root: bool) -> list[str]:
+    """As Postfix's check-warn: the configuration must belong to root (when
+    we are root) and be writable by nobody else."""
+    out = []
+    seen = 0
+    for top, dirs, files in os.walk(config_dir):
+        dirs.sort()
+        for name in [None] + sorted(files):
+            path = top if name is None else os.path.join(top, name)
+            seen += 1
+            if seen > CONFIG_SCAN_LIMIT:
+                return out
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if root and st.st_uid != 0:
+                out.append(f"not owned by root: {path}")
+            if st.st_mode & 0o022 and (name is None or stat.S_ISREG(st.st_mode)):
+                out.append(f"group or other writable: {path}")
+    return out
 
 
 def _mode_warnings(path: str, have: int, want: int) -> list[str]:

@@ -893,6 +893,82 @@ async def _reject_multi_recipient_bounce(e: Engine, c: _Ctx, args, name):
     return DUNNO
 
 
+# smtpd_sender_login_maps (Postfix smtpd_check.c reject_*_sender_login_mismatch) ------------
+
+def _login_owners(e: Engine, c: _Ctx, sender: str) -> list[str] | None:
+    """The SASL logins that own `sender` per smtpd_sender_login_maps, or None when the
+    address is not listed. Keys as Postfix's mail_addr_find: the address, the address
+    without its extension, then @domain (regexp tables: the address only)."""
+    maps = parse_restrictions(e.config.get("smtpd_sender_login_maps"))
+    if not maps:
+        return None
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        local, domain = sender, ""
+    keys = [sender]
+    delim = e.recipient_delimiter
+    if delim:
+        for d in delim:
+            if d in local:
+                base = local.split(d, 1)[0]
+                keys.append(f"{base}@{domain}" if domain else base)
+                break
+    if domain:
+        keys.append(f"@{domain}")
+    for spec in maps:
+        for i, key in enumerate(dict.fromkeys(keys)):
+            if _is_regexp(spec) and i:
+                break
+            try:
+                value = e._table_lookup(spec, key if _is_regexp(spec) else key.lower())
+            except Exception as ex:  # noqa: BLE001 - a broken table defers, never permits
+                e.warn_once(f"{spec}: table lookup problem: {ex}")
+                e.dict_retry(c.state, sender)
+                return None
+            if value is not None:
+                return [w for w in value.replace(",", " ").split() if w]
+    return None
+
+
+def _auth_login_mismatch(e: Engine, c: _Ctx, sender: str, allow_unknown: bool) -> int:
+    s = c.state
+    if not s.sasl_username or not e.config.get("smtpd_sender_login_maps"):
+        return DUNNO
+    owners = _login_owners(e, c, sender)
+    if owners is None and allow_unknown:
+        return DUNNO
+    if owners and any(o.lower() == s.sasl_username.lower() for o in owners):
+        return DUNNO
+    return e.reject(s, _ERR_POLICY, 553, "5.7.1",
+                    f"<{sender}>: Sender address rejected: not owned by user {s.sasl_username}")
+
+
+def _unauth_login_mismatch(e: Engine, c: _Ctx, sender: str) -> int:
+    s = c.state
+    if s.sasl_username or not e.config.get("smtpd_sender_login_maps"):
+        return DUNNO
+    if _login_owners(e, c, sender) is not None:
+        return e.reject(s, _ERR_POLICY, 553, "5.7.1",
+                        f"<{sender}>: Sender address rejected: not logged in")
+    return DUNNO
+
+
+async def _reject_sender_login_mismatch(e: Engine, c: _Ctx, args, name):
+    sender = c.state.sender
+    if not sender:
+        return DUNNO
+    if name == "reject_sender_login_mismatch":
+        status = _auth_login_mismatch(e, c, sender, allow_unknown=False)
+        return status if status != DUNNO else _unauth_login_mismatch(e, c, sender)
+    if name == "reject_authenticated_sender_login_mismatch":
+        return _auth_login_mismatch(e, c, sender, allow_unknown=False)
+    if name == "reject_known_sender_login_mismatch":
+        if c.state.sasl_username:
+            return _auth_login_mismatch(e, c, sender, allow_unknown=True)
+        return _unauth_login_mismatch(e, c, sender)
+    return _unauth_login_mismatch(e, c, sender)
+
+
 async def _not_available(e: Engine, c: _Ctx, args, name):
     e.warn_once(f"restriction `{name}' ignored: not supported by postwell yet")
     return DUNNO
@@ -1010,10 +1086,10 @@ RESTRICTIONS: dict[str, tuple[Callable, int]] = {
     "permit_tls_clientcerts": (_not_available, 0),
     "permit_tls_all_clientcerts": (_not_available, 0),
     "permit_mx_backup": (_not_available, 0),
-    "reject_sender_login_mismatch": (_not_available, 0),
-    "reject_authenticated_sender_login_mismatch": (_not_available, 0),
-    "reject_known_sender_login_mismatch": (_not_available, 0),
-    "reject_unauthenticated_sender_login_mismatch": (_not_available, 0),
+    "reject_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
+    "reject_authenticated_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
+    "reject_known_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
+    "reject_unauthenticated_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
 }
 
 for _n in ("reject_rbl_client", "reject_rbl", "reject_rhsbl_client", "reject_rhsbl_sender",

@@ -15,6 +15,22 @@ marked done), and at the end of each pass become one notice each through
 cleanup (postwell.dsn).  defer/ID holds this pass's deferral reasons plus one
 ``delay_warning=sent`` entry once the single delay warning went out; it is
 reset (marker kept) each time the message becomes active.
+
+What the agents get and may give back, beyond docs/architecture.md:
+``DeliveryRequest.attributes`` also holds the envelope parameters ``ret``,
+``envid``, ``smtputf8`` ("1") and ``body`` (QueuedMessage.params); each
+``Recipient`` carries ``orig``, ``orcpt`` and ``notify``.  A result may set
+``conn_use`` (logged as ", conn_use=N" after relay=), ``dsn_action`` (the
+RFC 3464 action of a success notice, None when the next hop owns it),
+``expanded`` (local(8): one result per final destination, each logged and
+bounce/defer-logged on its own; the top-level status decides the queue
+recipient) and ``site_failure`` (force negative concurrency feedback).
+
+Crash exactness: a delivered recipient's done mark (and the bounce log entry
+before it) is written on dedicated threads (``state_executor``), never queued
+behind deliveries or queue moves, and a message is not scheduled again while
+its previous attempt is still settling (``_in_progress``).  So a kill -9
+re-delivers only what was in flight at that moment.
 """
 
 from __future__ import annotations
@@ -261,6 +277,15 @@ class QueueManager:
     def dead_destinations(self) -> dict[tuple[str, str], tuple[float, str, str]]:
         return {k: d.dead for k, d in self._destinations.items() if d.dead is not None}
 
+    def _expire_dead(self, now: float) -> None:
+        """Dead destinations whose backoff is over and that nobody waits for
+        are dropped (Postfix's unthrottle timer), so the table cannot grow
+        with destinations whose mail went away meanwhile."""
+        for key, dest in list(self._destinations.items()):
+            if dest.dead is not None and now >= dest.dead[0] and dest.idle:
+                dest.resume()
+                self._forget_destination(key, dest)
+
     def _resume_dead(self) -> None:
         """QMGR_REQ_FLUSH_DEAD: every dead destination gets another chance now."""
         for key, dest in list(self._destinations.items()):
@@ -318,6 +343,7 @@ class QueueManager:
         """Claim deferred messages whose retry time (the file's mtime) has come;
         ``force`` (postqueue -f, postfix flush) takes them all."""
         now = self.clock()
+        self._expire_dead(now)
 
         def due(qid):
             if force:
@@ -544,6 +570,8 @@ class QueueManager:
                     attributes=dict(attributes if attributes is not None
                                     else getattr(qm, "attributes", {}) or {}),
                     active_time=active_time, handoff_time=handoff)
+                hook = _CompletionHook(qm, chunk)
+                request.completed = hook
                 failed_agent = False
                 try:
                     results = await agent.deliver(request)
@@ -554,6 +582,7 @@ class QueueManager:
                                                         "unexpected agent failure", "none", "4.3.0")
                                for rc in rcpts]
             finally:
+                hook.close()
                 if sem is not None:
                     sem.release()
             if not failed_agent:
@@ -859,6 +888,40 @@ def _open_fifo(path: str):
         return os.open(path, os.O_RDWR | os.O_NONBLOCK)
     except OSError:
         return None
+
+
+class _CompletionHook:
+    """``request.completed(recipient)``: Postfix's deliver_completed().
+
+    An agent that has just delivered a recipient for good (the mailbox file
+    is in place) may call this right away, from whatever thread did the
+    delivery, instead of leaving the done mark to the qmgr's event loop after
+    deliver() returns: the mark is then written (and fsync'd) microseconds
+    after the delivery, so a kill -9 in between is all but impossible and a
+    message is delivered at most twice however often the system is killed.
+    A recipient whose NOTIFY asks for SUCCESS is left to the normal path, so
+    the trace entry for its notice is durable before it is marked done.
+    Calls after deliver() returned are ignored."""
+
+    def __init__(self, qm, chunk) -> None:
+        self._qm = qm
+        self._by_rc = {id(rc): r for r, rc in chunk}
+        self._lock = threading.Lock()
+        self._open = True
+
+    def __call__(self, recipient) -> bool:
+        r = self._by_rc.get(id(recipient))
+        if r is None or isinstance(r, str) or wants(getattr(r, "notify", None), "SUCCESS"):
+            return False
+        with self._lock:
+            if not self._open:
+                return False
+            self._qm.mark_done([r])
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
 
 
 def _takes_sender(resolver) -> bool:

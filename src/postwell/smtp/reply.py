@@ -17,7 +17,9 @@ class Reply:
         out = []
         for i, part in enumerate(parts):
             sep = " " if i == len(parts) - 1 else "-"
-            out.append(f"{self.code}{sep}{prefix}{part}".rstrip() if not part else f"{self.code}{sep}{prefix}{part}")
+            line = f"{self.code}{sep}{prefix}{part}"
+            # RFC 4954 4: an empty SASL challenge is still "334" SP.
+            out.append(line.rstrip() if not part and self.code != 334 else line)
         return out
 
     def to_bytes(self, enhanced_status_codes: bool = True) -> bytes:

@@ -11,7 +11,11 @@ API (the asyncio glue in postwell.smtpd is the only caller; tests drive it direc
     conn.send_reply(reply)       # answer the pending event (ev.needs_reply); None = ev.default
     conn.data_to_send() -> bytes # replies to write; call it when next_event() says NEED_DATA
     conn.error_delay() -> float  # seconds to sleep before writing (smtpd_soft_error_limit)
-    conn.tls_started()           # after the TLS handshake (STARTTLS accepted with 220)
+    conn.tls_started()           # after the TLS handshake (STARTTLS accepted with 220);
+                                 # a failed handshake is conn.abort("lost")
+    conn.tls_active = True       # wrapper mode (smtps): set before send_greeting()
+    conn.auth_mechanisms = (...) # the EHLO AUTH list / accepted mechanisms for this session
+                                 # (the glue changes it after TLS); () = AUTH not enabled
     conn.deny_access()           # on_connect refused: 503 to every command but QUIT
     conn.abort(reason)           # timeout etc.: close, counting a DATA/BDAT in progress
     conn.where                   # "CONNECT", "RCPT", "DATA (9 bytes)", ... for log lines
@@ -24,7 +28,7 @@ answered with send_reply() before the engine goes on): Helo, Ehlo, Mail, Rcpt, D
 354), Bdat (first chunk of a transaction, for smtpd_data_restrictions; default None = go on
 silently), BdatChunkEnd (default "250 2.0.0 Ok: N bytes"), DataEnd (end of DATA / BDAT LAST:
 finish the queue file, then reply), Vrfy, Etrn, StartTls, Auth (reply 334 to get an
-AuthResponse), AuthResponse.  Notices without a reply: DataChunk (content, dot-unstuffed,
+AuthResponse), AuthResponse; AuthAborted (notice: the client's "*", already answered 501).  Notices without a reply: DataChunk (content, dot-unstuffed,
 CRLF lines; a long line may arrive in pieces), Rset, Warning / Info (log lines), Rejected (an
 engine reject Postfix logs as "NOQUEUE: reject"), ConnectionClosed(reason).
 Replies the engine decides itself (syntax, sequence, limits) never become events; their
@@ -186,6 +190,11 @@ class AuthResponse(Event):
 
 
 @dataclass(frozen=True)
+class AuthAborted(Event):
+    """The client cancelled an AUTH exchange with "*" (already answered 501 5.7.0)."""
+
+
+@dataclass(frozen=True)
 class Warning(Event):  # noqa: A001 - a log warning, not the builtin category
     text: str
     with_queue_id: bool = False     # the glue prefixes "ID: " (or "NOQUEUE: ")
@@ -236,6 +245,9 @@ class ServerConfig:
     junk_command_limit: int = 100
     forbidden_commands: frozenset = frozenset({"CONNECT", "GET", "POST"})
     forbid_non_alpha: bool = True               # Postfix's regexp:{{/^[^A-Z]/ Bogus}}
+    tls_required: bool = False                  # smtpd_tls_security_level = encrypt
+    auth_response_limit: int = 12288            # smtpd_sasl_response_limit
+    auth_legacy: bool = False                   # broken_sasl_auth_clients: "AUTH=" too
 
     @classmethod
     def from_config(cls, config, **overrides) -> "ServerConfig":
@@ -316,7 +328,9 @@ def split_args(text: str) -> list[str]:
         elif ch == '"':
             quoted = not quoted
             cur.append(ch)
-        elif ch in " \t" and not quoted:
+        elif ch in " \t\r" and not quoted:
+            # Postfix's smtpd splits command arguments on CR as well, so a CR-glued
+            # "parameter" is an unsupported option, never part of the address.
             if cur:
                 args.append("".join(cur))
                 cur = []
@@ -389,6 +403,23 @@ def _unquoted_index(text: str, chars: str, last: bool = False) -> int:
     return found
 
 
+def _phrase_colon(text: str) -> int:
+    """The last unquoted ':' outside an address literal: [IPv6:...] colons are part
+    of the domain (RFC 5321 4.1.3), not a group phrase's end."""
+    found = -1
+    depth = 0
+    for i, ch, quoted in _scan(text):
+        if quoted:
+            continue
+        if ch == "[":
+            depth += 1
+        elif ch == "]" and depth:
+            depth -= 1
+        elif ch == ":" and not depth:
+            found = i
+    return found
+
+
 def extract_address(token: str, null_ok: bool) -> str:
     """One envelope address token -> address, with Postfix's tolerance.
 
@@ -419,7 +450,7 @@ def extract_address(token: str, null_ok: bool) -> str:
         s = s[colon + 1:]
     if _unquoted_index(s, ",;<") >= 0:
         raise _SyntaxError              # more than one address, or junk
-    colon = _unquoted_index(s, ":", last=True)
+    colon = _phrase_colon(s)
     if colon >= 0:
         s = s[colon + 1:]               # an RFC 822 group phrase
     if s in ("", '""'):
@@ -441,6 +472,24 @@ def extract_address(token: str, null_ok: bool) -> str:
     elif _unquoted_index(s, "[]") >= 0 and not (s.startswith("[") and s.endswith("]")):
         raise _SyntaxError
     return s
+
+
+_NEUTER = frozenset(' <>()\\";@')
+
+
+def neuter_helo(name: str, utf8: bool = True) -> str:
+    """The HELO/EHLO argument as Postfix keeps it for logs, policy and the Received
+    header: printable(name, '?') and then its NEUTER_CHARACTERS ' <>()\\";@' -> '?',
+    so a client cannot break out of "Received: from NAME (...)" or a log field."""
+    out = []
+    for ch in name:
+        o = ord(ch)
+        if (0x20 <= o < 0x7F and ch not in _NEUTER) or (utf8 and o >= 0xA0
+                                                         and not 0xD800 <= o < 0xE000):
+            out.append(ch)
+        else:
+            out.append("?")
+    return "".join(out)
 
 
 def internalize(address: str) -> str:
@@ -489,6 +538,7 @@ REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 _HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
 _JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "ETRN", "RSET"})
+_PRE_TLS = frozenset({"HELO", "EHLO", "STARTTLS", "NOOP", "QUIT"})
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS"})
 
 
@@ -503,6 +553,8 @@ class ServerConnection:
         self.closed = False
         self.tls_active = False
         self.authenticated = False
+        # Per session: the glue offers other mechanisms once TLS is up (RFC 4954 4).
+        self.auth_mechanisms: tuple = tuple(self.config.auth_mechanisms)
         self.helo_name: str | None = None
         self.esmtp = False
         self._inbuf = bytearray()
@@ -605,14 +657,19 @@ class ServerConnection:
             self._count("data", False)
         elif self.state == S_BDAT:
             self._count("bdat", False)
+        elif self.state == S_TLS:
+            self._count("starttls", False)
         self._close(reason)
 
     def tls_started(self) -> None:
         # RFC 3207 4.2: forget everything learnt before TLS, including HELO.
+        if self.state == S_TLS:
+            self._count("starttls", True)
         self.tls_active = True
         self._inbuf.clear()
         self.helo_name = None
         self.esmtp = False
+        self.authenticated = False
         self._reset_transaction()
         self.state = S_CMD
 
@@ -786,7 +843,9 @@ class ServerConnection:
                 self.error_count += 1
             self._queue_reply(reply)
         elif isinstance(ev, StartTls):
-            self._count("starttls", ok)
+            if reply.code != 220:
+                # A 220 counts once the handshake is done (Postfix: starttls=0/1 on failure).
+                self._count("starttls", False)
             self._queue_reply(reply)
             if reply.code == 220:
                 # RFC 3207 4 / CVE-2011-0411: drop whatever was pipelined after STARTTLS.
@@ -821,6 +880,10 @@ class ServerConnection:
     def _take_line(self) -> bytes | None:
         """One command line without its ending; over-long lines are truncated (Postfix)."""
         limit = self.config.line_length_limit
+        if self.state == S_AUTH:
+            # One past smtpd_sasl_response_limit: a truncated response still reads as
+            # too long to the SASL layer (500 5.5.6), memory stays bounded.
+            limit = max(limit, self.config.auth_response_limit + 1)
         buf = self._inbuf
         while True:
             i = buf.find(b"\n")
@@ -891,6 +954,7 @@ class ServerConnection:
             if text == "*":
                 # RFC 4954 4: the client cancels the exchange.
                 self._error("auth", Reply(501, "Authentication aborted", "5.7.0"))
+                self._events.append(AuthAborted())
                 return True
             self._pending = AuthResponse(text)
             self._pending_cmd = "auth"
@@ -914,6 +978,13 @@ class ServerConnection:
             self._close("non-SMTP command")
             return False
         handler = _COMMANDS.get(verb_u)
+        if (self.config.tls_required and not self.tls_active and handler is not None
+                and verb_u not in _PRE_TLS and not self._access_denied):
+            # RFC 3207 4: with mandatory TLS only these commands work before STARTTLS
+            # (Postfix's list; counted as failed attempts, as Postfix does).
+            self.where = verb_u
+            self._error(verb_u.lower(), Reply(530, "Must issue a STARTTLS command first", "5.7.0"))
+            return True
         if self._access_denied and verb_u != "QUIT":
             # RFC 5321 3.1: after a refusing greeting, everything but QUIT gets 503.
             if handler is not None:
@@ -959,6 +1030,7 @@ class ServerConnection:
             # Postfix sends this one without an enhanced code.
             self._error(name, Reply(501, f"Syntax: {name.upper()} hostname"))
             return
+        arg = neuter_helo(arg, self.config.smtputf8_enable)
         if ehlo:
             self._ask(name, Ehlo(arg, self._ehlo_reply()))
         else:
@@ -976,7 +1048,10 @@ class ServerConnection:
             "VRFY": None if c.disable_vrfy else "VRFY",
             "ETRN": "ETRN",
             "STARTTLS": "STARTTLS" if c.starttls_offered and not self.tls_active else None,
-            "AUTH": ("AUTH " + " ".join(c.auth_mechanisms)) if c.auth_mechanisms else None,
+            # broken_sasl_auth_clients: Outlook Express 4 / MS Exchange 5.0 want "AUTH=".
+            "AUTH": (("AUTH " + " ".join(self.auth_mechanisms)
+                      + ("\nAUTH=" + " ".join(self.auth_mechanisms) if c.auth_legacy else ""))
+                     if self.auth_mechanisms else None),
             "ENHANCEDSTATUSCODES": "ENHANCEDSTATUSCODES",
             "8BITMIME": "8BITMIME",
             "DSN": "DSN",
@@ -1266,29 +1341,29 @@ class ServerConnection:
         if arg:
             self._error("starttls", Reply(501, "Syntax: STARTTLS", "5.5.4"))
             return
-        if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
-            self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
+        # Postfix's order: transaction, already active (also with wrapper mode), offered.
+        if self.in_transaction:
+            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
             return
         if self.tls_active:
             self._error("starttls", Reply(554, "Error: TLS already active", "5.5.1"))
             return
-        if self.in_transaction:
-            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
+        if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
+            self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
             return
         self._ask("starttls", StartTls())
 
     def _cmd_auth(self, arg: str) -> None:
-        if not self.config.auth_mechanisms:
+        if not self.auth_mechanisms or "AUTH" in self.config.discard_ehlo_keywords:
+            # Also before TLS with smtpd_tls_auth_only (the glue offers nothing then).
             self._error("auth", Reply(503, "Error: authentication not enabled", "5.5.1"))
             return
-        if not self.esmtp and self.helo_name is None:
-            self._error("auth", Reply(503, "Error: send HELO/EHLO first", "5.5.1"))
+        # No HELO needed: Postfix 3.7 answers AUTH before HELO/EHLO (checked).
+        if self.in_transaction:
+            self._error("auth", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
             return
         if self.authenticated:
             self._error("auth", Reply(503, "Error: already authenticated", "5.5.1"))
-            return
-        if self.in_transaction:
-            self._error("auth", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
             return
         parts = arg.split()
         if not parts or len(parts) > 2:

@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
 import time
 
 from postwell.smtp.reply import Reply
-from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthResponse, Bdat, BdatChunkEnd,
+from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthAborted, AuthResponse, Bdat,
+                                  BdatChunkEnd,
                                   ConnectionClosed, Data, DataChunk, DataEnd, Ehlo, Etrn, Helo,
                                   Info, Mail, Rcpt, Rejected, Rset, ServerConfig,
                                   ServerConnection, StartTls, Vrfy, Warning)
 
 REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
 REPLY_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+REPLY_NO_SPACE = Reply(452, "Insufficient system storage", "4.3.1")
+REPLY_TLS_UNAVAILABLE = Reply(454, "TLS not available due to local problem", "4.7.0")
 DRAIN_SECONDS = 50.0
 
 
@@ -120,11 +124,38 @@ def _load_cleanup(config, log):
     return Cleanup(config, store, clog)
 
 
+def _handshake_failure(exc: BaseException) -> tuple[str, str | None]:
+    """(what follows "SSL_accept error from host[addr]: ", the TLS library problem or None)
+    in Postfix's words: "lost connection" when the peer went away, else "-1"."""
+    import ssl
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError,
+                                                             ssl.SSLZeroReturnError)):
+        reason = (exc.reason or "").lower().replace("_", " ") or str(exc)
+        library = f"error:{exc.library or 'SSL'} routines::{reason}"
+        return "-1", library
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout", None
+    return "lost connection", None
+
+
 def _time(config, name: str, default: float) -> float:
     try:
         return config.get_time(name) if config.get(name) else default
     except Exception:
         return default
+
+
+def _bool(config, name: str, default: bool = False) -> bool:
+    # An empty value (Postfix's ${stress?...} defaults outside stress) is the default.
+    try:
+        value = (config.get(name) or "").strip().lower()
+    except Exception:   # noqa: BLE001
+        return default
+    if value in ("yes", "true", "1", "on"):
+        return True
+    if value in ("no", "false", "0", "off"):
+        return False
+    return default
 
 
 def _int(config, name: str, default: int) -> int:
@@ -154,13 +185,27 @@ class SmtpdSession(asyncio.Protocol):
         self.addr = ""
         self.namaddr = "unknown[unknown]"
         self.finished = asyncio.Event()
+        self._upgrading = False             # inside loop.start_tls()
+        self._tls_early: list[bytes] = []   # decrypted bytes that beat start_tls()'s return
+        self.ssl_object = None
+        self.auth = None                    # postwell.sasl.session.SmtpdAuth, made on demand
+        self._deadline: float | None = None  # smtpd_per_record_deadline
 
     # --- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.server.wrapper_mode:
+            # smtpd_tls_wrappermode: the ClientHello must reach the SSL layer, so read
+            # nothing until start_tls() takes over the transport (it resumes reading).
+            transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrading:
+            # The SSL layer may hand over the first decrypted bytes before start_tls()
+            # returns: keep them for after tls_started(), never for the plaintext engine.
+            self._tls_early.append(data)
+            return
         if self.conn is None:
             self._early = getattr(self, "_early", b"") + data
             if len(self._early) > 65536:
@@ -178,7 +223,8 @@ class SmtpdSession(asyncio.Protocol):
         # Keep the transport open: replies to commands sent before a half-close still go out.
         self._lost = True
         self._data_ready.set()
-        return True
+        # (The SSL layer cannot half-close; asyncio warns if asked to.)
+        return None if self.ssl_object is not None or self._upgrading else True
 
     def connection_lost(self, exc) -> None:
         self._lost = True
@@ -232,6 +278,15 @@ class SmtpdSession(asyncio.Protocol):
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
+        conn.auth_mechanisms = srv.offered_mechanisms(False)
+        if srv.wrapper_mode:
+            # Implicit TLS (smtps/submissions, RFC 8314 3.3): the handshake comes first.
+            if not await self._start_tls():
+                conn.abort("lost")
+                srv.log.info(f"lost connection after CONNECT from {self.namaddr}")
+                return
+            conn.tls_active = True
+            self._after_tls()
 
         if srv.too_many_connections(self):
             srv.log.warning(f"Connection concurrency limit exceeded: {srv.count_for(addr)} from "
@@ -283,8 +338,19 @@ class SmtpdSession(asyncio.Protocol):
         if self._lost:
             conn.receive_data(b"")
             return True
+        timeout = self.server.timeout
+        if self.server.per_record_deadline:
+            # smtpd_per_record_deadline: smtpd_timeout bounds a whole request line, not
+            # each read, so a client trickling bytes is cut off (Postfix's slowloris fix).
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            if self._deadline is None or conn.buffered < getattr(self, "_buffered_mark", 0) \
+                    or conn.buffered == 0:
+                self._deadline = now + timeout
+            timeout = max(0.0, self._deadline - now)
         try:
-            await asyncio.wait_for(self._data_ready.wait(), self.server.timeout)
+            await asyncio.wait_for(self._data_ready.wait(), timeout)
+            self._buffered_mark = conn.buffered
         except asyncio.TimeoutError:
             self.server.log.info(f"timeout after {conn.where} from {self.namaddr}")
             conn.abort("timeout")
@@ -394,6 +460,10 @@ class SmtpdSession(asyncio.Protocol):
             conn.send_reply(reply)
             return
         if isinstance(ev, Mail):
+            if not srv.queue_space_ok(ev.size or 0):
+                # Postfix's smtpd_check_size(): before any restriction, no reject log line.
+                conn.send_reply(REPLY_NO_SPACE)
+                return
             state.sender = ev.sender
             state.smtputf8 = ev.smtputf8
             state.message_size = ev.size or 0
@@ -444,13 +514,123 @@ class SmtpdSession(asyncio.Protocol):
             conn.send_reply(None)
             return
         if isinstance(ev, StartTls):
-            # TLS arrives with issue 5; the engine only offers it when configured.
-            conn.send_reply(Reply(454, "TLS not available due to local problem", "4.7.0"))
+            await self._starttls()
             return
         if isinstance(ev, (Auth, AuthResponse)):
-            conn.send_reply(Reply(535, "Error: authentication failed", "5.7.8"))
+            auth = self._auth()
+            if auth is None:
+                conn.send_reply(Reply(503, "Error: authentication not enabled", "5.5.1"))
+                return
+            try:
+                if isinstance(ev, Auth):
+                    reply = await auth.start(ev.mechanism, ev.initial_response,
+                                             tls_active=conn.tls_active)
+                else:
+                    reply = await auth.respond(ev.data)
+            except Exception as exc:   # a back end that broke: temporary, never a crash
+                srv.log.warning(f"{self.namaddr}: SASL {auth.mechanism} authentication "
+                                f"problem: {exc}")
+                reply = Reply(454, "Temporary authentication failure: internal error", "4.7.0")
+            if reply.code == 235:
+                state.sasl_username = auth.username
+                state.sasl_method = auth.method
+            conn.send_reply(reply)
+            return
+        if isinstance(ev, AuthAborted):
+            if self.auth is not None:
+                self.auth.aborted()
             return
         raise RuntimeError(f"unhandled event {ev!r}")
+
+    # --- TLS (RFC 3207) and AUTH (RFC 4954) --------------------------------------
+    async def _starttls(self) -> None:
+        conn, srv = self.conn, self.server
+        if srv.tls_context is None:
+            # smtpd_tls_security_level asks for TLS but the certificate did not load.
+            conn.send_reply(REPLY_TLS_UNAVAILABLE)
+            return
+        conn.send_reply(None)                       # 220 2.0.0 Ready to start TLS
+        # Stop reading before the 220 leaves: the client's ClientHello must wait in the
+        # socket for the SSL layer; plaintext already read was dropped by the engine
+        # (RFC 3207 4.2, CVE-2011-0411).
+        self.transport.pause_reading()
+        conn.error_delay()
+        data = conn.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+        if not await self._start_tls():
+            conn.abort("lost")                      # "lost connection after STARTTLS"
+            return
+        conn.tls_started()
+        state = self.state
+        # RFC 3207 4.2: forget what the client said before TLS.
+        self._abort_transaction()
+        state.helo_name = None
+        state.protocol = "SMTP"
+        state.sasl_username = state.sasl_method = None
+        self._after_tls()
+
+    async def _start_tls(self) -> bool:
+        """Handshake on the current transport; False (logged as Postfix) when it fails."""
+        srv = self.server
+        loop = asyncio.get_running_loop()
+        self._upgrading = True
+        self._tls_early = []
+        try:
+            new = await loop.start_tls(self.transport, self, srv.tls_context, server_side=True,
+                                       ssl_handshake_timeout=srv.starttls_timeout)
+        except Exception as exc:   # noqa: BLE001 - any handshake failure ends the session
+            self._upgrading = False
+            self._tls_early = []
+            # Only texts: formatting the traceback trips a CPython 3.11.7 compile() bug.
+            why, library = _handshake_failure(exc)
+            srv.log.info(f"SSL_accept error from {self.namaddr}: {why}")
+            if library:
+                srv.log.warning(f"TLS library problem: {library}")
+            return False
+        if new is None:
+            self._upgrading = False
+            srv.log.info(f"SSL_accept error from {self.namaddr}: lost connection")
+            return False
+        self.transport = new
+        self._paused = False
+        self.ssl_object = new.get_extra_info("ssl_object")
+        return True
+
+    def _after_tls(self) -> None:
+        """The session is encrypted: log, note it for the policy, feed held input."""
+        srv, conn, state = self.server, self.conn, self.state
+        ssl_obj = self.ssl_object
+        if ssl_obj is not None:
+            try:
+                state.encryption_protocol = ssl_obj.version()
+                name, _proto, bits = ssl_obj.cipher() or ("", "", 0)
+                state.encryption_cipher = name
+                state.encryption_keysize = bits or 0
+                if srv.tls_loglevel >= 1:
+                    from postwell.tls import server_log_text
+                    srv.log.info(server_log_text(self.namaddr, ssl_obj))
+            except Exception as exc:   # noqa: BLE001 - logging must not end the session
+                srv.log.warning(f"{self.namaddr}: TLS session details: {exc}")
+        conn.auth_mechanisms = srv.offered_mechanisms(True)
+        self._upgrading = False
+        early, self._tls_early = b"".join(self._tls_early), []
+        if early:
+            conn.receive_data(early)
+        self._data_ready.set()
+
+    def _auth(self):
+        srv = self.server
+        if srv.sasl is None:
+            return None
+        if self.auth is None:
+            from postwell.sasl.session import SmtpdAuth
+            st = self.state
+            self.auth = SmtpdAuth(srv.sasl, srv.log, namaddr=self.namaddr,
+                                  client_addr=st.client_addr, client_port=st.client_port,
+                                  local_addr=st.server_addr, local_port=st.server_port,
+                                  local_domain=srv.sasl_local_domain)
+        return self.auth
 
     async def _rcpt(self, ev: Rcpt) -> None:
         conn, state, srv = self.conn, self.state, self.server
@@ -470,7 +650,13 @@ class SmtpdSession(asyncio.Protocol):
                 return
             self.cs = cs
             state.queue_id = cs.queue_id
-            srv.log.info(f"{cs.queue_id}: client={self.namaddr}")
+            if state.sasl_username is not None:
+                # Postfix's form, which log tools parse.
+                srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
+                             f"sasl_method={state.sasl_method}, "
+                             f"sasl_username={state.sasl_username}")
+            else:
+                srv.log.info(f"{cs.queue_id}: client={self.namaddr}")
             mail = self._mail
             cs.set_sender(state.sender or "", ret=mail.ret if mail else None,
                           envid=mail.envid if mail else None,
@@ -484,6 +670,8 @@ class SmtpdSession(asyncio.Protocol):
                                ("server_port", state.server_port),
                                ("helo_name", state.helo_name),
                                ("protocol_name", state.protocol),
+                               ("sasl_method", state.sasl_method),
+                               ("sasl_username", state.sasl_username),
                                ("log_message_origin", self.namaddr)):
                 if value:
                     cs.set_attribute(key, value)
@@ -497,8 +685,22 @@ class SmtpdSession(asyncio.Protocol):
         st, srv = self.state, self.server
         helo = st.helo_name if st.helo_name is not None else st.client_name
         proto = st.protocol or "SMTP"
-        head = (f"Received: from {helo} ({st.client_name} [{_rfc_addr(st.client_addr)}])\n"
-                f"\tby {srv.hostname} ({srv.mail_name}) with {proto} id {st.queue_id}")
+        # RFC 3848: ESMTPS / ESMTPA / ESMTPSA (Postfix says ESMTPS after HELO too).
+        if self.ssl_object is not None or st.sasl_username:
+            proto = ("ESMTP" + ("S" if self.ssl_object is not None else "")
+                     + ("A" if st.sasl_username else ""))
+        head = f"Received: from {helo} ({st.client_name} [{_rfc_addr(st.client_addr)}])\n"
+        if self.ssl_object is not None and srv.tls_received_header:
+            try:
+                from postwell.tls import received_header_tls_text
+                head += "\t" + received_header_tls_text(self.ssl_object,
+                                                        srv.tls_ask_ccert) + "\n"
+            except Exception as exc:   # noqa: BLE001 - the header must still be written
+                srv.log.warning(f"{self.namaddr}: TLS header text: {exc}")
+        if st.sasl_username and srv.sasl_authenticated_header:
+            from postwell.sasl.base import printable
+            head += f"\t(Authenticated sender: {printable(st.sasl_username)})\n"
+        head += f"\tby {srv.hostname} ({srv.mail_name}) with {proto} id {st.queue_id}"
         date = _mail_date(srv.clock())
         if self._received_for is not None and st.recipient_count == 1:
             return head + f"\n\tfor <{self._received_for}>; {date}"
@@ -562,7 +764,8 @@ class SmtpdServer:
         self.policy = policy if policy is not None else _load_policy(config, self.log)
         self.cleanup = cleanup if cleanup is not None else _load_cleanup(config, self.log)
         self.clock = clock
-        self.server_config = ServerConfig.from_config(config)
+        self._setup_tls_and_sasl(config)
+        self.server_config = ServerConfig.from_config(config, **self._engine_overrides(config))
         self.hostname = config.get("myhostname") or "localhost"
         self.mail_name = config.get("mail_name") or "postwell"
         self.banner = config.get("smtpd_banner") or f"{self.hostname} ESMTP {self.mail_name}"
@@ -579,6 +782,92 @@ class SmtpdServer:
         self._bare_exclusions = self._host_list("smtpd_forbid_bare_newline_exclusions",
                                                 "$mynetworks")
         self._own = None
+
+    def _setup_tls_and_sasl(self, config) -> None:
+        """TLS context and SASL server for this service (its -o overrides applied)."""
+        from postwell.tls import TlsConfigError, server_context, server_security_level
+        self.wrapper_mode = _bool(config, "smtpd_tls_wrappermode")
+        try:
+            self.tls_level = server_security_level(config)
+        except TlsConfigError as exc:
+            self.log.warning(str(exc))
+            self.tls_level = "encrypt"          # an unknown level: never weaker
+        if self.wrapper_mode and self.tls_level == "none":
+            self.tls_level = "may"
+        self.tls_context = None
+        if self.tls_level != "none" or self.wrapper_mode:
+            try:
+                self.tls_context = server_context(config)
+            except TlsConfigError as exc:
+                # As Postfix: level may runs without STARTTLS, encrypt refuses mail (454).
+                self.log.warning(f"TLS library problem: {exc}; TLS disabled")
+        self.tls_loglevel = _int(config, "smtpd_tls_loglevel", 0)
+        self.tls_received_header = _bool(config, "smtpd_tls_received_header")
+        self.tls_ask_ccert = _bool(config, "smtpd_tls_ask_ccert")
+        self.tls_auth_only = _bool(config, "smtpd_tls_auth_only")
+        self.starttls_timeout = _time(config, "smtpd_starttls_timeout", 300.0)
+        self.per_record_deadline = _bool(config, "smtpd_per_record_deadline")
+        self.sasl = None
+        self.sasl_local_domain = config.get("smtpd_sasl_local_domain") or None
+        self.sasl_authenticated_header = _bool(config, "smtpd_sasl_authenticated_header")
+        try:
+            from postwell.sasl import SaslConfigError, server_for_config
+            try:
+                self.sasl = server_for_config(config)
+            except SaslConfigError as exc:
+                # Postfix's smtpd stops here (fatal); we keep serving mail without AUTH.
+                self.log.warning(f"SASL: {exc}; AUTH disabled")
+        except ImportError:   # pragma: no cover
+            pass
+        try:
+            self.queue_minfree = config.get_size("queue_minfree") if config.get("queue_minfree") \
+                else 0
+        except Exception:   # noqa: BLE001
+            self.queue_minfree = 0
+        try:
+            self.message_size_limit = config.get_size("message_size_limit")
+        except Exception:   # noqa: BLE001
+            self.message_size_limit = 10240000
+
+    def _engine_overrides(self, config) -> dict:
+        try:
+            limit = max(1, _int(config, "smtpd_sasl_response_limit", 12288))
+        except Exception:   # noqa: BLE001
+            limit = 12288
+        return dict(
+            starttls_offered=(self.tls_level != "none" and not self.wrapper_mode
+                              and (self.tls_context is not None or self.tls_level == "encrypt")),
+            tls_required=self.tls_level == "encrypt" and not self.wrapper_mode,
+            auth_response_limit=limit,
+            auth_legacy=_bool(config, "broken_sasl_auth_clients"),
+        )
+
+    def offered_mechanisms(self, tls_active: bool) -> tuple:
+        """The EHLO AUTH list for a session (none before TLS with smtpd_tls_auth_only)."""
+        if self.sasl is None or (self.tls_auth_only and not tls_active):
+            return ()
+        try:
+            return tuple(self.sasl.mechanisms(tls_active))
+        except Exception as exc:   # noqa: BLE001 - e.g. Dovecot went away
+            self.log.warning(f"SASL: cannot list mechanisms: {exc}")
+            return ()
+
+    def queue_space_ok(self, size: int) -> bool:
+        """Postfix's smtpd_check_size(): free space >= max(queue_minfree, 1.5 *
+        message_size_limit) + the SIZE the client announced."""
+        store = getattr(self.cleanup, "store", None)
+        directory = getattr(store, "queue_directory", None) or self.config.get("queue_directory")
+        try:
+            sv = os.statvfs(directory)
+        except (OSError, TypeError):
+            return True
+        free = sv.f_bavail * sv.f_frsize
+        need = max(self.queue_minfree, int(1.5 * self.message_size_limit)) + max(0, size)
+        if free < need:
+            self.log.warning(f"not enough free space in mail queue: {free} bytes < "
+                             f"1.5*message size limit")
+            return False
+        return True
 
     def _host_list(self, param: str, default: str):
         try:
@@ -650,6 +939,11 @@ class SmtpdServer:
 
     async def start(self, sockets) -> None:
         loop = asyncio.get_running_loop()
+        if self.sasl is not None:
+            try:
+                await self.sasl.prepare()     # Dovecot: connect and read the MECH list
+            except Exception as exc:   # noqa: BLE001 - retried at the next AUTH
+                self.log.warning(f"SASL: {exc}")
         for sock in sockets:
             sock.setblocking(False)
             # create_server() listens again; keep the master's large backlog.

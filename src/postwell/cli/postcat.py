@@ -1,0 +1,288 @@
+"""postcat(1): show the contents of a queue file.
+
+Usage: postcat [-behoqv] [-c config_dir] [files...]
+
+``-q`` takes queue ids instead of file names and searches every queue
+(incoming, active, deferred, hold, corrupt) plus the maildrop.  Output is
+shaped as Postfix 3.7's: section markers ``*** ENVELOPE RECORDS label ***``,
+``*** MESSAGE CONTENTS label ***``, ``*** HEADER EXTRACTED label ***`` and
+``*** MESSAGE FILE END label ***`` (label ``queue/ID`` with ``-q``, else the
+file name as given), envelope records as ``name: value`` with Postfix's
+record names.  ``-o`` prefixes each record with its offset in the file;
+postwell's file layout differs from Postfix's (envelope after the content),
+so the numbers differ, but they point at the record in this file.
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import stat
+import sys
+import time
+
+from postwell.queue import format as qf
+
+PROG = "postcat"
+USAGE = "usage: postcat [-b (body text)] [-c config_dir] [-d (decimal record type)] " \
+        "[-e (envelope records)] [-h (header text)] [-q (access queue)] [-v] [file(s)...]"
+# Postfix's postcat -q search order, then postwell's extra places.
+SEARCH_QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
+ENV, HEAD, BODY = 1, 2, 4
+RET_CODES = {"FULL": "1", "HDRS": "2"}
+BODY_ENCODING = {"7BIT": "7bit", "8BITMIME": "8bit", "BINARYMIME": "binary"}
+
+
+class PostcatError(Exception):
+    pass
+
+
+class Printer:
+    def __init__(self, out, flags: int, offsets: bool):
+        self.out = out
+        self.flags = flags
+        self.offsets = offsets
+
+    def line(self, offset: int | None, text: bytes | str) -> None:
+        if isinstance(text, str):
+            text = text.encode("utf-8", "surrogateescape")
+        if self.offsets and offset is not None:
+            self.out.write(f"{offset:>9} ".encode())
+        self.out.write(text + b"\n")
+
+    def marker(self, offset: int | None, what: str, label: str) -> None:
+        # Postfix prints the section markers only when envelope records are shown.
+        if self.flags & ENV:
+            self.line(offset, f"*** {what} {label} ***")
+
+    def content(self, chunks, base_offset: int) -> None:
+        """Header lines with HEAD, the empty line and body with BODY."""
+        in_body = False
+        pending = b""
+        offset = base_offset
+        for chunk in chunks:
+            pending += chunk
+            while True:
+                nl = pending.find(b"\n")
+                if nl < 0:
+                    break
+                text = pending[:nl]
+                pending = pending[nl + 1:]
+                in_body = self._content_line(offset, text, in_body)
+                offset += nl + 1
+        if pending:
+            self._content_line(offset, pending, in_body)
+
+    def _content_line(self, offset: int, text: bytes, in_body: bool) -> bool:
+        if not in_body and text == b"":
+            in_body = True    # the separator line belongs to the body, as in Postfix
+        if (self.flags & BODY) if in_body else (self.flags & HEAD):
+            self.line(offset, text)
+        return in_body
+
+
+# ------------------------------------------------------------------ queue files
+
+def _envelope_lines(qm) -> list[tuple[int | None, str]]:
+    env = qm.envelope
+    h = qm.header
+    rcpt_count = len(env.recipients)
+    smtputf8 = 1 if env.params.get("smtputf8") == "1" else 0
+    sizes = (h.content_size, h.content_offset, rcpt_count, 0, h.content_size, smtputf8)
+    lines: list[tuple[int | None, str]] = [
+        (h.envelope_offset, "message_size: " + " ".join(f"{n:>15}" for n in sizes)),
+        (h.envelope_offset, f"message_arrival_time: {time.asctime(time.localtime(qm.arrival_time))}"),
+        (h.envelope_offset, f"create_time: {time.asctime(time.localtime(qm.arrival_time))}"),
+    ]
+    for name, value in env.attributes.items():
+        lines.append((h.envelope_offset, f"named_attribute: {name}={value}"))
+    for name, value in env.params.items():
+        if name == "ret":
+            lines.append((h.envelope_offset, f"named_attribute: dsn_ret={RET_CODES.get(value, value)}"))
+        elif name == "envid":
+            lines.append((h.envelope_offset, f"named_attribute: dsn_envid={value}"))
+        elif name == "body":
+            lines.append((h.envelope_offset, f"named_attribute: encoding={BODY_ENCODING.get(value, value)}"))
+        elif name != "smtputf8":
+            lines.append((h.envelope_offset, f"named_attribute: {name}={value}"))
+    lines.append((h.envelope_offset, f"sender: {env.sender}"))
+    for r in env.recipients:
+        at = r.status_offset if r.status_offset >= 0 else None
+        if r.orcpt:
+            lines.append((at, f"named_attribute: dsn_orig_rcpt={r.orcpt}"))
+        if r.notify:
+            lines.append((at, f"named_attribute: dsn_notify={r.notify}"))
+        lines.append((at, f"original_recipient: {r.orig or r.address}"))
+        lines.append((at, f"{'done_recipient' if r.done else 'recipient'}: {r.address}"))
+    return lines
+
+
+def show_queue_file(path: str, label: str, p: Printer) -> None:
+    from postwell.queue.store import QueuedMessage
+    directory, name = os.path.split(path)
+    store = _PathStore(directory)
+    try:
+        qm = QueuedMessage(store, name, "", writable=False)
+    except qf.CorruptQueueFile as exc:
+        raise PostcatError(f"{label}: not a postwell queue file ({exc.reason})") from None
+    try:
+        if p.flags & ENV:
+            p.line(None, f"*** ENVELOPE RECORDS {label} ***")
+            for offset, text in _envelope_lines(qm):
+                p.line(offset, text)
+        p.marker(qm.header.content_offset, "MESSAGE CONTENTS", label)
+        if p.flags & (HEAD | BODY):
+            p.content(qm.iter_content(), qm.header.content_offset)
+        end = qm.header.envelope_offset
+        p.marker(end, "HEADER EXTRACTED", label)
+        p.marker(qm.header.file_size, "MESSAGE FILE END", label)
+    finally:
+        qm.close()
+
+
+class _PathStore:
+    """The little of QueueStore that QueuedMessage needs, for a file anywhere."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def path(self, queue_name: str, queue_id: str) -> str:
+        return os.path.join(self.directory, queue_id)
+
+
+# ------------------------------------------------------------------ maildrop files
+
+def show_maildrop_file(path: str, label: str, p: Printer) -> None:
+    from postwell.pickup.maildrop import MaildropFormatError, read_maildrop
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        try:
+            mf = read_maildrop(fd, st.st_size)
+        except MaildropFormatError as exc:
+            raise PostcatError(f"{label}: not a maildrop file ({exc.reason})") from None
+        env = mf.envelope
+        end_of_content = mf.content_offset + mf.content_size
+        if p.flags & ENV:
+            p.line(None, f"*** ENVELOPE RECORDS {label} ***")
+            p.line(end_of_content, f"message_arrival_time: {time.asctime(time.localtime(env.submit_time))}")
+            p.line(end_of_content, f"named_attribute: rewrite_context={env.rewrite}")
+            if env.fullname is not None:
+                p.line(end_of_content, f"sender_fullname: {env.fullname}")
+            p.line(end_of_content, f"sender: {env.sender}")
+            for i, r in enumerate(env.recipients):
+                if i in env.rcpt_orcpt:
+                    p.line(end_of_content, f"named_attribute: dsn_orig_rcpt={env.rcpt_orcpt[i]}")
+                p.line(end_of_content, f"recipient: {r}")
+        p.marker(mf.content_offset, "MESSAGE CONTENTS", label)
+        if p.flags & (HEAD | BODY):
+            p.content(mf.iter_content(), mf.content_offset)
+        p.marker(end_of_content, "HEADER EXTRACTED", label)
+        p.marker(st.st_size, "MESSAGE FILE END", label)
+    finally:
+        os.close(fd)
+
+
+def is_maildrop_file(path: str) -> bool:
+    from postwell.pickup.maildrop import MAGIC
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def show(path: str, label: str, p: Printer) -> None:
+    if is_maildrop_file(path):
+        show_maildrop_file(path, label, p)
+    else:
+        show_queue_file(path, label, p)
+
+
+def find_queued(queue_directory: str, queue_id: str) -> tuple[str, str] | None:
+    """(path, "queue/ID") of a queued message or maildrop file, or None."""
+    if "/" in queue_id or queue_id in ("", ".", ".."):
+        return None
+    for q in SEARCH_QUEUES + ("maildrop",):
+        path = os.path.join(queue_directory, q, queue_id)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            return path, f"{q}/{queue_id}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, args = getopt.getopt(argv, "bc:dehoqrs:v")
+    except getopt.GetoptError:
+        sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
+        return 1
+    config_dir = os.environ.get("MAIL_CONFIG")
+    flags = 0
+    offsets = by_id = False
+    for o, v in opts:
+        if o == "-c":
+            config_dir = v
+        elif o == "-b":
+            flags |= BODY
+        elif o == "-e":
+            flags |= ENV
+        elif o == "-h":
+            flags |= HEAD
+        elif o == "-o":
+            offsets = True
+        elif o == "-q":
+            by_id = True
+    if not flags:
+        flags = ENV | HEAD | BODY
+    out = sys.stdout.buffer
+    p = Printer(out, flags, offsets)
+    targets: list[tuple[str, str]] = []
+    if by_id:
+        if not args:
+            sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
+            return 1
+        from postwell.config import load_config
+        try:
+            cfg = load_config(config_dir)
+        except Exception as exc:
+            sys.stderr.write(f"{PROG}: fatal: {exc}\n")
+            return 1
+        qdir = cfg.get("queue_directory")
+        for qid in args:
+            found = find_queued(qdir, qid)
+            if found is None:
+                out.flush()
+                sys.stderr.write(f"{PROG}: fatal: open queue file {qid}: No such file or directory\n")
+                return 1
+            targets.append(found)
+    else:
+        if not args:
+            sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
+            return 1
+        targets = [(a, a) for a in args]
+    for path, label in targets:
+        try:
+            show(path, label, p)
+        except FileNotFoundError:
+            out.flush()
+            sys.stderr.write(f"{PROG}: fatal: open {label}: No such file or directory\n")
+            return 1
+        except PermissionError:
+            out.flush()
+            sys.stderr.write(f"{PROG}: fatal: open {label}: Permission denied\n")
+            return 1
+        except PostcatError as exc:
+            out.flush()
+            sys.stderr.write(f"{PROG}: fatal: {exc}\n")
+            return 1
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
