@@ -100,6 +100,7 @@ class LocalSite:
         self.inst.write_config()
         # The admin's way: newaliases reads alias_database from main.cf.
         from test_sendmail import run as run_sendmail
+        self.inst.queue_dir.mkdir(exist_ok=True)     # sendmail/newaliases chdir there, as Postfix's do
         rc, out, err = run_sendmail(["-C", str(self.inst.config_dir)], b"", prog="newaliases")
         assert (rc, out, err) == (0, b"", b""), err
         assert (self.inst.config_dir / "aliases.db").exists()
