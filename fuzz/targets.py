@@ -67,7 +67,10 @@ def smtp_engine(data: bytes) -> None:
                                 forbid_bare_newline=("normalize", "reject", "no")[data[0] % 3])
     c.send_greeting(Reply(220, "mx.example.test ESMTP"))
     chunks = _chunks(body, split)
-    bound = ENGINE_CFG.line_length_limit + 128 + max((len(x) for x in chunks), default=0)
+    # One line at most; an AUTH continuation line may be longer (smtpd_sasl_response_limit).
+    line_bound = max(ENGINE_CFG.line_length_limit,
+                     getattr(ENGINE_CFG, "auth_response_limit", 0) + 1)
+    bound = line_bound + 128 + max((len(x) for x in chunks), default=0)
     answers = 0
     for ch in chunks + [b""]:
         c.receive_data(ch)

@@ -135,3 +135,10 @@ def test_main_cf_fuzz_regression_inputs_raise_only_config_error():
     for text in (b"a = $b\nb = $a\n", b"x = ${x}\n", b"a = ${b?{${a}}:{x}}\nb = 1\n",
                  b"a = $(a)\n", b"a = ${{$a} == {1} ? {x} : {y}}\n", b"a = $\n", b"a = ${\n"):
         targets.main_cf(text)
+
+
+def test_engine_auth_continuation_line_within_its_own_bound():
+    """Found by atheris: after AUTH + 334 the engine may hold an AUTH response line of
+    up to smtpd_sasl_response_limit bytes; that is its bound there, not line_length_limit."""
+    import base64
+    targets.smtp_engine_tokens(base64.b64decode("JQcAAAAAAAAAAAAAAABzPT2K//8Ac3Nzc3Nz"))

@@ -103,7 +103,7 @@ class LocalSite:
         self.inst.queue_dir.mkdir(exist_ok=True)     # sendmail/newaliases chdir there, as Postfix's do
         rc, out, err = run_sendmail(["-C", str(self.inst.config_dir)], b"", prog="newaliases")
         assert (rc, out, err) == (0, b"", b""), err
-        assert (self.inst.config_dir / "aliases.db").exists()
+        assert (self.inst.config_dir / "aliases.db").exists() or not p["alias_database"]
         self.inst.start(timeout=60)    # the machine is shared: start-up can be slow
 
     def smtp(self, rcpts, body="Subject: e2e\r\n\r\nhello\r\n", sender="sender@remote.test"):

@@ -196,6 +196,12 @@ def test_postsuper_hold_release_delete_logged(site):
     assert not (s.inst.queue_dir / "hold" / qid).exists()
     assert qid in deferred_ids(s)
     assert os.stat(s.inst.queue_dir / "deferred" / qid).st_mtime > time.time() + 600
+    # -r: requeued and retried at once (deferred again: the relay is still down).
+    cp = s.inst.run("postsuper", "-r", qid)
+    assert (cp.returncode, cp.stderr) == (0, f"postsuper: {qid}: requeued\npostsuper: Requeued: 1 message\n")
+    wait_for(lambda: len(s.log_lines(rf"{qid}: to=<z@far\.test>.*status=deferred")) >= 2, TIMEOUT,
+             what="a retry after requeue")
+    wait_for(lambda: qid in deferred_ids(s), TIMEOUT, what="deferred again")
     cp = s.inst.run("postsuper", "-d", qid)
     assert (cp.returncode, cp.stderr) == (0, f"postsuper: {qid}: removed\npostsuper: Deleted: 1 message\n")
     assert s.inst.run("postqueue", "-p").stdout == "Mail queue is empty\n"
@@ -203,7 +209,8 @@ def test_postsuper_hold_release_delete_logged(site):
     assert cp.stderr == "postsuper: Deleted: 0 messages\n"
     # The same lines in the maillog, as Postfix writes them.
     for text in (f"{qid}: placed on hold", "Placed on hold: 1 message", f"{qid}: released from hold",
-                 "Released from hold: 1 message", f"{qid}: removed", "Deleted: 1 message",
+                 "Released from hold: 1 message", f"{qid}: requeued", "Requeued: 1 message",
+                 f"{qid}: removed", "Deleted: 1 message",
                  "Deleted: 0 messages"):
         s.wait_log(rf"^\w{{3}} [ \d]\d \d\d:\d\d:\d\d \S+ postfix/postsuper\[\d+\]: {re.escape(text)}$")
 

@@ -21,6 +21,7 @@ import harness
 from test_outbound_relay import outbound_postwell
 
 pytestmark = [
+    pytest.mark.postfix,
     pytest.mark.skipif(not os.access(harness.SMTP_SINK, os.X_OK), reason="smtp-sink not installed"),
     pytest.mark.skipif(harness.reference_available() is not None,
                        reason=str(harness.reference_available())),
@@ -108,17 +109,6 @@ def normalise(dump: bytes) -> tuple[str, str]:
     return args, "\n".join(keep) + "\n\n" + body
 
 
-def outcomes(inst, names):
-    """name -> status text for the to= line of each case's message."""
-    out = {}
-    for name, rcpt, _, _ in CASES:
-        if name not in names:
-            continue
-        m = inst.wait_log(rf"to=<{re.escape(rcpt)}>.*?dsn=(\S+), status=(\w+) (.*)$", 30)
-        out[name] = m
-    return out
-
-
 def run_both(postwell_factory, reference_factory, sink_extra):
     sinks = {}
     results = {}
@@ -146,8 +136,9 @@ def run_both(postwell_factory, reference_factory, sink_extra):
                 logs[name] = inst.wait_log(rf"{qid}: to=<[^>]*>.*?dsn=(\S+), status=(\w+) (.*)$",
                                            30)
             inst.wait_queue_empty(30)
-            harness.wait_for(lambda: True, 0.5)
-            delivered = sink.messages()
+            n_sent = sum(m.group(2) == "sent" for m in logs.values())
+            delivered = harness.wait_for(lambda: len(sink.messages()) >= n_sent and sink.messages(),
+                                         10, 0.1, f"{n_sent} dump files")
             results[kind] = (
                 {n: (m.group(1), m.group(2), m.group(3)) for n, m in logs.items()},
                 {k: normalise(v) for k, v in delivered.items()})

@@ -20,8 +20,9 @@ from test_outbound_peers import PySink
 from test_outbound_relay import outbound_postwell, send
 
 N = int(os.environ.get("POSTWELL_FLOOD_MESSAGES", "5000"))
-pytestmark = pytest.mark.skipif(not os.access(harness.SMTP_SOURCE, os.X_OK),
-                                reason="smtp-source not installed")
+pytestmark = [pytest.mark.postfix, pytest.mark.slow,
+              pytest.mark.skipif(not os.access(harness.SMTP_SOURCE, os.X_OK),
+                                 reason="smtp-source not installed")]
 
 
 def test_flood_to_a_slow_relayhost_loses_nothing_and_reuses_connections(postwell_factory):

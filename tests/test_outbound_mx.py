@@ -13,10 +13,8 @@ domain lives under .test.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import time
 
@@ -33,6 +31,7 @@ pytestmark = pytest.mark.skipif(not os.access(DNSMASQ, os.X_OK),
 
 NS = "127.0.5.53"
 MX1, MX2, DEAD, GREY = "127.0.5.2", "127.0.5.3", "127.0.5.4", "127.0.5.5"
+PFX = "127.0.5.6"       # a reference Postfix as an MX target
 ZONE = f"""
 no-resolv
 no-hosts
@@ -49,6 +48,8 @@ mx-host=grey.test,mx2.pref.test,20
 host-record=busy.grey.test,{GREY}
 host-record=nomx.test,{MX2}
 mx-host=nullmx.test,.,0
+mx-host=pfx.test,mx.pfx.test,10
+host-record=mx.pfx.test,{PFX}
 server=/broken.test/127.0.0.1#9
 """
 SENDER = f"alice@{harness.VIRTUAL_DOMAIN}"
@@ -87,7 +88,7 @@ def world(tmp_path_factory):
     try:
         for _ in range(20):
             port = harness.free_port()
-            if all(bindable(a, port) for a in (MX1, MX2, DEAD, GREY)):
+            if all(bindable(a, port) for a in (MX1, MX2, DEAD, GREY, PFX)):
                 break
         sinks[MX1] = PySink(host=MX1, port=port, name="mx1.pref.test").start()
         sinks[MX2] = PySink(host=MX2, port=port, name="mx2.pref.test").start()
@@ -204,3 +205,44 @@ def test_reference_postfix_agrees_on_mx_outcomes(world, tmp_path, postwell_facto
     # Postfix 3.7 facts this pins: null MX is dsn=5.1.0 (not RFC 7505's 5.1.10), and
     # NXDOMAIN for the MX query is reported from the A lookup that follows it.
     assert got == expected(port), got
+
+
+@pytest.mark.parametrize("relayhost,peer,relay", [
+    ("pref.test", MX1, "mx1.pref.test[{ip}]:{port}"),          # MX lookup of the relayhost
+    ("[mx2.pref.test]", MX2, "mx2.pref.test[{ip}]:{port}"),   # [] : A record only, no MX
+    ("[nomx.test]", MX2, "nomx.test[{ip}]:{port}"),
+])
+def test_relayhost_forms_through_dns(world, postwell_factory, relayhost, peer, relay):
+    dns_port, port, sinks = world
+    pw = outbound_postwell(postwell_factory, {**mx_params(dns_port, port),
+                                              "relayhost": relayhost}).start()
+    tag = f"rh-{relayhost.strip('[]')}"
+    send(pw.port, ["someone@elsewhere.test"], harness.make_message(tag), sender=SENDER)
+    got = outcome(pw, "someone@elsewhere.test")
+    assert got == f"sent dsn=2.0.0 relay={relay.format(ip=peer, port=port)} (250 2.0.0 Ok: queued)"
+    assert f"<{tag}@example.org>" in sinks[peer].message_ids()
+
+
+@pytest.mark.skipif(harness.reference_available() is not None,
+                    reason=str(harness.reference_available()))
+def test_delivery_to_a_reference_postfix_found_by_mx(world, reference_factory, postwell_factory):
+    """The issue's "real Postfix as MX target": its smtpd on the MX address, port smtp_tcp_port."""
+    dns_port, port, _ = world
+    target = reference_factory(name="mxtarget")
+    (target.config_dir / "vmailbox2").write_text("bob@pfx.test pfx.test/bob/\n")
+    # Not in inet_interfaces: Postfix refuses an address no interface carries
+    # (lo has 127.0.0.1/8 only), but master.cf may name any address to bind.
+    target.main_cf_extra = {"virtual_mailbox_domains": "pfx.test",
+                            "virtual_mailbox_maps": f"texthash:{target.config_dir}/vmailbox2"}
+    target.master_cf_extra = f"{PFX}:{port} inet n - n - - smtpd\n"
+    target.write_config()
+    target.start()
+    harness.wait_port(port, 15, host=PFX)
+    pw = outbound_postwell(postwell_factory, mx_params(dns_port, port)).start()
+    send(pw.port, ["bob@pfx.test"], harness.make_message("to-pfx"), sender=SENDER)
+    m = pw.wait_log(r"to=<bob@pfx\.test>, relay=mx\.pfx\.test\[127\.0\.5\.6\]:%d, .*dsn=2\.0\.0, "
+                    r"status=sent \(250 2\.0\.0 Ok: queued as (\w+)\)$" % port, 30)
+    target.wait_log(rf"{m.group(1)}: to=<bob@pfx\.test>.*status=sent \(delivered to maildir\)", 20)
+    path = target.mail_dir / "pfx.test" / "bob" / "new"
+    files = harness.wait_for(lambda: path.is_dir() and list(path.iterdir()), 10, 0.1, "mailbox")
+    assert harness.check_delivered(files[0]) == ("to-pfx", True)

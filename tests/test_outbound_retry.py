@@ -12,6 +12,8 @@ import email
 import email.policy
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,8 +22,9 @@ import harness
 from test_outbound_peers import PySink
 from test_outbound_relay import outbound_postwell, send
 
-pytestmark = pytest.mark.skipif(not os.access(harness.SMTP_SINK, os.X_OK),
-                                reason="smtp-sink not installed")
+pytestmark = [pytest.mark.postfix,
+              pytest.mark.skipif(not os.access(harness.SMTP_SINK, os.X_OK),
+                                 reason="smtp-sink not installed")]
 
 SENDER = f"alice@{harness.VIRTUAL_DOMAIN}"
 # Long waits between queue runs, so only "postqueue -f" can explain a quick retry.
@@ -46,7 +49,8 @@ def parse_dsn(path):
     return msg, per_rcpt, dict(blocks[0].items())
 
 
-def test_soft_reject_defers_shows_in_postqueue_and_flush_retries(postwell_factory):
+@pytest.mark.parametrize("flush", [("postqueue", "-f"), ("sendmail", "-q")])
+def test_soft_reject_defers_shows_in_postqueue_and_flush_retries(postwell_factory, flush):
     soft = harness.SmtpSink(extra=["-r", "RCPT"])
     port = soft.port
     try:
@@ -68,7 +72,15 @@ def test_soft_reject_defers_shows_in_postqueue_and_flush_retries(postwell_factor
     good = harness.SmtpSink(port=port)
     try:
         t0 = time.monotonic()
-        pw.run("postqueue", "-f", check=True)
+        if flush[0] == "sendmail":
+            # Not pw.run(): it passes "-c DIR", which sendmail ignores as an option
+            # and then takes DIR and -q for recipients; -C names the configuration.
+            cp = subprocess.run([sys.executable, "-m", "postwell.cli.sendmail", "-C",
+                                 str(pw.config_dir), "-q"], capture_output=True, text=True,
+                                timeout=30, stdin=subprocess.DEVNULL)
+            assert cp.returncode == 0, cp.stderr
+        else:
+            pw.run(*flush, check=True)
         pw.wait_log(r"to=<x@remote\.test>.*status=sent \(250 2\.0\.0 Ok\)$", 20)
         assert time.monotonic() - t0 < 20          # not the 300 s queue run
         assert good.wait_count(1, 10) == 1
@@ -127,3 +139,62 @@ def test_one_of_three_recipients_refused_in_one_transaction(postwell_factory):
     _, per_rcpt, _ = parse_dsn(box)
     assert [r["Final-Recipient"] for r in per_rcpt] == ["rfc822; carol@remote.test"]
     assert per_rcpt[0]["Status"] == "5.1.1"
+
+
+class Tarpit:
+    """Accepts connections and never says a word (a dead-slow destination)."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while self.running:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(c)
+
+    def close(self):
+        self.running = False
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def test_a_dead_destination_does_not_starve_a_healthy_one(postwell_factory):
+    """Postfix's per-destination concurrency (initial_destination_concurrency,
+    default_destination_concurrency_limit): mail for a destination whose server
+    hangs after connect must not hold up mail for everyone else."""
+    pit = Tarpit()
+    try:
+        with PySink() as good:
+            pw = outbound_postwell(postwell_factory, {
+                "transport_maps": "texthash:$config_directory/transport"})
+            (pw.config_dir / "transport").write_text(
+                f"dead.test smtp:[127.0.0.1]:{pit.port}\ngood.test smtp:[127.0.0.1]:{good.port}\n")
+            pw.start()
+            with __import__("smtplib").SMTP("127.0.0.1", pw.port, timeout=15) as s:
+                for i in range(60):
+                    s.sendmail(SENDER, [f"u{i}@dead.test"], harness.make_message(f"dead-{i}"))
+                for i in range(10):
+                    s.sendmail(SENDER, [f"u{i}@good.test"], harness.make_message(f"good-{i}"))
+            t0 = time.monotonic()
+            good.wait_transactions(10, 20)
+            took = time.monotonic() - t0
+            parallel = len(pit.conns)
+    finally:                       # hung sessions end here, before the instance stops
+        pit.close()
+    print(f"\ndead destination: {parallel} parallel sessions; healthy mail took {took:.1f}s")
+    assert parallel <= 20          # default_destination_concurrency_limit

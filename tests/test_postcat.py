@@ -129,10 +129,27 @@ def test_file_argument_done_recipient_and_errors(env, capsys, tmp_path):
     assert (rc, out, err) == (1, "", "postcat: fatal: open queue file ABCDEF123: No such file or directory\n")
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a queue file\n")
-    rc, out, err = cat(capsys, str(junk))
-    assert rc == 1 and err.startswith(f"postcat: fatal: {junk}: not a postwell queue file")
+    # As Postfix: a warning, and on with the next file.
+    rc, out, err = cat(capsys, "-h", str(junk), path)
+    assert (rc, out, err) == (0, "Subject: hi\nX-Test: yes\n",
+                              f"postcat: warning: {junk}: input is not a valid queue file\n")
     rc, _, err = cat(capsys, "-q")
     assert rc == 1 and "usage: postcat" in err
+
+
+def test_standard_input(env, tmp_path):
+    store, etc = env
+    qid = put(store)
+    with open(store.path("hold", qid), "rb") as f:
+        cp = subprocess.run([sys.executable, "-m", "postwell.cli.postcat", "-e"], stdin=f,
+                            capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.startswith("*** ENVELOPE RECORDS stdin ***\nmessage_size: ")
+    assert cp.stdout.endswith("*** MESSAGE FILE END stdin ***\n")
+    cp = subprocess.run([sys.executable, "-m", "postwell.cli.postcat"], input="garbage\n",
+                        capture_output=True, text=True, timeout=60)
+    assert (cp.returncode, cp.stdout, cp.stderr) == (0, "", "postcat: warning: stdin: input is not a "
+                                                              "valid queue file\n")
 
 
 def test_maildrop_file(env, capsys):

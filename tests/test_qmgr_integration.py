@@ -441,7 +441,8 @@ def test_done_mark_does_not_wait_behind_blocked_io(tmp_path):
         try:
             for _ in range(400):
                 await asyncio.sleep(0.005)
-                if "blockers" in seen and done_on_disk() == [True]:
+                if "blockers" in seen and done_on_disk() == [True] and \
+                        any("status=sent" in l for l in env.lines("okay")):
                     break
             seen["done_while_blocked"] = done_on_disk()
             seen["log_while_blocked"] = list(env.lines("okay"))
@@ -453,6 +454,55 @@ def test_done_mark_does_not_wait_behind_blocked_io(tmp_path):
     assert seen["done_while_blocked"] == [True]
     assert any("status=sent" in l for l in seen["log_while_blocked"])
     assert env.store.find(qid) is None
+
+
+def test_completion_hook_marks_done_from_the_delivering_thread(tmp_path):
+    """request.completed(rcpt) (Postfix's deliver_completed) marks a delivered
+    recipient on disk at once, before deliver() even returns; a NOTIFY=SUCCESS
+    recipient waits for its trace entry; late calls are ignored."""
+    seen = {}
+    release = threading.Event()
+
+    class Agent(_Agent):
+        async def deliver(self, req):
+            def work():
+                for rc in req.recipients:
+                    seen.setdefault("hook", []).append(req.completed(rc))
+                release.wait(10)
+            await asyncio.get_running_loop().run_in_executor(None, work)
+            seen["req"] = req
+            return [RecipientResult.sent(r, "delivered to maildir", "virtual") for r in req.recipients]
+
+    env = make_env(tmp_path, agents={"okay": Agent()})
+    qid = queue(env.store, "s@x.test", ["a@ok.test", dict(address="b@ok.test", notify="SUCCESS")],
+                queue_name="active")
+    qm = env.make()
+
+    def done_on_disk():
+        m = env.store.open(qid, "active", writable=False)
+        try:
+            return [r.done for r in m.recipients]
+        finally:
+            m.close()
+
+    async def go():
+        task = asyncio.get_running_loop().create_task(qm.process(qid))
+        try:
+            for _ in range(400):
+                await asyncio.sleep(0.005)
+                if len(seen.get("hook", [])) == 2:
+                    break
+            seen["disk"] = done_on_disk()       # the agent has not returned yet
+        finally:
+            release.set()
+        await task
+        seen["late"] = seen["req"].completed(seen["req"].recipients[0])
+    run(go())
+    assert seen["hook"] == [True, False] and seen["late"] is False
+    assert seen["disk"] == [True, False]
+    assert env.store.find(qid) is None
+    (n,) = notices(env.store)                   # b's success notice still went out
+    assert "Action: delivered" in dsn_report(n.msg) and "b@ok.test" in dsn_report(n.msg)
 
 
 def test_message_in_delivery_is_not_scheduled_again(tmp_path):

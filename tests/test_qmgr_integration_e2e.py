@@ -26,7 +26,10 @@ MASTER_CF_EXTRA = (
     "pickup    unix  n       -       n       60      1       pickup\n"
     "smtp      unix  -       -       n       -       -       smtp\n"
     "relay     unix  -       -       n       -       -       smtp\n"
+    "        -o syslog_name=postfix/$service_name\n"
     "lmtp      unix  -       -       n       -       -       lmtp\n"
+    "mypipe    unix  -       n       n       -       -       pipe user=nobody "
+    "argv=/bin/sh -c { cat >/dev/null }\n"
 )
 
 
@@ -45,10 +48,11 @@ def test_relayhost_to_smtp_sink_200_messages_once_each(tmp_path):
     try:
         tmap = inst.config_dir / "transport"
         tmap.write_text(f"lmtp.test lmtp:inet:127.0.0.1:{lsink.port}\n"
+                        "pipe.test mypipe:\n"
                         "discard.test discard:silently\n"
                         "error.test error:5.7.1 mail for this domain is refused\n")
         inst.main_cf = {"relayhost": f"[127.0.0.1]:{sink.port}",
-                        "transport_maps": f"texthash:{tmap}"}
+                        "transport_maps": f"texthash:{tmap}", "relay_domains": "relay.test"}
         inst.master_cf = inst.default_master_cf() + MASTER_CF_EXTRA
         inst.write_config()
         inst.start()
@@ -56,7 +60,9 @@ def test_relayhost_to_smtp_sink_200_messages_once_each(tmp_path):
         res = smtp_source(inst.port, sessions=4, messages=MESSAGES, size=1024,
                           recipient="user@remote.example", timeout=120)
         assert res.ok, (res.stdout, res.stderr)
-        for rcpt in ("a@lmtp.test", "b@discard.test"):
+        others = ("a@lmtp.test", "b@discard.test", "d@pipe.test", "e@relay.test",
+                  f"alice@{harness.VIRTUAL_DOMAIN}")
+        for rcpt in others:
             replies = dialogue(inst.port, ["EHLO client.test", "MAIL FROM:<s@remote.example>",
                                            f"RCPT TO:<{rcpt}>", "DATA",
                                            "Subject: route\r\n\r\nhello\r\n.", "QUIT"])
@@ -67,13 +73,13 @@ def test_relayhost_to_smtp_sink_200_messages_once_each(tmp_path):
         sink.wait_count(MESSAGES, timeout=90)
         lsink.wait_count(1, timeout=30)
         inst.wait_log(r"postfix/error\[\d+\]: \w+: to=<c@error\.test>", timeout=30)
+        inst.wait_maildir("alice", 1, timeout=30)
         inst.wait_queue_empty(timeout=60)
         elapsed = time.monotonic() - t0
         time.sleep(0.5)           # anything delivered twice would show up by now
-        if sink.count != MESSAGES + 1:
-            (tmp_path / "maillog.txt").write_text(inst.log_text())
-        # + 1: the bounce for c@error.test goes back to s@remote.example via relayhost
-        assert sink.count == MESSAGES + 1, f"sink got {sink.count}, expected {MESSAGES + 1}"
+        # + 2: e@relay.test (relay transport, relayhost) and the bounce for
+        # c@error.test going back to s@remote.example
+        assert sink.count == MESSAGES + 2, f"sink got {sink.count}, expected {MESSAGES + 2}"
         assert lsink.count == 1
 
         log = inst.log_text()
@@ -97,6 +103,14 @@ def test_relayhost_to_smtp_sink_200_messages_once_each(tmp_path):
                          rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{lsink.port}, .*status=sent", log)
         assert re.search(r"postfix/discard\[\d+\]: \w+: to=<b@discard\.test>, relay=none, .*"
                          r"status=sent \(silently\)", log)
+        # Tagged as Postfix does: $syslog_name/<command>, the relay service with its
+        # own syslog_name; the pipe service "mypipe" as postfix/pipe.
+        assert re.search(rf"postfix/relay/smtp\[\d+\]: \w+: to=<e@relay\.test>, "
+                         rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{sink.port}, .*status=sent", log)
+        assert re.search(r"postfix/pipe\[\d+\]: \w+: to=<d@pipe\.test>, relay=mypipe, .*"
+                         r"status=sent \(delivered via mypipe service\)", log)
+        assert re.search(r"postfix/virtual\[\d+\]: \w+: to=<alice@virtual\.test>, relay=virtual, .*"
+                         r"status=sent \(delivered to maildir\)", log)
         assert re.search(r"postfix/error\[\d+\]: \w+: to=<c@error\.test>, relay=none, .*"
                          r"dsn=5\.7\.1, status=bounced \(mail for this domain is refused\)", log)
         print(f"{MESSAGES} relayed in {elapsed:.1f}s, {len(reused)} over reused connections")

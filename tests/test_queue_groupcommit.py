@@ -207,3 +207,36 @@ def test_scan_skips_known_ids(tmp_path):
         ids.append(m.queue_id)
     assert store.scan("incoming") == sorted(ids)
     assert store.scan("incoming", skip={ids[0]}) == sorted(ids[1:])
+
+
+def test_dir_syncer_answers_each_request_after_a_later_fsync(tmp_path, monkeypatch):
+    from postwell.queue.store import DirSyncer
+    fs = SlowFsync(delay=0.005)
+    syncer = DirSyncer(str(tmp_path), fs)
+    monkeypatch.setattr(DirSyncer, "IDLE", 0.05)
+    stamps = []
+    futs = []
+    for _ in range(50):
+        stamps.append(fs.tick())
+        futs.append(syncer.request())
+        time.sleep(0.0005)
+    for f in futs:
+        f.result(10)
+    done = fs.tick()
+    for called in stamps:
+        assert any(called < start and end < done for start, end in fs.runs)
+    assert 1 <= len(fs.runs) < 50
+    for (s1, e1), (s2, _) in zip(fs.runs, fs.runs[1:]):
+        assert e1 < s2               # one at a time
+    time.sleep(0.2)                  # the idle thread has ended; the next request starts one
+    assert not syncer._running
+    syncer.request().result(10)
+
+
+def test_dir_syncer_error_reaches_the_batch(tmp_path):
+    from postwell.queue.store import DirSyncer
+    fs = SlowFsync(delay=0.0, fail={0})
+    syncer = DirSyncer(str(tmp_path), fs)
+    with pytest.raises(OSError):
+        syncer.request().result(10)
+    syncer.request().result(10)      # a fresh fsync, which works

@@ -44,13 +44,10 @@ def test_quick_crash_runs_lose_nothing(tmp_path):
     assert not s.queue_left, f"{s.line()}\nstill queued: {s.queue_left[:10]}"
     assert not s.corrupt, s.line()
     assert s.refused == 0, s.refused_samples
-    if s.more_than_twice:
-        # The qmgr marks a recipient done in the shared default thread pool,
-        # queued behind other deliveries: under a backlog the window between
-        # the Maildir link and the done mark spans seconds, so two kills in a
-        # row can each re-deliver the same message.
-        pytest.xfail(f"qmgr: {len(s.more_than_twice)} message(s) delivered 3+ times "
-                     f"(mark_done queued behind deliveries): {s.line()}")
+    # At most one extra copy per kill that caught the message in flight; three or more
+    # copies mean the done mark lags far behind the delivery (it did once: the qmgr
+    # queued it behind deliveries in the shared thread pool).
+    assert not s.more_than_twice, f"{s.line()}\n3+ copies: {s.more_than_twice[:10]}"
 
 
 def test_crash_runs_script_has_quick_mode():

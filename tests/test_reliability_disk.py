@@ -164,11 +164,19 @@ def test_full_queue_filesystem_never_250(tmpfs_postwell):
 
 @pytest.mark.timeout(60)
 def test_full_queue_filesystem_refused_at_mail_from(tmpfs_postwell):
+    """Postfix 3.7 (checked on the same tmpfs): free space below 1.5 x message_size_limit
+    refuses MAIL FROM with 452 4.3.1, with or without SIZE=."""
     inst = tmpfs_postwell
     inst.start()
     _fill(str(inst.queue_dir), leave=64 * 1024)
     stage, code, text = _send(inst.port, "full-mail", f"alice@{VD}", 1000)
     assert (stage, code, text) == ("MAIL", 452, b"4.3.1 Insufficient system storage")
+    with smtplib.SMTP("127.0.0.1", inst.port, timeout=20) as s:
+        s.ehlo("disk.example.org")
+        assert s.mail("sender@example.org", ["SIZE=1000"]) == (452, b"4.3.1 Insufficient system storage")
+    os.unlink(inst.queue_dir / "filler")
+    stage, code, text = _send(inst.port, "space-back", f"alice@{VD}", 1000)
+    assert (stage, code) == ("DATA", 250), (stage, code, text)
 
 
 # ---------------------------------------------------------------- below the SMTP server

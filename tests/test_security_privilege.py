@@ -180,6 +180,13 @@ def test_maildrop_drop_but_not_list(postwell_factory):
                   f"os.close(fd)\n")
     assert cp.returncode == 0, f"rc {cp.returncode}: {cp.stderr}"
     assert os.stat(maildrop / ".tmp.probe-by-nobody").st_uid == nobody
+    # pickup reads what users drop: it runs as mail_owner, not root.
+    master = inst.master_pid()
+    pickup = [p for p in _fifo_holders(str(inst.queue_dir / "public" / "pickup"))
+              if p in inst.processes() and p != master]
+    assert pickup, "no pickup process holds public/pickup"
+    for pid in pickup:
+        _assert_unprivileged(pid, inst.uid, inst.gid, "pickup")
     # ...and that user cannot look into the real queue.
     cp = _as_user(nobody, nobody, f"import os\nos.listdir({str(inst.queue_dir / 'incoming')!r})\n")
     assert cp.returncode != 0 and "PermissionError" in cp.stderr

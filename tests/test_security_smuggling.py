@@ -274,3 +274,44 @@ def test_metacharacter_envelopes_land_in_headers_as_postfix(pair, name):
     theirs = harness.wait_for(lambda: _delivered(ref, "alice", marker), 15, 0.05, marker)
     mine = harness.wait_for(lambda: _delivered(pw, "alice", marker), 15, 0.05, marker)
     assert _envelope_headers(mine[0]) == _envelope_headers(theirs[0])
+
+
+# ---------------------------------------------------------------- end of data across writes
+
+SPLITS = {
+    "crlf|dot_crlf": [b"\r\n", b".\r\n"],
+    "cr|lf_dot_crlf": [b"\r", b"\n.\r\n"],
+    "crlf_dot|crlf": [b"\r\n.", b"\r\n"],
+    "crlf_dot_cr|lf": [b"\r\n.\r", b"\n"],
+    "byte_by_byte": [b"\r", b"\n", b".", b"\r", b"\n"],
+    "lf_dot_lf|then_real": [b"\n.\n", b"MAIL FROM:<evil@example.org>\r\n", b"\r\n.\r\n"],
+    "cr_dot_cr|then_real": [b"\r.\r", b"RCPT TO:<bob@" + VD.encode() + b">\r\n", b"\r\n.\r\n"],
+}
+
+
+def split_end(port: int, name: str, pieces: list[bytes]) -> list[str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        out = _read_until(s, rb"^220 .*\r\n")
+        s.sendall(b"EHLO split.example.org\r\nMAIL FROM:<s@example.org>\r\n"
+                  b"RCPT TO:<alice@" + VD.encode() + b">\r\nDATA\r\n")
+        out += _read_until(s, rb"^354 .*\r\n")
+        s.sendall(b"Subject: split-" + name.encode() + b"\r\n\r\nbody")
+        for piece in pieces:
+            time.sleep(0.1)        # separate TCP segments, separate reads
+            s.sendall(piece)
+        out += _read_until(s, rb"^250 .*\r\n", timeout=5)
+        s.sendall(b"QUIT\r\n")
+        out += _read_until(s, rb"^221 .*\r\n")
+    return _codes(out)
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_end_of_data_split_across_writes(pair, name):
+    ref, pw = pair
+    want = split_end(ref.port, name, SPLITS[name])
+    got = split_end(pw.port, name, SPLITS[name])
+    assert got == want, f"postfix {want}\npostwell {got}"
+    mine = harness.wait_for(lambda: _delivered(pw, "alice", f"split-{name}"), 15, 0.05, "delivery")
+    theirs = harness.wait_for(lambda: _delivered(ref, "alice", f"split-{name}"), 15, 0.05, "ref")
+    assert len(mine) == 1 and b"\r" not in mine[0]
+    assert _body(mine[0]) == _body(theirs[0])

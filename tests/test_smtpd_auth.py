@@ -313,3 +313,207 @@ def test_swaks_without_auth_cannot_relay(servers, cert, sasldb):
     assert rc != 0 and re.search(r"<~\* +554 5\.7\.1 <x@example\.net>: Recipient address "
                                  r"rejected: Access denied",
                                  out), out[-1500:]
+
+
+# ---------------------------------------------------------------- saslauthd, Dovecot
+
+from test_sasl_daemons import dovecot, saslauthd  # noqa: E402,F401  (real daemons)
+
+
+def test_cyrus_saslauthd_through_smtpd(servers, cert, saslauthd, tmp_path):
+    mux, stub = saslauthd
+    d = tmp_path / "sasl-saslauthd"
+    d.mkdir()
+    (d / "smtpd.conf").write_text(f"pwcheck_method: saslauthd\nsaslauthd_path: {mux}\n"
+                                  "mech_list: PLAIN LOGIN CRAM-MD5\n")
+    r = servers(tls_params(cert, smtpd_sasl_auth_enable="yes", cyrus_sasl_config_path=str(d),
+                           smtpd_sasl_local_domain="mx.example.test"))
+    w = started(r)
+    try:
+        code, text = w.cmd("EHLO c.example")
+        assert "\nAUTH PLAIN LOGIN\n" in text, text         # saslauthd: no CRAM-MD5
+        assert w.cmd(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'bad')}")[0] == 535
+        assert w.cmd("AUTH LOGIN") == (334, "VXNlcm5hbWU6")
+        assert w.cmd(b64("alice")) == (334, "UGFzc3dvcmQ6")
+        assert w.cmd(b64("secret")) == (235, "2.7.0 Authentication successful")
+        w.cmd("MAIL FROM:<alice@mx.example.test>")
+        assert w.cmd("RCPT TO:<b@mx.example.test>")[0] == 250
+    finally:
+        w.close()
+    r.wait_log(r"client=unknown\[127\.0\.0\.1\], sasl_method=LOGIN, "
+               r"sasl_username=alice@mx\.example\.test")
+
+
+def test_dovecot_through_smtpd(servers, cert, dovecot):
+    r = servers(tls_params(cert, smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
+                           smtpd_sasl_path=str(dovecot)))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=WAIT) as s:
+        s.starttls(context=client_ctx())
+        s.ehlo("c.example")
+        assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]
+        s.user, s.password = "alice@mx.example.test", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError) as exc:
+            s.auth("PLAIN", s.auth_plain)
+        assert exc.value.smtp_code == 535
+        s.user, s.password = "alice@mx.example.test", "secret"
+        assert s.auth("CRAM-MD5", s.auth_cram_md5)[0] == 235
+        s.sendmail("alice@mx.example.test", ["b@mx.example.test"], b"Subject: t\r\n\r\nx\r\n")
+    r.wait_log(r"client=unknown\[127\.0\.0\.1\], sasl_method=CRAM-MD5, "
+               r"sasl_username=alice@mx\.example\.test")
+
+
+def test_sasl_exceptions_networks_hide_auth_only(servers, cert, passwd):
+    r = servers(auth_params(cert, passwd, smtpd_sasl_exceptions_networks="127.0.0.0/8"))
+    w = started(r)
+    try:
+        code, text = w.cmd("EHLO c.example")
+        assert "AUTH" not in text
+        # Postfix still takes AUTH from these clients; it only does not announce it.
+        assert w.cmd(f"AUTH PLAIN {b64(chr(0) + 'alice@example.com' + chr(0) + 'secret')}")[0] \
+            == 235
+    finally:
+        w.close()
+
+
+# ---------------------------------------------------------------- side by side with Postfix
+
+def _sasl_files(inst, tool) -> dict:
+    from test_smtpd_tls import _tls_files
+    params = _tls_files(inst.root)
+    # Debian's Postfix reads $config_directory/sasl/smtpd.conf whatever
+    # cyrus_sasl_config_path says: use that directory for both.
+    d = inst.config_dir / "sasl"
+    d.mkdir(exist_ok=True)
+    db = d / "sasldb2"
+    subprocess.run([tool, "-c", "-p", "-f", str(db), "-u", "example.com", "alice"],
+                   input=b"s3cret", check=True, capture_output=True, timeout=30)
+    (d / "smtpd.conf").write_text(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+                                  f"sasldb_path: {db}\nmech_list: PLAIN LOGIN CRAM-MD5\n")
+    for f in d.iterdir():
+        os.chmod(f, 0o644)
+    params.update({"smtpd_sasl_auth_enable": "yes", "cyrus_sasl_config_path": str(d),
+                   "smtpd_tls_security_level": "may", "smtpd_error_sleep_time": "0",
+                   "smtpd_sasl_authenticated_header": "yes", "mynetworks": "192.0.2.0/24",
+                   "smtpd_relay_restrictions": "permit_sasl_authenticated, reject"})
+    return params
+
+
+def _auth_dialogue(port):
+    w = Wire(port)
+    out = []
+    try:
+        w.reply()
+        w.cmd("EHLO c.example")
+        w.starttls()
+        steps = ["EHLO c.example",
+                 f"AUTH PLAIN {b64(chr(0) + 'alice@example.com' + chr(0) + 'wrong')}",
+                 f"AUTH PLAIN {b64(chr(0) + 'mallory@example.com' + chr(0) + 's3cret')}",
+                 f"AUTH PLAIN {b64(chr(0) + 'alice@elsewhere.example' + chr(0) + 's3cret')}",
+                 "AUTH LOGIN", "*", "AUTH", "AUTH PLAIN", "*", "AUTH PLAIN !!!notbase64",
+                 "AUTH LOGIN", "!!!", "AUTH FOO", "AUTH PLAIN =", "AUTH CRAM-MD5", "*",
+                 "AUTH LOGIN", b64("alice@example.com"), b64("bad"),
+                 "MAIL FROM:<a@example.org>",
+                 "RCPT TO:<x@example.net>", "RSET", "AUTH LOGIN", b64("alice@example.com"),
+                 b64("s3cret"), "AUTH PLAIN", "MAIL FROM:<alice@example.com>",
+                 "RCPT TO:<alice@virtual.test>", "DATA", "Subject: sasl\r\n\r\nhi\r\n.", "QUIT"]
+        for cmd in steps:
+            code, text = w.cmd(cmd)
+            if cmd == "AUTH CRAM-MD5" and code == 334:
+                text = "<random challenge>"
+            out.append((cmd.split(" ")[0][:12], code,
+                        re.sub(r"queued as \w+", "queued as ID", text)))
+    finally:
+        w.close()
+    return out
+
+
+@pytest.mark.postfix
+def test_cyrus_auth_dialogue_matches_postfix(reference_factory, postwell_factory):
+    import harness
+    if harness.reference_available():
+        pytest.skip(harness.reference_available())
+    tool = _saslpasswd2()
+    if not tool:
+        pytest.skip("saslpasswd2 not installed")
+    ref = reference_factory({}, name="saslref")
+    pw = postwell_factory({}, name="saslpw")
+    for inst in (ref, pw):
+        inst.main_cf_extra = inst.main_cf = _sasl_files(inst, tool)
+        inst.write_config()
+        inst.start()
+    want = _auth_dialogue(ref.port)
+    got = _auth_dialogue(pw.port)
+    assert got == want
+    for inst in (ref, pw):
+        inst.wait_log(r"disconnect from .* starttls=")
+
+    def lines(inst):
+        text = inst.log_text()
+        keep = []
+        for line in text.splitlines():
+            m = re.search(r"(?:postfix|postwell)/smtpd\[\d+\]: (.*)", line)
+            if m and ("SASL" in m.group(1) or "client=" in m.group(1)
+                      or "disconnect" in m.group(1)):
+                keep.append(re.sub(r"^[0-9A-F]+: ", "ID: ", m.group(1)))
+        return [k for k in keep if "SASL authentication failure" not in k
+                and "SASL authentication problem" not in k]
+    assert lines(pw) == lines(ref)
+    mine = pw.wait_maildir("alice", 1)[0].read_text()
+    theirs = ref.wait_maildir("alice", 1)[0].read_text()
+
+    def auth_line(text):
+        return re.search(r"^\t\(Authenticated sender: .*\)$|with \w+ id", text, re.M).group(0)
+    assert auth_line(mine) == auth_line(theirs)
+    assert re.search(r"with ESMTPSA id", theirs) and re.search(r"with ESMTPSA id", mine)
+
+
+def _login_dialogue(port):
+    w = Wire(port)
+    out = []
+    try:
+        w.reply()
+        w.cmd("EHLO c.example")
+        w.starttls()
+        w.cmd("EHLO c.example")
+        senders = ["boss@example.com", "free@example.com", "alice@example.com", "<>"]
+
+        def round_():
+            for s in senders:
+                w.cmd(f"MAIL FROM:<{s.strip('<>')}>")
+                out.append((s, *w.cmd("RCPT TO:<alice@virtual.test>")))
+                w.cmd("RSET")
+        round_()
+        assert w.cmd(f"AUTH PLAIN {b64(chr(0) + 'alice@example.com' + chr(0) + 's3cret')}")[0] \
+            == 235
+        senders += ["ALICE@Example.COM", "alice+x@example.com"]
+        round_()
+        w.cmd("QUIT")
+    finally:
+        w.close()
+    return out
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("restriction", ["reject_sender_login_mismatch",
+                                         "reject_known_sender_login_mismatch"])
+def test_sender_login_mismatch_matches_postfix(reference_factory, postwell_factory, restriction):
+    import harness
+    if harness.reference_available():
+        pytest.skip(harness.reference_available())
+    tool = _saslpasswd2()
+    if not tool:
+        pytest.skip("saslpasswd2 not installed")
+    ref = reference_factory({}, name="loginref")
+    pw = postwell_factory({}, name="loginpw")
+    for inst in (ref, pw):
+        params = _sasl_files(inst, tool)
+        params.pop("smtpd_relay_restrictions")
+        params.update({"smtpd_sender_restrictions": restriction,
+                       "smtpd_sender_login_maps": "inline:{ alice@example.com=alice@example.com, "
+                                                  "boss@example.com=bob@example.com }"})
+        inst.main_cf_extra = inst.main_cf = params
+        inst.write_config()
+        inst.start()
+    want = _login_dialogue(ref.port)
+    got = _login_dialogue(pw.port)
+    assert got == want

@@ -6,6 +6,7 @@ Certificates are made at test time with openssl; clients are Python's ssl/smtpli
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import smtplib
@@ -214,7 +215,7 @@ def test_state_reset_after_tls_mail_needs_ehlo_again(servers, cert):
         code, text = w.cmd("EHLO c2.example")
         assert code == 250 and "STARTTLS" not in text
         assert w.cmd("MAIL FROM:<a@example.org>")[0] == 250
-        assert w.cmd("STARTTLS")[0] == 503       # transaction in progress
+        assert w.cmd("STARTTLS")[0] == 554       # active beats "transaction" (Postfix)
     finally:
         w.close()
     qid = r.wait_log("client=").split(":")[0]
@@ -451,3 +452,124 @@ def test_per_record_deadline_resets_per_line(servers):
             assert s.recv(4096).startswith(b"250")
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------- side by side with Postfix
+
+def _tls_files(root) -> dict:
+    files = root / "tlsfiles"
+    files.mkdir(exist_ok=True)
+    os.chmod(files, 0o755)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(files / "key.pem"), "-out", str(files / "cert.pem"), "-days", "2",
+                    "-subj", "/CN=mx.example.test"], check=True, capture_output=True, timeout=60)
+    for f in files.iterdir():
+        os.chmod(f, 0o644)       # read by the daemons' unprivileged users; a test key
+    return {"smtpd_tls_cert_file": str(files / "cert.pem"),
+            "smtpd_tls_key_file": str(files / "key.pem"), "smtpd_tls_loglevel": "1",
+            "smtpd_tls_received_header": "yes"}
+
+
+def _tls_dialogue(port: int) -> list[tuple[int, str]]:
+    w = Wire(port)
+    out = []
+    try:
+        w.reply()
+        for cmd in ("EHLO c.example", "MAIL FROM:<a@example.org>", "RSET", "NOOP", "VRFY a",
+                    "ETRN x", "AUTH PLAIN", "FOO", "HELO c.example", "STARTTLS x", "DATA",
+                    "BDAT 1 LAST"):
+            out.append(w.cmd(cmd))
+        w.send(b"STARTTLS\r\nRSET\r\n")
+        out.append(w.reply())
+        w.sock = client_ctx().wrap_socket(w.sock)
+        for cmd in ("MAIL FROM:<a@example.org>", "RCPT TO:<alice@virtual.test>", "STARTTLS",
+                    "RSET", "EHLO c.example", "STARTTLS", "MAIL FROM:<a@example.org>",
+                    "RCPT TO:<alice@virtual.test>", "DATA", "Subject: tls\r\n\r\nhi\r\n.",
+                    "QUIT"):
+            code, text = w.cmd(cmd)
+            out.append((code, re.sub(r"queued as \w+", "queued as ID", text)))
+    finally:
+        w.close()
+    return out
+
+
+@pytest.mark.postfix
+def test_encrypt_dialogue_matches_postfix(tmp_path, reference_factory, postwell_factory):
+    import harness
+    if harness.reference_available():
+        pytest.skip(harness.reference_available())
+    ref = reference_factory({}, name="tlsref")
+    pw = postwell_factory({}, name="tlspw")
+    for inst in (ref, pw):
+        inst.main_cf_extra = inst.main_cf = dict(_tls_files(inst.root),
+                                                 smtpd_tls_security_level="encrypt")
+        inst.write_config()
+        inst.start()
+    want = _tls_dialogue(ref.port)
+    got = _tls_dialogue(pw.port)
+    assert got == want
+    ref_line = ref.wait_log(r"TLS connection established from .*").group(0)
+    pw_line = pw.wait_log(r"TLS connection established from .*").group(0)
+    assert pw_line == ref_line
+    ref.wait_log(r"disconnect from .*")
+    pw.wait_log(r"disconnect from .*")
+    counters = [re.search(r"disconnect from \S+ (.*)", i.log_text()).group(1) for i in (ref, pw)]
+    assert counters[1] == counters[0]
+    mine = pw.wait_maildir("alice", 1)[0].read_text()
+    theirs = ref.wait_maildir("alice", 1)[0].read_text()
+
+    def received(text):
+        m = re.search(r"^Received: from .*?\n\tby mx\.example\.test \((?:Postfix|postwell)\) "
+                      r"with (\w+)", text, re.M | re.S)
+        return re.sub(r"\((?:Postfix|postwell)\)", "", m.group(0))
+    assert received(mine) == received(theirs)
+
+
+def test_silent_client_cut_off_by_starttls_timeout(servers, cert):
+    r = servers(tls_params(cert, "none", smtpd_tls_wrappermode="yes",
+                           smtpd_starttls_timeout="1s"))
+    s = socket.create_connection(("127.0.0.1", r.port), timeout=WAIT)
+    start = time.monotonic()
+    try:
+        s.settimeout(WAIT)
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+    assert time.monotonic() - start < 5
+    r.wait_log(r"SSL_accept error from unknown\[127\.0\.0\.1\]")
+    r.wait_log(r"lost connection after CONNECT from unknown\[127\.0\.0\.1\]")
+    assert not any("Traceback" in x for x in r.lines())
+
+
+# ---------------------------------------------------------------- the same on uvloop
+
+@pytest.fixture
+def uv_servers(tmp_path, monkeypatch):
+    """Servers on uvloop, which the master uses in production when it is installed."""
+    uvloop = pytest.importorskip("uvloop")
+    made = []
+
+    def make(extra=None, **kw):
+        d = tmp_path / f"uv{len(made)}"
+        d.mkdir()
+        with monkeypatch.context() as m:
+            m.setattr("asyncio.new_event_loop", uvloop.new_event_loop)
+            r = Running(d, extra, **kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+@pytest.mark.parametrize("test", [test_pipelined_command_after_starttls_is_discarded,
+                                  test_command_right_after_handshake_is_answered_in_tls,
+                                  test_handshake_failure_logged_and_closed,
+                                  test_wrappermode_handshake_before_greeting,
+                                  test_wrappermode_plaintext_client_is_dropped,
+                                  test_starttls_smtplib_delivers_with_received_comment_and_log])
+def test_on_uvloop(uv_servers, cert, test):
+    test(uv_servers, cert)

@@ -19,6 +19,7 @@ would take the line to 70 characters or more (continuations start with a TAB).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 ADDRESS_HEADERS = frozenset({
@@ -209,8 +210,19 @@ def rewrite_local(address: str, myorigin: str, *, swap_bangpath: bool = True,
     return f"{local}@{domain}" if domain else local
 
 
+# RFC 5322 3.2.3 atext, without "%" and "!" (those addresses take the full path).
+_ATEXT = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_ITEM = rf"(?:{_PLAIN_ADDR}|(?:{_ATEXT}[ \t\r\n]+)*<{_PLAIN_ADDR}>)"
+# A list of already-qualified addresses (the usual From:/To:) that the local
+# rewrite leaves unchanged: every address has a domain without a trailing dot.
+_UNCHANGED_RE = re.compile(rf"[ \t\r\n]*{_PLAIN_ITEM}(?:[ \t\r\n]*,[ \t\r\n]*{_PLAIN_ITEM})*[ \t\r\n]*")
+
+
 def rewrite_header_value(value: str, myorigin: str) -> str | None:
     """New header value (after the "Name:") or None when nothing changed."""
+    if _UNCHANGED_RE.fullmatch(value):
+        return None
     tree = group_addresses(tokenize(value))
     changed = False
     for t in tree:

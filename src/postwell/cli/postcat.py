@@ -37,6 +37,10 @@ class PostcatError(Exception):
     pass
 
 
+class NotQueueFile(PostcatError):
+    """Postfix warns and goes on with the next file."""
+
+
 class Printer:
     def __init__(self, out, flags: int, offsets: bool):
         self.out = out
@@ -123,8 +127,8 @@ def show_queue_file(path: str, label: str, p: Printer) -> None:
     store = _PathStore(directory)
     try:
         qm = QueuedMessage(store, name, "", writable=False)
-    except qf.CorruptQueueFile as exc:
-        raise PostcatError(f"{label}: not a postwell queue file ({exc.reason})") from None
+    except qf.CorruptQueueFile:
+        raise NotQueueFile(label) from None
     try:
         if p.flags & ENV:
             p.line(None, f"*** ENVELOPE RECORDS {label} ***")
@@ -159,8 +163,8 @@ def show_maildrop_file(path: str, label: str, p: Printer) -> None:
         st = os.fstat(fd)
         try:
             mf = read_maildrop(fd, st.st_size)
-        except MaildropFormatError as exc:
-            raise PostcatError(f"{label}: not a maildrop file ({exc.reason})") from None
+        except MaildropFormatError:
+            raise NotQueueFile(label) from None
         env = mf.envelope
         end_of_content = mf.content_offset + mf.content_size
         if p.flags & ENV:
@@ -214,6 +218,29 @@ def find_queued(queue_directory: str, queue_id: str) -> tuple[str, str] | None:
     return None
 
 
+def _show_stdin(p: Printer) -> int:
+    """No file names: the queue file comes on standard input (label "stdin").
+
+    It is copied to a private temporary file first, since reading needs
+    random access (a pipe has none); the copy streams, so size is no issue.
+    """
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="postcat.") as tmp:
+        path = os.path.join(tmp, "stdin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 65536)
+        os.chmod(path, 0o700)     # the complete-file mark queue files carry
+        try:
+            show(path, "stdin", p)
+        except NotQueueFile:
+            p.out.flush()
+            sys.stderr.write(f"{PROG}: warning: stdin: input is not a valid queue file\n")
+    p.out.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -260,14 +287,16 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(f"{PROG}: fatal: open queue file {qid}: No such file or directory\n")
                 return 1
             targets.append(found)
-    else:
-        if not args:
-            sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
-            return 1
+    elif args:
         targets = [(a, a) for a in args]
+    else:
+        return _show_stdin(p)
     for path, label in targets:
         try:
             show(path, label, p)
+        except NotQueueFile:
+            out.flush()
+            sys.stderr.write(f"{PROG}: warning: {label}: input is not a valid queue file\n")
         except FileNotFoundError:
             out.flush()
             sys.stderr.write(f"{PROG}: fatal: open {label}: No such file or directory\n")

@@ -1286,8 +1286,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
         mime = MimeDowngrade(self.config.get_int("mime_nesting_limit") or 100) if downgrade else None
         try:
             for chunk in self._content_chunks(request):
+                if conn.engine.state is not State.CONTENT:
+                    return       # the engine gave up (a broken reply): _event reports it
                 conn.engine.send_content(mime.feed(chunk) if mime else chunk)
                 await conn.flush(timeout)
+            if conn.engine.state is not State.CONTENT:
+                return
             if mime:
                 conn.engine.send_content(mime.close())
             conn.engine.end_content()
@@ -1297,6 +1301,37 @@ class SmtpDeliveryAgent(DeliveryAgent):
             raise self._fail("4.4.2", f"conversation with {conn.namaddr} timed out while "
                              "sending message body", conn.target) from None
         except OSError:
+            if await self._read_early_reply(conn):
+                return
             conn.abort()
             raise self._fail("4.4.2", f"lost connection with {conn.namaddr} while "
                              "sending message body", conn.target) from None
+
+    @staticmethod
+    async def _read_early_reply(conn: _Connection, timeout: float = 2.0) -> bool:
+        """After a failed write of the body: did the server say why before it hung up?
+
+        A server that rejects mid-message (smtp-sink -A) answers and closes; the
+        write then fails, but its reply is in the socket buffer.  Read what is
+        there (bounded in time) and let the engine take it as the final reply.
+        """
+        # A failed write sets an exception on the StreamReader, and read() then
+        # raises it before handing out what was buffered: take the buffer first
+        # (a private attribute of asyncio.StreamReader; absent means nothing kept).
+        buffered = getattr(conn.reader, "_buffer", None)
+        if buffered:
+            data = bytes(buffered)
+            buffered.clear()
+            conn.engine.receive_data(data)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while loop.time() < deadline:
+                data = await asyncio.wait_for(conn.reader.read(65536),
+                                              max(deadline - loop.time(), 0.01))
+                if not data:
+                    break
+                conn.engine.receive_data(data)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        return conn.engine.take_early_reply()

@@ -295,14 +295,22 @@ def _write_limited(fd: int, data: bytes, written: int, limit: int) -> int:
 def deliver_maildir(d: Delivery, open_content) -> None:
     """Maildir delivery (the Maildir spec: tmp/ -> fsync -> link into new/)."""
     tmpdir, newdir, curdir = (os.path.join(d.path, x) for x in ("tmp", "new", "cur"))
-    for sub in (tmpdir, newdir, curdir):
-        os.makedirs(sub, mode=0o700, exist_ok=True)
+
+    def make_dirs():
+        for sub in (tmpdir, newdir, curdir):
+            os.makedirs(sub, mode=0o700, exist_ok=True)
     now = time.time()
     sec, usec = int(now), int((now % 1) * 1_000_000)
     host = d.hostname.replace("/", "\\057").replace(":", "\\072")
     # Unique within the process too: several deliveries may run at once in the qmgr.
     tmpfile = os.path.join(tmpdir, f"{sec}.P{os.getpid()}Q{next(_counter)}.{host}")
-    fd = os.open(tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # As Postfix's maildir.c: the directories are made only when missing (the
+    # create or the link says ENOENT), not checked on every delivery.
+    try:
+        fd = os.open(tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        make_dirs()
+        fd = os.open(tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         st = os.fstat(fd)
         # The per-file limit is virtual_mailbox_limit (postconf(5): "an individual ... maildir file").
@@ -312,7 +320,11 @@ def deliver_maildir(d: Delivery, open_content) -> None:
             written = _write_limited(fd, chunk, written, d.limit)
         os.fsync(fd)
         newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
-        os.link(tmpfile, newfile)
+        try:
+            os.link(tmpfile, newfile)
+        except FileNotFoundError:
+            make_dirs()
+            os.link(tmpfile, newfile)
         # Deliveries running at once into one Maildir share the new/ fsync
         # (group commit); each still returns only after one that covers its link.
         sync_dir_grouped(newdir)

@@ -86,19 +86,37 @@ def _printable(text: str) -> str:
     return "".join(c if (c.isprintable() and c != "\x7f") else " " for c in text)
 
 
+LOG_RECORD_LIMIT = 2000
+_822_SPECIALS = frozenset('()<>@,;:\\".[] \t')
+
+
+def log_address(address: str) -> str:
+    """info_log_address_format = external (Postfix 3.5+ default): logs show a local part
+    that is not an RFC 822 dot-string in quotes, as in the SMTP command."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local = address
+    if not local or all(w and not any(c in _822_SPECIALS or ord(c) < 32 or ord(c) == 127
+                                      for c in w) for w in local.split(".")):
+        return address
+    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return quoted + (at + domain if at else "")
+
+
 def format_whatsup(state: SessionState, whatsup: str, text: str) -> str:
     """The smtpd's log line for a reject/warn/hold... (log_whatsup):
     'NOQUEUE: reject: RCPT from name[addr]: 554 5.7.1 ...; from=<s> to=<r> proto=ESMTP helo=<h>'."""
     line = f"{state.queue_id or 'NOQUEUE'}: {whatsup}: {state.where} from {state.namaddr}: {text};"
     if state.sender is not None:
-        line += f" from=<{state.sender}>"
+        line += f" from=<{log_address(state.sender)}>"
     if state.recipient is not None:
-        line += f" to=<{state.recipient}>"
+        line += f" to=<{log_address(state.recipient)}>"
     if state.protocol:
         line += f" proto={state.protocol}"
     if state.helo_name is not None:
         line += f" helo=<{state.helo_name}>"
-    return line
+    # Postfix's logger cuts every record at 2000 characters (checked against 3.7).
+    return line[:LOG_RECORD_LIMIT]
 
 
 MailhostLookup = Callable[[str], Awaitable[str]]
@@ -197,8 +215,9 @@ class Engine:
         elif not _DSN.match(dsn + " "):
             self.log.warning(f"DSN detail code configuration error: {full}")
             code, dsn, text = 450, "4.7.1", "Service unavailable"
-        # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with CRLF.
-        full = _printable(f"{code} {dsn} {text}")[:510]
+        # No cut at RFC 5321 4.5.3.1.5's 512 octets: Postfix 3.7 sends the whole text (a
+        # 2 KB address comes back whole), and the command line limit bounds it.
+        full = _printable(f"{code} {dsn} {text}")
         if not warn_only and chk.defer_if_reject.active and full[0] == "5":
             d = chk.defer_if_reject
             chk.warn_if_reject = 0

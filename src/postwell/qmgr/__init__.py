@@ -16,12 +16,16 @@ def serve(config, stop_event=None) -> None:
     from postwell.queue import QueueStore
 
     log = MailLog.from_config(config, "qmgr")
-    logs = {"qmgr": log}
+    logs = {("qmgr", None): log}
 
-    def agent_log(name):
-        if name not in logs:
-            logs[name] = MailLog.from_config(config, name)
-        return logs[name]
+    def agent_log(name, syslog_name=None):
+        # A master.cf service with -o syslog_name=postfix/relay logs as
+        # postfix/relay/smtp, as Postfix does.
+        key = (name, syslog_name)
+        if key not in logs:
+            cfg = config.override({"syslog_name": syslog_name}) if syslog_name else config
+            logs[key] = MailLog.from_config(cfg, name)
+        return logs[key]
 
     _raise_fd_limit()
 

@@ -191,8 +191,13 @@ class QueueManager:
         cls = agent_class(command)
         agent = None
         if cls is not None:
-            cfg = self.config.override(svc.overrides) if svc and svc.overrides else self.config
-            log = self.agent_logs(svc.name if svc else command) if self.agent_logs else self.log
+            cfg = self.config
+            if svc is not None:
+                # -o overrides, $service_name and $process_name, as the daemon would see them
+                for_service = getattr(self.config, "for_service", None)
+                cfg = for_service(svc) if for_service else \
+                    (self.config.override(svc.overrides) if svc.overrides else self.config)
+            log = self._transport_log(transport)
             try:
                 agent = cls(cfg, log=log, clock=self.clock)
             except Exception as exc:
@@ -200,6 +205,37 @@ class QueueManager:
                 agent = None
         self._agents[transport] = agent
         return agent
+
+    def _transport_log(self, transport: str):
+        """The log of a transport's delivery agent, tagged as Postfix tags it:
+        $syslog_name/<command> (postfix/smtp for the "relay" service), with the
+        service's own -o syslog_name when it has one (postfix/relay/smtp)."""
+        if not self.agent_logs:
+            return self.log
+        cache = self.__dict__.setdefault("_log_cache", {})
+        got = cache.get(transport)
+        if got is not None:
+            return got
+        svc = self._service_for(transport)
+        name = svc.command if svc else transport
+        syslog_name = None
+        if svc is not None and "syslog_name" in (svc.overrides or {}):
+            try:
+                syslog_name = self.config.for_service(svc).get("syslog_name")
+            except Exception:
+                syslog_name = None
+            if syslog_name == self.config.get("syslog_name"):
+                syslog_name = None
+        got = None
+        if syslog_name:
+            try:
+                got = self.agent_logs(name, syslog_name=syslog_name)
+            except TypeError:       # a name-only factory (tests)
+                got = None
+        if got is None:
+            got = self.agent_logs(name)
+        cache[transport] = got
+        return got
 
     def _service_name(self, transport: str) -> str:
         svc = self._service_for(transport)
@@ -500,7 +536,7 @@ class QueueManager:
                 results = await self._deliver_chunk(qid, qm, sender, arrival, active_time,
                                                     transport, nexthop, chunk, attributes)
                 await settle([(r, handoff, res) for (r, _), (handoff, res) in zip(chunk, results)],
-                             active_time, self._service_name(transport))
+                             active_time, transport)
 
         await asyncio.gather(*(run_group(t, n, items) for (t, n), items in groups.items()))
 
@@ -560,6 +596,7 @@ class QueueManager:
             sem = self._process_sem(transport)
             if sem is not None:
                 await sem.acquire()
+            hook = _CompletionHook(qm, chunk)
             try:
                 handoff = self.clock()
                 request = DeliveryRequest(
@@ -570,7 +607,6 @@ class QueueManager:
                     attributes=dict(attributes if attributes is not None
                                     else getattr(qm, "attributes", {}) or {}),
                     active_time=active_time, handoff_time=handoff)
-                hook = _CompletionHook(qm, chunk)
                 request.completed = hook
                 failed_agent = False
                 try:
@@ -617,7 +653,7 @@ class QueueManager:
     def _log_result(self, qid, res: RecipientResult, arrival, active_time, handoff, service) -> None:
         rc = res.recipient
         # The to= line comes from the delivery agent's service (postfix/virtual[pid]).
-        logger = self.agent_logs(service) if self.agent_logs else self.log
+        logger = self._transport_log(service)
         logger.info(delivery_line(qid, rc.address, rc.orig, res.relay, arrival=arrival,
                                   active=active_time, handoff=handoff,
                                   conn_setup=res.conn_setup_done, now=self.clock(), dsn=res.dsn,
@@ -856,6 +892,19 @@ class QueueManager:
             # anything not finished stays in active/ and is resumed next start.
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=30)
+            await self._close_agents()
+
+    async def _close_agents(self) -> None:
+        """Say QUIT on cached SMTP/LMTP connections (bounded), close the rest."""
+        for agent in {id(a): a for a in self._agents.values() if a is not None}.values():
+            try:
+                close_all = getattr(agent, "close_all", None)
+                if close_all is not None:
+                    await asyncio.wait_for(close_all(), 5)
+                else:
+                    agent.close()
+            except Exception:
+                pass
 
     _flush_requested = False
 

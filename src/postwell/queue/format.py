@@ -257,16 +257,19 @@ def parse_envelope(data: bytes, base_offset: int) -> Envelope:
             target = env.params if rtype == REC_PARAM else env.attributes
             target[decode_text(name)] = decode_text(value)
         elif rtype == REC_RCPT:
-            if length < 1 or payload[:1] not in (STATUS_PENDING, STATUS_DONE):
+            status = payload[:1]
+            if status != STATUS_PENDING and status != STATUS_DONE:
                 raise CorruptQueueFile("malformed recipient status")
             fields = payload[1:].split(b"\0")
             if len(fields) != 4 or not fields[0]:
                 raise CorruptQueueFile("malformed recipient record")
-            addr, orig, orcpt, notify = (decode_text(f) for f in fields)
-            env.recipients.append(Recipient(addr, orig or None, orcpt or None, notify or None,
-                                            done=payload[:1] == STATUS_DONE,
-                                            index=len(env.recipients),
-                                            status_offset=base_offset + pos))
+            addr, orig, orcpt, notify = fields
+            env.recipients.append(Recipient(
+                addr.decode("utf-8", "surrogateescape"),
+                orig.decode("utf-8", "surrogateescape") if orig else None,
+                orcpt.decode("utf-8", "surrogateescape") if orcpt else None,
+                notify.decode("utf-8", "surrogateescape") if notify else None,
+                status == STATUS_DONE, len(env.recipients), base_offset + pos))
         else:
             raise CorruptQueueFile(f"unknown record type {rtype!r}")
         pos += length

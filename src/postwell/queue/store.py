@@ -27,6 +27,7 @@ COMPLETE_MODE = 0o700     # owner execute bit = "complete" (Postfix's marker)
 INCOMPLETE_MODE = 0o600
 STALE_AGE = 3600.0        # seconds; an incomplete incoming file older than this is garbage
 WRITE_BUFFER = 65536
+SMALL_FILE = 16384        # queue files read whole when opened
 
 
 class QueueWriteError(Exception):
@@ -116,9 +117,10 @@ _dir_groups: dict[str, DirSyncGroup] = {}
 
 def _forget_groups_after_fork() -> None:
     # A lock held by another thread at fork() would never be released in the child.
-    global _dir_groups_lock, _dir_groups
+    global _dir_groups_lock, _dir_groups, _syncers
     _dir_groups_lock = threading.Lock()
     _dir_groups = {}
+    _syncers = {}      # their threads do not exist in the child
 
 
 os.register_at_fork(after_in_child=_forget_groups_after_fork)
@@ -131,6 +133,67 @@ def sync_dir_grouped(path: str, fsync: Callable[[int], None] = os.fsync) -> None
         with _dir_groups_lock:
             group = _dir_groups.setdefault(path, DirSyncGroup())
     group.sync(path, fsync)
+
+
+class DirSyncer:
+    """Group commit for a busy directory without a waiting thread per caller.
+
+    ``request()`` returns a future that completes when an fsync of the
+    directory that started after the request has completed (or fails with its
+    error).  One thread per directory takes every request made so far, syncs
+    once, answers them all and starts over; it ends after IDLE seconds
+    without requests and comes back with the next one.
+    """
+
+    IDLE = 5.0
+
+    def __init__(self, path: str, fsync: Callable[[int], None]) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._cond = threading.Condition()
+        self._pending: list[concurrent.futures.Future] = []
+        self._running = False
+
+    def request(self) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._pending.append(fut)
+            if self._running:
+                self._cond.notify()
+            else:
+                self._running = True
+                threading.Thread(target=self._run, name="qdirsync", daemon=True).start()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    self._cond.wait(self.IDLE)
+                    if not self._pending:
+                        self._running = False
+                        return
+                batch, self._pending = self._pending, []
+            try:
+                fsync_dir(self.path, self.fsync)
+            except BaseException as exc:
+                for fut in batch:
+                    fut.set_exception(exc)
+            else:
+                for fut in batch:
+                    fut.set_result(None)
+
+
+_syncers: dict[tuple, DirSyncer] = {}
+
+
+def dir_syncer(path: str, fsync: Callable[[int], None] = os.fsync) -> DirSyncer:
+    key = (path, fsync)
+    syncer = _syncers.get(key)
+    if syncer is None:
+        with _dir_groups_lock:
+            syncer = _syncers.setdefault(key, DirSyncer(path, fsync))
+    return syncer
 
 
 _executor_lock = threading.Lock()
@@ -330,16 +393,21 @@ class IncomingMessage:
         wait for the other, so a commit costs two fsync latencies, not three."""
         if self.committed:
             return
-        loop = asyncio.get_running_loop()
-        pool = commit_executor()
-        file_done = loop.run_in_executor(pool, self._commit_file)
-        name_done = loop.run_in_executor(pool, self._sync_incoming)
-        file_err, name_err = await asyncio.gather(file_done, name_done, return_exceptions=True)
-        if file_err is not None:
-            raise file_err                 # _commit_file() has discarded the file
-        if name_err is not None:
+        await asyncio.get_running_loop().run_in_executor(commit_executor(), self._commit_overlapped)
+
+    def _commit_overlapped(self) -> None:
+        # The name was linked in create(): a directory fsync requested now covers
+        # it, and the directory's syncer runs it while this thread syncs the file.
+        name_done = dir_syncer(self.store.path("incoming"), self.store._fsync).request()
+        self._commit_file()                # discards the file itself on failure
+        try:
+            name_done.result()
+        except OSError as exc:
             self._discard()
-            raise name_err
+            raise _write_error(exc, f"{self.queue_id}: commit queue file")
+        except BaseException:
+            self._discard()
+            raise
         self._close_committed()
 
     def abort(self) -> None:
@@ -399,10 +467,15 @@ class QueuedMessage:
         if not st.st_mode & stat.S_IXUSR:
             raise CorruptQueueFile("incomplete queue file (no complete marker)")
         self.stat = st
-        head = os.pread(self._fd, qf.HEADER_SIZE, 0)
-        h = qf.unpack_header(head, st.st_size)
+        if st.st_size <= SMALL_FILE:
+            # Header and envelope in one read (a queue listing opens every file).
+            whole = os.pread(self._fd, st.st_size, 0)
+            h = qf.unpack_header(whole[:qf.HEADER_SIZE], st.st_size)
+            env_data = whole[h.envelope_offset:h.envelope_offset + h.envelope_size]
+        else:
+            h = qf.unpack_header(os.pread(self._fd, qf.HEADER_SIZE, 0), st.st_size)
+            env_data = self._pread_all(h.envelope_size, h.envelope_offset)
         self.header = h
-        env_data = self._pread_all(h.envelope_size, h.envelope_offset)
         if len(env_data) != h.envelope_size:
             raise CorruptQueueFile("truncated envelope")
         self.envelope = qf.parse_envelope(env_data, h.envelope_offset)
@@ -790,7 +863,17 @@ class QueueStore:
 
     def _read_log(self, kind: str, queue_id: str) -> list[dict[str, str]]:
         try:
-            with open(self.path(kind, queue_id), "rb") as f:
-                return qf.parse_log_entries(f.read(4 * 1024 * 1024))
+            fd = os.open(self.path(kind, queue_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return []
+            return []       # the usual case: no deferral (or bounce) recorded
+        try:
+            parts, left = [], 4 * 1024 * 1024
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        return qf.parse_log_entries(b"".join(parts))

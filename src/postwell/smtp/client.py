@@ -447,6 +447,9 @@ class SmtpClient:
         self._column = 0
         self._bdat_buf = bytearray()
         self._unusable = False
+        # A reply that came while we were still sending the message body.
+        self._early_reply: Reply | None = None
+        self._early_used = False
         self._partial_line: bytes | None = None
         self._garbage = 0
         self.tls = False
@@ -569,6 +572,8 @@ class SmtpClient:
         self._accepted = 0
         self._accepted_idx: list[int] = []
         self._failure = None
+        self._early_reply = None
+        self._early_used = False
         self._bdat = self.use_chunking and ext.chunking
         params = []
         if ext.size is not None and envelope.size is not None:
@@ -637,12 +642,42 @@ class SmtpClient:
         else:
             self._out += tail + b".\r\n"                 # RFC 5321 4.1.1.4
             final = "dot"
+        if self._early_reply is not None and not self.lmtp and final == "dot":
+            # The server answered before our "." (smtp-sink -A, or a server that
+            # gives up mid-message): as Postfix does, that reply is the answer to
+            # the end of DATA.  Whatever it says later cannot be matched to a
+            # command any more, so the connection is not reused.
+            reply, self._early_reply = self._early_reply, None
+            self._early_used = True
+            self._unusable = True
+            self.state = State.DONE
+            self._on_dot(reply, -1)
+            return
         if self.lmtp:
             # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
             self._expect += [("lmtp_" + final, i) for i in self._accepted_idx]
         else:
             self._expect.append((final, -1))
         self.state = State.DONE
+
+    def take_early_reply(self) -> bool:
+        """The body could not be sent in full, but the server had already answered.
+
+        Postfix reads that reply and reports it as the answer to the end of DATA
+        ("550 ... (in reply to end of DATA command)") rather than a lost
+        connection.  Returns False when there is no such reply.
+        """
+        if self._early_used:
+            return True          # end_content() already took it; MessageDone is queued
+        if self._early_reply is None or self.state is not State.CONTENT:
+            return False
+        reply, self._early_reply = self._early_reply, None
+        self._early_used = True
+        self._unusable = True
+        self._expect.clear()
+        self.state = State.DONE
+        self._on_dot(reply, -1)
+        return True
 
     def reset(self) -> None:
         """RSET (RFC 5321 4.1.1.5): abandon the current transaction, keep the connection."""
@@ -767,6 +802,10 @@ class SmtpClient:
             self._on_greeting(reply)
             return
         if not self._expect:
+            if (self.state is State.CONTENT and not self._bdat and not self.lmtp
+                    and self._early_reply is None):
+                self._early_reply = reply       # kept for end_content()
+                return
             self._protocol_error(f"unexpected reply: {reply}")
             return
         what, index = self._expect.pop(0)

@@ -510,6 +510,38 @@ def internalize(address: str) -> str:
     return "".join(out)
 
 
+def _unbalanced_token(text: str) -> bool:
+    """Does the first word end inside a <...> or "..." (nesting, backslashes counted)?
+    Postfix's command tokenizer refuses such an address with 501 before its address
+    parser runs, so no "Illegal address syntax" warning is logged for it."""
+    s = text.lstrip(" \t")
+    i, n = 0, len(s)
+    while i < n:
+        c = s[i]
+        i += 1
+        if c in " \t":
+            return False
+        if c not in "<\"":
+            continue
+        wanted = [">" if c == "<" else '"']
+        while wanted:
+            if i >= n:
+                return True
+            c = s[i]
+            i += 1
+            if c == "\\":
+                if i >= n:
+                    return True
+                i += 1
+            elif c == wanted[-1]:
+                wanted.pop()
+            elif c == '"':
+                wanted.append('"')
+            elif c == "<" and wanted[-1] == ">":
+                wanted.append(">")
+    return False
+
+
 def parse_path(text: str, null_ok: bool) -> tuple[str, list[str]]:
     """"<addr> params" -> (address, [params]); raises _SyntaxError for a bad address."""
     args = split_args(text)
@@ -555,6 +587,7 @@ class ServerConnection:
         self.authenticated = False
         # Per session: the glue offers other mechanisms once TLS is up (RFC 4954 4).
         self.auth_mechanisms: tuple = tuple(self.config.auth_mechanisms)
+        self.auth_advertised = True           # False: smtpd_sasl_exceptions_networks match
         self.helo_name: str | None = None
         self.esmtp = False
         self._inbuf = bytearray()
@@ -576,6 +609,7 @@ class ServerConnection:
         self._bdat_active = False             # a BDAT sequence is open (Postfix's "after BDAT")
         self._bdat_error: Reply | None = None  # repeated to later chunks of a refused sequence
         self._bdat_skip_reply = False
+        self._bdat_late: Reply | None = None   # error reply owed once the chunk is skipped
         self._bdat_tail = b"\n"
         self._long_line: bytes | None = None
         self._bare_lf = False
@@ -695,7 +729,8 @@ class ServerConnection:
         if self.state == S_DATA:
             return f"DATA ({self._data_size} bytes)"
         if self.state == S_BDAT:
-            return f"BDAT ({self._bdat_total} bytes)"
+            # A refused chunk is skipped, not received: Postfix says just "BDAT" then.
+            return "BDAT" if self._bdat_discard else f"BDAT ({self._bdat_total} bytes)"
         return self._where
 
     @where.setter
@@ -721,6 +756,7 @@ class ServerConnection:
         self.sender: str | None = None
         self.recipients: list[str] = []
         self.rcpt_attempts = 0
+        self._declared_size = 0
         self._data_size = 0
         self._too_big = False
         self._bdat_active = False
@@ -808,14 +844,15 @@ class ServerConnection:
                 self._count("data", False)
                 self.error_count += 1
         elif isinstance(ev, Bdat):
-            if reply is not None:
+            if ok and reply is not None:
                 self._queue_reply(reply)
             if ok:
                 self._bdat_started = True
                 self._bdat_discard = False
             else:
-                self._count("bdat", False)
-                self.error_count += 1
+                # Answered (and counted) once the refused chunk has been skipped, as
+                # Postfix does.
+                self._bdat_late = reply
                 self._bdat_discard = True
                 self._bdat_error = reply
                 self._bdat_skip_reply = True
@@ -967,7 +1004,10 @@ class ServerConnection:
         parts = text.strip(" \t").split(None, 1)
         verb, arg = (parts + ["", ""])[:2] if parts else ("", "")
         if not verb:
-            self._error("unknown", Reply(500, "Error: bad syntax", "5.5.2"))
+            # An empty line is an error but no command: Postfix leaves it out of the
+            # "disconnect ... commands=" counters (checked against 3.7).
+            self.error_count += 1
+            self._queue_reply(Reply(500, "Error: bad syntax", "5.5.2"))
             return True
         verb_u = verb.upper()
         if self._forbidden(verb_u, text):
@@ -1051,7 +1091,7 @@ class ServerConnection:
             # broken_sasl_auth_clients: Outlook Express 4 / MS Exchange 5.0 want "AUTH=".
             "AUTH": (("AUTH " + " ".join(self.auth_mechanisms)
                       + ("\nAUTH=" + " ".join(self.auth_mechanisms) if c.auth_legacy else ""))
-                     if self.auth_mechanisms else None),
+                     if self.auth_mechanisms and self.auth_advertised else None),
             "ENHANCEDSTATUSCODES": "ENHANCEDSTATUSCODES",
             "8BITMIME": "8BITMIME",
             "DSN": "DSN",
@@ -1081,7 +1121,8 @@ class ServerConnection:
         try:
             sender, params = parse_path(rest, null_ok=True)
         except _SyntaxError:
-            self._warn(f"Illegal address syntax from {self.client} in MAIL command: {rest.strip()}")
+            if not _unbalanced_token(rest):
+                self._warn(f"Illegal address syntax from {self.client} in MAIL command: {rest.strip()}")
             self._error("mail", Reply(501, "Bad sender address syntax", "5.1.7"))
             return
         kw: dict = {"_sender": sender}
@@ -1093,6 +1134,14 @@ class ServerConnection:
                 self._error("mail", bad)
                 return
         del kw["_sender"]
+        limit = self.config.message_size_limit
+        if "size" not in kw and limit and self._declared_size > limit:
+            # Postfix keeps a refused MAIL's SIZE until RSET/EHLO/end of message, so a
+            # retry without SIZE is refused again (checked against 3.7).
+            reply = Reply(552, "Message size exceeds fixed limit", "5.3.4")
+            self._events.append(Rejected("MAIL", reply, sender))
+            self._error("mail", reply)
+            return
         self._ask("mail", Mail(sender, **kw))
 
     def _mail_param(self, k, eq, val, kw, raw) -> Reply | None:
@@ -1104,6 +1153,7 @@ class ServerConnection:
             # RFC 1870 6
             if not val.isdigit() or len(val) > 18:
                 return Reply(501, "Bad message size syntax", "5.5.4")
+            self._declared_size = int(val)
             if limit and int(val) > limit:
                 reply = Reply(552, "Message size exceeds fixed limit", "5.3.4")
                 self._events.append(Rejected("MAIL", reply, kw.get("_sender")))
@@ -1151,7 +1201,8 @@ class ServerConnection:
         try:
             rcpt, params = parse_path(rest, null_ok=False)
         except _SyntaxError:
-            self._warn(f"Illegal address syntax from {self.client} in RCPT command: {rest.strip()}")
+            if not _unbalanced_token(rest):
+                self._warn(f"Illegal address syntax from {self.client} in RCPT command: {rest.strip()}")
             self._error("rcpt", Reply(501, "Bad recipient address syntax", "5.1.3"))
             return
         kw: dict = {}
@@ -1243,7 +1294,7 @@ class ServerConnection:
             self._bdat_active = True
             reply = (Reply(503, "Error: need RCPT command", "5.5.1") if not self.in_transaction
                      else Reply(554, "Error: no valid recipients", "5.5.1"))
-            self._error("bdat", reply)
+            self._bdat_late = reply
             self._bdat_discard = True
             self._bdat_error = reply
             self._bdat_skip_reply = True
@@ -1256,7 +1307,18 @@ class ServerConnection:
             # RFC 3030 2: every BDAT gets a reply; the rest of a failed sequence is thrown away.
             if last:
                 self._bdat_active = False
-            self._error("bdat", Reply(551, f"Discarded {size} bytes after earlier error", "5.0.0"))
+            self._bdat_late = Reply(551, f"Discarded {size} bytes after earlier error", "5.0.0")
+            self._bdat_skip_reply = True
+            self.state = S_BDAT
+            return
+        if size == 0 and not last:
+            # RFC 3030 2 allows it, but an empty non-final chunk is useless: Postfix refuses
+            # it and discards the rest of the sequence (checked against 3.7).
+            self._warn(f"null BDAT request from {self.client}", True)
+            reply = Reply(551, "Null BDAT request", "5.7.1")
+            self._bdat_late = reply
+            self._bdat_discard = True
+            self._bdat_error = reply
             self._bdat_skip_reply = True
             self.state = S_BDAT
             return
@@ -1265,7 +1327,7 @@ class ServerConnection:
             # Refuse before reading: the chunk is skipped, later chunks get the same answer.
             self._warn(f"BDAT request from {self.client} exceeds message size limit", True)
             reply = Reply(552, "Chunk exceeds message size limit", "5.3.4")
-            self._error("bdat", reply)
+            self._bdat_late = reply
             self._bdat_discard = True
             self._bdat_error = reply
             self._bdat_skip_reply = True
@@ -1310,6 +1372,7 @@ class ServerConnection:
                 raise _SyntaxError
             addr = internalize(extract_address(args[0], null_ok=False))
         except _SyntaxError:
+            self._warn(f"Illegal address syntax from {self.client} in VRFY command: {arg}")
             self._error("vrfy", Reply(501, "Bad recipient address syntax", "5.1.3"))
             return
         # Postfix echoes the argument as the client wrote it.
@@ -1341,12 +1404,13 @@ class ServerConnection:
         if arg:
             self._error("starttls", Reply(501, "Syntax: STARTTLS", "5.5.4"))
             return
-        # Postfix's order: transaction, already active (also with wrapper mode), offered.
-        if self.in_transaction:
-            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
-            return
+        # Postfix's order (checked against 3.7): already active (also in wrapper mode)
+        # before a transaction in progress.
         if self.tls_active:
             self._error("starttls", Reply(554, "Error: TLS already active", "5.5.1"))
+            return
+        if self.in_transaction:
+            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
             return
         if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
             self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
@@ -1487,8 +1551,12 @@ class ServerConnection:
                 return bool(self._events)
         self.state = S_CMD
         if self._bdat_skip_reply:
-            # The error was already answered; this chunk's bytes are gone.
+            # The error was already answered, or is answered now that the chunk is gone:
+            # Postfix reads (skips) a refused chunk before it replies (checked against 3.7).
             self._bdat_skip_reply = False
+            if self._bdat_late is not None:
+                late, self._bdat_late = self._bdat_late, None
+                self._error("bdat", late)
             if self._bdat_last:
                 self._bdat_active = False
                 self._bdat_discard = False

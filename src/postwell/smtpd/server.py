@@ -279,6 +279,9 @@ class SmtpdSession(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         conn.auth_mechanisms = srv.offered_mechanisms(False)
+        if srv.sasl is not None and srv.sasl_exception(name, addr):
+            # smtpd_sasl_exceptions_networks: AUTH is not announced (but still works).
+            conn.auth_advertised = False
         if srv.wrapper_mode:
             # Implicit TLS (smtps/submissions, RFC 8314 3.3): the handshake comes first.
             if not await self._start_tls():
@@ -808,6 +811,7 @@ class SmtpdServer:
         self.starttls_timeout = _time(config, "smtpd_starttls_timeout", 300.0)
         self.per_record_deadline = _bool(config, "smtpd_per_record_deadline")
         self.sasl = None
+        self._sasl_exceptions = False          # built on first use
         self.sasl_local_domain = config.get("smtpd_sasl_local_domain") or None
         self.sasl_authenticated_header = _bool(config, "smtpd_sasl_authenticated_header")
         try:
@@ -841,6 +845,16 @@ class SmtpdServer:
             auth_response_limit=limit,
             auth_legacy=_bool(config, "broken_sasl_auth_clients"),
         )
+
+    def sasl_exception(self, name: str, addr: str) -> bool:
+        if self._sasl_exceptions is False:
+            value = self.config.get("smtpd_sasl_exceptions_networks")
+            self._sasl_exceptions = (self._host_list("smtpd_sasl_exceptions_networks", "")
+                                     if value else None)
+        try:
+            return bool(self._sasl_exceptions and self._sasl_exceptions.match(name, addr))
+        except Exception:   # noqa: BLE001 - a broken list: announce AUTH as usual
+            return False
 
     def offered_mechanisms(self, tls_active: bool) -> tuple:
         """The EHLO AUTH list for a session (none before TLS with smtpd_tls_auth_only)."""
@@ -939,7 +953,7 @@ class SmtpdServer:
 
     async def start(self, sockets) -> None:
         loop = asyncio.get_running_loop()
-        if self.sasl is not None:
+        if self.sasl is not None and hasattr(self.sasl, "prepare"):
             try:
                 await self.sasl.prepare()     # Dovecot: connect and read the MECH list
             except Exception as exc:   # noqa: BLE001 - retried at the next AUTH
@@ -964,6 +978,14 @@ class SmtpdServer:
                     if s.transport is not None:
                         s.transport.abort()
                 await asyncio.sleep(0)
+        if self.sasl is not None:
+            # Dovecot's reader task must end inside this loop, not at interpreter exit.
+            try:
+                await self.sasl.close()
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+            except Exception as exc:   # noqa: BLE001
+                self.log.warning(f"SASL: close: {exc}")
 
 
 # --------------------------------------------------------------------------- entry point

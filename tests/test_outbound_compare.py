@@ -1,0 +1,107 @@
+"""Issue 4 side by side: postwell's and Postfix's smtp(8) against the same peers.
+
+One smtp-sink per misbehaviour (smtp-sink's -f/-r/-q/-Q/-A options), one
+transport_maps entry per sink, the same table in a running postwell and in a
+reference Postfix 3.7.  Each MTA gets one message per case; the first delivery
+log line of each (status, dsn, relay, reason) must be the same, queue ids,
+delays and port numbers aside.  Loopback only; bounded waits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+
+import pytest
+
+import harness
+from test_outbound_relay import outbound_postwell
+
+pytestmark = [
+    pytest.mark.postfix,
+    pytest.mark.skipif(not os.access(harness.SMTP_SINK, os.X_OK), reason="smtp-sink not installed"),
+    pytest.mark.skipif(harness.reference_available() is not None,
+                       reason=str(harness.reference_available())),
+]
+
+SENDER = f"alice@{harness.VIRTUAL_DOMAIN}"
+HARD = "550 5.7.1 Go away"
+SOFT = "451 4.3.2 Try later"
+# case name -> smtp-sink options (None: nothing listens on the port)
+CASES = {
+    "ok": [],
+    "refused": None,
+    "greet421": ["-Q", "CONNECT"],
+    "greet5xx": ["-f", "CONNECT", "-B", "554 5.3.2 No service here"],
+    "ehlo5xx": ["-f", "EHLO", "-B", "502 5.5.1 no EHLO"],
+    "mail5xx": ["-f", "MAIL", "-B", HARD],
+    "mail4xx": ["-r", "MAIL", "-b", SOFT],
+    "rcpt5xx": ["-f", "RCPT", "-B", HARD],
+    "data5xx": ["-f", "DATA", "-B", HARD],
+    "data4xx": ["-r", "DATA", "-b", SOFT],
+    "dot5xx": ["-f", ".", "-B", HARD],
+    "dot4xx": ["-r", ".", "-b", SOFT],
+    "dropmail": ["-q", "MAIL"],
+    "droprcpt": ["-q", "RCPT"],
+    "dropdot": ["-q", "."],
+    "quit421rcpt": ["-Q", "RCPT"],
+    "abortdata": ["-A", "0"],
+    "rcpt4xx": ["-r", "RCPT", "-b", SOFT],
+    "rcpt5xxbare": ["-E", "-f", "RCPT", "-B", "550 No such user here"],
+    "ehlo4xx": ["-r", "EHLO", "-b", "454 4.7.0 not now"],
+    "quit421mail": ["-Q", "MAIL"],
+    "dropdata": ["-q", "DATA"],
+    "dropehlo": ["-q", "EHLO"],
+    "dropconnect": ["-q", "CONNECT"],
+    "nodsn": ["-N"],
+    "noesmtp": ["-e"],
+    "nopipelining": ["-p"],
+}
+
+
+def delivery(inst, rcpt: str) -> str:
+    m = inst.wait_log(rf"\w+: to=<{re.escape(rcpt)}>, relay=(\S+), (?:conn_use=\d+, )?"
+                      r"delay=\S+, delays=\S+, dsn=(\S+), status=(\w+) (.*)$", 40)
+    relay, dsn, status, reason = m.groups()
+    text = f"{status} dsn={dsn} relay={relay} {reason}"
+    text = re.sub(r"\]:\d+", "]:PORT", text)
+    return re.sub(r"queued as \w+", "queued as ID", text)
+
+
+def test_smtp_client_outcomes_match_the_reference(postwell_factory, reference_factory):
+    sinks = {}
+    ports = {}
+    try:
+        for name, opts in CASES.items():
+            if opts is None:
+                ports[name] = harness.free_port()
+            else:
+                sinks[name] = harness.SmtpSink(extra=opts)
+                ports[name] = sinks[name].port
+        table = "".join(f"{n}.test smtp:[127.0.0.1]:{p}\n" for n, p in ports.items())
+        # Long retry times: only the first attempt is compared.
+        params = {"transport_maps": "texthash:$config_directory/transport",
+                  "queue_run_delay": "300s", "minimal_backoff_time": "300s",
+                  "maximal_backoff_time": "600s", "smtp_connection_cache_on_demand": "no"}
+        results = {}
+        for kind in ("postwell", "postfix"):
+            if kind == "postwell":
+                inst = outbound_postwell(postwell_factory, params)
+            else:
+                inst = reference_factory(params, name="cmp")
+            (inst.config_dir / "transport").write_text(table)
+            inst.start()
+            with smtplib.SMTP("127.0.0.1", inst.port, timeout=15) as s:
+                for name in CASES:
+                    s.sendmail(SENDER, [f"u@{name}.test"],
+                               harness.make_message(f"cmp-{kind}-{name}"))
+            results[kind] = {name: delivery(inst, f"u@{name}.test") for name in CASES}
+            inst.stop()
+    finally:
+        for s in sinks.values():
+            s.stop()
+    diff = {n: {"postwell": results["postwell"][n], "postfix": results["postfix"][n]}
+            for n in CASES if results["postwell"][n] != results["postfix"][n]}
+    assert not diff, "\n".join(f"{n}:\n  pw: {d['postwell']}\n  pf: {d['postfix']}"
+                               for n, d in diff.items())

@@ -1,0 +1,122 @@
+"""Engine-level STARTTLS / AUTH rules and the smuggling fixes (sans-IO, no sockets)."""
+
+from __future__ import annotations
+
+from postwell.smtp.reply import Reply
+from postwell.smtp.server import (Auth, AuthAborted, AuthResponse, Ehlo, Helo, ServerConfig,
+                                  _SyntaxError, extract_address, neuter_helo, split_args)
+
+from test_smtp_engine import Driver, lines
+
+import pytest
+
+
+def test_tls_required_gate_matches_postfix_list():
+    d = Driver(ServerConfig(hostname="h", starttls_offered=True, tls_required=True,
+                            auth_mechanisms=("PLAIN",)))
+    out = d.feed(b"EHLO x\r\n")
+    assert "250-STARTTLS" in out
+    for cmd in (b"MAIL FROM:<a@b>", b"RCPT TO:<a@b>", b"DATA", b"BDAT 1", b"RSET", b"VRFY a",
+                b"ETRN a", b"AUTH PLAIN", b"XCLIENT A=B"):
+        assert d.feed(cmd + b"\r\n") == "530 5.7.0 Must issue a STARTTLS command first\r\n", cmd
+    assert d.feed(b"NOOP\r\n") == "250 2.0.0 Ok\r\n"
+    assert d.feed(b"HELO x\r\n") == "250 h\r\n"
+    assert d.feed(b"BOGUS\r\n") == "500 5.5.2 Error: command not recognized\r\n"
+    assert d.feed(b"STARTTLS\r\n") == "220 2.0.0 Ready to start TLS\r\n"
+    d.conn.tls_started()
+    assert d.feed(b"MAIL FROM:<a@b>\r\n") == "250 2.1.0 Ok\r\n"
+    assert "starttls=1" in d.conn.counters_text()
+
+
+def test_starttls_counted_only_after_handshake():
+    d = Driver(ServerConfig(starttls_offered=True))
+    d.feed(b"EHLO x\r\n")
+    assert d.feed(b"STARTTLS\r\n") == "220 2.0.0 Ready to start TLS\r\n"
+    d.conn.abort("lost")
+    assert d.conn.counters_text() == "ehlo=1 starttls=0/1 commands=1/2"
+
+
+def test_auth_list_per_session_and_legacy_line():
+    d = Driver(ServerConfig(hostname="h", auth_legacy=True))
+    assert "AUTH" not in d.feed(b"EHLO x\r\n")
+    assert d.feed(b"AUTH PLAIN\r\n") == "503 5.5.1 Error: authentication not enabled\r\n"
+    d.conn.auth_mechanisms = ("PLAIN", "LOGIN")
+    out = lines(d.feed(b"EHLO x\r\n"))
+    i = out.index("250-AUTH PLAIN LOGIN")
+    assert out[i + 1] == "250-AUTH=PLAIN LOGIN"
+    d.conn.auth_advertised = False
+    assert "AUTH" not in d.feed(b"EHLO x\r\n")
+
+
+def test_auth_cancel_is_a_notice_and_an_error():
+    d = Driver(ServerConfig(auth_mechanisms=("LOGIN",)), replies={Auth: Reply(334, "")})
+    assert d.feed(b"AUTH LOGIN\r\n") == "334 \r\n"        # RFC 4954 4: "334" SP
+    assert d.feed(b"*\r\n") == "501 5.7.0 Authentication aborted\r\n"
+    assert len(d.of(AuthAborted)) == 1
+    assert d.conn.error_count == 1
+    assert "auth=0/1" in d.conn.counters_text()
+
+
+def test_auth_response_may_exceed_line_length_up_to_sasl_limit():
+    d = Driver(ServerConfig(auth_mechanisms=("PLAIN",), auth_response_limit=12288),
+               replies={Auth: Reply(334, ""), AuthResponse: lambda ev: Reply(
+                   500, f"len {len(ev.data)}", "5.5.6")})
+    d.feed(b"AUTH PLAIN\r\n")
+    assert d.feed(b"A" * 5000 + b"\r\n") == "500 5.5.6 len 5000\r\n"
+    d.feed(b"AUTH PLAIN\r\n")
+    # Longer than the limit: cut one past it, so the SASL layer sees "too long".
+    assert d.feed(b"A" * 20000 + b"\r\n") == "500 5.5.6 len 12289\r\n"
+
+
+def test_auth_without_helo_and_order_of_checks():
+    d = Driver(ServerConfig(auth_mechanisms=("PLAIN",)),
+               replies={Auth: Reply(235, "Authentication successful", "2.7.0")})
+    assert d.feed(b"AUTH PLAIN AGEAYg==\r\n") == "235 2.7.0 Authentication successful\r\n"
+    d.feed(b"MAIL FROM:<a@b>\r\n")
+    assert d.feed(b"AUTH PLAIN\r\n") == "503 5.5.1 Error: MAIL transaction in progress\r\n"
+    d.feed(b"RSET\r\n")
+    assert d.feed(b"AUTH PLAIN\r\n") == "503 5.5.1 Error: already authenticated\r\n"
+
+
+def test_tls_started_forgets_authentication():
+    d = Driver(ServerConfig(auth_mechanisms=("PLAIN",), starttls_offered=True),
+               replies={Auth: Reply(235, "Authentication successful", "2.7.0")})
+    d.feed(b"AUTH PLAIN AGEAYg==\r\n")
+    assert d.conn.authenticated
+    d.feed(b"STARTTLS\r\n")
+    d.conn.tls_started()
+    assert not d.conn.authenticated
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("a;b|`id`$(id)", "a?b|`id`$?id?"),
+    ("x)\tX-Injected: tab", "x??X-Injected:?tab"),
+    ("<root@evil>", "?root?evil?"),
+    ('a"b\\c', "a?b?c"),
+    ("[1.2.3.4]\rX", "[1.2.3.4]?X"),
+    ("mx.example.org", "mx.example.org"),
+    ("h\u00e9llo.example", "h\u00e9llo.example"),
+])
+def test_neuter_helo(raw, want):
+    assert neuter_helo(raw) == want
+
+
+def test_helo_event_carries_neutered_name():
+    d = Driver()
+    d.feed(b"HELO a;b\r\n")
+    d.feed(b"EHLO <x@y>\r\n")
+    assert d.of(Helo)[0].name == "a?b"
+    assert d.of(Ehlo)[0].name == "?x?y?"
+
+
+def test_split_args_on_cr_and_ipv6_literal():
+    assert split_args("<a@b>\rX-Injected: x") == ["<a@b>", "X-Injected:", "x"]
+    assert extract_address("<alice@[IPv6:::1]>", False) == "alice@[IPv6:::1]"
+    assert extract_address("<alice@[IPv6:2001:db8::1]>", False) == "alice@[IPv6:2001:db8::1]"
+    assert extract_address("<@a.example:alice@b.example>", False) == "alice@b.example"
+    with pytest.raises(_SyntaxError):
+        extract_address("<alice@[IPv6:::1>", False)
+    d = Driver()
+    d.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\n")
+    assert d.feed(b"RCPT TO:<c@d>\rX-Injected: rcpt\r\n") == \
+        "555 5.5.4 Unsupported option: X-Injected:\r\n"
