@@ -105,3 +105,40 @@ def test_smtp_client_outcomes_match_the_reference(postwell_factory, reference_fa
             for n in CASES if results["postwell"][n] != results["postfix"][n]}
     assert not diff, "\n".join(f"{n}:\n  pw: {d['postwell']}\n  pf: {d['postfix']}"
                                for n, d in diff.items())
+
+
+def test_envelope_parameters_passed_on_like_postfix(postwell_factory, reference_factory):
+    """DSN (RFC 3461) and SIZE/BODY parameters that each MTA sends to the next hop,
+    as smtp-sink's dump records them (X-Mail-Args, X-Rcpt-Args)."""
+    from test_outbound_8bit import DumpSink
+    msgs = [  # (id, recipients, MAIL options, RCPT options)
+        ("plain", ["a@remote.test"], [], []),
+        ("dsn", ["a@remote.test", "b@remote.test"], ["RET=HDRS", "ENVID=env-1+2B"],
+         ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;orig@remote.test"]),
+        ("never", ["c@remote.test"], ["RET=FULL"], ["NOTIFY=NEVER"]),
+        ("delay", ["d@remote.test"], ["BODY=8BITMIME"], ["NOTIFY=DELAY"]),
+    ]
+    got = {}
+    for kind in ("postwell", "postfix"):
+        with DumpSink() as sink:
+            params = {"relayhost": f"[127.0.0.1]:{sink.port}",
+                      "smtp_connection_cache_on_demand": "no"}
+            inst = (outbound_postwell(postwell_factory, params) if kind == "postwell"
+                    else reference_factory(params, name="cmpdsn"))
+            inst.start()
+            with smtplib.SMTP("127.0.0.1", inst.port, timeout=15) as s:
+                s.ehlo("client.test")
+                for mid, rcpts, mopts, ropts in msgs:
+                    s.sendmail(SENDER, rcpts, harness.make_message(mid), mail_options=mopts,
+                               rcpt_options=ropts)
+            dumps = harness.wait_for(lambda: len(sink.messages()) >= len(msgs) and sink.messages(),
+                                     30, 0.1, "all dumps")
+            inst.stop()
+        out = {}
+        for mid, data in dumps.items():
+            text = data.decode("utf-8", "replace")
+            margs = re.search(r"^X-Mail-Args: (.*)$", text, re.M).group(1)
+            rargs = re.findall(r"^X-Rcpt-Args: (.*)$", text, re.M)
+            out[mid] = (re.sub(r"SIZE=\d+", "SIZE=n", margs), rargs)
+        got[kind] = out
+    assert got["postwell"] == got["postfix"], got

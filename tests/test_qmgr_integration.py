@@ -780,3 +780,48 @@ def test_per_recipient_destination_when_recipient_limit_is_one(tmp_path):
         await qm.drain()
     run(go())
     assert state["peak"] == {"a@mx.demo.test": 2, "b@mx.demo.test": 2, "c@mx.demo.test": 2}
+
+
+def test_flush_revives_dead_destinations(tmp_path):
+    calls = []
+
+    class Refused(_Agent):
+        async def deliver(self, req):
+            calls.append(req.queue_id)
+            return [RecipientResult.deferred(r, "connect to mx.far.test[192.0.2.1]:25: "
+                                             "Connection refused", "none", "4.4.1")
+                    for r in req.recipients]
+    env = make_env(tmp_path, {"smtp_initial_destination_concurrency": "1"},
+                   table={"far.test": ("smtp", "far.test")}, agents={"smtp": Refused()})
+    queue(env.store, "s@x.test", ["a@far.test"])
+    qm = env.make()
+
+    async def go():
+        qm.scan_incoming()
+        await qm.drain()
+        assert list(qm.dead_destinations()) == [("smtp", "far.test")]
+        qm.flush()                      # postqueue -f: QMGR_REQ_FLUSH_DEAD
+        assert qm.dead_destinations() == {}
+        assert qm.scan_deferred(force=True)
+        await qm.drain()
+    run(go())
+    assert len(calls) == 2              # tried again at once, no waiting for the backoff
+
+
+def test_resolver_gets_the_sender_when_it_takes_one(tmp_path):
+    seen = []
+
+    class SenderAware(Resolver):
+        def resolve(self, address, sender=None):
+            seen.append((address, sender))
+            return super().resolve(address)
+    env = make_env(tmp_path)
+    queue(env.store, "owner@list.test", ["a@ok.test"])
+    qm = env.make()
+    qm.resolver = SenderAware()        # sender_dependent_relayhost_maps need the sender
+
+    async def go():
+        qm.scan_incoming()
+        await qm.drain()
+    run(go())
+    assert seen == [("a@ok.test", "owner@list.test")]

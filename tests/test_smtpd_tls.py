@@ -573,3 +573,33 @@ def uv_servers(tmp_path, monkeypatch):
                                   test_starttls_smtplib_delivers_with_received_comment_and_log])
 def test_on_uvloop(uv_servers, cert, test):
     test(uv_servers, cert)
+
+
+def test_preloaded_tls_context_survives_unreadable_key(servers, cert, tmp_path):
+    """The master calls preload() as root; the worker then runs as mail_owner and may not
+    read the key any more (Postfix's pre-jail init)."""
+    import shutil as sh
+    from postwell.config import load_config
+    from postwell.smtpd import preload
+    d = tmp_path / "pre"
+    d.mkdir()
+    sh.copy(cert[0], d / "c.pem")
+    sh.copy(cert[1], d / "k.pem")
+    etc = tmp_path / "pre-etc"
+    etc.mkdir()
+    (etc / "main.cf").write_text(f"smtpd_tls_cert_file = {d / 'c.pem'}\n"
+                                 f"smtpd_tls_key_file = {d / 'k.pem'}\n")
+
+    class Svc:
+        name = "submission"
+        overrides = {"smtpd_tls_security_level": "encrypt"}
+    pre = preload(load_config(str(etc)), Svc())
+    assert isinstance(pre["tls_context"], ssl.SSLContext)
+    (d / "k.pem").unlink()
+    r = servers(tls_params(cert, "encrypt", smtpd_tls_key_file=str(d / "k.pem"),
+                           smtpd_tls_cert_file=str(d / "c.pem")), preloaded=pre)
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=WAIT) as s:
+        s.starttls(context=client_ctx())
+        assert s.ehlo("c")[0] == 250
+    bad = preload(load_config(str(etc)), Svc())
+    assert "tls_context" in bad and not isinstance(bad["tls_context"], ssl.SSLContext)

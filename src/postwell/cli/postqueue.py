@@ -3,8 +3,15 @@
 Usage: postqueue [-v] [-c config_dir] -p | -j | -f | -i queue_id | -s site
 
 The listing reads the queue directory directly (Postfix asks its showq
-daemon, which postwell runs as library code); the output matches Postfix's
-``postqueue -p`` and ``-j`` byte for byte in shape.
+daemon, which postwell runs as library code), so it needs root or
+$mail_owner; the output matches Postfix 3.7's ``postqueue -p`` and ``-j``
+(checked side by side in tests/test_issue3_reference.py).  Messages still in
+the maildrop are listed under their file name, which ``postcat -q`` accepts.
+
+``-i`` and ``-s`` do what Postfix's flush(8) does for them: the deferred
+file's retry time becomes now, it moves back to incoming/ and the qmgr is
+woken.  ``-s`` honours fast_flush_domains and finds the site's messages by
+scanning deferred/ (Postfix keeps per-site logs instead).
 """
 
 from __future__ import annotations

@@ -20,7 +20,14 @@ from .matchlist import MatchListError
 from .state import SessionState
 
 
+# A sequence error, not a restriction: Postfix's mail_cmd() answers it without a
+# "NOQUEUE: reject" log line (checked against 3.7), so the smtpd must not log it.
+REPLY_HELO_FIRST = Reply(503, "Error: send HELO/EHLO first", "5.5.1")
+
+
 class SmtpdPolicy:
+    unlogged_replies = (REPLY_HELO_FIRST,)
+
     def __init__(self, config, log, **engine_kw):
         self.config = config
         self.log = log
@@ -140,7 +147,7 @@ class SmtpdPolicy:
     async def on_mail(self, state: SessionState) -> Reply | None:
         state.where = "MAIL"
         if self.helo_required and state.helo_name is None:
-            return Reply(503, "Error: send HELO/EHLO first", "5.5.1")
+            return REPLY_HELO_FIRST
         if self.delay_reject:
             return None
         return self._result(state, await self._check_mail(state))

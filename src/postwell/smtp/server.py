@@ -1033,6 +1033,8 @@ class ServerConnection:
                         Reply(503, f"Error: access denied for {self.client}", "5.7.0"))
             return True
         if handler is None:
+            # Postfix's "too many errors after UNKNOWN" / "lost connection after UNKNOWN".
+            self.where = "UNKNOWN"
             self._error("unknown", Reply(500, "Error: command not recognized", "5.5.2"))
             return True
         self.where = verb_u

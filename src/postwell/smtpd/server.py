@@ -2,7 +2,8 @@
 
 API::
 
-    serve(config, service, sockets) -> None        # master's entry point (blocking)
+    preload(config, service) -> dict               # in the child, before the privilege drop
+    serve(config, service, sockets, preloaded=None) -> None   # master's entry point (blocking)
     SmtpdServer(config, *, log=None, policy=None, cleanup=None, service_name="smtp")
         await srv.start(sockets)                   # listen on already-bound sockets
         await srv.drain(timeout)                   # stop accepting, let sessions finish
@@ -124,6 +125,19 @@ def _load_cleanup(config, log):
     return Cleanup(config, store, clog)
 
 
+def _feed_buffered(proto, data: bytes) -> None:
+    """Hand bytes to a BufferedProtocol (asyncio's and uvloop's SSLProtocol)."""
+    view = memoryview(data)
+    while view:
+        buf = proto.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        if not n:
+            raise RuntimeError("protocol gave an empty buffer")
+        buf[:n] = view[:n]
+        proto.buffer_updated(n)
+        view = view[n:]
+
+
 def _handshake_failure(exc: BaseException) -> tuple[str, str | None]:
     """(what follows "SSL_accept error from host[addr]: ", the TLS library problem or None)
     in Postfix's words: "lost connection" when the peer went away, else "-1"."""
@@ -186,6 +200,10 @@ class SmtpdSession(asyncio.Protocol):
         self.namaddr = "unknown[unknown]"
         self.finished = asyncio.Event()
         self._upgrading = False             # inside loop.start_tls()
+        # smtpd_tls_wrappermode: bytes read before start_tls() took over (the ClientHello);
+        # uvloop starts reading right after connection_made(), whatever it was told.
+        self._raw_phase = server.wrapper_mode
+        self._raw_tls: list[bytes] = []
         self._tls_early: list[bytes] = []   # decrypted bytes that beat start_tls()'s return
         self.ssl_object = None
         self.auth = None                    # postwell.sasl.session.SmtpdAuth, made on demand
@@ -201,6 +219,10 @@ class SmtpdSession(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        if self._raw_phase:
+            self._raw_tls.append(data)
+            self.transport.pause_reading()
+            return
         if self._upgrading:
             # The SSL layer may hand over the first decrypted bytes before start_tls()
             # returns: keep them for after tls_started(), never for the plaintext engine.
@@ -284,6 +306,11 @@ class SmtpdSession(asyncio.Protocol):
             conn.auth_advertised = False
         if srv.wrapper_mode:
             # Implicit TLS (smtps/submissions, RFC 8314 3.3): the handshake comes first.
+            if srv.tls_context is None:
+                srv.log.warning(f"{self.namaddr}: TLS not available: cannot serve "
+                                "smtpd_tls_wrappermode; closing")
+                conn.abort("lost")
+                return
             if not await self._start_tls():
                 conn.abort("lost")
                 srv.log.info(f"lost connection after CONNECT from {self.namaddr}")
@@ -458,6 +485,8 @@ class SmtpdSession(asyncio.Protocol):
             state.protocol = "ESMTP" if isinstance(ev, Ehlo) else "SMTP"
             reply = await self._policy("on_helo", state)
             if reply is not None:
+                # Postfix logs the refused name with the protocol of before the command.
+                state.protocol = old[1]
                 self._log_reject(reply)
                 state.helo_name, state.protocol = old
             conn.send_reply(reply)
@@ -472,7 +501,9 @@ class SmtpdSession(asyncio.Protocol):
             state.message_size = ev.size or 0
             reply = await self._policy("on_mail", state)
             if reply is not None:
-                self._log_reject(reply)
+                # Sequence errors (HELO required) are not restriction rejects: no log line.
+                if not any(reply is r for r in getattr(srv.policy, "unlogged_replies", ())):
+                    self._log_reject(reply)
                 state.sender = None
             else:
                 self._mail = ev
@@ -579,9 +610,21 @@ class SmtpdSession(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._upgrading = True
         self._tls_early = []
+        raw, self._raw_tls, self._raw_phase = b"".join(self._raw_tls), [], False
         try:
-            new = await loop.start_tls(self.transport, self, srv.tls_context, server_side=True,
-                                       ssl_handshake_timeout=srv.starttls_timeout)
+            coro = loop.start_tls(self.transport, self, srv.tls_context, server_side=True,
+                                  ssl_handshake_timeout=srv.starttls_timeout)
+            if raw:
+                task = loop.create_task(coro)
+                # One turn: start_tls() has installed its SSL protocol but not yet
+                # started it; bytes given now wait in its input BIO for the handshake.
+                await asyncio.sleep(0)
+                proto = self.transport.get_protocol()
+                if proto is not self and hasattr(proto, "buffer_updated"):
+                    _feed_buffered(proto, raw)
+                new = await task
+            else:
+                new = await coro
         except Exception as exc:   # noqa: BLE001 - any handshake failure ends the session
             self._upgrading = False
             self._tls_early = []
@@ -759,9 +802,10 @@ class SmtpdSession(asyncio.Protocol):
 
 class SmtpdServer:
     def __init__(self, config, *, log=None, policy=None, cleanup=None, service_name: str = "smtp",
-                 clock=time.time) -> None:
+                 clock=time.time, preloaded: dict | None = None) -> None:
         from postwell.log import MailLog
         self.config = config
+        self._preloaded = preloaded or {}
         self.service_name = service_name
         self.log = log if log is not None else MailLog.from_config(config, "smtpd")
         self.policy = policy if policy is not None else _load_policy(config, self.log)
@@ -800,7 +844,14 @@ class SmtpdServer:
         self.tls_context = None
         if self.tls_level != "none" or self.wrapper_mode:
             try:
-                self.tls_context = server_context(config)
+                if "tls_context" in self._preloaded:
+                    # Loaded by preload() before the privilege drop (keys often root-only).
+                    pre = self._preloaded["tls_context"]
+                    if isinstance(pre, TlsConfigError):
+                        raise pre
+                    self.tls_context = pre
+                else:
+                    self.tls_context = server_context(config)
             except TlsConfigError as exc:
                 # As Postfix: level may runs without STARTTLS, encrypt refuses mail (454).
                 self.log.warning(f"TLS library problem: {exc}; TLS disabled")
@@ -998,24 +1049,46 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def serve(config, service, sockets, *, drain_seconds: float = DRAIN_SECONDS) -> None:
-    """Run one smtpd worker until SIGTERM, then drain and return."""
+def _service_config(config, service):
     if service is not None and getattr(service, "overrides", None):
-        config = config.override(dict(service.overrides)) if isinstance(service.overrides, dict) \
+        return config.override(dict(service.overrides)) if isinstance(service.overrides, dict) \
             else config.override(dict(o.split("=", 1) for o in service.overrides if "=" in o))
+    return config
+
+
+def preload(config, service) -> dict:
+    """What the smtpd must read while still root (Postfix's pre-jail init): the TLS
+    certificate and key, often readable by root only. Call in the child before
+    drop_privileges() and pass the result to serve(..., preloaded=)."""
+    from postwell.tls import TlsConfigError, server_context
+    out: dict = {}
+    try:
+        out["tls_context"] = server_context(_service_config(config, service))
+    except TlsConfigError as exc:
+        out["tls_context"] = exc
+    except Exception:   # noqa: BLE001 - e.g. a bad level: SmtpdServer reports it then
+        pass
+    return out
+
+
+def serve(config, service, sockets, *, drain_seconds: float = DRAIN_SECONDS,
+          preloaded: dict | None = None) -> None:
+    """Run one smtpd worker until SIGTERM, then drain and return."""
+    config = _service_config(config, service)
     name = getattr(service, "name", None) or "smtp"
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_main(config, name, sockets, drain_seconds))
+        loop.run_until_complete(_main(config, name, sockets, drain_seconds, preloaded))
     finally:
         loop.close()
 
 
-async def _main(config, service_name: str, sockets, drain_seconds: float) -> None:
+async def _main(config, service_name: str, sockets, drain_seconds: float,
+                preloaded: dict | None = None) -> None:
     from postwell.log import MailLog
     try:
-        server = SmtpdServer(config, service_name=service_name)
+        server = SmtpdServer(config, service_name=service_name, preloaded=preloaded)
     except Exception as exc:
         # E.g. a relay-unsafe restriction list: refuse to run, as Postfix's smtpd does.
         MailLog.from_config(config, "smtpd").fatal(str(exc))
