@@ -19,6 +19,7 @@ Runs as root (the harness drops the MTA to its test mail_owner); loopback only.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import random
@@ -145,6 +146,9 @@ class Summary:
     lost: list = field(default_factory=list)
     partial: list = field(default_factory=list)
     more_than_twice: list = field(default_factory=list)
+    # Two copies delivered with no kill between them: a duplicate no crash explains.
+    same_epoch_duplicates: list = field(default_factory=list)
+    kill_times: list = field(default_factory=list)
     wrong_queue_id: list = field(default_factory=list)
     never_sent: list = field(default_factory=list)
     unsure_delivered: int = 0
@@ -157,7 +161,7 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.partial or self.more_than_twice or self.wrong_queue_id
+        return not (self.lost or self.partial or self.same_epoch_duplicates or self.wrong_queue_id
                     or self.never_sent or self.queue_left or self.corrupt)
 
     def line(self) -> str:
@@ -165,7 +169,8 @@ class Summary:
                 f"accepted={self.accepted} unsure={self.unsure} refused={self.refused} "
                 f"delivered_files={self.delivered_files} duplicates={self.duplicates} "
                 f"lost={len(self.lost)} partial={len(self.partial)} "
-                f">2copies={len(self.more_than_twice)} wrong_qid={len(self.wrong_queue_id)} "
+                f">2copies={len(self.more_than_twice)} "
+                f"same_epoch_dup={len(self.same_epoch_duplicates)} wrong_qid={len(self.wrong_queue_id)} "
                 f"never_sent={len(self.never_sent)} queue_left={len(self.queue_left)} "
                 f"incomplete_left={self.incomplete_left} corrupt={self.corrupt} "
                 f"drain={self.drain_seconds:.1f}s elapsed={self.elapsed:.1f}s")
@@ -206,6 +211,8 @@ def run(kills: int = 50, seed: int = 1, sessions: int = 8, size: int = 1500,
                 load.sending.set()
                 time.sleep(delay)
             killed = mta.kill9()
+            # After the SIGKILLs: a copy written before this moment belongs to the old run.
+            summary.kill_times.append(time.time())
             if not killed:
                 raise RuntimeError(f"kill {k}: no process to kill; log:\n{mta.log_text()[-2000:]}")
             summary.kills += 1
@@ -264,6 +271,17 @@ def _analyse(mta, load: Load, s: Summary) -> None:
     s.lost = sorted(i for i in load.accepted if i not in copies)
     s.duplicates = sum(1 for i, p in copies.items() if len(p) == 2)
     s.more_than_twice = sorted(str(i) for i, p in copies.items() if len(p) > 2)
+    # Each kill may re-deliver what it caught in flight: one extra copy per kill at
+    # most.  The Maildir file's mtime says between which two kills a copy was made.
+    kills = sorted(s.kill_times)
+    for test_id, paths in copies.items():
+        if len(paths) < 2:
+            continue
+        epochs = [bisect.bisect_left(kills, p.stat().st_mtime) for p in paths]
+        if len(set(epochs)) != len(epochs):
+            s.same_epoch_duplicates.append(
+                f"{test_id} (copies at {sorted(round(p.stat().st_mtime, 3) for p in paths)}, "
+                f"kills at {[round(k, 3) for k in kills]})")
     for test_id, qid in load.accepted.items():
         if test_id in copies and not any(
                 re.search(rb"\bid " + qid.encode() + rb"\b", p.read_bytes()) for p in copies[test_id]):
@@ -297,7 +315,8 @@ def main(argv=None) -> int:
     s = run(args.kills, args.seed, args.sessions, args.size, args.max_delay, mta_kind=args.mta)
     print(json.dumps(asdict(s), default=str, indent=1) if args.json else s.line())
     if not s.ok:
-        print(f"FAILED: lost {s.lost[:10]} partial {s.partial[:10]} >2 {s.more_than_twice[:10]} "
+        print(f"FAILED: lost {s.lost[:10]} partial {s.partial[:10]} "
+              f"duplicates without a kill between {s.same_epoch_duplicates[:10]} "
               f"wrong qid {s.wrong_queue_id[:5]} never sent {s.never_sent[:5]} "
               f"left {s.queue_left[:10]} corrupt {s.corrupt}")
     return 0 if s.ok else 1

@@ -393,8 +393,18 @@ def test_delivered_message_matches_reference(pairs):
     assert files["postwell"].decode("latin-1") == files["postfix"].decode("latin-1")
 
 
+def _quiesce(inst) -> None:
+    """Wait until every earlier session (the start-up banner probe included) has logged
+    its disconnect line, so that it cannot be mistaken for the next session's."""
+    def idle():
+        text = inst.log_text()
+        return text.count("]: connect from ") == text.count("]: disconnect from ")
+    harness.wait_for(idle, 10, 0.05, f"{inst.kind} to log its earlier disconnects")
+
+
 def _session_log(inst, lines, pipelined=False) -> str:
     """Run one dialogue and return the smtpd log lines it produced (prefix stripped)."""
+    _quiesce(inst)
     before = os.path.getsize(inst.maillog) if inst.maillog.exists() else 0
     harness.dialogue(inst.port, lines, pipelined=pipelined, timeout=10)
 

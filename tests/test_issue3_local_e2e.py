@@ -131,9 +131,13 @@ class LocalSite:
 
     def wait_mbox(self, user: str, count: int = 1) -> bytes:
         path = self.spool / user
+
+        def complete():
+            # each message ends with the empty line mbox delivery appends
+            data = path.read_bytes() if path.exists() else b""
+            return data.count(b"Return-Path: ") >= count and data.endswith(b"\n\n")
         try:
-            wait_for(lambda: path.exists() and path.read_bytes().count(b"Return-Path: ") >= count,
-                     TIMEOUT, 0.05, f"{count} message(s) in {user}'s mbox")
+            wait_for(complete, TIMEOUT, 0.05, f"{count} message(s) in {user}'s mbox")
         except TimeoutError:
             raise AssertionError(self.inst.log_text()[-3000:]) from None
         return path.read_bytes()

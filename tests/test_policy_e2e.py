@@ -44,9 +44,8 @@ RECIPIENTS = [
 ]
 
 
-# Known differences on the smtpd side (smtp/server.py), not in the policy:
-# the policy must see Postfix's internal (unquoted) address form, which is
-# also what Postfix echoes in the reply; address literals must parse.
+# Quoted local parts and address literals: the policy must see Postfix's internal
+# (unquoted) address form, which is also what Postfix echoes in the reply.
 SMTPD_SIDE = [
     f'"user@other.org"@{D}',
     f'"user%other.org"@{D}',
@@ -81,8 +80,6 @@ def test_relay_decisions_match_postfix(postwell_factory, reference_factory):
     _compare(postwell_factory, reference_factory, RECIPIENTS)
 
 
-@pytest.mark.xfail(reason="smtpd passes quoted (external) addresses and refuses [address] "
-                          "literals; see smtp/server.py parse_path/_valid_mailbox", strict=False)
 def test_quoted_and_literal_recipients_match_postfix(postwell_factory, reference_factory):
     _compare(postwell_factory, reference_factory, SMTPD_SIDE)
 

@@ -113,8 +113,17 @@ def test_offsets_point_into_the_file(env, capsys):
     for line in lines[1:]:
         m = re.match(r"^ *(\d+) (.*)$", line)
         assert m and len(line) - len(line.lstrip()) + len(m.group(1)) == 9, line
-        if line.endswith("body line"):
-            assert data[int(m.group(1)):].startswith(b"body line\n")
+        off, text = int(m.group(1)), m.group(2)
+        if text == "body line":
+            assert data[off:].startswith(b"body line\n")
+        elif text.startswith("sender: "):
+            assert data[off:off + 1] == b"S" and b"s@remote.test" in data[off:off + 20]
+        elif text.startswith("named_attribute: client_name="):
+            assert data[off:off + 1] == b"A" and data[off + 5:].startswith(b"client_name\0unknown")
+        elif text.startswith("named_attribute: dsn_envid="):
+            assert data[off:off + 1] == b"P" and data[off + 5:].startswith(b"envid\0env-1")
+        elif text.startswith("recipient: b@far.test"):
+            assert data[off:off + 1] == b"R" and data[off + 6:].startswith(b"b@far.test\0")
 
 
 def test_file_argument_done_recipient_and_errors(env, capsys, tmp_path):
@@ -231,3 +240,22 @@ def test_same_shape_as_postfix_postcat(postwell_factory, reference_factory):
     mine = ours.run("postcat", "-q", "ABCDEF123")
     assert mine.returncode == theirs.returncode == 1
     assert theirs.stderr.split(": ", 1)[1] == mine.stderr.split(": ", 1)[1]
+
+
+def test_content_split_across_chunks(capsys):
+    """Lines and the header/body separator may fall anywhere in the chunks."""
+    import io
+    text = b"Subject: hi\nX-Long: " + b"y" * 100 + b"\n\nbody\nlast line without end"
+    for size in (1, 2, 3, 7, 64, 1000):
+        chunks = [text[i:i + size] for i in range(0, len(text), size)]
+        for flags, want in ((postcat.HEAD, text.split(b"\n\n")[0] + b"\n"),
+                            (postcat.BODY, b"\nbody\nlast line without end\n"),
+                            (postcat.HEAD | postcat.BODY, text + b"\n")):
+            out = io.BytesIO()
+            postcat.Printer(out, flags, False).content(iter(chunks), 64)
+            assert out.getvalue() == want, (size, flags)
+    out = io.BytesIO()
+    postcat.Printer(out, postcat.BODY, True).content(iter([text[:20], text[20:]]), 64)
+    separator = 64 + text.index(b"\n\n") + 1
+    body = 64 + text.index(b"body")
+    assert out.getvalue().splitlines()[:2] == [f"{separator:>9} ".encode(), f"{body:>9} body".encode()]

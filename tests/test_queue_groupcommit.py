@@ -240,3 +240,19 @@ def test_dir_syncer_error_reaches_the_batch(tmp_path):
     with pytest.raises(OSError):
         syncer.request().result(10)
     syncer.request().result(10)      # a fresh fsync, which works
+
+
+def test_move_and_remove_without_sync(tmp_path):
+    synced = []
+    store = QueueStore(str(tmp_path / "q"), fsync=lambda fd: synced.append(fd) or os.fsync(fd))
+    store.ensure_layout()
+    m = store.create()
+    m.set_sender("s@x")
+    m.add_recipient("a@x")
+    m.write(b"x\n")
+    m.commit()
+    synced.clear()
+    store.move(m.queue_id, "incoming", "active", sync=False)
+    assert store.scan("active") == [m.queue_id] and synced == []
+    assert store.remove(m.queue_id, "active", sync=False) and synced == []
+    assert store.scan("active") == []

@@ -44,10 +44,10 @@ def test_quick_crash_runs_lose_nothing(tmp_path):
     assert not s.queue_left, f"{s.line()}\nstill queued: {s.queue_left[:10]}"
     assert not s.corrupt, s.line()
     assert s.refused == 0, s.refused_samples
-    # At most one extra copy per kill that caught the message in flight; three or more
-    # copies mean the done mark lags far behind the delivery (it did once: the qmgr
-    # queued it behind deliveries in the shared thread pool).
-    assert not s.more_than_twice, f"{s.line()}\n3+ copies: {s.more_than_twice[:10]}"
+    # A kill may re-deliver what it caught in flight, so a message can have one copy
+    # per kill it lived through; two copies made with no kill between them are a bug.
+    assert not s.same_epoch_duplicates, (
+        f"{s.line()}\nduplicated without a crash: {s.same_epoch_duplicates[:10]}")
 
 
 def test_crash_runs_script_has_quick_mode():

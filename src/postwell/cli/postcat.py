@@ -60,64 +60,101 @@ class Printer:
             self.line(offset, f"*** {what} {label} ***")
 
     def content(self, chunks, base_offset: int) -> None:
-        """Header lines with HEAD, the empty line and body with BODY."""
-        in_body = False
-        pending = b""
-        offset = base_offset
-        for chunk in chunks:
-            pending += chunk
-            while True:
-                nl = pending.find(b"\n")
-                if nl < 0:
-                    break
-                text = pending[:nl]
-                pending = pending[nl + 1:]
-                in_body = self._content_line(offset, text, in_body)
-                offset += nl + 1
-        if pending:
-            self._content_line(offset, pending, in_body)
+        """Header lines with HEAD, the empty line and body with BODY.
 
-    def _content_line(self, offset: int, text: bytes, in_body: bool) -> bool:
-        if not in_body and text == b"":
-            in_body = True    # the separator line belongs to the body, as in Postfix
-        if (self.flags & BODY) if in_body else (self.flags & HEAD):
-            self.line(offset, text)
-        return in_body
+        Streams: a line is written piece by piece as chunks arrive, so a huge
+        message or a line without end never sits in memory.
+        """
+        in_body = False
+        at_line_start = True
+        shown = False
+        offset = base_offset
+        out = self.out
+        for chunk in chunks:
+            start, n = 0, len(chunk)
+            while start < n:
+                nl = chunk.find(b"\n", start)
+                stop = nl if nl >= 0 else n
+                if at_line_start:
+                    if not in_body and nl == start:
+                        in_body = True    # the separator line belongs to the body, as in Postfix
+                    shown = bool(self.flags & (BODY if in_body else HEAD))
+                    if shown and self.offsets:
+                        out.write(f"{offset:>9} ".encode())
+                if shown:
+                    out.write(chunk[start:stop])
+                    if nl >= 0:
+                        out.write(b"\n")
+                offset += stop - start + (1 if nl >= 0 else 0)
+                at_line_start = nl >= 0
+                start = stop + 1 if nl >= 0 else n
+        if not at_line_start and shown:
+            out.write(b"\n")
 
 
 # ------------------------------------------------------------------ queue files
 
-def _envelope_lines(qm) -> list[tuple[int | None, str]]:
+def _record_offsets(path: str, h) -> dict:
+    """File offsets of the envelope records: S -> offset, ("A"|"P", name) -> offset.
+
+    Only record headers and names are read (values are skipped), so a large
+    envelope costs little memory.
+    """
+    offsets: dict = {}
+    with open(path, "rb") as f:
+        pos, end = h.envelope_offset, h.file_size
+        while pos + qf.REC_HEAD.size <= end:
+            f.seek(pos)
+            rtype, length = qf.REC_HEAD.unpack(f.read(qf.REC_HEAD.size))
+            if rtype == qf.REC_SENDER:
+                offsets["S"] = pos
+            elif rtype in (qf.REC_ATTR, qf.REC_PARAM):
+                name = f.read(min(length, 256)).split(b"\0", 1)[0]
+                offsets.setdefault((rtype.decode(), qf.decode_text(name)), pos)
+            elif rtype == qf.REC_END:
+                break
+            pos += qf.REC_HEAD.size + length
+    return offsets
+
+
+def _envelope_lines(qm, path: str) -> list[tuple[int | None, str]]:
     env = qm.envelope
     h = qm.header
+    try:
+        where = _record_offsets(path, h)
+    except (OSError, ValueError):
+        where = {}
+    at = h.envelope_offset
     rcpt_count = len(env.recipients)
     smtputf8 = 1 if env.params.get("smtputf8") == "1" else 0
     sizes = (h.content_size, h.content_offset, rcpt_count, 0, h.content_size, smtputf8)
+    # The sizes and times live in the fixed header at offset 0.
     lines: list[tuple[int | None, str]] = [
-        (h.envelope_offset, "message_size: " + " ".join(f"{n:>15}" for n in sizes)),
-        (h.envelope_offset, f"message_arrival_time: {time.asctime(time.localtime(qm.arrival_time))}"),
-        (h.envelope_offset, f"create_time: {time.asctime(time.localtime(qm.arrival_time))}"),
+        (0, "message_size: " + " ".join(f"{n:>15}" for n in sizes)),
+        (0, f"message_arrival_time: {time.asctime(time.localtime(qm.arrival_time))}"),
+        (0, f"create_time: {time.asctime(time.localtime(qm.arrival_time))}"),
     ]
     for name, value in env.attributes.items():
-        lines.append((h.envelope_offset, f"named_attribute: {name}={value}"))
+        lines.append((where.get(("A", name), at), f"named_attribute: {name}={value}"))
     for name, value in env.params.items():
+        off = where.get(("P", name), at)
         if name == "ret":
-            lines.append((h.envelope_offset, f"named_attribute: dsn_ret={RET_CODES.get(value, value)}"))
+            lines.append((off, f"named_attribute: dsn_ret={RET_CODES.get(value, value)}"))
         elif name == "envid":
-            lines.append((h.envelope_offset, f"named_attribute: dsn_envid={value}"))
+            lines.append((off, f"named_attribute: dsn_envid={value}"))
         elif name == "body":
-            lines.append((h.envelope_offset, f"named_attribute: encoding={BODY_ENCODING.get(value, value)}"))
+            lines.append((off, f"named_attribute: encoding={BODY_ENCODING.get(value, value)}"))
         elif name != "smtputf8":
-            lines.append((h.envelope_offset, f"named_attribute: {name}={value}"))
-    lines.append((h.envelope_offset, f"sender: {env.sender}"))
+            lines.append((off, f"named_attribute: {name}={value}"))
+    lines.append((where.get("S", at), f"sender: {env.sender}"))
     for r in env.recipients:
-        at = r.status_offset if r.status_offset >= 0 else None
+        rec = r.status_offset - qf.REC_HEAD.size if r.status_offset >= 0 else None
         if r.orcpt:
-            lines.append((at, f"named_attribute: dsn_orig_rcpt={r.orcpt}"))
+            lines.append((rec, f"named_attribute: dsn_orig_rcpt={r.orcpt}"))
         if r.notify:
-            lines.append((at, f"named_attribute: dsn_notify={r.notify}"))
-        lines.append((at, f"original_recipient: {r.orig or r.address}"))
-        lines.append((at, f"{'done_recipient' if r.done else 'recipient'}: {r.address}"))
+            lines.append((rec, f"named_attribute: dsn_notify={r.notify}"))
+        lines.append((rec, f"original_recipient: {r.orig or r.address}"))
+        lines.append((rec, f"{'done_recipient' if r.done else 'recipient'}: {r.address}"))
     return lines
 
 
@@ -132,7 +169,7 @@ def show_queue_file(path: str, label: str, p: Printer) -> None:
     try:
         if p.flags & ENV:
             p.line(None, f"*** ENVELOPE RECORDS {label} ***")
-            for offset, text in _envelope_lines(qm):
+            for offset, text in _envelope_lines(qm, path):
                 p.line(offset, text)
         p.marker(qm.header.content_offset, "MESSAGE CONTENTS", label)
         if p.flags & (HEAD | BODY):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import ctypes
 import errno
 import hashlib
 import ipaddress
@@ -41,6 +42,7 @@ import random
 import re
 import socket
 import ssl
+import sys
 import time
 from dataclasses import dataclass
 
@@ -293,6 +295,137 @@ def _dsn_of(reply: Reply) -> str:
         return reply.enhanced
     cls = reply.code // 100
     return f"{cls}.0.0" if cls in (2, 4, 5) else "5.5.0"
+
+
+# ---------------------------------------------------------------- TLS log details
+#
+# Postfix ends its "TLS connection established" line with the key exchange and the
+# server's signature ("key-exchange X25519 server-signature RSA-PSS (2048 bits)
+# server-digest SHA256").  Python 3.11's ssl module does not expose these, so they
+# are read from OpenSSL through ctypes, from the SSL handle of the ssl object.
+# Finding that handle relies on CPython's PySSLSocket layout (ob_refcnt, ob_type,
+# Socket, ssl, ctx); it is used only after the layout is proven on the object
+# itself (the ctx slot must be our SSLContext, and OpenSSL must agree that the
+# SSL belongs to that context's SSL_CTX).  Anything unexpected: no details.
+
+_SSL_CTRL_GET_PEER_SIGNATURE_NID = 108      # OpenSSL ssl.h
+_SSL_CTRL_GET_PEER_TMP_KEY = 109
+_EVP_PKEY = {"RSA": 6, "DSA": 116, "DH": 28, "EC": 408, "RSA_PSS": 912, "X25519": 1034,
+             "X448": 1035, "ED25519": 1087, "ED448": 1088}
+_openssl = None
+
+
+def _openssl_lib():
+    global _openssl
+    if _openssl is None:
+        import _ssl
+        # The _ssl module's own libssl/libcrypto: dlsym on its handle searches them.
+        lib = ctypes.CDLL(_ssl.__file__)
+        vp, ci = ctypes.c_void_p, ctypes.c_int
+        for name, res, args in (
+                ("SSL_ctrl", ctypes.c_long, [vp, ci, ctypes.c_long, vp]),
+                ("SSL_get_SSL_CTX", vp, [vp]),
+                ("SSL_get_peer_signature_type_nid", ci, [vp, ctypes.POINTER(ci)]),
+                ("SSL_get1_peer_certificate", vp, [vp]),
+                ("X509_get0_pubkey", vp, [vp]),
+                ("X509_free", None, [vp]),
+                ("EVP_PKEY_get_base_id", ci, [vp]),
+                ("EVP_PKEY_get_bits", ci, [vp]),
+                ("EVP_PKEY_get_group_name", ci, [vp, ctypes.c_char_p, ctypes.c_size_t, vp]),
+                ("EVP_PKEY_free", None, [vp]),
+                ("OBJ_nid2sn", ctypes.c_char_p, [ci])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        _openssl = lib
+    return _openssl
+
+
+def _ssl_handle(sslobj):
+    inner = getattr(sslobj, "_sslobj", None)
+    context = getattr(sslobj, "context", None)
+    if inner is None or context is None or sys.getsizeof(inner) < 40:
+        return None
+    word = ctypes.sizeof(ctypes.c_void_p)
+    slots = (ctypes.c_void_p * 3).from_address(id(inner) + 2 * word)   # Socket, ssl, ctx
+    if slots[2] != id(context) or not slots[1]:
+        return None
+    ssl_ctx = ctypes.c_void_p.from_address(id(context) + 2 * word).value
+    lib = _openssl_lib()
+    if not ssl_ctx or lib.SSL_get_SSL_CTX(slots[1]) != ssl_ctx:
+        return None
+    return slots[1]
+
+
+def _group_name(lib, pkey) -> str:
+    buf = ctypes.create_string_buffer(80)
+    if lib.EVP_PKEY_get_group_name(pkey, buf, len(buf), None) != 1:
+        return ""
+    return buf.value.decode("ascii", "replace")
+
+
+def tls_handshake_details(sslobj) -> str:
+    """" key-exchange ... server-signature ... server-digest ..." as Postfix logs it, or ""."""
+    try:
+        handle = _ssl_handle(sslobj)
+        if handle is None:
+            return ""
+        lib = _openssl_lib()
+        out = ""
+        tmp = ctypes.c_void_p()
+        if lib.SSL_ctrl(handle, _SSL_CTRL_GET_PEER_TMP_KEY, 0, ctypes.byref(tmp)) and tmp.value:
+            kind = lib.EVP_PKEY_get_base_id(tmp)
+            if kind == _EVP_PKEY["DH"]:
+                out += f" key-exchange DHE ({lib.EVP_PKEY_get_bits(tmp)} bits)"
+            elif kind == _EVP_PKEY["EC"]:
+                curve = _group_name(lib, tmp)
+                out += " key-exchange ECDHE" + (f" ({curve})" if curve else "")
+            else:
+                name = lib.OBJ_nid2sn(kind)
+                if name:
+                    out += f" key-exchange {name.decode('ascii', 'replace')}"
+            lib.EVP_PKEY_free(tmp)
+        cert = lib.SSL_get1_peer_certificate(handle)
+        if cert:
+            try:
+                key = lib.X509_get0_pubkey(cert)
+                kind = lib.EVP_PKEY_get_base_id(key) if key else 0
+                sig = ctypes.c_int(0)
+                has_sig = lib.SSL_get_peer_signature_type_nid(handle, ctypes.byref(sig))
+                name, detail = None, ""
+                if kind in (_EVP_PKEY["RSA"], _EVP_PKEY["RSA_PSS"]):
+                    name = "RSA-PSS" if (kind == _EVP_PKEY["RSA_PSS"] or
+                                         (has_sig and sig.value == _EVP_PKEY["RSA_PSS"])) else "RSA"
+                    detail = f" ({lib.EVP_PKEY_get_bits(key)} bits)"
+                elif kind == _EVP_PKEY["EC"]:
+                    curve = _group_name(lib, key)
+                    name, detail = "ECDSA", (f" ({curve})" if curve else "")
+                elif kind == _EVP_PKEY["ED25519"]:
+                    name = "ED25519"
+                elif kind == _EVP_PKEY["ED448"]:
+                    name = "ED448"
+                elif kind == _EVP_PKEY["DSA"]:
+                    name, detail = "DSA", f" ({lib.EVP_PKEY_get_bits(key)} bits)"
+                if name:
+                    out += f" server-signature {name}{detail}"
+                    digest = ctypes.c_int(0)
+                    if lib.SSL_ctrl(handle, _SSL_CTRL_GET_PEER_SIGNATURE_NID, 0,
+                                    ctypes.byref(digest)) and digest.value:
+                        sn = lib.OBJ_nid2sn(digest.value)
+                        if sn:
+                            out += f" server-digest {sn.decode('ascii', 'replace')}"
+            finally:
+                lib.X509_free(cert)
+        return out
+    except Exception:        # noqa: BLE001 - details are a nicety, never a failure
+        return ""
+
+
+try:
+    # Now, while the daemons still run as root: after the privilege drop the
+    # library's directory may be unreadable (see postwell.dns.preload_dnspython).
+    _openssl_lib()
+except Exception:            # noqa: BLE001 - no details then
+    pass
 
 
 def _one_line(reply: Reply) -> str:
@@ -975,7 +1108,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
         if s.tls_loglevel >= 1:
             cipher = sslobj.cipher() or ("", "", 0)
             self._info(f"{trust} TLS connection established to {conn.target.relay}: "
-                       f"{sslobj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)")
+                       f"{sslobj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+                       f"{tls_handshake_details(sslobj)}")
 
     def _tls_policy(self, nexthop: str) -> tuple[str | None, list[str] | None]:
         """smtp_tls_policy_maps: the next hop as written, then (for a bare domain)

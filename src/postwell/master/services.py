@@ -85,7 +85,7 @@ def worker_count(svc, config) -> int:
         maxproc = config.get_int("default_process_limit") or 100
     if maxproc <= 0:          # 0 = no limit in master.cf
         maxproc = 1 << 30
-    return max(1, min(maxproc, int(os.environ.get("PW_WORKERS", 0)) or os.cpu_count() or 1))
+    return max(1, min(maxproc, os.cpu_count() or 1))
 
 
 def listen_address(svc) -> tuple[str | None, str]:

@@ -218,8 +218,10 @@ class SmtpdPolicy:
         finally:
             state.recipient = saved
 
-    async def on_data(self, state: SessionState) -> Reply | None:
-        return await self._stage_after_rcpt(state, "DATA", self.data_restrictions, "DATA", DATA)
+    async def on_data(self, state: SessionState, command: str = "DATA") -> Reply | None:
+        """smtpd_data_restrictions, at DATA or at the first BDAT (command = "BDAT": the
+        reject log line then says "reject: BDAT from ...", as Postfix's does)."""
+        return await self._stage_after_rcpt(state, command, self.data_restrictions, "DATA", DATA)
 
     async def on_end_of_data(self, state: SessionState) -> Reply | None:
         return await self._stage_after_rcpt(state, "END-OF-MESSAGE", self.eod_restrictions,

@@ -764,16 +764,25 @@ class QueueStore:
         return sorted(out)
 
     # -- state changes --------------------------------------------------------
-    def move(self, queue_id: str, src: str, dst: str) -> None:
-        """Rename between queue directories, durably (destination dir, then source dir)."""
+    def move(self, queue_id: str, src: str, dst: str, *, sync: bool = True) -> None:
+        """Rename between queue directories, durably (destination dir, then source dir).
+
+        ``sync=False`` skips the directory fsyncs where either outcome of a crash
+        is fine, e.g. incoming -> active: start-up scans both, so the message is
+        found in one of them (at worst it is tried once more)."""
         if src == dst:
             return
         os.rename(self.path(src, queue_id), self.path(dst, queue_id))
-        sync_dir_grouped(self.path(dst), self._fsync)
-        sync_dir_grouped(self.path(src), self._fsync)
+        if sync:
+            sync_dir_grouped(self.path(dst), self._fsync)
+            sync_dir_grouped(self.path(src), self._fsync)
 
-    def remove(self, queue_id: str, queue_name: str | None = None) -> bool:
-        """Remove a message and its side logs.  True when a queue file was removed."""
+    def remove(self, queue_id: str, queue_name: str | None = None, *, sync: bool = True) -> bool:
+        """Remove a message and its side logs.  True when a queue file was removed.
+
+        ``sync=False`` skips the directory fsync: right for a message whose
+        recipients are all marked done (durably), which a crash could only
+        bring back to be removed again, never delivered twice."""
         removed = False
         names = [queue_name] if queue_name else list(QUEUE_NAMES)
         for q in names:
@@ -781,7 +790,8 @@ class QueueStore:
                 os.unlink(self.path(q, queue_id))
             except FileNotFoundError:
                 continue
-            sync_dir_grouped(self.path(q), self._fsync)
+            if sync:
+                sync_dir_grouped(self.path(q), self._fsync)
             removed = True
             break
         for log in LOG_NAMES:

@@ -1292,6 +1292,14 @@ class ServerConnection:
         self._bdat_last = last
         self._bdat_cur = size
         self._bdat_skip_reply = False
+        if self._bdat_discard:
+            # RFC 3030 2: every BDAT gets a reply; the rest of a failed sequence is thrown
+            # away, whatever else is wrong (Postfix checks this first).
+            self._bdat_active = not last
+            self._bdat_late = Reply(551, f"Discarded {size} bytes after earlier error", "5.0.0")
+            self._bdat_skip_reply = True
+            self.state = S_BDAT
+            return
         if not self.recipients:
             self._bdat_active = True
             reply = (Reply(503, "Error: need RCPT command", "5.5.1") if not self.in_transaction
@@ -1305,14 +1313,6 @@ class ServerConnection:
             self.state = S_BDAT
             return
         self._bdat_active = True
-        if self._bdat_discard:
-            # RFC 3030 2: every BDAT gets a reply; the rest of a failed sequence is thrown away.
-            if last:
-                self._bdat_active = False
-            self._bdat_late = Reply(551, f"Discarded {size} bytes after earlier error", "5.0.0")
-            self._bdat_skip_reply = True
-            self.state = S_BDAT
-            return
         if size == 0 and not last:
             # RFC 3030 2 allows it, but an empty non-final chunk is useless: Postfix refuses
             # it and discards the rest of the sequence (checked against 3.7).

@@ -454,7 +454,9 @@ class SmtpdSession(asyncio.Protocol):
     async def _handle(self, ev) -> None:
         conn, state, srv = self.conn, self.state, self.server
         if isinstance(ev, DataChunk):
-            if self.cs is not None:
+            # A DISCARDed transaction's content is read and dropped, never passed to
+            # cleanup: Postfix logs no "message-id=" for it (checked against 3.7).
+            if self.cs is not None and not getattr(state, "discard", False):
                 self.cs.write(ev.data)
             return
         if isinstance(ev, Warning):
@@ -513,7 +515,8 @@ class SmtpdSession(asyncio.Protocol):
             await self._rcpt(ev)
             return
         if isinstance(ev, (Data, Bdat)):
-            reply = await self._policy("on_data", state)
+            # Postfix logs "reject: BDAT from ..." when the first chunk is refused.
+            reply = await self._policy("on_data", state, *(("BDAT",) if isinstance(ev, Bdat) else ()))
             if reply is not None:
                 self._log_reject(reply)
                 conn.send_reply(reply)
