@@ -142,3 +142,75 @@ def test_envelope_parameters_passed_on_like_postfix(postwell_factory, reference_
             out[mid] = (re.sub(r"SIZE=\d+", "SIZE=n", margs), rargs)
         got[kind] = out
     assert got["postwell"] == got["postfix"], got
+
+
+def _dsn_fields(path):
+    import email
+    import email.policy
+    msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.compat32)
+    parts = msg.get_payload()
+    report = next(p for p in parts if p.get_content_type() == "message/delivery-status")
+    blocks = [dict(b.items()) for b in report.get_payload()]
+    human = parts[0].get_payload(decode=True).decode("utf-8", "replace")
+    return msg, blocks, human, [p.get_content_type() for p in parts]
+
+
+def test_remote_rejection_dsn_matches_the_reference(postwell_factory, reference_factory):
+    """The bounce for "550 5.1.1" from the next hop, built by each MTA and delivered
+    to the sender's mailbox on the same MTA: structure and report fields agree."""
+    reply = "550 5.1.1 <x@remote.test>: Recipient address rejected: User unknown"
+    got = {}
+    with harness.SmtpSink(extra=["-f", "RCPT", "-B", reply]) as sink:
+        for kind in ("postwell", "postfix"):
+            params = {"relayhost": f"[127.0.0.1]:{sink.port}"}
+            inst = (outbound_postwell(postwell_factory, params) if kind == "postwell"
+                    else reference_factory(params, name="cmpbounce"))
+            inst.start()
+            with smtplib.SMTP("127.0.0.1", inst.port, timeout=15) as s:
+                s.sendmail(SENDER, ["x@remote.test"], harness.make_message(f"bounce-{kind}"),
+                           rcpt_options=[])
+            box, = inst.wait_maildir("alice", 1, 30)
+            got[kind] = _dsn_fields(box)
+            inst.stop()
+    (pw_msg, pw_blocks, pw_text, pw_types) = got["postwell"]
+    (pf_msg, pf_blocks, pf_text, pf_types) = got["postfix"]
+    assert pw_types == pf_types
+    assert pw_msg.get_param("report-type") == pf_msg.get_param("report-type")
+    assert pw_msg["Subject"] == pf_msg["Subject"]
+    assert pw_msg["Auto-Submitted"] == pf_msg["Auto-Submitted"]
+
+    def norm(blocks):
+        out = []
+        for b in blocks:
+            b = {k: v for k, v in b.items() if k not in ("Arrival-Date", "X-Postfix-Queue-ID")}
+            out.append({k: re.sub(r"\s+", " ", v) for k, v in b.items()})
+        return out
+    assert norm(pw_blocks) == norm(pf_blocks)
+    # The human-readable part quotes the same reason line.
+    quote = f"<x@remote.test>: host 127.0.0.1[127.0.0.1] said: {reply}"
+    for text in (pw_text, pf_text):
+        assert quote.split(" said:")[0] in text, text
+
+
+def test_deferred_listing_matches_the_reference(postwell_factory, reference_factory):
+    """postqueue -p for mail the next hop deferred (450 on RCPT), both MTAs."""
+    out = {}
+    with harness.SmtpSink(extra=["-r", "RCPT"]) as sink:
+        for kind in ("postwell", "postfix"):
+            params = {"relayhost": f"[127.0.0.1]:{sink.port}", "queue_run_delay": "300s",
+                      "minimal_backoff_time": "300s", "maximal_backoff_time": "600s"}
+            inst = (outbound_postwell(postwell_factory, params) if kind == "postwell"
+                    else reference_factory(params, name="cmpq"))
+            inst.start()
+            with smtplib.SMTP("127.0.0.1", inst.port, timeout=15) as s:
+                s.sendmail(SENDER, ["x@remote.test", "y@remote.test"],
+                           harness.make_message("deferred-listing"))
+            inst.wait_log(r"to=<y@remote\.test>.*status=deferred", 30)
+            harness.wait_for(lambda: inst.queue_files(("deferred",)), 10, 0.1, "deferred file")
+            text = inst.run("postqueue", "-p", check=True).stdout
+            inst.stop()
+            text = re.sub(r"^[0-9A-F]{6,}\s+\d+ \w{3} \w{3}\s+\d+ \d\d:\d\d:\d\d",
+                          "QUEUEID SIZE DATE", text, flags=re.M)
+            text = re.sub(r"\]:\d+", "]:PORT", text)
+            out[kind] = re.sub(r"-- \d+ Kbytes", "-- N Kbytes", text)
+    assert out["postwell"] == out["postfix"], out

@@ -492,6 +492,49 @@ def neuter_helo(name: str, utf8: bool = True) -> str:
     return "".join(out)
 
 
+def _valid_ipv4(text: str) -> bool:
+    parts = text.split(".")
+    return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
+
+
+def domain_error(address: str, smtputf8: bool) -> bool:
+    """True when the domain of an (internal-form) address is one Postfix's resolver
+    flags as an error, which smtpd answers as address syntax (501 5.1.7 / 5.1.3):
+    a bare IP address, a name that is not a valid host name (RFC 1035 2.3.1 labels,
+    "_" allowed, not all numeric), a bad [literal] (RFC 5321 4.1.3), or non-ASCII
+    without SMTPUTF8 (RFC 6531 3.3). Checked against Postfix 3.7."""
+    at = address.rfind("@")
+    if at < 0:
+        return False
+    domain = address[at + 1:]
+    if domain.startswith("["):
+        inner = domain[1:-1] if domain.endswith("]") else ""
+        if inner[:5].lower() == "ipv6:":
+            import ipaddress
+            try:
+                ipaddress.IPv6Address(inner[5:])
+                return False
+            except ValueError:
+                return True
+        return not _valid_ipv4(inner)
+    if not smtputf8 and not domain.isascii():
+        return True
+    if domain.endswith("."):
+        domain = domain[:-1]             # "example.net." is the same name
+    if not domain or len(domain) > 255:
+        return True
+    numeric = True
+    for label in domain.split("."):
+        if not label or len(label) > 63 or label[0] == "-" or label[-1] == "-":
+            return True
+        for ch in label:
+            if not (ch.isascii() and (ch.isalnum() or ch in "-_")) and ch.isascii():
+                return True
+            if not ch.isdigit():
+                numeric = False
+    return numeric
+
+
 def internalize(address: str) -> str:
     """RFC 5321 quoted form -> Postfix's internal (unquoted) form: quotes and backslash
     escapes go ("a b"@c -> a b@c). Queue files, logs and replies use this form."""
@@ -754,6 +797,7 @@ class ServerConnection:
 
     def _reset_transaction(self) -> None:
         self.sender: str | None = None
+        self._mail_smtputf8 = False
         self.recipients: list[str] = []
         self.rcpt_attempts = 0
         self._declared_size = 0
@@ -822,6 +866,7 @@ class ServerConnection:
             self._queue_reply(reply)
             if ok:
                 self.sender = ev.sender
+                self._mail_smtputf8 = bool(ev.smtputf8)
         elif isinstance(ev, Rcpt):
             self._count(name, ok)
             if not ok:
@@ -1122,6 +1167,9 @@ class ServerConnection:
             return
         try:
             sender, params = parse_path(rest, null_ok=True)
+            utf8 = self.config.smtputf8_enable and any(p.upper() == "SMTPUTF8" for p in params)
+            if sender and domain_error(sender, utf8):
+                raise _SyntaxError
         except _SyntaxError:
             if not _unbalanced_token(rest):
                 self._warn(f"Illegal address syntax from {self.client} in MAIL command: {rest.strip()}")
@@ -1202,6 +1250,8 @@ class ServerConnection:
         rest = arg[3:]
         try:
             rcpt, params = parse_path(rest, null_ok=False)
+            if domain_error(rcpt, self._mail_smtputf8):
+                raise _SyntaxError
         except _SyntaxError:
             if not _unbalanced_token(rest):
                 self._warn(f"Illegal address syntax from {self.client} in RCPT command: {rest.strip()}")
