@@ -116,10 +116,6 @@ def test_fuzz_runner_quick_mode(tmp_path, capsys):
 
 # ---------------------------------------------------------------- found by fuzz/run.py
 
-@pytest.mark.xfail(reason="config/main.py: myhostname = $mydomain with mydomain unset recurses "
-                          "through _machine_default (mydomain's default derives from myhostname) "
-                          "until RecursionError; Postfix gives mydomain = localdomain",
-                   strict=False, raises=RecursionError)
 def test_myhostname_from_unset_mydomain_does_not_recurse(tmp_path):
     from postwell.config.main import Config, ConfigError
     cfg = Config(str(tmp_path), {"myhostname": "$mydomain"}, {}, [])

@@ -214,3 +214,28 @@ def test_deferred_listing_matches_the_reference(postwell_factory, reference_fact
             text = re.sub(r"\]:\d+", "]:PORT", text)
             out[kind] = re.sub(r"-- \d+ Kbytes", "-- N Kbytes", text)
     assert out["postwell"] == out["postfix"], out
+
+
+def test_per_recipient_results_match_the_reference(postwell_factory, reference_factory):
+    """One transaction, four recipients: 250, 550, 450 and 250 again."""
+    from test_outbound_peers import PySink
+    replies = {"carol": "550 5.1.1 <carol@remote.test>: Recipient address rejected: User unknown",
+               "dan": "450 4.2.1 <dan@remote.test>: Recipient address rejected: Mailbox busy"}
+    rcpts = ["amy@remote.test", "carol@remote.test", "dan@remote.test", "eve@remote.test"]
+    got = {}
+    with PySink(rcpt_reply=lambda a: replies.get(a.split("@")[0])) as sink:
+        for kind in ("postwell", "postfix"):
+            params = {"relayhost": f"[127.0.0.1]:{sink.port}", "queue_run_delay": "300s",
+                      "minimal_backoff_time": "300s", "maximal_backoff_time": "600s"}
+            inst = (outbound_postwell(postwell_factory, params) if kind == "postwell"
+                    else reference_factory(params, name="cmprcpt"))
+            inst.start()
+            before = len(sink.transactions)
+            with smtplib.SMTP("127.0.0.1", inst.port, timeout=15) as s:
+                s.sendmail(SENDER, rcpts, harness.make_message(f"rcpts-{kind}"))
+            got[kind] = {r: delivery(inst, r) for r in rcpts}
+            box, = inst.wait_maildir("alice", 1, 30)
+            t = sink.wait_transactions(before + 1, 10)[-1]
+            assert t.rcpts == ["amy@remote.test", "eve@remote.test"], (kind, t.rcpts)
+            inst.stop()
+    assert got["postwell"] == got["postfix"], got

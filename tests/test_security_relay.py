@@ -95,12 +95,7 @@ def _session(port: int, rcpt: str):
 
 # Known differences in the SMTP engine (src/postwell/smtp, not ours to edit): refused
 # either way, but with another reply than Postfix's.
-ENGINE_XFAIL: dict[str, str] = {
-    "bare_ip_domain": "Postfix refuses a bare IP address as the domain (no brackets) as syntax: "
-                      "501 5.1.3 Bad recipient address syntax; postwell parses it and answers 454",
-    "utf8_domain": "Postfix 3.7 refuses a non-ASCII recipient without SMTPUTF8 on MAIL: 501 5.1.3 "
-                   "Bad recipient address syntax; postwell answers 454 4.7.1 Relay access denied",
-}
+ENGINE_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=ENGINE_XFAIL[n], strict=False))

@@ -403,7 +403,7 @@ def test_bs_transcript_and_maildrop(inst):
     assert lines[0] == "220 mx.example.com ESMTP postwell"
     assert "250 2.1.0 Ok" in lines and "250 2.1.5 Ok" in lines
     assert "354 End data with <CR><LF>.<CR><LF>" in lines
-    assert "250 2.0.0 Ok: queued" in lines
+    assert f"250 2.0.0 Ok: queued as {maildrop_names(inst)[0]}" in lines
     assert lines[-2] == "221 2.0.0 Bye"
     env, content = read_drop(inst, maildrop_names(inst)[0])
     assert env.sender == "u@example.org" and env.recipients == ["w@example.net", "v@example.net"]

@@ -120,3 +120,30 @@ def test_split_args_on_cr_and_ipv6_literal():
     d.feed(b"EHLO x\r\nMAIL FROM:<a@b>\r\n")
     assert d.feed(b"RCPT TO:<c@d>\rX-Injected: rcpt\r\n") == \
         "555 5.5.4 Unsupported option: X-Injected:\r\n"
+
+
+# Postfix 3.7's answers (trivial-rewrite flags these domains as errors; smtpd says syntax).
+@pytest.mark.parametrize("rcpt,bad", [
+    ("a@127.0.0.1", True), ("a@ex\u00e4mple.net", True), ("a@ex_ample.net", False),
+    ("a@example..net", True), ("a@example.net.", False), ("a@1.2.3", True), ("a@-x.com", True),
+    ("a@x-.com", True), ("a@" + "x" * 64 + ".com", True), ("a@[999.1.1.1]", True),
+    ("a@[IPv6:zz]", True), ("a@[1.2.3]", True), ("a@[text]", True), ("a@.example.net", True),
+    ("a@example.123", False), ("a@123", True), ("a@x.-y.com", True), ("\u00e4@example.net", False),
+    ("a@[IPv6:::1]", False), ("a@[192.0.2.1]", False), ("a@ex%ample.net", True),
+    ("a@exa+mple.net", True), ("postmaster", False),
+])
+def test_resolver_domain_errors_are_syntax_errors(rcpt, bad):
+    d = Driver()
+    d.feed(b"EHLO x\r\nMAIL FROM:<s@example.org>\r\n")
+    out = d.feed(f"RCPT TO:<{rcpt}>\r\n".encode())
+    assert out == ("501 5.1.3 Bad recipient address syntax\r\n" if bad else "250 2.1.5 Ok\r\n")
+
+
+def test_sender_domain_errors_and_smtputf8():
+    d = Driver()
+    d.feed(b"EHLO x\r\n")
+    assert d.feed(b"MAIL FROM:<s@127.0.0.1>\r\n") == "501 5.1.7 Bad sender address syntax\r\n"
+    assert d.feed("MAIL FROM:<s@ex\u00e4mple.org>\r\n".encode()) == \
+        "501 5.1.7 Bad sender address syntax\r\n"
+    assert d.feed("MAIL FROM:<s@ex\u00e4mple.org> SMTPUTF8\r\n".encode()) == "250 2.1.0 Ok\r\n"
+    assert d.feed("RCPT TO:<a@ex\u00e4mple.net>\r\n".encode()) == "250 2.1.5 Ok\r\n"

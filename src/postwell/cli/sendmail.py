@@ -32,8 +32,8 @@ larger than message_size_limit is refused here ("message file too big",
 nothing queued) instead of being bounced later.  ``-C`` and MAIL_CONFIG are
 honoured without Postfix's alternate_config_directories check: sendmail has
 no privilege a configuration file could abuse.  With ``-bs`` the reply to
-the end of data is "250 2.0.0 Ok: queued" (the queue id is given later by
-pickup).
+the end of data is "250 2.0.0 Ok: queued as NAME", NAME being the maildrop
+file name (Postfix gives its maildrop queue id; pickup assigns the queue id).
 """
 
 from __future__ import annotations
@@ -797,14 +797,16 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
                                rcpt_notify={i: r.notify for i, r in enumerate(rcpts) if r.notify},
                                rcpt_orcpt={i: r.orcpt for i, r in enumerate(rcpts) if r.orcpt})
         try:
-            w.finish(env)
+            name = w.finish(env)
         except OSError as exc:
             sm.warn(f"{sm.ident(mail.sender)}: error writing queue file: {exc.strerror}")
             drop_writer()
             return write_error
         state["writer"] = None
         poke_pickup(sm.queue_directory)
-        return Reply(250, "Ok: queued", "2.0.0")
+        # Postfix answers with its maildrop queue id; ours is the maildrop file
+        # name (postqueue -p lists it and postcat -q reads it until pickup runs).
+        return Reply(250, f"Ok: queued as {name}", "2.0.0")
 
     def flush() -> None:
         out = conn.data_to_send()

@@ -224,6 +224,20 @@ class Config:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        # myhostname and mydomain default to each other: "myhostname = $mydomain" with
+        # mydomain unset must end (Postfix prints mydomain = localdomain), not recurse.
+        busy = self._cache.setdefault("__computing__", set())
+        if name in busy:
+            return "localdomain" if name == "mydomain" else machine.default_myhostname(None)
+        busy.add(name)
+        try:
+            value = self._compute_machine_default(name, base, machine)
+        finally:
+            busy.discard(name)
+        self._cache[key] = value
+        return value
+
+    def _compute_machine_default(self, name: str, base: "Config", machine) -> str:
         if name == "myhostname":
             mydomain = base.get("mydomain") if base.is_set("mydomain") else None
             value = machine.default_myhostname(mydomain)
@@ -236,7 +250,6 @@ class Config:
                                                    base.get("inet_protocols"))
             except ValueError as e:
                 raise ConfigError(str(e), self.main_cf_path) from None
-        self._cache[key] = value
         return value
 
     def is_set(self, name: str) -> bool:
