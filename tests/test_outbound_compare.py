@@ -239,3 +239,19 @@ def test_per_recipient_results_match_the_reference(postwell_factory, reference_f
             assert t.rcpts == ["amy@remote.test", "eve@remote.test"], (kind, t.rcpts)
             inst.stop()
     assert got["postwell"] == got["postfix"], got
+
+
+def test_smtp_bind_address_is_the_source_address(postwell_factory, reference_factory):
+    from test_outbound_peers import PySink
+    with PySink() as sink:
+        for kind in ("postwell", "postfix"):
+            params = {"relayhost": f"[127.0.0.1]:{sink.port}", "smtp_bind_address": "127.0.0.9"}
+            inst = (outbound_postwell(postwell_factory, params) if kind == "postwell"
+                    else reference_factory(params, name="cmpbind"))
+            inst.start()
+            before = len(sink.transactions)
+            with smtplib.SMTP("127.0.0.1", inst.port, timeout=15) as s:
+                s.sendmail(SENDER, ["x@remote.test"], harness.make_message(f"bind-{kind}"))
+            sink.wait_transactions(before + 1, 20)
+            inst.stop()
+        assert sink.peers == ["127.0.0.9", "127.0.0.9"], sink.peers

@@ -52,6 +52,7 @@ class PySink:
     greeting: str | None = None
     sessions: int = 0
     transactions: list = field(default_factory=list)
+    peers: list = field(default_factory=list)       # client addresses, one per session
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> "PySink":
@@ -118,6 +119,8 @@ class PySink:
         with self._lock:
             self.sessions += 1
             sid = self.sessions
+            peer = writer.get_extra_info("peername")
+            self.peers.append(peer[0] if peer else None)
 
         async def say(text: str) -> None:
             writer.write(text.encode() + b"\r\n")

@@ -2,10 +2,14 @@
 
 Usage: postqueue [-v] [-c config_dir] -p | -j | -f | -i queue_id | -s site
 
-The listing reads the queue directory directly (Postfix asks its showq
-daemon, which postwell runs as library code), so it needs root or
-$mail_owner; the output matches Postfix 3.7's ``postqueue -p`` and ``-j``
-(checked side by side in tests/test_issue3_reference.py).  Messages still in
+The listing: root and $mail_owner (anyone who can read the queue
+directories) read the queue directly; any other user asks the showq service
+(postwell.showq, a master child running as $mail_owner on
+``public/showq``), as Postfix's postqueue does.  When showq cannot be reached
+the user gets Postfix's "Queue report unavailable - mail system is down"
+(exit 69).  The output matches Postfix 3.7's ``postqueue -p`` and ``-j``
+(checked side by side in tests/test_issue3_reference.py) and is written
+message by message, so a long queue never sits in memory.  Messages still in
 the maildrop are listed under their file name, which ``postcat -q`` accepts.
 
 ``-i`` and ``-s`` do what Postfix's flush(8) does for them: the deferred
@@ -80,6 +84,7 @@ def collect_maildrop(store: QueueStore):
 
 def collect(store: QueueStore):
     """Yield one dict per queued message (the fields of ``postqueue -j``)."""
+    from postwell.qmgr.expire import message_expired
     for qname in SHOW_QUEUES:
         if qname == "maildrop":
             yield from collect_maildrop(store)
@@ -92,6 +97,7 @@ def collect(store: QueueStore):
             except (CorruptQueueFile, OSError):
                 continue
             with qm:
+                expired = message_expired(qm)   # postsuper -e/-f (postwell.qmgr.expire)
                 reasons: dict[str, str] = {}
                 for e in store.read_defer_log(qid):
                     reasons[e.get("recipient", "")] = e.get("reason", "")
@@ -106,17 +112,22 @@ def collect(store: QueueStore):
                     "queue_id": qid,
                     "arrival_time": int(qm.arrival_time),
                     "message_size": qm.content_size,
-                    "forced_expire": False,
+                    "forced_expire": expired,
                     "sender": qm.sender or "MAILER-DAEMON",
                     "recipients": rcpts,
                 }
 
 
 def format_listing(messages) -> str:
-    out: list[str] = []
+    return "".join(iter_listing(messages))
+
+
+def iter_listing(messages):
+    """``postqueue -p`` text, one message's lines at a time."""
     count = 0
     total = 0
     for m in messages:
+        out: list[str] = []
         if not count:
             out.append(HEADER)
         count += 1
@@ -136,14 +147,75 @@ def format_listing(messages) -> str:
             last = reason
             out.append(f"{'':41}{r['address']}")
         out.append("")
+        yield "\n".join(out) + "\n"
     if not count:
-        return "Mail queue is empty\n"
-    out.append(f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.")
-    return "\n".join(out) + "\n"
+        yield "Mail queue is empty\n"
+    else:
+        yield f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.\n"
 
 
 def format_json(messages) -> str:
-    return "".join(json.dumps(m) + "\n" for m in messages)
+    return "".join(iter_json(messages))
+
+
+def iter_json(messages):
+    for m in messages:
+        yield json.dumps(m) + "\n"
+
+
+def can_read_queue(cfg, store: QueueStore) -> bool:
+    """Root, $mail_owner, or whoever can read the queue directories (the
+    master run by an ordinary user for a demo) reads the queue itself."""
+    euid = os.geteuid()
+    if euid == 0:
+        return True
+    try:
+        import pwd
+        if pwd.getpwnam(cfg.get("mail_owner")).pw_uid == euid:
+            return True
+    except KeyError:
+        pass
+    return all(os.access(store.path(q), os.R_OK | os.X_OK)
+               for q in ("incoming", "active", "deferred", "hold"))
+
+
+def show_queue(cfg, store: QueueStore, mode: str, out=None) -> int:
+    """postqueue -p / -j: write the listing; 0, or 69 when it is unavailable."""
+    out = out or sys.stdout
+    render = iter_listing if mode == "p" else iter_json
+    if can_read_queue(cfg, store):
+        messages = collect(store)
+    else:
+        from postwell import showq
+        path = showq.socket_path(cfg)
+        messages = showq.query(store.queue_directory, path=path)
+        try:
+            first = next(messages, None)
+        except showq.ShowqUnavailable as exc:
+            # Postfix's words and exit status (EX_UNAVAILABLE).
+            return _fatal("Queue report unavailable - mail system is down "
+                          f"(Connect to the public {os.path.basename(path)} service: {exc})", 69)
+        except showq.ShowqRefused as exc:
+            return _fatal(f"Queue report unavailable - {exc}", 69)
+
+        def chained(first=first, rest=messages):
+            if first is not None:
+                yield first
+                yield from rest
+        messages = chained()
+    try:
+        for chunk in render(messages):
+            out.write(chunk)
+    except PermissionError as exc:
+        return _fatal(f"Queue report unavailable - cannot read {exc.filename or store.queue_directory}: "
+                      "Permission denied", 69)
+    except Exception as exc:
+        from postwell import showq
+        if isinstance(exc, (showq.ShowqRefused, showq.ShowqUnavailable)):
+            out.flush()
+            return _fatal(f"Queue report unavailable - {exc}", 69)
+        raise
+    return 0
 
 
 def schedule(store: QueueStore, queue_id: str, now: float | None = None) -> bool:
@@ -230,14 +302,9 @@ def main(argv: list[str] | None = None, *, mailq: bool = False) -> int:
     if not os.path.isdir(store.queue_directory):
         return _fatal(f"chdir {store.queue_directory}: No such file or directory")
     if mode in ("p", "j"):
-        try:
-            text = (format_listing if mode == "p" else format_json)(collect(store))
-        except PermissionError as exc:
-            # Postfix asks its showq daemon, so any user may list the queue;
-            # postwell reads the (mail_owner-only) directories itself.
-            return _fatal(f"Queue report unavailable - cannot read {exc.filename or store.queue_directory}: "
-                          "Permission denied (run as root or $mail_owner)", 69)
-        sys.stdout.write(text)
+        code = show_queue(cfg, store, mode)
+        if code:
+            return code
     elif mode == "f":
         notify_qmgr(store.queue_directory, QMGR_FLUSH)
     elif mode in ("i", "s") and not os.access(store.path("deferred"), os.R_OK | os.W_OK | os.X_OK):

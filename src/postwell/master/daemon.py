@@ -121,7 +121,7 @@ class Child:
 
 @dataclass(eq=False)
 class Slot:
-    kind: str                   # "smtpd" | "qmgr"
+    kind: str                   # "smtpd" | "qmgr" | "pickup" | "showq" | "helper" | ...
     svc: object                 # MasterService (or None for an implicit qmgr)
     config: object
     sockets: list = field(default_factory=list)
@@ -135,7 +135,8 @@ class Slot:
     def command(self) -> str:
         if self.svc is not None:
             return self.svc.command
-        return {"helper": "virtual", "localhelper": "local", "pipehelper": "pipe"}.get(self.kind, "qmgr")
+        return {"helper": "virtual", "localhelper": "local", "pipehelper": "pipe",
+                "showq": "showq"}.get(self.kind, "qmgr")
 
 
 class Master:
@@ -333,6 +334,17 @@ class Master:
             psvc = plan.pickup
             pcfg = cfg.override(psvc.overrides) if psvc.overrides else cfg
             slots.append(Slot("pickup", psvc, pcfg, [], 1, key=("pickup",)))
+        # showq(8) answers mailq for users who cannot read the queue.  Postfix's
+        # stock master.cf always has it, so it runs without an entry too.
+        ssvc = plan.showq
+        scfg = cfg.override(ssvc.overrides) if ssvc is not None and ssvc.overrides else cfg
+        slots.append(Slot("showq", ssvc, scfg, [], 1, key=("showq",)))
+        # anvil(8): machine-wide per-client counts for all smtpd workers; always
+        # running (Postfix's stock master.cf has it).  First, so it is listening
+        # before the workers' first clients arrive.
+        asvc = next((s for s in cfg.services or [] if s.command == "anvil" and s.type == "unix"), None)
+        acfg = cfg.override(asvc.overrides) if asvc is not None and asvc.overrides else cfg
+        slots.insert(0, Slot("anvil", asvc, acfg, [], 1, key=("anvil",)))
         return slots
 
     # ------------------------------------------------------------ children
@@ -405,6 +417,12 @@ class Master:
         elif slot.kind == "pickup":
             from postwell.pickup import service as pickup
             pickup.serve(slot.config)
+        elif slot.kind == "anvil":
+            from postwell import anvil
+            anvil.serve(slot.config)
+        elif slot.kind == "showq":
+            from postwell import showq
+            showq.serve(slot.config)
         else:
             from postwell import qmgr
             if self.owner:

@@ -17,7 +17,7 @@ LISTEN_BACKLOG = 4096   # Postfix's 100 stalls smtp-source with 200 parallel cli
 # mapped silently, no process of their own.
 INTERNAL_COMMANDS = {
     "cleanup", "trivial-rewrite", "bounce", "defer", "trace", "verify", "flush",
-    "proxymap", "proxywrite", "anvil", "scache", "tlsmgr", "showq", "error", "retry",
+    "proxymap", "proxywrite", "anvil", "scache", "tlsmgr", "error", "retry",
     "discard", "local", "virtual", "smtp", "relay", "lmtp", "postlog", "postlogd", "tlsproxy",
     "dnsblog",
 }
@@ -29,6 +29,7 @@ class Plan:
     smtpd: list = field(default_factory=list)        # MasterService, type inet, command smtpd
     qmgr: object | None = None                        # MasterService or None (qmgr runs anyway)
     pickup: object | None = None                      # MasterService of the pickup service
+    showq: object | None = None                       # MasterService of showq (runs anyway)
     pipe: list = field(default_factory=list)          # unix pipe(8) services (agents in qmgr)
     unsupported: list = field(default_factory=list)   # (service, why)
 
@@ -63,6 +64,9 @@ def plan_services(services) -> Plan:
                 plan.unsupported.append((svc, "the SMTP server is not available in this build"))
         elif cmd in QMGR_COMMANDS:
             plan.qmgr = svc
+        elif cmd == "showq" and svc.type == "unix":
+            if plan.showq is None:
+                plan.showq = svc
         elif cmd in INTERNAL_COMMANDS:
             continue
         elif cmd == "pipe" and svc.type == "unix":

@@ -52,6 +52,7 @@ from postwell.dsn import (
 from postwell.queue import format as qformat
 
 from .concurrency import Destination, parse_feedback
+from .expire import ADMIN_EXPIRED_DSN, ADMIN_EXPIRED_REASON, message_expired, path_expired
 from .logfmt import delivery_line
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
@@ -385,9 +386,13 @@ class QueueManager:
             if force:
                 return True
             try:
-                return self.store.next_attempt(qid) <= now
+                if self.store.next_attempt(qid) <= now:
+                    return True
             except OSError:
                 return False
+            # postsuper -e on a message that was being delivered: it went back
+            # to deferred/ with a retry time, but it is to be returned now.
+            return path_expired(self.store.path("deferred", qid))
         return self._claim("deferred", due)
 
     def _claim(self, queue_name: str, want) -> list[str]:
@@ -468,6 +473,9 @@ class QueueManager:
         # Postfix's qmgr line, logged each time a message enters the active queue.
         self.log.info(f"{qid}: from=<{sender}>, size={size}, nrcpt={len(all_rcpts)} (queue active)")
         pending = [r for r in all_rcpts if not _rcpt_done(r)]
+        if message_expired(qm):
+            await self._force_expire(qid, qm, sender, arrival, active_time, pending)
+            return
 
         groups: dict[tuple[str, str], list[tuple[object, Recipient]]] = defaultdict(list)
         early: list[tuple[object, RecipientResult]] = []
@@ -565,6 +573,42 @@ class QueueManager:
         else:
             await self._blocking(self.store.remove, qid)
             self.log.info(f"{qid}: removed")
+
+    async def _force_expire(self, qid, qm, sender, arrival, active_time, pending) -> None:
+        """postsuper -e/-f (see qmgr/expire.py): no delivery; every pending
+        recipient is returned with the reason of its last deferral, or
+        "message is administratively expired" (4.7.0, logged as a deferral
+        by the error agent) when it has none, as Postfix 3.5+ does."""
+        entries = await self._blocking(self.store.read_defer_log, qid)
+        last = {}
+        for e in entries:
+            if e.get("delay_warning") or "recipient" not in e:
+                continue
+            last[(e.get("recipient", ""), e.get("orig_rcpt", ""))] = e
+            last.setdefault((e.get("recipient", ""), None), e)
+        expired = []
+        for r in pending:
+            rc = _rcpt_fields(r)
+            e = last.get((rc.address, rc.orig or "")) or last.get((rc.address, None))
+            if e is not None:
+                res = RecipientResult.deferred(rc, e.get("reason", ""), "none",
+                                               e.get("status") or "4.0.0")
+            else:
+                res = RecipientResult.deferred(rc, ADMIN_EXPIRED_REASON, "none", ADMIN_EXPIRED_DSN)
+                self._log_result(qid, res, arrival, active_time, self.clock(), "error")
+            expired.append((r, res))
+        if expired:
+            self.log.info(f"{qid}: from=<{sender}>, status=force-expired, returned to sender")
+            await self._durable(self._record, qid, qm, [r for r, _ in expired],
+                                [(r, r, res, "failed", res.reason) for r, res in expired], [])
+        try:
+            await self._send_notices(qid, qm, sender, arrival)
+        except NoticeError:
+            # Done marks are durable; the notice is retried from bounce/ID.
+            await self._blocking(self._defer_file, qid, self.clock() + self.min_backoff)
+            return
+        await self._blocking(self.store.remove, qid)
+        self.log.info(f"{qid}: removed")
 
     async def _durable(self, fn, *args):
         """Run a state write (done marks, bounce log) on the state threads."""

@@ -248,6 +248,7 @@ class ServerConfig:
     tls_required: bool = False                  # smtpd_tls_security_level = encrypt
     auth_response_limit: int = 12288            # smtpd_sasl_response_limit
     auth_legacy: bool = False                   # broken_sasl_auth_clients: "AUTH=" too
+    strict_rfc821_envelopes: bool = False
 
     @classmethod
     def from_config(cls, config, **overrides) -> "ServerConfig":
@@ -281,6 +282,7 @@ class ServerConfig:
                 k.upper() for k in config.get_list("smtpd_discard_ehlo_keywords")),
             forbid_bare_newline=bare,
             smtputf8_enable=(config.get("smtputf8_enable") or "yes").lower() != "no",
+            strict_rfc821_envelopes=(config.get("strict_rfc821_envelopes") or "no").lower() == "yes",
         )
         if config.raw("smtpd_forbidden_commands") is not None:
             value = re.sub(r"\{\{.*?\}\}", "", config.get("smtpd_forbidden_commands"))
@@ -553,28 +555,29 @@ def internalize(address: str) -> str:
     return "".join(out)
 
 
-def _unbalanced_token(text: str) -> bool:
-    """Does the first word end inside a <...> or "..." (nesting, backslashes counted)?
-    Postfix's command tokenizer refuses such an address with 501 before its address
-    parser runs, so no "Illegal address syntax" warning is logged for it."""
+def _address_token(text: str) -> tuple[str, bool]:
+    """The address word as Postfix's command tokenizer cuts it: blanks end it except
+    inside <...> or "..." (nesting and backslashes counted).  Also says whether it ends
+    inside such a pair: Postfix refuses that with 501 before its address parser runs,
+    so no "Illegal address syntax" warning is logged for it."""
     s = text.lstrip(" \t")
     i, n = 0, len(s)
     while i < n:
         c = s[i]
         i += 1
         if c in " \t":
-            return False
+            return s[:i - 1], False
         if c not in "<\"":
             continue
         wanted = [">" if c == "<" else '"']
         while wanted:
             if i >= n:
-                return True
+                return s, True
             c = s[i]
             i += 1
             if c == "\\":
                 if i >= n:
-                    return True
+                    return s, True
                 i += 1
             elif c == wanted[-1]:
                 wanted.pop()
@@ -582,7 +585,20 @@ def _unbalanced_token(text: str) -> bool:
                 wanted.append('"')
             elif c == "<" and wanted[-1] == ">":
                 wanted.append(">")
-    return False
+    return s, False
+
+
+def _unbalanced_token(text: str) -> bool:
+    return _address_token(text)[1]
+
+
+def _strict_821_ok(token: str) -> bool:
+    """strict_rfc821_envelopes = yes: only "<" path ">" (RFC 5321 4.1.2), no comments,
+    phrases or source routes."""
+    if len(token) < 2 or token[0] != "<" or token[-1] != ">":
+        return False
+    inner = token[1:-1]
+    return not inner.startswith("@") and _unquoted_index(inner, "<>()") < 0
 
 
 def parse_path(text: str, null_ok: bool) -> tuple[str, list[str]]:
@@ -1167,12 +1183,15 @@ class ServerConnection:
             return
         try:
             sender, params = parse_path(rest, null_ok=True)
+            if self.config.strict_rfc821_envelopes and not _strict_821_ok(_address_token(rest)[0]):
+                raise _SyntaxError
             utf8 = self.config.smtputf8_enable and any(p.upper() == "SMTPUTF8" for p in params)
             if sender and domain_error(sender, utf8):
                 raise _SyntaxError
         except _SyntaxError:
-            if not _unbalanced_token(rest):
-                self._warn(f"Illegal address syntax from {self.client} in MAIL command: {rest.strip()}")
+            token, unbalanced = _address_token(rest)
+            if not unbalanced:
+                self._warn(f"Illegal address syntax from {self.client} in MAIL command: {token}")
             self._error("mail", Reply(501, "Bad sender address syntax", "5.1.7"))
             return
         kw: dict = {"_sender": sender}
@@ -1250,11 +1269,14 @@ class ServerConnection:
         rest = arg[3:]
         try:
             rcpt, params = parse_path(rest, null_ok=False)
+            if self.config.strict_rfc821_envelopes and not _strict_821_ok(_address_token(rest)[0]):
+                raise _SyntaxError
             if domain_error(rcpt, self._mail_smtputf8):
                 raise _SyntaxError
         except _SyntaxError:
-            if not _unbalanced_token(rest):
-                self._warn(f"Illegal address syntax from {self.client} in RCPT command: {rest.strip()}")
+            token, unbalanced = _address_token(rest)
+            if not unbalanced:
+                self._warn(f"Illegal address syntax from {self.client} in RCPT command: {token}")
             self._error("rcpt", Reply(501, "Bad recipient address syntax", "5.1.3"))
             return
         kw: dict = {}

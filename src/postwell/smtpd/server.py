@@ -14,10 +14,11 @@ cleanup (``Cleanup.open()`` at the first accepted RCPT, ``write`` per chunk,
 ``finish`` before the 250), and writes Postfix-shaped log lines.  All protocol
 decisions live in the sans-IO engine.
 
-smtpd_client_connection_count_limit is enforced per smtpd process (Postfix
-uses its anvil server for a machine-wide count); with N worker processes a
-client can hold up to N times the limit.  Clients matching
-smtpd_client_event_limit_exceptions ($mynetworks by default) are exempt.
+smtpd_client_connection_count_limit and the smtpd_client_*_rate_limit
+parameters are machine-wide, counted by the anvil service (postwell.anvil)
+for all workers; when anvil cannot answer, a per-process count stands in for
+the connection count.  Clients matching smtpd_client_event_limit_exceptions
+($mynetworks by default) are exempt.
 """
 
 from __future__ import annotations
@@ -317,12 +318,12 @@ class SmtpdSession(asyncio.Protocol):
                 return
             conn.tls_active = True
             self._after_tls()
+            if not await self._tls_rate_check():
+                return
 
-        if srv.too_many_connections(self):
-            srv.log.warning(f"Connection concurrency limit exceeded: {srv.count_for(addr)} from "
-                            f"{self.namaddr} for service {srv.service_name}")
-            conn.send_greeting(Reply(421, f"{srv.hostname} Error: too many connections from {addr}",
-                                     "4.7.0"))
+        reply = await srv.connection_limit_reply(self)
+        if reply is not None:
+            conn.send_greeting(reply)
             await self._flush()
             return
         if srv.draining:
@@ -494,6 +495,10 @@ class SmtpdSession(asyncio.Protocol):
             conn.send_reply(reply)
             return
         if isinstance(ev, Mail):
+            reply = await srv.event_limit_reply(self, "mail")
+            if reply is not None:
+                conn.send_reply(reply)
+                return
             if not srv.queue_space_ok(ev.size or 0):
                 # Postfix's smtpd_check_size(): before any restriction, no reject log line.
                 conn.send_reply(REPLY_NO_SPACE)
@@ -558,6 +563,11 @@ class SmtpdSession(asyncio.Protocol):
             if auth is None:
                 conn.send_reply(Reply(503, "Error: authentication not enabled", "5.5.1"))
                 return
+            if isinstance(ev, Auth):
+                reply = await srv.event_limit_reply(self, "auth")
+                if reply is not None:
+                    conn.send_reply(reply)
+                    return
             try:
                 if isinstance(ev, Auth):
                     reply = await auth.start(ev.mechanism, ev.initial_response,
@@ -586,6 +596,10 @@ class SmtpdSession(asyncio.Protocol):
             # smtpd_tls_security_level asks for TLS but the certificate did not load.
             conn.send_reply(REPLY_TLS_UNAVAILABLE)
             return
+        reply = await srv.event_limit_reply(self, "starttls")   # new-session rate used up
+        if reply is not None:
+            conn.send_reply(reply)
+            return
         conn.send_reply(None)                       # 220 2.0.0 Ready to start TLS
         # Stop reading before the 220 leaves: the client's ClientHello must wait in the
         # socket for the SSL layer; plaintext already read was dropped by the engine
@@ -606,6 +620,19 @@ class SmtpdSession(asyncio.Protocol):
         state.protocol = "SMTP"
         state.sasl_username = state.sasl_method = None
         self._after_tls()
+        await self._tls_rate_check()
+
+    async def _tls_rate_check(self) -> bool:
+        """smtpd_client_new_tls_session_rate_limit after a full handshake: over the
+        limit, a 421 inside TLS and the session ends.  False when it ended."""
+        reused = bool(self.ssl_object is not None and self.ssl_object.session_reused)
+        reply = await self.server.event_limit_reply(self, "tls_established", reused)
+        if reply is None:
+            return True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply.to_bytes())
+        self.conn.abort("tls rate limit")
+        return False
 
     async def _start_tls(self) -> bool:
         """Handshake on the current transport; False (logged as Postfix) when it fails."""
@@ -683,6 +710,10 @@ class SmtpdSession(asyncio.Protocol):
 
     async def _rcpt(self, ev: Rcpt) -> None:
         conn, state, srv = self.conn, self.state, self.server
+        reply = await srv.event_limit_reply(self, "rcpt")
+        if reply is not None:
+            conn.send_reply(reply)
+            return
         state.recipient = ev.recipient
         reply = await self._policy("on_rcpt", state)
         if reply is not None:
@@ -832,6 +863,14 @@ class SmtpdServer:
         self._bare_exclusions = self._host_list("smtpd_forbid_bare_newline_exclusions",
                                                 "$mynetworks")
         self._own = None
+        self.limits = None        # anvil(8): machine-wide counts and rates
+        try:
+            from postwell.anvil import SmtpdLimits
+            self.limits = SmtpdLimits.from_config(config, self.log, service=service_name,
+                                                  hostname=self.hostname,
+                                                  exceptions=self._limit_exceptions)
+        except Exception as exc:   # noqa: BLE001 - no anvil: the per-process count remains
+            self.log.warning(f"anvil client: {exc!r}")
 
     def _setup_tls_and_sasl(self, config) -> None:
         """TLS context and SASL server for this service (its -o overrides applied)."""
@@ -991,8 +1030,40 @@ class SmtpdServer:
             pass
         return True
 
+    async def connection_limit_reply(self, session: SmtpdSession) -> Reply | None:
+        """anvil's machine-wide count and rate; the per-process count when anvil
+        cannot answer (an anvil failure never refuses a client by itself)."""
+        local = self.too_many_connections(session)
+        if self.limits is not None:
+            from postwell.anvil import UNAVAILABLE
+            try:
+                got = await self.limits.connect(session)
+            except Exception as exc:   # noqa: BLE001
+                self.log.warning(f"anvil: {exc!r}")
+                got = UNAVAILABLE
+            if got is not UNAVAILABLE:
+                return got
+        if not local:
+            return None
+        self.log.warning(f"Connection concurrency limit exceeded: {self.count_for(session.addr)} "
+                         f"from {session.namaddr} for service {self.service_name}")
+        return Reply(421, f"{self.hostname} Error: too many connections from {session.addr}",
+                     "4.7.0")
+
+    async def event_limit_reply(self, session: SmtpdSession, what: str, *args) -> Reply | None:
+        """smtpd_client_{message,recipient,auth,new_tls_session}_rate_limit (anvil)."""
+        if self.limits is None:
+            return None
+        try:
+            return await getattr(self.limits, what)(session, *args)
+        except Exception as exc:   # noqa: BLE001 - never refuse a client for our failure
+            self.log.warning(f"anvil: {exc!r}")
+            return None
+
     def _session_done(self, session: SmtpdSession) -> None:
         self.sessions.discard(session)
+        if self.limits is not None:
+            self.limits.disconnect(session)
         if getattr(session, "_counted", False):
             n = self._per_ip.get(session.addr, 1) - 1
             if n <= 0:

@@ -1,0 +1,284 @@
+"""showq(8): the queue listing for users who cannot read the queue.
+
+The queue directories belong to $mail_owner (mode 0700), so an ordinary
+user's ``mailq`` cannot list them.  As in Postfix, a small service running as
+$mail_owner does it for them: the master starts ``serve(config)``, which
+listens on the unix socket ``$queue_directory/public/showq`` (mode 0666; the
+``public`` directory is 0711, so the name is reachable but not listable) and
+answers one request per connection.
+
+Wire format (postwell's own; both ends are in this package):
+
+- the client sends one request line, ``show\\n`` (anything else is refused
+  with an ``error`` frame);
+- the server answers with frames, each ``4-byte big-endian length | payload``;
+  a payload is a JSON object: ``{"message": {...}}`` per queued message (the
+  fields of ``postqueue -j``), then ``{"end": N}`` with the message count, or
+  ``{"error": "text"}``.  A zero-length frame is never sent.
+
+Output is produced message by message while the queue is scanned, so neither
+side holds the whole listing; a frame is at most ``MAX_FRAME`` bytes (a
+message with more recipients than fit is listed with the first ones and a
+``truncated`` field).  The client gives up after ``CLIENT_TIMEOUT`` seconds of
+silence, the server drops a client that does not read for ``SEND_TIMEOUT``.
+
+Access follows ``authorized_mailq_users`` (Postfix 3.3+; default
+``static:anyone``): the server learns the caller's uid from the socket
+(SO_PEERCRED) and checks the user name against the list; root and
+$mail_owner are always allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import socket
+import stat
+import struct
+import threading
+
+try:  # start-up warnings name set-but-ignored parameters; these are honoured here
+    from postwell.config.registry import register_implemented as _register
+except ImportError:  # pragma: no cover
+    def _register(*names):
+        pass
+_register("authorized_mailq_users", "showq_service_name")
+
+REQUEST = b"show\n"
+MAX_REQUEST = 64
+MAX_FRAME = 1 << 20            # bytes per message record
+MAX_CLIENTS = 8                # connections served at once; more wait in the backlog
+SEND_TIMEOUT = 30.0
+CLIENT_TIMEOUT = 60.0
+_LEN = struct.Struct(">I")
+
+
+class ShowqUnavailable(Exception):
+    """The service cannot be reached (the mail system is down); the text is
+    the reason, worded as the errno text Postfix puts in its message."""
+
+
+class ShowqRefused(Exception):
+    """The service answered with an error (e.g. not an authorized user)."""
+
+
+def socket_path(config) -> str:
+    name = config.get("showq_service_name") or "showq"
+    return os.path.join(config.get("queue_directory"), "public", name)
+
+
+# ---------------------------------------------------------------- framing
+
+def _frame(obj) -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode("utf-8", "surrogateescape")
+    return _LEN.pack(len(data)) + data
+
+
+def message_frame(m: dict) -> bytes:
+    """One message's frame, cut down to MAX_FRAME by dropping recipients."""
+    data = _frame({"message": m})
+    if len(data) <= MAX_FRAME:
+        return data
+    rcpts = list(m.get("recipients") or [])
+    keep = len(rcpts)
+    while keep > 0:
+        keep //= 2
+        cut = dict(m, recipients=rcpts[:keep], truncated=len(rcpts) - keep)
+        data = _frame({"message": cut})
+        if len(data) <= MAX_FRAME:
+            return data
+    return _frame({"message": dict(m, recipients=[], truncated=len(rcpts))})
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 65536))
+        if not chunk:
+            raise EOFError("connection closed by the showq service")
+        buf += chunk
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- client
+
+def query(queue_directory: str, *, path: str | None = None, timeout: float = CLIENT_TIMEOUT):
+    """Yield the queued messages (dicts as for ``postqueue -j``) from showq.
+
+    Raises ShowqUnavailable when the socket cannot be reached (before the
+    first message is yielded) and ShowqRefused when the service says no."""
+    path = path or os.path.join(queue_directory, "public", "showq")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ShowqUnavailable(exc.strerror or str(exc)) from None
+        try:
+            sock.sendall(REQUEST)
+        except OSError as exc:
+            raise ShowqUnavailable(exc.strerror or str(exc)) from None
+        while True:
+            try:
+                (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+                if n == 0 or n > MAX_FRAME:
+                    raise ShowqRefused(f"bad record length {n} from the showq service")
+                obj = json.loads(_recv_exact(sock, n).decode("utf-8", "surrogateescape"))
+            except (EOFError, socket.timeout, OSError, ValueError) as exc:
+                raise ShowqRefused(f"showq service: {exc}") from None
+            if "message" in obj:
+                yield obj["message"]
+            elif "end" in obj:
+                return
+            else:
+                raise ShowqRefused(str(obj.get("error") or "malformed reply from the showq service"))
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------- server
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid
+    except (OSError, AttributeError):
+        return None
+
+
+def authorized(config, uid: int | None) -> bool:
+    """authorized_mailq_users for the connecting uid (root and ourselves always)."""
+    if uid is None:
+        return False
+    if uid == 0 or uid == os.geteuid():
+        return True
+    spec = (config.get("authorized_mailq_users") or "static:anyone").strip()
+    if spec == "static:anyone":
+        return True
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    try:
+        # Postfix matches the login name as a string list (names, type:table, !name).
+        from postwell.policy.matchlist import StringList
+        return bool(StringList("authorized_mailq_users", spec, config).match(name))
+    except Exception as exc:   # a broken table: refuse, as Postfix does on a lookup error
+        return False
+
+
+def _messages(queue_directory: str):
+    # The listing code lives with postqueue (the direct, privileged path);
+    # both paths produce the same records.
+    from postwell.cli.postqueue import collect
+    from postwell.queue import QueueStore
+    return collect(QueueStore(queue_directory))
+
+
+def handle(conn: socket.socket, config, log=None) -> None:
+    """Serve one connection: read the request, stream the listing."""
+    conn.settimeout(SEND_TIMEOUT)
+    try:
+        req = b""
+        while not req.endswith(b"\n") and len(req) < MAX_REQUEST:
+            chunk = conn.recv(MAX_REQUEST - len(req))
+            if not chunk:
+                break
+            req += chunk
+        if req != REQUEST:
+            conn.sendall(_frame({"error": "unknown request"}))
+            return
+        if not authorized(config, _peer_uid(conn)):
+            uid = _peer_uid(conn)
+            if log is not None:
+                log.warning(f"uid={uid}: unauthorized mailq request")
+            conn.sendall(_frame({"error": "User is not authorized to view the mail queue"}))
+            return
+        count = 0
+        for m in _messages(config.get("queue_directory")):
+            conn.sendall(message_frame(m))
+            count += 1
+        conn.sendall(_frame({"end": count}))
+    except (OSError, socket.timeout):
+        pass   # the client went away or stopped reading: nothing to clean up
+    finally:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+
+def listen(path: str) -> socket.socket:
+    """Bind the public socket (mode 0666), replacing a stale one."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(17, f"{path}: exists and is not a socket")
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    sock.bind(tmp)
+    # Any local user may ask; authorisation is per request (SO_PEERCRED).
+    os.chmod(tmp, 0o666)
+    os.rename(tmp, path)   # atomic: clients never see a half-set-up socket
+    sock.listen(64)
+    return sock
+
+
+def serve(config, stop_event: threading.Event | None = None) -> None:
+    """The master's entry point: answer showq requests until SIGTERM."""
+    from postwell.log import MailLog
+    log = MailLog.from_config(config, "showq")
+    path = socket_path(config)
+    sock = listen(path)
+    ino = os.stat(path).st_ino
+    stop = stop_event or threading.Event()
+    if stop_event is None:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sock.settimeout(0.5)
+    slots = threading.BoundedSemaphore(MAX_CLIENTS)
+    workers: set[threading.Thread] = set()
+
+    def run(conn):
+        try:
+            handle(conn, config, log)
+        finally:
+            slots.release()
+
+    try:
+        while not stop.is_set():
+            if not slots.acquire(timeout=0.5):
+                continue
+            try:
+                conn, _ = sock.accept()
+            except (socket.timeout, InterruptedError):
+                slots.release()
+                continue
+            except OSError as exc:
+                slots.release()
+                log.warning(f"accept: {exc.strerror or exc}")
+                stop.wait(1.0)
+                continue
+            t = threading.Thread(target=run, args=(conn,), daemon=True, name="showq")
+            workers = {w for w in workers if w.is_alive()}
+            workers.add(t)
+            t.start()
+    finally:
+        sock.close()
+        try:
+            # A newer showq (after a reload) may own the name by now.
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)
+        except OSError:
+            pass
+        for w in list(workers):
+            w.join(SEND_TIMEOUT)
