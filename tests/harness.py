@@ -454,7 +454,9 @@ class PostwellInstance(MtaInstance):
         """Run one of postwell's CLI tools (postfix, postconf, postmap, postqueue...)
         against this instance's config directory."""
         module = {"postwell": "postfix", "mailq": "postqueue"}.get(tool, tool)
-        cmd = [sys.executable, "-m", f"postwell.cli.{module}", "-c", str(self.config_dir), *args]
+        # sendmail names its configuration with -C, like Postfix's; the others use -c.
+        flag = "-C" if module == "sendmail" else "-c"
+        cmd = [sys.executable, "-m", f"postwell.cli.{module}", flag, str(self.config_dir), *args]
         env = dict(os.environ, MAIL_CONFIG=str(self.config_dir))
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                             input=input, env=env, stdin=None if input is not None else subprocess.DEVNULL)
