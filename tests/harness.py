@@ -42,12 +42,48 @@ MAILBOX_USERS = ("alice", "bob", "carol", "sink")
 
 # ---------------------------------------------------------------- small tools
 
+# Ports for test listeners come from below the kernel's ephemeral range, so an
+# outgoing connection (which takes a random ephemeral port) can never grab a
+# port between free_port() returning it and the server binding it.  Each
+# process walks the range from its own random start (pytest-xdist workers and
+# parallel runs by other people rarely meet) and never hands a port out twice.
+_PORT_LOW, _PORT_HIGH = 20000, 32000
+_port_lock = threading.Lock()
+_port_next: list[int] = []
+_ports_given: set[int] = set()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    # Root Postfix instances can share a port (SO_REUSEPORT): bind() alone may
+    # succeed beside a live listener, so check nobody answers either.
+    return not port_accepts(port)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now.
 
-    Two root Postfix instances can bind the same port without an error and split
-    the connections, so the caller must use the port promptly.
+    Not from the ephemeral range, and never the same one twice in a process.
     """
+    with _port_lock:
+        if not _port_next:
+            import random
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+            n = int(re.sub(r"\D", "", worker) or 0)
+            span = _PORT_HIGH - _PORT_LOW
+            _port_next.append(_PORT_LOW + (n * 3001 + random.randrange(span)) % span)
+        for _ in range(_PORT_HIGH - _PORT_LOW):
+            port = _port_next[0]
+            _port_next[0] = _PORT_LOW + (port + 1 - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
+            if port in _ports_given:
+                continue
+            _ports_given.add(port)
+            if _port_is_free(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -209,7 +209,7 @@ def test_pipe_helper_and_pickup_slots(tmp_path):
         "pickup unix n - n 60 1 pickup\n"
         "maildrop unix - n n - - pipe flags=DRhu user=vmail argv=/bin/true\n"))
     kinds = [s.kind for s in m._make_slots(with_pipe, {}, warn=True)]
-    assert kinds == ["helper", "localhelper", "pipehelper", "qmgr", "pickup", "showq"]
+    assert kinds == ["anvil", "helper", "localhelper", "pipehelper", "qmgr", "pickup", "showq"]
     assert not [line for line in m.log.lines if "warning" in line]
     without = Config(str(tmp_path), {}, {}, parse_master_cf("qmgr unix n - n 300 1 qmgr\n"))
     assert "pipehelper" not in [s.kind for s in m._make_slots(without, {}, warn=True)]

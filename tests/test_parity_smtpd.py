@@ -54,7 +54,21 @@ VARIANTS = {
                                             "inline:{{badsender@example.org=REJECT bad sender}}",
                "smtpd_data_restrictions": "check_sender_access "
                                           "inline:{{nodata@example.org=REJECT data refused}}"},
+    "strict": {"strict_rfc821_envelopes": "yes",
+               "smtpd_recipient_restrictions": "reject_non_fqdn_recipient, reject_non_fqdn_sender, "
+                                               "permit_mynetworks, reject_unauth_destination",
+               "smtpd_data_restrictions": "reject_unauth_pipelining"},
+    "client_reject": {"smtpd_delay_reject": "no", "smtpd_client_restrictions":
+                      "check_client_access inline:{{127.0.0.1=REJECT go away}}"},
+    "client_reject_delayed": {"smtpd_client_restrictions":
+                              "check_client_access inline:{{127.0.0.1=REJECT go away}}"},
+    "hops": {"hopcount_limit": "3"},
+    "overshoot": {"smtpd_recipient_limit": "1", "smtpd_recipient_overshoot_limit": "1",
+                  "smtpd_hard_error_limit": "3", "smtpd_error_sleep_time": "0"},
 }
+# Variants whose greeting is not 220: the instances are started with a probe that
+# accepts any greeting.
+_NO_220 = {"client_reject"}
 
 # name: (variant, lines); a list item is one pipelined write (harness.dialogue).
 DIALOGUES = {
@@ -172,6 +186,79 @@ DIALOGUES = {
     "access_hold_log": ("access", [EHLO, MAIL, "RCPT TO:<hold@virtual.test>", RCPT, "QUIT"]),
     "access_data_restriction": ("access", [EHLO, "MAIL FROM:<nodata@example.org>", RCPT, "DATA",
                                            "BDAT 3 LAST\r\nabc", "QUIT"]),
+    # strict_rfc821_envelopes, non-FQDN addresses, reject_unauth_pipelining
+    "strict_envelopes": ("strict", [EHLO, "MAIL FROM:sender@example.org",
+                                    "MAIL FROM:<sender@example.org>(comment)",
+                                    "MAIL FROM:<@a.example:s@b.example>", "MAIL FROM:<a b@c>",
+                                    MAIL, "RCPT TO:alice@virtual.test",
+                                    "RCPT TO:<alice@virtual.test>(comment)", RCPT, "QUIT"]),
+    "strict_non_fqdn": ("strict", [EHLO, "MAIL FROM:<user>", "RCPT TO:<user>", "RCPT TO:<u@host>",
+                                   "RSET", "MAIL FROM:<u@host>", RCPT, "QUIT"]),
+    "strict_unauth_pipelining": ("strict", ["HELO a.example", [MAIL, RCPT, "DATA"], ["x", "."],
+                                            "QUIT"]),
+    # client restrictions
+    "client_rejected_at_connect": ("client_reject", ["EHLO a.example", MAIL, "NOOP", "FOO", "QUIT"]),
+    "client_rejected_at_rcpt": ("client_reject_delayed", ["EHLO a.example", MAIL, RCPT, "NOOP",
+                                                          "VRFY alice", "QUIT"]),
+    # more address and command forms
+    "rcpt_forms": ("default", [EHLO, MAIL, 'RCPT TO:<"alice"@virtual.test>',
+                               "RCPT TO:<alice@VIRTUAL.TEST.>", "RCPT TO:<alice@localhost>",
+                               "RCPT TO:<root@mx.example.test>", "RCPT TO:<postmaster@virtual.test>",
+                               "RCPT TO:<alice@[127.0.0.1]>", "RCPT TO:<user@other.example>",
+                               "QUIT"]),
+    "mail_forms": ("default", [EHLO, "MAIL FROM:<postmaster>", "RSET", "MAIL FROM:<nobody@virtual.test>",
+                               "RSET", "MAIL FROM:<@a.example:x@b.example>", "RSET",
+                               'MAIL FROM:<"x y"@b.example>', "RSET", "MAIL FROM:<x@[1.2.3.4]>", "RSET",
+                               "MAIL FROM:<x@[bogus]>", "QUIT"]),
+    "duplicate_parameters": ("default", [EHLO, MAIL + " SIZE=100 SIZE=200",
+                                         MAIL + " BODY=8BITMIME BODY=7BIT", MAIL + " RET=FULL RET=HDRS",
+                                         MAIL, RCPT + " NOTIFY=SUCCESS NOTIFY=FAILURE",
+                                         RCPT + " ORCPT=rfc822;a ORCPT=rfc822;b", "QUIT"]),
+    "nul_and_bare_cr_in_commands": ("default", [EHLO, "NOOP\x00x", "MA\x00IL", "NOOP\rx", "FOO\r",
+                                                "QUIT"]),
+    "bare_lf_commands": ("default", [EHLO, "NOOP\n", "MAIL FROM:<a@b.example>\n", "RSET\r\n",
+                                     "QUIT"]),
+    "tabs_in_commands": ("default", ["EHLO\tfoo.example", "HELO\t", "QUIT"]),
+    "helo_odd_names": ("default", ["HELO <foo>", "HELO a;b", 'HELO a"b', "EHLO b\u00fccher.example",
+                                   MAIL, RCPT, "QUIT"]),
+    "auth_starttls_unavailable": ("default", ["AUTH PLAIN", "STARTTLS", "HELO a.example", "AUTH",
+                                              "QUIT"]),
+    "xclient_xforward": ("default", [EHLO, "XCLIENT", "XCLIENT NAME=x", "XFORWARD",
+                                     "XFORWARD NAME=x", "QUIT"]),
+    "vrfy_policy_reject": ("default", [EHLO, f"VRFY nobody@{VD}", f"VRFY alice@{VD}", "QUIT"]),
+    # message content
+    "content_hopcount": ("hops", [EHLO, MAIL, RCPT, "DATA", "Received: a", "Received: b",
+                                  "Received: c", "Received: d", "", "x", ".", "QUIT"]),
+    "content_odd_bytes": ("default", [EHLO, MAIL, RCPT, "DATA", "Subject: a\x00b", "", "x\x00y",
+                                      "z" * 5000, "..", "...", ". .", "\u00e9t\u00e9", ".", "QUIT"]),
+    "content_header_only": ("default", [EHLO, MAIL, RCPT, "DATA", "Subject: only", ".", "QUIT"]),
+    "smtputf8_addresses": ("default", [EHLO, "MAIL FROM:<a@example.org> SMTPUTF8",
+                                       "RCPT TO:<\u00e9@virtual.test>", "RCPT TO:<a@\u00e9.example>",
+                                       "RSET", MAIL, "RCPT TO:<\u00e9@virtual.test>",
+                                       "RCPT TO:<a@\u00e9.example>", "VRFY \u00e9@virtual.test",
+                                       "VRFY \u00e9@virtual.test SMTPUTF8", "QUIT"]),
+    "rcpt_bad_domains": ("default", [EHLO, MAIL, "RCPT TO:<a@-bad.example>", "RCPT TO:<a@1.2.3.4>",
+                                     "RCPT TO:<a@b..c>", "RCPT TO:<a@[1.2.3]>",
+                                     "RCPT TO:<a@[IPv6:::1]>", "RCPT TO:<a@under_score.example>",
+                                     "QUIT"]),
+    "lost_after_ehlo": ("default", [EHLO]),
+    "lost_after_mail": ("default", [EHLO, MAIL]),
+    "lost_in_data": ("default", [EHLO, MAIL, RCPT, "DATA", "Subject: x", "", "partial"]),
+}
+
+# Known differences, kept visible.
+XFAIL = {
+    # Postfix's rcpt_overshoot: past smtpd_recipient_overshoot_limit a 452 counts as a failed
+    # RCPT (rcpt=2/4 here); the engine counts every 452 as a success.  Needs
+    # ServerConnection._cmd_rcpt plus test_smtp_engine.py::test_recipient_limit_and_overshoot.
+    "recipients_past_overshoot": ("overshoot", [EHLO, MAIL, RCPT, f"RCPT TO:<bob@{VD}>",
+                                                f"RCPT TO:<carol@{VD}>", f"RCPT TO:<sink@{VD}>",
+                                                "QUIT"]),
+    # Deliberate (DESIGN.md, no smuggling): Postfix exempts $mynetworks from
+    # smtpd_forbid_bare_newline (smtpd_forbid_bare_newline_exclusions) and then ends DATA
+    # at "." LF; postwell always requires CRLF "." CRLF.
+    "bare_lf_end_of_data_from_mynetworks": ("default", [EHLO, MAIL, RCPT, "DATA", "Subject: a\n",
+                                                        "b\n", ".\n", "QUIT"]),
 }
 
 
@@ -190,8 +277,14 @@ def pairs(tmp_path_factory):
             made.append(ref)
             pw = harness.PostwellInstance(base, VARIANTS[variant])
             made.append(pw)
-            ref.start()
-            pw.start()
+            saved = harness.wait_banner
+            if variant in _NO_220:
+                harness.wait_banner = _any_greeting
+            try:
+                ref.start()
+                pw.start()
+            finally:
+                harness.wait_banner = saved
             started[variant] = (ref, pw)
         return started[variant]
 
@@ -199,6 +292,22 @@ def pairs(tmp_path_factory):
     for inst in made:
         inst.stop()
         inst.cleanup()
+
+
+def _any_greeting(port: int, timeout: float = 15.0):
+    def probe():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.settimeout(3)
+                data = s.recv(4096)
+                if data[:1] in (b"2", b"4", b"5"):
+                    s.sendall(b"QUIT\r\n")
+                    s.recv(4096)
+                    return data
+        except OSError:
+            return None
+        return None
+    return harness.wait_for(probe, timeout, 0.1, f"a greeting on port {port}")
 
 
 _QID = re.compile(r"\b[0-9A-F]{10,12}\b")
@@ -246,9 +355,14 @@ def _table(a: list, b: list) -> str:
     return "\n".join(rows)
 
 
-@pytest.mark.parametrize("name", sorted(DIALOGUES))
-def test_session_matches_reference(pairs, name):
-    variant, lines = DIALOGUES[name]
+_CASES = [pytest.param(n, *DIALOGUES[n], id=n) for n in sorted(DIALOGUES)] + [
+    pytest.param(n, *XFAIL[n], id=n, marks=pytest.mark.xfail(reason="known difference, see XFAIL",
+                                                            strict=False))
+    for n in sorted(XFAIL)]
+
+
+@pytest.mark.parametrize("name, variant, lines", _CASES)
+def test_session_matches_reference(pairs, name, variant, lines):
     ref, pw = pairs(variant)
     want_r, want_log = _run(ref, lines)
     got_r, got_log = _run(pw, lines)

@@ -320,8 +320,6 @@ def test_connection_flood_from_one_ip(limits_pair):
     assert 3 <= got.count(220) <= 3 * workers, got
 
 
-@pytest.mark.xfail(reason="smtpd_client_connection_count_limit is per smtpd process (no anvil): "
-                          "with N workers one client holds up to N*limit connections", strict=False)
 def test_connection_flood_limit_machine_wide_as_postfix(limits_pair):
     ref, pw = limits_pair
     time.sleep(0.5)

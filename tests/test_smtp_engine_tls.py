@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from postwell.smtp.reply import Reply
-from postwell.smtp.server import (Auth, AuthAborted, AuthResponse, Ehlo, Helo, ServerConfig,
+from postwell.smtp.server import (Auth, AuthAborted, AuthResponse, Ehlo, Helo, Mail, ServerConfig,
                                   _SyntaxError, extract_address, neuter_helo, split_args)
 
 from test_smtp_engine import Driver, lines
@@ -147,3 +147,21 @@ def test_sender_domain_errors_and_smtputf8():
         "501 5.1.7 Bad sender address syntax\r\n"
     assert d.feed("MAIL FROM:<s@ex\u00e4mple.org> SMTPUTF8\r\n".encode()) == "250 2.1.0 Ok\r\n"
     assert d.feed("RCPT TO:<a@ex\u00e4mple.net>\r\n".encode()) == "250 2.1.5 Ok\r\n"
+
+
+def test_mail_auth_parameter_as_postfix():
+    d = Driver()
+    d.feed(b"EHLO x\r\n")
+    assert d.feed(b"MAIL FROM:<a@b.example> AUTH=x AUTH=y\r\n") == \
+        "503 5.5.4 Error: multiple AUTH= options\r\n"
+    assert d.feed(b"MAIL FROM:<a@b.example> AUTH=bad+zz\r\n") == "250 2.1.0 Ok\r\n"
+    assert d.of(Mail)[-1].auth is None
+    d.feed(b"RSET\r\n")
+    assert d.feed(b"MAIL FROM:<a@b.example> AUTH=foo+2Bbar\r\n") == "250 2.1.0 Ok\r\n"
+    assert d.of(Mail)[-1].auth == "foo+bar"
+
+
+def test_starttls_not_offered_beats_transaction():
+    d = Driver()
+    d.feed(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
+    assert d.feed(b"STARTTLS\r\n") == "502 5.5.1 Error: command not implemented\r\n"

@@ -380,7 +380,11 @@ def serve(config, *, log=None, ready=None) -> None:
     except Exception:   # noqa: BLE001
         unit = 60.0
     table = AnvilTable(unit)
-    loop = asyncio.new_event_loop()
+    try:
+        import uvloop   # the hot path of every smtpd connection goes through here
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,15 +23,14 @@ from __future__ import annotations
 import getopt
 import json
 import os
-import stat
 import sys
 import time
 
 from postwell.queue import QMGR_FLUSH, CorruptQueueFile, QueueFileNotFound, QueueStore, notify_qmgr
+# The queue scan is shared with the showq service (which runs it as $mail_owner).
+from postwell.showq import SHOW_QUEUES, collect, collect_maildrop  # noqa: F401 (re-exported)
 
 PROG = "postqueue"
-# showq lists the queues in this order.
-SHOW_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 STATUS_CHAR = {"active": "*", "hold": "!"}
 HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
 
@@ -39,83 +38,6 @@ HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
 def _fatal(text: str, code: int = 1) -> int:
     sys.stderr.write(f"{PROG}: fatal: {text}\n")
     return code
-
-
-def collect_maildrop(store: QueueStore):
-    """Messages that sendmail dropped and pickup has not taken yet.
-
-    They have no queue id: the listing shows the file's random name (longer
-    than an id, as Postfix's long ids are), which ``postcat -q`` accepts.
-    Unreadable or half-written files are skipped, as showq does.
-    """
-    from postwell.pickup.maildrop import NAME_RE, MaildropFormatError, read_maildrop
-    mdir = store.path("maildrop")
-    try:
-        names = sorted(os.listdir(mdir))
-    except OSError:
-        return
-    for name in names:
-        if not NAME_RE.match(name):
-            continue   # temporaries (.tmp.*) and strays
-        try:
-            fd = os.open(os.path.join(mdir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            drop = read_maildrop(fd, st.st_size)
-            env, size = drop.envelope, drop.content_size
-        except (OSError, MaildropFormatError):
-            continue
-        finally:
-            os.close(fd)
-        yield {
-            "queue_name": "maildrop",
-            "queue_id": name,
-            "arrival_time": int(env.submit_time or st.st_mtime),
-            "message_size": size,
-            "forced_expire": False,
-            "sender": env.sender or "MAILER-DAEMON",
-            "recipients": [{"address": r} for r in env.recipients],
-        }
-
-
-def collect(store: QueueStore):
-    """Yield one dict per queued message (the fields of ``postqueue -j``)."""
-    from postwell.qmgr.expire import message_expired
-    for qname in SHOW_QUEUES:
-        if qname == "maildrop":
-            yield from collect_maildrop(store)
-            continue
-        for qid in store.scan(qname):
-            try:
-                qm = store.open(qid, qname, writable=False)
-            except (QueueFileNotFound, FileNotFoundError):
-                continue   # delivered or moved while we looked
-            except (CorruptQueueFile, OSError):
-                continue
-            with qm:
-                expired = message_expired(qm)   # postsuper -e/-f (postwell.qmgr.expire)
-                reasons: dict[str, str] = {}
-                for e in store.read_defer_log(qid):
-                    reasons[e.get("recipient", "")] = e.get("reason", "")
-                rcpts = []
-                for r in qm.pending_recipients:
-                    item = {"address": r.address}
-                    if r.address in reasons:
-                        item["delay_reason"] = reasons[r.address]
-                    rcpts.append(item)
-                yield {
-                    "queue_name": qname,
-                    "queue_id": qid,
-                    "arrival_time": int(qm.arrival_time),
-                    "message_size": qm.content_size,
-                    "forced_expire": expired,
-                    "sender": qm.sender or "MAILER-DAEMON",
-                    "recipients": rcpts,
-                }
 
 
 def format_listing(messages) -> str:
@@ -135,7 +57,8 @@ def iter_listing(messages):
         stamp = time.strftime("%a %b %d %H:%M:%S", time.localtime(m["arrival_time"]))
         # Postfix 3.7 glues the status mark to the id and pads the pair to 11
         # columns (checked against its postqueue): "ID!     306", "ID      306".
-        id_mark = m["queue_id"] + STATUS_CHAR.get(m["queue_name"], "")
+        # A force-expired message (postsuper -e) gets a "#" after that mark.
+        id_mark = m["queue_id"] + STATUS_CHAR.get(m["queue_name"], "") + ("#" if m.get("forced_expire") else "")
         out.append(f"{id_mark:<11}{m['message_size']:>8} {stamp:<20} {m['sender']}")
         # Recipients grouped under their delay reason, reason-less ones first.
         rcpts = sorted(m["recipients"], key=lambda r: r.get("delay_reason", ""))

@@ -1,11 +1,21 @@
-"""postsuper(1): queue maintenance (delete, hold, release, requeue, purge, structure check).
+"""postsuper(1): queue maintenance (delete, expire, hold, release, requeue,
+purge, structure check).
 
-Usage: postsuper [-psSv] [-c config_dir] [-d queue_id] [-h queue_id] [-H queue_id]
-                 [-r queue_id] [queue...]
+Usage: postsuper [-psSv] [-c config_dir] [-d queue_id] [-e queue_id] [-f queue_id]
+                 [-h queue_id] [-H queue_id] [-r queue_id] [queue...]
 
 ``queue_id`` may be ``ALL`` or ``-`` (ids read from standard input, one per
 line).  Messages and log lines are worded as Postfix's; per-message lines
 are printed only for ids named explicitly, the totals always.
+
+``-e`` / ``-f`` (forced expiry, Postfix 3.5+) set the expiry mark described
+in postwell/qmgr/expire.py (the queue file's group-execute bit, as Postfix)
+and log ``ID: expired``; a message already marked is not counted again.  A
+deferred message is moved to incoming/ at once (postwell's difference: Postfix
+leaves it for the next deferred-queue run) so the qmgr returns it to the
+sender now; ``-f`` also releases a held message the same way
+(``ID: released from hold``), while ``-e`` leaves it held.  Totals:
+``Force-expired: N messages`` (and ``Released from hold: N messages`` for -f).
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from __future__ import annotations
 import getopt
 import os
 import sys
+
+import time
 
 from postwell.queue import QueueStore, is_queue_id, notify_qmgr
 
@@ -25,6 +37,8 @@ USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-e queue_id (
 # Postfix's default queues per operation.
 DEFAULT_QUEUES = {
     "d": ("hold", "incoming", "active", "deferred"),
+    "e": ("hold", "incoming", "active", "deferred"),
+    "f": ("hold", "incoming", "active", "deferred"),
     "h": ("incoming", "active", "deferred"),
     "H": ("hold",),
     "r": ("hold", "incoming", "active", "deferred"),
@@ -32,11 +46,13 @@ DEFAULT_QUEUES = {
 # The order operations run in, and the words of their per-message and total lines.
 OPERATIONS = (
     ("d", "removed", "Deleted"),
+    ("e", "expired", "Force-expired"),
+    ("f", "expired", "Force-expired"),
     ("H", "released from hold", "Released from hold"),
     ("h", "placed on hold", "Placed on hold"),
     ("r", "requeued", "Requeued"),
 )
-SUMMARY_ORDER = ("d", "r", "h", "H")
+SUMMARY_ORDER = ("d", "e", "r", "h", "H")
 
 
 class Reporter:
@@ -87,23 +103,83 @@ def _apply(store: QueueStore, op: str, qid: str, src: str) -> bool:
     return False
 
 
-def run_operation(store: QueueStore, op: str, ids: list[str], queues, report: Reporter) -> int:
+def _to_incoming(store: QueueStore, qid: str, src: str) -> None:
+    """Hand an expired message to the qmgr now (its next incoming/ scan)."""
+    if src in ("deferred", "hold"):
+        try:
+            store.set_next_attempt(qid, time.time(), src)
+        except OSError:
+            pass
+        store.move(qid, src, "incoming")
+
+
+def _expire(store: QueueStore, op: str, qid: str, src: str, say) -> tuple[int, int]:
+    """-e / -f on one message: (newly expired, released from hold) counts."""
+    from postwell.qmgr.expire import mark_expired, path_expired
+    path = store.path(src, qid)
+    expired = released = 0
+    try:
+        if not path_expired(path):
+            mark_expired(path)
+            expired = 1
+            say(f"{qid}: expired")
+        if src == "deferred":
+            _to_incoming(store, qid, src)
+        elif src == "hold" and op == "f":
+            _to_incoming(store, qid, src)
+            released = 1
+            say(f"{qid}: released from hold")
+    except FileNotFoundError:
+        pass   # left that queue meanwhile (delivered, or the qmgr took it)
+    except OSError as exc:
+        say(f"warning: expire file {src}/{qid}: cannot set permission: {exc.strerror or exc}")
+    return expired, released
+
+
+def run_operation(store: QueueStore, op: str, ids: list[str], queues, report: Reporter,
+                  extra: dict | None = None) -> int:
+    """Apply ``op`` to ``ids``; returns the count for its total line.  For
+    -f, messages released from hold are added to ``extra["H"]``."""
     done = 0
     verb = next(v for o, v, _ in OPERATIONS if o == op)
+    expiring = op in ("e", "f")
+
+    def one(t, q, say):
+        nonlocal done
+        if expiring:
+            e, r = _expire(store, op, t, q, say)
+            done += e
+            if extra is not None:
+                extra["H"] = extra.get("H", 0) + r
+            return True   # found: never look for the id in the next queue too
+        if _apply(store, op, t, q):
+            done += 1
+            say(f"{t}: {verb}")
+            return True
+        return False
+
+    def quiet(text):
+        # ALL: only the totals (and warnings) are printed.
+        if text.startswith("warning: "):
+            report.warn(text[len("warning: "):])
+
+    def loud(text):
+        if text.startswith("warning: "):
+            report.warn(text[len("warning: "):])
+        else:
+            report.say(text)
+
     for qid in ids:
         if qid == "ALL":
             for q in queues:
                 for t in store.scan(q):
-                    if _apply(store, op, t, q):
-                        done += 1
+                    one(t, q, quiet)
             continue
         if not is_queue_id(qid):
             report.warn(f"invalid mail queue id: {qid}")
             continue
         for q in queues:
-            if os.path.lexists(store.path(q, qid)) and _apply(store, op, qid, q):
-                done += 1
-                report.say(f"{qid}: {verb}")
+            if os.path.lexists(store.path(q, qid)) and one(qid, q, loud):
                 break
     return done
 
@@ -149,11 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     for o, v in opts:
         if o == "-c":
             config_dir = v
-        elif o in ("-d", "-h", "-H", "-r"):
+        elif o in ("-d", "-e", "-f", "-h", "-H", "-r"):
             wanted.setdefault(o[1], []).append(v)
-        elif o in ("-e", "-f"):
-            sys.stderr.write(f"{PROG}: fatal: option {o} is not supported by postwell\n")
-            return 1
         elif o == "-p":
             purge = True
         elif o in ("-s", "-S"):
@@ -189,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if purge:
         purge_temporary(store, report)
     counts: dict[str, int] = {}
+    released: dict[str, int] = {}
     for op, _verb, _total in OPERATIONS:
         if op not in wanted:
             continue
@@ -199,12 +273,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ids.append(v)
         qs = [q for q in (queues or DEFAULT_QUEUES[op]) if q != "maildrop"]
-        counts[op] = run_operation(store, op, ids, qs, report)
+        n = run_operation(store, op, ids, qs, report, released)
+        if op == "f":
+            # -f counts under -e's total; its releases under -H's.
+            counts["e"] = counts.get("e", 0) + n
+            counts["H"] = counts.get("H", 0) + released.pop("H", 0)
+        else:
+            counts[op] = counts.get(op, 0) + n
     for op in SUMMARY_ORDER:
         if op in counts:
             total = next(t for o, _v, t in OPERATIONS if o == op)
             report.say(f"{total}: {_plural(counts[op])}")
-    if counts.get("H") or counts.get("r"):
+    if counts.get("H") or counts.get("r") or "e" in counts:
         notify_qmgr(store.queue_directory)
     return 0
 

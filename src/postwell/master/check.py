@@ -103,6 +103,16 @@ def run_check(config_dir: str) -> tuple[str | None, list[str]]:
             if not os.access(path, os.R_OK):
                 why = "Permission denied" if os.path.exists(path) else "No such file or directory"
                 warnings.append(f"cannot access {param} file {path}: {why}")
+    # Each smtpd service as its daemon sees it (-o overrides applied): TLS and SASL.
+    from postwell.sasl import check_sasl_config
+    from postwell.tls import check_tls_config
+    for svc in cfg.services or []:
+        if svc.type == "inet" and svc.command == "smtpd":
+            scfg = cfg.for_service(svc)
+            for problem in check_tls_config(scfg) + check_sasl_config(scfg):
+                text = f"master.cf service {svc.name}: {problem}"
+                if text not in warnings:
+                    warnings.append(text)
     # Services postwell does not run are reported once, by the master at start.
     return None, warnings
 

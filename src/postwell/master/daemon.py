@@ -408,12 +408,17 @@ class Master:
             # that becomes the service's user= before exec.
             pipe_helper.serve(slot.config, self.owner[0], self.owner[1])
             return
+        preloaded = None
+        if slot.kind == "smtpd":
+            # Still privileged: read the TLS key and certificate (Postfix's pre-jail init).
+            from postwell import smtpd
+            preloaded = smtpd.preload(slot.config, slot.svc)
         drop_privileges(self.owner)
         # After the uid change: the kernel clears the parent-death signal on it.
         _die_with_master(master_pid)
         if slot.kind == "smtpd":
             from postwell import smtpd
-            smtpd.serve(slot.config, slot.svc, slot.sockets)
+            smtpd.serve(slot.config, slot.svc, slot.sockets, preloaded=preloaded)
         elif slot.kind == "pickup":
             from postwell.pickup import service as pickup
             pickup.serve(slot.config)

@@ -552,8 +552,11 @@ class QueueManager:
         # the message's age now; the remaining recipients are returned with
         # the reason (and 4.x status) of this last deferral.
         lifetime = self.bounce_lifetime if sender == "" else self.lifetime
-        if deferred and self.clock() - arrival >= lifetime:
-            self.log.info(f"{qid}: from=<{sender}>, status=expired, returned to sender")
+        # postsuper -e while this attempt was running: return what is left now.
+        forced = bool(deferred) and message_expired(qm)
+        if deferred and (forced or self.clock() - arrival >= lifetime):
+            status = "force-expired" if forced else "expired"
+            self.log.info(f"{qid}: from=<{sender}>, status={status}, returned to sender")
             await self._durable(self._record, qid, qm, [r for r, _ in deferred],
                                 [(r, r, res, "failed", res.reason) for r, res in deferred], [])
             deferred = []

@@ -39,6 +39,9 @@ import stat
 import struct
 import threading
 
+from postwell.qmgr.expire import message_expired
+from postwell.queue import CorruptQueueFile, QueueFileNotFound, QueueStore
+
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
     from postwell.config.registry import register_implemented as _register
 except ImportError:  # pragma: no cover
@@ -53,6 +56,8 @@ MAX_CLIENTS = 8                # connections served at once; more wait in the ba
 SEND_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 60.0
 _LEN = struct.Struct(">I")
+# showq lists the queues in this order.
+SHOW_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
 class ShowqUnavailable(Exception):
@@ -167,15 +172,91 @@ def authorized(config, uid: int | None) -> bool:
         # Postfix matches the login name as a string list (names, type:table, !name).
         from postwell.policy.matchlist import StringList
         return bool(StringList("authorized_mailq_users", spec, config).match(name))
-    except Exception as exc:   # a broken table: refuse, as Postfix does on a lookup error
+    except Exception:   # a broken table: refuse, as Postfix does on a lookup error
         return False
 
 
+# ---------------------------------------------------------------- the scan
+# Shared by this service and by postqueue run as root or $mail_owner, so both
+# paths list exactly the same records.
+
+def collect_maildrop(store: QueueStore):
+    """Messages that sendmail dropped and pickup has not taken yet.
+
+    They have no queue id: the listing shows the file's random name (longer
+    than an id, as Postfix's long ids are), which ``postcat -q`` accepts.
+    Unreadable or half-written files are skipped, as showq does.
+    """
+    from postwell.pickup.maildrop import NAME_RE, MaildropFormatError, read_maildrop
+    mdir = store.path("maildrop")
+    try:
+        names = sorted(os.listdir(mdir))
+    except OSError:
+        return
+    for name in names:
+        if not NAME_RE.match(name):
+            continue   # temporaries (.tmp.*) and strays
+        try:
+            fd = os.open(os.path.join(mdir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            drop = read_maildrop(fd, st.st_size)
+            env, size = drop.envelope, drop.content_size
+        except (OSError, MaildropFormatError):
+            continue
+        finally:
+            os.close(fd)
+        yield {
+            "queue_name": "maildrop",
+            "queue_id": name,
+            "arrival_time": int(env.submit_time or st.st_mtime),
+            "message_size": size,
+            "forced_expire": False,
+            "sender": env.sender or "MAILER-DAEMON",
+            "recipients": [{"address": r} for r in env.recipients],
+        }
+
+
+def collect(store: QueueStore):
+    """Yield one dict per queued message (the fields of ``postqueue -j``)."""
+    for qname in SHOW_QUEUES:
+        if qname == "maildrop":
+            yield from collect_maildrop(store)
+            continue
+        for qid in store.scan(qname):
+            try:
+                qm = store.open(qid, qname, writable=False)
+            except (QueueFileNotFound, FileNotFoundError):
+                continue   # delivered or moved while we looked
+            except (CorruptQueueFile, OSError):
+                continue
+            with qm:
+                expired = message_expired(qm)   # postsuper -e/-f (postwell.qmgr.expire)
+                reasons: dict[str, str] = {}
+                for e in store.read_defer_log(qid):
+                    reasons[e.get("recipient", "")] = e.get("reason", "")
+                rcpts = []
+                for r in qm.pending_recipients:
+                    item = {"address": r.address}
+                    if r.address in reasons:
+                        item["delay_reason"] = reasons[r.address]
+                    rcpts.append(item)
+                yield {
+                    "queue_name": qname,
+                    "queue_id": qid,
+                    "arrival_time": int(qm.arrival_time),
+                    "message_size": qm.content_size,
+                    "forced_expire": expired,
+                    "sender": qm.sender or "MAILER-DAEMON",
+                    "recipients": rcpts,
+                }
+
+
 def _messages(queue_directory: str):
-    # The listing code lives with postqueue (the direct, privileged path);
-    # both paths produce the same records.
-    from postwell.cli.postqueue import collect
-    from postwell.queue import QueueStore
     return collect(QueueStore(queue_directory))
 
 
@@ -205,6 +286,13 @@ def handle(conn: socket.socket, config, log=None) -> None:
         conn.sendall(_frame({"end": count}))
     except (OSError, socket.timeout):
         pass   # the client went away or stopped reading: nothing to clean up
+    except Exception as exc:   # a bug must not kill the service, only this request
+        if log is not None:
+            log.warning(f"request failed: {exc!r}")
+        try:
+            conn.sendall(_frame({"error": "internal error"}))
+        except OSError:
+            pass
     finally:
         try:
             conn.close()

@@ -593,12 +593,11 @@ def _unbalanced_token(text: str) -> bool:
 
 
 def _strict_821_ok(token: str) -> bool:
-    """strict_rfc821_envelopes = yes: only "<" path ">" (RFC 5321 4.1.2), no comments,
-    phrases or source routes."""
+    """strict_rfc821_envelopes = yes: only "<" path ">" (RFC 5321 4.1.2), no comments
+    or phrases (a source route passes, as in Postfix 3.7)."""
     if len(token) < 2 or token[0] != "<" or token[-1] != ">":
         return False
-    inner = token[1:-1]
-    return not inner.startswith("@") and _unquoted_index(inner, "<>()") < 0
+    return _unquoted_index(token[1:-1], "<>()") < 0
 
 
 def parse_path(text: str, null_ok: bool) -> tuple[str, list[str]]:
@@ -1203,6 +1202,7 @@ class ServerConnection:
                 self._error("mail", bad)
                 return
         del kw["_sender"]
+        kw.pop("_auth_seen", None)
         limit = self.config.message_size_limit
         if "size" not in kw and limit and self._declared_size > limit:
             # Postfix keeps a refused MAIL's SIZE until RSET/EHLO/end of message, so a
@@ -1250,7 +1250,11 @@ class ServerConnection:
             except ValueError:
                 return Reply(501, "Bad ENVID parameter syntax", "5.5.4")
         elif k == "AUTH" and eq:
-            # RFC 4954 5: accepted and (unless trusted) ignored
+            # RFC 4954 5: accepted and (unless trusted) ignored; Postfix refuses a second
+            # one, with or without AUTH enabled (checked against 3.7).
+            if "_auth_seen" in kw:
+                return Reply(503, "Error: multiple AUTH= options", "5.5.4")
+            kw["_auth_seen"] = True
             try:
                 kw["auth"] = decode_xtext(val)
             except ValueError:
@@ -1478,16 +1482,16 @@ class ServerConnection:
         if arg:
             self._error("starttls", Reply(501, "Syntax: STARTTLS", "5.5.4"))
             return
-        # Postfix's order (checked against 3.7): already active (also in wrapper mode)
-        # before a transaction in progress.
+        # Postfix's order (checked against 3.7): already active (also in wrapper mode),
+        # then not offered, then a transaction in progress.
         if self.tls_active:
             self._error("starttls", Reply(554, "Error: TLS already active", "5.5.1"))
             return
-        if self.in_transaction:
-            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
-            return
         if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
             self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
+            return
+        if self.in_transaction:
+            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
             return
         self._ask("starttls", StartTls())
 

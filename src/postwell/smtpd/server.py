@@ -612,6 +612,8 @@ class SmtpdSession(asyncio.Protocol):
         if not await self._start_tls():
             conn.abort("lost")                      # "lost connection after STARTTLS"
             return
+        if not await self._tls_rate_check(log_tls=True):
+            return                                  # as Postfix: starttls=0/1
         conn.tls_started()
         state = self.state
         # RFC 3207 4.2: forget what the client said before TLS.
@@ -620,13 +622,23 @@ class SmtpdSession(asyncio.Protocol):
         state.protocol = "SMTP"
         state.sasl_username = state.sasl_method = None
         self._after_tls()
-        await self._tls_rate_check()
 
-    async def _tls_rate_check(self) -> bool:
+    async def _tls_rate_check(self, log_tls: bool = False) -> bool:
         """smtpd_client_new_tls_session_rate_limit after a full handshake: over the
         limit, a 421 inside TLS and the session ends.  False when it ended."""
+        srv = self.server
         reused = bool(self.ssl_object is not None and self.ssl_object.session_reused)
-        reply = await self.server.event_limit_reply(self, "tls_established", reused)
+        if srv.limits is None or not srv.limits.ntls_limit or reused:
+            return True
+        if log_tls and srv.tls_loglevel >= 1 and self.ssl_object is not None:
+            # The handshake is logged before the check, as Postfix does.
+            try:
+                from postwell.tls import server_log_text
+                srv.log.info(server_log_text(self.namaddr, self.ssl_object))
+                self._tls_logged = True
+            except Exception:   # noqa: BLE001
+                pass
+        reply = await srv.event_limit_reply(self, "tls_established", reused)
         if reply is None:
             return True
         if self.transport is not None and not self.transport.is_closing():
@@ -683,7 +695,7 @@ class SmtpdSession(asyncio.Protocol):
                 name, _proto, bits = ssl_obj.cipher() or ("", "", 0)
                 state.encryption_cipher = name
                 state.encryption_keysize = bits or 0
-                if srv.tls_loglevel >= 1:
+                if srv.tls_loglevel >= 1 and not getattr(self, "_tls_logged", False):
                     from postwell.tls import server_log_text
                     srv.log.info(server_log_text(self.namaddr, ssl_obj))
             except Exception as exc:   # noqa: BLE001 - logging must not end the session
@@ -1042,6 +1054,10 @@ class SmtpdServer:
                 self.log.warning(f"anvil: {exc!r}")
                 got = UNAVAILABLE
             if got is not UNAVAILABLE:
+                if got is not None:
+                    # Released before the 421 leaves, so the client's next attempt
+                    # sees the count without this refused session.
+                    self.limits.disconnect(session)
                 return got
         if not local:
             return None
