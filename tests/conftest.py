@@ -15,6 +15,44 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import harness  # noqa: E402
 
+try:
+    from hypothesis import HealthCheck, settings as _hsettings
+except ImportError:   # the fuzz tests skip themselves without hypothesis
+    pass
+else:
+    # Deterministic (same examples every run) and blind to machine load: no
+    # per-example deadline, no "too slow" health check on a busy 2-core box, and
+    # no example database replaying yesterday's failures from the work tree.
+    _hsettings.register_profile("postwell", derandomize=True, deadline=None, database=None,
+                                suppress_health_check=[HealthCheck.too_slow])
+    _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "postwell"))
+
+
+def _stop_all(instances) -> None:
+    """Stop and remove every instance, even when one of them fails to stop."""
+    errors = []
+    for inst in instances:
+        try:
+            inst.stop()
+        except Exception as e:  # noqa: BLE001 - the others must still be stopped
+            errors.append(e)
+        try:
+            inst.cleanup()
+        except OSError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_leftover_instances():
+    """After the run, nothing of an instance this run created may keep running
+    (a test that never stopped its instance, a master whose directory was removed)."""
+    yield
+    leftover = harness.sweep_instances(harness.created_roots)
+    if leftover:
+        sys.stderr.write(f"\nconftest: killed {len(leftover)} leftover instance process(es)\n")
+
 
 def _reference_or_skip():
     reason = harness.reference_available()
@@ -34,9 +72,7 @@ def postwell_factory(tmp_path):
         return inst
 
     yield make
-    for inst in made:
-        inst.stop()
-        inst.cleanup()
+    _stop_all(made)
 
 
 @pytest.fixture
@@ -58,9 +94,7 @@ def reference_factory(tmp_path):
         return inst
 
     yield make
-    for inst in made:
-        inst.stop()
-        inst.cleanup()
+    _stop_all(made)
 
 
 @pytest.fixture(scope="session")

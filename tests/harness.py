@@ -53,21 +53,24 @@ _port_next: list[int] = []
 _ports_given: set[int] = set()
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
+def _port_is_free(port: int, udp: bool = False) -> bool:
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
     # Root Postfix instances can share a port (SO_REUSEPORT): bind() alone may
     # succeed beside a live listener, so check nobody answers either.
     return not port_accepts(port)
 
 
-def free_port() -> int:
+def free_port(udp: bool = False) -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now.
 
     Not from the ephemeral range, and never the same one twice in a process.
+    ``udp=True``: the UDP port of that number is free too (a DNS server).
     """
     with _port_lock:
         if not _port_next:
@@ -82,7 +85,7 @@ def free_port() -> int:
             if port in _ports_given:
                 continue
             _ports_given.add(port)
-            if _port_is_free(port):
+            if _port_is_free(port, udp):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -195,6 +198,57 @@ def pids_with_argument(arg: str) -> list[int]:
     return out
 
 
+def pids_with_environ(name: str, value: str) -> list[int]:
+    """Live processes (not us) started with ``name=value`` in their environment.
+
+    Postfix's master runs as "master -w" whatever its configuration, but
+    ``postfix -c DIR start`` hands it MAIL_CONFIG=DIR.
+    """
+    want = f"{name}={value}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in env and pid_alive(int(entry)):
+            out.append(int(entry))
+    return out
+
+
+def sweep_instances(roots) -> list[int]:
+    """Kill what is still running of the given instance directories.
+
+    A process belongs to an instance when its argv (postwell: ``-c ROOT/etc``)
+    or its MAIL_CONFIG (Postfix's master) names the instance's config dir.
+    One pass over /proc, whatever the number of roots.
+    """
+    dirs = {str(Path(r) / "etc").encode() for r in roots}
+    if not dirs:
+        return []
+    envs = {b"MAIL_CONFIG=" + d for d in dirs}
+    hits = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = set(f.read().split(b"\0"))
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = set(f.read().split(b"\0"))
+        except OSError:
+            continue
+        if (argv & dirs or env & envs) and pid_alive(int(entry)):
+            hits.append(int(entry))
+    killed = []
+    for pid in hits:
+        killed += kill_tree(pid)
+    return killed
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -242,13 +296,19 @@ def test_base_dir() -> Path:
     return base
 
 
+# Every instance directory this process made, for the end-of-session sweep.
+created_roots: list[Path] = []
+
+
 def instance_root(tmp_path: Path, name: str) -> Path:
     """A fresh directory for one instance; linked from tmp_path for debugging."""
     if not is_root():
         root = tmp_path / name
         root.mkdir(parents=True, exist_ok=True)
+        created_roots.append(root)
         return root
     root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=test_base_dir()))
+    created_roots.append(root)
     os.chmod(root, 0o755)
     with contextlib.suppress(OSError):
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -686,6 +746,10 @@ class ReferencePostfix(MtaInstance):
                 wait_for(lambda: not pid_alive(pid), 10, 0.05, "Postfix master to exit")
             if pid_alive(pid):
                 kill_tree(pid)
+        # The pid file is gone when someone removed the instance directory under
+        # a running master: find it (and daemons it lost) by its MAIL_CONFIG.
+        for stray in pids_with_environ("MAIL_CONFIG", str(self.config_dir)):
+            kill_tree(stray)
         self.running = False
 
     def reload(self):

@@ -317,7 +317,7 @@ def test_client_without_server_answers_none_quickly_and_warns_once(sockdir):
     log = NullLog()
 
     async def main():
-        c = AnvilClient(path, log=log, retry=60)
+        c = AnvilClient(path, log=log, retry=60, grace=0)
         t0 = time.monotonic()
         for _ in range(20):
             assert await c.connect("smtp", "10.0.0.1") is None
@@ -521,3 +521,13 @@ def test_new_tls_session_after_handshake():
     lim, client, log = _limits({"newtls": 3}, smtpd_client_new_tls_session_rate_limit="2")
     assert asyncio.run(lim.tls_established(_Session(), reused=True)) is None
     assert client.calls == []            # a resumed session is not a new one
+
+
+def test_client_quiet_while_anvil_starts(sockdir):
+    log = NullLog()
+
+    async def main():
+        c = AnvilClient(str(sockdir / "anvil"), log=log, retry=0)
+        assert await c.connect("smtp", "10.0.0.1") is None
+    _run(main())
+    assert log.lines == []

@@ -189,6 +189,7 @@ def test_count_limit_reply_and_log_as_postfix(count_pair):
 def test_killed_worker_releases_its_connections(count_pair):
     """A worker that dies holding sessions must not leave counts in anvil."""
     ref, pw = count_pair
+    time.sleep(1.2)    # a worker dying younger than 1 s would throttle the service
     _wait_idle(pw)
     firsts, socks = _flood(pw.port, 3)
     try:
@@ -393,3 +394,52 @@ def test_new_tls_session_rate_as_postfix(tls_pair):
     tls = {inst.kind: re.findall(r"smtpd\[\d+\]: (\w+) TLS connection established|"
                                  r"(New TLS session rate)", inst.log_text()) for inst in (ref, pw)}
     assert [bool(a) for a, b in tls["postwell"]] == [bool(a) for a, b in tls["postfix"]]
+
+
+# ---------------------------------------------------------------- restarts
+
+def _anvil_pid(pw) -> int | None:
+    """anvil binds under private/anvil.<pid> before renaming: /proc/net/unix keeps that name."""
+    prefix = str(pw.queue_dir / "private" / "anvil.")
+    with open("/proc/net/unix") as f:
+        for line in f:
+            path = line.split()[-1] if len(line.split()) >= 8 else ""
+            if path.startswith(prefix):
+                pid = int(path[len(prefix):])
+                if harness.pid_alive(pid):
+                    return pid
+    return None
+
+
+def _limit_holds(pw):
+    _wait_idle(pw)
+    firsts, socks = _flood(pw.port, 6)
+    _close(socks)
+    assert [f[:3] for f in firsts] == ["220"] * 3 + ["421"] * 3, firsts
+
+
+def test_anvil_killed_is_restarted_and_limit_holds_again(count_pair):
+    import os
+    import signal
+    ref, pw = count_pair
+    old = _anvil_pid(pw)
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    harness.wait_for(lambda: _anvil_pid(pw) not in (None, old), 15, what="a new anvil")
+    # While anvil was away the workers went on alone (never refusing for that);
+    # after their retry pause they use the new anvil.
+    r = harness.dialogue(pw.port, ["QUIT"], timeout=10)
+    assert r[0].code == 220
+    time.sleep(1.5)
+    _limit_holds(pw)
+
+
+def test_limit_holds_after_reload(count_pair):
+    ref, pw = count_pair
+    old = _anvil_pid(pw)
+    pw.reload()
+    harness.wait_for(lambda: _anvil_pid(pw) not in (None, old), 15, what="the new anvil")
+    harness.wait_for(lambda: not harness.pid_alive(old), 15, what="the old anvil gone")
+    harness.wait_banner(pw.port, 15)
+    time.sleep(1.5)
+    _limit_holds(pw)

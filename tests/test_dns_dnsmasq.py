@@ -8,11 +8,12 @@ import asyncio
 import os
 import random
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
+
+import harness
 
 from postwell.dns import (DestinationError, DnsPythonResolver, DnsTempFail, MxRecord,
                           NoSuchDomain, resolve_destination)
@@ -37,34 +38,40 @@ server=/broken.test/127.0.0.1#9
 """
 
 
-def _free_udp_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def _start_dnsmasq(conf):
+    """dnsmasq on a port free for UDP and TCP (it binds both); a few ports are
+    tried, since another process may take one between the check and the bind."""
+    for _attempt in range(3):
+        port = harness.free_port(udp=True)
+        conf.write_text(f"port={port}\nlisten-address=127.0.0.1\nbind-interfaces\n" + ZONE)
+        argv = [DNSMASQ, "-k", f"--conf-file={conf}", "--pid-file="]
+        if os.geteuid() == 0:
+            argv.append("--user=nobody")
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 5
+        resolver = DnsPythonResolver([("127.0.0.1", port)], timeout=0.5, lifetime=1.5)
+        while True:
+            try:
+                asyncio.run(resolver.mx("example.test"))
+                return proc, resolver
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+        err = proc.stderr.read()
+        if b"Address already in use" not in err:
+            pytest.fail(f"dnsmasq did not start: {err!r}")
+    pytest.fail("dnsmasq found no free port in 3 attempts")
 
 
 @pytest.fixture(scope="module")
 def nameserver(tmp_path_factory):
     conf = tmp_path_factory.mktemp("dnsmasq") / "dnsmasq.conf"
-    port = _free_udp_port()
-    conf.write_text(f"port={port}\nlisten-address=127.0.0.1\nbind-interfaces\n" + ZONE)
-    argv = [DNSMASQ, "-k", f"--conf-file={conf}", "--pid-file="]
-    if os.geteuid() == 0:
-        argv.append("--user=nobody")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 5
-    resolver = DnsPythonResolver([("127.0.0.1", port)], timeout=0.5, lifetime=1.5)
+    proc, resolver = _start_dnsmasq(conf)
     try:
-        while True:
-            try:
-                asyncio.run(resolver.mx("example.test"))
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.skip(f"dnsmasq did not start: {proc.stderr.read()!r}")
-                time.sleep(0.1)
         yield resolver
     finally:
         proc.terminate()

@@ -272,7 +272,7 @@ def test_deferred_scan_takes_an_expired_message_before_its_retry_time(env):
 # ------------------------------------------------------------------ end to end
 
 def _e2e():
-    from test_issue3_local_e2e import HOSTNAME, e2e_users, queued_id, site  # noqa: F401
+    from test_issue3_local_e2e import HOSTNAME, queued_id
     from test_issue3_tools_e2e import closed_port, relay_params, wait_deferred
     return HOSTNAME, queued_id, closed_port, relay_params, wait_deferred
 
@@ -325,12 +325,14 @@ def test_expired_during_an_attempt_is_returned_after_it(env):
     qid = queue(env.store, "s@x.test", ["t@slow.test"])
 
     class MarkingAgent(DeliveryAgent):
+        def __init__(self):
+            pass
+
         async def deliver(self, req):
             expire.mark_expired(env.store.path("active", req.queue_id))
             return [RecipientResult.deferred(r, "try later", "none", "4.4.2") for r in req.recipients]
     qm = env.make()
     qm._agents["tmpfail"] = MarkingAgent()
-    env.cfg.params["virtual_transport"] = "tmpfail"
 
     class R:
         def resolve(self, address):
@@ -344,3 +346,30 @@ def test_expired_during_an_attempt_is_returned_after_it(env):
     [n] = notices(env)
     b = blocks(n.msg)[1]
     assert (b["Status"], b["Diagnostic-Code"]) == ("4.4.2", "X-Postfix; try later")
+
+
+def test_mixed_operations_in_postfix_order(cli, capsys):
+    """Postfix 3.7: postsuper -r A -e B -h C -H D prints requeued, expired,
+    placed on hold, released from hold, then the totals in the same order;
+    -f on a message that is not held still prints the (zero) release total."""
+    store, etc, _ = cli
+    a, b, c = (put(store, "s@x.test", [f"{n}@far.test"]) for n in "abc")
+    d = put(store, "s@x.test", ["d@far.test"], "hold")
+    assert postsuper.main(["-c", etc, "-r", a, "-e", b, "-h", c, "-H", d]) == 0
+    assert capsys.readouterr().err == (
+        f"postsuper: {a}: requeued\n"
+        f"postsuper: {b}: expired\n"
+        f"postsuper: {c}: placed on hold\n"
+        f"postsuper: {d}: released from hold\n"
+        "postsuper: Requeued: 1 message\n"
+        "postsuper: Force-expired: 1 message\n"
+        "postsuper: Placed on hold: 1 message\n"
+        "postsuper: Released from hold: 1 message\n")
+    assert postsuper.main(["-c", etc, "-f", a]) == 0
+    assert capsys.readouterr().err == (f"postsuper: {a}: expired\n"
+                                       "postsuper: Force-expired: 1 message\n"
+                                       "postsuper: Released from hold: 0 messages\n")
+    # Not in the named queue: nothing happens.
+    assert postsuper.main(["-c", etc, "-e", c, "incoming"]) == 0
+    assert capsys.readouterr().err == "postsuper: Force-expired: 0 messages\n"
+    assert not marked(store, "hold", c)

@@ -229,15 +229,17 @@ def test_unknown_request_and_silent_client(env, monkeypatch):
 
 
 def test_refusal_is_reported(env, monkeypatch, capsys):
+    import pwd
     store, etc, _ = env
     put(store, "s1@x.test", ["a@far.test"])
     monkeypatch.setattr(postqueue, "can_read_queue", lambda cfg, store: False)
     monkeypatch.setattr(showq, "authorized", lambda cfg, uid: False)
     with Running(load_config(etc)):
-        assert postqueue.main(["-c", etc, "-p"]) == 69
+        assert postqueue.main(["-c", etc, "-p"]) == 77     # EX_NOPERM, as Postfix
     out, err = capsys.readouterr()
-    assert out == "" and err == ("postqueue: fatal: Queue report unavailable - "
-                                 "User is not authorized to view the mail queue\n")
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert out == "" and err == (f"postqueue: fatal: User {me}({os.geteuid()}) is not allowed "
+                                 "to view the mail queue\n")
 
 
 def test_authorized_mailq_users(env):
@@ -342,3 +344,39 @@ def test_running_instance_answers_unprivileged_mailq(postwell):
     lines = cp.stdout.split("\n")
     assert lines[0] == postqueue.HEADER and lines[1].startswith(qid + "!")
     assert "s1@x.test" in lines[1] and lines[-2] == "-- 0 Kbytes in 1 Request."
+
+
+if os.geteuid() == 0:
+    from test_issue3_local_e2e import e2e_users, site  # noqa: E402,F401 (fixtures)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create real users")
+def test_unprivileged_listing_matches_roots(site, e2e_users):
+    """Every queue (maildrop too) as a user sees it through showq is what root
+    sees reading the queue itself; sendmail -bp and postqueue -j likewise."""
+    from test_issue3_local_e2e import queued_id
+    from test_issue3_tools_e2e import closed_port, relay_params, run_as, wait_deferred
+    from test_sendmail import run as run_sendmail
+    s = site(relay_params(closed_port()), pickup=False)
+    d = queued_id(s.smtp(["a@far.test", "b@far.test"], sender="s1@remote.test"))
+    h = queued_id(s.smtp(["c@far.test"], sender=""))
+    wait_deferred(s, d)
+    wait_deferred(s, h)
+    assert s.inst.run("postsuper", "-h", h).returncode == 0
+    rc, _, err = run_sendmail(["-C", str(s.inst.config_dir), "x@far.test"], b"Subject: md\n\nhi\n",
+                              user="pwe2")
+    assert (rc, err) == (0, b"")
+    conf = str(s.inst.config_dir)
+    for args in (["-p"], ["-j"]):
+        rc, mine, err = run_as("pwe1", postqueue.main, ["-c", conf, *args])
+        assert (rc, err) == (0, "")
+        root = io.StringIO()
+        cfg = load_config(conf)
+        assert postqueue.show_queue(cfg, QueueStore(cfg.get("queue_directory")), args[0][1], root) == 0
+        assert mine == root.getvalue()
+    listed = [json.loads(x) for x in mine.splitlines()]
+    assert [m["queue_name"] for m in listed] == ["maildrop", "deferred", "hold"]
+    assert listed[1]["queue_id"] == d and listed[2]["queue_id"] == h
+    from postwell.cli import sendmail
+    rc, out, err = run_as("pwe3", sendmail.main, ["-C", conf, "-bp"])
+    assert rc == 0 and out.startswith(postqueue.HEADER + "\n") and "-- 0 Kbytes in 3 Requests." in out

@@ -71,6 +71,7 @@ MAX_IDLE_ENTRIES = 200_000     # hard cap on zero-count entries (oldest dropped 
 CLIENT_TIMEOUT = 1.0           # seconds the smtpd waits for an answer before going on alone
 RETRY_SECONDS = 1.0            # after a failed connect, go on alone this long
 WARN_SECONDS = 60.0            # at most one "cannot reach anvil" warning per period
+STARTUP_GRACE = 5.0            # a worker may start before anvil listens: no warning then
 
 VERBS = ("connect", "disconnect", "message", "recipient", "newtls", "newtls_stat", "auth",
          "lookup")
@@ -446,7 +447,8 @@ class AnvilClient:
     out, stream broken); the caller then goes on without it."""
 
     def __init__(self, path: str, *, log=None, timeout: float = CLIENT_TIMEOUT,
-                 retry: float = RETRY_SECONDS, clock=time.monotonic) -> None:
+                 retry: float = RETRY_SECONDS, clock=time.monotonic,
+                 grace: float = STARTUP_GRACE) -> None:
         self.path = path
         self.log = log
         self.timeout = timeout
@@ -457,9 +459,12 @@ class AnvilClient:
         self._connecting: asyncio.Future | None = None
         self._retry_at = 0.0
         self._warned_at = -1e18
+        self._quiet_until = clock() + grace
 
     def _warn(self, text: str) -> None:
         now = self.clock()
+        if now < self._quiet_until:
+            return
         if self.log is not None and now - self._warned_at >= WARN_SECONDS:
             self._warned_at = now
             self.log.warning(text)

@@ -119,6 +119,8 @@ def show_queue(cfg, store: QueueStore, mode: str, out=None) -> int:
             return _fatal("Queue report unavailable - mail system is down "
                           f"(Connect to the public {os.path.basename(path)} service: {exc})", 69)
         except showq.ShowqRefused as exc:
+            if exc.denied:
+                return _fatal(str(exc), 77)   # EX_NOPERM
             return _fatal(f"Queue report unavailable - {exc}", 69)
 
         def chained(first=first, rest=messages):

@@ -44,15 +44,17 @@ DEFAULT_QUEUES = {
     "r": ("hold", "incoming", "active", "deferred"),
 }
 # The order operations run in, and the words of their per-message and total lines.
+# Postfix 3.7 (checked with "-r A -e B -h C -H D"): requeue, expire, hold,
+# release, and the totals in that order too.
 OPERATIONS = (
     ("d", "removed", "Deleted"),
+    ("r", "requeued", "Requeued"),
     ("e", "expired", "Force-expired"),
     ("f", "expired", "Force-expired"),
-    ("H", "released from hold", "Released from hold"),
     ("h", "placed on hold", "Placed on hold"),
-    ("r", "requeued", "Requeued"),
+    ("H", "released from hold", "Released from hold"),
 )
-SUMMARY_ORDER = ("d", "e", "r", "h", "H")
+SUMMARY_ORDER = ("d", "r", "e", "h", "H")
 
 
 class Reporter:

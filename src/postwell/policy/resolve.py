@@ -446,7 +446,8 @@ class AddressResolver:
         if remote:
             if self.virtual_alias_domains and self._match(self.virtual_alias_domains, dom):
                 channel = "error"
-                nexthop = "User unknown" + (" in virtual alias table" if self.show_table else "")
+                # trivial-rewrite's words, DSN status included (checked against 3.7).
+                nexthop = "5.1.1 User unknown" + (" in virtual alias table" if self.show_table else "")
                 flags |= ResolveFlag.CLASS_ALIAS
             elif self.virtual_mailbox_domains and self._match(self.virtual_mailbox_domains, dom):
                 channel, nexthop, blame = self.virtual_transport, rcpt_domain, "virtual_transport"

@@ -71,14 +71,19 @@ _DSN_MAP = {"1": ("4.1.7", "4.1.1"), "2": ("4.1.8", "4.1.2"), "3": ("4.1.7", "4.
             "7": ("4.1.7", "4.1.3"), "8": ("4.1.8", "4.1.2")}
 
 
-def dsn_fix(status: str, reply_class: str) -> str:
-    """Make an address status (X.1.Y) fit what is rejected (smtpd_dsn_fix)."""
+def dsn_fix(status: str, reply_class: str, log=None) -> str:
+    """Make an address status (X.1.Y) fit what is rejected (smtpd_dsn_fix); like
+    Postfix, say so in the log when the status changes."""
     if len(status) >= 4 and status[0].isdigit() and status[1:4] == ".1.":
         if reply_class == SENDER:
-            return _DSN_MAP.get(status[4:], ("4.1.0", "4.1.0"))[0]
-        if reply_class == RECIPIENT:
-            return _DSN_MAP.get(status[4:], ("4.1.0", "4.1.0"))[1]
-        return "4.0.0"
+            result = _DSN_MAP.get(status[4:], ("4.1.0", "4.1.0"))[0]
+        elif reply_class == RECIPIENT:
+            result = _DSN_MAP.get(status[4:], ("4.1.0", "4.1.0"))[1]
+        else:
+            result = "4.0.0"
+        if log is not None and result[1:] != status[1:]:
+            log.info(f"mapping DSN status {status} into {reply_class} status {status[0]}{result[1:]}")
+        return result
     return status
 
 
@@ -423,11 +428,11 @@ class Engine:
         if up == "REJECT":
             dsn, t = dsn_split("5.7.1", text)
             return self.reject(state, _ERR_POLICY, self.codes["access_map_reject_code"],
-                               dsn_fix(dsn, rc), f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
+                               dsn_fix(dsn, rc, self.log), f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
         if up == "DEFER":
             dsn, t = dsn_split("4.7.1", text)
             return self.reject(state, _ERR_POLICY, self.codes["access_map_defer_code"],
-                               dsn_fix(dsn, rc), f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
+                               dsn_fix(dsn, rc, self.log), f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
         if up == "INFO":
             self.log.info(format_whatsup(state, "info", text))
             return DUNNO
@@ -438,18 +443,18 @@ class Engine:
             return self._delegated_action(ctx, table, up, text, datum)
         if up == "DEFER_IF_PERMIT":
             dsn, t = dsn_split("4.7.1", text)
-            return self.defer_if_permit(state, self.codes["access_map_defer_code"], dsn_fix(dsn, rc),
+            return self.defer_if_permit(state, self.codes["access_map_defer_code"], dsn_fix(dsn, rc, self.log),
                                         f"<{rn}>: {rc} rejected: {t or 'Service unavailable'}")
         if up == "DEFER_IF_REJECT":
             dsn, t = dsn_split("4.7.1", text)
-            state.check.defer_if_reject.arm(self.codes["access_map_defer_code"], dsn_fix(dsn, rc),
+            state.check.defer_if_reject.arm(self.codes["access_map_defer_code"], dsn_fix(dsn, rc, self.log),
                                             f"<{rn}>: {rc} rejected: {t or 'Service unavailable'}")
             return DUNNO
         if value.strip().isdigit():
             return OK  # an all-numeric result is a time stamp meaning OK
         if len(cmd) == 3 and text and cmd[0] in "45" and cmd[1:].isdigit():
             dsn, t = dsn_split(cmd[0] + ".7.1", text)
-            return self.reject(state, _ERR_POLICY, int(cmd), dsn_fix(dsn, rc),
+            return self.reject(state, _ERR_POLICY, int(cmd), dsn_fix(dsn, rc, self.log),
                                f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
         if up in ("OK", "RELAY"):
             return OK
@@ -533,11 +538,11 @@ class Engine:
             dsn, text = dsn_split("5.1.0" if is_sender else "5.1.1", r.nexthop)
             code = (self.codes["unknown_virtual_alias_reject_code"]
                     if r.flags & ResolveFlag.CLASS_ALIAS else 550)
-            return self.reject(state, _ERR_BOUNCE, code, dsn_fix(dsn, reply_class),
+            return self.reject(state, _ERR_BOUNCE, code, dsn_fix(dsn, reply_class, self.log),
                                f"<{address}>: {reply_class} rejected: {text}")
         if r.transport == "retry":
             dsn, text = dsn_split("4.1.0" if is_sender else "4.1.1", r.nexthop)
-            return self.reject(state, _ERR_BOUNCE, 450, dsn_fix(dsn, reply_class),
+            return self.reject(state, _ERR_BOUNCE, 450, dsn_fix(dsn, reply_class, self.log),
                                f"<{address}>: {reply_class} rejected: {text}")
         code_param = {"local recipient table": "unknown_local_recipient_reject_code",
                       "virtual mailbox table": "unknown_virtual_mailbox_reject_code",

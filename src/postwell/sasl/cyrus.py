@@ -8,7 +8,7 @@ checks Postfix sites use with it:
 - ``pwcheck_method: auxprop`` with ``auxprop_plugin: sasldb``: the Berkeley DB
   hash file that ``saslpasswd2`` writes (``sasldb_path``, default /etc/sasldb2),
   keys ``user NUL realm NUL userPassword``, clear-text values; every mechanism
-  (PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1/256) can be verified.
+  (PLAIN, LOGIN, CRAM-MD5, DIGEST-MD5, SCRAM-SHA-*) can be verified.
 - ``pwcheck_method: saslauthd``: the saslauthd daemon's socket
   (``saslauthd_path``, default /var/run/saslauthd/mux); only PLAIN and LOGIN.
 """
@@ -26,9 +26,9 @@ DEFAULT_CONFIG_DIRS = ("/etc/postfix/sasl", "/etc/sasl2", "/usr/lib/sasl2")
 DEFAULT_SASLDB = "/etc/sasldb2"
 DEFAULT_SASLAUTHD = "/var/run/saslauthd/mux"
 # libsasl2's order with Debian's plugins when smtpd.conf has no mech_list (seen
-# in Postfix 3.7's EHLO), less DIGEST-MD5 and NTLM, which postwell lacks.
+# in Postfix 3.7's EHLO), less NTLM, which postwell lacks.
 DEFAULT_MECH_LIST = ("SCRAM-SHA-512", "SCRAM-SHA-384", "SCRAM-SHA-256", "SCRAM-SHA-224",
-                     "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
+                     "SCRAM-SHA-1", "DIGEST-MD5", "CRAM-MD5", "PLAIN", "LOGIN")
 _SASLAUTHD_TIMEOUT = 15.0
 _MAX_CONF = 65536
 

@@ -66,7 +66,13 @@ class ShowqUnavailable(Exception):
 
 
 class ShowqRefused(Exception):
-    """The service answered with an error (e.g. not an authorized user)."""
+    """The service answered with an error.  ``denied`` is set when the user
+    is not in authorized_mailq_users: postqueue then prints the text as it
+    is and exits EX_NOPERM (77), as Postfix does."""
+
+    def __init__(self, text: str, denied: bool = False):
+        super().__init__(text)
+        self.denied = denied
 
 
 def socket_path(config) -> str:
@@ -139,7 +145,8 @@ def query(queue_directory: str, *, path: str | None = None, timeout: float = CLI
             elif "end" in obj:
                 return
             else:
-                raise ShowqRefused(str(obj.get("error") or "malformed reply from the showq service"))
+                raise ShowqRefused(str(obj.get("error") or "malformed reply from the showq service"),
+                                   bool(obj.get("denied")))
     finally:
         sock.close()
 
@@ -273,11 +280,15 @@ def handle(conn: socket.socket, config, log=None) -> None:
         if req != REQUEST:
             conn.sendall(_frame({"error": "unknown request"}))
             return
-        if not authorized(config, _peer_uid(conn)):
-            uid = _peer_uid(conn)
-            if log is not None:
-                log.warning(f"uid={uid}: unauthorized mailq request")
-            conn.sendall(_frame({"error": "User is not authorized to view the mail queue"}))
+        uid = _peer_uid(conn)
+        if not authorized(config, uid):
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except (KeyError, TypeError):
+                name = "unknown"
+            # Postfix's postqueue wording (it checks the list itself, set-gid).
+            conn.sendall(_frame({"error": f"User {name}({uid}) is not allowed to view the mail queue",
+                                 "denied": True}))
             return
         count = 0
         for m in _messages(config.get("queue_directory")):
