@@ -134,6 +134,31 @@ def wait_banner(port: int, timeout: float = 15.0) -> str:
     return wait_for(probe, timeout, 0.1, f"a 220 banner on port {port}")
 
 
+@contextlib.contextmanager
+def machine_lock(name: str, timeout: float = 240.0):
+    """Hold a machine-wide lock (a flock) while using a fixed-name resource.
+
+    Real users (useradd pwe1...), fixed paths like /tmp/pwe-shared: another
+    pytest run on the same machine (pytest-xdist workers, a colleague's run)
+    must not create or delete them underneath us.  Bounded: TimeoutError.
+    """
+    path = os.path.join(tempfile.gettempdir(), f".postwell-tests-{name}.lock")
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"lock {path} still held after {timeout:.0f}s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 

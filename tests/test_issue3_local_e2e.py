@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from harness import HOSTNAME, PostwellInstance, dialogue, wait_for  # noqa: E402
+import harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                                 reason="needs root and useradd to create real users")
@@ -38,20 +39,23 @@ TIMEOUT = 30
 
 @pytest.fixture(scope="module")
 def e2e_users():
-    base = tempfile.mkdtemp(prefix="pwe-homes-")
-    os.chmod(base, 0o755)
-    made = {}
-    try:
-        for name in E2E_USERS:
-            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-            subprocess.run(["useradd", "-m", "-d", os.path.join(base, name), "-s", "/bin/sh", name],
-                           check=True, capture_output=True, timeout=30)
-            made[name] = pwd.getpwnam(name)
-        yield made
-    finally:
-        for name in made:
-            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-        shutil.rmtree(base, ignore_errors=True)
+    # The user names (and /tmp/pwe-shared of test_issue3_reference) are fixed:
+    # another test run on this machine must not delete them underneath us.
+    with harness.machine_lock("users-pwe"):
+        base = tempfile.mkdtemp(prefix="pwe-homes-")
+        os.chmod(base, 0o755)
+        made = {}
+        try:
+            for name in E2E_USERS:
+                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+                subprocess.run(["useradd", "-m", "-d", os.path.join(base, name), "-s", "/bin/sh", name],
+                               check=True, capture_output=True, timeout=30)
+                made[name] = pwd.getpwnam(name)
+            yield made
+        finally:
+            for name in made:
+                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def reset_homes(users) -> None:

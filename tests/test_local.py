@@ -39,21 +39,25 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create 
 def users():
     if os.geteuid() != 0 or not shutil.which("useradd"):
         pytest.skip("needs root and useradd")
-    base = tempfile.mkdtemp(prefix="pwt-homes-")
-    os.chmod(base, 0o755)
-    made = {}
-    try:
-        for name in USERS:
-            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-            home = os.path.join(base, name)
-            subprocess.run(["useradd", "-m", "-d", home, "-s", "/bin/sh", name], check=True,
-                           capture_output=True, timeout=30)
-            made[name] = pwd.getpwnam(name)
-        yield made
-    finally:
-        for name in made:
-            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-        shutil.rmtree(base, ignore_errors=True)
+    import harness
+    # Fixed user names: another test run on this machine must not delete them
+    # underneath us.
+    with harness.machine_lock("users-pwtl"):
+        base = tempfile.mkdtemp(prefix="pwt-homes-")
+        os.chmod(base, 0o755)
+        made = {}
+        try:
+            for name in USERS:
+                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+                home = os.path.join(base, name)
+                subprocess.run(["useradd", "-m", "-d", home, "-s", "/bin/sh", name], check=True,
+                               capture_output=True, timeout=30)
+                made[name] = pwd.getpwnam(name)
+            yield made
+        finally:
+            for name in made:
+                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 class Env:

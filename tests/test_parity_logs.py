@@ -28,7 +28,10 @@ MSG = ["From: <sender@example.org>", "Subject: trail", "Message-ID: <trail@examp
 
 CONF = {"smtpd_recipient_restrictions":
         "check_recipient_access inline:{{disc@virtual.test=DISCARD gone}, "
-        "{hold@virtual.test=HOLD held}}, permit_mynetworks, reject_unauth_destination"}
+        "{hold@virtual.test=HOLD held}}, permit_mynetworks, reject_unauth_destination",
+        "virtual_alias_domains": "alias.test",
+        "virtual_alias_maps": "inline:{{a@alias.test=alice@virtual.test}, "
+                              "{both@alias.test=alice@virtual.test,bob@virtual.test}, {b2@alias.test=bob@virtual.test}}"}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,8 @@ TRAILS = {
                                           "body", ".", "QUIT"],
     "null_sender": [EHLO, "MAIL FROM:<>", RCPT, "DATA", *MSG, "QUIT"],
     "bdat": [EHLO, MAIL, RCPT, "BDAT 22 LAST\r\nSubject: bdat\r\n\r\nhi!\r\n", "QUIT"],
+    "virtual_alias_orig_to": [EHLO, MAIL, "RCPT TO:<a@alias.test>", "RCPT TO:<b2@alias.test>",
+                              "DATA", *MSG, "QUIT"],
     "two_messages_one_session": [EHLO, MAIL, RCPT, "DATA", *MSG, MAIL, f"RCPT TO:<carol@{VD}>",
                                  "DATA", *MSG, "QUIT"],
 }
@@ -153,6 +158,17 @@ def test_size_field_matches_reference(pair):
 def test_quoted_sender_logged_external(pair):
     ref, pw = pair
     lines = [EHLO, 'MAIL FROM:<"a b"@example.org>', RCPT, "DATA", *MSG, "QUIT"]
+    want = _trail(ref, lines, REMOVED)
+    got = _trail(pw, lines, REMOVED)
+    assert got == want
+
+
+@pytest.mark.xfail(reason="cleanup's duplicate filter drops alice@ reached through a second alias; "
+                          "Postfix keeps one recipient per original recipient: nrcpt=3 and a "
+                          "to=<alice@virtual.test>, orig_to=<both@alias.test> line", strict=False)
+def test_alias_duplicates_kept_per_original_recipient(pair):
+    ref, pw = pair
+    lines = [EHLO, MAIL, "RCPT TO:<a@alias.test>", "RCPT TO:<both@alias.test>", "DATA", *MSG, "QUIT"]
     want = _trail(ref, lines, REMOVED)
     got = _trail(pw, lines, REMOVED)
     assert got == want

@@ -63,6 +63,14 @@ VARIANTS = {
     "client_reject_delayed": {"smtpd_client_restrictions":
                               "check_client_access inline:{{127.0.0.1=REJECT go away}}"},
     "hops": {"hopcount_limit": "3"},
+    "maps": {"smtpd_junk_command_limit": "2", "smtpd_hard_error_limit": "4",
+             "smtpd_soft_error_limit": "100", "smtpd_error_sleep_time": "0",
+             "smtpd_reject_unlisted_sender": "yes", "virtual_alias_domains": "alias.test",
+             "virtual_alias_maps": "inline:{{a@alias.test=alice@virtual.test}, "
+                                   "{v@virtual.test=bob@virtual.test}}",
+             "relay_domains": "relay.test", "relay_recipient_maps": "inline:{{ok@relay.test=x}}",
+             "smtpd_sender_restrictions": "check_sender_access inline:{{s511@example.org=550 5.1.1 "
+                                          "no such sender}, {s512@example.org=REJECT 5.1.2 bad}}"},
     "overshoot": {"smtpd_recipient_limit": "1", "smtpd_recipient_overshoot_limit": "1",
                   "smtpd_hard_error_limit": "3", "smtpd_error_sleep_time": "0"},
 }
@@ -241,6 +249,17 @@ DIALOGUES = {
                                      "RCPT TO:<a@b..c>", "RCPT TO:<a@[1.2.3]>",
                                      "RCPT TO:<a@[IPv6:::1]>", "RCPT TO:<a@under_score.example>",
                                      "QUIT"]),
+    # recipient tables, junk commands, DSN status mapping for senders
+    "junk_command_limit": ("maps", [EHLO, "NOOP", "NOOP", "NOOP", "VRFY alice", "RSET", "NOOP",
+                                    "NOOP", "QUIT"]),
+    "unlisted_senders": ("maps", [EHLO, "MAIL FROM:<nobody@virtual.test>", RCPT, "RSET",
+                                  "MAIL FROM:<x@alias.test>", RCPT, "RSET", "MAIL FROM:<a@alias.test>",
+                                  RCPT, "QUIT"]),
+    "alias_and_relay_tables": ("maps", [EHLO, MAIL, "RCPT TO:<a@alias.test>", "RCPT TO:<b@alias.test>",
+                                        "RCPT TO:<v@virtual.test>", "RCPT TO:<ok@relay.test>",
+                                        "RCPT TO:<no@relay.test>", "QUIT"]),
+    "sender_access_dsn_mapping": ("maps", [EHLO, "MAIL FROM:<s511@example.org>", RCPT, "RSET",
+                                           "MAIL FROM:<s512@example.org>", RCPT, "QUIT"]),
     "lost_after_ehlo": ("default", [EHLO]),
     "lost_after_mail": ("default", [EHLO, MAIL]),
     "lost_in_data": ("default", [EHLO, MAIL, RCPT, "DATA", "Subject: x", "", "partial"]),

@@ -75,7 +75,7 @@ OPEN_RELAY_TRICKS = [
     ("USER@EXAMPLE.COM", "local", "local", "mx.example.com", "USER@EXAMPLE.COM", False, "250"),
     ("user@relay.test", "relay", "relay", "relay.test", "user@relay.test", False, "250"),
     ("u@vmbox.test", "virtual", "virtual", "vmbox.test", "u@vmbox.test", False, "250"),
-    ("a@valias.test", "alias", "error", "User unknown in virtual alias table", "a@valias.test", False, "250"),
+    ("a@valias.test", "alias", "error", "5.1.1 User unknown in virtual alias table", "a@valias.test", False, "250"),
     ("user", "local", "local", "mx.example.com", "user@mx.example.com", False, "250"),
     ("user@sub.example.com", "default", "smtp", "sub.example.com", "user@sub.example.com", False, "454 4.7.1"),
     ("user%other.org@relay.test", "relay", "relay", "relay.test", "user%other.org@relay.test", True, "454 4.7.1"),

@@ -21,7 +21,8 @@ from test_sasl_digest import HOST, digest_response, make_sasldb
 
 pytestmark = pytest.mark.timeout(120)
 
-USERS = (("alice", HOST, "s3cret"), ("bob", "example.com", "hunter2"))
+USERS = (("alice", HOST, "s3cret"), ("bob", "example.com", "hunter2"),
+         ("jörg", HOST, "pässwörd"), ("юзер", HOST, "пароль"))
 MECHS = ("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5")
 
 
@@ -135,7 +136,7 @@ def compare(ref, pw, cases):
 
 
 @pytest.mark.postfix
-@pytest.mark.parametrize("local_domain", [HOST, ""])
+@pytest.mark.parametrize("local_domain", [HOST, "", "example.com"])
 def test_realm_rules_match_postfix(reference_factory, postwell_factory, local_domain):
     ref, pw = pair(reference_factory, postwell_factory, "realm", local_domain)
     cases = []
@@ -147,6 +148,7 @@ def test_realm_rules_match_postfix(reference_factory, postwell_factory, local_do
             (mech, "bob", "hunter2"),                     # bob lives in another realm
             (mech, "bob@example.com", "hunter2"),
             (mech, "alice", "wrong"),
+            (mech, f"jörg@{HOST}", "pässwörd"),
         ]
     # DIGEST-MD5 carries the realm in its own directive.
     cases += [("DIGEST-MD5", "alice", "s3cret", None),

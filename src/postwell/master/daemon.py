@@ -344,6 +344,9 @@ class Master:
         # before the workers' first clients arrive.
         asvc = next((s for s in cfg.services or [] if s.command == "anvil" and s.type == "unix"), None)
         acfg = cfg.override(asvc.overrides) if asvc is not None and asvc.overrides else cfg
+        if asvc is None:   # stock line "anvil unix - - n - 1 anvil" (names it in the log)
+            from postwell.config.master import MasterService
+            asvc = MasterService("anvil", "unix", True, True, False, "0", 1, "anvil")
         slots.insert(0, Slot("anvil", asvc, acfg, [], 1, key=("anvil",)))
         return slots
 

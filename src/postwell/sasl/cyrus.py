@@ -73,8 +73,11 @@ class SasldbBackend(PasswordBackend):
     effect at once, as with libsasl2."""
     supports_secret = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, service: str = "smtp") -> None:
         self.path = path
+        # smtpd_sasl_service: libsasl2's service name, which DIGEST-MD5's
+        # digest-uri must carry.
+        self.service = service
 
     def check(self) -> list[str]:
         if not os.path.exists(self.path):
@@ -197,7 +200,7 @@ class CyrusSettings:
             if "sasldb" not in plugins:
                 raise SaslConfigError(f"{self.where()}: unsupported auxprop_plugin "
                                       f"\"{self.auxprop_plugin}\" (postwell supports sasldb)")
-            return SasldbBackend(self.sasldb_path)
+            return SasldbBackend(self.sasldb_path, service)
         path = self.saslauthd_path
         if os.path.isdir(path):
             path = os.path.join(path, "mux")

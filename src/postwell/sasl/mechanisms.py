@@ -386,14 +386,20 @@ class ScramExchange(LocalExchange):
 
 # RFC 2831 2.1.2: "The size of a digest-response is less than 4096 bytes."
 _DIGEST_RESPONSE_MAX = 4096
+# RFC 2831 2.1.2 lets these appear at most once.  libsasl2 answers a repeat
+# with SASL_FAIL for the first set and SASL_BADAUTH for the second, and
+# takes the last value of any other directive (checked against Postfix + Cyrus).
+_DIGEST_SINGLE_FAIL = frozenset({"realm", "digest-uri", "charset", "qop"})
+_DIGEST_SINGLE_BADAUTH = frozenset({"maxbuf", "cipher"})
 _DIGEST_SERVICE = "smtp"
 
 
 def _digest_fields(text: str) -> dict[str, str] | None:
     """RFC 2831 7.1 ``#( name "=" ( token | quoted-string ) )``, names folded
-    to lower case; None on a syntax error or a repeated directive (RFC 2831
-    2.1.2 forbids repeats of the ones we use)."""
+    to lower case; None on a syntax error.  A repeated directive (RFC 2831
+    2.1.2 forbids repeats) is listed under the key ``""``."""
     out: dict[str, str] = {}
+    repeated: list[str] = []
     i, n = 0, len(text)
     while i < n:
         while i < n and text[i] in " \t,":
@@ -436,9 +442,18 @@ def _digest_fields(text: str) -> dict[str, str] | None:
         if i < n and text[i] != ",":
             return None
         if name in out:
-            return None
-        out[name] = value
+            repeated.append(name)
+        out[name] = value            # the last one counts, as with libsasl2
+    if repeated:
+        out[""] = " ".join(repeated)
     return out
+
+
+def _nonce_count(text: str) -> int:
+    """nc as libsasl2 reads it: hex digits only, else 0 (an error)."""
+    if not text or any(c not in "0123456789abcdefABCDEF" for c in text) or len(text) > 16:
+        return 0
+    return int(text, 16)
 
 
 def _digest_quote(value: str) -> str:
@@ -458,16 +473,18 @@ def _digest_bytes(value: str, utf8: bool) -> bytes:
 
 class DigestMd5Exchange(LocalExchange):
     """RFC 2831 DIGEST-MD5 (historic since RFC 6331; offered because Cyrus
-    offers it).  Authentication only: we offer qop="auth", never the
-    integrity/confidentiality layers (auth-int, auth-conf), which an SMTP
-    session behind TLS does not use.  The digest-uri must name the service
-    "smtp"; its host part is not checked, as libsasl2 does not check it."""
+    offers it).  Authentication only: qop="auth", never the integrity or
+    confidentiality layers (auth-int, auth-conf); Postfix allows libsasl2 no
+    security layer either, so its challenge offers only "auth" too.  The
+    digest-uri must name smtpd_sasl_service (any case); its host part is not
+    checked, as libsasl2 does not check it."""
     mechanism = "DIGEST-MD5"
     service = _DIGEST_SERVICE     # libsasl2 compares it with smtpd_sasl_service
 
     def __init__(self, *args, nonce: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.nonce = nonce or base64.b64encode(os.urandom(32)).decode("ascii")
+        self.service = getattr(self.backend, "service", None) or self.service
         # Cyrus's realm rule: the configured user realm, else the server name.
         self.realm = self.local_domain or self.hostname
         self.state = "challenge"
@@ -484,21 +501,22 @@ class DigestMd5Exchange(LocalExchange):
         # initial response is ignored and a fresh challenge sent, as libsasl2
         # does without a reauth cache.
         self.state = "response"
-        return Challenge(self.challenge_text().encode("ascii"))
+        return Challenge(self.challenge_text().encode("utf-8"))
 
     async def next(self, data: bytes) -> SaslStep:
         if self.state == "response":
             return await self._response(data)
-        if self.state == "rspauth" and data == b"":
+        if self.state == "rspauth":
             # RFC 2831 2.1.3 / RFC 4954 4: the client took our rspauth.
+            # libsasl2 ignores what the client says here, so do we.
             return self.succeed(self._reported)
         return self.fail(BADPROT)
 
     async def _response(self, data: bytes) -> SaslStep:
-        # libsasl2 answers every unusable digest-response with SASL_BADAUTH
-        # (checked against Postfix 3.7 + Cyrus), so do we.
-        if len(data) >= _DIGEST_RESPONSE_MAX:
-            return self.fail(BADAUTH)
+        # The failure codes and their order (which decides whether the log
+        # names the user) follow libsasl2, checked against Postfix 3.7 + Cyrus.
+        if len(data) > _DIGEST_RESPONSE_MAX:
+            return self.fail(BADPROT)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -506,6 +524,14 @@ class DigestMd5Exchange(LocalExchange):
         f = _digest_fields(text)
         if f is None:
             return self.fail(BADAUTH)
+        repeated = set(f.pop("", "").split())
+        if repeated & _DIGEST_SINGLE_FAIL:
+            return self.fail(GENERIC, temporary=True)
+        if repeated & _DIGEST_SINGLE_BADAUTH:
+            return self.fail(BADAUTH)
+        if f.get("username") == "":
+            # As with PLAIN: canonicalising an empty name is SASL_FAIL.
+            return self.fail(GENERIC, temporary=True)
         username, response = f.get("username"), f.get("response")
         cnonce, nc, uri = f.get("cnonce"), f.get("nc"), f.get("digest-uri")
         if (not username or response is None or cnonce is None or nc is None
@@ -513,19 +539,12 @@ class DigestMd5Exchange(LocalExchange):
             return self.fail(BADAUTH)
         utf8 = "charset" in f
         if utf8 and f["charset"].lower() != "utf-8":
-            return self.fail(BADAUTH)
-        qop = f.get("qop", "auth")
-        if qop.lower() != "auth":
-            # We offered only "auth" (RFC 2831 2.1.2: qop must be one offered).
-            return self.fail(BADAUTH)
-        if "algorithm" in f and f["algorithm"].lower() != "md5-sess":
-            return self.fail(BADAUTH)
+            # RFC 2831 2.1.2: utf-8 is the only value (libsasl2: SASL_FAIL).
+            return self.fail(GENERIC, temporary=True)
         if not hmac.compare_digest(f["nonce"].encode(), self.nonce.encode()):
             return self.fail(BADAUTH)
-        try:
-            if int(nc, 16) != 1 or len(nc) != 8:
-                return self.fail(BADAUTH)
-        except ValueError:
+        count = _nonce_count(nc)
+        if count == 0:
             return self.fail(BADAUTH)
         service, sep, _host = uri.partition("/")
         if not sep or service.lower() != self.service.lower():
@@ -538,6 +557,21 @@ class DigestMd5Exchange(LocalExchange):
         # realm is appended, so "bob@example.com" in realm "example.com" is
         # looked up as user "bob@example.com" and fails.
         login = f"{username}@{realm}" if realm and realm != self.realm else username
+        # From here on libsasl2 names the user in its failures.
+        self.identity(login)
+        if count != 1:
+            # RFC 2831 2.1.2: nc counts from 1; we allow one authentication
+            # per nonce.  The response is checked with nc formatted as
+            # "%08x", as libsasl2 does, so "nc=1" fails there.
+            return self.fail(BADAUTH)
+        qop = f.get("qop", "auth")
+        if qop.lower() != "auth":
+            # We offered only "auth" (RFC 2831 2.1.2: qop must be one
+            # offered); libsasl2 calls this SASL_FAIL, a temporary failure.
+            return self.fail(GENERIC, temporary=True)
+        if "authzid" in repeated:
+            return self.fail(BADAUTH)
+        nc = "00000001"
         found = await self.lookup_secret(login)
         if isinstance(found, Failure):
             return found

@@ -359,6 +359,10 @@ class SmtpdSession(asyncio.Protocol):
                 raise RuntimeError("engine paused without a pending event")
             if isinstance(ev, ConnectionClosed):
                 self._log_close(ev)
+                if srv.limits is not None:
+                    # Tell anvil before the last reply leaves: the client's next
+                    # connection must not find this one still counted.
+                    srv.limits.disconnect(self)
                 await self._flush()
                 return
             await self._handle(ev)
@@ -1119,6 +1123,8 @@ class SmtpdServer:
                     if s.transport is not None:
                         s.transport.abort()
                 await asyncio.sleep(0)
+        if self.limits is not None:
+            self.limits.close()     # anvil releases whatever this worker still held
         if self.sasl is not None:
             # Dovecot's reader task must end inside this loop, not at interpreter exit.
             try:
