@@ -492,13 +492,20 @@ def test_digest_md5_dialogues_match_postfix(reference_factory, postwell_factory)
     import harness
     ref, pw = pair(reference_factory, postwell_factory, "digest", "")
     cases = DIGEST_CASES
-    bad = []
+    bad, success = [], []
     for case in cases:
         want = digest_case(ref.port, **case)
         got = digest_case(pw.port, **case)
         if got != want:
             bad.append((case, got, want))
+        if (235, "2.7.0 Authentication successful") in want:
+            success.append(case)
     assert not bad, "\n".join(map(str, bad))
+    # The dialogue really works (not merely fails the same way on both).
+    for case in ({}, {"user": "jörg", "password": "pässwörd"},
+                 {"user": "юзер", "password": "пароль"}, {"uri": "smtp/elsewhere.example"}):
+        assert case in success, case
+    assert {"password": "wrong"} not in success
     harness.wait_for(lambda: len(smtpd_lines(pw)) >= len(smtpd_lines(ref)) > 0, 10,
                      what="log lines")
     import difflib

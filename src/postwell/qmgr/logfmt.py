@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from postwell.policy.restrictions import log_address  # info_log_address_format = external
+
 
 def format_delay(seconds: float, sig_digits: int = 2, max_decimals: int = 2) -> str:
     """Format a delay as Postfix's format_tv() does: large values as whole
@@ -56,8 +58,8 @@ def delivery_line(queue_id: str, recipient: str, orig: str | None, relay: str, *
     d = now - (conn_setup if conn_setup is not None else handoff)
     orig_part = ""
     if orig and orig.lower() != recipient.lower():
-        orig_part = f", orig_to=<{orig}>"
+        orig_part = f", orig_to=<{log_address(orig)}>"
     # Postfix prints conn_use only for a delivery over a reused (cached) connection.
     use_part = f", conn_use={conn_use}" if conn_use and conn_use > 1 else ""
-    return (f"{queue_id}: to=<{recipient}>{orig_part}, relay={relay}{use_part}, delay={fmt(delay)}, "
+    return (f"{queue_id}: to=<{log_address(recipient)}>{orig_part}, relay={relay}{use_part}, delay={fmt(delay)}, "
             f"delays={fmt(a)}/{fmt(b)}/{fmt(c)}/{fmt(d)}, dsn={dsn}, status={status} ({reason})")

@@ -53,7 +53,7 @@ from postwell.queue import format as qformat
 
 from .concurrency import Destination, parse_feedback
 from .expire import ADMIN_EXPIRED_DSN, ADMIN_EXPIRED_REASON, message_expired, path_expired
-from .logfmt import delivery_line
+from .logfmt import delivery_line, log_address
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
     from postwell.config.registry import register_implemented as _register
@@ -471,7 +471,7 @@ class QueueManager:
         arrival = float(getattr(qm, "arrival_time", active_time))
         size = getattr(qm, "content_size", 0)
         # Postfix's qmgr line, logged each time a message enters the active queue.
-        self.log.info(f"{qid}: from=<{sender}>, size={size}, nrcpt={len(all_rcpts)} (queue active)")
+        self.log.info(f"{qid}: from=<{log_address(sender)}>, size={size}, nrcpt={len(all_rcpts)} (queue active)")
         pending = [r for r in all_rcpts if not _rcpt_done(r)]
         if message_expired(qm):
             await self._force_expire(qid, qm, sender, arrival, active_time, pending)
@@ -556,7 +556,7 @@ class QueueManager:
         forced = bool(deferred) and message_expired(qm)
         if deferred and (forced or self.clock() - arrival >= lifetime):
             status = "force-expired" if forced else "expired"
-            self.log.info(f"{qid}: from=<{sender}>, status={status}, returned to sender")
+            self.log.info(f"{qid}: from=<{log_address(sender)}>, status={status}, returned to sender")
             await self._durable(self._record, qid, qm, [r for r, _ in deferred],
                                 [(r, r, res, "failed", res.reason) for r, res in deferred], [])
             deferred = []
@@ -601,7 +601,7 @@ class QueueManager:
                 self._log_result(qid, res, arrival, active_time, self.clock(), "error")
             expired.append((r, res))
         if expired:
-            self.log.info(f"{qid}: from=<{sender}>, status=force-expired, returned to sender")
+            self.log.info(f"{qid}: from=<{log_address(sender)}>, status=force-expired, returned to sender")
             await self._durable(self._record, qid, qm, [r for r, _ in expired],
                                 [(r, r, res, "failed", res.reason) for r, res in expired], [])
         try:
