@@ -486,12 +486,15 @@ def test_auth_rate_as_postfix(tmp_path_factory):
             inst.start()
             r = harness.dialogue(inst.port, ["EHLO client.example.org", bad, bad, "QUIT"],
                                  timeout=15)
-            got[inst.kind] = [f"{x.code} {x.text}" for x in r[2:]]
+            # The first AUTH's own answer (535, or 454 when Cyrus cannot read its
+            # sasldb) is the SASL back end's business: compare from the refused one on.
+            got[inst.kind] = [f"{x.code} {x.text}" for x in r[3:]]
             _wait_disconnects(inst, 2)
             logs[inst.kind] = [_norm(w, inst) for w in re.findall(
                 r"postfix/smtpd\[\d+\]: (warning: AUTH command rate .*)", inst.log_text())]
         print(got, logs)
-        assert got["postwell"] == got["postfix"]
+        assert got["postwell"] == got["postfix"] == [
+            "450 4.7.1 Error: too many AUTH commands from 127.0.0.1", "221 2.0.0 Bye"]
         assert logs["postwell"] == logs["postfix"] != []
     finally:
         for inst in (ref, pw):

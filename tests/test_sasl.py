@@ -405,7 +405,7 @@ def test_cyrus_sasldb_made_by_saslpasswd2(tmp_path):
                        smtpd_sasl_local_domain=HOST)
     assert check_sasl_config(cfg) == []
     server = server_for_config(cfg)
-    assert server.mechanisms() == ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]
+    assert server.mechanisms() == ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "DIGEST-MD5"]
     assert run(dialogue(server, "PLAIN", b64(b"\0alice\0secret"))) == [Success(f"alice@{HOST}")]
     assert run(dialogue(server, "PLAIN", b64(b"\0bob@other.test\0pw2"))) == [Success("bob@other.test")]
     assert run(dialogue(server, "PLAIN", b64(b"\0bob\0pw2")))[0].reason == "authentication failure"
@@ -424,7 +424,7 @@ def test_cyrus_default_mech_list_order(tmp_path):
     cfg = cyrus_config(tmp_path, f"sasldb_path: {tmp_path}/sasldb2\n")
     assert server_for_config(cfg).mechanisms() == [
         "SCRAM-SHA-512", "SCRAM-SHA-384", "SCRAM-SHA-256", "SCRAM-SHA-224", "SCRAM-SHA-1",
-        "CRAM-MD5", "PLAIN", "LOGIN"]
+        "DIGEST-MD5", "CRAM-MD5", "PLAIN", "LOGIN"]
 
 
 def test_cyrus_config_errors(tmp_path):

@@ -175,11 +175,12 @@ def test_realm_rules_match_postfix(reference_factory, postwell_factory, local_do
 
 
 @pytest.mark.postfix
-def test_ehlo_offers_same_mechanisms(reference_factory, postwell_factory):
+@pytest.mark.parametrize("options", ["noanonymous, noplaintext", "mutual_auth", "noactive"])
+def test_ehlo_offers_same_mechanisms(reference_factory, postwell_factory, options):
     from test_smtpd_tls import Wire
     ref, pw = pair(reference_factory, postwell_factory, "ehlo", HOST,
-                   mech_list="PLAIN DIGEST-MD5 LOGIN CRAM-MD5",
-                   smtpd_sasl_security_options="noanonymous, noplaintext")
+                   mech_list="PLAIN DIGEST-MD5 LOGIN CRAM-MD5 SCRAM-SHA-1",
+                   smtpd_sasl_security_options=options)
     lines = []
     for inst in (ref, pw):
         w = Wire(inst.port)
@@ -189,4 +190,6 @@ def test_ehlo_offers_same_mechanisms(reference_factory, postwell_factory):
                           if x.startswith("AUTH")])
         finally:
             w.close()
-    assert lines[0] == lines[1] and lines[0], lines
+    assert lines[0] == lines[1], lines
+    # libsasl2 marks DIGEST-MD5 noplaintext, noanonymous and mutual_auth, not noactive.
+    assert ("DIGEST-MD5" in " ".join(lines[0])) == (options != "noactive"), lines

@@ -1538,7 +1538,23 @@ class ServerConnection:
         pos = 0
         n = len(buf)
         ended = False
-        while pos < n:
+        if self._line_start and n and buf[0] != 0x2E:
+            # Fast path: whole CRLF lines, none starting with "." (RFC 5321 4.5.2: nothing
+            # to unstuff) and no bare LF, go on in one piece, up to CRLF "." CRLF if there.
+            # Anything else takes the line-by-line loop below, which has the same result.
+            t = buf.find(b"\r\n.\r\n")
+            end = t + 2 if t >= 0 else buf.rfind(b"\n") + 1
+            size_limit = self.config.message_size_limit
+            if end > 0 and buf.find(b"\n.", 0, end) < 0 \
+                    and not (size_limit and self._data_size + end > size_limit) \
+                    and buf.count(b"\n", 0, end) == buf.count(b"\r\n", 0, end):
+                self._emit_content(bytes(buf[:end]))
+                self._prev_crlf = True
+                pos = end
+                if t >= 0:
+                    pos = t + 5
+                    ended = True
+        while not ended and pos < n:
             i = buf.find(b"\n", pos)
             if i < 0:
                 rest = n - pos

@@ -190,6 +190,10 @@ class SmtpdSession(asyncio.Protocol):
         self.state = None
         self.cs = None                      # the open cleanup session
         self._data_ready = asyncio.Event()
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._wait_deadline = 0.0
+        self._waiting = False
+        self._timed_out = False
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._lost = False
@@ -268,6 +272,9 @@ class SmtpdSession(asyncio.Protocol):
         except Exception as exc:   # never let one session take the process down
             srv.log.warning(f"{self.namaddr}: session error: {exc!r}")
         finally:
+            if self._wait_timer is not None:
+                self._wait_timer.cancel()
+                self._wait_timer = None
             self._abort_transaction()
             if self.transport is not None:
                 self.transport.close()
@@ -384,7 +391,8 @@ class SmtpdSession(asyncio.Protocol):
                 self._deadline = now + timeout
             timeout = max(0.0, self._deadline - now)
         try:
-            await asyncio.wait_for(self._data_ready.wait(), timeout)
+            if not await self._wait_ready(timeout):
+                raise asyncio.TimeoutError
             self._buffered_mark = conn.buffered
         except asyncio.TimeoutError:
             self.server.log.info(f"timeout after {conn.where} from {self.namaddr}")
@@ -396,6 +404,39 @@ class SmtpdSession(asyncio.Protocol):
         if self._lost:
             conn.receive_data(b"")
         return True
+
+    async def _wait_ready(self, timeout: float) -> bool:
+        """``_data_ready.wait()`` bounded by ``timeout``; False when it ran out.
+
+        One timer per session, moved on only when it fires, instead of the task
+        and timer that wait_for() makes for every read."""
+        if self._data_ready.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        self._wait_deadline = loop.time() + timeout
+        timer = self._wait_timer
+        if timer is None or timer.when() > self._wait_deadline:
+            if timer is not None:
+                timer.cancel()
+            self._wait_timer = loop.call_at(self._wait_deadline, self._on_wait_timer)
+        self._timed_out = False
+        self._waiting = True
+        try:
+            await self._data_ready.wait()
+        finally:
+            self._waiting = False
+        return not self._timed_out
+
+    def _on_wait_timer(self) -> None:
+        self._wait_timer = None
+        if not self._waiting:
+            return                  # the next wait arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._wait_deadline:
+            self._wait_timer = loop.call_at(self._wait_deadline, self._on_wait_timer)
+            return
+        self._timed_out = True
+        self._data_ready.set()
 
     async def _flush(self) -> bool:
         conn = self.conn
