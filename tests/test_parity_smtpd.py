@@ -263,16 +263,14 @@ DIALOGUES = {
     "lost_after_ehlo": ("default", [EHLO]),
     "lost_after_mail": ("default", [EHLO, MAIL]),
     "lost_in_data": ("default", [EHLO, MAIL, RCPT, "DATA", "Subject: x", "", "partial"]),
+    # Postfix's rcpt_overshoot: past smtpd_recipient_overshoot_limit a 452 counts as a failed RCPT.
+    "recipients_past_overshoot": ("overshoot", [EHLO, MAIL, RCPT, f"RCPT TO:<bob@{VD}>",
+                                                f"RCPT TO:<carol@{VD}>", f"RCPT TO:<sink@{VD}>",
+                                                "QUIT"]),
 }
 
 # Known differences, kept visible.
 XFAIL = {
-    # Postfix's rcpt_overshoot: past smtpd_recipient_overshoot_limit a 452 counts as a failed
-    # RCPT (rcpt=2/4 here); the engine counts every 452 as a success.  Needs
-    # ServerConnection._cmd_rcpt plus test_smtp_engine.py::test_recipient_limit_and_overshoot.
-    "recipients_past_overshoot": ("overshoot", [EHLO, MAIL, RCPT, f"RCPT TO:<bob@{VD}>",
-                                                f"RCPT TO:<carol@{VD}>", f"RCPT TO:<sink@{VD}>",
-                                                "QUIT"]),
     # Deliberate (DESIGN.md, no smuggling): Postfix exempts $mynetworks from
     # smtpd_forbid_bare_newline (smtpd_forbid_bare_newline_exclusions) and then ends DATA
     # at "." LF; postwell always requires CRLF "." CRLF.

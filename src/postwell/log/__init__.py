@@ -22,6 +22,8 @@ import sys
 import time
 from typing import TextIO
 
+LOG_RECORD_LIMIT = 2000   # characters of one log record's text, as Postfix's msg_vprintf
+
 _SYSLOG_FACILITIES = {
     "mail": 2 << 3, "daemon": 3 << 3, "user": 1 << 3, "auth": 4 << 3,
     **{f"local{i}": (16 + i) << 3 for i in range(8)},
@@ -79,8 +81,9 @@ class MailLog:
         return f"{self._stamp} {self.hostname} {self.program}[{os.getpid()}]: {text}\n"
 
     def _emit(self, priority: int, text: str) -> None:
-        # Never let control characters from the network break the line shape.
-        text = sanitize(text)
+        # Never let control characters from the network break the line shape, and cut
+        # each record where Postfix's logger does.
+        text = sanitize(text[:LOG_RECORD_LIMIT])
         if self._fd is not None:
             line = self.format_line(text).encode("utf-8", "surrogateescape")
             try:

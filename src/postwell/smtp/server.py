@@ -1324,10 +1324,12 @@ class ServerConnection:
             # RFC 5321 4.5.3.1.10: 452 makes the client retry the rest later. Only the
             # overshoot beyond smtpd_recipient_overshoot_limit counts as a client error.
             reply = Reply(452, "Error: too many recipients", "4.5.3")
-            # Postfix counts these in rcpt=N as successes (verified against 3.7).
-            if self.rcpt_attempts > c.recipient_limit + c.recipient_overshoot_limit:
+            # Postfix counts a 452 within the overshoot allowance as a successful RCPT and
+            # one beyond it as a failed one, which is also a client error (verified on 3.7).
+            overshoot = self.rcpt_attempts > c.recipient_limit + c.recipient_overshoot_limit
+            if overshoot:
                 self.error_count += 1
-            self._count("rcpt", True)
+            self._count("rcpt", not overshoot)
             self._queue_reply(reply)
             return
         self._ask("rcpt", Rcpt(rcpt, **kw))
