@@ -132,8 +132,6 @@ def test_discard_logs_no_message_id(pair):
     assert set(got) == {"smtpd"}
 
 
-@pytest.mark.xfail(reason="cleanup has no hold API: postwell delivers a HOLD message "
-                          "(Postfix parks it in the hold queue, no qmgr lines)", strict=False)
 def test_hold_message_is_parked(pair):
     ref, pw = pair
     lines = [EHLO, MAIL, "RCPT TO:<hold@virtual.test>", RCPT, "DATA", *MSG, "QUIT"]

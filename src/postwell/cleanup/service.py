@@ -254,8 +254,22 @@ class CleanupSession:
                 self.msg.add_recipient(t, orig=orig if orig is not None else address,
                                        orcpt=orcpt, notify=notify)
 
+    def set_hold(self) -> None:
+        """Put the message on hold (an access-map HOLD action): after the durable commit it
+        moves to hold/ instead of waking the qmgr; `postsuper -H` releases it."""
+        self.hold = True
+
     def _committed(self) -> Reply:
-        notify_qmgr(self.cleanup.store.queue_directory)
+        if getattr(self, "hold", False):
+            try:
+                # rename + fsync of both directories; a crash before it leaves the message
+                # in incoming/, where it is delivered: never lost.
+                self.cleanup.store.move(self.queue_id, "incoming", "hold")
+            except OSError as exc:
+                self.cleanup.log.warning(f"{self.queue_id}: cannot move to hold queue: {exc}")
+                notify_qmgr(self.cleanup.store.queue_directory)
+        else:
+            notify_qmgr(self.cleanup.store.queue_directory)
         return Reply(250, REPLY_QUEUED.format(self.queue_id), "2.0.0")
 
     def abort(self) -> None:

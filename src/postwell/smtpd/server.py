@@ -873,6 +873,8 @@ class SmtpdSession(asyncio.Protocol):
                     reply = Reply(250, f"Ok: {ev.size} bytes queued as {cs.queue_id}", "2.0.0")
                 conn.send_reply(reply)
                 return
+            if getattr(state, "hold", False) and hasattr(cs, "set_hold"):
+                cs.set_hold()       # HOLD from an access map: queued into hold/, not delivered
             try:
                 reply = await cs.finish()
             except Exception as exc:
