@@ -684,25 +684,6 @@ def register_alternate_config_dir(config_dir: Path, main_cf: Path = DEFAULT_MAIN
         os.replace(tmp, main_cf)
 
 
-# (name, mode, uid, gid) of each queue subdirectory that Debian's
-# post-install created for the first reference instance of this run.
-_QUEUE_LAYOUT: list[tuple[str, int, int, int]] | None = None
-
-
-def _learn_queue_layout(queue_dir: Path) -> None:
-    global _QUEUE_LAYOUT
-    if _QUEUE_LAYOUT is not None:
-        return
-    layout = []
-    for d in sorted(queue_dir.iterdir()):
-        if not d.is_dir() or d.is_symlink() or any(d.iterdir()):
-            return      # not a fresh queue: learn from another one
-        st = d.stat()
-        layout.append((d.name, st.st_mode & 0o7777, st.st_uid, st.st_gid))
-    if {"active", "incoming", "maildrop", "pid", "private", "public"} <= {x[0] for x in layout}:
-        _QUEUE_LAYOUT = layout
-
-
 def reference_available() -> str | None:
     """None when a reference Postfix can run here, else the reason it cannot."""
     if not os.path.exists(POSTFIX_BIN):
@@ -776,9 +757,7 @@ class ReferencePostfix(MtaInstance):
         if reason:
             import pytest
             pytest.skip(reason)
-        if not self._quick_queue():
-            self.postfix("check", timeout=timeout)   # creates the queue directories
-            _learn_queue_layout(self.queue_dir)
+        self.postfix("check", timeout=timeout)   # creates the queue directories
         self.postfix("start", check=True, timeout=timeout)
         self.running = True
         try:
@@ -787,22 +766,6 @@ class ReferencePostfix(MtaInstance):
             raise TimeoutError(f"reference Postfix did not answer on port {self.port}; log:\n"
                                f"{self.log_text()[-3000:]}") from None
         return self
-
-    def _quick_queue(self) -> bool:
-        """Lay out a fresh queue like the first ``postfix check`` of this run did
-        and let ``postfix start`` skip its integrity checks (postfix-script's
-        quick-start file): they cost seconds per instance on a busy machine."""
-        if _QUEUE_LAYOUT is None or os.environ.get("POSTWELL_TEST_FULL_CHECK"):
-            return False
-        if any(self.queue_dir.iterdir()):
-            return False        # a restart: the queue is there already
-        for name, mode, uid, gid in _QUEUE_LAYOUT:
-            d = self.queue_dir / name
-            d.mkdir()
-            os.chown(d, uid, gid)
-            os.chmod(d, mode)
-        (self.queue_dir / "quick-start").touch()
-        return True
 
     def stop(self, timeout: float = 30.0) -> None:
         pid = self.master_pid()

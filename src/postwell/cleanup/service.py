@@ -243,11 +243,17 @@ class CleanupSession:
             if orig is None:
                 orig = given      # Postfix keeps the address as the client gave it
             targets = expander.expand(address) if expander is not None else [address]
+            client_orcpt = _client_orcpt(orcpt, orig)
+            if len(targets) > 1 and not client_orcpt:
+                # A 1:n alias expansion records the alias as the ORCPT of each result, so
+                # the same final address reached through two aliases is kept once per
+                # alias (Postfix 3.7: nrcpt counts both, two to= lines with their orig_to).
+                client_orcpt = f"rfc822;{orig}"
             for t in targets:
                 # Postfix's duplicate filter key (verified against 3.7): the final
                 # recipient (case-sensitive), NOTIFY and the client's ORCPT; the
                 # original recipient is not part of it.
-                key = (t, notify or "", _client_orcpt(orcpt, orig))
+                key = (t, notify or "", client_orcpt)
                 if key in dups:
                     continue
                 dups.add(key)
