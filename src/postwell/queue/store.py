@@ -615,6 +615,7 @@ class QueueStore:
         self._datasync = os.fdatasync if fsync is os.fsync else fsync
         self._write = write
         self._tmp_counter = itertools.count()
+        self._dirs: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, config, **kw) -> "QueueStore":
@@ -623,9 +624,17 @@ class QueueStore:
                    message_size_limit=config.get_size("message_size_limit"), **kw)
 
     def path(self, queue_name: str, queue_id: str | None = None) -> str:
+        # Called several times per message: the directory part is joined once.
+        dirs = self._dirs
+        if dirs.get("") != self.queue_directory:
+            dirs.clear()
+            dirs[""] = self.queue_directory
+        d = dirs.get(queue_name)
+        if d is None:
+            d = dirs[queue_name] = os.path.join(self.queue_directory, queue_name)
         if queue_id is None:
-            return os.path.join(self.queue_directory, queue_name)
-        return os.path.join(self.queue_directory, queue_name, queue_id)
+            return d
+        return f"{d}/{queue_id}"
 
     # -- layout --------------------------------------------------------------
     def ensure_layout(self, uid: int | None = None, gid: int | None = None) -> None:

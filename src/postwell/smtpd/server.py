@@ -24,6 +24,7 @@ the connection count.  Clients matching smtpd_client_event_limit_exceptions
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import os
 import signal
@@ -921,6 +922,15 @@ class SmtpdServer:
                                                  "$mynetworks")
         self._bare_exclusions = self._host_list("smtpd_forbid_bare_newline_exclusions",
                                                 "$mynetworks")
+        # Only address patterns are remembered per client: a table may change under us.
+        self._bare_cache: dict[tuple[str, str], bool] | None = None
+        entries = getattr(self._bare_exclusions, "entries", None)
+        try:
+            from postwell.policy.matchlist import is_table_spec
+            if entries is not None and not any(is_table_spec(e.lstrip("!")) for e in entries):
+                self._bare_cache = {}
+        except ImportError:
+            pass
         self._own = None
         self.limits = None        # anvil(8): machine-wide counts and rates
         try:
@@ -1052,6 +1062,25 @@ class SmtpdServer:
                             server_port=server_port)
 
     def bare_newline_exempt(self, name: str, addr: str) -> bool:
+        # Asked once per connection; the answer for a client only changes with the
+        # configuration (a reload starts new processes), so remember the recent ones.
+        if self._bare_cache is None:
+            return self._bare_exempt_now(name, addr)
+        key = (name, addr)
+        cache = self._bare_cache
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        try:
+            exempt = bool(self._bare_exclusions and self._bare_exclusions.match(name, addr))
+        except Exception:
+            return False      # a lookup failure is not remembered
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[key] = exempt
+        return exempt
+
+    def _bare_exempt_now(self, name: str, addr: str) -> bool:
         try:
             return bool(self._bare_exclusions and self._bare_exclusions.match(name, addr))
         except Exception:
@@ -1213,6 +1242,9 @@ def preload(config, service) -> dict:
 def serve(config, service, sockets, *, drain_seconds: float = DRAIN_SECONDS,
           preloaded: dict | None = None) -> None:
     """Run one smtpd worker until SIGTERM, then drain and return."""
+    # Everything inherited from the master stays out of the cyclic GC from now on:
+    # its passes would otherwise write to (and so unshare) the forked pages.
+    gc.freeze()
     config = _service_config(config, service)
     name = getattr(service, "name", None) or "smtp"
     loop = _new_loop()
