@@ -692,6 +692,11 @@ def preload_modules() -> None:
             importlib.import_module(info.name)
         except Exception:
             pass   # a part that does not import simply is not used
+    # Everything imported so far is shared by the forked children: keep the collector
+    # from touching (and so copying) those pages in each child.
+    import gc
+    gc.collect()
+    gc.freeze()
 
 
 def _die_with_master(master_pid: int) -> None:

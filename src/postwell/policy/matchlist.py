@@ -10,6 +10,7 @@ friends all share.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -128,6 +129,7 @@ def match_hostname(entry: str, name: str, parent: bool,
     return False
 
 
+@functools.lru_cache(maxsize=4096)   # pure: lists are matched on every command
 def parse_network(entry: str):
     """'1.2.3.0/24', '1.2.3.4', '[::1]/128', '[fe80::]/64', '::1' -> ip_network,
     or None when the entry is not an address pattern."""
@@ -145,6 +147,7 @@ def parse_network(entry: str):
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ip(addr: str):
     a = addr.strip()
     if a.startswith("[") and a.endswith("]"):
