@@ -82,3 +82,49 @@ def _up(port):
         return smtp_banner(port, 2).startswith(b"220")
     except OSError:
         return False
+
+
+def test_demo_submission_needs_starttls_and_auth(demo_dir):
+    """The README's demo: port 2587 is the recipe's submission service (STARTTLS, then AUTH
+    with the built-in password file, then relaying); port 2525 takes mail for demo.test."""
+    import smtplib
+    import ssl
+
+    paths = write_demo(demo_dir)
+    mx, sub = free_port(), free_port()
+    master_cf = os.path.join(paths["etc"], "master.cf")
+    text = open(master_cf).read().replace("127.0.0.1:2525", f"127.0.0.1:{mx}")
+    with open(master_cf, "w") as f:
+        f.write(text.replace("127.0.0.1:2587", f"127.0.0.1:{sub}"))
+    proc = subprocess.Popen([sys.executable, "-m", "postwell.cli.postfix", "demo", demo_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: _up(sub) and _up(mx), 30), proc.stderr
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with smtplib.SMTP("127.0.0.1", sub, timeout=20) as s:
+            s.ehlo("client.example")
+            assert "auth" not in s.esmtp_features          # smtpd_tls_auth_only
+            code, text = s.mail("alice@demo.test")
+            assert (code, text) == (530, b"5.7.0 Must issue a STARTTLS command first")
+        with smtplib.SMTP("127.0.0.1", sub, timeout=20) as s:
+            s.starttls(context=ctx)
+            s.ehlo("client.example")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                s.login("alice@demo.test", "wrong")
+        with smtplib.SMTP("127.0.0.1", sub, timeout=20) as s:
+            s.starttls(context=ctx)
+            s.ehlo("client.example")
+            code, text = s.login("alice@demo.test", "demo")
+            assert (code, text) == (235, b"2.7.0 Authentication successful")
+            s.sendmail("alice@demo.test", ["bob@demo.test"], b"Subject: via submission\r\n\r\nhi\r\n")
+        new = os.path.join(paths["mail"], "demo.test", "bob", "new")
+        assert wait_for(lambda: os.path.isdir(new) and os.listdir(new), 20), open(paths["maillog"]).read()
+        log = open(paths["maillog"]).read()
+        assert "sasl_method=PLAIN, sasl_username=alice@demo.test" in log
+        assert "postfix/submission/smtpd[" in log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err

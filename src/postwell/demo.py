@@ -1,8 +1,11 @@
 """`postwell demo [DIR]`: a self-contained mail system to try postwell with.
 
-Writes (only files that are absent) DIR/etc/main.cf, DIR/etc/master.cf and a
-texthash: mailbox table for alice@ and bob@demo.test, then runs the mail
-system in the foreground.  No root and no system users needed: mail is owned
+Writes (only files that are absent) DIR/etc/main.cf, DIR/etc/master.cf, a
+texthash: mailbox table for alice@ and bob@demo.test, a self-signed
+certificate and a SASL password file (postwell's built-in back end; the demo
+users' password is ``demo``), then runs the mail system in the foreground.
+Port 2525 takes mail for demo.test like port 25; port 2587 is the submission
+service of the classic recipe: STARTTLS required, then AUTH, then relaying.  No root and no system users needed: mail is owned
 by whoever runs it (as root: by an unprivileged account, since children never
 run as root).
 """
@@ -15,6 +18,35 @@ import sys
 
 DEFAULT_DIR = "postwell-demo"
 PORTS = (2525, 2587)
+DEMO_USERS = ("alice@demo.test", "bob@demo.test")
+DEMO_PASSWORD = "demo"
+
+
+def _write_certificate(cert_path: str, key_path: str, hostname: str) -> None:
+    """A self-signed certificate for the demo host (EC P-256, ten years)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _owner() -> pwd.struct_passwd:
@@ -60,11 +92,25 @@ virtual_mailbox_base = {mail}
 virtual_uid_maps = static:{owner.pw_uid}
 virtual_gid_maps = static:{owner.pw_gid}
 virtual_minimum_uid = {minimum_uid}
+# TLS with a self-signed certificate (offered on 2525, required on 2587)
+smtpd_tls_cert_file = {etc}/tls/cert.pem
+smtpd_tls_key_file = {etc}/tls/key.pem
+smtpd_tls_security_level = may
+# SASL: postwell's built-in password file (manage it with postwell-saslpasswd)
+smtpd_sasl_type = postwell
+smtpd_sasl_path = {etc}/sasl_passwd
 """,
         os.path.join(etc, "master.cf"): f"""\
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:{PORTS[0]} inet n - n - - smtpd
+# the recipe's submission service, on a loopback port
 127.0.0.1:{PORTS[1]} inet n - n - - smtpd
+  -o syslog_name=postfix/submission
+  -o smtpd_tls_security_level=encrypt
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_tls_auth_only=yes
+  -o smtpd_client_restrictions=permit_sasl_authenticated,reject
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
 qmgr      unix  n       -       n       300     1       qmgr
 cleanup   unix  n       -       n       -       0       cleanup
 virtual   unix  -       n       n       -       -       virtual
@@ -79,6 +125,23 @@ bob@demo.test       demo.test/bob/
         if not os.path.exists(path):
             with open(path, "w") as f:
                 f.write(text)
+    tls = os.path.join(etc, "tls")
+    os.makedirs(tls, exist_ok=True)
+    cert, key = os.path.join(tls, "cert.pem"), os.path.join(tls, "key.pem")
+    if not os.path.exists(cert) or not os.path.exists(key):
+        for p in (cert, key):
+            if os.path.exists(p):
+                os.unlink(p)
+        _write_certificate(cert, key, "mx.demo.test")
+    passwd = os.path.join(etc, "sasl_passwd")
+    if not os.path.exists(passwd):
+        from postwell.sasl.passwords import hash_password
+        fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with os.fdopen(fd, "w") as f:
+            for user in DEMO_USERS:
+                f.write(f"{user}:{hash_password(DEMO_PASSWORD, 'SHA512-CRYPT')}\n")
+        if os.geteuid() == 0:
+            os.chown(passwd, 0, owner.pw_gid)   # readable by the unprivileged smtpd
     return {"dir": base, "etc": etc, "mail": mail, "maillog": os.path.join(base, "maillog")}
 
 
@@ -92,6 +155,10 @@ def main(args: list[str] | None = None) -> int:
         f"    swaks --server 127.0.0.1:{PORTS[0]} --to alice@demo.test\n"
         f"postwell demo: mail for alice@demo.test lands in {paths['mail']}/demo.test/alice/new/, "
         f"bob@demo.test in {paths['mail']}/demo.test/bob/new/\n"
+        f"postwell demo: submission on 127.0.0.1:{PORTS[1]} needs STARTTLS and AUTH as "
+        f"alice@demo.test or bob@demo.test, password '{DEMO_PASSWORD}', e.g.\n"
+        f"    swaks --server 127.0.0.1:{PORTS[1]} --tls --auth PLAIN "
+        f"--auth-user alice@demo.test --auth-password {DEMO_PASSWORD} --to bob@demo.test\n"
         f"postwell demo: log in {paths['maillog']}; Ctrl-C stops\n")
     from postwell.cli.postfix import cmd_start_fg
     os.environ["MAIL_CONFIG"] = paths["etc"]

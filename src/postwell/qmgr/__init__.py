@@ -45,9 +45,15 @@ def serve(config, stop_event=None) -> None:
                           bounce_log=agent_log("bounce"))
         loop.add_signal_handler(signal.SIGUSR1, qm.flush)
         fifo = os.path.join(config.get("queue_directory"), "public", "qmgr")
-        await qm.run(fifo, stop)
+        await qm.run(fifo, stop, freeze_gc=True)
 
-    asyncio.run(main())
+    try:
+        # uvloop's event loop costs less per callback and per thread hand-off.
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 def _raise_fd_limit() -> None:

@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import inspect
 import os
 import threading
 import time
 from collections import defaultdict
+from functools import partial
 
 from postwell.delivery import agent_class
 from postwell.delivery.base import DeliveryRequest, Recipient, RecipientResult
@@ -69,6 +71,7 @@ _register("initial_destination_concurrency", "default_destination_concurrency_po
 _register("minimal_backoff_time", "maximal_backoff_time", "queue_run_delay", "maximal_queue_lifetime", "bounce_queue_lifetime", "default_destination_concurrency_limit", "default_destination_recipient_limit", "default_process_limit", "delay_logging_resolution_limit", "qmgr_message_active_limit", "double_bounce_sender", "virtual_destination_concurrency_limit", "virtual_destination_recipient_limit", "delay_warning_time", "bounce_size_limit", "notify_classes", "bounce_notice_recipient", "2bounce_notice_recipient", "delay_notice_recipient")
 
 SAFETY_SCAN_INTERVAL = 5.0     # seconds between incoming/ scans without a wake-up
+WAKE_BATCH = 0.015             # seconds: wake-ups within this window share one incoming/ scan
 OPEN_MESSAGE_LIMIT = 500       # messages being delivered at once (each holds its queue file open)
 STATE_THREADS = 8              # threads that only make delivery outcomes durable
 
@@ -370,7 +373,7 @@ class QueueManager:
 
     def scan_incoming(self) -> list[str]:
         """Claim every complete message in incoming/; each moves to active/ when it starts."""
-        return self._claim("incoming", lambda qid: True)
+        return self._claim("incoming", None)
 
     def recover_active(self) -> list[str]:
         """At start-up: every message left in active/ is scheduled again."""
@@ -397,10 +400,13 @@ class QueueManager:
 
     def _claim(self, queue_name: str, want) -> list[str]:
         started = []
-        for qid in self.store.scan(queue_name):
+        if len(self._in_progress) >= self.active_limit:
+            return started
+        # Messages in progress are left out before the scan's stat().
+        for qid in self.store.scan(queue_name, skip=self._in_progress):
             if len(self._in_progress) >= self.active_limit:
                 break
-            if qid in self._in_progress or not want(qid):
+            if qid in self._in_progress or (want is not None and not want(qid)):
                 continue
             started.append(qid)
             self._start(qid, queue_name)
@@ -421,12 +427,18 @@ class QueueManager:
         try:
             # Bounded number of open queue files (fds) however long the queue is.
             async with self._open_sem:
-                if queue_name != "active":
-                    try:
-                        await self._blocking(self.store.move, qid, queue_name, "active")
-                    except FileNotFoundError:
-                        return   # gone meanwhile (postsuper -d, another run)
-                await self.process(qid)
+                # One hand-off to the I/O threads: move, open, defer log reset.
+                got = await self._blocking(self._activate, qid, queue_name)
+                if got is None:
+                    return   # gone meanwhile (postsuper -d, another run)
+                qm, warned = got
+                if isinstance(qm, BaseException):
+                    self._corrupt(qid, qm)
+                    return
+                try:
+                    await self._process(qid, qm, self.clock(), warned)
+                finally:
+                    qm.close()
         except Exception as exc:
             # Never lose mail: the file stays queued and is retried later.
             self.log.warning(f"{qid}: delivery failed unexpectedly: {exc!r}")
@@ -437,6 +449,28 @@ class QueueManager:
                 pass
         finally:
             self._in_progress.discard(qid)
+
+    def _activate(self, qid: str, queue_name: str):
+        """Blocking start of a pass: (queue file, delay-warning-sent), the
+        open error in place of the file, or None when the file is gone."""
+        if queue_name != "active":
+            try:
+                # incoming -> active needs no directory fsync: start-up scans
+                # both, so a rename lost in a crash only means one more pass.
+                self.store.move(qid, queue_name, "active", sync=(queue_name != "incoming"))
+            except FileNotFoundError:
+                return None
+        try:
+            qm = self.store.open(qid, "active")
+        except Exception as exc:
+            return exc, False
+        try:
+            # Mail straight from incoming/ has never been tried: no defer log.
+            warned = False if queue_name == "incoming" else self._reset_defer_log(qid)
+        except BaseException:
+            qm.close()
+            raise
+        return qm, warned
 
     # ------------------------------------------------------------ delivery
     async def process(self, qid: str) -> None:
@@ -465,7 +499,7 @@ class QueueManager:
             return
         raise exc
 
-    async def _process(self, qid, qm, active_time) -> None:
+    async def _process(self, qid, qm, active_time, warned=None) -> None:
         sender = qm.sender or ""
         all_rcpts = list(qm.recipients)
         arrival = float(getattr(qm, "arrival_time", active_time))
@@ -496,7 +530,8 @@ class QueueManager:
             groups[(res.transport, res.nexthop or "")].append((r, rc))
 
         deferred: list[tuple[object, RecipientResult]] = []
-        warned = await self._blocking(self._reset_defer_log, qid)
+        if warned is None:
+            warned = await self._blocking(self._reset_defer_log, qid)
         # The agents read the DSN/SMTPUTF8/BODY envelope parameters among the attributes.
         attributes = dict(getattr(qm, "attributes", {}) or {})
         for k, v in (getattr(qm, "params", None) or {}).items():
@@ -560,8 +595,16 @@ class QueueManager:
             await self._durable(self._record, qid, qm, [r for r, _ in deferred],
                                 [(r, r, res, "failed", res.reason) for r, res in deferred], [])
             deferred = []
+        entries = None
+        if not deferred:
+            # The common end: one hand-off reads bounce/ID and, when it is
+            # empty, removes the message.
+            entries = await self._blocking(self._finish, qid)
+            if entries is None:
+                self.log.info(f"{qid}: removed")
+                return
         try:
-            await self._send_notices(qid, qm, sender, arrival)
+            await self._send_notices(qid, qm, sender, arrival, entries)
             notices_pending = False
         except NoticeError:
             # bounce/ID stays; the message waits in deferred/ until the notice
@@ -574,7 +617,9 @@ class QueueManager:
                 await self._send_delay_warning(qid, qm, sender, arrival, deferred)
             await self._blocking(self._defer_file, qid, self.clock() + self._backoff(arrival))
         else:
-            await self._blocking(self.store.remove, qid)
+            # Every recipient is durably marked done: a crash can only bring
+            # the file back to be removed again, so no directory fsync.
+            await self._blocking(partial(self.store.remove, qid, sync=False))
             self.log.info(f"{qid}: removed")
 
     async def _force_expire(self, qid, qm, sender, arrival, active_time, pending) -> None:
@@ -728,6 +773,18 @@ class QueueManager:
             self.store.append_defer_log(qid, who, res.dsn, res.reason,
                                         sync=False)   # reasons only; losing one costs nothing
 
+    def _finish(self, qid):
+        """A message whose recipients are all durably done: removed, unless
+        bounce/ID has entries (this or an earlier pass may have left some),
+        which are returned for the notices."""
+        entries = self.store.read_bounce_log(qid)
+        if entries:
+            return entries
+        # The done marks above are fdatasync'd: a crash can only bring the
+        # file back to be removed again, so no directory fsync.
+        self.store.remove(qid, sync=False)
+        return None
+
     def _reset_defer_log(self, qid: str) -> bool:
         """Start each attempt with a fresh defer log (Postfix removes it when
         the message becomes active), keeping only the "delay warning sent"
@@ -830,11 +887,13 @@ class QueueManager:
         out.sort(key=lambda x: x[0])
         return [d for _, d in out]
 
-    async def _send_notices(self, qid, qm, sender, arrival) -> None:
+    async def _send_notices(self, qid, qm, sender, arrival, entries=None) -> None:
         """Turn bounce/ID into notices (Postfix's bounce_notify_service and
         bounce_trace_service), then drop it.  The log stays when the main
-        notice cannot be queued: the next pass over the message tries again."""
-        entries = await self._blocking(self.store.read_bounce_log, qid)
+        notice cannot be queued: the next pass over the message tries again.
+        ``entries``: the log as already read by _finish."""
+        if entries is None:
+            entries = await self._blocking(self.store.read_bounce_log, qid)
         if not entries:
             return
         failed = self._dsn_recipients(qm, [e for e in entries if e.get("action", "failed") == "failed"])
@@ -904,7 +963,8 @@ class QueueManager:
         await self._send_notices(qid, qm, sender, arrival)
 
     # ------------------------------------------------------------ main loop
-    async def run(self, fifo_path: str | None = None, stop: asyncio.Event | None = None) -> None:
+    async def run(self, fifo_path: str | None = None, stop: asyncio.Event | None = None,
+                  *, freeze_gc: bool = False) -> None:
         loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
         fd = None
@@ -916,6 +976,11 @@ class QueueManager:
         self.scan_incoming()
         self.scan_deferred()
         next_deferred = loop.time() + self.run_delay
+        if freeze_gc:
+            # Start-up objects (config, tables, modules) are never garbage:
+            # keep the collector from walking them on every cycle.
+            gc.freeze()
+        last_scan = loop.time()
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -926,6 +991,15 @@ class QueueManager:
                     w.cancel()
                 if stop.is_set():
                     break
+                # Under load every commit pokes the FIFO: gather the wake-ups
+                # of a short window into one scan of incoming/.
+                delay = last_scan + WAKE_BATCH - loop.time()
+                if delay > 0 and self._wake.is_set():
+                    await asyncio.sleep(delay)
+                    if stop.is_set():
+                        break
+                self._wake.clear()
+                last_scan = loop.time()
                 self.scan_incoming()
                 if loop.time() >= next_deferred or self._flush_requested:
                     force, self._flush_requested = self._flush_requested, False

@@ -120,9 +120,14 @@ def _load_cleanup(config, log):
     store = QueueStore(config.get("queue_directory"))
     # In-process cleanup still logs as postfix/cleanup, where log tools look for it.
     try:
-        clog = MailLog.from_config(config, "cleanup") if isinstance(log, MailLog) and \
+        # cleanup is its own service in Postfix: the smtpd's -o syslog_name (e.g.
+        # postfix/submission) does not apply to it.
+        base = config
+        if "syslog_name" in getattr(config, "overrides", {}):
+            base = type(config)(config.config_dir, config.params, {}, config.services)
+        clog = MailLog.from_config(base, "cleanup") if isinstance(log, MailLog) and \
             type(log) is MailLog else log
-    except OSError:
+    except (OSError, TypeError):
         clog = log
     return Cleanup(config, store, clog)
 
