@@ -111,3 +111,38 @@ def reference_postfix(tmp_path_factory):
     finally:
         inst.stop()
         inst.cleanup()
+
+
+# ---------------------------------------------------------------- pytest-xdist
+#
+# The suite runs with "-n 2 --dist loadgroup" (pyproject addopts).  Each test
+# module is one xdist group, so module-scoped fixtures (a shared reference
+# Postfix, real users) are set up once; modules that share a machine-wide
+# resource form one group, so they run one after the other on the same worker
+# instead of one worker idling on the other's lock (harness.machine_lock).
+_SHARED_GROUPS = {
+    # useradd'd pwe1..pwe3 and /tmp/pwe-shared (e2e_users, machine_lock "users-pwe")
+    "test_issue3_local_e2e": "users-pwe",
+    "test_issue3_reference": "users-pwe",
+    "test_issue3_tools_e2e": "users-pwe",
+}
+# The longest modules start first, so no worker is left with a long one at the end.
+_LONG_FIRST = (
+    "users-pwe", "test_outbound_relay", "test_outbound_compare", "test_soak_smoke",
+    "test_parity_smtpd", "test_e2e_recipe", "test_outbound_8bit", "test_outbound_mx",
+    "test_outbound_flood", "test_anvil_e2e", "test_smtpd_tls", "test_crash",
+    "test_security_resources", "test_pipe_reference", "test_qmgr_notices_e2e",
+    "test_policy_e2e", "test_smtpd_auth", "test_parity_logs", "test_reliability_crash",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        mod = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid
+        return _SHARED_GROUPS.get(mod, mod)
+
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    # Stable: within a group (and among the rest) the file order is kept.
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))

@@ -395,7 +395,7 @@ def test_edit_master_parameters(tmp_path):
 
 def test_defaults_without_main_cf(tmp_path):
     rc, out, _ = ours("-c", str(tmp_path), "-d", "mail_version")
-    assert rc == 0 and out == "mail_version = 3.7.11\n"
+    assert rc == 0 and out == "mail_version = 0.1.0\n"   # postwell's own release
     rc, _, err = ours("-c", str(tmp_path), "-n")
     assert rc == 1 and err == f"postconf: fatal: open {tmp_path}/main.cf: No such file or directory\n"
 

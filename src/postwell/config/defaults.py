@@ -90,6 +90,13 @@ POSTWELL_DIFFERENCES: dict[str, str] = {
     "compatibility_level": "3.6",
     # The Postfix 3.9 default, against SMTP smuggling.
     "smtpd_forbid_bare_newline": "normalize",
+    # postwell's own release, not Postfix's: log lines and `postconf mail_version` tell
+    # the truth about which program runs.
+    "mail_version": "0.1.0",
+    # Postfix turns per-record deadlines on only under stress; postwell always bounds a
+    # whole request line (and DATA by smtpd_min_data_rate) by smtpd_timeout, so a client
+    # trickling one byte per second cannot hold a session open past it.
+    "smtpd_per_record_deadline": "yes",
     # TLS 1.0/1.1 are deprecated (RFC 8996); OpenSSL 3 refuses them at its
     # default security level anyway.  (owner: tls/)
     "smtpd_tls_protocols": ">=TLSv1.2",
