@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -181,6 +181,11 @@ class Sampler:
                 role = f"{parent}-child" if parent and parent != "master" else "?"
             st["role"] = role
             per_pid[pid] = st
+        return {"t": (time.monotonic() - self.t0) / 60.0, "roles": self.group(per_pid),
+                "pids": per_pid}
+
+    @staticmethod
+    def group(per_pid: dict) -> dict:
         roles: dict[str, dict] = {}
         for pid, st in per_pid.items():
             r = roles.setdefault(st["role"], {"n": 0, "rss": 0, "pss": 0, "fds": 0,
@@ -190,7 +195,15 @@ class Sampler:
                 r[k] += st[k]
             r["rss_max1"] = max(r["rss_max1"], st["rss"])
             r["fds_max1"] = max(r["fds_max1"], st["fds"])
-        return {"t": (time.monotonic() - self.t0) / 60.0, "roles": roles, "pids": per_pid}
+        return roles
+
+    def regroup(self) -> None:
+        """Relabel early samples: a process that was still starting when first
+        seen (no socket, no log line yet) got its role later."""
+        for s in self.samples:
+            for pid, st in s["pids"].items():
+                st["role"] = self.roles_seen.get(pid, st["role"])
+            s["roles"] = self.group(s["pids"])
 
     def sample(self) -> dict:
         s = self.snapshot()
@@ -521,11 +534,6 @@ def prune_maildirs(inst) -> int:
     return n
 
 
-def quiet(inst, traffic_done: bool, seconds: float) -> None:
-    """Let in-flight sessions end so fds can be compared at rest."""
-    time.sleep(seconds)
-
-
 def report(args, sampler: Sampler, log: LogReader, traffic: Traffic, warm_min: float,
            quiet_base: dict, quiet_end: dict, delivered_files: int, elapsed: float) -> tuple[str, dict, list[str]]:
     lines: list[str] = []
@@ -541,11 +549,8 @@ def report(args, sampler: Sampler, log: LogReader, traffic: Traffic, warm_min: f
     lines.append("-" * len(hdr))
     for role in roles:
         ser = [(s["t"], s["roles"][role]) for s in sampler.samples if role in s["roles"]]
-        first, last = ser[0][1], ser[-1][1]
         # The largest process of the role: a per-process figure that does not
         # jump when the master starts or retires a worker.
-        def per(r, k):
-            return r[k] // max(1, r["n"]) if k != "rss_max1" else r[k]
         rss = [(t, r["rss_max1"]) for t, r in ser]
         pss = [(t, r["pss"] // max(1, r["n"])) for t, r in ser]
         fds = [(t, r["fds_max1"]) for t, r in ser]
@@ -666,18 +671,13 @@ def main(argv: list[str] | None = None) -> int:
                                         args=(stop, 3 if args.quick else 20), daemon=True))
         for th in threads:
             th.start()
-        quiet_base: dict = {}
         deadline = t_start + duration
-        warm_done = False
         next_print = time.monotonic() + 60
         while time.monotonic() < deadline:
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             log.poll()
             s = sampler.sample()
             delivered_files += prune_maildirs(inst)
-            if not warm_done and s["t"] >= warm / 60:
-                warm_done = True
-                quiet_base = {p: dict(v) for p, v in s["pids"].items()}
             if time.monotonic() >= next_print:
                 next_print += 60
                 tot = sum(r["rss"] for r in s["roles"].values())
@@ -693,9 +693,6 @@ def main(argv: list[str] | None = None) -> int:
         end = sampler.sample()
         delivered_files += prune_maildirs(inst)
         elapsed = time.monotonic() - t_start
-        # Only processes alive at both points are compared (workers come and go).
-        if not quiet_base and sampler.samples:
-            quiet_base = {p: dict(v) for p, v in sampler.samples[0]["pids"].items()}
         # Compare fds at rest: the base sample was taken under load, so use the
         # minimum over post-warm-up samples per pid as its resting level.
         rest_base: dict = {}
@@ -707,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                     cur = rest_base.get(pid)
                     if cur is None or st["fds"] < cur["fds"]:
                         rest_base[pid] = dict(st)
+        sampler.regroup()
         text, data, failures = report(args, sampler, log, traffic, warm / 60, rest_base,
                                       end["pids"], delivered_files, elapsed)
         print()
