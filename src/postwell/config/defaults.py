@@ -25,7 +25,6 @@ DEFAULTS: dict[str, str] = {
     "data_directory": "/var/lib/postfix",
     "mail_owner": "postfix",
     # master / qmgr / virtual (owner: master+qmgr engineer)
-    "mail_version": "3.7.11",
     "process_id_directory": "pid",
     "service_throttle_time": "60s",
     "default_process_limit": "100",
