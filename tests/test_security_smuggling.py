@@ -252,10 +252,7 @@ def _envelope_headers(data: bytes) -> list[bytes]:
 
 
 ALICE_META = [n for n, (m, r) in META.items() if r == f"RCPT TO:<alice@{VD}>"]
-HEADER_XFAIL = {
-    "quoted_all_sender": "delivery/virtual.py writes Return-Path: <sender> in internal form; "
-                         "Postfix quotes the local part (quote_822_local) when it needs quotes",
-}
+HEADER_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=HEADER_XFAIL[n], strict=False))

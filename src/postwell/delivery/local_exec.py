@@ -17,6 +17,8 @@ another uid is refused with a clear reason instead of being attempted.
 
 from __future__ import annotations
 
+from postwell.delivery.pipe import quote_local as _pipe_quote_local
+
 import errno
 import json
 import os
@@ -224,7 +226,7 @@ class LocalCopy(Delivery):
         # mail_copy() order: Return-Path, X-Original-To, Delivered-To.
         out = []
         if self.want_return:
-            out.append(f"Return-Path: <{self.sender}>\n")
+            out.append(f"Return-Path: <{_quote_local(self.sender)}>\n")
         if self.want_orig and self.orig:
             out.append(f"X-Original-To: {self.orig}\n")
         if self.want_delivered and self.delivered:
@@ -422,3 +424,8 @@ def op_command(command: str, env: dict, cwd: str, time_limit: float, shell: str,
         dsn, text = SYSEXITS[status]
         return _result(dsn, text + suffix)
     return _result("5.3.0", f"Command died with status {status}: \"{command}\"{suffix}")
+
+
+def _quote_local(address: str) -> str:
+    """Return-Path carries the sender in RFC 822 form, as Postfix's mail_copy() writes it."""
+    return _pipe_quote_local(address) if address else address

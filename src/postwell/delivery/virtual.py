@@ -10,6 +10,8 @@ directory (Postfix's set_eugid() in virtual/maildir.c and mailbox.c).
 
 from __future__ import annotations
 
+from postwell.delivery.pipe import quote_local as _pipe_quote_local
+
 import asyncio
 import errno
 import fcntl
@@ -49,7 +51,7 @@ class Delivery:
 
     def headers(self) -> bytes:
         # Same order as Postfix's mail_copy(): Return-Path, X-Original-To, Delivered-To.
-        out = [f"Return-Path: <{self.sender}>\n"]
+        out = [f"Return-Path: <{_quote_local(self.sender)}>\n"]
         if self.orig:
             out.append(f"X-Original-To: {self.orig}\n")
         out.append(f"Delivered-To: {self.recipient.lower()}\n")
@@ -398,3 +400,8 @@ def deliver_mbox(d: Delivery, open_content) -> None:
                 os.unlink(lockfile)
             except OSError:
                 pass
+
+
+def _quote_local(address: str) -> str:
+    """Return-Path carries the sender in RFC 822 form, as Postfix's mail_copy() writes it."""
+    return _pipe_quote_local(address) if address else address
