@@ -327,8 +327,8 @@ def listen(path: str) -> socket.socket:
     sock.bind(tmp)
     # Any local user may ask; authorisation is per request (SO_PEERCRED).
     os.chmod(tmp, 0o666)
+    sock.listen(64)        # before the rename: a client that sees the name can connect
     os.rename(tmp, path)   # atomic: clients never see a half-set-up socket
-    sock.listen(64)
     return sock
 
 
