@@ -46,7 +46,8 @@ CASES = {
     "droprcpt": ["-q", "RCPT"],
     "dropdot": ["-q", "."],
     "quit421rcpt": ["-Q", "RCPT"],
-    "abortdata": ["-A", "0"],
+    # "abortdata" (smtp-sink -A 0) is left out: whether a client reads the sink's 550 before
+    # its DATA write fails is a race, for Postfix too (seen flapping in a fresh-clone CI run).
     "rcpt4xx": ["-r", "RCPT", "-b", SOFT],
     "rcpt5xxbare": ["-E", "-f", "RCPT", "-B", "550 No such user here"],
     "ehlo4xx": ["-r", "EHLO", "-b", "454 4.7.0 not now"],
