@@ -462,6 +462,80 @@ class _SessionFailure(Exception):
         self.conn_setup_done: float | None = None
 
 
+class _ResumingContext(ssl.SSLContext):
+    """An SSLContext whose next client connection offers a cached session.
+
+    asyncio's start_tls() has no parameter for an ssl.SSLSession, but every TLS
+    object it creates comes from wrap_bio(), one loop turn after the call.  The
+    agent sets `pending` under a lock just before start_tls() and clears it once
+    wrap_bio() has taken it (see SmtpDeliveryAgent._start_tls_with_session), so a
+    session reaches exactly the connection it was looked up for.
+    """
+
+    pending: "ssl.SSLSession | None" = None
+    taken: "asyncio.Event | None" = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,
+                 session=None):
+        if session is None and not server_side:
+            session, self.pending = self.pending, None
+            if self.taken is not None:
+                self.taken.set()
+        try:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        except ValueError:  # a session of another context: just do a full handshake
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname)
+
+
+class TlsSessionCache:
+    """smtp_tls_session_cache_database: TLS sessions of this delivery agent,
+    offered again to the same server (same TLS level, next hop, address and
+    port), so a repeat connection needs no full handshake.
+
+    Postfix keeps them in a file shared by every smtp(8) process through
+    tlsmgr(8).  Python's ssl cannot serialise a session, and all of postwell's
+    outbound connections are made by the one queue manager process, so the
+    cache is in that process's memory: lost on restart, shared by every
+    delivery.  Entries expire after smtp_tls_session_cache_timeout (or the
+    session's own lifetime when shorter); the count is bounded.
+    """
+
+    def __init__(self, timeout: float, clock=time.monotonic, limit: int = 1000) -> None:
+        self.timeout = timeout
+        self.clock = clock
+        self.limit = limit
+        self._entries: dict[tuple, tuple[ssl.SSLSession, float]] = {}
+
+    def get(self, key: tuple) -> ssl.SSLSession | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        session, expires = hit
+        if self.clock() >= expires:
+            del self._entries[key]
+            return None
+        return session
+
+    def put(self, key: tuple, session: ssl.SSLSession | None) -> None:
+        if session is None or not (session.has_ticket or session.id):
+            return
+        lifetime = self.timeout
+        if session.timeout:
+            lifetime = min(lifetime, float(session.timeout))
+        if lifetime <= 0:
+            return
+        self._entries.pop(key, None)
+        while len(self._entries) >= self.limit:   # oldest first (dicts keep insertion order)
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (session, self.clock() + lifetime)
+
+    def drop(self, key: tuple) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class _Connection:
     """One TCP connection and its engine."""
 
@@ -474,6 +548,7 @@ class _Connection:
         self.idle_handle: asyncio.TimerHandle | None = None
         self.closed = False
         self.queue_id = ""      # the message being delivered (for warnings)
+        self.tls_cache_key: tuple | None = None   # where to save this TLS session
 
     @property
     def namaddr(self) -> str:
@@ -668,6 +743,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
         self._native = NativeResolver()
         self._tasks: set[asyncio.Task] = set()
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
+        self._tls_sessions: TlsSessionCache | None | bool = False   # False: not set up yet
+        self._tls_start_lock: asyncio.Lock | None = None
         self._sasl_maps = None
         self._tls_policy_maps = None
         # destination key -> idle connections (LIFO)
@@ -1034,6 +1111,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 raise self._fail(dsn if permanent else _soft(dsn), reason, conn.target,
                                  permanent=permanent)
             if isinstance(ev, HelloDone):
+                if conn.tls_cache_key is not None:
+                    # By the reply to the EHLO after STARTTLS the server's TLS 1.3
+                    # session tickets have arrived: the session is resumable now.
+                    self._save_tls_session(conn)
                 first = ev.reply.text.split("\n")[0].split(" ", 1)[0]
                 if loop_detect and self._is_myself(first):
                     self._warning(f"host {conn.target.relay} replied to HELO/EHLO with my own "
@@ -1071,15 +1152,28 @@ class SmtpDeliveryAgent(DeliveryAgent):
                              tls_fallback=level == "may")
         ctx = self._tls_context(level)
         server_name = None if _is_ip(conn.target.host) else conn.target.host
+        cache = self._tls_session_cache()
+        key = None
+        if cache is not None:
+            key = (level, nexthop, conn.target.host, conn.target.ip, conn.target.port,
+                   tuple(match or ()), id(ctx))
         try:
-            await asyncio.wait_for(conn.writer.start_tls(ctx, server_hostname=server_name),
-                                   s.starttls_timeout or 300.0)
+            await asyncio.wait_for(
+                self._start_tls_with_session(conn, ctx, server_name,
+                                             cache.get(key) if cache is not None else None),
+                s.starttls_timeout or 300.0)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
             conn.abort()
+            if cache is not None:
+                cache.drop(key)     # never offer a session that a failed handshake used
             self._info(f"SSL_connect error to {conn.target.relay}: {e}")
             raise self._fail("4.7.5", "Cannot start TLS: handshake failure", conn.target,
                              tls_fallback=level == "may") from None
         sslobj = conn.writer.get_extra_info("ssl_object")
+        if cache is not None:
+            conn.tls_cache_key = key
+            if sslobj.session_reused and s.tls_loglevel >= 2:
+                self._info(f"{conn.target.relay}: Reusing old session")
         trust = "Untrusted"
         if level in ("verify", "secure", "dane-only"):
             if match is None:
@@ -1093,6 +1187,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
                               "dot-nexthop": "." + nexthop}.get(m, m))
             if not _cert_matches(sslobj.getpeercert(), names):
                 conn.abort()
+                conn.tls_cache_key = None
                 raise self._fail("4.7.5", "Server certificate not verified", conn.target)
             trust = "Verified"
         elif level == "fingerprint":
@@ -1103,6 +1198,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
                       (match or self.config.get_list("smtp_tls_fingerprint_cert_match"))}
             if digest not in wanted:
                 conn.abort()
+                conn.tls_cache_key = None
                 raise self._fail("4.7.5", "Server certificate not verified", conn.target)
             trust = "Verified"
         if s.tls_loglevel >= 1:
@@ -1224,12 +1320,63 @@ class SmtpDeliveryAgent(DeliveryAgent):
                                  f"{_one_line(ev.reply)}", conn.target,
                                  permanent=dsn.startswith("5"))
 
+    def _tls_session_cache(self) -> TlsSessionCache | None:
+        """The session cache when smtp_tls_session_cache_database is set (any
+        value: postwell keeps the sessions in memory, see TlsSessionCache)."""
+        if self._tls_sessions is False:
+            cache = None
+            try:
+                if self.config.get(f"{self.protocol}_tls_session_cache_database").strip():
+                    timeout = self.config.get_time(f"{self.protocol}_tls_session_cache_timeout")
+                    if timeout > 0:
+                        cache = TlsSessionCache(timeout, clock=self.monotonic)
+            except Exception as e:  # noqa: BLE001 - a bad value: warn once, no cache
+                self._warning(f"{self.protocol}_tls_session_cache: {e}")
+            self._tls_sessions = cache
+        return self._tls_sessions
+
+    async def _start_tls_with_session(self, conn: _Connection, ctx: ssl.SSLContext,
+                                      server_name: str | None,
+                                      session: ssl.SSLSession | None) -> None:
+        if not isinstance(ctx, _ResumingContext) or self._tls_session_cache() is None:
+            await conn.writer.start_tls(ctx, server_hostname=server_name)
+            return
+        # Held only until the new SSL object exists (one loop turn), not for the
+        # handshake: concurrent handshakes stay concurrent.
+        if self._tls_start_lock is None:
+            self._tls_start_lock = asyncio.Lock()
+        async with self._tls_start_lock:
+            ctx.pending, ctx.taken = session, asyncio.Event()
+            task = asyncio.ensure_future(conn.writer.start_tls(ctx, server_hostname=server_name))
+            taken = asyncio.ensure_future(ctx.taken.wait())
+            try:
+                await asyncio.wait({task, taken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                taken.cancel()
+                ctx.pending, ctx.taken = None, None
+                if not task.done() and asyncio.current_task().cancelling():
+                    task.cancel()
+        await task
+
+    def _save_tls_session(self, conn: _Connection) -> None:
+        key, conn.tls_cache_key = conn.tls_cache_key, None
+        cache = self._tls_session_cache()
+        if cache is None or key is None:
+            return
+        sslobj = conn.writer.get_extra_info("ssl_object")
+        if sslobj is None:
+            return
+        try:
+            cache.put(key, sslobj.session)
+        except (ValueError, ssl.SSLError):
+            pass
+
     def _tls_context(self, level: str) -> ssl.SSLContext:
         cached = self._tls_contexts.get(level)
         if cached is not None:
             return cached
         cfg = self.config
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False      # names are matched per level in _start_tls
         if level in ("verify", "secure", "dane-only"):
             ctx.verify_mode = ssl.CERT_REQUIRED

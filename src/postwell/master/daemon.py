@@ -130,6 +130,7 @@ class Slot:
     throttled_until: float = 0.0
     blocked_by: set = field(default_factory=set)   # old pids that must exit first (qmgr)
     key: tuple = ()
+    preloaded: dict | None = None   # smtpd: what preload() read as root (the TLS context)
 
     @property
     def command(self) -> str:
@@ -351,8 +352,34 @@ class Master:
         return slots
 
     # ------------------------------------------------------------ children
+    def _smtpd_preload(self, slot: Slot) -> dict:
+        """The smtpd's TLS context, read here as root before any worker is forked.
+
+        Built once per distinct TLS configuration and inherited by every worker, so
+        all workers (and the workers started after a reload that did not change the
+        TLS settings or files) share one set of session-ticket keys: a client that
+        resumes a session may land on any worker.  This is what Postfix's tlsmgr
+        provides; Python's ssl module has no call to set ticket keys, but a context
+        created before fork() carries the same keys into every child.
+        """
+        from postwell import smtpd
+        key = smtpd.preload_key(slot.config, slot.svc)
+        cache = self.__dict__.setdefault("_tls_preloads", {})
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = smtpd.preload(slot.config, slot.svc)
+        return hit
+
+    def _forget_stale_preloads(self) -> None:
+        live = {id(s.preloaded) for s in self.slots if s.preloaded is not None}
+        cache = self.__dict__.get("_tls_preloads", {})
+        for key in [k for k, v in cache.items() if id(v) not in live]:
+            del cache[key]
+
     def _spawn(self, slot: Slot) -> None:
         self.master_pid = os.getpid()
+        if slot.kind == "smtpd" and slot.preloaded is None:
+            slot.preloaded = self._smtpd_preload(slot)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
@@ -411,11 +438,9 @@ class Master:
             # that becomes the service's user= before exec.
             pipe_helper.serve(slot.config, self.owner[0], self.owner[1])
             return
-        preloaded = None
-        if slot.kind == "smtpd":
-            # Still privileged: read the TLS key and certificate (Postfix's pre-jail init).
-            from postwell import smtpd
-            preloaded = smtpd.preload(slot.config, slot.svc)
+        # The smtpd's TLS context was built by the master before the fork (see
+        # _smtpd_preload): every worker shares its session-ticket keys.
+        preloaded = slot.preloaded
         drop_privileges(self.owner)
         # After the uid change: the kernel clears the parent-death signal on it.
         _die_with_master(master_pid)
@@ -599,6 +624,7 @@ class Master:
                 slot.blocked_by = old_pickup
         self.slots = new_slots
         self._start_missing()
+        self._forget_stale_preloads()
 
     def _cleanup(self) -> None:
         for slot in self.slots:

@@ -1231,8 +1231,9 @@ def _service_config(config, service):
 
 def preload(config, service) -> dict:
     """What the smtpd must read while still root (Postfix's pre-jail init): the TLS
-    certificate and key, often readable by root only. Call in the child before
-    drop_privileges() and pass the result to serve(..., preloaded=)."""
+    certificate and key, often readable by root only. The master calls it before
+    forking the workers (so they share the session-ticket keys) and passes the
+    result to serve(..., preloaded=)."""
     from postwell.tls import TlsConfigError, server_context
     out: dict = {}
     try:
@@ -1242,6 +1243,40 @@ def preload(config, service) -> dict:
     except Exception:   # noqa: BLE001 - e.g. a bad level: SmtpdServer reports it then
         pass
     return out
+
+
+_TLS_FILE_PARAMS = ("cert_file", "key_file", "chain_files", "dcert_file", "dkey_file",
+                    "eccert_file", "eckey_file", "CAfile", "CApath", "dh1024_param_file",
+                    "dh512_param_file")
+
+
+def preload_key(config, service) -> tuple:
+    """Identifies what preload() would build: every TLS parameter of the service and
+    the identity (inode, size, mtime) of every file they name, so a reload that
+    changes neither keeps the same context (and its session-ticket keys)."""
+    from postwell.config.postfix_defaults import POSTFIX_DEFAULTS as _pf
+    cfg = _service_config(config, service)
+    names = sorted(n for n in _pf if n.startswith(("smtpd_tls_", "tls_"))
+                   or n in ("smtpd_use_tls", "smtpd_enforce_tls"))
+    values = []
+    for n in names:
+        try:
+            values.append((n, cfg.get(n)))
+        except Exception:  # noqa: BLE001 - a broken value: preload() reports it
+            values.append((n, None))
+    files = []
+    for suffix in _TLS_FILE_PARAMS:
+        try:
+            raw = cfg.get("smtpd_tls_" + suffix)
+        except Exception:  # noqa: BLE001
+            continue
+        for path in raw.replace(",", " ").split():
+            try:
+                st = os.stat(path)
+                files.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                files.append((path, None))
+    return tuple(values), tuple(files)
 
 
 def serve(config, service, sockets, *, drain_seconds: float = DRAIN_SECONDS,
