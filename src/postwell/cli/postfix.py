@@ -165,6 +165,16 @@ def _signal_master(config_dir: str, sig, verb: str) -> tuple[int, object, int | 
     return 0, cfg, pid
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold any byte.
+    return stat[stat.rfind(b")") + 2:][:1] == b"Z"
+
+
 def _wait_gone(cfg, pid: int, limit: float) -> bool:
     from postwell.master.daemon import read_running_pid
     deadline = time.monotonic() + limit
@@ -176,6 +186,8 @@ def _wait_gone(cfg, pid: int, limit: float) -> bool:
                 return True
             except PermissionError:
                 return True
+            if _is_zombie(pid):
+                return True     # exited; only its (foreign) parent has not reaped it yet
             # pid file released; the process is in its last moments
         time.sleep(0.05)
     return False
