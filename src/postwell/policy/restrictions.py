@@ -993,6 +993,111 @@ async def _reject_sender_login_mismatch(e: Engine, c: _Ctx, args, name):
     return _unauth_login_mismatch(e, c, sender)
 
 
+# TLS client certificates (Postfix's permit_tls_clientcerts() / check_ccert_access()).
+# A certificate that did not verify still has a fingerprint: both restrictions that look
+# fingerprints up accept it, as Postfix does; only permit_tls_all_clientcerts needs trust.
+
+CCERT = "Client certificate"
+_CCERT_SEARCH = {"cert_fingerprint": "ccert_fingerprint",
+                 "pubkey_fingerprint": "ccert_pubkey_fingerprint"}
+
+
+def _ask_ccert(e: Engine) -> bool:
+    return _bool(e.config.get("smtpd_tls_ask_ccert"), False)
+
+
+async def _permit_tls_clientcerts(e: Engine, c: _Ctx, args, name):
+    s = c.state
+    if not s.encryption_protocol:
+        return DUNNO
+    all_certs = name.lower() == "permit_tls_all_clientcerts"
+    if all_certs and s.ccert_trusted and s.ccert_fingerprint:
+        return OK
+    if not s.ccert_fingerprint:
+        if not _ask_ccert(e):
+            e.log.warning(f"{name.lower()} is requested, but \"smtpd_tls_ask_ccert = no\"")
+        return DUNNO
+    from postwell.tables import TableLookupError
+    prints = (s.ccert_fingerprint, s.ccert_pubkey_fingerprint)
+    for fp in prints:
+        if not fp:
+            continue
+        for table in parse_restrictions(e.config.get("relay_clientcerts")):
+            try:
+                found = e._table_lookup(table, fp)
+            except TableLookupError:
+                e.log.warning(f"relay_clientcerts: lookup error for fingerprint '{prints[0]}', "
+                              f"pkey fingerprint {prints[1]}")
+                e.dict_retry(s, c.reply_name)
+            except Exception as ex:  # noqa: BLE001 - a missing table: configuration problem
+                e.warn_once(f"relay_clientcerts: {table}: table lookup problem: {ex}")
+                e.server_error(s)
+            if found is not None:
+                return OK
+    return DUNNO
+
+
+def _ccert_search_order(spec: str) -> tuple[str, list[str]] | None:
+    """``type:table`` or Postfix 3.5's ``{ type:table, { search_order = cert_fingerprint,
+    pubkey_fingerprint } }``; None when it cannot be parsed."""
+    order = ["cert_fingerprint", "pubkey_fingerprint"]
+    if not spec.startswith("{"):
+        return (spec, order) if is_table_spec(spec) else None
+    if not spec.endswith("}"):
+        return None
+    parts = [p.strip() for p in _split_top(spec[1:-1].strip()) if p.strip()]
+    if not parts or not is_table_spec(parts[0]):
+        return None
+    for extra in parts[1:]:
+        inner = extra[1:-1].strip() if extra.startswith("{") and extra.endswith("}") else extra
+        key, eq, value = inner.partition("=")
+        if not eq or key.strip() != "search_order":
+            return None
+        order = _words(value)
+        if not order or any(o not in _CCERT_SEARCH for o in order):
+            return None
+    return parts[0], order
+
+
+def _split_top(text: str) -> list[str]:
+    out, cur, depth = [], [], 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+async def _check_ccert_access(e: Engine, c: _Ctx, args, name):
+    s = c.state
+    spec = args[0] if args else ""
+    parsed = _ccert_search_order(spec)
+    if parsed is None:
+        e.log.warning(f"restriction {name.lower()}: bad argument \"{spec}\": need maptype:mapname "
+                      "or { maptype:mapname, { search_order = cert_fingerprint, "
+                      "pubkey_fingerprint } }")
+        return e.reject(s, _ERR_SOFTWARE, 451, "4.3.5", "Server configuration error")
+    table, order = parsed
+    if not s.ccert_fingerprint:
+        if not _ask_ccert(e):
+            e.log.warning("check_ccert_access is requested, but \"smtpd_tls_ask_ccert = no\"")
+        return DUNNO
+    # The reject names the certificate's CN, as Postfix's does.
+    sub = _Ctx(s, s.ccert_subject, CCERT, c.def_acl)
+    for what in order:
+        found, status = await e.check_access(sub, table, getattr(s, _CCERT_SEARCH[what]))
+        if status != DUNNO:
+            return status
+    return DUNNO
+
+
 async def _not_available(e: Engine, c: _Ctx, args, name):
     e.warn_once(f"restriction `{name}' ignored: not supported by postwell yet")
     return DUNNO
@@ -1102,13 +1207,14 @@ RESTRICTIONS: dict[str, tuple[Callable, int]] = {
     "reject_unauth_destination": (_reject_unauth_destination, 0),
     "defer_unauth_destination": (_defer_unauth_destination, 0),
     "reject_multi_recipient_bounce": (_reject_multi_recipient_bounce, 0),
-    # Need DNS, TLS or a verify service that postwell does not have yet.
+    # Need DNS or a verify service that postwell does not have yet.
     "reject_unknown_helo_hostname": (_not_available, 0),
     "reject_unknown_hostname": (_not_available, 0),
     "reject_unverified_sender": (_not_available, 0),
     "reject_unverified_recipient": (_not_available, 0),
-    "permit_tls_clientcerts": (_not_available, 0),
-    "permit_tls_all_clientcerts": (_not_available, 0),
+    "permit_tls_clientcerts": (_permit_tls_clientcerts, 0),
+    "permit_tls_all_clientcerts": (_permit_tls_clientcerts, 0),
+    "check_ccert_access": (_check_ccert_access, 1),
     "permit_mx_backup": (_not_available, 0),
     "reject_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
     "reject_authenticated_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
@@ -1124,7 +1230,7 @@ for _n in ("check_client_mx_access", "check_client_ns_access", "check_client_a_a
            "check_helo_mx_access", "check_helo_ns_access", "check_helo_a_access",
            "check_sender_mx_access", "check_sender_ns_access", "check_sender_a_access",
            "check_recipient_mx_access", "check_recipient_ns_access", "check_recipient_a_access",
-           "check_ccert_access", "check_etrn_access"):
+           "check_etrn_access"):
     RESTRICTIONS[_n] = (_not_available, 1)
 
 REQUIRED_RELAY = ["reject_unauth_destination", "defer_unauth_destination", "reject", "defer",

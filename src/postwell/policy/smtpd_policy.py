@@ -228,6 +228,32 @@ class SmtpdPolicy:
                                             "END-OF-MESSAGE", EOD)
 
 
+def xtext(text: str) -> str:
+    """Postfix's xtext_quote(): bytes outside "!".."~", and "+", as "+XX"."""
+    out = []
+    for b in text.encode("utf-8", "surrogateescape"):
+        out.append(chr(b) if 32 < b < 127 and b != 0x2B else f"+{b:02X}")
+    return "".join(out)
+
+
+def policy_tls_attributes(state: SessionState) -> list[tuple[str, str]]:
+    """The TLS attributes of an smtpd_access_policy request, in Postfix 3.7's order
+    and form (checked against it): the certificate's CN and issuer are sent, xtext
+    quoted, only when it verified; its fingerprints whenever one was presented, so a
+    policy server can match untrusted certificates too."""
+    trusted = state.ccert_trusted and bool(state.ccert_fingerprint)
+    tls = bool(state.encryption_protocol)
+    return [
+        ("ccert_subject", xtext(state.ccert_subject) if trusted else ""),
+        ("ccert_issuer", xtext(state.ccert_issuer) if trusted else ""),
+        ("ccert_fingerprint", state.ccert_fingerprint if tls else ""),
+        ("ccert_pubkey_fingerprint", state.ccert_pubkey_fingerprint if tls else ""),
+        ("encryption_protocol", state.encryption_protocol or ""),
+        ("encryption_cipher", state.encryption_cipher or "" if tls else ""),
+        ("encryption_keysize", str(state.encryption_keysize or 0) if tls else "0"),
+    ]
+
+
 def _bool(value: str | None, default: bool) -> bool:
     if value is None or value.strip() == "":
         return default

@@ -57,6 +57,13 @@ class SessionState:
     encryption_cipher: str | None = None
     encryption_keysize: int = 0
     tls_peer_cert_fingerprint: str | None = None
+    # The TLS client certificate (smtpd_tls_ask_ccert), set by the smtpd after the
+    # handshake; a certificate that does not verify is still present, as in Postfix.
+    ccert_subject: str = ""                 # its CN ("" when none or unusable)
+    ccert_issuer: str = ""                  # the issuer's CN (else O)
+    ccert_fingerprint: str = ""             # "AB:CD:..." (smtpd_tls_fingerprint_digest); "" = none
+    ccert_pubkey_fingerprint: str = ""
+    ccert_trusted: bool = False             # verified against smtpd_tls_CAfile/CApath
     pipelining_violation: bool = False      # set by smtpd for reject_unauth_pipelining
     smtputf8: bool = False
     message_size: int = 0

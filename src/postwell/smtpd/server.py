@@ -145,6 +145,20 @@ def _feed_buffered(proto, data: bytes) -> None:
         view = view[n:]
 
 
+def _log_tls_policy_warnings(srv) -> None:
+    """Client-certificate setting warnings, once per context, at its first use (Postfix
+    logs them when the smtpd process starts its TLS engine)."""
+    try:
+        from postwell.tls import client_cert_policy
+        pol = client_cert_policy(srv.tls_context)
+        if pol.warnings and not pol.warned:
+            pol.warned = True
+            for text in pol.warnings:
+                srv.log.warning(text)
+    except Exception:   # noqa: BLE001 - a warning must not cost the session
+        pass
+
+
 def _handshake_failure(exc: BaseException) -> tuple[str, str | None]:
     """(what follows "SSL_accept error from host[addr]: ", the TLS library problem or None)
     in Postfix's words: "lost connection" when the peer went away, else "-1"."""
@@ -673,11 +687,52 @@ class SmtpdSession(asyncio.Protocol):
         state.protocol = "SMTP"
         state.sasl_username = state.sasl_method = None
         self._after_tls()
+        if self._ccert_refused():
+            await self._refuse_ccert(wait_command=True)
+
+    def _ccert_refused(self) -> str | None:
+        """smtpd_tls_req_ccert (level encrypt): why this session's certificate is not
+        good enough, or None."""
+        from postwell.tls import client_cert_policy
+        if self.ssl_object is None or not client_cert_policy(self.ssl_object.context).require:
+            return None
+        cert = getattr(self, "_ccert", None)
+        if cert is None:
+            return "No client certificate presented"
+        return None if cert.trusted else "Client certificate not trusted"
+
+    async def _refuse_ccert(self, wait_command: bool) -> None:
+        """Postfix's answer to a missing or untrusted required client certificate: log,
+        read the client's next command (after STARTTLS), answer it with 421 and close.
+        RFC 3207 4.1 lets a server refuse a session whose TLS is not good enough (it
+        suggests 554 to every command; Postfix's 421 and close is what clients know)."""
+        srv, conn = self.server, self.conn
+        why = self._ccert_refused()
+        srv.log.info(f"NOQUEUE: abort: TLS from {self.namaddr}: {why}")
+        if wait_command and not conn.buffered and not self._lost:
+            self._data_ready.clear()
+            if not await self._wait_input():
+                return                              # timed out: logged and answered
+        if self._lost:
+            conn.abort("lost")                      # "lost connection after STARTTLS"
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(Reply(421, f"{srv.hostname} Error: {why}", "4.7.1").to_bytes())
+        conn.abort("tls client certificate")
+
+    def _tls_trust(self) -> str:
+        cert = getattr(self, "_ccert", None)
+        return cert.trust if cert is not None else "Anonymous"
 
     async def _tls_rate_check(self, log_tls: bool = False) -> bool:
         """smtpd_client_new_tls_session_rate_limit after a full handshake: over the
-        limit, a 421 inside TLS and the session ends.  False when it ended."""
+        limit, a 421 inside TLS and the session ends.  False when it ended.  Wrapper
+        mode (log_tls False) also ends here when a required client certificate is
+        missing or untrusted: the 421 is the greeting."""
         srv = self.server
+        if not log_tls and self._ccert_refused():
+            await self._refuse_ccert(wait_command=False)
+            return False
         reused = bool(self.ssl_object is not None and self.ssl_object.session_reused)
         if srv.limits is None or not srv.limits.ntls_limit or reused:
             return True
@@ -685,7 +740,7 @@ class SmtpdSession(asyncio.Protocol):
             # The handshake is logged before the check, as Postfix does.
             try:
                 from postwell.tls import server_log_text
-                srv.log.info(server_log_text(self.namaddr, self.ssl_object))
+                srv.log.info(server_log_text(self.namaddr, self.ssl_object, self._tls_trust()))
                 self._tls_logged = True
             except Exception:   # noqa: BLE001
                 pass
@@ -701,6 +756,8 @@ class SmtpdSession(asyncio.Protocol):
         """Handshake on the current transport; False (logged as Postfix) when it fails."""
         srv = self.server
         loop = asyncio.get_running_loop()
+        self._ccert = None
+        _log_tls_policy_warnings(srv)
         self._upgrading = True
         self._tls_early = []
         raw, self._raw_tls, self._raw_phase = b"".join(self._raw_tls), [], False
@@ -734,7 +791,28 @@ class SmtpdSession(asyncio.Protocol):
         self.transport = new
         self._paused = False
         self.ssl_object = new.get_extra_info("ssl_object")
+        self._note_client_certificate()
         return True
+
+    def _note_client_certificate(self) -> None:
+        """Read the client's certificate once per handshake (fingerprints, trust)."""
+        srv = self.server
+        try:
+            from postwell.tls import client_cert_policy, client_certificate
+            if self.ssl_object is None:
+                return
+            self._ccert = cert = client_certificate(self.ssl_object)
+            if srv.tls_loglevel >= 2 and cert is not None:
+                srv.log.info(f"{self.namaddr}: subject_CN={cert.subject_cn}, "
+                             f"issuer={cert.issuer_cn}, fingerprint={cert.fingerprint}, "
+                             f"pkey_fingerprint={cert.pkey_fingerprint}")
+            if (cert is not None and not cert.trusted
+                    and client_cert_policy(self.ssl_object.context).require):
+                srv.log.info(f"certificate verification failed for {self.namaddr}: "
+                             f"{cert.verify_error}")
+        except Exception as exc:   # noqa: BLE001 - a certificate we cannot read is no certificate
+            self._ccert = None
+            srv.log.warning(f"{self.namaddr}: TLS client certificate: {exc}")
 
     def _after_tls(self) -> None:
         """The session is encrypted: log, note it for the policy, feed held input."""
@@ -746,9 +824,16 @@ class SmtpdSession(asyncio.Protocol):
                 name, _proto, bits = ssl_obj.cipher() or ("", "", 0)
                 state.encryption_cipher = name
                 state.encryption_keysize = bits or 0
+                cert = getattr(self, "_ccert", None)
+                state.ccert_subject = cert.subject_cn if cert else ""
+                state.ccert_issuer = cert.issuer_cn if cert else ""
+                state.ccert_fingerprint = cert.fingerprint if cert else ""
+                state.ccert_pubkey_fingerprint = cert.pkey_fingerprint if cert else ""
+                state.ccert_trusted = bool(cert and cert.trusted)
+                state.tls_peer_cert_fingerprint = cert.fingerprint if cert else None
                 if srv.tls_loglevel >= 1 and not getattr(self, "_tls_logged", False):
                     from postwell.tls import server_log_text
-                    srv.log.info(server_log_text(self.namaddr, ssl_obj))
+                    srv.log.info(server_log_text(self.namaddr, ssl_obj, self._tls_trust()))
             except Exception as exc:   # noqa: BLE001 - logging must not end the session
                 srv.log.warning(f"{self.namaddr}: TLS session details: {exc}")
         conn.auth_mechanisms = srv.offered_mechanisms(True)
@@ -836,8 +921,8 @@ class SmtpdSession(asyncio.Protocol):
         if self.ssl_object is not None and srv.tls_received_header:
             try:
                 from postwell.tls import received_header_tls_text
-                head += "\t" + received_header_tls_text(self.ssl_object,
-                                                        srv.tls_ask_ccert) + "\n"
+                head += "\t" + received_header_tls_text(self.ssl_object, srv.tls_ask_ccert,
+                                                        getattr(self, "_ccert", None)) + "\n"
             except Exception as exc:   # noqa: BLE001 - the header must still be written
                 srv.log.warning(f"{self.namaddr}: TLS header text: {exc}")
         if st.sasl_username and srv.sasl_authenticated_header:
