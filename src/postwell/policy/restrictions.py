@@ -734,11 +734,9 @@ async def _check_policy_service(e: Engine, c: _Ctx, args, name):
     if not args or ":" not in args[0]:
         e.log.warning("restriction check_policy_service must be followed by transport:server")
         e.server_error(c.state)
-    # Not implemented yet: behave as Postfix does when the policy server
-    # cannot be reached, i.e. apply smtpd_policy_service_default_action.
-    e.warn_once(f"check_policy_service {args[0]}: policy delegation is not implemented in "
-                "postwell; using smtpd_policy_service_default_action")
-    return await e.table_result(c, args[0], e.policy_default_action, "policy query")
+    # The client lives in delegation.py (preloaded by the master with every module).
+    from .delegation import check_policy_service
+    return await check_policy_service(e, c, args[0])
 
 
 async def _permit_mynetworks(e: Engine, c: _Ctx, args, name):
