@@ -1096,6 +1096,491 @@ async def _check_ccert_access(e: Engine, c: _Ctx, args, name):
     return DUNNO
 
 
+# DNS-based restrictions (Postfix's smtpd_check.c reject_rbl_addr/reject_rbl_domain,
+# permit_dnswl_*, reject_unknown_hostname, check_server_access, permit_mx_backup).
+# The DNS side lives in dnscheck.py; these functions turn its answers into replies.
+
+def _dns(e: Engine):
+    """The engine's DnsChecker, made on first use (tests set ``engine.dns_checker``)."""
+    chk = getattr(e, "dns_checker", None)
+    if chk is None and not getattr(e, "_dns_checker_tried", False):
+        e._dns_checker_tried = True
+        from .dnscheck import DnsChecker
+        chk = e.dns_checker = DnsChecker.from_config(e.config, e.log)
+    return chk
+
+
+def _tempfail_defers_if_permit(e: Engine, param: str) -> bool:
+    """*_tempfail_action: defer_if_permit (True) or defer (False)."""
+    value = (e.config.get(param) or "").strip().lower()
+    if value not in ("defer_if_permit", "defer"):
+        e.warn_once(f"bad configuration: {param} = {value}")
+    return value != "defer"
+
+
+def _defer_if_permit_or_reject(e: Engine, state: SessionState, if_permit: bool, code: int,
+                               dsn: str, text: str) -> int:
+    if if_permit:
+        return e.defer_if_permit(state, code, dsn, text)
+    return e.reject(state, _ERR_POLICY, code, dsn, text)
+
+
+def _gai_strerror(ex) -> str:
+    """What getaddrinfo(3) says for a failed host lookup (Postfix's MAI_STRERROR)."""
+    return "Name or service not known" if getattr(ex, "permanent", True) else \
+        "Temporary failure in name resolution"
+
+
+def _dns_strerror(ex) -> str:
+    """Postfix's dns_strerror(h_errno) for a failed DNS query."""
+    return "Host not found" if getattr(ex, "permanent", True) else "Host not found, try again"
+
+
+def _ascii_domain(domain: str) -> str:
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def _missing_domain_arg(e: Engine, args, name: str) -> bool:
+    if not args:
+        e.log.warning(f"restriction {name} requires domain name argument")
+        return True
+    return False
+
+
+async def _dnsxl_find(e: Engine, c: _Ctx, spec: str, query_prefix: str):
+    """Look ``query_prefix`` + the list's domain up; None, SOFT or a DnsxlHit that
+    passes the "=d.d.d.d" reply filter, if any."""
+    from .dnscheck import DnsxlHit, parse_reply_pattern, reply_matches, split_dnsxl
+    chk = _dns(e)
+    if chk is None:
+        return None
+    domain, pattern = split_dnsxl(spec)
+    octets = None
+    if pattern is not None:
+        try:
+            octets = parse_reply_pattern(pattern)
+        except ValueError as ex:
+            # Postfix stops the smtpd here (fatal); refuse the request instead.
+            e.log.warning(f"RBL reply error: {ex}")
+            e.server_error(c.state)
+    result = await chk.dnsxl(query_prefix + domain)
+    if isinstance(result, DnsxlHit) and octets is not None and \
+            not reply_matches(octets, result.addresses):
+        return None
+    return result
+
+
+def _rbl_address_prefix(addr: str) -> str | None:
+    from .dnscheck import reverse_address_query
+    try:
+        return reverse_address_query(addr)
+    except ValueError:
+        return None
+
+
+def _rbl_domain_prefix(what: str) -> str | None:
+    """find_dnsxl_domain(): the domain to look up, or None to skip."""
+    if "@" in what:
+        domain = what.rpartition("@")[2]
+        if domain.startswith("["):
+            return None
+    else:
+        domain = what
+    if not domain:
+        return None
+    # Names ending in a numeric label are never asked (some lists refuse IP queries).
+    if domain.rpartition(".")[2].isdigit() or domain.endswith("."):
+        return None
+    domain = _ascii_domain(domain)
+    if not _valid_hostname(domain):
+        return None
+    return domain + "."
+
+
+async def _rbl_reject_reply(e: Engine, c: _Ctx, hit, spec: str, what: str, reply_class: str) -> int:
+    """rbl_reject_reply(): rbl_reply_maps or default_rbl_reply, expanded."""
+    from .dnscheck import TemplateError, expand_template, smtpd_macro, split_dnsxl, unescape
+    s = c.state
+    template = None
+    for table in parse_restrictions(e.config.get("rbl_reply_maps")):
+        try:
+            template = e._table_lookup(table, spec.lower())
+        except Exception as ex:  # noqa: BLE001 - a broken table is a server error
+            e.warn_once(f"{table}: table lookup problem: {ex}")
+            e.server_error(s)
+        if template is not None:
+            break
+    txt = hit.txt or ""
+    values = {"rbl_code": str(e._int("maps_rbl_reject_code", 554)),
+              "rbl_domain": split_dnsxl(spec)[0], "rbl_reason": txt, "rbl_txt": txt,
+              "rbl_what": what, "rbl_class": reply_class}
+
+    def lookup(n: str):
+        return values[n] if n in values else smtpd_macro(s, n, e.log.warning,
+                                                         e.config.get("myhostname"))
+
+    allowed = unescape(e.config.get("smtpd_expansion_filter"))
+    default = e.config.get("default_rbl_reply")
+    while True:
+        try:
+            why = expand_template(template if template is not None else default, lookup, allowed)
+            break
+        except TemplateError:
+            if template is None:
+                e.log.warning(f"rbl_reject_reply: bad default rbl reply template: {default}")
+                e.server_error(s)
+            e.log.warning(f"rbl_reject_reply: bad rbl reply template for domain {spec}: {template}")
+            template = None
+    if len(why) < 4 or why[0] not in "45" or not why[1:3].isdigit() or why[3] != " ":
+        e.log.warning(f"rbl response code configuration error: {why}")
+        return e.reject(s, _ERR_POLICY, 450, "4.7.1", "Service unavailable")
+    dsn, text = dsn_split("4.7.1", why[4:])
+    return e.reject(s, _ERR_POLICY, int(why[:3]), dsn_fix(dsn, reply_class, e.log),
+                    text or "Service unavailable")
+
+
+async def _reject_rbl_client(e: Engine, c: _Ctx, args, name):
+    if _missing_domain_arg(e, args, name):
+        return DUNNO
+    from .dnscheck import DnsxlHit
+    s = c.state
+    prefix = _rbl_address_prefix(s.client_addr)
+    if prefix is None:
+        return DUNNO
+    hit = await _dnsxl_find(e, c, args[0], prefix)
+    if not isinstance(hit, DnsxlHit):
+        return DUNNO        # not listed, or no definitive answer: benefit of the doubt
+    return await _rbl_reject_reply(e, c, hit, args[0], s.client_addr, CLIENT)
+
+
+async def _reject_maps_rbl(e: Engine, c: _Ctx, args, name):
+    """The old spelling: reject_rbl_client for each of maps_rbl_domains."""
+    if "reject_maps_rbl" not in e._warned:
+        e._warned.add("reject_maps_rbl")
+        e.log.warning(f"support for restriction \"reject_maps_rbl\" will be removed from "
+                      f"{e.config.get('mail_name')}; use \"reject_rbl_client domain-name\" instead")
+    for domain in _words(e.config.get("maps_rbl_domains")):
+        status = await _reject_rbl_client(e, c, [domain], "reject_rbl_client")
+        if status != DUNNO:
+            return status
+    return DUNNO
+
+
+def _rhsbl_target(c: _Ctx, name: str) -> tuple[str | None, str]:
+    s = c.state
+    if name == "reject_rhsbl_client":
+        return (s.client_name if s.client_name.lower() != "unknown" else None), CLIENT
+    if name == "reject_rhsbl_reverse_client":
+        return (s.reverse_client_name if s.reverse_client_name.lower() != "unknown" else None), \
+            REV_CLIENT
+    if name == "reject_rhsbl_helo":
+        return s.helo_name, HELO
+    if name == "reject_rhsbl_sender":
+        return (s.sender or None), SENDER
+    return s.recipient, RECIPIENT
+
+
+async def _reject_rhsbl(e: Engine, c: _Ctx, args, name):
+    if _missing_domain_arg(e, args, name):
+        return DUNNO
+    from .dnscheck import DnsxlHit
+    what, reply_class = _rhsbl_target(c, name.lower())
+    if what is None:
+        return DUNNO
+    prefix = _rbl_domain_prefix(what)
+    if prefix is None:
+        return DUNNO
+    hit = await _dnsxl_find(e, c, args[0], prefix)
+    if not isinstance(hit, DnsxlHit):
+        return DUNNO
+    return await _rbl_reject_reply(e, c, hit, args[0], what, reply_class)
+
+
+async def _permit_dnswl(e: Engine, c: _Ctx, args, name):
+    if _missing_domain_arg(e, args, name):
+        return DUNNO
+    from .dnscheck import SOFT, DnsxlHit
+    s = c.state
+    if name.lower() == "permit_rhswl_client":
+        if s.client_name.lower() == "unknown":
+            return DUNNO
+        what, prefix = s.client_name, _rbl_domain_prefix(s.client_name)
+    else:
+        what, prefix = s.client_addr, _rbl_address_prefix(s.client_addr)
+    if prefix is None:
+        return DUNNO
+    # An allow list must never open the relay: unauthorized recipients stay undecided.
+    if s.where == "RCPT" and s.recipient is not None and \
+            e.permit_auth_destination(s, s.recipient) != OK:
+        return DUNNO
+    hit = await _dnsxl_find(e, c, args[0], prefix)
+    if hit == SOFT:
+        s.check.defer_if_reject.arm(450, "4.7.1", f"<{what}>: {CLIENT} rejected: Service unavailable")
+        return DUNNO
+    return OK if isinstance(hit, DnsxlHit) else DUNNO
+
+
+async def _reject_unknown_helo(e: Engine, c: _Ctx, args, name):
+    s = c.state
+    h = s.helo_name
+    if h is None:
+        return DUNNO
+    if h.startswith("["):
+        return _reject_invalid_hostaddr(e, c, h)
+    chk = _dns(e)
+    if chk is None:
+        return DUNNO
+    status = await chk.host_status(h)
+    if status in ("ok", "nullmx"):
+        return DUNNO
+    text = f"<{h}>: {HELO} rejected: Host not found"
+    if status == "retry":
+        return _defer_if_permit_or_reject(
+            e, s, _tempfail_defers_if_permit(e, "unknown_helo_hostname_tempfail_action"),
+            450, "4.7.1", text)
+    return e.reject(s, _ERR_POLICY, e._int("unknown_hostname_reject_code", 450), "4.7.1", text)
+
+
+async def _check_server_access(e: Engine, c: _Ctx, table: str, name: str, rtype: str,
+                               reply_name: str, reply_class: str) -> int:
+    """check_server_access(): the MX hosts, name servers or the host itself of
+    ``name``'s domain, by name and then by address, against an access table."""
+    from postwell.dns import DnsError, MxRecord, NoSuchDomain
+    s = c.state
+    sub = _Ctx(s, reply_name, reply_class, c.def_acl)
+    domain = name.rpartition("@")[2] if "@" in name else name
+    # An address literal is its own mail server; it has no name servers.
+    if domain.startswith("["):
+        if rtype not in ("A", "MX") or not domain.endswith("]"):
+            return DUNNO
+        bare = valid_mailhost_addr(domain[1:-1])
+        if bare is None:
+            return DUNNO
+        found, status = await e.check_addr_access(sub, table, bare)
+        return status
+    chk = _dns(e)
+    if chk is None:
+        return DUNNO
+    domain = _ascii_domain(domain)
+    if rtype == "A":
+        servers = [domain]
+    else:
+        error = None
+        try:
+            records = await chk.lookup(domain, rtype)
+        except DnsError as ex:
+            records, error = [], ex
+        if rtype == "MX" and len(records) == 1 and records[0].host in ("", "."):
+            return DUNNO                    # RFC 7505 null MX
+        if not records and (error is None or isinstance(error, NoSuchDomain)):
+            if rtype == "MX":
+                # A domain without MX records is its own mail server (RFC 5321 5.1).
+                records, error = [MxRecord(0, domain)], None
+            else:
+                # No NS records here: the parent domains' name servers answer for it.
+                where: str | None = domain
+                while where is not None:
+                    dot = where.find(".")
+                    if dot < 0 or dot + 1 >= len(where):
+                        where = None
+                        break
+                    where = where[dot + 1:]
+                    try:
+                        records, error = await chk.lookup(where, rtype), None
+                    except DnsError as ex:
+                        records, error = [], ex
+                    if records or (error is not None and not error.permanent):
+                        break
+                domain = where if where else name
+        if not records:
+            if error is None:
+                detail = "Host found but no data record of requested type"
+            else:
+                detail = _dns_strerror(error)
+            e.log.warning(f"Unable to look up {rtype} host for {domain}: {detail}")
+            return DUNNO
+        servers = [r.host if rtype == "MX" else r for r in records]
+    for server in servers:
+        if parse_ip(server) is not None:
+            found, status = await e.check_addr_access(sub, table, server)
+            if status or found:
+                return status
+            continue
+        if rtype != "A":
+            found, status = await e.check_domain_access(sub, table, server)
+            if status or found:
+                return status
+        try:
+            addrs = await chk.host_addresses(server)
+        except DnsError as ex:
+            addrs, error = [], ex
+        else:
+            error = NoSuchDomain(server, "A") if not addrs else None
+        if error is not None:
+            if rtype != "A":
+                e.log.warning(f"Unable to look up {rtype} host {server} for {reply_class} "
+                              f"{reply_name}: {_gai_strerror(error)}")
+            continue
+        for a in addrs:
+            found, status = await e.check_addr_access(sub, table, a)
+            if status or found:
+                return status
+    return DUNNO
+
+
+def _forbid_allowlist(e: Engine, state: SessionState, name: str, status: int, target: str) -> None:
+    if not state.discard and status == OK:
+        e.log.warning(f"restriction {name} returns OK for {target}")
+        e.log.warning("this is not allowed for security reasons")
+        e.log.warning("use DUNNO instead of OK if you want to make an exception")
+        e.server_error(state)
+
+
+def _server_access_command(command: str, rtype: str):
+    """check_{client,reverse_client_hostname,helo,sender,recipient}_{mx,ns,a}_access."""
+    async def run(e: Engine, c: _Ctx, table: str):
+        s = c.state
+        if command == "client":
+            if s.client_name.lower() == "unknown":
+                return DUNNO
+            name, reply_name, reply_class = s.client_name, s.namaddr, CLIENT
+        elif command == "reverse_client_hostname":
+            if s.reverse_client_name.lower() == "unknown":
+                return DUNNO
+            name, reply_name, reply_class = s.reverse_client_name, s.reverse_client_name, REV_CLIENT
+        elif command == "helo":
+            if s.helo_name is None:
+                return DUNNO
+            name, reply_name, reply_class = s.helo_name, s.helo_name, HELO
+        elif command == "sender":
+            if not s.sender:
+                return DUNNO
+            name, reply_name, reply_class = s.sender, s.sender, SENDER
+        else:
+            if not s.recipient:
+                return DUNNO
+            name, reply_name, reply_class = s.recipient, s.recipient, RECIPIENT
+        status = await _check_server_access(e, c, table, name, rtype, reply_name, reply_class)
+        _forbid_allowlist(e, s, f"check_{command}_{rtype.lower()}_access", status, name)
+        return status
+    return run
+
+
+async def _has_my_addr(e: Engine, c: _Ctx, host: str, rcpt: str) -> bool:
+    from postwell.dns import DnsError, NoSuchDomain
+    chk = _dns(e)
+    try:
+        addrs = await chk.host_addresses(host)
+        if not addrs:
+            raise NoSuchDomain(host, "A")
+    except DnsError as ex:
+        # Unsure whether we are an MX: a reject later becomes a deferral.
+        c.state.check.defer_if_reject.arm(
+            450, "4.4.4", f"<{rcpt}>: {RECIPIENT} rejected: Unable to look up mail exchanger "
+                          f"host {host}: {_gai_strerror(ex)}")
+        return False
+    return any(e.own.is_own(a) for a in addrs)
+
+
+async def _i_am_mx(e: Engine, c: _Ctx, hosts: list[str], rcpt: str) -> bool:
+    # Names first (mydestination, our address literals); addresses only when needed.
+    for host in hosts:
+        try:
+            if e.resolver.is_local_domain(host):
+                return True
+        except Exception:  # noqa: BLE001 - a lookup problem: try the addresses instead
+            pass
+    for host in hosts:
+        if await _has_my_addr(e, c, host, rcpt):
+            return True
+    return False
+
+
+async def _primary_mx_authorized(e: Engine, c: _Ctx, hosts: list[str], rcpt: str) -> bool:
+    """permit_mx_primary(): every address of every primary MX in permit_mx_backup_networks."""
+    from postwell.dns import DnsError
+    from .matchlist import HostList
+    chk = _dns(e)
+    networks = HostList("permit_mx_backup_networks", e.config.get("permit_mx_backup_networks"),
+                        e.config, tables=e._tables)
+    for host in hosts:
+        addrs: list[str] = []
+        error = None
+        for rtype in ("A" if f == "ipv4" else "AAAA" for f in chk.families):
+            try:
+                addrs += await chk.lookup(host, rtype)
+            except DnsError as ex:
+                error = error or ex
+        if not addrs:
+            c.state.check.defer_if_reject.arm(
+                450, "4.4.4", f"<{rcpt}>: {RECIPIENT} rejected: Unable to look up host {host} as "
+                              f"mail exchanger: {_dns_strerror(error) if error else 'Host not found'}")
+            return False
+        for a in addrs:
+            try:
+                ok = networks.match(host, a)
+            except Exception:  # noqa: BLE001 - a table problem: defer rather than relay
+                e.log.warning(f"all_auth_mx_addr: permit_mx_backup_networks lookup error for "
+                              f"address {a} for {host}")
+                c.state.check.defer_if_reject.arm(
+                    450, "4.4.4", f"<{rcpt}>: {RECIPIENT} rejected: Unable to verify host {host} "
+                                  "as mail exchanger")
+                return False
+            if not ok:
+                return False
+    return True
+
+
+async def _permit_mx_backup(e: Engine, c: _Ctx, args, name):
+    from postwell.dns import DnsError, NoSuchDomain
+    s = c.state
+    rcpt = s.recipient
+    if rcpt is None:
+        return DUNNO
+    r = e.resolver.resolve(rcpt, s.sender)
+    if r.failed:
+        e.dict_retry(s, rcpt)
+    if "@" not in r.recipient:
+        return OK
+    if not e.allow_untrusted_routing and r.routed:
+        return DUNNO
+    if r.is_final or r.flags & ResolveFlag.CLASS_RELAY:
+        return OK
+    domain = r.domain
+    if domain.startswith("[") and domain.endswith("]"):
+        return DUNNO
+    chk = _dns(e)
+    if chk is None:
+        return DUNNO
+    try:
+        mx = await chk.lookup(_ascii_domain(domain), "MX")
+    except NoSuchDomain:
+        return DUNNO
+    except DnsError as ex:
+        s.check.defer_if_reject.arm(450, "4.4.4", f"<{rcpt}>: {RECIPIENT} rejected: Unable to look "
+                                                  f"up mail exchanger information: {_dns_strerror(ex)}")
+        return DUNNO
+    if not mx or (len(mx) == 1 and mx[0].host in ("", ".")):
+        return DUNNO
+    best = min(m.preference for m in mx)
+    primaries = [m.host for m in mx if m.preference == best]
+    backups = [m.host for m in sorted(mx) if m.preference != best]
+    # Only a backup MX may relay: a primary MX should list the domain itself.
+    if await _i_am_mx(e, c, primaries, rcpt):
+        return DUNNO
+    if not backups or not await _i_am_mx(e, c, backups, rcpt):
+        return DUNNO
+    if e.config.get("permit_mx_backup_networks").strip() and \
+            not await _primary_mx_authorized(e, c, primaries, rcpt):
+        return DUNNO
+    return OK
+
+
 async def _not_available(e: Engine, c: _Ctx, args, name):
     e.warn_once(f"restriction `{name}' ignored: not supported by postwell yet")
     return DUNNO
@@ -1171,6 +1656,9 @@ MAP_COMMANDS: dict[str, Callable] = {
     "check_recipient_access": _check_recipient_access,
     "check_sasl_access": _check_sasl_access,
 }
+for _cmd in ("client", "reverse_client_hostname", "helo", "sender", "recipient"):
+    for _rtype in ("MX", "NS", "A"):
+        MAP_COMMANDS[f"check_{_cmd}_{_rtype.lower()}_access"] = _server_access_command(_cmd, _rtype)
 
 # name -> (function, number of arguments it consumes)
 RESTRICTIONS: dict[str, tuple[Callable, int]] = {
@@ -1205,31 +1693,34 @@ RESTRICTIONS: dict[str, tuple[Callable, int]] = {
     "reject_unauth_destination": (_reject_unauth_destination, 0),
     "defer_unauth_destination": (_defer_unauth_destination, 0),
     "reject_multi_recipient_bounce": (_reject_multi_recipient_bounce, 0),
-    # Need DNS or a verify service that postwell does not have yet.
-    "reject_unknown_helo_hostname": (_not_available, 0),
-    "reject_unknown_hostname": (_not_available, 0),
+    "reject_unknown_helo_hostname": (_reject_unknown_helo, 0),
+    "reject_unknown_hostname": (_reject_unknown_helo, 0),
+    # Need a verify service that postwell does not have yet.
     "reject_unverified_sender": (_not_available, 0),
     "reject_unverified_recipient": (_not_available, 0),
     "permit_tls_clientcerts": (_permit_tls_clientcerts, 0),
     "permit_tls_all_clientcerts": (_permit_tls_clientcerts, 0),
     "check_ccert_access": (_check_ccert_access, 1),
-    "permit_mx_backup": (_not_available, 0),
+    "permit_mx_backup": (_permit_mx_backup, 0),
     "reject_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
     "reject_authenticated_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
     "reject_known_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
     "reject_unauthenticated_sender_login_mismatch": (_reject_sender_login_mismatch, 0),
 }
 
-for _n in ("reject_rbl_client", "reject_rbl", "reject_rhsbl_client", "reject_rhsbl_sender",
-           "reject_rhsbl_helo", "reject_rhsbl_recipient", "reject_rhsbl_reverse_client",
-           "permit_dnswl_client", "permit_rhswl_client"):
-    RESTRICTIONS[_n] = (_not_available, 1)
-for _n in ("check_client_mx_access", "check_client_ns_access", "check_client_a_access",
-           "check_helo_mx_access", "check_helo_ns_access", "check_helo_a_access",
-           "check_sender_mx_access", "check_sender_ns_access", "check_sender_a_access",
-           "check_recipient_mx_access", "check_recipient_ns_access", "check_recipient_a_access",
-           "check_etrn_access"):
-    RESTRICTIONS[_n] = (_not_available, 1)
+RESTRICTIONS.update({
+    "reject_rbl_client": (_reject_rbl_client, 1),
+    "reject_rbl": (_reject_rbl_client, 1),
+    "reject_maps_rbl": (_reject_maps_rbl, 0),
+    "reject_rhsbl_client": (_reject_rhsbl, 1),
+    "reject_rhsbl_reverse_client": (_reject_rhsbl, 1),
+    "reject_rhsbl_helo": (_reject_rhsbl, 1),
+    "reject_rhsbl_sender": (_reject_rhsbl, 1),
+    "reject_rhsbl_recipient": (_reject_rhsbl, 1),
+    "permit_dnswl_client": (_permit_dnswl, 1),
+    "permit_rhswl_client": (_permit_dnswl, 1),
+})
+RESTRICTIONS["check_etrn_access"] = (_not_available, 1)
 
 REQUIRED_RELAY = ["reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                   "defer_if_permit", "check_relay_domains"]
