@@ -95,10 +95,12 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
 
-def test_new_message_takes_two_io_handoffs_and_no_dir_fsync(tmp_path):
+def test_new_message_takes_two_io_handoffs_and_no_dir_fsync(tmp_path, monkeypatch):
     env = make_env(tmp_path)
     qid = queue(env.store, "s@x.test", ["a@ok.test", "b@ok.test"])
     pool = CountingExecutor()
+    state_pool = CountingExecutor()
+    monkeypatch.setattr(qmgr_manager, "state_executor", lambda: state_pool)
 
     async def go():
         asyncio.get_running_loop().set_default_executor(pool)
@@ -106,12 +108,14 @@ def test_new_message_takes_two_io_handoffs_and_no_dir_fsync(tmp_path):
         await env.qm.drain()
     run(go())
     pool.shutdown(wait=True)
+    state_pool.shutdown(wait=True)
     assert env.agent.delivered == ["a@ok.test", "b@ok.test"]
     assert env.store.find(qid) is None
     assert any(line.endswith(f"{qid}: removed") for line in env.lines("qmgr"))
-    # activate (move, open) + finish (bounce log check, remove); the done
-    # marks go through the dedicated state threads.
-    assert pool.calls == 2
+    # activate (move, open) on the I/O threads; then the done marks, the
+    # bounce log check and the removal in one trip to the state threads.
+    assert pool.calls == 1
+    assert state_pool.calls == 1
     # Both are safe to leave to the file system's own commit: start-up scans
     # incoming/ and active/, and every recipient is durably marked done.
     assert env.store.moves == [("incoming", "active", False)]

@@ -450,6 +450,20 @@ class UnixTarget(Target):
         return f"{self.host}[{self.ip}]"
 
 
+# Converted content queued before it is written out (one write per message
+# up to this size).
+CONTENT_FLUSH_SIZE = 1 << 18
+
+# Postfix's per-stage smtp_*_timeout for each engine state.
+_STAGE_TIMEOUTS = {
+    State.GREETING: "helo_timeout", State.HELLO: "helo_timeout", State.HELO: "helo_timeout",
+    State.MAIL: "mail_timeout", State.RCPT: "rcpt_timeout", State.DATA: "data_init_timeout",
+    State.CONTENT: "data_xfer_timeout", State.DONE: "data_done_timeout",
+    State.RSET: "rset_timeout", State.QUIT: "quit_timeout",
+    State.STARTTLS: "starttls_timeout", State.TLS: "starttls_timeout",
+}
+
+
 class _SessionFailure(Exception):
     """The session with one server failed; try the next one (site failure)."""
 
@@ -558,7 +572,15 @@ class _Connection:
         data = self.engine.data_to_send()
         if data:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), timeout)
+            if self.writer.transport.get_write_buffer_size():
+                # The socket did not take it all: wait, bounded, for room.
+                async with asyncio.timeout(timeout):
+                    await self.writer.drain()
+            else:
+                # Nothing buffered, so drain() cannot block: it only reports a
+                # lost connection.  No timer needed (asyncio.wait_for would
+                # cost a task per call, several per message).
+                await self.writer.drain()
 
     async def next_event(self, timeout: float):
         while True:
@@ -567,7 +589,8 @@ class _Connection:
                 return ev
             # Replies can make the engine queue commands (HELO fallback, RSET...).
             await self.flush(timeout)
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(65536)
             self.engine.receive_data(data)
 
     def abort(self) -> None:
@@ -767,14 +790,9 @@ class SmtpDeliveryAgent(DeliveryAgent):
             self.log.warning(text)
 
     def _timeout_for(self, state: State) -> float:
-        s = self.settings
-        return {
-            State.GREETING: s.helo_timeout, State.HELLO: s.helo_timeout, State.HELO: s.helo_timeout,
-            State.MAIL: s.mail_timeout, State.RCPT: s.rcpt_timeout, State.DATA: s.data_init_timeout,
-            State.CONTENT: s.data_xfer_timeout, State.DONE: s.data_done_timeout,
-            State.RSET: s.rset_timeout, State.QUIT: s.quit_timeout,
-            State.STARTTLS: s.starttls_timeout, State.TLS: s.starttls_timeout,
-        }.get(state, s.helo_timeout) or 300.0
+        # Called several times per message: a fixed table of setting names,
+        # read from the live settings (tests change them).
+        return getattr(self.settings, _STAGE_TIMEOUTS.get(state, "helo_timeout")) or 300.0
 
     @staticmethod
     def _envelope(request) -> Envelope:
@@ -1059,10 +1077,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
     async def _event(self, conn: _Connection):
         """Next engine event, with the stage's timeout; I/O trouble becomes a site failure."""
-        state = conn.engine.state
+        timeout = self._timeout_for(conn.engine.state)    # flush() leaves the state as is
         try:
-            await conn.flush(self._timeout_for(state))
-            ev = await conn.next_event(self._timeout_for(conn.engine.state))
+            await conn.flush(timeout)
+            ev = await conn.next_event(timeout)
         except asyncio.TimeoutError:
             conn.abort()
             raise self._fail("4.4.2", f"conversation with {conn.namaddr} timed out while "
@@ -1570,7 +1588,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 if conn.engine.state is not State.CONTENT:
                     return       # the engine gave up (a broken reply): _event reports it
                 conn.engine.send_content(mime.feed(chunk) if mime else chunk)
-                await conn.flush(timeout)
+                # A small message goes out with its final "." in one write;
+                # a big one in bounded pieces (DESIGN.md property 4).
+                if conn.engine.pending_output >= CONTENT_FLUSH_SIZE:
+                    await conn.flush(timeout)
             if conn.engine.state is not State.CONTENT:
                 return
             if mime:

@@ -30,7 +30,12 @@ Crash exactness: a delivered recipient's done mark (and the bounce log entry
 before it) is written on dedicated threads (``state_executor``), never queued
 behind deliveries or queue moves, and a message is not scheduled again while
 its previous attempt is still settling (``_in_progress``).  So a kill -9
-re-delivers only what was in flight at that moment.
+re-delivers only what was in flight at that moment.  A message whose last
+recipients are done and that owes no notice is removed in the same trip,
+right after its marks, which are then not fsync'd (see _record_and_finish).
+
+Cost per message (issue 8): the blocking steps of all messages that start
+or finish in one event-loop turn share one thread hand-off (``_Batcher``).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ from postwell.dsn import (
 from postwell.queue import format as qformat
 
 from .concurrency import Destination, parse_feedback
-from .expire import ADMIN_EXPIRED_DSN, ADMIN_EXPIRED_REASON, message_expired, path_expired
+from .expire import (ADMIN_EXPIRED_DSN, ADMIN_EXPIRED_REASON, message_expired, mode_expired,
+                     path_expired)
 from .logfmt import delivery_line, log_address
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
@@ -182,10 +188,21 @@ class QueueManager:
 
     # ---------------------------------------------------------------- agents
     def _service_for(self, transport: str):
-        for svc in getattr(self.config, "services", None) or []:
+        services = getattr(self.config, "services", None) or []
+        # Asked several times per message; keyed on the list itself so a
+        # caller that swaps the service list is never answered from stale data.
+        cache = self.__dict__.get("_service_cache")
+        if cache is None or cache[0] is not services or cache[1] != len(services):
+            cache = self.__dict__["_service_cache"] = (services, len(services), {})
+        if transport in cache[2]:
+            return cache[2][transport]
+        found = None
+        for svc in services:
             if svc.name == transport and svc.type == "unix":
-                return svc
-        return None
+                found = svc
+                break
+        cache[2][transport] = found
+        return found
 
     def agent(self, transport: str):
         if transport in self._agents:
@@ -246,6 +263,15 @@ class QueueManager:
         return svc.name if svc else transport
 
     def _limit(self, transport: str, what: str) -> int:
+        # Asked for every message: the configuration is fixed for this
+        # process's life (a reload starts a new qmgr), so look it up once.
+        cache = self.__dict__.setdefault("_limit_cache", {})
+        got = cache.get((transport, what))
+        if got is None:
+            got = cache[(transport, what)] = self._lookup_limit(transport, what)
+        return got
+
+    def _lookup_limit(self, transport: str, what: str) -> int:
         for name in (f"{transport}_destination_{what}_limit", f"default_destination_{what}_limit"):
             if self.config.raw(name) is not None:
                 try:
@@ -364,6 +390,16 @@ class QueueManager:
     def _path(self, queue_name: str, qid: str) -> str:
         return self.store.path(queue_name, qid)
 
+    def _batched(self, executor_factory) -> "_Batcher":
+        """The batcher for one executor (None: the loop's default one)."""
+        batchers = self.__dict__.setdefault("_batchers", {})
+        b = batchers.get(executor_factory)
+        if b is None or b.loop is not asyncio.get_running_loop():
+            b = batchers[executor_factory] = _Batcher(
+                asyncio.get_running_loop(),
+                executor_factory() if executor_factory is not None else None)
+        return b
+
     async def _blocking(self, fn, *args):
         """fsync-heavy queue operations run off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -428,7 +464,12 @@ class QueueManager:
             # Bounded number of open queue files (fds) however long the queue is.
             async with self._open_sem:
                 # One hand-off to the I/O threads: move, open, defer log reset.
-                got = await self._blocking(self._activate, qid, queue_name)
+                if queue_name == "deferred":
+                    # Each move out of deferred/ fsyncs directories: in parallel,
+                    # so the file system groups them (a deferred-queue run).
+                    got = await self._blocking(self._activate, qid, queue_name)
+                else:
+                    got = await self._batched(None).submit(self._activate, qid, queue_name)
                 if got is None:
                     return   # gone meanwhile (postsuper -d, another run)
                 qm, warned = got
@@ -507,7 +548,10 @@ class QueueManager:
         # Postfix's qmgr line, logged each time a message enters the active queue.
         self.log.info(f"{qid}: from=<{log_address(sender)}>, size={size}, nrcpt={len(all_rcpts)} (queue active)")
         pending = [r for r in all_rcpts if not _rcpt_done(r)]
-        if message_expired(qm):
+        # Just opened by _activate: the open's fstat is fresh enough for the
+        # postsuper -e mark (it is looked at again after a deferral).
+        st = getattr(qm, "stat", None) if warned is not None else None
+        if mode_expired(st.st_mode) if st is not None else message_expired(qm):
             await self._force_expire(qid, qm, sender, arrival, active_time, pending)
             return
 
@@ -538,7 +582,11 @@ class QueueManager:
             if k in ENVELOPE_PARAMS and v not in (None, ""):
                 attributes[k] = v
 
-        async def settle(pairs, handoff_default, service):
+        # A message whose recipients all go in one delivery (the common case)
+        # is settled and, when nothing is left, removed in one hand-off.
+        fused: list = []
+
+        async def settle(pairs, handoff_default, service, last=False):
             # Durable first: bounce log entries (fsync'd) and done marks go out
             # in one batch on the state threads before anything else, so that a
             # crash re-delivers as little as possible and never loses a notice.
@@ -565,23 +613,33 @@ class QueueManager:
                     deferred.append((r, res))
                 else:
                     done.append(r)
-            await self._durable(self._record, qid, qm, done, bounce_entries, defer_entries)
+            if last and not deferred:
+                fused.append(await self._batched(state_executor).submit(
+                    self._record_and_finish, qid, qm, done, bounce_entries, defer_entries))
+            else:
+                await self._durable(self._record, qid, qm, done, bounce_entries, defer_entries)
             for part, handoff in lines:
                 self._log_result(qid, part, arrival, active_time, handoff, service)
 
         if early:
             await settle([(r, active_time, res) for r, res in early], active_time, "qmgr")
 
-        async def run_group(transport, nexthop, items):
+        async def run_group(transport, nexthop, items, alone=False):
             limit = self._limit(transport, "recipient")
             for i in range(0, len(items), limit):
                 chunk = items[i:i + limit]
                 results = await self._deliver_chunk(qid, qm, sender, arrival, active_time,
                                                     transport, nexthop, chunk, attributes)
+                # Fused only when no other delivery of this message can still
+                # be writing done marks through the open queue file.
                 await settle([(r, handoff, res) for (r, _), (handoff, res) in zip(chunk, results)],
-                             active_time, transport)
+                             active_time, transport, last=alone and i + limit >= len(items))
 
-        await asyncio.gather(*(run_group(t, n, items) for (t, n), items in groups.items()))
+        if len(groups) == 1:
+            (t, n), items = next(iter(groups.items()))
+            await run_group(t, n, items, alone=not early)
+        elif groups:
+            await asyncio.gather(*(run_group(t, n, items) for (t, n), items in groups.items()))
 
         # Postfix's qmgr_active_done(): expiry is judged after the attempt, on
         # the message's age now; the remaining recipients are returned with
@@ -596,10 +654,15 @@ class QueueManager:
                                 [(r, r, res, "failed", res.reason) for r, res in deferred], [])
             deferred = []
         entries = None
-        if not deferred:
+        if fused and fused[0] is not _NOT_FINISHED:
+            entries = fused[0]
+            if entries is None:
+                self.log.info(f"{qid}: removed")
+                return
+        elif not deferred:
             # The common end: one hand-off reads bounce/ID and, when it is
             # empty, removes the message.
-            entries = await self._blocking(self._finish, qid)
+            entries = await self._blocking(self._finish, qid, qm)
             if entries is None:
                 self.log.info(f"{qid}: removed")
                 return
@@ -753,6 +816,12 @@ class QueueManager:
                                   max_decimals=self.max_decimals,
                                   conn_use=getattr(res, "conn_use", None)))
 
+    @staticmethod
+    def _wanted_entries(bounce_entries) -> list:
+        # RFC 3461 4.1: no failure notice unless NOTIFY (when given) asks for FAILURE.
+        return [e for e in bounce_entries
+                if e[3] != "failed" or wants(getattr(e[0], "notify", None), "FAILURE")]
+
     def _record(self, qid, qm, done, bounce_entries, defer_entries) -> None:
         """Blocking part of settling results (runs on the state threads).
 
@@ -761,9 +830,7 @@ class QueueManager:
         (Postfix's trace log); both live in bounce/ID until their notices are
         queued.  The logged recipient is the queue recipient itself or, for
         an expanded one, the final address with the original in orig."""
-        # RFC 3461 4.1: no failure notice unless NOTIFY (when given) asks for FAILURE.
-        wanted = [e for e in bounce_entries
-                  if e[3] != "failed" or wants(getattr(e[0], "notify", None), "FAILURE")]
+        wanted = self._wanted_entries(bounce_entries)
         for i, (_, who, res, action, reason) in enumerate(wanted):
             self.store.append_bounce_log(qid, who, res.dsn, reason, action=action,
                                          sync=(i == len(wanted) - 1))
@@ -773,17 +840,54 @@ class QueueManager:
             self.store.append_defer_log(qid, who, res.dsn, res.reason,
                                         sync=False)   # reasons only; losing one costs nothing
 
-    def _finish(self, qid):
+    def _record_and_finish(self, qid, qm, done, bounce_entries, defer_entries):
+        """_record, then _finish: a message's last outcome and its removal in
+        one trip to the state threads.
+
+        When nothing is left to report (no bounce/trace entry, now or from an
+        earlier pass), the file goes right after its done marks, so those are
+        not fsync'd: a killed process leaves them in the page cache (no
+        re-delivery), and an OS crash can only bring the message back for one
+        more delivery, never lose it (Postfix never fsyncs its done marks).
+        Otherwise the marks are durable before the file goes."""
+        unsynced = False
+        try:
+            if done and not defer_entries and not self._wanted_entries(bounce_entries) \
+                    and not self.store.read_bounce_log(qid):
+                qm.mark_done(done, sync=False)
+                unsynced = True
+                self._remove_done(qid, qm)
+                return None
+        except OSError:
+            pass                     # the usual way below says what is wrong
+        if unsynced:
+            qm.sync_marks()          # the file stays after all: its marks must not
+        self._record(qid, qm, done, bounce_entries, defer_entries)
+        try:
+            return self._finish(qid, qm)
+        except OSError:
+            return _NOT_FINISHED     # the caller logs the outcome, then tries the usual way
+
+    def _finish(self, qid, qm=None):
         """A message whose recipients are all durably done: removed, unless
         bounce/ID has entries (this or an earlier pass may have left some),
         which are returned for the notices."""
         entries = self.store.read_bounce_log(qid)
         if entries:
             return entries
-        # The done marks above are fdatasync'd: a crash can only bring the
-        # file back to be removed again, so no directory fsync.
-        self.store.remove(qid, sync=False)
+        self._remove_done(qid, qm)
         return None
+
+    def _remove_done(self, qid, qm=None) -> None:
+        # Every recipient is marked done: a crash can only bring the file
+        # back to be removed again (or, for unsynced marks after an OS crash,
+        # delivered once more), so no directory fsync.
+        if not self.store.remove(qid, "active", sync=False):
+            self.store.remove(qid, sync=False)     # moved meanwhile (postsuper)
+        if qm is not None:
+            # The last close of an unlinked file frees its blocks (a journal
+            # update): here on the I/O thread, not on the event loop.
+            qm.close()
 
     def _reset_defer_log(self, qid: str) -> bool:
         """Start each attempt with a fresh defer log (Postfix removes it when
@@ -1060,6 +1164,85 @@ def _open_fifo(path: str):
         return None
 
 
+class _Batcher:
+    """Blocking jobs asked for in one event-loop turn go to the executor as
+    one hand-off and come back with one wake-up.
+
+    Under load many messages start (a scan claims several) or finish (one
+    poll returns several replies) in the same turn; a thread-pool round trip
+    each (a future, a lock, a wake-up of the loop) cost more than the short
+    file operations themselves.  Jobs run in submission order on one thread;
+    each gets its own result or exception.  A job whose waiter was cancelled
+    still runs (it may already have moved a file); an opened queue file it
+    returns is closed (see _drop_unclaimed)."""
+
+    MAX_JOBS = 32      # a start-up backlog still spreads over several threads
+
+    def __init__(self, loop, executor) -> None:
+        self.loop = loop
+        self.executor = executor
+        self._jobs: list = []
+
+    def submit(self, fn, *args) -> asyncio.Future:
+        fut = self.loop.create_future()
+        if not self._jobs:
+            self.loop.call_soon(self._flush)
+        self._jobs.append((fn, args, fut))
+        if len(self._jobs) >= self.MAX_JOBS:
+            self._flush()
+        return fut
+
+    def _flush(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        if jobs:
+            done = self.loop.run_in_executor(self.executor, _run_jobs, jobs)
+            done.add_done_callback(partial(_hand_back, jobs))
+
+
+def _run_jobs(jobs) -> list:
+    out = []
+    for fn, args, _ in jobs:
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as exc:   # noqa: BLE001 - each waiter gets its own error
+            out.append((False, exc))
+    return out
+
+
+def _hand_back(jobs, done) -> None:
+    if done.cancelled() or done.exception() is not None:
+        # The executor itself failed (shut down): nothing ran, or not all of it.
+        for _, _, fut in jobs:
+            if not fut.done():
+                if done.cancelled():
+                    fut.cancel()
+                else:
+                    fut.set_exception(done.exception())
+        return
+    results = done.result()
+    for i, (_, _, fut) in enumerate(jobs):
+        ok, value = results[i]
+        if fut.done():
+            _drop_unclaimed(value)
+        elif ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _drop_unclaimed(value) -> None:
+    """A job's result nobody waits for any more (its task was cancelled):
+    an opened queue file is closed; the file itself stays where the job left
+    it (active/), which start-up recovery handles."""
+    qm = value[0] if isinstance(value, tuple) and value else value
+    close = getattr(qm, "close", None)
+    if close is not None:
+        try:
+            close()
+        except OSError:
+            pass
+
+
 class _CompletionHook:
     """``request.completed(recipient)``: Postfix's deliver_completed().
 
@@ -1127,6 +1310,7 @@ def _wants_failure_notice(r) -> bool:
 
 
 _UNSET = object()
+_NOT_FINISHED = object()
 
 
 def _success_action(res) -> str | None:

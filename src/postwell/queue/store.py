@@ -467,11 +467,16 @@ class QueuedMessage:
         if not st.st_mode & stat.S_IXUSR:
             raise CorruptQueueFile("incomplete queue file (no complete marker)")
         self.stat = st
+        self._content: bytes | None = None
         if st.st_size <= SMALL_FILE:
             # Header and envelope in one read (a queue listing opens every file).
             whole = os.pread(self._fd, st.st_size, 0)
             h = qf.unpack_header(whole[:qf.HEADER_SIZE], st.st_size)
             env_data = whole[h.envelope_offset:h.envelope_offset + h.envelope_size]
+            if h.content_offset + h.content_size <= len(whole):
+                # The content came with that read: a delivery (done off the
+                # opener's thread) need not read the file again.
+                self._content = whole[h.content_offset:h.content_offset + h.content_size]
         else:
             h = qf.unpack_header(os.pread(self._fd, qf.HEADER_SIZE, 0), st.st_size)
             env_data = self._pread_all(h.envelope_size, h.envelope_offset)
@@ -532,9 +537,17 @@ class QueuedMessage:
 
     # -- content ----------------------------------------------------------
     def iter_content(self, chunk: int = 65536) -> Iterator[bytes]:
-        """Yield the message content in chunks; reads through this object's fd."""
+        """Yield the message content in chunks: through this object's fd, or from
+        the read that opened a small file."""
         offset = self.header.content_offset
         remaining = self.header.content_size
+        content = getattr(self, "_content", None)
+        if content is not None and remaining:
+            if self._fd is None:
+                raise ValueError("queue file closed")
+            for start in range(0, remaining, chunk):
+                yield content[start:start + chunk]
+            return
         while remaining > 0:
             if self._fd is None:
                 raise ValueError("queue file closed")
@@ -550,11 +563,16 @@ class QueuedMessage:
         return b"".join(self.iter_content())
 
     # -- per-recipient state ----------------------------------------------
-    def mark_done(self, recipients: Iterable[Recipient | str | int]) -> None:
+    def mark_done(self, recipients: Iterable[Recipient | str | int], *, sync: bool = True) -> None:
         """Mark recipients finished, in place, durably (one fsync for the batch).
 
         Accepts Recipient objects from ``.recipients``, indexes, or addresses
         (an address marks every pending recipient with that address).
+
+        ``sync=False`` leaves the marks to the kernel (they survive a killed
+        process, not a lost machine): only for a message that is removed right
+        after, where an OS crash can at worst bring it back for one more
+        delivery, as with Postfix, whose done marks are never fsync'd.
         """
         targets: list[Recipient] = []
         for item in recipients:
@@ -575,10 +593,16 @@ class QueuedMessage:
                 raise OSError(errno.EIO, "short write")
             r.done = True
             changed = True
-        if changed:
+        if changed and sync:
             # Status bytes are overwritten in place (size and blocks unchanged), so
             # fdatasync() makes them durable without a metadata journal commit.
             self.store._datasync(self._fd)
+
+    def sync_marks(self) -> None:
+        """Make done marks written with ``mark_done(sync=False)`` durable."""
+        if self._fd is None:
+            raise ValueError("queue file closed")
+        self.store._datasync(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -99,33 +99,34 @@ class Extensions:
     def has(self, keyword: str) -> bool:
         return keyword.upper() in self.keywords
 
+    # Asked several times per message: keywords are stored upper-case.
     @property
     def pipelining(self) -> bool:
-        return self.has("PIPELINING")
+        return "PIPELINING" in self.keywords
 
     @property
     def eightbitmime(self) -> bool:
-        return self.has("8BITMIME")
+        return "8BITMIME" in self.keywords
 
     @property
     def smtputf8(self) -> bool:
-        return self.has("SMTPUTF8")
+        return "SMTPUTF8" in self.keywords
 
     @property
     def dsn(self) -> bool:
-        return self.has("DSN")
+        return "DSN" in self.keywords
 
     @property
     def chunking(self) -> bool:
-        return self.has("CHUNKING")
+        return "CHUNKING" in self.keywords
 
     @property
     def starttls(self) -> bool:
-        return self.has("STARTTLS")
+        return "STARTTLS" in self.keywords
 
     @property
     def enhancedstatuscodes(self) -> bool:
-        return self.has("ENHANCEDSTATUSCODES")
+        return "ENHANCEDSTATUSCODES" in self.keywords
 
 
 def parse_ehlo(reply: Reply, discard: frozenset[str] = frozenset()) -> Extensions:
@@ -348,8 +349,13 @@ def quote_address(address: str) -> str:
     return quoted + ("@" + domain if at else "")
 
 
+_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")     # xchar without "+" and "=": kept as is
+
+
 def xtext(value: str) -> str:
     """RFC 3461 4: xtext encoding for ENVID and ORCPT."""
+    if _XTEXT_PLAIN.fullmatch(value):
+        return value         # the common case: an address needs no encoding
     out = []
     for ch in value.encode("utf-8", "surrogateescape"):
         if 33 <= ch <= 126 and ch not in (ord("+"), ord("=")):
@@ -476,6 +482,11 @@ class SmtpClient:
         out = bytes(self._out)
         self._out.clear()
         return out
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued for the server that data_to_send() has not taken yet."""
+        return len(self._out)
 
     @property
     def stage(self) -> str:
@@ -704,7 +715,40 @@ class SmtpClient:
     # ------------------------------------------------------------ content
 
     def _convert(self, chunk: bytes) -> bytes:
-        chunk = chunk.replace(b"\r", b"")
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r", b"")
+        stuff = not self._bdat
+        limit = self.line_length_limit
+        if limit:
+            # Lines that may need breaking go the line-by-line way; one spare
+            # column covers a dot that stuffing adds.
+            first = chunk.find(b"\n")
+            if self._column + (len(chunk) if first < 0 else first) + 1 > limit or (
+                    first >= 0 and max(map(len, chunk.split(b"\n"))) + 1 > limit):
+                return self._convert_lines(chunk)
+        # Whole-chunk conversion: LF -> CRLF, then dot-stuffing (RFC 5321 4.5.2)
+        # of every line start at once; a line cut by the chunk boundary
+        # continues from the engine's state.
+        out = chunk.replace(b"\n", b"\r\n")
+        first_stuffed = False
+        if stuff:
+            if self._at_line_start and out[:1] == b".":
+                out = b"." + out
+                first_stuffed = True
+            out = out.replace(b"\r\n.", b"\r\n..")
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            if chunk:
+                self._column += len(chunk) + first_stuffed
+                self._at_line_start = False
+        elif last == len(chunk) - 1:
+            self._at_line_start, self._column = True, 0
+        else:
+            self._column = len(chunk) - last - 1 + (stuff and chunk[last + 1:last + 2] == b".")
+            self._at_line_start = False
+        return out
+
+    def _convert_lines(self, chunk: bytes) -> bytes:
         lines = chunk.split(b"\n")
         out = bytearray()
         stuff = not self._bdat
