@@ -380,3 +380,342 @@ def test_unprivileged_listing_matches_roots(site, e2e_users):
     from postwell.cli import sendmail
     rc, out, err = run_as("pwe3", sendmail.main, ["-C", conf, "-bp"])
     assert rc == 0 and out.startswith(postqueue.HEADER + "\n") and "-- 0 Kbytes in 3 Requests." in out
+
+
+# ------------------------------------------------- the fast listing (issue 8)
+# The listing reads queue files with its own lean parser (queue/format.py
+# read_listing, listing_envelope, defer_reasons) and renders in chunks.  The
+# oracles below are the straightforward versions built on the store's full
+# parser; the fast code must list and refuse exactly what they do, byte for byte.
+
+from postwell.queue import format as qf  # noqa: E402
+
+
+def oracle_collect(store):
+    for qname in showq.SHOW_QUEUES:
+        if qname == "maildrop":
+            yield from showq.collect_maildrop(store)
+            continue
+        for qid in store.scan(qname):
+            try:
+                qm = store.open(qid, qname, writable=False)
+            except Exception:
+                continue
+            with qm:
+                expired = bool(os.fstat(qm._fd).st_mode & stat.S_IXGRP)
+                reasons = {e.get("recipient", ""): e.get("reason", "") for e in store.read_defer_log(qid)}
+                rcpts = []
+                for r in qm.pending_recipients:
+                    item = {"address": r.address}
+                    if r.address in reasons:
+                        item["delay_reason"] = reasons[r.address]
+                    rcpts.append(item)
+                yield {"queue_name": qname, "queue_id": qid, "arrival_time": int(qm.arrival_time),
+                       "message_size": qm.content_size, "forced_expire": expired,
+                       "sender": qm.sender or "MAILER-DAEMON", "recipients": rcpts}
+
+
+def oracle_listing(messages) -> str:
+    out, count, total = [], 0, 0
+    for m in messages:
+        if not count:
+            out.append(postqueue.HEADER)
+        count += 1
+        total += m["message_size"]
+        stamp = time.strftime("%a %b %d %H:%M:%S", time.localtime(m["arrival_time"]))
+        id_mark = (m["queue_id"] + postqueue.STATUS_CHAR.get(m["queue_name"], "")
+                   + ("#" if m.get("forced_expire") else ""))
+        out.append(f"{id_mark:<11}{m['message_size']:>8} {stamp:<20} {m['sender']}")
+        last = None
+        for r in sorted(m["recipients"], key=lambda r: r.get("delay_reason", "")):
+            reason = r.get("delay_reason")
+            if reason is not None and reason != last:
+                out.append(f"{'(' + reason + ')':>78}")
+            last = reason
+            out.append(f"{'':41}{r['address']}")
+        out.append("")
+    if not count:
+        return "Mail queue is empty\n"
+    return "\n".join(out) + f"\n-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.\n"
+
+
+def varied_queue(store):
+    """Messages of every shape the listing meets; returns their ids."""
+    ids = []
+    ids.append(put(store, "s1@x.test", ["a@far.test", "b@far.test", "c@far.test"]))
+    store.append_defer_log(ids[-1], "a@far.test", "4.4.1", "connect refused")
+    store.append_defer_log(ids[-1], "c@far.test", "4.4.1", "connect refused")
+    store.append_defer_log(ids[-1], "a@far.test", "4.4.2", "line one\nline two \\ backslash")
+    ids.append(put(store, "", ["bounce@far.test"], queue="hold"))
+    ids.append(put(store, "big@x.test", ["r@far.test"], body=b"x" * 70000))       # envelope past the first read
+    m = store.create()
+    m.set_sender("many@x.test", ret="HDRS", envid="e1")
+    m.set_attribute("client_name", "mx.example.test")
+    for i in range(300):                                                         # envelope > 4096 bytes
+        m.add_recipient(f"user{i}@far.test", orig=f"o{i}@far.test", orcpt=f"rfc822;o{i}@far.test",
+                        notify="FAILURE")
+    m.write(b"Subject: many\n\nbody\n")
+    m.commit()
+    store.move(m.queue_id, "incoming", "active")
+    ids.append(m.queue_id)
+    ids.append(put(store, "s\udcff8bit@x.test", ["caf\u00e9@far.test", "r\udce9@far.test"]))   # bytes not UTF-8
+    done = put(store, "s2@x.test", ["x1@far.test", "x2@far.test"], queue="incoming")
+    with store.open(done) as q:
+        q.mark_done(["x1@far.test"])
+    ids.append(done)
+    finished = put(store, "s4@x.test", ["y@far.test"], queue="active")               # nothing pending
+    with store.open(finished) as q:
+        q.mark_done(["y@far.test"])
+    ids.append(finished)
+    held = put(store, "s3@x.test", ["h@far.test"], queue="hold")
+    store.append_defer_log(held, "h@far.test", "4.4.1", "deferred before the hold")
+    os.chmod(store.path("hold", held), 0o710)                                    # postsuper -e mark
+    ids.append(held)
+    return ids
+
+
+@pytest.fixture
+def utc(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_fast_collect_matches_the_full_parser(env, utc):
+    store, _, _ = env
+    varied_queue(store)
+    got = list(showq.collect(store))
+    assert got == list(oracle_collect(store))
+    assert [m["queue_name"] for m in got] == ["incoming", "active", "active", "deferred", "deferred",
+                                               "deferred", "hold", "hold"]
+    assert [] in [m["recipients"] for m in got]
+    text = postqueue.format_listing(got)
+    assert text == oracle_listing(got)
+    # The same bytes in any chunking, and through the -j path.
+    for chunk in (1, 2, 3, 1000):
+        assert "".join(postqueue.iter_listing(iter(got), chunk=chunk)) == text
+        assert "".join(postqueue.iter_json(iter(got), chunk=chunk)) == "".join(
+            json.dumps(m) + "\n" for m in got)
+    assert "(line one\nline two \\ backslash)" in text
+    assert postqueue.format_listing([]) == "Mail queue is empty\n"
+
+
+def test_fast_collect_skips_what_is_not_a_message(env):
+    store, _, _ = env
+    good = put(store, "s@x.test", ["a@far.test"])
+    d = store.path("deferred")
+    # No complete marker (being written, or a crash before the fchmod).
+    half = put(store, "s@x.test", ["b@far.test"])
+    os.chmod(os.path.join(d, half), 0o600)
+    # A symlink, a FIFO (must not block the listing) and a directory, named like ids.
+    os.symlink(os.path.join(d, good), os.path.join(d, "ABCDEF1"))
+    os.mkfifo(os.path.join(d, "ABCDEF2"), 0o700)
+    os.mkdir(os.path.join(d, "ABCDEF3"), 0o700)
+    # Names that are not ids, and a truncated file.
+    with open(os.path.join(d, "notanid"), "wb") as f:
+        f.write(b"x")
+    cut = put(store, "s@x.test", ["c@far.test"])
+    with open(os.path.join(d, cut), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(d, cut)) - 1)
+    # A defer log for a message that is gone.
+    store.append_defer_log("ABCDEF9", "z@far.test", "4.4.1", "gone")
+    got = list(showq.collect(store))
+    assert [m["queue_id"] for m in got] == [good]
+    assert got == list(oracle_collect(store))
+
+
+def test_expire_bit_is_postsupers():
+    from postwell.qmgr.expire import EXPIRE_BIT
+    assert showq._EXPIRE_BIT == EXPIRE_BIT
+
+
+def _envelope(records):
+    return b"".join(qf.pack_record(t, p) for t, p in records)
+
+
+def test_listing_envelope_refuses_what_parse_envelope_refuses():
+    import random
+    rng = random.Random(8)
+    base = [(b"S", b"s@x.test"), (b"P", b"ret\0HDRS"), (b"A", b"client_name\0mx"),
+            (b"R", b"-a@far.test\0\0\0"), (b"R", b"Db@far.test\0o\0rfc822;b\0NEVER"),
+            (b"R", b"-c@far.test\0\0\0"), (b"E", b"")]
+    valid = _envelope(base)
+
+    def both(data):
+        try:
+            env = qf.parse_envelope(data, 0)
+            want = (env.sender, [r.address for r in env.recipients if not r.done])
+        except qf.CorruptQueueFile:
+            want = "corrupt"
+        try:
+            got = qf.listing_envelope(data)
+        except qf.CorruptQueueFile:
+            got = "corrupt"
+        assert got == want, data
+        return got
+
+    assert both(valid) == ("s@x.test", ["a@far.test", "c@far.test"])
+    cases = [
+        b"", valid[:-1], valid + b"x", _envelope(base[:-1]),
+        _envelope([(b"E", b"")]), _envelope([(b"S", b"a"), (b"S", b"b"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"R", b""), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"R", b"-"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"R", b"-\0\0\0"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"R", b"xa\0\0\0"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"R", b"-a\0\0\0\0"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"R", b"-a\0\0"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"A", b"noseparator"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"Q", b"x\0y"), (b"E", b"")]),
+        _envelope([(b"S", b""), (b"E", b"x")]),
+        _envelope([(b"S", b""), (b"E", b""), (b"E", b"")]),
+        _envelope([(b"S", b"")]) + b"R\xff\xff\xff\x7f",
+    ]
+    for c in cases:
+        both(c)
+    # Random damage to a valid envelope: flipped bytes, cuts, splices.
+    for _ in range(3000):
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 3)):
+            op = rng.randrange(3)
+            if op == 0 and data:
+                data[rng.randrange(len(data))] = rng.choice(b"\0-DSRPAEQ\x01\xffa")
+            elif op == 1 and data:
+                at = rng.randrange(len(data))
+                del data[at:at + rng.randint(1, 8)]
+            else:
+                at = rng.randrange(len(data) + 1)
+                data[at:at] = bytes(rng.choice(b"\0-RSE") for _ in range(rng.randint(1, 4)))
+        both(bytes(data))
+
+
+def test_defer_reasons_match_the_log_parser():
+    import random
+    rng = random.Random(3)
+
+    def both(data):
+        want = {}
+        for e in qf.parse_log_entries(data):
+            want[e.get("recipient", "")] = e.get("reason", "")
+        assert qf.defer_reasons(data) == want, data
+
+    entry = qf.pack_log_entry({"recipient": "a@far.test", "orig_rcpt": "", "status": "4.4.1",
+                               "action": "delayed", "reason": "x\\y\nz\r", "time": "1"})
+    other = qf.pack_log_entry({"recipient": "b@far.test", "reason": "second"})
+    for data in (b"", entry, entry + other, entry[:-1], entry[:-2], entry + entry.replace(b"x", b"q"),
+                 b"\n\n" + entry, b"reason=no recipient\n\n", b"recipient=r\n\n", b"recipient\n\n",
+                 b"recipient=a=b\nreason=c=d\n\n", b"reason=\xff\xfe\nrecipient=\xc3\xa9\n\n",
+                 b"recipient=a\nrecipient=b\nreason=1\nreason=2\n\n", b"junk\n\n", b"re\n\n"):
+        both(data)
+    alphabet = b"recipient=reason\\n\n\xff"
+    for _ in range(2000):
+        data = bytearray(entry + other)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.5:
+                data[at] = rng.choice(alphabet)
+            else:
+                del data[at]
+        both(bytes(data))
+
+
+def test_read_listing_matches_queued_message(env):
+    store, _, _ = env
+    for qid in varied_queue(store):
+        qname = store.find(qid)
+        fd = os.open(store.path(qname, qid), os.O_RDONLY)
+        try:
+            arrival, size, sender, rcpts = qf.read_listing(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        with store.open(qid, qname, writable=False) as qm:
+            assert (arrival, size, sender, rcpts) == (
+                qm.header.arrival_us, qm.content_size, qm.sender, [r.address for r in qm.pending_recipients])
+    # A header that disagrees with the file size is refused, as by the store.
+    fd = os.open(store.path(store.find(qid), qid), os.O_RDONLY)
+    try:
+        with pytest.raises(qf.CorruptQueueFile):
+            qf.read_listing(fd, os.fstat(fd).st_size + 1)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOATIME"), reason="O_NOATIME is Linux only")
+def test_listing_leaves_atimes_alone(env):
+    """mailq reads every queue file and defer log: it must not dirty their
+    inodes (relatime would update an atime older than the mtime)."""
+    store, _, _ = env
+    qid = put(store, "s@x.test", ["a@far.test"])
+    store.append_defer_log(qid, "a@far.test", "4.4.1", "refused")
+    paths = [store.path("deferred", qid), store.path("defer", qid)]
+    for p in paths:
+        st = os.stat(p)
+        os.utime(p, ns=(st.st_mtime_ns - 10**9, st.st_mtime_ns))
+    before = [os.stat(p).st_atime_ns for p in paths]
+    got = list(showq.collect(store))
+    assert got[0]["recipients"] == [{"address": "a@far.test", "delay_reason": "refused"}]
+    assert [os.stat(p).st_atime_ns for p in paths] == before
+
+
+def test_files_of_another_owner_are_still_listed(env, monkeypatch):
+    """O_NOATIME is refused (EPERM) to a reader who does not own the files:
+    the listing then opens them the plain way."""
+    store, _, _ = env
+    qid = put(store, "s@x.test", ["a@far.test"])
+    store.append_defer_log(qid, "a@far.test", "4.4.1", "refused")
+    real_open = os.open
+    tried = []
+
+    def picky_open(path, flags, *a, **kw):
+        if flags & showq._NOATIME:
+            tried.append(path)
+            raise PermissionError(1, "Operation not permitted")
+        return real_open(path, flags, *a, **kw)
+    monkeypatch.setattr(showq, "_NOATIME", os.O_NONBLOCK << 8 if not showq._NOATIME else showq._NOATIME)
+    monkeypatch.setattr(os, "open", picky_open)
+    got = list(showq.collect(store))
+    monkeypatch.undo()
+    assert [m["queue_id"] for m in got] == [qid] and tried
+    assert got[0]["recipients"] == [{"address": "a@far.test", "delay_reason": "refused"}]
+
+
+def test_frames_survive_any_split():
+    """The client reads frames in large pieces: frames cut anywhere by the
+    stream (one byte at a time, or larger than one read) come out whole."""
+    import random
+    rng = random.Random(5)
+    objs = [{"message": {"queue_id": f"A{i}", "recipients": [{"address": "x" * rng.randrange(0, 3000)}]}}
+            for i in range(60)] + [{"end": 60}]
+    wire = b"".join(showq._frame(o) for o in objs)
+    a, b = socket.socketpair()
+    b.settimeout(WAIT)
+
+    def send():
+        pos = 0
+        while pos < len(wire):
+            n = rng.choice([1, 2, 3, 5, 4096, 70000])
+            a.sendall(wire[pos:pos + n])
+            pos += n
+        a.close()
+    t = threading.Thread(target=send)
+    t.start()
+    frames = showq._Frames(b)
+    frames.RECV = 1000   # smaller than some frames
+    got = [json.loads(frames.next()) for _ in objs]
+    with pytest.raises(EOFError):
+        frames.next()
+    t.join(WAIT)
+    b.close()
+    assert got == objs
+
+
+def test_listing_in_many_writes(env, monkeypatch):
+    store, etc, _ = env
+    cfg = load_config(etc)
+    for i in range(40):
+        put(store, f"s{i}@x.test", [f"r{i}@far.test", f"q{i}@far.test"])
+    monkeypatch.setattr(showq, "SEND_BUFFER", 300)
+    with Running(cfg):
+        got = list(showq.query(store.queue_directory, timeout=WAIT))
+    assert got == list(showq.collect(store)) and len(got) == 40

@@ -8,9 +8,10 @@ directories) read the queue directly; any other user asks the showq service
 ``public/showq``), as Postfix's postqueue does.  When showq cannot be reached
 the user gets Postfix's "Queue report unavailable - mail system is down"
 (exit 69).  The output matches Postfix 3.7's ``postqueue -p`` and ``-j``
-(checked side by side in tests/test_issue3_reference.py) and is written
-message by message, so a long queue never sits in memory.  Messages still in
-the maildrop are listed under their file name, which ``postcat -q`` accepts.
+(checked side by side in tests/test_issue3_reference.py) and is written in
+chunks of ``CHUNK`` messages, so a long queue never sits in memory.  Messages
+still in the maildrop are listed under their file name, which ``postcat -q``
+accepts.
 
 ``-i`` and ``-s`` do what Postfix's flush(8) does for them: the deferred
 file's retry time becomes now, it moves back to incoming/ and the qmgr is
@@ -40,50 +41,82 @@ def _fatal(text: str, code: int = 1) -> int:
     return code
 
 
+# The listing is handed to the writer in chunks of about this many messages:
+# big writes, and never more than a chunk in memory.
+CHUNK = 512
+_STAMP_CACHE = 4096   # arrival seconds remembered (messages often share one)
+
+
 def format_listing(messages) -> str:
     return "".join(iter_listing(messages))
 
 
-def iter_listing(messages):
-    """``postqueue -p`` text, one message's lines at a time."""
+def iter_listing(messages, chunk: int = CHUNK):
+    """``postqueue -p`` text, a chunk of messages at a time."""
     count = 0
     total = 0
+    buf: list[str] = []
+    add = buf.append
+    stamps: dict[int, str] = {}
+    strftime, localtime = time.strftime, time.localtime
     for m in messages:
-        out: list[str] = []
         if not count:
-            out.append(HEADER)
+            add(HEADER + "\n")
         count += 1
-        total += m["message_size"]
-        stamp = time.strftime("%a %b %d %H:%M:%S", time.localtime(m["arrival_time"]))
+        size = m["message_size"]
+        total += size
+        t = m["arrival_time"]
+        stamp = stamps.get(t)
+        if stamp is None:
+            if len(stamps) >= _STAMP_CACHE:
+                stamps.clear()
+            stamp = stamps[t] = f"{strftime('%a %b %d %H:%M:%S', localtime(t)):<20}"
         # Postfix 3.7 glues the status mark to the id and pads the pair to 11
         # columns (checked against its postqueue): "ID!     306", "ID      306".
         # A force-expired message (postsuper -e) gets a "#" after that mark.
         id_mark = m["queue_id"] + STATUS_CHAR.get(m["queue_name"], "") + ("#" if m.get("forced_expire") else "")
-        out.append(f"{id_mark:<11}{m['message_size']:>8} {stamp:<20} {m['sender']}")
-        # Recipients grouped under their delay reason, reason-less ones first.
-        rcpts = sorted(m["recipients"], key=lambda r: r.get("delay_reason", ""))
-        last = None
-        for r in rcpts:
+        add(f"{id_mark:<11}{size:>8} {stamp} {m['sender']}\n")
+        rcpts = m["recipients"]
+        if len(rcpts) == 1:
+            r = rcpts[0]
             reason = r.get("delay_reason")
-            if reason is not None and reason != last:
-                out.append(f"{'(' + reason + ')':>78}")
-            last = reason
-            out.append(f"{'':41}{r['address']}")
-        out.append("")
-        yield "\n".join(out) + "\n"
+            if reason is not None:
+                add(f"{'(' + reason + ')':>78}\n")
+            add(f"{'':41}{r['address']}\n\n")
+        else:
+            # Recipients grouped under their delay reason, reason-less ones first.
+            last = None
+            for r in sorted(rcpts, key=lambda r: r.get("delay_reason", "")):
+                reason = r.get("delay_reason")
+                if reason is not None and reason != last:
+                    add(f"{'(' + reason + ')':>78}\n")
+                last = reason
+                add(f"{'':41}{r['address']}\n")
+            add("\n")
+        if count % chunk == 0:
+            yield "".join(buf)
+            buf.clear()
     if not count:
         yield "Mail queue is empty\n"
     else:
-        yield f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.\n"
+        add(f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.\n")
+        yield "".join(buf)
 
 
 def format_json(messages) -> str:
     return "".join(iter_json(messages))
 
 
-def iter_json(messages):
+def iter_json(messages, chunk: int = CHUNK):
+    buf: list[str] = []
+    dumps = json.dumps
     for m in messages:
-        yield json.dumps(m) + "\n"
+        buf.append(dumps(m) + "\n")
+        if len(buf) >= chunk:
+            yield "".join(buf)
+            buf.clear()
+    if buf:
+        yield "".join(buf)
 
 
 def can_read_queue(cfg, store: QueueStore) -> bool:

@@ -95,6 +95,7 @@ attempt: ``name=value`` lines (``recipient``, ``orig_rcpt``, ``status``,
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import zlib
@@ -318,3 +319,123 @@ def parse_log_entries(data: bytes) -> list[dict[str, str]]:
         cur[k] = _unesc(v)
     # A final entry without its terminating blank line was cut by a crash: drop it.
     return entries
+
+
+# Read-only fast paths for the queue listing (mailq / postqueue -p / showq).
+# They accept and refuse exactly the files that unpack_header + parse_envelope
+# do, but build no Envelope/Recipient objects: a listing of 100,000 messages
+# spends its time in this code, once per file.
+
+LISTING_READ = 4096   # one pread covers header and envelope of a small message
+
+
+def read_listing(fd: int, actual_size: int) -> tuple[int, int, str, list[str]]:
+    """``(arrival_us, content_size, sender, pending recipient addresses)`` of
+    the open queue file ``fd`` whose fstat size is ``actual_size``.
+
+    Raises CorruptQueueFile for anything the full parser would refuse."""
+    first = os.pread(fd, actual_size if actual_size < LISTING_READ else LISTING_READ, 0)
+    if len(first) < HEADER_SIZE:
+        raise CorruptQueueFile(f"truncated header ({len(first)} of {HEADER_SIZE} bytes)")
+    (magic, hlen, arrival, c_off, c_size, e_off, e_size, f_size, crc, _r) = HEADER_STRUCT.unpack_from(first)
+    if magic != MAGIC:
+        raise CorruptQueueFile("bad magic (file never committed or not a queue file)")
+    if zlib.crc32(first[:56]) != crc:
+        raise CorruptQueueFile("header checksum mismatch")
+    if hlen != HEADER_SIZE or c_off != HEADER_SIZE or e_off != c_off + c_size or f_size != e_off + e_size:
+        raise CorruptQueueFile("inconsistent header offsets")
+    if actual_size != f_size:
+        raise CorruptQueueFile(f"file size {actual_size} differs from recorded size {f_size} (truncated?)")
+    if f_size <= len(first):
+        env = first[e_off:]
+    else:
+        # A bigger message: skip its content, read only the envelope.
+        parts, off, left = [], e_off, e_size
+        while left > 0:
+            chunk = os.pread(fd, min(left, 1 << 20), off)
+            if not chunk:
+                break
+            parts.append(chunk)
+            off += len(chunk)
+            left -= len(chunk)
+        env = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(env) != e_size:
+        raise CorruptQueueFile("truncated envelope")
+    sender, rcpts = listing_envelope(env)
+    return arrival, c_size, sender, rcpts
+
+
+def listing_envelope(data: bytes) -> tuple[str, list[str]]:
+    """The sender and the pending recipients' addresses of an envelope,
+    with parse_envelope's checks (same refusals, no per-record objects)."""
+    sender = None
+    rcpts: list[str] = []
+    pos = 0
+    n = len(data)
+    unpack = REC_HEAD.unpack_from
+    find = data.find
+    while pos < n:
+        if n - pos < 5:
+            raise CorruptQueueFile("truncated envelope record header")
+        rtype, length = unpack(data, pos)
+        pos += 5
+        end = pos + length
+        if end > n or length > MAX_RECORD:
+            raise CorruptQueueFile("truncated envelope record")
+        # Most frequent first: attributes, then recipients.
+        if rtype == b"A" or rtype == b"P":
+            if find(b"\0", pos, end) < 0:
+                raise CorruptQueueFile("malformed attribute record")
+        elif rtype == b"R":
+            # status | address NUL orig NUL orcpt NUL notify: exactly 3 NULs, non-empty address
+            status = data[pos] if length else 0
+            if status != 45 and status != 68:     # b"-" pending, b"D" done
+                raise CorruptQueueFile("malformed recipient status")
+            nul = find(b"\0", pos + 1, end)
+            if nul <= pos + 1 or data.count(b"\0", nul, end) != 3:
+                raise CorruptQueueFile("malformed recipient record")
+            if status == 45:
+                rcpts.append(data[pos + 1:nul].decode("utf-8", "surrogateescape"))
+        elif rtype == b"S":
+            if sender is not None:
+                raise CorruptQueueFile("duplicate sender record")
+            sender = data[pos:end].decode("utf-8", "surrogateescape")
+        elif rtype == b"E":
+            if length != 0:
+                raise CorruptQueueFile("malformed end record")
+            if end != n:
+                raise CorruptQueueFile("data after end record")
+            if sender is None:
+                raise CorruptQueueFile("no sender record")
+            return sender, rcpts
+        else:
+            raise CorruptQueueFile(f"unknown record type {rtype!r}")
+        pos = end
+    raise CorruptQueueFile("missing end record (truncated envelope)")
+
+
+def defer_reasons(data: bytes) -> dict[str, str]:
+    """recipient -> reason of a defer/bounce log, the last entry per
+    recipient winning; the same entries parse_log_entries keeps."""
+    reasons: dict[str, str] = {}
+    rcpt = reason = ""
+    started = False
+    for line in data.split(b"\n"):
+        if not line:
+            if started:
+                reasons[rcpt] = reason
+                rcpt = reason = ""
+                started = False
+            continue
+        started = True
+        if line.startswith(b"re"):
+            k, _, v = line.partition(b"=")
+            if k == b"recipient" or k == b"reason":
+                text = v.decode("utf-8", "surrogateescape")
+                if "\\" in text:
+                    text = _unesc(text)
+                if k == b"recipient":
+                    rcpt = text
+                else:
+                    reason = text
+    return reasons

@@ -16,8 +16,9 @@ Wire format (postwell's own; both ends are in this package):
   fields of ``postqueue -j``), then ``{"end": N}`` with the message count, or
   ``{"error": "text"}``.  A zero-length frame is never sent.
 
-Output is produced message by message while the queue is scanned, so neither
-side holds the whole listing; a frame is at most ``MAX_FRAME`` bytes (a
+Output is produced while the queue is scanned, in writes of about
+``SEND_BUFFER`` bytes (many frames each), so neither side holds the whole
+listing and a long listing costs few system calls; a frame is at most ``MAX_FRAME`` bytes (a
 message with more recipients than fit is listed with the first ones and a
 ``truncated`` field).  The client gives up after ``CLIENT_TIMEOUT`` seconds of
 silence, the server drops a client that does not read for ``SEND_TIMEOUT``.
@@ -39,8 +40,8 @@ import stat
 import struct
 import threading
 
-from postwell.qmgr.expire import message_expired
-from postwell.queue import CorruptQueueFile, QueueFileNotFound, QueueStore
+from postwell.queue import CorruptQueueFile, QueueStore
+from postwell.queue import format as qf
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
     from postwell.config.registry import register_implemented as _register
@@ -82,8 +83,13 @@ def socket_path(config) -> str:
 
 # ---------------------------------------------------------------- framing
 
+# One encoder for every frame (json.dumps with options builds one per call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+SEND_BUFFER = 65536   # frames are sent in writes of about this size
+
+
 def _frame(obj) -> bytes:
-    data = json.dumps(obj, separators=(",", ":")).encode("utf-8", "surrogateescape")
+    data = _encode(obj).encode("utf-8", "surrogateescape")
     return _LEN.pack(len(data)) + data
 
 
@@ -103,14 +109,42 @@ def message_frame(m: dict) -> bytes:
     return _frame({"message": dict(m, recipients=[], truncated=len(rcpts))})
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 65536))
-        if not chunk:
-            raise EOFError("connection closed by the showq service")
-        buf += chunk
-    return bytes(buf)
+class _Frames:
+    """Frames from the socket, read in large pieces (not two reads per frame)."""
+
+    RECV = 262144
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+        self.pos = 0
+
+    def _fill(self, need: int) -> None:
+        # Keep the unread tail and append until ``need`` bytes are available.
+        parts = [self.buf[self.pos:]]
+        have = len(parts[0])
+        while have < need:
+            chunk = self.sock.recv(max(self.RECV, need - have))
+            if not chunk:
+                raise EOFError("connection closed by the showq service")
+            parts.append(chunk)
+            have += len(chunk)
+        self.buf = b"".join(parts)
+        self.pos = 0
+
+    def next(self) -> bytes:
+        if len(self.buf) - self.pos < _LEN.size:
+            self._fill(_LEN.size)
+        (n,) = _LEN.unpack_from(self.buf, self.pos)
+        if n == 0 or n > MAX_FRAME:
+            raise ShowqRefused(f"bad record length {n} from the showq service")
+        start = self.pos + _LEN.size
+        if len(self.buf) - start < n:
+            self.pos = start
+            self._fill(n)
+            start = 0
+        self.pos = start + n
+        return self.buf[start:start + n]
 
 
 # ---------------------------------------------------------------- client
@@ -132,12 +166,10 @@ def query(queue_directory: str, *, path: str | None = None, timeout: float = CLI
             sock.sendall(REQUEST)
         except OSError as exc:
             raise ShowqUnavailable(exc.strerror or str(exc)) from None
+        frames = _Frames(sock)
         while True:
             try:
-                (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-                if n == 0 or n > MAX_FRAME:
-                    raise ShowqRefused(f"bad record length {n} from the showq service")
-                obj = json.loads(_recv_exact(sock, n).decode("utf-8", "surrogateescape"))
+                obj = json.loads(frames.next().decode("utf-8", "surrogateescape"))
             except (EOFError, socket.timeout, OSError, ValueError) as exc:
                 raise ShowqRefused(f"showq service: {exc}") from None
             if "message" in obj:
@@ -194,12 +226,14 @@ def collect_maildrop(store: QueueStore):
     than an id, as Postfix's long ids are), which ``postcat -q`` accepts.
     Unreadable or half-written files are skipped, as showq does.
     """
-    from postwell.pickup.maildrop import NAME_RE, MaildropFormatError, read_maildrop
     mdir = store.path("maildrop")
     try:
         names = sorted(os.listdir(mdir))
     except OSError:
         return
+    if not names:
+        return   # the usual case: mailq then starts without loading pickup
+    from postwell.pickup.maildrop import NAME_RE, MaildropFormatError, read_maildrop
     for name in names:
         if not NAME_RE.match(name):
             continue   # temporaries (.tmp.*) and strays
@@ -228,39 +262,136 @@ def collect_maildrop(store: QueueStore):
         }
 
 
+# The listing opens every queue file, so per file it does the least: one
+# open relative to the queue directory, one fstat (type, the complete marker,
+# the postsuper -e mark and the size the header must agree with), one pread
+# for a small message, close.  The store's scan() would stat each file first
+# and QueuedMessage would build the whole envelope; neither is needed here.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# A listing must not write: without O_NOATIME (relatime) the first read of
+# each new queue file updates its atime, dirtying 100,000 inodes for one mailq.
+# The kernel allows it to the file's owner ($mail_owner) and root only.
+_NOATIME = getattr(os, "O_NOATIME", 0)
+# postwell.qmgr.expire.EXPIRE_BIT; not imported from there because importing
+# the qmgr package costs mailq more start-up time than the whole listing of
+# a small queue (tests/test_showq.py checks the two agree).
+_EXPIRE_BIT = stat.S_IXGRP
+_MAX_LOG = 4 * 1024 * 1024     # as QueueStore._read_log: a larger defer log is read in part
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _read_reasons(dir_fd: int, queue_id: str) -> dict[str, str]:
+    """recipient -> last delay reason from defer/ID (empty when it went away)."""
+    try:
+        try:
+            fd = os.open(queue_id, _OPEN_FLAGS | _NOATIME, dir_fd=dir_fd)
+        except PermissionError:
+            if not _NOATIME:
+                raise
+            fd = os.open(queue_id, _OPEN_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return {}
+    try:
+        data = os.read(fd, 65536)   # one read for any usual log
+        if len(data) == 65536:
+            parts, left = [data], _MAX_LOG - len(data)
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                left -= len(chunk)
+            data = b"".join(parts)
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+    return qf.defer_reasons(data)
+
+
+def _collect_queue(store: QueueStore, qname: str):
+    qdir = store.path(qname)
+    match = qf.QUEUE_ID_RE.match
+    names = sorted(n for n in _listdir(qdir) if match(n))
+    if not names:
+        return
+    # defer/ is listed after the queue directory: a message that reached this
+    # queue after a deferral already had its defer log when the queue was listed.
+    # Only logs that exist are opened (most messages outside deferred/ have none).
+    logged = set(_listdir(store.path("defer")))
+    try:
+        qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    dfd = -1
+    if logged:
+        try:
+            dfd = os.open(store.path("defer"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            logged = set()
+    opn, fstat, close, read_listing = os.open, os.fstat, os.close, qf.read_listing
+    S_ISREG, complete = stat.S_ISREG, stat.S_IXUSR
+    flags = _OPEN_FLAGS | _NOATIME
+    try:
+        for qid in names:
+            try:
+                fd = opn(qid, flags, dir_fd=qfd)
+            except PermissionError:
+                if not flags & _NOATIME:
+                    continue
+                flags = _OPEN_FLAGS    # not the files' owner: read them the plain way
+                try:
+                    fd = opn(qid, flags, dir_fd=qfd)
+                except OSError:
+                    continue
+            except OSError:
+                continue   # delivered or moved while we looked
+            try:
+                st = fstat(fd)
+                mode = st.st_mode
+                if not S_ISREG(mode) or not mode & complete:
+                    continue   # not (yet) a message: no complete marker
+                arrival_us, size, sender, rcpts = read_listing(fd, st.st_size)
+            except (CorruptQueueFile, OSError):
+                continue
+            finally:
+                close(fd)
+            if qid in logged:
+                reasons = _read_reasons(dfd, qid)
+                items = []
+                for a in rcpts:
+                    r = reasons.get(a)
+                    items.append({"address": a} if r is None else {"address": a, "delay_reason": r})
+            else:
+                items = [{"address": a} for a in rcpts]
+            yield {
+                "queue_name": qname,
+                "queue_id": qid,
+                "arrival_time": int(arrival_us / 1_000_000),
+                "message_size": size,
+                "forced_expire": bool(mode & _EXPIRE_BIT),
+                "sender": sender or "MAILER-DAEMON",
+                "recipients": items,
+            }
+    finally:
+        os.close(qfd)
+        if dfd >= 0:
+            os.close(dfd)
+
+
 def collect(store: QueueStore):
     """Yield one dict per queued message (the fields of ``postqueue -j``)."""
     for qname in SHOW_QUEUES:
         if qname == "maildrop":
             yield from collect_maildrop(store)
-            continue
-        for qid in store.scan(qname):
-            try:
-                qm = store.open(qid, qname, writable=False)
-            except (QueueFileNotFound, FileNotFoundError):
-                continue   # delivered or moved while we looked
-            except (CorruptQueueFile, OSError):
-                continue
-            with qm:
-                expired = message_expired(qm)   # postsuper -e/-f (postwell.qmgr.expire)
-                reasons: dict[str, str] = {}
-                for e in store.read_defer_log(qid):
-                    reasons[e.get("recipient", "")] = e.get("reason", "")
-                rcpts = []
-                for r in qm.pending_recipients:
-                    item = {"address": r.address}
-                    if r.address in reasons:
-                        item["delay_reason"] = reasons[r.address]
-                    rcpts.append(item)
-                yield {
-                    "queue_name": qname,
-                    "queue_id": qid,
-                    "arrival_time": int(qm.arrival_time),
-                    "message_size": qm.content_size,
-                    "forced_expire": expired,
-                    "sender": qm.sender or "MAILER-DAEMON",
-                    "recipients": rcpts,
-                }
+        else:
+            yield from _collect_queue(store, qname)
 
 
 def _messages(queue_directory: str):
@@ -291,10 +422,19 @@ def handle(conn: socket.socket, config, log=None) -> None:
                                  "denied": True}))
             return
         count = 0
+        buf: list[bytes] = []
+        size = 0
         for m in _messages(config.get("queue_directory")):
-            conn.sendall(message_frame(m))
+            frame = message_frame(m)
+            buf.append(frame)
+            size += len(frame)
             count += 1
-        conn.sendall(_frame({"end": count}))
+            if size >= SEND_BUFFER:
+                conn.sendall(b"".join(buf))
+                buf.clear()
+                size = 0
+        buf.append(_frame({"end": count}))
+        conn.sendall(b"".join(buf))
     except (OSError, socket.timeout):
         pass   # the client went away or stopped reading: nothing to clean up
     except Exception as exc:   # a bug must not kill the service, only this request
