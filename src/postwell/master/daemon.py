@@ -14,6 +14,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from postwell import spawn as spawn_service   # top level: the master preloads it before forking
+
 from . import services as sv
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
@@ -315,6 +317,20 @@ class Master:
                     raise MasterError(exc.strerror or str(exc)) from None
                 fresh.extend(socks)
             slots.append(Slot("smtpd", svc, scfg, socks, sv.worker_count(svc, scfg), key=key))
+        for svc in plan.spawn:
+            # spawn(8): one supervisor per service; it bounds the commands by maxproc itself.
+            scfg = cfg.override(svc.overrides) if svc.overrides else cfg
+            key = spawn_service.bind_key(svc, scfg)
+            socks = old_sockets.pop(key, None)
+            if socks is None:
+                try:
+                    socks = spawn_service.bind(svc, scfg, self.owner)
+                except OSError as exc:
+                    for s in fresh:
+                        s.close()
+                    raise MasterError(exc.strerror or str(exc)) from None
+                fresh.extend(socks)
+            slots.append(Slot("spawn", svc, scfg, socks, 1, key=key))
         if self.owner:
             # Root: the privileged half of virtual(8) writes mailboxes as their owners.
             vsvc = next((s for s in cfg.services or [] if s.name == "virtual" and s.type == "unix"), None)
@@ -430,6 +446,11 @@ class Master:
             # Stays root by design, like local(8): every user operation runs in a
             # forked child that drops to the recipient's uid/gid first.
             local_helper.serve(slot.config, self.owner[0], self.owner[1])
+            return
+        if slot.kind == "spawn":
+            _die_with_master(master_pid)
+            # Stays root by design, like spawn(8): each command becomes user= before exec.
+            spawn_service.serve(slot.config, slot.svc, slot.sockets, self.owner)
             return
         if slot.kind == "pipehelper":
             _die_with_master(master_pid)
@@ -581,7 +602,7 @@ class Master:
             self.log.warning(f"reload failed: {exc}; configuration unchanged")
             return
         self.log.info(f"reload -- version {cfg.get('mail_version')}, configuration {cfg.config_dir}")
-        old_sockets = {s.key: s.sockets for s in self.slots if s.kind == "smtpd"}
+        old_sockets = {s.key: s.sockets for s in self.slots if s.kind in ("smtpd", "spawn")}
         try:
             new_slots = self._make_slots(cfg, old_sockets, warn=True)
         except MasterError as exc:

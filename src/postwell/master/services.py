@@ -31,6 +31,7 @@ class Plan:
     pickup: object | None = None                      # MasterService of the pickup service
     showq: object | None = None                       # MasterService of showq (runs anyway)
     pipe: list = field(default_factory=list)          # unix pipe(8) services (agents in qmgr)
+    spawn: list = field(default_factory=list)         # spawn(8) services (unix or inet)
     unsupported: list = field(default_factory=list)   # (service, why)
 
 
@@ -71,11 +72,15 @@ def plan_services(services) -> Plan:
             continue
         elif cmd == "pipe" and svc.type == "unix":
             plan.pipe.append(svc)
+        elif cmd == "spawn" and svc.type in ("unix", "inet"):
+            plan.spawn.append(svc)
         elif cmd == "pickup" and svc.type in ("unix", "fifo"):
             if plan.pickup is None and pickup_available():
                 plan.pickup = svc
             elif plan.pickup is None:
                 plan.unsupported.append((svc, "local submission pickup is not available in this build"))
+        elif cmd == "spawn":
+            plan.unsupported.append((svc, f"spawn on a {svc.type} socket is not implemented"))
         elif cmd == "smtpd":
             plan.unsupported.append((svc, f"smtpd on a {svc.type} socket is not implemented"))
         else:
