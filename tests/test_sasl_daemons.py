@@ -42,6 +42,30 @@ def wait_for_path(path, proc, timeout=15.0):
     return False
 
 
+def _dovecot_answers(path, timeout: float) -> bool:
+    """A full auth-client handshake (VERSION ... DONE) within timeout."""
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                s.connect(str(path))
+                s.sendall(f"VERSION\t1\t2\nCPID\t{os.getpid()}\n".encode())
+                buf = b""
+                while b"\nDONE\n" not in b"\n" + buf:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                else:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def stop(proc):
     proc.terminate()
     try:
@@ -230,6 +254,9 @@ service auth {{
     try:
         if not wait_for_path(d / "run" / "auth-client", proc):
             pytest.skip("Dovecot did not start here")
+        # The socket exists before the auth process answers: on a loaded machine the
+        # first handshake can take seconds, longer than the client's connect timeout.
+        assert _dovecot_answers(d / "run" / "auth-client", 30.0), "Dovecot auth never answered"
         yield d / "run" / "auth-client"
     finally:
         stop(proc)
