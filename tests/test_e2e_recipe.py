@@ -412,7 +412,7 @@ def _session_log(inst, lines, pipelined=False) -> str:
         with open(inst.maillog, "rb") as f:
             f.seek(before)
             text = f.read().decode("utf-8", "replace")
-        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from ", text) else None
+        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from [^\n]*\n", text) else None
     return harness.wait_for(grab, 10, 0.05, f"{inst.kind} disconnect line")
 
 

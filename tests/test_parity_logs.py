@@ -86,7 +86,7 @@ def _trail(inst, lines, done: str, size: bool = False) -> dict[str, list[str]]:
         with open(inst.maillog, "rb") as f:
             f.seek(before)
             text = f.read().decode("utf-8", "replace")
-        if pattern.search(text) and re.search(r"postfix/smtpd\[\d+\]: disconnect from ", text):
+        if pattern.search(text) and re.search(r"postfix/smtpd\[\d+\]: disconnect from [^\n]*\n", text):
             return text
         return None
     text = harness.wait_for(grab, 20, 0.05, f"{inst.kind}: /{done}/")

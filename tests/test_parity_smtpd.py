@@ -357,7 +357,9 @@ def _run(inst, lines):
         with open(inst.maillog, "rb") as f:
             f.seek(before)
             text = f.read().decode("utf-8", "replace")
-        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from ", text) else None
+        # Only a complete line counts: the writer may be in the middle of it.
+        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from [^\n]*\n", text) \
+            else None
     text = harness.wait_for(grab, 10, 0.05, f"{inst.kind} disconnect line")
     logged = [_log_line(ln) for ln in text.splitlines() if "postfix/smtpd[" in ln]
     return replies, logged

@@ -10,6 +10,7 @@ durably and only then answers 250.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable
 
@@ -32,9 +33,24 @@ REPLY_ALIAS_ERROR = Reply(451, "Alias expansion error", "4.6.0")
 REPLY_NO_RECIPIENTS = Reply(554, "Error: no valid recipients", "5.5.1")
 
 
+_date_cache: tuple = (None, "")
+
+
 def mail_date(when: float) -> str:
     """RFC 5322 3.3 date as Postfix's mail_date() writes it: local time, numeric
     zone, and the zone name in a comment: ``Sun, 29 Nov 2026 06:11:14 +0000 (UTC)``."""
+    global _date_cache
+    # One-second resolution: formatted once for every header of a busy second (the
+    # zone names are part of the key, so a tzset() is seen at once).
+    key = (int(when), time.tzname)
+    if _date_cache[0] == key:
+        return _date_cache[1]
+    text = _format_mail_date(key[0])
+    _date_cache = (key, text)
+    return text
+
+
+def _format_mail_date(when: int) -> str:
     lt = time.localtime(when)
     off = lt.tm_gmtoff or 0
     sign = "+" if off >= 0 else "-"
@@ -55,6 +71,28 @@ def _quote_local(address: str) -> str:
     if local and (any(not p for p in parts) or any(c in specials and c != "." or ord(c) < 33 for c in local)):
         local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"{local}@{domain}" if at else local
+
+
+_wake_pending: dict[str, object] = {}
+
+
+def wake_qmgr(queue_directory: str) -> None:
+    """notify_qmgr() once per event-loop turn: every message committed in one group
+    commit round is found by the same incoming scan, so one byte wakes it for all."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        notify_qmgr(queue_directory)
+        return
+    if _wake_pending.get(queue_directory) is loop:
+        return
+    _wake_pending[queue_directory] = loop
+    loop.call_soon(_wake_now, queue_directory)
+
+
+def _wake_now(queue_directory: str) -> None:
+    _wake_pending.pop(queue_directory, None)
+    notify_qmgr(queue_directory)
 
 
 class CleanupSession:
@@ -231,7 +269,8 @@ class CleanupSession:
         return None
 
     def envelope_overhead(self) -> int:
-        return HEADER_SIZE + len(self.msg.envelope.pack())
+        packed = getattr(self.msg, "packed_envelope", None)
+        return HEADER_SIZE + len(packed() if packed is not None else self.msg.envelope.pack())
 
     def _output_recipients(self) -> None:
         expander = self.cleanup.expander()
@@ -273,9 +312,9 @@ class CleanupSession:
                 self.cleanup.store.move(self.queue_id, "incoming", "hold")
             except OSError as exc:
                 self.cleanup.log.warning(f"{self.queue_id}: cannot move to hold queue: {exc}")
-                notify_qmgr(self.cleanup.store.queue_directory)
+                wake_qmgr(self.cleanup.store.queue_directory)
         else:
-            notify_qmgr(self.cleanup.store.queue_directory)
+            wake_qmgr(self.cleanup.store.queue_directory)
         return Reply(250, REPLY_QUEUED.format(self.queue_id), "2.0.0")
 
     def abort(self) -> None:

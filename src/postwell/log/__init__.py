@@ -73,12 +73,20 @@ class MailLog:
     _stamp = ""
 
     def format_line(self, text: str) -> str:
-        # The stamp has one-second resolution: format it once per second, not per line.
+        # The stamp has one-second resolution: format it once per second, not per line;
+        # the "host program[pid]:" part changes only with the process.
         now = int(self.clock())
         if now != self._stamp_second:
             self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
             self._stamp_second = now
-        return f"{self._stamp} {self.hostname} {self.program}[{os.getpid()}]: {text}\n"
+        key = (_my_pid, self.hostname, self.program)
+        if key != self._tag_key:
+            self._tag = f" {self.hostname} {self.program}[{_my_pid}]: "
+            self._tag_key = key
+        return f"{self._stamp}{self._tag}{text}\n"
+
+    _tag_key: tuple = ()
+    _tag = ""
 
     def _emit(self, priority: int, text: str) -> None:
         # Never let control characters from the network break the line shape, and cut
@@ -114,6 +122,18 @@ class MailLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# os.getpid() is a system call; log lines need it often (reset in every forked child).
+_my_pid = os.getpid()
+
+
+def _reset_pid() -> None:
+    global _my_pid
+    _my_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_pid)
 
 
 def sanitize(text: str) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import itertools
 import os
+import queue
 import stat
 import threading
 import time
@@ -117,10 +119,11 @@ _dir_groups: dict[str, DirSyncGroup] = {}
 
 def _forget_groups_after_fork() -> None:
     # A lock held by another thread at fork() would never be released in the child.
-    global _dir_groups_lock, _dir_groups, _syncers
+    global _dir_groups_lock, _dir_groups, _syncers, _batchers
     _dir_groups_lock = threading.Lock()
     _dir_groups = {}
     _syncers = {}      # their threads do not exist in the child
+    _batchers = {}
 
 
 os.register_at_fork(after_in_child=_forget_groups_after_fork)
@@ -216,6 +219,165 @@ def commit_executor() -> concurrent.futures.ThreadPoolExecutor:
         return _executor
 
 
+def _load_sync_file_range():
+    """libc's sync_file_range(2), or None: a hint that starts writeback early."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class CommitBatcher:
+    """Group commit of finished queue files in one directory, for event loops.
+
+    Every file handed over since the last round is made durable in one round
+    by one thread: start writeback of all of them, fsync each, set the
+    complete marker on each, fsync each again, then one fsync of the
+    directory.  Started together, the writebacks land in one journal
+    transaction, so the round costs about two journal commits however many
+    sessions reached end-of-data meanwhile; each file still gets its own
+    fsync before and after its marker (the commit order of queue/format.py).
+    The waiters of one event loop are answered with one wake-up per round.
+
+    The thread owns each fd from ``submit()`` on and closes it; a failed
+    file is also unlinked, so a cancelled waiter can never race the round.
+    """
+
+    IDLE = 5.0
+
+    def __init__(self, directory: str, fsync: Callable[[int], None]) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        # SimpleQueue: a put() from the event loop costs far less than a Condition.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
+        self._held: dict[asyncio.AbstractEventLoop, list] = {}   # submit_soon(), per loop
+        self.rounds = 0           # for tests and benchmarks
+
+    def submit_soon(self, fd: int, path: str, loop: asyncio.AbstractEventLoop,
+                    fut: asyncio.Future) -> None:
+        """submit() at the end of this event-loop turn, together with every other file
+        of the turn: one wake-up of the thread instead of one per file."""
+        held = self._held.get(loop)
+        if held is None:
+            held = self._held[loop] = []
+            loop.call_soon(self._release, loop)
+        held.append((fd, path, loop, fut))
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        held = self._held.pop(loop, None)
+        if held:
+            self.submit_many(held)
+
+    def submit(self, fd: int, path: str, loop: asyncio.AbstractEventLoop,
+               fut: asyncio.Future) -> None:
+        self.submit_many([(fd, path, loop, fut)])
+
+    def submit_many(self, items: list) -> None:
+        self._queue.put(items)
+        with self._lock:      # pairs with the idle exit in _run(): no request is stranded
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="qcommit", daemon=True).start()
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            try:
+                first = q.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if q.empty():
+                        self._running = False
+                        return
+                continue
+            batch = list(first)
+            try:
+                while True:
+                    batch.extend(q.get_nowait())
+            except queue.Empty:
+                pass
+            errors = self._round([item[0] for item in batch])
+            self._answer(batch, errors)
+
+    def _round(self, fds: list[int]) -> list[BaseException | None]:
+        """Make every file durable; the error of each (None when it is safe to say 250)."""
+        errors: list[BaseException | None] = [None] * len(fds)
+        fsync = self.fsync
+        if _sync_file_range is not None and len(fds) > 1:
+            for fd in fds:
+                _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)   # a hint: errors show in fsync
+        for i, fd in enumerate(fds):
+            try:
+                fsync(fd)
+            except BaseException as exc:
+                errors[i] = exc
+        for i, fd in enumerate(fds):
+            if errors[i] is None:
+                try:
+                    # The marker goes on only after the data is durable (queue/format.py).
+                    os.fchmod(fd, COMPLETE_MODE)
+                    fsync(fd)
+                except BaseException as exc:
+                    errors[i] = exc
+        try:
+            # Every name was linked before its submit(): this fsync covers them all.
+            fsync_dir(self.directory, fsync)
+        except BaseException as exc:
+            errors = [e if e is not None else exc for e in errors]
+        return errors
+
+    def _answer(self, batch, errors) -> None:
+        per_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for (fd, path, loop, fut), err in zip(batch, errors):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            if err is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            per_loop.setdefault(loop, []).append((fut, err))
+        self.rounds += 1
+        for loop, results in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_commits, results)
+            except RuntimeError:
+                pass        # the loop is closed: nobody waits any more
+
+
+def _resolve_commits(results) -> None:
+    for fut, err in results:
+        if fut.done():
+            continue        # the waiter was cancelled
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
+
+
+_batchers: dict[tuple, CommitBatcher] = {}
+
+
+def commit_batcher(directory: str, fsync: Callable[[int], None] = os.fsync) -> CommitBatcher:
+    key = (directory, fsync)
+    batcher = _batchers.get(key)
+    if batcher is None:
+        with _dir_groups_lock:
+            batcher = _batchers.setdefault(key, CommitBatcher(directory, fsync))
+    return batcher
+
+
 QMGR_SCAN_INCOMING = b"I"   # Postfix's QMGR_REQ_SCAN_INCOMING
 QMGR_FLUSH = b"F"           # QMGR_REQ_FLUSH_DEAD: retry deferred mail now (postqueue -f)
 
@@ -239,6 +401,26 @@ def notify_qmgr(queue_directory: str, request: bytes = QMGR_SCAN_INCOMING) -> No
         os.close(fd)
 
 
+_OTHER_QUEUES = tuple(q for q in QUEUE_NAMES if q != "incoming")
+_pid = os.getpid()
+
+
+def _reset_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_pid)
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except (OSError, ValueError):
+        return False     # as os.path.lexists()
+    return True
+
+
 class IncomingMessage:
     """A queue file being written in incoming/.  Not thread-safe; one writer."""
 
@@ -250,7 +432,11 @@ class IncomingMessage:
         self.envelope = Envelope()
         self.content_size = 0
         self._fd: int | None = fd
-        self._buf = bytearray()
+        # The header's place, zeros ("not committed") until commit() fills it in: a
+        # message that fits the buffer goes to disk in one write, header included.
+        self._buf = bytearray(qf.HEADER_SIZE)
+        self._flushed = 0                  # bytes written to the file so far
+        self._envelope: bytes | None = None
         self._error: QueueWriteError | None = None
         self.committed = False
         self.aborted = False
@@ -266,6 +452,7 @@ class IncomingMessage:
 
     def set_sender(self, sender: str, ret: str | None = None, envid: str | None = None,
                    smtputf8: bool = False, body_type: str | None = None) -> None:
+        self._envelope = None
         self.envelope.sender = sender or ""
         params = self.envelope.params
         for k, v in (("ret", ret), ("envid", envid), ("body", body_type)):
@@ -280,14 +467,17 @@ class IncomingMessage:
 
     def add_recipient(self, address: str, orig: str | None = None, orcpt: str | None = None,
                       notify: str | None = None) -> Recipient:
+        self._envelope = None
         r = Recipient(address, orig, orcpt, notify, index=len(self.envelope.recipients))
         self.envelope.recipients.append(r)
         return r
 
     def clear_recipients(self) -> None:
+        self._envelope = None
         self.envelope.recipients = []
 
     def set_attribute(self, name: str, value: str | None) -> None:
+        self._envelope = None
         if value is None:
             self.envelope.attributes.pop(name, None)
         else:
@@ -322,6 +512,7 @@ class IncomingMessage:
             view.release()
             raise self._error
         view.release()
+        self._flushed += len(self._buf)
         self._buf.clear()
 
     # -- commit ---------------------------------------------------------
@@ -337,16 +528,24 @@ class IncomingMessage:
             raise
         self._close_committed()
 
-    def _commit_file(self) -> None:
-        """Everything but the directory: content, envelope, header, fsync,
-        complete marker, fsync.  On failure the file is discarded."""
+    def packed_envelope(self) -> bytes:
+        """The envelope records as commit() will store them (cached until the next
+        set_sender/add_recipient/clear_recipients/set_attribute: callers that size
+        the message before the commit pay for the packing once)."""
+        env = self._envelope
+        if env is None:
+            env = self._envelope = self.envelope.pack()
+        return env
+
+    def _write_all(self) -> None:
+        """Content, envelope and header on the file (not yet durable, not yet
+        marked complete).  On failure the file is discarded."""
         if self._fd is None:
             raise QueueWriteError("queue file is closed")
         try:
             if self._error is not None:
                 raise self._error
-            st = self.store
-            env = self.envelope.pack()
+            env = self.packed_envelope()
             env_off = qf.HEADER_SIZE + self.content_size
             try:
                 # Checked before anything is marked complete: a file the reader would
@@ -355,16 +554,17 @@ class IncomingMessage:
             except CorruptQueueFile as exc:
                 raise QueueWriteError(f"{self.queue_id}: envelope not storable: {exc.reason}")
             try:
-                self._flush()
                 # Offsets of recipient status bytes are known only now.
-                self._buf += env
-                self._flush()
                 header = qf.pack_header(int(self.arrival_time * 1_000_000), self.content_size, len(env))
-                if os.pwrite(self._fd, header, 0) != len(header):
-                    raise OSError(errno.EIO, "short header write")
-                st._fsync(self._fd)
-                os.fchmod(self._fd, COMPLETE_MODE)
-                st._fsync(self._fd)
+                if self._flushed == 0:
+                    self._buf[:qf.HEADER_SIZE] = header     # one write for the whole file
+                    self._buf += env
+                    self._flush()
+                else:
+                    self._buf += env
+                    self._flush()
+                    if os.pwrite(self._fd, header, 0) != len(header):
+                        raise OSError(errno.EIO, "short header write")
             except OSError as exc:
                 raise _write_error(exc, f"{self.queue_id}: commit queue file")
             # Record where status bytes live, for callers that keep the object.
@@ -373,6 +573,19 @@ class IncomingMessage:
         except QueueWriteError:
             self._discard()
             raise
+
+    def _commit_file(self) -> None:
+        """Everything but the directory: content, envelope, header, fsync,
+        complete marker, fsync.  On failure the file is discarded."""
+        self._write_all()
+        try:
+            st = self.store
+            st._fsync(self._fd)
+            os.fchmod(self._fd, COMPLETE_MODE)
+            st._fsync(self._fd)
+        except OSError as exc:
+            self._discard()
+            raise _write_error(exc, f"{self.queue_id}: commit queue file")
 
     def _sync_incoming(self) -> None:
         """Make the file's name durable.  The name was linked in create(), so
@@ -388,27 +601,32 @@ class IncomingMessage:
         self.committed = True
 
     async def commit_async(self) -> None:
-        """commit() off the event loop, with the directory fsync running beside
-        the file's own fsyncs: both must be done before the 250, neither has to
-        wait for the other, so a commit costs two fsync latencies, not three."""
+        """commit() without blocking the event loop: the file is written here (page
+        cache only), and the fsyncs, the complete marker and the directory fsync
+        are done by the directory's CommitBatcher together with every other file
+        that reached this point meanwhile (group commit).  Returns once all of
+        them are durable; raises QueueWriteError (file removed) otherwise."""
         if self.committed:
             return
-        await asyncio.get_running_loop().run_in_executor(commit_executor(), self._commit_overlapped)
-
-    def _commit_overlapped(self) -> None:
-        # The name was linked in create(): a directory fsync requested now covers
-        # it, and the directory's syncer runs it while this thread syncs the file.
-        name_done = dir_syncer(self.store.path("incoming"), self.store._fsync).request()
-        self._commit_file()                # discards the file itself on failure
+        if self.aborted:
+            raise QueueWriteError(f"{self.queue_id}: queue file is closed")
+        self._write_all()                  # discards the file itself on failure
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fd, self._fd = self._fd, None      # the batcher owns (and closes) it from now on
+        commit_batcher(self.store.path("incoming"), self.store._fsync).submit_soon(fd, self.path, loop, fut)
         try:
-            name_done.result()
+            await fut
         except OSError as exc:
-            self._discard()
+            self.aborted = True            # the batcher removed the file
             raise _write_error(exc, f"{self.queue_id}: commit queue file")
-        except BaseException:
-            self._discard()
+        except asyncio.CancelledError:
+            # The round still runs; abort() removes whatever it leaves.
             raise
-        self._close_committed()
+        except BaseException:
+            self.aborted = True
+            raise
+        self.committed = True
 
     def abort(self) -> None:
         """Throw the message away (rejected, size limit, client gone)."""
@@ -700,41 +918,53 @@ class QueueStore:
 
     def create(self) -> IncomingMessage:
         """Create a queue file in incoming/ and give it its id."""
-        incoming = self.path("incoming")
-        tmp = os.path.join(incoming, f"tmp.{os.getpid()}.{next(self._tmp_counter)}")
+        # Every name below is looked up relative to the queue directory, opened once
+        # per call: each full path would be walked again (about ten walks a message).
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, INCOMPLETE_MODE)
+            top = os.open(self.queue_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _write_error(exc, "create queue file")
+        try:
+            return self._create_in(top)
+        finally:
+            os.close(top)
+
+    def _create_in(self, top: int) -> IncomingMessage:
+        tmp = f"incoming/tmp.{_pid}.{next(self._tmp_counter)}"
+        tmp_path = f"{self.queue_directory}/{tmp}"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, INCOMPLETE_MODE,
+                         dir_fd=top)
         except OSError as exc:
             raise _write_error(exc, "create queue file")
         try:
             os.fchmod(fd, INCOMPLETE_MODE)
-            # 64 zero bytes: a header that says "not committed" until commit().
-            os.write(fd, b"\0" * qf.HEADER_SIZE)
+            # The header's zeros ("not committed") are written with the content.
             ino = os.fstat(fd).st_ino
             us = None
             for _attempt in range(1000):
                 us = self._microseconds(us)
                 qid = qf.make_queue_id(us, ino)
-                if any(os.path.lexists(self.path(q, qid)) for q in QUEUE_NAMES if q != "incoming"):
+                if any(_lexists(f"{q}/{qid}", top) for q in _OTHER_QUEUES):
                     continue
                 try:
-                    os.link(tmp, self.path("incoming", qid))   # never replaces an existing name
+                    os.link(tmp_path, self.path("incoming", qid))   # never replaces an existing name
                 except FileExistsError:
                     continue
                 break
             else:
                 raise OSError(errno.EEXIST, "cannot find a free queue id")
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=top)
             # Leftover side logs of an earlier message with this id are not ours.
             for log in LOG_NAMES:
                 try:
-                    os.unlink(self.path(log, qid))
+                    os.unlink(f"{log}/{qid}", dir_fd=top)
                 except OSError:
                     pass
         except OSError as exc:
             os.close(fd)
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=top)
             except OSError:
                 pass
             raise _write_error(exc, "create queue file")
