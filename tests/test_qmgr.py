@@ -403,3 +403,52 @@ def test_corrupt_file_moved_aside(env):
     assert env.store.scan("corrupt") == [qid]
     assert env.ok.calls == []
     assert any("moving to corrupt queue" in l for l in env.qm_log.lines)
+
+
+def test_held_message_found_in_incoming_is_held_not_delivered(env):
+    """Cleanup commits a HOLD message in incoming/ and then moves it to hold/; a qmgr
+    scan woken by another message in between must hold it, never deliver it."""
+    from postwell.queue import HOLD_ATTRIBUTE
+    msg = env.store.create()
+    msg.set_sender("s@x.test")
+    msg.add_recipient("a@ok.test")
+    msg.set_attribute(HOLD_ATTRIBUTE, "1")
+    msg.write(b"Subject: held\n\nhello\n")
+    msg.commit()
+    other = queue(env.store, "s@x.test", ["b@ok.test"])
+    qm = env.make()
+
+    async def go():
+        assert sorted(qm.scan_incoming()) == sorted([msg.queue_id, other])
+        await qm.drain()
+    run(go())
+    assert env.ok.calls == [["b@ok.test"]]
+    assert env.store.scan("hold") == [msg.queue_id]
+    assert env.store.scan("incoming") == [] and env.store.scan("active") == []
+
+
+def test_cleanup_hold_tolerates_the_qmgr_moving_first(tmp_path):
+    """The other order: the qmgr moved it to hold/ first; cleanup's own move finds
+    nothing and says nothing."""
+    from postwell.cleanup.service import Cleanup
+    from postwell.queue import HOLD_ATTRIBUTE
+    store = QueueStore(str(tmp_path / "q"))
+    store.ensure_layout()
+    cfg = Config(str(tmp_path), {"queue_directory": str(tmp_path / "q"),
+                                 "myhostname": "mx.demo.test"}, {}, [])
+    log = NullLog("cleanup")
+    cs = Cleanup(cfg, store, log).open()
+    cs.set_sender("s@x.test")
+    cs.add_recipient("a@ok.test")
+    cs.set_hold()
+    assert cs.msg.envelope.attributes[HOLD_ATTRIBUTE] == "1"
+    real_move = store.move
+
+    def racing_move(qid, src, dst, **kw):
+        real_move(qid, src, dst, **kw)      # the qmgr got there first...
+        return real_move(qid, src, dst, **kw)   # ...so cleanup's own rename fails
+    store.move = racing_move
+    reply = cs.finish_sync()
+    assert reply.code == 250
+    assert store.scan("hold") == [cs.queue_id]
+    assert not any("cannot move to hold" in ln for ln in log.lines)

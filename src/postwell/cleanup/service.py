@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import Callable
 
-from ..queue import QueueStore, QueueWriteError, notify_qmgr
+from ..queue import HOLD_ATTRIBUTE, QueueStore, QueueWriteError, notify_qmgr
 from ..queue.format import HEADER_SIZE
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
@@ -301,8 +301,11 @@ class CleanupSession:
 
     def set_hold(self) -> None:
         """Put the message on hold (an access-map HOLD action): after the durable commit it
-        moves to hold/ instead of waking the qmgr; `postsuper -H` releases it."""
+        moves to hold/ instead of waking the qmgr; `postsuper -H` releases it.  The
+        envelope says so too, so a qmgr that finds the file in incoming/ before the
+        move (another message's wake-up) holds it instead of delivering it."""
         self.hold = True
+        self.msg.set_attribute(HOLD_ATTRIBUTE, "1")
 
     def _committed(self) -> Reply:
         if getattr(self, "hold", False):
@@ -310,6 +313,8 @@ class CleanupSession:
                 # rename + fsync of both directories; a crash before it leaves the message
                 # in incoming/, where it is delivered: never lost.
                 self.cleanup.store.move(self.queue_id, "incoming", "hold")
+            except FileNotFoundError:
+                pass    # a qmgr scan took it first; it moves held mail to hold/ itself
             except OSError as exc:
                 self.cleanup.log.warning(f"{self.queue_id}: cannot move to hold queue: {exc}")
                 wake_qmgr(self.cleanup.store.queue_directory)

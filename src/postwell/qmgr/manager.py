@@ -56,6 +56,7 @@ from postwell.dsn import (
     DELAY, FAILURE, SUCCESS, DsnRecipient, NoticeError, double_bounce_address, is_double_bounce,
     notify_classes, post_notice, render_notice, wants,
 )
+from postwell.queue import HOLD_ATTRIBUTE
 from postwell.queue import format as qformat
 
 from .concurrency import Destination, parse_feedback
@@ -505,6 +506,15 @@ class QueueManager:
             qm = self.store.open(qid, "active")
         except Exception as exc:
             return exc, False
+        if queue_name == "incoming" and qm.attributes.get(HOLD_ATTRIBUTE):
+            # Cleanup put it on hold, but this scan (woken by another message) came
+            # before cleanup's own move to hold/: hold it here, never deliver it.
+            qm.close()
+            try:
+                self.store.move(qid, "active", "hold")
+            except FileNotFoundError:
+                pass
+            return None
         try:
             # Mail straight from incoming/ has never been tried: no defer log.
             warned = False if queue_name == "incoming" else self._reset_defer_log(qid)

@@ -26,6 +26,10 @@ LOG_NAMES = ("defer", "bounce")
 ALL_DIRS = QUEUE_NAMES + ("maildrop",) + LOG_NAMES + ("public", "pid")
 
 COMPLETE_MODE = 0o700     # owner execute bit = "complete" (Postfix's marker)
+# Envelope attribute of a message that cleanup put on hold: whoever finds it in
+# incoming/ first (cleanup after its commit, or a qmgr scan that raced it) moves it
+# to hold/ instead of delivering it.
+HOLD_ATTRIBUTE = "postwell_hold"
 INCOMPLETE_MODE = 0o600
 STALE_AGE = 3600.0        # seconds; an incomplete incoming file older than this is garbage
 WRITE_BUFFER = 65536
