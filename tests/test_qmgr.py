@@ -452,3 +452,55 @@ def test_cleanup_hold_tolerates_the_qmgr_moving_first(tmp_path):
     assert reply.code == 250
     assert store.scan("hold") == [cs.queue_id]
     assert not any("cannot move to hold" in ln for ln in log.lines)
+
+
+@pytest.mark.parametrize("op", ["H", "r", "f"])
+def test_released_from_hold_is_delivered_not_held_again(env, op):
+    """postsuper -H / -r / -f take a cleanup-held message out of hold/: its hold mark
+    is cleared in place, so meeting it in incoming/ later does not hold it again."""
+    from postwell.cli import postsuper
+    from postwell.queue import HOLD_ATTRIBUTE
+    msg = env.store.create()
+    msg.set_sender("s@x.test")
+    msg.add_recipient("a@ok.test")
+    msg.set_attribute(HOLD_ATTRIBUTE, "1")
+    msg.write(b"Subject: held\n\nhello\n")
+    msg.commit()
+    qid = msg.queue_id
+    env.store.move(qid, "incoming", "hold")
+    if op == "f":
+        postsuper._expire(env.store, "f", qid, "hold", lambda text: None)
+    else:
+        assert postsuper._apply(env.store, op, qid, "hold")
+    where = [q for q in ("incoming", "deferred", "hold") if qid in env.store.scan(q)]
+    assert where and where != ["hold"]
+    qm = env.store.open(qid, where[0])
+    assert qm.attributes[HOLD_ATTRIBUTE] == "0"
+    qm.close()
+    if where[0] == "deferred":
+        env.store.move(qid, "deferred", "incoming")
+    qmgr = env.make()
+
+    async def go():
+        qmgr.scan_incoming()
+        await qmgr.drain()
+    run(go())
+    assert env.store.scan("hold") == []
+    if op != "f":       # -f also expires it: returned to the sender instead
+        assert env.ok.calls == [["a@ok.test"]]
+
+
+def test_attribute_value_offset_walks_records():
+    from postwell.queue import format as qf
+    env = qf.Envelope(sender="s@x")
+    env.attributes["helo_name"] = "postwell_hold\x001"      # a look-alike inside a value
+    env.attributes["postwell_hold"] = "1"
+    data = env.pack() if hasattr(env, "pack") else None
+    if data is None:
+        pytest.skip("Envelope has no pack()")
+    at = qf.attribute_value_offset(data, "postwell_hold", "1")
+    assert at is not None and data[at:at + 1] == b"1"
+    assert data[at - len(b"postwell_hold\x00"):at] == b"postwell_hold\x00"
+    # the look-alike record comes first and is not the one found
+    assert data.find(b"postwell_hold\x001") < at - len(b"postwell_hold\x00")
+    assert qf.attribute_value_offset(data, "postwell_hold", "0") is None

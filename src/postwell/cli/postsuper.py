@@ -89,11 +89,14 @@ def _apply(store: QueueStore, op: str, qid: str, src: str) -> bool:
         if op == "H":
             # Released mail goes to deferred, where the qmgr finds it at once
             # (its retry time is not moved into the future).
+            _unmark_hold(store, qid, "hold")
             store.move(qid, "hold", "deferred")
             return True
         if op == "r":
             # Postfix re-runs the message through pickup/cleanup; postwell gives it
             # back to the qmgr as new mail, with a clean slate of delay reasons.
+            if src == "hold":
+                _unmark_hold(store, qid, src)
             store.move(qid, src, "incoming")
             try:
                 os.unlink(store.path("defer", qid))
@@ -105,8 +108,25 @@ def _apply(store: QueueStore, op: str, qid: str, src: str) -> bool:
     return False
 
 
+def _unmark_hold(store: QueueStore, qid: str, src: str) -> None:
+    """A message leaving hold/ loses cleanup's hold mark (else the qmgr would hold
+    it again when it meets it in incoming/)."""
+    try:
+        qm = store.open(qid, src)
+    except Exception:  # noqa: BLE001 - gone or unreadable: the move reports it
+        return
+    try:
+        qm.release_hold_mark()
+    except OSError:
+        pass
+    finally:
+        qm.close()
+
+
 def _to_incoming(store: QueueStore, qid: str, src: str) -> None:
     """Hand an expired message to the qmgr now (its next incoming/ scan)."""
+    if src == "hold":
+        _unmark_hold(store, qid, src)
     if src in ("deferred", "hold"):
         try:
             store.set_next_attempt(qid, time.time(), src)

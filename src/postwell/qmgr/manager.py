@@ -506,7 +506,7 @@ class QueueManager:
             qm = self.store.open(qid, "active")
         except Exception as exc:
             return exc, False
-        if queue_name == "incoming" and qm.attributes.get(HOLD_ATTRIBUTE):
+        if queue_name == "incoming" and qm.attributes.get(HOLD_ATTRIBUTE) == "1":
             # Cleanup put it on hold, but this scan (woken by another message) came
             # before cleanup's own move to hold/: hold it here, never deliver it.
             qm.close()

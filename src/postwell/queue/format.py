@@ -223,6 +223,23 @@ class Envelope:
         return b"".join(out)
 
 
+def attribute_value_offset(data: bytes, name: str, value: str) -> int | None:
+    """Offset in ``data`` (envelope bytes) of the value of the ``A`` record that is
+    exactly ``name`` = ``value``, or None.  Walks the records, so a look-alike inside
+    another record's payload never matches."""
+    want = pack_pair(name, value)
+    pos, n = 0, len(data)
+    while n - pos >= REC_HEAD.size:
+        rtype, length = REC_HEAD.unpack_from(data, pos)
+        pos += REC_HEAD.size
+        if length > MAX_RECORD or pos + length > n or rtype == REC_END:
+            return None
+        if rtype == REC_ATTR and data[pos:pos + length] == want:
+            return pos + length - len(encode_text(value))
+        pos += length
+    return None
+
+
 def parse_envelope(data: bytes, base_offset: int) -> Envelope:
     """Parse envelope records; ``base_offset`` is where ``data`` starts in the file."""
     env = Envelope()

@@ -820,6 +820,23 @@ class QueuedMessage:
             # fdatasync() makes them durable without a metadata journal commit.
             self.store._datasync(self._fd)
 
+    def release_hold_mark(self) -> bool:
+        """Turn the cleanup's hold mark (HOLD_ATTRIBUTE = "1") into "0", in place and
+        durably, so a message released from hold/ is not held again when it passes
+        through incoming/.  False when there was no mark."""
+        if self._fd is None:
+            raise ValueError("queue file closed")
+        h = self.header
+        data = os.pread(self._fd, h.envelope_size, h.envelope_offset)
+        at = qf.attribute_value_offset(data, HOLD_ATTRIBUTE, "1")
+        if at is None:
+            return False
+        if os.pwrite(self._fd, b"0", h.envelope_offset + at) != 1:
+            raise OSError(errno.EIO, "short write")
+        self.store._datasync(self._fd)
+        self.envelope.attributes[HOLD_ATTRIBUTE] = "0"
+        return True
+
     def sync_marks(self) -> None:
         """Make done marks written with ``mark_done(sync=False)`` durable."""
         if self._fd is None:
