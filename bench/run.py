@@ -3,7 +3,8 @@
 
 Both MTAs get the same main.cf (apart from paths and ports, see
 tests/harness.py), are driven by /usr/sbin/smtp-source, and deliver either to
-a virtual Maildir (default) or relay to an smtp-sink.  Rounds interleave the
+a virtual Maildir (default), to a local user's ~/Maildir/ or relay to an
+smtp-sink.  Rounds interleave the
 two MTAs so machine noise hits both alike.  Installs nothing; run as root (the
 reference Postfix needs it).  See bench/README.md.
 """
@@ -13,8 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import shutil
+import socket
+import stat
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +33,10 @@ sys.path.insert(0, str(REPO / "tests"))
 import harness  # noqa: E402
 
 RELAY_DOMAIN = "relay.test"
+# --mode local: one real user per MTA (so each round counts only its own
+# deliveries), created for the run and removed afterwards.
+LOCAL_USERS = {"postfix": "pwbpostfix", "postwell": "pwbpostwell"}
+LOCAL_SERVICE = "local     unix  -       n       n       -       -       local\n"
 
 
 @dataclass
@@ -41,6 +50,8 @@ class Sample:
     peak_pss_mib: float      # all processes of the instance, sampled during the round
     peak_procs: int
     source_ok: bool
+    deliver_rate: float = 0.0   # --deliver-only: messages/s from release of the hold queue
+    cpu_ms: float = 0.0         # --deliver-only: CPU ms per message of the instance's tree
 
 
 class Sampler(threading.Thread):
@@ -83,15 +94,104 @@ def check_tools() -> list[str]:
     return problems
 
 
+def recipient(inst, mode: str) -> str:
+    if mode == "relay":
+        return f"sink@{RELAY_DOMAIN}"
+    if mode == "local":
+        return f"{LOCAL_USERS[inst.kind]}@{harness.HOSTNAME}"
+    return f"sink@{harness.VIRTUAL_DOMAIN}"
+
+
 def delivered(inst, mode: str, sink) -> int:
     if mode == "relay":
         return sink.count
-    return len(inst.maildir_messages("sink"))
+    if mode == "local":
+        maildir = Path(pwd.getpwnam(LOCAL_USERS[inst.kind]).pw_dir) / "Maildir"
+    else:
+        maildir = inst.maildir("sink")
+    # Polled every 20 ms while the MTAs work: a bare count, no sorting.
+    count = 0
+    for sub in ("new", "cur"):
+        try:
+            count += len(os.listdir(maildir / sub))
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def tree_cpu(inst) -> dict[int, float]:
+    """CPU seconds (own and reaped children's) of each process of the instance."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in inst.processes():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().decode("latin-1").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime stime cutime cstime (proc(5) fields 14-17)
+        out[pid] = sum(int(x) for x in fields[11:15]) / tick
+    return out
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def wake_qmgr(inst) -> None:
+    """"Scan incoming": postwell's qmgr listens on a FIFO, Postfix's on a unix socket."""
+    path = inst.queue_dir / "public" / "qmgr"
+    if stat.S_ISFIFO(os.stat(path).st_mode):
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"I")
+        finally:
+            os.close(fd)
+    else:
+        # Postfix's trigger protocol: connect, send the request byte, close.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            try:
+                s.sendall(b"I")
+            except BrokenPipeError:
+                pass   # the qmgr may close as soon as it has read the byte
+
+
+def deliver_only(inst, mode: str, sink, messages: int, before: int,
+                 timeout: float) -> tuple[float, float]:
+    """Release what the round put on hold; (messages/s, CPU ms per message)
+    until the last one is delivered.  Only delivery is timed: no SMTP.
+
+    The held files are renamed into incoming/ and the qmgr is poked, just as
+    cleanup hands over fresh mail, so both MTAs run their normal incoming ->
+    active -> delivered path (postsuper -H would route the mail through
+    deferred/ instead)."""
+    def settled():
+        return len(inst.queue_files(("hold",))) + delivered(inst, mode, sink) - before >= messages
+    harness.wait_for(settled, timeout, 0.05, f"{messages} messages on hold")
+    held = inst.queue_files(("hold",))
+    incoming = inst.queue_dir / "incoming"
+    cpu0 = tree_cpu(inst)
+    target = delivered(inst, mode, sink) + len(held)
+    t0 = time.monotonic()
+    for path in held:
+        os.rename(path, incoming / path.name)
+    wake_qmgr(inst)
+    try:
+        harness.wait_for(lambda: delivered(inst, mode, sink) >= target, timeout, 0.02,
+                         "the released messages to be delivered")
+    except TimeoutError:
+        pass
+    elapsed = time.monotonic() - t0
+    got = delivered(inst, mode, sink) - (target - len(held))
+    cpu = cpu_between(cpu0, tree_cpu(inst))
+    return got / elapsed, (cpu * 1000 / got) if got else float("nan")
 
 
 def one_round(inst, mode: str, sink, sessions: int, messages: int, size: int,
-              timeout: float) -> Sample:
-    rcpt = f"sink@{RELAY_DOMAIN}" if mode == "relay" else f"sink@{harness.VIRTUAL_DOMAIN}"
+              timeout: float, hold: bool = False) -> Sample:
+    rcpt = recipient(inst, mode)
     before = delivered(inst, mode, sink)
     sampler = Sampler(inst)
     sampler.start()
@@ -99,6 +199,9 @@ def one_round(inst, mode: str, sink, sessions: int, messages: int, size: int,
     res = harness.smtp_source(inst.port, sessions=sessions, messages=messages, size=size,
                               recipient=rcpt, timeout=timeout)
     accept_time = time.monotonic() - t0
+    deliver_rate = cpu_ms = 0.0
+    if hold and res.ok:
+        deliver_rate, cpu_ms = deliver_only(inst, mode, sink, messages, before, timeout)
     try:
         harness.wait_for(lambda: delivered(inst, mode, sink) >= before + messages,
                          timeout, 0.02, f"{messages} deliveries")
@@ -111,18 +214,48 @@ def one_round(inst, mode: str, sink, sessions: int, messages: int, size: int,
                   accept_rate=(messages / accept_time) if res.ok else 0.0,
                   e2e_rate=got / e2e_time,
                   peak_pss_mib=sampler.peak_pss / 1024, peak_procs=sampler.peak_procs,
-                  source_ok=res.ok)
+                  source_ok=res.ok, deliver_rate=deliver_rate, cpu_ms=cpu_ms)
 
 
-def make_instances(base: Path, mode: str, sinks: dict):
+def make_instances(base: Path, mode: str, sinks: dict, hold: bool = False):
     extra_ref: dict[str, str] = {"default_process_limit": "200"}
     extra_pw: dict[str, str] = {"default_process_limit": "200"}
     if mode == "relay":
         extra_ref["relayhost"] = f"[127.0.0.1]:{sinks['postfix'].port}"
         extra_pw["relayhost"] = f"[127.0.0.1]:{sinks['postwell'].port}"
+    for extra in (extra_ref, extra_pw):
+        if mode == "local":
+            extra["home_mailbox"] = "Maildir/"
+        if hold:
+            # Every message waits in the hold queue until the round releases it.
+            extra["smtpd_recipient_restrictions"] = "check_recipient_access static:HOLD"
     ref = harness.ReferencePostfix(base, extra_ref)
     pw = harness.PostwellInstance(base, extra_pw)
+    if mode == "local":
+        pw.master_cf = pw.default_master_cf() + LOCAL_SERVICE
+        pw.write_config()
     return ref, pw
+
+
+def make_local_users(base: Path) -> list[str]:
+    """The --mode local recipients: real users with a home directory each."""
+    homes = base / "homes"
+    homes.mkdir(mode=0o755)
+    os.chmod(base, 0o755)
+    made = []
+    with harness.machine_lock("users-pwbench"):
+        for name in LOCAL_USERS.values():
+            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+            subprocess.run(["useradd", "-m", "-d", str(homes / name), "-s", "/usr/sbin/nologin", name],
+                           check=True, capture_output=True, timeout=30)
+            made.append(name)
+    return made
+
+
+def remove_local_users(names: list[str]) -> None:
+    with harness.machine_lock("users-pwbench"):
+        for name in names:
+            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
 
 
 def summarise(samples: list[Sample]) -> str:
@@ -149,6 +282,21 @@ def summarise(samples: list[Sample]) -> str:
             r = [w / f if f else float("nan") for w, f in zip(med["postwell"][:4], med["postfix"][:4])]
             rows.append(f"{sessions:>8} {'ratio':>9} {r[0]:>13.2f} {r[1]:>10.2f} {r[2]:>13.2f} "
                         f"{r[3]:>6.2f}   (postwell/Postfix)")
+    if any(s.deliver_rate for s in samples):
+        rows.append("")
+        header = f"{'sessions':>8} {'mta':>9} {'deliver msg/s':>14} {'CPU ms/msg':>11}"
+        rows += [header, "-" * len(header)]
+        for sessions in sorted({s.sessions for s in samples}):
+            med = {}
+            for mta in ("postfix", "postwell"):
+                group = [s for s in samples if s.sessions == sessions and s.mta == mta]
+                if group:
+                    med[mta] = (statistics.median(s.deliver_rate for s in group),
+                                statistics.median(s.cpu_ms for s in group))
+                    rows.append(f"{sessions:>8} {mta:>9} {med[mta][0]:>14.1f} {med[mta][1]:>11.2f}")
+            if len(med) == 2:
+                r = [w / f if f else float("nan") for w, f in zip(med["postwell"], med["postfix"])]
+                rows.append(f"{sessions:>8} {'ratio':>9} {r[0]:>14.2f} {r[1]:>11.2f}   (postwell/Postfix)")
     return "\n".join(rows)
 
 
@@ -161,8 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=None, help="smtp-source -m (default 5000)")
     ap.add_argument("--size", type=int, default=4096, help="smtp-source -l (default 4096)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per MTA (default 3)")
-    ap.add_argument("--mode", choices=("virtual", "relay"), default="virtual",
-                    help="virtual: deliver to Maildir; relay: relay to an smtp-sink")
+    ap.add_argument("--mode", choices=("virtual", "local", "relay"), default="virtual",
+                    help="virtual: deliver to a virtual Maildir; local: to a local user's "
+                         "~/Maildir/ (home_mailbox); relay: relay to an smtp-sink")
+    ap.add_argument("--deliver-only", action="store_true",
+                    help="hold every message at acceptance, then time the delivery of the "
+                         "released queue alone (and its CPU per message); e2e then includes "
+                         "the time on hold")
     ap.add_argument("--timeout", type=float, default=None, help="bound per round, seconds")
     ap.add_argument("--json", metavar="FILE", help="also write the samples as JSON")
     args = ap.parse_args(argv)
@@ -183,10 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     sinks: dict = {}
     instances = []
     samples: list[Sample] = []
+    users: list[str] = []
     try:
         if args.mode == "relay":
             sinks = {"postfix": harness.SmtpSink(backlog=1024), "postwell": harness.SmtpSink(backlog=1024)}
-        ref, pw = make_instances(base, args.mode, sinks)
+        if args.mode == "local":
+            users = make_local_users(base)
+        ref, pw = make_instances(base, args.mode, sinks, args.deliver_only)
         instances = [ref, pw]
         for inst in instances:
             inst.start()
@@ -198,11 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 order = instances if rnd % 2 == 0 else instances[::-1]
                 for inst in order:
                     sample = one_round(inst, args.mode, sinks.get(inst.kind), s, messages,
-                                       size, timeout)
+                                       size, timeout, args.deliver_only)
                     samples.append(sample)
+                    extra = (f"  deliver {sample.deliver_rate:8.1f}/s  CPU {sample.cpu_ms:5.2f} ms/msg"
+                             if args.deliver_only else "")
                     print(f"bench: round {rnd + 1} {inst.kind:>8} -s {s:<4} "
                           f"accept {sample.accept_rate:8.1f}/s  e2e {sample.e2e_rate:8.1f}/s  "
-                          f"PSS {sample.peak_pss_mib:7.1f} MiB  procs {sample.peak_procs}",
+                          f"PSS {sample.peak_pss_mib:7.1f} MiB  procs {sample.peak_procs}{extra}",
                           flush=True)
     finally:
         for inst in instances:
@@ -210,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             inst.cleanup()
         for sink in sinks.values():
             sink.stop()
+        if users:
+            remove_local_users(users)
         shutil.rmtree(base, ignore_errors=True)
 
     print()

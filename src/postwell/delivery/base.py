@@ -8,6 +8,7 @@ an agent never touches the queue file state itself.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -38,6 +39,50 @@ class DeliveryRequest:
     # Set by the qmgr when it hands the request over (for delays=a/b/c/d).
     active_time: float = 0.0
     handoff_time: float = 0.0
+
+
+class QueueContent:
+    """``open_content`` for a message in a queue file that can also travel to
+    another process: a root helper hands a user worker (local_exec) the
+    file's descriptor and where the content lies, never a copy in memory."""
+
+    def __init__(self, qm):
+        self._qm = qm
+
+    def __call__(self) -> Iterable[bytes]:
+        return self._qm.iter_content()
+
+    def descriptor(self) -> tuple[int, int, int]:
+        """(fd, offset, size): a new read-only descriptor of the same file,
+        which the caller closes; OSError when it cannot be had."""
+        qm = self._qm
+        fd = os.open(qm.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            known = getattr(qm, "stat", None)
+            if known is not None and (st.st_dev, st.st_ino) != (known.st_dev, known.st_ino):
+                raise OSError("queue file was replaced")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, qm.header.content_offset, qm.header.content_size
+
+
+class FileContent:
+    """The other end of QueueContent.descriptor(): content read with pread."""
+
+    def __init__(self, fd: int, offset: int, size: int, chunk: int = 65536):
+        self.fd, self.offset, self.size, self.chunk = fd, offset, size, chunk
+
+    def __call__(self) -> Iterator[bytes]:
+        offset, remaining = self.offset, self.size
+        while remaining > 0:
+            data = os.pread(self.fd, min(self.chunk, remaining), offset)
+            if not data:
+                raise OSError("queue file content shorter than recorded")
+            offset += len(data)
+            remaining -= len(data)
+            yield data
 
 
 @dataclass

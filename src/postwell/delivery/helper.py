@@ -6,8 +6,12 @@ root it starts this helper (still root) listening on
 ``$queue_directory/private/virtual`` (owned by mail_owner, mode 0600: only the
 qmgr and root can connect).  The qmgr sends "deliver these recipients of
 queue file ID"; the helper does its own table lookups (a request cannot name
-a path or a uid) and forks one child per mailbox that switches to the
-mailbox owner before touching any file.
+a path or a uid) and has the file work done by a user worker (local_exec):
+a child that switched to the mailbox owner before touching any file and
+serves only that owner's deliveries.
+
+serve_unix() and answer_requests() are the socket server and the request
+reader that the virtual, local and pipe helpers share.
 
 Protocol: one JSON object per line each way.
   request:  {"id": N, "queue_id": "...", "sender": "...", "nexthop": "...",
@@ -36,15 +40,19 @@ def socket_path(config) -> str:
 def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) -> None:
     """Run the helper until SIGTERM (as root)."""
     from postwell.log import MailLog
-    from postwell.queue import QueueStore, is_queue_id
+    from postwell.queue import QueueStore
 
-    from .base import DeliveryRequest, Recipient
+    from . import local_exec
+    from .base import DeliveryRequest, QueueContent
     from .virtual import VirtualAgent
 
     log = MailLog.from_config(config, "virtual")
-    limit = asyncio.Semaphore(100)   # deliveries (forked children) at once
+    local_exec.use_worker_pool()
+    limit = asyncio.Semaphore(100)   # deliveries at once
     store = QueueStore(config.get("queue_directory"))
-    path = socket_path(config)
+
+    def parse(req):
+        return queue_request(_parse_request(req))
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -52,38 +60,14 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
         except Exception as exc:
             log.fatal(str(exc))
             agent = None
-        tasks = set()
 
-        async def one(req, qid, rcpts):
+        async def answer(req, parsed):
+            qid, rcpts = parsed
             async with limit:
-                results = await deliver(agent, qid, str(req.get("sender", "")),
-                                        str(req.get("nexthop", "")), rcpts)
-            # one write() per reply line: replies of concurrent requests never interleave
-            writer.write(json.dumps({"id": req.get("id"), "results": results}).encode() + b"\n")
-            await writer.drain()
+                return await deliver(agent, qid, str(req.get("sender", "")),
+                                     str(req.get("nexthop", "")), rcpts)
 
-        try:
-            while True:
-                try:
-                    line = await reader.readuntil(b"\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                    break
-                try:
-                    req = json.loads(line)
-                    qid = str(req["queue_id"])
-                    if not is_queue_id(qid):
-                        raise ValueError("bad queue id")
-                    rcpts = [Recipient(str(a), str(o) if o else None) for a, o in req["recipients"]]
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.warning(f"malformed request from qmgr: {exc}")
-                    break
-                t = asyncio.get_running_loop().create_task(one(req, qid, rcpts))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(list(tasks), timeout=300)
-        finally:
-            writer.close()
+        await answer_requests(reader, writer, answer, log, parse=parse, wait=300)
 
     async def deliver(agent, qid, sender, nexthop, rcpts):
         if agent is None:
@@ -96,7 +80,7 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
             request = DeliveryRequest(queue_id=qid, sender=sender, recipients=rcpts,
                                       transport="virtual", nexthop=nexthop,
                                       arrival_time=qm.arrival_time,
-                                      open_content=lambda: qm.iter_content(),
+                                      open_content=QueueContent(qm),
                                       content_size=qm.content_size)
             results = await agent.deliver(request)
         finally:
@@ -108,6 +92,93 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
             out.append([r.status, r.dsn, r.reason] if r else
                        ["deferred", "4.3.0", "delivery status unavailable"])
         return out
+
+    serve_unix(socket_path(config), handle, owner_uid, owner_gid,
+               housekeeping=local_exec.retire_idle_workers)
+
+
+def queue_request(req: dict) -> tuple:
+    """A request's queue id and recipients; ValueError when it names no
+    queue file (a request can never name a path)."""
+    from postwell.queue import is_queue_id
+
+    from .base import Recipient
+    qid = str(req["queue_id"])
+    if not is_queue_id(qid):
+        raise ValueError("bad queue id")
+    return qid, [Recipient(str(a), str(o) if o else None) for a, o in req["recipients"]]
+
+
+def _parse_request(req):
+    if not isinstance(req, dict) or not isinstance(req.get("recipients"), list):
+        raise ValueError("malformed")
+    return req
+
+
+async def answer_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer, log,
+                          *, parse=None, wait: float = 3600.0) -> None:
+    """The helpers' side of one qmgr connection: requests are read line by
+    line and answered concurrently (``await answer(req, parse(req))`` gives
+    the results), each reply as one line carrying the request's id.  A
+    malformed request ends the connection: the qmgr side is broken, and
+    guessing what it meant could deliver to the wrong place."""
+    parse = parse or _parse_request
+    tasks = set()
+
+    async def one(req, parsed):
+        results = await answer(req, parsed)
+        # one write() per reply line: replies of concurrent requests never interleave
+        writer.write(json.dumps({"id": req.get("id"), "results": results}).encode() + b"\n")
+        await writer.drain()
+
+    try:
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                break
+            try:
+                req = json.loads(line)
+                parsed = parse(req)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning(f"malformed request from qmgr: {exc}")
+                break
+            t = asyncio.get_running_loop().create_task(one(req, parsed))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(list(tasks), timeout=wait)
+    finally:
+        writer.close()
+
+
+def serve_unix(path: str, handle, owner_uid: int | None = None, owner_gid: int | None = None,
+               *, limit: int = MAX_REQUEST, drain: float = 60.0, housekeeping=None,
+               every: float = 30.0) -> None:
+    """Serve ``handle(reader, writer)`` on the unix socket ``path`` until
+    SIGTERM or SIGINT.
+
+    The socket is created mode 0600 (umask) and then handed to the qmgr's
+    owner, so only the qmgr and root can connect.  On stop no new request is
+    read, but deliveries in flight finish (their results reach the qmgr) for
+    up to ``drain`` seconds before we exit.  ``housekeeping()``, if given,
+    runs in a thread every ``every`` seconds and once at the end."""
+    connections = set()
+
+    async def tidy(stop):
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except asyncio.TimeoutError:
+                await loop.run_in_executor(None, housekeeping)
+
+    async def tracked(reader, writer):
+        connections.add(reader)
+        try:
+            await handle(reader, writer)
+        finally:
+            connections.discard(reader)
 
     async def main():
         stop = asyncio.Event()
@@ -121,23 +192,29 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
             pass
         old = os.umask(0o177)
         try:
-            server = await asyncio.start_unix_server(handle, path, limit=MAX_REQUEST)
+            server = await asyncio.start_unix_server(tracked, path, limit=limit)
         finally:
             os.umask(old)
         if owner_uid is not None:
             os.chown(path, owner_uid, owner_gid if owner_gid is not None else -1)
+        tidying = loop.create_task(tidy(stop)) if housekeeping is not None else None
         await stop.wait()
         server.close()
-        # Deliveries in flight finish (their results reach the qmgr) before we exit.
+        for reader in list(connections):
+            reader.feed_eof()
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if pending:
-            await asyncio.wait(pending, timeout=60)
+            await asyncio.wait(pending, timeout=drain)
+        if tidying is not None:
+            await loop.run_in_executor(None, housekeeping)
 
     asyncio.run(main())
 
 
 class HelperClient:
     """The qmgr's side: one connection, requests matched to replies by id."""
+
+    label = "virtual helper"
 
     def __init__(self, path: str):
         self.path = path
@@ -172,11 +249,12 @@ class HelperClient:
         except Exception as exc:
             for fut in self._waiters.values():
                 if not fut.done():
-                    fut.set_exception(ConnectionError(f"virtual helper: {exc or 'connection closed'}"))
+                    fut.set_exception(ConnectionError(f"{self.label}: {exc or 'connection closed'}"))
             self._waiters.clear()
             self._writer = None
 
-    async def deliver(self, queue_id, sender, nexthop, recipients) -> list:
+    async def call(self, fields: dict) -> list:
+        """Send one request (``fields`` plus its id); the helper's results."""
         async with self._lock:
             if self._writer is None or self._writer.is_closing():
                 await self._connect()
@@ -184,8 +262,10 @@ class HelperClient:
             rid = self._next
             fut = asyncio.get_running_loop().create_future()
             self._waiters[rid] = fut
-            req = {"id": rid, "queue_id": queue_id, "sender": sender, "nexthop": nexthop,
-                   "recipients": [[r.address, r.orig] for r in recipients]}
-            self._writer.write(json.dumps(req).encode() + b"\n")
+            self._writer.write(json.dumps({"id": rid, **fields}).encode() + b"\n")
             await self._writer.drain()
         return await fut
+
+    async def deliver(self, queue_id, sender, nexthop, recipients) -> list:
+        return await self.call({"queue_id": queue_id, "sender": sender, "nexthop": nexthop,
+                                "recipients": [[r.address, r.orig] for r in recipients]})

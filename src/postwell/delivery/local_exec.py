@@ -3,13 +3,14 @@ or runs a user's command, each in a forked child that has become that user
 before it opens any path.
 
 The expansion logic in local.py never opens a user path itself; it calls
-:func:`run_as` with one of the ``op_*`` functions below.  A child is forked
-per operation, drops to the target uid/gid (setgroups, setgid, setuid: the
-order matters, groups can only be changed while still root), runs the
-operation and sends a small JSON result back through a pipe.  Postfix's
-local does the same with seteuid() inside one process; a child per
-operation keeps a failure (or a hostile .forward) from leaving the parent
-with the wrong identity.
+:func:`run_as` with one of the ``op_*`` functions below.  The operation
+runs in a child that dropped to the target uid/gid (setgroups, setgid,
+setuid: the order matters, groups can only be changed while still root)
+and sends a small JSON result back: in a root helper, a persistent user
+worker of that identity (see WorkerPool below), else a child forked for the
+call.  Postfix's local does the same with seteuid() inside one process; a
+separate process per identity keeps a failure (or a hostile .forward) from
+leaving the parent with the wrong identity.
 
 When the process is not root it can only act as itself: an operation for
 another uid is refused with a clear reason instead of being attempted.
@@ -19,17 +20,26 @@ from __future__ import annotations
 
 from postwell.delivery.pipe import quote_local as _pipe_quote_local
 
+import asyncio
+import concurrent.futures
+import ctypes
 import errno
+import gc
 import json
 import os
+import pickle
+import queue
 import re
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import threading
 import time
 
-from .virtual import Delivery, MailboxFull, deliver_maildir, deliver_mbox
+from .base import FileContent, QueueContent
+from .virtual import Delivery, MailboxFull, deliver_maildir, deliver_mbox, deliver_one
 
 # sysexits.h codes -> (dsn, text), as Postfix's sys_exits_detail().
 SYSEXITS = {
@@ -93,13 +103,24 @@ def _drop(ident: Identity) -> None:
 def run_as(ident: Identity, func, *args):
     """Run ``func(*args)`` as ``ident``; returns its JSON-able result.
 
-    Root: in a forked child that has dropped to ``ident``.  Not root: only
-    for our own uid (directly), else :class:`NeedRoot`.
+    Root: in a child that has dropped to ``ident`` -- one of the pool's
+    persistent user workers when a pool is in use (see use_worker_pool) and
+    the operation can go there, else one forked for this call.  Not root:
+    only for our own uid (directly), else :class:`NeedRoot`.
     """
     if os.geteuid() != 0:
         if ident.uid != os.geteuid():
             raise NeedRoot(f"delivery as uid {ident.uid} requires root privileges")
         return func(*args)
+    pool = _pool
+    if pool is not None and getattr(func, "__name__", None) in WORKER_OPS:
+        res = pool.run(ident, func.__name__, args)
+        if res is not None:
+            return res
+    return _run_forked(ident, func, *args)
+
+
+def _run_forked(ident: Identity, func, *args):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -133,6 +154,465 @@ def run_as(ident: Identity, func, *args):
     except ValueError:
         return {"error": "delivery child died unexpectedly"}
     return res
+
+
+# ------------------------------------------------------------ user workers
+#
+# A fork per operation costs more than the delivery itself.  A root helper
+# therefore keeps, per identity (uid, gid, groups), a few worker processes
+# that dropped to that identity once, right after their fork, and then run
+# file operations for it only: least privilege as before -- a worker never
+# holds more rights than the user whose files it writes -- without a fork
+# per message.  Commands (|command, mailbox_command) keep their own child:
+# they change the working directory and run user code.
+#
+# Parent -> worker: a length-prefixed pickle (operation name, arguments),
+# content as the queue file's descriptor (SCM_RIGHTS).  Worker -> parent: a
+# length-prefixed JSON answer of bounded size; the root side never unpickles
+# what a user-owned process wrote.
+
+WORKER_OPS = {"op_forward_lookup", "op_read_file", "op_mailbox", "op_file", "op_virtual_delivery"}
+WORKERS_PER_IDENTITY = 8      # parallel operations (and fsyncs) for one user
+MAX_WORKERS = 64              # every identity together
+WORKER_REUSE = 60.0           # seconds: an older idle worker is retired, not reused
+WORKER_LIFETIME_IDLE = 600.0  # seconds: a worker nobody talks to exits by itself
+MAX_ANSWER = 4 << 20          # an answer frame (a .forward text is at most MAX_READ)
+_FRAME = struct.Struct("!I")
+_CONTENT = "\0content"       # stands for the content argument in a pickled request
+_INLINE = "\0inline"         # ... or carries it, when it is small and already in memory
+INLINE_MAX = 256 << 10
+
+_pool: "WorkerPool | None" = None
+
+
+def use_worker_pool(enable: bool = True) -> None:
+    """Root helpers call this once: run_as then reuses user workers."""
+    global _pool
+    if enable and _pool is None:
+        _pool = WorkerPool()
+    elif not enable and _pool is not None:
+        _pool.close()
+        _pool = None
+
+
+def retire_idle_workers() -> None:
+    pool = _pool
+    if pool is not None:
+        pool.retire_idle()
+
+
+def op_virtual_delivery(d, open_content) -> list:
+    """virtual(8)'s file work as the mailbox owner: [status, dsn, reason]."""
+    return list(deliver_one(d, open_content))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = sock.recv(n - len(buf))
+        if not got:
+            raise EOFError
+        buf += got
+    return bytes(buf)
+
+
+def _unwire(arg, content_fd):
+    if isinstance(arg, tuple) and arg[:1] == (_CONTENT,):
+        return FileContent(content_fd, *arg[1:])
+    if isinstance(arg, tuple) and arg[:1] == (_INLINE,):
+        data = arg[1]
+        return lambda: iter((data,))
+    return arg
+
+
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - child
+    """A worker must not outlive the process that hands it work: a qmgr or
+    helper killed mid-delivery must not have its deliveries finished behind
+    its back (they would be done again after the restart)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _worker_main(sock: socket.socket, ident: Identity, parent: int) -> None:  # pragma: no cover - child
+    """The worker's life: as ``ident``, answer requests until EOF or idle."""
+    # The heap inherited from the parent stays shared (copy-on-write) only as
+    # long as nothing writes to it: keep the collector off those objects.
+    gc.freeze()
+    keep = sock.fileno()
+    # Nothing of the helper stays open here: no queue files of other
+    # messages, no listening socket, no other worker's channel.
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(os.sysconf("SC_OPEN_MAX"), keep + 1))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+    if os.geteuid() == 0 and (ident.uid != 0 or ident.gid != 0):
+        _drop(ident)
+    # After the drop: a change of credentials clears the parent-death signal.
+    _die_with_parent(parent)
+    sock.settimeout(WORKER_LIFETIME_IDLE)
+    funcs = {name: globals()[name] for name in WORKER_OPS}
+    while True:
+        try:
+            head, fds, _flags, _addr = socket.recv_fds(sock, _FRAME.size, 1)
+            if not head:
+                return
+            head += _recv_exact(sock, _FRAME.size - len(head))
+            name, args = pickle.loads(_recv_exact(sock, _FRAME.unpack(head)[0]))
+        except (EOFError, OSError, socket.timeout):
+            return
+        content_fd = fds[0] if fds else None
+        try:
+            args = [_unwire(a, content_fd) for a in args]
+            res = funcs[name](*args)
+        except BaseException as exc:  # the parent gets a reason, never a hang
+            res = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        data = json.dumps(res).encode()
+        try:
+            sock.sendall(_FRAME.pack(len(data)) + data)
+        except OSError:
+            return
+
+
+class UserWorker:
+    """The root side of one worker process."""
+
+    def __init__(self, ident: Identity):
+        self.key = _identity_key(ident)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                parent.close()
+                _worker_main(child, ident, me)
+            finally:
+                os._exit(0)
+        child.close()
+        self.pid, self.sock = pid, parent
+        self.idle_since = time.monotonic()
+
+    def call(self, name: str, args: list, content_fd: int | None):
+        """The operation's answer; EOFError/OSError/ValueError when the worker
+        failed (it is then unusable)."""
+        payload = pickle.dumps((name, args), protocol=pickle.HIGHEST_PROTOCOL)
+        head = _FRAME.pack(len(payload))
+        socket.send_fds(self.sock, [head], [content_fd] if content_fd is not None else [])
+        self.sock.sendall(payload)
+        size = _FRAME.unpack(_recv_exact(self.sock, _FRAME.size))[0]
+        if size > MAX_ANSWER:
+            raise ValueError("worker answer too large")
+        return json.loads(_recv_exact(self.sock, size))
+
+    def close(self) -> None:
+        try:
+            # shutdown, not only close: a forked command child may hold a copy
+            # of this socket, and the worker must see EOF now, not when it exits.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        # EOF ends the worker at once: it is idle whenever we close it.
+        _reap(self.pid)
+
+
+class AsyncWorkerPool:
+    """User workers for an unprivileged event loop that writes its own
+    mailboxes (the qmgr delivering virtual mail owned by mail_owner).
+
+    The file work runs in these processes rather than in threads of the
+    loop's process: a thread returning from fsync() waits for the busy
+    loop to hand over the interpreter lock, several times per delivery,
+    while a worker only costs the loop one request and one answer.  Content
+    travels inline, so only messages already in memory and small go here."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._idle: list[UserWorker] = []
+        self._count = 0
+        self._free: asyncio.Condition | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def run(self, name: str, args) -> dict | list | None:
+        """The operation's answer, or None when it cannot go to a worker."""
+        wire = []
+        for a in args:
+            if isinstance(a, InlineContent):
+                if len(a.data) > INLINE_MAX:
+                    return None
+                a = (_INLINE, a.data)
+            elif callable(a):
+                return None
+            wire.append(a)
+        loop = asyncio.get_running_loop()
+        worker = await self._acquire()
+        try:
+            payload = pickle.dumps((name, wire), protocol=pickle.HIGHEST_PROTOCOL)
+            await loop.sock_sendall(worker.sock, _FRAME.pack(len(payload)) + payload)
+            size = _FRAME.unpack(await _arecv_exact(loop, worker.sock, _FRAME.size))[0]
+            if size > MAX_ANSWER:
+                raise ValueError("worker answer too large")
+            res = json.loads(await _arecv_exact(loop, worker.sock, size))
+        except (EOFError, OSError, ValueError):
+            await self._discard(worker)
+            return {"error": "delivery child died unexpectedly"}
+        except BaseException:
+            await self._discard(worker)      # cancelled mid-request: its answer is unusable
+            raise
+        await self._release(worker)
+        return res
+
+    async def _acquire(self) -> UserWorker:
+        if self._free is None:
+            self._free = asyncio.Condition()
+        stale = []
+        try:
+            async with self._free:
+                while True:
+                    now = time.monotonic()
+                    while self._idle and now - self._idle[0].idle_since >= WORKER_REUSE:
+                        stale.append(self._idle.pop(0))     # oldest first
+                        self._count -= 1
+                    if self._idle:
+                        return self._idle.pop()
+                    if self._count < self.size:
+                        self._count += 1
+                        break
+                    await self._free.wait()
+        finally:
+            for w in stale:
+                w.close()
+        try:
+            worker = UserWorker(Identity(os.geteuid(), os.getegid()))
+            worker.sock.setblocking(False)
+        except BaseException:
+            async with self._free:
+                self._count -= 1
+                self._free.notify()
+            raise
+        return worker
+
+    async def _release(self, worker: UserWorker) -> None:
+        worker.idle_since = time.monotonic()
+        async with self._free:
+            self._idle.append(worker)
+            self._free.notify()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(WORKER_REUSE, self._retire_idle)
+
+    def _retire_idle(self) -> None:
+        """After a burst, the workers go once they have been idle a while."""
+        self._timer = None
+        now = time.monotonic()
+        old = [w for w in self._idle if now - w.idle_since >= WORKER_REUSE]
+        for w in old:
+            self._idle.remove(w)
+            self._count -= 1
+            w.close()
+        if self._idle:
+            self._timer = asyncio.get_running_loop().call_later(WORKER_REUSE, self._retire_idle)
+
+    async def _discard(self, worker: UserWorker) -> None:
+        async with self._free:
+            self._count -= 1
+            self._free.notify()
+        worker.close()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        workers, self._idle = self._idle, []
+        self._count -= len(workers)
+        for w in workers:
+            w.close()
+
+
+class InlineContent:
+    """Message content already in memory, as an open_content that an
+    AsyncWorkerPool request can carry."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __call__(self):
+        return iter((self.data,))
+
+
+async def _arecv_exact(loop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = await loop.sock_recv(sock, n - len(buf))
+        if not got:
+            raise EOFError
+        buf += got
+    return bytes(buf)
+
+
+def _identity_key(ident: Identity) -> tuple:
+    return ident.uid, ident.gid, tuple(dict.fromkeys(ident.groups or [ident.gid]))
+
+
+class WorkerPool:
+    """User workers by identity, for the threads of one root helper."""
+
+    def __init__(self, per_identity: int = WORKERS_PER_IDENTITY, limit: int = MAX_WORKERS,
+                 reuse: float = WORKER_REUSE, clock=time.monotonic):
+        self.per_identity, self.limit, self.reuse, self.clock = per_identity, limit, reuse, clock
+        self._cond = threading.Condition()
+        self._idle: dict[tuple, list[UserWorker]] = {}
+        self._count: dict[tuple, int] = {}     # live workers (idle or busy) per identity
+        self._total = 0
+        self._spawns: queue.SimpleQueue | None = None
+
+    def _spawn(self, ident: Identity) -> UserWorker:
+        """Fork a worker from one thread that lives as long as the process:
+        the kernel's parent-death signal follows the forking thread, and the
+        threads that ask for workers may come and go."""
+        with self._cond:
+            if self._spawns is None:
+                self._spawns = queue.SimpleQueue()
+                threading.Thread(target=self._spawner, args=(self._spawns,), daemon=True,
+                                 name="worker-spawner").start()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._spawns.put((ident, done))
+        return done.result()
+
+    @staticmethod
+    def _spawner(requests: queue.SimpleQueue) -> None:
+        while True:
+            ident, done = requests.get()
+            try:
+                done.set_result(UserWorker(ident))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def run(self, ident: Identity, name: str, args) -> dict | list | None:
+        """Run operation ``name`` in a worker; None when it cannot go there
+        (the caller forks instead).  A worker that fails answers with the
+        same reason a dead forked child would give."""
+        content_fd = None
+        wire = []
+        for a in args:
+            if isinstance(a, QueueContent):
+                if content_fd is not None:
+                    os.close(content_fd)
+                    return None
+                try:
+                    content_fd, offset, size = a.descriptor()
+                except (OSError, AttributeError):
+                    return None
+                a = (_CONTENT, offset, size)
+            elif callable(a):
+                # Some other content source: only a forked child can use it.
+                if content_fd is not None:
+                    os.close(content_fd)
+                return None
+            wire.append(a)
+        try:
+            worker = self._acquire(ident)
+            try:
+                res = worker.call(name, wire, content_fd)
+            except (EOFError, OSError, ValueError):
+                self._discard(worker)
+                return {"error": "delivery child died unexpectedly"}
+            self._release(worker)
+            return res
+        finally:
+            if content_fd is not None:
+                os.close(content_fd)
+
+    def _acquire(self, ident: Identity) -> UserWorker:
+        key = _identity_key(ident)
+        stale = []
+        with self._cond:
+            while True:
+                stale += self._prune()
+                idle = self._idle.get(key)
+                if idle:
+                    worker = idle.pop()
+                    break
+                if self._count.get(key, 0) < self.per_identity:
+                    if self._total >= self.limit:
+                        victim = self._oldest_idle()
+                        if victim is not None:
+                            self._forget(victim)
+                            stale.append(victim)
+                    if self._total < self.limit:
+                        self._count[key] = self._count.get(key, 0) + 1
+                        self._total += 1
+                        worker = None
+                        break
+                self._cond.wait(1.0)
+        for old in stale:
+            old.close()
+        if worker is None:
+            try:
+                worker = self._spawn(ident)
+            except BaseException:
+                with self._cond:
+                    self._count[key] -= 1
+                    self._total -= 1
+                    self._cond.notify_all()
+                raise
+        return worker
+
+    def _release(self, worker: UserWorker) -> None:
+        worker.idle_since = self.clock()
+        with self._cond:
+            self._idle.setdefault(worker.key, []).append(worker)
+            self._cond.notify_all()
+
+    def _discard(self, worker: UserWorker) -> None:
+        with self._cond:
+            self._count[worker.key] -= 1
+            self._total -= 1
+            self._cond.notify_all()
+        worker.close()
+
+    def _forget(self, worker: UserWorker) -> None:
+        """(lock held) Take an idle worker out of the books."""
+        self._idle[worker.key].remove(worker)
+        self._count[worker.key] -= 1
+        self._total -= 1
+
+    def _prune(self) -> list[UserWorker]:
+        """(lock held) Idle workers too old to reuse: out of the books, to close."""
+        now = self.clock()
+        old = [w for ws in self._idle.values() for w in ws if now - w.idle_since >= self.reuse]
+        for w in old:
+            self._forget(w)
+        return old
+
+    def _oldest_idle(self) -> UserWorker | None:
+        workers = [w for ws in self._idle.values() for w in ws]
+        return min(workers, key=lambda w: w.idle_since) if workers else None
+
+    def retire_idle(self) -> None:
+        """Close the workers idle for too long (the helper calls this now and
+        then, so an idle system keeps no user processes around)."""
+        with self._cond:
+            old = self._prune()
+        for w in old:
+            w.close()
+
+    def close(self) -> None:
+        with self._cond:
+            workers = [w for ws in self._idle.values() for w in ws]
+            for w in workers:
+                self._forget(w)
+        for w in workers:
+            w.close()
 
 
 def _reap(pid: int) -> None:

@@ -13,12 +13,14 @@ from __future__ import annotations
 from postwell.delivery.pipe import quote_local as _pipe_quote_local
 
 import asyncio
+import concurrent.futures
 import errno
 import fcntl
 import itertools
-import json
 import os
+import re
 import socket
+import threading
 import time
 
 from postwell.queue.store import sync_dir_grouped
@@ -73,6 +75,7 @@ class VirtualAgent(DeliveryAgent):
         self.lock_methods = [m.lower() for m in config.get_list("virtual_mailbox_lock")]
         # Maildir names carry the system host name (Postfix's get_hostname()), not $myhostname.
         self.hostname = socket.gethostname() or config.get("myhostname")
+        self._workers = None
         message_limit = config.get_int("message_size_limit")
         if self.limit and message_limit and self.limit < message_limit:
             # Same start-up refusal as Postfix's virtual(8).
@@ -189,57 +192,98 @@ class VirtualAgent(DeliveryAgent):
                 plan.done_time = self.clock()
                 results.append(plan)
                 continue
-            status, dsn, reason = await asyncio.get_running_loop().run_in_executor(
-                None, deliver_as_owner, plan, request.open_content)
+            status, dsn, reason = await self._write(plan, request)
             r = RecipientResult(rcpt, status, dsn, reason, RELAY)
             r.done_time = self.clock()
             results.append(r)
         return results
 
+    async def _write(self, plan: Delivery, request: DeliveryRequest) -> tuple[str, str, str]:
+        from .local_exec import INLINE_MAX, AsyncWorkerPool, InlineContent
+        if os.geteuid() != 0 and request.content_size <= INLINE_MAX:
+            # Our own mailboxes (see _own_plans): a worker process does the
+            # file work, off this busy event loop's interpreter lock.
+            data = b"".join(request.open_content())
+            if self._workers is None:
+                self._workers = AsyncWorkerPool()
+            res = await self._workers.run("op_virtual_delivery", [plan, InlineContent(data)])
+            if res is not None:
+                return _outcome(res)
+        return await asyncio.get_running_loop().run_in_executor(
+            file_executor(), deliver_as_owner, plan, request.open_content)
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
+
+_DELIVERED_TO = re.compile(rb"^delivered-to:(.*)$", re.I | re.M)
+
 
 def delivered_to_headers(open_content, limit: int = 1 << 20) -> set[str]:
     """Lower-cased Delivered-To values in the header section (bounded read)."""
-    found: set[str] = set()
-    seen = 0
-    for line in iter_lines(open_content()):
-        seen += len(line)
-        if line in (b"\n", b"\r\n") or seen > limit:
+    buf = bytearray()
+    end = -1
+    for chunk in open_content():
+        search_from = max(0, len(buf) - 2)
+        buf += chunk
+        if buf[:1] == b"\n" or buf[:2] == b"\r\n":
+            end = 0
             break
-        if line[:13].lower() == b"delivered-to:":
-            found.add(line[13:].strip().decode("utf-8", "replace").lower())
-    return found
+        ends = [i + 1 for i in (buf.find(b"\n\n", search_from), buf.find(b"\n\r\n", search_from))
+                if i >= 0]
+        if ends:
+            end = min(ends)
+            break
+        if len(buf) > limit:
+            break
+    header = bytes(buf[:end]) if end >= 0 else bytes(buf)
+    if len(header) > limit:
+        # Only lines that end within the limit count.
+        header = header[:header.rfind(b"\n", 0, limit) + 1]
+    return {m.group(1).strip().decode("utf-8", "replace").lower()
+            for m in _DELIVERED_TO.finditer(header)}
+
+
+MAILDIR_THREADS = 32
+_file_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_file_executor_lock = threading.Lock()
+
+
+def file_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for mailbox writes.  A delivery spends most of its time waiting
+    on fsync; with threads of their own, concurrent deliveries' fsyncs overlap
+    (the journal commits them together) instead of queueing behind the few
+    threads of the event loop's default executor, which the qmgr also uses."""
+    global _file_executor
+    if _file_executor is None:
+        with _file_executor_lock:
+            if _file_executor is None:
+                _file_executor = concurrent.futures.ThreadPoolExecutor(
+                    MAILDIR_THREADS, thread_name_prefix="mailbox")
+    return _file_executor
 
 
 def deliver_as_owner(d: Delivery, open_content) -> tuple[str, str, str]:
     """Deliver with the mailbox owner's privileges; returns (status, dsn, reason)."""
     if os.geteuid() != 0 or d.uid == 0:
         return deliver_one(d, open_content)
-    # Root: do the file work in a child that runs as the recipient.
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            os.setgroups([d.gid])
-            os.setgid(d.gid)
-            os.setuid(d.uid)
-            res = deliver_one(d, open_content)
-        except BaseException as exc:
-            res = ("deferred", "4.3.0", f"delivery child: {exc}")
-        try:
-            os.write(w, json.dumps(res).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    try:
-        status, dsn, reason = json.loads(data)
-        return status, dsn, reason
-    except ValueError:
+    # Root: the file work runs in a child that is the mailbox owner (a
+    # persistent user worker in the root helper, see local_exec.run_as).
+    from .local_exec import Identity, op_virtual_delivery, run_as
+    return _outcome(run_as(Identity(d.uid, d.gid), op_virtual_delivery, d, open_content))
+
+
+def _outcome(res) -> tuple[str, str, str]:
+    """(status, dsn, reason) from a worker's or forked child's answer."""
+    if isinstance(res, list) and len(res) == 3:
+        status, dsn, reason = res
+        return str(status), str(dsn), str(reason)
+    error = res.get("error") if isinstance(res, dict) else None
+    if not error or error == "delivery child died unexpectedly":
         return "deferred", "4.3.0", "delivery child died unexpectedly"
+    return "deferred", "4.3.0", f"delivery child: {error}"
 
 
 def _errno_dsn(err: OSError, default: str) -> str:
@@ -295,7 +339,9 @@ def _write_limited(fd: int, data: bytes, written: int, limit: int) -> int:
 
 
 def deliver_maildir(d: Delivery, open_content) -> None:
-    """Maildir delivery (the Maildir spec: tmp/ -> fsync -> link into new/)."""
+    """Maildir delivery (the Maildir spec): write under tmp/, fsync, rename
+    into new/, fsync new/.  Returns only when both the file and its name in
+    new/ are on disk."""
     tmpdir, newdir, curdir = (os.path.join(d.path, x) for x in ("tmp", "new", "cur"))
 
     def make_dirs():
@@ -307,35 +353,48 @@ def deliver_maildir(d: Delivery, open_content) -> None:
     # Unique within the process too: several deliveries may run at once in the qmgr.
     tmpfile = os.path.join(tmpdir, f"{sec}.P{os.getpid()}Q{next(_counter)}.{host}")
     # As Postfix's maildir.c: the directories are made only when missing (the
-    # create or the link says ENOENT), not checked on every delivery.
+    # create or the rename says ENOENT), not checked on every delivery.
     try:
         fd = os.open(tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileNotFoundError:
         make_dirs()
         fd = os.open(tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    placed = False
     try:
         st = os.fstat(fd)
         # The per-file limit is virtual_mailbox_limit (postconf(5): "an individual ... maildir file").
-        written = _write_limited(fd, d.headers(), 0, d.limit)
-        # The queue's content is already LF lines: copy its chunks as they come.
+        # The queue's content is already LF lines: copy its chunks as they come,
+        # the delivery headers in the same write as the first one.
+        pending = d.headers()
+        written = 0
         for chunk in open_content():
+            if pending:
+                chunk, pending = pending + chunk, b""
             written = _write_limited(fd, chunk, written, d.limit)
+        if pending:
+            written = _write_limited(fd, pending, written, d.limit)
         os.fsync(fd)
+        # The name carries the file's device and inode: unique in new/ for as
+        # long as the file exists, so the rename never replaces a message.
         newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
         try:
-            os.link(tmpfile, newfile)
+            os.rename(tmpfile, newfile)
         except FileNotFoundError:
+            if not os.path.exists(tmpfile):
+                raise
             make_dirs()
-            os.link(tmpfile, newfile)
+            os.rename(tmpfile, newfile)
+        placed = True
         # Deliveries running at once into one Maildir share the new/ fsync
-        # (group commit); each still returns only after one that covers its link.
+        # (group commit); each still returns only after one that covers its rename.
         sync_dir_grouped(newdir)
     finally:
         os.close(fd)
-        try:   # linked into new/ (or failed): the tmp/ name goes either way
-            os.unlink(tmpfile)
-        except OSError:
-            pass
+        if not placed:
+            try:
+                os.unlink(tmpfile)
+            except OSError:
+                pass
 
 
 def _dotlock(path: str, tries: int = 10):
