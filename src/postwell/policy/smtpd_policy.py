@@ -193,7 +193,11 @@ class SmtpdPolicy:
         """
         saved_where, saved_rcpt = state.where, state.recipient
         state.recipient = address
-        reply = await self.on_rcpt(state)
+        state.policy_protocol_state = "VRFY"    # what a policy server is told (Postfix)
+        try:
+            reply = await self.on_rcpt(state)
+        finally:
+            state.policy_protocol_state = None
         state.where = "VRFY"
         if reply is None:
             state.where, state.recipient = saved_where, saved_rcpt

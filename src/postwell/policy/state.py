@@ -53,6 +53,8 @@ class SessionState:
     sasl_username: str | None = None
     sasl_sender: str | None = None
     queue_id: str | None = None
+    act_size: int = 0                       # bytes received, only while END-OF-MESSAGE checks run
+    policy_protocol_state: str | None = None   # overrides `where` in a policy request (VRFY)
     encryption_protocol: str | None = None  # TLS placeholders
     encryption_cipher: str | None = None
     encryption_keysize: int = 0

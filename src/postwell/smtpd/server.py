@@ -950,7 +950,13 @@ class SmtpdSession(asyncio.Protocol):
                 self._log_reject(ev.default, "bare <LF> received")
                 conn.send_reply(ev.default)
                 return
-            reply = await self._policy("on_end_of_data", state)
+            # A policy request at END-OF-MESSAGE carries the size received (Postfix's
+            # act_size); before that, the MAIL SIZE= value.
+            state.act_size = ev.size
+            try:
+                reply = await self._policy("on_end_of_data", state)
+            finally:
+                state.act_size = 0
             if reply is not None:
                 self._log_reject(reply)
                 conn.send_reply(reply)
