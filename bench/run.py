@@ -353,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                 # Alternate who goes first so warm-up and noise do not favour one.
                 order = instances if rnd % 2 == 0 else instances[::-1]
                 for inst in order:
+                    # A fresh start per round: processes a bigger round left idle
+                    # (Postfix keeps smtpd processes for max_idle) must not count
+                    # towards this round's PSS and process count.
+                    inst.stop()
+                    inst.start()
                     sample = one_round(inst, args.mode, sinks.get(inst.kind), s, messages,
                                        size, timeout, args.deliver_only)
                     samples.append(sample)
