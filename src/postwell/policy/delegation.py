@@ -36,6 +36,8 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
+from .restrictions import parse_restrictions
+
 # Postfix 3.7.11's request, in its order (Postfix 3.8 appends compatibility_level and
 # mail_version; 3.7 does not send them).
 REQUEST_ORDER = (
@@ -103,25 +105,6 @@ def _parse_int(name: str, value: str, minimum: int) -> int:
     return int(v)
 
 
-def _split_top(text: str) -> list[str]:
-    """Split on commas and white space outside { } groups (Postfix's mystrtokq)."""
-    out, cur, depth = [], [], 0
-    for ch in text:
-        if ch == "{":
-            depth += 1
-        elif ch == "}" and depth:
-            depth -= 1
-        if depth == 0 and ch in " \t\r\n,":
-            if cur:
-                out.append("".join(cur))
-                cur = []
-            continue
-        cur.append(ch)
-    if cur:
-        out.append("".join(cur))
-    return out
-
-
 def parse_service(spec: str, config) -> ServiceSettings:
     """``inet:host:port``, ``unix:path`` or ``{ endpoint, name=value, { name = value } }``."""
     g = config.get
@@ -152,7 +135,7 @@ def parse_service(spec: str, config) -> ServiceSettings:
     if endpoint.startswith("{"):
         if not endpoint.endswith("}"):
             raise PolicySpecError(f"policy service syntax error: missing '}}' in \"{spec}\"")
-        parts = _split_top(endpoint[1:-1])
+        parts = parse_restrictions(endpoint[1:-1])   # Postfix's mystrtokq: { } stay whole
         if not parts:
             raise PolicySpecError(f"empty policy service: \"{spec}\"")
         endpoint = parts[0]
