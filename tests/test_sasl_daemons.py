@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -215,7 +216,12 @@ def dovecot(tmp_path):
         pytest.skip("Dovecot (Debian package dovecot-core) not installed")
     if os.geteuid() != 0:
         pytest.skip("the Dovecot fixture runs as root")
-    d = tmp_path / "dovecot"
+    # Dovecot puts a dozen unix sockets in base_dir (anvil-auth-penalty, ...): a deep
+    # pytest tmp_path (long test name, xdist worker dir) pushes some past the 108-byte
+    # limit of a socket path, and the auth service never answers.  Keep it short.
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="pwdv-", dir="/tmp"))
+    request_cleanup = d
     for sub in ("run", "state"):
         (d / sub).mkdir(parents=True)
     d.chmod(0o755)
@@ -260,6 +266,7 @@ service auth {{
         yield d / "run" / "auth-client"
     finally:
         stop(proc)
+        shutil.rmtree(request_cleanup, ignore_errors=True)
 
 
 def _sha512(pw):
