@@ -136,6 +136,10 @@ _LONG_FIRST = (
 )
 
 
+# tryfirst: xdist's own hook turns the xdist_group marks into node id suffixes
+# (its loadgroup scheduling key); marks added after it ran would be ignored and
+# every module would be spread over both workers.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     def group(item) -> str:
         mod = item.module.__name__.rpartition(".")[2] if item.module else item.nodeid

@@ -24,6 +24,9 @@ from .state import SessionState
 # "NOQUEUE: reject" log line (checked against 3.7), so the smtpd must not log it.
 REPLY_HELO_FIRST = Reply(503, "Error: send HELO/EHLO first", "5.5.1")
 
+# The stages whose restrictions run once for the whole recipient list.
+_AFTER_RCPT_STAGES = ("DATA", "BDAT", "END-OF-MESSAGE")
+
 
 class SmtpdPolicy:
     unlogged_replies = (REPLY_HELO_FIRST,)
@@ -71,6 +74,14 @@ class SmtpdPolicy:
 
     def reject_log_line(self, state: SessionState, reply: Reply) -> str:
         """The 'NOQUEUE: reject: RCPT from ...' line for the smtpd to log."""
+        if state.where in _AFTER_RCPT_STAGES and state.recipient_count > 1:
+            # Postfix's smtpd_check_data()/smtpd_check_eod() drop the recipient while
+            # they run when there are several: one verdict for all, naming one misleads.
+            saved, state.recipient = state.recipient, None
+            try:
+                return format_whatsup(state, "reject", str(reply))
+            finally:
+                state.recipient = saved
         return format_whatsup(state, "reject", str(reply))
 
     @staticmethod

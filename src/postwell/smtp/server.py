@@ -45,6 +45,7 @@ lines are passed on in pieces.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -222,6 +223,11 @@ class ConnectionClosed(Event):
 
 # --- configuration ------------------------------------------------------------------------
 
+# Postfix's ehlo_mask table order, used when it names discarded keywords.
+_EHLO_MASK_ORDER = ("8BITMIME", "AUTH", "ETRN", "PIPELINING", "SIZE", "VERP", "VRFY", "XCLIENT",
+                    "XFORWARD", "STARTTLS", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING")
+# The name Postfix 3.7 prints for the SMTPUTF8 bit (its table's first entry for it).
+_EHLO_MASK_NAMES = {"SMTPUTF8": "EHLO_MASK_SMTPUTF8"}
 EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH",
                        "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING")
 
@@ -249,6 +255,8 @@ class ServerConfig:
     auth_response_limit: int = 12288            # smtpd_sasl_response_limit
     auth_legacy: bool = False                   # broken_sasl_auth_clients: "AUTH=" too
     strict_rfc821_envelopes: bool = False
+    helo_required: bool = False                 # smtpd_helo_required (ETRN; MAIL is policy's)
+    reject_footer: str = ""                     # smtpd_reject_footer (a raw template)
 
     @classmethod
     def from_config(cls, config, **overrides) -> "ServerConfig":
@@ -283,6 +291,8 @@ class ServerConfig:
             forbid_bare_newline=bare,
             smtputf8_enable=(config.get("smtputf8_enable") or "yes").lower() != "no",
             strict_rfc821_envelopes=(config.get("strict_rfc821_envelopes") or "no").lower() == "yes",
+            helo_required=(config.get("smtpd_helo_required") or "no").lower() == "yes",
+            reject_footer=config.get("smtpd_reject_footer") or "",
         )
         if config.raw("smtpd_forbidden_commands") is not None:
             value = re.sub(r"\{\{.*?\}\}", "", config.get("smtpd_forbidden_commands"))
@@ -313,6 +323,58 @@ def decode_xtext(text: str) -> str:
     if re.search(r"\+(?![0-9A-F]{2})", text):
         raise ValueError("bad xtext escape")
     return _XTEXT_RE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _valid_hostname(name: str) -> bool:
+    """Postfix's valid_hostname(): ASCII labels of at most 63 characters, no leading
+    or trailing hyphen or dot, at most 255 in all, not all-numeric."""
+    if not name or len(name) > 255:
+        return False
+    labels = name.split(".")
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return False
+    return not all(label.isdigit() for label in labels)
+
+
+def _valid_address_literal(text: str) -> bool:
+    """RFC 5321 4.1.3 address literal: [1.2.3.4] or [IPv6:...]."""
+    if len(text) < 3 or text[0] != "[" or text[-1] != "]":
+        return False
+    inner = text[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        elif re.fullmatch(r"\d{1,3}(?:\.\d{1,3}){3}", inner):
+            ipaddress.IPv4Address(inner)
+        else:
+            return False
+    except ValueError:
+        return False
+    return True
+
+
+def unquote_xtext(text: str) -> str:
+    """Postfix's xtext_unquote(): only "+XX" (either case) is checked; other bytes
+    pass as they are (ORCPT takes them so, checked against 3.7)."""
+    if "+" not in text:
+        return text
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "+":
+            hx = text[i + 1:i + 3]
+            if len(hx) != 2 or not all(c in "0123456789abcdefABCDEF" for c in hx):
+                raise ValueError("bad xtext escape")
+            out.append(chr(int(hx, 16)))
+            i += 3
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
 
 
 def split_args(text: str) -> list[str]:
@@ -600,8 +662,50 @@ def _strict_821_ok(token: str) -> bool:
     return _unquoted_index(token[1:-1], "<>()") < 0
 
 
+_RFC822_SPECIALS = frozenset('()<>@,;:\\".[]')
+
+
+def _squeeze_blanks(token: str) -> str:
+    """Drop unquoted blanks at the ends and next to RFC 822 specials; keep the ones
+    between two words, which the address check then refuses (as Postfix's does).
+    A token with a control character (CR, LF, NUL...) is left as it is: the address
+    check refuses it whole, and no blank next to it may be squeezed into a header
+    line's shape ("<a\rX-Injected: b@c>")."""
+    if any(c < " " and c != "\t" for c in token):
+        return token
+    out: list[str] = []
+    quoted = esc = blank = False
+    for ch in token:
+        if esc:
+            out.append(ch)
+            esc = False
+            continue
+        if not quoted and ch in " \t":
+            blank = True
+            continue
+        if blank:
+            if out and out[-1] not in _RFC822_SPECIALS and ch not in _RFC822_SPECIALS:
+                out.append(" ")
+            blank = False
+        if ch == "\\":
+            esc = True
+        elif ch == '"':
+            quoted = not quoted
+        out.append(ch)
+    return "".join(out)
+
+
 def parse_path(text: str, null_ok: bool) -> tuple[str, list[str]]:
     """"<addr> params" -> (address, [params]); raises _SyntaxError for a bad address."""
+    s = text.lstrip(" \t")
+    if s[:1] == "<":
+        # RFC 5321 4.1.2 allows no blanks in a Path, but Postfix's tokenizer keeps "<...>"
+        # whole and its RFC 822 parser drops blanks next to specials: "< a@b >" and "< >"
+        # (the null sender) pass there (checked against 3.7).
+        token, unbalanced = _address_token(s)
+        if not unbalanced and (" " in token or "\t" in token):
+            return (internalize(extract_address(_squeeze_blanks(token), null_ok)),
+                    split_args(s[len(token):]))
     args = split_args(text)
     if not args:
         raise _SyntaxError
@@ -625,6 +729,10 @@ _COUNTER_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "ma
 
 REPLY_DSN_DISABLED = Reply(501, "DSN support is disabled", "5.7.1")
 REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+_FOOTER_MACRO = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+# Names Postfix's smtpd expands (empty when unset) besides those _with_footer fills in.
+_FOOTER_KNOWN = frozenset({"recipient", "recipient_domain", "sender_domain", "localtime",
+                           "reverse_client_name", "sasl_method", "sasl_sender", "sasl_username"})
 _HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
 _JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "ETRN", "RSET"})
@@ -647,6 +755,8 @@ class ServerConnection:
         self.auth_mechanisms: tuple = tuple(self.config.auth_mechanisms)
         self.auth_advertised = True           # False: smtpd_sasl_exceptions_networks match
         self.helo_name: str | None = None
+        self.client_port = ""                 # for smtpd_reject_footer's $client_port
+        self._line_text = ""                  # the command line being handled, as sent
         self.esmtp = False
         self._inbuf = bytearray()
         self._eof = False
@@ -796,6 +906,11 @@ class ServerConnection:
         self._where = value
 
     @property
+    def _smtputf8_offered(self) -> bool:
+        c = self.config
+        return c.smtputf8_enable and "SMTPUTF8" not in c.discard_ehlo_keywords
+
+    @property
     def _dsn_disabled(self) -> bool:
         # smtpd_discard_ehlo_keywords = dsn also refuses the DSN parameters (Postfix).
         return "DSN" in self.config.discard_ehlo_keywords
@@ -825,12 +940,59 @@ class ServerConnection:
         self._bdat_error = None
         self._bdat_tail = b"\n"
         self._bare_lf = False
+        self._act_size = 0            # Postfix's count for "Ok: N bytes queued as"
+        self._act_line = 0            # bytes of the line not yet ended by LF
+        self._act_cr = False          # that line's last byte is CR
+
+    def _count_act(self, chunk: bytes) -> None:
+        """Postfix's BDAT byte count (its act_size): each line's text plus 2 for the line
+        end, a bare LF as CRLF, and a line of line_length_limit or more once more per
+        record it fills (checked against 3.7).  Line-level work only for long lines."""
+        parts = chunk.split(b"\n")
+        tail = parts.pop()
+        if parts:
+            limit = self.config.line_length_limit
+            crlf = chunk.count(b"\r\n")
+            if not parts[0] and self._act_line and self._act_cr:
+                crlf += 1             # a CRLF split across two chunks
+            self._act_size += self._act_line + sum(map(len, parts)) - crlf + 2 * len(parts)
+            if self._act_line + len(parts[0]) >= limit or max(map(len, parts)) >= limit:
+                first = True
+                for part in parts:
+                    n = len(part) + (self._act_line if first else 0)
+                    if part.endswith(b"\r") or (first and not part and self._act_cr):
+                        n -= 1
+                    self._act_size += 2 * (n // limit)
+                    first = False
+            self._act_line = 0
+            self._act_cr = False
+        if tail:
+            self._act_line += len(tail)
+            self._act_cr = tail.endswith(b"\r")
 
     def _queue_reply(self, reply: Reply) -> None:
         # smtpd_soft_error_limit: past it, every reply is slowed down (the glue sleeps).
         if self.error_count >= self.config.soft_error_limit:
             self._delay += self.config.error_sleep_time
+        if reply.code >= 400 and self.config.reject_footer:
+            reply = self._with_footer(reply)
         self._out.append(reply.to_bytes())
+
+    def _with_footer(self, reply: Reply) -> Reply:
+        name, _, addr = self.client.rpartition("[")
+        values = {"client_address": addr.rstrip("]"), "client_name": name,
+                  "client_port": self.client_port, "server_name": self.config.hostname,
+                  "helo_name": self.helo_name or "", "sender": self.sender or ""}
+
+        def expand(m: re.Match) -> str:
+            key = m.group(1) or m.group(2)
+            if key not in values and key not in _FOOTER_KNOWN:
+                self._warn(f'unknown macro name "{key}" in expansion request')
+            return values.get(key, "")
+        text = _FOOTER_MACRO.sub(expand, self.config.reject_footer)
+        if text.startswith("\\c"):
+            return Reply(reply.code, reply.text + text[2:].replace("\\n", "\n"), reply.enhanced)
+        return Reply(reply.code, reply.text + "\n" + text.replace("\\n", "\n"), reply.enhanced)
 
     def _count(self, name: str, ok: bool) -> None:
         self._attempts[name] = self._attempts.get(name, 0) + 1
@@ -923,6 +1085,7 @@ class ServerConnection:
             if not ok:
                 self.error_count += 1
             self._queue_reply(reply)
+            self.where = f"BDAT ({self._bdat_total} bytes)"
         elif isinstance(ev, DataEnd):
             cmd = "bdat" if ev.bdat else "data"
             self._count(cmd, ok)
@@ -933,7 +1096,7 @@ class ServerConnection:
                 self._junk = 0
             self._queue_reply(reply)
             self._reset_transaction()
-            self.where = "END-OF-MESSAGE" if not ev.bdat else "BDAT"
+            self.where = "END-OF-MESSAGE"
         elif isinstance(ev, (Vrfy, Etrn)):
             self._count(name, ok)
             if not ok:
@@ -994,7 +1157,8 @@ class ServerConnection:
                 self._long_line = None
                 return line
             if i < 0:
-                if len(buf) > limit:
+                # A lone CR at the limit may still be half of the line's CRLF.
+                if len(buf) > limit or (len(buf) == limit and buf[-1:] != b"\r"):
                     line = bytes(buf[:limit])
                     self._long_line = line
                     self._discard_line = True
@@ -1008,7 +1172,7 @@ class ServerConnection:
             bare_lf = not line.endswith(b"\r")
             if not bare_lf:
                 line = line[:-1]
-            if len(line) > limit:
+            if len(line) >= limit:
                 self._warn(f"{self.client}: request longer than {limit}: "
                            f"{line[:30].decode('utf-8', 'replace')}...")
                 line = line[:limit]
@@ -1108,6 +1272,7 @@ class ServerConnection:
             rest = rest.replace("\r", "\\r").replace("\n", "\\n")
             self._events.append(Info(f"improper command pipelining after {verb_u} from "
                                      f"{self.client}: {rest}"))
+        self._line_text = text
         handler(self, arg.strip(" \t"))
         if verb_u in _JUNK_COMMANDS:
             # smtpd_junk_command_limit: past it, each junk command counts as an error.
@@ -1134,6 +1299,12 @@ class ServerConnection:
             return
         arg = neuter_helo(arg, self.config.smtputf8_enable)
         if ehlo:
+            discard = self.config.discard_ehlo_keywords
+            # Postfix stays silent when ENHANCEDSTATUSCODES is among them (3.7's ehlo_cmd).
+            if discard and not discard & {"SILENT-DISCARD", "ENHANCEDSTATUSCODES"}:
+                names = [_EHLO_MASK_NAMES.get(k, k) for k in _EHLO_MASK_ORDER if k in discard]
+                if names:
+                    self._events.append(Info(f"discarding EHLO keywords: {' '.join(names)}"))
             self._ask(name, Ehlo(arg, self._ehlo_reply()))
         else:
             self._ask(name, Helo(arg, Reply(250, self.config.hostname)))
@@ -1184,7 +1355,7 @@ class ServerConnection:
             sender, params = parse_path(rest, null_ok=True)
             if self.config.strict_rfc821_envelopes and not _strict_821_ok(_address_token(rest)[0]):
                 raise _SyntaxError
-            utf8 = self.config.smtputf8_enable and any(p.upper() == "SMTPUTF8" for p in params)
+            utf8 = self._smtputf8_offered and any(p.upper() == "SMTPUTF8" for p in params)
             if sender and domain_error(sender, utf8):
                 raise _SyntaxError
         except _SyntaxError:
@@ -1220,8 +1391,10 @@ class ServerConnection:
         limit = self.config.message_size_limit
         if k == "SIZE" and eq:
             # RFC 1870 6
-            if not val.isdigit() or len(val) > 18:
+            if not re.fullmatch(r"[0-9]+", val):
                 return Reply(501, "Bad message size syntax", "5.5.4")
+            if int(val) > 0x7FFFFFFFFFFFFFFF:
+                return Reply(552, "Message size exceeds file system imposed limit", "5.3.4")
             self._declared_size = int(val)
             if limit and int(val) > limit:
                 reply = Reply(552, "Message size exceeds fixed limit", "5.3.4")
@@ -1234,7 +1407,7 @@ class ServerConnection:
             if val.upper() not in ("7BIT", "8BITMIME"):
                 return unsupported
             kw["body"] = val.upper()
-        elif k == "SMTPUTF8" and not eq and self.config.smtputf8_enable:
+        elif k == "SMTPUTF8" and not eq and self._smtputf8_offered:
             kw["smtputf8"] = True     # RFC 6531 3.4
         elif k == "RET" and eq:
             # RFC 3461 4.3
@@ -1244,9 +1417,13 @@ class ServerConnection:
         elif k == "ENVID" and eq:
             # RFC 3461 4.4
             try:
-                if "envid" in kw or len(val) > 100:
+                if "envid" in kw:
                     raise ValueError
-                kw["envid"] = decode_xtext(val)
+                # Postfix: xtext_unquote() then allprint() of the C string.
+                envid = unquote_xtext(val).split("\0", 1)[0]
+                if not envid or not all(" " <= ch <= "~" for ch in envid):
+                    raise ValueError
+                kw["envid"] = envid
             except ValueError:
                 return Reply(501, "Bad ENVID parameter syntax", "5.5.4")
         elif k == "AUTH" and eq:
@@ -1254,7 +1431,8 @@ class ServerConnection:
             # one, with or without AUTH enabled (checked against 3.7).
             if "_auth_seen" in kw:
                 return Reply(503, "Error: multiple AUTH= options", "5.5.4")
-            kw["_auth_seen"] = True
+            if val != "<>":
+                kw["_auth_seen"] = True
             try:
                 kw["auth"] = decode_xtext(val)
             except ValueError:
@@ -1266,6 +1444,9 @@ class ServerConnection:
     def _cmd_rcpt(self, arg: str) -> None:
         if not self.in_transaction:
             self._error("rcpt", Reply(503, "Error: need MAIL command", "5.5.1"))
+            return
+        if self._bdat_active:
+            self._error("rcpt", Reply(503, "Error: RCPT after BDAT", "5.5.1"))
             return
         if arg[:3].upper() != "TO:" or not arg[3:].strip():
             self._error("rcpt", Reply(501, "Syntax: RCPT TO:<address>", "5.5.4"))
@@ -1292,10 +1473,10 @@ class ServerConnection:
                 return
             if k == "NOTIFY" and eq and "notify" not in kw:
                 # RFC 3461 4.1: NEVER alone, or any of SUCCESS, FAILURE, DELAY
-                items = val.upper().split(",")
-                if (not val or any(i not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for i in items)
+                items = list(dict.fromkeys(i for i in val.upper().split(",") if i))
+                if (not items or any(i not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for i in items)
                         or ("NEVER" in items and len(items) > 1)):
-                    bad = [i for i in val.split(",") if i.upper() not in
+                    bad = [i for i in val.split(",") if i and i.upper() not in
                            ("NEVER", "SUCCESS", "FAILURE", "DELAY")]
                     if bad:
                         self._warn(f'unknown DSN NOTIFY command value "{bad[0]}" in "{val}"')
@@ -1309,9 +1490,9 @@ class ServerConnection:
                 # RFC 3461 4.2: addr-type ";" xtext
                 atype, semi, xt = val.partition(";")
                 try:
-                    if "orcpt" in kw or not semi or not atype or len(val) > 500:
+                    if "orcpt" in kw or not semi or not atype:
                         raise ValueError
-                    kw["orcpt"] = f"{atype};{decode_xtext(xt)}"
+                    kw["orcpt"] = f"{atype};{unquote_xtext(xt)}"
                 except ValueError:
                     self._error("rcpt", Reply(501, "Error: Bad ORCPT parameter syntax", "5.5.4"))
                     return
@@ -1360,7 +1541,8 @@ class ServerConnection:
         if (not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 15
                 or (len(parts) == 2 and parts[1].upper() != "LAST")):
             # The chunk boundary is lost: Postfix closes the session.
-            self._warn(f"malformed BDAT command syntax from {self.client}: BDAT {arg}", True)
+            line = self._line_text or f"BDAT {arg}"
+            self._warn(f"malformed BDAT command syntax from {self.client}: {line[:100]}", True)
             self._error("bdat", Reply(521, "Syntax: BDAT count [LAST]", "5.5.4"))
             self._close("bdat syntax")
             return
@@ -1419,6 +1601,8 @@ class ServerConnection:
             self._data_size = 0
             self._too_big = False
             self._bdat_total = 0
+            self._act_size = self._act_line = 0
+            self._act_cr = False
             self._pending_cmd = "bdat"
             self._ask("bdat", Bdat(size, last))
             return
@@ -1459,14 +1643,22 @@ class ServerConnection:
         self._ask("vrfy", Vrfy(addr, Reply(252, args[0], "2.0.0")))
 
     def _cmd_etrn(self, arg: str) -> None:
-        if not arg or len(arg.split()) != 1:
-            self._error("etrn", Reply(500, "Syntax: ETRN domain"))
+        # Postfix's etrn_cmd() order; its ETRN replies carry no enhanced code.
+        if self.config.helo_required and self.helo_name is None:
+            self._error("etrn", Reply(503, "Error: send HELO/EHLO first"))
             return
         if self.in_transaction:
             self._error("etrn", Reply(503, "Error: MAIL transaction in progress"))
             return
-        # RFC 1985 5.2: "@domain" and "#queue" forms name the same domain for us.
-        domain = arg.lstrip("@#")
+        if not arg or len(arg.split()) != 1:
+            self._error("etrn", Reply(500, "Syntax: ETRN domain"))
+            return
+        # RFC 1985 5.2: "@domain" and "#queue" forms name the same domain for us (one
+        # prefix character only, as Postfix strips it).
+        domain = arg[1:] if arg[0] in "@#" else arg
+        if not (_valid_hostname(domain) or _valid_address_literal(domain)):
+            self._error("etrn", Reply(501, "Error: invalid parameter syntax"))
+            return
         self._ask("etrn", Etrn(domain, Reply(459, f"<{domain}>: service unavailable")))
 
     def _cmd_xclient(self, arg: str, name: str = "XCLIENT") -> None:
@@ -1640,6 +1832,7 @@ class ServerConnection:
                 self._emit_content(chunk)
                 self._flush_content()
                 self._bdat_tail = chunk[-1:]
+                self._count_act(chunk)
             self._bdat_total += take
             self._bdat_remaining -= take
             del buf[:take]
@@ -1663,17 +1856,18 @@ class ServerConnection:
                                       bare_lf=True))
             return True
         if self._bdat_last:
-            total = self._bdat_total
+            total = self._act_size
             if self._bdat_tail != b"\n":
                 # An unterminated last line gets its CRLF, as Postfix does (and counts it).
                 self._datapart = []
                 self._emit_content(b"\r\n")
                 self._flush_content()
-                total += 2
+                n = self._act_line
+                total += n + 2 * (n // self.config.line_length_limit + 1)
             self._ask("bdat", DataEnd(total, self._too_big, True, self._end_reply()))
             return True
         self._ask("bdat", BdatChunkEnd(self._bdat_total,
-                                       Reply(250, f"Ok: {self._bdat_total} bytes", "2.0.0")))
+                                       Reply(250, f"Ok: {self._bdat_cur} bytes", "2.0.0")))
         return True
 
 

@@ -321,6 +321,7 @@ class SmtpdSession(asyncio.Protocol):
             bare = "no"
         self.conn = conn = ServerConnection(srv.server_config, client=self.namaddr,
                                             forbid_bare_newline=bare)
+        conn.client_port = state.client_port
         early = getattr(self, "_early", b"")
         if early:
             conn.receive_data(early)
@@ -478,7 +479,9 @@ class SmtpdSession(asyncio.Protocol):
     def _log_close(self, ev: ConnectionClosed) -> None:
         where = self.conn.where
         if ev.reason == "lost":
-            self.server.log.info(f"lost connection after {where} from {self.namaddr}")
+            # Postfix does not log a client that hangs up right after its message.
+            if where != "END-OF-MESSAGE":
+                self.server.log.info(f"lost connection after {where} from {self.namaddr}")
         elif ev.reason == "too many errors":
             self.server.log.info(f"too many errors after {where} from {self.namaddr}")
 
@@ -1125,8 +1128,8 @@ class SmtpdServer:
             return ()
 
     def queue_space_ok(self, size: int) -> bool:
-        """Postfix's smtpd_check_size(): free space >= max(queue_minfree, 1.5 *
-        message_size_limit) + the SIZE the client announced."""
+        """Postfix's smtpd_check_queue(): free space >= max(queue_minfree, 1.5 *
+        message_size_limit); ``size`` (the client's SIZE) does not count."""
         store = getattr(self.cleanup, "store", None)
         directory = getattr(store, "queue_directory", None) or self.config.get("queue_directory")
         try:
@@ -1134,7 +1137,9 @@ class SmtpdServer:
         except (OSError, TypeError):
             return True
         free = sv.f_bavail * sv.f_frsize
-        need = max(self.queue_minfree, int(1.5 * self.message_size_limit)) + max(0, size)
+        # Postfix's smtpd_check_queue(): queue_minfree and 1.5 x message_size_limit; the
+        # SIZE a client announces is not weighed against free space (checked against 3.7).
+        need = max(self.queue_minfree, int(1.5 * self.message_size_limit))
         if free < need:
             self.log.warning(f"not enough free space in mail queue: {free} bytes < "
                              f"1.5*message size limit")
