@@ -291,9 +291,6 @@ XFAIL: dict[str, str] = {
                               "line_length_limit as 2048-byte records, each plus 2 (5006 for a "
                               "5000-byte line), postwell the bytes (5002); BDAT already counts "
                               "Postfix's way",
-    "headers_cut_then_size": "cleanup measures message_size_limit on the bytes received, "
-                             "Postfix on the queue file after header_size_limit has cut the "
-                             "header: a message that fits only once cut is refused",
 }
 
 

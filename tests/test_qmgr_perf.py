@@ -95,7 +95,7 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
 
-def test_new_message_takes_two_io_handoffs_and_no_dir_fsync(tmp_path, monkeypatch):
+def test_new_message_takes_no_io_handoff_and_no_dir_fsync(tmp_path, monkeypatch):
     env = make_env(tmp_path)
     qid = queue(env.store, "s@x.test", ["a@ok.test", "b@ok.test"])
     pool = CountingExecutor()
@@ -112,10 +112,11 @@ def test_new_message_takes_two_io_handoffs_and_no_dir_fsync(tmp_path, monkeypatc
     assert env.agent.delivered == ["a@ok.test", "b@ok.test"]
     assert env.store.find(qid) is None
     assert any(line.endswith(f"{qid}: removed") for line in env.lines("qmgr"))
-    # activate (move, open) on the I/O threads; then the done marks, the
-    # bounce log check and the removal in one trip to the state threads.
-    assert pool.calls == 1
-    assert state_pool.calls == 1
+    # activate (move, open), the done marks, the bounce log check and the
+    # removal: a few system calls without fsync each, on the event loop
+    # (issue 8: a thread hand-off cost more); only the close goes elsewhere.
+    assert pool.calls == 0
+    assert state_pool.calls == 0
     # Both are safe to leave to the file system's own commit: start-up scans
     # incoming/ and active/, and every recipient is durably marked done.
     assert env.store.moves == [("incoming", "active", False)]

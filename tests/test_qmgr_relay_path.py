@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import random
 import threading
+import time
 
 from postwell.config.main import Config
 from postwell.delivery.base import DeliveryAgent, DeliveryRequest, Recipient, RecipientResult
@@ -252,11 +253,77 @@ def test_queue_file_closed_off_the_event_loop_after_removal(tmp_path, monkeypatc
         await qm.drain()
     asyncio.run(asyncio.wait_for(go(), TIMEOUT))
     assert store.find(qid) is None
-    # Closed once, on a worker thread, after the file was gone.
+    # Closed once, on the closer thread, after the file was gone.
+    _wait(lambda: closes)
     assert closes == [(False, None)]
     lines = logs["okay"].lines + logs["qmgr"].lines
     assert sum("status=sent" in line for line in lines) == 2
     assert logs["qmgr"].lines[-1] == f"{qid}: removed"
+
+
+def _wait(cond, timeout=5.0):
+    """The closer thread works in the background: wait for it, bounded."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "closer thread never ran"
+        time.sleep(0.005)
+
+
+def test_close_later_closes_on_one_background_thread():
+    from postwell.qmgr.manager import close_later
+    seen = []
+    done = threading.Event()
+
+    class _File:
+        def __init__(self, n):
+            self.n = n
+
+        def close(self):
+            seen.append((self.n, threading.current_thread().name))
+            if self.n == 2:
+                done.set()
+
+    class _Broken:
+        def close(self):
+            raise OSError("EIO")
+    for f in (_File(0), _Broken(), _File(1), _File(2)):
+        close_later(f)
+    assert done.wait(5)
+    # In order, one thread, and a failing close does not stop the others.
+    assert [n for n, _ in seen] == [0, 1, 2]
+    assert {name for _, name in seen} == {"qmgr-close"}
+
+
+def test_close_later_works_in_a_forked_child():
+    """The qmgr runs in a forked child of the master: the closer thread of
+    the parent does not exist there, so the child starts its own."""
+    import os
+    from postwell.qmgr.manager import close_later
+    close_later(_Closeable())                 # the parent's thread exists now
+    pid = os.fork()
+    if pid == 0:
+        done = threading.Event()
+        f = _Closeable(done)
+        close_later(f)
+        os._exit(0 if done.wait(5) and f.thread == "qmgr-close" else 1)
+    deadline = time.monotonic() + 10
+    while True:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            break
+        assert time.monotonic() < deadline, "child did not finish"
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+class _Closeable:
+    def __init__(self, done=None):
+        self.done, self.thread = done, None
+
+    def close(self):
+        self.thread = threading.current_thread().name
+        if self.done is not None:
+            self.done.set()
 
 
 def test_several_destinations_are_not_fused(tmp_path):
@@ -371,7 +438,7 @@ class _CountingExecutor(concurrent.futures.ThreadPoolExecutor):
         return super().submit(fn, *args, **kw)
 
 
-def test_messages_of_one_scan_share_their_handoffs(tmp_path, monkeypatch):
+def test_messages_of_one_scan_need_no_handoff(tmp_path, monkeypatch):
     from postwell.qmgr import manager as manager_mod
     store = _store(tmp_path)
     ids = [_queue(store, rcpts=(f"r{n}@ok.test",)) for n in range(5)]
@@ -389,8 +456,10 @@ def test_messages_of_one_scan_share_their_handoffs(tmp_path, monkeypatch):
     assert all(store.find(q) is None for q in ids)
     assert sorted(line.split(":")[0] for line in logs["qmgr"].lines
                   if line.endswith("removed")) == sorted(ids)
-    assert pool.calls == 1            # five moves to active/ and opens
-    assert 1 <= state_pool.calls <= 5
+    # Moves to active/, opens, done marks and removals without fsync stay on
+    # the event loop: no thread hand-off at all.
+    assert pool.calls == 0
+    assert state_pool.calls == 0
 
 
 def test_batched_job_errors_reach_their_own_waiter():

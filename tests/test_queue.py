@@ -65,6 +65,7 @@ def test_id_collision_in_other_queue_picks_next_id(store, monkeypatch):
     # A stray file already carries the id this inode would get (restored backup...).
     class St:
         st_ino = 0xABC
+        st_mode = stat.S_IFREG | 0o600
     real_fstat = os.fstat
     monkeypatch.setattr(os, "fstat", lambda fd: St())
     open(store.path("deferred", "1E240ABC"), "wb").close()

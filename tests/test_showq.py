@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -719,3 +720,33 @@ def test_listing_in_many_writes(env, monkeypatch):
     with Running(cfg):
         got = list(showq.query(store.queue_directory, timeout=WAIT))
     assert got == list(showq.collect(store)) and len(got) == 40
+
+
+def test_size_attribute_is_cleanups():
+    from postwell.cleanup.recsize import SIZE_ATTRIBUTE
+    assert SIZE_ATTRIBUTE == qf.SIZE_ATTRIBUTE
+
+
+def test_listing_shows_postfix_size(env):
+    """The size column is Postfix's (cleanup's postwell_size attribute); a file written
+    without it (an older postwell) shows its content length; so does a bad value."""
+    store, _, _ = env
+
+    def put_sized(value, body=b"x" * 100):
+        m = store.create()
+        m.set_sender("s@x.test")
+        m.set_attribute("client_name", "c")
+        if value is not None:
+            m.set_attribute("postwell_size", value)
+        m.set_attribute("postwell_hold", "0")
+        m.add_recipient("a@far.test")
+        m.write(body)
+        m.commit()
+        store.move(m.queue_id, "incoming", "deferred")
+        return m.queue_id
+    sized, plain, bad = put_sized("311"), put_sized(None), put_sized("3x1")
+    big = put_sized("70007", body=(b"y" * 99 + b"\n") * 700)     # envelope past the first read
+    got = {m["queue_id"]: m["message_size"] for m in showq.collect(store)}
+    assert got == {sized: 311, plain: 100, bad: 100, big: 70007}
+    text = postqueue.format_listing(list(showq.collect(store)))
+    assert re.search(rf"^{sized}\s+311 ", text, re.M)

@@ -18,10 +18,16 @@ What it does to a message, each point checked against Postfix 3.7:
   always_add_missing_headers = yes: address headers rewritten (canonical
   Postfix form only when an address changes) and missing (Resent-)Message-Id,
   Date, From added; undisclosed_recipients_header when set;
+* header_size_limit cuts a long header as Postfix does (at the last line
+  boundary past 90% of the limit, else at the limit; address headers after
+  their rewrite);
 * ``ID: message-id=...`` log line (``<>`` when none), hopcount_limit
-  (554 5.4.0), message_size_limit over the whole queue file (552 5.3.4
+  (554 5.4.0), message_size_limit over the whole queue file as stored (552 5.3.4
   "Error: message file too big"), virtual_alias_maps expansion (451 4.6.0 on
-  limits/loops, 451 4.3.0 on table failure), Postfix's duplicate filter.
+  limits/loops, 451 4.3.0 on table failure), Postfix's duplicate filter;
+* Postfix's message size (its queue file's content records, recsize.py) is
+  stored as the envelope attribute ``postwell_size``: the qmgr's ``size=`` and
+  the size column of ``postqueue -p`` show it.
 """
 
 from .headers import ContentProcessor  # noqa: F401

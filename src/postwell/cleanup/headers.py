@@ -4,11 +4,12 @@
 (after dot-unstuffing, chunk boundaries anywhere) and emits queue-file content
 through a sink callable.  Memory is bounded: the body is converted and passed
 on chunk by chunk; in the header block only the start of an undecided line,
-one line_length_limit piece, and (for local clients) one address header are
-held.  A logical header is cut at ``header_size_limit`` bytes the way Postfix
-3.7 cuts it (checked against a real instance): lines are taken in pieces of
-at most line_length_limit bytes, the folding newline counts, and a piece
-that would take the header past the limit is dropped.
+a header line starting past 90% of header_size_limit, and (for local clients)
+one address header are held.  A logical header longer than
+``header_size_limit`` bytes (folding newlines count) is cut the way Postfix
+3.7 cuts it (checked against a real instance, tests/test_parity_size.py): at
+the last line boundary within the limit when that keeps more than 90% of it,
+otherwise at the limit itself, inside a line.
 
 Line ends: CRLF and bare LF become LF.  A bare CR (not followed by LF) becomes
 a space: RFC 5321 2.3.8 allows CR only as part of CRLF, and turning it into a
@@ -21,6 +22,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from .recsize import RecordSize
+
 # RFC 5322 2.2: field name = printable US-ASCII except colon; Postfix's
 # is_header() also accepts white space between the name and the colon.
 _HEADER_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
@@ -32,6 +35,7 @@ _MBOX_FROM_RE = re.compile(rb">*From ")
 _DEST_HEADERS = ("to", "cc", "bcc")
 _DROPPED_HEADERS = frozenset({"bcc", "resent-bcc", "return-path", "content-length"})
 _CAPTURE_LIMIT = 4096   # bytes of a Message-Id header kept for the log line
+_HOUT_FLUSH = 65536     # header output gathered before it is passed on
 
 
 class ContentProcessor:
@@ -43,6 +47,32 @@ class ContentProcessor:
     colon within that is body.
     """
 
+    # Starting state (instances overwrite what changes).
+    in_header = True
+    header_truncated = False
+    resent = False
+    hops = 0
+    _hlen = 0                   # offset in the current header (folding newlines count)
+    _hstarted = False           # bytes of the current header were passed on
+    _new_line = True            # the next bytes start a physical line
+    _hdr_active = False
+    _hcut = False               # header_size_limit reached: drop the rest
+    _lstart = 0                 # offset of the current physical line
+    _lsent = False              # bytes of the current line were passed on
+    _held: bytearray | None = None      # a late line, kept only if it ends in time
+    _pending_cr = False
+    _passing = False            # current line decided (header/continuation): stream it
+    _in_blanks = False          # undecided line: past the name, in blanks before ":"
+    _first_client_line = False
+    _cur_name: str | None = None
+    _capture: bytearray | None = None
+    _suppress = False
+    _hbuf: bytearray | None = None      # an address header held for rewriting
+    _hname_len = 0
+    _rec_room = 0               # bytes left in the current input record (held header)
+    _rec_take = False           # that record goes into the held header
+    _body_needs_lf = False
+
     def __init__(self, sink: Callable[[bytes], None], *, header_size_limit: int = 102400,
                  hopcount_limit: int = 50, line_length_limit: int = 2048,
                  on_header_end: Callable[["ContentProcessor"], list[bytes]] | None = None,
@@ -52,32 +82,18 @@ class ContentProcessor:
         self.sink = sink
         self.header_size_limit = max(header_size_limit, 1)
         self.line_length_limit = max(line_length_limit, 1)
-        self._piece = bytearray()       # current line_length_limit piece of a header line
-        self._hlen = 0                  # bytes kept of the current header (Postfix's count)
-        self._hstarted = False          # a piece of the current header was kept
-        self._new_line = True           # the next piece starts a physical line
-        self._hdr_active = False
-        self.header_truncated = False
         self.hopcount_limit = hopcount_limit
         self.on_header_end = on_header_end
         self.on_message_id = on_message_id
         self.header_rewriter = header_rewriter
         self.rewrite_names = rewrite_names
-        self.in_header = True
+        # Only the mutable state is made here; the scalar starting values are the
+        # class attributes below (one message = one instance: fewer stores each).
         self.headers_seen: set[str] = set()
-        self.resent = False
-        self.hops = 0
-        self._pending_cr = False
         self._line = bytearray()        # undecided start of the current header-block line
-        self._passing = False           # current line decided (header/continuation): stream it
-        self._in_blanks = False         # undecided line: past the name, in blanks before ":"
-        self._first_client_line = False
-        self._cur_name: str | None = None
-        self._capture: bytearray | None = None
-        self._suppress = False
-        self._hbuf: bytearray | None = None     # an address header held for rewriting
-        self._hname_len = 0
-        self._body_needs_lf = False
+        self._hout = bytearray()        # header output not yet passed on
+        # Postfix's size of what went to the sink (its queue file's content records).
+        self.records = RecordSize(self.line_length_limit)
 
     # -- line-end normalisation ------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -89,9 +105,34 @@ class ContentProcessor:
             data = data[:-1]
         if b"\r" in data:
             # CRLF first, then every CR left over is bare (see module docstring).
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b" ")
+            data = data.replace(b"\r\n", b"\n")
+            if b"\r" in data:
+                data = data.replace(b"\r", b" ")
         if data:
             self._feed_lf(data)
+
+    def prepend_received(self, data: bytes) -> None:
+        """The receiving server's own ``Received:`` header (LF-terminated lines; the
+        continuation lines start with white space).  Known to be one well-formed
+        header, it skips the line-by-line classification feed() would give it."""
+        if not self.in_header or self._line or self._passing or self._pending_cr \
+                or not data.startswith(b"Received:") or b"\r" in data \
+                or not data.endswith(b"\n") or len(data) > self.header_size_limit \
+                or "received" in self.rewrite_names:
+            self.feed(data)
+            return
+        self._finish_header()
+        self._start_header()
+        self._cur_name = "received"
+        self.headers_seen.add("received")
+        self.hops += 1
+        self._capture = None
+        self._suppress = False
+        # Within header_size_limit, so kept whole; the newline that ends it is
+        # written when the next header starts, as for any header.
+        self._hlen = len(data) - 1
+        self._hstarted = True
+        self._out_header(data[:-1])
 
     def finish(self) -> None:
         """End of data: flush partial state (a final line without LF gets one)."""
@@ -108,13 +149,30 @@ class ContentProcessor:
                 self._end_of_header(None)
         # The body ends with LF: delivery agents and the SMTP client rely on whole lines.
         elif self._body_needs_lf:
-            self.sink(b"\n")
-            self._body_needs_lf = False
+            self._body(b"\n")
 
     def _body(self, data: bytes) -> None:
         if data:
             self.sink(data)
+            self.records.body(data)
             self._body_needs_lf = not data.endswith(b"\n")
+
+    def _header_out(self, data: bytes) -> None:
+        # Header output is gathered and passed on in one piece per header block (or
+        # _HOUT_FLUSH bytes): one sink call and one size count instead of a few per line.
+        hout = self._hout
+        hout += data
+        if len(hout) >= _HOUT_FLUSH:
+            self._flush_headers()
+
+    def _flush_headers(self) -> None:
+        hout = self._hout
+        if hout:
+            data = bytes(hout)
+            hout.clear()
+            self.sink(data)
+            # Header lines are sized by Postfix's header rule (recsize.py); the body's differs.
+            self.records.header(data)
 
     # -- header block ----------------------------------------------------------
     def _feed_lf(self, data: bytes) -> None:
@@ -128,6 +186,12 @@ class ContentProcessor:
                 pos = end
                 if nl >= 0:
                     self._passing = False
+                continue
+            if nl >= 0 and not self._line and nl - pos <= self.header_size_limit:
+                # The usual case: a whole line in this chunk, nothing held before it.
+                line = data[pos:nl]
+                pos = nl + 1
+                self._classify(line, True)
                 continue
             end = n if nl < 0 else nl
             room = self.header_size_limit - len(self._line)
@@ -167,6 +231,9 @@ class ContentProcessor:
         line = bytes(self._line)
         self._line.clear()
         self._in_blanks = False
+        self._classify(line, complete)
+
+    def _classify(self, line: bytes, complete: bool) -> None:
         first = line[:1]
         client_first, self._first_client_line = self._first_client_line, False
         if client_first and _MBOX_FROM_RE.match(line):
@@ -181,6 +248,7 @@ class ContentProcessor:
             self._emit_header_bytes(line + (b"\n" if complete else b""))
             self._passing = not complete
             return
+        m = None
         if first in (b" ", b"\t") and self._cur_name is not None and not client_first:
             kind = "cont"     # RFC 5322 2.2.3 folding
         else:
@@ -195,7 +263,6 @@ class ContentProcessor:
         if kind == "header":
             self._finish_header()
             self._start_header()
-            m = _HEADER_RE.match(line)
             name = m.group(1).decode("ascii").lower()
             self._cur_name = name
             self.headers_seen.add(name)
@@ -209,76 +276,148 @@ class ContentProcessor:
             if self.header_rewriter is not None and name in self.rewrite_names and not self._suppress:
                 self._hbuf = bytearray()
                 self._hname_len = m.end(1)
+        if complete and self._hbuf is None and not self._hcut:
+            # A whole line that ends within header_size_limit is kept whole: skip
+            # _cut_out's piecewise bookkeeping (it gives the same result).
+            start = self._hlen + 1 if self._hstarted else 0
+            end = start + len(line)
+            if end <= self.header_size_limit:
+                self._hlen = end
+                if self._hstarted:
+                    line = b"\n" + line
+                self._hstarted = True
+                self._out_header(line)
+                return
         self._emit_header_bytes(line + (b"\n" if complete else b""))
         self._passing = not complete
 
     def _start_header(self) -> None:
-        self._piece.clear()
         self._hlen = 0
         self._hstarted = False
         self._new_line = True
         self._hdr_active = True
+        self._hcut = False
+        self._held = None
 
     def _emit_header_bytes(self, data: bytes) -> None:
-        """Bytes of the current header (a "\n" ends a physical line), cut into
-        line_length_limit pieces, each kept or dropped by the size rule."""
+        """Bytes of the current header (a "\n" ends a physical line)."""
+        if self._hbuf is not None:
+            self._hold_raw(data)
+        else:
+            self._cut_out(data)
+
+    def _hold_raw(self, data: bytes) -> None:
+        """An address header to rewrite: Postfix rewrites the text its header
+        buffer took (whole input records of at most line_length_limit bytes,
+        while the buffer is shorter than header_size_limit) and cuts the
+        result, so the text is held uncut, within that bound."""
+        buf, limit, piece = self._hbuf, self.header_size_limit, self.line_length_limit
         pos, n = 0, len(data)
-        limit = self.line_length_limit
         while pos < n:
             nl = data.find(b"\n", pos)
             end = n if nl < 0 else nl
+            if self._new_line:
+                self._new_line = False
+                self._rec_room = 0
+                self._lsent = False
             while pos < end:
-                take = min(limit - len(self._piece), end - pos)
-                self._piece += data[pos:pos + take]
+                if self._rec_room == 0:
+                    self._rec_room = piece
+                    self._rec_take = len(buf) < limit
+                take = min(self._rec_room, end - pos)
+                if self._rec_take:
+                    if not self._lsent:
+                        self._lsent = True
+                        if self._hstarted:
+                            buf += b"\n"
+                        self._hstarted = True
+                    buf += data[pos:pos + take]
+                self._rec_room -= take
                 pos += take
-                if len(self._piece) >= limit:
-                    self._flush_piece()
-            if nl >= 0:
-                if self._piece or self._new_line:
-                    self._flush_piece()
-                self._new_line = True
-                pos = nl + 1
+            if nl < 0:
+                break
+            self._new_line = True
+            pos = nl + 1
 
-    def _flush_piece(self) -> None:
-        piece = bytes(self._piece)
-        self._piece.clear()
-        joins_line = self._new_line and self._hstarted
-        cost = len(piece) + (1 if joins_line else 0)
-        self._new_line = False
-        if self._hstarted and self._hlen + cost > self.header_size_limit:
-            self.header_truncated = True      # Postfix drops what does not fit
-            return
-        self._hlen += cost
-        self._hstarted = True
-        self._out_header((b"\n" if joins_line else b"") + piece)
+    def _cut_out(self, data: bytes) -> None:
+        """Pass header bytes on, kept or cut as Postfix 3.7's cleanup cuts a header
+        longer than header_size_limit (checked against a real instance): whole
+        lines are kept while they end within the limit; the first line that does
+        not is dropped with the rest of the header when it starts past 90% of the
+        limit (a cut at a line boundary), and otherwise cut at the limit itself."""
+        limit = self.header_size_limit
+        pos, n = 0, len(data)
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            end = n if nl < 0 else nl
+            if self._new_line:
+                self._new_line = False
+                # The folding newline counts: the line starts after it.
+                self._lstart = self._hlen + 1 if self._hstarted else 0
+                self._hlen = self._lstart
+                self._lsent = False
+                # A line starting that late is kept only whole: hold it until it ends.
+                self._held = bytearray() if self._lstart > 0.9 * limit else None
+            if not self._hcut:
+                piece = data[pos:end]
+                if self._hlen + len(piece) > limit:
+                    self._hcut = True
+                    self.header_truncated = True
+                    if self._held is None:
+                        self._line_out(piece[:limit - self._hlen])
+                    self._held = None
+                else:
+                    self._hlen += len(piece)
+                    if self._held is None:
+                        if piece or nl >= 0:
+                            self._line_out(piece)
+                    else:
+                        self._held += piece
+                        if nl >= 0:
+                            self._line_out(bytes(self._held))
+                            self._held = None
+            if nl < 0:
+                break
+            self._new_line = True
+            pos = nl + 1
+
+    def _line_out(self, piece: bytes) -> None:
+        """Pass on kept bytes of the current physical line; its first ones carry
+        the folding newline that joins it to the line before."""
+        if not self._lsent:
+            self._lsent = True
+            if self._hstarted:
+                piece = b"\n" + piece
+            self._hstarted = True
+        self._out_header(piece)
 
     def _out_header(self, data: bytes) -> None:
         if self._capture is not None and len(self._capture) < _CAPTURE_LIMIT:
             self._capture += data[:_CAPTURE_LIMIT - len(self._capture)]
         if self._suppress:
             return
-        if self._hbuf is not None:
-            if len(self._hbuf) + len(data) <= self.header_size_limit:
-                self._hbuf += data
-                return
-            # Too big to hold: pass it on unchanged, as it came.
-            self.sink(bytes(self._hbuf))
-            self._hbuf = None
-        self.sink(data)
+        hout = self._hout
+        hout += data
+        if len(hout) >= _HOUT_FLUSH:
+            self._flush_headers()
 
     def _finish_header(self) -> None:
         if self._hdr_active:
             self._hdr_active = False
-            if self._piece:
-                self._flush_piece()
+            if self._hbuf is not None:
+                raw = bytes(self._hbuf)
+                self._hbuf = None
+                new = self.header_rewriter(raw, self._hname_len) if raw else None
+                # Cut after the rewrite, as Postfix's cleanup_out_header does.
+                self._hlen, self._hstarted, self._new_line = 0, False, True
+                self._hcut, self._held = False, None
+                self._cut_out(raw if new is None else new)
+            if self._held and not self._hcut:
+                # A late line the header ended in without its newline.
+                self._line_out(bytes(self._held))
+            self._held = None
             if self._hstarted:
                 self._out_header(b"\n")
-        if self._hbuf is not None:
-            raw = bytes(self._hbuf)
-            self._hbuf = None
-            body = raw[:-1] if raw.endswith(b"\n") else raw
-            new = self.header_rewriter(body, self._hname_len)
-            self.sink(raw if new is None else new + b"\n")
         cap, name = self._capture, self._cur_name
         self._capture = None
         if cap is None or not self.on_message_id:
@@ -295,12 +434,13 @@ class ContentProcessor:
         self.in_header = False
         if self.on_header_end:
             for extra in self.on_header_end(self):
-                self.sink(extra + b"\n")
+                self._header_out(extra + b"\n")
         first = line if line is not None else partial
         if first:
             # Postfix separates the header block from a body that started without
             # the empty line, so the body line is never read as a header.
-            self.sink(b"\n")
+            self._header_out(b"\n")
+        self._flush_headers()
         if line is not None:
             self._body(line + b"\n")
         elif partial:

@@ -19,6 +19,7 @@ from ..queue.format import HEADER_SIZE
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
 from .headers import ContentProcessor
+from .recsize import SIZE_ATTRIBUTE
 from .virtual import AliasExpansionError, AliasLookupError, VirtualAliasExpander
 
 # Replies as Postfix 3.7's smtpd words them after cleanup's status (checked
@@ -140,26 +141,29 @@ class CleanupSession:
     def prepend_header(self, text: str) -> None:
         """A header the receiving server adds in front (its Received: header)."""
         data = text.replace("\r\n", "\n").rstrip("\n").encode("utf-8", "surrogateescape") + b"\n"
-        # Counts toward the size limit: Postfix limits the whole queue file.
         self.size += len(data)
-        self.proc.feed(data)
+        self.proc.prepend_received(data)
 
     def write(self, data: bytes) -> None:
         """Message data as received (dot-unstuffed; CRLF or LF lines; any chunking)."""
         if self.finished:
             raise RuntimeError("cleanup session already finished")
         self.size += len(data)
-        limit = self.cleanup.message_size_limit
-        if limit and self.size > limit and not self.too_big:
-            # Keep reading the client's data (the caller does) but stop storing it.
-            self.too_big = True
-            self.msg.abort()
         if self.too_big or self.write_error is not None:
             return
         if not self._data_started:
             self._data_started = True
             self.proc.begin_client_data()
-        self.proc.feed(data)
+        proc = self.proc
+        proc.feed(data)
+        # Postfix's cleanup limits its queue file, so what counts is what is stored
+        # (after header_size_limit cut the header), in its record sizes; the bytes
+        # received are the smtpd's limit (smtp.server).  Past the limit the caller
+        # keeps reading the client's data, but nothing more is stored.
+        limit = self.cleanup.message_size_limit
+        if limit and proc.records.stored() > limit:
+            self.too_big = True
+            self.msg.abort()
 
     def _sink(self, data: bytes) -> None:
         if self.too_big or self.write_error is not None:
@@ -259,11 +263,14 @@ class CleanupSession:
         if not self.msg.recipients:
             self.msg.abort()
             return REPLY_NO_RECIPIENTS
+        # Postfix's size= (qmgr) and postqueue -p size: its content records' length.
+        self.msg.set_attribute(SIZE_ATTRIBUTE, str(self.proc.records.close()))
         # message_size_limit covers the whole queue file, envelope included, as in
         # Postfix ("the maximal size in bytes of a message, including envelope
-        # information"): a message of exactly the limit is refused there too.
+        # information"): the content as Postfix's records (what was stored, after
+        # header_size_limit) plus postwell's header and envelope.
         limit = self.cleanup.message_size_limit
-        if limit and self.size + self.envelope_overhead() > limit:
+        if limit and self.proc.records.total + self.envelope_overhead() > limit:
             self.msg.abort()
             return REPLY_TOO_BIG
         return None
@@ -344,7 +351,7 @@ class Cleanup:
             if config.raw("undisclosed_recipients_header") is not None else ""
         self._table_opener = table_opener
         self._tables: list | None = None
-        self._specs: list[str] = []
+        self._specs: list[str] | None = None
         if clock is not None:
             store.clock = clock
         # The store built with QueueStore(dir) knows no limits; give it ours so
@@ -366,8 +373,11 @@ class Cleanup:
         """The virtual_alias_maps tables, through the tables package's shared
         cache (re-opened when postmap rebuilds a file).  A table that cannot be
         opened fails its lookups, which defers the message (451 4.3.0)."""
-        raw = self.config.get("virtual_alias_maps") if self.config.raw("virtual_alias_maps") is not None else ""
-        self._specs = split_map_list(raw)
+        if self._specs is None:
+            # The configuration is fixed for the process (a reload starts new ones):
+            # parsed once, not for every message.
+            raw = self.config.get("virtual_alias_maps") if self.config.raw("virtual_alias_maps") is not None else ""
+            self._specs = split_map_list(raw)
         if not self._specs:
             return []
         if self._table_opener is not None:
@@ -386,7 +396,7 @@ class Cleanup:
                                       if self.config.raw("mydestination") is not None else [])}
         mydest.add(self.myhostname.lower())
         return VirtualAliasExpander(
-            [(t.lookup, _is_pattern_table(spec)) for spec, t in zip(self._specs, tables)],
+            [(t.lookup, _is_pattern_table(spec)) for spec, t in zip(self._specs or (), tables)],
             expansion_limit=_int(self.config, "virtual_alias_expansion_limit", 1000),
             recursion_limit=_int(self.config, "virtual_alias_recursion_limit", 1000),
             recipient_delimiter=self.config.get("recipient_delimiter") if self.config.raw("recipient_delimiter") is not None else "",

@@ -569,6 +569,10 @@ class _Connection:
         return self.target.namaddr
 
     async def flush(self, timeout: float) -> None:
+        # Asked before every read (several times per message): most of the
+        # time there is nothing to send, so do not even copy the buffer.
+        if not self.engine.pending_output:
+            return
         data = self.engine.data_to_send()
         if data:
             self.writer.write(data)

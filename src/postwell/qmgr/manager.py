@@ -27,15 +27,22 @@ bounce/defer-logged on its own; the top-level status decides the queue
 recipient) and ``site_failure`` (force negative concurrency feedback).
 
 Crash exactness: a delivered recipient's done mark (and the bounce log entry
-before it) is written on dedicated threads (``state_executor``), never queued
-behind deliveries or queue moves, and a message is not scheduled again while
+before it) is written at once: on the event loop when no fsync is needed
+(see below), else on dedicated threads (``state_executor``), never queued
+behind deliveries or queue moves; and a message is not scheduled again while
 its previous attempt is still settling (``_in_progress``).  So a kill -9
 re-delivers only what was in flight at that moment.  A message whose last
-recipients are done and that owes no notice is removed in the same trip,
-right after its marks, which are then not fsync'd (see _record_and_finish).
+recipients are done and that owes no notice is removed right after its
+marks, which are then not fsync'd (see _record_and_finish).
 
-Cost per message (issue 8): the blocking steps of all messages that start
-or finish in one event-loop turn share one thread hand-off (``_Batcher``).
+Cost per message (issue 8): the common life of a new message (rename to
+active/, open, done marks, removal) has no fsync and runs on the event loop,
+as in Postfix's single-threaded qmgr: a thread hand-off (futex wake-ups, GIL
+hand-over) cost more than these system calls.  Only the last close of a
+removed file, which frees its blocks and may wait for the journal, goes to a
+background thread (``close_later``).  Steps that fsync still go to threads;
+those of messages that start or finish in one event-loop turn share one
+hand-off (``_Batcher``).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from postwell.dsn import (
     notify_classes, post_notice, render_notice, wants,
 )
 from postwell.queue import HOLD_ATTRIBUTE
+from postwell.queue.format import SIZE_ATTRIBUTE
 from postwell.queue import format as qformat
 
 from .concurrency import Destination, parse_feedback
@@ -469,6 +477,15 @@ class QueueManager:
                     # Each move out of deferred/ fsyncs directories: in parallel,
                     # so the file system groups them (a deferred-queue run).
                     got = await self._blocking(self._activate, qid, queue_name)
+                elif queue_name == "incoming":
+                    # New mail (issue 8): a rename without fsync and a read of a
+                    # file still in the page cache, done right here as Postfix's
+                    # single-threaded qmgr does.  A thread hand-off cost more CPU
+                    # (futex and GIL ping-pong) than the file operations.
+                    got = self._activate(qid, queue_name, inline=True)
+                    if got is _HOLD:
+                        await self._blocking(self._hold_active, qid)
+                        return
                 else:
                     got = await self._batched(None).submit(self._activate, qid, queue_name)
                 if got is None:
@@ -480,7 +497,11 @@ class QueueManager:
                 try:
                     await self._process(qid, qm, self.clock(), warned)
                 finally:
-                    qm.close()
+                    # The last close of a removed file frees its blocks (ext4:
+                    # truncate and orphan list, often a wait for the journal):
+                    # a background thread does it, so the event loop never
+                    # waits for it and no result comes back.
+                    close_later(qm)
         except Exception as exc:
             # Never lose mail: the file stays queued and is retried later.
             self.log.warning(f"{qid}: delivery failed unexpectedly: {exc!r}")
@@ -492,9 +513,11 @@ class QueueManager:
         finally:
             self._in_progress.discard(qid)
 
-    def _activate(self, qid: str, queue_name: str):
+    def _activate(self, qid: str, queue_name: str, inline: bool = False):
         """Blocking start of a pass: (queue file, delay-warning-sent), the
-        open error in place of the file, or None when the file is gone."""
+        open error in place of the file, or None when the file is gone.
+        ``inline`` (on the event loop): a message to hold is not moved here
+        (that move fsyncs directories) but reported as _HOLD."""
         if queue_name != "active":
             try:
                 # incoming -> active needs no directory fsync: start-up scans
@@ -510,10 +533,9 @@ class QueueManager:
             # Cleanup put it on hold, but this scan (woken by another message) came
             # before cleanup's own move to hold/: hold it here, never deliver it.
             qm.close()
-            try:
-                self.store.move(qid, "active", "hold")
-            except FileNotFoundError:
-                pass
+            if inline:
+                return _HOLD
+            self._hold_active(qid)
             return None
         try:
             # Mail straight from incoming/ has never been tried: no defer log.
@@ -522,6 +544,12 @@ class QueueManager:
             qm.close()
             raise
         return qm, warned
+
+    def _hold_active(self, qid: str) -> None:
+        try:
+            self.store.move(qid, "active", "hold")
+        except FileNotFoundError:
+            pass
 
     # ------------------------------------------------------------ delivery
     async def process(self, qid: str) -> None:
@@ -554,7 +582,9 @@ class QueueManager:
         sender = qm.sender or ""
         all_rcpts = list(qm.recipients)
         arrival = float(getattr(qm, "arrival_time", active_time))
-        size = getattr(qm, "content_size", 0)
+        # Postfix's size (its queue file's content records), stored by cleanup as the
+        # postwell_size attribute; a file written without it shows the content length.
+        size = (getattr(qm, "attributes", None) or {}).get(SIZE_ATTRIBUTE) or getattr(qm, "content_size", 0)
         # Postfix's qmgr line, logged each time a message enters the active queue.
         self.log.info(f"{qid}: from=<{log_address(sender)}>, size={size}, nrcpt={len(all_rcpts)} (queue active)")
         pending = [r for r in all_rcpts if not _rcpt_done(r)]
@@ -623,7 +653,10 @@ class QueueManager:
                     deferred.append((r, res))
                 else:
                     done.append(r)
-            if last and not deferred:
+            if last and not deferred and self._finish_now(qid, qm, done, bounce_entries,
+                                                          defer_entries):
+                fused.append(None)
+            elif last and not deferred:
                 fused.append(await self._batched(state_executor).submit(
                     self._record_and_finish, qid, qm, done, bounce_entries, defer_entries))
             else:
@@ -877,6 +910,27 @@ class QueueManager:
             return self._finish(qid, qm)
         except OSError:
             return _NOT_FINISHED     # the caller logs the outcome, then tries the usual way
+
+    def _finish_now(self, qid, qm, done, bounce_entries, defer_entries) -> bool:
+        """The common end of a message, on the event loop (issue 8): every
+        recipient delivered, nothing to report, so no fsync is needed (see
+        _record_and_finish) and the done marks, the bounce/ID check and the
+        removal are a few cheap system calls, cheaper here than a thread
+        hand-off; Postfix's qmgr removes its files the same way.  False when
+        the state threads must do it (any fsync, or an error here: they redo
+        what is missing and make the marks durable)."""
+        if not done or defer_entries or self._wanted_entries(bounce_entries):
+            return False
+        try:
+            if self.store.read_bounce_log(qid):
+                return False
+            qm.mark_done(done, sync=False)
+            # No close here: _run_message hands the file to the closer thread.
+            if not self.store.remove(qid, "active", sync=False):
+                self.store.remove(qid, sync=False)     # moved meanwhile (postsuper)
+        except OSError:
+            return False
+        return True
 
     def _finish(self, qid, qm=None):
         """A message whose recipients are all durably done: removed, unless
@@ -1174,6 +1228,45 @@ def _open_fifo(path: str):
         return None
 
 
+_closer_lock = threading.Lock()
+_closer_queue = None
+
+
+def _forget_closer() -> None:
+    # A forked child has no closer thread (threads do not survive fork).
+    global _closer_queue
+    _closer_queue = None
+
+
+os.register_at_fork(after_in_child=_forget_closer)
+
+
+def close_later(qm) -> None:
+    """Close a queue file on the closer thread (one per process, started on
+    first use).  Fire and forget, in order: a failed close leaves nothing
+    to retry or report."""
+    global _closer_queue
+    q = _closer_queue
+    if q is None:
+        with _closer_lock:
+            if _closer_queue is None:
+                import queue
+                _closer_queue = queue.SimpleQueue()
+                threading.Thread(target=_close_loop, args=(_closer_queue,), daemon=True,
+                                 name="qmgr-close").start()
+            q = _closer_queue
+    q.put(qm)
+
+
+def _close_loop(q) -> None:
+    while True:
+        qm = q.get()
+        try:
+            qm.close()
+        except Exception:   # noqa: BLE001 - nothing to report, nothing to retry
+            pass
+
+
 class _Batcher:
     """Blocking jobs asked for in one event-loop turn go to the executor as
     one hand-off and come back with one wake-up.
@@ -1320,6 +1413,7 @@ def _wants_failure_notice(r) -> bool:
 
 
 _UNSET = object()
+_HOLD = object()
 _NOT_FINISHED = object()
 
 

@@ -59,7 +59,10 @@ disk and never held in memory.
            (7BIT/8BITMIME/BINARYMIME)
     ``A``  free attribute ``name NUL value`` (client_name, client_address,
            helo_name, protocol, sasl_method, sasl_username, log_ident,
-           rewrite_context, ...)
+           rewrite_context, ``postwell_size`` = Postfix's message size:
+           what its queue file's content records take, logged as qmgr
+           ``size=`` and shown by postqueue -p; files without it fall back
+           to the content size; see cleanup/recsize.py, ...)
     ``R``  recipient: ``status (1 byte) | address NUL orig NUL orcpt NUL notify``.
            status is ``b"-"`` (pending) or ``b"D"`` (done: delivered, bounced
            or otherwise finished - the notice has been queued).  It is
@@ -347,8 +350,9 @@ LISTING_READ = 4096   # one pread covers header and envelope of a small message
 
 
 def read_listing(fd: int, actual_size: int) -> tuple[int, int, str, list[str]]:
-    """``(arrival_us, content_size, sender, pending recipient addresses)`` of
-    the open queue file ``fd`` whose fstat size is ``actual_size``.
+    """``(arrival_us, size, sender, pending recipient addresses)`` of the open
+    queue file ``fd`` whose fstat size is ``actual_size``; size is Postfix's
+    (``SIZE_ATTRIBUTE``), or the content size in a file without it.
 
     Raises CorruptQueueFile for anything the full parser would refuse."""
     first = os.pread(fd, actual_size if actual_size < LISTING_READ else LISTING_READ, 0)
@@ -379,7 +383,32 @@ def read_listing(fd: int, actual_size: int) -> tuple[int, int, str, list[str]]:
     if len(env) != e_size:
         raise CorruptQueueFile("truncated envelope")
     sender, rcpts = listing_envelope(env)
-    return arrival, c_size, sender, rcpts
+    return arrival, stored_size(env, c_size), sender, rcpts
+
+
+# The envelope attribute with Postfix's message size (what its queue file's content
+# records take), written by cleanup (cleanup/recsize.py) and shown as qmgr size= and
+# by postqueue -p; a file without it shows its content size.
+SIZE_ATTRIBUTE = "postwell_size"
+_SIZE_PREFIX = SIZE_ATTRIBUTE.encode() + b"\0"
+
+
+def stored_size(env: bytes, default: int) -> int:
+    """The size attribute of an envelope listing_envelope() accepted (records are
+    whole), else ``default``; attributes precede the recipients, so the walk stops
+    at the first recipient."""
+    pos, n = 0, len(env)
+    unpack, head = REC_HEAD.unpack_from, REC_HEAD.size
+    while n - pos >= head:
+        rtype, length = unpack(env, pos)
+        pos += head
+        if rtype == REC_ATTR and env.startswith(_SIZE_PREFIX, pos):
+            value = env[pos + len(_SIZE_PREFIX):pos + length]
+            return int(value) if value.isdigit() else default
+        if rtype == REC_RCPT or rtype == REC_END:
+            break
+        pos += length
+    return default
 
 
 def listing_envelope(data: bytes) -> tuple[str, list[str]]:

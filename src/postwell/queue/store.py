@@ -959,9 +959,13 @@ class QueueStore:
         except OSError as exc:
             raise _write_error(exc, "create queue file")
         try:
-            os.fchmod(fd, INCOMPLETE_MODE)
             # The header's zeros ("not committed") are written with the content.
-            ino = os.fstat(fd).st_ino
+            st = os.fstat(fd)
+            ino = st.st_ino
+            if stat.S_IMODE(st.st_mode) != INCOMPLETE_MODE:
+                # Only a umask masking owner bits changes the mode open() asked for:
+                # the usual case costs no fchmod.
+                os.fchmod(fd, INCOMPLETE_MODE)
             us = None
             for _attempt in range(1000):
                 us = self._microseconds(us)

@@ -332,6 +332,12 @@ _EXPECT_LABEL = {
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+# One-line replies as sent -> their parsed form (replies are immutable).  A
+# server says the same few lines again and again ("250 2.1.0 Ok", "354 End
+# data..."): parsing each costs several regex matches and decodes, four
+# times per message (issue 8).  Bounded: cleared when full.
+_REPLY_CACHE: dict[bytes, "ServerReply"] = {}
+_REPLY_CACHE_SIZE = 256
 
 _ATOM_OK = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]+)*$")
 
@@ -802,7 +808,14 @@ class SmtpClient:
                 self._discarding = False
                 self._lines_finish_partial()
                 continue
-            self._lines_add(raw[:MAX_REPLY_LINE].rstrip(b"\r"), partial=False)
+            line = raw[:MAX_REPLY_LINE].rstrip(b"\r")
+            if not self._lines:
+                reply = _REPLY_CACHE.get(line)
+                if reply is not None:       # a complete one-line reply seen before
+                    self._garbage = 0
+                    self._on_reply(reply)
+                    continue
+            self._lines_add(line, partial=False)
         if self._closed and self.state not in (State.ERROR, State.CLOSED):
             stage = self.state.value
             self.state = State.CLOSED
@@ -838,6 +851,10 @@ class SmtpClient:
         if line[3:4] == b"-":
             return
         reply = parse_reply_lines(self._lines)
+        if len(self._lines) == 1 and len(line) <= 512:
+            if len(_REPLY_CACHE) >= _REPLY_CACHE_SIZE:
+                _REPLY_CACHE.clear()
+            _REPLY_CACHE[line] = reply
         self._lines = []
         self._on_reply(reply)
 
