@@ -287,10 +287,6 @@ _NO_LAST_REPLY = {"lost_in_bdat"}
 
 # Differences we know of and have not fixed: name -> reason.  strict: a fix makes them fail.
 XFAIL: dict[str, str] = {
-    "lost_in_long_data_line": "DATA byte count: Postfix counts a line longer than "
-                              "line_length_limit as 2048-byte records, each plus 2 (5006 for a "
-                              "5000-byte line), postwell the bytes (5002); BDAT already counts "
-                              "Postfix's way",
 }
 
 
@@ -498,11 +494,7 @@ def _until_closed(inst, lines: list[str]) -> tuple[list[str], list[str]]:
     return replies, [_log_line(ln) for ln in text.splitlines() if "postfix/smtpd[" in ln]
 
 
-_TIMEOUT_XFAIL = {
-    # Postfix 3.7 logs "timeout after BDAT (49 bytes)" for a chunk cut short, whatever its
-    # size or how much of it came (49 more after an earlier 4-byte chunk): a count we
-    # cannot derive; postwell logs the bytes it received.
-    "in_bdat_chunk": "Postfix's byte count for a BDAT chunk cut short by a timeout",
+_TIMEOUT_XFAIL: dict[str, str] = {
 }
 
 
@@ -548,6 +540,51 @@ def test_engine_bdat_chunk_replies_and_final_count():
     assert _bdat_sizes(b"x" * 2047 + b"\r\n")[1] == 2049
     assert _bdat_sizes(b"x" * 2046, b"abcd\r\n")[1] == 2054
     assert _bdat_sizes(b"ab\r", b"\ncd\r\n")[1] == 8          # CRLF split across chunks
+
+
+def _data_where(data: bytes, piece: int | None = None) -> str:
+    d = _driver()
+    d.feed(b"EHLO a.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+    step = piece or len(data)
+    for i in range(0, len(data), step):
+        d.feed(data[i:i + step])
+    return d.conn.where
+
+
+@pytest.mark.parametrize("piece", [None, 7, 1000, 2048, 2049])
+def test_engine_data_count_in_line_records(piece):
+    # Postfix 3.7's "lost connection after DATA (N bytes)": each line's bytes plus 2 per
+    # record of at most line_length_limit bytes as received (before dot-unstuffing).
+    x = b"x"
+    for data, want in [(x * 5000 + b"\r\n", 5006), (x * 2047 + b"\r\n", 2049),
+                       (x * 2048 + b"\r\n", 2052), (x * 4096 + b"\r\n", 4102),
+                       (x * 4095 + b"\r\n", 4099), (x * 2048 + b"\n", 2052),
+                       (b"." + x * 2048 + b"\r\n", 2052), (b"." + x * 2047 + b"\r\n", 2051),
+                       (x * 2047 + b"\r" + b"y" * 10 + b"\r\n", 2062),
+                       (b"a\r\n" + x * 3000 + b"\r\nbb\r\n", 3011)]:
+        assert _data_where(data, piece) == f"DATA ({want} bytes)", (len(data), piece)
+    # A line not ended yet (the client went away in it): only its full records count.
+    for data, want in [(x * 5000, 4100), (x * 3000, 2050), (x * 2048, 2050), (x * 2047, 0),
+                       (x * 2047 + b"\r", 0), (b"abc\r\n" + x * 3000, 2055),
+                       (b"abc\r\n" + x * 100, 5)]:
+        assert _data_where(data, piece) == f"DATA ({want} bytes)", (len(data), piece)
+
+
+def test_engine_bdat_timeout_count():
+    # Postfix 3.7: the chunks before the one cut short plus the length of the 421 text
+    # ("421 4.4.2 mx.example.test Error: timeout exceeded" = 49; 65 with a 16-byte longer
+    # myhostname), whatever part of the chunk came.
+    d = _driver()
+    d.feed(b"EHLO a.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+    d.feed(b"BDAT 10\r\nabc\n")
+    assert d.conn.timeout_where() == "BDAT (49 bytes)"
+    assert d.conn.where == "BDAT (4 bytes)"          # the lost-connection count is unchanged
+    d = _driver()
+    d.feed(b"EHLO a.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+    d.feed(b"BDAT 4\r\nabc\n", b"BDAT 10\r\nab\n")
+    assert d.conn.timeout_where() == "BDAT (54 bytes)"
+    d.feed(b"cdefghi")
+    assert d.conn.timeout_where() == d.conn.where    # between chunks: as any command
 
 
 def test_engine_etrn_checks():

@@ -200,7 +200,30 @@ class Engine:
     def mynetworks(self) -> HostList:
         if self._mynetworks is None:
             self._mynetworks = mynetworks_list(self.config, tables=self._tables)
+            # permit_mynetworks runs for every RCPT (relay and recipient lists): with
+            # address/name patterns only, the answer for a client never changes, so it
+            # is remembered; a list naming a table is asked every time (tables change).
+            entries = getattr(self._mynetworks, "entries", None)
+            self._mynet_cache = ({} if entries is not None
+                                 and not any(is_table_spec(x.lstrip("!")) for x in entries)
+                                 else None)
         return self._mynetworks
+
+    _mynet_cache: dict | None = None
+
+    def in_mynetworks(self, name: str | None, addr: str | None) -> bool:
+        nets = self.mynetworks
+        cache = self._mynet_cache
+        if cache is None:
+            return bool(nets.match(name, addr))
+        key = (name, addr)
+        hit = cache.get(key)
+        if hit is None:
+            hit = bool(nets.match(name, addr))    # an exception is not remembered
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = hit
+        return hit
 
     def warn_once(self, text: str) -> None:
         if text not in self._warned:
@@ -741,7 +764,7 @@ async def _check_policy_service(e: Engine, c: _Ctx, args, name):
 
 async def _permit_mynetworks(e: Engine, c: _Ctx, args, name):
     try:
-        return OK if e.mynetworks.match(c.state.client_name, c.state.client_addr) else DUNNO
+        return OK if e.in_mynetworks(c.state.client_name, c.state.client_addr) else DUNNO
     except Exception as ex:  # noqa: BLE001
         e.warn_once(f"mynetworks: {ex}")
         e.server_error(c.state)

@@ -19,6 +19,7 @@ API (the asyncio glue in postwell.smtpd is the only caller; tests drive it direc
     conn.deny_access()           # on_connect refused: 503 to every command but QUIT
     conn.abort(reason)           # timeout etc.: close, counting a DATA/BDAT in progress
     conn.where                   # "CONNECT", "RCPT", "DATA (9 bytes)", ... for log lines
+    conn.timeout_where()         # the same for "timeout after ..." (a BDAT chunk differs)
     conn.counters_text()         # "ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4"
     conn.closed                  # no more input is read once True (after QUIT, 421, 521, EOF)
     conn.pipelining_violation    # for reject_unauth_pipelining
@@ -740,6 +741,9 @@ _PRE_TLS = frozenset({"HELO", "EHLO", "STARTTLS", "NOOP", "QUIT"})
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS"})
 
 
+_REPLY_BYTES: dict = {}   # Reply -> its wire form (bounded; see _queue_reply)
+
+
 class ServerConnection:
     def __init__(self, config: ServerConfig | None = None, client: str = "unknown[unknown]",
                  forbid_bare_newline: str | None = None) -> None:
@@ -786,6 +790,8 @@ class ServerConnection:
         self.pipelining_violation = False     # for reject_unauth_pipelining
         self._datapart: list[bytes] = []
         self._line_start = True
+        self._data_line = 0                   # bytes of an over-long DATA line passed on
+        self._data_partial = 0                # what _data_size counted of them so far
         self._prev_crlf = True
 
     # ----- public API --------------------------------------------------------------------
@@ -895,7 +901,7 @@ class ServerConnection:
     def where(self) -> str:
         """The "after ..." part of Postfix's lost-connection / timeout log lines."""
         if self.state == S_DATA:
-            return f"DATA ({self._data_size} bytes)"
+            return f"DATA ({self._data_count()} bytes)"
         if self.state == S_BDAT:
             # A refused chunk is skipped, not received: Postfix says just "BDAT" then.
             return "BDAT" if self._bdat_discard else f"BDAT ({self._bdat_total} bytes)"
@@ -904,6 +910,16 @@ class ServerConnection:
     @where.setter
     def where(self, value: str) -> None:
         self._where = value
+
+    def timeout_where(self) -> str:
+        """``where`` for the "timeout after ..." log line.  A BDAT chunk cut short by
+        the timeout is logged by Postfix 3.7 as the count of the chunks before it plus
+        the length of its 421 reply's text (checked against 3.7: "BDAT (49 bytes)" with
+        myhostname mx.example.test, whatever part of the chunk came)."""
+        if self.state == S_BDAT and not self._bdat_discard:
+            text = f"421 4.4.2 {self.config.hostname} Error: timeout exceeded"
+            return f"BDAT ({self._act_chunk_start + len(text)} bytes)"
+        return self.where
 
     @property
     def _smtputf8_offered(self) -> bool:
@@ -943,6 +959,7 @@ class ServerConnection:
         self._act_size = 0            # Postfix's count for "Ok: N bytes queued as"
         self._act_line = 0            # bytes of the line not yet ended by LF
         self._act_cr = False          # that line's last byte is CR
+        self._act_chunk_start = 0     # _act_size before the BDAT chunk being read
 
     def _count_act(self, chunk: bytes) -> None:
         """Postfix's BDAT byte count (its act_size): each line's text plus 2 for the line
@@ -976,7 +993,18 @@ class ServerConnection:
             self._delay += self.config.error_sleep_time
         if reply.code >= 400 and self.config.reject_footer:
             reply = self._with_footer(reply)
-        self._out.append(reply.to_bytes())
+        # Most replies repeat ("250 2.1.0 Ok", "354 ..."): a dict hit is cheaper than
+        # formatting the lines again for every command.
+        if type(reply) is Reply:
+            data = _REPLY_BYTES.get(reply)
+            if data is None:
+                data = reply.to_bytes()
+                if len(_REPLY_BYTES) >= 512:
+                    _REPLY_BYTES.clear()     # unique replies ("queued as ID") must not pile up
+                _REPLY_BYTES[reply] = data
+        else:
+            data = reply.to_bytes()
+        self._out.append(data)
 
     def _with_footer(self, reply: Reply) -> Reply:
         name, _, addr = self.client.rpartition("[")
@@ -1059,6 +1087,7 @@ class ServerConnection:
                 self._line_start = True
                 self._prev_crlf = True
                 self._data_size = 0
+                self._data_line = self._data_partial = 0
                 self._too_big = False
                 self._bare_lf = False
                 self._datapart = []
@@ -1597,6 +1626,7 @@ class ServerConnection:
                 self._bdat_active = False
             self.state = S_BDAT
             return
+        self._act_chunk_start = self._act_size if self._bdat_started else 0
         if not self._bdat_started:
             self._data_size = 0
             self._too_big = False
@@ -1720,6 +1750,30 @@ class ServerConnection:
             return
         self._datapart.append(piece)
 
+    def _data_count(self) -> int:
+        """Postfix's act_size while DATA is read: whole lines as _count_records() counts
+        them; of a line not yet ended, only its full line_length_limit records, each
+        plus 2 (checked against 3.7: 4100 for 5000 bytes without a line end, 0 for
+        2047 bytes and a CR that may start the CRLF)."""
+        limit = self.config.line_length_limit
+        partial = self._data_line + len(self._inbuf)
+        if self._inbuf[-1:] == b"\r":
+            partial -= 1
+        return self._data_size - self._data_partial + (limit + 2) * (partial // limit)
+
+    def _count_records(self, length: int) -> None:
+        """Postfix's smtpd reads DATA in records of at most line_length_limit bytes and
+        counts 2 for the line end of each (its act_size, in "lost connection after DATA
+        (N bytes)" and the size limit): a line of ``length`` bytes (as received, before
+        dot-unstuffing, without its line end) counts 2 more per full record (checked
+        against 3.7: 5006 for a 5000-byte line)."""
+        extra = 2 * (length // self.config.line_length_limit)
+        if extra:
+            self._data_size += extra
+            limit = self.config.message_size_limit
+            if limit and self._data_size > limit:
+                self._too_big = True
+
     def _flush_content(self) -> None:
         if self._datapart:
             self._events.append(DataChunk(b"".join(self._datapart)))
@@ -1742,7 +1796,14 @@ class ServerConnection:
             if end > 0 and buf.find(b"\n.", 0, end) < 0 \
                     and not (size_limit and self._data_size + end > size_limit) \
                     and buf.count(b"\n", 0, end) == buf.count(b"\r\n", 0, end):
-                self._emit_content(bytes(buf[:end]))
+                chunk = bytes(buf[:end])
+                self._emit_content(chunk)
+                if end > limit:
+                    lines = chunk.split(b"\n")
+                    if max(map(len, lines)) > limit:   # CRLF lines: a length counts the CR
+                        for line_ in lines:
+                            if len(line_) > limit:
+                                self._count_records(len(line_) - 1)
                 self._prev_crlf = True
                 pos = end
                 if t >= 0:
@@ -1756,13 +1817,17 @@ class ServerConnection:
                     # Pass an over-long line on in pieces; keep a trailing CR, it may pair
                     # with the next LF.
                     end = n - 1 if buf[n - 1] == 0x0D else n
+                    self._data_line += end - pos
                     piece = bytes(buf[pos:end])
                     if self._line_start and piece.startswith(b"."):
                         piece = piece[1:]
+                    counted = self._data_size
                     self._emit_content(piece)
+                    self._data_partial += self._data_size - counted
                     self._line_start = False
                     pos = end
                 break
+            start = pos
             line = buf[pos:i + 1]
             pos = i + 1
             crlf = len(line) >= 2 and line[-2] == 0x0D
@@ -1785,6 +1850,10 @@ class ServerConnection:
                     line = line[1:]   # RFC 5321 4.5.2 transparency
             content = bytes(line) if crlf else bytes(line[:-1]) + b"\r\n"
             self._emit_content(content)
+            whole = self._data_line + i + 1 - start - (2 if crlf else 1)
+            if whole >= limit:
+                self._count_records(whole)
+            self._data_line = self._data_partial = 0
             self._line_start = True
             # RFC 5321 4.1.1.4: the terminator is CRLF "." CRLF; a "." after a bare LF is
             # content, so no second message can be smuggled past a lenient peer.

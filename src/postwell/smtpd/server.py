@@ -75,6 +75,21 @@ def client_hostname(addr: str, lookup: bool) -> str:
     client is "unknown" (no DNS lookups leave this process)."""
     if not lookup:
         return "unknown"
+    # Asked for every connection; the answer rests on /etc/hosts, read once, so keep it
+    # per address instead of parsing the address again each time.
+    name = _name_cache.get(addr)
+    if name is None:
+        name = _client_hostname(addr)
+        if len(_name_cache) >= 4096:
+            _name_cache.clear()
+        _name_cache[addr] = name
+    return name
+
+
+_name_cache: dict[str, str] = {}
+
+
+def _client_hostname(addr: str) -> str:
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
@@ -202,6 +217,44 @@ def _int(config, name: str, default: int) -> int:
 
 # --------------------------------------------------------------------------- session
 
+class _Wakeup:
+    """asyncio.Event for the one coroutine that waits on it (the session task).
+
+    data_received() sets it for every network read; asyncio.Event keeps a deque of
+    waiters and looks the running loop up again for each wait, work this single-waiter
+    flag does without."""
+
+    __slots__ = ("_set", "_waiter", "_loop")
+
+    def __init__(self, loop) -> None:
+        self._set = False
+        self._waiter = None
+        self._loop = loop
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(True)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        fut = self._waiter = self._loop.create_future()
+        try:
+            await fut
+        finally:
+            self._waiter = None
+        return True
+
+
 class SmtpdSession(asyncio.Protocol):
     def __init__(self, server: "SmtpdServer") -> None:
         self.server = server
@@ -209,7 +262,8 @@ class SmtpdSession(asyncio.Protocol):
         self.conn: ServerConnection | None = None
         self.state = None
         self.cs = None                      # the open cleanup session
-        self._data_ready = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._data_ready = _Wakeup(self._loop)
         self._wait_timer: asyncio.TimerHandle | None = None
         self._wait_deadline = 0.0
         self._waiting = False
@@ -241,7 +295,7 @@ class SmtpdSession(asyncio.Protocol):
             # smtpd_tls_wrappermode: the ClientHello must reach the SSL layer, so read
             # nothing until start_tls() takes over the transport (it resumes reading).
             transport.pause_reading()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = self._loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
         if self._raw_phase:
@@ -375,8 +429,18 @@ class SmtpdSession(asyncio.Protocol):
             if ev is NEED_DATA:
                 # Clear before any await: bytes arriving while we flush must wake us.
                 self._data_ready.clear()
-                if not await self._flush():
-                    return
+                delay = conn.error_delay()
+                if delay > 0 or not self._can_write.is_set():
+                    if not await self._flush(delay):
+                        return
+                else:
+                    # The usual turn (no error delay, no back-pressure) writes the
+                    # replies without a coroutine of its own: this runs for every read.
+                    data = conn.data_to_send()
+                    if data and not self.transport.is_closing():
+                        self.transport.write(data)
+                    if not self._can_write.is_set() and not await self._flush(0.0):
+                        return
                 if self._paused:
                     self._paused = False
                     self.transport.resume_reading()
@@ -405,8 +469,7 @@ class SmtpdSession(asyncio.Protocol):
         if self.server.per_record_deadline:
             # smtpd_per_record_deadline: smtpd_timeout bounds a whole request line, not
             # each read, so a client trickling bytes is cut off (Postfix's slowloris fix).
-            loop = asyncio.get_running_loop()
-            now = loop.time()
+            now = self._loop.time()
             if self._deadline is None or conn.buffered < getattr(self, "_buffered_mark", 0) \
                     or conn.buffered == 0:
                 self._deadline = now + timeout
@@ -416,7 +479,7 @@ class SmtpdSession(asyncio.Protocol):
                 raise asyncio.TimeoutError
             self._buffered_mark = conn.buffered
         except asyncio.TimeoutError:
-            self.server.log.info(f"timeout after {conn.where} from {self.namaddr}")
+            self.server.log.info(f"timeout after {conn.timeout_where()} from {self.namaddr}")
             conn.abort("timeout")
             if not self.transport.is_closing():
                 self.transport.write(Reply(421, f"{self.server.hostname} Error: timeout exceeded",
@@ -431,9 +494,9 @@ class SmtpdSession(asyncio.Protocol):
 
         One timer per session, moved on only when it fires, instead of the task
         and timer that wait_for() makes for every read."""
-        if self._data_ready.is_set():
+        if self._data_ready._set:
             return True
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._wait_deadline = loop.time() + timeout
         timer = self._wait_timer
         if timer is None or timer.when() > self._wait_deadline:
@@ -442,26 +505,30 @@ class SmtpdSession(asyncio.Protocol):
             self._wait_timer = loop.call_at(self._wait_deadline, self._on_wait_timer)
         self._timed_out = False
         self._waiting = True
+        ready = self._data_ready
+        fut = ready._waiter = loop.create_future()   # _Wakeup.wait(), one frame less
         try:
-            await self._data_ready.wait()
+            await fut
         finally:
             self._waiting = False
+            ready._waiter = None
         return not self._timed_out
 
     def _on_wait_timer(self) -> None:
         self._wait_timer = None
         if not self._waiting:
             return                  # the next wait arms it again
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._wait_deadline:
             self._wait_timer = loop.call_at(self._wait_deadline, self._on_wait_timer)
             return
         self._timed_out = True
         self._data_ready.set()
 
-    async def _flush(self) -> bool:
+    async def _flush(self, delay: float | None = None) -> bool:
         conn = self.conn
-        delay = conn.error_delay()
+        if delay is None:
+            delay = conn.error_delay()
         if delay > 0:
             await asyncio.sleep(delay)
         data = conn.data_to_send()
@@ -982,7 +1049,10 @@ class SmtpdSession(asyncio.Protocol):
                 reply = REPLY_WRITE_ERROR
             self.cs = None          # finished: committed or already discarded by cleanup
             if reply.code == 552 and "too big" in reply.text:
-                srv.log.warning(f"{cs.queue_id}: queue file size limit exceeded")
+                # cleanup's own limit (it counts the headers it adds): Postfix's cleanup
+                # logs this one, as postfix/cleanup (checked against 3.7).
+                clog = getattr(srv.cleanup, "log", None) or srv.log
+                clog.warning(f"{cs.queue_id}: queue file size limit exceeded")
             if ev.bdat and reply.code == 250:
                 # Postfix words the last BDAT reply "Ok: N bytes queued as ID".
                 reply = Reply(250, f"Ok: {ev.size} bytes queued as {cs.queue_id}", "2.0.0")
@@ -1031,6 +1101,7 @@ class SmtpdServer:
         except ImportError:
             pass
         self._own = None
+        self._rewrite_cache: dict[str, bool] = {}
         self.limits = None        # anvil(8): machine-wide counts and rates
         try:
             from postwell.anvil import SmtpdLimits
@@ -1130,21 +1201,32 @@ class SmtpdServer:
     def queue_space_ok(self, size: int) -> bool:
         """Postfix's smtpd_check_queue(): free space >= max(queue_minfree, 1.5 *
         message_size_limit); ``size`` (the client's SIZE) does not count."""
-        store = getattr(self.cleanup, "store", None)
-        directory = getattr(store, "queue_directory", None) or self.config.get("queue_directory")
-        try:
-            sv = os.statvfs(directory)
-        except (OSError, TypeError):
-            return True
-        free = sv.f_bavail * sv.f_frsize
         # Postfix's smtpd_check_queue(): queue_minfree and 1.5 x message_size_limit; the
         # SIZE a client announces is not weighed against free space (checked against 3.7).
         need = max(self.queue_minfree, int(1.5 * self.message_size_limit))
+        now = self.monotonic()
+        free = self._space_free
+        if free is None or now - self._space_when >= 1.0 or free < 2 * need:
+            # One statvfs(2) per second at most while space is plentiful (a MAIL per
+            # message otherwise); near the limit every MAIL looks again.
+            store = getattr(self.cleanup, "store", None)
+            directory = getattr(store, "queue_directory", None) or \
+                self.config.get("queue_directory")
+            try:
+                sv = os.statvfs(directory)
+            except (OSError, TypeError):
+                return True
+            free = sv.f_bavail * sv.f_frsize
+            self._space_free, self._space_when = free, now
         if free < need:
             self.log.warning(f"not enough free space in mail queue: {free} bytes < "
                              f"1.5*message size limit")
             return False
         return True
+
+    _space_free: int | None = None     # queue_space_ok()'s last statvfs answer
+    _space_when = 0.0
+    monotonic = staticmethod(time.monotonic)   # queue_space_ok()'s clock (tests replace it)
 
     def _host_list(self, param: str, default: str):
         try:
@@ -1188,6 +1270,18 @@ class SmtpdServer:
             return False
 
     def rewrite_local(self, addr: str) -> bool:
+        # Asked at every first RCPT; the answer depends on the address and on this
+        # host's interfaces only, so remember it per client address.
+        cache = self._rewrite_cache
+        hit = cache.get(addr)
+        if hit is None:
+            hit = self._rewrite_local(addr)
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[addr] = hit
+        return hit
+
+    def _rewrite_local(self, addr: str) -> bool:
         # local_header_rewrite_clients = permit_inet_interfaces (Postfix's default).
         try:
             if ipaddress.ip_address(addr).is_loopback:
