@@ -67,7 +67,11 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
                 return await deliver(agent, qid, str(req.get("sender", "")),
                                      str(req.get("nexthop", "")), rcpts)
 
-        await answer_requests(reader, writer, answer, log, parse=parse, wait=300)
+        try:
+            await answer_requests(reader, writer, answer, log, parse=parse, wait=300)
+        finally:
+            if agent is not None:
+                agent.close()      # this connection's user workers
 
     async def deliver(agent, qid, sender, nexthop, rcpts):
         if agent is None:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 
 from .base import DeliveryAgent, DeliveryRequest, Recipient, RecipientResult, split_map_list
 from .local_exec import (
-    Identity, LocalCopy, NeedRoot, op_command, op_file, op_forward_lookup, op_mailbox, op_read_file,
-    run_as,
+    Identity, LocalCopy, NeedRoot, _identity_key, op_command, op_file, op_forward_lookup,
+    op_forward_or_mailbox, op_mailbox, op_read_file, run_as,
 )
 from .virtual import delivered_to_headers
 
@@ -545,6 +545,7 @@ class Expansion:
         self.leaves: list[Leaf] = []
         self.seen: set[tuple] = set()
         self.forward_active: set[str] = set()
+        self.premade: dict[str, dict] = {}   # user -> mailbox result from the .forward call
         self.nodes = 0
 
     # -- helpers -------------------------------------------------------
@@ -798,7 +799,16 @@ class Expansion:
                 candidates.append((path, "extension" in used))
         # One child, as the user: the home directory check, then the first
         # forward_path file that exists.
-        res = self._call(ident, op_forward_lookup, pw.pw_dir, [c[0] for c in candidates], pw.pw_uid)
+        paths = [c[0] for c in candidates]
+        mailbox = self._mailbox_next(b, user, pw, ident)
+        if mailbox is not None:
+            # Without a .forward file local(8) goes on to the mailbox, which the
+            # same worker writes as the same user: one round trip, not two.
+            res = self._call(ident, op_forward_or_mailbox, pw.pw_dir, paths, pw.pw_uid, *mailbox)
+            if "mailbox" in res:
+                self.premade[user] = res.pop("mailbox")
+        else:
+            res = self._call(ident, op_forward_lookup, pw.pw_dir, paths, pw.pw_uid)
         if "error" in res:
             raise DeferAll("4.3.0", res["error"])
         if "home_error" in res:
@@ -829,8 +839,28 @@ class Expansion:
             self.forward_active.discard(path)
         return True
 
+    def _mailbox_next(self, b: Branch, user: str, pw, ident: Identity) -> tuple | None:
+        """op_mailbox's arguments when, should the user have no .forward file,
+        mailbox() would next write the mailbox with ``ident``'s own rights;
+        else None (a command, another identity, a mailbox already done)."""
+        if ("mailbox", user) in self.seen:
+            return None
+        try:
+            plan = self._mailbox_plan(b, user, pw, ident)
+        except DeferAll:
+            return None     # mailbox() meets the same trouble in its own turn
+        if plan[0] != "mailbox" or _identity_key(plan[1]) != _identity_key(ident):
+            return None
+        return plan[2]
+
     # -- mailbox -------------------------------------------------------
     def mailbox(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
+        premade = self.premade.pop(user, None)
+        if premade is not None:
+            # Already written in the .forward lookup's worker call (see dotforward).
+            self.been_here(("mailbox", user))
+            self._record(b, premade)
+            return True
         try:
             pw = pwd.getpwnam(user)
         except KeyError:
@@ -838,6 +868,16 @@ class Expansion:
         if self.been_here(("mailbox", user)):
             return True
         ident = Identity.from_pwd(pw)
+        plan = self._mailbox_plan(b, user, pw, ident)
+        if plan[0] == "command":
+            self.run_command(b, plan[1], plan[2], pw=pw)
+            return True
+        _, act, args = plan
+        self._do(b, act, op_mailbox, *args)
+        return True
+
+    def _mailbox_plan(self, b: Branch, user: str, pw, ident: Identity) -> tuple:
+        """("command", identity, command) or ("mailbox", identity, op_mailbox args)."""
         command = None
         maps = self.agent.command_maps()
         if maps:
@@ -849,8 +889,7 @@ class Expansion:
         if command:
             # As root the command runs as default_privs (local(8) MAILBOX DELIVERY).
             run_ident = ident if ident.uid != 0 else self.agent.default_identity()
-            self.run_command(b, run_ident, command, pw=pw)
-            return True
+            return "command", run_ident, command
         chown_to = None
         if self.s.home_mailbox:
             path = os.path.join(pw.pw_dir, self.s.home_mailbox)
@@ -873,9 +912,8 @@ class Expansion:
                     act = Identity(0, 0, "root")
                     chown_to = (ident.uid, ident.gid)
         copy = self._copy(b, path, maildir, "file")
-        self._do(b, act, op_mailbox, copy, user, ident.uid, self.s.strict_owner, chown_to,
-                 self.request.open_content)
-        return True
+        return "mailbox", act, (copy, user, ident.uid, self.s.strict_owner, chown_to,
+                                self.request.open_content)
 
     # -- doing things --------------------------------------------------
     def _copy(self, b: Branch, path: str, maildir: bool, kind: str) -> LocalCopy:
@@ -897,6 +935,9 @@ class Expansion:
         except NeedRoot as exc:
             self.leaf(b, "4.3.0", f"mail system configuration error: {exc}")
             return
+        self._record(b, res)
+
+    def _record(self, b: Branch, res: dict) -> None:
         if "error" in res:
             self.leaf(b, "4.3.0", f"local delivery failed: {res['error']}")
             return

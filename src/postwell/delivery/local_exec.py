@@ -171,7 +171,8 @@ def _run_forked(ident: Identity, func, *args):
 # length-prefixed JSON answer of bounded size; the root side never unpickles
 # what a user-owned process wrote.
 
-WORKER_OPS = {"op_forward_lookup", "op_read_file", "op_mailbox", "op_file", "op_virtual_delivery"}
+WORKER_OPS = {"op_forward_lookup", "op_forward_or_mailbox", "op_read_file", "op_mailbox", "op_file",
+              "op_virtual_delivery"}
 WORKERS_PER_IDENTITY = 8      # parallel operations (and fsyncs) for one user
 MAX_WORKERS = 64              # every identity together
 WORKER_REUSE = 60.0           # seconds: an older idle worker is retired, not reused
@@ -180,6 +181,10 @@ MAX_ANSWER = 4 << 20          # an answer frame (a .forward text is at most MAX_
 _FRAME = struct.Struct("!I")
 _CONTENT = "\0content"       # stands for the content argument in a pickled request
 _INLINE = "\0inline"         # ... or carries it, when it is small and already in memory
+_BATCH = "\0batch"           # operation name of a frame that carries several operations
+BATCH_MAX = 32               # operations per frame
+BATCH_BYTES = 1 << 20        # inline content per frame (bounded memory on both sides)
+BATCH_THREADS = 8            # operations of one batch in progress at once, in a worker
 INLINE_MAX = 256 << 10
 
 _pool: "WorkerPool | None" = None
@@ -223,6 +228,93 @@ def _unwire(arg, content_fd):
         data = arg[1]
         return lambda: iter((data,))
     return arg
+
+
+def _run_batch(funcs, items) -> list:
+    """Several operations of one request frame, in order; their answers as a list.
+
+    The Maildir renames of the whole batch share one fsync per new/ directory,
+    done after the last operation and before any answer leaves: a delivery is
+    still reported only once its name is durable, but N messages into one
+    Maildir cost one directory fsync instead of N."""
+    from postwell.queue.store import fsync_dir
+
+    from . import virtual
+
+    def one(item):
+        name, args = item
+        dirs: list[str] = []
+        virtual.defer_dir_syncs(dirs)
+        try:
+            return funcs[name](*[_unwire(a, None) for a in args]), dirs
+        except BaseException as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}, dirs
+        finally:
+            virtual.defer_dir_syncs(None)
+
+    # Maildir deliveries run side by side: their file fsyncs reach the file
+    # system together and share journal commits, where one after the other
+    # each would wait for a commit of its own.  Anything else (mbox appends
+    # above all: fcntl locks do not exclude threads of one process) runs
+    # here, one after the other.
+    side = [i for i, item in enumerate(items) if _maildir_op(item)] if len(items) > 1 else []
+    running = {i: _batch_threads().submit(one, items[i]) for i in side}
+    done = [None] * len(items)
+    for i, item in enumerate(items):
+        if i not in running:
+            done[i] = one(item)
+    for i, fut in running.items():
+        done[i] = fut.result()
+    out = [res for res, _ in done]
+    synced_by: dict[str, list[int]] = {}
+    for i, (_, dirs) in enumerate(done):
+        for d in dirs:
+            synced_by.setdefault(d, []).append(i)
+    for d, users in synced_by.items():
+        try:
+            fsync_dir(d)
+        except OSError as exc:
+            # The name may not be durable: none of these may count as delivered.
+            for i in users:
+                out[i] = _dir_sync_failed(out[i], d, exc)
+    return out
+
+
+def _maildir_op(item) -> bool:
+    name, args = item
+    return name == "op_virtual_delivery" and bool(args) and getattr(args[0], "maildir", False) is True
+
+
+_batch_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _batch_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """A worker's threads for batches (made in the worker, after its fork)."""
+    global _batch_pool
+    if _batch_pool is None:
+        _batch_pool = concurrent.futures.ThreadPoolExecutor(BATCH_THREADS,
+                                                            thread_name_prefix="batch")
+    return _batch_pool
+
+
+def _forget_batch_threads() -> None:
+    # The pool's threads do not exist in a forked child: it makes its own.
+    global _batch_pool
+    _batch_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_batch_threads)
+
+
+def _dir_sync_failed(res, path: str, exc: OSError):
+    """The answer an operation would have given had its own new/ fsync failed."""
+    if isinstance(res, list) and len(res) == 3:
+        if res[0] != "sent":
+            return res
+        from .virtual import _errno_dsn, _status
+        dsn = _errno_dsn(exc, "4.2.0")
+        return [_status(dsn), dsn, f"maildir delivery failed: {exc.strerror}: {path}"]
+    return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _die_with_parent(parent: int) -> None:  # pragma: no cover - child
@@ -270,8 +362,11 @@ def _worker_main(sock: socket.socket, ident: Identity, parent: int) -> None:  # 
             return
         content_fd = fds[0] if fds else None
         try:
-            args = [_unwire(a, content_fd) for a in args]
-            res = funcs[name](*args)
+            if name == _BATCH:
+                res = _run_batch(funcs, args)
+            else:
+                args = [_unwire(a, content_fd) for a in args]
+                res = funcs[name](*args)
         except BaseException as exc:  # the parent gets a reason, never a hang
             res = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
@@ -334,79 +429,129 @@ class AsyncWorkerPool:
     loop's process: a thread returning from fsync() waits for the busy
     loop to hand over the interpreter lock, several times per delivery,
     while a worker only costs the loop one request and one answer.  Content
-    travels inline, so only messages already in memory and small go here."""
+    travels inline, so only messages already in memory and small go here.
 
-    def __init__(self, size: int = 4):
-        self.size = size
+    Requests that arrive while every worker is busy wait in a queue, and a
+    worker that comes free takes all of them (up to BATCH_MAX / BATCH_BYTES)
+    in one frame: one round trip and one fsync of each new/ directory for the
+    batch instead of one per message.  With batching, a worker per core is
+    enough to keep the disk busy; more would only add processes."""
+
+    def __init__(self, size: int | None = None, ident: Identity | None = None):
+        self.size = size if size is not None else max(2, min(4, os.cpu_count() or 2))
+        # Whose files the workers write: ourselves, or (a root helper) one mailbox owner.
+        self.ident = ident
         self._idle: list[UserWorker] = []
         self._count = 0
-        self._free: asyncio.Condition | None = None
+        self._queue: list[tuple[str, list, int, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
 
     async def run(self, name: str, args) -> dict | list | None:
         """The operation's answer, or None when it cannot go to a worker."""
         wire = []
+        size = 0
         for a in args:
             if isinstance(a, InlineContent):
                 if len(a.data) > INLINE_MAX:
                     return None
+                size += len(a.data)
                 a = (_INLINE, a.data)
             elif callable(a):
                 return None
             wire.append(a)
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((name, wire, size, fut))
+        self._dispatch()
+        # A caller that gives up leaves its request queued: _take skips it.
+        return await fut
+
+    def _take(self) -> list:
+        """The next batch off the queue (requests whose caller left are dropped)."""
+        batch, size = [], 0
+        while self._queue and len(batch) < BATCH_MAX:
+            item = self._queue[0]
+            if item[3].done():
+                self._queue.pop(0)
+                continue
+            if batch and size + item[2] > BATCH_BYTES:
+                break
+            self._queue.pop(0)
+            batch.append(item)
+            size += item[2]
+        return batch
+
+    def _dispatch(self) -> None:
+        """Hand queued requests to idle workers, starting workers up to size."""
         loop = asyncio.get_running_loop()
-        worker = await self._acquire()
+        while self._queue:
+            worker = self._idle_worker()
+            if worker is None:
+                if self._count >= self.size:
+                    return
+                self._count += 1
+                try:
+                    worker = UserWorker(self.ident or Identity(os.geteuid(), os.getegid()))
+                    worker.sock.setblocking(False)
+                except BaseException as exc:
+                    self._count -= 1
+                    for *_, fut in self._take():
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+            batch = self._take()
+            if not batch:
+                self._release(worker)
+                return
+            loop.create_task(self._serve(worker, batch))
+
+    def _idle_worker(self) -> UserWorker | None:
+        now = time.monotonic()
+        while self._idle and now - self._idle[0].idle_since >= WORKER_REUSE:
+            self._count -= 1
+            self._idle.pop(0).close()        # oldest first
+        return self._idle.pop() if self._idle else None
+
+    async def _serve(self, worker: UserWorker, batch: list) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            payload = pickle.dumps((name, wire), protocol=pickle.HIGHEST_PROTOCOL)
+            if len(batch) == 1:
+                name, wire, _, _ = batch[0]
+                frame = (name, wire)
+            else:
+                frame = (_BATCH, [(name, wire) for name, wire, _, _ in batch])
+            payload = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
             await loop.sock_sendall(worker.sock, _FRAME.pack(len(payload)) + payload)
             size = _FRAME.unpack(await _arecv_exact(loop, worker.sock, _FRAME.size))[0]
             if size > MAX_ANSWER:
                 raise ValueError("worker answer too large")
             res = json.loads(await _arecv_exact(loop, worker.sock, size))
+            if len(batch) == 1:
+                res = [res]
+            elif isinstance(res, dict):
+                res = [res] * len(batch)         # the batch as a whole failed
+            if not isinstance(res, list) or len(res) != len(batch):
+                raise ValueError("worker answer does not match the batch")
         except (EOFError, OSError, ValueError):
-            await self._discard(worker)
-            return {"error": "delivery child died unexpectedly"}
+            self._count -= 1
+            worker.close()
+            res = [{"error": "delivery child died unexpectedly"}] * len(batch)
         except BaseException:
-            await self._discard(worker)      # cancelled mid-request: its answer is unusable
+            self._count -= 1
+            worker.close()                   # cancelled mid-request: its answer is unusable
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.cancel()
             raise
-        await self._release(worker)
-        return res
+        else:
+            self._release(worker)
+        for (*_, fut), answer in zip(batch, res):
+            if not fut.done():
+                fut.set_result(answer)
+        self._dispatch()
 
-    async def _acquire(self) -> UserWorker:
-        if self._free is None:
-            self._free = asyncio.Condition()
-        stale = []
-        try:
-            async with self._free:
-                while True:
-                    now = time.monotonic()
-                    while self._idle and now - self._idle[0].idle_since >= WORKER_REUSE:
-                        stale.append(self._idle.pop(0))     # oldest first
-                        self._count -= 1
-                    if self._idle:
-                        return self._idle.pop()
-                    if self._count < self.size:
-                        self._count += 1
-                        break
-                    await self._free.wait()
-        finally:
-            for w in stale:
-                w.close()
-        try:
-            worker = UserWorker(Identity(os.geteuid(), os.getegid()))
-            worker.sock.setblocking(False)
-        except BaseException:
-            async with self._free:
-                self._count -= 1
-                self._free.notify()
-            raise
-        return worker
-
-    async def _release(self, worker: UserWorker) -> None:
+    def _release(self, worker: UserWorker) -> None:
         worker.idle_since = time.monotonic()
-        async with self._free:
-            self._idle.append(worker)
-            self._free.notify()
+        self._idle.append(worker)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(WORKER_REUSE, self._retire_idle)
 
@@ -421,12 +566,6 @@ class AsyncWorkerPool:
             w.close()
         if self._idle:
             self._timer = asyncio.get_running_loop().call_later(WORKER_REUSE, self._retire_idle)
-
-    async def _discard(self, worker: UserWorker) -> None:
-        async with self._free:
-            self._count -= 1
-            self._free.notify()
-        worker.close()
 
     def close(self) -> None:
         if self._timer is not None:
@@ -687,6 +826,19 @@ def op_forward_lookup(home: str, paths: list[str], uid: int) -> dict:
         res["path"] = path
         return res
     return {}
+
+
+def op_forward_or_mailbox(home: str, paths: list[str], uid: int, *mailbox) -> dict:
+    """op_forward_lookup; when the user has no forward file, also the mailbox
+    delivery local(8) does next (op_mailbox's arguments), its answer under
+    "mailbox".  Saves the second worker round trip of the common case."""
+    res = op_forward_lookup(home, paths, uid)
+    if res:
+        return res
+    try:
+        return {"mailbox": op_mailbox(*mailbox)}
+    except Exception as exc:   # as a failed op_mailbox call would answer
+        return {"mailbox": {"error": f"{type(exc).__name__}: {exc}"}}
 
 
 # ------------------------------------------------------------------ writing

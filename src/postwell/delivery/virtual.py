@@ -1,11 +1,13 @@
 """virtual(8): deliver to Maildir or mbox files under virtual_mailbox_base.
 
 The mailbox path comes from virtual_mailbox_maps (a trailing "/" means
-Maildir), ownership from virtual_uid_maps / virtual_gid_maps.  Blocking file
-I/O runs in a worker thread so the qmgr's event loop keeps scheduling.  When
-running as root each delivery happens in a forked child that has switched to
-the recipient's uid/gid first, so root never writes into a user-controlled
-directory (Postfix's set_eugid() in virtual/maildir.c and mailbox.c).
+Maildir), ownership from virtual_uid_maps / virtual_gid_maps.  The file work
+runs in user worker processes (local_exec.AsyncWorkerPool, one pool per
+mailbox owner), never on the event loop: a worker has the mailbox owner's
+uid/gid, so root never writes into a user-controlled directory (Postfix's
+set_eugid() in virtual/maildir.c and mailbox.c), and deliveries queued behind
+a busy worker go to it as one batch sharing one fsync of new/.  Big messages
+(and mailboxes of root) are written by a thread instead.
 """
 
 from __future__ import annotations
@@ -199,23 +201,55 @@ class VirtualAgent(DeliveryAgent):
         return results
 
     async def _write(self, plan: Delivery, request: DeliveryRequest) -> tuple[str, str, str]:
-        from .local_exec import INLINE_MAX, AsyncWorkerPool, InlineContent
-        if os.geteuid() != 0 and request.content_size <= INLINE_MAX:
-            # Our own mailboxes (see _own_plans): a worker process does the
-            # file work, off this busy event loop's interpreter lock.
+        from . import local_exec
+        pool = None
+        if request.content_size <= local_exec.INLINE_MAX:
+            if os.geteuid() != 0:
+                # Our own mailboxes (see _own_plans): a worker process does the
+                # file work, off this busy event loop's interpreter lock.
+                pool = self._pool_for(None)
+            elif plan.uid != 0 and local_exec._pool is not None:
+                # The root helper: the owner's own workers, fed from this loop
+                # (no thread per delivery) and batched like the qmgr's.
+                pool = self._pool_for(local_exec.Identity(plan.uid, plan.gid))
+        if pool is not None:
             data = b"".join(request.open_content())
-            if self._workers is None:
-                self._workers = AsyncWorkerPool()
-            res = await self._workers.run("op_virtual_delivery", [plan, InlineContent(data)])
+            res = await pool.run("op_virtual_delivery", [plan, local_exec.InlineContent(data)])
             if res is not None:
                 return _outcome(res)
         return await asyncio.get_running_loop().run_in_executor(
             file_executor(), deliver_as_owner, plan, request.open_content)
 
+    MAX_OWNER_POOLS = 256
+
+    def _pool_for(self, ident):
+        """The AsyncWorkerPool for one mailbox owner (None: ourselves)."""
+        from .local_exec import MAX_WORKERS, AsyncWorkerPool
+        if ident is None:
+            if self._workers is None:
+                self._workers = AsyncWorkerPool()
+            return self._workers
+        pools = self.__dict__.setdefault("_owner_pools", {})
+        key = (ident.uid, ident.gid)
+        pool = pools.get(key)
+        if pool is None:
+            if sum(p._count for p in pools.values()) >= MAX_WORKERS:
+                # Bounded processes: other owners' idle workers go first.
+                for p in pools.values():
+                    p.close()
+            if len(pools) >= self.MAX_OWNER_POOLS:
+                # Bounded memory: owners whose workers have all retired are forgotten.
+                for k in [k for k, p in pools.items() if p._count == 0 and not p._queue]:
+                    del pools[k]
+            pool = pools[key] = AsyncWorkerPool(ident=ident)
+        return pool
+
     def close(self) -> None:
         if self._workers is not None:
             self._workers.close()
             self._workers = None
+        for pool in self.__dict__.pop("_owner_pools", {}).values():
+            pool.close()
 
 
 _DELIVERED_TO = re.compile(rb"^delivered-to:(.*)$", re.I | re.M)
@@ -338,6 +372,18 @@ def _write_limited(fd: int, data: bytes, written: int, limit: int) -> int:
     return written + len(data)
 
 
+# Per thread, set only while a user worker runs one operation of a batch
+# (local_exec._run_batch).
+_batch_state = threading.local()
+
+
+def defer_dir_syncs(into: list | None) -> None:
+    """Worker batches: collect the calling thread's new/ directories to
+    fsync in ``into`` instead of syncing each one at once (None: back to
+    syncing at once)."""
+    _batch_state.dirs = into
+
+
 def deliver_maildir(d: Delivery, open_content) -> None:
     """Maildir delivery (the Maildir spec): write under tmp/, fsync, rename
     into new/, fsync new/.  Returns only when both the file and its name in
@@ -385,9 +431,15 @@ def deliver_maildir(d: Delivery, open_content) -> None:
             make_dirs()
             os.rename(tmpfile, newfile)
         placed = True
-        # Deliveries running at once into one Maildir share the new/ fsync
-        # (group commit); each still returns only after one that covers its rename.
-        sync_dir_grouped(newdir)
+        deferred = getattr(_batch_state, "dirs", None)
+        if deferred is not None:
+            # A worker's batch: its caller fsyncs new/ once for the whole
+            # batch before any of it is reported delivered.
+            deferred.append(newdir)
+        else:
+            # Deliveries running at once into one Maildir share the new/ fsync
+            # (group commit); each still returns only after one that covers its rename.
+            sync_dir_grouped(newdir)
     finally:
         os.close(fd)
         if not placed:
