@@ -172,6 +172,18 @@ def deliver_only(inst, mode: str, sink, messages: int, before: int,
     harness.wait_for(settled, timeout, 0.05, f"{messages} messages on hold")
     held = inst.queue_files(("hold",))
     incoming = inst.queue_dir / "incoming"
+    if isinstance(inst, harness.PostwellInstance):
+        # postwell's cleanup marks a held message in its envelope (queue/format.py), so a
+        # file renamed back into incoming/ would be held again: clear the mark first,
+        # as postsuper -H does, before the clock starts.
+        from postwell.queue.store import QueueStore
+        store = QueueStore(str(inst.queue_dir))
+        for path in held:
+            qm = store.open(path.name, "hold", writable=True)
+            try:
+                qm.release_hold_mark()
+            finally:
+                qm.close()
     cpu0 = tree_cpu(inst)
     target = delivered(inst, mode, sink) + len(held)
     t0 = time.monotonic()
