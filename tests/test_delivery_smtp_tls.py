@@ -208,3 +208,41 @@ def test_fingerprint_level(pki, tmp_path):
     res = deliver(srv, "[127.0.0.1]:{port}", smtp_tls_security_level="fingerprint",
                   smtp_tls_fingerprint_digest="sha256", smtp_tls_fingerprint_cert_match="00:11")
     assert (res.status, res.reason) == ("deferred", "Server certificate not verified")
+
+
+def deliver_lmtp(srv, nexthop, **cfg):
+    from postwell.delivery.lmtp import LmtpDeliveryAgent
+
+    async def body(srv):
+        a = LmtpDeliveryAgent(make_config(lmtp_lhlo_name="client.test", **cfg), FakeResolver(ZONE),
+                              NullLog("lmtp"), rng=random.Random(0), own_addresses=frozenset())
+        res = await a.deliver(request(nexthop.format(port=srv.port), ["a@tls.test"]))
+        await a.close_all()
+        return res[0]
+    return run(with_server(srv, body))
+
+
+def test_lmtp_reads_lmtp_tls_names_not_smtp_ones(pki):
+    # lmtp(8) takes its TLS settings from the lmtp_tls_* names; the smtp_tls_* ones
+    # (here deliberately wrong) belong to smtp(8).
+    import hashlib
+    der = ssl.PEM_cert_to_DER_cert(open(pki["ca"].replace("ca.pem", "srv.pem")).read())
+    fp = ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    wrong_ca = pki["ca"].replace("ca.pem", "srv.pem")
+    srv = ScriptedServer(tls=pki["server"], lmtp_final={})
+    res = deliver_lmtp(srv, "inet:127.0.0.1:{port}", lmtp_tls_security_level="fingerprint",
+                       lmtp_tls_fingerprint_digest="sha256", lmtp_tls_fingerprint_cert_match=fp,
+                       smtp_tls_fingerprint_digest="md5", smtp_tls_fingerprint_cert_match="00:11")
+    assert res.status == "sent", res.reason
+    assert srv.sessions[0][:2] == ["LHLO client.test", "STARTTLS"]
+    srv = ScriptedServer(tls=pki["server"], lmtp_final={})
+    res = deliver_lmtp(srv, "inet:127.0.0.1:{port}", lmtp_tls_security_level="secure",
+                       lmtp_tls_CAfile=pki["ca"], lmtp_tls_secure_cert_match="mx.tls.test",
+                       smtp_tls_CAfile=wrong_ca, smtp_tls_secure_cert_match="nowhere.test")
+    assert res.status == "sent", res.reason
+    # And the lmtp_ names do refuse: a CA that did not issue the certificate.
+    srv = ScriptedServer(tls=pki["server"], lmtp_final={})
+    res = deliver_lmtp(srv, "inet:127.0.0.1:{port}", lmtp_tls_security_level="secure",
+                       lmtp_tls_CAfile=wrong_ca, lmtp_tls_secure_cert_match="mx.tls.test",
+                       smtp_tls_CAfile=pki["ca"])
+    assert (res.status, res.dsn) == ("deferred", "4.7.5")

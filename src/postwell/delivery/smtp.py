@@ -1199,8 +1199,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
         trust = "Untrusted"
         if level in ("verify", "secure", "dane-only"):
             if match is None:
-                param = "smtp_tls_secure_cert_match" if level == "secure" else \
-                    "smtp_tls_verify_cert_match"
+                param = f"{self.protocol}_tls_secure_cert_match" if level == "secure" else \
+                    f"{self.protocol}_tls_verify_cert_match"
                 match = self.config.get_list(param) or ["hostname"]
             names = []
             for m in match:
@@ -1214,10 +1214,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
             trust = "Verified"
         elif level == "fingerprint":
             der = sslobj.getpeercert(binary_form=True) or b""
-            algo = (self.config.get("smtp_tls_fingerprint_digest") or "sha256").lower()
+            algo = (self.config.get(f"{self.protocol}_tls_fingerprint_digest") or "sha256").lower()
             digest = hashlib.new(algo, der).hexdigest().upper()
             wanted = {w.replace(":", "").upper() for w in
-                      (match or self.config.get_list("smtp_tls_fingerprint_cert_match"))}
+                      (match or self.config.get_list(f"{self.protocol}_tls_fingerprint_cert_match"))}
             if digest not in wanted:
                 conn.abort()
                 conn.tls_cache_key = None
@@ -1398,21 +1398,22 @@ class SmtpDeliveryAgent(DeliveryAgent):
         if cached is not None:
             return cached
         cfg = self.config
+        p = self.protocol           # lmtp(8) reads lmtp_tls_*, smtp(8) smtp_tls_*
         ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False      # names are matched per level in _start_tls
         if level in ("verify", "secure", "dane-only"):
             ctx.verify_mode = ssl.CERT_REQUIRED
-            cafile = cfg.get("smtp_tls_CAfile") or None
-            capath = cfg.get("smtp_tls_CApath") or None
+            cafile = cfg.get(f"{p}_tls_CAfile") or None
+            capath = cfg.get(f"{p}_tls_CApath") or None
             if cafile or capath:
                 ctx.load_verify_locations(cafile=cafile, capath=capath)
             else:
                 ctx.load_default_certs()
         else:
             ctx.verify_mode = ssl.CERT_NONE  # opportunistic/encrypt: no authentication
-        cert = cfg.get("smtp_tls_cert_file")
+        cert = cfg.get(f"{p}_tls_cert_file")
         if cert:
-            ctx.load_cert_chain(cert, cfg.get("smtp_tls_key_file") or cert)
+            ctx.load_cert_chain(cert, cfg.get(f"{p}_tls_key_file") or cert)
         self._tls_contexts[level] = ctx
         return ctx
 
