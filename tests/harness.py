@@ -861,7 +861,8 @@ class SmtpConnection:
 
 
 def dialogue(port: int, lines, pipelined: bool = False,
-             timeout: float = 10.0, host: str = "127.0.0.1") -> list[Reply]:
+             timeout: float = 10.0, host: str = "127.0.0.1", *, conn=None,
+             on_starttls=None) -> list[Reply]:
     """Send raw SMTP lines and return every reply, the banner first.
 
     Each item of ``lines`` is a line, or a list of lines sent in one write
@@ -871,6 +872,9 @@ def dialogue(port: int, lines, pipelined: bool = False,
     would-be message lines are commands, as the server sees them.  A line is
     sent as given plus CRLF unless it already ends in "\\n" (so bare-LF and
     BDAT tests can send exact bytes).  Stops at EOF, timeout, 221 or 421.
+    ``conn``: a connected SmtpConnection (subclass) to use instead of a new one;
+    ``on_starttls(conn)``: called after a 220 to STARTTLS to shake hands, returns
+    False to stop there.
     """
     def wire(line: str) -> bytes:
         return (line if line.endswith("\n") else line + "\r\n").encode("utf-8", "surrogateescape")
@@ -880,7 +884,8 @@ def dialogue(port: int, lines, pipelined: bool = False,
     else:
         groups = [[item] if isinstance(item, str) else list(item) for item in lines]
 
-    conn = SmtpConnection(port, host, timeout)
+    if conn is None:
+        conn = SmtpConnection(port, host, timeout)
     replies: list[Reply] = []
     try:
         banner = conn.reply()
@@ -906,9 +911,37 @@ def dialogue(port: int, lines, pipelined: bool = False,
                     in_data = True
                 if r.code in (221, 421):
                     return replies
+                if (on_starttls is not None and r.code == 220
+                        and line.upper() == "STARTTLS" and not on_starttls(conn)):
+                    return replies
         return replies
     finally:
         conn.close()
+
+
+def start_side_by_side(*instances) -> None:
+    """Start instances together (their start-up is most of a parity test's time) and
+    wait until each has logged its start-up probe's session, so a dialogue that
+    measures where its own log lines begin starts after it."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(instances)) as pool:
+        for done in [pool.submit(inst.start) for inst in instances]:
+            done.result()
+    for inst in instances:
+        wait_for(lambda: "]: disconnect from " in inst.log_text(), 10, 0.05,
+                 f"{inst.kind} to log the start-up probe")
+
+
+def stop_side_by_side(instances) -> None:
+    """Stop and remove instances, several at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finish(inst):
+        inst.stop()
+        inst.cleanup()
+    if instances:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(finish, instances))
 
 
 def normalise(replies: list[Reply]) -> list[tuple[int, str | None]]:

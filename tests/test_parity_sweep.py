@@ -15,7 +15,6 @@ import os
 import re
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -306,24 +305,12 @@ def pairs(tmp_path_factory):
             pw = harness.PostwellInstance(base, VARIANTS[variant])
             made.append(pw)
             # Both start (and later stop) side by side: the sweep's time is mostly that.
-            with ThreadPoolExecutor(2) as pool:
-                for done in [pool.submit(ref.start), pool.submit(pw.start)]:
-                    done.result()
-            for inst in (ref, pw):
-                # The start-up probe's session must be in the log before the first
-                # dialogue measures where its own lines begin.
-                harness.wait_for(lambda: "]: disconnect from " in inst.log_text(), 10, 0.05,
-                                 f"{inst.kind} to log the start-up probe")
+            harness.start_side_by_side(ref, pw)
             started[variant] = (ref, pw)
         return started[variant]
 
     yield get
-
-    def finish(inst):
-        inst.stop()
-        inst.cleanup()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(finish, made))
+    harness.stop_side_by_side(made)
 
 
 _QID = re.compile(r"\b[0-9A-F]{10,12}\b")
@@ -348,11 +335,12 @@ def _quiesce(inst) -> None:
     harness.wait_for(idle, 10, 0.05, f"{inst.kind} to log its earlier disconnects")
 
 
-def _run(inst, lines, wait: float = 10):
-    """One session: (replies, the smtpd log lines it produced)."""
+def _run(inst, lines, wait: float = 10, talk=harness.dialogue):
+    """One session: (replies, the smtpd log lines it produced).  ``talk(port, lines,
+    timeout=)`` plays the client (harness.dialogue, or one that speaks TLS)."""
     _quiesce(inst)
     before = os.path.getsize(inst.maillog)
-    replies = harness.dialogue(inst.port, lines, timeout=wait)
+    replies = talk(inst.port, lines, timeout=wait)
 
     def grab():
         with open(inst.maillog, "rb") as f:
@@ -373,16 +361,20 @@ def _table(a: list, b: list) -> str:
     return "\n".join(rows)
 
 
-def _marks(name: str, variant: str) -> list:
-    # One worker per variant (pytest-xdist --dist loadgroup): each pair starts once.
-    marks = [pytest.mark.xdist_group(f"sweep-{variant}")]
-    if name in XFAIL:
-        marks.append(pytest.mark.xfail(reason=XFAIL[name], strict=True))
-    return marks
+def parity_cases(dialogues: dict, xfail: dict, group: str) -> list:
+    """pytest params (name, variant, lines) of a dialogue table: one xdist group per
+    variant (pytest-xdist --dist loadgroup), so each pair of instances starts once;
+    the names in ``xfail`` are strict xfails with their reason."""
+    def marks(name: str, variant: str) -> list:
+        out = [pytest.mark.xdist_group(f"{group}-{variant}")]
+        if name in xfail:
+            out.append(pytest.mark.xfail(reason=xfail[name], strict=True))
+        return out
+    return [pytest.param(n, *dialogues[n], id=n, marks=marks(n, dialogues[n][0]))
+            for n in dialogues]
 
 
-_CASES = [pytest.param(n, *DIALOGUES[n], id=n, marks=_marks(n, DIALOGUES[n][0]))
-          for n in DIALOGUES]
+_CASES = parity_cases(DIALOGUES, XFAIL, "sweep")
 
 
 @pytest.mark.parametrize("name, variant, lines", _CASES)

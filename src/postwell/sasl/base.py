@@ -57,7 +57,9 @@ class Failure:
     should wait before sending the reply (slows password guessing; the
     smtpd also counts the failure toward smtpd_hard_error_limit).
     ``code``/``enhanced`` override the reply for protocol errors such as an
-    over-long response (500 5.5.6).
+    over-long response (500 5.5.6).  ``library_log``: what libsasl2 itself
+    would have logged through Postfix's callback (``warning: SASL
+    authentication failure: ...``), before the smtpd's own warning.
     """
     reason: str
     temporary: bool = False
@@ -65,6 +67,7 @@ class Failure:
     delay: float = 0.0
     code: int | None = None
     enhanced: str | None = None
+    library_log: tuple[str, ...] = ()
 
 
 SaslStep = Challenge | Success | Failure
@@ -96,7 +99,8 @@ def step_bytes(step: SaslStep, enhanced_status_codes: bool = True) -> bytes:
 def failure_log_text(namaddr: str, mechanism: str, failure: Failure) -> str:
     """The warning Postfix logs (MailLog.warning adds ``warning: ``)."""
     reason = failure.reason or "(reason unavailable)"
-    user = failure.username if failure.username else "(unavailable)"
+    # Postfix prints an empty name as is: only a missing one is "(unavailable)".
+    user = failure.username if failure.username is not None else "(unavailable)"
     return (f"{namaddr}: SASL {mechanism[:100]} authentication failed: {reason}, "
             f"sasl_username={user[:100]}")
 

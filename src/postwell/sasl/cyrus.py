@@ -72,6 +72,7 @@ class SasldbBackend(PasswordBackend):
     """Reads the sasldb2 file on every check, so saslpasswd2 changes take
     effect at once, as with libsasl2."""
     supports_secret = True
+    cyrus_library = True
 
     def __init__(self, path: str, service: str = "smtp") -> None:
         self.path = path
@@ -136,6 +137,7 @@ def _counted(s: str) -> bytes:
 class SaslauthdBackend(PasswordBackend):
     """saslauthd's request: four counted strings (login, password, service,
     realm); answer: one counted string, "OK..." or "NO ..."."""
+    cyrus_library = True
 
     def __init__(self, path: str, service: str = "smtp", timeout: float = _SASLAUTHD_TIMEOUT):
         self.path = path

@@ -227,7 +227,8 @@ class DovecotExchange(SaslExchange):
         if self.done or self.req_id is None:
             return self._end(Failure(LOST, temporary=True))
         text = self._as_text(response)
-        if text is None or len(text) > self.server.response_limit:
+        # A line that reaches smtpd_sasl_response_limit is too long (Postfix 3.7).
+        if text is None or len(text) >= self.server.response_limit:
             return self._end(RESPONSE_LIMIT_FAILURE)
         if not _b64_ok(text):
             return self._end(Failure(BAD_CONTINUED, username=self.username))

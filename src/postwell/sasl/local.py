@@ -47,7 +47,8 @@ class LocalSaslServer(SaslServer):
               tls_active: bool = False) -> SaslExchange:
         name = mechanism.upper()
         if name not in self.configured:
-            return NoMechanismExchange(name)
+            return NoMechanismExchange(name, library=f"Couldn't find mech {mechanism}"
+                                       if self.backend.cyrus_library else None)
         required = self.tls_security_options if tls_active else self.security_options
         if not allowed_by_options(MECHANISM_PROPERTIES.get(name, frozenset()), required):
             # What libsasl2 answers for a mechanism the security options forbid.

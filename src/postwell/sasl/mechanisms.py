@@ -28,6 +28,11 @@ UNAVAIL = "remote authentication server unavailable"   # SASL_UNAVAIL (temporary
 NOAUTHZ = "authorization failure"           # SASL_NOAUTHZ
 ENCRYPT = "encryption needed to use mechanism"  # SASL_ENCRYPT: forbidden by security options
 
+SERVER_FIRST = "Remote sent first but mech does not allow it."   # libsasl2, server_start
+PLAIN_WRONG = "Password verification failed"   # libsasl2's PLAIN plugin
+_C_SPACE = " \t\n\v\f\r"     # C isspace(), what libsasl2 strips around names
+ALL_WHITESPACE = "All-whitespace username."   # libsasl2's canonuser on an empty name
+
 SCRAM_ITERATIONS = 4096      # RFC 7677 4: at least 4096 for SHA-256
 _MAX_FIELD = 1024            # longest user name / password we consider
 
@@ -65,6 +70,9 @@ class PasswordBackend:
     """
     supports_secret = False
     failure_delay = 0.0
+    # Whether this store stands for libsasl2, whose plugins log their own
+    # failure reasons (Postfix's "SASL authentication failure: ..." warnings).
+    cyrus_library = False
 
     async def verify(self, ident: Identity, password: str) -> bool:  # pragma: no cover
         raise NotImplementedError
@@ -82,6 +90,31 @@ def _text(data: bytes) -> str | None:
         return None
 
 
+_B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def cyrus_decode64(text: str) -> bytes | str:
+    """Cyrus's sasl_decode64(), whose verdicts Postfix reports: the bytes, or the
+    failure text.  It walks whole 4-character groups first, so a bad character
+    (or data after "=") in one is SASL_BADPROT; only then is a short tail
+    "incomplete" (SASL_CONTINUE, hence its odd text; this includes the "="
+    empty initial response), unless padding was seen (SASL_BADPROT)."""
+    whole = len(text) - len(text) % 4
+    saw_equal = False
+    for i in range(0, whole, 4):
+        a, b, c, d = text[i:i + 4]
+        if saw_equal or a not in _B64 or b not in _B64:
+            return BADPROT
+        if (c != "=" and c not in _B64) or (d != "=" and d not in _B64):
+            return BADPROT
+        if c == "=" and d != "=":
+            return BADPROT
+        saw_equal = c == "=" or d == "="
+    if whole != len(text):
+        return BADPROT if saw_equal else CONTINUE
+    return base64.b64decode(text[:whole].encode("ascii")) if whole else b""
+
+
 class LocalExchange(SaslExchange):
     """Base for the mechanisms below: response decoding (Cyrus's texts),
     size bound, and failure bookkeeping."""
@@ -97,14 +130,22 @@ class LocalExchange(SaslExchange):
         self.done = False
 
     def identity(self, login: str) -> Identity:
+        if self.backend.cyrus_library:
+            # libsasl2's canonuser drops white space around the name (C isspace()).
+            login = login.strip(_C_SPACE)
         ident = canonical_identity(login, self.local_domain, self.hostname)
         self.username = ident.reported
         return ident
 
-    def fail(self, reason: str = BADAUTH, temporary: bool = False) -> Failure:
+    def fail(self, reason: str = BADAUTH, temporary: bool = False,
+             library: str | tuple[str, ...] | None = None) -> Failure:
         self.done = True
         delay = self.backend.failure_delay if reason == BADAUTH else 0.0
-        return Failure(reason, temporary=temporary, username=self.username, delay=delay)
+        if isinstance(library, str):
+            library = (library,)
+        logged = library if library and self.backend.cyrus_library else ()
+        return Failure(reason, temporary=temporary, username=self.username, delay=delay,
+                       library_log=logged)
 
     def succeed(self, username: str, authzid: str | None = None) -> Success:
         self.done = True
@@ -119,15 +160,10 @@ class LocalExchange(SaslExchange):
         if len(response) > self.response_limit:
             self.done = True
             return RESPONSE_LIMIT_FAILURE
-        # Cyrus's sasl_decode64: a length that is not a multiple of 4 is
-        # "incomplete" (SASL_CONTINUE, hence its odd text; this includes the
-        # "=" empty initial response), a bad character is SASL_BADPROT.
-        if len(response) % 4:
-            return self.fail(CONTINUE)
-        try:
-            return base64.b64decode(response.encode("ascii"), validate=True)
-        except Exception:
-            return self.fail(BADPROT)
+        data = cyrus_decode64(response)
+        if isinstance(data, str):
+            return self.fail(data)
+        return data
 
     async def begin(self) -> SaslStep:
         if self.initial is None:
@@ -140,6 +176,11 @@ class LocalExchange(SaslExchange):
     async def step(self, response: str | bytes) -> SaslStep:
         if self.done:
             return self.fail(BADPROT)
+        if isinstance(response, str) and len(response) >= self.response_limit:
+            # Postfix reads a response line with smtpd_sasl_response_limit as the cap: one
+            # that reaches it is "too long" (checked against 3.7).
+            self.done = True
+            return RESPONSE_LIMIT_FAILURE
         data = self.decode(response)
         if isinstance(data, Failure):
             return data
@@ -151,21 +192,26 @@ class LocalExchange(SaslExchange):
     async def next(self, data: bytes) -> SaslStep:  # pragma: no cover
         raise NotImplementedError
 
-    async def check_password(self, login: str, password: str,
-                             authzid: str | None = None) -> SaslStep:
+    async def check_password(self, login: str, password: str, authzid: str | None = None,
+                             wrong: str | None = None) -> SaslStep:
+        """``wrong``: the plugin's message when the password does not verify
+        (PLAIN has one, LOGIN is silent)."""
         ident = self.identity(login)
-        if authzid:
-            # RFC 4616 2: we let nobody act for somebody else.
-            az = canonical_identity(authzid, self.local_domain, self.hostname)
-            if (az.user, az.realm) != (ident.user, ident.realm):
-                # libsasl2 reports the requested identity as the user name here.
-                self.username = az.reported
-                return self.fail(BADAUTH)
         try:
             ok = await self.backend.verify(ident, password)
         except BackendUnavailable:
             return self.fail(GENERIC, temporary=True)
-        return self.succeed(ident.reported) if ok else self.fail(BADAUTH)
+        if not ok:
+            return self.fail(BADAUTH, library=wrong)
+        if authzid:
+            # RFC 4616 2: we let nobody act for somebody else.  libsasl2 checks this
+            # after the password, and reports the requested identity as the user.
+            az = canonical_identity(authzid, self.local_domain, self.hostname)
+            if (az.user, az.realm) != (ident.user, ident.realm):
+                self.username = az.reported
+                return self.fail(BADAUTH,
+                                 library="Requested identity not authenticated identity")
+        return self.succeed(ident.reported)
 
     async def lookup_secret(self, login: str) -> tuple[Identity, str | None] | Failure:
         ident = self.identity(login)
@@ -186,15 +232,25 @@ class PlainExchange(LocalExchange):
 
     async def next(self, data: bytes) -> SaslStep:
         parts = data.split(b"\0")
-        if len(parts) != 3:
-            return self.fail(BADPROT)
+        # The texts of libsasl2's PLAIN plugin for each way the fields can be missing.
+        if len(parts) == 1:
+            return self.fail(BADPROT, library="Can only find author (no password)")
+        if len(parts) == 2:
+            return self.fail(BADPROT, library="Can only find author/en (no password)")
+        if len(parts) > 3:
+            return self.fail(BADPROT, library="Got more data than we were expecting in "
+                                              "the PLAIN plugin\n")
         authzid, authcid, passwd = (_text(p) for p in parts)
         if authcid is None or passwd is None or authzid is None:
             return self.fail(BADPROT)
         if not authcid:
             # libsasl2's canonicalisation fails on an empty name: SASL_FAIL.
-            return self.fail(GENERIC, temporary=True)
-        return await self.check_password(authcid, passwd, authzid or None)
+            return self.fail(GENERIC, temporary=True, library=ALL_WHITESPACE)
+        if not authcid.strip(_C_SPACE):
+            # Only blanks: libsasl2 also tries the password check, under the name "".
+            self.identity(authcid)
+            return self.fail(GENERIC, temporary=True, library=(ALL_WHITESPACE, PLAIN_WRONG))
+        return await self.check_password(authcid, passwd, authzid or None, wrong=PLAIN_WRONG)
 
 
 class LoginExchange(LocalExchange):
@@ -216,9 +272,9 @@ class LoginExchange(LocalExchange):
             if text:
                 self.identity(text)
             return Challenge(b"Password:")
-        if not self._login:
+        if not self._login.strip(_C_SPACE):
             # As libsasl2: an empty name is noticed only after the password.
-            return self.fail(GENERIC, temporary=True)
+            return self.fail(GENERIC, temporary=True, library=ALL_WHITESPACE)
         return await self.check_password(self._login, text)
 
 
@@ -235,17 +291,18 @@ class CramMd5Exchange(LocalExchange):
     async def first(self, data: bytes | None) -> SaslStep:
         if data:
             # RFC 2195 has no initial response.
-            return self.fail(BADPROT)
+            return self.fail(BADPROT, library=SERVER_FIRST)
         self.sent = True
         return Challenge(self.challenge)
 
     async def next(self, data: bytes) -> SaslStep:
         text = _text(data)
-        if text is None or " " not in text:
+        if text is None:
             return self.fail(BADPROT)
         login, _, digest = text.rpartition(" ")
-        if not login or len(digest) != 32:
-            return self.fail(BADPROT)
+        if not login:
+            # libsasl2's CRAM-MD5 plugin: no space after a non-empty name.
+            return self.fail(BADPROT, library="need authentication name")
         found = await self.lookup_secret(login)
         if isinstance(found, Failure):
             return found
@@ -253,9 +310,9 @@ class CramMd5Exchange(LocalExchange):
         if secret is None:
             return self.fail(BADAUTH)
         expected = hmac.new(secret.encode("utf-8"), self.challenge, hashlib.md5).hexdigest()
-        if hmac.compare_digest(expected, digest.lower()):
+        if hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8")):
             return self.succeed(ident.reported)
-        return self.fail(BADAUTH)
+        return self.fail(BADAUTH, library="incorrect digest response")
 
 
 def _scram_unescape(name: str) -> str | None:
@@ -607,15 +664,17 @@ class DigestMd5Exchange(LocalExchange):
 class NoMechanismExchange(SaslExchange):
     """AUTH with a mechanism we do not offer: Cyrus's SASL_NOMECH."""
 
-    def __init__(self, mechanism: str, reason: str = NOMECH) -> None:
+    def __init__(self, mechanism: str, reason: str = NOMECH,
+                 library: str | None = None) -> None:
         self.mechanism = mechanism
         self.reason = reason
+        self.library_log = (library,) if library else ()
 
     async def begin(self) -> SaslStep:
-        return Failure(self.reason)
+        return Failure(self.reason, library_log=self.library_log)
 
     async def step(self, response: str | bytes) -> SaslStep:
-        return Failure(self.reason)
+        return Failure(self.reason, library_log=self.library_log)
 
 
 LOCAL_MECHANISMS = {

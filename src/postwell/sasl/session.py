@@ -43,7 +43,8 @@ class SmtpdAuth:
 
     async def start(self, mechanism: str, initial_response: str | None, *,
                     tls_active: bool = False) -> Reply:
-        self.mechanism = printable(mechanism.upper())
+        # Postfix logs and keeps the name as the client typed it ("SASL plain ...").
+        self.mechanism = printable(mechanism)
         self.exchange = self.server.start(mechanism, initial_response, tls_active=tls_active,
                                           **self.where)
         return await self._finish(await self.exchange.begin())
@@ -69,6 +70,9 @@ class SmtpdAuth:
             return step_reply(step)
         assert isinstance(step, Failure)
         self.failures += 1
+        for text in step.library_log:
+            # Postfix's xsasl_cyrus_log() callback: libsasl2's SASL_LOG_FAIL messages.
+            self.log.warning(f"SASL authentication failure: {printable(text)}")
         if step.code is None:
             self.log.warning(failure_log_text(self.namaddr, self.mechanism, step))
         if step.delay > 0:

@@ -97,6 +97,9 @@ class Mail(Event):
     ret: str | None = None          # "FULL" / "HDRS"
     envid: str | None = None        # decoded from xtext
     auth: str | None = None         # decoded AUTH= value
+    # The AUTH= value as Postfix keeps it (still xtext, control characters as "?");
+    # None for "<>" or none given.  Postfix's sasl_sender.
+    sasl_sender: str | None = None
     default: Reply = Reply(250, "Ok", "2.1.0")
     needs_reply = True
 
@@ -177,7 +180,8 @@ class StartTls(Event):
 
 @dataclass(frozen=True)
 class Auth(Event):
-    """AUTH mechanism [initial-response]; reply 334 to continue, 235 / 535 / 454 to end."""
+    """AUTH mechanism [initial-response]; reply 334 to continue, 235 / 535 / 454 to end.
+    ``mechanism`` is as the client typed it (back ends match it case-insensitively)."""
     mechanism: str
     initial_response: str | None = None
     default: Reply = Reply(535, "Error: authentication failed", "5.7.8")
@@ -229,7 +233,7 @@ _EHLO_MASK_ORDER = ("8BITMIME", "AUTH", "ETRN", "PIPELINING", "SIZE", "VERP", "V
                     "XFORWARD", "STARTTLS", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING")
 # The name Postfix 3.7 prints for the SMTPUTF8 bit (its table's first entry for it).
 _EHLO_MASK_NAMES = {"SMTPUTF8": "EHLO_MASK_SMTPUTF8"}
-EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH",
+EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH", "XFORWARD",
                        "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING")
 
 
@@ -255,6 +259,7 @@ class ServerConfig:
     tls_required: bool = False                  # smtpd_tls_security_level = encrypt
     auth_response_limit: int = 12288            # smtpd_sasl_response_limit
     auth_legacy: bool = False                   # broken_sasl_auth_clients: "AUTH=" too
+    ipv6_enabled: bool = True                   # inet_protocols: XFORWARD ADDR may be IPv6
     strict_rfc821_envelopes: bool = False
     helo_required: bool = False                 # smtpd_helo_required (ETRN; MAIL is policy's)
     reject_footer: str = ""                     # smtpd_reject_footer (a raw template)
@@ -355,6 +360,33 @@ def _valid_address_literal(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_XFORWARD_ATTRS = ("NAME", "ADDR", "PROTO", "HELO", "SOURCE", "PORT", "IDENT")
+
+
+def _xforward_value_ok(name: str, value: str, ipv6: bool = True) -> bool:
+    """Postfix 3.7's checks of one XFORWARD value ("[UNAVAILABLE]" clears any; unlike
+    XCLIENT, no "[TEMPUNAVAIL]" and no port range)."""
+    if value.upper() == "[UNAVAILABLE]":
+        return True
+    if name == "NAME":
+        return _valid_hostname(value)
+    if name == "ADDR":
+        addr = value[5:] if value[:5].upper() == "IPV6:" else value
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        # An IPv6 address only where inet_protocols enables IPv6 (checked: refused with
+        # inet_protocols = ipv4, with or without the "IPV6:" prefix).
+        return ip.version == 4 and addr == value or ip.version == 6 and ipv6
+    if name == "PORT":
+        return value.isdigit()
+    if name == "SOURCE":
+        return value.upper() in ("LOCAL", "REMOTE")
+    # PROTO, HELO, IDENT: printable text (after xtext decoding "a+20b" is fine).
+    return all(" " <= ch <= "~" for ch in value)
 
 
 def unquote_xtext(text: str) -> str:
@@ -758,6 +790,8 @@ class ServerConnection:
         # Per session: the glue offers other mechanisms once TLS is up (RFC 4954 4).
         self.auth_mechanisms: tuple = tuple(self.config.auth_mechanisms)
         self.auth_advertised = True           # False: smtpd_sasl_exceptions_networks match
+        # smtpd_authorized_xforward_hosts matched (the glue sets it): XFORWARD works.
+        self.xforward_allowed = False
         self.helo_name: str | None = None
         self.client_port = ""                 # for smtpd_reject_footer's $client_port
         self._line_text = ""                  # the command line being handled, as sent
@@ -942,6 +976,8 @@ class ServerConnection:
     # ----- internals: replies and accounting ----------------------------------------------
 
     def _reset_transaction(self) -> None:
+        # XFORWARD attributes describe one message: Postfix forgets them with it.
+        self.xforward: dict[str, str] = {}
         self.sender: str | None = None
         self._mail_smtputf8 = False
         self.recipients: list[str] = []
@@ -1168,11 +1204,13 @@ class ServerConnection:
 
     def _take_line(self) -> bytes | None:
         """One command line without its ending; over-long lines are truncated (Postfix)."""
-        limit = self.config.line_length_limit
+        limit = warn_at = self.config.line_length_limit
         if self.state == S_AUTH:
             # One past smtpd_sasl_response_limit: a truncated response still reads as
-            # too long to the SASL layer (500 5.5.6), memory stays bounded.
+            # too long to the SASL layer (500 5.5.6), memory stays bounded.  The
+            # warning names the configured limit, as Postfix's does.
             limit = max(limit, self.config.auth_response_limit + 1)
+            warn_at = max(self.config.line_length_limit, self.config.auth_response_limit)
         buf = self._inbuf
         while True:
             i = buf.find(b"\n")
@@ -1191,7 +1229,7 @@ class ServerConnection:
                     line = bytes(buf[:limit])
                     self._long_line = line
                     self._discard_line = True
-                    self._warn(f"{self.client}: request longer than {limit}: "
+                    self._warn(f"{self.client}: request longer than {warn_at}: "
                                f"{line[:30].decode('utf-8', 'replace')}...")
                     buf.clear()
                     continue
@@ -1201,8 +1239,8 @@ class ServerConnection:
             bare_lf = not line.endswith(b"\r")
             if not bare_lf:
                 line = line[:-1]
-            if len(line) >= limit:
-                self._warn(f"{self.client}: request longer than {limit}: "
+            if len(line) >= warn_at:
+                self._warn(f"{self.client}: request longer than {warn_at}: "
                            f"{line[:30].decode('utf-8', 'replace')}...")
                 line = line[:limit]
             if bare_lf and self.bare_newline == "reject":
@@ -1359,6 +1397,8 @@ class ServerConnection:
             "DSN": "DSN",
             "SMTPUTF8": "SMTPUTF8" if c.smtputf8_enable else None,
             "CHUNKING": "CHUNKING",
+            "XFORWARD": ("XFORWARD " + " ".join(_XFORWARD_ATTRS)) if self.xforward_allowed
+                        else None,
         }
         for kw in EHLO_KEYWORDS_ORDER:
             line = offered[kw]
@@ -1462,6 +1502,8 @@ class ServerConnection:
                 return Reply(503, "Error: multiple AUTH= options", "5.5.4")
             if val != "<>":
                 kw["_auth_seen"] = True
+                kw["sasl_sender"] = "".join("?" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+                                            for ch in val)
             try:
                 kw["auth"] = decode_xtext(val)
             except ValueError:
@@ -1699,23 +1741,58 @@ class ServerConnection:
             return
         self._error(name.lower(), Reply(550, "Error: insufficient authorization", "5.7.0"))
 
+    def _ok_xforward(self) -> None:
+        self._ok("xforward", Reply(250, "Ok", "2.0.0"))
+
     def _cmd_xforward(self, arg: str) -> None:
-        self._cmd_xclient(arg, "XFORWARD")
+        # Postfix's XFORWARD (XFORWARD_README): a content filter passes on what it was told
+        # about the original client.  The order of checks is Postfix 3.7's.
+        if not arg or not self.xforward_allowed:
+            self._cmd_xclient(arg, "XFORWARD")
+            return
+        if self.in_transaction:
+            self._error("xforward", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
+            return
+        got: dict[str, str] = {}
+        for item in arg.split():
+            name, eq, value = item.partition("=")
+            if not eq or not value:
+                self._error("xforward", Reply(501, "Error: attribute=value expected", "5.5.4"))
+                return
+            if len(value) > 255:
+                self._error("xforward", Reply(501, "Error: attribute value too long", "5.5.4"))
+                return
+            name = name.upper()
+            if name not in _XFORWARD_ATTRS:
+                self._error("xforward", Reply(501, f"Bad XFORWARD attribute name: {name}",
+                                              "5.5.4"))
+                return
+            value = unquote_xtext(value)
+            if not _xforward_value_ok(name, value, self.config.ipv6_enabled):
+                self._error("xforward", Reply(501, f"Bad {name} syntax: {value}", "5.5.4"))
+                return
+            got[name] = value
+        for name, value in got.items():
+            if value.upper() == "[UNAVAILABLE]" and name == "NAME":
+                self.xforward[name] = "unknown"     # Postfix logs it so (orig_client=unknown)
+            elif value.upper() == "[UNAVAILABLE]":
+                self.xforward.pop(name, None)
+            else:
+                self.xforward[name] = value
+        self._ok_xforward()
 
     def _cmd_starttls(self, arg: str) -> None:
         if arg:
             self._error("starttls", Reply(501, "Syntax: STARTTLS", "5.5.4"))
             return
         # Postfix's order (checked against 3.7): already active (also in wrapper mode),
-        # then not offered, then a transaction in progress.
+        # then not offered.  A MAIL transaction in progress is no obstacle: the
+        # handshake discards it (RFC 3207 4.2), as Postfix 3.7 does.
         if self.tls_active:
             self._error("starttls", Reply(554, "Error: TLS already active", "5.5.1"))
             return
         if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
             self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
-            return
-        if self.in_transaction:
-            self._error("starttls", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
             return
         self._ask("starttls", StartTls())
 
@@ -1735,7 +1812,8 @@ class ServerConnection:
         if not parts or len(parts) > 2:
             self._error("auth", Reply(501, "Syntax: AUTH mechanism", "5.5.4"))
             return
-        self._ask("auth", Auth(parts[0].upper(), parts[1] if len(parts) == 2 else None))
+        # The name as typed: Postfix logs and keeps it so ("SASL plain authentication ...").
+        self._ask("auth", Auth(parts[0], parts[1] if len(parts) == 2 else None))
 
     # ----- DATA content ------------------------------------------------------------------
 

@@ -174,15 +174,78 @@ def _log_tls_policy_warnings(srv) -> None:
         pass
 
 
+# Where OpenSSL 3.0 (Debian's build, as Postfix 3.7 links it) raises the handshake
+# errors a server meets most, for Postfix's "TLS library problem" line: Python's
+# SSLError keeps the reason but not the file and line of the error queue entry.
+_SSL_ERROR_WHERE = {
+    "WRONG_VERSION_NUMBER": "../ssl/record/ssl3_record.c:350",
+    "HTTP_REQUEST": "../ssl/record/ssl3_record.c:341",
+    "HTTPS_PROXY_REQUEST": "../ssl/record/ssl3_record.c:344",
+    "LENGTH_TOO_SHORT": "../ssl/statem/statem_srvr.c:1456",
+    "NO_SHARED_CIPHER": "../ssl/statem/statem_srvr.c:2226",
+    "UNEXPECTED_MESSAGE": "../ssl/record/rec_layer_s3.c:1538",
+}
+_SSL_ALERT_WHERE = "../ssl/record/rec_layer_s3.c:1601"
+# TLS alert numbers (RFC 8446 6, RFC 5246 7.2) by OpenSSL's reason name for a received alert.
+_SSL_ALERTS = {
+    "SSLV3_ALERT_UNEXPECTED_MESSAGE": 10, "SSLV3_ALERT_BAD_RECORD_MAC": 20,
+    "TLSV1_ALERT_DECRYPTION_FAILED": 21, "TLSV1_ALERT_RECORD_OVERFLOW": 22,
+    "SSLV3_ALERT_DECOMPRESSION_FAILURE": 30, "SSLV3_ALERT_HANDSHAKE_FAILURE": 40,
+    "SSLV3_ALERT_NO_CERTIFICATE": 41, "SSLV3_ALERT_BAD_CERTIFICATE": 42,
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": 43, "SSLV3_ALERT_CERTIFICATE_REVOKED": 44,
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": 45, "SSLV3_ALERT_CERTIFICATE_UNKNOWN": 46,
+    "SSLV3_ALERT_ILLEGAL_PARAMETER": 47, "TLSV1_ALERT_UNKNOWN_CA": 48,
+    "TLSV1_ALERT_ACCESS_DENIED": 49, "TLSV1_ALERT_DECODE_ERROR": 50,
+    "TLSV1_ALERT_DECRYPT_ERROR": 51, "TLSV1_ALERT_EXPORT_RESTRICTION": 60,
+    "TLSV1_ALERT_PROTOCOL_VERSION": 70, "TLSV1_ALERT_INSUFFICIENT_SECURITY": 71,
+    "TLSV1_ALERT_INTERNAL_ERROR": 80, "TLSV1_ALERT_INAPPROPRIATE_FALLBACK": 86,
+    "TLSV1_ALERT_USER_CANCELLED": 90, "TLSV1_ALERT_NO_RENEGOTIATION": 100,
+    "TLSV13_ALERT_MISSING_EXTENSION": 109, "TLSV1_UNSUPPORTED_EXTENSION": 110,
+    "TLSV1_CERTIFICATE_UNOBTAINABLE": 111, "TLSV1_UNRECOGNIZED_NAME": 112,
+    "TLSV1_BAD_CERTIFICATE_STATUS_RESPONSE": 113, "TLSV1_BAD_CERTIFICATE_HASH_VALUE": 114,
+    "TLSV1_ALERT_UNKNOWN_PSK_IDENTITY": 115, "TLSV13_ALERT_CERTIFICATE_REQUIRED": 116,
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": 120,
+}
+_SSL_LIB_CODE = {"SSL": 20}
+
+
+def ssl_error_text(library: str | None, reason: str | None) -> str:
+    """OpenSSL 3's error line as Postfix logs it (ERR_print_errors_cb():
+    "error:CODE:LIB routines::reason:file:line:data"), rebuilt from what
+    Python's SSLError keeps."""
+    lib = library or "SSL"
+    name = reason or ""
+    text = name.lower().replace("_", " ")
+    code = None
+    try:
+        import _ssl
+        lib_no = _SSL_LIB_CODE.get(lib)
+        found = _ssl.err_names_to_codes.get(name)
+        if found and (lib_no is None or found[0] == lib_no):
+            code = (found[0] << 23) | found[1]      # OpenSSL 3 ERR_PACK()
+    except Exception:   # noqa: BLE001 - the code is a detail
+        pass
+    if name in _SSL_ALERTS:
+        # A received alert: reason SSL_AD_REASON_OFFSET + its number.
+        code = (_SSL_LIB_CODE["SSL"] << 23) | (1000 + _SSL_ALERTS[name])
+        where = f"{_SSL_ALERT_WHERE}:SSL alert number {_SSL_ALERTS[name]}:"
+    elif name in _SSL_ERROR_WHERE:
+        where = f"{_SSL_ERROR_WHERE[name]}:"
+    else:
+        where = ""
+    head = f"error:{code:08X}" if code is not None else "error"
+    return f"{head}:{lib} routines::{text}" + (f":{where}" if where else "")
+
+
 def _handshake_failure(exc: BaseException) -> tuple[str, str | None]:
     """(what follows "SSL_accept error from host[addr]: ", the TLS library problem or None)
     in Postfix's words: "lost connection" when the peer went away, else "-1"."""
     import ssl
     if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError,
                                                              ssl.SSLZeroReturnError)):
-        reason = (exc.reason or "").lower().replace("_", " ") or str(exc)
-        library = f"error:{exc.library or 'SSL'} routines::{reason}"
-        return "-1", library
+        if not exc.reason:
+            return "-1", f"error:{exc.library or 'SSL'} routines::{exc}"
+        return "-1", ssl_error_text(exc.library, exc.reason)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "timeout", None
     return "lost connection", None
@@ -384,6 +447,7 @@ class SmtpdSession(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         conn.auth_mechanisms = srv.offered_mechanisms(False)
+        conn.xforward_allowed = srv.xforward_authorized(name, addr)
         if srv.sasl is not None and srv.sasl_exception(name, addr):
             # smtpd_sasl_exceptions_networks: AUTH is not announced (but still works).
             conn.auth_advertised = False
@@ -577,6 +641,7 @@ class SmtpdSession(asyncio.Protocol):
         self._received_for = None
         if self.state is not None:
             self.state.reset_transaction()
+            self.state.sasl_sender = None
 
     async def _policy(self, name: str, *args) -> Reply | None:
         """Call SmtpdPolicy.<name>; a failure inside it defers instead of dropping the client."""
@@ -641,8 +706,11 @@ class SmtpdSession(asyncio.Protocol):
             state.sender = ev.sender
             state.smtputf8 = ev.smtputf8
             state.message_size = ev.size or 0
+            # Postfix keeps AUTH= only with SASL on (smtpd_sasl_mail_opt()).
+            state.sasl_sender = ev.sasl_sender if srv.sasl is not None else None
             reply = await self._policy("on_mail", state)
             if reply is not None:
+                state.sasl_sender = None
                 # Sequence errors (HELO required) are not restriction rejects: no log line.
                 if not any(reply is r for r in getattr(srv.policy, "unlogged_replies", ())):
                     self._log_reject(reply)
@@ -913,6 +981,20 @@ class SmtpdSession(asyncio.Protocol):
             conn.receive_data(early)
         self._data_ready.set()
 
+    def _xforward_log(self) -> str:
+        """What Postfix adds to the "client=" line for XFORWARD attributes."""
+        xf = getattr(self.conn, "xforward", None) or {}
+        out = ""
+        if xf.get("IDENT"):
+            out += f", orig_queue_id={xf['IDENT']}"
+        if xf.get("ADDR"):
+            addr = xf["ADDR"]
+            addr = addr[5:] if addr[:5].upper() == "IPV6:" else addr
+            out += f", orig_client={xf.get('NAME') or 'unknown'}[{addr}]"
+        elif xf.get("NAME"):
+            out += f", orig_client={xf['NAME']}"
+        return out
+
     def _auth(self):
         srv = self.server
         if srv.sasl is None:
@@ -952,9 +1034,11 @@ class SmtpdSession(asyncio.Protocol):
                 # Postfix's form, which log tools parse.
                 srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
                              f"sasl_method={state.sasl_method}, "
-                             f"sasl_username={state.sasl_username}")
+                             f"sasl_username={state.sasl_username}"
+                             + (f", sasl_sender={state.sasl_sender}"
+                                if state.sasl_sender else "") + self._xforward_log())
             else:
-                srv.log.info(f"{cs.queue_id}: client={self.namaddr}")
+                srv.log.info(f"{cs.queue_id}: client={self.namaddr}" + self._xforward_log())
             mail = self._mail
             cs.set_sender(state.sender or "", ret=mail.ret if mail else None,
                           envid=mail.envid if mail else None,
@@ -970,6 +1054,7 @@ class SmtpdSession(asyncio.Protocol):
                                ("protocol_name", state.protocol),
                                ("sasl_method", state.sasl_method),
                                ("sasl_username", state.sasl_username),
+                               ("sasl_sender", state.sasl_sender),
                                ("log_message_origin", self.namaddr)):
                 if value:
                     cs.set_attribute(key, value)
@@ -1139,11 +1224,14 @@ class SmtpdServer:
         self.tls_loglevel = _int(config, "smtpd_tls_loglevel", 0)
         self.tls_received_header = _bool(config, "smtpd_tls_received_header")
         self.tls_ask_ccert = _bool(config, "smtpd_tls_ask_ccert")
-        self.tls_auth_only = _bool(config, "smtpd_tls_auth_only")
+        # Mandatory TLS implies AUTH only over TLS: Postfix 3.7 offers no AUTH before
+        # STARTTLS at level encrypt, whatever smtpd_tls_auth_only says (checked).
+        self.tls_auth_only = _bool(config, "smtpd_tls_auth_only") or self.tls_level == "encrypt"
         self.starttls_timeout = _time(config, "smtpd_starttls_timeout", 300.0)
         self.per_record_deadline = _bool(config, "smtpd_per_record_deadline")
         self.sasl = None
         self._sasl_exceptions = False          # built on first use
+        self._xforward_hosts = False           # built on first use
         self.sasl_local_domain = config.get("smtpd_sasl_local_domain") or None
         self.sasl_authenticated_header = _bool(config, "smtpd_sasl_authenticated_header")
         try:
@@ -1176,7 +1264,21 @@ class SmtpdServer:
             tls_required=self.tls_level == "encrypt" and not self.wrapper_mode,
             auth_response_limit=limit,
             auth_legacy=_bool(config, "broken_sasl_auth_clients"),
+            ipv6_enabled=any(w in ("ipv6", "all") for w in
+                             (config.get("inet_protocols") or "all").lower()
+                             .replace(",", " ").split()),
         )
+
+    def xforward_authorized(self, name: str, addr: str) -> bool:
+        """smtpd_authorized_xforward_hosts (empty by default: nobody)."""
+        if self._xforward_hosts is False:
+            value = self.config.get("smtpd_authorized_xforward_hosts")
+            self._xforward_hosts = (self._host_list("smtpd_authorized_xforward_hosts", "")
+                                    if value else None)
+        try:
+            return bool(self._xforward_hosts and self._xforward_hosts.match(name, addr))
+        except Exception:   # noqa: BLE001 - a broken list authorizes nobody
+            return False
 
     def sasl_exception(self, name: str, addr: str) -> bool:
         if self._sasl_exceptions is False:
