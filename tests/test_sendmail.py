@@ -169,7 +169,8 @@ def test_parse_dsn_options():
     assert sm.parse_args(["-N", "never"]).notify == "NEVER"
     o = sm.parse_args(["-N", "sometimes", "-R", "most", "-V", "a b"])
     assert o.notify is None and o.ret is None and o.envid is None
-    assert o.warnings == ["bad -N option value -- ignored", "bad -R option value -- ignored",
+    assert o.warnings == ['unknown DSN NOTIFY command value "sometimes" in "sometimes"',
+                          "bad -N option value -- ignored", "bad -R option value -- ignored",
                           "bad syntax in -V option value -- ignored"]
     with pytest.raises(sm.Fatal) as e:
         sm.parse_args(["-B", "9BIT"])

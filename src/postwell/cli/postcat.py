@@ -255,6 +255,51 @@ def find_queued(queue_directory: str, queue_id: str) -> tuple[str, str] | None:
     return None
 
 
+# Postfix's postcat looks at the first byte: one of its envelope record
+# types (REC_TYPE_ENVELOPE) and it reads records, else "not a valid queue file".
+_ENVELOPE_TYPES = frozenset(b"/<>ACDFIKLMORSTVWcino")
+
+
+def _foreign_file_verdict(path: str, label: str) -> str | None:
+    """For a file that is neither a queue nor a maildrop file: the warning
+    Postfix's record reader would give on its first record, when that record
+    is cut short (then postcat stops with "record read error"); None when
+    Postfix would just say "input is not a valid queue file"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096 + 8)
+    except OSError:
+        return None
+    if not head or head[0] not in _ENVELOPE_TYPES:
+        return None
+    rtype, length, shift, pos = head[0], 0, 0, 1
+    while True:
+        if shift >= 32:
+            return f"{label}: too many length bits, record type {rtype}"
+        if pos >= len(head):
+            return f"{label}: unexpected EOF reading length, record type {rtype}"
+        byte = head[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+    if pos + length > len(head) and pos + length > os.path.getsize(path):
+        return f"{label}: unexpected EOF in data, record type {rtype} length {length}"
+    return None
+
+
+def _not_queue_file(path: str, label: str) -> int:
+    """The words and status for a file postcat cannot show."""
+    sys.stdout.flush()
+    why = _foreign_file_verdict(path, label)
+    if why is None:
+        sys.stderr.write(f"{PROG}: warning: {label}: input is not a valid queue file\n")
+        return 0
+    sys.stderr.write(f"{PROG}: warning: {why}\n{PROG}: fatal: record read error\n")
+    return 1
+
+
 def _show_stdin(p: Printer) -> int:
     """No file names: the queue file comes on standard input (label "stdin").
 
@@ -269,11 +314,13 @@ def _show_stdin(p: Printer) -> int:
         with os.fdopen(fd, "wb") as f:
             shutil.copyfileobj(sys.stdin.buffer, f, 65536)
         os.chmod(path, 0o700)     # the complete-file mark queue files carry
+        if os.path.getsize(path) == 0:
+            return 0          # Postfix: empty input, no records, no complaint
         try:
             show(path, "stdin", p)
         except NotQueueFile:
             p.out.flush()
-            sys.stderr.write(f"{PROG}: warning: stdin: input is not a valid queue file\n")
+            return _not_queue_file(path, "stdin")
     p.out.flush()
     return 0
 
@@ -282,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts, args = getopt.getopt(argv, "bc:dehoqrs:v")
-    except getopt.GetoptError:
+    except getopt.GetoptError as exc:
+        # glibc getopt's words, then the usage line.
+        if "requires argument" in exc.msg:
+            sys.stderr.write(f"{PROG}: option requires an argument -- '{exc.opt}'\n")
+        else:
+            sys.stderr.write(f"{PROG}: invalid option -- '{exc.opt}'\n")
         sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
         return 1
     config_dir = os.environ.get("MAIL_CONFIG")
@@ -306,10 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     p = Printer(out, flags, offsets)
     targets: list[tuple[str, str]] = []
-    if by_id:
-        if not args:
-            sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
-            return 1
+    if by_id and args:
+        # Postfix: -q without ids reads standard input, as without -q.
         from postwell.config import load_config
         try:
             cfg = load_config(config_dir)
@@ -317,7 +367,16 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"{PROG}: fatal: {exc}\n")
             return 1
         qdir = cfg.get("queue_directory")
+        if args and not os.path.isdir(qdir):
+            # Postfix changes to the queue directory first.
+            sys.stderr.write(f"{PROG}: fatal: chdir {qdir}: No such file or directory\n")
+            return 1
         for qid in args:
+            # Postfix's mail_queue_id_ok(): letters, digits, "_"; never a path.
+            if not (0 < len(qid) <= 255 and qid.isascii() and all(c.isalnum() or c == "_" for c in qid)):
+                out.flush()
+                sys.stderr.write(f"{PROG}: fatal: bad mail queue ID: {qid}\n")
+                return 1
             found = find_queued(qdir, qid)
             if found is None:
                 out.flush()
@@ -330,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         return _show_stdin(p)
     for path, label in targets:
         try:
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                continue      # Postfix: an empty file has no records and no complaint
             show(path, label, p)
         except NotQueueFile:
             out.flush()
-            sys.stderr.write(f"{PROG}: warning: {label}: input is not a valid queue file\n")
+            if _not_queue_file(path, label):
+                return 1
         except FileNotFoundError:
             out.flush()
             sys.stderr.write(f"{PROG}: fatal: open {label}: No such file or directory\n")

@@ -25,11 +25,18 @@ PROG = "postconf"
 LINE_LIMIT = 80
 MASTER_COLUMNS = (0, 11, 17, 25, 33, 41, 49, 57)
 
-USAGE = ("usage: postconf [-c config_dir] [-d (parameter defaults)] [-e (edit configuration)] "
-         "[-f (fold lines)] [-h (no names)] [-H (no values)] [-M (master.cf)] "
-         "[-n (non-default parameters)] [-o name=value (override parameter value)] "
-         "[-p (main.cf, default)] [-P (master.cf parameters)] [-x (expand parameter values)] "
-         "[-X (exclude)] [-# (comment-out)] [name...]")
+# Postfix 3.7's usage line, word for word.
+USAGE = ("usage: postconf [-a (server SASL types)] [-A (client SASL types)] [-b (bounce templates)] "
+         "[-c config_dir] [-c param_class] [-d (parameter defaults)] [-e (edit configuration)] "
+         "[-f (fold lines)] [-F (master.cf fields)] [-h (no names)] [-H (no values)] "
+         "[-l (lock types)] [-m (map types)] [-M (master.cf)] [-n (non-default parameters)] "
+         "[-o name=value (override parameter value)] [-p (main.cf, default)] "
+         "[-P (master.cf parameters)] [-t (bounce templates)] "
+         "[-T compile-version|run-version|public-key-algorithms] [-v (verbose)] "
+         "[-x (expand parameter values)] [-X (exclude)] [-# (comment-out)] [name...]")
+# The SASL back ends postwell has (smtpd_sasl_type; smtp_sasl_type).
+SERVER_SASL_TYPES = ("cyrus", "dovecot")
+CLIENT_SASL_TYPES = ("cyrus",)
 
 
 class Fatal(Exception):
@@ -555,9 +562,13 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     out = _Out(stdout or sys.stdout, stderr or sys.stderr)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        opts_list, names = getopt.gnu_getopt(args, "c:defFhHlmMno:pPvxX#")
+        opts_list, names = getopt.gnu_getopt(args, "aAc:defFhHlmMno:pPvxX#")
     except getopt.GetoptError as e:
-        out.err.write(f"{PROG}: invalid option -- '{e.opt}'\n")
+        # glibc getopt's words.
+        if "requires argument" in e.msg:
+            out.err.write(f"{PROG}: option requires an argument -- '{e.opt}'\n")
+        else:
+            out.err.write(f"{PROG}: invalid option -- '{e.opt}'\n")
         out.err.write(f"{PROG}: fatal: {USAGE}\n")
         return 1
     opts: dict[str, str] = {}
@@ -594,11 +605,14 @@ def _postfix_wording(e: ConfigError) -> str:
     return str(e)
 
 
-_FLAG_ORDER = "aAbdeFhHlmMnpPtTxX#"
-_EXCLUSIVE_GROUPS = ({"-F", "-l", "-m", "-M", "-P"}, {"-d", "-e", "-n", "-X", "-#"},
+_FLAG_ORDER = "aAbdefFhHlmMnpPtTxX#"
+_EXCLUSIVE_GROUPS = ({"-a", "-A", "-F", "-l", "-m", "-M", "-p", "-P"}, {"-d", "-e", "-n", "-X", "-#"},
                      {"-h", "-H"}, {"-e", "-h"}, {"-e", "-x"})
 _NOT_WITH = {"-M": ("-n", "-d", "-h", "-H"), "-P": ("-n", "-d", "-#"),
-             "-F": ("-n", "-d", "-X", "-#"), "-m": ("-n", "-d"), "-l": ("-n", "-d")}
+             "-F": ("-n", "-d", "-X", "-#")}
+# Listing modes that take none of the parameter-display or edit flags.
+for _mode in ("-a", "-A", "-l", "-m"):
+    _NOT_WITH[_mode] = ("-d", "-e", "-f", "-h", "-H", "-n", "-x", "-X", "-#")
 
 
 def _check_flags(opts: dict) -> None:
@@ -611,9 +625,10 @@ def _check_flags(opts: dict) -> None:
             raise Fatal(f"specify one of {given[0]} {given[1]}")
     for mode, bad in _NOT_WITH.items():
         if mode in opts:
-            for flag in bad:
-                if flag in opts:
-                    raise Fatal(f"with option {mode}, do not specify {flag}")
+            # Postfix names every offending flag at once.
+            found = sorted((f for f in bad if f in opts), key=order)
+            if found:
+                raise Fatal(f"with option {mode}, do not specify {' '.join(found)}")
 
 
 def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
@@ -667,6 +682,10 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         except ImportError:
             types = []
         for name in types:
+            out.line(name)
+        return 0
+    if "-a" in opts or "-A" in opts:
+        for name in SERVER_SASL_TYPES if "-a" in opts else CLIENT_SASL_TYPES:
             out.line(name)
         return 0
     if "-l" in opts:

@@ -16,17 +16,30 @@ STOP_WAIT_SECONDS = 90.0
 START_WAIT_SECONDS = 60.0
 
 
-def _script_log(config, text: str, *, to_stderr: bool | None = None) -> None:
-    """Log as postfix-script does, and echo on a terminal (postlog -i behaviour)."""
+def _script_maillog(config, level: str, text: str) -> None:
+    """One maillog line as postfix-script (best effort: the words still reach stderr)."""
     try:
         from postwell.log import MailLog
         log = MailLog.from_config(config, "postfix-script")
-        log.info(text)
+        getattr(log, level)(text)
         log.close()
     except Exception:
         pass
+
+
+def _script_log(config, text: str, *, to_stderr: bool | None = None) -> None:
+    """Log as postfix-script does, and echo on a terminal (postlog -i behaviour)."""
+    _script_maillog(config, "info", text)
     if to_stderr or (to_stderr is None and sys.stderr.isatty()):
         sys.stderr.write(f"{SCRIPT}: {text}\n")
+
+
+def _script_fatal(config, text: str) -> int:
+    """postfix-script's $FATAL: the maillog line, and the words on stderr."""
+    if config is not None:
+        _script_maillog(config, "fatal", text)
+    sys.stderr.write(f"{SCRIPT}: fatal: {text}\n")
+    return 1
 
 
 def _fatal(text: str) -> int:
@@ -74,8 +87,7 @@ def cmd_start(config_dir: str) -> int:
     if cfg is None:
         return _fatal(err)
     if read_running_pid(cfg):
-        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is already running\n")
-        return 1
+        return _script_fatal(cfg, "the Postfix mail system is already running")
     _script_log(cfg, "starting the Postfix mail system")
     r, w = os.pipe()
     pid = os.fork()
@@ -116,8 +128,7 @@ def cmd_start(config_dir: str) -> int:
     if text.startswith("fatal: "):
         text = text[len("fatal: "):]
     if text == "the Postfix mail system is already running":
-        sys.stderr.write(f"{SCRIPT}: fatal: {text}\n")
-        return 1
+        return _script_fatal(cfg, text)
     return _fatal(text or "mail system startup failed")
 
 
@@ -130,8 +141,7 @@ def cmd_start_fg(config_dir: str) -> int:
     if cfg is None:
         return _fatal(err)
     if read_running_pid(cfg):
-        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is already running\n")
-        return 1
+        return _script_fatal(cfg, "the Postfix mail system is already running")
     _script_log(cfg, "starting the Postfix mail system")
     r, w = os.pipe()
     master = Master(os.path.abspath(config_dir), ready_fd=w)
@@ -153,15 +163,13 @@ def _signal_master(config_dir: str, sig, verb: str) -> tuple[int, object, int | 
         return _fatal(err), None, None
     pid = read_running_pid(cfg)
     if not pid:
-        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is not running\n")
-        return 1, cfg, None
+        return _script_fatal(cfg, "the Postfix mail system is not running"), cfg, None
     if verb:
         _script_log(cfg, verb)
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
-        sys.stderr.write(f"{SCRIPT}: fatal: the Postfix mail system is not running\n")
-        return 1, cfg, None
+        return _script_fatal(cfg, "the Postfix mail system is not running"), cfg, None
     return 0, cfg, pid
 
 
@@ -223,23 +231,9 @@ def cmd_reload(config_dir: str) -> int:
 
 
 def cmd_flush(config_dir: str) -> int:
-    cfg, err = _load(config_dir)
-    if cfg is None:
-        return _fatal(err)
-    # postqueue -f: a byte on the qmgr FIFO; the master's SIGUSR1 path too in case
-    # the FIFO is unreachable for this user.
-    path = os.path.join(cfg.get("queue_directory"), "public", "qmgr")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        try:
-            os.write(fd, b"F")
-        finally:
-            os.close(fd)
-        return 0
-    except OSError:
-        pass
-    rc, _, _ = _signal_master(config_dir, signal.SIGUSR1, "")
-    return rc
+    # postfix-script runs "postqueue -f": its words and exit status.
+    from postwell.cli import postqueue
+    return postqueue.main(["-c", config_dir, "-f"])
 
 
 COMMANDS = {
@@ -267,16 +261,20 @@ def main(argv: list[str] | None = None) -> int:
             args.append(a)
         i += 1
     if not args:
-        sys.stderr.write(f"{PROG}: fatal: usage: postfix [-c config_dir] [-Dv] command\n")
-        return 1
+        args = [""]   # postfix-script gets an empty command, as in Postfix
     if args[0] == "demo":
         from postwell.demo import main as demo_main
         return demo_main(args[1:])
     cmd = COMMANDS.get(args[0])
     if cmd is None:
-        sys.stderr.write(f"{SCRIPT}: fatal: unknown command: '{args[0]}'. "
-                         f"Usage: postfix start (or stop, reload, abort, flush, check, status, start-fg)\n")
-        return 1
+        try:
+            from postwell.config import load_config
+            cfg = load_config(config_dir)
+        except Exception:
+            cfg = None
+        return _script_fatal(cfg, f"unknown command: '{args[0]}'. Usage: postfix start (or stop, reload, "
+                                  "abort, flush, check, status, set-permissions, upgrade-configuration, "
+                                  "logrotate)")
     os.environ["MAIL_CONFIG"] = config_dir
     try:
         return cmd(config_dir)

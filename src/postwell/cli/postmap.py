@@ -96,6 +96,9 @@ def _require_indexed(typ: str, what: str = "bulk-mode creation"):
         from postwell.tables import _TYPES
         if typ in _TYPES:
             raise Fatal(f"unsupported dictionary type: {typ} does not support {what}.")
+        if what in ("bulk-mode creation", "incremental mode"):
+            # Debian's Postfix points at the plugin package when a map is created.
+            raise Fatal(f"unsupported dictionary type: {typ}. Is the postfix-{typ} package installed?")
         raise Fatal(f"unsupported dictionary type: {typ}")
 
 

@@ -21,12 +21,14 @@ scanning deferred/ (Postfix keeps per-site logs instead).
 
 from __future__ import annotations
 
+import errno
 import getopt
 import json
 import os
 import sys
 import time
 
+from postwell.pickup import poke_pickup
 from postwell.queue import QMGR_FLUSH, CorruptQueueFile, QueueFileNotFound, QueueStore, notify_qmgr
 # The queue scan is shared with the showq service (which runs it as $mail_owner).
 from postwell.showq import SHOW_QUEUES, collect, collect_maildrop  # noqa: F401 (re-exported)
@@ -36,9 +38,84 @@ STATUS_CHAR = {"active": "*", "hold": "!"}
 HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
 
 
-def _fatal(text: str, code: int = 1) -> int:
+# Postfix's postqueue exits EX_UNAVAILABLE on every fatal error, usage included.
+EX_UNAVAILABLE = 69
+USAGE = "usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | postqueue -s site"
+
+
+def _fatal(text: str, code: int = EX_UNAVAILABLE) -> int:
     sys.stderr.write(f"{PROG}: fatal: {text}\n")
     return code
+
+
+def _warn(text: str) -> None:
+    sys.stderr.write(f"{PROG}: warning: {text}\n")
+
+
+def _errno_text(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _showq_probe(path: str) -> OSError | None:
+    """None when the showq service answers a connect, else why not (Postfix's %m)."""
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+    except OSError as exc:
+        return exc
+    finally:
+        s.close()
+    return None
+
+
+def _trigger(store: QueueStore, service: str, request: bytes) -> bool:
+    """Postfix's mail_trigger(): False (after its warning) when nobody listens."""
+    rel = f"public/{service}"
+    path = os.path.join(store.queue_directory, "public", service)
+    try:
+        os.stat(path)
+    except OSError as exc:
+        _warn(f"unable to look up {rel}: {_errno_text(exc)}")
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except PermissionError:
+        # A user who may not write the trigger (postwell has no set-gid
+        # postqueue): the system is up; the qmgr's own queue scan follows.
+        return True
+    except OSError:
+        return False          # ENXIO: a FIFO without a reader - the service is down
+    try:
+        os.write(fd, request)
+    except BlockingIOError:
+        pass                  # FIFO full: the reader is awake anyway
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _flush_service_up(store: QueueStore) -> bool:
+    """postwell has no flush(8) daemon: -i/-s work when the qmgr listens.
+
+    When it does not, say what Postfix's postqueue says when it cannot reach
+    its flush service.
+    """
+    path = os.path.join(store.queue_directory, "public", "qmgr")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            return True       # there, but not for this user: the access check below says so
+        if exc.errno == errno.ENXIO:
+            exc = ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
+        _warn(f"connect to public/flush: {_errno_text(exc)}")
+        return False
+    os.close(fd)
+    return True
 
 
 # The listing is handed to the writer in chunks of about this many messages:
@@ -140,6 +217,16 @@ def show_queue(cfg, store: QueueStore, mode: str, out=None) -> int:
     out = out or sys.stdout
     render = iter_listing if mode == "p" else iter_json
     if can_read_queue(cfg, store):
+        if os.geteuid() == 0:
+            # Postfix's root postqueue asks showq first and warns when it has
+            # to read the queue itself because the mail system is down.
+            from postwell import showq
+            path = showq.socket_path(cfg)
+            why = _showq_probe(path)
+            if why is not None:
+                _warn("Mail system is down -- accessing queue directly (Connect to the "
+                      f"{cfg.get('mail_name') or 'Postfix'} {os.path.basename(path)} "
+                      f"service: {_errno_text(why)})")
         messages = collect(store)
     else:
         from postwell import showq
@@ -150,7 +237,8 @@ def show_queue(cfg, store: QueueStore, mode: str, out=None) -> int:
         except showq.ShowqUnavailable as exc:
             # Postfix's words and exit status (EX_UNAVAILABLE).
             return _fatal("Queue report unavailable - mail system is down "
-                          f"(Connect to the public {os.path.basename(path)} service: {exc})", 69)
+                          f"(Connect to the {cfg.get('mail_name') or 'Postfix'} "
+                          f"{os.path.basename(path)} service: {exc})", 69)
         except showq.ShowqRefused as exc:
             if exc.denied:
                 return _fatal(str(exc), 77)   # EX_NOPERM
@@ -235,24 +323,49 @@ def _load_store(config_dir):
     return cfg, QueueStore(cfg.get("queue_directory"))
 
 
+def _getopt_error(exc: getopt.GetoptError) -> int:
+    # glibc getopt's words, then Postfix's usage line.
+    if "requires argument" in exc.msg:
+        sys.stderr.write(f"{PROG}: option requires an argument -- '{exc.opt}'\n")
+    else:
+        sys.stderr.write(f"{PROG}: invalid option -- '{exc.opt}'\n")
+    return _fatal(USAGE)
+
+
+def _valid_site(site: str) -> bool:
+    # Postfix's flush_send_site() wants a domain name or an address literal.
+    from postwell.policy.resolve import valid_hostliteral, valid_hostname
+    return valid_hostname(site) or valid_hostliteral(site)
+
+
+def _valid_queue_id(qid: str) -> bool:
+    # Postfix's mail_queue_id_ok(): letters, digits and "_", at most 255.
+    return 0 < len(qid) <= 255 and qid.isascii() and all(c.isalnum() or c == "_" for c in qid)
+
+
+def _shorten(text: str) -> tuple[str, str]:
+    return (text[:100], "..." if len(text) > 100 else "")
+
+
 def main(argv: list[str] | None = None, *, mailq: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts, args = getopt.getopt(argv, "c:fi:jps:v")
     except getopt.GetoptError as exc:
-        return _fatal(f"usage: {PROG} -[fjpv] [-c config_dir] [-i queue_id] [-s site] ({exc.msg})")
+        return _getopt_error(exc)
     config_dir = os.environ.get("MAIL_CONFIG")
     mode = "p" if mailq else None
     arg = None
     for o, v in opts:
         if o == "-c":
             config_dir = v
-        elif o in ("-p", "-j", "-f"):
-            mode = o[1]
-        elif o in ("-i", "-s"):
-            mode, arg = o[1], v
+        elif o in ("-p", "-j", "-f", "-i", "-s"):
+            # Postfix: exactly one mode option.
+            if mode is not None and not mailq:
+                return _fatal(USAGE)
+            mode, arg = o[1], (v if o in ("-i", "-s") else None)
     if args or mode is None:
-        return _fatal(f"usage: {PROG} -[fjpv] [-c config_dir] [-i queue_id] [-s site]")
+        return _fatal(USAGE)
     try:
         cfg, store = _load_store(config_dir)
     except Exception as exc:
@@ -264,19 +377,30 @@ def main(argv: list[str] | None = None, *, mailq: bool = False) -> int:
         if code:
             return code
     elif mode == "f":
-        notify_qmgr(store.queue_directory, QMGR_FLUSH)
-    elif mode in ("i", "s") and not os.access(store.path("deferred"), os.R_OK | os.W_OK | os.X_OK):
+        # Postfix's mail_flush_deferred() then mail_flush_maildrop().
+        if not _trigger(store, "qmgr", QMGR_FLUSH):
+            return _fatal("Cannot flush mail queue - mail system is down")
+        # The pickup wake-up is best effort: with the qmgr up the system is
+        # up, and pickup also scans the maildrop on its own timer.
+        poke_pickup(store.queue_directory)
+    elif mode == "s" and not _valid_site(arg):
+        return _fatal('Cannot flush mail queue - invalid destination: "%s%s"' % _shorten(arg))
+    elif mode == "i" and not _valid_queue_id(arg):
+        return _fatal('Cannot flush queue ID - invalid name: "%s%s"' % _shorten(arg))
+    elif mode == "s" and not flush_allowed(cfg, arg):
+        # Postfix's flush client refuses before it connects.
+        return _fatal(f'Flush service is not configured for destination "{arg}"')
+    elif not _flush_service_up(store):
+        return _fatal("Cannot flush mail queue - mail system is down")
+    elif not os.access(store.path("deferred"), os.R_OK | os.W_OK | os.X_OK):
         # Scheduling moves queue files: only root and $mail_owner can (no flush daemon).
         return _fatal(f"Cannot flush mail queue - cannot access {store.path('deferred')}: "
-                      "Permission denied (run as root or $mail_owner)", 69)
+                      "Permission denied (run as root or $mail_owner)")
     elif mode == "i":
         # Unknown ids are silently ignored, as in Postfix.
         if schedule(store, arg):
             notify_qmgr(store.queue_directory)
     elif mode == "s":
-        if not flush_allowed(cfg, arg):
-            # Postfix's words and exit status (EX_UNAVAILABLE).
-            return _fatal(f'Flush service is not configured for destination "{arg}"', 69)
         if flush_site(store, arg):
             notify_qmgr(store.queue_directory)
     sys.stdout.flush()
@@ -284,6 +408,12 @@ def main(argv: list[str] | None = None, *, mailq: bool = False) -> int:
 
 
 def mailq_main(argv: list[str] | None = None) -> int:
+    """The mailq command is Postfix's sendmail under another name (sendmail
+    options, -C config; "mailq: fatal: ..." words); called with an explicit
+    argv it is the postqueue -p listing, as the in-process callers expect."""
+    if argv is None:
+        from postwell.cli import sendmail
+        return sendmail.main(prog="mailq")
     return main(argv, mailq=True)
 
 

@@ -197,8 +197,10 @@ def run_operation(store: QueueStore, op: str, ids: list[str], queues, report: Re
                 for t in store.scan(q):
                     one(t, q, quiet)
             continue
-        if not is_queue_id(qid):
-            report.warn(f"invalid mail queue id: {qid}")
+        if not _queue_id_ok(qid):
+            # Postfix's printable(): anything unprintable shows as "?".
+            shown = "".join(c if " " <= c <= "~" else "?" for c in qid)
+            report.warn(f"invalid mail queue id: {shown}")
             continue
         for q in queues:
             if os.path.lexists(store.path(q, qid)) and one(qid, q, loud):
@@ -233,12 +235,53 @@ def structure_check(store: QueueStore, report: Reporter, uid=None, gid=None) -> 
                     pass
 
 
+def _delete_maildrop(store: QueueStore, ids: list[str], report: Reporter) -> int:
+    """postsuper -d ... maildrop: remove submitted files pickup has not taken yet."""
+    drop = store.path("maildrop")
+    done = 0
+    for qid in ids:
+        if qid == "ALL":
+            try:
+                names = sorted(n for n in os.listdir(drop) if _queue_id_ok(n))
+            except OSError:
+                names = []
+            for name in names:
+                try:
+                    os.unlink(os.path.join(drop, name))
+                    done += 1
+                except FileNotFoundError:
+                    pass          # pickup took it meanwhile
+            continue
+        if not _queue_id_ok(qid):
+            continue          # warned about by run_operation already
+        try:
+            os.unlink(os.path.join(drop, qid))
+        except FileNotFoundError:
+            continue
+        done += 1
+        report.say(f"{qid}: removed")
+    return done
+
+
+def _queue_id_ok(qid: str) -> bool:
+    """Postfix's mail_queue_id_ok(): letters, digits and "_", at most 255.
+
+    Anything else is warned about; a well-formed id that names no message
+    is skipped silently, as in Postfix.  Never a path separator or a dot.
+    """
+    return 0 < len(qid) <= 255 and qid.isascii() and all(c.isalnum() or c == "_" for c in qid)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts, queues = getopt.getopt(argv, "c:d:e:f:h:H:pr:sSv")
     except getopt.GetoptError as exc:
-        sys.stderr.write(f"{PROG}: invalid option -- '{exc.opt}'\n")
+        # glibc getopt's two messages.
+        if "requires argument" in exc.msg:
+            sys.stderr.write(f"{PROG}: option requires an argument -- '{exc.opt}'\n")
+        else:
+            sys.stderr.write(f"{PROG}: invalid option -- '{exc.opt}'\n")
         sys.stderr.write(f"{PROG}: fatal: {USAGE}\n")
         return 1
     config_dir = os.environ.get("MAIL_CONFIG")
@@ -291,11 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         ids: list[str] = []
         for v in wanted[op]:
             if v == "-":
-                ids.extend(line.strip() for line in sys.stdin if line.strip())
+                # Postfix takes each line as it is (only the newline goes):
+                # blanks and spaces make an id it warns about.
+                ids.extend(line[:-1] if line.endswith("\n") else line for line in sys.stdin)
             else:
                 ids.append(v)
         qs = [q for q in (queues or DEFAULT_QUEUES[op]) if q != "maildrop"]
         n = run_operation(store, op, ids, qs, report, released)
+        if op == "d" and "maildrop" in (queues or ()):
+            # Postfix deletes maildrop files too when asked by name; the
+            # other operations do not apply to them.
+            n += _delete_maildrop(store, ids, report)
         if op == "f":
             # -f counts under -e's total; its releases under -H's.
             counts["e"] = counts.get("e", 0) + n

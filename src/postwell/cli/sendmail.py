@@ -213,6 +213,11 @@ def _apply_arg(o: Options, c: str, val: str) -> None:
     elif c == "N":
         n = _notify_value(val)
         if n is None:
+            # Postfix's name_mask: the first unknown word is named, then the verdict.
+            order = ("success", "failure", "delay", "never")
+            unknown = [w for w in re.split(r"[,\s]+", val) if w and w.lower() not in order]
+            if unknown:
+                o.warnings.append(f'unknown DSN NOTIFY command value "{unknown[0]}" in "{val}"')
             o.warnings.append("bad -N option value -- ignored")
         else:
             o.notify = n
@@ -282,20 +287,31 @@ def _apply_arg(o: Options, c: str, val: str) -> None:
 
 def parse_address_list(text: str) -> list[str]:
     """Addresses of an RFC 5322 3.4 address list, in internal (unquoted) form.
-    Display names, comments and group syntax are dropped."""
+    Display names, comments and group syntax are dropped.
+
+    As Postfix's tok822 parser, two words in a row with no "@", "." or
+    comma between them start a new address: "a b" is two recipients (and
+    "-f 'a b'" a malformed sender), "e@x (note) f@y" too."""
     from postwell.cleanup.addresses import group_addresses, tokenize
     out = []
+    words = ("atom", "qstring", "domlit")
     for t in group_addresses(tokenize(text)):
         if t.kind != "addr":
             continue
-        parts = []
+        parts: list[str] = []
+        prev_word = False
         for p in t.parts:
+            if p.kind == "comment":
+                continue
+            is_word = p.kind in words
+            if is_word and prev_word and parts:
+                out.append("".join(parts))
+                parts = []
+            prev_word = is_word
             if p.kind == "qstring":
                 parts.append(re.sub(r"\\(.)", r"\1", p.text))
             elif p.kind == "domlit":
                 parts.append(f"[{p.text}]")
-            elif p.kind == "comment":
-                continue
             else:
                 parts.append(p.text)
         # A source route (RFC 5321 4.1.2 "@a,@b:user@c") keeps only the mailbox.
@@ -542,9 +558,8 @@ class Sendmail:
         if o.mode == MODE_FLUSHQ:
             if o.recipients:
                 raise Fatal(EX_USAGE, "flush queue mode requires no recipient")
-            from postwell.queue import QMGR_FLUSH, notify_qmgr
-            notify_qmgr(self.queue_directory, QMGR_FLUSH)
-            return EX_OK
+            # Postfix's sendmail -q runs "postqueue -f": its words and status.
+            return self._postqueue(["-f"])
         if o.mode == MODE_DAEMON:
             if o.recipients:
                 raise Fatal(EX_USAGE, "daemon mode requires no recipient")
@@ -622,7 +637,6 @@ class Sendmail:
         who = self.ident(sender)
         recipients = self.command_line_recipients()
         writer = self.open_maildrop(sender)
-        from postwell.pickup import poke_pickup
         try:
             headers = HeaderRecipients() if o.extract else None
             limit = self.size_limit()
@@ -663,7 +677,7 @@ class Sendmail:
         except BaseException:
             writer.abort()
             raise
-        poke_pickup(self.queue_directory)
+        _wake_pickup(self.queue_directory)
         return EX_OK
 
     def verify(self) -> int:
@@ -683,6 +697,22 @@ class Sendmail:
             sys.stdout.write(f"<{rcpt}>: {text}\n")
         sys.stdout.flush()
         return EX_NOUSER if bad else EX_OK
+
+
+def _wake_pickup(queue_directory: str) -> None:
+    """Postfix's postdrop wakes pickup with mail_trigger(), which warns when
+    the trigger does not exist (the mail system was never started); the
+    message stays in the maildrop either way."""
+    from postwell.pickup import poke_pickup
+    try:
+        os.stat(os.path.join(queue_directory, "public", "pickup"))
+    except FileNotFoundError as exc:
+        sys.stderr.write(f"postdrop: warning: unable to look up public/pickup: "
+                         f"{os.strerror(exc.errno or 2)}\n")
+        return
+    except OSError:
+        pass                  # not for this user to see (postwell has no set-gid postdrop)
+    poke_pickup(queue_directory)
 
 
 # Room kept under message_size_limit for what pickup adds (Received: header,
@@ -737,7 +767,7 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
     other submission.  The client is "localhost[127.0.0.1]", as Postfix's
     stand-alone smtpd calls a client that is not on a socket."""
     from postwell.cleanup.service import mail_date
-    from postwell.pickup import MaildropEnvelope, poke_pickup
+    from postwell.pickup import MaildropEnvelope
     from postwell.smtp import server as eng
     from postwell.smtp.reply import Reply
 
@@ -803,7 +833,7 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
             drop_writer()
             return write_error
         state["writer"] = None
-        poke_pickup(sm.queue_directory)
+        _wake_pickup(sm.queue_directory)
         # Postfix answers with its maildrop queue id; ours is the maildrop file
         # name (postqueue -p lists it and postcat -q reads it until pickup runs).
         return Reply(250, f"Ok: queued as {name}", "2.0.0")
