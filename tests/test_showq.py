@@ -267,6 +267,32 @@ def test_oversized_record_is_cut_to_the_frame_limit(monkeypatch):
     assert json.loads(showq.message_frame(small)[4:]) == {"message": small}
 
 
+def test_name_replaced_right_after_binding_is_not_removed(env, monkeypatch):
+    # The worst timing of a reload: the newer showq renames its socket over the name
+    # before the older one has even looked at it.  The older one must know its own
+    # socket by what it bound, not by what the name points to by then.
+    store, etc, _ = env
+    cfg = load_config(etc)
+    path = showq.socket_path(cfg)
+    stop = threading.Event()
+    real = showq._listen
+
+    def listen_then_replaced(p):
+        got = real(p)
+        newer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        newer.bind(p + ".newer")
+        os.rename(p + ".newer", p)
+        stop.set()
+        return got
+    monkeypatch.setattr(showq, "_listen", listen_then_replaced)
+    t = threading.Thread(target=showq.serve, args=(cfg, stop), daemon=True)
+    t.start()
+    t.join(WAIT)
+    assert not t.is_alive()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)     # the newer socket is still there
+    os.unlink(path)
+
+
 def test_a_replaced_socket_is_left_to_its_new_owner(env):
     """After a reload the new showq binds the name while the old one drains:
     the old one must not remove the new socket when it exits."""

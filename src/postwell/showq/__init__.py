@@ -453,6 +453,14 @@ def handle(conn: socket.socket, config, log=None) -> None:
 
 def listen(path: str) -> socket.socket:
     """Bind the public socket (mode 0666), replacing a stale one."""
+    return _listen(path)[0]
+
+
+def _listen(path: str) -> tuple[socket.socket, int]:
+    """listen() and the inode of the socket file it bound.  The inode is taken
+    before the rename (it survives it), not from ``path`` afterwards: a newer
+    showq (a reload) may replace the name at any moment, and the older one must
+    not remove the newer one's socket on exit."""
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(17, f"{path}: exists and is not a socket")
@@ -468,8 +476,9 @@ def listen(path: str) -> socket.socket:
     # Any local user may ask; authorisation is per request (SO_PEERCRED).
     os.chmod(tmp, 0o666)
     sock.listen(64)        # before the rename: a client that sees the name can connect
+    ino = os.stat(tmp).st_ino
     os.rename(tmp, path)   # atomic: clients never see a half-set-up socket
-    return sock
+    return sock, ino
 
 
 def serve(config, stop_event: threading.Event | None = None) -> None:
@@ -477,8 +486,7 @@ def serve(config, stop_event: threading.Event | None = None) -> None:
     from postwell.log import MailLog
     log = MailLog.from_config(config, "showq")
     path = socket_path(config)
-    sock = listen(path)
-    ino = os.stat(path).st_ino
+    sock, ino = _listen(path)
     stop = stop_event or threading.Event()
     if stop_event is None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
