@@ -335,6 +335,16 @@ def _quiesce(inst) -> None:
     harness.wait_for(idle, 10, 0.05, f"{inst.kind} to log its earlier disconnects")
 
 
+def _log_since_disconnect(inst, before: int) -> str:
+    """The maillog from offset ``before`` once it holds the session's smtpd disconnect line."""
+    def grab():
+        with open(inst.maillog, "rb") as f:
+            f.seek(before)
+            text = f.read().decode("utf-8", "replace")
+        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from [^\n]*\n", text) else None
+    return harness.wait_for(grab, 10, 0.05, f"{inst.kind} disconnect line")
+
+
 def _run(inst, lines, wait: float = 10, talk=harness.dialogue):
     """One session: (replies, the smtpd log lines it produced).  ``talk(port, lines,
     timeout=)`` plays the client (harness.dialogue, or one that speaks TLS)."""
@@ -342,12 +352,7 @@ def _run(inst, lines, wait: float = 10, talk=harness.dialogue):
     before = os.path.getsize(inst.maillog)
     replies = talk(inst.port, lines, timeout=wait)
 
-    def grab():
-        with open(inst.maillog, "rb") as f:
-            f.seek(before)
-            text = f.read().decode("utf-8", "replace")
-        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from [^\n]*\n", text) else None
-    text = harness.wait_for(grab, 10, 0.05, f"{inst.kind} disconnect line")
+    text = _log_since_disconnect(inst, before)
     logged = [_log_line(ln) for ln in text.splitlines() if "postfix/smtpd[" in ln]
     return replies, logged
 
@@ -476,12 +481,7 @@ def _until_closed(inst, lines: list[str]) -> tuple[list[str], list[str]]:
                 break
             got += chunk
 
-    def grab():
-        with open(inst.maillog, "rb") as f:
-            f.seek(before)
-            text = f.read().decode("utf-8", "replace")
-        return text if re.search(r"postfix/smtpd\[\d+\]: disconnect from [^\n]*\n", text) else None
-    text = harness.wait_for(grab, 10, 0.05, f"{inst.kind} disconnect line")
+    text = _log_since_disconnect(inst, before)
     replies = [_QID.sub("QID", ln) for ln in got.decode("utf-8", "replace").splitlines()[1:]]
     return replies, [_log_line(ln) for ln in text.splitlines() if "postfix/smtpd[" in ln]
 

@@ -405,16 +405,22 @@ def test_corrupt_file_moved_aside(env):
     assert any("moving to corrupt queue" in l for l in env.qm_log.lines)
 
 
-def test_held_message_found_in_incoming_is_held_not_delivered(env):
-    """Cleanup commits a HOLD message in incoming/ and then moves it to hold/; a qmgr
-    scan woken by another message in between must hold it, never deliver it."""
+def _held_by_cleanup(store):
+    """A committed message in incoming/ carrying cleanup's hold mark."""
     from postwell.queue import HOLD_ATTRIBUTE
-    msg = env.store.create()
+    msg = store.create()
     msg.set_sender("s@x.test")
     msg.add_recipient("a@ok.test")
     msg.set_attribute(HOLD_ATTRIBUTE, "1")
     msg.write(b"Subject: held\n\nhello\n")
     msg.commit()
+    return msg
+
+
+def test_held_message_found_in_incoming_is_held_not_delivered(env):
+    """Cleanup commits a HOLD message in incoming/ and then moves it to hold/; a qmgr
+    scan woken by another message in between must hold it, never deliver it."""
+    msg = _held_by_cleanup(env.store)
     other = queue(env.store, "s@x.test", ["b@ok.test"])
     qm = env.make()
 
@@ -460,12 +466,7 @@ def test_released_from_hold_is_delivered_not_held_again(env, op):
     is cleared in place, so meeting it in incoming/ later does not hold it again."""
     from postwell.cli import postsuper
     from postwell.queue import HOLD_ATTRIBUTE
-    msg = env.store.create()
-    msg.set_sender("s@x.test")
-    msg.add_recipient("a@ok.test")
-    msg.set_attribute(HOLD_ATTRIBUTE, "1")
-    msg.write(b"Subject: held\n\nhello\n")
-    msg.commit()
+    msg = _held_by_cleanup(env.store)
     qid = msg.queue_id
     env.store.move(qid, "incoming", "hold")
     if op == "f":

@@ -275,7 +275,7 @@ def test_name_replaced_right_after_binding_is_not_removed(env, monkeypatch):
     cfg = load_config(etc)
     path = showq.socket_path(cfg)
     stop = threading.Event()
-    real = showq._listen
+    real = showq.listen
 
     def listen_then_replaced(p):
         got = real(p)
@@ -284,7 +284,7 @@ def test_name_replaced_right_after_binding_is_not_removed(env, monkeypatch):
         os.rename(p + ".newer", p)
         stop.set()
         return got
-    monkeypatch.setattr(showq, "_listen", listen_then_replaced)
+    monkeypatch.setattr(showq, "listen", listen_then_replaced)
     t = threading.Thread(target=showq.serve, args=(cfg, stop), daemon=True)
     t.start()
     t.join(WAIT)

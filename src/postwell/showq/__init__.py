@@ -451,14 +451,10 @@ def handle(conn: socket.socket, config, log=None) -> None:
             pass
 
 
-def listen(path: str) -> socket.socket:
-    """Bind the public socket (mode 0666), replacing a stale one."""
-    return _listen(path)[0]
-
-
-def _listen(path: str) -> tuple[socket.socket, int]:
-    """listen() and the inode of the socket file it bound.  The inode is taken
-    before the rename (it survives it), not from ``path`` afterwards: a newer
+def listen(path: str) -> tuple[socket.socket, int]:
+    """Bind the public socket (mode 0666), replacing a stale one; the socket and
+    the inode of the file it bound.  The inode is taken before the rename (it
+    survives it), not from ``path`` afterwards: a newer
     showq (a reload) may replace the name at any moment, and the older one must
     not remove the newer one's socket on exit."""
     try:
@@ -486,7 +482,7 @@ def serve(config, stop_event: threading.Event | None = None) -> None:
     from postwell.log import MailLog
     log = MailLog.from_config(config, "showq")
     path = socket_path(config)
-    sock, ino = _listen(path)
+    sock, ino = listen(path)
     stop = stop_event or threading.Event()
     if stop_event is None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
