@@ -104,6 +104,39 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
+def stderr_on_tty(cmd: list[str], env=None, timeout: float = 60.0) -> str:
+    """What cmd writes to stderr when stderr is a terminal (a pty): postfix(1) and
+    postfix-script speak there only then."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=slave, env=env)
+        os.close(slave)
+        slave = -1
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:          # EIO: the terminal's last writer is gone
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

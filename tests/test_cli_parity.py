@@ -239,17 +239,47 @@ def test_mailq_is_sendmail_like_postfix(pair, args):
     same(pair, "mailq", "-C", "@C@", *args)
 
 
-@pytest.mark.xfail(strict=True, reason="a message still in the maildrop: Postfix lists it under "
-                   "its queue id with the maildrop file's size; postwell under its 32-hex "
-                   "maildrop file name with the content size (pickup's file format)")
+def _time_record_length(path: str, ours: bool) -> int:
+    """Length of the "sec usec" time record Postfix writes (or would write) for a
+    maildrop file: its usec has no leading zeros, so it is 1 to 6 digits."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not ours:
+        assert data[:1] == b"T"
+        return data[1]
+    sec, frac = re.search(rb"\ntime (\d+)\.(\d+)\n", data).groups()
+    return len(sec) + 1 + len(str(int(frac)))
+
+
+@pytest.mark.xfail(strict=True, reason="a message still in the maildrop: Postfix lists the size "
+                   "of postdrop's file; postwell.cli.maildrop_size.postdrop_size() computes it, "
+                   "but the shared listing (showq.collect_maildrop, another part) still shows "
+                   "the content size")
 def test_mailq_maildrop_entry_like_postfix(pair):
+    """Postfix lists a maildrop message with its postdrop file's size; postwell
+    computes that size from its own maildrop file (the name stays postwell's
+    128-bit file name: the maildrop is not listable by design)."""
     _empty_maildrops(pair)
-    same(pair, "sendmail", "-C", "@C@", "-f", "s@example.test", "a@example.test", stdin="Subject: x\n\nbody\n")
+    same(pair, "sendmail", "-C", "@C@", "-f", "s@example.test", "-N", "success,delay", "-V", "env1",
+         "a@example.test", "b@example.test", stdin="Subject: x\n\nbody\n" + "y" * 3000 + "\n")
     try:
         ref = _run(pair, "ref", "mailq", ["-C", "@C@"])
         ours = _run(pair, "ours", "mailq", ["-C", "@C@"])
-        strip = lambda text: re.sub(r"(?m)^[0-9A-Fa-f]{10,32}\b", "ID", text)  # noqa: E731
+        # The two submissions may fall in different seconds: the stamp is masked too.
+        strip = lambda text: re.sub(r"(?m)^[0-9A-Fa-f]{6,32} +\d+ +\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d",  # noqa: E731
+                                    "ID SIZE STAMP", text)
         assert strip(ours[1]) == strip(ref[1])
+        assert ours[0] == ref[0] and ours[2] == ref[2]
+        # The sizes differ only by the submission times' microsecond digits.
+        paths = {}
+        for side in ("ref", "ours"):
+            drop = os.path.join(pair[side], "queue", "maildrop")
+            (name,) = os.listdir(drop)
+            paths[side] = os.path.join(drop, name)
+        size = lambda out: int(out.splitlines()[1].split()[1])  # noqa: E731
+        assert size(ref[1]) == os.path.getsize(paths["ref"])
+        assert size(ours[1]) == (size(ref[1]) - _time_record_length(paths["ref"], False)
+                                 + _time_record_length(paths["ours"], True))
     finally:
         _empty_maildrops(pair)
 
@@ -312,7 +342,7 @@ def test_postfix_status_and_log_like_postfix(pair, args):
     """Nothing runs: exit status and the postfix-script maillog line agree."""
     ref = _run(pair, "ref", "postfix", ["-c", "@C@", *args])
     ours = _run(pair, "ours", "postfix", ["-c", "@C@", *args])
-    assert ours[:2] == ref[:2]
+    assert ours == ref
     last = lambda side: _log_lines(pair, side, "postfix/postfix-script")[-1:]  # noqa: E731
     assert last("ours") == last("ref")
 
@@ -322,9 +352,8 @@ def test_postfix_flush_down_like_postfix(pair):
     same(pair, "postfix", "-c", "@C@", "flush")
 
 
-@pytest.mark.xfail(strict=True, reason="Postfix's postfix(1) writes to stderr only when it is a "
-                   "terminal (the rest goes to the maillog); postwell also echoes "
-                   "'postfix/postfix-script: ...' lines on a non-terminal stderr")
-def test_postfix_quiet_on_non_terminal_stderr(pair):
-    same(pair, "postfix", "-c", "@C@", "status")
+@pytest.mark.parametrize("args", [["status"], ["stop"], ["bogus"], ["check"]], ids=repr)
+def test_postfix_quiet_on_non_terminal_stderr(pair, args):
+    # postfix(1) and postfix-script (postlog) write to stderr only when it is a terminal.
+    assert same(pair, "postfix", "-c", "@C@", *args)[2] == ""
 

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+import harness
+
 STUBS = r'''
 import asyncio, signal, sys
 import postwell.config.master as cm
@@ -87,7 +89,6 @@ RUNNER = "import sys, pw_test_stubs; from postwell.cli.postfix import main; sys.
 
 def free_port():
     # Outside the ephemeral range: no outgoing connection can take it meanwhile.
-    import harness
     return harness.free_port()
 
 
@@ -161,6 +162,11 @@ class Instance:
         return subprocess.run([sys.executable, "-c", RUNNER, "-c", self.etc, *args], env=env,
                               capture_output=True, text=True, timeout=timeout)
 
+    def run_tty(self, *args, timeout=60):
+        """stderr of a postfix(1) command whose stderr is a terminal (a pty)."""
+        env = dict(os.environ, PYTHONPATH=self.stubdir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return harness.stderr_on_tty([sys.executable, "-c", RUNNER, "-c", self.etc, *args], env, timeout)
+
     def log(self):
         try:
             with open(os.path.join(self.dir, "maillog")) as f:
@@ -225,7 +231,11 @@ def test_start_status_stop(inst):
     r = inst.run("status")
     pid = inst.master_pid()
     assert r.returncode == 0
-    assert f"postfix/postfix-script: the Postfix mail system is running: PID: {pid}" in r.stderr
+    # postfix-script's words go to the maillog, and to stderr only on a terminal.
+    assert r.stderr == ""
+    assert f"the Postfix mail system is running: PID: {pid}" in inst.log()
+    err = inst.run_tty("status")
+    assert f"postfix/postfix-script: the Postfix mail system is running: PID: {pid}" in err
     log = inst.log()
     assert "postfix/postfix-script[" in log and "starting the Postfix mail system" in log
     assert "postfix/master[" in log and "daemon started -- version" in log
@@ -244,15 +254,16 @@ def test_start_status_stop(inst):
         assert uids.count({"0"}) == 4                     # only the virtual, local, pipe helpers, spawn
         assert uids.count({str(inst.owner.pw_uid)}) == 5  # smtpd x2, qmgr, showq, anvil as mail_owner
     r = inst.run("start")
-    assert r.returncode == 1 and "already running" in r.stderr
+    assert r.returncode == 1 and "fatal: the Postfix mail system is already running" in inst.log()
     r = inst.run("stop")
     assert r.returncode == 0, r.stderr
     assert not os.path.exists(os.path.join(inst.dir, "queue", "pid", "master.pid"))
     r = inst.run("status")
-    assert r.returncode == 1 and "the Postfix mail system is not running" in r.stderr
+    assert r.returncode == 1 and "]: the Postfix mail system is not running" in inst.log()
     assert "terminating on signal 15" in inst.log()
     r = inst.run("stop")
-    assert r.returncode == 1 and "not running" in r.stderr
+    assert r.returncode == 1 and "fatal: the Postfix mail system is not running" in inst.log()
+    assert inst.run_tty("stop") == "postfix/postfix-script: fatal: the Postfix mail system is not running\n"
 
 
 def test_port_in_use_fails(inst):
@@ -263,8 +274,12 @@ def test_port_in_use_fails(inst):
         r = inst.run("start")
     finally:
         blocker.close()
-    assert r.returncode == 1
-    assert f"postfix: fatal: bind 127.0.0.1 port {inst.port}: Address already in use" in r.stderr
+    assert r.returncode == 1 and r.stderr == ""
+    # As Postfix: the master logs why, postfix-script that start-up failed.
+    log = inst.log()
+    assert "postfix/master[" in log
+    assert f"fatal: bind 127.0.0.1 port {inst.port}: Address already in use" in log
+    assert "postfix/postfix-script[" in log and "fatal: mail system startup failed" in log
     assert not os.path.exists(os.path.join(inst.dir, "queue", "pid", "master.pid"))
 
 
@@ -272,7 +287,8 @@ def test_bad_config_fails(inst):
     with open(os.path.join(inst.etc, "main.cf"), "a") as f:
         f.write("this line is bad\n")
     r = inst.run("start")
-    assert r.returncode == 1 and r.stderr.startswith("postfix: fatal: ")
+    assert r.returncode == 1 and r.stderr == ""
+    assert inst.run_tty("start").startswith("postfix: fatal: ")
     r = inst.run("check")
     assert r.returncode == 1
 

@@ -1,7 +1,7 @@
 """postconf: show and edit main.cf / master.cf, as Postfix's postconf(1) does.
 
-Supported: [-c dir] [-d] [-e] [-f] [-F] [-h] [-H] [-l] [-m] [-M] [-n]
-[-o name=value] [-p] [-P] [-x] [-X] [-#] [-v] [name ...] and `postconf name=value` (implies -e).
+Supported: [-a] [-A] [-b [file]] [-c dir] [-d] [-e] [-f] [-F] [-h] [-H] [-l] [-m] [-M] [-n]
+[-o name=value] [-p] [-P] [-t [file]] [-x] [-X] [-#] [-v] [name ...] and `postconf name=value` (implies -e).
 Output matches Postfix: `name = value` with white space runs shown as one
 space, sorted by name; warnings on stderr as `postconf: warning: ...`.
 Exit status 0, or 1 after a fatal error (usage, unreadable or broken file).
@@ -556,13 +556,79 @@ def edit_master_params(config_dir: str, args: list[str], mode: str, out: _Out) -
     atomic_write(path, "\n".join(new) + ("\n" if new else ""))
 
 
+def override_warnings(main_cf_path: str) -> list[str]:
+    """Postfix's mail_conf_read() words for a parameter set twice in main.cf
+    (common when settings are appended to a stock file): the later line wins."""
+    from postwell.config.main import parse_main_cf_entries
+    try:
+        with open(main_cf_path, encoding="utf-8", errors="surrogateescape") as f:
+            entries = parse_main_cf_entries(f.read(), main_cf_path)
+    except (OSError, ConfigError):
+        return []          # the loader reports it in its own words
+    seen: dict[str, str] = {}
+    out = []
+    for e in entries:
+        if e.name in seen:
+            out.append(f"{main_cf_path}, line {e.first_line}: overriding earlier entry: "
+                       f"{e.name}={seen[e.name]}")
+        seen[e.name] = e.value
+    return out
+
+
+def _with_overrides(cfg: Config) -> list[str]:
+    # Once, should the loader ever report them itself.
+    return [w for w in override_warnings(cfg.main_cf_path) if w not in cfg.warnings] + cfg.warnings
+
+
+# ---- -m, -b, -t -------------------------------------------------------------
+
+# Postfix 3.7's `postconf -m` (Debian, with its dynamic map plugins) minus the
+# types postwell cannot open; "proxy" stays: postwell accepts the proxy:
+# prefix and opens the table in-process.
+POSTFIX_MAP_TYPES = ("btree", "cidr", "environ", "fail", "hash", "inline", "internal", "lmdb",
+                     "memcache", "nis", "pcre", "pipemap", "proxy", "randmap", "regexp",
+                     "socketmap", "static", "tcp", "texthash", "unionmap", "unix")
+# Types postwell has beyond that list: sqlite is Postfix's too (Debian ships it
+# as the postfix-sqlite plugin, listed by postconf -m once installed).
+EXTRA_MAP_TYPES = ("sqlite",)
+
+
+def map_types() -> list[str]:
+    try:
+        from postwell.tables import table_types
+        have = set(table_types()) | {"proxy"}
+    except ImportError:
+        return []
+    return sorted(t for t in have if t in POSTFIX_MAP_TYPES or t in EXTRA_MAP_TYPES)
+
+
+def show_bounce_templates(config_dir: str | None, names: list[str], *, expand: bool,
+                          out: _Out) -> int:
+    """postconf -t / -b [template_file]: bounce(5) templates, as is or expanded."""
+    from . import bounce_templates as bt
+    if len(names) > 1:
+        raise Fatal("options -b and -t require at most one template file")
+    cfg = load_config(config_dir)
+    for warning in _with_overrides(cfg):
+        out.warn(warning)
+    # The template code reports under the bounce daemon's name, as Postfix's does.
+    warn = lambda text: out.err.write(f"{bt.PROG}: warning: {text}\n")  # noqa: E731
+    try:
+        text = bt.render(cfg, expand=expand, path=names[0] if names else None, warn=warn)
+    except bt.TemplateError as exc:
+        out.err.write(f"{bt.PROG}: fatal: {exc}\n")
+        return 1
+    out.out.write(text)
+    return 0
+
+
 # ---- entry point ----------------------------------------------------------
 
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     out = _Out(stdout or sys.stdout, stderr or sys.stderr)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        opts_list, names = getopt.gnu_getopt(args, "aAc:defFhHlmMno:pPvxX#")
+        opts_list, names = getopt.gnu_getopt(args, "aAbc:defFhHlmMno:pPtvxX#")
     except getopt.GetoptError as e:
         # glibc getopt's words.
         if "requires argument" in e.msg:
@@ -605,20 +671,22 @@ def _postfix_wording(e: ConfigError) -> str:
     return str(e)
 
 
-_FLAG_ORDER = "aAbdefFhHlmMnpPtTxX#"
-_EXCLUSIVE_GROUPS = ({"-a", "-A", "-F", "-l", "-m", "-M", "-p", "-P"}, {"-d", "-e", "-n", "-X", "-#"},
-                     {"-h", "-H"}, {"-e", "-h"}, {"-e", "-x"})
+_FLAG_ORDER = "aAbdefFhHlmMnopPtTxX#"
+_EXCLUSIVE_GROUPS = ({"-a", "-A", "-b", "-F", "-l", "-m", "-M", "-p", "-P", "-t"},
+                     {"-d", "-e", "-n", "-X", "-#"}, {"-h", "-H"}, {"-e", "-h"}, {"-e", "-x"})
 _NOT_WITH = {"-M": ("-n", "-d", "-h", "-H"), "-P": ("-n", "-d", "-#"),
              "-F": ("-n", "-d", "-X", "-#")}
 # Listing modes that take none of the parameter-display or edit flags.
-for _mode in ("-a", "-A", "-l", "-m"):
-    _NOT_WITH[_mode] = ("-d", "-e", "-f", "-h", "-H", "-n", "-x", "-X", "-#")
+for _mode in ("-a", "-A", "-b", "-l", "-m", "-t"):
+    _NOT_WITH[_mode] = ("-d", "-e", "-f", "-h", "-H", "-n", "-o", "-x", "-X", "-#")
 
 
 def _check_flags(opts: dict) -> None:
     """Postfix's sanity checks on option combinations, with its wording."""
     def order(flag: str) -> int:
         return _FLAG_ORDER.index(flag[1])
+    if "-b" in opts and "-t" in opts:
+        raise Fatal("specify one of -b and -t")
     for group in _EXCLUSIVE_GROUPS:
         given = sorted((f for f in group if f in opts), key=order)
         if len(given) > 1:
@@ -652,7 +720,7 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
     if not edit_modes and ("-M" in opts or "-P" in opts or "-F" in opts):
         _read(os.path.join(config_dir, "master.cf"))
         cfg = load_config(config_dir if "-c" in opts else None)
-        for warning in cfg.warnings:
+        for warning in _with_overrides(cfg):
             out.warn(warning)
         _warn_undefined(cfg, out)
         _warn_unused(cfg, out, main_cf=False)
@@ -676,14 +744,14 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         show_master_fields(config_dir, names, opts, out, cfg)
         return 0
     if "-m" in opts:
-        try:
-            from postwell.tables import table_types
-            types = sorted(table_types())
-        except ImportError:
-            types = []
-        for name in types:
+        for warning in override_warnings(main_cf):
+            out.warn(warning)
+        for name in map_types():
             out.line(name)
         return 0
+    if "-b" in opts or "-t" in opts:
+        return show_bounce_templates(config_dir if "-c" in opts else None, names,
+                                     expand="-b" in opts, out=out)
     if "-a" in opts or "-A" in opts:
         for name in SERVER_SASL_TYPES if "-a" in opts else CLIENT_SASL_TYPES:
             out.line(name)
@@ -711,7 +779,8 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         if "-d" not in opts or os.path.exists(main_cf):
             raise
         cfg = Config(config_dir, {}, {}, [], main_cf)     # defaults need no main.cf
-    for warning in cfg.warnings:
+    # Postfix's postconf -d does not read main.cf.
+    for warning in cfg.warnings if "-d" in opts else _with_overrides(cfg):
         out.warn(warning)
     if overrides:
         cfg = Config(cfg.config_dir, {**cfg.params, **overrides}, {}, cfg.services,

@@ -16,34 +16,55 @@ STOP_WAIT_SECONDS = 90.0
 START_WAIT_SECONDS = 60.0
 
 
-def _script_maillog(config, level: str, text: str) -> None:
-    """One maillog line as postfix-script (best effort: the words still reach stderr)."""
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _maillog(config, service: str, level: str, text: str) -> None:
+    """One maillog line (best effort); without a configuration, the system
+    logger, as Postfix does before it has read main.cf."""
     try:
         from postwell.log import MailLog
-        log = MailLog.from_config(config, "postfix-script")
+        log = MailLog.from_config(config, service) if config is not None else MailLog(service)
         getattr(log, level)(text)
         log.close()
     except Exception:
         pass
 
 
-def _script_log(config, text: str, *, to_stderr: bool | None = None) -> None:
-    """Log as postfix-script does, and echo on a terminal (postlog -i behaviour)."""
-    _script_maillog(config, "info", text)
-    if to_stderr or (to_stderr is None and sys.stderr.isatty()):
-        sys.stderr.write(f"{SCRIPT}: {text}\n")
+# main.cf's "overriding earlier entry" warnings: every Postfix program that
+# reads main.cf says them on a terminal (postfix(1) once, postlog(1) once per
+# postfix-script message).
+_CONF_WARNINGS: list[str] = []
+
+
+def _script_log(config, text: str, level: str = "info") -> None:
+    """A postfix-script message.  Postfix runs postlog(1), which always logs
+    and copies the line to stderr only when stderr is a terminal (postlog.c
+    isatty(2)): under an init system or a pipe, the maillog alone has it."""
+    _maillog(config, "postfix-script", level, text)
+    if _stderr_is_tty():
+        prefix = "" if level == "info" else f"{level}: "
+        for w in _CONF_WARNINGS:
+            sys.stderr.write(f"postfix/postlog: warning: {w}\n")
+        sys.stderr.write(f"{SCRIPT}: {prefix}{text}\n")
 
 
 def _script_fatal(config, text: str) -> int:
-    """postfix-script's $FATAL: the maillog line, and the words on stderr."""
-    if config is not None:
-        _script_maillog(config, "fatal", text)
-    sys.stderr.write(f"{SCRIPT}: fatal: {text}\n")
+    """postfix-script's $FATAL."""
+    _script_log(config, text, "fatal")
     return 1
 
 
-def _fatal(text: str) -> int:
-    sys.stderr.write(f"{PROG}: fatal: {text}\n")
+def _fatal(text: str, config=None) -> int:
+    """postfix(1)'s own msg_fatal(): logged as "postfix", and on stderr only
+    when it is a terminal (postfix.c sets up msg_vstream only for a tty)."""
+    _maillog(config, "", "fatal", text)
+    if _stderr_is_tty():
+        sys.stderr.write(f"{PROG}: fatal: {text}\n")
     return 1
 
 
@@ -57,11 +78,15 @@ def _load(config_dir):
 
 def cmd_check(config_dir: str, quiet: bool = False) -> int:
     from postwell.master.check import run_check
+    cfg, err = _load(config_dir)
+    if cfg is None:
+        return _fatal(err)
     fatal, warnings = run_check(config_dir)
-    for w in warnings:
-        sys.stderr.write(f"{PROG}: warning: {w}\n")
+    # postfix-script check-warn reports each finding through $WARN (postlog).
+    for w in warnings if not quiet else ():
+        _script_log(cfg, w, "warning")
     if fatal:
-        return _fatal(fatal)
+        return _fatal(fatal, cfg)
     return 0
 
 
@@ -72,9 +97,9 @@ def cmd_status(config_dir: str) -> int:
         return _fatal(err)
     pid = read_running_pid(cfg)
     if pid:
-        _script_log(cfg, f"the Postfix mail system is running: PID: {pid}", to_stderr=True)
+        _script_log(cfg, f"the Postfix mail system is running: PID: {pid}")
         return 0
-    _script_log(cfg, "the Postfix mail system is not running", to_stderr=True)
+    _script_log(cfg, "the Postfix mail system is not running")
     return 1
 
 
@@ -129,7 +154,8 @@ def cmd_start(config_dir: str) -> int:
         text = text[len("fatal: "):]
     if text == "the Postfix mail system is already running":
         return _script_fatal(cfg, text)
-    return _fatal(text or "mail system startup failed")
+    # As postfix-script after "master -w" failed: the master logged its reason.
+    return _script_fatal(cfg, "mail system startup failed")
 
 
 def cmd_start_fg(config_dir: str) -> int:
@@ -152,7 +178,7 @@ def cmd_start_fg(config_dir: str) -> int:
         data = ""
     os.close(r)
     if code and data.startswith("fatal: "):
-        return _fatal(data[len("fatal: "):])
+        return _script_fatal(cfg, "mail system startup failed")
     return code
 
 
@@ -206,7 +232,7 @@ def cmd_stop(config_dir: str) -> int:
     if rc:
         return rc
     if not _wait_gone(cfg, pid, STOP_WAIT_SECONDS):
-        return _fatal("timed out waiting for the Postfix mail system to stop")
+        return _fatal("timed out waiting for the Postfix mail system to stop", cfg)
     return 0
 
 
@@ -223,7 +249,8 @@ def cmd_abort(config_dir: str) -> int:
 
 
 def cmd_reload(config_dir: str) -> int:
-    rc = cmd_check(config_dir)
+    # Postfix's reload runs no check-warn; the fatal part still guards the HUP.
+    rc = cmd_check(config_dir, quiet=True)
     if rc:
         return rc
     rc, _, _ = _signal_master(config_dir, signal.SIGHUP, "refreshing the Postfix mail system")
@@ -265,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "demo":
         from postwell.demo import main as demo_main
         return demo_main(args[1:])
+    if _stderr_is_tty():
+        from postwell.cli.postconf import override_warnings
+        _CONF_WARNINGS[:] = override_warnings(os.path.join(config_dir, "main.cf"))
+        for w in _CONF_WARNINGS:
+            sys.stderr.write(f"{PROG}: warning: {w}\n")
     cmd = COMMANDS.get(args[0])
     if cmd is None:
         try:

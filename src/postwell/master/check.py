@@ -2,14 +2,17 @@
 
 As Postfix's check: fatal configuration problems stop `postfix start`
 (exit 1); missing queue directories are created with their owners and
-modes; wrong ownership or permissions of the queue directories and lookup
-tables that cannot be opened are reported as warnings, in Postfix's words
-("not owned by postfix: /var/spool/postfix/active", "hash:/etc/postfix/x is
-unavailable. open database /etc/postfix/x.db: No such file or directory").
+modes; wrong ownership or permissions of the queue directories are
+reported as warnings, in Postfix's words ("not owned by postfix:
+/var/spool/postfix/active").  `postfix(1)` logs them as postfix-script
+warnings, as Postfix's check-warn does.
 
-Tables are opened the way the daemons will open them: as mail_owner when
-the check runs as root (postwell's children drop privileges before they
-read any table).
+Lookup tables are opened the way the daemons will open them: as mail_owner
+when the check runs as root (postwell's children drop privileges before they
+read any table).  Only tables that would work under Postfix but not under
+postwell are reported ("nis:mail.aliases is unavailable. unsupported
+dictionary type: nis"); a missing aliases.db or transport.db draws no word
+from Postfix's check either, only from the daemon that uses it.
 """
 
 from __future__ import annotations
@@ -152,10 +155,11 @@ def check_queue_directories(cfg, owner) -> list[str]:
         os.makedirs(qdir, 0o755)
         os.chmod(qdir, 0o755)
     st = os.stat(qdir)
+    # Paths as postfix-script's find(1) prints them ("$queue_directory/.").
     if root and st.st_uid != 0:
-        warnings.append(f"not owned by root: {qdir}")
+        warnings.append(f"not owned by root: {_dot(qdir)}")
     if st.st_mode & 0o022:
-        warnings.append(f"group or other writable: {qdir}")
+        warnings.append(f"group or other writable: {_dot(qdir)}")
     for name, (root_mode, user_mode, who) in QUEUE_LAYOUT.items():
         path = os.path.join(qdir, name)
         mode = root_mode if root else user_mode
@@ -189,8 +193,13 @@ def check_queue_directories(cfg, owner) -> list[str]:
     if data and os.path.isdir(data):
         st = os.stat(data)
         if st.st_uid != mail_uid:
-            warnings.append(f"not owned by {mail_name}: {data}")
+            warnings.append(f"not owned by {mail_name}: {_dot(data)}")
     return warnings
+
+
+def _dot(path: str) -> str:
+    """How find(1) names a directory given as "DIR/." (postfix-script's form)."""
+    return path.rstrip("/") + "/."
 
 
 CONFIG_SCAN_LIMIT = 2000     # entries looked at under config_directory (bounded work)
@@ -201,7 +210,8 @@ def check_config_files(config_dir: str, root: bool) -> list[str]:
     we are root) and be writable by nobody else."""
     out = []
     seen = 0
-    for top, dirs, files in os.walk(config_dir):
+    start = _dot(config_dir)      # postfix-script: find $config_directory/. ...
+    for top, dirs, files in os.walk(start):
         dirs.sort()
         for name in [None] + sorted(files):
             path = top if name is None else os.path.join(top, name)
@@ -367,6 +377,14 @@ def _open_as(owner, specs: list[str], config) -> list[tuple[str, str]]:
 
 
 def check_tables(cfg, owner) -> list[str]:
+    """Tables postwell's daemons could not open although Postfix's could.
+
+    Postfix's check opens no table: a missing or broken one (the usual case
+    being an aliases.db that newaliases never built) shows up only when a
+    daemon uses it, and postwell's daemons log that in the same words.  What
+    check reports is what would work under Postfix but not here: a table type
+    postwell lacks, or a table only root can read (Postfix's daemons open
+    their tables before they drop privileges, postwell's after)."""
     try:
         specs = table_specs(cfg)
     except ImportError:
@@ -374,14 +392,34 @@ def check_tables(cfg, owner) -> list[str]:
     if not specs:
         return []
     try:
-        from postwell.tables import clear_cache
+        from postwell.tables import clear_cache, split_spec, table_types
+        supported = set(table_types())
     except ImportError:
-        clear_cache = None
+        return []
     failed = _open_as(owner, specs, cfg) if owner is not None else _open_all(specs, cfg)
-    if clear_cache is not None:
+    out = []
+    unsupported = []
+    for spec, why in failed:
         try:
-            clear_cache()
+            typ = split_spec(spec)[0]
         except Exception:
-            pass
-    # Postfix's wording when a daemon meets such a table.
-    return [f"{spec} is unavailable. {why}" for spec, why in failed]
+            continue
+        if typ not in supported:
+            unsupported.append((spec, why))
+    if owner is not None:
+        # Those that root can open fail only because of the privilege drop.
+        retry = [spec for spec, _ in failed if (spec, _) not in unsupported]
+        still = {spec for spec, _ in _open_all(retry, cfg)}
+        privileged = [(spec, why) for spec, why in failed
+                      if (spec, why) not in unsupported and spec not in still]
+    else:
+        privileged = []
+    try:
+        clear_cache()
+    except Exception:
+        pass
+    for spec, why in failed:
+        if (spec, why) in unsupported or (spec, why) in privileged:
+            # Postfix's wording when a daemon meets such a table.
+            out.append(f"{spec} is unavailable. {why}")
+    return out
