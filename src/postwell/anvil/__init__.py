@@ -50,9 +50,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import select
 import signal
 import socket
 import time
+
+from postwell.fdutil import drain
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
     from postwell.config.registry import register_implemented as _register
@@ -316,6 +319,13 @@ class _ServerStream(asyncio.Protocol):
 def _bind(path: str) -> socket.socket:
     """Bind under a temporary name and rename into place, so a client never
     sees a missing socket while an old anvil is replaced (reload)."""
+    return _listen(path)[0]
+
+
+def _listen(path: str) -> tuple[socket.socket, int]:
+    """_bind(), plus the inode of the name it bound, taken before the rename:
+    at exit the name is removed only while it is still ours (a reload's newer
+    anvil may have replaced it)."""
     tmp = f"{path}.{os.getpid()}"
     try:
         os.unlink(tmp)
@@ -329,50 +339,88 @@ def _bind(path: str) -> socket.socket:
         os.umask(old)
     os.chmod(tmp, 0o600)
     s.listen(256)
+    ino = os.stat(tmp).st_ino
     os.rename(tmp, path)
-    return s
+    return s, ino
 
 
-async def _serve(config, log, table: AnvilTable, stop: asyncio.Event, ready=None) -> None:
-    path = socket_path(config)
-    sock = _bind(path)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(lambda: _ServerStream(table, log), sock=sock)
-    if ready is not None:
-        ready()
-    try:
-        interval = config.get_time("anvil_status_update_time")
-    except Exception:   # noqa: BLE001 - a bad value: Postfix's default
-        interval = 600.0
-    interval = max(1.0, interval)
-    next_dump = time.monotonic() + interval
-    try:
-        while not stop.is_set():
-            wait = max(0.0, min(next_dump - time.monotonic(), table.time_unit))
+class _PollTransport:
+    """The little of an asyncio transport that _ServerStream uses, over a
+    non-blocking unix stream served by the poll loop in serve().
+
+    Replies normally leave in the same call; a client that stops reading gets
+    its replies buffered up to MAX_PENDING bytes, then it is dropped (its
+    connections are released like those of a worker that went away)."""
+
+    MAX_PENDING = 1 << 20
+
+    def __init__(self, conn: socket.socket, poller) -> None:
+        self.conn = conn
+        self.poller = poller
+        self.out = b""
+        self.closing = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if not self.out:
             try:
-                await asyncio.wait_for(stop.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
-            table.purge()
-            if time.monotonic() >= next_dump:
-                for line in table.statistics():
-                    log.info(line)
-                next_dump = time.monotonic() + interval
-    finally:
-        server.close()
+                sent = self.conn.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            data = data[sent:]
+            if not data:
+                return
+        self.out += data
+        if len(self.out) > self.MAX_PENDING:
+            self.out = b""
+            self.close()
+            return
+        self.poller.modify(self.conn, select.POLLIN | select.POLLOUT)
+
+    def flush(self) -> None:
         try:
-            if os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino:
-                os.unlink(path)   # ours, not a newer anvil's after a reload
+            sent = self.conn.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
+            self.out = b""
+            self.close()
+            return
+        self.out = self.out[sent:]
+        if not self.out:
+            if self.closing:
+                self.close()
+            else:
+                self.poller.modify(self.conn, select.POLLIN)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.out or self.closed:
+            return   # after the last reply has left (flush)
+        self.closed = True
+        try:
+            self.poller.unregister(self.conn)
+        except (KeyError, ValueError):
             pass
-        for line in table.statistics():
-            log.info(line)
+        self.conn.close()
+
+    def is_closing(self) -> bool:
+        return self.closing
 
 
 def serve(config, *, log=None, ready=None) -> None:
     """The anvil service: call in a child of the master, already running as
-    mail_owner.  Returns after SIGTERM (logging the statistics first)."""
+    mail_owner.  Returns after SIGTERM (logging the statistics first).
+
+    A plain poll(2) loop, not an event loop: anvil answers one short line per
+    request from a handful of smtpd workers, and every page an event loop
+    touches at start-up is a page this process no longer shares with the
+    master (issue 8: the process tree's memory)."""
     if log is None:
         from postwell.log import MailLog
         log = MailLog.from_config(config, "anvil")
@@ -382,20 +430,119 @@ def serve(config, *, log=None, ready=None) -> None:
         unit = 60.0
     table = AnvilTable(unit)
     try:
-        import uvloop   # the hot path of every smtpd connection goes through here
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if hasattr(log, "reopen"):
-        loop.add_signal_handler(signal.SIGHUP, log.reopen)
+        interval = config.get_time("anvil_status_update_time")
+    except Exception:   # noqa: BLE001 - a bad value: Postfix's default
+        interval = 600.0
+    interval = max(1.0, interval)
+    path = socket_path(config)
+    sock, ino = _listen(path)
+    sock.setblocking(False)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signals: list[int] = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    old_fd = signal.set_wakeup_fd(wake_w)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    streams: dict[int, tuple[_ServerStream, _PollTransport]] = {}
+    lfd = sock.fileno()
+    if ready is not None:
+        ready()
+    next_dump = time.monotonic() + interval
+    stopping = False
     try:
-        loop.run_until_complete(_serve(config, log, table, stop, ready))
+        while not stopping:
+            wait = max(0.0, min(next_dump - time.monotonic(), table.time_unit))
+            try:
+                events = poller.poll(wait * 1000)
+            except InterruptedError:
+                events = []
+            for fd, ev in events:
+                if fd == lfd:
+                    _accept(sock, poller, streams, table, log)
+                elif fd == wake_r:
+                    drain(wake_r)
+                else:
+                    pair = streams.get(fd)
+                    if pair is not None:
+                        _service(fd, ev, pair, streams)
+            while signals:
+                signum = signals.pop()
+                if signum == signal.SIGHUP:
+                    if hasattr(log, "reopen"):
+                        log.reopen()
+                else:
+                    stopping = True
+            table.purge()
+            if time.monotonic() >= next_dump:
+                for line in table.statistics():
+                    log.info(line)
+                next_dump = time.monotonic() + interval
     finally:
-        loop.close()
+        signal.set_wakeup_fd(old_fd)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for stream, transport in list(streams.values()):
+            transport.out = b""
+            transport.close()
+            stream.connection_lost(None)
+        try:
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)   # ours, not a newer anvil's after a reload
+        except OSError:
+            pass
+        sock.close()
+        for fd in (wake_r, wake_w):
+            os.close(fd)
+        for line in table.statistics():
+            log.info(line)
+
+
+def _accept(sock, poller, streams, table, log) -> None:
+    for _ in range(64):
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning(f"accept: {exc.strerror or exc}")
+            return
+        conn.setblocking(False)
+        transport = _PollTransport(conn, poller)
+        stream = _ServerStream(table, log)
+        stream.connection_made(transport)
+        poller.register(conn, select.POLLIN)
+        streams[conn.fileno()] = (stream, transport)
+
+
+def _service(fd: int, ev: int, pair, streams) -> None:
+    stream, transport = pair
+    if ev & select.POLLOUT and transport.out:
+        transport.flush()
+    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and not transport.closing:
+        try:
+            data = transport.conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            data = b""
+        if data:
+            stream.data_received(data)
+        elif data is not None:
+            transport.out = b""   # the worker is gone: nobody reads the rest
+            transport.close()
+    elif ev & (select.POLLHUP | select.POLLERR) and transport.closing:
+        transport.out = b""
+        transport.close()
+    if transport.closed:
+        del streams[fd]
+        # Released at once: the worker is gone (exit, crash, restart) or was
+        # dropped for a bad request.
+        stream.connection_lost(None)
 
 
 # --------------------------------------------------------------------------- the client

@@ -7,6 +7,7 @@ select() loop, so no handler ever runs in the middle of bookkeeping.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import pwd
 import select
@@ -133,6 +134,12 @@ class Slot:
     blocked_by: set = field(default_factory=set)   # old pids that must exit first (qmgr)
     key: tuple = ()
     preloaded: dict | None = None   # smtpd: what preload() read as root (the TLS context)
+    # On demand (showq): no process while nobody asks.  The master owns the
+    # listening socket and its name (listen_path, inode listen_ino) and forks
+    # a child when a client connects; the child leaves after max_idle.
+    on_demand: bool = False
+    listen_path: str | None = None
+    listen_ino: int = 0
 
     @property
     def command(self) -> str:
@@ -218,6 +225,7 @@ class Master:
         self._chown_queue(cfg)
         self._lock_pid(cfg)
         self.slots = self._make_slots(cfg, {}, warn=True)
+        self._listen_on_demand(self.slots, {})
         # Before forking (children may not be able to read the library once
         # unprivileged) and before the warning (parts register what they honour).
         preload_modules()
@@ -352,10 +360,11 @@ class Master:
             pcfg = cfg.override(psvc.overrides) if psvc.overrides else cfg
             slots.append(Slot("pickup", psvc, pcfg, [], 1, key=("pickup",)))
         # showq(8) answers mailq for users who cannot read the queue.  Postfix's
-        # stock master.cf always has it, so it runs without an entry too.
+        # stock master.cf always has it, so it is offered without an entry too;
+        # started on demand (see _listen_on_demand).
         ssvc = plan.showq
         scfg = cfg.override(ssvc.overrides) if ssvc is not None and ssvc.overrides else cfg
-        slots.append(Slot("showq", ssvc, scfg, [], 1, key=("showq",)))
+        slots.append(Slot("showq", ssvc, scfg, [], 0, key=("showq",), on_demand=True))
         # anvil(8): machine-wide per-client counts for all smtpd workers; always
         # running (Postfix's stock master.cf has it).  First, so it is listening
         # before the workers' first clients arrive.
@@ -396,6 +405,13 @@ class Master:
         self.master_pid = os.getpid()
         if slot.kind == "smtpd" and slot.preloaded is None:
             slot.preloaded = self._smtpd_preload(slot)
+        # What the master allocated since the last freeze (a reloaded
+        # configuration, TLS contexts) is shared with this child too: keep the
+        # child's collector off it, or its first full pass copies those pages.
+        # Collected first (cheap: frozen objects are not walked) so no garbage
+        # cycle is kept for good.
+        gc.collect()
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
@@ -476,7 +492,11 @@ class Master:
             anvil.serve(slot.config)
         elif slot.kind == "showq":
             from postwell import showq
-            showq.serve(slot.config)
+            try:
+                idle = slot.config.get_time("max_idle")
+            except Exception:   # noqa: BLE001 - a bad value: Postfix's default
+                idle = 100.0
+            showq.serve(slot.config, sock=slot.sockets[0], max_idle=max(1.0, idle))
         else:
             from postwell import qmgr
             if self.owner:
@@ -489,6 +509,59 @@ class Master:
                     pipe_helper.HELPER_SOCKET = pipe_helper.socket_path(slot.config)
             qmgr.serve(slot.config)
 
+    def _listen_on_demand(self, slots, old: dict) -> None:
+        """Listen for the on-demand services (showq) in the master, reusing a
+        listener of the previous configuration with the same name (a reload
+        then loses no waiting client); listeners nobody took over are closed."""
+        from postwell import showq
+        for slot in slots:
+            if not slot.on_demand:
+                continue
+            path = showq.socket_path(slot.config)
+            prev = old.pop(path, None)
+            if prev is not None:
+                slot.sockets, slot.listen_path, slot.listen_ino = prev.sockets, path, prev.listen_ino
+                prev.listen_path = None   # the name now belongs to the new slot
+                continue
+            try:
+                sock, ino = showq.listen(path)
+            except OSError as exc:
+                # Not fatal: only mailq for unprivileged users is missing.
+                name = slot.svc.name if slot.svc is not None else "showq"
+                self.log.warning(f"{path}: {exc.strerror or exc}; service {name} is not available")
+                continue
+            sock.setblocking(False)
+            slot.sockets, slot.listen_path, slot.listen_ino = [sock], path, ino
+        for prev in old.values():
+            self._close_listener(prev)
+            for s in prev.sockets:
+                s.close()
+
+    def _close_listener(self, slot) -> None:
+        """Remove an on-demand service's name, unless something else replaced it."""
+        path, slot.listen_path = slot.listen_path, None
+        if path is None:
+            return
+        try:
+            if os.stat(path).st_ino == slot.listen_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    def _on_demand_watch(self) -> dict:
+        """fd -> slot for the on-demand listeners whose service has no process
+        now; a running child accepts by itself, a throttled service waits."""
+        if self.stopping:
+            return {}
+        now = time.monotonic()
+        out = {}
+        for slot in self.slots:
+            if slot.on_demand and not slot.children and slot.throttled_until <= now:
+                for s in slot.sockets:
+                    if s.fileno() >= 0:
+                        out[s.fileno()] = slot
+        return out
+
     def _retired_slots(self):
         return {c.slot for c in self.children.values() if c.retired and c.slot not in self.slots}
 
@@ -496,12 +569,23 @@ class Master:
         if self.stopping:
             return
         now = time.monotonic()
+        due = []
         for slot in self.slots:
             if slot.throttled_until > now:
                 continue
             slot.blocked_by = {p for p in slot.blocked_by if p in self.children}
             if slot.blocked_by:
                 continue
+            if len(slot.children) < slot.nproc:
+                due.append(slot)
+        # Everything the master builds for its children (the smtpd's TLS
+        # context) is built before the first fork: a page the master writes
+        # after a fork is copied, and the earlier children's view of it stops
+        # being shared with the later ones.
+        for slot in due:
+            if slot.kind == "smtpd" and slot.preloaded is None:
+                slot.preloaded = self._smtpd_preload(slot)
+        for slot in due:
             while len(slot.children) < slot.nproc:
                 self._spawn(slot)
 
@@ -541,12 +625,13 @@ class Master:
             timeout = 1.0
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            demand = self._on_demand_watch()
             try:
-                ready, _, _ = select.select([self._pipe_r], [], [], timeout)
+                ready, _, _ = select.select([self._pipe_r, *demand], [], [], timeout)
             except InterruptedError:
                 ready = []
             sigs = b""
-            if ready:
+            if self._pipe_r in ready:
                 try:
                     sigs = os.read(self._pipe_r, 512)
                 except BlockingIOError:
@@ -558,6 +643,8 @@ class Master:
                     deadline = time.monotonic() + STOP_DRAIN_SECONDS
                     self._signal_children(signal.SIGTERM)
                     for slot in self.slots:
+                        if slot.on_demand:
+                            self._close_listener(slot)
                         for s in slot.sockets:
                             s.close()
                 elif signum == signal.SIGQUIT:
@@ -570,6 +657,11 @@ class Master:
                 elif signum == signal.SIGUSR1:
                     self._flush()
             self._reap()
+            if not self.stopping:
+                for fd in ready:
+                    slot = demand.get(fd)
+                    if slot is not None and slot in self.slots and not slot.children:
+                        self._spawn(slot)   # a client waits in the backlog; the child accepts it
             if self.stopping:
                 if not self.children:
                     return
@@ -603,6 +695,7 @@ class Master:
             return
         self.log.info(f"reload -- version {cfg.get('mail_version')}, configuration {cfg.config_dir}")
         old_sockets = {s.key: s.sockets for s in self.slots if s.kind in ("smtpd", "spawn")}
+        old_listeners = {s.listen_path: s for s in self.slots if s.on_demand and s.sockets}
         try:
             new_slots = self._make_slots(cfg, old_sockets, warn=True)
         except MasterError as exc:
@@ -643,12 +736,15 @@ class Master:
             elif slot.kind == "pickup":
                 # Nor two pickups queue the same maildrop file twice.
                 slot.blocked_by = old_pickup
+        self._listen_on_demand(new_slots, old_listeners)
         self.slots = new_slots
         self._start_missing()
         self._forget_stale_preloads()
 
     def _cleanup(self) -> None:
         for slot in self.slots:
+            if slot.on_demand:
+                self._close_listener(slot)
             for s in slot.sockets:
                 try:
                     s.close()
@@ -670,18 +766,22 @@ class Master:
 # Standard modules the children import lazily.  A child runs as mail_owner and
 # may not be able to read the interpreter's library (e.g. a Python installed in
 # a private home directory), so the master imports them before forking.
+# Only what some child can use: every page imported here is in the tree's PSS
+# once (shared by all children), so nothing goes in "just in case"
+# (concurrent.futures.process alone brings multiprocessing, about 1 MiB;
+# uuid and mimetypes are used by no part).
 _PRELOAD_STDLIB = (
     "asyncio", "concurrent.futures", "email", "email.utils", "email.parser", "email.policy",
     "email.message", "email.header", "email.headerregistry", "ssl", "json", "hashlib", "hmac",
     "base64", "binascii", "ipaddress", "encodings.idna", "encodings.utf_8", "encodings.ascii",
-    "encodings.latin_1", "stringprep", "unicodedata", "uuid", "secrets", "random", "socket", "selectors",
+    "encodings.latin_1", "stringprep", "unicodedata", "secrets", "random", "socket", "selectors",
     "fcntl", "struct", "zlib", "datetime", "calendar", "locale", "gettext", "dbm", "sqlite3",
     "shlex", "textwrap", "urllib.parse", "quopri", "syslog", "pwd", "grp", "resource",
-    "concurrent.futures.thread", "concurrent.futures.process", "queue", "threading", "logging",
+    "concurrent.futures.thread", "queue", "threading", "logging",
     "traceback", "linecache", "tokenize", "email.feedparser", "email.generator", "email.charset",
     "email.base64mime", "email.quoprimime", "email.encoders", "email.iterators",
     "email._header_value_parser", "email.mime.text", "email.mime.multipart", "email.mime.base",
-    "email.mime.message", "email.contentmanager", "mimetypes", "dns.resolver", "dns.asyncresolver",
+    "email.mime.message", "email.contentmanager", "dns.resolver", "dns.asyncresolver",
     "lmdb", "berkeleydb", "uvloop", "signal", "errno", "stat", "tempfile", "glob", "fnmatch", "re",
 )
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..cleanup import Cleanup
 from ..cleanup.service import mail_date
+from ..fdutil import drain
 from ..queue import QueueStore, fsync_dir
 from .maildrop import (
     MAX_ENVELOPE, NAME_RE, TMP_PREFIX, MaildropFile, MaildropFormatError, read_maildrop,
@@ -470,7 +471,7 @@ def serve(config, *, log=None, wakeup: float | None = None) -> None:
             except InterruptedError:
                 events = []
             for fd, _ev in events:
-                _drain(fd)
+                drain(fd)
     finally:
         signal.set_wakeup_fd(old_fd)
         signal.signal(signal.SIGTERM, old_term)
@@ -480,14 +481,3 @@ def serve(config, *, log=None, wakeup: float | None = None) -> None:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def _drain(fd: int) -> None:
-    for _ in range(64):
-        try:
-            if not os.read(fd, 4096):
-                return
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return

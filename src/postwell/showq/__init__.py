@@ -2,10 +2,12 @@
 
 The queue directories belong to $mail_owner (mode 0700), so an ordinary
 user's ``mailq`` cannot list them.  As in Postfix, a small service running as
-$mail_owner does it for them: the master starts ``serve(config)``, which
-listens on the unix socket ``$queue_directory/public/showq`` (mode 0666; the
-``public`` directory is 0711, so the name is reachable but not listable) and
-answers one request per connection.
+$mail_owner does it for them on the unix socket
+``$queue_directory/public/showq`` (mode 0666; the ``public`` directory is
+0711, so the name is reachable but not listable), one request per connection.
+As Postfix's showq it runs on demand: the master listens on the socket and
+forks ``serve(config, sock=...)`` when a client connects; the child exits
+after ``max_idle`` seconds without a request.
 
 Wire format (postwell's own; both ends are in this package):
 
@@ -39,6 +41,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from postwell.queue import CorruptQueueFile, QueueStore
 from postwell.queue import format as qf
@@ -477,12 +480,22 @@ def listen(path: str) -> tuple[socket.socket, int]:
     return sock, ino
 
 
-def serve(config, stop_event: threading.Event | None = None) -> None:
-    """The master's entry point: answer showq requests until SIGTERM."""
+def serve(config, stop_event: threading.Event | None = None, *,
+          sock: socket.socket | None = None, max_idle: float | None = None,
+          clock=time.monotonic) -> None:
+    """The master's entry point: answer showq requests until SIGTERM.
+
+    With ``sock`` the service runs on demand, as Postfix's master runs showq:
+    the master owns the listening socket (and its name) and forks this child
+    when a client connects; the child returns once no request has come for
+    ``max_idle`` seconds, so a quiet system carries no showq process.  Without
+    it the service binds the name itself (tests, tools)."""
     from postwell.log import MailLog
     log = MailLog.from_config(config, "showq")
     path = socket_path(config)
-    sock, ino = listen(path)
+    owned = sock is None
+    if owned:
+        sock, ino = listen(path)
     stop = stop_event or threading.Event()
     if stop_event is None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -490,6 +503,7 @@ def serve(config, stop_event: threading.Event | None = None) -> None:
     sock.settimeout(0.5)
     slots = threading.BoundedSemaphore(MAX_CLIENTS)
     workers: set[threading.Thread] = set()
+    last = clock()
 
     def run(conn):
         try:
@@ -499,11 +513,17 @@ def serve(config, stop_event: threading.Event | None = None) -> None:
 
     try:
         while not stop.is_set():
+            if max_idle is not None:
+                workers = {w for w in workers if w.is_alive()}
+                if workers:
+                    last = clock()
+                elif clock() - last >= max_idle:
+                    break   # idle: the master starts a new one at the next request
             if not slots.acquire(timeout=0.5):
                 continue
             try:
                 conn, _ = sock.accept()
-            except (socket.timeout, InterruptedError):
+            except (socket.timeout, InterruptedError, BlockingIOError):
                 slots.release()
                 continue
             except OSError as exc:
@@ -511,17 +531,19 @@ def serve(config, stop_event: threading.Event | None = None) -> None:
                 log.warning(f"accept: {exc.strerror or exc}")
                 stop.wait(1.0)
                 continue
+            last = clock()
             t = threading.Thread(target=run, args=(conn,), daemon=True, name="showq")
             workers = {w for w in workers if w.is_alive()}
             workers.add(t)
             t.start()
     finally:
-        sock.close()
-        try:
-            # A newer showq (after a reload) may own the name by now.
-            if os.stat(path).st_ino == ino:
-                os.unlink(path)
-        except OSError:
-            pass
+        if owned:
+            sock.close()
+            try:
+                # A newer showq (after a reload) may own the name by now.
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except OSError:
+                pass
         for w in list(workers):
             w.join(SEND_TIMEOUT)
