@@ -365,16 +365,9 @@ def test_soft_rcpt_error_tries_next_mx():
                                      ("mx1.dest.test", "A"): ["127.0.0.1"],
                                      ("mx2.dest.test", "A"): ["127.0.0.2"]})
             a = agent(resolver=resolver)
-            import postwell.delivery.smtp as mod
-            orig = asyncio.open_connection
-
-            async def fake_open(host, port, **kw):   # route each MX to its server
-                return await orig("127.0.0.1", bad.port if host == "127.0.0.1" else good.port, **kw)
-            mod.asyncio.open_connection = fake_open
-            try:
-                res = await a.deliver(request("dest.test", ["a@dest.test"]))
-            finally:
-                mod.asyncio.open_connection = orig
+            # route each MX to its server
+            a.route = lambda host, port: ("127.0.0.1", bad.port if host == "127.0.0.1" else good.port)
+            res = await a.deliver(request("dest.test", ["a@dest.test"]))
             a.close()
             return res
         finally:
@@ -572,16 +565,8 @@ def test_smtputf8_required_not_offered():
 
 async def deliver_via_port25(srv, a, nexthop, rcpts):
     """Deliver to nexthop port 25 but connect to the scripted server's port instead."""
-    import postwell.delivery.smtp as mod
-    orig = asyncio.open_connection
-
-    async def redirect(host, port, **kw):
-        return await orig("127.0.0.1", srv.port, **kw)
-    mod.asyncio.open_connection = redirect
-    try:
-        return await a.deliver(request(nexthop, rcpts))
-    finally:
-        mod.asyncio.open_connection = orig
+    a.route = lambda host, port: ("127.0.0.1", srv.port)
+    return await a.deliver(request(nexthop, rcpts))
 
 
 def test_ehlo_with_my_own_hostname_loops():
@@ -734,16 +719,8 @@ def test_mx_session_limit_and_final_soft_error():
                                      ("m2.test", "A"): ["127.0.0.12"],
                                      ("m3.test", "A"): ["127.0.0.13"]})
             a = agent(resolver=resolver)
-            import postwell.delivery.smtp as mod
-            orig = asyncio.open_connection
-
-            async def route(host, port, **kw):
-                return await orig("127.0.0.1", servers[int(host.rsplit(".", 1)[1]) - 11].port, **kw)
-            mod.asyncio.open_connection = route
-            try:
-                res = await a.deliver(request("dest.test", ["a@dest.test"]))
-            finally:
-                mod.asyncio.open_connection = orig
+            a.route = lambda host, port: ("127.0.0.1", servers[int(host.rsplit(".", 1)[1]) - 11].port)
+            res = await a.deliver(request("dest.test", ["a@dest.test"]))
             await a.close_all()
             return res
         finally:

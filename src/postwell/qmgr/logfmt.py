@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from postwell.policy.restrictions import log_address  # info_log_address_format = external
+import functools
+
+from postwell.policy.restrictions import log_address as _log_address
+
+# info_log_address_format = external.  The same few senders and recipients
+# come back in every line (issue 8): remember their logged form (bounded).
+log_address = functools.lru_cache(maxsize=1024)(_log_address)
 
 
 def format_delay(seconds: float, sig_digits: int = 2, max_decimals: int = 2) -> str:

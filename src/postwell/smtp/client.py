@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -355,6 +356,10 @@ def quote_address(address: str) -> str:
     return quoted + ("@" + domain if at else "")
 
 
+# The same senders and recipients come back message after message (issue 8):
+# remember their quoted form rather than match each again (bounded).
+_quoted = functools.lru_cache(maxsize=1024)(quote_address)
+
 _XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")     # xchar without "+" and "=": kept as is
 
 
@@ -420,6 +425,22 @@ def parse_reply_lines(lines: list[bytes]) -> ServerReply:
         texts = stripped
     raw = "\n".join(ln.decode("utf-8", "replace") for ln in lines)
     return ServerReply(code, "\n".join(texts), enhanced, raw)
+
+
+def has_long_line(data: bytes, start: int, limit: int) -> bool:
+    """Is there a line (a run of bytes without LF, the last one maybe not
+    LF-terminated) of ``limit`` bytes or more in ``data[start:]``?
+
+    Jumps to the last LF of each ``limit``-byte window, so a chunk of short
+    lines costs a few rfind calls rather than a split into one object per
+    line (issue 8: asked for every chunk of every message)."""
+    end = len(data)
+    while end - start >= limit:
+        nl = data.rfind(b"\n", start, start + limit)
+        if nl < 0:
+            return True          # ``limit`` bytes without a line end
+        start = nl + 1
+    return False
 
 
 class SmtpClient:
@@ -511,7 +532,9 @@ class SmtpClient:
         self._out += line.encode("utf-8", "surrogateescape") + b"\r\n"
 
     def _addr(self, address: str) -> str:
-        return quote_address(address) if self.quote_envelope else address
+        if not self.quote_envelope:
+            return address
+        return _quoted(address)
 
     def starttls(self) -> None:
         """STARTTLS (RFC 3207); only after HelloDone and when the server offers it."""
@@ -730,7 +753,7 @@ class SmtpClient:
             # column covers a dot that stuffing adds.
             first = chunk.find(b"\n")
             if self._column + (len(chunk) if first < 0 else first) + 1 > limit or (
-                    first >= 0 and max(map(len, chunk.split(b"\n"))) + 1 > limit):
+                    first >= 0 and has_long_line(chunk, first + 1, limit)):
                 return self._convert_lines(chunk)
         # Whole-chunk conversion: LF -> CRLF, then dot-stuffing (RFC 5321 4.5.2)
         # of every line start at once; a line cut by the chunk boundary
