@@ -330,9 +330,8 @@ class LocalAgent(DeliveryAgent):
             self.log.warning(text)
 
     def close(self) -> None:
-        writer = getattr(self._helper, "_writer", None)
-        if writer is not None:
-            writer.close()
+        if self._helper is not None:
+            self._helper.close()
         self._helper = None
 
     @property
@@ -397,9 +396,14 @@ class LocalAgent(DeliveryAgent):
         return out
 
     async def _expand_via_helper(self, request, path) -> list[list[Leaf]]:
-        from .helper import HelperClient
         if self._helper is None or self._helper.path != path:
-            self._helper = HelperClient(path)
+            from .helper import HelperLinks
+            from .local_helper import MAX_CONCURRENT
+            if self._helper is not None:
+                self._helper.close()
+            # A connection per delivery in progress: the helper answers each on
+            # the thread that read it (helper.serve_unix_threaded).
+            self._helper = HelperLinks(path, MAX_CONCURRENT)
         try:
             raw = await self._helper.deliver(request.queue_id, request.sender, request.nexthop,
                                              request.recipients)

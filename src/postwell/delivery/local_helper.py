@@ -10,8 +10,9 @@ worker (local_exec.run_as) that became the user before touching anything.  Forwa
 as pending forwards: the unprivileged qmgr side re-injects them through
 cleanup, so new queue files are always owned by mail_owner.
 
-Protocol (the same framing as the virtual helper; delivery.helper.HelperClient
-is the client): one JSON object per line each way.
+Protocol (the same framing as the virtual helper; delivery.helper.HelperLinks
+is the client): one JSON object per line each way, one request at a time on
+a connection (each connection has its own thread here: helper.serve_unix_threaded).
   request:  {"id": N, "queue_id": "...", "sender": "...", "nexthop": "...",
              "recipients": [[address, orig], ...]}
   reply:    {"id": N, "results": [[leaf, ...] per recipient]}
@@ -20,12 +21,13 @@ is the client): one JSON object per line each way.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
+import threading
 
 SOCKET_NAME = "local"
-MAX_CONCURRENT = 20        # requests in progress at once
+MAX_CONCURRENT = 20        # requests in progress at once (the qmgr opens at most this many
+                           # connections, one per delivery in progress)
+MAX_CONNECTIONS = 64       # connections served at once (a reload's old and new qmgr overlap)
 
 # Set by the master in the qmgr child when the helper runs.
 HELPER_SOCKET: str | None = None
@@ -64,15 +66,14 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
     from postwell.queue import QueueStore
 
     from . import local_exec
-    from .helper import answer_requests, serve_unix
+    from .helper import serve_unix_threaded
     from .local import LocalAgent
 
     log = MailLog.from_config(config, "local")
     local_exec.use_worker_pool()
-    limit = asyncio.Semaphore(MAX_CONCURRENT)
-    # Requests wait on user workers (and their fsyncs): threads of their own,
-    # as many as requests may run at once.
-    executor = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="local")
+    # Each request blocks on a user worker (and its fsyncs) in the thread of
+    # its qmgr connection (serve_unix_threaded); at most this many at once.
+    limit = threading.BoundedSemaphore(MAX_CONCURRENT)
     store = QueueStore(config.get("queue_directory"))
     try:
         agent = LocalAgent(config, log=log, store=store, helper_socket="")
@@ -80,21 +81,18 @@ def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) ->
         log.fatal(str(exc))
         agent = None
 
-    async def answer(req, _parsed):
-        async with limit:
+    def answer(req):
+        with limit:
             try:
                 if agent is None:
                     raise ValueError("mail system configuration error")
-                return await asyncio.get_running_loop().run_in_executor(
-                    executor, handle_request, agent, store, req)
+                return handle_request(agent, store, req)
             except Exception as exc:
                 log.warning(f"local helper: {exc}")
                 return [[[str(a), str(o or a), "deferred", "4.3.0",
                           "mail system configuration error", None, None]]
                         for a, o in req.get("recipients", [])]
 
-    async def handle(reader, writer):
-        await answer_requests(reader, writer, answer, log)
-
-    serve_unix(socket_path(config), handle, owner_uid, owner_gid,
-               housekeeping=local_exec.retire_idle_workers)
+    serve_unix_threaded(socket_path(config), answer, log, owner_uid, owner_gid,
+                        housekeeping=local_exec.retire_idle_workers,
+                        max_connections=MAX_CONNECTIONS)
