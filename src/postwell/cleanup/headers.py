@@ -187,6 +187,12 @@ class ContentProcessor:
                 if nl >= 0:
                     self._passing = False
                 continue
+            if nl == pos and not self._line:
+                # The empty line that ends the header block: it goes out with the body
+                # that follows in this chunk, one sink call and one size count for both.
+                self._first_client_line = False
+                self._end_of_header(None)
+                break
             if nl >= 0 and not self._line and nl - pos <= self.header_size_limit:
                 # The usual case: a whole line in this chunk, nothing held before it.
                 line = data[pos:nl]
@@ -276,17 +282,29 @@ class ContentProcessor:
             if self.header_rewriter is not None and name in self.rewrite_names and not self._suppress:
                 self._hbuf = bytearray()
                 self._hname_len = m.end(1)
-        if complete and self._hbuf is None and not self._hcut:
-            # A whole line that ends within header_size_limit is kept whole: skip
-            # _cut_out's piecewise bookkeeping (it gives the same result).
-            start = self._hlen + 1 if self._hstarted else 0
-            end = start + len(line)
-            if end <= self.header_size_limit:
-                self._hlen = end
+        if complete:
+            hbuf = self._hbuf
+            if hbuf is None:
+                if not self._hcut:
+                    # A whole line that ends within header_size_limit is kept whole: skip
+                    # _cut_out's piecewise bookkeeping (it gives the same result).
+                    start = self._hlen + 1 if self._hstarted else 0
+                    end = start + len(line)
+                    if end <= self.header_size_limit:
+                        self._hlen = end
+                        if self._hstarted:
+                            line = b"\n" + line
+                        self._hstarted = True
+                        self._out_header(line)
+                        return
+            elif 0 < len(line) <= self.line_length_limit and len(hbuf) < self.header_size_limit:
+                # An address header's whole line that is one input record, taken while
+                # the buffer is short: what _hold_raw does, without its record loop.
                 if self._hstarted:
-                    line = b"\n" + line
+                    hbuf += b"\n"
+                hbuf += line
                 self._hstarted = True
-                self._out_header(line)
+                self._new_line = True
                 return
         self._emit_header_bytes(line + (b"\n" if complete else b""))
         self._passing = not complete
@@ -408,10 +426,16 @@ class ContentProcessor:
                 raw = bytes(self._hbuf)
                 self._hbuf = None
                 new = self.header_rewriter(raw, self._hname_len) if raw else None
-                # Cut after the rewrite, as Postfix's cleanup_out_header does.
-                self._hlen, self._hstarted, self._new_line = 0, False, True
+                text = raw if new is None else new
                 self._hcut, self._held = False, None
-                self._cut_out(raw if new is None else new)
+                if 0 < len(text) <= self.header_size_limit and b"\n" not in text:
+                    # One line within the limit is kept whole (as _cut_out would keep it).
+                    self._hlen, self._hstarted, self._new_line, self._lsent = len(text), True, False, True
+                    self._out_header(text)
+                else:
+                    # Cut after the rewrite, as Postfix's cleanup_out_header does.
+                    self._hlen, self._hstarted, self._new_line = 0, False, True
+                    self._cut_out(text)
             if self._held and not self._hcut:
                 # A late line the header ended in without its newline.
                 self._line_out(bytes(self._held))

@@ -135,7 +135,14 @@ class CleanupSession:
         self._recipients.append((address, orig, orcpt, notify))
 
     def set_attribute(self, name: str, value) -> None:
-        self.msg.set_attribute(name, None if value is None else str(value))
+        # The smtpd sets a dozen per message: straight into the envelope, which is
+        # what IncomingMessage.set_attribute() does (drop the packed copy, store).
+        msg = self.msg
+        msg._envelope = None
+        if value is None:
+            msg.envelope.attributes.pop(name, None)
+        else:
+            msg.envelope.attributes[name] = value if type(value) is str else str(value)
 
     # -- content ----------------------------------------------------------------
     def prepend_header(self, text: str) -> None:

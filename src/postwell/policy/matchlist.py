@@ -236,12 +236,32 @@ class HostList(_BaseList):
     def __init__(self, param: str, value: str, config=None, *, parent: bool | None = None, **kw):
         super().__init__(param, value, config, **kw)
         self.parent = parent_style(config, param) if parent is None else parent
+        static = True
         for entry in self.entries:
             body = entry.lstrip("!")
-            if "/" in body and not is_table_spec(body) and parse_network(body) is None:
+            if is_table_spec(body):
+                static = False
+            elif "/" in body and parse_network(body) is None:
                 raise MatchListError(f"{param}: bad net/mask pattern: \"{body}\"")
+        # Asked at every connection and RCPT (mynetworks, the anvil exceptions...): with
+        # address/name patterns only, the answer for a client never changes, so it is
+        # kept (bounded); a list naming a table is asked every time (tables change).
+        self._cache: dict | None = {} if static else None
 
     def match(self, name: str | None, addr: str | None) -> bool:
+        cache = self._cache
+        if cache is None:
+            return self._match(name, addr)
+        key = (name, addr)
+        hit = cache.get(key)
+        if hit is None:
+            hit = self._match(name, addr)      # an exception is not kept
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    def _match(self, name: str | None, addr: str | None) -> bool:
         def test(e: str) -> bool:
             if addr and match_hostaddr(e, addr, self._lookup):
                 return True

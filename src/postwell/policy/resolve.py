@@ -41,6 +41,18 @@ CLASS_MASK = (ResolveFlag.CLASS_LOCAL | ResolveFlag.CLASS_ALIAS | ResolveFlag.CL
 # "final delivery" classes: accepted from anyone, never relaying.
 CLASS_FINAL = ResolveFlag.CLASS_LOCAL | ResolveFlag.CLASS_ALIAS | ResolveFlag.CLASS_VIRTUAL
 
+# Plain ints for the per-RCPT tests: an int & IntFlag goes through enum's Python
+# operators (a few microseconds each), int & int does not.
+_ROUTED = int(ResolveFlag.FLAG_ROUTED)
+_ERROR = int(ResolveFlag.FLAG_ERROR)
+_FAIL = int(ResolveFlag.FLAG_FAIL)
+_FINAL = int(CLASS_FINAL)
+_MASK = int(CLASS_MASK)
+_LOCAL = int(ResolveFlag.CLASS_LOCAL)
+_ALIAS = int(ResolveFlag.CLASS_ALIAS)
+_VIRTUAL = int(ResolveFlag.CLASS_VIRTUAL)
+_RELAY = int(ResolveFlag.CLASS_RELAY)
+
 _CLASS_NAMES = {
     ResolveFlag.CLASS_LOCAL: "local",
     ResolveFlag.CLASS_ALIAS: "alias",
@@ -60,19 +72,19 @@ class Resolved:
 
     @property
     def routed(self) -> bool:
-        return bool(self.flags & ResolveFlag.FLAG_ROUTED)
+        return bool(self.flags & _ROUTED)
 
     @property
     def error(self) -> bool:
-        return bool(self.flags & ResolveFlag.FLAG_ERROR)
+        return bool(self.flags & _ERROR)
 
     @property
     def failed(self) -> bool:
-        return bool(self.flags & ResolveFlag.FLAG_FAIL)
+        return bool(self.flags & _FAIL)
 
     @property
     def is_final(self) -> bool:
-        return bool(self.flags & CLASS_FINAL)
+        return bool(self.flags & _FINAL)
 
     @property
     def domain(self) -> str:
@@ -250,6 +262,12 @@ def _lookup_table(tables, config, spec: str, key: str) -> str | None:
     return t.lookup(key)
 
 
+# Resolved addresses kept per process, and the longest address kept: at most
+# about half a megabyte, whatever the clients send.
+_CACHE_MAX = 1024
+_CACHE_ADDRESS_MAX = 256
+
+
 class AddressResolver:
     """trivial-rewrite's resolve service, in-process.
 
@@ -290,6 +308,17 @@ class AddressResolver:
         self.sender_relayhost_maps = [x for x in config.get_list("sender_dependent_relayhost_maps")]
         self.recipient_delimiter = g("recipient_delimiter")
         self.transport_parent = "transport_maps" in config.get_list("parent_domain_matches_subdomains")
+        # The answer for an address depends only on the configuration (fixed for the
+        # process: a reload starts new ones) unless a table takes part, whose contents
+        # may change under us.  Without tables every RCPT of the same address (and the
+        # qmgr's resolve of each message) would redo the same rewrite and list walks.
+        static = not (self.transport_maps or self.relocated_maps or self.sender_relayhost_maps) \
+            and not any(is_table_spec(e.lstrip("!"))
+                        for lst in (self.mydestination, self.virtual_alias_domains,
+                                    self.virtual_mailbox_domains, self.relay_domains)
+                        for e in lst.entries)
+        self._cache: dict | None = {} if static else None
+        self._known_lists: dict[str, list[str]] = {}
 
     # -- table helpers ----------------------------------------------------
     def _lookup(self, spec: str, key: str) -> str | None:
@@ -413,10 +442,22 @@ class AddressResolver:
         return _Addr(a.local, a.quoted, self.myhostname), False
 
     def resolve(self, address: str, sender: str | None = None, *, rewrite: bool = True) -> Resolved:
+        cache = self._cache
+        if cache is not None:
+            # Without sender_dependent_relayhost_maps the sender plays no part.
+            hit = cache.get((address, rewrite))
+            if hit is not None:
+                return hit
         try:
-            return self._resolve(address, sender, rewrite)
+            r = self._resolve(address, sender, rewrite)
         except ResolveError:
             return Resolved("", "", "", address, int(ResolveFlag.FLAG_FAIL))
+        if cache is not None and not r.flags & _FAIL and len(address) <= _CACHE_ADDRESS_MAX:
+            # A failure is not kept: it is logged (null transport) and retried each time.
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[(address, rewrite)] = r
+        return r
 
     def _resolve(self, address: str, sender: str | None, rewrite: bool) -> Resolved:
         address = to_internal(address)
@@ -570,6 +611,14 @@ class AddressResolver:
         return None
 
     # -- recipient validation (reject_unlisted_recipient) -----------------
+    def _lists(self, name: str) -> list[str]:
+        """A list parameter, parsed once (the configuration is fixed for the process):
+        reject_unlisted_recipient asks for four to six of them at every RCPT."""
+        got = self._known_lists.get(name)
+        if got is None:
+            got = self._known_lists[name] = self.config.get_list(name)
+        return got
+
     def recipient_known(self, resolved: Resolved, *, sender_check: bool = False) -> tuple[bool, str | None]:
         """Is the resolved recipient listed for its address class?
 
@@ -580,23 +629,24 @@ class AddressResolver:
         """
         rcpt = resolved.recipient
         cfg = self.config
+        lists = self._lists
         # Anything a canonical or virtual alias map rewrites is taken as known.
-        maps = cfg.get_list("recipient_canonical_maps")
+        maps = lists("recipient_canonical_maps")
         if sender_check:
-            maps = maps + cfg.get_list("sender_canonical_maps")
-        maps = maps + cfg.get_list("canonical_maps") + cfg.get_list("virtual_alias_maps")
+            maps = maps + lists("sender_canonical_maps")
+        maps = maps + lists("canonical_maps") + lists("virtual_alias_maps")
         if maps and self._mail_addr_find(_open_ok(maps), rcpt,
                                          local_ok=self.is_local_domain(resolved.domain)) is not None:
             return True, None
         if resolved.transport == "error":
-            if resolved.flags & ResolveFlag.CLASS_ALIAS:
+            if resolved.flags & _ALIAS:
                 return False, "virtual alias table"
             return False, None
         if resolved.transport == "retry":
             return False, None
-        flags = resolved.flags & CLASS_MASK
-        if flags == ResolveFlag.CLASS_LOCAL:
-            lrm = cfg.get_list("local_recipient_maps")
+        flags = resolved.flags & _MASK
+        if flags == _LOCAL:
+            lrm = lists("local_recipient_maps")
             if not lrm:
                 return True, None
             localpart = rcpt.rpartition("@")[0].lower()
@@ -606,14 +656,14 @@ class AddressResolver:
                     return True, None
             found = self._mail_addr_find(_open_ok(lrm), rcpt, local_ok=True)
             return (True, None) if found is not None else (False, "local recipient table")
-        if flags == ResolveFlag.CLASS_VIRTUAL:
-            vmm = cfg.get_list("virtual_mailbox_maps")
+        if flags == _VIRTUAL:
+            vmm = lists("virtual_mailbox_maps")
             if not vmm:
                 return True, None
             found = self._mail_addr_find(_open_ok(vmm), rcpt, local_ok=False)
             return (True, None) if found is not None else (False, "virtual mailbox table")
-        if flags == ResolveFlag.CLASS_RELAY:
-            rrm = cfg.get_list("relay_recipient_maps")
+        if flags == _RELAY:
+            rrm = lists("relay_recipient_maps")
             if not rrm:
                 return True, None
             found = self._mail_addr_find(_open_ok(rrm), rcpt, local_ok=False)

@@ -226,6 +226,58 @@ class Envelope:
         return b"".join(out)
 
 
+def _cut(text: str) -> str:
+    # A field ends at its first NUL, as a C string would (see Recipient.pack).
+    return text.split("\0", 1)[0] if "\0" in text else text
+
+
+def pack_envelope_checked(env: "Envelope") -> tuple[bytes, list[int], str | None]:
+    """``env.pack()``, the offsets (in those bytes) of each recipient's status byte,
+    and the reason parse_envelope() would refuse the result (None: it parses).
+
+    The commit must never mark complete a file the reader would call corrupt; this
+    answers that from the values while packing, instead of parsing the bytes again
+    (tests/test_cleanup_hotpath.py holds it to parse_envelope's verdicts)."""
+    head = REC_HEAD.pack
+    hsize = REC_HEAD.size
+    limit = MAX_RECORD
+    problem = None
+    sender = env.sender.encode("utf-8", "surrogateescape") if env.sender else b""
+    parts = [head(REC_SENDER, len(sender)), sender]
+    pos = hsize + len(sender)
+    if pos - hsize > limit:
+        problem = "truncated envelope record"
+    for rtype, pairs in ((REC_PARAM, env.params), (REC_ATTR, env.attributes)):
+        for k, v in pairs.items():
+            # One encode of "name NUL value", the name cut at a NUL as pack_pair cuts it
+            # (a NUL byte comes only from a NUL character: surrogateescape gives 0x80..).
+            if "\0" in k:
+                k = _cut(k)
+            payload = f"{k}\0{v or ''}".encode("utf-8", "surrogateescape")
+            n = len(payload)
+            if n > limit and problem is None:
+                problem = "truncated envelope record"
+            parts += (head(rtype, n), payload)
+            pos += hsize + n
+    offsets = []
+    for r in env.recipients:
+        addr = _cut(r.address or "")
+        payload = (f"{'D' if r.done else '-'}{addr}\0{_cut(r.orig or '')}\0"
+                   f"{_cut(r.orcpt or '')}\0{_cut(r.notify or '')}").encode("utf-8", "surrogateescape")
+        n = len(payload)
+        if problem is None:
+            if n > limit:
+                problem = "truncated envelope record"
+            elif not addr:
+                problem = "malformed recipient record"
+        parts += (head(REC_RCPT, n), payload)
+        pos += hsize
+        offsets.append(pos)
+        pos += n
+    parts.append(head(REC_END, 0))
+    return b"".join(parts), offsets, problem
+
+
 def attribute_value_offset(data: bytes, name: str, value: str) -> int | None:
     """Offset in ``data`` (envelope bytes) of the value of the ``A`` record that is
     exactly ``name`` = ``value``, or None.  Walks the records, so a look-alike inside
@@ -245,55 +297,60 @@ def attribute_value_offset(data: bytes, name: str, value: str) -> int | None:
 
 def parse_envelope(data: bytes, base_offset: int) -> Envelope:
     """Parse envelope records; ``base_offset`` is where ``data`` starts in the file."""
+    # Every queue file the qmgr takes in is parsed here: the loop keeps its names
+    # local and tests the usual record (an attribute) first.
     env = Envelope()
+    params, attributes, recipients = env.params, env.attributes, env.recipients
+    unpack = REC_HEAD.unpack_from
+    hsize = REC_HEAD.size
+    limit = MAX_RECORD
     pos = 0
     seen_sender = False
     ended = False
     n = len(data)
     while pos < n:
-        if n - pos < REC_HEAD.size:
+        if n - pos < hsize:
             raise CorruptQueueFile("truncated envelope record header")
-        rtype, length = REC_HEAD.unpack_from(data, pos)
-        pos += REC_HEAD.size
-        if length > MAX_RECORD or pos + length > n:
+        rtype, length = unpack(data, pos)
+        pos += hsize
+        end = pos + length
+        if length > limit or end > n:
             raise CorruptQueueFile("truncated envelope record")
-        payload = data[pos:pos + length]
-        if rtype == REC_END:
-            if length != 0:
-                raise CorruptQueueFile("malformed end record")
-            pos += length
-            ended = True
-            if pos != n:
-                raise CorruptQueueFile("data after end record")
-            break
-        if rtype == REC_SENDER:
-            if seen_sender:
-                raise CorruptQueueFile("duplicate sender record")
-            env.sender = decode_text(payload)
-            seen_sender = True
-        elif rtype in (REC_PARAM, REC_ATTR):
-            name, sep, value = payload.partition(b"\0")
+        if rtype == REC_ATTR or rtype == REC_PARAM:
+            name, sep, value = data[pos:end].partition(b"\0")
             if not sep:
                 raise CorruptQueueFile("malformed attribute record")
-            target = env.params if rtype == REC_PARAM else env.attributes
-            target[decode_text(name)] = decode_text(value)
+            (attributes if rtype == REC_ATTR else params)[
+                name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         elif rtype == REC_RCPT:
-            status = payload[:1]
+            status = data[pos:pos + 1] if length else b""
             if status != STATUS_PENDING and status != STATUS_DONE:
                 raise CorruptQueueFile("malformed recipient status")
-            fields = payload[1:].split(b"\0")
+            fields = data[pos + 1:end].split(b"\0")
             if len(fields) != 4 or not fields[0]:
                 raise CorruptQueueFile("malformed recipient record")
             addr, orig, orcpt, notify = fields
-            env.recipients.append(Recipient(
+            recipients.append(Recipient(
                 addr.decode("utf-8", "surrogateescape"),
                 orig.decode("utf-8", "surrogateescape") if orig else None,
                 orcpt.decode("utf-8", "surrogateescape") if orcpt else None,
                 notify.decode("utf-8", "surrogateescape") if notify else None,
-                status == STATUS_DONE, len(env.recipients), base_offset + pos))
+                status == STATUS_DONE, len(recipients), base_offset + pos))
+        elif rtype == REC_SENDER:
+            if seen_sender:
+                raise CorruptQueueFile("duplicate sender record")
+            env.sender = data[pos:end].decode("utf-8", "surrogateescape")
+            seen_sender = True
+        elif rtype == REC_END:
+            if length != 0:
+                raise CorruptQueueFile("malformed end record")
+            ended = True
+            if end != n:
+                raise CorruptQueueFile("data after end record")
+            break
         else:
             raise CorruptQueueFile(f"unknown record type {rtype!r}")
-        pos += length
+        pos = end
     if not ended:
         raise CorruptQueueFile("missing end record (truncated envelope)")
     if not seen_sender:

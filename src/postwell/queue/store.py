@@ -417,14 +417,6 @@ def _reset_pid() -> None:
 os.register_at_fork(after_in_child=_reset_pid)
 
 
-def _lexists(name: str, dir_fd: int) -> bool:
-    try:
-        os.lstat(name, dir_fd=dir_fd)
-    except (OSError, ValueError):
-        return False     # as os.path.lexists()
-    return True
-
-
 class IncomingMessage:
     """A queue file being written in incoming/.  Not thread-safe; one writer."""
 
@@ -441,6 +433,8 @@ class IncomingMessage:
         self._buf = bytearray(qf.HEADER_SIZE)
         self._flushed = 0                  # bytes written to the file so far
         self._envelope: bytes | None = None
+        self._status_offsets: list[int] = []
+        self._env_problem: str | None = None
         self._error: QueueWriteError | None = None
         self.committed = False
         self.aborted = False
@@ -538,7 +532,8 @@ class IncomingMessage:
         the message before the commit pay for the packing once)."""
         env = self._envelope
         if env is None:
-            env = self._envelope = self.envelope.pack()
+            env, self._status_offsets, self._env_problem = qf.pack_envelope_checked(self.envelope)
+            self._envelope = env
         return env
 
     def _write_all(self) -> None:
@@ -551,12 +546,10 @@ class IncomingMessage:
                 raise self._error
             env = self.packed_envelope()
             env_off = qf.HEADER_SIZE + self.content_size
-            try:
-                # Checked before anything is marked complete: a file the reader would
-                # call corrupt must never follow a 250 (it would be lost, not delivered).
-                parsed = qf.parse_envelope(env, env_off)
-            except CorruptQueueFile as exc:
-                raise QueueWriteError(f"{self.queue_id}: envelope not storable: {exc.reason}")
+            # Checked before anything is marked complete: a file the reader would
+            # call corrupt must never follow a 250 (it would be lost, not delivered).
+            if self._env_problem is not None:
+                raise QueueWriteError(f"{self.queue_id}: envelope not storable: {self._env_problem}")
             try:
                 # Offsets of recipient status bytes are known only now.
                 header = qf.pack_header(int(self.arrival_time * 1_000_000), self.content_size, len(env))
@@ -572,8 +565,8 @@ class IncomingMessage:
             except OSError as exc:
                 raise _write_error(exc, f"{self.queue_id}: commit queue file")
             # Record where status bytes live, for callers that keep the object.
-            for mine, on_disk in zip(self.envelope.recipients, parsed.recipients):
-                mine.status_offset = on_disk.status_offset
+            for mine, at in zip(self.envelope.recipients, self._status_offsets):
+                mine.status_offset = env_off + at
         except QueueWriteError:
             self._discard()
             raise
@@ -939,16 +932,52 @@ class QueueStore:
 
     def create(self) -> IncomingMessage:
         """Create a queue file in incoming/ and give it its id."""
-        # Every name below is looked up relative to the queue directory, opened once
-        # per call: each full path would be walked again (about ten walks a message).
+        # Every name below is looked up relative to the queue directory, kept open
+        # between messages: each full path would be walked again (about ten walks a
+        # message), and an open/close per message is two system calls more.
+        top = self._top
+        fresh = top is None or self._top_path != self.queue_directory or self._top_pid != _pid
+        if fresh:
+            top = self._open_top()
+        try:
+            return self._create_in(top)
+        except QueueWriteError as exc:
+            # A queue directory removed and made again since it was opened: the old
+            # descriptor names a dead directory.  Once more with a fresh one.
+            if fresh or exc.errno != errno.ENOENT:
+                raise
+            return self._create_in(self._open_top())
+
+    _top: int | None = None
+    _top_path: str | None = None
+    _top_pid = 0
+    _old_tops: list | None = None
+
+    def _open_top(self) -> int:
         try:
             top = os.open(self.queue_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise _write_error(exc, "create queue file")
+        old, old_pid = self._top, self._top_pid
+        self._top, self._top_path, self._top_pid = top, self.queue_directory, _pid
+        if old is not None and old_pid == _pid:
+            # Another thread may still be creating through it: closed with the store.
+            if self._old_tops is None:
+                self._old_tops = []
+            self._old_tops.append(old)
+        return top
+
+    def __del__(self):
+        # A descriptor inherited through fork() is left alone: the child may have
+        # closed its descriptors since, and the number may now be someone else's.
         try:
-            return self._create_in(top)
-        finally:
-            os.close(top)
+            if self._top_pid != _pid:
+                return
+            for fd in [self._top] + (self._old_tops or []):
+                if fd is not None:
+                    os.close(fd)
+        except Exception:   # noqa: BLE001 - at interpreter exit the module may be gone
+            pass
 
     def _create_in(self, top: int) -> IncomingMessage:
         tmp = f"incoming/tmp.{_pid}.{next(self._tmp_counter)}"
@@ -970,7 +999,15 @@ class QueueStore:
             for _attempt in range(1000):
                 us = self._microseconds(us)
                 qid = qf.make_queue_id(us, ino)
-                if any(_lexists(f"{q}/{qid}", top) for q in _OTHER_QUEUES):
+                for q in _OTHER_QUEUES:      # as os.path.lexists(), without a call per queue
+                    try:
+                        os.lstat(f"{q}/{qid}", dir_fd=top)
+                    except (OSError, ValueError):
+                        continue
+                    break                    # a stray file has this name: next id
+                else:
+                    q = None
+                if q is not None:
                     continue
                 try:
                     os.link(tmp_path, self.path("incoming", qid))   # never replaces an existing name
