@@ -26,3 +26,16 @@ def test_maillog_file_record_cut_at_2000_characters(tmp_path):
     line = path.read_text()
     assert line.endswith("x" * 2000 + "\n") and "x" * 2001 not in line
     assert " mx postfix/smtpd[" in line
+
+
+def test_record_limit_counts_the_text_after_the_severity_label(tmp_path):
+    # Postfix 3.7 logs a 1998-character warning whole: the 2000-character cut
+    # applies to the text, "warning: " comes on top of it.
+    path = tmp_path / "maillog"
+    log = MailLog("smtpd", maillog_file=str(path), hostname="mx.example.test")
+    log.warning("w" * 1998)
+    log.error("e" * 5000)
+    log.close()
+    first, second = path.read_text().splitlines()
+    assert first.endswith(": warning: " + "w" * 1998)
+    assert second.endswith(": error: " + "e" * 2000)

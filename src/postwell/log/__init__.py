@@ -88,10 +88,10 @@ class MailLog:
     _tag_key: tuple = ()
     _tag = ""
 
-    def _emit(self, priority: int, text: str) -> None:
+    def _emit(self, priority: int, text: str, label: str = "") -> None:
         # Never let control characters from the network break the line shape, and cut
-        # each record where Postfix's logger does.
-        text = sanitize(text[:LOG_RECORD_LIMIT])
+        # each record where Postfix's logger does: the text after the severity label.
+        text = label + sanitize(text[:LOG_RECORD_LIMIT])
         if self._fd is not None:
             line = self.format_line(text).encode("utf-8", "surrogateescape")
             try:
@@ -107,16 +107,16 @@ class MailLog:
         self._emit(6, text)
 
     def warning(self, text: str) -> None:
-        self._emit(4, "warning: " + text)
+        self._emit(4, text, "warning: ")
 
     def error(self, text: str) -> None:
-        self._emit(3, "error: " + text)
+        self._emit(3, text, "error: ")
 
     def fatal(self, text: str) -> None:
-        self._emit(2, "fatal: " + text)
+        self._emit(2, text, "fatal: ")
 
     def panic(self, text: str) -> None:
-        self._emit(0, "panic: " + text)
+        self._emit(0, text, "panic: ")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -158,9 +158,9 @@ class NullLog(MailLog):
         self._fd = None
         self._syslog = None
 
-    def _emit(self, priority: int, text: str) -> None:
+    def _emit(self, priority: int, text: str, label: str = "") -> None:
         if self.keep:
-            self.lines.append(sanitize(text))
+            self.lines.append(label + sanitize(text))
 
     def reopen(self) -> None:
         pass
