@@ -21,7 +21,7 @@ import pytest
 import harness
 from postwell.cli import bounce_templates as bt
 from postwell.cli import postconf, postfix as postfix_cli
-from postwell.cli.maildrop_size import postdrop_size
+from postwell.pickup.maildrop_size import postdrop_size
 
 REF = "/usr/sbin"
 TIMEOUT = 30

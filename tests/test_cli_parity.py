@@ -251,14 +251,10 @@ def _time_record_length(path: str, ours: bool) -> int:
     return len(sec) + 1 + len(str(int(frac)))
 
 
-@pytest.mark.xfail(strict=True, reason="a message still in the maildrop: Postfix lists the size "
-                   "of postdrop's file; postwell.cli.maildrop_size.postdrop_size() computes it, "
-                   "but the shared listing (showq.collect_maildrop, another part) still shows "
-                   "the content size")
 def test_mailq_maildrop_entry_like_postfix(pair):
     """Postfix lists a maildrop message with its postdrop file's size; postwell
-    computes that size from its own maildrop file (the name stays postwell's
-    128-bit file name: the maildrop is not listable by design)."""
+    computes that size from its own maildrop file; the id is a prefix of the
+    file's 128-bit name (the full name would let users read the file)."""
     _empty_maildrops(pair)
     same(pair, "sendmail", "-C", "@C@", "-f", "s@example.test", "-N", "success,delay", "-V", "env1",
          "a@example.test", "b@example.test", stdin="Subject: x\n\nbody\n" + "y" * 3000 + "\n")

@@ -126,7 +126,10 @@ def test_mailq_lists_every_queue(site, capsys):
     # No pickup service here: Postfix's postdrop warns about the missing trigger.
     assert (rc, err) == (0, b"postdrop: warning: unable to look up public/pickup: No such file or directory\n")
     store = QueueStore(str(s.inst.queue_dir))
-    [drop] = os.listdir(s.inst.queue_dir / "maildrop")
+    [drop_name] = os.listdir(s.inst.queue_dir / "maildrop")
+    # Listed under a prefix of the file's name: the full name would let any user
+    # who can run mailq open the file (the maildrop is 1733, the file 0644).
+    drop = drop_name[:10].upper()
     cp = s.inst.run("postqueue", "-p", check=True)
     lines = cp.stdout.split("\n")
     reason = f"(connect to 127.0.0.1[127.0.0.1]:{port}: Connection refused)"
@@ -165,6 +168,7 @@ def test_mailq_lists_every_queue(site, capsys):
         "",
     ]
     assert lines == expected, cp.stdout
+    assert drop_name not in cp.stdout
     # mailq is the same listing
     from postwell.cli import postqueue
     capsys.readouterr()
@@ -181,8 +185,9 @@ def test_mailq_lists_every_queue(site, capsys):
                                      {"address": "b@far.test", "delay_reason": reason[1:-1]}]
     assert objs[0]["recipients"] == [{"address": "x@far.test"}, {"address": "y@far.test"}]
     # postcat -q finds the maildrop file and the held message
-    cp = s.inst.run("postcat", "-q", drop, check=True)
-    assert cp.stdout.startswith(f"*** ENVELOPE RECORDS maildrop/{drop} ***\n")
+    for given in (drop, drop.lower(), drop_name):
+        cp = s.inst.run("postcat", "-q", given, check=True)
+        assert cp.stdout.startswith(f"*** ENVELOPE RECORDS maildrop/{given} ***\n")
     assert "\nrecipient: x@far.test\nrecipient: y@far.test\n" in cp.stdout
     cp = s.inst.run("postcat", "-q", d2, check=True)
     out = cp.stdout.splitlines()
@@ -192,6 +197,11 @@ def test_mailq_lists_every_queue(site, capsys):
     assert out[-3:] == ["hello", f"*** HEADER EXTRACTED hold/{d2} ***", f"*** MESSAGE FILE END hold/{d2} ***"]
     contents = out.index(f"*** MESSAGE CONTENTS hold/{d2} ***")
     assert out[contents + 1].startswith("Received: from client.test")
+    # postsuper -d takes the listed id of a maildrop file too
+    cp = s.inst.run("postsuper", "-d", drop, "maildrop")
+    assert (cp.returncode, cp.stderr) == (0, f"postsuper: {drop}: removed\n"
+                                             "postsuper: Deleted: 1 message\n")
+    assert os.listdir(s.inst.queue_dir / "maildrop") == []
 
 
 def test_empty_queue(site):

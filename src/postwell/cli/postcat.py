@@ -246,6 +246,13 @@ def find_queued(queue_directory: str, queue_id: str) -> tuple[str, str] | None:
         return None
     for q in SEARCH_QUEUES + ("maildrop",):
         path = os.path.join(queue_directory, q, queue_id)
+        if q == "maildrop":
+            # mailq lists a maildrop file under a prefix of its name (listed_id).
+            from postwell.pickup.maildrop import names_for_id
+            found = names_for_id(os.path.join(queue_directory, q), queue_id)
+            if not found:
+                continue
+            path = os.path.join(queue_directory, q, found[0])
         try:
             st = os.lstat(path)
         except OSError:

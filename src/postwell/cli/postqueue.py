@@ -32,7 +32,7 @@ from postwell.pickup import poke_pickup
 from postwell.queue import QMGR_FLUSH, CorruptQueueFile, QueueFileNotFound, QueueStore, notify_qmgr
 # The queue scan is shared with the showq service (which runs it as $mail_owner).
 from postwell.showq import SHOW_QUEUES, collect, collect_maildrop  # noqa: F401 (re-exported)
-from .maildrop_size import postdrop_size  # noqa: F401 (re-exported)
+
 
 PROG = "postqueue"
 STATUS_CHAR = {"active": "*", "hold": "!"}

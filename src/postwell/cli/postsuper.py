@@ -254,12 +254,14 @@ def _delete_maildrop(store: QueueStore, ids: list[str], report: Reporter) -> int
             continue
         if not _queue_id_ok(qid):
             continue          # warned about by run_operation already
-        try:
-            os.unlink(os.path.join(drop, qid))
-        except FileNotFoundError:
-            continue
-        done += 1
-        report.say(f"{qid}: removed")
+        from postwell.pickup.maildrop import names_for_id
+        for name in names_for_id(drop, qid):    # the file name, or the id mailq lists
+            try:
+                os.unlink(os.path.join(drop, name))
+            except FileNotFoundError:
+                continue
+            done += 1
+            report.say(f"{qid}: removed")
     return done
 
 

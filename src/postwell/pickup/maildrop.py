@@ -52,9 +52,13 @@ SIZE_PREFIX = b"size "
 SIZE_DIGITS = 20
 PREAMBLE_SIZE = len(MAGIC) + len(SIZE_PREFIX) + SIZE_DIGITS + 1
 END_LINE = b"end\n"
-FILE_MODE = 0o644          # readable by pickup (mail_owner); nobody else can find the name
+# Readable by pickup (mail_owner), so by anyone who knows the full name: the name is
+# the only secret (the 1733 directory cannot be listed by users), and mailq shows a
+# short prefix of it instead (listed_id), never the name itself.
+FILE_MODE = 0o644
 MAX_ENVELOPE = 4 * 1024 * 1024   # bound on envelope bytes pickup is willing to parse
 NAME_RE = re.compile(r"^[0-9a-f]{32}$")   # 128 random bits, hex
+LISTED_ID_LEN = 10                        # hex digits of the name that mailq shows
 TMP_PREFIX = ".tmp."
 WRITE_BUFFER = 65536
 
@@ -62,6 +66,30 @@ SINGLE = ("time", "sender", "fullname", "notify", "ret", "envid", "body", "rewri
 MULTI = ("rcpt",)
 PER_RCPT = ("rcpt-notify", "rcpt-orcpt")
 _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+def listed_id(name: str) -> str:
+    """The queue id mailq/postqueue -j show for a maildrop file: the first 40 bits
+    of its name, upper case like a Postfix queue id.  Users may read the listing
+    (through showq), and the full name would let any of them open another user's
+    message; the 88 bits left out keep it unguessable.  Root's postcat -q and
+    postsuper -d accept it (names_for_id)."""
+    return name[:LISTED_ID_LEN].upper()
+
+
+def names_for_id(maildrop_dir: str, queue_id: str) -> list[str]:
+    """The maildrop file names a queue id given to postcat/postsuper stands for:
+    the full name itself, or every file whose listed_id() it is."""
+    if NAME_RE.match(queue_id):
+        return [queue_id]
+    if len(queue_id) != LISTED_ID_LEN or not re.fullmatch(r"[0-9A-Fa-f]+", queue_id):
+        return []
+    prefix = queue_id.lower()
+    try:
+        names = os.listdir(maildrop_dir)
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix) and NAME_RE.match(n))
 
 
 class MaildropFormatError(Exception):

@@ -225,9 +225,11 @@ def authorized(config, uid: int | None) -> bool:
 def collect_maildrop(store: QueueStore):
     """Messages that sendmail dropped and pickup has not taken yet.
 
-    They have no queue id: the listing shows the file's random name (longer
-    than an id, as Postfix's long ids are), which ``postcat -q`` accepts.
-    Unreadable or half-written files are skipped, as showq does.
+    They have no queue id: the listing shows a short prefix of the file's random
+    name (``listed_id``: the full name would let any user read the file), which
+    root's ``postcat -q`` and ``postsuper -d`` accept, and the size of the file
+    Postfix's postdrop would have written (``postdrop_size``), as Postfix's mailq
+    shows.  Unreadable or half-written files are skipped, as showq does.
     """
     mdir = store.path("maildrop")
     try:
@@ -236,7 +238,8 @@ def collect_maildrop(store: QueueStore):
         return
     if not names:
         return   # the usual case: mailq then starts without loading pickup
-    from postwell.pickup.maildrop import NAME_RE, MaildropFormatError, read_maildrop
+    from postwell.pickup.maildrop import NAME_RE, MaildropFormatError, listed_id, read_maildrop
+    from postwell.pickup.maildrop_size import postdrop_size
     for name in names:
         if not NAME_RE.match(name):
             continue   # temporaries (.tmp.*) and strays
@@ -249,14 +252,15 @@ def collect_maildrop(store: QueueStore):
             if not stat.S_ISREG(st.st_mode):
                 continue
             drop = read_maildrop(fd, st.st_size)
-            env, size = drop.envelope, drop.content_size
+            env = drop.envelope
+            size = postdrop_size(env, drop.iter_content())
         except (OSError, MaildropFormatError):
             continue
         finally:
             os.close(fd)
         yield {
             "queue_name": "maildrop",
-            "queue_id": name,
+            "queue_id": listed_id(name),
             "arrival_time": int(env.submit_time or st.st_mtime),
             "message_size": size,
             "forced_expire": False,
