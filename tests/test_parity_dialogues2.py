@@ -284,14 +284,7 @@ DIALOGUES = {
 
 _NO_ALERT = ("postwell (uvloop's SSL layer) closes a failed handshake without the TLS alert "
              "that Postfix 3.7 sends first (15 03 0x 00 02 02 0a, unexpected_message)")
-_NO_XCLIENT = ("postwell has no XCLIENT: it answers 550 5.7.0 Error: insufficient "
-               "authorization (and lists no XCLIENT in EHLO) where Postfix 3.7, for "
-               "smtpd_authorized_xclient_hosts, checks the attributes and greets anew (220)")
 XFAIL: dict[str, str] = {
-    "xclient_basic": _NO_XCLIENT,
-    "xclient_forms": _NO_XCLIENT,
-    "xclient_login": _NO_XCLIENT,
-    "xclient_tempunavail": _NO_XCLIENT,
     # Also its log names ../ssl/record/rec_layer_s3.c:1538 where Postfix's OpenSSL says
     # ../ssl/statem/statem_srvr.c:312 (a handshake record of the wrong type).
     "starttls_garbage_after": _NO_ALERT,
@@ -312,8 +305,10 @@ def _config(inst, variant: str, tool) -> dict:
     return params
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
+def variant_pairs(tmp_path_factory, prefix: str, variants: dict, config):
+    """A fixture body: get(variant) starts (once) a reference Postfix and a postwell
+    instance with config(instance, variant, saslpasswd2) as main.cf settings;
+    variants[v][1] says whether the variant needs the Cyrus sasldb tool."""
     reason = harness.reference_available()
     if reason:
         pytest.skip(reason)
@@ -322,15 +317,15 @@ def pairs(tmp_path_factory):
     made: list = []
 
     def get(variant: str):
-        if VARIANTS[variant][1] and not tool:
+        if variants[variant][1] and not tool:
             pytest.skip("saslpasswd2 not installed")
         if variant not in started:
-            base = tmp_path_factory.mktemp(f"dlg2-{variant}")
+            base = tmp_path_factory.mktemp(f"{prefix}-{variant}")
             ref = harness.ReferencePostfix(base, {})
             pw = harness.PostwellInstance(base, {})
             made.extend([ref, pw])
-            ref.main_cf_extra = _config(ref, variant, tool)
-            pw.main_cf = _config(pw, variant, tool)
+            ref.main_cf_extra = config(ref, variant, tool)
+            pw.main_cf = config(pw, variant, tool)
             ref.write_config()
             pw.write_config()
             harness.start_side_by_side(ref, pw)
@@ -339,6 +334,11 @@ def pairs(tmp_path_factory):
 
     yield get
     harness.stop_side_by_side(made)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    yield from variant_pairs(tmp_path_factory, "dlg2", VARIANTS, _config)
 
 
 class _Client(harness.SmtpConnection):

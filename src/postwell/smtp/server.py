@@ -29,7 +29,8 @@ answered with send_reply() before the engine goes on): Helo, Ehlo, Mail, Rcpt, D
 354), Bdat (first chunk of a transaction, for smtpd_data_restrictions; default None = go on
 silently), BdatChunkEnd (default "250 2.0.0 Ok: N bytes"), DataEnd (end of DATA / BDAT LAST:
 finish the queue file, then reply), Vrfy, Etrn, StartTls, Auth (reply 334 to get an
-AuthResponse), AuthResponse; AuthAborted (notice: the client's "*", already answered 501).  Notices without a reply: DataChunk (content, dot-unstuffed,
+AuthResponse), AuthResponse, Xclient (complete: default None, the glue answers 220 or a
+connect-level reject); AuthAborted (notice: the client's "*", already answered 501).  Notices without a reply: DataChunk (content, dot-unstuffed,
 CRLF lines; a long line may arrive in pieces), Rset, Warning / Info (log lines), Rejected (an
 engine reject Postfix logs as "NOQUEUE: reject"), ConnectionClosed(reason).
 Replies the engine decides itself (syntax, sequence, limits) never become events; their
@@ -50,6 +51,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from . import xclient as _xclient
 from .reply import Reply
 
 # --- sentinels ----------------------------------------------------------------------------
@@ -226,6 +228,18 @@ class ConnectionClosed(Event):
     reason: str          # "quit", "lost", "too many errors", "bare newline", "bdat syntax"
 
 
+@dataclass(frozen=True)
+class Xclient(Event):
+    """XCLIENT from an authorized client (postwell.smtp.xclient): apply ``request`` to
+    the session.  complete: answer 220 (the greeting anew) or a connection-level reject;
+    else the command failed at a later attribute and ``default`` is its 501 (the ones
+    before it still count, as in Postfix)."""
+    request: object                  # xclient.XclientRequest
+    complete: bool = True
+    default: Reply | None = None
+    needs_reply = True
+
+
 # --- configuration ------------------------------------------------------------------------
 
 # Postfix's ehlo_mask table order, used when it names discarded keywords.
@@ -233,8 +247,9 @@ _EHLO_MASK_ORDER = ("8BITMIME", "AUTH", "ETRN", "PIPELINING", "SIZE", "VERP", "V
                     "XFORWARD", "STARTTLS", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8", "CHUNKING")
 # The name Postfix 3.7 prints for the SMTPUTF8 bit (its table's first entry for it).
 _EHLO_MASK_NAMES = {"SMTPUTF8": "EHLO_MASK_SMTPUTF8"}
-EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH", "XFORWARD",
-                       "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING")
+EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH", "XCLIENT",
+                       "XFORWARD", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8",
+                       "CHUNKING")
 
 
 @dataclass(frozen=True)
@@ -459,6 +474,8 @@ def _scan(text: str):
 
 _PLAIN_MAILBOX = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+"
 _PLAIN_PATH = re.compile(rf"<({_PLAIN_MAILBOX})>|({_PLAIN_MAILBOX})")
+# A MAIL/RCPT argument made of such a path and, after blanks, the parameters.
+_FAST_PATH = re.compile(rf"[ \t]*<({_PLAIN_MAILBOX})>(?:[ \t]+(.*))?", re.S)
 
 
 def _open_quote(text: str) -> bool:
@@ -572,12 +589,16 @@ def extract_address(token: str, null_ok: bool) -> str:
 
 
 _NEUTER = frozenset(' <>()\\";@')
+# Any character neuter_helo() would change: printable ASCII outside _NEUTER passes as is.
+_NEUTER_ANY = re.compile(r'[^!-~]|[<>()\\";@]')
 
 
 def neuter_helo(name: str, utf8: bool = True) -> str:
     """The HELO/EHLO argument as Postfix keeps it for logs, policy and the Received
     header: printable(name, '?') and then its NEUTER_CHARACTERS ' <>()\\";@' -> '?',
     so a client cannot break out of "Received: from NAME (...)" or a log field."""
+    if _NEUTER_ANY.search(name) is None:
+        return name             # the usual host name: one C scan instead of a loop
     out = []
     for ch in name:
         o = ord(ch)
@@ -594,6 +615,10 @@ def _valid_ipv4(text: str) -> bool:
     return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
 
 
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_PLAIN_DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?")
+
+
 def domain_error(address: str, smtputf8: bool) -> bool:
     """True when the domain of an (internal-form) address is one Postfix's resolver
     flags as an error, which smtpd answers as address syntax (501 5.1.7 / 5.1.3):
@@ -604,6 +629,11 @@ def domain_error(address: str, smtputf8: bool) -> bool:
     if at < 0:
         return False
     domain = address[at + 1:]
+    if _PLAIN_DOMAIN.fullmatch(domain) is not None:
+        # The usual case, decided in C: valid ASCII labels; still an error when too
+        # long or all numeric (a bare IP address).
+        name = domain[:-1] if domain.endswith(".") else domain
+        return len(name) > 255 or name.replace(".", "").isdigit()
     if domain.startswith("["):
         inner = domain[1:-1] if domain.endswith("]") else ""
         if inner[:5].lower() == "ipv6:":
@@ -730,6 +760,13 @@ def _squeeze_blanks(token: str) -> str:
 
 def parse_path(text: str, null_ok: bool) -> tuple[str, list[str]]:
     """"<addr> params" -> (address, [params]); raises _SyntaxError for a bad address."""
+    m = _FAST_PATH.fullmatch(text)
+    if m is not None:
+        # "<local@domain>" with no quote, backslash or blank inside: the scanners below
+        # would cut the same token and change nothing in it (one C match per command
+        # instead of three Python loops over the address).
+        rest = m.group(2)
+        return m.group(1), (split_args(rest) if rest else [])
     s = text.lstrip(" \t")
     if s[:1] == "<":
         # RFC 5321 4.1.2 allows no blanks in a Path, but Postfix's tokenizer keeps "<...>"
@@ -762,6 +799,9 @@ _COUNTER_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "ma
 
 REPLY_DSN_DISABLED = Reply(501, "DSN support is disabled", "5.7.1")
 REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+# Frozen and equal every time: one object instead of one per message.
+_REPLY_QUEUED_OK = Reply(250, "Ok", "2.0.0")
+_DATA_EVENT = Data()
 _FOOTER_MACRO = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 # Names Postfix's smtpd expands (empty when unset) besides those _with_footer fills in.
 _FOOTER_KNOWN = frozenset({"recipient", "recipient_domain", "sender_domain", "localtime",
@@ -770,10 +810,24 @@ _HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
 _JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "ETRN", "RSET"})
 _PRE_TLS = frozenset({"HELO", "EHLO", "STARTTLS", "NOOP", "QUIT"})
-_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS"})
+# XCLIENT ends a group too (Postfix 3.7 logs "improper command pipelining after XCLIENT").
+_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS",
+                            "XCLIENT"})
 
 
 _REPLY_BYTES: dict = {}   # Reply -> its wire form (bounded; see _queue_reply)
+
+
+def _may_have_long_line(chunk: bytes, limit: int) -> bool:
+    """False when no LF-separated piece of ``chunk`` is longer than ``limit``.  A piece
+    of limit+1 bytes or more holds a whole aligned block of (limit+1)//2 bytes without
+    LF, so a few find() calls stand in for splitting every message into lines."""
+    step = (limit + 1) // 2
+    find = chunk.find
+    for start in range(0, len(chunk) - step + 1, step):
+        if find(b"\n", start, start + step) < 0:
+            return True
+    return False
 
 
 class ServerConnection:
@@ -792,6 +846,8 @@ class ServerConnection:
         self.auth_advertised = True           # False: smtpd_sasl_exceptions_networks match
         # smtpd_authorized_xforward_hosts matched (the glue sets it): XFORWARD works.
         self.xforward_allowed = False
+        # smtpd_authorized_xclient_hosts matched (the glue sets it, again after XCLIENT).
+        self.xclient_allowed = False
         self.helo_name: str | None = None
         self.client_port = ""                 # for smtpd_reject_footer's $client_port
         self._line_text = ""                  # the command line being handled, as sent
@@ -1178,6 +1234,8 @@ class ServerConnection:
                 self.state = S_TLS
             else:
                 self.error_count += 1
+        elif isinstance(ev, Xclient):
+            self._xclient_done(ev, reply)
         elif isinstance(ev, (Auth, AuthResponse)):
             self._queue_reply(reply)
             if reply.code == 334:
@@ -1234,11 +1292,10 @@ class ServerConnection:
                     buf.clear()
                     continue
                 return None
-            line = bytes(buf[:i])
+            # One copy of the line, without its CR, instead of a copy and a slice.
+            bare_lf = not (i and buf[i - 1] == 0x0D)
+            line = bytes(buf[:i]) if bare_lf else bytes(buf[:i - 1])
             del buf[:i + 1]
-            bare_lf = not line.endswith(b"\r")
-            if not bare_lf:
-                line = line[:-1]
             if len(line) >= warn_at:
                 self._warn(f"{self.client}: request longer than {warn_at}: "
                            f"{line[:30].decode('utf-8', 'replace')}...")
@@ -1293,13 +1350,14 @@ class ServerConnection:
             self._close("too many errors")
             return False
         parts = text.strip(" \t").split(None, 1)
-        verb, arg = (parts + ["", ""])[:2] if parts else ("", "")
-        if not verb:
+        if not parts:
             # An empty line is an error but no command: Postfix leaves it out of the
             # "disconnect ... commands=" counters (checked against 3.7).
             self.error_count += 1
             self._queue_reply(Reply(500, "Error: bad syntax", "5.5.2"))
             return True
+        verb = parts[0]
+        arg = parts[1] if len(parts) == 2 else ""
         verb_u = verb.upper()
         if self._forbidden(verb_u, text):
             # smtpd_forbidden_commands: HTTP proxies, mail headers sent as commands.
@@ -1328,8 +1386,8 @@ class ServerConnection:
             self.where = "UNKNOWN"
             self._error("unknown", Reply(500, "Error: command not recognized", "5.5.2"))
             return True
-        self.where = verb_u
-        if (self._inbuf and not self.pipelining_violation and handler is not None
+        self._where = verb_u                # the ``where`` setter, without the call
+        if (self._inbuf and not self.pipelining_violation
                 and (verb_u in _LAST_IN_GROUP or not self.esmtp)):
             # RFC 2920 3.1: these commands end a group, and without EHLO there is no
             # PIPELINING at all; more input means the client did not wait for our reply.
@@ -1356,7 +1414,9 @@ class ServerConnection:
             return True
         if c.forbid_non_alpha and not ("A" <= verb_u[0] <= "Z"):
             return True
-        return _HEADER_LIKE.match(line) is not None
+        # A header-like line ("Subject: x") has its colon inside the first word, so a
+        # verb without one can skip the regex that every command line would pay for.
+        return ":" in verb_u and _HEADER_LIKE.match(line) is not None
 
     def _cmd_helo(self, arg: str, ehlo: bool = False) -> None:
         name = "ehlo" if ehlo else "helo"
@@ -1397,6 +1457,7 @@ class ServerConnection:
             "DSN": "DSN",
             "SMTPUTF8": "SMTPUTF8" if c.smtputf8_enable else None,
             "CHUNKING": "CHUNKING",
+            "XCLIENT": _xclient.EHLO_KEYWORD if self.xclient_allowed else None,
             "XFORWARD": ("XFORWARD " + " ".join(_XFORWARD_ATTRS)) if self.xforward_allowed
                         else None,
         }
@@ -1599,7 +1660,7 @@ class ServerConnection:
         if arg:
             self._error("data", Reply(501, "Syntax: DATA", "5.5.4"))
             return
-        self._ask("data", Data())
+        self._ask("data", _DATA_EVENT)
 
     def _cmd_bdat(self, arg: str) -> None:
         # RFC 3030 2: BDAT chunk-size [LAST]
@@ -1733,13 +1794,69 @@ class ServerConnection:
             return
         self._ask("etrn", Etrn(domain, Reply(459, f"<{domain}>: service unavailable")))
 
-    def _cmd_xclient(self, arg: str, name: str = "XCLIENT") -> None:
-        # Postfix's XCLIENT/XFORWARD: only smtpd_authorized_xclient_hosts may use them, and
-        # postwell authorizes none.
-        if not arg:
-            self._error(name.lower(), Reply(501, f"Syntax: {name} attribute=value...", "5.5.4"))
+    def _refused_x(self, name: str, arg: str, allowed: bool) -> bool:
+        """XCLIENT's and XFORWARD's first checks, in Postfix 3.7's order: a transaction
+        in progress, no attribute at all, a client not authorized (checked)."""
+        cmd = name.lower()
+        if self.in_transaction:
+            self._error(cmd, Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
+        elif not arg:
+            self._error(cmd, Reply(501, f"Syntax: {name} attribute=value...", "5.5.4"))
+        elif not allowed:
+            self._error(cmd, Reply(550, "Error: insufficient authorization", "5.7.0"))
+        else:
+            return False
+        return True
+
+    def _cmd_xclient(self, arg: str) -> None:
+        # Postfix's XCLIENT (XCLIENT_README); the attribute rules live in smtp/xclient.py.
+        if self._refused_x("XCLIENT", arg, self.xclient_allowed):
             return
-        self._error(name.lower(), Reply(550, "Error: insufficient authorization", "5.7.0"))
+        request, error = _xclient.parse_xclient(arg, self.config.ipv6_enabled)
+        if error is not None and not request.items:
+            self._error("xclient", error)
+            return
+        # Postfix's "improper command pipelining after XCLIENT" line names the client as
+        # the command left it: hold the line until the reply.
+        ev = self._events[-1] if self._events else None
+        self._xclient_info = None
+        if isinstance(ev, Info) and ev.text.startswith("improper command pipelining after "):
+            self._xclient_info = (self._events.pop().text, self.client)
+        self._ask("xclient", Xclient(request, error is None, error))
+
+    def _xclient_done(self, ev: Xclient, reply: Reply) -> None:
+        # Postfix counts even a successful XCLIENT as failed (xclient=0/1): it jumps back
+        # to the greeting and never returns to its command loop.  No error is counted.
+        self._count("xclient", False)
+        if reply is None:                # the glue normally words the greeting itself
+            reply = Reply(220, f"{self.config.hostname} ESMTP")
+        req = ev.request
+        helo, proto, login = req.last("HELO"), req.last("PROTO"), req.last("LOGIN")
+        if ev.complete:
+            self._reset_transaction()
+            self.helo_name = helo.value if helo else None
+            self.esmtp = bool(proto and proto.value == "ESMTP")
+            self.authenticated = bool(login and login.value is not None)
+            if reply.code >= 400:
+                # A connection-level reject of the new client is its greeting: from now
+                # on only QUIT works (XCLIENT_README: "other" reply codes).
+                self._access_denied = True
+        else:
+            # The attributes before the bad one stay, without a new greeting (Postfix).
+            self.error_count += 1
+            if helo:
+                self.helo_name = helo.value
+            if proto:
+                self.esmtp = proto.value == "ESMTP"
+            if login:
+                self.authenticated = login.value is not None
+        self._queue_reply(reply)
+        held, self._xclient_info = self._xclient_info, None
+        if held is not None:
+            text, old = held
+            rest = text.split(f" from {old}: ", 1)[-1]
+            self._events.append(Info(f"improper command pipelining after XCLIENT from "
+                                     f"{self.client}: {rest}"))
 
     def _ok_xforward(self) -> None:
         self._ok("xforward", Reply(250, "Ok", "2.0.0"))
@@ -1747,11 +1864,7 @@ class ServerConnection:
     def _cmd_xforward(self, arg: str) -> None:
         # Postfix's XFORWARD (XFORWARD_README): a content filter passes on what it was told
         # about the original client.  The order of checks is Postfix 3.7's.
-        if not arg or not self.xforward_allowed:
-            self._cmd_xclient(arg, "XFORWARD")
-            return
-        if self.in_transaction:
-            self._error("xforward", Reply(503, "Error: MAIL transaction in progress", "5.5.1"))
+        if self._refused_x("XFORWARD", arg, self.xforward_allowed):
             return
         got: dict[str, str] = {}
         for item in arg.split():
@@ -1876,7 +1989,7 @@ class ServerConnection:
                     and buf.count(b"\n", 0, end) == buf.count(b"\r\n", 0, end):
                 chunk = bytes(buf[:end])
                 self._emit_content(chunk)
-                if end > limit:
+                if end > limit and _may_have_long_line(chunk, limit):
                     lines = chunk.split(b"\n")
                     if max(map(len, lines)) > limit:   # CRLF lines: a length counts the CR
                         for line_ in lines:
@@ -1953,7 +2066,7 @@ class ServerConnection:
     def _end_reply(self) -> Reply:
         if self._too_big:
             return REPLY_FILE_TOO_BIG
-        return Reply(250, "Ok", "2.0.0")
+        return _REPLY_QUEUED_OK
 
     def _has_bare_lf(self, chunk: bytes) -> bool:
         prev_cr = self._bdat_tail == b"\r"

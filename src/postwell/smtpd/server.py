@@ -35,13 +35,16 @@ from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthAborted, AuthResp
                                   BdatChunkEnd,
                                   ConnectionClosed, Data, DataChunk, DataEnd, Ehlo, Etrn, Helo,
                                   Info, Mail, Rcpt, Rejected, Rset, ServerConfig,
-                                  ServerConnection, StartTls, Vrfy, Warning)
+                                  ServerConnection, StartTls, Vrfy, Warning, Xclient)
+from postwell.smtp.xclient import apply_to_state, restart_state
 
 REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
 REPLY_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 REPLY_NO_SPACE = Reply(452, "Insufficient system storage", "4.3.1")
 REPLY_TLS_UNAVAILABLE = Reply(454, "TLS not available due to local problem", "4.7.0")
 DRAIN_SECONDS = 50.0
+# event_limit_reply(what) -> the SmtpdLimits attribute holding that rate limit.
+_RATE_LIMIT_ATTR = {"mail": "mail_limit", "rcpt": "rcpt_limit", "auth": "auth_limit"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -108,16 +111,56 @@ def _rfc_addr(addr: str) -> str:
 
 
 def _mail_date(when: float) -> str:
+    # Looked up once: a "from package import name" statement runs importlib's
+    # _handle_fromlist() (Python code) every time, and this runs for every message.
+    fn = _mail_date_fn
+    if fn is None:
+        fn = _load_mail_date()
+    return fn(when)
+
+
+_mail_date_fn = None
+
+
+def _load_mail_date():
+    global _mail_date_fn
     try:
         from postwell.cleanup import mail_date
-        return mail_date(when)
     except ImportError:   # pragma: no cover - cleanup always ships with smtpd
-        lt = time.localtime(when)
-        off = lt.tm_gmtoff or 0
-        sign = "+" if off >= 0 else "-"
-        off = abs(off)
-        return (time.strftime("%a, %d %b %Y %H:%M:%S", lt)
-                + f" {sign}{off // 3600:02d}{(off % 3600) // 60:02d} ({lt.tm_zone or 'UTC'})")
+        mail_date = _own_mail_date
+    _mail_date_fn = mail_date
+    return mail_date
+
+
+def _own_mail_date(when: float) -> str:  # pragma: no cover - see _load_mail_date
+    lt = time.localtime(when)
+    off = lt.tm_gmtoff or 0
+    sign = "+" if off >= 0 else "-"
+    off = abs(off)
+    return (time.strftime("%a, %d %b %Y %H:%M:%S", lt)
+            + f" {sign}{off // 3600:02d}{(off % 3600) // 60:02d} ({lt.tm_zone or 'UTC'})")
+
+
+# Names every connection needs: still imported on first use, but once per process
+# instead of an import statement per session (see _mail_date).
+_state_class = None
+_unavailable = None
+
+
+def _session_state_class():
+    global _state_class
+    if _state_class is None:
+        from postwell.policy.state import SessionState
+        _state_class = SessionState
+    return _state_class
+
+
+def _anvil_unavailable():
+    global _unavailable
+    if _unavailable is None:
+        from postwell.anvil import UNAVAILABLE
+        _unavailable = UNAVAILABLE
+    return _unavailable
 
 
 def _load_policy(config, log):
@@ -448,6 +491,7 @@ class SmtpdSession(asyncio.Protocol):
             self.transport.resume_reading()
         conn.auth_mechanisms = srv.offered_mechanisms(False)
         conn.xforward_allowed = srv.xforward_authorized(name, addr)
+        conn.xclient_allowed = srv.xclient_authorized(name, addr)
         if srv.sasl is not None and srv.sasl_exception(name, addr):
             # smtpd_sasl_exceptions_networks: AUTH is not announced (but still works).
             conn.auth_advertised = False
@@ -513,6 +557,14 @@ class SmtpdSession(asyncio.Protocol):
                 continue
             if ev is PAUSED:   # every event is answered before we ask again
                 raise RuntimeError("engine paused without a pending event")
+            if type(ev) is DataChunk:
+                # The content, one or more events per message: written here, without a
+                # coroutine and the walk through _handle()'s event types.  A DISCARDed
+                # transaction's content is read and dropped, never passed to cleanup:
+                # Postfix logs no "message-id=" for it (checked against 3.7).
+                if self.cs is not None and not getattr(self.state, "discard", False):
+                    self.cs.write(ev.data)
+                continue
             if isinstance(ev, ConnectionClosed):
                 self._log_close(ev)
                 if srv.limits is not None:
@@ -538,45 +590,38 @@ class SmtpdSession(asyncio.Protocol):
                     or conn.buffered == 0:
                 self._deadline = now + timeout
             timeout = max(0.0, self._deadline - now)
-        try:
-            if not await self._wait_ready(timeout):
-                raise asyncio.TimeoutError
-            self._buffered_mark = conn.buffered
-        except asyncio.TimeoutError:
-            self.server.log.info(f"timeout after {conn.timeout_where()} from {self.namaddr}")
-            conn.abort("timeout")
-            if not self.transport.is_closing():
-                self.transport.write(Reply(421, f"{self.server.hostname} Error: timeout exceeded",
-                                           "4.4.2").to_bytes())
-            return False
+        ready = self._data_ready
+        if not ready._set:
+            # _Wakeup.wait() bounded by ``timeout``, written out here: this runs for
+            # every read, and each coroutine level costs a frame on the way in and out.
+            # One timer per session, moved on only when it fires, instead of the task
+            # and timer that wait_for() makes for every read.
+            loop = self._loop
+            deadline = self._wait_deadline = loop.time() + timeout
+            timer = self._wait_timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._wait_timer = loop.call_at(deadline, self._on_wait_timer)
+            self._timed_out = False
+            self._waiting = True
+            fut = ready._waiter = loop.create_future()
+            try:
+                await fut
+            finally:
+                self._waiting = False
+                ready._waiter = None
+            if self._timed_out:
+                self.server.log.info(f"timeout after {conn.timeout_where()} from {self.namaddr}")
+                conn.abort("timeout")
+                if not self.transport.is_closing():
+                    self.transport.write(Reply(421, f"{self.server.hostname} Error: timeout "
+                                                    "exceeded", "4.4.2").to_bytes())
+                return False
+        self._buffered_mark = conn.buffered
         if self._lost:
             conn.receive_data(b"")
         return True
-
-    async def _wait_ready(self, timeout: float) -> bool:
-        """``_data_ready.wait()`` bounded by ``timeout``; False when it ran out.
-
-        One timer per session, moved on only when it fires, instead of the task
-        and timer that wait_for() makes for every read."""
-        if self._data_ready._set:
-            return True
-        loop = self._loop
-        self._wait_deadline = loop.time() + timeout
-        timer = self._wait_timer
-        if timer is None or timer.when() > self._wait_deadline:
-            if timer is not None:
-                timer.cancel()
-            self._wait_timer = loop.call_at(self._wait_deadline, self._on_wait_timer)
-        self._timed_out = False
-        self._waiting = True
-        ready = self._data_ready
-        fut = ready._waiter = loop.create_future()   # _Wakeup.wait(), one frame less
-        try:
-            await fut
-        finally:
-            self._waiting = False
-            ready._waiter = None
-        return not self._timed_out
 
     def _on_wait_timer(self) -> None:
         self._wait_timer = None
@@ -786,6 +831,9 @@ class SmtpdSession(asyncio.Protocol):
                 state.sasl_method = auth.method
             conn.send_reply(reply)
             return
+        if isinstance(ev, Xclient):
+            await self._xclient(ev)
+            return
         if isinstance(ev, AuthAborted):
             if self.auth is not None:
                 self.auth.aborted()
@@ -980,6 +1028,30 @@ class SmtpdSession(asyncio.Protocol):
         if early:
             conn.receive_data(early)
         self._data_ready.set()
+
+    async def _xclient(self, ev: Xclient) -> None:
+        """XCLIENT (XCLIENT_README): the overrides become the session's.  A complete
+        command starts the session over at the greeting, with the connection-level
+        checks (and smtpd_authorized_xclient_hosts) for the client it now names."""
+        srv, state, conn = self.server, self.state, self.conn
+        apply_to_state(state, ev.request, srv.sasl is not None)
+        if not ev.complete:
+            conn.send_reply(None)       # the bad attribute's 501; the ones before it stay
+            return
+        self._abort_transaction()
+        restart_state(state, ev.request)
+        if ev.request.renames_client():
+            self.namaddr = conn.client = state.namaddr
+        conn.client_port = state.client_port
+        self.auth = None                # a later AUTH speaks for the client named now
+        conn.xclient_allowed = srv.xclient_authorized(state.client_name, state.client_addr)
+        if srv.sasl is not None:
+            conn.auth_advertised = not srv.sasl_exception(state.client_name, state.client_addr)
+        reply = await self._policy("on_connect", state)
+        if reply is not None:
+            state.where = "XCLIENT"     # Postfix logs "reject: XCLIENT from ..."
+            self._log_reject(reply)
+        conn.send_reply(reply if reply is not None else Reply(220, srv.banner))
 
     def _xforward_log(self) -> str:
         """What Postfix adds to the "client=" line for XFORWARD attributes."""
@@ -1232,6 +1304,7 @@ class SmtpdServer:
         self.sasl = None
         self._sasl_exceptions = False          # built on first use
         self._xforward_hosts = False           # built on first use
+        self._xclient_hosts = False            # built on first use
         self.sasl_local_domain = config.get("smtpd_sasl_local_domain") or None
         self.sasl_authenticated_header = _bool(config, "smtpd_sasl_authenticated_header")
         try:
@@ -1268,6 +1341,18 @@ class SmtpdServer:
                              (config.get("inet_protocols") or "all").lower()
                              .replace(",", " ").split()),
         )
+
+    def xclient_authorized(self, name: str, addr: str) -> bool:
+        """smtpd_authorized_xclient_hosts (empty by default: nobody); asked again after
+        each XCLIENT, for the client it named."""
+        if self._xclient_hosts is False:
+            value = self.config.get("smtpd_authorized_xclient_hosts")
+            self._xclient_hosts = (self._host_list("smtpd_authorized_xclient_hosts", "")
+                                   if value else None)
+        try:
+            return bool(self._xclient_hosts and self._xclient_hosts.match(name, addr))
+        except Exception:   # noqa: BLE001 - a broken list authorizes nobody
+            return False
 
     def xforward_authorized(self, name: str, addr: str) -> bool:
         """smtpd_authorized_xforward_hosts (empty by default: nobody)."""
@@ -1341,7 +1426,7 @@ class SmtpdServer:
 
     # per-session helpers
     def new_state(self, name, addr, port, server_addr, server_port):
-        from postwell.policy.state import SessionState
+        SessionState = _session_state_class()
         return SessionState(client_name=name, client_addr=addr, client_port=port,
                             reverse_client_name=name, server_addr=server_addr,
                             server_port=server_port)
@@ -1420,7 +1505,7 @@ class SmtpdServer:
         cannot answer (an anvil failure never refuses a client by itself)."""
         local = self.too_many_connections(session)
         if self.limits is not None:
-            from postwell.anvil import UNAVAILABLE
+            UNAVAILABLE = _anvil_unavailable()
             try:
                 got = await self.limits.connect(session)
             except Exception as exc:   # noqa: BLE001
@@ -1441,7 +1526,12 @@ class SmtpdServer:
 
     async def event_limit_reply(self, session: SmtpdSession, what: str, *args) -> Reply | None:
         """smtpd_client_{message,recipient,auth,new_tls_session}_rate_limit (anvil)."""
-        if self.limits is None:
+        limits = self.limits
+        if limits is None:
+            return None
+        if getattr(limits, _RATE_LIMIT_ATTR.get(what, ""), None) == 0:
+            # That rate limit is off (the default): anvil is not asked, so neither are
+            # the two coroutines that would find that out at every MAIL and RCPT.
             return None
         try:
             return await getattr(self.limits, what)(session, *args)
