@@ -480,3 +480,121 @@ class ContentProcessor:
     def has_destination(self, resent: bool) -> bool:
         prefix = "resent-" if resent else ""
         return any((prefix + h) in self.headers_seen for h in _DEST_HEADERS)
+
+
+# ---------------------------------------------------------------- header/body checks
+# The actions of header_checks / body_checks (Postfix header_checks(5)), as pinned
+# against Postfix 3.7 side by side (tests/test_parity_dialogues3.py).  Kept out of
+# ContentProcessor's hot path: the caller asks once per logical header and once per
+# body line, and only when a checks table is configured.
+
+_CHECK_DSN = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+# Actions that act and log "<verb>: <class> <text> from ...".
+_LOGGED_ACTIONS = frozenset({"reject", "warn", "info", "hold", "discard", "filter", "redirect",
+                             "bcc", "prepend", "replace", "strip"})
+_SILENT_ACTIONS = frozenset({"ignore", "dunno", "ok"})
+
+
+class CheckVerdict:
+    """One table answer: ``action`` is the lower-case verb ("reject", "hold", ...),
+    ``arg`` the text after it.  For "reject" ``reply`` is (code, dsn, text) as
+    cleanup hands it to smtpd ("550 5.7.1 message content rejected")."""
+
+    __slots__ = ("action", "arg", "reply", "what", "content")
+
+    def __init__(self, action: str, arg: str, what: str, content: str):
+        self.action = action
+        self.arg = arg
+        self.what = what
+        self.content = content
+        self.reply: tuple[int, str, str] | None = None
+        if action == "reject":
+            text = arg or "message content rejected"
+            m = _CHECK_DSN.match(text)
+            # The enhanced code's class follows the 5XX reply (RFC 3463).
+            dsn, text = (("5." + m.group(2) + "." + m.group(3)), text[m.end():]) if m \
+                else ("5.7.1", text)
+            self.reply = (550, dsn, text or "message content rejected")
+
+    def log_text(self, queue_id: str, client: str, sender: str, recipient: str | None,
+                 proto: str | None, helo: str | None) -> str:
+        """cleanup's line for this action: "QID: hold: header Subject: x from
+        unknown[192.0.2.1]; from=<a@b> to=<c@d> proto=ESMTP helo=<h>: text"."""
+        verb = "warning" if self.action == "warn" else self.action
+        line = f"{queue_id}: {verb}: {self.what} {self.content[:200]} from {client};"
+        line += f" from=<{sender}>"
+        if recipient is not None:
+            line += f" to=<{recipient}>"
+        if proto:
+            line += f" proto={proto}"
+        if helo:
+            line += f" helo=<{helo}>"
+        extra = f"{self.reply[1]} {self.reply[2]}" if self.reply else self.arg
+        return line + (f": {extra}" if extra else "")
+
+
+class ContentChecks:
+    """header_checks / body_checks decisions.  ``header_lookup`` / ``body_lookup``
+    take the logical header (folded lines joined by newlines) or one body line and
+    return the table's answer (regexp/pcre substitutions done) or None.  ``warn``
+    gets warnings without a queue id ("unknown command in header_checks map: X",
+    Postfix logs the header as untouched then)."""
+
+    def __init__(self, header_lookup: Callable[[str], str | None] | None = None,
+                 body_lookup: Callable[[str], str | None] | None = None,
+                 warn: Callable[[str], None] | None = None,
+                 header_map: str = "header_checks", body_map: str = "body_checks"):
+        self.header_lookup = header_lookup
+        self.body_lookup = body_lookup
+        self.warn = warn or (lambda text: None)
+        self.header_map = header_map
+        self.body_map = body_map
+
+    def _decide(self, answer: str | None, what: str, content: str,
+                map_name: str) -> CheckVerdict | None:
+        if answer is None:
+            return None
+        verb, _, arg = answer.strip().partition(" ")
+        action = verb.lower()
+        arg = arg.strip()
+        if action in _SILENT_ACTIONS:
+            return CheckVerdict(action, arg, what, content) if action == "ignore" else None
+        if action not in _LOGGED_ACTIONS:
+            # Postfix 3.7 has no DEFER and no "4NN/5NN text" here: both are unknown.
+            self.warn(f"unknown command in {map_name} map: {answer.strip()}")
+            return None
+        return CheckVerdict(action, arg, what, content)
+
+    def header(self, text: str, what: str = "header") -> CheckVerdict | None:
+        if self.header_lookup is None:
+            return None
+        return self._decide(self.header_lookup(text), what, text, self.header_map)
+
+    def body(self, line: str) -> CheckVerdict | None:
+        if self.body_lookup is None:
+            return None
+        return self._decide(self.body_lookup(line), "body", line, self.body_map)
+
+    @classmethod
+    def from_config(cls, config, warn: Callable[[str], None] | None = None,
+                    open_table=None) -> "ContentChecks | None":
+        """The checks main.cf asks for (header_checks, body_checks: each a list of
+        tables, the first answer wins), or None when neither is set, so the caller
+        skips the per-line work entirely."""
+        if open_table is None:
+            from postwell.tables import open_table
+        lookups = []
+        for name in ("header_checks", "body_checks"):
+            specs = config.get_list(name)
+            tables = [open_table(spec, config, warn) for spec in specs]
+
+            def lookup(key: str, tables=tables) -> str | None:
+                for table in tables:
+                    answer = table.lookup(key)
+                    if answer is not None:
+                        return answer
+                return None
+            lookups.append(lookup if tables else None)
+        if lookups == [None, None]:
+            return None
+        return cls(lookups[0], lookups[1], warn)

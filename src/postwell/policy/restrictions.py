@@ -262,6 +262,9 @@ class Engine:
             return DUNNO
         self.last_reply = reply
         chk.last_reply = reply
+        errors = getattr(state, "error_classes", None)   # stand-in states lack it
+        if errors is not None:
+            errors.add(error_class)
         return REJECT
 
     def server_error(self, state: SessionState):
@@ -499,9 +502,10 @@ class Engine:
         state = ctx.state
         rn, rc = ctx.reply_name, ctx.reply_class
         if state.sender is None:
-            # Postfix: with smtpd_delay_reject = no, client/helo actions are skipped.
+            # Postfix: with smtpd_delay_reject = no, client/helo actions are skipped; its
+            # warning names both classes by their reply names, whichever one it was.
             self.log.warning(f"access table {table}: with smtpd_delay_reject=no, action {action} "
-                             "is always skipped in client or helo restrictions")
+                             "is always skipped in Client host or Helo command restrictions")
             return DUNNO
         if action == "FILTER":
             if not text:
@@ -779,16 +783,22 @@ async def _permit_sasl_authenticated(e: Engine, c: _Ctx, args, name):
 
 
 async def _reject_unknown_client(e: Engine, c: _Ctx, args, name):
-    # Name lookup status is not tracked yet: "unknown" is a permanent failure.
+    # Postfix answers 450 whatever unknown_client_reject_code says when the name
+    # lookup failed only temporarily (XCLIENT NAME=[TEMPUNAVAIL] says so; our own
+    # lookups do not track the status yet: "unknown" counts as permanent).
     if c.state.client_name == "unknown":
-        return e.reject(c.state, _ERR_POLICY, e._int("unknown_client_reject_code", 450), "4.7.25",
+        code = (450 if getattr(c.state, "client_name_status", "ok") == "temp"
+                else e._int("unknown_client_reject_code", 450))
+        return e.reject(c.state, _ERR_POLICY, code, "4.7.25",
                         f"Client host rejected: cannot find your hostname, [{c.state.client_addr}]")
     return DUNNO
 
 
 async def _reject_unknown_reverse(e: Engine, c: _Ctx, args, name):
     if c.state.reverse_client_name == "unknown":
-        return e.reject(c.state, _ERR_POLICY, e._int("unknown_client_reject_code", 450), "4.7.1",
+        code = (450 if getattr(c.state, "reverse_client_name_status", "ok") == "temp"
+                else e._int("unknown_client_reject_code", 450))
+        return e.reject(c.state, _ERR_POLICY, code, "4.7.1",
                         f"Client host rejected: cannot find your reverse hostname, [{c.state.client_addr}]")
     return DUNNO
 

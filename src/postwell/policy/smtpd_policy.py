@@ -143,8 +143,10 @@ class SmtpdPolicy:
         chk.defer_if_reject.active = False
 
     # -- public API ------------------------------------------------------------
-    async def on_connect(self, state: SessionState) -> Reply | None:
-        state.where = "CONNECT"
+    async def on_connect(self, state: SessionState, where: str = "CONNECT") -> Reply | None:
+        # After XCLIENT the client restrictions run again, and Postfix's warn/hold/...
+        # log lines then say "XCLIENT from" (the command being served).
+        state.where = where
         if self.delay_reject:
             return None
         return self._result(state, await self._check_client(state))

@@ -77,6 +77,10 @@ class SessionState:
     redirect: str | None = None
     bcc: list[str] = field(default_factory=list)
     prepend: list[str] = field(default_factory=list)
+    # Postfix's error_mask: classes ("software", "resource", "policy", ...) of the
+    # rejects sent this session, for smtpd's notify_classes notice to postmaster.
+    # Session-wide; the smtpd clears it once it has sent the notice.
+    error_classes: set[str] = field(default_factory=set)
     check: CheckState = field(default_factory=CheckState)
 
     @property
