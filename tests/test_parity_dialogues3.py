@@ -613,15 +613,6 @@ _NOTICE = ("a 451 4.3.5 Server configuration error is a 'software' class error: 
            "sends no such notice.  Fix: smtpd/server.py at session end, when "
            "SessionState.error_classes & notify_classes, post the transcript with "
            "dsn.submit.post_notice (Subject 'Postfix SMTP server: errors from <namaddr>')")
-_CONTENT = ("postwell's cleanup does not apply header_checks/body_checks yet: the actions "
-            "and their exact log lines are in cleanup/headers.py ContentChecks (pinned below); "
-            "cleanup/service.py must build it once and act on each verdict")
-_EOD_ORDER = ("Postfix's smtpd holds a small message in its buffer to cleanup until the "
-              "end-of-data restrictions have run, so its 'QID: discard/hold: END-OF-MESSAGE' "
-              "(or reject) line comes before cleanup's 'message-id=' line; postwell's cleanup "
-              "logs the "
-              "message-id while the data streams in.  Fix: smtpd/server.py (end of DATA) or "
-              "cleanup/service.py: log message-id= once the smtpd has finished the message")
 _EOD_KEEP = ("after an smtpd_end_of_data_restrictions reject Postfix 3.7 keeps the transaction "
              "(next MAIL: '503 5.5.1 Error: nested MAIL command', until RSET); postwell resets "
              "it.  Fix: smtp/server.py / smtpd/server.py end-of-data path: no transaction reset "
@@ -634,11 +625,8 @@ XFAIL: dict[str, str] = {
         "(the parameter exists in policy/smtpd_policy.py)"),
     "notice_software_error": _NOTICE, "eod_reject_keeps_transaction": _EOD_KEEP,
     "policy_521": _HANGUP,
-    "eod_discard": _EOD_ORDER, "eod_hold_prepend": _EOD_ORDER, "eod_reject": _EOD_ORDER,
-    "eod_defer": _EOD_ORDER, "eod_defer_if_permit": _EOD_ORDER,
     "rcpt_421": _HANGUP, "rcpt_numeric_odd": _HANGUP, "nodelay_client_421": _HANGUP,
     "delay_client_421": _HANGUP,
-    **{n: _CONTENT for n in DIALOGUES if n.startswith(("hc_", "bc_"))},
 }
 
 

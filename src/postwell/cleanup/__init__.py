@@ -25,6 +25,15 @@ What it does to a message, each point checked against Postfix 3.7:
   (554 5.4.0), message_size_limit over the whole queue file as stored (552 5.3.4
   "Error: message file too big"), virtual_alias_maps expansion (451 4.6.0 on
   limits/loops, 451 4.3.0 on table failure), Postfix's duplicate filter;
+* header_checks (primary headers, the receiving server's Received: included),
+  mime_header_checks (Content-*/MIME-Version anywhere, multipart part headers),
+  nested_header_checks (message/rfc822 part headers) and body_checks (body lines
+  in line_length_limit records, the first body_checks_size_limit bytes of each
+  part) for sessions opened with ``content_checks=True`` (smtpd, pickup), unless
+  receive_override_options has no_header_body_checks; REJECT/DISCARD stop the
+  reading of the message (headers.py ``MessageChecks``, ``BodyScanner``);
+* cleanup's log lines of a message are held while it is smaller than Postfix's
+  smtpd stream buffer (4096 bytes), so they follow the smtpd's end-of-data lines;
 * Postfix's message size (its queue file's content records, recsize.py) is
   stored as the envelope attribute ``postwell_size``: the qmgr's ``size=`` and
   the size column of ``postqueue -p`` show it.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from ..tables.base import TableError
 from .recsize import RecordSize
 
 # RFC 5322 2.2: field name = printable US-ASCII except colon; Postfix's
@@ -72,13 +73,16 @@ class ContentProcessor:
     _rec_room = 0               # bytes left in the current input record (held header)
     _rec_take = False           # that record goes into the held header
     _body_needs_lf = False
+    _checks = None              # per-message header/body checks (MessageChecks), when configured
+    _scanner = None             # the body's line scanner for body_checks / MIME part headers
 
     def __init__(self, sink: Callable[[bytes], None], *, header_size_limit: int = 102400,
                  hopcount_limit: int = 50, line_length_limit: int = 2048,
                  on_header_end: Callable[["ContentProcessor"], list[bytes]] | None = None,
                  on_message_id: Callable[[str, bool], None] | None = None,
                  header_rewriter: Callable[[bytes, int], bytes | None] | None = None,
-                 rewrite_names: frozenset[str] = frozenset()):
+                 rewrite_names: frozenset[str] = frozenset(),
+                 checks: "MessageChecks | None" = None):
         self.sink = sink
         self.header_size_limit = max(header_size_limit, 1)
         self.line_length_limit = max(line_length_limit, 1)
@@ -94,6 +98,10 @@ class ContentProcessor:
         self._hout = bytearray()        # header output not yet passed on
         # Postfix's size of what went to the sink (its queue file's content records).
         self.records = RecordSize(self.line_length_limit)
+        if checks is not None:
+            # Decided once per message: with checks every header is held whole (they
+            # see the logical header); without them the hot path stays as it was.
+            self._checks = checks
 
     # -- line-end normalisation ------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -118,7 +126,7 @@ class ContentProcessor:
         if not self.in_header or self._line or self._passing or self._pending_cr \
                 or not data.startswith(b"Received:") or b"\r" in data \
                 or not data.endswith(b"\n") or len(data) > self.header_size_limit \
-                or "received" in self.rewrite_names:
+                or "received" in self.rewrite_names or self._checks is not None:
             self.feed(data)
             return
         self._finish_header()
@@ -148,8 +156,11 @@ class ContentProcessor:
             if self.in_header:
                 self._end_of_header(None)
         # The body ends with LF: delivery agents and the SMTP client rely on whole lines.
-        elif self._body_needs_lf:
-            self._body(b"\n")
+        elif self._scanner is None:
+            if self._body_needs_lf:
+                self._body(b"\n")
+        if self._scanner is not None:
+            self._scanner.close()
 
     def _body(self, data: bytes) -> None:
         if data:
@@ -251,6 +262,10 @@ class ContentProcessor:
             self.headers_seen.add(self._cur_name)
             self._capture = None
             self._suppress = False
+            if self._checks is not None:
+                # header_checks see it as the header it became (checked against 3.7).
+                self._hbuf = bytearray()
+                self._hname_len = 14
             self._emit_header_bytes(line + (b"\n" if complete else b""))
             self._passing = not complete
             return
@@ -279,7 +294,8 @@ class ContentProcessor:
             self._capture = bytearray() if name in ("message-id", "resent-message-id") else None
             # Postfix removes these for every client (checked against 3.7).
             self._suppress = name in _DROPPED_HEADERS
-            if self.header_rewriter is not None and name in self.rewrite_names and not self._suppress:
+            if (self.header_rewriter is not None and name in self.rewrite_names
+                    and not self._suppress) or self._checks is not None:
                 self._hbuf = bytearray()
                 self._hname_len = m.end(1)
         if complete:
@@ -425,10 +441,18 @@ class ContentProcessor:
             if self._hbuf is not None:
                 raw = bytes(self._hbuf)
                 self._hbuf = None
-                new = self.header_rewriter(raw, self._hname_len) if raw else None
+                rewrite = True
+                if self._checks is not None:
+                    raw = self._check_header(raw)
+                    rewrite = (raw is not None and self.header_rewriter is not None
+                               and self._cur_name in self.rewrite_names and not self._suppress)
+                new = self.header_rewriter(raw, self._hname_len) if raw and rewrite else None
                 text = raw if new is None else new
                 self._hcut, self._held = False, None
-                if 0 < len(text) <= self.header_size_limit and b"\n" not in text:
+                if text is None:
+                    # Dropped by IGNORE/STRIP: nothing of it is written or logged.
+                    self._hstarted, self._capture = False, None
+                elif 0 < len(text) <= self.header_size_limit and b"\n" not in text:
                     # One line within the limit is kept whole (as _cut_out would keep it).
                     self._hlen, self._hstarted, self._new_line, self._lsent = len(text), True, False, True
                     self._out_header(text)
@@ -453,12 +477,37 @@ class ContentProcessor:
         text = value.decode("utf-8", "surrogateescape").lstrip(" \t").rstrip("\n")
         self.on_message_id(text, bool(name and name.startswith("resent-")))
 
+    def _check_header(self, raw: bytes) -> bytes | None:
+        """header_checks on one held logical header: the text to write (the same
+        object when unchanged), or None when it is dropped.  A PREPEND'ed header goes
+        out at once, before this one; a REPLACE'd header is treated under its new name."""
+        result = self._checks.header(raw, self._header_out)
+        if result is raw or result is None:
+            return result
+        m = _HEADER_RE.match(result)
+        name = m.group(1).decode("ascii").lower() if m else ""
+        self._cur_name = name
+        self.headers_seen.add(name)
+        self._hname_len = m.end(1) if m else 0
+        self._suppress = name in _DROPPED_HEADERS
+        self._capture = bytearray() if name in ("message-id", "resent-message-id") else None
+        if name.startswith("resent-"):
+            self.resent = True
+        return result
+
     def _end_of_header(self, line: bytes | None, partial: bytes | None = None) -> None:
         self._finish_header()
         self.in_header = False
         if self.on_header_end:
             for extra in self.on_header_end(self):
                 self._header_out(extra + b"\n")
+        if self._checks is not None:
+            # body_checks and the MIME part headers see the body line by line.
+            scanner = self._checks.body_scanner(self._body, self.line_length_limit,
+                                                self.header_size_limit)
+            if scanner is not None:
+                self._scanner = scanner
+                self._body = scanner.feed
         first = line if line is not None else partial
         if first:
             # Postfix separates the header block from a body that started without
@@ -488,6 +537,18 @@ class ContentProcessor:
 # ContentProcessor's hot path: the caller asks once per logical header and once per
 # body line, and only when a checks table is configured.
 
+# Postfix's header classes: which list checks a header.
+PRIMARY, MULTIPART, NESTED = 0, 1, 2
+# Headers Postfix flags HDR_OPT_MIME: mime_header_checks see them wherever they are.
+_MIME_HEADERS = frozenset({"content-description", "content-disposition", "content-id",
+                           "content-transfer-encoding", "content-type", "mime-version"})
+MIME_NESTING_LIMIT = 100   # Postfix's mime_nesting_limit default
+
+
+class ContentStop(Exception):
+    """A REJECT or DISCARD: Postfix's cleanup reads no further content records."""
+
+
 _CHECK_DSN = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 # Actions that act and log "<verb>: <class> <text> from ...".
 _LOGGED_ACTIONS = frozenset({"reject", "warn", "info", "hold", "discard", "filter", "redirect",
@@ -511,10 +572,15 @@ class CheckVerdict:
         if action == "reject":
             text = arg or "message content rejected"
             m = _CHECK_DSN.match(text)
-            # The enhanced code's class follows the 5XX reply (RFC 3463).
-            dsn, text = (("5." + m.group(2) + "." + m.group(3)), text[m.end():]) if m \
-                else ("5.7.1", text)
-            self.reply = (550, dsn, text or "message content rejected")
+            if m is None:
+                dsn = "5.7.1"
+            elif m.group(1) != "5":
+                # "REJECT 4.x.x text" defers: Postfix's cleanup answers 451 (RFC 3463 class 4).
+                dsn, text = "4." + m.group(2) + "." + m.group(3), text[m.end():]
+            else:
+                # The enhanced code's class follows the 5XX reply (RFC 3463).
+                dsn, text = "5." + m.group(2) + "." + m.group(3), text[m.end():]
+            self.reply = (451 if dsn[0] == "4" else 550, dsn, text or "message content rejected")
 
     def log_text(self, queue_id: str, client: str, sender: str, recipient: str | None,
                  proto: str | None, helo: str | None) -> str:
@@ -543,15 +609,28 @@ class ContentChecks:
     def __init__(self, header_lookup: Callable[[str], str | None] | None = None,
                  body_lookup: Callable[[str], str | None] | None = None,
                  warn: Callable[[str], None] | None = None,
-                 header_map: str = "header_checks", body_map: str = "body_checks"):
+                 header_map: str = "header_checks", body_map: str = "body_checks",
+                 mime_lookup: Callable[[str], str | None] | None = None,
+                 nested_lookup: Callable[[str], str | None] | None = None,
+                 body_size_limit: int = 51200, mime: bool = True,
+                 nesting_limit: int = MIME_NESTING_LIMIT):
         self.header_lookup = header_lookup
         self.body_lookup = body_lookup
+        self.mime_lookup = mime_lookup
+        self.nested_lookup = nested_lookup
         self.warn = warn or (lambda text: None)
         self.header_map = header_map
         self.body_map = body_map
+        self.body_size_limit = body_size_limit
+        self.mime = mime     # disable_mime_input_processing = no
+        self.nesting_limit = nesting_limit
+        # lookup and map name per header class (MIME_HDR_PRIMARY/MULTIPART/NESTED)
+        self.classes = {PRIMARY: (header_lookup, header_map),
+                        MULTIPART: (mime_lookup, "mime_header_checks"),
+                        NESTED: (nested_lookup, "nested_header_checks")}
 
     def _decide(self, answer: str | None, what: str, content: str,
-                map_name: str) -> CheckVerdict | None:
+                map_name: str, warn: Callable[[str], None] | None = None) -> CheckVerdict | None:
         if answer is None:
             return None
         verb, _, arg = answer.strip().partition(" ")
@@ -559,9 +638,13 @@ class ContentChecks:
         arg = arg.strip()
         if action in _SILENT_ACTIONS:
             return CheckVerdict(action, arg, what, content) if action == "ignore" else None
+        warn = warn or self.warn
+        if action == "reject" and arg[:2] == "2.":
+            # Postfix turns a success code into a deferral, with this warning.
+            warn(f"bad DSN action in {arg} -- need 4.x.x or 5.x.x")
         if action not in _LOGGED_ACTIONS:
             # Postfix 3.7 has no DEFER and no "4NN/5NN text" here: both are unknown.
-            self.warn(f"unknown command in {map_name} map: {answer.strip()}")
+            warn(f"unknown command in {map_name} map: {answer.strip()}")
             return None
         return CheckVerdict(action, arg, what, content)
 
@@ -570,31 +653,424 @@ class ContentChecks:
             return None
         return self._decide(self.header_lookup(text), what, text, self.header_map)
 
-    def body(self, line: str) -> CheckVerdict | None:
+    def body(self, line: str, warn: Callable[[str], None] | None = None) -> CheckVerdict | None:
         if self.body_lookup is None:
             return None
-        return self._decide(self.body_lookup(line), "body", line, self.body_map)
+        return self._decide(self.body_lookup(line), "body", line, self.body_map, warn)
+
+    def header_of_class(self, text: str, header_class: int,
+                        warn: Callable[[str], None] | None = None) -> CheckVerdict | None:
+        lookup, map_name = self.classes[header_class]
+        if lookup is None:
+            return None
+        return self._decide(lookup(text), "header", text, map_name, warn)
 
     @classmethod
     def from_config(cls, config, warn: Callable[[str], None] | None = None,
                     open_table=None) -> "ContentChecks | None":
-        """The checks main.cf asks for (header_checks, body_checks: each a list of
-        tables, the first answer wins), or None when neither is set, so the caller
-        skips the per-line work entirely."""
+        """The checks main.cf asks for (header_checks, mime_header_checks and
+        nested_header_checks, both $header_checks by default, body_checks: each a
+        list of tables, the first answer wins), or None when none is set, so the
+        caller skips the per-line work entirely."""
         if open_table is None:
             from postwell.tables import open_table
+        opened: dict[str, object] = {}
         lookups = []
-        for name in ("header_checks", "body_checks"):
+        for name in ("header_checks", "body_checks", "mime_header_checks",
+                     "nested_header_checks"):
             specs = config.get_list(name)
-            tables = [open_table(spec, config, warn) for spec in specs]
+            tables = []
+            for spec in specs:
+                # One instance per table, however many of the four lists name it.
+                if spec not in opened:
+                    opened[spec] = open_table(spec, config, warn)
+                tables.append(opened[spec])
 
             def lookup(key: str, tables=tables) -> str | None:
+                # Postfix's maps_find() answers nothing for an empty key (an empty line).
+                if not key:
+                    return None
                 for table in tables:
                     answer = table.lookup(key)
                     if answer is not None:
                         return answer
                 return None
             lookups.append(lookup if tables else None)
-        if lookups == [None, None]:
+        if lookups == [None, None, None, None]:
             return None
-        return cls(lookups[0], lookups[1], warn)
+        limit = config.get("body_checks_size_limit") if config.is_set("body_checks_size_limit") \
+            else "51200"
+        return cls(lookups[0], lookups[1], warn, mime_lookup=lookups[2],
+                   nested_lookup=lookups[3], body_size_limit=int(limit or 0),
+                   mime=not config.get_bool("disable_mime_input_processing")
+                   if config.is_set("disable_mime_input_processing") else True,
+                   nesting_limit=config.get_int("mime_nesting_limit")
+                   if config.is_set("mime_nesting_limit") else MIME_NESTING_LIMIT)
+
+
+_PARAM_RE = re.compile(rb'[;\s]boundary\s*=\s*(?:"([^"]*)"|([^\s;]+))', re.I)
+
+
+def _content_type(raw: bytes) -> tuple[bytes, bytes, bytes | None]:
+    """(type, subtype, boundary) of a Content-Type header (RFC 2045 5.1), lower case."""
+    value = raw.split(b":", 1)[1] if b":" in raw else b""
+    value = value.replace(b"\n", b" ")
+    main = value.split(b";", 1)[0].strip().lower()
+    typ, _, sub = main.partition(b"/")
+    m = _PARAM_RE.search(value)
+    boundary = None
+    if m:
+        boundary = m.group(1) if m.group(1) is not None else m.group(2)
+    return typ.strip(), sub.strip(), boundary or None
+
+
+class MessageChecks:
+    """header_checks / body_checks for one message (Postfix cleanup_act()): asked
+    by :class:`ContentProcessor` once per logical header and, through
+    :meth:`body_scanner`, once per body line.  It logs each action and keeps what
+    the message's end must do (reject, discard, hold, filter, redirect, bcc)."""
+
+    def __init__(self, checks: ContentChecks, log_line: Callable[["CheckVerdict"], None],
+                 warn: Callable[[str], None]):
+        self.checks = checks
+        self.log_line = log_line
+        self.warn = warn
+        self.reject: CheckVerdict | None = None
+        self.discard = False
+        self.hold = False
+        self.filter: str | None = None
+        self.redirect: str | None = None
+        self.bcc: list[str] = []
+        self.filtering = True   # REDIRECT (and REJECT/DISCARD) turn further checks off
+        self.lookup_failed = False
+        self.queue_id = ""
+        self._ctype: tuple[bytes, bytes, bytes | None] = (b"text", b"plain", None)
+
+    # -- decisions ------------------------------------------------------------
+    def header(self, raw: bytes, out_header: Callable[[bytes], None],
+               header_class: int = PRIMARY) -> bytes | None:
+        """One primary header: the text to keep (``raw`` itself when unchanged) or
+        None when it is dropped.  ``out_header`` writes a PREPEND'ed header."""
+        m = _HEADER_RE.match(raw)
+        name = m.group(1).decode("ascii", "replace").lower() if m else ""
+        if name == "content-type" and header_class == PRIMARY:
+            # The MIME structure follows the header as received, whatever the checks
+            # do to it (Postfix's mime_state parses it before cleanup sees it).
+            self._ctype = _content_type(raw)
+        return self._header(raw, name, out_header, header_class)
+
+    def _header(self, raw: bytes, name: str, out: Callable[[bytes], None],
+                header_class: int) -> bytes | None:
+        if not self.filtering:
+            return raw
+        if name in _MIME_HEADERS:
+            header_class = MULTIPART
+        text = raw.decode("utf-8", "surrogateescape")
+        map_name = self.checks.classes[header_class][1]
+        try:
+            verdict = self.checks.header_of_class(text, header_class, self.warn)
+        except TableError:
+            self._failed(map_name)
+        if verdict is None:
+            return raw
+        return self._act(verdict, raw, out, map_name)
+
+    def _failed(self, map_name: str) -> None:
+        # A table that cannot answer: defer the message, never let it through unchecked.
+        self.lookup_failed = True
+        self.filtering = False
+        self.warn(f"{self.queue_id}: {map_name} map lookup problem -- "
+                  "message not accepted, try again later")
+        raise ContentStop()
+
+    def body_line(self, line: bytes, out: Callable[[bytes], None]) -> bytes | None:
+        try:
+            verdict = self.checks.body(line.decode("utf-8", "surrogateescape"), self.warn)
+        except TableError:
+            self._failed(self.checks.body_map)
+        if verdict is None:
+            return line
+        return self._act(verdict, line, out, None)
+
+    def _act(self, v: CheckVerdict, raw: bytes, out: Callable[[bytes], None],
+             header_map: str | None) -> bytes | None:
+        """Postfix's cleanup_act(): ``header_map`` names the list for a header,
+        None for a body line."""
+        action, arg = v.action, v.arg
+        map_name = header_map or self.checks.body_map
+        if action == "reject":
+            self.reject = v
+            self.filtering = False
+            self.log_line(v)
+            raise ContentStop()
+        if action in ("warn", "info"):
+            self.log_line(v)
+        elif action == "filter":
+            if not arg:
+                self.warn(f"missing FILTER command argument in {map_name} map")
+            elif ":" not in arg:
+                self.warn(f"bad FILTER command {arg} in {map_name} -- need transport:destination")
+            else:
+                self.filter = arg
+                self.log_line(v)
+        elif action == "discard":
+            self.log_line(v)
+            self.discard = True
+            self.filtering = False
+            raise ContentStop()
+        elif action == "hold":
+            if not self.hold:
+                self.log_line(v)
+                self.hold = True
+        elif action == "prepend":
+            text = arg.encode("utf-8", "surrogateescape")
+            if not arg:
+                self.warn(f"PREPEND action without text in {map_name} map")
+            elif header_map and not _HEADER_RE.match(text):
+                self.warn(f'bad PREPEND header text "{arg}" in {map_name} map -- '
+                          f'need "headername: headervalue"')
+            else:
+                self.log_line(v)
+                out(text + b"\n")
+        elif action == "replace":
+            text = arg.encode("utf-8", "surrogateescape")
+            if not arg:
+                self.warn(f"REPLACE action without text in {map_name} map")
+            elif header_map and not _HEADER_RE.match(text):
+                self.warn(f'bad REPLACE header text "{arg}" in {map_name} map -- '
+                          f'need "headername: headervalue"')
+            else:
+                self.log_line(v)
+                return text
+        elif action == "redirect":
+            if "@" not in arg:
+                self.warn(f'bad REDIRECT target "{arg}" in {map_name} map -- need user@domain')
+            else:
+                self.redirect = arg
+                self.log_line(v)
+                self.filtering = False
+        elif action == "bcc":
+            if "@" not in arg:
+                self.warn(f'bad BCC address "{arg}" in {map_name} map -- need user@domain')
+            else:
+                self.bcc.append(arg)
+                self.log_line(v)
+        elif action == "strip":
+            self.log_line(v)
+            return None
+        elif action == "ignore":
+            return None
+        return raw
+
+    # -- the body -------------------------------------------------------------
+    def body_scanner(self, out: Callable[[bytes], None], line_limit: int,
+                     header_limit: int) -> "BodyScanner | None":
+        """The body's line scanner, or None when no check can see the body: no
+        body_checks and no MIME structure (multipart or message/rfc822) to parse."""
+        if not self.filtering:
+            return None
+        checks = self.checks
+        typ, sub, boundary = self._ctype
+        structured = checks.mime and (checks.mime_lookup is not None
+                                      or checks.nested_lookup is not None) and bool(
+            (typ == b"multipart" and boundary) or (typ == b"message" and sub == b"rfc822"))
+        if checks.body_lookup is None and not structured:
+            return None
+        return BodyScanner(self, out, line_limit, header_limit, self._ctype)
+
+
+class BodyScanner:
+    """The message body as Postfix's mime_state sees it: body lines (in records of
+    at most line_length_limit bytes) go to body_checks while their part's body is
+    within body_checks_size_limit; the header blocks of multipart parts go to
+    mime_header_checks and those of message/rfc822 parts to nested_header_checks
+    (RFC 2046 5.1, 5.2.1).  With disable_mime_input_processing all of it is body.
+    Memory: one record and one part header (header_size_limit) at most, plus the
+    boundary stack (mime_nesting_limit levels)."""
+
+    def __init__(self, run: MessageChecks, out: Callable[[bytes], None], line_limit: int,
+                 header_limit: int, ctype: tuple[bytes, bytes, bytes | None]):
+        self.run = run
+        self.out = out
+        self.line_limit = max(line_limit, 1)
+        self.header_limit = header_limit
+        self.mime = run.checks.mime
+        self.size_limit = run.checks.body_size_limit
+        self.nesting_limit = run.checks.nesting_limit
+        self._line = bytearray()      # the current record, not yet ended
+        self._cont = False            # the current record continues a longer line
+        self._buf = bytearray()       # output gathered per feed() call
+        self.offset = 0               # bytes of the current part's body seen
+        self.boundaries: list[bytes] = []
+        self._digest: list[bool] = [False]   # per level: multipart/digest
+        self.in_headers = False       # in a part's header block
+        self.header_class = MULTIPART
+        self._hdr: bytearray | None = None    # the logical part header being read
+        self._block_ctype: tuple | None = None
+        self._enter(ctype)
+
+    def _enter(self, ctype) -> None:
+        """A header block ended; ``ctype`` is its Content-Type: what follows."""
+        self.offset = 0
+        if not self.mime:
+            return
+        typ, sub, boundary = ctype
+        if len(self.boundaries) >= self.nesting_limit:
+            return
+        if typ == b"multipart" and boundary:
+            self.boundaries.append(boundary)
+            self._digest.append(sub == b"digest")
+        elif typ == b"message" and sub == b"rfc822":
+            self.in_headers = True
+            self.header_class = NESTED
+            self._block_ctype = None
+
+    # -- input ------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        pos, n = 0, len(data)
+        line = self._line
+        limit = self.line_limit
+        try:
+            while pos < n:
+                nl = data.find(b"\n", pos)
+                end = n if nl < 0 else nl
+                room = limit - len(line)
+                if end - pos > room:
+                    # A record full before its line ends (Postfix's REC_TYPE_CONT).
+                    line += data[pos:pos + room]
+                    pos += room
+                    rec = bytes(line)
+                    line.clear()
+                    self._record(rec, False)
+                    continue
+                line += data[pos:end]
+                if nl < 0:
+                    break
+                pos = nl + 1
+                rec = bytes(line)
+                line.clear()
+                self._record(rec, True)
+        finally:
+            self._flush()
+
+    def close(self) -> None:
+        """End of the message: the last line (given an LF), then any part header
+        still open."""
+        try:
+            if self._line or self._cont:
+                rec = bytes(self._line)
+                self._line.clear()
+                self._record(rec, True)
+            self._end_part_header()
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            self.out(data)
+
+    def _emit(self, data: bytes) -> None:
+        self._buf += data
+
+    # -- records ------------------------------------------------------------------
+    def _record(self, rec: bytes, ends: bool) -> None:
+        starts = not self._cont
+        self._cont = not ends
+        if self.in_headers:
+            if self._header_record(rec, ends, starts):
+                return
+        elif starts and self.boundaries and rec[:2] == b"--":
+            self._boundary(rec)
+        self._body_record(rec, ends)
+
+    def _boundary(self, rec: bytes) -> None:
+        # RFC 2046 5.1.1: "--" boundary starts a part, "--" boundary "--" closes the
+        # multipart; an outer boundary also closes the levels inside it.
+        for level in range(len(self.boundaries) - 1, -1, -1):
+            b = self.boundaries[level]
+            if rec.startswith(b, 2):
+                del self.boundaries[level + 1:]
+                del self._digest[level + 2:]
+                self.offset = 0
+                if rec[2 + len(b):4 + len(b)] == b"--":
+                    self.boundaries.pop()
+                    self._digest.pop()
+                else:
+                    self.in_headers = True
+                    self.header_class = MULTIPART
+                    self._block_ctype = None
+                return
+
+    def _body_record(self, rec: bytes, ends: bool) -> None:
+        tail = b"\n" if ends else b""
+        run = self.run
+        checked = rec and run.filtering and run.checks.body_lookup is not None and \
+            (self.size_limit <= 0 or self.offset < self.size_limit)
+        self.offset += len(rec) + 1
+        if checked:
+            result = run.body_line(rec, self._emit)
+            if result is None:
+                return
+            rec = result
+        self._emit(rec + tail)
+
+    # -- part header blocks ----------------------------------------------------------
+    def _header_record(self, rec: bytes, ends: bool, starts: bool) -> bool:
+        """A record in a part's header block; False when it is body after all."""
+        if not starts:
+            if self._hdr is not None:
+                self._hdr_add(rec, newline=False)
+                return True
+        elif rec[:1] in (b" ", b"\t") and self._hdr is not None:
+            self._hdr_add(rec, newline=True)
+            return True
+        self._end_part_header()
+        if starts and rec[:1] not in (b" ", b"\t") and _HEADER_RE.match(rec):
+            self._hdr = bytearray()
+            self._hdr_add(rec, newline=False)
+            return True
+        # An empty line (or a line that is no header) ends the block.
+        self._end_block()
+        if not rec and ends:
+            # The empty line counts in the part's body offset, as the primary one does
+            # (body_checks_size_limit, checked against 3.7).
+            self.offset += 1
+            self._emit(b"\n")
+            return True
+        if starts and self.boundaries and rec[:2] == b"--":
+            self._boundary(rec)
+        return False
+
+    def _hdr_add(self, rec: bytes, newline: bool) -> None:
+        hdr = self._hdr
+        if len(hdr) < self.header_limit:
+            if newline:
+                hdr += b"\n"
+            hdr += rec[:self.header_limit - len(hdr)]
+
+    def _end_part_header(self) -> None:
+        hdr = self._hdr
+        if hdr is None:
+            return
+        self._hdr = None
+        raw = bytes(hdr)
+        m = _HEADER_RE.match(raw)
+        name = m.group(1).decode("ascii", "replace").lower() if m else ""
+        if name == "content-type":
+            self._block_ctype = _content_type(raw)   # as received, see MessageChecks.header
+        result = self.run._header(raw, name, self._emit, self.header_class)
+        if result is not None:
+            self._emit(result + b"\n")
+
+    def _end_block(self) -> None:
+        self._end_part_header()
+        self.in_headers = False
+        ctype = self._block_ctype
+        if ctype is None:
+            # RFC 2046 5.1.5: a multipart/digest part defaults to message/rfc822.
+            digest = self.header_class == MULTIPART and self._digest[-1]
+            ctype = (b"message", b"rfc822", None) if digest else (b"text", b"plain", None)
+        self._block_ctype = None
+        self._enter(ctype)

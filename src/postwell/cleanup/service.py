@@ -18,7 +18,7 @@ from ..queue import HOLD_ATTRIBUTE, QueueStore, QueueWriteError, notify_qmgr
 from ..queue.format import HEADER_SIZE
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
-from .headers import ContentProcessor
+from .headers import ContentChecks, ContentProcessor, ContentStop, MessageChecks
 from .recsize import SIZE_ATTRIBUTE
 from .virtual import AliasExpansionError, AliasLookupError, VirtualAliasExpander
 
@@ -32,6 +32,10 @@ REPLY_TOO_MANY_HOPS = Reply(554, "Error: too many hops", "5.4.0")
 REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
 REPLY_ALIAS_ERROR = Reply(451, "Alias expansion error", "4.6.0")
 REPLY_NO_RECIPIENTS = Reply(554, "Error: no valid recipients", "5.5.1")
+# Postfix's VSTREAM_BUFSIZE: what smtpd holds before cleanup sees any of a message.
+SMTPD_STREAM_BUFFER = 4096
+# Envelope attribute for a FILTER action (Postfix's REC_TYPE_FILT): transport:nexthop.
+FILTER_ATTRIBUTE = "postwell_filter"
 
 
 _date_cache: tuple = (None, "")
@@ -97,9 +101,12 @@ def _wake_now(queue_directory: str) -> None:
 
 
 class CleanupSession:
-    def __init__(self, cleanup: "Cleanup", rewrite_local: bool):
+    def __init__(self, cleanup: "Cleanup", rewrite_local: bool, content_checks: bool = False):
         self.cleanup = cleanup
         self.rewrite_local = rewrite_local
+        # The tables first: one that cannot be opened fails the open, before a
+        # queue file exists.
+        checks = cleanup.content_checks() if content_checks else None
         self.msg = cleanup.store.create()
         self.queue_id = self.msg.queue_id
         self.arrival_time = self.msg.arrival_time
@@ -109,6 +116,15 @@ class CleanupSession:
         self.finished = False
         self._recipients: list[tuple[str, str | None, str | None, str | None]] = []
         self.message_id: str | None = None
+        self.content_stop = False
+        self.redirect: str | None = None
+        self.bcc: list[str] = []
+        self._held_log: list[tuple[bool, str]] | None = []
+        # header_checks/body_checks state of this message; None: no checks apply.
+        self.checks = MessageChecks(checks, self._log_check, self._log_warning) \
+            if checks is not None else None
+        if self.checks is not None:
+            self.checks.queue_id = self.queue_id
         cfg = cleanup
         self.proc = ContentProcessor(self._sink, header_size_limit=cfg.header_size_limit,
                                      hopcount_limit=cfg.hopcount_limit,
@@ -116,7 +132,7 @@ class CleanupSession:
                                      on_header_end=self._missing_headers,
                                      on_message_id=self._log_message_id,
                                      header_rewriter=self._rewrite_header if rewrite_local else None,
-                                     rewrite_names=ADDRESS_HEADERS)
+                                     rewrite_names=ADDRESS_HEADERS, checks=self.checks)
         self._id_logged = False
         self._data_started = False
 
@@ -149,28 +165,42 @@ class CleanupSession:
         """A header the receiving server adds in front (its Received: header)."""
         data = text.replace("\r\n", "\n").rstrip("\n").encode("utf-8", "surrogateescape") + b"\n"
         self.size += len(data)
-        self.proc.prepend_received(data)
+        if self.content_stop:
+            return
+        try:
+            self.proc.prepend_received(data)
+        except ContentStop:
+            self.content_stop = True
 
     def write(self, data: bytes) -> None:
         """Message data as received (dot-unstuffed; CRLF or LF lines; any chunking)."""
         if self.finished:
             raise RuntimeError("cleanup session already finished")
         self.size += len(data)
-        if self.too_big or self.write_error is not None:
+        if self.too_big or self.write_error is not None or self.content_stop:
             return
         if not self._data_started:
             self._data_started = True
             self.proc.begin_client_data()
         proc = self.proc
-        proc.feed(data)
+        try:
+            proc.feed(data)
+        except ContentStop:
+            # REJECT/DISCARD from the checks: as Postfix, nothing more is read into
+            # the message (no further checks, no message-id line).
+            self.content_stop = True
+            return
         # Postfix's cleanup limits its queue file, so what counts is what is stored
         # (after header_size_limit cut the header), in its record sizes; the bytes
         # received are the smtpd's limit (smtp.server).  Past the limit the caller
         # keeps reading the client's data, but nothing more is stored.
         limit = self.cleanup.message_size_limit
-        if limit and proc.records.stored() > limit:
+        stored = proc.records.stored()
+        if limit and stored > limit:
             self.too_big = True
             self.msg.abort()
+        if self._held_log is not None and stored >= SMTPD_STREAM_BUFFER:
+            self._release_log()
 
     def _sink(self, data: bytes) -> None:
         if self.too_big or self.write_error is not None:
@@ -183,10 +213,45 @@ class CleanupSession:
     def _rewrite_header(self, raw: bytes, name_len: int) -> bytes | None:
         return rewrite_header(raw, name_len, self.cleanup.myorigin)
 
+    # Postfix's smtpd writes to cleanup through a 4096-byte stream buffer: cleanup
+    # sees a small message only at end of data, after the smtpd's end-of-data
+    # restrictions, so its lines come after theirs.  Ours are held as long as the
+    # message would still sit in that buffer.
+    def _log_info(self, text: str) -> None:
+        held = self._held_log
+        if held is None:
+            self.cleanup.log.info(text)
+        else:
+            held.append((False, text))
+
+    def _log_warning(self, text: str) -> None:
+        held = self._held_log
+        if held is None:
+            self.cleanup.log.warning(text)
+        else:
+            held.append((True, text))
+
+    def _release_log(self) -> None:
+        held, self._held_log = self._held_log, None
+        if held:
+            log = self.cleanup.log
+            for warning, text in held:
+                (log.warning if warning else log.info)(text)
+
+    def _log_check(self, verdict) -> None:
+        """cleanup's line for a header/body checks action (Postfix cleanup_act_log)."""
+        attrs = self.msg.envelope.attributes
+        # Postfix names the latest recipient record it read (checked against 3.7).
+        last = self._recipients[-1][0] if self._recipients else None
+        self._log_info(verdict.log_text(
+            self.queue_id, attrs.get("log_message_origin") or "unknown", self.msg.sender or "",
+            self.cleanup.qualify(last) if last is not None else None,
+            attrs.get("protocol_name"), attrs.get("helo_name")))
+
     def _log_message_id(self, value: str, resent: bool) -> None:
         self.message_id = value
         self._id_logged = True
-        self.cleanup.log.info(f"{self.queue_id}: {'resent-' if resent else ''}message-id={value}")
+        self._log_info(f"{self.queue_id}: {'resent-' if resent else ''}message-id={value}")
 
     def _missing_headers(self, proc: ContentProcessor) -> list[bytes]:
         """Headers Postfix adds when missing: only for local clients unless
@@ -240,8 +305,24 @@ class CleanupSession:
         if self.finished:
             raise RuntimeError("cleanup session already finished")
         self.finished = True
-        if not self.too_big and self.write_error is None:
-            self.proc.finish()
+        self._release_log()
+        if not self.too_big and self.write_error is None and not self.content_stop:
+            try:
+                self.proc.finish()
+            except ContentStop:
+                self.content_stop = True
+        checks = self.checks
+        if checks is not None and checks.lookup_failed:
+            self.msg.abort()
+            return REPLY_WRITE_ERROR
+        if checks is not None and (checks.reject is not None or checks.discard):
+            # Nothing is queued: a REJECT answers 5XX (or 4XX with a 4.X.X code), a
+            # DISCARD answers 250 as if queued (Postfix cleanup_act).
+            self.msg.abort()
+            if checks.reject is not None:
+                code, dsn, text = checks.reject.reply
+                return Reply(code, text, dsn)
+            return Reply(250, REPLY_QUEUED.format(self.queue_id), "2.0.0")
         if self.too_big:
             self.msg.abort()
             return REPLY_TOO_BIG
@@ -255,7 +336,13 @@ class CleanupSession:
             return REPLY_TOO_MANY_HOPS
         if not self._id_logged:
             # Postfix logs the (missing) message-id for every message.
-            self.cleanup.log.info(f"{self.queue_id}: message-id=<>")
+            self._log_info(f"{self.queue_id}: message-id=<>")
+        if checks is not None:
+            if checks.hold:
+                self.set_hold()
+            if checks.filter:
+                # Postfix's FILTER record: content_filter for this message only.
+                self.msg.set_attribute(FILTER_ATTRIBUTE, checks.filter)
         try:
             self._output_recipients()
         except AliasExpansionError as exc:
@@ -290,7 +377,26 @@ class CleanupSession:
         expander = self.cleanup.expander()
         self.msg.clear_recipients()
         dups: set[tuple] = set()
-        for address, orig, orcpt, notify in self._recipients:
+        recipients = self._recipients
+        checks = self.checks
+        bcc = self.bcc + (checks.bcc if checks is not None else [])
+        if bcc:
+            # BCC actions: more recipients, expanded like the others.
+            recipients = recipients + [(a, None, None, None) for a in bcc]
+        # The latest REDIRECT wins: the checks run after the smtpd's access maps.
+        redirect = (checks.redirect if checks is not None else None) or self.redirect
+        if redirect:
+            # REDIRECT replaces every recipient; the original stays as orig_to, and the
+            # target is not alias-expanded (Postfix's qmgr only resolves it).
+            target = self.cleanup.qualify(redirect)
+            for address, orig, orcpt, notify in recipients:
+                key = (target, notify or "", _client_orcpt(orcpt, orig))
+                if key not in dups:
+                    dups.add(key)
+                    self.msg.add_recipient(target, orig=orig if orig is not None else address,
+                                           orcpt=orcpt, notify=notify)
+            return
+        for address, orig, orcpt, notify in recipients:
             given = address
             address = self.cleanup.qualify(address)
             if orig is None:
@@ -312,6 +418,18 @@ class CleanupSession:
                 dups.add(key)
                 self.msg.add_recipient(t, orig=orig if orig is not None else address,
                                        orcpt=orcpt, notify=notify)
+
+    def set_redirect(self, address: str) -> None:
+        """An access-map REDIRECT (smtpd): every recipient becomes ``address``."""
+        self.redirect = address
+
+    def set_filter(self, spec: str) -> None:
+        """An access-map FILTER transport:nexthop (smtpd): this message's content_filter."""
+        self.msg.set_attribute(FILTER_ATTRIBUTE, spec)
+
+    def add_bcc(self, address: str) -> None:
+        """An access-map BCC (smtpd): one more recipient."""
+        self.bcc.append(address)
 
     def set_hold(self) -> None:
         """Put the message on hold (an access-map HOLD action): after the durable commit it
@@ -338,6 +456,7 @@ class CleanupSession:
 
     def abort(self) -> None:
         self.finished = True
+        self._release_log()
         self.msg.abort()
 
 
@@ -357,6 +476,8 @@ class Cleanup:
         self.undisclosed_recipients_header = (config.get("undisclosed_recipients_header") or "") \
             if config.raw("undisclosed_recipients_header") is not None else ""
         self._table_opener = table_opener
+        self._checks: ContentChecks | None = None
+        self._checks_loaded = False
         self._tables: list | None = None
         self._specs: list[str] | None = None
         if clock is not None:
@@ -373,8 +494,27 @@ class Cleanup:
         (append @$myorigin, bang path, percent hack; checked against 3.7)."""
         return rewrite_local(address, self.myorigin)
 
-    def open(self, rewrite_local: bool = False) -> CleanupSession:
-        return CleanupSession(self, rewrite_local)
+    def open(self, rewrite_local: bool = False, content_checks: bool = False) -> CleanupSession:
+        """``content_checks``: apply header_checks/body_checks, as Postfix's cleanup
+        does for mail from smtpd and pickup; mail postwell makes itself (notices,
+        forwarded copies) is not checked (internal_mail_filter_classes is empty)."""
+        return CleanupSession(self, rewrite_local, content_checks)
+
+    def content_checks(self) -> ContentChecks | None:
+        """The checks tables, opened once per process (a reload starts new
+        processes); None when none is configured or receive_override_options has
+        no_header_body_checks."""
+        if self._checks_loaded:
+            return self._checks
+        cfg = self.config
+        override = cfg.get("receive_override_options") if cfg.raw("receive_override_options") \
+            is not None else ""
+        if "no_header_body_checks" in override.replace(",", " ").split():
+            self._checks = None
+        else:
+            self._checks = ContentChecks.from_config(cfg, warn=self.log.warning)
+        self._checks_loaded = True
+        return self._checks
 
     def _open_tables(self) -> list:
         """The virtual_alias_maps tables, through the tables package's shared

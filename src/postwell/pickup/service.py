@@ -237,7 +237,7 @@ class Pickup:
     def _queue(self, name: str, uid: int, md: MaildropFile, mtime: float) -> str:
         env = md.envelope
         try:
-            cs = self.cleanup.open(rewrite_local=env.rewrite == "local")
+            cs = self.cleanup.open(rewrite_local=env.rewrite == "local", content_checks=True)
         except Exception as exc:   # queue file create error: disk full, permissions
             self.log.warning(f"maildrop/{name}: cannot create queue file: {exc}")
             return KEEP
@@ -251,19 +251,23 @@ class Pickup:
             cs.set_sender(env.sender, ret=env.ret, envid=env.envid, body_type=env.body)
             cs.set_attribute("rewrite_context", env.rewrite)
             cs.set_attribute("log_ident", qid)
+            # Postfix's pickup names the origin "local" (header/body checks log lines).
+            cs.set_attribute("log_message_origin", "local")
             if env.protocol:
                 cs.set_attribute("protocol_name", env.protocol)
                 cs.set_attribute("client_name", "localhost")
                 cs.set_attribute("client_address", "127.0.0.1")
                 if env.helo:
                     cs.set_attribute("helo_name", env.helo)
+            # Recipients before the content, as Postfix's pickup sends them: the
+            # checks' log lines name the latest one.
+            for i, rcpt in enumerate(env.recipients):
+                cs.add_recipient(rcpt, orcpt=env.rcpt_orcpt.get(i),
+                                 notify=env.rcpt_notify.get(i, env.notify))
             # For tracing, the file's owner but not the login name (as Postfix).
             cs.prepend_header(f"Received: by {self.myhostname} ({self.mail_name}, from userid {uid})\n"
                               f"\tid {qid}; {mail_date(mtime)}")
             self._copy_content(md, cs, env)
-            for i, rcpt in enumerate(env.recipients):
-                cs.add_recipient(rcpt, orcpt=env.rcpt_orcpt.get(i),
-                                 notify=env.rcpt_notify.get(i, env.notify))
             reply = cs.finish_sync()
         except MaildropFormatError as exc:
             cs.abort()

@@ -1095,7 +1095,8 @@ class SmtpdSession(asyncio.Protocol):
         if self.cs is None:
             # smtpd_delay_open: the queue file and id appear at the first accepted RCPT.
             try:
-                cs = srv.cleanup.open(rewrite_local=srv.rewrite_local(state.client_addr))
+                cs = srv.cleanup.open(rewrite_local=srv.rewrite_local(state.client_addr),
+                                      content_checks=True)
             except Exception as exc:
                 srv.log.warning(f"queue file create error: {exc}")
                 conn.send_reply(REPLY_WRITE_ERROR)
