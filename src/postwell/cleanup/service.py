@@ -36,6 +36,7 @@ REPLY_NO_RECIPIENTS = Reply(554, "Error: no valid recipients", "5.5.1")
 SMTPD_STREAM_BUFFER = 4096
 # Envelope attribute for a FILTER action (Postfix's REC_TYPE_FILT): transport:nexthop.
 FILTER_ATTRIBUTE = "postwell_filter"
+REDIRECT_ATTRIBUTE = "postwell_redirect"
 
 
 _date_cache: tuple = (None, "")
@@ -135,6 +136,10 @@ class CleanupSession:
                                      rewrite_names=ADDRESS_HEADERS, checks=self.checks)
         self._id_logged = False
         self._data_started = False
+        # Postfix's smtpd and pickup stamp content_filter on what they receive (mail
+        # postwell makes itself is not filtered); an access-map or header_checks
+        # FILTER replaces it later, the last one winning.
+        self.filter: str | None = cleanup.content_filter() if content_checks else None
 
     # -- envelope ----------------------------------------------------------------
     @property
@@ -342,7 +347,9 @@ class CleanupSession:
                 self.set_hold()
             if checks.filter:
                 # Postfix's FILTER record: content_filter for this message only.
-                self.msg.set_attribute(FILTER_ATTRIBUTE, checks.filter)
+                self.filter = checks.filter
+        if self.filter:
+            self.msg.set_attribute(FILTER_ATTRIBUTE, self.filter)
         try:
             self._output_recipients()
         except AliasExpansionError as exc:
@@ -389,6 +396,9 @@ class CleanupSession:
             # REDIRECT replaces every recipient; the original stays as orig_to, and the
             # target is not alias-expanded (Postfix's qmgr only resolves it).
             target = self.cleanup.qualify(redirect)
+            # Kept in the envelope as Postfix's REDIRECT record: its qmgr lets a
+            # redirect override the content filter.
+            self.msg.set_attribute(REDIRECT_ATTRIBUTE, target)
             for address, orig, orcpt, notify in recipients:
                 key = (target, notify or "", _client_orcpt(orcpt, orig))
                 if key not in dups:
@@ -425,7 +435,7 @@ class CleanupSession:
 
     def set_filter(self, spec: str) -> None:
         """An access-map FILTER transport:nexthop (smtpd): this message's content_filter."""
-        self.msg.set_attribute(FILTER_ATTRIBUTE, spec)
+        self.filter = spec
 
     def add_bcc(self, address: str) -> None:
         """An access-map BCC (smtpd): one more recipient."""
@@ -499,6 +509,21 @@ class Cleanup:
         does for mail from smtpd and pickup; mail postwell makes itself (notices,
         forwarded copies) is not checked (internal_mail_filter_classes is empty)."""
         return CleanupSession(self, rewrite_local, content_checks)
+
+    def content_filter(self) -> str | None:
+        """main.cf content_filter as this service sees it: a master.cf
+        ``-o content_filter=`` (the re-injection listener) turns it off."""
+        try:
+            return self._content_filter
+        except AttributeError:
+            pass
+        # Fixed for the process's life (a reload starts new processes).
+        cfg = self.config
+        value = None
+        if cfg.raw("content_filter") is not None:
+            value = cfg.get("content_filter").strip() or None
+        self._content_filter = value
+        return value
 
     def content_checks(self) -> ContentChecks | None:
         """The checks tables, opened once per process (a reload starts new

@@ -68,6 +68,7 @@ from postwell.queue.format import SIZE_ATTRIBUTE
 from postwell.queue import format as qformat
 
 from .concurrency import Destination, parse_feedback
+from .filter import message_filter
 from .expire import (ADMIN_EXPIRED_DSN, ADMIN_EXPIRED_REASON, message_expired, mode_expired,
                      path_expired)
 from .logfmt import delivery_line, log_address
@@ -194,6 +195,7 @@ class QueueManager:
         self.max_decimals = config.get_int("delay_logging_resolution_limit")
         self.delay_warning = config.get_time("delay_warning_time", "h")
         self._cleanup = None
+        self.myhostname = config.get("myhostname") or "localhost"
 
     # ---------------------------------------------------------------- agents
     def _service_for(self, transport: str):
@@ -597,8 +599,14 @@ class QueueManager:
 
         groups: dict[tuple[str, str], list[tuple[object, Recipient]]] = defaultdict(list)
         early: list[tuple[object, RecipientResult]] = []
+        # A content filter overrides the address resolver for every recipient.
+        route = message_filter(getattr(qm, "attributes", None), self.myhostname)
         for r in pending:
             rc = _rcpt_fields(r)
+            if route is not None:
+                rc.nexthop_recipient = rc.address
+                groups[route].append((r, rc))
+                continue
             try:
                 res = self._resolve(rc.address, sender)
             except Exception as exc:
