@@ -30,6 +30,7 @@ from postwell.log import NullLog
 from postwell.qmgr.filter import FILTER_ATTRIBUTE, REDIRECT_ATTRIBUTE, filter_route, message_filter
 from postwell.qmgr.manager import QueueManager
 from postwell.queue import QueueStore
+from test_qmgr import FakeClock
 
 T0 = 1_795_932_674.5
 
@@ -71,14 +72,6 @@ def test_redirect_overrides_the_filter():
 
 
 # ---------------------------------------------------------------- qmgr
-
-class FakeClock:
-    def __init__(self, t=1_800_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
 
 class ForbiddenResolver:
     """A filtered message must not be resolved (transport_maps, relayhost, MX)."""
