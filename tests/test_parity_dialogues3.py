@@ -602,32 +602,7 @@ DIALOGUES = {
                                    "BDAT 25 LAST\r\nSubject: reject-me\r\n\r\nx\r\n", "QUIT"]),
 }
 
-_HANGUP = ("Postfix hangs up after any 421 or 521 reply (smtpd_chat_reply sets the hang-up "
-           "flag), logging only 'disconnect from'; postwell keeps reading, so the client's "
-           "close is logged as 'lost connection after RCPT' (or, for 521, the session goes on). "
-           "Fix: smtp/server.py Connection.send_reply: after a 421/521 reply close with a "
-           "reason smtpd/server.py _log_close does not log as lost")
-_NOTICE = ("a 451 4.3.5 Server configuration error is a 'software' class error: Postfix smtpd "
-           "mails a session transcript to error_notice_recipient (notify_classes default "
-           "'resource, software'), seen as cleanup's 'message-id=' line; postwell's smtpd "
-           "sends no such notice.  Fix: smtpd/server.py at session end, when "
-           "SessionState.error_classes & notify_classes, post the transcript with "
-           "dsn.submit.post_notice (Subject 'Postfix SMTP server: errors from <namaddr>')")
-_EOD_KEEP = ("after an smtpd_end_of_data_restrictions reject Postfix 3.7 keeps the transaction "
-             "(next MAIL: '503 5.5.1 Error: nested MAIL command', until RSET); postwell resets "
-             "it.  Fix: smtp/server.py / smtpd/server.py end-of-data path: no transaction reset "
-             "when the reject came from the end-of-data restrictions")
-XFAIL: dict[str, str] = {
-    "nodelay_client_warn_prepend": (
-        "with smtpd_delay_reject=no the client restrictions rerun after XCLIENT and Postfix "
-        "logs 'NOQUEUE: warn: XCLIENT from ...'; postwell says 'CONNECT from'.  Fix: "
-        "smtpd/server.py XCLIENT handler: self._policy(\"on_connect\", state, \"XCLIENT\") "
-        "(the parameter exists in policy/smtpd_policy.py)"),
-    "notice_software_error": _NOTICE, "eod_reject_keeps_transaction": _EOD_KEEP,
-    "policy_521": _HANGUP,
-    "rcpt_421": _HANGUP, "rcpt_numeric_odd": _HANGUP, "nodelay_client_421": _HANGUP,
-    "delay_client_421": _HANGUP,
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -807,7 +782,7 @@ def test_pin_body_checks_actions(tmp_path):
 
 
 def test_pin_reject_records_error_class():
-    # Postfix's error_mask: what smtpd's notify_classes notice needs (see _NOTICE).
+    # Postfix's error_mask: what smtpd's notify_classes notice needs.
     from test_policy import make_policy, rcpt_reply, run, rcpt, session
     policy = make_policy()
     state = session()

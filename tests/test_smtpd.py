@@ -521,7 +521,7 @@ def test_half_close_still_answered(smtpd):
 
 
 class _BrokenPolicy:
-    async def on_connect(self, state):
+    async def on_connect(self, state, where="CONNECT"):
         return None
 
     async def on_helo(self, state):

@@ -608,16 +608,7 @@ DIALOGUES = {
     "before_starttls": ("xcenc", [EHLO, "XCLIENT NAME=a.example", "XCLIENT", MAIL, "QUIT"]),
 }
 
-XFAIL = {
-    # Postfix 3.7 takes XCLIENT before STARTTLS at level encrypt (550 when not authorized);
-    # postwell answers 530 as tests/test_smtp_engine_tls.py expects.  The fix: "XCLIENT"
-    # in smtp/server.py's _PRE_TLS and out of that test's list.
-    "before_starttls": "XCLIENT is refused with 530 before STARTTLS at level encrypt",
-    # After a failed XCLIENT Postfix keeps the attributes before the bad one but logs
-    # the client under its old name[addr]; postwell's reject line (state.namaddr) names
-    # the new ones.
-    "partial_addr": "a reject line after a half-applied XCLIENT names the new client",
-}
+XFAIL: dict[str, str] = {}
 
 
 def _config(inst, variant: str, tool) -> dict:

@@ -82,9 +82,16 @@ class SessionState:
     # Session-wide; the smtpd clears it once it has sent the notice.
     error_classes: set[str] = field(default_factory=set)
     check: CheckState = field(default_factory=CheckState)
+    # name[addr] as log lines and replies show the client; None: made from client_name
+    # and client_addr.  The smtpd pins it while an XCLIENT command changes those: Postfix
+    # builds its name[addr] anew only once such a command has succeeded.
+    shown_namaddr: str | None = None
 
     @property
     def namaddr(self) -> str:
+        shown = self.shown_namaddr
+        if shown is not None:
+            return shown
         return f"{self.client_name}[{self.client_addr}]"
 
     def reset_transaction(self) -> None:

@@ -9,6 +9,7 @@ API (the asyncio glue in postwell.smtpd is the only caller; tests drive it direc
     ev = conn.next_event()       # an Event, or NEED_DATA (feed more / flush replies),
                                  # or PAUSED (an event awaits its reply)
     conn.send_reply(reply)       # answer the pending event (ev.needs_reply); None = ev.default
+    conn.reject_keeping_transaction(reply)  # DataEnd refused by the end-of-data restrictions
     conn.data_to_send() -> bytes # replies to write; call it when next_event() says NEED_DATA
     conn.error_delay() -> float  # seconds to sleep before writing (smtpd_soft_error_limit)
     conn.tls_started()           # after the TLS handshake (STARTTLS accepted with 220);
@@ -22,6 +23,8 @@ API (the asyncio glue in postwell.smtpd is the only caller; tests drive it direc
     conn.timeout_where()         # the same for "timeout after ..." (a BDAT chunk differs)
     conn.counters_text()         # "ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4"
     conn.closed                  # no more input is read once True (after QUIT, 421, 521, EOF)
+    conn.transcript = []         # keep the session history (command lines, reply bytes) for
+                                 # the notify_classes notice; None (default) keeps nothing
     conn.pipelining_violation    # for reject_unauth_pipelining
 
 Events (frozen dataclasses; those with needs_reply=True carry a `default` reply and must be
@@ -225,7 +228,8 @@ class Rejected(Event):
 
 @dataclass(frozen=True)
 class ConnectionClosed(Event):
-    reason: str          # "quit", "lost", "too many errors", "bare newline", "bdat syntax"
+    reason: str          # "quit", "lost", "too many errors", "bare newline", "bdat syntax",
+                         # "hangup" (after a 421 or 521 reply: nothing more to log)
 
 
 @dataclass(frozen=True)
@@ -809,13 +813,17 @@ _FOOTER_KNOWN = frozenset({"recipient", "recipient_domain", "sender_domain", "lo
 _HEADER_LIKE = re.compile(r"[!-9;-~]+:")
 # RFC 2920 3.1: commands that can only be the last of a pipelined group.
 _JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "ETRN", "RSET"})
-_PRE_TLS = frozenset({"HELO", "EHLO", "STARTTLS", "NOOP", "QUIT"})
+# XCLIENT too: Postfix 3.7 gives it the pre-TLS flag (a proxy in front may speak it first).
+_PRE_TLS = frozenset({"HELO", "EHLO", "STARTTLS", "NOOP", "QUIT", "XCLIENT"})
 # XCLIENT ends a group too (Postfix 3.7 logs "improper command pipelining after XCLIENT").
 _LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS",
                             "XCLIENT"})
 
 
 _REPLY_BYTES: dict = {}   # Reply -> its wire form (bounded; see _queue_reply)
+# Entries of ServerConnection.transcript kept at most (bounded memory; Postfix flushes
+# its history at EHLO/RSET/end of DATA past smtpd_history_flush_threshold).
+TRANSCRIPT_LIMIT = 500
 
 
 def _may_have_long_line(chunk: bytes, limit: int) -> bool:
@@ -850,6 +858,9 @@ class ServerConnection:
         self.xclient_allowed = False
         self.helo_name: str | None = None
         self.client_port = ""                 # for smtpd_reject_footer's $client_port
+        # Postfix's session history for the notify_classes notice: command lines (str)
+        # and replies (wire bytes) in order.  None: not kept (the glue sets a list).
+        self.transcript: list | None = None
         self._line_text = ""                  # the command line being handled, as sent
         self.esmtp = False
         self._inbuf = bytearray()
@@ -936,6 +947,19 @@ class ServerConnection:
 
     def accept(self) -> None:
         self.send_reply(None)
+
+    def reject_keeping_transaction(self, reply: Reply) -> None:
+        """Answer the pending DataEnd with a reject that leaves the envelope in place:
+        Postfix 3.7 answers an smtpd_end_of_data_restrictions reject without resetting
+        the transaction, so MAIL stays "nested" until RSET/HELO/EHLO and recipients
+        may be added (checked against 3.7)."""
+        if not isinstance(self._pending, DataEnd):
+            raise RuntimeError("reject_keeping_transaction() without a pending DataEnd")
+        kept = (self.sender, self._mail_smtputf8, self.recipients, self.rcpt_attempts,
+                self._declared_size, self.xforward)
+        self.send_reply(reply)
+        (self.sender, self._mail_smtputf8, self.recipients, self.rcpt_attempts,
+         self._declared_size, self.xforward) = kept
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
@@ -1083,8 +1107,16 @@ class ServerConnection:
         # smtpd_soft_error_limit: past it, every reply is slowed down (the glue sleeps).
         if self.error_count >= self.config.soft_error_limit:
             self._delay += self.config.error_sleep_time
-        if reply.code >= 400 and self.config.reject_footer:
-            reply = self._with_footer(reply)
+        code = reply.code
+        if code >= 400:
+            if code == 421 or code == 521:
+                # RFC 5321 3.8 / 4.2.2 (521, RFC 7504): the server closes the channel
+                # after these.  Like Postfix's hang-up flag: the command being handled
+                # finishes, then the next step ends the session instead of reading on
+                # (an instance attribute, so ordinary steps pay nothing for it).
+                self._step = self._hang_up
+            if self.config.reject_footer:
+                reply = self._with_footer(reply)
         # Most replies repeat ("250 2.1.0 Ok", "354 ..."): a dict hit is cheaper than
         # formatting the lines again for every command.
         if type(reply) is Reply:
@@ -1097,6 +1129,9 @@ class ServerConnection:
         else:
             data = reply.to_bytes()
         self._out.append(data)
+        t = self.transcript
+        if t is not None and len(t) < TRANSCRIPT_LIMIT:
+            t.append(data)
 
     def _with_footer(self, reply: Reply) -> Reply:
         name, _, addr = self.client.rpartition("[")
@@ -1250,6 +1285,12 @@ class ServerConnection:
 
     # ----- internals: input processing ----------------------------------------------------
 
+    def _hang_up(self) -> bool:
+        """_step() once a 421 or 521 reply went out: no more input is read."""
+        if not self.closed:
+            self._close("hangup")
+        return False
+
     def _step(self) -> bool:
         """Process some input; False when more data is needed."""
         if self.state == S_CMD or self.state == S_AUTH:
@@ -1324,16 +1365,21 @@ class ServerConnection:
         nul = line.find(b"\x00")
         if nul >= 0:
             line = line[:nul]        # Postfix reads commands as C strings: NUL ends the line
+        t = self.transcript
         if self.config.smtputf8_enable and self.state != S_AUTH:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
+                if t is not None and len(t) < TRANSCRIPT_LIMIT:
+                    t.append(line.decode("utf-8", "replace"))
                 # RFC 6531 3.3; not counted as a command, as Postfix does.
                 self.error_count += 1
                 self._queue_reply(Reply(500, "Error: bad UTF-8 syntax", "5.5.2"))
                 return True
         else:
             text = line.decode("utf-8", "surrogateescape")
+        if t is not None and len(t) < TRANSCRIPT_LIMIT:
+            t.append(text)
         if self.state == S_AUTH:
             self.state = S_CMD
             if text == "*":
@@ -1346,6 +1392,8 @@ class ServerConnection:
             self._events.append(self._pending)
             return True
         if self.error_count >= self.config.hard_error_limit:
+            if t and t[-1] is text:
+                t.pop()              # Postfix hangs up before reading this line
             self._queue_reply(Reply(421, f"{self.config.hostname} Error: too many errors", "4.7.0"))
             self._close("too many errors")
             return False

@@ -37,6 +37,8 @@ from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthAborted, AuthResp
                                   Info, Mail, Rcpt, Rejected, Rset, ServerConfig,
                                   ServerConnection, StartTls, Vrfy, Warning, Xclient)
 from postwell.smtp.xclient import apply_to_state, restart_state
+from postwell.dsn.submit import (NoticeError, double_bounce_address, notify_classes,
+                                 post_notice)
 
 REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
 REPLY_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
@@ -108,6 +110,37 @@ def _client_hostname(addr: str) -> str:
 def _rfc_addr(addr: str) -> str:
     # RFC 5321 4.1.3: IPv6 address literals carry the "IPv6:" tag in the Received header.
     return f"IPv6:{addr}" if ":" in addr else addr
+
+
+def _printable(text: str) -> str:
+    # Postfix's printable(text, '?'): control characters become "?".
+    return "".join(c if c >= " " and c != "\x7f" else "?" for c in text)
+
+
+def wrap_transcript_line(text: str, length: int = 78, indent: int = 4) -> list[str]:
+    """Postfix's line_wrap() as smtpd_chat_notify uses it: a line ends before the word
+    that would take it past ``length`` (a longer word stays whole), trailing blanks
+    dropped; the lines after the first are indented by ``indent``, as much narrower."""
+    out: list[str] = []
+    cur_indent, cur_len = 0, length
+    n = len(text)
+    start = 0
+    word: int | None = 0
+    while word is not None:
+        space = word
+        while space < n and text[space] not in " \t":
+            space += 1
+        if word > start and space - start > cur_len:
+            out.append(" " * cur_indent + text[start:word].rstrip(" \t"))
+            while word < n and text[word] in " \t":
+                word += 1
+            if start == 0:
+                cur_indent += indent
+                cur_len -= indent
+            start = word
+        word = space + 1 if space < n else None
+    out.append(" " * cur_indent + text[start:].rstrip(" \t"))
+    return out
 
 
 def _mail_date(when: float) -> str:
@@ -393,6 +426,7 @@ class SmtpdSession(asyncio.Protocol):
         self.ssl_object = None
         self.auth = None                    # postwell.sasl.session.SmtpdAuth, made on demand
         self._deadline: float | None = None  # smtpd_per_record_deadline
+        self._abort_reason: str | None = None  # "Session aborted, reason: ..." of the notice
 
     # --- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -459,6 +493,8 @@ class SmtpdSession(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             if self.conn is not None:
+                if self.conn.transcript:
+                    await self._last_chat_reset()
                 srv.log.info(f"disconnect from {self.namaddr} {self.conn.counters_text()}")
             srv._session_done(self)
             self.finished.set()
@@ -482,6 +518,8 @@ class SmtpdSession(asyncio.Protocol):
         self.conn = conn = ServerConnection(srv.server_config, client=self.namaddr,
                                             forbid_bare_newline=bare)
         conn.client_port = state.client_port
+        if srv.notify_mask:
+            conn.transcript = []
         early = getattr(self, "_early", b"")
         if early:
             conn.receive_data(early)
@@ -571,6 +609,10 @@ class SmtpdSession(asyncio.Protocol):
                     # Tell anvil before the last reply leaves: the client's next
                     # connection must not find this one still counted.
                     srv.limits.disconnect(self)
+                if conn.transcript:
+                    # The postmaster notice is queued before the last reply leaves, so
+                    # a client that saw "221" finds no queue file still being written.
+                    await self._last_chat_reset()
                 await self._flush()
                 return
             await self._handle(ev)
@@ -612,6 +654,7 @@ class SmtpdSession(asyncio.Protocol):
                 self._waiting = False
                 ready._waiter = None
             if self._timed_out:
+                self._abort_reason = "timeout"
                 self.server.log.info(f"timeout after {conn.timeout_where()} from {self.namaddr}")
                 conn.abort("timeout")
                 if not self.transport.is_closing():
@@ -655,11 +698,72 @@ class SmtpdSession(asyncio.Protocol):
     def _log_close(self, ev: ConnectionClosed) -> None:
         where = self.conn.where
         if ev.reason == "lost":
+            self._abort_reason = "lost connection"
             # Postfix does not log a client that hangs up right after its message.
             if where != "END-OF-MESSAGE":
                 self.server.log.info(f"lost connection after {where} from {self.namaddr}")
         elif ev.reason == "too many errors":
+            self._abort_reason = "too many errors"
             self.server.log.info(f"too many errors after {where} from {self.namaddr}")
+
+    async def _flush_history(self) -> None:
+        # Postfix flushes its history at EHLO, RSET and end of DATA once it is long.
+        transcript = self.conn.transcript
+        if transcript is not None and len(transcript) > self.server.history_threshold:
+            await self._chat_reset(self.server.history_threshold)
+
+    async def _last_chat_reset(self) -> None:
+        try:
+            await self._chat_reset(0)
+        except Exception as exc:   # noqa: BLE001 - a notice never ends a session badly
+            self.server.log.warning(f"postmaster notify: {exc!r}")
+
+    async def _chat_reset(self, threshold: int) -> None:
+        """Postfix's chat_reset(): a history longer than ``threshold`` entries is dropped,
+        first mailed to the postmaster when the session had errors of a class in
+        notify_classes (Postfix's smtpd_chat_notify)."""
+        transcript, state = self.conn.transcript, self.state
+        if not transcript or len(transcript) <= threshold:
+            return
+        classes = state.error_classes if state is not None else set()
+        try:
+            if classes & self.server.notify_mask:
+                await self._notify_postmaster(transcript, classes)
+        finally:
+            classes.clear()
+            transcript.clear()
+
+    async def _notify_postmaster(self, transcript: list, classes: set) -> None:
+        srv = self.server
+        cfg = srv.config
+        # A "bounce" class error goes to bounce_notice_recipient, others to
+        # error_notice_recipient (Postfix: error_mask & MAIL_ERROR_BOUNCE).
+        rcpt = (cfg.get("bounce_notice_recipient") if "bounce" in classes
+                else cfg.get("error_notice_recipient")) or "postmaster"
+        lines = [f"Date: {_mail_date(srv.clock())}",
+                 f"From: Mail Delivery System <MAILER-DAEMON@{srv.hostname}>",
+                 f"To: Postmaster <{cfg.get('error_notice_recipient') or 'postmaster'}>",
+                 f"Subject: {srv.mail_name} SMTP server: errors from {self.namaddr}",
+                 "", "Transcript of session follows.", ""]
+        for entry in transcript:
+            if isinstance(entry, bytes):
+                texts = ["Out: " + ln for ln in
+                         entry.decode("utf-8", "replace").split("\r\n") if ln]
+            else:
+                texts = ["In:  " + entry]
+            for text in texts:
+                # Untrusted text: printable, and each output line starts with a space.
+                lines.extend(" " + ln for ln in wrap_transcript_line(_printable(text)))
+        lines.append("")
+        if self._abort_reason:
+            lines.append(f"Session aborted, reason: {self._abort_reason}")
+        lines += ["", "For other details, see the local mail logfile"]
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        try:
+            await post_notice(cfg, None, sender=double_bounce_address(cfg), recipient=rcpt,
+                              data=data, cleanup=srv.cleanup)
+        except NoticeError:
+            pass        # junk mail: Postfix ignores a failed post_mail_fclose() too
 
     def _log_reject(self, reply: Reply, text: str | None = None) -> None:
         pol = self.server.policy
@@ -675,13 +779,16 @@ class SmtpdSession(asyncio.Protocol):
                     + (f" helo=<{st.helo_name}>" if st.helo_name is not None else ""))
         self.server.log.info(line)
 
-    def _abort_transaction(self) -> None:
+    def _drop_queue_file(self) -> None:
         if self.cs is not None:
             try:
                 self.cs.abort()
             except Exception:
                 pass
             self.cs = None
+
+    def _abort_transaction(self) -> None:
+        self._drop_queue_file()
         self._mail = None
         self._received_for = None
         if self.state is not None:
@@ -694,6 +801,8 @@ class SmtpdSession(asyncio.Protocol):
             return await getattr(self.server.policy, name)(*args)
         except Exception as exc:
             self.server.log.warning(f"{self.namaddr}: {name}: {exc!r}")
+            if self.state is not None:
+                self.state.error_classes.add("software")    # for notify_classes
             return Reply(451, "Server configuration error", "4.3.5")
 
     # --- one handler per event ----------------------------------------------------
@@ -725,6 +834,7 @@ class SmtpdSession(asyncio.Protocol):
             return
         if isinstance(ev, Rset):
             self._abort_transaction()
+            await self._flush_history()
             return
         if isinstance(ev, (Helo, Ehlo)):
             self._abort_transaction()
@@ -737,6 +847,8 @@ class SmtpdSession(asyncio.Protocol):
                 state.protocol = old[1]
                 self._log_reject(reply)
                 state.helo_name, state.protocol = old
+            else:
+                await self._flush_history()
             conn.send_reply(reply)
             return
         if isinstance(ev, Mail):
@@ -788,6 +900,9 @@ class SmtpdSession(asyncio.Protocol):
             return
         if isinstance(ev, DataEnd):
             await self._end_of_data(ev)
+            transcript = conn.transcript
+            if transcript is not None and len(transcript) > srv.history_threshold:
+                await self._chat_reset(srv.history_threshold)
             return
         if isinstance(ev, Vrfy):
             hook = getattr(srv.policy, "on_vrfy", None)
@@ -1034,6 +1149,8 @@ class SmtpdSession(asyncio.Protocol):
         command starts the session over at the greeting, with the connection-level
         checks (and smtpd_authorized_xclient_hosts) for the client it now names."""
         srv, state, conn = self.server, self.state, self.conn
+        # The reject lines and replies keep the old name[addr] until the command is done.
+        state.shown_namaddr = self.namaddr
         apply_to_state(state, ev.request, srv.sasl is not None)
         if not ev.complete:
             conn.send_reply(None)       # the bad attribute's 501; the ones before it stay
@@ -1041,15 +1158,18 @@ class SmtpdSession(asyncio.Protocol):
         self._abort_transaction()
         restart_state(state, ev.request)
         if ev.request.renames_client():
-            self.namaddr = conn.client = state.namaddr
+            state.shown_namaddr = None
+            self.namaddr = conn.client = state.shown_namaddr = state.namaddr
         conn.client_port = state.client_port
         self.auth = None                # a later AUTH speaks for the client named now
         conn.xclient_allowed = srv.xclient_authorized(state.client_name, state.client_addr)
         if srv.sasl is not None:
             conn.auth_advertised = not srv.sasl_exception(state.client_name, state.client_addr)
-        reply = await self._policy("on_connect", state)
+        # The client restrictions run again for the client named now; their log lines
+        # (reject, warn, hold, ...) say "XCLIENT from" as Postfix's do.
+        reply = await self._policy("on_connect", state, "XCLIENT")
         if reply is not None:
-            state.where = "XCLIENT"     # Postfix logs "reject: XCLIENT from ..."
+            state.where = "XCLIENT"
             self._log_reject(reply)
         conn.send_reply(reply if reply is not None else Reply(220, srv.banner))
 
@@ -1166,6 +1286,7 @@ class SmtpdSession(asyncio.Protocol):
         conn, state, srv = self.conn, self.state, self.server
         cs = self.cs
         state.where = "END-OF-MESSAGE"
+        keep = False
         try:
             if cs is None:
                 conn.send_reply(REPLY_WRITE_ERROR)
@@ -1187,7 +1308,13 @@ class SmtpdSession(asyncio.Protocol):
                 state.act_size = 0
             if reply is not None:
                 self._log_reject(reply)
-                conn.send_reply(reply)
+                # Postfix 3.7 drops the queue file but keeps the envelope (sender,
+                # recipients, their count, even the queue id for the log) until
+                # RSET/HELO/EHLO; a later RCPT opens a new queue file.  A DATA without
+                # one finds no queue file: 451 (Postfix's smtpd crashes there).
+                keep = True
+                self._drop_queue_file()
+                conn.reject_keeping_transaction(reply)
                 return
             if getattr(state, "discard", False):
                 # DISCARD: the client is told "queued" and the message is dropped (Postfix).
@@ -1216,7 +1343,8 @@ class SmtpdSession(asyncio.Protocol):
                 reply = Reply(250, f"Ok: {ev.size} bytes queued as {cs.queue_id}", "2.0.0")
             conn.send_reply(reply)
         finally:
-            self._abort_transaction()
+            if not keep:
+                self._abort_transaction()
 
 
 # --------------------------------------------------------------------------- server
@@ -1236,6 +1364,9 @@ class SmtpdServer:
         self.server_config = ServerConfig.from_config(config, **self._engine_overrides(config))
         self.hostname = config.get("myhostname") or "localhost"
         self.mail_name = config.get("mail_name") or "postwell"
+        # notify_classes: the error classes whose sessions are mailed to the postmaster.
+        self.notify_mask = notify_classes(config)
+        self.history_threshold = _int(config, "smtpd_history_flush_threshold", 100)
         self.banner = config.get("smtpd_banner") or f"{self.hostname} ESMTP {self.mail_name}"
         self.timeout = _time(config, "smtpd_timeout", 300.0)
         self.peername_lookup = (config.get("smtpd_peername_lookup") or "yes").lower() != "no"
