@@ -564,3 +564,36 @@ def test_filter_delivery_lines_match_postfix(tmp_path):
     finally:
         harness.stop_side_by_side([ref, pw])
         sink.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not harness.is_root(), reason="drops privileges: needs root")
+def test_access_map_redirect_and_bcc_act_on_the_message(tmp_path):
+    """check_*_access REDIRECT and BCC are not just logged: the smtpd hands them to
+    cleanup, which rewrites the recipients (REDIRECT) or adds one (BCC), as Postfix."""
+    vd = harness.VIRTUAL_DOMAIN
+    inst = harness.PostwellInstance(tmp_path, name="access-actions")
+    try:
+        inst.main_cf = {
+            "smtpd_recipient_restrictions":
+                f"check_recipient_access inline:{{{{alice@{vd} = REDIRECT bob@{vd}}}}}, "
+                "permit_mynetworks, reject_unauth_destination",
+            "smtpd_sender_restrictions":
+                f"check_sender_access inline:{{{{copy@remote.example = BCC alice@{vd}}}}}"}
+        inst.write_config()
+        inst.start()
+        with smtplib.SMTP("127.0.0.1", inst.port, timeout=20) as s:
+            s.sendmail("s@remote.example", [f"alice@{vd}"], b"Subject: redirected\r\n\r\none\r\n")
+        got = inst.wait_maildir("bob", 1, timeout=30)
+        assert b"Subject: redirected" in got[0].read_bytes()
+        with smtplib.SMTP("127.0.0.1", inst.port, timeout=20) as s:
+            s.sendmail("copy@remote.example", [f"bob@{vd}"], b"Subject: copied\r\n\r\ntwo\r\n")
+        inst.wait_maildir("bob", 2, timeout=30)
+        got = inst.wait_maildir("alice", 1, timeout=30)
+        assert b"Subject: copied" in got[0].read_bytes()
+        inst.wait_queue_empty(30)
+        # The redirected message reached bob only.
+        assert len(inst.wait_maildir("alice", 1, timeout=5)) == 1
+    finally:
+        inst.stop()
+        inst.cleanup()

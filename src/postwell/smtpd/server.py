@@ -1327,6 +1327,15 @@ class SmtpdSession(asyncio.Protocol):
                 return
             if getattr(state, "hold", False) and hasattr(cs, "set_hold"):
                 cs.set_hold()       # HOLD from an access map: queued into hold/, not delivered
+            # FILTER, REDIRECT and BCC from an access map act on the message as in Postfix
+            # (cleanup's header/body checks may still replace the filter or the redirect).
+            if state.filter and hasattr(cs, "set_filter"):
+                cs.set_filter(state.filter)
+            if state.redirect and hasattr(cs, "set_redirect"):
+                cs.set_redirect(state.redirect)
+            if state.bcc and hasattr(cs, "add_bcc"):
+                for address in state.bcc:
+                    cs.add_bcc(address)
             try:
                 reply = await cs.finish()
             except Exception as exc:
