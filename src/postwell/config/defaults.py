@@ -28,6 +28,7 @@ DEFAULTS: dict[str, str] = {
     "process_id_directory": "pid",
     "service_throttle_time": "60s",
     "default_process_limit": "100",
+    "defer_transports": "",
     "inet_interfaces": "all",
     "inet_protocols": "all",
     "minimal_backoff_time": "300s",

@@ -43,6 +43,12 @@ removed file, which frees its blocks and may wait for the journal, goes to a
 background thread (``close_later``).  Steps that fsync still go to threads;
 those of messages that start or finish in one event-loop turn share one
 hand-off (``_Batcher``).
+
+defer_transports: after routing (resolver or content filter), recipients of
+a listed transport go to the retry service ("4.3.2 deferred transport"),
+unless the pass is a flush: a forced deferred-queue run (postqueue -f,
+sendmail -q, SIGUSR1) or a message that postqueue -i/-s put back into
+incoming/ (it still has its defer log).  See _defer_transports.
 """
 
 from __future__ import annotations
@@ -95,6 +101,9 @@ STATE_THREADS = 8              # threads that only make delivery outcomes durabl
 # request attributes: the smtp agent sends them on (RFC 3461 4.3/4.4, RFC 6531,
 # RFC 6152), local(8) keeps them on a forwarded copy.
 ENVELOPE_PARAMS = ("ret", "envid", "smtputf8", "body")
+# Where a recipient of a deferred transport goes (QMGR_REDIRECT in Postfix's
+# qmgr): the retry service's nexthop is the DSN status and the reason.
+DEFERRED_TRANSPORT_ROUTE = ("retry", "4.3.2 deferred transport")
 # Agents that reach a next hop over the network: only their deliveries give
 # negative concurrency feedback (a destination where no server answered).
 NETWORK_COMMANDS = frozenset({"smtp", "relay", "lmtp"})
@@ -196,6 +205,9 @@ class QueueManager:
         self.delay_warning = config.get_time("delay_warning_time", "h")
         self._cleanup = None
         self.myhostname = config.get("myhostname") or "localhost"
+        # defer_transports: master.cf service names whose mail waits for a
+        # flush (postconf(5)); empty (the default) costs nothing per message.
+        self.defer_transports = frozenset(config.get_list("defer_transports"))
 
     # ---------------------------------------------------------------- agents
     def _service_for(self, transport: str):
@@ -220,7 +232,12 @@ class QueueManager:
             return self._agents[transport]
         svc = self._service_for(transport)
         command = svc.command if svc else transport
-        cls = agent_class(command)
+        if command == "error" and svc is not None and svc.name == "retry":
+            # error(8) started as the "retry" service defers instead of
+            # bouncing (Postfix's error.c checks its service name).
+            cls = agent_class("retry")
+        else:
+            cls = agent_class(command)
         agent = None
         if cls is not None:
             cfg = self.config
@@ -443,9 +460,11 @@ class QueueManager:
             # postsuper -e on a message that was being delivered: it went back
             # to deferred/ with a retry time, but it is to be returned now.
             return path_expired(self.store.path("deferred", qid))
-        return self._claim("deferred", due)
+        # A flush (postqueue -f, sendmail -q) also overrides defer_transports
+        # for the messages it brings back (Postfix's QMGR_FLUSH_DFXP).
+        return self._claim("deferred", due, flush=force)
 
-    def _claim(self, queue_name: str, want) -> list[str]:
+    def _claim(self, queue_name: str, want, flush: bool = False) -> list[str]:
         started = []
         if len(self._in_progress) >= self.active_limit:
             return started
@@ -456,12 +475,12 @@ class QueueManager:
             if qid in self._in_progress or (want is not None and not want(qid)):
                 continue
             started.append(qid)
-            self._start(qid, queue_name)
+            self._start(qid, queue_name, flush)
         return started
 
-    def _start(self, qid: str, queue_name: str = "active") -> None:
+    def _start(self, qid: str, queue_name: str = "active", flush: bool = False) -> None:
         self._in_progress.add(qid)
-        task = asyncio.get_running_loop().create_task(self._run_message(qid, queue_name))
+        task = asyncio.get_running_loop().create_task(self._run_message(qid, queue_name, flush))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -470,7 +489,7 @@ class QueueManager:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _run_message(self, qid: str, queue_name: str = "active") -> None:
+    async def _run_message(self, qid: str, queue_name: str = "active", flush: bool = False) -> None:
         try:
             # Bounded number of open queue files (fds) however long the queue is.
             async with self._open_sem:
@@ -497,7 +516,13 @@ class QueueManager:
                     self._corrupt(qid, qm)
                     return
                 try:
-                    await self._process(qid, qm, self.clock(), warned)
+                    if not flush and queue_name == "incoming" and self.defer_transports:
+                        # postqueue -i/-s (Postfix's flush(8)) hand a deferred
+                        # message back through incoming/ with its defer log
+                        # (new mail has none, postsuper -r drops it): that is
+                        # a flush too, decided only if a transport is deferred.
+                        flush = partial(os.path.exists, self.store.path("defer", qid))
+                    await self._process(qid, qm, self.clock(), warned, flush=flush)
                 finally:
                     # The last close of a removed file frees its blocks (ext4:
                     # truncate and orphan list, often a wait for the journal):
@@ -580,7 +605,7 @@ class QueueManager:
             return
         raise exc
 
-    async def _process(self, qid, qm, active_time, warned=None) -> None:
+    async def _process(self, qid, qm, active_time, warned=None, flush=False) -> None:
         sender = qm.sender or ""
         all_rcpts = list(qm.recipients)
         arrival = float(getattr(qm, "arrival_time", active_time))
@@ -620,6 +645,8 @@ class QueueManager:
                 continue
             rc.nexthop_recipient = getattr(res, "recipient", None) or rc.address
             groups[(res.transport, res.nexthop or "")].append((r, rc))
+        if self.defer_transports:
+            groups = self._defer_transports(groups, flush)
 
         deferred: list[tuple[object, RecipientResult]] = []
         if warned is None:
@@ -735,6 +762,31 @@ class QueueManager:
             # the file back to be removed again, so no directory fsync.
             await self._blocking(partial(self.store.remove, qid, sync=False))
             self.log.info(f"{qid}: removed")
+
+    def _defer_transports(self, groups, flush):
+        """Postfix's qmgr_message_resolve(): unless this pass is a flush, the
+        recipients of a transport in defer_transports (also a content
+        filter's) are redirected to the retry service with "4.3.2 deferred
+        transport", so they are logged (relay=none, status=deferred) and
+        retried like any other deferral.  ``flush``: a bool, or a callable
+        asked once, only when some recipient's transport is deferred."""
+        hit = [key for key in groups if key[0] in self.defer_transports]
+        if not hit:
+            return groups
+        if callable(flush):
+            try:
+                flush = flush()
+            except Exception:
+                flush = False
+        if flush:
+            return groups
+        out = defaultdict(list)
+        for key, items in groups.items():
+            if key[0] in self.defer_transports:
+                out[DEFERRED_TRANSPORT_ROUTE].extend(items)
+            else:
+                out[key].extend(items)
+        return out
 
     async def _force_expire(self, qid, qm, sender, arrival, active_time, pending) -> None:
         """postsuper -e/-f (see qmgr/expire.py): no delivery; every pending
