@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pwd
@@ -13,8 +14,12 @@ import time
 from typing import Callable
 
 from ..cleanup import Cleanup
-from ..cleanup.service import mail_date
+from ..cleanup.addresses import ADDRESS_HEADERS, rewrite_header
+from ..cleanup.service import REPLY_TOO_BIG, _quote_local, mail_date
+from ..dsn.notice import FAILURE, DsnRecipient, render_notice
+from ..dsn.submit import is_double_bounce, wants
 from ..fdutil import drain
+from ..qmgr.logfmt import format_delay
 from ..queue import QueueStore, fsync_dir
 from .maildrop import (
     MAX_ENVELOPE, NAME_RE, TMP_PREFIX, MaildropFile, MaildropFormatError, read_maildrop,
@@ -31,6 +36,7 @@ _SCAN_LINE_LIMIT = 4096      # header name detection never needs more than this 
 KEEP = "keep"                # try again at the next scan (temporary trouble)
 DONE = "done"                # queued: the maildrop file has been removed
 CORRUPT = "corrupt"          # moved aside to corrupt/
+BOUNCED = "bounced"          # refused by cleanup: returned to the sender, file removed
 
 
 class _FromInserter:
@@ -116,11 +122,13 @@ class Pickup:
     """One pickup instance (one per process); ``run_once`` is one scan."""
 
     def __init__(self, config, log, *, store: QueueStore | None = None, cleanup: Cleanup | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, cleanup_log=None, bounce_log=None):
         self.config = config
         self.log = log
         self.store = store or QueueStore.from_config(config)
-        self.cleanup = cleanup or Cleanup(config, self.store, log)
+        self.cleanup = cleanup or Cleanup(config, self.store, cleanup_log or log)
+        # Postfix's bounce daemon logs "ID: sender non-delivery notification: NEWID".
+        self.bounce_log = bounce_log or log
         self.clock = clock
         self.maildrop = self.store.path("maildrop")
         self.message_size_limit = _int(config, "message_size_limit", 10240000)
@@ -282,8 +290,9 @@ class Pickup:
             return KEEP
         if reply.code != 250:
             if reply.code >= 500:
-                # Postfix's cleanup would bounce here; we keep the file for the postmaster.
-                return self._corrupt(name, uid, f"{reply.text}")
+                # Postfix's pickup asks cleanup with CLEANUP_FLAG_BOUNCE: a refused
+                # message goes back to its sender instead of to the postmaster.
+                return self._bounce(name, uid, md, cs, reply, mtime)
             self.log.warning(f"maildrop/{name}: {reply.text} -- will try again later")
             return KEEP
         # Only now is the message safe in the queue (cleanup's durable commit).
@@ -295,6 +304,175 @@ class Pickup:
             self.log.warning(f"{qid}: remove maildrop/{name}: {exc.strerror}")
         # cleanup's commit has already woken the qmgr (public/qmgr).
         return DONE
+
+    # -- refused by cleanup: return to sender (Postfix's cleanup_bounce) ------------
+    def _bounce(self, name: str, uid: int, md: MaildropFile, cs, reply, mtime: float) -> str:
+        env = md.envelope
+        qid = cs.queue_id
+        clog = self.cleanup.log
+        dsn, reason = bounce_reason(reply)
+        if reply.code == REPLY_TOO_BIG.code and dsn == REPLY_TOO_BIG.enhanced:
+            clog.warning(f"{qid}: queue file size limit exceeded")
+        try:
+            headers, message_id = self._returned_headers(md, env, uid, qid, mtime, cs)
+        except MaildropFormatError as exc:
+            return self._corrupt(name, uid, f"malformed maildrop file: {exc.reason}")
+        except OSError as exc:
+            self.log.warning(f"maildrop/{name}: read error: {exc.strerror}")
+            return KEEP
+        if message_id and not getattr(cs, "_id_logged", False):
+            # Postfix's cleanup reads the rest of the header after a REJECT when it
+            # must bounce, so the message-id line follows the reject line.
+            clog.info(f"{qid}: message-id={message_id}")
+        now = self.clock()
+        delay = format_delay(now - mtime)
+        returned: list[DsnRecipient] = []
+        seen: set = set()
+        for i, given in enumerate(env.recipients):
+            addr = self.cleanup.qualify(given)
+            notify = env.rcpt_notify.get(i, env.notify)
+            orcpt = env.rcpt_orcpt.get(i)
+            key = (addr, notify or "", orcpt or "")
+            if key in seen:
+                continue    # cleanup's duplicate filter: one line, one report
+            seen.add(key)
+            orig = f", orig_to=<{given}>" if given != addr else ""
+            clog.info(f"{qid}: to=<{addr}>{orig}, relay=none, delay={delay}, "
+                      f"delays={delay}/0/0/0, dsn={dsn}, status=bounced ({reason})")
+            if wants(notify, "FAILURE"):   # RFC 3461 4.1
+                # Postfix's cleanup records the rewritten address as the ORCPT.
+                returned.append(DsnRecipient(addr, dsn, reason, orig=given,
+                                             orcpt=orcpt or f"rfc822;{addr}"))
+        sender = cs.sender
+        if returned and sender and not is_double_bounce(self.config, sender):
+            data = render_notice(self.config, kind=FAILURE, queue_id=qid, sender=sender,
+                                 arrival_time=mtime, recipients=returned,
+                                 original=lambda: [headers], content_size=len(headers),
+                                 ret=env.ret, envid=env.envid, full=False, now=now)
+            result = self._post_notice(qid, sender, data)
+            if result == KEEP:
+                return KEEP
+            if result == CORRUPT:
+                self._move_aside(name)
+                return CORRUPT
+        # A null sender (or NOTIFY=NEVER) gets no notice: the message is dropped,
+        # its to= lines being the record (as Postfix).  The maildrop file goes only
+        # now, after the notice's durable commit.
+        self._remove(name, qid)
+        return BOUNCED
+
+    def _post_notice(self, qid: str, sender: str, data: bytes) -> str:
+        """Queue the notice from the null sender; DONE once it is durable."""
+        try:
+            ns = self.cleanup.open(rewrite_local=True)
+        except Exception as exc:
+            self.log.warning(f"{qid}: cannot queue sender non-delivery notification: {exc}")
+            return KEEP
+        try:
+            ns.set_sender("")
+            ns.add_recipient(sender)
+            ns.write(data)
+            answer = ns.finish_sync()
+        except Exception as exc:
+            ns.abort()
+            self.log.warning(f"{qid}: cannot queue sender non-delivery notification: {exc!r}")
+            return KEEP
+        if answer.code == 250:
+            self.bounce_log.info(f"{qid}: sender non-delivery notification: {ns.queue_id}")
+            return DONE
+        if answer.code < 500:
+            self.log.warning(f"{qid}: bounce message failure: {answer.text} -- will try again later")
+            return KEEP
+        # Postfix retries such a file forever; keep it for the postmaster instead.
+        self.log.warning(f"{qid}: bounce message failure: {answer.text} -- moved to corrupt/")
+        return CORRUPT
+
+    def _remove(self, name: str, qid: str) -> None:
+        try:
+            os.unlink(os.path.join(self.maildrop, name))
+            fsync_dir(self.maildrop)
+        except OSError as exc:
+            self.log.warning(f"{qid}: remove maildrop/{name}: {exc.strerror}")
+
+    def _returned_headers(self, md: MaildropFile, env, uid: int, qid: str, mtime: float,
+                          cs) -> tuple[bytes, str | None]:
+        """The header block a notice returns, as cleanup would have stored it:
+        Return-Path, our Received:, the message's own headers (at most
+        header_size_limit bytes) and the headers cleanup adds when missing."""
+        limit = self.cleanup.header_size_limit
+        fields: list[list] = []       # [name (lower), length of name as written, bytes]
+        size = 0
+        names: set[bytes] = set()
+        message_id = None
+        pend = bytearray()
+        first = True
+        ended = False
+
+        def take(line: bytes) -> bool:
+            nonlocal first, size
+            was_first, first = first, False
+            if line == b"" or (line[:1] in (b" ", b"\t") and was_first):
+                return False
+            if line[:1] in (b" ", b"\t"):
+                if size + len(line) < limit:
+                    fields[-1][2] += b"\n" + line
+                    size += len(line) + 1
+                return True
+            m = _HEADER_RE.match(line)
+            if not m:
+                return False
+            hname = line[:m.end()].rstrip(b": \t").lower()
+            names.add(hname)
+            if size + len(line) < limit:
+                fields.append([hname, len(line[:m.end()].rstrip(b": \t")), bytearray(line)])
+                size += len(line) + 1
+            return True
+
+        for chunk in md.iter_content():
+            pend += chunk
+            while not ended:
+                nl = pend.find(b"\n")
+                if nl < 0:
+                    if len(pend) > limit:    # one endless line: cleanup cuts it too
+                        ended = not take(bytes(pend[:_SCAN_LINE_LIMIT]).rstrip(b"\r"))
+                        pend.clear()
+                    break
+                line = bytes(pend[:nl]).rstrip(b"\r")
+                del pend[:nl + 1]
+                ended = not take(line)
+            if ended:
+                break
+        if not ended and pend:
+            take(bytes(pend).rstrip(b"\r"))
+        block = bytearray()
+        for hname, name_len, raw in fields:
+            raw = bytes(raw)
+            if hname == b"message-id" and message_id is None:
+                value = raw[raw.index(b":") + 1:].replace(b"\n", b"").strip()
+                message_id = value.decode("utf-8", "replace") or None
+            if env.rewrite == "local" and hname.decode("ascii", "replace") in ADDRESS_HEADERS:
+                raw = rewrite_header(raw, name_len, self.cleanup.myorigin) or raw
+            block += raw + b"\n"
+        resent = any(n.startswith(b"resent-") for n in names)
+        pre = "Resent-" if resent else ""
+        extra = []
+        if pre.lower().encode() + b"message-id" not in names:
+            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(cs.arrival_time))
+            message_id = f"<{stamp}.{qid}@{self.cleanup.myhostname}>"
+            extra.append(f"{pre}Message-Id: {message_id}\n".encode())
+        if pre.lower().encode() + b"date" not in names:
+            extra.append(f"{pre}Date: {mail_date(mtime)}\n".encode())
+        if env.fullname and env.sender and env.rewrite == "local":
+            extra.append(self._from_header(names, dataclasses.replace(env, sender=cs.sender),
+                                           (self.config.get("header_from_format") or
+                                            "standard").strip().lower() == "obsolete"))
+        elif pre.lower().encode() + b"from" not in names:
+            extra.append(f"{pre}From: {_quote_local(cs.sender or 'MAILER-DAEMON')}\n"
+                         .encode("utf-8", "surrogateescape"))
+        top = (f"Return-Path: <{cs.sender}>\n"
+               f"Received: by {self.myhostname} ({self.mail_name}, from userid {uid})\n"
+               f"\tid {qid}; {mail_date(mtime)}\n").encode("utf-8", "surrogateescape")
+        return top + bytes(block) + b"".join(extra), message_id
 
     def _copy_content(self, md: MaildropFile, cs, env) -> None:
         inserter = None
@@ -322,6 +500,16 @@ class Pickup:
             return f"{label}: {env.sender} ({comment})\n".encode("utf-8", "surrogateescape")
         # header_from_format = standard: "Full Name <address>" (RFC 5322 3.4).
         return f"{label}: {_phrase(env.fullname)} <{env.sender}>\n".encode("utf-8", "surrogateescape")
+
+
+def bounce_reason(reply) -> tuple[str, str]:
+    """The dsn and text of a cleanup refusal as the bounce logs them: the reply
+    without smtpd's "Error: " wording ("message file too big")."""
+    text = str(getattr(reply, "text", "") or "").strip()
+    if text.startswith("Error: "):
+        text = text[len("Error: "):]
+    dsn = getattr(reply, "enhanced", None) or "5.0.0"
+    return dsn, text or "message content rejected"
 
 
 _ATOM_OK = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ \x80-\U0010ffff]*$")
@@ -442,11 +630,15 @@ def serve(config, *, log=None, wakeup: float | None = None) -> None:
     mail_owner.  Scans at start, on every byte written into public/pickup and
     every ``wakeup`` seconds (master.cf's wakeup field, 60 by default).
     Returns after SIGTERM, once the file in progress is queued."""
+    extra = {}
     if log is None:
         from ..log import MailLog
         log = MailLog.from_config(config, "pickup")
+        # cleanup's and the bounce daemon's lines under their own names, as in Postfix.
+        extra = {"cleanup_log": MailLog.from_config(config, "cleanup"),
+                 "bounce_log": MailLog.from_config(config, "bounce")}
     interval = wakeup if wakeup is not None else _wakeup_interval(config)
-    pickup = Pickup(config, log)
+    pickup = Pickup(config, log, **extra)
     fifo = prepare_public(pickup.store.queue_directory, log)
     # O_RDWR: the FIFO never reports EOF while no sendmail has it open (Linux).
     ffd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
