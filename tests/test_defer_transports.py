@@ -26,17 +26,10 @@ from postwell.log import NullLog
 from postwell.qmgr.filter import FILTER_ATTRIBUTE
 from postwell.qmgr.manager import QueueManager
 from postwell.queue import QueueStore
+from test_qmgr import FakeClock
 
 DEFERRED_LINE = (r"{qid}: to=<{rcpt}>, relay=none, delay=[\d.]+, delays=[\d./]+, "
                  r"dsn=4\.3\.2, status=deferred \(deferred transport\)")
-
-
-class FakeClock:
-    def __init__(self, t=1_800_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 class Resolver:
