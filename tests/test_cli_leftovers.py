@@ -144,7 +144,11 @@ def test_terminal_decides_where_postfix_script_words_go(tmp_path, monkeypatch, c
                                  f"data_directory = {tmp_path}/data\n"
                                  f"maillog_file = {tmp_path}/maillog\n")
     (etc / "master.cf").write_text("")
-    monkeypatch.delenv("MAIL_CONFIG", raising=False)
+    # postfix(1) exports MAIL_CONFIG for its helpers: set-then-delete makes monkeypatch
+    # restore the variable's original state afterwards (the reference tools of later
+    # tests in this worker read it).
+    monkeypatch.setenv("MAIL_CONFIG", str(etc))
+    monkeypatch.delenv("MAIL_CONFIG")
     assert postfix_cli.main(["-c", str(etc), "status"]) == 1
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(postfix_cli, "_stderr_is_tty", lambda: True)
