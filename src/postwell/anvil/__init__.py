@@ -811,6 +811,16 @@ class SmtpdLimits:
             session.anvil_generation = None
             self.client.disconnect(self.service, session.addr, gen)
 
+    async def disconnect_settled(self, session) -> None:
+        """disconnect(), and return once anvil has counted it (as Postfix's synchronous
+        anvil client): the client's next connection may reach another worker, whose
+        "connect" anvil could otherwise read first and count this one still open.  A
+        request on the same stream after the disconnect is answered only after it."""
+        if getattr(session, "anvil_generation", None) is None:
+            return
+        self.disconnect(session)
+        await self.client.request("lookup", self.service, session.addr)
+
     async def _rate(self, session, limit: int, verb: str) -> int | None:
         if not limit:
             return None

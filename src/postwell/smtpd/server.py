@@ -608,7 +608,7 @@ class SmtpdSession(asyncio.Protocol):
                 if srv.limits is not None:
                     # Tell anvil before the last reply leaves: the client's next
                     # connection must not find this one still counted.
-                    srv.limits.disconnect(self)
+                    await srv.limits.disconnect_settled(self)
                 if conn.transcript:
                     # The postmaster notice is queued before the last reply leaves, so
                     # a client that saw "221" finds no queue file still being written.
@@ -1654,9 +1654,9 @@ class SmtpdServer:
                 got = UNAVAILABLE
             if got is not UNAVAILABLE:
                 if got is not None:
-                    # Released before the 421 leaves, so the client's next attempt
-                    # sees the count without this refused session.
-                    self.limits.disconnect(session)
+                    # Released (and counted by anvil) before the 421 leaves, so the
+                    # client's next attempt sees the count without this refused session.
+                    await self.limits.disconnect_settled(session)
                 return got
         if not local:
             return None
