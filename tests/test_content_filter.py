@@ -30,7 +30,7 @@ from postwell.log import NullLog
 from postwell.qmgr.filter import FILTER_ATTRIBUTE, REDIRECT_ATTRIBUTE, filter_route, message_filter
 from postwell.qmgr.manager import QueueManager
 from postwell.queue import QueueStore
-from test_qmgr import FakeClock
+from test_qmgr import queue_env
 
 T0 = 1_795_932_674.5
 
@@ -105,12 +105,7 @@ class RecordingAgent(DeliveryAgent):
 
 @pytest.fixture
 def qenv(tmp_path):
-    qdir = tmp_path / "queue"
-    params = {"queue_directory": str(qdir), "myhostname": "mx.demo.test"}
-    cfg = Config(str(tmp_path), params, {}, [])
-    clock = FakeClock()
-    store = QueueStore(str(qdir), clock=clock)
-    store.ensure_layout()
+    qdir, cfg, clock, store = queue_env(tmp_path)
     logs = {}
     resolver = ForbiddenResolver()
     okay, scan = RecordingAgent("okay"), RecordingAgent("scan")

@@ -18,15 +18,13 @@ from types import SimpleNamespace
 import pytest
 
 import harness
-from postwell.config.main import Config
 from postwell.config.master import MasterService
 from postwell.delivery.base import DeliveryAgent, RecipientResult
 from postwell.delivery.simple import RetryAgent
 from postwell.log import NullLog
 from postwell.qmgr.filter import FILTER_ATTRIBUTE
 from postwell.qmgr.manager import QueueManager
-from postwell.queue import QueueStore
-from test_qmgr import FakeClock
+from test_qmgr import queue_env
 
 DEFERRED_LINE = (r"{qid}: to=<{rcpt}>, relay=none, delay=[\d.]+, delays=[\d./]+, "
                  r"dsn=4\.3\.2, status=deferred \(deferred transport\)")
@@ -54,12 +52,7 @@ class Recording(DeliveryAgent):
 
 @pytest.fixture
 def env(tmp_path):
-    qdir = tmp_path / "queue"
-    params = {"queue_directory": str(qdir), "myhostname": "mx.demo.test"}
-    cfg = Config(str(tmp_path), params, {}, [])
-    clock = FakeClock()
-    store = QueueStore(str(qdir), clock=clock)
-    store.ensure_layout()
+    qdir, cfg, clock, store = queue_env(tmp_path)
     logs = {}
     agents = {"smtp": Recording("smtp"), "relay": Recording("relay"), "okay": Recording("okay"),
               "scan": Recording("scan")}

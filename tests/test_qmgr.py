@@ -50,14 +50,20 @@ class TmpAgent(DeliveryAgent):
         return [RecipientResult.deferred(r, "mailbox busy", "virtual", "4.2.0") for r in req.recipients]
 
 
-@pytest.fixture
-def env(tmp_path):
+def queue_env(tmp_path):
+    """The queue directory, a config naming it, the fake clock and a store using it."""
     qdir = tmp_path / "queue"
     params = {"queue_directory": str(qdir), "myhostname": "mx.demo.test"}
     cfg = Config(str(tmp_path), params, {}, [])
     clock = FakeClock()
     store = QueueStore(str(qdir), clock=clock)
     store.ensure_layout()
+    return qdir, cfg, clock, store
+
+
+@pytest.fixture
+def env(tmp_path):
+    qdir, cfg, clock, store = queue_env(tmp_path)
     logs = {}
 
     def agent_log(name):
