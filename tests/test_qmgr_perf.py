@@ -64,16 +64,17 @@ class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
         return super().submit(fn, *args, **kw)
 
 
-def make_env(tmp_path):
+def make_env(tmp_path, store_class=RecordingStore, agent=None):
+    """A qmgr on a fresh queue whose only transport "okay" is ``agent`` (OkAgent)."""
     qdir = tmp_path / "queue"
     cfg = Config(str(tmp_path), {"queue_directory": str(qdir), "myhostname": "mx.demo.test",
                                  "mydomain": "demo.test", "myorigin": "$mydomain"}, {}, [])
-    store = RecordingStore(str(qdir), clock=lambda: T0)
+    store = store_class(str(qdir), clock=lambda: T0)
     store.ensure_layout()
     logs = {}
-    agent = OkAgent()
+    agent = OkAgent() if agent is None else agent
 
-    def agent_log(name):
+    def agent_log(name, **kw):
         return logs.setdefault(name, NullLog(name))
     qm = QueueManager(cfg, store, log=agent_log("qmgr"), clock=lambda: T0, resolver=Resolver(),
                       bounce_log=agent_log("bounce"), agent_logs=agent_log, agents={"okay": agent})

@@ -61,18 +61,30 @@ def test_queue_id_format(store):
     assert os.listdir(store.path("incoming")) == []
 
 
-def test_id_collision_in_other_queue_picks_next_id(store, monkeypatch):
-    # A stray file already carries the id this inode would get (restored backup...).
+def test_id_collision_in_other_queue_is_prevented_by_the_start_up_rename(store, monkeypatch):
+    # A stray file carries the id this inode would get (restored backup...).  create()
+    # looks only into incoming/ (issue 8); the qmgr's start-up renames any file whose
+    # name does not carry its inode number, so no such clash is left for it to meet.
+    stray = store.path("deferred", "1E240ABC")
+    with open(stray, "wb") as f:
+        f.write(b"restored")
+    ino = os.stat(stray).st_ino
+    assert ino != 0xABC
+    new = make_queue_id(0x1E240, ino)
+    assert store.rename_misnamed() == [("deferred", "1E240ABC", new)]
+    assert store.rename_misnamed() == []
+    with open(store.path("deferred", new), "rb") as f:
+        assert f.read() == b"restored"
+
     class St:
         st_ino = 0xABC
         st_mode = stat.S_IFREG | 0o600
     real_fstat = os.fstat
     monkeypatch.setattr(os, "fstat", lambda fd: St())
-    open(store.path("deferred", "1E240ABC"), "wb").close()
     m = store.create()
     monkeypatch.setattr(os, "fstat", real_fstat)
-    assert m.queue_id == "1E241ABC"            # next microsecond value, same inode
-    assert os.path.getsize(store.path("deferred", "1E240ABC")) == 0   # untouched
+    assert m.queue_id == "1E240ABC"
+    assert not os.path.exists(stray)
     m.abort()
 
 

@@ -96,6 +96,9 @@ SAFETY_SCAN_INTERVAL = 5.0     # seconds between incoming/ scans without a wake-
 WAKE_BATCH = 0.015             # seconds: wake-ups within this window share one incoming/ scan
 OPEN_MESSAGE_LIMIT = 500       # messages being delivered at once (each holds its queue file open)
 STATE_THREADS = 8              # threads that only make delivery outcomes durable
+# Ids with a defer/ or bounce/ log kept in memory (see QueueManager._no_logs) up to
+# this many; beyond it every message asks the file system again.
+LOG_ID_LIMIT = 100_000
 
 # Envelope parameters (QueuedMessage.params) the agents read among the
 # request attributes: the smtp agent sends them on (RFC 3461 4.3/4.4, RFC 6531,
@@ -208,6 +211,12 @@ class QueueManager:
         # defer_transports: master.cf service names whose mail waits for a
         # flush (postconf(5)); empty (the default) costs nothing per message.
         self.defer_transports = frozenset(config.get_list("defer_transports"))
+        # Ids that may have a defer/ or bounce/ log (issue 8): read at start-up by
+        # run() and grown by every log this qmgr writes (nothing else creates
+        # one; a new message's leftover logs are removed by create()), so a
+        # message outside it is finished without looking for logs: no failing
+        # open of bounce/ID and no failing unlinks.  None: unknown, always look.
+        self._log_ids: set[str] | None = None
 
     # ---------------------------------------------------------------- agents
     def _service_for(self, transport: str):
@@ -761,6 +770,8 @@ class QueueManager:
             # Every recipient is durably marked done: a crash can only bring
             # the file back to be removed again, so no directory fsync.
             await self._blocking(partial(self.store.remove, qid, sync=False))
+            if self._log_ids is not None:
+                self._log_ids.discard(qid)      # its logs went with it
             self.log.info(f"{qid}: removed")
 
     def _defer_transports(self, groups, flush):
@@ -934,6 +945,8 @@ class QueueManager:
         queued.  The logged recipient is the queue recipient itself or, for
         an expanded one, the final address with the original in orig."""
         wanted = self._wanted_entries(bounce_entries)
+        if wanted or defer_entries:
+            self._note_log(qid)
         for i, (_, who, res, action, reason) in enumerate(wanted):
             self.store.append_bounce_log(qid, who, res.dsn, reason, action=action,
                                          sync=(i == len(wanted) - 1))
@@ -956,7 +969,7 @@ class QueueManager:
         unsynced = False
         try:
             if done and not defer_entries and not self._wanted_entries(bounce_entries) \
-                    and not self.store.read_bounce_log(qid):
+                    and (self._no_logs(qid) or not self.store.read_bounce_log(qid)):
                 qm.mark_done(done, sync=False)
                 unsynced = True
                 self._remove_done(qid, qm)
@@ -982,21 +995,33 @@ class QueueManager:
         if not done or defer_entries or self._wanted_entries(bounce_entries):
             return False
         try:
-            if self.store.read_bounce_log(qid):
+            if not self._no_logs(qid) and self.store.read_bounce_log(qid):
                 return False
             qm.mark_done(done, sync=False)
             # No close here: _run_message hands the file to the closer thread.
-            if not self.store.remove(qid, "active", sync=False):
-                self.store.remove(qid, sync=False)     # moved meanwhile (postsuper)
+            self._remove_done(qid)
         except OSError:
             return False
         return True
+
+    def _no_logs(self, qid: str) -> bool:
+        """True when ``qid`` surely has neither a defer/ nor a bounce/ log."""
+        ids = self._log_ids
+        return ids is not None and qid not in ids
+
+    def _note_log(self, qid: str) -> None:
+        """Before this qmgr writes a defer/ or bounce/ log of ``qid``."""
+        ids = self._log_ids
+        if ids is not None:
+            ids.add(qid)
+            if len(ids) > LOG_ID_LIMIT:
+                self._log_ids = None
 
     def _finish(self, qid, qm=None):
         """A message whose recipients are all durably done: removed, unless
         bounce/ID has entries (this or an earlier pass may have left some),
         which are returned for the notices."""
-        entries = self.store.read_bounce_log(qid)
+        entries = None if self._no_logs(qid) else self.store.read_bounce_log(qid)
         if entries:
             return entries
         self._remove_done(qid, qm)
@@ -1006,8 +1031,12 @@ class QueueManager:
         # Every recipient is marked done: a crash can only bring the file
         # back to be removed again (or, for unsynced marks after an OS crash,
         # delivered once more), so no directory fsync.
-        if not self.store.remove(qid, "active", sync=False):
-            self.store.remove(qid, sync=False)     # moved meanwhile (postsuper)
+        logs = not self._no_logs(qid)
+        kw = {} if logs else {"logs": False}
+        if not self.store.remove(qid, "active", sync=False, **kw):
+            self.store.remove(qid, sync=False, **kw)     # moved meanwhile (postsuper)
+        if logs and self._log_ids is not None:
+            self._log_ids.discard(qid)
         if qm is not None:
             # The last close of an unlinked file frees its blocks (a journal
             # update): here on the I/O thread, not on the event loop.
@@ -1040,6 +1069,7 @@ class QueueManager:
         """Durably record that the one delay warning went out (a free entry in
         defer/ID, which leaves the queue with the message)."""
         entry = {"delay_warning": "sent", "time": str(int(self.clock()))}
+        self._note_log(qid)
         fd = os.open(self.store.path("defer", qid), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, qformat.pack_log_entry(entry))
@@ -1200,6 +1230,7 @@ class QueueManager:
             fd = _open_fifo(fifo_path)
             if fd is not None:
                 loop.add_reader(fd, self._on_fifo, fd)
+        self._start_up_checks()
         self.recover_active()
         self.scan_incoming()
         self.scan_deferred()
@@ -1242,6 +1273,24 @@ class QueueManager:
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=30)
             await self._close_agents()
+
+    def _start_up_checks(self) -> None:
+        """Before the first scan: misnamed queue files get names that match their
+        inodes (QueueStore.rename_misnamed: what lets create() skip looking into
+        the other queue directories), and the ids with side logs are read."""
+        repair = getattr(self.store, "rename_misnamed", None)
+        if repair is not None:
+            try:
+                for q, old, new in repair():
+                    self.log.warning(f"{q}/{old}: file name does not match its inode number: "
+                                     f"renamed to {new}")
+            except OSError as exc:
+                self.log.warning(f"queue file name check: {exc}")
+        log_ids = getattr(self.store, "log_ids", None)
+        try:
+            self._log_ids = log_ids(LOG_ID_LIMIT) if log_ids is not None else None
+        except OSError:
+            self._log_ids = None
 
     async def _close_agents(self) -> None:
         """Say QUIT on cached SMTP/LMTP connections (bounded), close the rest."""

@@ -19,11 +19,16 @@ on that file system, so no other live queue file can carry the same inode
 suffix.  Inodes are reused after a file is removed; a new file may then get
 the same inode *and* the same microsecond value as a message that left the
 queue long ago.  That repeats an id in the logs over time (as in Postfix) but
-never clashes on disk.  The on-disk clash that can still happen (a leftover
-file with the same name, e.g. after restoring a backup, or a stray file in
-another queue directory) is caught: link(2) refuses to replace an existing
-name (EEXIST), and the other queue directories are checked too; the creator
-then waits for the microsecond clock to move and tries the next id.
+never clashes on disk.  The on-disk clash that can still happen needs a file
+whose name does not carry its own inode number (a queue restored from a
+backup, files copied in).  In incoming/ it is caught by link(2), which refuses
+to replace an existing name (EEXIST): the creator then takes the next
+microsecond value and tries again.  The other queue directories are not
+looked into at each creation (issue 8); instead the qmgr, when it starts,
+renames every queue file whose name does not match its inode to one that does
+(``QueueStore.rename_misnamed``, as Postfix's ``postsuper -s``), with its
+defer/bounce logs.  A new message never inherits a leftover defer/bounce log
+of its id: create() removes any.
 
 File layout
 -----------
@@ -93,7 +98,10 @@ mtime (as Postfix does); rename() keeps mtimes.
 Side logs (``defer/ID`` and ``bounce/ID``) hold one entry per recipient
 attempt: ``name=value`` lines (``recipient``, ``orig_rcpt``, ``status``,
 ``action``, ``reason``, ``time``) ending with an empty line.  Values escape
-``\\`` as ``\\\\`` and newline as ``\\n``.
+``\\`` as ``\\\\`` and newline as ``\\n``.  Only the qmgr creates side logs (others
+only remove them); it reads which ids have one when it starts and notes each
+one it writes, so a message without any is removed without looking for them
+(``QueueStore.remove(logs=False)``).
 """
 
 from __future__ import annotations

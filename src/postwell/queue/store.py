@@ -248,10 +248,18 @@ class CommitBatcher:
     transaction, so the round costs about two journal commits however many
     sessions reached end-of-data meanwhile; each file still gets its own
     fsync before and after its marker (the commit order of queue/format.py).
-    The waiters of one event loop are answered with one wake-up per round.
 
-    The thread owns each fd from ``submit()`` on and closes it; a failed
-    file is also unlinked, so a cancelled waiter can never race the round.
+    Cost per message (issue 8): every system call of the thread gives up the
+    GIL and must win it back from a busy event loop (futex ping-pong, two
+    context switches), so the thread makes only the calls the commit order
+    needs: no open/close of the directory per round (the creator's directory
+    descriptor, which the name was linked through, is fsync'd), no close of
+    the files (their event loop closes them when it takes the answer), and
+    one wake-up per batch: only a submit that finds the thread idle wakes it.
+    The waiters of one event loop are answered with one hand-off per round.
+
+    The round owns each fd from ``submit()`` until the answer; a failed file
+    is unlinked by the thread, so a cancelled waiter can never race the round.
     """
 
     IDLE = 5.0
@@ -259,22 +267,29 @@ class CommitBatcher:
     def __init__(self, directory: str, fsync: Callable[[int], None]) -> None:
         self.directory = directory
         self.fsync = fsync
-        # SimpleQueue: a put() from the event loop costs far less than a Condition.
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._running = False
+        self._pending: list = []
+        self._running = False     # a thread exists (it may be idle)
+        self._idle = False        # ... and waits for a token
+        # A token per wake-up: SimpleQueue's put/get cost far less than a Condition.
+        self._tokens: queue.SimpleQueue = queue.SimpleQueue()
         self._held: dict[asyncio.AbstractEventLoop, list] = {}   # submit_soon(), per loop
         self.rounds = 0           # for tests and benchmarks
+        self.wakeups = 0
 
     def submit_soon(self, fd: int, path: str, loop: asyncio.AbstractEventLoop,
-                    fut: asyncio.Future) -> None:
+                    fut: asyncio.Future, dir_fd: int | None = None, owner=None) -> None:
         """submit() at the end of this event-loop turn, together with every other file
-        of the turn: one wake-up of the thread instead of one per file."""
+        of the turn: one hand-over to the thread instead of one per file.
+
+        ``dir_fd``: the directory the file's name was linked in (fsync'd by the
+        round instead of opening ``directory``); ``owner`` keeps whatever owns
+        that descriptor alive until the answer."""
         held = self._held.get(loop)
         if held is None:
             held = self._held[loop] = []
             loop.call_soon(self._release, loop)
-        held.append((fd, path, loop, fut))
+        held.append((fd, path, loop, fut, dir_fd, owner))
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         held = self._held.pop(loop, None)
@@ -282,38 +297,48 @@ class CommitBatcher:
             self.submit_many(held)
 
     def submit(self, fd: int, path: str, loop: asyncio.AbstractEventLoop,
-               fut: asyncio.Future) -> None:
-        self.submit_many([(fd, path, loop, fut)])
+               fut: asyncio.Future, dir_fd: int | None = None, owner=None) -> None:
+        self.submit_many([(fd, path, loop, fut, dir_fd, owner)])
 
     def submit_many(self, items: list) -> None:
-        self._queue.put(items)
-        with self._lock:      # pairs with the idle exit in _run(): no request is stranded
+        with self._lock:
+            self._pending.extend(items)
             if not self._running:
                 self._running = True
-                threading.Thread(target=self._run, name="qcommit", daemon=True).start()
+                start = True
+            else:
+                start = False
+                if self._idle:
+                    # Only the first submit after the thread went idle wakes it; the
+                    # ones during a round are picked up when the round ends.
+                    self._idle = False
+                    self._tokens.put(None)
+                    self.wakeups += 1
+        if start:
+            threading.Thread(target=self._run, name="qcommit", daemon=True).start()
 
     def _run(self) -> None:
-        q = self._queue
+        tokens = self._tokens
         while True:
-            try:
-                first = q.get(timeout=self.IDLE)
-            except queue.Empty:
-                with self._lock:
-                    if q.empty():
-                        self._running = False
-                        return
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._idle = True
+            if not batch:
+                try:
+                    tokens.get(timeout=self.IDLE)
+                except queue.Empty:
+                    with self._lock:
+                        if self._idle and not self._pending:
+                            self._idle = self._running = False
+                            return
                 continue
-            batch = list(first)
-            try:
-                while True:
-                    batch.extend(q.get_nowait())
-            except queue.Empty:
-                pass
-            errors = self._round([item[0] for item in batch])
+            errors = self._round(batch)
             self._answer(batch, errors)
 
-    def _round(self, fds: list[int]) -> list[BaseException | None]:
+    def _round(self, batch: list) -> list[BaseException | None]:
         """Make every file durable; the error of each (None when it is safe to say 250)."""
+        fds = [item[0] for item in batch]
         errors: list[BaseException | None] = [None] * len(fds)
         fsync = self.fsync
         if _sync_file_range is not None and len(fds) > 1:
@@ -332,36 +357,52 @@ class CommitBatcher:
                     fsync(fd)
                 except BaseException as exc:
                     errors[i] = exc
-        try:
-            # Every name was linked before its submit(): this fsync covers them all.
-            fsync_dir(self.directory, fsync)
-        except BaseException as exc:
-            errors = [e if e is not None else exc for e in errors]
+        # Every name was linked before its submit(): one fsync of each directory
+        # (normally one descriptor for the whole batch) covers them all.
+        dirs: dict = {}
+        for item in batch:
+            dirs.setdefault(item[4], None)
+        for dfd in dirs:
+            try:
+                if dfd is None:
+                    fsync_dir(self.directory, fsync)
+                else:
+                    fsync(dfd)
+            except BaseException as exc:
+                dirs[dfd] = exc
+        for i, item in enumerate(batch):
+            if errors[i] is None and dirs[item[4]] is not None:
+                errors[i] = dirs[item[4]]
         return errors
 
     def _answer(self, batch, errors) -> None:
         per_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for (fd, path, loop, fut), err in zip(batch, errors):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for item, err in zip(batch, errors):
             if err is not None:
                 try:
-                    os.unlink(path)
+                    os.unlink(item[1])
                 except OSError:
                     pass
-            per_loop.setdefault(loop, []).append((fut, err))
+            per_loop.setdefault(item[2], []).append((item[3], err, item[0]))
         self.rounds += 1
         for loop, results in per_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve_commits, results)
             except RuntimeError:
-                pass        # the loop is closed: nobody waits any more
+                # The loop is closed: nobody waits any more; the files are ours to close.
+                for _, _, fd in results:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
 
 def _resolve_commits(results) -> None:
-    for fut, err in results:
+    for fut, err, fd in results:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
         if fut.done():
             continue        # the waiter was cancelled
         if err is None:
@@ -405,7 +446,6 @@ def notify_qmgr(queue_directory: str, request: bytes = QMGR_SCAN_INCOMING) -> No
         os.close(fd)
 
 
-_OTHER_QUEUES = tuple(q for q in QUEUE_NAMES if q != "incoming")
 _pid = os.getpid()
 
 
@@ -416,12 +456,58 @@ def _reset_pid() -> None:
 
 os.register_at_fork(after_in_child=_reset_pid)
 
+# (pid, queue directory, descriptor) of the qmgr FIFO kept open by wake_qmgr_kept().
+_kept_fifo: tuple[int, str, int] | None = None
+
+
+def wake_qmgr_kept(queue_directory: str, request: bytes = QMGR_SCAN_INCOMING) -> None:
+    """notify_qmgr() through a FIFO descriptor kept open between calls (issue 8:
+    the smtpd wakes the qmgr every loop turn under load, and an open and a close
+    per wake-up were two system calls more than the write).
+
+    A qmgr that went away shows as EPIPE (nobody reads the FIFO any more): the
+    FIFO is then opened again by name, so a restarted qmgr, or a FIFO made anew,
+    is found at the next wake-up; as with notify_qmgr(), nothing ever blocks
+    and a lost wake-up only costs the qmgr's periodic scan."""
+    global _kept_fifo
+    kept = _kept_fifo
+    if kept is not None and kept[0] == _pid and kept[1] == queue_directory:
+        try:
+            os.write(kept[2], request)
+            return
+        except BlockingIOError:
+            return               # FIFO full: the qmgr is awake anyway
+        except OSError:
+            pass                 # EPIPE: no reader now; try the name again
+    if kept is not None:
+        _kept_fifo = None
+        if kept[0] == _pid:      # an inherited number may be someone else's by now
+            try:
+                os.close(kept[2])
+            except OSError:
+                pass
+    path = os.path.join(queue_directory, "public", "qmgr")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return       # ENXIO: no reader; ENOENT: no FIFO; EACCES: wrong user
+    try:
+        os.write(fd, request)
+    except BlockingIOError:
+        pass
+    except OSError:
+        os.close(fd)
+        return
+    _kept_fifo = (_pid, queue_directory, fd)
+
 
 class IncomingMessage:
     """A queue file being written in incoming/.  Not thread-safe; one writer."""
 
-    def __init__(self, store: "QueueStore", queue_id: str, fd: int, arrival: float):
+    def __init__(self, store: "QueueStore", queue_id: str, fd: int, arrival: float,
+                 dir_fd: int | None = None):
         self.store = store
+        self._dir_fd = dir_fd              # incoming/, as the name was linked in it
         self.queue_id = queue_id
         self.path = store.path("incoming", queue_id)
         self.arrival_time = arrival
@@ -610,8 +696,10 @@ class IncomingMessage:
         self._write_all()                  # discards the file itself on failure
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        fd, self._fd = self._fd, None      # the batcher owns (and closes) it from now on
-        commit_batcher(self.store.path("incoming"), self.store._fsync).submit_soon(fd, self.path, loop, fut)
+        fd, self._fd = self._fd, None      # the batcher owns it (and has it closed) from now on
+        store = self.store
+        commit_batcher(store.path("incoming"), store._fsync).submit_soon(
+            fd, self.path, loop, fut, self._dir_fd, store)
         try:
             await fut
         except OSError as exc:
@@ -932,23 +1020,26 @@ class QueueStore:
 
     def create(self) -> IncomingMessage:
         """Create a queue file in incoming/ and give it its id."""
-        # Every name below is looked up relative to the queue directory, kept open
-        # between messages: each full path would be walked again (about ten walks a
-        # message), and an open/close per message is two system calls more.
+        # Every name below is looked up relative to incoming/, kept open between
+        # messages: each full path would be walked again, and an open/close per
+        # message is two system calls more.  The commit fsyncs that same
+        # descriptor, so the directory made durable is the one the name is in.
         top = self._top
         fresh = top is None or self._top_path != self.queue_directory or self._top_pid != _pid
         if fresh:
-            top = self._open_top()
+            self._open_top()
         try:
-            return self._create_in(top)
+            return self._create_in(self._top, self._incoming)
         except QueueWriteError as exc:
             # A queue directory removed and made again since it was opened: the old
             # descriptor names a dead directory.  Once more with a fresh one.
             if fresh or exc.errno != errno.ENOENT:
                 raise
-            return self._create_in(self._open_top())
+            self._open_top()
+            return self._create_in(self._top, self._incoming)
 
     _top: int | None = None
+    _incoming: int | None = None
     _top_path: str | None = None
     _top_pid = 0
     _old_tops: list | None = None
@@ -958,13 +1049,21 @@ class QueueStore:
             top = os.open(self.queue_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise _write_error(exc, "create queue file")
-        old, old_pid = self._top, self._top_pid
-        self._top, self._top_path, self._top_pid = top, self.queue_directory, _pid
+        try:
+            inc = os.open("incoming", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=top)
+        except OSError as exc:
+            os.close(top)
+            raise _write_error(exc, "create queue file")
+        old, old_inc, old_pid = self._top, self._incoming, self._top_pid
+        self._top, self._incoming, self._top_path, self._top_pid = top, inc, self.queue_directory, _pid
         if old is not None and old_pid == _pid:
-            # Another thread may still be creating through it: closed with the store.
+            # Another thread may still be creating through them, and a commit round
+            # may still fsync the old incoming/: closed with the store.
             if self._old_tops is None:
                 self._old_tops = []
             self._old_tops.append(old)
+            if old_inc is not None:
+                self._old_tops.append(old_inc)
         return top
 
     def __del__(self):
@@ -973,18 +1072,19 @@ class QueueStore:
         try:
             if self._top_pid != _pid:
                 return
-            for fd in [self._top] + (self._old_tops or []):
+            for fd in [self._top, self._incoming] + (self._old_tops or []):
                 if fd is not None:
                     os.close(fd)
         except Exception:   # noqa: BLE001 - at interpreter exit the module may be gone
             pass
 
-    def _create_in(self, top: int) -> IncomingMessage:
-        tmp = f"incoming/tmp.{_pid}.{next(self._tmp_counter)}"
-        tmp_path = f"{self.queue_directory}/{tmp}"
+    def _create_in(self, top: int, inc: int) -> IncomingMessage:
+        tmp = f"tmp.{_pid}.{next(self._tmp_counter)}"
+        inc_path = self.path("incoming")
+        tmp_path = f"{inc_path}/{tmp}"    # the same file: a tmp name is never reused
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, INCOMPLETE_MODE,
-                         dir_fd=top)
+                         dir_fd=inc)
         except OSError as exc:
             raise _write_error(exc, "create queue file")
         try:
@@ -999,24 +1099,20 @@ class QueueStore:
             for _attempt in range(1000):
                 us = self._microseconds(us)
                 qid = qf.make_queue_id(us, ino)
-                for q in _OTHER_QUEUES:      # as os.path.lexists(), without a call per queue
-                    try:
-                        os.lstat(f"{q}/{qid}", dir_fd=top)
-                    except (OSError, ValueError):
-                        continue
-                    break                    # a stray file has this name: next id
-                else:
-                    q = None
-                if q is not None:
-                    continue
+                # No look into the other queue directories first (issue 8: four
+                # failing lstat() a message): while this file lives no other file on
+                # this file system has its inode, so only a file whose name does not
+                # match its inode can clash there, and the qmgr renames such files
+                # when it starts (QueueStore.misnamed); link() refuses to replace a
+                # name in incoming/ itself.
                 try:
-                    os.link(tmp_path, self.path("incoming", qid))   # never replaces an existing name
+                    os.link(tmp_path, f"{inc_path}/{qid}")   # never replaces an existing name
                 except FileExistsError:
                     continue
                 break
             else:
                 raise OSError(errno.EEXIST, "cannot find a free queue id")
-            os.unlink(tmp, dir_fd=top)
+            os.unlink(tmp, dir_fd=inc)
             # Leftover side logs of an earlier message with this id are not ours.
             for log in LOG_NAMES:
                 try:
@@ -1026,11 +1122,11 @@ class QueueStore:
         except OSError as exc:
             os.close(fd)
             try:
-                os.unlink(tmp, dir_fd=top)
+                os.unlink(tmp, dir_fd=inc)
             except OSError:
                 pass
             raise _write_error(exc, "create queue file")
-        return IncomingMessage(self, qid, fd, self.clock())
+        return IncomingMessage(self, qid, fd, self.clock(), inc)
 
     def space_ok(self, size_hint: int = 0) -> bool:
         """Enough free space to accept a message of ``size_hint`` bytes?
@@ -1102,12 +1198,16 @@ class QueueStore:
             sync_dir_grouped(self.path(dst), self._fsync)
             sync_dir_grouped(self.path(src), self._fsync)
 
-    def remove(self, queue_id: str, queue_name: str | None = None, *, sync: bool = True) -> bool:
+    def remove(self, queue_id: str, queue_name: str | None = None, *, sync: bool = True,
+               logs: bool = True) -> bool:
         """Remove a message and its side logs.  True when a queue file was removed.
 
         ``sync=False`` skips the directory fsync: right for a message whose
         recipients are all marked done (durably), which a crash could only
-        bring back to be removed again, never delivered twice."""
+        bring back to be removed again, never delivered twice.
+        ``logs=False``: the caller knows the message has no defer/bounce log
+        (the qmgr, which alone writes them, see log_ids()): two failing
+        unlinks fewer."""
         removed = False
         names = [queue_name] if queue_name else list(QUEUE_NAMES)
         for q in names:
@@ -1119,12 +1219,95 @@ class QueueStore:
                 sync_dir_grouped(self.path(q), self._fsync)
             removed = True
             break
+        if logs:
+            for log in LOG_NAMES:
+                try:
+                    os.unlink(self.path(log, queue_id))
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def log_ids(self, limit: int) -> set[str] | None:
+        """Ids that have a defer/ or bounce/ log now; None when there are more
+        than ``limit`` (the caller then asks the file system each time)."""
+        out: set[str] = set()
         for log in LOG_NAMES:
             try:
-                os.unlink(self.path(log, queue_id))
+                it = os.scandir(self.path(log))
             except FileNotFoundError:
-                pass
-        return removed
+                continue
+            with it:
+                for e in it:
+                    out.add(e.name)
+                    if len(out) > limit:
+                        return None
+        return out
+
+    def rename_misnamed(self) -> list[tuple[str, str, str]]:
+        """Give each queue file whose name does not carry its own inode number
+        (a queue restored from a backup, files copied in) a name that does, as
+        Postfix's postsuper -s does; its side logs follow it.  Returns
+        (queue, old id, new id) per renamed file.
+
+        Such a file is the only kind a new message's id can clash with outside
+        incoming/ (no two live files share an inode), so create() checks nothing
+        but incoming/ once the qmgr has run this at start-up."""
+        done = []
+        for q in QUEUE_NAMES:
+            try:
+                it = os.scandir(self.path(q))
+            except FileNotFoundError:
+                continue
+            with it:
+                entries = [e for e in it if qf.is_queue_id(e.name)]
+            for e in entries:
+                try:
+                    want = int(e.name[5:], 16)
+                    if e.inode() == want:
+                        continue            # the usual case: no system call
+                    st = e.stat(follow_symlinks=False)
+                except (OSError, ValueError):
+                    continue
+                if st.st_ino == want or not stat.S_ISREG(st.st_mode):
+                    continue
+                us = int(e.name[:5], 16)
+                new = None
+                for _attempt in range(1000):
+                    cand = qf.make_queue_id(us, st.st_ino)
+                    try:
+                        os.link(e.path, self.path(q, cand))    # never replaces a name
+                    except FileExistsError:
+                        try:
+                            same = os.lstat(self.path(q, cand)).st_ino == st.st_ino
+                        except OSError:
+                            same = False
+                        if same:            # linked before a crash: finish that rename
+                            new = cand
+                            break
+                        us = (us + 1) % 1_000_000
+                        continue
+                    except OSError:
+                        break
+                    new = cand
+                    break
+                if new is None:
+                    continue
+                try:
+                    os.unlink(e.path)
+                except OSError:
+                    pass
+                for log in LOG_NAMES:
+                    try:
+                        os.rename(self.path(log, e.name), self.path(log, new))
+                    except OSError:
+                        pass
+                done.append((q, e.name, new))
+        if done:
+            for q in {q for q, _, _ in done}:
+                fsync_dir(self.path(q), self._fsync)
+            for log in LOG_NAMES:
+                fsync_dir(self.path(log), self._fsync)
+        return done
 
     def set_next_attempt(self, queue_id: str, when: float, queue_name: str = "deferred") -> None:
         """Record the next delivery attempt time in the file's mtime (Postfix's way)."""
