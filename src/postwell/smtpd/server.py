@@ -170,7 +170,8 @@ def _own_mail_date(when: float) -> str:  # pragma: no cover - see _load_mail_dat
     off = lt.tm_gmtoff or 0
     sign = "+" if off >= 0 else "-"
     off = abs(off)
-    return (time.strftime("%a, %d %b %Y %H:%M:%S", lt)
+    # The day padded with a space, as Postfix's mail_date() ("Sun,  6 Dec").
+    return (f"{time.strftime('%a', lt)}, {lt.tm_mday:2d} {time.strftime('%b %Y %H:%M:%S', lt)}"
             + f" {sign}{off // 3600:02d}{(off % 3600) // 60:02d} ({lt.tm_zone or 'UTC'})")
 
 
@@ -186,6 +187,20 @@ def _session_state_class():
         from postwell.policy.state import SessionState
         _state_class = SessionState
     return _state_class
+
+
+class _PostMailCleanup:
+    """The cleanup for a notice the smtpd writes: each message starts with the header
+    Postfix's post_mail() gives all mail it makes itself, "Received: by HOST
+    (MAIL_NAME)" then "id QID; DATE" (DATE as in the notice's Date header)."""
+
+    def __init__(self, cleanup, hostname: str, mail_name: str, date: str):
+        self._cleanup, self._by, self._date = cleanup, f"{hostname} ({mail_name})", date
+
+    def open(self, *args, **kwargs):
+        cs = self._cleanup.open(*args, **kwargs)
+        cs.prepend_header(f"Received: by {self._by}\n\tid {cs.queue_id}; {self._date}")
+        return cs
 
 
 def _anvil_unavailable():
@@ -454,7 +469,13 @@ class SmtpdSession(asyncio.Protocol):
                 self._paused = True
             return
         self.conn.receive_data(data)
-        self._data_ready.set()
+        ready = self._data_ready
+        if ready._waiter is not None and not ready._set and not self._woken:
+            # Counted until its task runs: replies wait for the sessions still to run
+            # in this pass of the loop (see _reply_out).
+            self._woken = True
+            self.server._woken += 1
+        ready.set()
         # Bounded memory: stop reading while the engine holds more than it may need.
         if self.conn.buffered > self.server.read_bound and not self._paused:
             self.transport.pause_reading()
@@ -474,6 +495,10 @@ class SmtpdSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._can_write.clear()
+        # Replies are written at the end of the turn, when the session may already wait
+        # for input: wake it, so it waits for the client to read instead (bounded
+        # output, and smtpd_timeout runs against the write as before).
+        self._data_ready.set()
 
     def resume_writing(self) -> None:
         self._can_write.set()
@@ -491,6 +516,7 @@ class SmtpdSession(asyncio.Protocol):
                 self._wait_timer = None
             self._abort_transaction()
             if self.transport is not None:
+                self._send_now(b"")
                 self.transport.close()
             if self.conn is not None:
                 if self.conn.transcript:
@@ -568,7 +594,9 @@ class SmtpdSession(asyncio.Protocol):
             conn.send_greeting(reply)
         else:
             conn.send_greeting(Reply(220, srv.banner))
-        await self._flush()
+        # The greeting goes out as every reply below does (_reply_out); a refusing
+        # greeting (421/554) is flushed with the hang-up that follows it.
+        self._reply_out(conn.data_to_send())
 
         while True:
             ev = conn.next_event()
@@ -582,11 +610,7 @@ class SmtpdSession(asyncio.Protocol):
                 else:
                     # The usual turn (no error delay, no back-pressure) writes the
                     # replies without a coroutine of its own: this runs for every read.
-                    data = conn.data_to_send()
-                    if data and not self.transport.is_closing():
-                        self.transport.write(data)
-                    if not self._can_write.is_set() and not await self._flush(0.0):
-                        return
+                    self._reply_out(conn.data_to_send())
                 if self._paused:
                     self._paused = False
                     self.transport.resume_reading()
@@ -653,18 +677,56 @@ class SmtpdSession(asyncio.Protocol):
             finally:
                 self._waiting = False
                 ready._waiter = None
+                if self._woken:
+                    self._woken = False
+                    self.server._woken -= 1
             if self._timed_out:
                 self._abort_reason = "timeout"
                 self.server.log.info(f"timeout after {conn.timeout_where()} from {self.namaddr}")
                 conn.abort("timeout")
-                if not self.transport.is_closing():
-                    self.transport.write(Reply(421, f"{self.server.hostname} Error: timeout "
-                                                    "exceeded", "4.4.2").to_bytes())
+                self._send_now(Reply(421, f"{self.server.hostname} Error: timeout "
+                                          "exceeded", "4.4.2").to_bytes())
                 return False
         self._buffered_mark = conn.buffered
         if self._lost:
             conn.receive_data(b"")
         return True
+
+    # Replies of the sessions that run in one pass of the event loop leave together,
+    # written by the last of them (or at the end of the pass): the clients are woken
+    # in one burst instead of once between every two sessions' Python work.
+    # _send_now() is for writes that must keep their place against a close, a TLS
+    # handshake or a 421, and takes the held bytes first.
+    _out: bytes | None = None
+    _woken = False          # counted in SmtpdServer._woken (data arrived, task not run)
+
+    def _reply_out(self, data: bytes) -> None:
+        srv = self.server
+        if srv._woken:
+            # More sessions that got input run later in this pass: write with them.
+            if data:
+                self._send_later(data)
+            return
+        if srv._out_sessions:
+            srv._write_out()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _send_later(self, data: bytes) -> None:
+        out = self._out
+        if out is None:
+            self._out = data
+            self.server._output_waiting(self)
+        else:
+            self._out = out + data
+
+    def _send_now(self, data: bytes) -> None:
+        out = self._out
+        if out is not None:
+            self._out = None
+            data = out + data
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
 
     def _on_wait_timer(self) -> None:
         self._wait_timer = None
@@ -683,9 +745,7 @@ class SmtpdSession(asyncio.Protocol):
             delay = conn.error_delay()
         if delay > 0:
             await asyncio.sleep(delay)
-        data = conn.data_to_send()
-        if data and not self.transport.is_closing():
-            self.transport.write(data)
+        self._send_now(conn.data_to_send())
         if not self._can_write.is_set():
             # A client that does not read its replies must not make us buffer without bound.
             try:
@@ -740,7 +800,8 @@ class SmtpdSession(asyncio.Protocol):
         # error_notice_recipient (Postfix: error_mask & MAIL_ERROR_BOUNCE).
         rcpt = (cfg.get("bounce_notice_recipient") if "bounce" in classes
                 else cfg.get("error_notice_recipient")) or "postmaster"
-        lines = [f"Date: {_mail_date(srv.clock())}",
+        date = _mail_date(srv.clock())
+        lines = [f"Date: {date}",
                  f"From: Mail Delivery System <MAILER-DAEMON@{srv.hostname}>",
                  f"To: Postmaster <{cfg.get('error_notice_recipient') or 'postmaster'}>",
                  f"Subject: {srv.mail_name} SMTP server: errors from {self.namaddr}",
@@ -761,7 +822,8 @@ class SmtpdSession(asyncio.Protocol):
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
         try:
             await post_notice(cfg, None, sender=double_bounce_address(cfg), recipient=rcpt,
-                              data=data, cleanup=srv.cleanup)
+                              data=data, cleanup=_PostMailCleanup(srv.cleanup, srv.hostname,
+                                                                  srv.mail_name, date))
         except NoticeError:
             pass        # junk mail: Postfix ignores a failed post_mail_fclose() too
 
@@ -972,9 +1034,7 @@ class SmtpdSession(asyncio.Protocol):
         # (RFC 3207 4.2, CVE-2011-0411).
         self.transport.pause_reading()
         conn.error_delay()
-        data = conn.data_to_send()
-        if data and not self.transport.is_closing():
-            self.transport.write(data)
+        self._send_now(conn.data_to_send())
         if not await self._start_tls():
             conn.abort("lost")                      # "lost connection after STARTTLS"
             return
@@ -1017,8 +1077,8 @@ class SmtpdSession(asyncio.Protocol):
         if self._lost:
             conn.abort("lost")                      # "lost connection after STARTTLS"
             return
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(Reply(421, f"{srv.hostname} Error: {why}", "4.7.1").to_bytes())
+        if self.transport is not None:
+            self._send_now(Reply(421, f"{srv.hostname} Error: {why}", "4.7.1").to_bytes())
         conn.abort("tls client certificate")
 
     def _tls_trust(self) -> str:
@@ -1048,8 +1108,8 @@ class SmtpdSession(asyncio.Protocol):
         reply = await srv.event_limit_reply(self, "tls_established", reused)
         if reply is None:
             return True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply.to_bytes())
+        if self.transport is not None:
+            self._send_now(reply.to_bytes())
         self.conn.abort("tls rate limit")
         return False
 
@@ -1382,6 +1442,9 @@ class SmtpdServer:
         self.connection_limit = _int(config, "smtpd_client_connection_count_limit", 50)
         self.read_bound = 4 * self.server_config.line_length_limit + 256 * 1024
         self.sessions: set[SmtpdSession] = set()
+        self._out_sessions: list[SmtpdSession] = []
+        self._out_scheduled = False
+        self._woken = 0         # sessions woken by input whose task has not run yet
         self._per_ip: dict[str, int] = {}
         self._servers: list[asyncio.base_events.Server] = []
         self.draining = False
@@ -1679,6 +1742,29 @@ class SmtpdServer:
         except Exception as exc:   # noqa: BLE001 - never refuse a client for our failure
             self.log.warning(f"anvil: {exc!r}")
             return None
+
+    def _output_waiting(self, session: SmtpdSession) -> None:
+        if not self._out_scheduled:
+            # The safety net: held replies leave at the latest at the end of the pass
+            # (a woken session may wait for something else instead of answering).
+            self._out_scheduled = True
+            session._loop.call_soon(self._write_out_soon)
+        self._out_sessions.append(session)
+
+    def _write_out_soon(self) -> None:
+        self._out_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """Write the held replies back to back, in the order they were made."""
+        waiting, self._out_sessions = self._out_sessions, []
+        for session in waiting:
+            data = session._out
+            if data is not None:
+                session._out = None
+                transport = session.transport
+                if not transport.is_closing():
+                    transport.write(data)
 
     def _session_done(self, session: SmtpdSession) -> None:
         self.sessions.discard(session)
