@@ -687,8 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for th in threads:
             th.join(smtpd_timeout + 90)
-        # At rest: clients gone, idle sessions timed out, queue runs settled.
-        time.sleep(smtpd_timeout + 5)
+        # At rest: clients gone, idle sessions timed out, queue runs settled, and
+        # the qmgr's links to the on-demand delivery helpers closed (idle 10 s).
+        time.sleep(max(smtpd_timeout, 12) + 5)
         log.poll()
         end = sampler.sample()
         delivered_files += prune_maildirs(inst)

@@ -227,21 +227,23 @@ def test_postsuper_hold_release_delete_logged(site):
     assert not (s.inst.queue_dir / "hold" / qid).exists()
     assert qid in deferred_ids(s)
     assert os.stat(s.inst.queue_dir / "deferred" / qid).st_mtime > time.time() + 600
-    # -r: requeued and retried at once (deferred again: the relay is still down).
+    # -r: as Postfix's requeue, through pickup and cleanup under a new queue id
+    # (pickup logs orig_id=), retried at once (deferred again: the relay is still down).
     cp = s.inst.run("postsuper", "-r", qid)
     assert (cp.returncode, cp.stderr) == (0, f"postsuper: {qid}: requeued\npostsuper: Requeued: 1 message\n")
-    wait_for(lambda: len(s.log_lines(rf"{qid}: to=<z@far\.test>.*status=deferred")) >= 2, TIMEOUT,
+    new = s.wait_log(rf"postfix/pickup\[\d+\]: ([0-9A-F]+): uid=\d+ from=<[^>]*> orig_id={qid}$").group(1)
+    wait_for(lambda: s.log_lines(rf"{new}: to=<z@far\.test>.*status=deferred"), TIMEOUT,
              what="a retry after requeue")
-    wait_for(lambda: qid in deferred_ids(s), TIMEOUT, what="deferred again")
-    cp = s.inst.run("postsuper", "-d", qid)
-    assert (cp.returncode, cp.stderr) == (0, f"postsuper: {qid}: removed\npostsuper: Deleted: 1 message\n")
+    wait_for(lambda: new in deferred_ids(s), TIMEOUT, what="deferred again")
+    cp = s.inst.run("postsuper", "-d", new)
+    assert (cp.returncode, cp.stderr) == (0, f"postsuper: {new}: removed\npostsuper: Deleted: 1 message\n")
     assert s.inst.run("postqueue", "-p").stdout == "Mail queue is empty\n"
     cp = s.inst.run("postsuper", "-d", "ALL")
     assert cp.stderr == "postsuper: Deleted: 0 messages\n"
     # The same lines in the maillog, as Postfix writes them.
     for text in (f"{qid}: placed on hold", "Placed on hold: 1 message", f"{qid}: released from hold",
                  "Released from hold: 1 message", f"{qid}: requeued", "Requeued: 1 message",
-                 f"{qid}: removed", "Deleted: 1 message",
+                 f"{new}: removed", "Deleted: 1 message",
                  "Deleted: 0 messages"):
         s.wait_log(rf"^\w{{3}} [ \d]\d \d\d:\d\d:\d\d \S+ postfix/postsuper\[\d+\]: {re.escape(text)}$")
 

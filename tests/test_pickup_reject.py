@@ -18,58 +18,51 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import harness  # noqa: E402
 
-from postwell.config import load_config  # noqa: E402
 from postwell.log import NullLog  # noqa: E402
-from postwell.pickup import MaildropEnvelope, MaildropWriter, Pickup, prepare_public  # noqa: E402
+from postwell.pickup import Pickup  # noqa: E402
 from postwell.queue import QueueStore  # noqa: E402
+from test_pickup import cfg, pickup_root  # noqa: E402
+from test_pickup import drop as pickup_drop  # noqa: E402
 
 NOW = 1_800_000_000.0
 
 
 @pytest.fixture
 def inst(tmp_path):
-    root = harness.instance_root(tmp_path, "pkrej")
-    etc = root / "etc"
-    etc.mkdir()
-    q = root / "queue"
-    (etc / "hc").write_text("/^Subject: bad/ REJECT go away\n/^Subject: plain/ REJECT\n")
-    (etc / "bc").write_text("/forbidden word/ REJECT 5.7.9 no such words\n")
-    (etc / "main.cf").write_text(
-        f"queue_directory = {q}\nmaillog_file = {root / 'maillog'}\n"
+    return pickup_root(
+        tmp_path, "pkrej",
         "myhostname = mx.example.com\nmydomain = example.com\nmyorigin = example.com\n"
         "message_size_limit = 3000\n"
-        f"header_checks = regexp:{etc / 'hc'}\nbody_checks = regexp:{etc / 'bc'}\n")
-    QueueStore(str(q)).ensure_layout()
-    prepare_public(str(q))
-    return root
+        "header_checks = regexp:{etc}/hc\nbody_checks = regexp:{etc}/bc\n",
+        hc="/^Subject: bad/ REJECT go away\n/^Subject: plain/ REJECT\n",
+        bc="/forbidden word/ REJECT 5.7.9 no such words\n")
 
 
 def drop(inst, content: bytes, **env_kw) -> str:
-    env_kw.setdefault("sender", "alice")
-    env_kw.setdefault("recipients", ["bob@example.org"])
-    w = MaildropWriter(str(inst / "queue" / "maildrop"))
-    w.open()
-    w.write(content)
-    name = w.finish(MaildropEnvelope(**env_kw))
-    os.utime(inst / "queue" / "maildrop" / name, (NOW - 4, NOW - 4))
-    return name
+    return pickup_drop(inst, content, NOW - 4, **env_kw)
 
 
-def run(inst):
+def run(inst, clock=lambda: NOW):
     logs = {n: NullLog(n) for n in ("pickup", "cleanup", "bounce")}
-    p = Pickup(load_config(str(inst / "etc")), logs["pickup"], cleanup_log=logs["cleanup"],
-               bounce_log=logs["bounce"], clock=lambda: NOW)
+    p = Pickup(cfg(inst), logs["pickup"], cleanup_log=logs["cleanup"], bounce_log=logs["bounce"],
+               clock=clock)
     p.run_once()
     return logs
 
 
-def incoming(inst):
+def queued_files(inst):
+    """(queue id, queue file, content) of each message in incoming/."""
     store = QueueStore(str(inst / "queue"))
     out = []
     for qid in store.scan("incoming"):
         with store.open(qid) as qm:
-            out.append((qid, qm.sender, [r.address for r in qm.recipients], qm.read_content()))
+            out.append((qid, qm, qm.read_content()))
     return out
+
+
+def incoming(inst):
+    return [(qid, qm.sender, [r.address for r in qm.recipients], content)
+            for qid, qm, content in queued_files(inst)]
 
 
 def assert_gone(inst):
@@ -241,7 +234,7 @@ def test_serve_logs_as_cleanup_and_bounce(inst):
     if pid == 0:
         code = 1
         try:
-            svc.serve(load_config(str(inst / "etc")), wakeup=3600)
+            svc.serve(cfg(inst), wakeup=3600)
             code = 0
         finally:
             os._exit(code)

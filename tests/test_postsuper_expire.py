@@ -365,8 +365,11 @@ def test_mixed_operations_in_postfix_order(cli, capsys):
         "postsuper: Force-expired: 1 message\n"
         "postsuper: Placed on hold: 1 message\n"
         "postsuper: Released from hold: 1 message\n")
-    assert postsuper.main(["-c", etc, "-f", a]) == 0
-    assert capsys.readouterr().err == (f"postsuper: {a}: expired\n"
+    # (-r sent a to maildrop/ for pickup, as Postfix's requeue does: a new message.)
+    assert os.path.exists(store.path("maildrop", a))
+    e = put(store, "s@x.test", ["e@far.test"])
+    assert postsuper.main(["-c", etc, "-f", e]) == 0
+    assert capsys.readouterr().err == (f"postsuper: {e}: expired\n"
                                        "postsuper: Force-expired: 1 message\n"
                                        "postsuper: Released from hold: 0 messages\n")
     # Not in the named queue: nothing happens.

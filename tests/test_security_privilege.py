@@ -180,10 +180,18 @@ def test_maildrop_drop_but_not_list(postwell_factory):
                   f"os.close(fd)\n")
     assert cp.returncode == 0, f"rc {cp.returncode}: {cp.stderr}"
     assert os.stat(maildrop / ".tmp.probe-by-nobody").st_uid == nobody
-    # pickup reads what users drop: it runs as mail_owner, not root.
+    # pickup reads what users drop: it runs as mail_owner, not root.  It runs
+    # on demand (the master holds public/pickup and forks it when poked).
     master = inst.master_pid()
-    pickup = [p for p in _fifo_holders(str(inst.queue_dir / "public" / "pickup"))
-              if p in inst.processes() and p != master]
+    fifo = str(inst.queue_dir / "public" / "pickup")
+    poke = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(poke, b"W")
+    os.close(poke)
+
+    def holders():
+        return [p for p in _fifo_holders(fifo) if p in inst.processes() and p != master]
+    harness.wait_for(holders, 10, 0.05, "pickup to start")
+    pickup = holders()
     assert pickup, "no pickup process holds public/pickup"
     for pid in pickup:
         _assert_unprivileged(pid, inst.uid, inst.gid, "pickup")

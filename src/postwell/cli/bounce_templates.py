@@ -9,8 +9,8 @@ templates one by one, as Postfix's bounce daemon reads it: ``name = <<EOF``
 ... ``EOF`` entries, header labels first (missing ones keep the built-in
 value), then the text, whose ``$name`` expressions `postconf -b` expands.
 
-Note: postwell's bounce notices (``dsn/notice.py``) use the built-in texts
-only; they do not read ``bounce_template_file`` yet.
+The notices themselves (``dsn/notice.py`` notice_templates) read
+``bounce_template_file`` through the same parser.
 
 Diagnostics are reported as Postfix's bounce template code words them, under
 the program name ``postfix/bounce``.

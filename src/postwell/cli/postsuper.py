@@ -16,6 +16,11 @@ leaves it for the next deferred-queue run) so the qmgr returns it to the
 sender now; ``-f`` also releases a held message the same way
 (``ID: released from hold``), while ``-e`` leaves it held.  Totals:
 ``Force-expired: N messages`` (and ``Released from hold: N messages`` for -f).
+
+``-r`` moves the queue file into maildrop/ and pokes pickup, which sends it
+through cleanup again under a new queue id (``NEWID: uid=... orig_id=OLDID``),
+as Postfix's requeue does: current rewriting, virtual aliases, header/body
+checks and content_filter apply.
 """
 
 from __future__ import annotations
@@ -93,11 +98,12 @@ def _apply(store: QueueStore, op: str, qid: str, src: str) -> bool:
             store.move(qid, "hold", "deferred")
             return True
         if op == "r":
-            # Postfix re-runs the message through pickup/cleanup; postwell gives it
-            # back to the qmgr as new mail, with a clean slate of delay reasons.
-            if src == "hold":
-                _unmark_hold(store, qid, src)
-            store.move(qid, src, "incoming")
+            # Postfix's requeue: the queue file goes to maildrop/, where pickup sends
+            # it through cleanup again (a new queue id; rewriting, virtual aliases,
+            # header/body checks and content_filter as they are configured now).
+            # The file keeps its owner (the mail owner) and mode, which is how
+            # pickup tells it from a user's submission.  Its delay reasons go too.
+            store.move(qid, src, "maildrop")
             try:
                 os.unlink(store.path("defer", qid))
             except FileNotFoundError:
@@ -106,6 +112,17 @@ def _apply(store: QueueStore, op: str, qid: str, src: str) -> bool:
     except FileNotFoundError:
         return False
     return False
+
+
+def _requeue_time(store: QueueStore, qid: str) -> None:
+    """Postfix's requeue_one() dates a file requeued by name now (pickup's
+    Received: line shows it); "-r ALL" leaves the time stamps alone."""
+    try:
+        os.utime(store.path("maildrop", qid))
+    except OSError as exc:
+        if not isinstance(exc, FileNotFoundError):    # pickup may have taken it already
+            sys.stderr.write(f"{PROG}: warning: {store.path('maildrop', qid)}: "
+                             f"reset time stamps: {exc.strerror}\n")
 
 
 def _unmark_hold(store: QueueStore, qid: str, src: str) -> None:
@@ -176,6 +193,8 @@ def run_operation(store: QueueStore, op: str, ids: list[str], queues, report: Re
             return True   # found: never look for the id in the next queue too
         if _apply(store, op, t, q):
             done += 1
+            if op == "r" and say is loud:
+                _requeue_time(store, t)
             say(f"{t}: {verb}")
             return True
         return False
@@ -357,8 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         if op in counts:
             total = next(t for o, _v, t in OPERATIONS if o == op)
             report.say(f"{total}: {_plural(counts[op])}")
-    if counts.get("H") or counts.get("r") or "e" in counts:
+    if counts.get("H") or "e" in counts:
         notify_qmgr(store.queue_directory)
+    if counts.get("r"):
+        # Requeued mail moves now rather than at pickup's next periodic scan.
+        from postwell.pickup import poke_pickup
+        poke_pickup(store.queue_directory)
     return 0
 
 

@@ -230,7 +230,7 @@ def _apply_arg(o: Options, c: str, val: str) -> None:
     elif c == "V":
         if len(val) > 100:
             o.warnings.append("too long -V option value -- ignored")
-        elif not all(32 < ord(ch) < 127 for ch in val):
+        elif not all(32 <= ord(ch) < 127 for ch in val):   # Postfix allprint(): a space is printable
             o.warnings.append("bad syntax in -V option value -- ignored")
         else:
             o.envid = val
@@ -651,6 +651,7 @@ class Sendmail:
                              fix_line_endings=self.config.get("sendmail_fix_line_endings") or "always",
                              size_limit=max(0, limit - ENVELOPE_ALLOWANCE) if limit else 0)
             except TooBig:
+                self.too_big_warnings()
                 raise Fatal(EX_UNAVAILABLE, f"{who}: message file too big") from None
             except _WriteError as exc:
                 raise Fatal(EX_TEMPFAIL, f"{who}: error writing queue file: {exc.error.strerror}") from None
@@ -669,6 +670,7 @@ class Sendmail:
             # message_size_limit covers the envelope too (Postfix: "including
             # envelope information"); pickup refuses what does not fit.
             if limit and writer.content_size + len(env.pack()) + ENVELOPE_ALLOWANCE > limit:
+                self.too_big_warnings()
                 raise Fatal(EX_UNAVAILABLE, f"{who}: message file too big")
             try:
                 writer.finish(env)
@@ -679,6 +681,18 @@ class Sendmail:
             raise
         _wake_pickup(self.queue_directory)
         return EX_OK
+
+    def too_big_warnings(self) -> None:
+        """What Postfix 3.7 prints before "message file too big": its postdrop hits
+        the file size limit (message_size_limit) and sendmail sees it fail."""
+        text = f"uid={self.uid}: File too large"
+        sys.stderr.write(f"postdrop: warning: {text}\n")
+        try:
+            from postwell.log import MailLog
+            MailLog.from_config(self.config, "postdrop").warning(text)
+        except Exception:
+            pass      # maillog_file belongs to mail_owner: stderr has to do
+        self.warn("mail_stream_cleanup: close error")
 
     def verify(self) -> int:
         """-bv: syntax and resolution of each recipient, printed (see module doc)."""
@@ -888,6 +902,11 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
                     conn.send_reply(None)
             elif isinstance(ev, (eng.Warning, eng.Info)):
                 sm._log("warning" if isinstance(ev, eng.Warning) else "info", ev.text)
+            elif isinstance(ev, eng.Etrn):
+                # Postfix's smtpd in "sendmail -bs" mode refuses ETRN after its syntax
+                # checks, with this warning and a reply without an enhanced code.
+                sm._log("warning", 'do not use ETRN in "sendmail -bs" mode')
+                conn.send_reply(Reply(458, "Unable to queue messages"))
             elif getattr(ev, "needs_reply", False):
                 if isinstance(ev, (eng.StartTls, eng.Auth, eng.AuthResponse)):
                     conn.send_reply(Reply(502, "Error: command not implemented", "5.5.1"))

@@ -2,9 +2,12 @@
 
 The qmgr runs as mail_owner, but a virtual mailbox must be written with the
 uid/gid from virtual_uid_maps / virtual_gid_maps.  When the master runs as
-root it starts this helper (still root) listening on
-``$queue_directory/private/virtual`` (owned by mail_owner, mode 0600: only the
-qmgr and root can connect).  The qmgr sends "deliver these recipients of
+root it listens on ``$queue_directory/private/virtual`` (owned by mail_owner,
+mode 0600: only the qmgr and root can connect) and starts this helper (still
+root) on demand, when the qmgr connects; the helper serves the master's
+socket and leaves after max_idle with no qmgr link open, and the qmgr closes
+links idle for LINK_IDLE.  The same holds for the local and pipe helpers
+(listen(), adopt_listener()).  The qmgr sends "deliver these recipients of
 queue file ID"; the helper does its own table lookups (a request cannot name
 a path or a uid) and has the file work done by a user worker (local_exec):
 a child that switched to the mailbox owner before touching any file and
@@ -34,6 +37,71 @@ MAX_REQUEST = 1 << 20      # bytes per request line (bounded memory)
 
 # Set by the master in the qmgr child when a helper is running.
 HELPER_SOCKET: str | None = None
+
+# The qmgr side closes a helper connection unused this long.  The helpers run
+# on demand (the master owns their sockets and forks one when the qmgr
+# connects) and leave after max_idle with no connection open: closing from
+# the client side means a helper never hangs up on a request already in
+# flight towards it.
+LINK_IDLE = 10.0
+
+# Listening sockets the master handed to this child: path -> (socket, max_idle).
+_ADOPTED: dict[str, tuple] = {}
+
+
+def listen(path: str, owner_uid: int | None = None, owner_gid: int | None = None,
+           backlog: int = 128) -> tuple[socket.socket, int]:
+    """Bind a helper's socket under private/ (mode 0600, handed to the qmgr's
+    owner) for the master; returns the socket and its inode.  Bound, owned
+    and listening under a temporary name, then renamed: the qmgr never meets
+    the name before it may connect, and the inode (kept across the rename)
+    tells the master on exit whether the name is still its own."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temp = f"{path}.{os.getpid()}"
+    try:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            try:
+                sock.bind(temp)
+            except OSError:
+                temp = path      # the longer name does not fit a socket address
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                sock.bind(temp)
+        finally:
+            os.umask(old)
+        if owner_uid is not None:
+            os.chown(temp, owner_uid, owner_gid if owner_gid is not None else -1)
+        sock.listen(backlog)
+        ino = os.stat(temp).st_ino
+        if temp != path:
+            os.rename(temp, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, ino
+
+
+def adopt_listener(path: str, sock: socket.socket, max_idle: float | None) -> None:
+    """In a helper child of the master: serve ``path`` on the master's
+    listening socket ``sock`` (instead of binding the name) and return after
+    ``max_idle`` seconds without any qmgr connection."""
+    _ADOPTED[path] = (sock, max_idle)
+
+
+def _adopted(path: str, sock, max_idle):
+    if sock is None:
+        sock, idle = _ADOPTED.pop(path, (None, None))
+        if max_idle is None:
+            max_idle = idle
+    return sock, max_idle
 
 
 def socket_path(config) -> str:
@@ -161,7 +229,8 @@ async def answer_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 def serve_unix(path: str, handle, owner_uid: int | None = None, owner_gid: int | None = None,
                *, limit: int = MAX_REQUEST, drain: float = 60.0, housekeeping=None,
-               every: float = 30.0) -> None:
+               every: float = 30.0, sock: socket.socket | None = None,
+               max_idle: float | None = None) -> None:
     """Serve ``handle(reader, writer)`` on the unix socket ``path`` until
     SIGTERM or SIGINT.
 
@@ -169,8 +238,20 @@ def serve_unix(path: str, handle, owner_uid: int | None = None, owner_gid: int |
     owner, so only the qmgr and root can connect.  On stop no new request is
     read, but deliveries in flight finish (their results reach the qmgr) for
     up to ``drain`` seconds before we exit.  ``housekeeping()``, if given,
-    runs in a thread every ``every`` seconds and once at the end."""
+    runs in a thread every ``every`` seconds and once at the end.
+
+    With ``sock`` (or a listener the master handed over, adopt_listener())
+    the name is the master's: it is neither bound nor removed here, and the
+    service also returns once no connection has been open for ``max_idle``
+    seconds; a qmgr connecting after that waits in the master's backlog until
+    the master starts the next helper."""
+    sock, max_idle = _adopted(path, sock, max_idle)
     connections = set()
+    # Counted in the protocol (at accept), not in the handler task (which
+    # starts a loop turn later), so the idle check never misses a connection
+    # already taken from the backlog.
+    open_links = set()
+    last = [time.monotonic()]
 
     async def tidy(stop):
         loop = asyncio.get_running_loop()
@@ -192,18 +273,52 @@ def serve_unix(path: str, handle, owner_uid: int | None = None, owner_gid: int |
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        old = os.umask(0o177)
-        try:
-            server = await asyncio.start_unix_server(tracked, path, limit=limit)
-        finally:
-            os.umask(old)
-        if owner_uid is not None:
-            os.chown(path, owner_uid, owner_gid if owner_gid is not None else -1)
+
+        class Protocol(asyncio.StreamReaderProtocol):
+            def connection_made(self, transport):
+                open_links.add(self)
+                last[0] = time.monotonic()
+                super().connection_made(transport)
+
+            def connection_lost(self, exc):
+                open_links.discard(self)
+                last[0] = time.monotonic()
+                super().connection_lost(exc)
+
+        def factory():
+            return Protocol(asyncio.StreamReader(limit=limit), tracked)
+
+        if sock is None:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o177)
+            try:
+                server = await loop.create_unix_server(factory, path)
+            finally:
+                os.umask(old)
+            if owner_uid is not None:
+                os.chown(path, owner_uid, owner_gid if owner_gid is not None else -1)
+        else:
+            server = await loop.create_unix_server(factory, sock=sock)
+
+        def idle_check():
+            if stop.is_set():
+                return
+            left = max_idle - (time.monotonic() - last[0])
+            if open_links or left > 0:
+                loop.call_later(max(left, 0.0) if not open_links else max_idle, idle_check)
+                return
+            # Closed here, in the same callback as the check: nothing can be
+            # accepted between the two.  What waits in the backlog stays for
+            # the master's next helper.
+            server.close()
+            stop.set()
+
+        if sock is not None and max_idle is not None:
+            loop.call_later(max_idle, idle_check)
         tidying = loop.create_task(tidy(stop)) if housekeeping is not None else None
         await stop.wait()
         server.close()
@@ -238,7 +353,8 @@ def _read_line(conn: socket.socket, buf: bytearray, limit: int) -> bytes | None:
 def serve_unix_threaded(path: str, answer, log, owner_uid: int | None = None,
                         owner_gid: int | None = None, *, parse=None, limit: int = MAX_REQUEST,
                         drain: float = 60.0, housekeeping=None, every: float = 30.0,
-                        max_connections: int = 64, stop: threading.Event | None = None) -> None:
+                        max_connections: int = 64, stop: threading.Event | None = None,
+                        sock: socket.socket | None = None, max_idle: float | None = None) -> None:
     """serve_unix() for a helper whose every request blocks on a user worker
     (local(8)): each qmgr connection gets a thread of its own that reads a
     request, answers it (``answer(req)`` gives the results) and writes the
@@ -253,7 +369,10 @@ def serve_unix_threaded(path: str, answer, log, owner_uid: int | None = None,
     finish and are answered for up to ``drain`` seconds.  At most
     ``max_connections`` are served at once (more wait in the listen backlog).
     ``stop``, if given, is the event that ends the service (tests; signals
-    are only caught when this runs in the main thread)."""
+    are only caught when this runs in the main thread).  ``sock`` and
+    ``max_idle`` (or adopt_listener()) as for serve_unix(): the master's
+    listener, and a return once no connection has been open for that long."""
+    sock, max_idle = _adopted(path, sock, max_idle)
     parse = parse or _parse_request
     stop = stop if stop is not None else threading.Event()
     lock = threading.Condition()
@@ -287,37 +406,21 @@ def serve_unix_threaded(path: str, answer, log, owner_uid: int | None = None,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    # Bound and handed to the qmgr's owner under a temporary name, then renamed:
-    # a qmgr never meets the socket before it listens or before it may connect.
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    temp = f"{path}.{os.getpid()}"
-    try:
-        os.unlink(temp)
-    except FileNotFoundError:
-        pass
-    old = os.umask(0o177)
-    try:
+    if sock is None:
+        # Bound and handed to the qmgr's owner under a temporary name, then renamed:
+        # a qmgr never meets the socket before it listens or before it may connect.
         try:
-            listener.bind(temp)
-        except OSError:
-            temp = path      # the longer name does not fit a socket address
-            listener.bind(temp)
-    finally:
-        os.umask(old)
-    listener.listen(128)
-    if owner_uid is not None:
-        os.chown(temp, owner_uid, owner_gid if owner_gid is not None else -1)
-    if temp != path:
-        os.rename(temp, path)
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        listener, _ = listen(path, owner_uid, owner_gid)
+    else:
+        listener = sock
     # A short accept timeout is how a signal that arrived between two
     # checks is noticed; it costs a wake-up a second when idle.
     listener.settimeout(1.0)
     next_tidy = time.monotonic() + every
+    last = time.monotonic()    # the last connection opened or closed
     try:
         while not stop.is_set():
             if housekeeping is not None and time.monotonic() >= next_tidy:
@@ -326,11 +429,18 @@ def serve_unix_threaded(path: str, answer, log, owner_uid: int | None = None,
             with lock:
                 while len(live) >= max_connections and not stop.is_set():
                     lock.wait(1.0)
+                if live:
+                    last = time.monotonic()
+                elif max_idle is not None and time.monotonic() - last >= max_idle:
+                    # Accepts happen only in this thread: no connection is
+                    # taken between this check and the exit; the backlog is
+                    # the master's, for the next helper.
+                    break
             if stop.is_set():
                 break
             try:
                 conn, _ = listener.accept()
-            except (socket.timeout, InterruptedError):
+            except (socket.timeout, InterruptedError, BlockingIOError):
                 continue
             except OSError:
                 if stop.is_set():
@@ -343,7 +453,7 @@ def serve_unix_threaded(path: str, answer, log, owner_uid: int | None = None,
                 live[conn] = t
             t.start()
     finally:
-        listener.close()
+        listener.close()     # our copy only when it is the master's
         with lock:
             conns = list(live.items())
         for conn, _ in conns:
@@ -362,21 +472,24 @@ def serve_unix_threaded(path: str, answer, log, owner_uid: int | None = None,
 class HelperLinks:
     """The qmgr's side for serve_unix_threaded(): one connection per request
     in progress (at most ``size``; more wait for a free one), idle connections
-    kept for the next request.  Errors come out as ConnectionError."""
+    kept for the next request and closed after ``link_idle`` seconds unused
+    (so the on-demand helper can leave).  Errors come out as ConnectionError."""
 
     label = "local helper"
 
-    def __init__(self, path: str, size: int = 20):
+    def __init__(self, path: str, size: int = 20, link_idle: float | None = None):
         self.path, self.size = path, size
-        self._idle: list[tuple] = []
+        self.link_idle = LINK_IDLE if link_idle is None else link_idle
+        self._idle: list[tuple] = []       # (reader, writer, monotonic time put back)
         self._open = 0
         self._waiters: list[asyncio.Future] = []
         self._next = 0
+        self._reaper = None
 
     async def _get(self) -> tuple:
         while True:
             while self._idle:
-                link = self._idle.pop()
+                link = self._idle.pop()[:2]    # the most recently used: the oldest age out
                 if not link[0].at_eof() and not link[1].is_closing():
                     return link
                 # The helper went away (restart): never write into a dead link.
@@ -422,8 +535,22 @@ class HelperLinks:
         if link is None:
             self._open -= 1
         else:
-            self._idle.append(link)
+            self._idle.append((*link, time.monotonic()))
+            if self._reaper is None:
+                self._reaper = asyncio.get_running_loop().call_later(self.link_idle,
+                                                                     self._reap_idle)
         self._wake()
+
+    def _reap_idle(self) -> None:
+        self._reaper = None
+        cutoff = time.monotonic() - self.link_idle
+        while self._idle and self._idle[0][2] <= cutoff:
+            _, writer, _ = self._idle.pop(0)
+            self._open -= 1
+            writer.close()
+        if self._idle:
+            self._reaper = asyncio.get_running_loop().call_later(
+                max(0.0, self._idle[0][2] - cutoff), self._reap_idle)
 
     async def call(self, fields: dict) -> list:
         link = await self._get()
@@ -454,24 +581,32 @@ class HelperLinks:
                                 "recipients": [[r.address, r.orig] for r in recipients]})
 
     def close(self) -> None:
-        for _, writer in self._idle:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for _, writer, _ in self._idle:
             writer.close()
         self._open -= len(self._idle)
         self._idle = []
 
 
 class HelperClient:
-    """The qmgr's side: one connection, requests matched to replies by id."""
+    """The qmgr's side: one connection, requests matched to replies by id;
+    closed after ``link_idle`` seconds without a request in flight (so the
+    on-demand helper can leave) and opened again by the next request."""
 
     label = "virtual helper"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, link_idle: float | None = None):
         self.path = path
+        self.link_idle = LINK_IDLE if link_idle is None else link_idle
         self._reader = self._writer = None
         self._lock = asyncio.Lock()
         self._next = 0
         self._waiters: dict[int, asyncio.Future] = {}
         self._reader_task = None
+        self._last = 0.0
+        self._idle_timer = None
 
     async def _connect(self):
         # The helper may be (re)starting: a few short retries before giving up.
@@ -484,23 +619,50 @@ class HelperClient:
                 if attempt == 9:
                     raise
                 await asyncio.sleep(0.3)
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies())
+        # Each connection has its own waiters: a reader task of a connection
+        # that is gone must never fail (or clear) the requests of the next one.
+        self._waiters = {}
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_replies(self._reader, self._writer, self._waiters))
 
-    async def _read_replies(self):
-        reader = self._reader
+    async def _read_replies(self, reader=None, writer=None, waiters=None):
+        reader = reader or self._reader
+        waiters = self._waiters if waiters is None else waiters
         try:
             while True:
                 line = await reader.readuntil(b"\n")
                 msg = json.loads(line)
-                fut = self._waiters.pop(msg.get("id"), None)
+                fut = waiters.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg.get("results") or [])
+                if not waiters:
+                    self._arm_idle()
         except Exception as exc:
-            for fut in self._waiters.values():
+            for fut in waiters.values():
                 if not fut.done():
                     fut.set_exception(ConnectionError(f"{self.label}: {exc or 'connection closed'}"))
-            self._waiters.clear()
-            self._writer = None
+            waiters.clear()
+            if writer is None or self._writer is writer:
+                self._writer = None
+
+    def _arm_idle(self) -> None:
+        self._last = time.monotonic()
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.link_idle,
+                                                                     self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._idle_timer = None
+        if self._writer is None:
+            return
+        left = self._last + self.link_idle - time.monotonic()
+        if self._waiters or self._lock.locked() or left > 0:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                max(left, 0.05), self._close_idle)
+            return
+        # Nothing in flight and nobody sending: the helper sees EOF and may leave.
+        writer, self._writer = self._writer, None
+        writer.close()
 
     async def call(self, fields: dict) -> list:
         """Send one request (``fields`` plus its id); the helper's results."""
@@ -511,6 +673,7 @@ class HelperClient:
             rid = self._next
             fut = asyncio.get_running_loop().create_future()
             self._waiters[rid] = fut
+            self._last = time.monotonic()
             self._writer.write(json.dumps({"id": rid, **fields}).encode() + b"\n")
             await self._writer.drain()
         return await fut

@@ -25,12 +25,17 @@ original's header block, which cleanup already bounded by header_size_limit.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+# At module level: the master preloads postwell's modules (not postwell.cli's) before
+# the qmgr drops privileges, and bounce(5) template parsing lives with postconf -t.
+from postwell.cli import bounce_templates as _bt
 from postwell.delivery.base import iter_lines
+from postwell.policy.restrictions import log_address
 
 FAILURE, DELAY, SUCCESS = "failure", "delay", "success"
 
@@ -89,6 +94,27 @@ _REMOTE_SUCCESS = re.compile(
     r"^delivery via (?P<name>[^\s\[\]]+)\[(?P<addr>[^\]]*)\](?::\d+)?: (?P<reply>.*)$", re.S)
 
 
+# pipe_command()'s failures (local |command, mailbox_command, pipe(8)): Postfix reports
+# the command's output, or else the sysexits text, as an x-unix diagnostic, and none
+# at all when there is neither (bounce_notify_util.c skips an empty dtext).  A bare
+# sysexits text ("user unknown") is not told apart from other reasons here.
+_SYSEXITS_TEXT = ("command line usage error|data format error|cannot open input|user unknown|"
+                  "host name unknown|service unavailable|internal software error|"
+                  "system resource problem|critical OS file missing|can't create user output file|"
+                  "input/output error|temporary failure|remote error in protocol|"
+                  "permission denied|local configuration error")
+_COMMAND_FAILURE = re.compile(
+    r'^(?:Command died with (?:status (?P<status>\d+)|signal \d+): ".*?"'
+    r'|Command time limit exceeded: ".*?"'
+    r"|(?P<sysexit>" + _SYSEXITS_TEXT + r")(?=\. Command output: ))"
+    r"(?:\. Command output: (?P<output>.*))?$", re.S)
+
+
+# mail_copy() (mailbox, /file, Maildir of local and virtual) reports its read and
+# write errors with the EX_IOERR text as the x-unix diagnostic, whatever the errno.
+_COPY_ERROR = re.compile(r"(?:^|[.:] )error (?:writing|reading) message: ")
+
+
 @dataclass
 class DsnRecipient:
     address: str
@@ -126,16 +152,20 @@ def wrap_line(text: str, length: int = WRAP_LENGTH, indent: int = WRAP_INDENT) -
 
 
 def mail_date(when: float) -> str:
-    """RFC 5322 3.3 date the way Postfix writes it (``+0000 (UTC)``)."""
+    """RFC 5322 3.3 date the way Postfix's mail_date() writes it: the day of the
+    month padded with a space (``Fri,  4 Dec 2026``, seen in Postfix 3.7's
+    Will-Retry-Until), ``+0000 (UTC)``."""
     lt = time.localtime(when)
     off = lt.tm_gmtoff or 0
     sign = "+" if off >= 0 else "-"
     off = abs(off)
     zone = f"{sign}{off // 3600:02d}{(off % 3600) // 60:02d}"
-    return f"{time.strftime('%a, %d %b %Y %H:%M:%S', lt)} {zone} ({lt.tm_zone or 'UTC'})"
+    day = time.strftime("%a", lt)
+    rest = time.strftime("%b %Y %H:%M:%S", lt)
+    return f"{day}, {lt.tm_mday:2d} {rest} {zone} ({lt.tm_zone or 'UTC'})"
 
 
-def diagnostic(reason: str) -> tuple[str | None, str]:
+def diagnostic(reason: str) -> tuple[str | None, str | None]:
     """(Remote-MTA host or None, Diagnostic-Code value) for a logged reason.
 
     A reply from a remote server is reported as ``smtp; <reply>`` with the
@@ -144,6 +174,14 @@ def diagnostic(reason: str) -> tuple[str | None, str]:
     m = _REMOTE_REPLY.match(reason) or _REMOTE_SUCCESS.match(reason)
     if m:
         return m.group("name"), f"smtp; {m.group('reply')}"
+    if _COPY_ERROR.search(reason):
+        return None, "x-unix; input/output error"
+    m = _COMMAND_FAILURE.match(reason)
+    if m:
+        # sys_exits_detail() names an exit status outside sysexits.h this way.
+        unknown = m.group("status") and f"unknown mail system error {m.group('status')}"
+        text = (m.group("output") or m.group("sysexit") or unknown or "").strip()
+        return None, f"x-unix; {text}" if text else None
     return None, f"X-Postfix; {reason}"
 
 
@@ -179,11 +217,85 @@ def _header_block(chunks: Iterable[bytes]) -> Iterable[bytes]:
         yield line if line.endswith(b"\n") else line + b"\n"
 
 
+# bounce_template_file, parsed once per file version (Postfix's bounce daemon
+# reads it when it starts; a long-lived qmgr notices an edit by the file's
+# mtime/size/inode, bounded to a handful of entries).
+_TEMPLATE_CACHE: dict[tuple, dict] = {}
+_TEMPLATE_CACHE_MAX = 8
+_TEMPLATE_NAMES = {FAILURE: "failure_template", DELAY: "delay_template", SUCCESS: "success_template"}
+
+
+def notice_templates(config, warn: Callable[[str], None] | None = None) -> tuple[dict, str]:
+    """(templates by name, source) as bounce(5) defines them: bounce_template_file
+    replaces the built-in templates one by one.  A file that cannot be read or
+    parsed leaves the built-in ones in force (Postfix's bounce daemon would stop
+    with a fatal error, deferring every notice; a notice with the standard text
+    is the safer way to keep senders informed), with a warning."""
+    path = (config.get("bounce_template_file") or "").strip() if config is not None else ""
+    if not path:
+        return _bt.builtin_templates(), "built-in"
+    try:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        key = (path, None, None, None)
+    hit = _TEMPLATE_CACHE.get(key)
+    if hit is not None:
+        return hit, path
+    problems: list[str] = []
+    try:
+        templates = _bt.read_template_file(path, problems.append)
+    except _bt.TemplateError as exc:
+        problems.append(f"{exc} -- using the built-in templates")
+        templates = _bt.builtin_templates()
+    if warn is not None:
+        for text in problems:
+            warn(text)
+    if len(_TEMPLATE_CACHE) >= _TEMPLATE_CACHE_MAX:
+        _TEMPLATE_CACHE.clear()
+    _TEMPLATE_CACHE[key] = templates
+    return templates, path
+
+
+def _template_text(config, kind: str, warn) -> tuple[object, list[str]]:
+    """The template for ``kind`` and its text with $name expanded (bounce(5));
+    an expression that names no parameter falls back to the built-in text."""
+    templates, source = notice_templates(config, warn)
+    t = templates[_TEMPLATE_NAMES[kind]]
+    try:
+        return t, _bt.expand_text(t, config, source, warn or (lambda _: None))
+    except _bt.TemplateError as exc:
+        if warn is not None:
+            warn(f"{exc} -- using the built-in template")
+        t = _bt.builtin_templates()[_TEMPLATE_NAMES[kind]]
+        return t, _bt.expand_text(t, config, "built-in")
+
+
+def _qualified_sender(label: str, origin: str) -> str:
+    """The template's From: with its bare address qualified as cleanup's local
+    rewriting would (``MAILER-DAEMON`` -> ``MAILER-DAEMON@$myorigin``)."""
+    m = re.search(r"<([^<>]*)>", label)
+    if m:
+        addr = m.group(1)
+        if addr and "@" not in addr:
+            return f"{label[:m.start()]}<{addr}@{origin}>{label[m.end():]}"
+        return label
+    if label and "@" not in label and " " not in label.strip():
+        return f"{label.strip()}@{origin}"
+    return label
+
+
+def _mime_charset(charset: str) -> str:
+    # Postfix 3.7 (SMTPUTF8 on) labels a us-ascii template's text utf-8: the
+    # recipient reasons that follow it may be UTF-8 (checked side by side).
+    return "utf-8" if charset.lower() == "us-ascii" else charset
+
+
 def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time: float,
                   recipients: list[DsnRecipient], original: Callable[[], Iterable[bytes]],
                   content_size: int = 0, to: str | None = None, ret: str | None = None,
                   envid: str | None = None, postmaster: bool = False, full: bool | None = None,
-                  now: float | None = None) -> bytes:
+                  now: float | None = None, warn: Callable[[str], None] | None = None) -> bytes:
     """The notice as bytes with LF line ends, ready for cleanup.
 
     ``to`` is the notice's recipient (the sender unless a postmaster copy);
@@ -194,7 +306,9 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
     hostname = config.get("myhostname")
     origin = config.get("myorigin") or hostname
     to = sender if to is None else to
-    subject, pm_subject, text = TEMPLATES[kind]
+    template, text = _template_text(config, kind, warn)
+    subject = template.subject
+    pm_subject = template.postmaster_subject or subject
     boundary = f"{queue_id}.{int(now)}/{hostname}"
 
     if full is None:
@@ -211,15 +325,9 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
     if full and content_size > limit:
         full = False     # Postfix: too large to return: headers only
 
-    subst = {
-        "myhostname": hostname,
-        "delay_warning_time_hours": str(int(_time(config, "delay_warning_time", "h") // 3600)),
-        "maximal_queue_lifetime_days": str(int(_time(config, "maximal_queue_lifetime", "d") // 86400)),
-    }
-
     lines = [
         f"Date: {mail_date(now)}",
-        f"From: Mail Delivery System <MAILER-DAEMON@{origin}>",
+        f"From: {_qualified_sender(template.sender, origin)}",
         f"Subject: {pm_subject if postmaster else subject}",
         f"To: {_quote_local(to)}",
         # RFC 3834 5: auto-replied for the sender, auto-generated for postmaster.
@@ -233,17 +341,19 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         "",
         f"--{boundary}",
         "Content-Description: Notification",
-        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Type: text/plain; charset={_mime_charset(template.charset)}",
         "Content-Transfer-Encoding: 8bit",
         "",
     ]
     if not postmaster:
-        lines += [re.sub(r"\$(\w+)", lambda m: subst.get(m.group(1), m.group(0)), t) for t in text]
+        lines += text
     for r in recipients:
         lines.append("")
-        who = f"<{r.address}>"
+        # Addresses in external form, a local part that needs it quoted (Postfix
+        # 3.7 side by side); Original-Recipient keeps the form it was given in.
+        who = f"<{log_address(r.address)}>"
         if r.orig and r.orig.lower() != r.address.lower():
-            who += f" (expanded from <{r.orig}>)"
+            who += f" (expanded from <{log_address(r.orig)}>)"
         lines += wrap_line(f"{who}: {r.reason}")
     lines += [
         "",
@@ -263,7 +373,7 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
     retry_until = arrival_time + _time(config, "maximal_queue_lifetime", "d")
     for r in recipients:
         lines.append("")                                        # RFC 3464 2.1: blank line per block
-        lines.append(f"Final-Recipient: rfc822; {r.address}")   # RFC 3464 2.3.2
+        lines.append(f"Final-Recipient: rfc822; {log_address(r.address)}")   # RFC 3464 2.3.2
         orcpt = _original_recipient(r)
         if orcpt:
             lines.append(f"Original-Recipient: {orcpt}")        # RFC 3464 2.3.1
@@ -273,7 +383,8 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         remote = r.remote_mta or remote
         if remote:
             lines.append(f"Remote-MTA: dns; {remote}")          # RFC 3464 2.3.5
-        lines += wrap_line(f"Diagnostic-Code: {code}")          # RFC 3464 2.3.6
+        if code is not None:
+            lines += wrap_line(f"Diagnostic-Code: {code}")      # RFC 3464 2.3.6
         if r.action == "delayed":
             lines.append(f"Will-Retry-Until: {mail_date(retry_until)}")  # RFC 3464 2.3.9
     prefix = "" if kind == SUCCESS else "Undelivered "

@@ -6,12 +6,14 @@ select() loop, so no handler ever runs in the middle of bookkeeping.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
 import os
 import pwd
 import select
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -73,7 +75,7 @@ def mail_owner_ids(config) -> tuple[int, int, str] | None:
                           f"unknown user name value: {name}") from None
     if pw.pw_uid == 0:
         raise MasterError(f"file {config.config_dir}/main.cf: parameter mail_owner: "
-                          f"user {name} has privileged user ID: 0")
+                          f"user {name} has privileged user ID")
     return pw.pw_uid, pw.pw_gid, name
 
 
@@ -134,9 +136,10 @@ class Slot:
     blocked_by: set = field(default_factory=set)   # old pids that must exit first (qmgr)
     key: tuple = ()
     preloaded: dict | None = None   # smtpd: what preload() read as root (the TLS context)
-    # On demand (showq): no process while nobody asks.  The master owns the
-    # listening socket and its name (listen_path, inode listen_ino) and forks
-    # a child when a client connects; the child leaves after max_idle.
+    # On demand (showq, the root helpers, pickup): no process while nobody
+    # asks.  The master owns the listening socket (pickup: the FIFO) and its
+    # name (listen_path, inode listen_ino) and forks a child when a client
+    # connects (pickup: when the FIFO is poked); the child leaves after max_idle.
     on_demand: bool = False
     listen_path: str | None = None
     listen_ino: int = 0
@@ -162,6 +165,7 @@ class Master:
         self._pid_fd = None
         self.owner = None
         self._warned: set = set()
+        self._maildrop_due = 0.0       # next look into maildrop/ for an on-demand pickup
 
     # ---------------------------------------------------------------- start
     def run(self) -> int:
@@ -343,22 +347,33 @@ class Master:
             # Root: the privileged half of virtual(8) writes mailboxes as their owners.
             vsvc = next((s for s in cfg.services or [] if s.name == "virtual" and s.type == "unix"), None)
             vcfg = cfg.override(vsvc.overrides) if vsvc is not None and vsvc.overrides else cfg
-            slots.append(Slot("helper", vsvc, vcfg, [], 1, key=("virtual-helper",)))
+            # On demand, as Postfix's master runs virtual(8): a relay-only
+            # system never delivers here and so carries no such process.
+            slots.append(Slot("helper", vsvc, vcfg, [], 0, key=("virtual-helper",),
+                              on_demand=True))
             # ... and of local(8): it switches to each recipient user per delivery.
             lsvc = next((s for s in cfg.services or [] if s.name == "local" and s.type == "unix"), None)
             lcfg = cfg.override(lsvc.overrides) if lsvc is not None and lsvc.overrides else cfg
-            slots.append(Slot("localhelper", lsvc, lcfg, [], 1, key=("local-helper",)))
+            slots.append(Slot("localhelper", lsvc, lcfg, [], 0, key=("local-helper",),
+                              on_demand=True))
             if plan.pipe:
                 # ... and of pipe(8): commands run as each service's user=.  The
                 # helper reads master.cf itself (per-service overrides included).
-                slots.append(Slot("pipehelper", None, cfg, [], 1, key=("pipe-helper",)))
+                slots.append(Slot("pipehelper", None, cfg, [], 0, key=("pipe-helper",),
+                                  on_demand=True))
         qsvc = plan.qmgr
         qcfg = cfg.override(qsvc.overrides) if qsvc is not None and qsvc.overrides else cfg
         slots.append(Slot("qmgr", qsvc, qcfg, [], 1, key=("qmgr",)))
         if plan.pickup is not None:
             psvc = plan.pickup
             pcfg = cfg.override(psvc.overrides) if psvc.overrides else cfg
-            slots.append(Slot("pickup", psvc, pcfg, [], 1, key=("pickup",)))
+            # A fifo service as in Postfix: the master keeps public/pickup
+            # open and forks pickup when sendmail pokes it (_check_maildrop
+            # stands in for Postfix's wakeup timer) -- unless a wakeup shorter
+            # than max_idle keeps it resident, as it does Postfix's pickup.
+            od = pickup_on_demand(psvc, pcfg)
+            slots.append(Slot("pickup", psvc, pcfg, [], 0 if od else 1, key=("pickup",),
+                              on_demand=od))
         # showq(8) answers mailq for users who cannot read the queue.  Postfix's
         # stock master.cf always has it, so it is offered without an entry too;
         # started on demand (see _listen_on_demand).
@@ -449,6 +464,10 @@ class Master:
                 if s.fileno() not in mine and s.fileno() >= 0:
                     s.close()
         master_pid = self.master_pid   # not getppid(): the master may already be gone
+        if slot.kind in HELPER_KINDS:
+            # The master's listener (on demand): served until max_idle passes
+            # with no qmgr connection open.
+            self._adopt_helper_listener(slot)
         if slot.kind == "helper":
             _die_with_master(master_pid)
             from postwell.delivery import helper
@@ -486,22 +505,25 @@ class Master:
             smtpd.serve(slot.config, slot.svc, slot.sockets, preloaded=preloaded)
         elif slot.kind == "pickup":
             from postwell.pickup import service as pickup
-            pickup.serve(slot.config)
+            if slot.on_demand and slot.sockets:
+                pickup.serve(slot.config, fifo_fd=slot.sockets[0].fileno(),
+                             max_idle=max_idle(slot.config))
+            else:
+                pickup.serve(slot.config)
         elif slot.kind == "anvil":
             from postwell import anvil
             anvil.serve(slot.config)
         elif slot.kind == "showq":
             from postwell import showq
-            try:
-                idle = slot.config.get_time("max_idle")
-            except Exception:   # noqa: BLE001 - a bad value: Postfix's default
-                idle = 100.0
-            showq.serve(slot.config, sock=slot.sockets[0], max_idle=max(1.0, idle))
+            showq.serve(slot.config, sock=slot.sockets[0], max_idle=max_idle(slot.config))
         else:
             from postwell import qmgr
             if self.owner:
                 from postwell.delivery import helper
                 helper.HELPER_SOCKET = helper.socket_path(slot.config)
+                # The helpers leave max_idle after the qmgr's last link to them
+                # closes: links idle for half of that are not worth keeping.
+                helper.LINK_IDLE = min(helper.LINK_IDLE, max_idle(slot.config) / 2)
                 from postwell.delivery import local_helper
                 local_helper.HELPER_SOCKET = local_helper.socket_path(slot.config)
                 if any(s.kind == "pipehelper" for s in self.slots):
@@ -509,44 +531,94 @@ class Master:
                     pipe_helper.HELPER_SOCKET = pipe_helper.socket_path(slot.config)
             qmgr.serve(slot.config)
 
+    def _adopt_helper_listener(self, slot) -> None:
+        if not (slot.on_demand and slot.sockets):
+            return
+        from postwell.delivery import helper
+        helper.adopt_listener(_on_demand_path(slot), slot.sockets[0], max_idle(slot.config))
+
     def _listen_on_demand(self, slots, old: dict) -> None:
-        """Listen for the on-demand services (showq) in the master, reusing a
-        listener of the previous configuration with the same name (a reload
-        then loses no waiting client); listeners nobody took over are closed."""
-        from postwell import showq
+        """Listen for the on-demand services (showq, the root helpers, pickup's
+        FIFO) in the master, reusing a listener of the previous configuration
+        with the same name (a reload then loses no waiting client); listeners
+        nobody took over are closed."""
         for slot in slots:
             if not slot.on_demand:
                 continue
-            path = showq.socket_path(slot.config)
+            path = _on_demand_path(slot)
             prev = old.pop(path, None)
             if prev is not None:
                 slot.sockets, slot.listen_path, slot.listen_ino = prev.sockets, path, prev.listen_ino
                 prev.listen_path = None   # the name now belongs to the new slot
+                if slot.kind in HELPER_KINDS and self.owner:
+                    try:   # mail_owner may have changed with the reload
+                        os.chown(path, self.owner[0], self.owner[1])
+                    except OSError:
+                        pass
                 continue
             try:
-                sock, ino = showq.listen(path)
+                sock, ino = self._on_demand_listen(slot, path)
             except OSError as exc:
-                # Not fatal: only mailq for unprivileged users is missing.
-                name = slot.svc.name if slot.svc is not None else "showq"
-                self.log.warning(f"{path}: {exc.strerror or exc}; service {name} is not available")
+                name = slot.svc.name if slot.svc is not None else slot.command
+                if slot.kind == "showq":
+                    # Not fatal: only mailq for unprivileged users is missing.
+                    self.log.warning(f"{path}: {exc.strerror or exc}; service {name} is not available")
+                    continue
+                # Mail depends on these: the child then listens by itself, as
+                # before on-demand start-up existed.
+                self.log.warning(f"{path}: {exc.strerror or exc}; service {name} "
+                                 "runs without the master's listener")
+                slot.on_demand, slot.nproc = False, 1
                 continue
-            sock.setblocking(False)
             slot.sockets, slot.listen_path, slot.listen_ino = [sock], path, ino
         for prev in old.values():
             self._close_listener(prev)
             for s in prev.sockets:
                 s.close()
 
+    def _on_demand_listen(self, slot, path):
+        if slot.kind == "showq":
+            from postwell import showq
+            sock, ino = showq.listen(path)
+        elif slot.kind == "pickup":
+            return _open_pickup_fifo(slot.config, self.owner, self.log)
+        else:
+            from postwell.delivery import helper
+            owner = self.owner or (None, None)
+            sock, ino = helper.listen(path, owner[0], owner[1])
+        sock.setblocking(False)
+        return sock, ino
+
     def _close_listener(self, slot) -> None:
         """Remove an on-demand service's name, unless something else replaced it."""
         path, slot.listen_path = slot.listen_path, None
-        if path is None:
-            return
+        if path is None or slot.kind == "pickup":
+            return     # public/pickup stays: sendmail pokes it even while we are down
         try:
             if os.stat(path).st_ino == slot.listen_ino:
                 os.unlink(path)
         except OSError:
             pass
+
+    def _check_maildrop(self) -> None:
+        """Postfix's master wakes pickup every `wakeup` seconds; here the
+        master itself looks into maildrop/ that often (and whenever a pickup
+        has exited) and starts pickup only when a file waits there, so a
+        lost poke costs at most one interval and an idle system no process."""
+        now = time.monotonic()
+        if now < self._maildrop_due or self.stopping:
+            return
+        slot = next((s for s in self.slots if s.kind == "pickup" and s.on_demand), None)
+        if slot is None:
+            self._maildrop_due = now + 60.0
+            return
+        from postwell.pickup.service import _wakeup_interval
+        self._maildrop_due = now + _wakeup_interval(slot.config)
+        slot.blocked_by = {p for p in slot.blocked_by if p in self.children}
+        if slot.children or slot.blocked_by or slot.throttled_until > now:
+            return     # running, or a look again when it exits (_reap)
+        if maildrop_waiting(slot.config.get("queue_directory")):
+            self._spawn(slot)
 
     def _on_demand_watch(self) -> dict:
         """fd -> slot for the on-demand listeners whose service has no process
@@ -557,6 +629,10 @@ class Master:
         out = {}
         for slot in self.slots:
             if slot.on_demand and not slot.children and slot.throttled_until <= now:
+                # After a reload the old pickup must exit first (one file, one queue id).
+                slot.blocked_by = {p for p in slot.blocked_by if p in self.children}
+                if slot.blocked_by:
+                    continue
                 for s in slot.sockets:
                     if s.fileno() >= 0:
                         out[s.fileno()] = slot
@@ -601,6 +677,11 @@ class Master:
             if child is None:
                 continue
             child.slot.children.discard(pid)
+            if child.slot.kind == "pickup" and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                # A file dropped as it left (or after a reload's old pickup
+                # stopped mid-scan) is not left for a whole wakeup interval.
+                # (One that crashed is tried again at the next interval or poke.)
+                self._maildrop_due = 0.0
             if self.stopping or child.retired:
                 continue
             path = f"{self.config.get('daemon_directory') or '/usr/lib/postfix/sbin'}/{child.slot.command}"
@@ -670,6 +751,7 @@ class Master:
                     deadline = time.monotonic() + 5
                 continue
             self._start_missing()
+            self._check_maildrop()
 
     def _signal_children(self, sig) -> None:
         for pid in list(self.children):
@@ -761,6 +843,95 @@ class Master:
             signal.set_wakeup_fd(-1)
         except ValueError:
             pass
+
+
+HELPER_KINDS = ("helper", "localhelper", "pipehelper")
+
+
+def max_idle(config) -> float:
+    """An on-demand child's max_idle (Postfix's default when unreadable)."""
+    try:
+        idle = config.get_time("max_idle")
+    except Exception:   # noqa: BLE001 - a bad value: Postfix's default
+        idle = 100.0
+    return max(1.0, idle)
+
+
+def pickup_on_demand(svc, config) -> bool:
+    """Postfix's master wakes pickup every `wakeup` seconds (master.cf, 60 in
+    the stock line), and a wakeup shorter than max_idle keeps it running for
+    good; without one (`-`/0) or with a longer one it leaves after max_idle
+    and the next poke starts it again.  postwell does the same: on demand only
+    then, since the first message after a quiet spell waits for a fork and
+    pickup's start-up (milliseconds of CPU, far more on a loaded machine)."""
+    try:
+        wake = float(str(getattr(svc, "wakeup", None) or 0).rstrip("?") or 0)
+    except ValueError:
+        wake = 0.0
+    return not 0 < wake < max_idle(config)
+
+
+def _on_demand_path(slot) -> str:
+    qdir = slot.config.get("queue_directory")
+    if slot.kind == "showq":
+        from postwell import showq
+        return showq.socket_path(slot.config)
+    if slot.kind == "pickup":
+        return os.path.join(qdir, "public", "pickup")
+    from postwell.delivery import helper, local_helper, pipe_helper
+    module = {"helper": helper, "localhelper": local_helper, "pipehelper": pipe_helper}[slot.kind]
+    return module.socket_path(slot.config)
+
+
+class _Fifo:
+    """pickup's FIFO held open by the master, looking like a listening
+    socket to the loop (fileno, close)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _open_pickup_fifo(config, owner, log):
+    """Make public/pickup (and maildrop/) as pickup would, owned by mail_owner
+    (Postfix's 0622 postfix-owned FIFO), and keep it open: O_RDWR so it never
+    reads as EOF and a poke never fails for lack of a reader, O_NONBLOCK
+    (shared with the pickup child, which drains it)."""
+    from postwell.pickup.service import prepare_public
+    path = prepare_public(config.get("queue_directory"), log)
+    if owner:
+        os.chown(path, owner[0], owner[1])
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISFIFO(st.st_mode):
+            raise OSError(errno.EINVAL, "not a FIFO")
+    except OSError:
+        os.close(fd)
+        raise
+    return _Fifo(fd), st.st_ino
+
+
+def maildrop_waiting(queue_directory: str) -> bool:
+    """Whether maildrop/ holds a complete file (sendmail's temporaries start with a dot)."""
+    try:
+        with os.scandir(os.path.join(queue_directory, "maildrop")) as it:
+            for entry in it:
+                if not entry.name.startswith("."):
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 # Standard modules the children import lazily.  A child runs as mail_owner and

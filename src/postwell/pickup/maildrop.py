@@ -79,17 +79,22 @@ def listed_id(name: str) -> str:
 
 def names_for_id(maildrop_dir: str, queue_id: str) -> list[str]:
     """The maildrop file names a queue id given to postcat/postsuper stands for:
-    the full name itself, or every file whose listed_id() it is."""
+    the full name itself, a queue file that ``postsuper -r`` put there under its
+    queue id (as Postfix's), or every file whose listed_id() it is."""
     if NAME_RE.match(queue_id):
         return [queue_id]
+    from postwell.queue.format import is_queue_id
+    requeued = []
+    if is_queue_id(queue_id) and os.path.isfile(os.path.join(maildrop_dir, queue_id)):
+        requeued = [queue_id]
     if len(queue_id) != LISTED_ID_LEN or not re.fullmatch(r"[0-9A-Fa-f]+", queue_id):
-        return []
+        return requeued
     prefix = queue_id.lower()
     try:
         names = os.listdir(maildrop_dir)
     except OSError:
-        return []
-    return sorted(n for n in names if n.startswith(prefix) and NAME_RE.match(n))
+        return requeued
+    return requeued + sorted(n for n in names if n.startswith(prefix) and NAME_RE.match(n))
 
 
 class MaildropFormatError(Exception):
