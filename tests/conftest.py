@@ -125,6 +125,7 @@ _SHARED_GROUPS = {
     "test_issue3_local_e2e": "users-pwe",
     "test_issue3_reference": "users-pwe",
     "test_issue3_tools_e2e": "users-pwe",
+    "test_parity_delivery5": "users-pwe",
 }
 # The longest modules start first, so no worker is left with a long one at the end.
 _LONG_FIRST = (

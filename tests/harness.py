@@ -345,6 +345,28 @@ def kill_tree(root_pid: int, sig: int = signal.SIGKILL) -> list[int]:
     return pids
 
 
+@contextlib.contextmanager
+def real_users(names, lock: str, prefix: str, lock_timeout: float = 240.0):
+    """Real users (useradd, a home under a fresh 0755 directory, /bin/sh), made anew
+    and removed again under machine_lock(lock): the names are fixed, so another run
+    on this machine must not delete them underneath us.  Yields name -> pwd entry."""
+    with machine_lock(lock, timeout=lock_timeout):
+        base = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(base, 0o755)
+        made = {}
+        try:
+            for name in names:
+                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+                subprocess.run(["useradd", "-m", "-d", os.path.join(base, name), "-s", "/bin/sh",
+                                name], check=True, capture_output=True, timeout=30)
+                made[name] = pwd.getpwnam(name)
+            yield made
+        finally:
+            for name in made:
+                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+            shutil.rmtree(base, ignore_errors=True)
+
+
 def test_base_dir() -> Path:
     """Where instances live when running as root: outside pytest's tmp dirs.
 
@@ -975,6 +997,41 @@ def stop_side_by_side(instances) -> None:
     if instances:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(finish, instances))
+
+
+@contextlib.contextmanager
+def variant_pairs(tmp_path_factory, prefix: str, params_for):
+    """``get(variant) -> (reference, postwell)``, a pair started on first use with
+    ``params_for(variant)`` as both main.cf's; every pair is stopped on the way out."""
+    started: dict[str, tuple] = {}
+    made: list = []
+
+    def get(variant: str):
+        if variant not in started:
+            base = tmp_path_factory.mktemp(f"{prefix}-{variant}")
+            params = params_for(variant)
+            ref = ReferencePostfix(base, params)
+            pw = PostwellInstance(base, params)
+            made.extend([ref, pw])
+            start_side_by_side(ref, pw)
+            started[variant] = (ref, pw)
+        return started[variant]
+    try:
+        yield get
+    finally:
+        stop_side_by_side(made)
+
+
+def table_dir(prefix: str, files: dict[str, str]) -> Path:
+    """Lookup tables both MTAs read: outside pytest's 0700 basetemp (see test_base_dir),
+    so that the unprivileged daemons can, in a 0755 directory, each file 0644."""
+    tables = Path(tempfile.mkdtemp(prefix=prefix, dir=test_base_dir()))
+    os.chmod(tables, 0o755)
+    for name, text in files.items():
+        path = tables / name
+        path.write_text(text)
+        os.chmod(path, 0o644)
+    return tables
 
 
 def normalise(replies: list[Reply]) -> list[tuple[int, str | None]]:

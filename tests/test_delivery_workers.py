@@ -32,19 +32,24 @@ UID = GID = 54321
 MSG = b"Subject: test\nFrom: a@example.test\n\nbody line\n"
 
 
+def queue_message(store, content: bytes) -> str:
+    """One message from sender@ to user@example.test, committed and in active."""
+    msg = store.create()
+    msg.set_sender("sender@example.test")
+    msg.add_recipient("user@example.test")
+    msg.write(content)
+    msg.commit()
+    store.move(msg.queue_id, "incoming", "active")
+    return msg.queue_id
+
+
 @pytest.fixture
 def queued(tmp_path):
     store = QueueStore(str(tmp_path / "queue"))
     store.ensure_layout()
 
     def make(content=MSG):
-        msg = store.create()
-        msg.set_sender("sender@example.test")
-        msg.add_recipient("user@example.test")
-        msg.write(content)
-        msg.commit()
-        store.move(msg.queue_id, "incoming", "active")
-        return store.open(msg.queue_id, "active", writable=False)
+        return store.open(queue_message(store, content), "active", writable=False)
     return make
 
 

@@ -13,7 +13,6 @@ import pwd
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,21 +40,8 @@ TIMEOUT = 30
 def e2e_users():
     # The user names (and /tmp/pwe-shared of test_issue3_reference) are fixed:
     # another test run on this machine must not delete them underneath us.
-    with harness.machine_lock("users-pwe"):
-        base = tempfile.mkdtemp(prefix="pwe-homes-")
-        os.chmod(base, 0o755)
-        made = {}
-        try:
-            for name in E2E_USERS:
-                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-                subprocess.run(["useradd", "-m", "-d", os.path.join(base, name), "-s", "/bin/sh", name],
-                               check=True, capture_output=True, timeout=30)
-                made[name] = pwd.getpwnam(name)
-            yield made
-        finally:
-            for name in made:
-                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-            shutil.rmtree(base, ignore_errors=True)
+    with harness.real_users(E2E_USERS, "users-pwe", "pwe-homes-") as made:
+        yield made
 
 
 def reset_homes(users) -> None:

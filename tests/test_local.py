@@ -11,7 +11,6 @@ import os
 import pwd
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -42,22 +41,8 @@ def users():
     import harness
     # Fixed user names: another test run on this machine must not delete them
     # underneath us.
-    with harness.machine_lock("users-pwtl"):
-        base = tempfile.mkdtemp(prefix="pwt-homes-")
-        os.chmod(base, 0o755)
-        made = {}
-        try:
-            for name in USERS:
-                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-                home = os.path.join(base, name)
-                subprocess.run(["useradd", "-m", "-d", home, "-s", "/bin/sh", name], check=True,
-                               capture_output=True, timeout=30)
-                made[name] = pwd.getpwnam(name)
-            yield made
-        finally:
-            for name in made:
-                subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
-            shutil.rmtree(base, ignore_errors=True)
+    with harness.real_users(USERS, "users-pwtl", "pwt-homes-") as made:
+        yield made
 
 
 class Env:

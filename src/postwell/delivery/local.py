@@ -360,6 +360,15 @@ class LocalAgent(DeliveryAgent):
             self._store = QueueStore(self.settings.queue_directory)
         return self._store
 
+    @property
+    def queue_device(self) -> int | None:
+        """st_dev of the queue's file system (virtual.maildir_name_ordered), once."""
+        dev = self.__dict__.get("_queue_dev", False)
+        if dev is False:
+            dev = _device_of(self.settings.queue_directory)
+            self._queue_dev = dev
+        return dev
+
     def default_identity(self) -> Identity:
         try:
             pw = pwd.getpwnam(self.settings.default_privs)
@@ -671,8 +680,10 @@ class Expansion:
                     owner = f"{owner}@{self.s.myorigin}"
                 sender = owner
         prop = unmatched if "alias" in self.s.propagate else None
+        # A mailing list (new envelope sender) does not pass the original recipient on,
+        # as Postfix's alias.c (RFC 3461 5.2.7): no orig_to for the list's members.
         child = b.child(exp_type="alias", exp_from=name, ident=ident, owner=owner, sender=sender,
-                        unmatched=prop)
+                        unmatched=prop, orig="" if owner is not None else b.orig)
         self.tokens(child, split_tokens(value))
         return True
 
@@ -921,11 +932,13 @@ class Expansion:
 
     # -- doing things --------------------------------------------------
     def _copy(self, b: Branch, path: str, maildir: bool, kind: str) -> LocalCopy:
-        return LocalCopy(path=path, maildir=maildir, sender=self.request.sender, recipient=b.address,
+        copy = LocalCopy(path=path, maildir=maildir, sender=self.request.sender, recipient=b.address,
                          orig=b.orig, delivered=b.delivered, limit=self.s.size_limit,
                          lock_methods=self.s.lock_methods, hostname=self.s.hostname,
                          want_orig=self.s.original_recipient,
                          want_delivered=kind in self.s.delivered_hdr)
+        copy.queue_dev = self.agent.queue_device
+        return copy
 
     def _call(self, ident: Identity, func, *args) -> dict:
         try:
@@ -996,6 +1009,13 @@ class Expansion:
         copy = self._copy(b, "", False, "command")
         self._do(b, ident, _command_in_dir, command, env, cwd, self.s.time_limit, self.s.shell,
                  copy, self.request.open_content, bool(self.s.exec_dir))
+
+
+def _device_of(path: str | None) -> int | None:
+    try:
+        return os.stat(path).st_dev if path else None
+    except OSError:
+        return None
 
 
 def _command_in_dir(command, env, cwd, time_limit, shell, copy, open_content, strict_cwd):

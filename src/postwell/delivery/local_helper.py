@@ -28,6 +28,7 @@ SOCKET_NAME = "local"
 MAX_CONCURRENT = 20        # requests in progress at once (the qmgr opens at most this many
                            # connections, one per delivery in progress)
 MAX_CONNECTIONS = 64       # connections served at once (a reload's old and new qmgr overlap)
+INLINE_CONTENT = 16 << 10  # messages up to this size reach the user worker in the request
 
 # Set by the master in the qmgr child when the helper runs.
 HELPER_SOCKET: str | None = None
@@ -41,6 +42,7 @@ def handle_request(agent, store, req: dict) -> list:
     """One request -> per-recipient leaf lists (blocking; runs in a thread)."""
     from .base import DeliveryRequest, QueueContent
     from .helper import queue_request
+    from .local_exec import InlineContent
     qid, rcpts = queue_request(req)
     try:
         qm = store.open(qid, "active", writable=False)
@@ -48,10 +50,15 @@ def handle_request(agent, store, req: dict) -> list:
         return [[[r.address, r.orig or r.address, "deferred", "4.3.0",
                   f"cannot open queue file: {exc}", None, None]] for r in rcpts]
     try:
+        content = QueueContent(qm)
+        if qm.content_size <= INLINE_CONTENT:
+            # Small mail is in memory already (the open read the file whole):
+            # it goes to the user worker inside the request (local_exec.InlineContent).
+            content = InlineContent(b"".join(qm.iter_content()))
         request = DeliveryRequest(queue_id=qid, sender=str(req.get("sender", "")), recipients=rcpts,
                                   transport=str(req.get("transport") or "local"),
                                   nexthop=str(req.get("nexthop", "")), arrival_time=qm.arrival_time,
-                                  open_content=QueueContent(qm),
+                                  open_content=content,
                                   content_size=qm.content_size,
                                   attributes=dict(getattr(qm, "attributes", {}) or {}))
         per_rcpt = agent.expand_request(request)

@@ -288,10 +288,21 @@ def tls_level_from_config(cfg, prefix: str = "smtp") -> str:
     return {"dane": "may"}.get(level, level)
 
 
+# RFC 3463 code after a reply line's "ddd " or "ddd-" (and any blanks).
+_LAST_LINE_DSN = re.compile(r"^(\d)\d\d[ -] *(([245])\.\d{1,3}\.\d{1,3})(?: |$)")
+
+
 def _dsn_of(reply: Reply) -> str:
     # Postfix synthesises X.0.0 when the server gives no enhanced status code, and
     # 5.5.0 for a reply of an unexpected class (a 3xx to RCPT, say).
-    if reply.enhanced:
+    raw = getattr(reply, "raw", "")
+    if "\n" in raw:
+        # smtp_chat_resp() reads the code of a multi-line reply from its last line
+        # ("554-no service" then "554 5.3.2 go away": 5.3.2).
+        m = _LAST_LINE_DSN.match(raw.rsplit("\n", 1)[1])
+        if m and m.group(1) == m.group(3):
+            return m.group(2)
+    elif reply.enhanced:
         return reply.enhanced
     cls = reply.code // 100
     return f"{cls}.0.0" if cls in (2, 4, 5) else "5.5.0"
@@ -997,9 +1008,15 @@ class SmtpDeliveryAgent(DeliveryAgent):
                                 getattr(r, "orcpt", None) or _orig_orcpt(r))
                       for r in request.recipients)
         body = attrs.get("body") or attrs.get("body_type")
+        # SIZE= and "message size N exceeds size limit" give Postfix's message size
+        # (the qmgr's size=), which cleanup recorded; older files: the content length.
+        try:
+            size = int(attrs.get("postwell_size") or 0)
+        except ValueError:
+            size = 0
         return Envelope(
             sender=request.sender, recipients=rcpts,
-            size=getattr(request, "content_size", None) or 0,
+            size=size or getattr(request, "content_size", None) or 0,
             body_type=body.upper() if body else None,
             smtputf8=str(attrs.get("smtputf8", "")).lower() in ("1", "yes", "true"),
             ret=attrs.get("ret") or None, envid=attrs.get("envid") or None)

@@ -47,6 +47,9 @@ class MailboxFull(Exception):
 class Delivery:
     """One recipient's delivery: everything the file-writing code needs."""
 
+    # st_dev of the queue's file system, when the agent knows it (see maildir_name_ordered).
+    queue_dev: int | None = None
+
     def __init__(self, *, path, maildir, uid, gid, sender, recipient, orig, limit, lock_methods,
                  hostname):
         self.path, self.maildir, self.uid, self.gid = path, maildir, uid, gid
@@ -123,9 +126,23 @@ class VirtualAgent(DeliveryAgent):
             self._warn(f"recipient {address}: bad mailbox {mailbox!r}")
             return RecipientResult.deferred(rcpt, "mail system configuration error", RELAY, "4.3.0")
         path = os.path.join(self.base, mailbox.lstrip("/"))
-        return Delivery(path=path, maildir=mailbox.endswith("/"), uid=uid, gid=gid,
-                        sender=request.sender, recipient=address, orig=rcpt.orig or address,
-                        limit=self.limit, lock_methods=self.lock_methods, hostname=self.hostname)
+        d = Delivery(path=path, maildir=mailbox.endswith("/"), uid=uid, gid=gid,
+                     sender=request.sender, recipient=address, orig=rcpt.orig or address,
+                     limit=self.limit, lock_methods=self.lock_methods, hostname=self.hostname)
+        d.queue_dev = self.queue_device
+        return d
+
+    @property
+    def queue_device(self) -> int | None:
+        """st_dev of the queue's file system (see maildir_name_ordered), once."""
+        dev = self.__dict__.get("_queue_dev", False)
+        if dev is False:
+            try:
+                dev = os.stat(self.config.get("queue_directory")).st_dev
+            except (OSError, TypeError, ValueError, KeyError, AttributeError):
+                dev = None
+            self._queue_dev = dev
+        return dev
 
     async def _deliver_via_helper(self, request, helper) -> list[RecipientResult]:
         """Unprivileged qmgr: the root helper writes as the mailbox owner."""
@@ -431,6 +448,11 @@ def deliver_maildir(d: Delivery, open_content) -> None:
             make_dirs()
             os.rename(tmpfile, newfile)
         placed = True
+        if maildir_name_ordered(d.queue_dev, st.st_dev):
+            # The queue file is removed only after this returns, and that
+            # removal cannot reach the disk before this rename (see
+            # maildir_name_ordered): no new/ fsync, as Postfix's local(8).
+            return
         deferred = getattr(_batch_state, "dirs", None)
         if deferred is not None:
             # A worker's batch: its caller fsyncs new/ once for the whole
@@ -447,6 +469,60 @@ def deliver_maildir(d: Delivery, open_content) -> None:
                 os.unlink(tmpfile)
             except OSError:
                 pass
+
+
+# st_dev -> whether that file system writes metadata changes in order.
+_ordered_devices: dict[int, bool] = {}
+
+
+def maildir_name_ordered(queue_dev: int | None, maildir_dev: int) -> bool:
+    """True when a Maildir rename needs no fsync of new/ to be safe.
+
+    Postfix's local(8) fsyncs the message file and links it into new/
+    without syncing the directory; its qmgr then removes the queue file,
+    also unsynced.  Where the Maildir and the queue share one file system
+    whose metadata changes are committed in order (a journal: ext3/ext4
+    with one, xfs), the removal -- made after the rename -- is never on
+    disk without the rename, so a crash can at worst bring the queue file
+    back (one duplicate), never lose the message.  Anywhere else (another
+    file system, ext4 without a journal, btrfs, NFS, unknown) new/ is
+    fsync'd before the delivery is reported, as before."""
+    if queue_dev is None or queue_dev != maildir_dev:
+        return False
+    known = _ordered_devices.get(maildir_dev)
+    if known is None:
+        try:
+            known = metadata_in_order(maildir_dev)
+        except Exception:        # whatever the trouble, the new/ fsync is the safe answer
+            known = False
+        _ordered_devices[maildir_dev] = known
+    return known
+
+
+def metadata_in_order(dev: int, proc: str = "/proc", sys: str = "/sys") -> bool:
+    """Does the file system on ``dev`` commit metadata changes in order?
+    Read from /proc/self/mountinfo (file system type) and, for ext3/ext4,
+    whether it has a journal (/sys/fs/ext4/NAME/journal_task, or
+    /proc/fs/jbd2/NAME-8 on kernels without that file)."""
+    # Bytes, not text: a user worker cannot import a codec after dropping privileges.
+    wanted = f"{os.major(dev)}:{os.minor(dev)}".encode()
+    fstype = None
+    with open(os.path.join(proc, "self", "mountinfo"), "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == wanted and b"-" in fields[3:]:
+                fstype = fields[fields.index(b"-", 3) + 1].decode("utf-8", "replace")
+                break
+    if fstype == "xfs":
+        return True
+    if fstype not in ("ext3", "ext4"):
+        return False
+    name = os.path.basename(os.path.realpath(os.path.join(sys, "dev", "block", wanted.decode())))
+    try:
+        with open(os.path.join(sys, "fs", "ext4", name, "journal_task"), "rb") as f:
+            return f.read().strip() not in (b"", b"<none>")
+    except FileNotFoundError:
+        return os.path.isdir(os.path.join(proc, "fs", "jbd2", f"{name}-8"))
 
 
 def _dotlock(path: str, tries: int = 10):

@@ -319,7 +319,10 @@ def _read_reasons(dir_fd: int, queue_id: str) -> dict[str, str]:
         return {}
     finally:
         os.close(fd)
-    return qf.defer_reasons(data)
+    # Postfix's showq reads the log with bounce_log_read(), whose split_nameval()
+    # trims blanks around a value: a command's output ending in a blank is listed
+    # as "(busy now)", not "(busy now )".
+    return {k: v.strip() for k, v in qf.defer_reasons(data).items()}
 
 
 def _collect_queue(store: QueueStore, qname: str):
