@@ -347,12 +347,12 @@ def test_mail_date_cache_follows_the_clock_and_the_zone(monkeypatch):
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     try:
-        assert mail_date(86400.2) == "Fri, 02 Jan 1970 00:00:00 +0000 (UTC)"
-        assert mail_date(86400.9) == "Fri, 02 Jan 1970 00:00:00 +0000 (UTC)"
-        assert mail_date(86401.0) == "Fri, 02 Jan 1970 00:00:01 +0000 (UTC)"
+        assert mail_date(86400.2) == "Fri,  2 Jan 1970 00:00:00 +0000 (UTC)"
+        assert mail_date(86400.9) == "Fri,  2 Jan 1970 00:00:00 +0000 (UTC)"
+        assert mail_date(86401.0) == "Fri,  2 Jan 1970 00:00:01 +0000 (UTC)"
         monkeypatch.setenv("TZ", "EST5")
         time.tzset()
-        assert mail_date(86401.0) == "Thu, 01 Jan 1970 19:00:01 -0500 (EST)"
+        assert mail_date(86401.0) == "Thu,  1 Jan 1970 19:00:01 -0500 (EST)"
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()

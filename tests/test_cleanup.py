@@ -318,10 +318,30 @@ def test_duplicate_recipients_removed_as_postfix_does(tmp_path):
 
 def test_default_orcpt_filled_by_smtpd_does_not_defeat_dedup(tmp_path):
     c, store, _ = make(tmp_path, aliases={"joe@alias.test": "joe@mx.example.test"})
-    rcpts = [(a, a, f"rfc822;{a}", None) for a in ("joe@alias.test", "joe@mx.example.test")]
+    rcpts = [("joe@mx.example.test", "joe@mx.example.test", "rfc822;joe@mx.example.test", None),
+             ("joe@mx.example.test", "joe@mx.example.test", None, None),
+             ("joe@alias.test", "joe@alias.test", "rfc822;joe@alias.test", None)]
     cs, reply = submit(c, b"S: x\r\n\r\nb\r\n", rcpts=rcpts)
     with store.open(cs.queue_id) as q:
-        assert [(r.address, r.orig) for r in q.recipients] == [("joe@mx.example.test", "joe@alias.test")]
+        # The original recipient is part of Postfix 3.7's key: joe@mx reached as itself
+        # and through the alias is kept twice (nrcpt=2, two to= lines in Postfix).
+        assert [(r.address, r.orig) for r in q.recipients] == [
+            ("joe@mx.example.test", "joe@mx.example.test"),
+            ("joe@mx.example.test", "joe@alias.test")]
+
+
+def test_duplicate_filter_folds_case_with_the_original_recipient(tmp_path):
+    # Postfix 3.7 (checked side by side): RCPT joe@alias.test (-> joe@mx), JOE@mx,
+    # joe@mx, Y@x, y@x, z@x, z@X give nrcpt=4 after folding on (orig, recipient).
+    c, store, _ = make(tmp_path, aliases={"joe@alias.test": "joe@mx.example.test"})
+    rcpts = ["joe@alias.test", "JOE@mx.example.test", "joe@mx.example.test",
+             "Y@x.test", "y@x.test", "z@x.test", "z@X.test"]
+    cs, reply = submit(c, b"S: x\r\n\r\nb\r\n", rcpts=rcpts)
+    with store.open(cs.queue_id) as q:
+        assert [(r.address, r.orig) for r in q.recipients] == [
+            ("joe@mx.example.test", "joe@alias.test"),
+            ("JOE@mx.example.test", "JOE@mx.example.test"),
+            ("Y@x.test", "Y@x.test"), ("z@x.test", "z@x.test")]
 
 
 def test_virtual_alias_expansion_in_cleanup(tmp_path):
@@ -663,3 +683,17 @@ def test_first_client_line_rules(tmp_path, local):
             assert "\n\nFrom someone\n\nb\n" in text
         if local and data.startswith(b"From"):
             assert "\nFrom: s@example.test\n" in text
+
+
+def test_mail_date_pads_the_day_with_a_space():
+    # Postfix's mail_date() uses strftime "%a, %e %b ..." (seen in its Date:,
+    # Received: and notice dates on days 1-9).
+    import time as _time
+    from postwell.cleanup.service import _format_mail_date
+    from postwell.smtpd.server import _own_mail_date
+    when = int(_time.mktime((2026, 12, 6, 10, 0, 0, 0, 0, -1)))
+    lt = _time.localtime(when)
+    assert _format_mail_date(when).startswith(f"Sun,  6 Dec 2026 {_time.strftime('%H:%M:%S', lt)} ")
+    assert _own_mail_date(when) == _format_mail_date(when)
+    later = int(_time.mktime((2026, 12, 16, 10, 0, 0, 0, 0, -1)))
+    assert _format_mail_date(later).startswith("Wed, 16 Dec 2026 ")

@@ -117,8 +117,14 @@ def msg(subject="plain", *body: str, extra: str = "") -> bytes:
 
 def stored(store, qid, queue="incoming"):
     with store.open(qid, queue) as q:
-        return q.read_content().decode(), [(r.address, r.orig) for r in q.recipients], \
-            dict(q.attributes)
+        return q.read_content().decode(), [(r.address, r.orig) for r in q.recipients
+                                           if not r.done], dict(q.attributes)
+
+
+def stored_all(store, qid, queue="incoming"):
+    """Every recipient entry as (address, orig, done)."""
+    with store.open(qid, queue) as q:
+        return [(r.address, r.orig, r.done) for r in q.recipients]
 
 
 def check_lines(log, qid):
@@ -190,9 +196,10 @@ def test_redirect_replaces_every_recipient(tmp_path):
                        rcpts=("a@example.test", "b@example.test"))
     # REDIRECT turns the checks off: the body line that would reject is not checked.
     assert reply.code == 250
-    _, rcpts, _ = stored(store, cs.queue_id)
-    # One copy for the target (cleanup's duplicate filter), the first original as orig_to.
-    assert rcpts == [("bob@example.test", "a@example.test")]
+    # As Postfix: both recipients are written (nrcpt=2), the first goes to the target
+    # with its original as orig_to, the second is finished without a delivery.
+    assert stored_all(store, cs.queue_id) == [("bob@example.test", "a@example.test", False),
+                                              ("bob@example.test", "b@example.test", True)]
     assert check_lines(log, cs.queue_id) == [
         "redirect: header Subject: redirect-me from unknown[127.0.0.1]; from=<s@example.test> "
         "to=<b@example.test> proto=ESMTP helo=<client.example>: bob@example.test"]
@@ -484,25 +491,16 @@ MIME_DIALOGUE = [
 
 @pytest.mark.postfix
 def test_mime_split_and_size_limit_match_the_reference(tmp_path):
-    import os
-    import tempfile
-    from pathlib import Path
-
     import harness
     from test_parity_dialogues3 import _run, _texts
     reason = harness.reference_available()
     if reason:
         pytest.skip(reason)
-    # Outside pytest's 0700 basetemp: the unprivileged daemons read the tables.
-    tables = Path(tempfile.mkdtemp(prefix="hc-tables-", dir=harness.test_base_dir()))
-    os.chmod(tables, 0o755)
+    tables = harness.table_dir("hc-tables-", ALL_LINES)
     # The last part's "late line" starts at offset 123 (its empty line counts): unchecked.
     params = {"body_checks_size_limit": "123"}
-    for name, text in ALL_LINES.items():
-        path = tables / name
-        path.write_text(text)
-        os.chmod(path, 0o644)
-        params[name] = f"regexp:{path}"
+    for name in ALL_LINES:
+        params[name] = f"regexp:{tables / name}"
     ref = harness.ReferencePostfix(tmp_path / "ref", params)
     pw = harness.PostwellInstance(tmp_path / "pw", params)
     try:
@@ -535,8 +533,10 @@ def test_access_map_actions_through_the_session_api(tmp_path):
     reply = asyncio.run(asyncio.wait_for(cs.finish(), 20))
     _, rcpts, attrs = stored(store, cs.queue_id)
     assert reply.code == 250 and attrs["postwell_filter"] == "smtp:[127.0.0.1]:10026"
-    # The BCC recipient is redirected too: one copy for the target.
+    # The BCC recipient is redirected too; only the first entry is delivered.
     assert rcpts == [("r@example.test", "u@example.test")]
+    assert stored_all(store, cs.queue_id) == [("r@example.test", "u@example.test", False),
+                                              ("r@example.test", "b@example.test", True)]
 
 
 def test_header_check_redirect_wins_over_the_access_map(tmp_path):

@@ -15,10 +15,8 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -629,33 +627,13 @@ def pairs(tmp_path_factory, policy):
     reason = harness.reference_available()
     if reason:
         pytest.skip(reason)
-    # Not under pytest's basetemp: any pytest run resets that to mode 0700, which would
-    # cut the unprivileged smtpd/cleanup off from the tables (see harness.test_base_dir).
-    tables = Path(tempfile.mkdtemp(prefix="dlg3-tables-", dir=harness.test_base_dir()))
-    os.chmod(tables, 0o755)
-    files = {}
-    for key, text in (("hdr", HEADER_CHECKS), ("body", BODY_CHECKS), ("sregexp", SENDER_REGEXP),
-                      ("spcre", SENDER_PCRE), ("cidr", CLIENT_CIDR)):
-        path = tables / f"{key}_checks"
-        path.write_text(text)
-        os.chmod(path, 0o644)
-        files[key] = str(path)
-    started: dict[str, tuple] = {}
-    made: list = []
-
-    def get(variant: str):
-        if variant not in started:
-            base = tmp_path_factory.mktemp(f"dlg3-{variant}")
-            params = _params(variant, files, policy.port)
-            ref = harness.ReferencePostfix(base, params)
-            pw = harness.PostwellInstance(base, params)
-            made.extend([ref, pw])
-            harness.start_side_by_side(ref, pw)
-            started[variant] = (ref, pw)
-        return started[variant]
-
-    yield get
-    harness.stop_side_by_side(made)
+    texts = {"hdr": HEADER_CHECKS, "body": BODY_CHECKS, "sregexp": SENDER_REGEXP,
+             "spcre": SENDER_PCRE, "cidr": CLIENT_CIDR}
+    tables = harness.table_dir("dlg3-tables-", {f"{k}_checks": t for k, t in texts.items()})
+    files = {k: str(tables / f"{k}_checks") for k in texts}
+    with harness.variant_pairs(tmp_path_factory, "dlg3",
+                               lambda variant: _params(variant, files, policy.port)) as get:
+        yield get
     shutil.rmtree(tables, ignore_errors=True)
 
 

@@ -779,13 +779,22 @@ class SmtpdLimits:
         except Exception:   # noqa: BLE001 - a broken list: count as usual
             return False
 
+    @staticmethod
+    def _xclient_host(session) -> bool:
+        """A client smtpd_authorized_xclient_hosts allows (asked again after each
+        XCLIENT for the client it names) is never counted, as in Postfix's smtpd: a
+        proxy speaks for many clients, and its connect and disconnect events could
+        not name the same address."""
+        conn = getattr(session, "conn", None)
+        return bool(getattr(conn, "xclient_allowed", False))
+
     async def connect(self, session):
         """At connect time: a 421 Reply, None (go on) or UNAVAILABLE.  Remembers on
         the session what disconnect() needs."""
         from postwell.smtp.reply import Reply
         addr, namaddr = session.addr, session.namaddr
         name = getattr(session.state, "client_name", "unknown")
-        if self.exempt(name, addr):
+        if self._xclient_host(session) or self.exempt(name, addr):
             session.anvil_generation = None
             return None
         got = await self.client.connect(self.service, addr)
@@ -821,13 +830,20 @@ class SmtpdLimits:
         self.disconnect(session)
         await self.client.request("lookup", self.service, session.addr)
 
+    @staticmethod
+    def client_addr(session) -> str:
+        """The address the rates count: the client XCLIENT named, if any (Postfix's
+        state->addr); the connection count stays with the real peer."""
+        return getattr(session.state, "client_addr", None) or session.addr
+
     async def _rate(self, session, limit: int, verb: str) -> int | None:
-        if not limit:
+        if not limit or self._xclient_host(session):
             return None
         name = getattr(session.state, "client_name", "unknown")
-        if self.exempt(name, session.addr):
+        addr = self.client_addr(session)
+        if self.exempt(name, addr):
             return None
-        rate = await self.client._one(verb, self.service, session.addr)
+        rate = await self.client._one(verb, self.service, addr)
         return rate if rate is not None and rate > limit else None
 
     async def mail(self, session):
@@ -837,7 +853,7 @@ class SmtpdLimits:
             return None
         self.log.warning(f"Message delivery request rate limit exceeded: {rate} from "
                          f"{session.namaddr} for service {self.service}")
-        return Reply(450, f"Error: too much mail from {session.addr}", "4.7.1")
+        return Reply(450, f"Error: too much mail from {self.client_addr(session)}", "4.7.1")
 
     async def rcpt(self, session):
         from postwell.smtp.reply import Reply
@@ -846,7 +862,7 @@ class SmtpdLimits:
             return None
         self.log.warning(f"Recipient address rate limit exceeded: {rate} from "
                          f"{session.namaddr} for service {self.service}")
-        return Reply(450, f"Error: too many recipients from {session.addr}", "4.7.1")
+        return Reply(450, f"Error: too many recipients from {self.client_addr(session)}", "4.7.1")
 
     async def auth(self, session):
         from postwell.smtp.reply import Reply
@@ -855,7 +871,8 @@ class SmtpdLimits:
             return None
         self.log.warning(f"AUTH command rate limit exceeded: {rate} from "
                          f"{session.namaddr} for service {self.service}")
-        return Reply(450, f"Error: too many AUTH commands from {session.addr}", "4.7.1")
+        return Reply(450, f"Error: too many AUTH commands from {self.client_addr(session)}",
+                     "4.7.1")
 
     async def starttls(self, session):
         """Before the 220 to STARTTLS: refuse when the new-session rate is used up."""

@@ -52,7 +52,8 @@ class ContentProcessor:
     in_header = True
     header_truncated = False
     resent = False
-    hops = 0
+    hops = 0                    # Received: headers as received (before header_checks)
+    _hops_over = False          # a kept Received: header found hops at hopcount_limit
     _hlen = 0                   # offset in the current header (folding newlines count)
     _hstarted = False           # bytes of the current header were passed on
     _new_line = True            # the next bytes start a physical line
@@ -132,8 +133,8 @@ class ContentProcessor:
         self._finish_header()
         self._start_header()
         self._cur_name = "received"
-        self.headers_seen.add("received")
         self.hops += 1
+        self._note_header("received")
         self._capture = None
         self._suppress = False
         # Within header_size_limit, so kept whole; the newline that ends it is
@@ -286,11 +287,10 @@ class ContentProcessor:
             self._start_header()
             name = m.group(1).decode("ascii").lower()
             self._cur_name = name
-            self.headers_seen.add(name)
             if name == "received":
                 self.hops += 1
-            if name.startswith("resent-"):
-                self.resent = True
+            if self._checks is None:
+                self._note_header(name)
             self._capture = bytearray() if name in ("message-id", "resent-message-id") else None
             # Postfix removes these for every client (checked against 3.7).
             self._suppress = name in _DROPPED_HEADERS
@@ -324,6 +324,23 @@ class ContentProcessor:
                 return
         self._emit_header_bytes(line + (b"\n" if complete else b""))
         self._passing = not complete
+
+    def _note_header(self, name: str) -> None:
+        """A header that stays in the message: it counts as present (no Date/From/
+        Message-Id is added for it) and as a Resent- header.  With header_checks
+        this waits for their verdict: a header they drop (IGNORE, STRIP) or rename
+        (REPLACE) does not count under its old name (Postfix's cleanup records a
+        header as seen only after the checks).  Hops are counted apart, on every
+        Received: header as received, and compared with hopcount_limit when a
+        Received: header is kept (Postfix 3.7: dropped ones count, a header
+        REPLACE'd into a Received: does not; checked side by side)."""
+        self.headers_seen.add(name)
+        if name == "received":
+            limit = self.hopcount_limit
+            if 0 < limit <= self.hops:
+                self._hops_over = True
+        if name.startswith("resent-"):
+            self.resent = True
 
     def _start_header(self) -> None:
         self._hlen = 0
@@ -444,6 +461,8 @@ class ContentProcessor:
                 rewrite = True
                 if self._checks is not None:
                     raw = self._check_header(raw)
+                    if raw is not None:
+                        self._note_header(self._cur_name or "")
                     rewrite = (raw is not None and self.header_rewriter is not None
                                and self._cur_name in self.rewrite_names and not self._suppress)
                 new = self.header_rewriter(raw, self._hname_len) if raw and rewrite else None
@@ -468,7 +487,8 @@ class ContentProcessor:
                 self._out_header(b"\n")
         cap, name = self._capture, self._cur_name
         self._capture = None
-        if cap is None or not self.on_message_id:
+        if cap is None or not self.on_message_id or self._hops_over:
+            # Past the hop limit Postfix's cleanup reads on but logs no message-id.
             return
         m = _HEADER_RE.match(cap)
         value = bytes(cap[m.end():]) if m else b""
@@ -487,12 +507,9 @@ class ContentProcessor:
         m = _HEADER_RE.match(result)
         name = m.group(1).decode("ascii").lower() if m else ""
         self._cur_name = name
-        self.headers_seen.add(name)
         self._hname_len = m.end(1) if m else 0
         self._suppress = name in _DROPPED_HEADERS
         self._capture = bytearray() if name in ("message-id", "resent-message-id") else None
-        if name.startswith("resent-"):
-            self.resent = True
         return result
 
     def _end_of_header(self, line: bytes | None, partial: bytes | None = None) -> None:
@@ -521,7 +538,7 @@ class ContentProcessor:
 
     @property
     def too_many_hops(self) -> bool:
-        return self.hops >= self.hopcount_limit if self.hopcount_limit > 0 else False
+        return self._hops_over
 
     def seen(self, name: str) -> bool:
         return name.lower() in self.headers_seen

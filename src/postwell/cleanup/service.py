@@ -15,12 +15,14 @@ import time
 from typing import Callable
 
 from ..queue import HOLD_ATTRIBUTE, QueueStore, QueueWriteError, notify_qmgr
+from ..queue.store import wake_qmgr_kept
 from ..queue.format import HEADER_SIZE
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
 from .headers import ContentChecks, ContentProcessor, ContentStop, MessageChecks
 from .recsize import SIZE_ATTRIBUTE
-from .virtual import AliasExpansionError, AliasLookupError, VirtualAliasExpander
+from .virtual import (AliasExpansionError, AliasLookupError, VirtualAliasExpander,
+                      redirect_recipients)
 
 # Replies as Postfix 3.7's smtpd words them after cleanup's status (checked
 # against a real instance).  "552 5.3.4 Message size exceeds fixed limit" is
@@ -62,9 +64,10 @@ def _format_mail_date(when: int) -> str:
     sign = "+" if off >= 0 else "-"
     off = abs(off)
     zone = f"{sign}{off // 3600:02d}{(off % 3600) // 60:02d}"
-    base = time.strftime("%a, %d %b %Y %H:%M:%S", lt)
-    # strftime's %a/%b follow the C locale here (Python does not call setlocale by default).
-    return f"{base} {zone} ({lt.tm_zone or 'UTC'})"
+    # Postfix's mail_date() pads the day of the month with a space ("Sun,  6 Dec");
+    # strftime's %a/%b follow the C locale here (Python does not call setlocale).
+    rest = time.strftime("%b %Y %H:%M:%S", lt)
+    return f"{time.strftime('%a', lt)}, {lt.tm_mday:2d} {rest} {zone} ({lt.tm_zone or 'UTC'})"
 
 
 def _quote_local(address: str) -> str:
@@ -98,7 +101,7 @@ def wake_qmgr(queue_directory: str) -> None:
 
 def _wake_now(queue_directory: str) -> None:
     _wake_pending.pop(queue_directory, None)
-    notify_qmgr(queue_directory)
+    wake_qmgr_kept(queue_directory)
 
 
 class CleanupSession:
@@ -392,42 +395,33 @@ class CleanupSession:
             recipients = recipients + [(a, None, None, None) for a in bcc]
         # The latest REDIRECT wins: the checks run after the smtpd's access maps.
         redirect = (checks.redirect if checks is not None else None) or self.redirect
-        if redirect:
-            # REDIRECT replaces every recipient; the original stays as orig_to, and the
-            # target is not alias-expanded (Postfix's qmgr only resolves it).
-            target = self.cleanup.qualify(redirect)
-            # Kept in the envelope as Postfix's REDIRECT record: its qmgr lets a
-            # redirect override the content filter.
-            self.msg.set_attribute(REDIRECT_ATTRIBUTE, target)
-            for address, orig, orcpt, notify in recipients:
-                key = (target, notify or "", _client_orcpt(orcpt, orig))
-                if key not in dups:
-                    dups.add(key)
-                    self.msg.add_recipient(target, orig=orig if orig is not None else address,
-                                           orcpt=orcpt, notify=notify)
-            return
         for address, orig, orcpt, notify in recipients:
             given = address
             address = self.cleanup.qualify(address)
             if orig is None:
                 orig = given      # Postfix keeps the address as the client gave it
             targets = expander.expand(address) if expander is not None else [address]
-            client_orcpt = _client_orcpt(orcpt, orig)
-            if len(targets) > 1 and not client_orcpt:
-                # A 1:n alias expansion records the alias as the ORCPT of each result, so
-                # the same final address reached through two aliases is kept once per
-                # alias (Postfix 3.7: nrcpt counts both, two to= lines with their orig_to).
-                client_orcpt = f"rfc822;{orig}"
+            # Postfix's duplicate filter key (cleanup_out_recipient, checked against
+            # 3.7): the client's ORCPT, NOTIFY, the original recipient and the final
+            # one, case-folded (its been_here table is BH_FLAG_FOLD): <Y@x> after <y@x>
+            # is dropped, while one address reached through two aliases (or as itself
+            # and through an alias) is kept once per original recipient.
+            fold = (_client_orcpt(orcpt, orig).lower(), notify or "", orig.lower())
             for t in targets:
-                # Postfix's duplicate filter key (verified against 3.7): the final
-                # recipient (case-sensitive), NOTIFY and the client's ORCPT; the
-                # original recipient is not part of it.
-                key = (t, notify or "", client_orcpt)
+                key = (t.lower(), fold)
                 if key in dups:
                     continue
                 dups.add(key)
                 self.msg.add_recipient(t, orig=orig if orig is not None else address,
                                        orcpt=orcpt, notify=notify)
+        if redirect:
+            # Postfix's qmgr applies REDIRECT: the first recipient goes to the target
+            # (not alias-expanded), the others are finished; nrcpt= counts them all.
+            target = self.cleanup.qualify(redirect)
+            redirect_recipients(self.msg.recipients, target)
+            # Postfix's REDIRECT record (its qmgr lets a redirect override the filter);
+            # setting it also drops the envelope packed before the rewrite.
+            self.msg.set_attribute(REDIRECT_ATTRIBUTE, target)
 
     def set_redirect(self, address: str) -> None:
         """An access-map REDIRECT (smtpd): every recipient becomes ``address``."""

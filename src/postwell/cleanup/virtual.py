@@ -171,3 +171,19 @@ class VirtualAliasExpander:
 
 def expand_all(expander: VirtualAliasExpander, addresses: Iterable[str]) -> list[list[str]]:
     return [expander.expand(a) for a in addresses]
+
+
+def redirect_recipients(recipients: list, target: str) -> None:
+    """REDIRECT as Postfix applies it: its queue manager, not cleanup, replaces the
+    recipients.  Cleanup writes them as usual (alias-expanded, de-duplicated), so
+    the qmgr's ``nrcpt=`` counts every one; only the first is then delivered, to
+    ``target``, with its original recipient kept for ``orig_to=``, and the others
+    are finished without a delivery or a log line (checked against Postfix 3.7:
+    three recipients, one REDIRECT, ``nrcpt=3`` and one ``to=`` line).
+
+    ``recipients`` are the queue file's recipient entries (``address`` and
+    ``done`` are rewritten in place); the caller re-packs the envelope."""
+    for index, rcpt in enumerate(recipients):
+        rcpt.address = target
+        if index:
+            rcpt.done = True

@@ -68,6 +68,28 @@ def _fatal(text: str, config=None) -> int:
     return 1
 
 
+def _warn(text: str) -> None:
+    """postfix(1)'s own msg_warn() before it has its log: the system logger, and
+    stderr when it is a terminal."""
+    _maillog(None, "", "warning", text)
+    if _stderr_is_tty():
+        sys.stderr.write(f"{PROG}: warning: {text}\n")
+
+
+def _parameter_check(config_dir: str) -> int:
+    """What postfix(1) dies of while it reads main.cf, whatever the command (Postfix's
+    mail_params_init): logged as Postfix does at that point, before maillog_file is
+    set up (system logger, terminal)."""
+    try:
+        from postwell.config import load_config
+        from postwell.master.check import parameter_fatal
+        cfg = load_config(config_dir)
+    except Exception:
+        return 0        # the command reports an unreadable configuration itself
+    fatal = parameter_fatal(cfg, _warn)
+    return _fatal(fatal) if fatal else 0
+
+
 def _load(config_dir):
     from postwell.master.daemon import MasterError, load
     try:
@@ -309,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "logrotate)")
     os.environ["MAIL_CONFIG"] = config_dir
     try:
+        rc = _parameter_check(config_dir)
+        if rc:
+            return rc
         return cmd(config_dir)
     except KeyboardInterrupt:
         return 1

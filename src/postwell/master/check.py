@@ -132,11 +132,228 @@ def check_mail_owner(cfg, root: bool):
         if root:
             raise MasterError(f"{where}: unknown user name value: {name}") from None
         return None
+    # Postfix's words (mail_params.c check_mail_owner), without the ID itself.
     if pw.pw_uid == 0:
-        raise MasterError(f"{where}: user {name} has privileged user ID: 0")
+        raise MasterError(f"{where}: user {name} has privileged user ID")
     if pw.pw_gid == 0:
-        raise MasterError(f"{where}: user {name} has privileged group ID: 0")
+        raise MasterError(f"{where}: user {name} has privileged group ID")
     return pw
+
+
+# ------------------------------------------------------------------ postfix(1) up front
+# What Postfix's postfix(1) checks when it reads main.cf, before any command runs
+# (mail_params_init): the global parameters every Postfix program needs.  A bad value
+# is fatal for every command, in these words (each checked against Postfix 3.7).
+
+# Numbers: name -> (min, max); 0 means no bound (Postfix's convention).
+GLOBAL_INT_PARAMETERS = {
+    "default_process_limit": (1, 0), "max_use": (1, 0), "dont_remove": (0, 0),
+    "line_length_limit": (512, 0), "hash_queue_depth": (1, 0), "fork_attempts": (1, 0),
+    "deliver_lock_attempts": (1, 0), "debug_peer_level": (1, 0),
+    "fault_injection_code": (0, 0), "berkeley_db_create_buffer_size": (1, 0),
+    "berkeley_db_read_buffer_size": (1, 0), "lmdb_map_size": (1, 0),
+    "header_size_limit": (1, 0), "header_address_token_limit": (1, 0),
+    "mime_nesting_limit": (1, 0), "mime_boundary_length_limit": (1, 0),
+    "delay_logging_resolution_limit": (0, 6), "tcp_windowsize": (0, 0),
+    "message_size_limit": (0, 0),
+}
+GLOBAL_BOOL_PARAMETERS = (
+    "daemon_table_open_error_is_fatal", "disable_dns_lookups", "soft_bounce",
+    "owner_request_special", "strict_8bitmime", "strict_7bit_headers", "strict_8bitmime_body",
+    "strict_mime_encoding_domain", "disable_mime_input_processing",
+    "disable_mime_output_conversion", "address_verify_negative_cache",
+    "backwards_bounce_logfile_compatibility", "helpful_warnings", "send_cyrus_sasl_authzid",
+    "multi_instance_enable", "enable_long_queue_ids", "enable_original_recipient",
+    "dns_ncache_ttl_fix_enable", "enable_idna2003_compatibility", "strict_smtputf8",
+    "smtputf8_enable",
+)
+# Time values: name -> (min, max), as above.
+GLOBAL_TIME_PARAMETERS = {
+    "application_event_drain_time": (1, 0), "max_idle": (1, 0), "ipc_timeout": (1, 0),
+    "ipc_idle": (1, 0), "ipc_ttl": (1, 0), "trigger_timeout": (1, 0), "fork_delay": (1, 0),
+    "deliver_lock_delay": (1, 0), "stale_lock_time": (1, 0), "daemon_timeout": (1, 0),
+    "in_flow_delay": (0, 10),
+}
+# Strings that must not be empty (Postfix's minimum length 1).
+GLOBAL_NONEMPTY_PARAMETERS = (
+    "mail_name", "syslog_name", "mail_owner", "myorigin", "daemon_directory",
+    "data_directory", "command_directory", "queue_directory", "process_id_directory",
+    "double_bounce_sender", "default_privs", "mail_version", "default_database_type",
+    "mynetworks_style",
+)
+SYSLOG_FACILITIES = frozenset({
+    "auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail", "news", "syslog",
+    "user", "uucp", *(f"local{i}" for i in range(8)),
+})
+_TIME_RE = re.compile(r"(\d+)(?:([smhdw]).*)?$")
+_COMPAT_RE = re.compile(r"\d+(?:\.\d+){0,2}$")
+
+
+def valid_hostname(name: str, gripe) -> bool:
+    """Postfix's valid_hostname() with DO_GRIPE: letters, digits, "_" and inner
+    hyphens in labels of at most 63 bytes, no empty label, not all digits, at most
+    255 bytes; ``gripe`` gets its warning (RFC 1035 2.3.1, relaxed as Postfix is)."""
+    if not name:
+        gripe("valid_hostname: empty hostname")
+        return False
+    label = 0
+    non_numeric = False
+    for i, ch in enumerate(name):
+        nxt = name[i + 1:i + 2]
+        if ch.isascii() and (ch.isalnum() or ch == "_"):
+            label += 1
+            if label > 63:
+                gripe(f"valid_hostname: hostname label too long: {name[:100]}...")
+                return False
+            if not ch.isdigit():
+                non_numeric = True
+        elif ch == ".":
+            if label == 0 or not nxt:
+                gripe(f"valid_hostname: misplaced delimiter: {name[:100]}")
+                return False
+            label = 0
+        elif ch == "-":
+            non_numeric = True
+            label += 1
+            if label == 1 or not nxt or nxt == ".":
+                gripe(f"valid_hostname: misplaced hyphen: {name[:100]}")
+                return False
+        else:
+            gripe(f"valid_hostname: invalid character {ord(ch)}(decimal): {name[:100]}")
+            return False
+    if not non_numeric:
+        gripe(f"valid_hostname: numeric hostname: {name[:100]}")
+        return False
+    if len(name) > 255:
+        gripe(f"valid_hostname: bad length {len(name)} for {name[:100]}...")
+        return False
+    return True
+
+
+def _local_addresses() -> set[str]:
+    """The addresses of this host's interfaces (Postfix's inet_addr_local()): what
+    the kernel lists, not what it would let a socket bind (127.0.0.2 binds on Linux
+    but Postfix finds no interface for it)."""
+    import ipaddress
+    try:
+        from postwell.policy.matchlist import _system_addresses
+        found = _system_addresses()
+    except Exception:   # noqa: BLE001 - no interface list: the loopback at least
+        found = ["127.0.0.1", "::1"]
+    return {str(ipaddress.ip_address(a)) for a in found}
+
+
+def _interface_problem(cfg) -> str | None:
+    """inet_interfaces names only this host's addresses (Postfix's own_inet_addr_list).
+    "all" and "loopback-only" are keywords only as the whole value."""
+    import ipaddress
+    import socket
+    protos = {p.lower() for p in re.split(r"[\s,]+", cfg.get("inet_protocols") or "all") if p}
+    families = set()
+    if protos & {"all", "ipv4"}:
+        families.add(socket.AF_INET)
+    if protos & {"all", "ipv6"}:
+        families.add(socket.AF_INET6)
+    entries = [e for e in re.split(r"[\s,]+", cfg.get("inet_interfaces") or "") if e]
+    if len(entries) == 1 and entries[0].lower() in ("all", "loopback-only"):
+        return None
+    local = None
+    for entry in entries:
+        host = entry[1:-1] if entry.startswith("[") and entry.endswith("]") else entry
+        addrs = []
+        for family in families:
+            try:
+                infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                continue
+            addrs += [str(ipaddress.ip_address(i[4][0].split("%", 1)[0])) for i in infos]
+        if not addrs:
+            return f"config variable inet_interfaces: host not found: {entry}"
+        if local is None:
+            local = _local_addresses()
+        if not any(a in local for a in addrs):
+            return f"parameter inet_interfaces: no local interface found for {entry}"
+    return None
+
+
+def parameter_fatal(cfg, warn=lambda text: None) -> str | None:
+    """The fatal text Postfix's postfix(1) would die with for this main.cf before it
+    runs any command, or None; warnings before it (valid_hostname's) go to ``warn``."""
+    main_cf = f"file {cfg.config_dir}/main.cf"
+
+    def value(name: str) -> str:
+        return (cfg.get(name) or "").strip()
+
+    facility = value("syslog_facility")
+    if facility.lower() not in SYSLOG_FACILITIES:
+        return f"{main_cf}: parameter syslog_facility: unrecognized value: {facility}"
+    protocols = cfg.get("inet_protocols") or ""
+    for item in re.split(r"[\s,]+", protocols):
+        if item and item.lower() not in ("all", "ipv4", "ipv6"):
+            return f'unknown inet_protocols value "{item}" in "{protocols}"'
+    level = value("compatibility_level")
+    if level and not _COMPAT_RE.match(level):
+        return f'malformed compatibility level syntax: "{level}"'
+    for name in ("myhostname", "mydomain"):
+        text = value(name)
+        if not text:
+            return f"bad string length 0 < 1: {name} = "
+        if not valid_hostname(text, warn):
+            return f"{main_cf}: parameter {name}: bad parameter value: {text}"
+    for name in GLOBAL_NONEMPTY_PARAMETERS:
+        if not value(name):
+            return f"bad string length 0 < 1: {name} = "
+    for name, (low, high) in GLOBAL_INT_PARAMETERS.items():
+        text = value(name)
+        if not re.fullmatch(r"-?\d+", text):
+            return f"bad numerical configuration: {name} = {text}"
+        number = int(text)
+        if low and number < low:
+            return f"invalid {name} parameter value {number} < {low}"
+        if high and number > high:
+            return f"invalid {name} parameter value {number} > {high}"
+    for name in GLOBAL_BOOL_PARAMETERS:
+        text = value(name)
+        if text.lower() not in ("yes", "no"):
+            return f"bad boolean configuration: {name} = {text}"
+    for name, (low, high) in GLOBAL_TIME_PARAMETERS.items():
+        text = value(name)
+        m = _TIME_RE.match(text)
+        if m is None:
+            return f"parameter {name}: bad time value or unit: {text}"
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[
+            m.group(2) or "s"]
+        if low and seconds < low:
+            return f"invalid {name}: {seconds} (min {low})"
+        if high and seconds > high:
+            return f"invalid {name}: {seconds} (max {high})"
+    privs = value("default_privs")
+    try:
+        pw = pwd.getpwnam(privs)
+    except KeyError:
+        return f"{main_cf}: parameter default_privs: unknown user name value: {privs}"
+    if pw.pw_uid == 0:
+        return f"{main_cf}: parameter default_privs: user {privs} has privileged user ID"
+    if pw.pw_gid == 0:
+        return f"{main_cf}: parameter default_privs: user {privs} has privileged group ID"
+    from .daemon import MasterError
+    try:
+        check_mail_owner(cfg, os.geteuid() == 0)
+    except MasterError as exc:
+        return str(exc)
+    if privs == value("mail_owner"):
+        return (f"{main_cf}: parameters default_privs and mail_owner specify the same "
+                f"user {privs}")
+    problem = _interface_problem(cfg)
+    if problem:
+        return problem
+    hostname, relayhost = value("myhostname"), value("relayhost")
+    if hostname.lower() == relayhost.lower():
+        return f"myhostname and relayhost parameter settings must not be identical: {hostname}"
+    origin = value("myorigin")
+    if re.search(r"[, \t\r\n]", origin):
+        return f"myorigin parameter setting must not contain multiple values: {origin}"
+    return None
 
 
 def check_queue_directories(cfg, owner) -> list[str]:
