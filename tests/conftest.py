@@ -125,11 +125,11 @@ _SHARED_GROUPS = {
     "test_issue3_local_e2e": "users-pwe",
     "test_issue3_reference": "users-pwe",
     "test_issue3_tools_e2e": "users-pwe",
-    "test_parity_delivery5": "users-pwe",
+    "test_parity_delivery5": "users-pwf",   # useradd'd pwf1..pwf3 (machine_lock "users-pwf")
 }
 # The longest modules start first, so no worker is left with a long one at the end.
 _LONG_FIRST = (
-    "users-pwe", "test_outbound_relay", "test_outbound_compare", "test_soak_smoke",
+    "users-pwe", "users-pwf", "test_parity_gaps5", "test_outbound_relay", "test_outbound_compare", "test_soak_smoke",
     "test_parity_smtpd", "test_e2e_recipe", "test_outbound_8bit", "test_outbound_mx",
     "test_outbound_flood", "test_anvil_e2e", "test_smtpd_tls", "test_crash",
     "test_security_resources", "test_pipe_reference", "test_qmgr_notices_e2e",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 
 import pytest
 
@@ -55,6 +54,6 @@ def test_smtp_to_local_mailbox_and_alias(tmp_path, users):
             raise AssertionError("\n".join(line for line in inst.log_text().splitlines()
                                            if "not implemented" not in line)[-3000:]) from None
         assert os.stat(mbox).st_uid == users["pwtl1"].pw_uid
-        log = inst.log_text()
-        assert re.search(r"postfix/local\[\d+\]: \w+: to=<pwtl1@mx\.example\.test>, relay=local, .*"
-                         r"status=sent \(delivered to mailbox\)", log), log[-2000:]
+        # The mbox is written before the qmgr logs the delivery: wait for the line.
+        inst.wait_log(r"postfix/local\[\d+\]: \w+: to=<pwtl1@mx\.example\.test>, relay=local, .*"
+                      r"status=sent \(delivered to mailbox\)", timeout=15)

@@ -3,7 +3,7 @@
 Two MTA pairs (postwell and a reference Postfix with the same main.cf), each
 started once for the module:
 
-* a local(8) pair delivering to real users (pwe1..pwe3, shared with the issue 3
+* a local(8) pair delivering to real users (pwf1..pwf3, shared with the issue 3
   tests under their machine lock): aliases to users, files, commands and
   :include: files, .forward files (with ``\\user``), forward and alias loops,
   owner- aliases, unknown users, mailbox limits, Maildir and mbox, and
@@ -39,7 +39,7 @@ import pytest
 
 import harness
 from harness import HOSTNAME as HOST
-from test_issue3_local_e2e import E2E_USERS, LOCAL_SERVICE, PICKUP_SERVICE, SMTP_SERVICE, reset_homes
+from test_issue3_local_e2e import LOCAL_SERVICE, PICKUP_SERVICE, SMTP_SERVICE, reset_homes
 from test_parity_sweep import _quiesce
 
 pytestmark = [
@@ -49,7 +49,9 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("useradd"), reason="needs useradd for the local users"),
 ]
 
-SHARED = Path("/tmp/pwe-shared")        # same path for both MTAs: the log lines name it
+# Own users and lock (not issue 3's pwe1..3), so this module runs beside those tests.
+USERS5 = ("pwf1", "pwf2", "pwf3")
+SHARED = Path("/tmp/pwf-shared")        # same path for both MTAs: the log lines name it
 TIMEOUT = 30
 
 # ------------------------------------------------------------------ log normalising
@@ -226,8 +228,8 @@ def _same_notice(got, want, name: str) -> None:
 # ------------------------------------------------------------------ local(8) pair
 
 ALIASES = (
-    "postmaster: pwe3\n"
-    "team: pwe1, pwe2\n"
+    "postmaster: pwf3\n"
+    "team: pwf1, pwf2\n"
     f"tofile: {SHARED}/drop/file5.mbox\n"
     f"incl: :include:{SHARED}/members5\n"
     'cmdfail: "|echo oops from the command; exit 1"\n'
@@ -235,15 +237,15 @@ ALIASES = (
     'cmdnouser: "|exit 67"\n'
     'cmdok: "|cat >/dev/null"\n'
     'cmdquiet: "|exit 1"\n'
-    "list: pwe1, nosuchpwe\n"
-    "owner-list: pwe2\n"
+    "list: pwf1, nosuchpwf\n"
+    "owner-list: pwf2\n"
     "loopa: loopb\n"
     "loopb: loopa\n"
-    "selfloop: selfloop, pwe1\n"
+    "selfloop: selfloop, pwf1\n"
     "remote: far@far.test\n"
     f"nofile: {SHARED}/missing/file5.mbox\n"
 )
-LSENDER = f"pwe3@{HOST}"        # notices come back to a local mailbox
+LSENDER = f"pwf3@{HOST}"        # notices come back to a local mailbox
 LBODY = ["Subject: local sweep", "Message-ID: <local5@client.test>", "", "hello"]
 BIG = [f"X-Filler-{i}: " + "x" * 1150 for i in range(4)]
 
@@ -251,10 +253,10 @@ BIG = [f"X-Filler-{i}: " + "x" * 1150 for i in range(4)]
 def _forward_files(users) -> None:
     # Extension forward files (forward_path's $home/.forward+ext): the plain
     # deliveries of other scenarios stay unforwarded.
-    files = {"pwe1": {".forward+loop": "pwe2+loop\n", ".forward+cmd": '"|cat >/dev/null"\n',
-                      ".forward+file": f"{SHARED}/drop/pwe1-file5\n"},
-             "pwe2": {".forward+loop": "pwe1+loop\n", ".forward+ext": "pwe1\n"},
-             "pwe3": {".forward+self": "pwe2, \\pwe3\n"}}
+    files = {"pwf1": {".forward+loop": "pwf2+loop\n", ".forward+cmd": '"|cat >/dev/null"\n',
+                      ".forward+file": f"{SHARED}/drop/pwf1-file5\n"},
+             "pwf2": {".forward+loop": "pwf1+loop\n", ".forward+ext": "pwf1\n"},
+             "pwf3": {".forward+self": "pwf2, \\pwf3\n"}}
     for user, found in files.items():
         pw = users[user]
         for name, text in found.items():
@@ -272,8 +274,8 @@ def _filled_spool(user: str, size: int):
         pw = users[user]
         os.chown(p, pw.pw_uid, 8)
         os.chmod(p, 0o600)
-        # The notice goes to pwe3, whose mailbox must have room for it.
-        (inst.root / "spool" / "pwe3").write_bytes(b"")
+        # The notice goes to pwf3, whose mailbox must have room for it.
+        (inst.root / "spool" / "pwf3").write_bytes(b"")
     return run
 
 
@@ -281,45 +283,45 @@ def _filled_spool(user: str, size: int):
 LOCAL_CASES = {
     "alias_several_users": ("mbox", ["team"], LBODY, None, None),
     "alias_to_remote": ("mbox", ["remote"], LBODY, None, None),
-    "alias_to_missing_file": ("mbox", ["nofile"], LBODY, "pwe3", None),
-    "forward_to_command": ("mbox", ["pwe1+cmd"], LBODY, None, None),
-    "forward_to_file": ("mbox", ["pwe1+file"], LBODY, None, None),
-    "unknown_user_notify_never": ("mbox", ["nosuchpwe NOTIFY=NEVER"], LBODY, None, None),
-    "unknown_user_ret_hdrs": ("mbox", ["nosuchpwe ORCPT=rfc822;Someone@elsewhere.test"], LBODY,
-                              "pwe3", None),
+    "alias_to_missing_file": ("mbox", ["nofile"], LBODY, "pwf3", None),
+    "forward_to_command": ("mbox", ["pwf1+cmd"], LBODY, None, None),
+    "forward_to_file": ("mbox", ["pwf1+file"], LBODY, None, None),
+    "unknown_user_notify_never": ("mbox", ["nosuchpwf NOTIFY=NEVER"], LBODY, None, None),
+    "unknown_user_ret_hdrs": ("mbox", ["nosuchpwf ORCPT=rfc822;Someone@elsewhere.test"], LBODY,
+                              "pwf3", None),
     "postmaster_mixed_case": ("mbox", ["PostMaster"], LBODY, None, None),
-    "duplicate_recipients": ("mbox", ["pwe1", "PWE1", "team"], LBODY, None, None),
-    "alias_notify_success": ("mbox", ["team NOTIFY=SUCCESS"], LBODY, "pwe3", None),
-    "mailbox_notify_success": ("mbox", ["pwe2 NOTIFY=SUCCESS,FAILURE"], LBODY, "pwe3", None),
-    "list_notify_success": ("mbox", ["list NOTIFY=SUCCESS"], LBODY, "pwe3", None),
-    "unknown_user_null_sender": ("mbox", ["nosuchpwe"], LBODY, None, None),
+    "duplicate_recipients": ("mbox", ["pwf1", "PWF1", "team"], LBODY, None, None),
+    "alias_notify_success": ("mbox", ["team NOTIFY=SUCCESS"], LBODY, "pwf3", None),
+    "mailbox_notify_success": ("mbox", ["pwf2 NOTIFY=SUCCESS,FAILURE"], LBODY, "pwf3", None),
+    "list_notify_success": ("mbox", ["list NOTIFY=SUCCESS"], LBODY, "pwf3", None),
+    "unknown_user_null_sender": ("mbox", ["nosuchpwf"], LBODY, None, None),
     "alias_to_file": ("mbox", ["tofile"], LBODY, None, None),
     "alias_command_ok": ("mbox", ["cmdok"], LBODY, None, None),
-    "alias_command_fails": ("mbox", ["cmdfail"], LBODY, "pwe3", None),
-    "alias_command_quiet_failure": ("mbox", ["cmdquiet"], LBODY, "pwe3", None),
+    "alias_command_fails": ("mbox", ["cmdfail"], LBODY, "pwf3", None),
+    "alias_command_quiet_failure": ("mbox", ["cmdquiet"], LBODY, "pwf3", None),
     "alias_command_tempfail": ("mbox", ["cmdtemp"], LBODY, None, None),
-    "alias_command_ex_nouser": ("mbox", ["cmdnouser"], LBODY, "pwe3", None),
+    "alias_command_ex_nouser": ("mbox", ["cmdnouser"], LBODY, "pwf3", None),
     "include_file": ("mbox", ["incl"], LBODY, None, None),
-    "forward_backslash_self": ("mbox", ["pwe3+self"], LBODY, None, None),
-    "forward_extension_file": ("mbox", ["pwe2+ext"], LBODY, None, None),
-    "forward_loop": ("mbox", ["pwe1+loop"], LBODY, "pwe3", None),
-    "unknown_user": ("mbox", ["nosuchpwe"], LBODY, "pwe3", None),
-    "unknown_and_known": ("mbox", ["nosuchpwe", "pwe1"], LBODY, "pwe3", None),
-    "delimiter_unknown_ext": ("mbox", ["pwe1+nofile"], LBODY, None, None),
-    "owner_alias_sender": ("mbox", ["list"], LBODY, "pwe2", None),
-    "alias_loop": ("mbox", ["loopa"], LBODY, "pwe3", None),
+    "forward_backslash_self": ("mbox", ["pwf3+self"], LBODY, None, None),
+    "forward_extension_file": ("mbox", ["pwf2+ext"], LBODY, None, None),
+    "forward_loop": ("mbox", ["pwf1+loop"], LBODY, "pwf3", None),
+    "unknown_user": ("mbox", ["nosuchpwf"], LBODY, "pwf3", None),
+    "unknown_and_known": ("mbox", ["nosuchpwf", "pwf1"], LBODY, "pwf3", None),
+    "delimiter_unknown_ext": ("mbox", ["pwf1+nofile"], LBODY, None, None),
+    "owner_alias_sender": ("mbox", ["list"], LBODY, "pwf2", None),
+    "alias_loop": ("mbox", ["loopa"], LBODY, "pwf3", None),
     "alias_self_reference": ("mbox", ["selfloop"], LBODY, None, None),
-    "delivered_to_loop": ("mbox", ["pwe2"], [f"Delivered-To: pwe2@{HOST}", *LBODY], "pwe3", None),
-    "mailbox_size_limit": ("limit", ["pwe1"], [*BIG, *LBODY], "pwe3", _filled_spool("pwe1", 5000)),
-    "maildir_user": ("maildir", ["pwe1"], LBODY, None, None),
-    "maildir_alias_users": ("maildir", ["team", "pwe2+x"], LBODY, None, None),
-    "maildir_unknown": ("maildir", ["nosuchpwe"], LBODY, "pwe3", None),
-    "postmaster_copy_of_bounce": ("maildir", ["nosuchpwe"], LBODY, "pwe3", None),
-    "double_bounce_to_postmaster": ("maildir", ["nosuchpwe"], LBODY, None, None),
-    "mailbox_command_ok": ("command", ["pwe1"], LBODY, None, None),
-    "mailbox_command_tempfail": ("command", ["pwe1+fail"], LBODY, None, None),
-    "mailbox_command_bounce": ("command", ["pwe1+bounce"], LBODY, "pwe3", None),
-    "mailbox_command_luser_relay": ("command", ["nosuchpwe"], LBODY, None, None),
+    "delivered_to_loop": ("mbox", ["pwf2"], [f"Delivered-To: pwf2@{HOST}", *LBODY], "pwf3", None),
+    "mailbox_size_limit": ("limit", ["pwf1"], [*BIG, *LBODY], "pwf3", _filled_spool("pwf1", 5000)),
+    "maildir_user": ("maildir", ["pwf1"], LBODY, None, None),
+    "maildir_alias_users": ("maildir", ["team", "pwf2+x"], LBODY, None, None),
+    "maildir_unknown": ("maildir", ["nosuchpwf"], LBODY, "pwf3", None),
+    "postmaster_copy_of_bounce": ("maildir", ["nosuchpwf"], LBODY, "pwf3", None),
+    "double_bounce_to_postmaster": ("maildir", ["nosuchpwf"], LBODY, None, None),
+    "mailbox_command_ok": ("command", ["pwf1"], LBODY, None, None),
+    "mailbox_command_tempfail": ("command", ["pwf1+fail"], LBODY, None, None),
+    "mailbox_command_bounce": ("command", ["pwf1+bounce"], LBODY, "pwf3", None),
+    "mailbox_command_luser_relay": ("command", ["nosuchpwf"], LBODY, None, None),
 }
 LOCAL_SENDERS = {"unknown_user_ret_hdrs": f"{LSENDER} RET=HDRS ENVID=local5-env"}
 PHASES = {
@@ -328,10 +330,10 @@ PHASES = {
     "limit": {"message_size_limit": "9000", "mailbox_size_limit": "9000"},
     # with postmaster copies of bounces and of undeliverable bounces (notify_classes)
     "maildir": {"home_mailbox": "Maildir/", "notify_classes": "bounce, 2bounce, resource, software",
-                "bounce_notice_recipient": "pwe2", "2bounce_notice_recipient": "pwe2"},
+                "bounce_notice_recipient": "pwf2", "2bounce_notice_recipient": "pwf2"},
     "command": {"mailbox_command": "/bin/sh -c 'cat >\"$HOME/cmd5.$$\"; case \"$EXTENSION\" in "
                                    "fail) exit 75;; bounce) echo no such box; exit 67;; esac'",
-                "luser_relay": "pwe2"},
+                "luser_relay": "pwf2"},
 }
 LOCAL_XFAIL: dict[str, str] = {
     "list_notify_success": (
@@ -425,9 +427,9 @@ class LocalPair:
 
 @pytest.fixture(scope="module")
 def e2e_users():
-    """pwe1..pwe3 as test_issue3_local_e2e makes them, under the same machine lock, held
+    """pwf1..pwf3 as test_issue3_local_e2e makes them, under the same machine lock, held
     longer: the issue 3 modules that share the users may run on another worker."""
-    with harness.real_users(E2E_USERS, "users-pwe", "pwe-homes-", lock_timeout=1200) as made:
+    with harness.real_users(USERS5, "users-pwf", "pwf-homes-", lock_timeout=1200) as made:
         yield made
 
 
@@ -438,7 +440,7 @@ def local_pair(tmp_path_factory, e2e_users):
     (SHARED / "drop").mkdir(parents=True)
     os.chmod(SHARED, 0o755)
     os.chmod(SHARED / "drop", 0o1777)      # files from aliases are written as default_privs
-    (SHARED / "members5").write_text("pwe1\npwe2\n")
+    (SHARED / "members5").write_text("pwf1\npwf2\n")
     _forward_files(e2e_users)
     pair = None
     try:
