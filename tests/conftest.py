@@ -129,7 +129,9 @@ _SHARED_GROUPS = {
 }
 # The longest modules start first, so no worker is left with a long one at the end.
 _LONG_FIRST = (
-    "users-pwe", "users-pwf", "test_parity_gaps5", "test_outbound_relay", "test_outbound_compare", "test_soak_smoke",
+    "users-pwe", "users-pwf", "test_xclient", "test_parity_dialogues3", "test_parity_gaps5",
+    "test_parity_dialogues2", "test_parity_sweep", "test_tools_parity5", "test_on_demand_helpers",
+    "test_header_checks", "test_content_filter", "test_outbound_relay", "test_outbound_compare", "test_soak_smoke",
     "test_parity_smtpd", "test_e2e_recipe", "test_outbound_8bit", "test_outbound_mx",
     "test_outbound_flood", "test_anvil_e2e", "test_smtpd_tls", "test_crash",
     "test_security_resources", "test_pipe_reference", "test_qmgr_notices_e2e",
