@@ -256,13 +256,18 @@ def test_expiry_returns_deferred_transport_mail(env):
     env.clock.t += 86400 + 1
     _deferred(qm)
     assert env.store.find(qid) is None
-    [notice] = env.store.scan("incoming")
-    n = env.store.open(notice)
+    text = _notice_text(env.store)
+    assert "Status: 4.3.2" in text and "deferred transport" in text
+
+
+def _notice_text(store) -> str:
+    """The content of the one notice waiting in incoming/."""
+    [notice] = store.scan("incoming")
+    n = store.open(notice)
     try:
-        text = n.read_content().decode()
+        return n.read_content().decode()
     finally:
         n.close()
-    assert "Status: 4.3.2" in text and "deferred transport" in text
 
 
 def test_delay_warning_for_deferred_transport(env):
@@ -273,12 +278,7 @@ def test_delay_warning_for_deferred_transport(env):
     env.clock.t += 4 * 3600 + 1
     _deferred(qm)
     assert env.store.find(qid) == "deferred"
-    [notice] = env.store.scan("incoming")
-    n = env.store.open(notice)
-    try:
-        text = n.read_content().decode()
-    finally:
-        n.close()
+    text = _notice_text(env.store)
     assert "Action: delayed" in text and "deferred transport" in text
 
 
