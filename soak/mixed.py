@@ -155,6 +155,26 @@ def proc_stats(pid: int) -> dict | None:
     return out
 
 
+def resting_levels(samples: list[dict], warm_min: float) -> dict:
+    """Per pid, the sample with the fewest fds after warm-up: the samples are
+    taken under load, so the minimum is the nearest to a resting level."""
+    base: dict = {}
+    for s in samples:
+        if s["t"] < warm_min:
+            continue
+        for pid, st in s["pids"].items():
+            cur = base.get(pid)
+            if cur is None or st["fds"] < cur["fds"]:
+                base[pid] = dict(st)
+    return base
+
+
+def at_rest(now: dict, base: dict, slack: int) -> bool:
+    """No long-lived process holds more fds than at its resting level."""
+    return all(st["fds"] - base[pid]["fds"] <= slack
+               for pid, st in now.items() if pid in base)
+
+
 class Sampler:
     def __init__(self, inst, log_roles: dict[int, str]) -> None:
         self.inst = inst
@@ -689,22 +709,21 @@ def main(argv: list[str] | None = None) -> int:
             th.join(smtpd_timeout + 90)
         # At rest: clients gone, idle sessions timed out, queue runs settled, and
         # the qmgr's links to the on-demand delivery helpers closed (idle 10 s).
-        time.sleep(max(smtpd_timeout, 12) + 5)
+        # Polled rather than slept: the run ends as soon as every long-lived
+        # process is back to its resting fd count, and a real leak still fails
+        # after the longest of those timeouts.
+        rest_base = resting_levels(sampler.samples, warm / 60)
+        settle_by = time.monotonic() + max(smtpd_timeout, 12) + 5
+        calm = 0
+        while time.monotonic() < settle_by and calm < 2:
+            time.sleep(1.0)
+            now = sampler.snapshot()["pids"]
+            calm = calm + 1 if at_rest(now, rest_base, args.fd_slack) else 0
         log.poll()
         end = sampler.sample()
         delivered_files += prune_maildirs(inst)
         elapsed = time.monotonic() - t_start
-        # Compare fds at rest: the base sample was taken under load, so use the
-        # minimum over post-warm-up samples per pid as its resting level.
-        rest_base: dict = {}
-        for s in sampler.samples[:-1]:
-            if s["t"] < warm / 60:
-                continue
-            for pid, st in s["pids"].items():
-                if pid in end["pids"]:
-                    cur = rest_base.get(pid)
-                    if cur is None or st["fds"] < cur["fds"]:
-                        rest_base[pid] = dict(st)
+        rest_base = {pid: st for pid, st in rest_base.items() if pid in end["pids"]}
         sampler.regroup()
         text, data, failures = report(args, sampler, log, traffic, warm / 60, rest_base,
                                       end["pids"], delivered_files, elapsed)

@@ -987,6 +987,17 @@ def start_side_by_side(*instances) -> None:
                  f"{inst.kind} to log the start-up probe")
 
 
+def run_side_by_side(fn, ref, pw, *args, **kw):
+    """(fn(ref, ...), fn(pw, ...)) run at once: most of a side-by-side dialogue is
+    waiting (read timeouts, error sleeps, log lines), so the pair takes the time of
+    its slower side instead of the sum.  The instances share nothing, and an
+    exception of either side is raised here."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.submit(fn, ref, *args, **kw), pool.submit(fn, pw, *args, **kw)
+        return a.result(), b.result()
+
+
 def stop_side_by_side(instances) -> None:
     """Stop and remove instances, several at once."""
     from concurrent.futures import ThreadPoolExecutor

@@ -175,15 +175,12 @@ def pairs(tmp_path_factory):
             made.append(ref)
             pw = harness.PostwellInstance(base, VARIANTS[variant])
             made.append(pw)
-            ref.start()
-            pw.start()
+            harness.run_side_by_side(lambda inst: inst.start(), ref, pw)
             started[variant] = (ref, pw)
         return started[variant]
 
     yield get
-    for inst in made:
-        inst.stop()
-        inst.cleanup()
+    harness.stop_side_by_side(made)
 
 
 EHLO = "EHLO client.example.org"

@@ -702,8 +702,7 @@ _CASES = parity_cases(DIALOGUES, XFAIL, "dlg3")
 def test_dialogue_matches_reference(pairs, name, variant, lines):
     ref, pw = pairs(variant)
     notices = variant == "notice"
-    want_r, want_log = _run(ref, lines, notices)
-    got_r, got_log = _run(pw, lines, notices)
+    (want_r, want_log), (got_r, got_log) = harness.run_side_by_side(_run, ref, pw, lines, notices)
     assert len(want_r) >= 1, "the reference did not answer"
     want_t, got_t = _texts(want_r), _texts(got_r)
     assert got_t == want_t, f"replies differ in {name!r}:\n{_table(want_t, got_t)}"

@@ -298,17 +298,14 @@ def pairs(tmp_path_factory):
             if variant in _NO_220:
                 harness.wait_banner = _any_greeting
             try:
-                ref.start()
-                pw.start()
+                harness.run_side_by_side(lambda inst: inst.start(), ref, pw)
             finally:
                 harness.wait_banner = saved
             started[variant] = (ref, pw)
         return started[variant]
 
     yield get
-    for inst in made:
-        inst.stop()
-        inst.cleanup()
+    harness.stop_side_by_side(made)
 
 
 def _any_greeting(port: int, timeout: float = 15.0):
@@ -383,8 +380,7 @@ _CASES = [pytest.param(n, *DIALOGUES[n], id=n) for n in sorted(DIALOGUES)] + [
 @pytest.mark.parametrize("name, variant, lines", _CASES)
 def test_session_matches_reference(pairs, name, variant, lines):
     ref, pw = pairs(variant)
-    want_r, want_log = _run(ref, lines)
-    got_r, got_log = _run(pw, lines)
+    (want_r, want_log), (got_r, got_log) = harness.run_side_by_side(_run, ref, pw, lines)
     assert len(want_r) > 1, "the reference did not answer"
     want_t, got_t = _reply_texts(want_r), _reply_texts(got_r)
     assert got_t == want_t, f"replies differ in {name!r}:\n{_table(want_t, got_t)}"

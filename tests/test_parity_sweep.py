@@ -386,8 +386,7 @@ _CASES = parity_cases(DIALOGUES, XFAIL, "sweep")
 def test_sweep_session_matches_reference(pairs, name, variant, lines):
     ref, pw = pairs(variant)
     wait = 1.0 if name in _NO_LAST_REPLY else 10
-    want_r, want_log = _run(ref, lines, wait)
-    got_r, got_log = _run(pw, lines, wait)
+    (want_r, want_log), (got_r, got_log) = harness.run_side_by_side(_run, ref, pw, lines, wait)
     assert len(want_r) >= 1, "the reference did not answer"
     full = variant in _FULL_BANNER
     want_t, got_t = _reply_texts(want_r, full), _reply_texts(got_r, full)

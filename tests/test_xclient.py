@@ -639,8 +639,7 @@ def test_dialogue_matches_reference(pairs, name, variant, lines):
     from test_parity_dialogues2 import _run, _texts
     from test_parity_sweep import _table
     ref, pw = pairs(variant)
-    want_r, want_log = _run(ref, lines)
-    got_r, got_log = _run(pw, lines)
+    (want_r, want_log), (got_r, got_log) = harness.run_side_by_side(_run, ref, pw, lines)
     assert len(want_r) >= 1, "the reference did not answer"
     # The greeting after XCLIENT names mail_name, a deliberate difference (_texts keeps
     # its code only).

@@ -1104,9 +1104,11 @@ class ServerConnection:
             self._act_cr = tail.endswith(b"\r")
 
     def _queue_reply(self, reply: Reply) -> None:
-        # smtpd_soft_error_limit: past it, every reply is slowed down (the glue sleeps).
-        if self.error_count >= self.config.soft_error_limit:
-            self._delay += self.config.error_sleep_time
+        # smtpd_soft_error_limit: once that many errors were made, every reply is slowed
+        # down (the glue sleeps), by smtpd_error_sleep_time per reply line, as Postfix's
+        # smtpd_chat_reply() sleeps per line.  A command's own error is counted after its
+        # reply went out (Postfix counts when the command handler returns), so the error
+        # that reaches the limit is answered at once (checked against 3.7).
         code = reply.code
         if code >= 400:
             if code == 421 or code == 521:
@@ -1117,6 +1119,8 @@ class ServerConnection:
                 self._step = self._hang_up
             if self.config.reject_footer:
                 reply = self._with_footer(reply)
+        if self.error_count >= self.config.soft_error_limit:
+            self._delay += self.config.error_sleep_time * (reply.text.count("\n") + 1)
         # Most replies repeat ("250 2.1.0 Ok", "354 ..."): a dict hit is cheaper than
         # formatting the lines again for every command.
         if type(reply) is Reply:
@@ -1156,9 +1160,9 @@ class ServerConnection:
 
     def _error(self, name: str, reply: Reply) -> None:
         """An engine-decided error reply to command `name`."""
-        self.error_count += 1
         self._count(name, False)
         self._queue_reply(reply)
+        self.error_count += 1
 
     def _ok(self, name: str, reply: Reply) -> None:
         self._count(name, True)
@@ -1184,26 +1188,26 @@ class ServerConnection:
         ok = reply is None or reply.code < 400
         if isinstance(ev, (Helo, Ehlo)):
             self._count(name, ok)
+            self._queue_reply(reply)
             if not ok:
                 self.error_count += 1
-            self._queue_reply(reply)
             if ok:
                 self.helo_name = ev.name
                 self.esmtp = isinstance(ev, Ehlo)
                 self._reset_transaction()
         elif isinstance(ev, Mail):
             self._count(name, ok)
+            self._queue_reply(reply)
             if not ok:
                 self.error_count += 1
-            self._queue_reply(reply)
             if ok:
                 self.sender = ev.sender
                 self._mail_smtputf8 = bool(ev.smtputf8)
         elif isinstance(ev, Rcpt):
             self._count(name, ok)
+            self._queue_reply(reply)
             if not ok:
                 self.error_count += 1
-            self._queue_reply(reply)
             if ok:
                 self.recipients.append(ev.recipient)
         elif isinstance(ev, Data):
@@ -1238,26 +1242,26 @@ class ServerConnection:
             self.where = "BDAT"
         elif isinstance(ev, BdatChunkEnd):
             self._count("bdat", ok)
+            self._queue_reply(reply)
             if not ok:
                 self.error_count += 1
-            self._queue_reply(reply)
             self.where = f"BDAT ({self._bdat_total} bytes)"
         elif isinstance(ev, DataEnd):
             cmd = "bdat" if ev.bdat else "data"
             self._count(cmd, ok)
-            if not ok:
-                self.error_count += 1
             if ok:
                 self.error_count = 0   # the limits count errors "without delivering mail"
                 self._junk = 0
             self._queue_reply(reply)
+            if not ok:
+                self.error_count += 1
             self._reset_transaction()
             self.where = "END-OF-MESSAGE"
         elif isinstance(ev, (Vrfy, Etrn)):
             self._count(name, ok)
+            self._queue_reply(reply)
             if not ok:
                 self.error_count += 1
-            self._queue_reply(reply)
         elif isinstance(ev, StartTls):
             if reply.code != 220:
                 # A 220 counts once the handshake is done (Postfix: starttls=0/1 on failure).
@@ -1352,10 +1356,10 @@ class ServerConnection:
     def _bare_lf_reject(self) -> None:
         # smtpd_forbid_bare_newline = reject, in a command: Postfix 3.7.11 answers 550 and
         # hangs up, logging "NOQUEUE: reject: <where> from ...: bare <LF> received".
-        self.error_count += 1
         self._events.append(Rejected(self._where, self._bare_lf_reply(), None,
                                      "bare <LF> received"))
         self._queue_reply(self._bare_lf_reply())
+        self.error_count += 1
         self._close("bare newline")
 
     def _read_command(self) -> bool:
@@ -1373,8 +1377,8 @@ class ServerConnection:
                 if t is not None and len(t) < TRANSCRIPT_LIMIT:
                     t.append(line.decode("utf-8", "replace"))
                 # RFC 6531 3.3; not counted as a command, as Postfix does.
-                self.error_count += 1
                 self._queue_reply(Reply(500, "Error: bad UTF-8 syntax", "5.5.2"))
+                self.error_count += 1
                 return True
         else:
             text = line.decode("utf-8", "surrogateescape")
@@ -1401,8 +1405,8 @@ class ServerConnection:
         if not parts:
             # An empty line is an error but no command: Postfix leaves it out of the
             # "disconnect ... commands=" counters (checked against 3.7).
-            self.error_count += 1
             self._queue_reply(Reply(500, "Error: bad syntax", "5.5.2"))
+            self.error_count += 1
             return True
         verb = parts[0]
         arg = parts[1] if len(parts) == 2 else ""
@@ -1688,10 +1692,10 @@ class ServerConnection:
             # Postfix counts a 452 within the overshoot allowance as a successful RCPT and
             # one beyond it as a failed one, which is also a client error (verified on 3.7).
             overshoot = self.rcpt_attempts > c.recipient_limit + c.recipient_overshoot_limit
-            if overshoot:
-                self.error_count += 1
             self._count("rcpt", not overshoot)
             self._queue_reply(reply)
+            if overshoot:
+                self.error_count += 1
             return
         self._ask("rcpt", Rcpt(rcpt, **kw))
 
@@ -1891,7 +1895,6 @@ class ServerConnection:
                 self._access_denied = True
         else:
             # The attributes before the bad one stay, without a new greeting (Postfix).
-            self.error_count += 1
             if helo:
                 self.helo_name = helo.value
             if proto:
@@ -1899,6 +1902,8 @@ class ServerConnection:
             if login:
                 self.authenticated = login.value is not None
         self._queue_reply(reply)
+        if not ev.complete:
+            self.error_count += 1
         held, self._xclient_info = self._xclient_info, None
         if held is not None:
             text, old = held
