@@ -19,6 +19,7 @@ anvil after XCLIENT and postfix(1)'s up-front checks, each compared with Postfix
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import shutil
@@ -558,17 +559,21 @@ def test_side_by_side_postfix_fatal_before_any_command(reference_factory, tmp_pa
                                                       command):
     ref = reference_factory(BROKEN[name])
     pw = harness.PostwellInstance(tmp_path, BROKEN[name], name="pw")
-    outs = []
     env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
-    for cmd in ([harness.POSTFIX_BIN, "-c", str(ref.config_dir), command],
-                [sys.executable, "-m", "postwell.cli.postfix", "-c", str(pw.config_dir),
-                 command]):
+
+    def run(cmd):
         # On a terminal postfix(1) says why; the exit status is the same either way.
-        text = harness.stderr_on_tty(cmd, env=env, timeout=60)
-        rc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                            timeout=60).returncode
-        outs.append((rc, text.replace(str(ref.config_dir), "ETC")
-                     .replace(str(pw.config_dir), "ETC")))
+        # Both runs at once: Postfix's fatal exit waits a second (msg_fatal's sleep).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            tty = pool.submit(harness.stderr_on_tty, cmd, env=env, timeout=60)
+            rc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                timeout=60).returncode
+            text = tty.result()
+        return rc, text.replace(str(ref.config_dir), "ETC").replace(str(pw.config_dir), "ETC")
+    # Both sides at once.
+    outs = harness.run_side_by_side(
+        run, [harness.POSTFIX_BIN, "-c", str(ref.config_dir), command],
+        [sys.executable, "-m", "postwell.cli.postfix", "-c", str(pw.config_dir), command])
     assert outs[1] == outs[0]
     assert outs[0][0] == 1
     assert outs[0][1].startswith("postfix: ") and "fatal: " in outs[0][1]
