@@ -415,6 +415,14 @@ DIALOGUES = {
     "kw_warn_unauth": ("keywords", [EHLO, KW_MAIL, "RCPT TO:<x@far.example>",
                                     "RCPT TO:<x@sub.far.example>", "QUIT"]),
     # ---- helo and sender access
+    # A colon that does not end a source route stays in the local part, blanks next to
+    # it go; two atoms before it are a syntax error.
+    "sender_colon_local_part": ("sender", [
+        "EHLO helo-ok.example", "MAIL FROM:<a:b@rejected.example>", RCPT, "RSET",
+        "MAIL FROM:<a : b@rejected.example>", RCPT, "RSET",
+        'MAIL FROM:<"a : b":c@rejected.example>', RCPT, "RSET",
+        "MAIL FROM:<@x,@y:c@rejected.example>", RCPT, "RSET",
+        "MAIL FROM:<a b: c@rejected.example>", "QUIT"]),
     "helo_required": ("sender", [MAIL, "EHLO helo-ok.example", MAIL, RCPT, "QUIT"]),
     "helo_reject": ("sender", ["EHLO helo-rej.example", MAIL, RCPT, "QUIT"]),
     "helo_reject_text_then_ok": ("sender", ["EHLO helo-rejt.example", MAIL, RCPT, "RSET",

@@ -240,9 +240,9 @@ def test_xtext_and_paths():
     for ok, want in [("<<a@b>>", "a@b"), ("a@b>", "a@b"), ("<a(comment)@b>", "a@b"),
                      ("<@x,@y:a@b>", "a@b"), ("<[1.2.3.4]>", "[1.2.3.4]"),
                      ("<a@[1.2.3.4]>", "a@[1.2.3.4]"), ('<"a b"@c>', '"a b"@c'),
-                     ("<a:b@c>", "b@c"), ("<a@b(>", "a@b"), ("<\xe9@b>", "\xe9@b")]:
+                     ("<a:b@c>", "a:b@c"), ("<a : b@c>", "a:b@c"), ("<a:@c>", "a:@c"), ("<a@b(>", "a@b"), ("<\xe9@b>", "\xe9@b")]:
         assert extract_address(ok, False) == want, ok
-    for bad in ["<<a@b>", "<a@b", "<a>b", "<a@>", "<@>", '<"">', "<a;b@c>", "<a,b@c>", "<@x,a@b>",
+    for bad in ["<a b: c@d>", "<<a@b>", "<a@b", "<a>b", "<a@>", "<@>", '<"">', "<a;b@c>", "<a,b@c>", "<@x,a@b>",
                 "<a@b)>", '<"a>', "<a\tb@c>", "<a@b\x7f>", "<a@[1.2]x>", "<a@b>X=1"]:
         with pytest.raises(_SyntaxError):
             extract_address(bad, False)
