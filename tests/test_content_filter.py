@@ -160,7 +160,15 @@ def test_unfiltered_message_is_resolved_as_usual(qenv):
     _drain(qenv.make())
     assert qenv.resolver.asked == ["a@one.test"]
     assert qenv.scan.calls == []
-    assert qenv.okay.calls == [("okay", "one.test", [("a@one.test", "rewritten-a@one.test")])]
+    # Without a filter the resolver's answer counts, address included: Postfix's
+    # qmgr_message_resolve() replaces the recipient by the resolved one
+    # (RECIPIENT_UPDATE), so the agent delivers to it and the log names it, with the
+    # queued address as orig_to= (checked against 3.7: bob%virtual.test@mx.example.test
+    # is delivered and logged as to=<bob@virtual.test>, orig_to=<bob%virtual.test@...>).
+    assert qenv.okay.calls == [("okay", "one.test",
+                                [("rewritten-a@one.test", "rewritten-a@one.test")])]
+    line, = qenv.logs["okay"].lines
+    assert "to=<rewritten-a@one.test>, orig_to=<a@one.test>, relay=" in line
 
 
 def test_filter_without_nexthop_uses_myhostname(qenv):

@@ -465,13 +465,17 @@ def test_q_sends_flush_request(inst):
         os.close(fd)
 
 
-def test_bv_prints_resolution(inst):
-    rc, out, _ = run(["-C", str(inst / "etc"), "-bv", "root@localhost", "bad@@x"])
-    text = out.decode()
-    assert "<root@localhost>: deliverable: address class local" in text
-    assert "<bad@@x>: undeliverable: bad address syntax" in text
-    assert rc == 67
-    assert maildrop_names(inst) == []
+def test_bv_queues_a_verification_request(inst):
+    # As Postfix's: no message is read; the drop carries the recipients, the
+    # generated probe headers and the verify flag (the report is mailed later).
+    rc, out, _ = run(["-C", str(inst / "etc"), "-f", "s@example.test", "-bv", "root@localhost",
+                      "u@example.org"], stdin=b"Subject: not read\n\nbody\n")
+    assert (rc, out) == (0, b"Mail Delivery Status Report will be mailed to <s@example.test>.\n")
+    [name] = maildrop_names(inst)
+    env, content = read_drop(inst, name)
+    assert env.verify == "user" and env.recipients == ["root@localhost", "u@example.org"]
+    assert content == (b"From: s@example.test\nSubject: probe\n"
+                       b"To:\troot@localhost,\n\tu@example.org\n")
 
 
 def test_unreadable_stdin_is_dataerr(inst):

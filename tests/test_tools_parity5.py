@@ -198,7 +198,8 @@ def test_postsuper_requeue_goes_through_pickup(inst, capsys):
     assert postsuper.main(["-c", str(inst / "etc"), "-r", old]) == 0
     assert capsys.readouterr().err == f"postsuper: {old}: requeued\npostsuper: Requeued: 1 message\n"
     assert os.listdir(inst / "queue" / "maildrop") == [old]
-    assert not os.path.exists(store.path("defer", old))
+    # Postfix 3.7 leaves the defer log (test_parity_gaps6.py, side by side).
+    assert os.path.exists(store.path("defer", old))
     logs = run(inst, clock=time.time)
     assert os.listdir(inst / "queue" / "maildrop") == []
     [(new, qm, content)] = incoming(inst)

@@ -251,9 +251,12 @@ class CleanupSession:
         attrs = self.msg.envelope.attributes
         # Postfix names the latest recipient record it read (checked against 3.7).
         last = self._recipients[-1][0] if self._recipients else None
+        # Both addresses in external form, a local part that is no dot-atom quoted
+        # (info_log_address_format = external; checked against 3.7).
         self._log_info(verdict.log_text(
-            self.queue_id, attrs.get("log_message_origin") or "unknown", self.msg.sender or "",
-            self.cleanup.qualify(last) if last is not None else None,
+            self.queue_id, attrs.get("log_message_origin") or "unknown",
+            _quote_local(self.msg.sender or ""),
+            _quote_local(self.cleanup.qualify(last)) if last is not None else None,
             attrs.get("protocol_name"), attrs.get("helo_name")))
 
     def _log_message_id(self, value: str, resent: bool) -> None:

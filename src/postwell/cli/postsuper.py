@@ -102,12 +102,10 @@ def _apply(store: QueueStore, op: str, qid: str, src: str) -> bool:
             # it through cleanup again (a new queue id; rewriting, virtual aliases,
             # header/body checks and content_filter as they are configured now).
             # The file keeps its owner (the mail owner) and mode, which is how
-            # pickup tells it from a user's submission.  Its delay reasons go too.
+            # pickup tells it from a user's submission.  Its defer log stays, as
+            # Postfix's does (checked against 3.7): mailq shows the delay reasons
+            # while the file waits in maildrop/.
             store.move(qid, src, "maildrop")
-            try:
-                os.unlink(store.path("defer", qid))
-            except FileNotFoundError:
-                pass
             return True
     except FileNotFoundError:
         return False

@@ -24,10 +24,9 @@ queues it.  Flags, messages and exit codes follow Postfix's sendmail:
 Exit status: as Postfix 3.7's sendmail (checked), every fatal error exits
 75 (EX_TEMPFAIL), whatever sysexits code the error carries internally.
 
-Deliberate differences: Postfix's ``-bv`` queues a probe and mails a
-delivery report; postwell checks each address's syntax and resolves it
-(class, transport, next hop) and prints the result on standard output, exit
-status 0 when every address resolves, 67 (EX_NOUSER) otherwise.  A message
+``-bv`` queues the recipients as a user verification request, as Postfix's
+does: the delivery agents report without delivering and the sender is mailed
+a "Mail Delivery Status Report" (see postwell.verify).  Deliberate differences: a message
 larger than message_size_limit is refused here ("message file too big",
 nothing queued) instead of being bounced later.  ``-C`` and MAIL_CONFIG are
 honoured without Postfix's alternate_config_directories check: sendmail has
@@ -695,22 +694,37 @@ class Sendmail:
         self.warn("mail_stream_cleanup: close error")
 
     def verify(self) -> int:
-        """-bv: syntax and resolution of each recipient, printed (see module doc)."""
-        from postwell.policy import AddressResolver
+        """-bv as Postfix's: no message is read; the recipients go to the queue as a
+        user verification request (delivery agents report, nothing is delivered)
+        and the sender gets a "Mail Delivery Status Report"."""
+        self.check_submit_acl()
+        sender = self.sender_address()
+        who = self.ident(sender)
         recipients = self.command_line_recipients()
         if not recipients:
-            sender = self.sender_address()
-            raise Fatal(EX_USAGE, f"{self.ident(sender)}: Recipient addresses must be specified on"
+            raise Fatal(EX_USAGE, f"{who}: Recipient addresses must be specified on"
                                   " the command line or via the -t option")
-        resolver = AddressResolver(self.config)
-        bad = 0
-        for rcpt in recipients:
-            text = _verify_one(resolver, rcpt)
-            if not text.startswith("deliverable"):
-                bad += 1
-            sys.stdout.write(f"<{rcpt}>: {text}\n")
+        writer = self.open_maildrop(sender)
+        try:
+            # What Postfix's sendmail writes instead of a message in this mode.
+            head = [f"From: {sender}", "Subject: probe", "To:"]
+            for i, rcpt in enumerate(recipients):
+                head.append(f"\t{rcpt}{',' if i < len(recipients) - 1 else ''}")
+            text = "\n".join(head[:2]) + "\n" + head[2] + "\n".join(head[3:]) + "\n"
+            env = self.envelope(sender, recipients)
+            env.verify = "user"
+            try:
+                writer.write(text.encode("utf-8", "surrogateescape"))
+                writer.finish(env)
+            except OSError as exc:
+                raise Fatal(EX_TEMPFAIL, f"{who}: error writing queue file: {exc.strerror}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        _wake_pickup(self.queue_directory)
+        sys.stdout.write(f"Mail Delivery Status Report will be mailed to <{sender}>.\n")
         sys.stdout.flush()
-        return EX_NOUSER if bad else EX_OK
+        return EX_OK
 
 
 def _wake_pickup(queue_directory: str) -> None:
@@ -732,21 +746,6 @@ def _wake_pickup(queue_directory: str) -> None:
 # Room kept under message_size_limit for what pickup adds (Received: header,
 # envelope), so a message accepted here is not refused by cleanup later.
 ENVELOPE_ALLOWANCE = 1024
-
-
-def _verify_one(resolver, rcpt: str) -> str:
-    if len(rcpt) > 320 or re.search(r"[\x00-\x20\x7f]", rcpt) or rcpt.count("@") > 1 \
-            or rcpt.startswith("@") or rcpt.endswith("@"):
-        return "undeliverable: bad address syntax"
-    try:
-        r = resolver.resolve(rcpt)
-    except Exception as exc:
-        return f"undeliverable: address resolution failed: {exc}"
-    if getattr(r, "error", False) or not r.transport or r.transport == "error":
-        reason = r.nexthop or "address resolution failed"
-        return f"undeliverable: {reason}"
-    return (f"deliverable: address class {r.address_class}, transport {r.transport}, "
-            f"nexthop {r.nexthop or '(none)'}, recipient <{r.recipient}>")
 
 
 # --------------------------------------------------------------------------- sendmail -bs

@@ -21,6 +21,14 @@ per-destination RecipientResults (``recipient.address`` = final address,
 "deferred" if any part deferred, else "bounced" if any part bounced, else
 "sent"; a qmgr that knows ``expanded`` should log and bounce-log those
 instead of the aggregate.
+
+DSN (RFC 3461 5.2.7, Postfix's alias.c/dotforward.c/forward.c): below an
+alias, .forward or list NOTIFY loses SUCCESS, below a list ORCPT is dropped;
+a forwarded copy's recipients carry what is left.  For a NOTIFY=SUCCESS
+recipient the expanded alias or .forward is reported itself ("alias
+expanded") by a part with ``logged = False`` and ``dsn_action`` set, and its
+members' parts get ``dsn_action = None``; the qmgr records such a part for the
+notices without a to=<...> log line (Postfix's trace_append, not sent()).
 """
 
 from __future__ import annotations
@@ -70,14 +78,50 @@ class Leaf:
     reason: str = ""
     forward_sender: str | None = None     # not None: still to be re-injected with this sender
     delivered: str | None = None          # Delivered-To for the forwarded copy
+    # What the expansion does to the recipient's DSN parameters (RFC 3461
+    # 5.2.7): None at the top, "alias" below an alias or .forward (NOTIFY
+    # without SUCCESS), "list" below a mailing list (no ORCPT either).  The
+    # qmgr side applies it (dsn_for_leaves): the root helper, which expands,
+    # is never told the recipient's NOTIFY or ORCPT.
+    via: str | None = None
+    # [action, address, orig]: Postfix's trace_append() of "alias expanded"
+    # for the top-level alias or .forward that made this leaf (its last one),
+    # action "expanded", or "delivered" for a list.  Reported (never logged)
+    # when the recipient asked for NOTIFY=SUCCESS.  An expansion that left no
+    # leaf carries it on a leaf of its own, with status TRACE.
+    trace: list | None = None
+    # Filled in by dsn_for_leaves(): what a forwarded copy carries.
+    notify: str | None = None
+    orcpt: str | None = None
+    # A command's typed diagnostic (RFC 3464 2.3.6, "x-unix" and its output or
+    # exit text, Postfix's dsb_unix()): the notice's Diagnostic-Code.
+    diag_type: str | None = None
+    diag_text: str | None = None
 
     def to_json(self) -> list:
-        return [self.address, self.orig, self.status, self.dsn, self.reason,
-                self.forward_sender, self.delivered]
+        v = [self.address, self.orig, self.status, self.dsn, self.reason,
+             self.forward_sender, self.delivered, self.via, self.trace,
+             self.diag_type, self.diag_text]
+        # The later fields only when set: the common leaf keeps its seven items.
+        while len(v) > 7 and v[-1] is None:
+            v.pop()
+        return v
 
     @classmethod
     def from_json(cls, v) -> "Leaf":
-        return cls(*[x if x is None else str(x) for x in v[:7]])
+        # 7 to 11 items: a helper of an older release sends fewer.
+        leaf = cls(*[x if x is None else str(x) for x in v[:8]])
+        if len(v) > 8 and v[8] is not None:
+            if not isinstance(v[8], list) or len(v[8]) != 3:
+                raise ValueError("bad trace")
+            leaf.trace = [str(x) for x in v[8]]
+        if len(v) > 9 and v[9] is not None:
+            leaf.diag_type = str(v[9])
+            leaf.diag_text = "" if len(v) < 11 or v[10] is None else str(v[10])
+        return leaf
+
+
+TRACE = "trace"     # Leaf.status of a leaf that only carries a trace
 
 
 @dataclass
@@ -93,6 +137,7 @@ class Branch:
     ident: Identity | None = None    # rights for |command and /file (None: default_privs)
     unmatched: str | None = None     # extension to propagate (propagate_unmatched_extensions)
     sender: str = ""
+    via: str | None = None           # Leaf.via for what is found below this step
 
     def child(self, **kw) -> "Branch":
         kw.setdefault("level", self.level + 1)
@@ -105,6 +150,48 @@ class DeferAll(Exception):
     def __init__(self, dsn, reason):
         super().__init__(reason)
         self.dsn, self.reason = dsn, reason
+
+
+# ---------------------------------------------------------------- DSN
+
+def _notify_items(notify: str | None) -> list[str]:
+    return [x for x in dict.fromkeys(i.strip().upper() for i in (notify or "").split(",")) if x]
+
+
+def wants_success(notify: str | None) -> bool:
+    """NOTIFY asks for a success notice (RFC 3461 4.1; NEVER stands alone)."""
+    items = _notify_items(notify)
+    return "SUCCESS" in items and "NEVER" not in items
+
+
+def strip_success(notify: str | None) -> str | None:
+    """The NOTIFY an alias, .forward or list passes on: without SUCCESS, and
+    NEVER when SUCCESS was all it asked for (RFC 3461 5.2.7: the alias itself
+    is reported "expanded", as Postfix's local(8) does); no NOTIFY stays none
+    (the default, FAILURE,DELAY)."""
+    items = _notify_items(notify)
+    if not items or "SUCCESS" not in items:
+        return notify
+    rest = [x for x in items if x != "SUCCESS"]
+    return ",".join(rest) if rest else "NEVER"
+
+
+def dsn_for_leaves(rc: Recipient, leaves: list[Leaf]) -> list[Leaf]:
+    """Each leaf's NOTIFY and ORCPT from the queue recipient's (Postfix's
+    alias.c, dotforward.c): kept at the top, SUCCESS taken off below an alias
+    or .forward, ORCPT dropped below a list.  The "alias expanded" reports
+    stay only for a recipient that asked for NOTIFY=SUCCESS."""
+    success = wants_success(rc.notify)
+    out = []
+    for leaf in leaves:
+        if not success and leaf.trace is not None:
+            if leaf.status == TRACE:
+                continue
+            leaf.trace = None
+        leaf.notify = (rc.notify if leaf.via is None else strip_success(rc.notify)) or None
+        leaf.orcpt = None if leaf.via == "list" else (rc.orcpt or None)
+        out.append(leaf)
+    return out
 
 
 # ---------------------------------------------------------------- parsing
@@ -380,6 +467,10 @@ class LocalAgent(DeliveryAgent):
 
     # -- the qmgr entry point ------------------------------------------
     async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        if request.attributes.get("postwell_verify"):
+            # verify(8) probe: say where the mail would go, deliver nothing.
+            from postwell.verify.probe import local_probe
+            return await asyncio.get_running_loop().run_in_executor(None, local_probe, self, request)
         # An explicit helper_socket always uses the helper ("" never does); else
         # the master's setting is used when this process cannot switch users itself.
         socket_path = self.helper_socket
@@ -391,6 +482,7 @@ class LocalAgent(DeliveryAgent):
             per_rcpt = await self._expand_via_helper(request, socket_path)
         else:
             per_rcpt = await loop.run_in_executor(None, self.expand_request, request)
+        per_rcpt = [dsn_for_leaves(rc, leaves) for rc, leaves in zip(request.recipients, per_rcpt)]
         await self._forward(request, per_rcpt)
         return [self._aggregate(rc, leaves) for rc, leaves in zip(request.recipients, per_rcpt)]
 
@@ -464,10 +556,14 @@ class LocalAgent(DeliveryAgent):
                 cs.set_attribute(name, value)
             seen = set()
             for leaf in leaves:
-                if leaf.address in seen:
+                key = (leaf.address, leaf.orig, leaf.orcpt, leaf.notify)
+                if key in seen:
                     continue
-                seen.add(leaf.address)
-                cs.add_recipient(leaf.address, orig=leaf.orig)
+                seen.add(key)
+                # Postfix's forward_append(): each address keeps its NOTIFY and
+                # ORCPT (RFC 3461 5.2.7), none when a list reset them.
+                cs.add_recipient(leaf.address, orig=leaf.orig, orcpt=leaf.orcpt or None,
+                                 notify=leaf.notify or None)
             # As Postfix's forwarded copy: our own Received line, then the
             # Delivered-To that stops a forwarding loop (local(8) MAIL FORWARDING).
             cs.prepend_header(f"Received: by {self.settings.myhostname} ({self.settings.mail_name})\n"
@@ -504,9 +600,24 @@ class LocalAgent(DeliveryAgent):
 
     def _aggregate(self, rc: Recipient, leaves: list[Leaf]) -> RecipientResult:
         now = self.clock()
-        parts, forward_parts = [], []
+        parts, trace_parts, forward_parts = [], [], []
         forwards = set()
+        # With NOTIFY=SUCCESS an expanded alias or .forward is reported itself
+        # ("alias expanded"), its members and forwarded copies not (RFC 3461
+        # 5.2.7).  That report is an unlogged part, which needs a qmgr that
+        # honours ``logged``; without one the members report as before.
+        traced = wants_success(rc.notify) and _qmgr_keeps_unlogged_parts()
         for leaf in leaves:
+            if leaf.trace is not None and traced:
+                action, address, orig = leaf.trace
+                r = RecipientResult(Recipient(address, orig=orig, orcpt=rc.orcpt, notify=rc.notify),
+                                    "sent", "2.0.0", "alias expanded", RELAY)
+                r.done_time = now
+                r.dsn_action = action
+                r.logged = False        # Postfix's trace_append(): no log line
+                trace_parts.append(r)
+            if leaf.status == TRACE:
+                continue
             if leaf.forward_sender is not None:
                 # Postfix logs a forward once per new queue file, under the
                 # recipient being delivered (to=<alias>), not per forwarded address,
@@ -521,17 +632,31 @@ class LocalAgent(DeliveryAgent):
                 into = parts
             r = RecipientResult(who, leaf.status, leaf.dsn, leaf.reason, RELAY)
             r.done_time = now
+            if leaf.diag_type:
+                # The qmgr's bounce/defer log keeps it for the notice (_diagnostic_of).
+                r.diag_type, r.diag_text = leaf.diag_type, leaf.diag_text or ""
+            if traced and (into is forward_parts or not wants_success(leaf.notify)):
+                # Postfix's forward_send() takes SUCCESS off "forwarded as" too.
+                r.dsn_action = None
             into.append(r)
-        parts += forward_parts
+        parts += trace_parts + forward_parts
         if not parts:   # everything was a duplicate of an earlier delivery
             res = RecipientResult.sent(rc, "delivered", RELAY)
         else:
             pick = next((p for p in parts if p.status == "deferred"), None) \
                 or next((p for p in parts if p.status == "bounced"), None) or parts[0]
             res = RecipientResult(rc, pick.status, pick.dsn, pick.reason, RELAY)
+            if getattr(pick, "diag_type", None):
+                res.diag_type, res.diag_text = pick.diag_type, pick.diag_text
         res.done_time = now
         res.expanded = parts
         return res
+
+
+def _qmgr_keeps_unlogged_parts() -> bool:
+    """Whether the qmgr records a part with ``logged = False`` without a
+    to=<...> line: qmgr/manager.py does.  A test stands in for one that does not."""
+    return True
 
 
 # Keys of DeliveryRequest.attributes that are envelope parameters, not attributes.
@@ -564,7 +689,22 @@ class Expansion:
     # -- helpers -------------------------------------------------------
     def leaf(self, b: Branch, dsn: str, reason: str) -> None:
         status = "sent" if dsn[0] == "2" else "bounced" if dsn[0] == "5" else "deferred"
-        self.leaves.append(Leaf(b.address, b.orig, status, dsn, reason))
+        self.leaves.append(Leaf(b.address, b.orig, status, dsn, reason, via=b.via))
+
+    def expanded(self, b: Branch, action: str, before: int) -> None:
+        """Postfix's trace_append() of "alias expanded" for a top-level alias or
+        .forward: with NOTIFY=SUCCESS its members had SUCCESS taken off, so
+        this is the sender's one success report (dsn_for_leaves keeps it then).
+        It rides on the expansion's last leaf: the leaves of a recipient
+        without NOTIFY=SUCCESS stay what they are."""
+        if b.via is not None:
+            return
+        info = [action, b.address, b.orig]
+        if len(self.leaves) > before:
+            self.leaves[-1].trace = info
+        else:
+            self.leaves.append(Leaf(b.address, b.orig, TRACE, "2.0.0", "alias expanded",
+                                    trace=info))
 
     def been_here(self, key: tuple) -> bool:
         if key in self.seen:
@@ -600,7 +740,10 @@ class Expansion:
             self.recipient(top)
         except DeferAll as exc:
             # Nothing of a failed expansion goes out: the retry redoes all of it.
-            self.leaves = [l for l in self.leaves if l.forward_sender is None and l.status != "sent"]
+            self.leaves = [l for l in self.leaves
+                           if l.forward_sender is None and l.status not in ("sent", TRACE)]
+            for leaf in self.leaves:
+                leaf.trace = None
             status = "bounced" if exc.dsn.startswith("5") else "deferred"
             self.leaves.append(Leaf(address, top.orig, status, exc.dsn, exc.reason))
         return self.leaves
@@ -680,11 +823,20 @@ class Expansion:
                     owner = f"{owner}@{self.s.myorigin}"
                 sender = owner
         prop = unmatched if "alias" in self.s.propagate else None
-        # A mailing list (new envelope sender) does not pass the original recipient on,
-        # as Postfix's alias.c (RFC 3461 5.2.7): no orig_to for the list's members.
+        # RFC 3461 5.2.7: the members get NOTIFY without SUCCESS; a mailing list
+        # (new envelope sender) passes neither the original recipient nor ORCPT
+        # on (no orig_to for its members), as Postfix's alias.c.  Postfix keeps
+        # the message's ENVID and RET for the list's copy (checked against 3.7).
         child = b.child(exp_type="alias", exp_from=name, ident=ident, owner=owner, sender=sender,
-                        unmatched=prop, orig="" if owner is not None else b.orig)
-        self.tokens(child, split_tokens(value))
+                        unmatched=prop, orig="" if owner is not None else b.orig,
+                        via="list" if owner is not None or b.via == "list" else "alias")
+        before = len(self.leaves)
+        if not self.tokens(child, split_tokens(value)):
+            # "name: ," lists nobody: Postfix defers rather than drop the mail.
+            self._warn(f"no recipient in alias lookup result for {name}")
+            self.leaf(b, "4.3.0", "alias database unavailable")
+            return True
+        self.expanded(b, "delivered" if owner is not None else "expanded", before)
         return True
 
     # -- tokens ----------------------------------------------------------
@@ -774,7 +926,9 @@ class Expansion:
     def address(self, b: Branch, addr: str, mailbox_only: bool = False) -> None:
         addr = addr.strip()
         if not addr:
-            return
+            # A quoted empty destination ("") is the null address, which the
+            # resolver turns into MAILER-DAEMON, as Postfix's trivial-rewrite.
+            addr = "MAILER-DAEMON"
         if "@" not in addr:
             addr = f"{addr}@{self.s.myorigin}"
         if b.unmatched and self.s.delimiter:
@@ -797,7 +951,7 @@ class Expansion:
         if self.been_here(("forward", target.lower(), b.sender)):
             return
         self.leaves.append(Leaf(target, b.orig, "pending", "4.3.0", "forward pending",
-                                forward_sender=b.sender, delivered=b.delivered))
+                                forward_sender=b.sender, delivered=b.delivered, via=b.via))
 
     # -- .forward -------------------------------------------------------
     def dotforward(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
@@ -847,11 +1001,16 @@ class Expansion:
         ext_matched = dict(candidates).get(path, False)
         unmatched = ext if (ext and not ext_matched and "forward" in self.s.propagate) else None
         self.forward_active.add(path)
+        before = len(self.leaves)
         try:
+            # RFC 3461 5.2.7: a .forward is an alias, SUCCESS is reported for it.
             self.tokens(b.child(exp_type="forward", exp_from=user, ident=ident, owner=user,
-                                unmatched=unmatched), items)
+                                unmatched=unmatched, via=b.via or "alias"), items)
         finally:
             self.forward_active.discard(path)
+        # Postfix's dotforward.c: "alias expanded" only when nothing was deferred.
+        if not any(leaf.status == "deferred" for leaf in self.leaves[before:]):
+            self.expanded(b, "expanded", before)
         return True
 
     def _mailbox_next(self, b: Branch, user: str, pw, ident: Identity) -> tuple | None:
@@ -958,7 +1117,13 @@ class Expansion:
         if "error" in res:
             self.leaf(b, "4.3.0", f"local delivery failed: {res['error']}")
             return
-        self.leaves.append(Leaf(b.address, b.orig, res["status"], res["dsn"], res["reason"]))
+        if res.get("ignored_dsn"):
+            # A command's 2.x code taken as a failure (5.0.0): Postfix's
+            # bounce_append() says so (checked against 3.7's local(8)).
+            self._warn(f"bounce_append: ignoring dsn code \"{res['ignored_dsn']}\"")
+        self.leaves.append(Leaf(b.address, b.orig, res["status"], res["dsn"], res["reason"],
+                                via=b.via, diag_type=res.get("diag_type"),
+                                diag_text=res.get("diag_text")))
 
     def _attrs(self, b: Branch, user, ext, domain, pw) -> dict:
         local = b.address.rpartition("@")[0] if "@" in b.address else b.address

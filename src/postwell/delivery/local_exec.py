@@ -1064,22 +1064,41 @@ def op_command(command: str, env: dict, cwd: str, time_limit: float, shell: str,
     reader.join(5)
     output = _printable(bytes(kept))
     suffix = f". Command output: {output}" if output else ""
+    # Postfix's pipe_command(): the x-unix diagnostic is the command's output, else
+    # the text for how it ended (side by side with Postfix 3.7).
     if timed_out.is_set():
-        return _result("5.3.0", f"Command time limit exceeded: \"{command}\"{suffix}")
+        return _command_failure("5.3.0", f"Command time limit exceeded: \"{command}\"{suffix}",
+                                output or EX_SOFTWARE_TEXT)
     if status == 0:
         return _result("2.0.0", f"delivered to command: {command}")
     if status < 0:
-        return _result("4.3.0", f"Command died with signal {-status}: \"{command}\"{suffix}")
-    # An enhanced status code at the start of the output wins over the exit status.
-    m = re.match(r"([245])\.(\d{1,3})\.(\d{1,3})\b\s*(.*)", output)
-    if m and m.group(1) != "2":
-        dsn = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-        text = m.group(4) or SYSEXITS.get(status, ("", "unknown"))[1]
-        return _result(dsn, text)
+        return _command_failure("4.3.0", f"Command died with signal {-status}: \"{command}\"{suffix}",
+                                output or EX_SOFTWARE_TEXT)
+    # An enhanced status code opening the output (RFC 3463, followed by white
+    # space or nothing) wins over the exit status: its class decides bounce or
+    # retry, and a success code counts as a plain failure (5.0.0), as Postfix's
+    # bounce_append() ignores it.  The text after it is the whole reason.
+    m = _OUTPUT_DSN.match(output)
+    if m:
+        dsn = m.group(1) if not m.group(1).startswith("2") else "5.0.0"
+        return _command_failure(dsn, m.group(2), m.group(2))
     if status in SYSEXITS:
         dsn, text = SYSEXITS[status]
-        return _result(dsn, text + suffix)
-    return _result("5.3.0", f"Command died with status {status}: \"{command}\"{suffix}")
+        return _command_failure(dsn, text + suffix, output or text)
+    return _command_failure("5.3.0", f"Command died with status {status}: \"{command}\"{suffix}",
+                            output or f"unknown mail system error {status}")
+
+
+EX_SOFTWARE_TEXT = SYSEXITS[70][1]
+_OUTPUT_DSN = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)(.*)", re.S)
+
+
+def _command_failure(dsn: str, reason: str, diag_text: str) -> dict:
+    """A command's result with its RFC 3464 2.3.6 diagnostic typed x-unix (Postfix's
+    dsb_unix()); the delivery agent hands diag_type/diag_text on with the result."""
+    res = _result(dsn, reason)
+    res["diag_type"], res["diag_text"] = "x-unix", diag_text
+    return res
 
 
 def _quote_local(address: str) -> str:

@@ -458,13 +458,34 @@ def _result(dsn: str, reason: str) -> tuple[str, str, str]:
     return ("sent" if dsn[0] == "2" else "deferred" if dsn[0] == "4" else "bounced"), dsn, reason
 
 
+class Outcome(tuple):
+    """A result tuple ((status, dsn, reason[, output])) that also carries the
+    command's typed diagnostic (RFC 3464 2.3.6), Postfix's dsb_unix(): the
+    notice's "Diagnostic-Code: x-unix; TEXT".  Unpacks as the plain tuple."""
+
+    diag_type: str | None = None
+    diag_text: str | None = None
+
+
+def _outcome(items, diag_text: str | None = None) -> Outcome:
+    out = Outcome(items)
+    if diag_text is not None:
+        out.diag_type, out.diag_text = "x-unix", diag_text
+    return out
+
+
+def _command_failure(dsn: str, reason: str, output: str, diag_text: str) -> Outcome:
+    return _outcome((*_result(dsn, reason), output), diag_text)
+
+
 def run_command(argv: list[str], stream, *, uid: int | None, gid: int | None, env: dict,
                 cwd: str | None, chroot: str | None, time_limit: float,
                 note=None) -> tuple[str, str, str, str]:
     """Run ``argv`` (as uid/gid when given: needs root), feed it ``stream``,
     and map the outcome as Postfix's pipe_command(); returns
-    (status, dsn, reason, output) where reason is the failure text."""
-    from .local_exec import SYSEXITS
+    (status, dsn, reason, output) where reason is the failure text, as an
+    Outcome whose diag_type/diag_text are set for a command's failure."""
+    from .local_exec import EX_SOFTWARE_TEXT, SYSEXITS
     command = argv[0]
     kw: dict = {}
     if chroot:
@@ -496,7 +517,8 @@ def run_command(argv: list[str], stream, *, uid: int | None, gid: int | None, en
         output = f"pipe: fatal: pipe_command: {what}: {exc.strerror} "
         if note:
             note("fatal", f"pipe_command: {what}: {exc.strerror}")
-        return (*_result("4.3.0", f"temporary failure. Command output: {output}"), output)
+        return _command_failure("4.3.0", f"temporary failure. Command output: {output}", output,
+                                output)
     kept = bytearray()
 
     def drain():
@@ -541,29 +563,49 @@ def run_command(argv: list[str], stream, *, uid: int | None, gid: int | None, en
     reader.join(5)
     output = printable_output(bytes(kept))
     suffix = f". Command output: {output}" if output else ""
+    # Postfix's pipe_command(): a failure's x-unix diagnostic is the command's
+    # output, else the text for how it ended (as local_exec.op_command).
     if timed_out.is_set():
         if note:
             note("warning", "pipe_command_read: read time limit exceeded")
-        return (*_result("5.3.0", f"Command time limit exceeded: \"{command}\"{suffix}"), output)
+        return _command_failure("5.3.0", f"Command time limit exceeded: \"{command}\"{suffix}",
+                                output, output or EX_SOFTWARE_TEXT)
     if status < 0:
-        return (*_result("4.3.0", f"Command died with signal {-status}: \"{command}\"{suffix}"),
-                output)
+        return _command_failure("4.3.0", f"Command died with signal {-status}: \"{command}\"{suffix}",
+                                output, output or EX_SOFTWARE_TEXT)
     if status == 0:
         if write_error is not None:
             why = getattr(write_error, "strerror", None) or write_error
-            return (*_result("4.3.0", f"Command failed: {why}: \"{command}\""), output)
-        return "sent", "2.0.0", "", output
-    # An enhanced status code at the start of the output wins over the exit status.
-    m = re.match(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)(.*)", output, re.S)
+            return _outcome((*_result("4.3.0", f"Command failed: {why}: \"{command}\""), output))
+        return _outcome(("sent", "2.0.0", "", output))
+    # An enhanced status code opening the output (RFC 3463, then white space or
+    # nothing) wins over the exit status and is the whole reason; a success
+    # code counts as a plain failure (5.0.0), as Postfix's bounce_append()
+    # ignores it.
+    m = _OUTPUT_DSN.match(output)
     if m:
-        return (*_result(f"{m.group(1)}.{m.group(2)}.{m.group(3)}", m.group(4)), output)
+        dsn = m.group(1) if not m.group(1).startswith("2") else "5.0.0"
+        if dsn != m.group(1) and note:
+            note("warning", f"bounce_append: ignoring dsn code \"{m.group(1)}\"")
+        return _command_failure(dsn, m.group(2), output, m.group(2))
     if status in SYSEXITS:
         dsn, text = SYSEXITS[status]
-        return (*_result(dsn, text + suffix), output)
-    return (*_result("5.3.0", f"Command died with status {status}: \"{command}\"{suffix}"), output)
+        return _command_failure(dsn, text + suffix, output, output or text)
+    return _command_failure("5.3.0", f"Command died with status {status}: \"{command}\"{suffix}",
+                            output, output or f"unknown mail system error {status}")
+
+
+_OUTPUT_DSN = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)(.*)", re.S)
 
 
 # ------------------------------------------------------------ the agent
+
+def _with_diag(res: RecipientResult, diag_type: str | None, diag_text: str | None) -> RecipientResult:
+    if diag_type:
+        # The qmgr's bounce/defer log keeps it for the notice (_diagnostic_of).
+        res.diag_type, res.diag_text = diag_type, diag_text or ""
+    return res
+
 
 MAX_COMMANDS = 50        # commands running at once per process
 _executor = None
@@ -653,8 +695,9 @@ class PipeAgent(DeliveryAgent):
         outcome = await asyncio.get_running_loop().run_in_executor(command_executor(),
                                                                    self.deliver_blocking, request)
         status, dsn, reason = outcome
-        relay = service
-        return [RecipientResult(rc, status, dsn, reason, relay) for rc in request.recipients]
+        return [_with_diag(RecipientResult(rc, status, dsn, reason, service),
+                           getattr(outcome, "diag_type", None), getattr(outcome, "diag_text", None))
+                for rc in request.recipients]
 
     async def _via_helper(self, path: str, request) -> list[RecipientResult]:
         from .pipe_helper import PipeHelperClient
@@ -673,12 +716,17 @@ class PipeAgent(DeliveryAgent):
                 out.append(RecipientResult(rc, "deferred", "4.3.0", "mail transport unavailable",
                                            request.transport))
             else:
-                out.append(RecipientResult(rc, str(row[0]), str(row[1]), str(row[2]),
-                                           request.transport))
+                # [status, dsn, reason] or, from a helper that passes the typed
+                # diagnostic on, [status, dsn, reason, diag_type, diag_text].
+                diag = (row[3], row[4]) if len(row) >= 5 and row[3] else (None, None)
+                out.append(_with_diag(RecipientResult(rc, str(row[0]), str(row[1]), str(row[2]),
+                                                      request.transport),
+                                      *(None if x is None else str(x) for x in diag)))
         return out
 
     def deliver_blocking(self, request: DeliveryRequest) -> tuple[str, str, str]:
-        """One delivery request -> (status, dsn, reason) shared by all its recipients."""
+        """One delivery request -> (status, dsn, reason) shared by all its
+        recipients: an Outcome, whose diag_type/diag_text a command's failure sets."""
         service = request.transport
         try:
             svc, attrs = self.attributes(service)
@@ -715,13 +763,14 @@ class PipeAgent(DeliveryAgent):
                                 sender=sender, orig=rcpts[0].orig or rcpts[0].address,
                                 delivered=rcpts[0].address, now=self.clock())
         env = command_environment(cfg.get_list("export_environment"))
-        status, dsn, reason, output = run_command(
+        ran = run_command(
             argv, stream, uid=attrs.uid if euid == 0 else None,
             gid=attrs.gid if euid == 0 else None, env=env,
             cwd=attrs.directory or cfg.get("queue_directory") or None, chroot=attrs.chroot,
             time_limit=self.time_limit(service, cfg), note=self._note)
+        status, dsn, reason, output = ran
         if status == "sent":
             # Postfix 3.0+: some command output is reported after success too.
             output = output.strip()
             reason = f"delivered via {service} service" + (f" ({output})" if output else "")
-        return status, dsn, reason
+        return _outcome((status, dsn, reason), getattr(ran, "diag_text", None))

@@ -46,9 +46,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from postwell.dns import (DestinationError, DnsPythonResolver, NativeResolver, Target,
-                          families_from_inet_protocols, own_addresses_from_config, parse_nexthop,
-                          resolve_destination)
+from postwell.dns import (DestinationError, DnsPythonResolver, DnsThenNative, NativeResolver,
+                          Target, families_from_inet_protocols, own_addresses_from_config,
+                          parse_nexthop, relayhost_problem, resolve_destination)
 from postwell.smtp.client import (NEED_DATA, AuthChallenge, AuthDone, ConnectionClosed, ContentWanted, Envelope, Greeting,
                                   HelloDone, IgnoredLine, MailReply, MessageDone, ProtocolError, TlsRefused,
                                   TlsWanted,
@@ -866,6 +866,9 @@ class _Settings:
     sasl_mechanism_filter: list[str]
     sasl_auth_soft_bounce: bool
     sasl_sender_dependent: bool
+    # smtp_host_lookup = dns, native (either order): getaddrinfo() after DNS
+    # found no address (Postfix's smtp_addr_one()).
+    dns_then_native: bool = False
 
     @classmethod
     def from_config(cls, cfg, prefix: str = "smtp") -> "_Settings":
@@ -886,6 +889,9 @@ class _Settings:
             v = g(name).strip()
             return int(v) if v.isdigit() else 0
 
+        lookup = {w.lower() for w in cfg.get_list(f"{prefix}_host_lookup")}
+        no_dns = (cfg.get_bool("disable_dns_lookups")
+                  or (g("dns_support_level") or "").lower() == "disabled")
         port_text = g("tcp_port") or prefix
         if port_text.isdigit():
             port = int(port_text)
@@ -919,10 +925,8 @@ class _Settings:
             address_preference=(g("address_preference") or "any").lower(),
             dns_enabled=not cfg.get_bool("disable_dns_lookups")
             and (g("dns_support_level") or "").lower() != "disabled",
-            native_hosts=(cfg.get_bool("disable_dns_lookups")
-                          or (g("dns_support_level") or "").lower() == "disabled"
-                          or [w.lower() for w in cfg.get_list(f"{prefix}_host_lookup")][:1]
-                          == ["native"]),
+            native_hosts=no_dns or ("native" in lookup and "dns" not in lookup),
+            dns_then_native=not no_dns and {"dns", "native"} <= lookup,
             myhostname=cfg.get("myhostname"),
             disable_mime_output_conversion=cfg.get_bool("disable_mime_output_conversion"),
             discard_ehlo_keywords=frozenset(
@@ -994,6 +998,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
     def _warning(self, text: str) -> None:
         if self.log is not None:
             self.log.warning(text)
+
+    def _address_resolver(self):
+        """Who answers the A/AAAA questions (smtp_host_lookup); None: the MX resolver."""
+        if self.settings.dns_then_native:
+            return DnsThenNative(self.resolver, self._native)
+        return self._native if self.settings.native_hosts else None
 
     def _timeout_for(self, state: State) -> float:
         # Called several times per message: a fixed table of setting names,
@@ -1160,9 +1170,16 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 own_addresses=self.own_addresses, address_limit=self.settings.mx_address_limit,
                 address_preference=self.settings.address_preference,
                 default_port=self.settings.port, dns_enabled=self.settings.dns_enabled,
-                address_resolver=self._native if self.settings.native_hosts else None,
-                randomize=self.settings.randomize_addresses)
+                address_resolver=self._address_resolver(),
+                randomize=self.settings.randomize_addresses, warn=self._warning)
         except DestinationError as e:
+            if self.protocol == "smtp":
+                # smtp_connect.c: a hard failure of $relayhost is a configuration
+                # problem; the mail waits (4.3.5) instead of bouncing.
+                problem = relayhost_problem(e, request.nexthop, self.config.get("relayhost") or "")
+                if problem is not None:
+                    e, warning = problem
+                    self._warning(warning)
             status = "bounced" if e.permanent else "deferred"
             for i in pending:
                 results[i] = RecipientResult(recipients[i], status, e.dsn, e.reason, "none")
@@ -1741,8 +1758,11 @@ class SmtpDeliveryAgent(DeliveryAgent):
         downgrade = eight_bit_action(envelope.body_type, ext.eightbitmime,
                                      self.settings.disable_mime_output_conversion) == "convert"
 
-        conn.engine.start_transaction(envelope)
+        # verify(8) probe: the RCPT replies are the answer; no DATA.
+        probe = bool(request.attributes.get("postwell_verify"))
+        conn.engine.start_transaction(envelope, probe=probe)
         accepted: list[int] = []
+        rcpt_replies: dict[int, Reply] = {}
         got_mail = False
 
         def said(reply: Reply, command: str) -> str:
@@ -1767,6 +1787,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
                     i = pending[ev.index]
                     if ev.reply.code // 100 == 2:
                         accepted.append(i)
+                        rcpt_replies[i] = ev.reply
                     else:
                         refuse(i, ev.reply, ev.command)
                 elif isinstance(ev, TransactionFailed) and ev.closing:
@@ -1776,6 +1797,9 @@ class SmtpDeliveryAgent(DeliveryAgent):
                     conn.abort()
                     return soft
                 elif isinstance(ev, TransactionFailed):
+                    if probe and ev.command == "RCPT TO":
+                        for i in accepted:
+                            result(i, "sent", _dsn_of(rcpt_replies[i]), _one_line(rcpt_replies[i]))
                     if ev.command != "RCPT TO":
                         for i in (accepted if ev.command == "DATA" else pending):
                             if i not in results:

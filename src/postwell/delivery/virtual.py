@@ -190,6 +190,10 @@ class VirtualAgent(DeliveryAgent):
         return plans
 
     async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
+        if request.attributes.get("postwell_verify"):
+            # verify(8) probe: say where the mail would go, deliver nothing.
+            from postwell.verify.probe import virtual_probe
+            return virtual_probe(self, request)
         from . import helper
         plans = None
         if helper.HELPER_SOCKET and os.geteuid() != 0:

@@ -14,7 +14,7 @@ import random
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .resolver import IPV4, IPV6, DnsError, MxRecord, NoSuchDomain, Resolver
 
@@ -117,10 +117,68 @@ def _literal(host: str) -> str | None:
         return None
 
 
-def _dns_reason(e: DnsError) -> DestinationError:
-    # Postfix: "Host or domain name not found. Name service error for name=... type=...: ..."
-    text = f"Host or domain name not found. {e}"
-    return DestinationError("5.4.4" if e.permanent else "4.4.3", text)
+# getaddrinfo() codes as Postfix's smtp_addr.c weighs them.  DSN_NOHOST (x.4.4 rather
+# than x.3.0) lists EAI_NODATA only where netdb.h defines it, which glibc does for
+# _GNU_SOURCE builds alone: Debian's Postfix 3.7 reports EAI_NODATA ("No address
+# associated with hostname") as 5.3.0 (checked side by side).
+_GAI_RETRY = frozenset(c for c in (getattr(socket, "EAI_AGAIN", None),
+                                   getattr(socket, "EAI_MEMORY", None),
+                                   getattr(socket, "EAI_SYSTEM", None)) if c is not None)
+_GAI_NOHOST = frozenset(c for c in (getattr(socket, "EAI_AGAIN", None),
+                                    getattr(socket, "EAI_NONAME", None)) if c is not None)
+
+
+class _Why:
+    """Postfix's one reason buffer for a destination's address lookups: each failed
+    host overwrites the text, and a soft status once seen stays soft ("a soft error
+    dominates past and future hard errors", smtp_addr.c)."""
+
+    def __init__(self) -> None:
+        self.dsn = ""
+        self.text = ""
+
+    @property
+    def soft(self) -> bool:
+        return self.dsn.startswith("4")
+
+    def failed(self, host: str, e: DnsError | None, rtype: str = "A") -> None:
+        code = getattr(e, "gai_code", None) if e is not None else None
+        if e is None:
+            # DNS answered without a record of the type (NODATA)
+            self.text = ("Host or domain name not found. Name service error for "
+                         f"name={host} type={rtype}: Host found but no data record of "
+                         "requested type")
+            self.dsn = "4.4.4" if self.soft else "5.4.4"
+        elif code == 0:
+            self.text = f"{host}: host not found"
+            self.dsn = "4.4.4" if self.soft else "5.4.4"
+        elif code is not None:
+            # smtp_host_lookup = native: "unable to look up host %s: %s" (gai_strerror)
+            self.text = f"unable to look up host {host}: {e.gai_text}"
+            soft = self.soft or code in _GAI_RETRY
+            self.dsn = ("4" if soft else "5") + (".4.4" if code in _GAI_NOHOST else ".3.0")
+        else:
+            # dns_lookup.c: "Host or domain name not found. Name service error for ..."
+            self.text = ("Host or domain name not found. Name service error for "
+                         f"name={host} type={e.rtype}: {e.detail}")
+            self.dsn = ("4.4.4" if self.soft else "5.4.4") if e.permanent else "4.4.3"
+
+    def error(self) -> DestinationError:
+        if not self.dsn:
+            # smtp_connect.c's excuse when nothing was recorded
+            return DestinationError("4.3.0", "server unavailable or unable to receive mail")
+        return DestinationError(self.dsn, self.text)
+
+
+def relayhost_problem(error: DestinationError, nexthop: str,
+                      relayhost: str) -> tuple[DestinationError, str] | None:
+    """smtp_connect.c: a hard lookup (or loop) failure of the relayhost is taken for a
+    configuration problem, so the mail waits (4.3.5, same reason) instead of
+    bouncing; returns that error and the warning smtp(8) logs, or None when the rule
+    does not apply (a soft error, or a next hop other than $relayhost)."""
+    if not error.permanent or not relayhost or nexthop != relayhost:
+        return None
+    return DestinationError("4.3.5", error.reason), "relayhost configuration problem"
 
 
 def order_families(ips: list[str], preference: str) -> list[str]:
@@ -138,12 +196,17 @@ async def resolve_destination(resolver: Resolver, nexthop: str, *, rng: random.R
                               address_limit: int = 5, address_preference: str = "any",
                               default_port: int = 25, dns_enabled: bool = True,
                               address_resolver: Resolver | None = None,
-                              randomize: bool = False) -> list[Target]:
+                              randomize: bool = False,
+                              warn: Callable[[str], None] | None = None) -> list[Target]:
     """Addresses to try, in order; raises :class:`DestinationError` when there are none.
 
     ``address_resolver`` answers the A/AAAA questions when it differs from the MX
     resolver (smtp_host_lookup = native); ``dns_enabled`` False skips MX lookups;
-    ``randomize`` shuffles each host's addresses (smtp_randomize_addresses).
+    ``randomize`` shuffles each host's addresses (smtp_randomize_addresses);
+    ``warn`` gets smtp(8)'s "no MX host for DOMAIN has a valid address record".
+    A failure reports the last host's lookup error, soft when any was soft
+    (Postfix's smtp_addr.c); a getaddrinfo() failure is worded "unable to look
+    up host HOST: gai_strerror()".
     """
     address_resolver = address_resolver or resolver
     families = tuple(families)
@@ -167,17 +230,23 @@ async def resolve_destination(resolver: Resolver, nexthop: str, *, rng: random.R
             # from the address lookup ("type=A: Host not found").
             records = []
         except DnsError as e:
-            raise _dns_reason(e) from None
+            mx_why = _Why()
+            mx_why.failed(hop.host.rstrip("."), e)
+            raise mx_why.error() from None
         candidates = select_mx_hosts(hop.host, records, rng)
-        if not candidates:
-            # RFC 5321 5.1: no MX -> the domain's own A/AAAA (implicit MX)
-            candidates = [MxRecord(0, hop.host.lower().rstrip("."))]
     else:
-        candidates = [MxRecord(0, hop.host.lower().rstrip("."))]
+        candidates = []
+    # Lookup errors name the host as the next hop spelled it (Postfix passes it on
+    # unchanged); MX host names come from the resolver.
+    written = hop.host.rstrip(".")
+    if not candidates:
+        # RFC 5321 5.1: no MX -> the domain's own A/AAAA (implicit MX)
+        candidates = [MxRecord(0, written.lower())]
+    else:
+        written = ""
 
     targets: list[Target] = []
-    last_error: DnsError | None = None
-    temp_error: DnsError | None = None
+    why = _Why()
     self_pref: int | None = None
     best_found: int | None = None
     best_pref = candidates[0].preference
@@ -187,9 +256,10 @@ async def resolve_destination(resolver: Resolver, nexthop: str, *, rng: random.R
         try:
             ips = await address_resolver.addresses(rec.host, families)
         except DnsError as e:
-            last_error = e
-            if not e.permanent:
-                temp_error = e
+            why.failed(written or rec.host, e)
+            continue
+        if not ips:
+            why.failed(written or rec.host, None, "AAAA" if IPV6 in families else "A")
             continue
         if randomize:
             ips = list(ips)
@@ -213,14 +283,9 @@ async def resolve_destination(resolver: Resolver, nexthop: str, *, rng: random.R
             raise DestinationError("4.4.4", f"unable to find primary relay for {hop.host}")
         raise DestinationError("5.4.6", f"mail for {hop.host} loops back to myself")
     if not targets:
-        if temp_error is not None:
-            raise _dns_reason(temp_error)      # any temporary failure: try again later
-        if last_error is not None:
-            raise _dns_reason(last_error)      # every name is dead: bounce
-        name = candidates[-1].host
-        rtype = "AAAA" if IPV6 in families else "A"
-        raise DestinationError("5.4.4", "Host or domain name not found. Name service error for "
-                               f"name={name} type={rtype}: Host found but no data record of requested type")
+        if hop.mx_lookup and records and warn is not None:
+            warn(f"no MX host for {hop.host} has a valid address record")
+        raise why.error()
     if address_limit > 0:
         targets = targets[:address_limit]
     return targets

@@ -18,6 +18,7 @@ a name server on loopback and never touch outside DNS.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
@@ -25,9 +26,16 @@ IPV4, IPV6 = "ipv4", "ipv6"
 
 
 class DnsError(Exception):
-    """A failed lookup, worded as Postfix's dns_strerror() words it."""
+    """A failed lookup, worded as Postfix's dns_strerror() words it.
+
+    A failure of the system's getaddrinfo() (:class:`NativeResolver`) also carries
+    ``gai_code`` (the EAI_* value; 0: an answer without a usable address family)
+    and ``gai_text`` (gai_strerror()), which Postfix's smtp(8) reports instead.
+    """
 
     permanent = False
+    gai_code: int | None = None
+    gai_text = ""
 
     def __init__(self, name: str, rtype: str, detail: str) -> None:
         self.name, self.rtype, self.detail = name, rtype, detail
@@ -246,44 +254,102 @@ class DnsPythonResolver:
         return [_norm(r.target.to_text()) for r in answer.rrset]
 
 
+# getaddrinfo() failures that mean "no such host" rather than "try again".
+_GAI_NOHOST = frozenset(c for c in (getattr(socket, "EAI_NONAME", None),
+                                    getattr(socket, "EAI_NODATA", None),
+                                    getattr(socket, "EAI_ADDRFAMILY", None)) if c is not None)
+
+
+def native_error(host: str, rtype: str, code: int, text: str) -> DnsError:
+    """The DnsError for a failed getaddrinfo(): NoSuchDomain or DnsTempFail as
+    before (the policy checks go by the class), with the EAI code and text."""
+    err: DnsError = NoSuchDomain(_norm(host), rtype) if code in _GAI_NOHOST or code == 0 \
+        else DnsTempFail(_norm(host), rtype)
+    err.gai_code, err.gai_text = code, text
+    return err
+
+
 class NativeResolver:
     """Host addresses through the system's getaddrinfo (/etc/hosts, NSS).
 
     Postfix uses this with smtp_host_lookup = native or disable_dns_lookups = yes.
-    It knows no MX records: ``mx`` always answers "none".
+    It knows no MX records: ``mx`` always answers "none".  Failures carry the
+    getaddrinfo() code and text (:func:`native_error`).  ``getaddrinfo`` stands
+    in for the event loop's in tests.
     """
+
+    def __init__(self, getaddrinfo=None) -> None:
+        self._getaddrinfo = getaddrinfo
 
     async def mx(self, domain: str) -> list[MxRecord]:
         return []
 
     async def addresses(self, host: str, families: Iterable[str] = (IPV4, IPV6)) -> list[str]:
         import asyncio
-        import socket
-        loop = asyncio.get_running_loop()
+        fams = set(families) or {IPV4, IPV6}
+        # Postfix's hostname_to_sockaddr(): one call, for both families unless
+        # inet_protocols names only one.
+        if fams == {IPV4}:
+            af = socket.AF_INET
+        elif fams == {IPV6}:
+            af = socket.AF_INET6
+        else:
+            af = socket.AF_UNSPEC
+        gai = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
+        rtype = "AAAA" if af == socket.AF_INET6 else "A"
+        try:
+            infos = await gai(host, None, family=af, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise native_error(host, rtype, e.errno, e.strerror or str(e)) from None
+        except UnicodeError:
+            # IDNA encoding refused the name: it cannot exist.
+            raise native_error(host, rtype, socket.EAI_NONAME, "Name or service not known") \
+                from None
+        wanted = {socket.AF_INET if f == IPV4 else socket.AF_INET6 for f in fams}
         out: list[str] = []
-        for fam in families:
-            af = socket.AF_INET if fam == IPV4 else socket.AF_INET6
-            try:
-                infos = await loop.getaddrinfo(host, None, family=af, type=socket.SOCK_STREAM)
-            except socket.gaierror as e:
-                if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5),
-                               getattr(socket, "EAI_ADDRFAMILY", -9)):
-                    continue
-                raise DnsTempFail(_norm(host), "A" if fam == IPV4 else "AAAA") from None
-            for info in infos:
-                ip = info[4][0]
-                if ip not in out:
-                    out.append(ip)
+        for info in infos:
+            ip = info[4][0]
+            if info[0] in wanted and ip not in out:
+                out.append(ip)
         if not out:
-            raise NoSuchDomain(_norm(host), "A")
-        return out
+            # smtp_addr.c: "%s: host not found" (only other families came back)
+            raise native_error(host, rtype, 0, "host not found")
+        # IPv4 first, as the per-family lookups before did: callers order by
+        # smtp_address_preference themselves, and tests may rely on a stable order.
+        return sorted(out, key=lambda ip: ":" in ip)
 
     async def ptr(self, ip: str) -> list[str]:
         import asyncio
-        import socket
         loop = asyncio.get_running_loop()
         try:
             name, _ = await loop.getnameinfo((ip, 0), socket.NI_NAMEREQD)
         except OSError:
             return []
         return [_norm(name)]
+
+
+class DnsThenNative:
+    """Host addresses for smtp_host_lookup = dns, native: DNS first, and the
+    system's getaddrinfo() when DNS says the name has no address (NXDOMAIN or
+    no record of the type), as Postfix's smtp_addr_one(); a DNS failure to
+    answer is final.  MX and PTR questions go to DNS."""
+
+    def __init__(self, dns: Resolver, native: Resolver) -> None:
+        self.dns, self.native = dns, native
+
+    async def mx(self, domain: str) -> list[MxRecord]:
+        return await self.dns.mx(domain)
+
+    async def ptr(self, ip: str) -> list[str]:
+        return await self.dns.ptr(ip)
+
+    async def addresses(self, host: str, families: Iterable[str] = (IPV4, IPV6)) -> list[str]:
+        families = tuple(families)
+        try:
+            found = await self.dns.addresses(host, families)
+        except NoSuchDomain:
+            found = []
+        if found:
+            return found
+        # The native lookup's own failure (text and status) replaces DNS's.
+        return await self.native.addresses(host, families)

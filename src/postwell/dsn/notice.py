@@ -38,6 +38,7 @@ from postwell.delivery.base import iter_lines
 from postwell.policy.restrictions import log_address
 
 FAILURE, DELAY, SUCCESS = "failure", "delay", "success"
+VERIFY = "verify"        # sendmail -bv's "Mail Delivery Status Report" (verify_template)
 
 # Postfix's built-in templates (`postconf -t`): subject, postmaster subject, text.
 _SIGNATURE = ["", "                   The mail system"]
@@ -95,17 +96,23 @@ _REMOTE_SUCCESS = re.compile(
 
 
 # pipe_command()'s failures (local |command, mailbox_command, pipe(8)): Postfix reports
-# the command's output, or else the sysexits text, as an x-unix diagnostic, and none
-# at all when there is neither (bounce_notify_util.c skips an empty dtext).  A bare
-# sysexits text ("user unknown") is not told apart from other reasons here.
-_SYSEXITS_TEXT = ("command line usage error|data format error|cannot open input|user unknown|"
-                  "host name unknown|service unavailable|internal software error|"
-                  "system resource problem|critical OS file missing|can't create user output file|"
-                  "input/output error|temporary failure|remote error in protocol|"
-                  "permission denied|local configuration error")
+# the command's output, or else a text for the exit status, as an x-unix diagnostic
+# (checked side by side with Postfix 3.7: a sysexits status gives its sysexits text,
+# another status "unknown mail system error N", a signal or the time limit EX_SOFTWARE's
+# "internal software error").  The agent says so itself when it can (diag_type and
+# diag_text of its result); these patterns read the same facts back from a logged reason
+# for results that do not carry them.
+SYSEXITS_TEXTS = frozenset((
+    "command line usage error", "data format error", "cannot open input", "user unknown",
+    "host name unknown", "service unavailable", "internal software error",
+    "system resource problem", "critical OS file missing", "can't create user output file",
+    "input/output error", "temporary failure", "remote error in protocol",
+    "permission denied", "local configuration error"))
+_SYSEXITS_TEXT = "|".join(re.escape(t) for t in sorted(SYSEXITS_TEXTS))
+_EX_SOFTWARE_TEXT = "internal software error"
 _COMMAND_FAILURE = re.compile(
-    r'^(?:Command died with (?:status (?P<status>\d+)|signal \d+): ".*?"'
-    r'|Command time limit exceeded: ".*?"'
+    r'^(?:Command died with (?:status (?P<status>\d+)|(?P<signal>signal) \d+): ".*?"'
+    r'|(?P<timeout>Command time limit exceeded): ".*?"'
     r"|(?P<sysexit>" + _SYSEXITS_TEXT + r")(?=\. Command output: ))"
     r"(?:\. Command output: (?P<output>.*))?$", re.S)
 
@@ -124,6 +131,10 @@ class DsnRecipient:
     orig: str | None = None          # original recipient before rewriting
     orcpt: str | None = None         # RFC 3461 ORCPT as received ("rfc822;addr")
     remote_mta: str | None = None    # overrides what the reason says
+    # RFC 3464 2.3.6 diagnostic as the delivery agent typed it (Postfix's bounce log
+    # diag_type/diag_text: "x-unix" for commands and files); None: read from reason.
+    diag_type: str | None = None
+    diag_text: str | None = None
 
 
 # Kept for callers of the first draft.
@@ -165,24 +176,48 @@ def mail_date(when: float) -> str:
     return f"{day}, {lt.tm_mday:2d} {rest} {zone} ({lt.tm_zone or 'UTC'})"
 
 
-def diagnostic(reason: str) -> tuple[str | None, str | None]:
+def diagnostic(reason: str, diag_type: str | None = None,
+               diag_text: str | None = None) -> tuple[str | None, str | None]:
     """(Remote-MTA host or None, Diagnostic-Code value) for a logged reason.
 
     A reply from a remote server is reported as ``smtp; <reply>`` with the
-    server's name as Remote-MTA (RFC 3464 2.3.5, 2.3.6); anything else is
-    our own text, typed ``X-Postfix`` as Postfix does."""
+    server's name as Remote-MTA (RFC 3464 2.3.5, 2.3.6).  A diagnostic the
+    agent typed itself (``diag_type``) is used as given; one with no text falls
+    back to the reason, as Postfix's bounce daemon does.  Anything else is our
+    own text, typed ``X-Postfix`` as Postfix does."""
     m = _REMOTE_REPLY.match(reason) or _REMOTE_SUCCESS.match(reason)
+    remote = m.group("name") if m else None
+    if diag_type:
+        text = (diag_text or "").strip()
+        if text:
+            return remote, f"{diag_type}; {text}"
+        return remote, f"X-Postfix; {reason.strip() or _NO_REASON}"
     if m:
-        return m.group("name"), f"smtp; {m.group('reply')}"
+        return remote, f"smtp; {m.group('reply')}"
     if _COPY_ERROR.search(reason):
         return None, "x-unix; input/output error"
     m = _COMMAND_FAILURE.match(reason)
     if m:
-        # sys_exits_detail() names an exit status outside sysexits.h this way.
-        unknown = m.group("status") and f"unknown mail system error {m.group('status')}"
-        text = (m.group("output") or m.group("sysexit") or unknown or "").strip()
-        return None, f"x-unix; {text}" if text else None
-    return None, f"X-Postfix; {reason}"
+        text = (m.group("output") or m.group("sysexit") or "").strip()
+        if not text:
+            # sys_exits_detail() names an exit status outside sysexits.h this way.
+            text = (f"unknown mail system error {m.group('status')}" if m.group("status")
+                    else _EX_SOFTWARE_TEXT)
+        return None, f"x-unix; {text}"
+    return None, f"X-Postfix; {reason.strip() or _NO_REASON}"
+
+
+def command_diagnostic(reason: str) -> tuple[str, str] | None:
+    """(diag_type, diag_text) for a reason a command's result gives as a bare
+    sysexits text ("user unknown": exit 67 without output), which only the
+    agent that ran the command can tell from the same words of another
+    agent; None for any other reason."""
+    text = reason.strip()
+    return ("x-unix", text) if text in SYSEXITS_TEXTS else None
+
+
+# What Postfix's bounce_log_read() shows for an empty reason.
+_NO_REASON = "(description unavailable)"
 
 
 def _quote_local(address: str) -> str:
@@ -222,7 +257,8 @@ def _header_block(chunks: Iterable[bytes]) -> Iterable[bytes]:
 # mtime/size/inode, bounded to a handful of entries).
 _TEMPLATE_CACHE: dict[tuple, dict] = {}
 _TEMPLATE_CACHE_MAX = 8
-_TEMPLATE_NAMES = {FAILURE: "failure_template", DELAY: "delay_template", SUCCESS: "success_template"}
+_TEMPLATE_NAMES = {FAILURE: "failure_template", DELAY: "delay_template", SUCCESS: "success_template",
+                   VERIFY: "verify_template"}
 
 
 def notice_templates(config, warn: Callable[[str], None] | None = None) -> tuple[dict, str]:
@@ -262,13 +298,20 @@ def _template_text(config, kind: str, warn) -> tuple[object, list[str]]:
     an expression that names no parameter falls back to the built-in text."""
     templates, source = notice_templates(config, warn)
     t = templates[_TEMPLATE_NAMES[kind]]
+    builtin = _bt.builtin_templates()[_TEMPLATE_NAMES[kind]]
+    # Postfix's bounce(8) names a template's origin in its warnings: the file
+    # it came from, or "[built-in]".
+    if t == builtin:
+        source = _BUILTIN_ORIGIN
     try:
         return t, _bt.expand_text(t, config, source, warn or (lambda _: None))
     except _bt.TemplateError as exc:
         if warn is not None:
             warn(f"{exc} -- using the built-in template")
-        t = _bt.builtin_templates()[_TEMPLATE_NAMES[kind]]
-        return t, _bt.expand_text(t, config, "built-in")
+        return builtin, _bt.expand_text(builtin, config, _BUILTIN_ORIGIN)
+
+
+_BUILTIN_ORIGIN = "[built-in]"
 
 
 def _qualified_sender(label: str, origin: str) -> str:
@@ -310,6 +353,9 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
     subject = template.subject
     pm_subject = template.postmaster_subject or subject
     boundary = f"{queue_id}.{int(now)}/{hostname}"
+    # The original's sender as Postfix's bounce daemon names it (X-Postfix-Sender,
+    # Return-Path): RFC 5322 quoted, the null sender as MAILER-DAEMON@$myhostname.
+    return_path = _quote_local(sender) if sender else f"MAILER-DAEMON@{hostname}"
 
     if full is None:
         # RET (RFC 3461 4.3) defaults differ as in Postfix: a failure returns
@@ -354,7 +400,7 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         who = f"<{log_address(r.address)}>"
         if r.orig and r.orig.lower() != r.address.lower():
             who += f" (expanded from <{log_address(r.orig)}>)"
-        lines += wrap_line(f"{who}: {r.reason}")
+        lines += wrap_line(f"{who}: {r.reason.strip() or _NO_REASON}")
     lines += [
         "",
         f"--{boundary}",
@@ -367,7 +413,7 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         lines.append(f"Original-Envelope-Id: {envid}")          # RFC 3464 2.2.1
     lines += [
         f"X-Postfix-Queue-ID: {queue_id}",
-        f"X-Postfix-Sender: rfc822; {sender or 'MAILER-DAEMON@' + hostname}",
+        f"X-Postfix-Sender: rfc822; {return_path}",
         f"Arrival-Date: {mail_date(arrival_time)}",              # RFC 3464 2.2.5
     ]
     retry_until = arrival_time + _time(config, "maximal_queue_lifetime", "d")
@@ -379,7 +425,7 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
             lines.append(f"Original-Recipient: {orcpt}")        # RFC 3464 2.3.1
         lines.append(f"Action: {r.action}")                     # RFC 3464 2.3.3
         lines.append(f"Status: {r.status}")                     # RFC 3464 2.3.4
-        remote, code = diagnostic(r.reason)
+        remote, code = diagnostic(r.reason, r.diag_type, r.diag_text)
         remote = r.remote_mta or remote
         if remote:
             lines.append(f"Remote-MTA: dns; {remote}")          # RFC 3464 2.3.5
@@ -387,7 +433,7 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
             lines += wrap_line(f"Diagnostic-Code: {code}")      # RFC 3464 2.3.6
         if r.action == "delayed":
             lines.append(f"Will-Retry-Until: {mail_date(retry_until)}")  # RFC 3464 2.3.9
-    prefix = "" if kind == SUCCESS else "Undelivered "
+    prefix = "" if kind in (SUCCESS, VERIFY) else "Undelivered "
     lines += [
         "",
         f"--{boundary}",
@@ -397,16 +443,23 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         "",
     ]
     out = bytearray(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
-    if full:
-        last = b"\n"
-        for line in iter_lines(original()):
-            out += line
-            last = line
-        if not last.endswith(b"\n"):
-            out += b"\n"
-    else:
-        for line in _header_block(original()):
-            out += line
+    # Cleanup drops Return-Path: from queued mail; Postfix's bounce daemon gives
+    # the returned copy (whole or headers) one naming the original's sender.  An
+    # original that already starts with one (pickup's replayed header block) keeps it.
+    top = f"Return-Path: <{return_path}>\n".encode("utf-8", "surrogateescape")
+    source = iter_lines(original()) if full else _header_block(original())
+    last = b"\n"
+    for line in source:
+        if top is not None:
+            if line[:12].lower() != b"return-path:":
+                out += top
+            top = None
+        out += line
+        last = line
+    if top is not None:
+        out += top
+    if not last.endswith(b"\n"):
+        out += b"\n"
     out += f"\n--{boundary}--\n".encode()
     return bytes(out)
 

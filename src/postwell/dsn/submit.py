@@ -4,10 +4,15 @@ A notice enters the queue through cleanup like any local submission (new
 queue id, virtual alias expansion of its recipient, the missing Message-Id
 added and logged as ``NEWID: message-id=<...>``), from the null sender (or
 from $double_bounce_sender for postmaster notices), as Postfix's bounce
-daemon posts it through its cleanup service.
+daemon posts it through its cleanup service, headed by post_mail()'s
+``Received: by`` header.
 """
 
 from __future__ import annotations
+
+import time
+
+from .notice import mail_date
 
 
 class NoticeError(Exception):
@@ -42,6 +47,31 @@ def wants(notify: str | None, what: str) -> bool:
     return what in items
 
 
+def post_mail_received(config, queue_id: str, data: bytes = b"",
+                       now: float | None = None) -> str:
+    """The header Postfix's post_mail() starts all mail it makes itself with
+    (bounce/delay/success notices): "Received: by HOST (MAIL_NAME)" and
+    "id QID; DATE" on a continuation line, QID being the notice's own queue
+    id.  DATE is the notice's Date: header when it has one (both are stamped
+    in the same second), otherwise now."""
+    date = _date_header(data)
+    if date is None:
+        date = mail_date(time.time() if now is None else now)
+    name = config.get("mail_name") or "postwell"
+    return f"Received: by {config.get('myhostname')} ({name})\n\tid {queue_id}; {date}"
+
+
+def _date_header(data: bytes) -> str | None:
+    # Only the header block's first lines are looked at: a notice starts with Date:.
+    for line in data[:4096].split(b"\n", 8)[:8]:
+        if not line.strip():
+            return None
+        if line[:5].lower() == b"date:":
+            text = line[5:].strip().decode("utf-8", "replace")
+            return text or None
+    return None
+
+
 async def post_notice(config, store, *, sender: str, recipient: str, data: bytes,
                       cleanup_log=None, cleanup=None) -> str:
     """Queue ``data`` from ``sender`` to ``recipient``; return the new queue id.
@@ -61,6 +91,10 @@ async def post_notice(config, store, *, sender: str, recipient: str, data: bytes
     try:
         cs.set_sender(sender)
         cs.add_recipient(recipient)
+        if not getattr(cs, "size", 0) and hasattr(cs, "prepend_header"):
+            # A caller whose cleanup already began the message with its own
+            # post_mail() header (the smtpd's transcript notice) keeps that one.
+            cs.prepend_header(post_mail_received(config, getattr(cs, "queue_id", ""), data))
         cs.write(data)
         reply = await cs.finish()
     except Exception as exc:

@@ -389,6 +389,18 @@ class Master:
             from postwell.config.master import MasterService
             asvc = MasterService("anvil", "unix", True, True, False, "0", 1, "anvil")
         slots.insert(0, Slot("anvil", asvc, acfg, [], 1, key=("anvil",)))
+        # verify(8) for reject_unverified_*: on demand, as showq (the master owns
+        # private/verify and forks the service when an smtpd or the qmgr connects);
+        # offered when master.cf has it, or main.cf asks for it without the line.
+        from postwell import verify
+        vsvc = next((s for s in cfg.services or [] if s.command == "verify" and s.type == "unix"),
+                    None)
+        if vsvc is not None or verify.wanted(cfg):
+            vcfg = cfg.override(vsvc.overrides) if vsvc is not None and vsvc.overrides else cfg
+            if vsvc is None:   # stock line "verify unix - - n - 1 verify"
+                from postwell.config.master import MasterService
+                vsvc = MasterService("verify", "unix", True, True, False, "0", 1, "verify")
+            slots.append(Slot("verify", vsvc, vcfg, [], 0, key=("verify",), on_demand=True))
         return slots
 
     # ------------------------------------------------------------ children
@@ -513,6 +525,13 @@ class Master:
         elif slot.kind == "anvil":
             from postwell import anvil
             anvil.serve(slot.config)
+        elif slot.kind == "verify":
+            from postwell.verify import service as verify_service
+            if slot.on_demand and slot.sockets:
+                verify_service.serve(slot.config, sock=slot.sockets[0],
+                                     max_idle=max_idle(slot.config))
+            else:
+                verify_service.serve(slot.config)
         elif slot.kind == "showq":
             from postwell import showq
             showq.serve(slot.config, sock=slot.sockets[0], max_idle=max_idle(slot.config))
@@ -582,6 +601,11 @@ class Master:
             sock, ino = showq.listen(path)
         elif slot.kind == "pickup":
             return _open_pickup_fifo(slot.config, self.owner, self.log)
+        elif slot.kind == "verify":
+            # Owned by mail_owner, mode 0600: the smtpd and the qmgr connect as that user.
+            from postwell.delivery import helper
+            owner = self.owner or (None, None)
+            sock, ino = helper.listen(path, owner[0], owner[1], backlog=256)
         else:
             from postwell.delivery import helper
             owner = self.owner or (None, None)
@@ -878,6 +902,9 @@ def _on_demand_path(slot) -> str:
         return showq.socket_path(slot.config)
     if slot.kind == "pickup":
         return os.path.join(qdir, "public", "pickup")
+    if slot.kind == "verify":
+        from postwell import verify
+        return verify.socket_path(slot.config)
     from postwell.delivery import helper, local_helper, pipe_helper
     module = {"helper": helper, "localhelper": local_helper, "pipehelper": pipe_helper}[slot.kind]
     return module.socket_path(slot.config)

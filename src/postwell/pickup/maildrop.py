@@ -31,6 +31,7 @@ Envelope lines (values are escaped: ``%`` and the bytes 0x00-0x1F, 0x7F as
     rewrite <local | remote>                    -G selects remote
     protocol <SMTP | ESMTP>                     sendmail -bs only
     helo <name>                                 sendmail -bs only
+    verify <user>                               sendmail -bv only (a report, no delivery)
 
 Anything else (unknown names, repeated single-valued names, bad escapes, a
 size that disagrees with the file, missing ``end``) makes the file corrupt.
@@ -62,7 +63,8 @@ LISTED_ID_LEN = 10                        # hex digits of the name that mailq sh
 TMP_PREFIX = ".tmp."
 WRITE_BUFFER = 65536
 
-SINGLE = ("time", "sender", "fullname", "notify", "ret", "envid", "body", "rewrite", "protocol", "helo")
+SINGLE = ("time", "sender", "fullname", "notify", "ret", "envid", "body", "rewrite", "protocol", "helo",
+          "verify")
 MULTI = ("rcpt",)
 PER_RCPT = ("rcpt-notify", "rcpt-orcpt")
 _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
@@ -120,6 +122,7 @@ class MaildropEnvelope:
     rewrite: str = "local"
     protocol: str | None = None
     helo: str | None = None
+    verify: str | None = None      # "user": sendmail -bv, a report instead of delivery
 
     def pack(self) -> bytes:
         lines = [_line("time", f"{self.submit_time:.6f}"), _line("sender", self.sender)]
@@ -128,7 +131,7 @@ class MaildropEnvelope:
             if value is not None:
                 lines.append(_line(name, value))
         lines.append(_line("rewrite", self.rewrite))
-        for name in ("protocol", "helo"):
+        for name in ("protocol", "helo", "verify"):
             value = getattr(self, name)
             if value is not None:
                 lines.append(_line(name, value))
@@ -193,6 +196,8 @@ def _check_values(env: MaildropEnvelope) -> None:
         raise MaildropFormatError(f"bad body value {env.body!r}")
     if env.rewrite not in ("local", "remote"):
         raise MaildropFormatError(f"bad rewrite value {env.rewrite!r}")
+    if env.verify is not None and env.verify != "user":
+        raise MaildropFormatError(f"bad verify value {env.verify!r}")
     if env.protocol is not None and env.protocol not in ("SMTP", "ESMTP"):
         raise MaildropFormatError(f"bad protocol value {env.protocol!r}")
     if any(not r for r in env.recipients):

@@ -23,7 +23,7 @@ from ..cleanup.virtual import AliasExpansionError, AliasLookupError
 # Postfix's mail_date() (day padded with a space) for pickup's own Received: line.
 from ..dsn.notice import mail_date as received_date
 from ..dsn.notice import FAILURE, DsnRecipient, render_notice
-from ..dsn.submit import is_double_bounce, wants
+from ..dsn.submit import is_double_bounce, post_mail_received, wants
 from ..fdutil import drain
 from ..policy.restrictions import log_address
 from ..qmgr.logfmt import format_delay
@@ -425,6 +425,9 @@ class Pickup:
                 cs.set_attribute("client_address", "127.0.0.1")
                 if env.helo:
                     cs.set_attribute("helo_name", env.helo)
+            if env.verify == "user":
+                # sendmail -bv: delivery agents report, the sender gets a status report.
+                cs.set_attribute("postwell_verify", "user")
             # Recipients before the content, as Postfix's pickup sends them: the
             # checks' log lines name the latest one.
             for i, rcpt in enumerate(env.recipients):
@@ -531,6 +534,9 @@ class Pickup:
         try:
             ns.set_sender("")
             ns.add_recipient(sender)
+            # As every notice Postfix's bounce daemon posts: post_mail()'s own
+            # "Received: by" header first.
+            ns.prepend_header(post_mail_received(self.config, ns.queue_id, data))
             ns.write(data)
             answer = ns.finish_sync()
         except Exception as exc:

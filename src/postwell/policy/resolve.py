@@ -290,6 +290,7 @@ class AddressResolver:
         self.resolve_dequoted = config.get_bool("resolve_dequoted_address")
         self.empty_address_recipient = g("empty_address_recipient") or "MAILER-DAEMON"
         self.show_table = config.get_bool("show_user_unknown_table_name")
+        self.allow_min_user = config.get_bool("allow_min_user")
         kw = {"tables": tables}
         self.mydestination = StringList("mydestination", g("mydestination"), config, **kw)
         self.virtual_alias_domains = StringList("virtual_alias_domains",
@@ -459,6 +460,24 @@ class AddressResolver:
             cache[(address, rewrite)] = r
         return r
 
+    def syntax_error(self, address: str, domain_checked: bool = True) -> bool:
+        """Postfix's smtpd_check_addr(): would trivial-rewrite flag this non-empty,
+        internal-form MAIL/RCPT/VRFY address as malformed (the smtpd answers 501)?
+
+        ``domain_checked``: the caller has already refused a bad domain as sent
+        (the smtp engine does for MAIL and RCPT).  Then, without routing operators
+        in the local part, the resolved address keeps the local part and domain as
+        sent, so only allow_min_user's '-' is left to look at: no resolve per
+        command.  With them (user%host@ourdomain, a@b@ourdomain) what counts is
+        what is left once the local domains are stripped.
+        """
+        if domain_checked:
+            at = address.rfind("@")
+            local = address[:at] if at >= 0 else address
+            if "@" not in local and "%" not in local and "!" not in local:
+                return not self.allow_min_user and local[:1] == "-"
+        return self.resolve(address).error
+
     def _resolve(self, address: str, sender: str | None, rewrite: bool) -> Resolved:
         address = to_internal(address)
         if rewrite:
@@ -525,7 +544,15 @@ class AddressResolver:
         if self.relocated_maps:
             newloc = self._mail_addr_find(self.relocated_maps, nextrcpt, local_ok=not remote)
             if newloc is not None:
-                channel, nexthop = "error", f"User has moved to {newloc}"
+                # resolve.c: the status travels in the next hop text (checked against 3.7:
+                # "550 5.1.6" at RCPT, dsn=5.1.6 from error(8)); RFC 3463 X.1.6 "moved".
+                channel, nexthop = "error", f"5.1.6 User has moved to {newloc}"
+
+        if not self.allow_min_user and nextrcpt.startswith("-"):
+            # trivial-rewrite's resolve.c: an address starting with '-' could pass for
+            # a command-line option; the error flag makes the smtpd refuse it (501) and
+            # the qmgr bounce it ("5.1.3 bad address syntax"), the class is kept.
+            flags |= ResolveFlag.FLAG_ERROR
 
         cls = _CLASS_NAMES.get(ResolveFlag(flags & CLASS_MASK), "")
         return Resolved(cls, channel, nexthop, nextrcpt, int(flags))

@@ -1614,6 +1614,88 @@ async def _permit_mx_backup(e: Engine, c: _Ctx, args, name):
     return OK
 
 
+def _verify_client(e: Engine):
+    """The engine's verify(8) client, made on first use (tests set ``engine.verify_client``)."""
+    client = getattr(e, "verify_client", None)
+    if client is None:
+        from postwell.verify.client import VerifyClient
+        client = e.verify_client = VerifyClient.from_config(e.config)
+    return client
+
+
+async def _reject_unverified_address(e: Engine, c: _Ctx, addr: str, reply_class: str,
+                                     prefix: str) -> int:
+    """Postfix's reject_unverified_address(): ask verify(8), polling while a probe
+    is in progress (address_verify_poll_count x address_verify_poll_delay)."""
+    from postwell.verify import STATUS_BOUNCE, STATUS_DEFER, STATUS_OK, STATUS_TODO
+    from postwell.verify.client import VerifyError
+    s = c.state
+    client = _verify_client(e)
+    try:
+        polls = max(1, int(e.config.get("address_verify_poll_count") or "3"))
+    except ValueError:
+        polls = 3
+    try:
+        delay = e.config.get_time("address_verify_poll_delay")
+    except Exception:   # noqa: BLE001 - a bad value: Postfix's default
+        delay = 3.0
+    sleep = e.sleep
+    if sleep is None:
+        import asyncio
+        sleep = asyncio.sleep
+    dsn = "4.1.7" if reply_class == SENDER else "4.1.1"
+    if_permit = _tempfail_defers_if_permit(e, f"{prefix}_tempfail_action")
+    count = 0
+    while True:
+        try:
+            status, why = await client.query(addr)
+        except VerifyError:
+            e.log.warning(f"{e.config.get('address_verify_service_name') or 'verify'} "
+                          "service failure")
+            return _defer_if_permit_or_reject(
+                e, s, if_permit, 450, dsn,
+                f"<{addr}>: {reply_class} rejected: address verification problem")
+        if status != STATUS_TODO:
+            break
+        count += 1
+        if count >= polls:
+            break
+        await sleep(delay)
+    if status in (STATUS_TODO, STATUS_DEFER):
+        code = e._int(f"{prefix}_defer_code", 450)
+    elif status == STATUS_BOUNCE:
+        code = e._int(f"{prefix}_reject_code", 450)
+    elif status == STATUS_OK:
+        return DUNNO
+    else:
+        e.log.warning(f"unknown address verification status {status}")
+        return DUNNO
+    alt = e.config.get(f"{prefix}_reject_reason") or ""
+    if code >= 400 and alt:
+        why = alt
+    if code // 100 == 2:
+        return DUNNO
+    if code // 100 == 4:
+        return _defer_if_permit_or_reject(e, s, if_permit, code, dsn,
+                                          f"<{addr}>: {reply_class} rejected: unverified address: "
+                                          f"{why[:250]}")
+    return e.reject(s, _ERR_POLICY, code, dsn,
+                    f"<{addr}>: {reply_class} rejected: undeliverable address: {why}")
+
+
+async def _reject_unverified_sender(e: Engine, c: _Ctx, args, name):
+    if c.state.sender:
+        return await _reject_unverified_address(e, c, c.state.sender, SENDER, "unverified_sender")
+    return DUNNO
+
+
+async def _reject_unverified_recipient(e: Engine, c: _Ctx, args, name):
+    if c.state.recipient:
+        return await _reject_unverified_address(e, c, c.state.recipient, RECIPIENT,
+                                                "unverified_recipient")
+    return DUNNO
+
+
 async def _not_available(e: Engine, c: _Ctx, args, name):
     e.warn_once(f"restriction `{name}' ignored: not supported by postwell yet")
     return DUNNO
@@ -1728,9 +1810,8 @@ RESTRICTIONS: dict[str, tuple[Callable, int]] = {
     "reject_multi_recipient_bounce": (_reject_multi_recipient_bounce, 0),
     "reject_unknown_helo_hostname": (_reject_unknown_helo, 0),
     "reject_unknown_hostname": (_reject_unknown_helo, 0),
-    # Need a verify service that postwell does not have yet.
-    "reject_unverified_sender": (_not_available, 0),
-    "reject_unverified_recipient": (_not_available, 0),
+    "reject_unverified_sender": (_reject_unverified_sender, 0),
+    "reject_unverified_recipient": (_reject_unverified_recipient, 0),
     "permit_tls_clientcerts": (_permit_tls_clientcerts, 0),
     "permit_tls_all_clientcerts": (_permit_tls_clientcerts, 0),
     "check_ccert_access": (_check_ccert_access, 1),

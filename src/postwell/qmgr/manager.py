@@ -69,7 +69,9 @@ from postwell.dsn import (
     DELAY, FAILURE, SUCCESS, DsnRecipient, NoticeError, double_bounce_address, is_double_bounce,
     notify_classes, post_notice, render_notice, wants,
 )
+from postwell.dsn.notice import command_diagnostic
 from postwell.queue import HOLD_ATTRIBUTE
+from postwell.verify import VERIFY_ATTRIBUTE
 from postwell.queue.format import SIZE_ATTRIBUTE
 from postwell.queue import format as qformat
 
@@ -148,6 +150,10 @@ def _rcpt_done(r) -> bool:
     return getattr(r, "status", "-") in ("D", b"D", "done")
 
 
+# Where the qmgr sends a recipient the address resolver flags as malformed.
+_BAD_SYNTAX = ("error", "5.1.3 bad address syntax")
+
+
 class FallbackResolver:
     """Used only while postwell.policy.AddressResolver is missing: virtual
     mailbox domains go to $virtual_transport, the rest is deferred."""
@@ -211,6 +217,7 @@ class QueueManager:
         # defer_transports: master.cf service names whose mail waits for a
         # flush (postconf(5)); empty (the default) costs nothing per message.
         self.defer_transports = frozenset(config.get_list("defer_transports"))
+        self.allow_min_user = config.get_bool("allow_min_user")
         # Ids that may have a defer/ or bounce/ log (issue 8): read at start-up by
         # run() and grown by every log this qmgr writes (nothing else creates
         # one; a new message's leftover logs are removed by create()), so a
@@ -639,7 +646,9 @@ class QueueManager:
             rc = _rcpt_fields(r)
             if route is not None:
                 rc.nexthop_recipient = rc.address
-                groups[route].append((r, rc))
+                # qmgr_message_resolve(): the '-' rule holds with a content filter too
+                groups[_BAD_SYNTAX if rc.address.startswith("-") and not self.allow_min_user
+                       else route].append((r, rc))
                 continue
             try:
                 res = self._resolve(rc.address, sender)
@@ -652,10 +661,28 @@ class QueueManager:
                 early.append((r, RecipientResult.deferred(rc, "address resolver failure",
                                                           "none", "4.3.0")))
                 continue
-            rc.nexthop_recipient = getattr(res, "recipient", None) or rc.address
+            resolved = getattr(res, "recipient", None) or rc.address
+            if resolved != rc.address:
+                # qmgr_message_resolve()'s RECIPIENT_UPDATE: the resolved address (user%dom
+                # undone, local domain stripped) is what is delivered, logged (to=, with
+                # the queued address as orig_to=) and bounced, even to error(8).
+                rc.orig = rc.orig or rc.address
+                rc.address = resolved
+            rc.nexthop_recipient = resolved
+            if getattr(res, "error", False):
+                # qmgr_resolve_one(): trivial-rewrite's error flag (a malformed domain,
+                # a recipient starting with '-' under allow_min_user = no) -> error(8)
+                groups[_BAD_SYNTAX].append((r, rc))
+                continue
             groups[(res.transport, res.nexthop or "")].append((r, rc))
         if self.defer_transports:
             groups = self._defer_transports(groups, flush)
+        if getattr(qm, "attributes", None) and qm.attributes.get(VERIFY_ATTRIBUTE):
+            # verify(8) probe: the agents only report; never a bounce or a retry.
+            from postwell.verify.probe import run_probe
+            await run_probe(self, qid, qm, sender, arrival, active_time, groups, early,
+                            dict(qm.attributes))
+            return
 
         deferred: list[tuple[object, RecipientResult]] = []
         if warned is None:
@@ -682,11 +709,18 @@ class QueueManager:
                 # decides the queue recipient's fate.
                 parts = getattr(res, "expanded", None) or [res]
                 for part in parts:
-                    lines.append((part, handoff or handoff_default))
+                    # A part with logged = False (local's "alias expanded" report for
+                    # NOTIFY=SUCCESS) is recorded for the notices but gets no log line,
+                    # as Postfix's trace_append().
+                    if getattr(part, "logged", True):
+                        lines.append((part, handoff or handoff_default))
                     who = r if part is res else _part_recipient(part)
                     if part.status == "deferred":
                         defer_entries.append((who, part))
-                    elif part.status == "sent":
+                        continue
+                    if who is r:
+                        who = _final_identity(r, part)
+                    if part.status == "sent":
                         action = _success_action(part)
                         if action and wants(getattr(r, "notify", None), "SUCCESS"):
                             bounce_entries.append((r, who, part, action,
@@ -738,7 +772,8 @@ class QueueManager:
             status = "force-expired" if forced else "expired"
             self.log.info(f"{qid}: from=<{log_address(sender)}>, status={status}, returned to sender")
             await self._durable(self._record, qid, qm, [r for r, _ in deferred],
-                                [(r, r, res, "failed", res.reason) for r, res in deferred], [])
+                                [(r, _final_identity(r, res), res, "failed", res.reason)
+                                 for r, res in deferred], [])
             deferred = []
         entries = None
         if fused and fused[0] is not _NOT_FINISHED:
@@ -818,6 +853,8 @@ class QueueManager:
             if e is not None:
                 res = RecipientResult.deferred(rc, e.get("reason", ""), "none",
                                                e.get("status") or "4.0.0")
+                if e.get("diag_type"):
+                    res.diag_type, res.diag_text = e["diag_type"], e.get("diag_text", "")
             else:
                 res = RecipientResult.deferred(rc, ADMIN_EXPIRED_REASON, "none", ADMIN_EXPIRED_DSN)
                 self._log_result(qid, res, arrival, active_time, self.clock(), "error")
@@ -856,6 +893,7 @@ class QueueManager:
         except BaseException:
             self._forget_destination(key, dest)
             raise
+        handed_over = False
         try:
             agent = self.agent(transport)
             if agent is None:
@@ -889,12 +927,30 @@ class QueueManager:
             finally:
                 hook.close()
                 if sem is not None:
+                    # Some delivery may wait for this transport's process slot.
+                    handed_over = sem.locked()
                     sem.release()
             if not failed_agent:
                 self._feedback(transport, dest, results)
         finally:
+            busy = dest.busy
             dest.release()
+            handed_over = handed_over or dest.busy >= busy   # a waiter got the slot
             self._forget_destination(key, dest)
+        if handed_over:
+            # Issue 8: let the waiter's request leave before this message's
+            # bookkeeping (done mark, removal, log lines: 0.25-0.4 ms).  With
+            # local(8)'s two deliveries per recipient, that bookkeeping sat
+            # between one delivery's end and the next one's start.
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                # A stop in this one turn must not drop the results of a
+                # delivery that took place (it would be made again after the
+                # restart): they are settled below, as without the yield.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
         by_rcpt = {id(res.recipient): res for res in results}
         out = []
         for rc in rcpts:
@@ -948,13 +1004,28 @@ class QueueManager:
         if wanted or defer_entries:
             self._note_log(qid)
         for i, (_, who, res, action, reason) in enumerate(wanted):
-            self.store.append_bounce_log(qid, who, res.dsn, reason, action=action,
-                                         sync=(i == len(wanted) - 1))
+            _append_reason(self.store, "bounce", qid, who, res.dsn, reason, action,
+                           i == len(wanted) - 1, self._diagnostic_of(res))
         if done:
             qm.mark_done(done)
         for who, res in defer_entries:
-            self.store.append_defer_log(qid, who, res.dsn, res.reason,
-                                        sync=False)   # reasons only; losing one costs nothing
+            # Reasons only (unsynced): losing one costs nothing.
+            _append_reason(self.store, "defer", qid, who, res.dsn, res.reason, "delayed",
+                           False, self._diagnostic_of(res))
+
+    def _diagnostic_of(self, res) -> tuple[str, str] | None:
+        """(diag_type, diag_text) of a result for the bounce/defer log: as the
+        agent typed it (a command's x-unix text), else for local(8) and pipe(8),
+        whose only bare sysexits reasons come from commands, that text as x-unix
+        (Postfix's pipe_command()); None: the notice reads the reason."""
+        dtype = getattr(res, "diag_type", None)
+        if dtype:
+            return dtype, getattr(res, "diag_text", None) or ""
+        if res.status != "sent" and res.relay != "none":
+            found = command_diagnostic(res.reason)
+            if found and self._command(res.relay) in ("local", "pipe"):
+                return found
+        return None
 
     def _record_and_finish(self, qid, qm, done, bounce_entries, defer_entries):
         """_record, then _finish: a message's last outcome and its removal in
@@ -1124,7 +1195,9 @@ class QueueManager:
                              original=lambda: qm.iter_content(),
                              content_size=getattr(qm, "content_size", 0), to=to,
                              ret=getattr(qm, "ret", None), envid=getattr(qm, "envid", None),
-                             postmaster=postmaster, full=full, now=self.clock())
+                             postmaster=postmaster, full=full, now=self.clock(),
+                             # bounce_template_file trouble, as Postfix's bounce(8) logs it
+                             warn=self.bounce_log.warning)
 
     def _dsn_recipients(self, qm, entries) -> list[DsnRecipient]:
         by_key, by_orig = {}, {}
@@ -1140,7 +1213,9 @@ class QueueManager:
             i, r = by_key.get((addr, orig)) or by_orig.get(orig) or (len(by_key), None)
             out.append((i, DsnRecipient(addr, e.get("status", "5.0.0"), e.get("reason", ""),
                                         e.get("action", "failed"), orig or None,
-                                        getattr(r, "orcpt", None) or None)))
+                                        getattr(r, "orcpt", None) or None,
+                                        diag_type=e.get("diag_type") or None,
+                                        diag_text=e.get("diag_text"))))
         # Envelope order, whatever order the parallel deliveries finished in.
         out.sort(key=lambda x: x[0])
         return [d for _, d in out]
@@ -1189,7 +1264,9 @@ class QueueManager:
         recipients whose NOTIFY asks for DELAY (Postfix's bounce_warn_service)."""
         def rcpt(r, res):
             rc = _rcpt_fields(r)
-            return DsnRecipient(rc.address, res.dsn, res.reason, "delayed", rc.orig, rc.orcpt)
+            diag = self._diagnostic_of(res) or (None, None)
+            return DsnRecipient(rc.address, res.dsn, res.reason, "delayed", rc.orig, rc.orcpt,
+                                diag_type=diag[0], diag_text=diag[1])
         everyone = [rcpt(r, res) for r, res in deferred]
         asked = [rcpt(r, res) for r, res in deferred if wants(getattr(r, "notify", None), "DELAY")]
         classes = notify_classes(self.config)
@@ -1512,6 +1589,28 @@ def _takes_sender(resolver) -> bool:
     except (TypeError, ValueError, AttributeError):
         return False
     return "sender" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _append_reason(store, kind, qid, who, dsn, reason, action, sync, diag) -> None:
+    """One bounce/ID or defer/ID entry; a typed diagnostic travels in it as
+    Postfix's bounce log carries it (diag_type, diag_text)."""
+    if diag and hasattr(store, "_log_entry") and hasattr(store, "_append_log"):
+        entry = store._log_entry(who, dsn, reason, action)
+        entry["diag_type"], entry["diag_text"] = diag
+        store._append_log(kind, qid, entry, sync)
+    elif kind == "bounce":
+        store.append_bounce_log(qid, who, dsn, reason, action=action, sync=sync)
+    else:
+        store.append_defer_log(qid, who, dsn, reason, action=action, sync=sync)
+
+
+def _final_identity(r, res):
+    """Who a notice names for queue recipient ``r``: ``r`` itself, or when the qmgr
+    resolved it to another address (RECIPIENT_UPDATE) that address, with the queued
+    one as the original (Final-Recipient / "expanded from", as Postfix's)."""
+    if res.recipient.address == getattr(r, "address", r):
+        return r
+    return _part_recipient(res)
 
 
 def _part_recipient(part) -> qformat.Recipient:

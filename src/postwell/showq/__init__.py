@@ -269,6 +269,17 @@ def collect_maildrop(store: QueueStore):
         }
 
 
+def collect_requeued(store: QueueStore):
+    """Queue files that ``postsuper -r`` moved into maildrop/ and pickup has not
+    sent through cleanup yet: Postfix's showq lists them from maildrop/ under their
+    queue id, with the delay reasons of their defer log (checked against 3.7)."""
+    try:
+        owner = os.stat(store.path("maildrop")).st_uid   # the mail owner's directory
+    except OSError:
+        return
+    yield from _collect_queue(store, "maildrop", owner)
+
+
 # The listing opens every queue file, so per file it does the least: one
 # open relative to the queue directory, one fstat (type, the complete marker,
 # the postsuper -e mark and the size the header must agree with), one pread
@@ -325,7 +336,9 @@ def _read_reasons(dir_fd: int, queue_id: str) -> dict[str, str]:
     return {k: v.strip() for k, v in qf.defer_reasons(data).items()}
 
 
-def _collect_queue(store: QueueStore, qname: str):
+def _collect_queue(store: QueueStore, qname: str, owner: int | None = None):
+    """``owner``: list only files of this uid that others cannot read, with one
+    link (maildrop/, which anyone may write into: pickup's rule for a requeued file)."""
     qdir = store.path(qname)
     match = qf.QUEUE_ID_RE.match
     names = sorted(n for n in _listdir(qdir) if match(n))
@@ -367,6 +380,9 @@ def _collect_queue(store: QueueStore, qname: str):
                 mode = st.st_mode
                 if not S_ISREG(mode) or not mode & complete:
                     continue   # not (yet) a message: no complete marker
+                if owner is not None and (st.st_uid != owner or mode & stat.S_IROTH
+                                          or st.st_nlink != 1):
+                    continue   # a user's look-alike: pickup sets it aside
                 arrival_us, size, sender, rcpts = read_listing(fd, st.st_size)
             except (CorruptQueueFile, OSError):
                 continue
@@ -400,6 +416,7 @@ def collect(store: QueueStore):
     for qname in SHOW_QUEUES:
         if qname == "maildrop":
             yield from collect_maildrop(store)
+            yield from collect_requeued(store)
         else:
             yield from _collect_queue(store, qname)
 

@@ -476,6 +476,7 @@ class SmtpClient:
         self._accepted = 0
         self._failure: tuple[Reply, str] | None = None
         self._bdat = False
+        self._probe = False
         self._at_line_start = True
         self._column = 0
         self._bdat_buf = bytearray()
@@ -602,7 +603,11 @@ class SmtpClient:
                 self._unusable = True
             self._events.append(TlsRefused(reply))
 
-    def start_transaction(self, envelope: Envelope) -> None:
+    def start_transaction(self, envelope: Envelope, probe: bool = False) -> None:
+        """``probe``: an address verification probe (Postfix's
+        smtp_address_verify_target = rcpt): MAIL and RCPT only, then RSET; the
+        RCPT replies are the answer and the transaction ends as TransactionFailed
+        "RCPT TO"."""
         if not self.usable:
             raise SmtpClientError(f"start_transaction in state {self.state.name}")
         if not envelope.recipients:
@@ -615,6 +620,7 @@ class SmtpClient:
         self._early_reply = None
         self._early_used = False
         self._bdat = self.use_chunking and ext.chunking
+        self._probe = probe
         params = []
         if ext.size is not None and envelope.size is not None:
             params.append(f"SIZE={envelope.size}")      # RFC 1870 6
@@ -635,7 +641,7 @@ class SmtpClient:
             # is the last command of the group.  BDAT waits for the RCPT replies.
             for i in range(len(envelope.recipients)):
                 self._queue_rcpt(i)
-            if not self._bdat:
+            if not self._bdat and not probe:
                 self._send("DATA")
                 self._expect.append(("data", -1))
 
@@ -974,7 +980,7 @@ class SmtpClient:
             self._queue_rcpt(i + 1)
             return
         if last:
-            if self._accepted == 0:
+            if self._accepted == 0 or self._probe:
                 # No valid recipient: no DATA (or ignore its reply when pipelined).
                 self._failure = (reply, "RCPT TO")
                 if not self._expect:

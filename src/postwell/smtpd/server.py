@@ -27,6 +27,7 @@ import asyncio
 import gc
 import ipaddress
 import os
+import re
 import signal
 import time
 
@@ -36,6 +37,7 @@ from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthAborted, AuthResp
                                   ConnectionClosed, Data, DataChunk, DataEnd, Ehlo, Etrn, Helo,
                                   Info, Mail, Rcpt, Rejected, Rset, ServerConfig,
                                   ServerConnection, StartTls, Vrfy, Warning, Xclient)
+from postwell.smtp.server import _address_token
 from postwell.smtp.xclient import apply_to_state, restart_state
 from postwell.dsn.submit import (NoticeError, double_bounce_address, notify_classes,
                                  post_notice)
@@ -44,6 +46,8 @@ REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
 REPLY_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 REPLY_NO_SPACE = Reply(452, "Insufficient system storage", "4.3.1")
 REPLY_TLS_UNAVAILABLE = Reply(454, "TLS not available due to local problem", "4.7.0")
+REPLY_BAD_SENDER = Reply(501, "Bad sender address syntax", "5.1.7")
+REPLY_BAD_RECIPIENT = Reply(501, "Bad recipient address syntax", "5.1.3")
 DRAIN_SECONDS = 50.0
 # event_limit_reply(what) -> the SmtpdLimits attribute holding that rate limit.
 _RATE_LIMIT_ATTR = {"mail": "mail_limit", "rcpt": "rcpt_limit", "auth": "auth_limit"}
@@ -141,6 +145,67 @@ def wrap_transcript_line(text: str, length: int = 78, indent: int = 4) -> list[s
         word = space + 1 if space < n else None
     out.append(" " * cur_indent + text[start:].rstrip(" \t"))
     return out
+
+
+# The replies at which Postfix's smtpd adds a class to the session's error_mask
+# (smtpd.c, smtpd_sasl_proto.c; checked against 3.7): the engine decides these
+# replies itself, so the classes are read back from the session transcript when a
+# notify_classes notice may be due, instead of being noted on every command.
+_PROTOCOL_REPLY = re.compile(
+    rb"501 Syntax: [EH][EH]LO hostname"
+    rb"|50[02] 5\.5\.2 Error: (?:command not recognized|bad syntax|bad UTF-8 syntax)"
+    rb"|503 5\.5\.1 Error: (?:nested MAIL command|need MAIL command|need RCPT command"
+    rb"|(?:MAIL|RCPT|DATA) after BDAT|MAIL transaction in progress"
+    rb"|authentication not enabled|already authenticated)"
+    rb"|501 5\.5\.4 Syntax: (?:MAIL FROM:|RCPT TO:|DATA|RSET|NOOP|VRFY |STARTTLS|AUTH "
+    rb"|XCLIENT |XFORWARD )"
+    rb"|5\d\d 5\.5\.4 Syntax: BDAT "
+    rb"|501 5\.1\.[37] Bad (?:sender|recipient) address syntax"
+    rb"|501 5\.5\.4 (?:Bad message size syntax|Bad RET parameter syntax"
+    rb"|Bad ENVID parameter syntax|Error: Bad NOTIFY parameter syntax"
+    rb"|Error: Bad ORCPT parameter syntax|Error: XVERP needs |Error: attribute=value expected"
+    rb"|Error: attribute value too long|Bad X(?:CLIENT|FORWARD) attribute name: "
+    rb"|Bad [A-Z_]+ syntax: )"
+    rb"|501 5\.7\.1 DSN support is disabled"
+    rb"|555 5\.5\.4 Unsupported option: "
+    rb"|503 5\.5\.4 Error: multiple AUTH= options"
+    rb"|50[24] 5\.5\.[14] (?:Error: command not implemented"
+    rb"|Encryption required for requested authentication mechanism)"
+    rb"|521 5\.5\.1 Error: command not implemented"
+    rb"|554 5\.5\.1 Error: TLS already active"
+    rb"|503 Error: MAIL transaction in progress|500 Syntax: ETRN |501 Error: invalid parameter syntax"
+    rb"|421 4\.7\.0 \S+ Error: too many errors"
+    rb"|550 5\.5\.2 \S+ Error: bare <LF> received")
+_POLICY_REPLY = re.compile(
+    rb"503 (?:5\.5\.1 )?Error: send HELO/EHLO first"
+    rb"|502 5\.5\.1 VRFY command is disabled"
+    rb"|550 5\.7\.0 Error: insufficient authorization"
+    rb"|450 4\.7\.1 Error: too (?:much mail|many recipients) from "
+    rb"|454 4\.7\.0 Error: too many new TLS sessions from "
+    rb"|552 5\.3\.4 Message size exceeds (?:file system imposed|fixed) limit")
+# End of data (smtpd.c data_cmd, by cleanup status) and the queue space check.
+_BOUNCE_REPLY = re.compile(rb"552 5\.3\.4 Error: message file too big|554 5\.4\.0 Error: too many hops")
+_RESOURCE_REPLY = re.compile(rb"451 4\.3\.0 Error: queue file write error"
+                             rb"|452 4\.3\.1 Insufficient system storage")
+_SOFTWARE_REPLY = re.compile(rb"451 4\.3\.0 Error: internal error"
+                             rb"|454 4\.7\.0 TLS not available due to local problem")
+_REPLY_CLASSES = (("protocol", _PROTOCOL_REPLY), ("policy", _POLICY_REPLY),
+                  ("bounce", _BOUNCE_REPLY), ("resource", _RESOURCE_REPLY),
+                  ("software", _SOFTWARE_REPLY))
+
+
+def transcript_error_classes(entries) -> set[str]:
+    """The error classes Postfix would have noted for the replies among ``entries``
+    (a ServerConnection transcript: command lines as str, replies as bytes)."""
+    found: set[str] = set()
+    for entry in entries:
+        if type(entry) is not bytes or entry[:1] not in (b"4", b"5"):
+            continue
+        for name, pattern in _REPLY_CLASSES:
+            if pattern.match(entry):
+                found.add(name)
+                break
+    return found
 
 
 def _mail_date(when: float) -> str:
@@ -410,6 +475,10 @@ class _Wakeup:
 
 
 class SmtpdSession(asyncio.Protocol):
+    # Where the transcript's replies start to count for notify_classes: Postfix forgets
+    # a session's errors once it has queued a message (smtpd.c data_cmd).
+    _errors_from = 0
+
     def __init__(self, server: "SmtpdServer") -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
@@ -787,11 +856,15 @@ class SmtpdSession(asyncio.Protocol):
             return
         classes = state.error_classes if state is not None else set()
         try:
+            # Also when the policy engine noted a class already: a "bounce" among
+            # them picks the notice's recipient.
+            classes |= transcript_error_classes(transcript[self._errors_from:])
             if classes & self.server.notify_mask:
                 await self._notify_postmaster(transcript, classes)
         finally:
             classes.clear()
             transcript.clear()
+            self._errors_from = 0
 
     async def _notify_postmaster(self, transcript: list, classes: set) -> None:
         srv = self.server
@@ -918,6 +991,10 @@ class SmtpdSession(asyncio.Protocol):
             if reply is not None:
                 conn.send_reply(reply)
                 return
+            # After smtpd_helo_required's 503 (the policy's), as in Postfix's mail_cmd().
+            if (state.helo_name is not None or not getattr(srv.policy, "helo_required", False)) \
+                    and self._bad_address(ev.sender, "MAIL", 5, REPLY_BAD_SENDER):
+                return
             if not srv.queue_space_ok(ev.size or 0):
                 # Postfix's smtpd_check_size(): before any restriction, no reject log line.
                 conn.send_reply(REPLY_NO_SPACE)
@@ -961,12 +1038,23 @@ class SmtpdSession(asyncio.Protocol):
             conn.send_reply(None)
             return
         if isinstance(ev, DataEnd):
-            await self._end_of_data(ev)
             transcript = conn.transcript
-            if transcript is not None and len(transcript) > srv.history_threshold:
-                await self._chat_reset(srv.history_threshold)
+            before = len(transcript) if transcript is not None else 0
+            await self._end_of_data(ev)
+            if transcript is not None:
+                # The reply is in the transcript unless that is full (then nothing is
+                # forgiven: better a notice too many than one lost).
+                last = transcript[-1] if len(transcript) > before else None
+                if type(last) is bytes and last[:1] == b"2":
+                    # Queued: Postfix clears the session's error_mask (smtpd.c data_cmd).
+                    state.error_classes.clear()
+                    self._errors_from = len(transcript)
+                if len(transcript) > srv.history_threshold:
+                    await self._chat_reset(srv.history_threshold)
             return
         if isinstance(ev, Vrfy):
+            if self._bad_address(ev.address, "VRFY", 0, REPLY_BAD_RECIPIENT):
+                return
             hook = getattr(srv.policy, "on_vrfy", None)
             saved = state.where, state.recipient
             reply = await self._policy("on_vrfy", state, ev.address) if hook is not None else None
@@ -1221,6 +1309,10 @@ class SmtpdSession(asyncio.Protocol):
             state.shown_namaddr = None
             self.namaddr = conn.client = state.shown_namaddr = state.namaddr
         conn.client_port = state.client_port
+        if conn.transcript:
+            # Postfix's xclient_cmd() ends the session's history here (chat_reset(0)):
+            # a notice for the errors so far, under the name XCLIENT gave.
+            await self._last_chat_reset()
         self.auth = None                # a later AUTH speaks for the client named now
         conn.xclient_allowed = srv.xclient_authorized(state.client_name, state.client_addr)
         if srv.sasl is not None:
@@ -1260,11 +1352,30 @@ class SmtpdSession(asyncio.Protocol):
                                   local_domain=srv.sasl_local_domain)
         return self.auth
 
+    def _bad_address(self, address: str, command: str, skip: int, reply: Reply) -> bool:
+        """Postfix's extract_addr() -> smtpd_check_addr(): an address trivial-rewrite
+        flags as malformed (allow_min_user's '-', a bad domain left once the local ones
+        are stripped) is refused with 501 and a warning naming it as the client sent
+        it.  True when refused (the reply is sent)."""
+        check = getattr(getattr(self.server.policy, "resolver", None), "syntax_error", None)
+        # The engine checks the domain of MAIL and RCPT addresses, not of VRFY's.
+        if check is None or not address or not check(address, command != "VRFY"):
+            return False
+        # The command is still pending, so the engine's line is this command's.
+        parts = self.conn._line_text.strip(" \t").split(None, 1)
+        token = _address_token(parts[1].strip(" \t")[skip:] if len(parts) == 2 else "")[0]
+        self.server.log.warning(f"Illegal address syntax from {self.namaddr} in {command} "
+                                f"command: {token}")
+        self.conn.send_reply(reply)
+        return True
+
     async def _rcpt(self, ev: Rcpt) -> None:
         conn, state, srv = self.conn, self.state, self.server
         reply = await srv.event_limit_reply(self, "rcpt")
         if reply is not None:
             conn.send_reply(reply)
+            return
+        if self._bad_address(ev.recipient, "RCPT", 3, REPLY_BAD_RECIPIENT):
             return
         state.recipient = ev.recipient
         reply = await self._policy("on_rcpt", state)
@@ -1402,6 +1513,10 @@ class SmtpdSession(asyncio.Protocol):
                 srv.log.warning(f"{cs.queue_id}: {exc}")
                 reply = REPLY_WRITE_ERROR
             self.cs = None          # finished: committed or already discarded by cleanup
+            if reply.code >= 400 and not transcript_error_classes((reply.to_bytes(),)):
+                # A refusal of cleanup's own (header/body checks REJECT, a deferral):
+                # Postfix's data_cmd notes a policy error (the others by their text).
+                state.error_classes.add("policy")
             if reply.code == 552 and "too big" in reply.text:
                 # cleanup's own limit (it counts the headers it adds): Postfix's cleanup
                 # logs this one, as postfix/cleanup (checked against 3.7).
