@@ -106,12 +106,6 @@ def env():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def unlogged_qmgr(monkeypatch):
-    """A qmgr that honours ``logged = False`` parts (see the module docstring)."""
-    monkeypatch.setattr(local_mod, "_qmgr_keeps_unlogged_parts", lambda: True)
-
-
 def rcpt(name: str, notify=None, orcpt=None) -> Recipient:
     addr = f"{name}@{HOST}"
     return Recipient(addr, orig=addr, orcpt=orcpt, notify=notify)
@@ -305,7 +299,7 @@ def test_forwarded_copy_without_notify_has_none(env):
 
 # ------------------------------------------------------------------ what the qmgr gets
 
-def test_success_reports_the_alias_not_the_forward(env, unlogged_qmgr):
+def test_success_reports_the_alias_not_the_forward(env):
     top = rcpt("team", notify="SUCCESS")
     _, (res,) = env.deliver([top])
     lines, entries = settle(top, res)
@@ -314,31 +308,21 @@ def test_success_reports_the_alias_not_the_forward(env, unlogged_qmgr):
     assert entries == [(top.address, top.orig, "expanded", "alias expanded")]
 
 
-def test_success_for_a_list_is_delivered(env, unlogged_qmgr):
+def test_success_for_a_list_is_delivered(env):
     top = rcpt("list", notify="SUCCESS,FAILURE")
     _, (res,) = env.deliver([top])
     _, entries = settle(top, res)
     assert entries == [(top.address, top.orig, "delivered", "alias expanded")]
 
 
-def test_no_success_asked_no_unlogged_part(env, unlogged_qmgr):
+def test_no_success_asked_no_unlogged_part(env):
     top = rcpt("team", notify="FAILURE")
     _, (res,) = env.deliver([top])
     assert all(getattr(p, "logged", True) for p in res.expanded)
     assert settle(top, res)[1] == []
 
 
-def test_without_the_qmgr_hook_nothing_changes(env, monkeypatch):
-    # A qmgr that would log the unlogged part: the old reports, no extra line.
-    monkeypatch.setattr(local_mod, "_qmgr_keeps_unlogged_parts", lambda: False)
-    top = rcpt("team", notify="SUCCESS")
-    _, (res,) = env.deliver([top])
-    lines, entries = settle(top, res)
-    assert len(lines) == 1
-    assert [e[2] for e in entries] == ["delivered"] and entries[0][3].startswith("forwarded as ")
-
-
-def test_in_run_members_are_not_reported(env, unlogged_qmgr):
+def test_in_run_members_are_not_reported(env):
     """Members delivered in the same run (here: stand-in mailbox deliveries)
     lose their success report; the alias has it."""
     class Stub(LocalAgent):

@@ -211,11 +211,9 @@ def test_local_command_result_keeps_and_warns(tmp_path):
     exp._record(Branch("c@x", "c@x", "c@x"), _run("echo 5.1.1 no such user; exit 67"))
     assert [(l.dsn, l.diag_type, l.diag_text) for l in exp.leaves] == [("5.1.1", "x-unix", "no such user ")]
     assert log.lines == []
-    # A 2.x code taken as a failure: logged as Postfix's bounce_append() does,
-    # once local_exec names the code it ignored.
-    exp._record(Branch("c@x", "c@x", "c@x"), {"status": "bounced", "dsn": "5.0.0", "reason": "fine ",
-                                             "diag_type": "x-unix", "diag_text": "fine ",
-                                             "ignored_dsn": "2.0.0"})
+    # A 2.x code taken as a failure (5.0.0): logged as Postfix's bounce_append() does.
+    exp._record(Branch("c@x", "c@x", "c@x"), _run("echo 2.0.0 fine; exit 1"))
+    assert exp.leaves[-1].dsn == "5.0.0"
     assert log.lines == ['warning: bounce_append: ignoring dsn code "2.0.0"']
 
 
@@ -604,6 +602,9 @@ ALIASES6 = {
     "cdsn": '"|echo 5.1.1 no such user; exit 67"',
     "csuccess": '"|echo 2.0.0 fine; exit 1"',
     "ctempfail": '"|exit 75"',          # deferred: a delay notice
+    # deferred with a typed diagnostic: an enhanced status code, a signal
+    "clater": '"|echo 4.2.2 later; exit 1"',
+    "csignal": '"|echo out; kill -9 $$"',
 }
 # Each MTA's notices are keyed by the Final-Recipient's local part.
 SUCCESS_RCPT = "bob@virtual.test NOTIFY=SUCCESS"

@@ -238,14 +238,6 @@ def _ref(name, xfail: str | None = None):
     return pytest.param(name, id=name, marks=marks)
 
 
-# The test instances' qmgr runs as mail_owner and hands pipe deliveries to the
-# root helper, whose reply rows still hold three items: a diagnostic that the
-# qmgr cannot read back from the reason (an enhanced status code's text) is
-# typed X-Postfix there.  Fix: delivery/pipe_helper.handle_request answers
-# [status, dsn, reason, diag_type, diag_text] from deliver_blocking()'s Outcome
-# (PipeAgent._via_helper reads both forms).
-NEEDS_PIPE_HELPER = {"dsn", "success", "later"}
-HELPER_XFAIL = "pipe_helper drops the Outcome's diag_type/diag_text (3-item reply rows)"
 
 
 @pytest.mark.parametrize("name", [_ref(n) for n in SIDE])
@@ -253,8 +245,7 @@ def test_log_outcome_matches_reference(pair, name):
     assert pair["postwell"].outcomes[name] == pair["postfix"].outcomes[name]
 
 
-@pytest.mark.parametrize("name", [_ref(n, HELPER_XFAIL if n in NEEDS_PIPE_HELPER else None)
-                                  for n in SIDE])
+@pytest.mark.parametrize("name", [_ref(n) for n in SIDE])
 def test_notice_status_block_matches_reference(pair, name):
     assert pair["postwell"].notices[name] == pair["postfix"].notices[name]
 

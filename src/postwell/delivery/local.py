@@ -606,7 +606,7 @@ class LocalAgent(DeliveryAgent):
         # ("alias expanded"), its members and forwarded copies not (RFC 3461
         # 5.2.7).  That report is an unlogged part, which needs a qmgr that
         # honours ``logged``; without one the members report as before.
-        traced = wants_success(rc.notify) and _qmgr_keeps_unlogged_parts()
+        traced = wants_success(rc.notify)
         for leaf in leaves:
             if leaf.trace is not None and traced:
                 action, address, orig = leaf.trace
@@ -651,12 +651,6 @@ class LocalAgent(DeliveryAgent):
         res.done_time = now
         res.expanded = parts
         return res
-
-
-def _qmgr_keeps_unlogged_parts() -> bool:
-    """Whether the qmgr records a part with ``logged = False`` without a
-    to=<...> line: qmgr/manager.py does.  A test stands in for one that does not."""
-    return True
 
 
 # Keys of DeliveryRequest.attributes that are envelope parameters, not attributes.

@@ -1080,8 +1080,11 @@ def op_command(command: str, env: dict, cwd: str, time_limit: float, shell: str,
     # bounce_append() ignores it.  The text after it is the whole reason.
     m = _OUTPUT_DSN.match(output)
     if m:
-        dsn = m.group(1) if not m.group(1).startswith("2") else "5.0.0"
-        return _command_failure(dsn, m.group(2), m.group(2))
+        if m.group(1).startswith("2"):
+            res = _command_failure("5.0.0", m.group(2), m.group(2))
+            res["ignored_dsn"] = m.group(1)     # logged as Postfix's bounce_append warning
+            return res
+        return _command_failure(m.group(1), m.group(2), m.group(2))
     if status in SYSEXITS:
         dsn, text = SYSEXITS[status]
         return _command_failure(dsn, text + suffix, output or text)

@@ -35,7 +35,8 @@ def socket_path(config) -> str:
 
 
 def handle_request(agent, store, req: dict) -> list:
-    """One request -> [[status, dsn, reason], ...] (blocking; runs in a thread)."""
+    """One request -> [[status, dsn, reason, diag_type, diag_text], ...] (blocking;
+    runs in a thread)."""
     from .base import DeliveryRequest
     from .helper import queue_request
     from .pipe import find_pipe_service
@@ -57,10 +58,14 @@ def handle_request(agent, store, req: dict) -> list:
                                   open_content=lambda: qm.iter_content(),
                                   content_size=qm.content_size,
                                   attributes=dict(getattr(qm, "attributes", {}) or {}))
-        status, dsn, reason = agent.deliver_blocking(request)
+        out = agent.deliver_blocking(request)
     finally:
         qm.close()
-    return [[status, dsn, reason] for _ in rcpts]
+    status, dsn, reason = out
+    # The command's diagnostic (x-unix, its output) goes back too: the notice's
+    # Diagnostic-Code cannot be told from the reason text alone.
+    row = [status, dsn, reason, getattr(out, "diag_type", None), getattr(out, "diag_text", None)]
+    return [list(row) for _ in rcpts]
 
 
 def serve(config, owner_uid: int | None = None, owner_gid: int | None = None) -> None:
