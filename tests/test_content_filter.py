@@ -536,7 +536,10 @@ def test_filter_delivery_lines_match_postfix(tmp_path):
         harness.start_side_by_side(ref, pw)
         for inst in (ref, pw):
             with smtplib.SMTP("127.0.0.1", inst.port, timeout=20) as s:
-                s.sendmail("s@remote.example", [alice, bob], b"Subject: f\r\n\r\nbody\r\n")
+                try:
+                    s.sendmail("s@remote.example", [alice, bob], b"Subject: f\r\n\r\nbody\r\n")
+                except smtplib.SMTPException as e:
+                    raise AssertionError(f"{inst.kind}: {e}\n{inst.log_text()[-3000:]}") from None
         sink.wait_count(2, timeout=30)
         for inst in (ref, pw):
             harness.wait_for(lambda: len(_filter_lines(inst.log_text(), sink.port)) == 2, 30, 0.05,

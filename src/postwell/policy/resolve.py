@@ -288,6 +288,7 @@ class AddressResolver:
         self.append_at_myorigin = config.get_bool("append_at_myorigin")
         self.append_dot_mydomain = config.get_bool("append_dot_mydomain")
         self.resolve_dequoted = config.get_bool("resolve_dequoted_address")
+        self.resolve_null_domain = config.get_bool("resolve_null_domain")
         self.empty_address_recipient = g("empty_address_recipient") or "MAILER-DAEMON"
         self.show_table = config.get_bool("show_user_unknown_table_name")
         self.allow_min_user = config.get_bool("allow_min_user")
@@ -403,7 +404,9 @@ class AddressResolver:
             if a.domain is not None and a.domain.endswith(".") and a.domain[:-1] \
                     and not a.domain.endswith(".."):
                 a = _Addr(a.local, a.quoted, a.domain[:-1])
-            if a.domain == "":
+            if a.domain == "" and self.resolve_null_domain:
+                # Otherwise "user@" keeps its empty domain: remote, and malformed (the
+                # error flag; 501 at the smtpd for bob@@ourdomain, checked against 3.7).
                 a = _Addr(a.local, a.quoted, None)
             if a.domain is not None:
                 if not self.is_local_domain(a.domain):
