@@ -101,6 +101,8 @@ def log_address(address: str) -> str:
     local, at, domain = address.rpartition("@")
     if not at:
         local = address
+    if not local and at:
+        return '""' + at + domain       # "@example.org" is logged as ""@example.org
     if not local or all(w and not any(c in _822_SPECIALS or ord(c) < 32 or ord(c) == 127
                                       for c in w) for w in local.split(".")):
         return address

@@ -280,7 +280,7 @@ class ServerConfig:
     auth_legacy: bool = False                   # broken_sasl_auth_clients: "AUTH=" too
     ipv6_enabled: bool = True                   # inet_protocols: XFORWARD ADDR may be IPv6
     strict_rfc821_envelopes: bool = False
-    helo_required: bool = False                 # smtpd_helo_required (ETRN; MAIL is policy's)
+    helo_required: bool = False                 # smtpd_helo_required (MAIL, AUTH, ETRN)
     reject_footer: str = ""                     # smtpd_reject_footer (a raw template)
 
     @classmethod
@@ -560,6 +560,17 @@ def _drop_colon_blanks(text: str) -> str:
     return "".join(ch for n, (_, ch, _q) in enumerate(chars) if not (blank[n] and near[n]))
 
 
+def _bad_phrase(text: str) -> bool:
+    """What may stand before "<address>" inside the path: a display-name-like phrase
+    (atoms, quoted strings, even "a@b" or a source route), which Postfix's RFC 822
+    parser skips; a group colon or a second address is refused (3.7, side by side)."""
+    if text.startswith("@"):
+        colon = _unquoted_index(text, ":")
+        if colon >= 0:
+            text = text[colon + 1:]
+    return _unquoted_index(text, ":;,<>") >= 0
+
+
 def extract_address(token: str, null_ok: bool) -> str:
     """One envelope address token -> address, with Postfix's tolerance.
 
@@ -579,15 +590,17 @@ def extract_address(token: str, null_ok: bool) -> str:
     lt = _unquoted_index(s, "<")
     if lt >= 0:
         gt = _unquoted_index(s[lt:], ">")
-        if gt < 0 or s[:lt].strip() or s[lt + gt + 1:].strip(">"):
+        if gt < 0 or _bad_phrase(s[:lt]) or s[lt + gt + 1:].strip(">"):
             raise _SyntaxError
         s = s[lt + 1:lt + gt]
     s = "".join(ch for _, ch, quoted in _scan(s) if quoted or ch != ">")
     if s.startswith("@"):
+        # RFC 5321 Appendix C source route: dropped.  Without a ":" it is no route but
+        # an empty local part: Postfix takes "<@example.org>" as ""@example.org and
+        # "<@@x>" as "@"@x (3.7, side by side).
         colon = _unquoted_index(s, ":")
-        if colon < 0:
-            raise _SyntaxError
-        s = s[colon + 1:]
+        if colon >= 0:
+            s = s[colon + 1:]
     if _unquoted_index(s, ",;<") >= 0:
         raise _SyntaxError              # more than one address, or junk
     if _phrase_colon(s) >= 0:
@@ -604,9 +617,9 @@ def extract_address(token: str, null_ok: bool) -> str:
             raise _SyntaxError
     at = _unquoted_index(s, "@", last=True)
     if at >= 0:
-        local, domain = s[:at], s[at + 1:]
-        if not local or not domain:
-            raise _SyntaxError
+        domain = s[at + 1:]
+        if not domain:
+            raise _SyntaxError          # an empty local part passes (Postfix)
         if _unquoted_index(domain, "[]") >= 0 and not (
                 domain.startswith("[") and domain.endswith("]")
                 and _unquoted_index(domain[1:-1], "[]") < 0):
@@ -636,6 +649,19 @@ def neuter_helo(name: str, utf8: bool = True) -> str:
         else:
             out.append("?")
     return "".join(out)
+
+
+# Postfix's escape() (util/escape.c): printable ASCII stays (a backslash doubled), the
+# usual control characters get their C names, any other byte its three octal digits.
+_C_ESCAPE = str.maketrans({
+    **{b: f"\\{b:03o}" for b in range(256) if not 0x20 <= b < 0x7F},
+    7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r",
+    92: "\\\\"})
+
+
+def c_escape(data: bytes) -> str:
+    """Bytes as Postfix's escape() shows them in a log line ("\\r\\n", "\\351")."""
+    return data.decode("latin-1").translate(_C_ESCAPE)
 
 
 def _valid_ipv4(text: str) -> bool:
@@ -750,7 +776,9 @@ def _strict_821_ok(token: str) -> bool:
     or phrases (a source route passes, as in Postfix 3.7)."""
     if len(token) < 2 or token[0] != "<" or token[-1] != ">":
         return False
-    return _unquoted_index(token[1:-1], "<>()") < 0
+    while len(token) >= 2 and token[0] == "<" and token[-1] == ">":
+        token = token[1:-1]             # "<<a@b>>": brackets alone are no phrase (3.7)
+    return _unquoted_index(token, "<>()") < 0
 
 
 _RFC822_SPECIALS = frozenset('()<>@,;:\\".[]')
@@ -840,8 +868,9 @@ _JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "ETRN", "RSET"})
 # XCLIENT too: Postfix 3.7 gives it the pre-TLS flag (a proxy in front may speak it first).
 _PRE_TLS = frozenset({"HELO", "EHLO", "STARTTLS", "NOOP", "QUIT", "XCLIENT"})
 # XCLIENT ends a group too (Postfix 3.7 logs "improper command pipelining after XCLIENT").
-_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "STARTTLS",
-                            "XCLIENT"})
+# STARTTLS ends a group too, but Postfix looks only once it knows TLS is offered
+# (_cmd_starttls).
+_LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "VRFY", "NOOP", "QUIT", "XCLIENT"})
 
 
 _REPLY_BYTES: dict = {}   # Reply -> its wire form (bounded; see _queue_reply)
@@ -1087,6 +1116,9 @@ class ServerConnection:
         self.recipients: list[str] = []
         self.rcpt_attempts = 0
         self._declared_size = 0
+        # MAIL FROM's AUTH= value, kept from a MAIL refused after it was parsed until the
+        # transaction is reset, as Postfix's state->sasl_sender (3.7, side by side).
+        self._sticky_sasl_sender: str | None = None
         self._data_size = 0
         self._too_big = False
         self._bdat_active = False
@@ -1217,7 +1249,9 @@ class ServerConnection:
                 self.error_count += 1
             if ok:
                 self.helo_name = ev.name
-                self.esmtp = isinstance(ev, Ehlo)
+                # HELO after EHLO keeps the protocol ESMTP: Postfix never downgrades
+                # it (logs say proto=ESMTP, pipelining stays allowed; 3.7 side by side).
+                self.esmtp = self.esmtp or isinstance(ev, Ehlo)
                 self._reset_transaction()
         elif isinstance(ev, Mail):
             self._count(name, ok)
@@ -1387,9 +1421,16 @@ class ServerConnection:
         self._close("bare newline")
 
     def _read_command(self) -> bool:
+        if self.error_count >= self.config.hard_error_limit and self.state == S_CMD:
+            # Postfix checks smtpd_hard_error_limit before it reads the next command:
+            # the 421 follows the error that reached the limit at once (3.7, side by side).
+            self._queue_reply(Reply(421, f"{self.config.hostname} Error: too many errors", "4.7.0"))
+            self._close("too many errors")
+            return False
         line = self._take_line()
         if line is None:
             return False
+        raw = line
         nul = line.find(b"\x00")
         if nul >= 0:
             line = line[:nul]        # Postfix reads commands as C strings: NUL ends the line
@@ -1397,6 +1438,8 @@ class ServerConnection:
         if self.config.smtputf8_enable and self.state != S_AUTH:
             try:
                 text = line.decode("utf-8")
+                if nul >= 0:
+                    raw[nul:].decode("utf-8")   # Postfix checks past a NUL too (3.7)
             except UnicodeDecodeError:
                 if t is not None and len(t) < TRANSCRIPT_LIMIT:
                     t.append(line.decode("utf-8", "replace"))
@@ -1437,7 +1480,10 @@ class ServerConnection:
         verb_u = verb.upper()
         if self._forbidden(verb_u, text):
             # smtpd_forbidden_commands: HTTP proxies, mail headers sent as commands.
-            self._warn(f"non-SMTP command from {self.client}: {text[:100]}")
+            # The whole line, NUL and what follows included, escaped and then cut at
+            # 100 characters (Postfix 3.7, side by side).
+            shown = c_escape(bytes(raw))[:100]
+            self._warn(f"non-SMTP command from {self.client}: {shown}")
             self._count("unknown", False)
             self._queue_reply(Reply(221, "Error: I can break rules, too. Goodbye.", "2.7.0"))
             self._close("non-SMTP command")
@@ -1468,11 +1514,7 @@ class ServerConnection:
             # RFC 2920 3.1: these commands end a group, and without EHLO there is no
             # PIPELINING at all; more input means the client did not wait for our reply.
             # Postfix logs it once per session (same command set, checked against 3.7).
-            self.pipelining_violation = True
-            rest = bytes(self._inbuf[:100]).decode("latin-1")
-            rest = rest.replace("\r", "\\r").replace("\n", "\\n")
-            self._events.append(Info(f"improper command pipelining after {verb_u} from "
-                                     f"{self.client}: {rest}"))
+            self._log_pipelining(verb_u)
         self._line_text = text
         handler(self, arg.strip(" \t"))
         if verb_u in _JUNK_COMMANDS:
@@ -1481,6 +1523,12 @@ class ServerConnection:
             if self._junk > self.config.junk_command_limit:
                 self.error_count += 1
         return True
+
+    def _log_pipelining(self, verb_u: str) -> None:
+        self.pipelining_violation = True
+        rest = c_escape(bytes(self._inbuf[:100]))
+        self._events.append(Info(f"improper command pipelining after {verb_u} from "
+                                 f"{self.client}: {rest}"))
 
     # ----- commands (one handler each; the sequence rules live in these guards) -----------
 
@@ -1544,6 +1592,10 @@ class ServerConnection:
         return Reply(250, "\n".join(lines))
 
     def _cmd_mail(self, arg: str) -> None:
+        if self.config.helo_required and self.helo_name is None:
+            # smtpd_helo_required comes before any syntax check (Postfix's mail_cmd; 3.7).
+            self._error("mail", Reply(503, "Error: send HELO/EHLO first", "5.5.1"))
+            return
         if self.in_transaction:
             self._error("mail", Reply(503, "Error: nested MAIL command", "5.5.1"))
             return
@@ -1559,8 +1611,9 @@ class ServerConnection:
             return
         try:
             sender, params = parse_path(rest, null_ok=True)
-            if self.config.strict_rfc821_envelopes and not _strict_821_ok(_address_token(rest)[0]):
-                raise _SyntaxError
+            if self.config.strict_rfc821_envelopes and (
+                    sender.startswith("@") or not _strict_821_ok(_address_token(rest)[0])):
+                raise _SyntaxError      # "<@x>", '<""@x>' too: no local part (Postfix)
             utf8 = self._smtputf8_offered and any(p.upper() == "SMTPUTF8" for p in params)
             if sender and domain_error(sender, utf8):
                 raise _SyntaxError
@@ -1571,6 +1624,9 @@ class ServerConnection:
             self._error("mail", Reply(501, "Bad sender address syntax", "5.1.7"))
             return
         kw: dict = {"_sender": sender}
+        if self._sticky_sasl_sender is not None:
+            kw["_auth_seen"] = True
+            kw["sasl_sender"] = self._sticky_sasl_sender
         for p in params:
             key, eq, val = p.partition("=")
             k = key.upper()
@@ -1581,9 +1637,9 @@ class ServerConnection:
         del kw["_sender"]
         kw.pop("_auth_seen", None)
         limit = self.config.message_size_limit
-        if "size" not in kw and limit and self._declared_size > limit:
-            # Postfix keeps a refused MAIL's SIZE until RSET/EHLO/end of message, so a
-            # retry without SIZE is refused again (checked against 3.7).
+        if limit and self._declared_size > limit:
+            # RFC 1870 6. Postfix keeps a refused MAIL's SIZE until RSET/EHLO/end of
+            # message, so a retry without SIZE is refused again (checked against 3.7).
             reply = Reply(552, "Message size exceeds fixed limit", "5.3.4")
             self._events.append(Rejected("MAIL", reply, sender))
             self._error("mail", reply)
@@ -1594,18 +1650,15 @@ class ServerConnection:
         unsupported = Reply(555, f"Unsupported option: {raw}", "5.5.4")
         if k in ("RET", "ENVID") and eq and self._dsn_disabled:
             return REPLY_DSN_DISABLED
-        limit = self.config.message_size_limit
         if k == "SIZE" and eq:
             # RFC 1870 6
             if not re.fullmatch(r"[0-9]+", val):
                 return Reply(501, "Bad message size syntax", "5.5.4")
             if int(val) > 0x7FFFFFFFFFFFFFFF:
                 return Reply(552, "Message size exceeds file system imposed limit", "5.3.4")
+            # The limit is checked after every parameter is parsed (below): a bad one
+            # later on the line is answered first (Postfix 3.7, side by side).
             self._declared_size = int(val)
-            if limit and int(val) > limit:
-                reply = Reply(552, "Message size exceeds fixed limit", "5.3.4")
-                self._events.append(Rejected("MAIL", reply, kw.get("_sender")))
-                return reply
             kw["size"] = int(val)
         elif k == "BODY" and eq:
             # RFC 6152 2 (8BITMIME); BINARYMIME (RFC 3030 3) only with BDAT, which we do not
@@ -1641,6 +1694,7 @@ class ServerConnection:
                 kw["_auth_seen"] = True
                 kw["sasl_sender"] = "".join("?" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
                                             for ch in val)
+                self._sticky_sasl_sender = kw["sasl_sender"]
             try:
                 kw["auth"] = decode_xtext(val)
             except ValueError:
@@ -1662,7 +1716,8 @@ class ServerConnection:
         rest = arg[3:]
         try:
             rcpt, params = parse_path(rest, null_ok=False)
-            if self.config.strict_rfc821_envelopes and not _strict_821_ok(_address_token(rest)[0]):
+            if self.config.strict_rfc821_envelopes and (
+                    rcpt.startswith("@") or not _strict_821_ok(_address_token(rest)[0])):
                 raise _SyntaxError
             if domain_error(rcpt, self._mail_smtputf8):
                 raise _SyntaxError
@@ -1760,9 +1815,22 @@ class ServerConnection:
         self._bdat_last = last
         self._bdat_cur = size
         self._bdat_skip_reply = False
+        if size == 0 and not last:
+            # RFC 3030 2 allows it, but an empty non-final chunk is useless: Postfix refuses
+            # it and discards the rest of the sequence. Checked before the transaction state
+            # and before an earlier chunk's error, with or without MAIL (against 3.7).
+            self._warn(f"null BDAT request from {self.client}", True)
+            reply = Reply(551, "Null BDAT request", "5.7.1")
+            self._bdat_active = True
+            self._bdat_late = reply
+            self._bdat_discard = True
+            self._bdat_error = reply
+            self._bdat_skip_reply = True
+            self.state = S_BDAT
+            return
         if self._bdat_discard:
             # RFC 3030 2: every BDAT gets a reply; the rest of a failed sequence is thrown
-            # away, whatever else is wrong (Postfix checks this first).
+            # away, whatever else is wrong (Postfix checks this right after a null chunk).
             self._bdat_active = not last
             self._bdat_late = Reply(551, f"Discarded {size} bytes after earlier error", "5.0.0")
             self._bdat_skip_reply = True
@@ -1781,17 +1849,6 @@ class ServerConnection:
             self.state = S_BDAT
             return
         self._bdat_active = True
-        if size == 0 and not last:
-            # RFC 3030 2 allows it, but an empty non-final chunk is useless: Postfix refuses
-            # it and discards the rest of the sequence (checked against 3.7).
-            self._warn(f"null BDAT request from {self.client}", True)
-            reply = Reply(551, "Null BDAT request", "5.7.1")
-            self._bdat_late = reply
-            self._bdat_discard = True
-            self._bdat_error = reply
-            self._bdat_skip_reply = True
-            self.state = S_BDAT
-            return
         limit = self.config.message_size_limit
         if limit and self._bdat_total + size > limit:
             # Refuse before reading: the chunk is skipped, later chunks get the same answer.
@@ -1984,9 +2041,17 @@ class ServerConnection:
         if not self.config.starttls_offered or "STARTTLS" in self.config.discard_ehlo_keywords:
             self._error("starttls", Reply(502, "Error: command not implemented", "5.5.1"))
             return
+        if self._inbuf and not self.pipelining_violation:
+            # RFC 3207 4.2 / RFC 2920 3.1: after the "not offered" and syntax answers,
+            # which Postfix 3.7 gives without this line (side by side).
+            self._log_pipelining("STARTTLS")
         self._ask("starttls", StartTls())
 
     def _cmd_auth(self, arg: str) -> None:
+        if self.config.helo_required and self.helo_name is None:
+            # Before "authentication not enabled" too (Postfix 3.7, side by side).
+            self._error("auth", Reply(503, "Error: send HELO/EHLO first", "5.5.1"))
+            return
         if not self.auth_mechanisms or "AUTH" in self.config.discard_ehlo_keywords:
             # Also before TLS with smtpd_tls_auth_only (the glue offers nothing then).
             self._error("auth", Reply(503, "Error: authentication not enabled", "5.5.1"))
@@ -2187,6 +2252,10 @@ class ServerConnection:
                 self._bdat_active = False
                 self._bdat_discard = False
                 self._reset_transaction()
+                # The refused sequence's end resets the transaction, as Postfix's
+                # mail_reset() (3.7: VRFY logs no from= after it): the glue drops the
+                # sender and any queue file the way it does at RSET.
+                self._events.append(Rset())
             return True
         if self._bdat_last and self._bare_lf:
             self._ask("bdat", DataEnd(self._bdat_total, False, True, self._bare_lf_reply(),

@@ -975,7 +975,10 @@ class SmtpdSession(asyncio.Protocol):
             self._abort_transaction()
             old = (state.helo_name, state.protocol)
             state.helo_name = ev.name
-            state.protocol = "ESMTP" if isinstance(ev, Ehlo) else "SMTP"
+            # HELO after EHLO leaves the protocol ESMTP (Postfix's helo_cmd never
+            # downgrades it; 3.7, side by side).
+            state.protocol = ("ESMTP" if isinstance(ev, Ehlo) or state.protocol == "ESMTP"
+                              else "SMTP")
             reply = await self._policy("on_helo", state)
             if reply is not None:
                 # Postfix logs the refused name with the protocol of before the command.
@@ -1002,8 +1005,9 @@ class SmtpdSession(asyncio.Protocol):
             state.sender = ev.sender
             state.smtputf8 = ev.smtputf8
             state.message_size = ev.size or 0
-            # Postfix keeps AUTH= only with SASL on (smtpd_sasl_mail_opt()).
-            state.sasl_sender = ev.sasl_sender if srv.sasl is not None else None
+            # Postfix 3.7 keeps AUTH= (printable, as sent) with SASL off too: its client=
+            # line shows it (side by side).
+            state.sasl_sender = ev.sasl_sender
             reply = await self._policy("on_mail", state)
             if reply is not None:
                 state.sasl_sender = None
@@ -1400,7 +1404,11 @@ class SmtpdSession(asyncio.Protocol):
                              f"sasl_method={state.sasl_method}, "
                              f"sasl_username={state.sasl_username}"
                              + (f", sasl_sender={state.sasl_sender}"
-                                if state.sasl_sender else "") + self._xforward_log())
+                                if state.sasl_sender is not None else "") + self._xforward_log())
+            elif state.sasl_sender is not None:
+                # MAIL FROM AUTH= without a login ("AUTH=" logs an empty value).
+                srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
+                             f"sasl_sender={state.sasl_sender}" + self._xforward_log())
             else:
                 srv.log.info(f"{cs.queue_id}: client={self.namaddr}" + self._xforward_log())
             mail = self._mail
@@ -1422,6 +1430,11 @@ class SmtpdSession(asyncio.Protocol):
                                ("log_message_origin", self.namaddr)):
                 if value:
                     cs.set_attribute(key, value)
+            if state.sasl_sender == "":
+                # "MAIL FROM:<...> AUTH=": Postfix's smtpd passes the empty value on and
+                # its cleanup drops it with this warning (3.7, side by side).
+                cs.cleanup.log.warning(f'{cs.queue_id}: spurious null attribute value for '
+                                       f'"sasl_sender" -- ignored')
         orcpt = ev.orcpt if ev.orcpt is not None else f"rfc822;{ev.recipient}"
         self.cs.add_recipient(ev.recipient, orig=ev.recipient, orcpt=orcpt, notify=ev.notify)
         state.recipient_count += 1
