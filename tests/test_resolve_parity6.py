@@ -989,14 +989,6 @@ def test_address_syntax_refusals_match_reference(pair, phase):
     assert len(refused) == (21 if phase == "no" else 9), got["postfix"]["replies"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Postfix's rcpt_cmd()/mail_cmd() check the address (extract_addr()) before the "
-    "parameters and smtpd_recipient_limit: '<-bob@virtual.test> NOTIFY=BOGUS' gets "
-    "'501 5.1.3 Bad recipient address syntax'. postwell's smtp engine checks the "
-    "parameters first and the smtpd sees the address only with the Rcpt event (501 5.5.4 "
-    "Error: Bad NOTIFY parameter syntax). Fix in smtp/server.py (not this task's file): "
-    "call a glue-set hook (the resolver's syntax_error) right after domain_error() in "
-    "_cmd_mail/_cmd_rcpt instead of SmtpdSession._bad_address"))
 def test_address_refused_before_parameters_as_reference(pair):
     pair.set_allow_min_user("no")
     lines = ["EHLO client.test", f"MAIL FROM:<-alice@{V}> FOO=BAR", f"MAIL FROM:<{SENDER}>",

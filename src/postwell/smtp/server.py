@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import xclient as _xclient
@@ -914,6 +915,10 @@ class ServerConnection:
         # Postfix's session history for the notify_classes notice: command lines (str)
         # and replies (wire bytes) in order.  None: not kept (the glue sets a list).
         self.transcript: list | None = None
+        # The resolver's verdict on a MAIL/RCPT address (Postfix's smtpd_check_addr():
+        # allow_min_user's '-', a malformed domain behind a local one), asked with the
+        # syntax checks, before any parameter; None: not asked (sendmail -bs).
+        self.address_check: Callable[[str], bool] | None = None
         self._line_text = ""                  # the command line being handled, as sent
         self.esmtp = False
         self._inbuf = bytearray()
@@ -1615,7 +1620,8 @@ class ServerConnection:
                     sender.startswith("@") or not _strict_821_ok(_address_token(rest)[0])):
                 raise _SyntaxError      # "<@x>", '<""@x>' too: no local part (Postfix)
             utf8 = self._smtputf8_offered and any(p.upper() == "SMTPUTF8" for p in params)
-            if sender and domain_error(sender, utf8):
+            if sender and (domain_error(sender, utf8) or (
+                    self.address_check is not None and self.address_check(sender))):
                 raise _SyntaxError
         except _SyntaxError:
             token, unbalanced = _address_token(rest)
@@ -1719,7 +1725,8 @@ class ServerConnection:
             if self.config.strict_rfc821_envelopes and (
                     rcpt.startswith("@") or not _strict_821_ok(_address_token(rest)[0])):
                 raise _SyntaxError
-            if domain_error(rcpt, self._mail_smtputf8):
+            if domain_error(rcpt, self._mail_smtputf8) or (
+                    self.address_check is not None and self.address_check(rcpt)):
                 raise _SyntaxError
         except _SyntaxError:
             token, unbalanced = _address_token(rest)

@@ -46,7 +46,6 @@ REPLY_WRITE_ERROR = Reply(451, "Error: queue file write error", "4.3.0")
 REPLY_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 REPLY_NO_SPACE = Reply(452, "Insufficient system storage", "4.3.1")
 REPLY_TLS_UNAVAILABLE = Reply(454, "TLS not available due to local problem", "4.7.0")
-REPLY_BAD_SENDER = Reply(501, "Bad sender address syntax", "5.1.7")
 REPLY_BAD_RECIPIENT = Reply(501, "Bad recipient address syntax", "5.1.3")
 DRAIN_SECONDS = 50.0
 # event_limit_reply(what) -> the SmtpdLimits attribute holding that rate limit.
@@ -613,6 +612,9 @@ class SmtpdSession(asyncio.Protocol):
         self.conn = conn = ServerConnection(srv.server_config, client=self.namaddr,
                                             forbid_bare_newline=bare)
         conn.client_port = state.client_port
+        check = getattr(getattr(srv.policy, "resolver", None), "syntax_error", None)
+        if check is not None:
+            conn.address_check = check
         if srv.notify_mask:
             conn.transcript = []
         early = getattr(self, "_early", b"")
@@ -994,10 +996,6 @@ class SmtpdSession(asyncio.Protocol):
             if reply is not None:
                 conn.send_reply(reply)
                 return
-            # After smtpd_helo_required's 503 (the policy's), as in Postfix's mail_cmd().
-            if (state.helo_name is not None or not getattr(srv.policy, "helo_required", False)) \
-                    and self._bad_address(ev.sender, "MAIL", 5, REPLY_BAD_SENDER):
-                return
             if not srv.queue_space_ok(ev.size or 0):
                 # Postfix's smtpd_check_size(): before any restriction, no reject log line.
                 conn.send_reply(REPLY_NO_SPACE)
@@ -1357,13 +1355,14 @@ class SmtpdSession(asyncio.Protocol):
         return self.auth
 
     def _bad_address(self, address: str, command: str, skip: int, reply: Reply) -> bool:
-        """Postfix's extract_addr() -> smtpd_check_addr(): an address trivial-rewrite
-        flags as malformed (allow_min_user's '-', a bad domain left once the local ones
-        are stripped) is refused with 501 and a warning naming it as the client sent
-        it.  True when refused (the reply is sent)."""
-        check = getattr(getattr(self.server.policy, "resolver", None), "syntax_error", None)
+        """Postfix's extract_addr() -> smtpd_check_addr() for VRFY (the engine asks
+        conn.address_check for MAIL and RCPT): an address trivial-rewrite flags as
+        malformed (allow_min_user's '-', a bad domain left once the local ones are
+        stripped) is refused with 501 and a warning naming it as the client sent it.
+        True when refused (the reply is sent)."""
+        check = self.conn.address_check
         # The engine checks the domain of MAIL and RCPT addresses, not of VRFY's.
-        if check is None or not address or not check(address, command != "VRFY"):
+        if check is None or not address or not check(address, False):
             return False
         # The command is still pending, so the engine's line is this command's.
         parts = self.conn._line_text.strip(" \t").split(None, 1)
@@ -1378,8 +1377,6 @@ class SmtpdSession(asyncio.Protocol):
         reply = await srv.event_limit_reply(self, "rcpt")
         if reply is not None:
             conn.send_reply(reply)
-            return
-        if self._bad_address(ev.recipient, "RCPT", 3, REPLY_BAD_RECIPIENT):
             return
         state.recipient = ev.recipient
         reply = await self._policy("on_rcpt", state)
