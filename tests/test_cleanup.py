@@ -519,7 +519,9 @@ def test_undecided_header_line_fed_bytewise_is_linear(tmp_path):
 def test_name_then_blanks_then_colon_across_chunks(tmp_path):
     c, store, _ = make(tmp_path)
     cs, _ = submit(c, b"X-Odd  \t: v\r\nNot header line\r\n", chunks=1, local=False, received=None)
-    assert content(store, cs.queue_id) == "X-Odd  \t: v\n\nNot header line\n"
+    # Postfix 3.7 writes "Name:" without the blanks before the colon (see
+    # test_cleanup_fuzz6.py test_white_space_before_colon_is_removed).
+    assert content(store, cs.queue_id) == "X-Odd: v\n\nNot header line\n"
 
 
 # Header address rewriting for local clients: inputs and outputs observed on Postfix 3.7

@@ -14,10 +14,17 @@ What it does to a message, each point checked against Postfix 3.7:
   Content-Length removed; a leading mbox ``From `` line becomes
   X-Mailbox-Line:; a first line starting with white space starts the body;
   a non-header line ends the header block (an empty line is inserted);
-* for local clients (local_header_rewrite_clients, decided by the smtpd) or
-  always_add_missing_headers = yes: address headers rewritten (canonical
-  Postfix form only when an address changes) and missing (Resent-)Message-Id,
-  Date, From added; undisclosed_recipients_header when set;
+* for local clients (local_header_rewrite_clients, decided by the smtpd), remote
+  ones when remote_header_rewrite_domain is set (that domain completes their
+  addresses) or always_add_missing_headers = yes: address headers rewritten
+  (canonical Postfix form only when an address changes, folded by bytes) and
+  missing (Resent-)Message-Id, Date, From added; undisclosed_recipients_header
+  when no To/Cc/Resent-To/Resent-Cc is left; "Name :" written as "Name:";
+* canonical.py: sender_/recipient_/canonical_maps (+ *_classes) and
+  masquerade_domains (+ exceptions, classes) on the envelope and on rewritten
+  headers; always_bcc (NOTIFY=NEVER) for smtpd/pickup mail; all off with
+  receive_override_options = no_address_mappings (virtual aliases too);
+* enable_original_recipient = no: duplicates keyed on the final recipient only;
 * header_size_limit cuts a long header as Postfix does (at the last line
   boundary past 90% of the limit, else at the limit; address headers after
   their rewrite);

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 ADDRESS_HEADERS = frozenset({
     "from", "sender", "reply-to", "errors-to", "return-receipt-to", "disposition-notification-to",
@@ -180,8 +181,14 @@ def fold(header: str) -> str:
     """Join the one-address lines while the line stays under FOLD_WIDTH."""
     lines = header.split("\n")
     out = [lines[0]]
+    if not header.isascii():
+        # Postfix counts bytes: a UTF-8 (or raw 8-bit) name folds sooner.
+        def width(text: str) -> int:
+            return len(text.encode("utf-8", "surrogateescape"))
+    else:
+        width = len
     for line in lines[1:]:
-        if len(out[-1]) + 1 + len(line) < FOLD_WIDTH:
+        if width(out[-1]) + 1 + width(line) < FOLD_WIDTH:
             out[-1] = out[-1] + " " + line
         else:
             out.append(line)
@@ -219,9 +226,11 @@ _PLAIN_ITEM = rf"(?:{_PLAIN_ADDR}|(?:{_ATEXT}[ \t\r\n]+)*<{_PLAIN_ADDR}>)"
 _UNCHANGED_RE = re.compile(rf"[ \t\r\n]*{_PLAIN_ITEM}(?:[ \t\r\n]*,[ \t\r\n]*{_PLAIN_ITEM})*[ \t\r\n]*")
 
 
-def rewrite_header_value(value: str, myorigin: str) -> str | None:
-    """New header value (after the "Name:") or None when nothing changed."""
-    if _UNCHANGED_RE.fullmatch(value):
+def rewrite_header_value(value: str, myorigin: str,
+                         mapper: Callable[[str], str] | None = None) -> str | None:
+    """New header value (after the "Name:") or None when nothing changed.
+    ``mapper``: canonical mapping and masquerading after the local rewrite."""
+    if mapper is None and _UNCHANGED_RE.fullmatch(value):
         return None
     tree = group_addresses(tokenize(value))
     changed = False
@@ -230,6 +239,8 @@ def rewrite_header_value(value: str, myorigin: str) -> str | None:
             continue
         old = _ext_token(t)
         new = rewrite_local(old, myorigin)
+        if mapper is not None:
+            new = mapper(new)
         if new != old:
             changed = True
             t.parts = tokenize(new)
@@ -238,7 +249,8 @@ def rewrite_header_value(value: str, myorigin: str) -> str | None:
     return externalize(tree)
 
 
-def rewrite_header(raw: bytes, name_len: int, myorigin: str) -> bytes | None:
+def rewrite_header(raw: bytes, name_len: int, myorigin: str,
+                   mapper: Callable[[str, str], str] | None = None) -> bytes | None:
     """Rewrite one whole header (``raw`` without its final newline).
 
     ``name_len`` is the length of the field name as written; the name keeps
@@ -248,8 +260,10 @@ def rewrite_header(raw: bytes, name_len: int, myorigin: str) -> bytes | None:
     if colon < 0:
         return None
     text = raw[colon + 1:].decode("utf-8", "surrogateescape")
-    new = rewrite_header_value(text, myorigin)
+    name = raw[:name_len].decode("utf-8", "surrogateescape")
+    lname = name.lower()
+    new = rewrite_header_value(text, myorigin,
+                               None if mapper is None else (lambda a: mapper(a, lname)))
     if new is None:
         return None
-    name = raw[:name_len].decode("utf-8", "surrogateescape")
     return fold(f"{name}: {new}").encode("utf-8", "surrogateescape")

@@ -19,6 +19,8 @@ from ..queue.store import wake_qmgr_kept
 from ..queue.format import HEADER_SIZE
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
+from .canonical import (ENVELOPE_RECIPIENT, ENVELOPE_SENDER, HEADER_RECIPIENT, HEADER_SENDER,
+                        SENDER_HEADERS, AddressMapper)
 from .headers import ContentChecks, ContentProcessor, ContentStop, MessageChecks
 from .recsize import SIZE_ATTRIBUTE
 from .virtual import (AliasExpansionError, AliasLookupError, VirtualAliasExpander,
@@ -135,14 +137,17 @@ class CleanupSession:
                                      line_length_limit=cfg.line_length_limit,
                                      on_header_end=self._missing_headers,
                                      on_message_id=self._log_message_id,
-                                     header_rewriter=self._rewrite_header if rewrite_local else None,
+                                     header_rewriter=self._rewrite_header
+                                     if rewrite_local or cfg.remote_header_domain else None,
                                      rewrite_names=ADDRESS_HEADERS, checks=self.checks)
         self._id_logged = False
         self._data_started = False
+        self.map_error: Exception | None = None
         # Postfix's smtpd and pickup stamp content_filter on what they receive (mail
         # postwell makes itself is not filtered); an access-map or header_checks
         # FILTER replaces it later, the last one winning.
         self.filter: str | None = cleanup.content_filter() if content_checks else None
+        self.external = content_checks
 
     # -- envelope ----------------------------------------------------------------
     @property
@@ -151,7 +156,14 @@ class CleanupSession:
 
     def set_sender(self, sender: str, ret: str | None = None, envid: str | None = None,
                    smtputf8: bool = False, body_type: str | None = None) -> None:
-        self.msg.set_sender(self.cleanup.qualify(sender), ret=ret, envid=envid, smtputf8=smtputf8,
+        sender = self.cleanup.qualify(sender)
+        mapper = self.cleanup.mapper()
+        if mapper is not None:
+            try:
+                sender = mapper.map(sender, ENVELOPE_SENDER)
+            except AliasLookupError as exc:
+                self.map_error = exc      # answered 451 by finish()
+        self.msg.set_sender(sender, ret=ret, envid=envid, smtputf8=smtputf8,
                             body_type=body_type)
 
     def add_recipient(self, address: str, orig: str | None = None, orcpt: str | None = None,
@@ -219,7 +231,14 @@ class CleanupSession:
             self.write_error = exc
 
     def _rewrite_header(self, raw: bytes, name_len: int) -> bytes | None:
-        return rewrite_header(raw, name_len, self.cleanup.myorigin)
+        # A remote client's headers are rewritten only when remote_header_rewrite_domain
+        # is set, and then complete addresses with that domain instead of $myorigin
+        # (Postfix's "remote" rewrite context; checked side by side with 3.7).
+        c = self.cleanup
+        mapper = c.mapper()
+        return rewrite_header(raw, name_len, c.myorigin if self.rewrite_local
+                              else c.remote_header_domain,
+                              None if mapper is None else _header_mapper(mapper, self))
 
     # Postfix's smtpd writes to cleanup through a 4096-byte stream buffer: cleanup
     # sees a small message only at end of data, after the smtpd's end-of-data
@@ -260,8 +279,11 @@ class CleanupSession:
             attrs.get("protocol_name"), attrs.get("helo_name")))
 
     def _log_message_id(self, value: str, resent: bool) -> None:
-        self.message_id = value
-        self._id_logged = True
+        if not resent:
+            # Postfix logs "message-id=<>" whenever no plain Message-Id was seen or
+            # added, even when a Resent-Message-Id was (cleanup_header_done_callback).
+            self.message_id = value
+            self._id_logged = True
         self._log_info(f"{self.queue_id}: {'resent-' if resent else ''}message-id={value}")
 
     def _missing_headers(self, proc: ContentProcessor) -> list[bytes]:
@@ -269,7 +291,10 @@ class CleanupSession:
         always_add_missing_headers = yes (Postfix >= 2.6)."""
         out: list[bytes] = []
         c = self.cleanup
-        if not (self.rewrite_local or c.always_add_missing_headers) or proc.too_many_hops:
+        # Postfix 3.7 adds them whenever it rewrites headers at all: a remote client's
+        # too once remote_header_rewrite_domain is set (its hdr_rewrite_context).
+        if not (self.rewrite_local or c.remote_header_domain or c.always_add_missing_headers) \
+                or proc.too_many_hops:
             return out
         resent = proc.resent
         pre = "Resent-" if resent else ""
@@ -357,6 +382,8 @@ class CleanupSession:
         if self.filter:
             self.msg.set_attribute(FILTER_ATTRIBUTE, self.filter)
         try:
+            if self.map_error is not None:
+                raise self.map_error
             self._output_recipients()
         except AliasExpansionError as exc:
             self.cleanup.log.warning(f"{self.queue_id}: {exc} -- message not accepted, try again later")
@@ -396,11 +423,20 @@ class CleanupSession:
         if bcc:
             # BCC actions: more recipients, expanded like the others.
             recipients = recipients + [(a, None, None, None) for a in bcc]
+        if self.external and self.cleanup.always_bcc:
+            # Postfix adds always_bcc to mail from smtpd and pickup only
+            # (CLEANUP_FLAG_BCC_OK), never to its own notices, as if given with
+            # NOTIFY=NEVER (postconf(5)): no DSN for it, and a real recipient of the
+            # same address is not its duplicate (checked side by side with 3.7).
+            recipients = recipients + [(self.cleanup.always_bcc, None, None, "NEVER")]
         # The latest REDIRECT wins: the checks run after the smtpd's access maps.
         redirect = (checks.redirect if checks is not None else None) or self.redirect
+        mapper = self.cleanup.mapper()
         for address, orig, orcpt, notify in recipients:
             given = address
             address = self.cleanup.qualify(address)
+            if mapper is not None:
+                address = mapper.map(address, ENVELOPE_RECIPIENT)
             if orig is None:
                 orig = given      # Postfix keeps the address as the client gave it
             targets = expander.expand(address) if expander is not None else [address]
@@ -409,7 +445,8 @@ class CleanupSession:
             # one, case-folded (its been_here table is BH_FLAG_FOLD): <Y@x> after <y@x>
             # is dropped, while one address reached through two aliases (or as itself
             # and through an alias) is kept once per original recipient.
-            fold = (_client_orcpt(orcpt, orig).lower(), notify or "", orig.lower())
+            fold = (_client_orcpt(orcpt, orig).lower(), notify or "", orig.lower()) \
+                if self.cleanup.enable_orcpt else None
             for t in targets:
                 key = (t.lower(), fold)
                 if key in dups:
@@ -482,7 +519,21 @@ class Cleanup:
         self.always_add_missing_headers = _bool(config, "always_add_missing_headers", False)
         self.undisclosed_recipients_header = (config.get("undisclosed_recipients_header") or "") \
             if config.raw("undisclosed_recipients_header") is not None else ""
+        # Postfix's cleanup_out_recipient: with enable_original_recipient = no the
+        # duplicate filter keys on the final recipient alone (been_here_fixed).
+        self.enable_orcpt = _bool(config, "enable_original_recipient", True)
+        self.remote_header_domain = (config.get("remote_header_rewrite_domain") or "").strip() \
+            if config.raw("remote_header_rewrite_domain") is not None else ""
         self._table_opener = table_opener
+        self._mapper: AddressMapper | None | bool = False
+        # receive_override_options = no_address_mappings (a content filter's
+        # pre-filter smtpd): no canonical mapping, masquerading or virtual aliasing
+        # here; the re-injected copy gets them.
+        raw = config.get("receive_override_options") \
+            if config.raw("receive_override_options") is not None else ""
+        self.no_address_mappings = "no_address_mappings" in raw.replace(",", " ").split()
+        self.always_bcc = "" if self.no_address_mappings else (
+            (config.get("always_bcc") or "").strip() if config.raw("always_bcc") is not None else "")
         self._checks: ContentChecks | None = None
         self._checks_loaded = False
         self._tables: list | None = None
@@ -557,13 +608,35 @@ class Cleanup:
         warn = self.log.warning
         return [get_table(s, self.config, warn=warn, surrogate=True) for s in self._specs]
 
+    def mapper(self) -> AddressMapper | None:
+        """canonical_maps/masquerade_domains settings, made once per process; None
+        when none is set (the common case costs one attribute test)."""
+        if self._mapper is False:
+            if self.no_address_mappings:
+                self._mapper = None
+                return None
+            m = AddressMapper(self.config, myhostname=self.myhostname, myorigin=self.myorigin,
+                              open_tables=self._open_specs, warn=self.log.warning)
+            self._mapper = m if m.active else None
+        return self._mapper
+
+    def _open_specs(self, specs: list[str]) -> list:
+        if self._table_opener is not None:
+            return [self._table_opener(s) for s in specs]
+        from ..tables import get_table
+        return [get_table(s, self.config, warn=self.log.warning, surrogate=True) for s in specs]
+
     def expander(self) -> VirtualAliasExpander | None:
+        if self.no_address_mappings:
+            return None
         tables = self._open_tables()
         if not tables:
             return None
         mydest = {d.lower() for d in (self.config.get_list("mydestination")
                                       if self.config.raw("mydestination") is not None else [])}
         mydest.add(self.myhostname.lower())
+        # virtual(5): the bare "user" form applies when the domain is $myorigin too.
+        mydest.add(self.myorigin.lower())
         return VirtualAliasExpander(
             [(t.lookup, _is_pattern_table(spec)) for spec, t in zip(self._specs or (), tables)],
             expansion_limit=_int(self.config, "virtual_alias_expansion_limit", 1000),
@@ -615,6 +688,17 @@ def _int(config, name: str, default: int) -> int:
     if config.raw(name) is None:
         return default
     return config.get_int(name)
+
+
+def _header_mapper(mapper: AddressMapper, session: CleanupSession) -> Callable[[str, str], str]:
+    def run(address: str, header_name: str) -> str:
+        cls = HEADER_SENDER if header_name in SENDER_HEADERS else HEADER_RECIPIENT
+        try:
+            return mapper.map(address, cls)
+        except AliasLookupError as exc:
+            session.map_error = session.map_error or exc    # answered 451 by finish()
+            return address
+    return run
 
 
 def _bool(config, name: str, default: bool) -> bool:
