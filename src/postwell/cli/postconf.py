@@ -556,28 +556,37 @@ def edit_master_params(config_dir: str, args: list[str], mode: str, out: _Out) -
     atomic_write(path, "\n".join(new) + ("\n" if new else ""))
 
 
-def override_warnings(main_cf_path: str) -> list[str]:
+def override_warnings(main_cf_path: str, with_syntax: bool = False) -> list[str]:
     """Postfix's mail_conf_read() words for a parameter set twice in main.cf
-    (common when settings are appended to a stock file): the later line wins."""
-    from postwell.config.main import parse_main_cf_entries
+    (common when settings are appended to a stock file): the later line wins.
+    with_syntax: also the stray-line warnings, in file order among them."""
+    from postwell.config.main import iter_logical_lines, split_name_value
+    out: list[str] = []
     try:
         with open(main_cf_path, encoding="utf-8", errors="surrogateescape") as f:
-            entries = parse_main_cf_entries(f.read(), main_cf_path)
+            text = f.read()
+        seen: dict[str, str] = {}
+        for first, _last, line in iter_logical_lines(text, main_cf_path,
+                                                     out.append if with_syntax else None):
+            name, value = split_name_value(line, main_cf_path, first)
+            if name in seen:
+                out.append(f"{main_cf_path}, line {first}: overriding earlier entry: "
+                           f"{name}={seen[name]}")
+            seen[name] = value
     except (OSError, ConfigError):
         return []          # the loader reports it in its own words
-    seen: dict[str, str] = {}
-    out = []
-    for e in entries:
-        if e.name in seen:
-            out.append(f"{main_cf_path}, line {e.first_line}: overriding earlier entry: "
-                       f"{e.name}={seen[e.name]}")
-        seen[e.name] = e.value
     return out
 
 
 def _with_overrides(cfg: Config) -> list[str]:
-    # Once, should the loader ever report them itself.
-    return [w for w in override_warnings(cfg.main_cf_path) if w not in cfg.warnings] + cfg.warnings
+    # mail_conf_read() warns while it reads, so syntax and override warnings
+    # interleave in file order; the loader's own copies are not repeated
+    first = override_warnings(cfg.main_cf_path, with_syntax=True)
+    rest = list(cfg.warnings)
+    for w in first:
+        if w in rest:
+            rest.remove(w)
+    return first + rest
 
 
 # ---- -m, -b, -t -------------------------------------------------------------
@@ -744,7 +753,7 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         show_master_fields(config_dir, names, opts, out, cfg)
         return 0
     if "-m" in opts:
-        for warning in override_warnings(main_cf):
+        for warning in override_warnings(main_cf, with_syntax=True):
             out.warn(warning)
         for name in map_types():
             out.line(name)

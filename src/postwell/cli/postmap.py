@@ -33,6 +33,25 @@ class Fatal(Exception):
     pass
 
 
+def printable(text: str, utf8: bool = True) -> str:
+    """What Postfix's msg(3) layer prints: every byte that is not printable
+    ASCII becomes '?', except well-formed UTF-8 when SMTPUTF8 is on
+    (util_utf8_enable follows smtputf8_enable)."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0x20 <= o < 0x7f:
+            out.append(ch)
+        elif o >= 0x80 and utf8 and not 0xd800 <= o < 0xe000:
+            out.append(ch)
+        else:
+            # a lone surrogate is one undecodable input byte; other
+            # characters cost one '?' per byte of their UTF-8 form
+            n = 1 if 0xd800 <= o < 0xe000 or o < 0x80 else len(ch.encode("utf-8"))
+            out.append("?" * n)
+    return "".join(out)
+
+
 class _Ctx:
     def __init__(self, prog: str):
         self.prog = prog
@@ -47,7 +66,7 @@ class _Ctx:
         self.no_utf8 = False
 
     def warn(self, text: str) -> None:
-        print(f"{self.prog}: warning: {text}", file=sys.stderr)
+        print(f"{self.prog}: warning: {printable(text, self.utf8)}", file=sys.stderr)
 
     def default_type(self) -> str:
         if self.config is not None:
@@ -76,7 +95,7 @@ def _load_config(config_dir):
 
 def _open(ctx: _Ctx, typ: str, name: str):
     try:
-        t = open_table(f"{typ}:{name}", ctx.config, warn=ctx.warn)
+        t = open_table(f"{typ}:{name}", ctx.config, warn=ctx.warn, fold=ctx.fold)
     except TableError as e:
         raise Fatal(str(e)) from None
     if not ctx.fold:
@@ -299,40 +318,47 @@ def message_items(lines, headers: bool, body: bool, mime: bool):
 
 
 def query(ctx: _Ctx, specs, key: str, stdin, stdout, msg=None, sep="\t") -> int:
-    tables = [_open(ctx, *ctx.split(s)) for s in specs]
+    # Like Postfix, a table is opened only when a lookup first reaches it:
+    # a key found in an earlier table never trips over a later, broken one
+    tables: list = [None] * len(specs)
+
+    def search(k):
+        for i, s in enumerate(specs):
+            if tables[i] is None:
+                tables[i] = _open(ctx, *ctx.split(s))
+            v = _lookup(ctx, tables[i], k)
+            if v is not None:
+                return v
+        return None
+
     try:
         if key == "-" and msg is not None:
             found = False
             for item in message_items(stdin, *msg):
-                for t in tables:
-                    v = _lookup(ctx, t, item)
-                    if v is not None:
-                        stdout.write(f"{item}\t{v}\n")
-                        found = True
-                        break
+                v = search(item)
+                if v is not None:
+                    stdout.write(f"{item}\t{v}\n")
+                    found = True
             return 0 if found else 1
         if key != "-":
-            for t in tables:
-                v = _lookup(ctx, t, key)
-                if v is not None:
-                    stdout.write(_show(ctx, v) + "\n")
-                    return 0
+            v = search(key)
+            if v is not None:
+                stdout.write(_show(ctx, v) + "\n")
+                return 0
             return 1
         found = False
         for line in stdin:
-            k = line.rstrip("\n")
-            if not k:
-                continue
-            for t in tables:
-                v = _lookup(ctx, t, k)
-                if v is not None:
-                    stdout.write(f"{k}{sep}{_show(ctx, v)}\n")
-                    found = True
-                    break
+            # an empty line is a key too (postmap's vstring_get_nonl)
+            k = line[:-1] if line.endswith("\n") else line
+            v = search(k)
+            if v is not None:
+                stdout.write(f"{k}{sep}{_show(ctx, v)}\n")
+                found = True
         return 0 if found else 1
     finally:
         for t in tables:
-            t.close()
+            if t is not None:
+                t.close()
 
 
 def dump(ctx: _Ctx, specs, stdout, alias: bool) -> int:
@@ -437,7 +463,7 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
                 build(ctx, typ, name, alias)
         return 0
     except Fatal as e:
-        print(f"{prog}: fatal: {e}", file=sys.stderr)
+        print(f"{prog}: fatal: {printable(str(e), ctx.utf8)}", file=sys.stderr)
         return 1
 
 

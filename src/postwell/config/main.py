@@ -70,6 +70,15 @@ def iter_logical_lines(text: str, filename: str = "main.cf", warn=None):
     warns and skips it; `warn(message)` receives that warning.
     """
     current: list | None = None
+    stray: list[str] | None = None
+
+    def report_stray():
+        # Postfix reads the whole stray logical line (its continuations
+        # joined) before it complains, and quotes its first 30 bytes
+        raw = "".join(stray).rstrip().encode("utf-8", "surrogateescape")
+        shown = raw[:30].decode("utf-8", "surrogateescape") + ("..." if len(raw) > 30 else "")
+        warn(f'{filename}: logical line must not start with whitespace: "{shown}"')
+
     for lineno, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r") if line.endswith("\r") else line
         stripped = line.strip()
@@ -77,15 +86,23 @@ def iter_logical_lines(text: str, filename: str = "main.cf", warn=None):
             continue
         if line[0] in " \t":
             if current is None:
-                if warn:
-                    warn(f'{filename}: logical line must not start with whitespace: "{line}"')
+                if stray is None:
+                    stray = [line]
+                else:
+                    stray.append(line)
                 continue
             current[1] = lineno
             current[2] += line
             continue
+        if stray is not None:
+            if warn:
+                report_stray()
+            stray = None
         if current is not None:
             yield tuple(current)
         current = [lineno, lineno, line]
+    if stray is not None and warn:
+        report_stray()
     if current is not None:
         yield tuple(current)
 

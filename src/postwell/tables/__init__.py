@@ -78,8 +78,10 @@ def _class_for(typ: str, spec: str):
     return getattr(mod, clsname)
 
 
-def open_table(spec: str, config=None, warn=None) -> Table:
-    """Open a table. Raises TableError with Postfix's wording on failure."""
+def open_table(spec: str, config=None, warn=None, fold: bool = True) -> Table:
+    """Open a table. Raises TableError with Postfix's wording on failure.
+    ``fold=False`` is postmap -f: no key folding, also while a texthash
+    source is loaded."""
     typ, name = split_spec(spec)
     cls = _class_for(typ, spec)
     kwargs = {}
@@ -90,6 +92,8 @@ def open_table(spec: str, config=None, warn=None) -> Table:
     # utf8 must be known while the constructor folds keys (texthash, inline)
     table = cls.__new__(cls)
     table.utf8 = utf8_from_config(config)
+    if not fold:
+        table.fold = False
     table.__init__(f"{typ}:{name}", name, **kwargs)
     if warn is not None:
         table.warn = warn

@@ -179,11 +179,20 @@ def logical_lines(text: str, warn=None, path: str = ""):
     skipped (they neither end nor join a logical line); a line starting
     with white space continues the previous one, joined as written (only
     the newline goes); trailing white space of the result is removed. A
-    logical line may not start with white space: Postfix warns and skips it.
+    logical line may not start with white space: Postfix warns (once it has
+    read the whole logical line) and skips it.
     """
     cur: list[str] | None = None
     start = 0
-    bad = False
+    bad: list[str] | None = None
+
+    def report_bad():
+        # Postfix reads the whole stray logical line (continuations joined)
+        # before it complains, and quotes only its first 30 bytes ("%.30s...").
+        raw = "".join(bad).rstrip().encode("utf-8", "surrogateescape")
+        shown = raw[:30].decode("utf-8", "surrogateescape") + ("..." if len(raw) > 30 else "")
+        warn(f'{path}: logical line must not start with whitespace: "{shown}"')
+
     for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw  # like Postfix, only the newline goes (a CR stays, mid-line)
         stripped = line.strip()
@@ -192,15 +201,20 @@ def logical_lines(text: str, warn=None, path: str = ""):
         if line[0] in " \t":
             if cur is not None:
                 cur.append(line)
-            elif not bad:
-                if warn:
-                    warn(f'{path}: logical line must not start with whitespace: "{line}"')
-                bad = True
+            elif bad is not None:
+                bad.append(line)
+            else:
+                bad = [line]
             continue
-        bad = False
+        if bad is not None:
+            if warn:
+                report_bad()
+            bad = None
         if cur is not None:
             yield start, "".join(cur).rstrip()
         cur, start = [line], lineno
+    if bad is not None and warn:
+        report_bad()
     if cur is not None:
         yield start, "".join(cur).rstrip()
 

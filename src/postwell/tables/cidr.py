@@ -106,6 +106,10 @@ class CidrTable(Table):
             rest = parts[1].strip() if len(parts) > 1 else ""
             low = head.lower()
             if low == "endif":
+                if rest:
+                    # Postfix skips the whole line: it closes no IF
+                    self.warn(f"{where}, line {lineno}: garbage after ENDIF: skipping this rule")
+                    continue
                 if len(stack) == 1:
                     self.warn(f"{where}, line {lineno}: ENDIF without IF: skipping this rule")
                 else:
@@ -140,8 +144,9 @@ class CidrTable(Table):
                 self.warn(f"{where}, line {lineno}: no lookup result: skipping this rule")
                 continue
             stack[-1].append(_Rule(net, negate, rest, None, lineno))
-        if len(stack) > 1:
-            self.warn(f"{where}, line {if_lines[-1]}: IF has no matching ENDIF")
+        # every IF still open is reported, innermost first, as Postfix does
+        for if_line in reversed(if_lines):
+            self.warn(f"{where}, line {if_line}: IF has no matching ENDIF")
         return top
 
     def _lookup(self, key: str):

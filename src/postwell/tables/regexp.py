@@ -66,7 +66,9 @@ def _bracket(pat: str, i: int, backslash_escapes: bool, newline_excluded: bool =
     first = True
     while True:
         if j >= n:
-            raise PatternError(_UNMATCHED_BRACKET)
+            # glibc: a '[' or '[^' that ends the pattern is REG_BADPAT,
+            # not REG_EBRACK (checked against postmap regexp:)
+            raise PatternError("Invalid regular expression" if first else _UNMATCHED_BRACKET)
         c = pat[j]
         if c == "]" and not first:
             if negated and newline_excluded:
@@ -192,10 +194,13 @@ def posix_to_python(pat: str, extended: bool, multiline: bool, icase: bool = Fal
                 depth += 1
                 out.append("(")
             elif c == ")":
-                depth -= 1
-                if depth < 0:
-                    raise PatternError("Unmatched ) or \\)")
-                out.append(")")
+                if depth == 0:
+                    # glibc's POSIX ERE syntax takes an unmatched ')' as a
+                    # literal (RE_UNMATCHED_RIGHT_PAREN_ORD); postmap agrees
+                    out.append(r"\)")
+                else:
+                    depth -= 1
+                    out.append(")")
             elif c == "$":
                 out.append(f"(?:{dollar})")
             elif c == "{":
@@ -210,6 +215,9 @@ def posix_to_python(pat: str, extended: bool, multiline: bool, icase: bool = Fal
                 continue
             elif c in "*+?":
                 prev = out[-1] if out else ""
+                if prev in ("", "(", "|", "^"):
+                    # nothing to repeat: glibc's REG_BADRPT
+                    raise PatternError("Invalid preceding regular expression")
                 if prev in ("*", "+", "?"):
                     # stacked repeats (a**, a+?): POSIX has no lazy forms;
                     # the combination repeats like the wider of the two
@@ -587,9 +595,10 @@ class RegexpTable(Table):
     def _where(self, lineno):
         return f"{self.label} {self.name}, line {lineno}"
 
-    def _get_pattern(self, text: str, lineno: int):
+    def _get_pattern(self, text: str, lineno: int, compile: bool = True):
         """Parse '[!]<d>pattern<d>flags' at the start of text.
-        Returns (regex, negate, anchored, rest) or None after a warning."""
+        Returns (regex, negate, anchored, rest) or None after a warning;
+        with compile=False (pattern, flags, negate, rest), uncompiled."""
         negate = False
         p = text
         if p.startswith("!"):
@@ -629,12 +638,19 @@ class RegexpTable(Table):
                 self.warn(f'{self._where(lineno)}: unknown regexp option "{f}": skipping this rule')
                 return None
             i += 1
+        if not compile:
+            return pattern, flags, negate, p[i:].strip()
+        got = self._compile_rule(pattern, flags, lineno)
+        if got is None:
+            return None
+        return got[0], negate, got[1], p[i:].strip()
+
+    def _compile_rule(self, pattern, flags, lineno):
         try:
-            rx, anchored = self._compile(_octets(pattern), flags)
+            return self._compile(_octets(pattern), flags)
         except (PatternError, re.error, ValueError, OverflowError) as e:
             self.warn(f"{self._where(lineno)}: {self._compile_error(pattern, e)}")
             return None
-        return rx, negate, anchored, p[i:].strip()
 
     def _compile(self, pattern, flags):
         multiline = "m" in flags
@@ -661,6 +677,8 @@ class RegexpTable(Table):
                 if len(stack) == 1:
                     self.warn(f"{self._where(lineno)}: ignoring ENDIF without matching IF")
                 else:
+                    if line[5:].strip():
+                        self.warn(f"{self._where(lineno)}: ignoring extra text after ENDIF")
                     stack.pop()
                 continue
             if low.startswith("if") and len(line) > 2 and not line[2].isalnum():
@@ -681,10 +699,12 @@ class RegexpTable(Table):
             if line[0].isalnum():
                 self.warn(f"{self._where(lineno)}: ignoring unrecognized request")
                 continue
-            got = self._get_pattern(line, lineno)
+            # Postfix checks the replacement text before it compiles the
+            # pattern: a rule bad in both draws only the replacement warning
+            got = self._get_pattern(line, lineno, compile=False)
             if got is None:
                 continue
-            rx, negate, anchored, rest = got
+            pattern, flags, negate, rest = got
             if not rest:
                 self.warn(f"{self._where(lineno)}: no replacement text: using empty string")
             try:
@@ -702,6 +722,10 @@ class RegexpTable(Table):
                 self.warn(f"{self._where(lineno)}: $number found in negative match "
                           f"replacement text: skipping this rule")
                 continue
+            compiled = self._compile_rule(pattern, flags, lineno)
+            if compiled is None:
+                continue
+            rx, anchored = compiled
             if maxn > rx.groups:
                 self.warn(f'{self._where(lineno)}: out of range replacement index "{maxn}": '
                           f"skipping this rule")
@@ -716,8 +740,9 @@ class RegexpTable(Table):
                 except Exception:
                     rule.posix_rx = None
             stack[-1][0].append(rule)
-        if len(stack) > 1:
-            self.warn(f"{self._where(stack[-1][1])}: IF has no matching ENDIF")
+        # every IF still open is reported, innermost first, as Postfix does
+        for _rules, if_line in reversed(stack[1:]):
+            self.warn(f"{self._where(if_line)}: IF has no matching ENDIF")
         return top
 
     # -- lookup ----------------------------------------------------------
@@ -776,9 +801,37 @@ class PcreTable(RegexpTable):
     def _compile_error(self, pattern, e):
         pos = getattr(e, "pos", None)
         msg = getattr(e, "msg", None) or str(e)
+        pos, msg = _pcre2_error(pattern, pos, msg)
         if pos is not None:
             return f"error in regex at offset {pos}: {msg}"
         return f"error in regex: {msg}"
+
+
+def _pcre2_error(pattern: str, pos, msg: str):
+    """Python re's complaint -> the text and offset PCRE2 (Postfix 3.7's
+    pcre: tables) reports for the same mistake; both checked against
+    postmap. PCRE2 reports an unterminated construct at the pattern's end."""
+    end = len(pattern.encode("utf-8", "surrogateescape"))
+    if msg.startswith("missing ), unterminated subpattern"):
+        return end, "missing closing parenthesis"
+    if msg.startswith("Unmatched [") or msg.startswith("unterminated character set") \
+            or (msg == "Invalid regular expression" and pattern.endswith(("[", "[^"))):
+        return end, "missing terminating ] for character class"
+    if msg.startswith("nothing to repeat") or msg.startswith("multiple repeat"):
+        return pos, "quantifier does not follow a repeatable item"
+    if msg.startswith("unbalanced parenthesis"):
+        return pos, "unmatched closing parenthesis"
+    if msg.startswith("min repeat greater than max repeat") and pos is not None:
+        close = pattern.find("}", pos)
+        return (close if close >= 0 else pos), "numbers out of order in {} quantifier"
+    if msg.startswith("bad character range") and pos is not None:
+        return pos + 2, "range out of order in character class"
+    if msg.startswith("missing >, unterminated name"):
+        return pos, "syntax error in subpattern name (missing terminator?)"
+    if msg.startswith("bad character in group name") and pos is not None \
+            and pattern[pos:pos + 1].isdigit():
+        return pos, "subpattern name must start with a non-digit"
+    return pos, msg
 
 
 def _dollar_endonly(py: str) -> str:

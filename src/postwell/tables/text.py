@@ -54,10 +54,16 @@ class TexthashTable(Table):
         except OSError as e:
             raise TableError(f"open database {name}: {e.strerror}") from None
         self.data: dict[str, str] = {}
-        for lineno, key, value in parse_source(text, name, True, warn, " -- ignoring this line", self.utf8):
+        # postmap -f opens the table with fold off (set before __init__ by
+        # open_table): keys are then kept and matched as written
+        fold = self.fold
+        for lineno, raw_key, value in parse_source(text, name, False, warn,
+                                                   " -- ignoring this line", self.utf8):
+            key = fold_key(raw_key, self.utf8) if fold else raw_key
             if key in self.data:
                 if warn:
-                    warn(f'{name}, line {lineno}: duplicate entry: "{key}"')
+                    # Postfix quotes the duplicate as the file spells it
+                    warn(f'{name}, line {lineno}: duplicate entry: "{raw_key}"')
                 continue
             self.data[key] = value
 
