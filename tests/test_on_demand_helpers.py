@@ -690,8 +690,9 @@ def test_running_instance_starts_pickup_and_helper_only_when_mail_comes(tmp_path
         # its last message; the helper stays longer, the qmgr's link idles first)
         uids = [_uid(p) for p in extra]
         assert uids.count(0) == 1 and set(uids) <= {0, inst.uid, box}
-        log = inst.log_text()
-        assert "postfix/pickup[" in log and "postfix/virtual[" in log
+        # The mailbox file is there before the qmgr logs the delivery line.
+        inst.wait_log(r"postfix/virtual\[\d+\]: \w+: to=<bob@", timeout=20)
+        assert "postfix/pickup[" in inst.log_text()
         # max_idle later both are gone again, with no warning.
         wait_until(lambda: set(p for p in _kids(inst) if not _gone(p)) == idle, "idle tree", 20)
         assert "warning" not in inst.log_text() and "fatal" not in inst.log_text()
