@@ -1387,7 +1387,9 @@ class SmtpdSession(asyncio.Protocol):
         if self.cs is None:
             # smtpd_delay_open: the queue file and id appear at the first accepted RCPT.
             try:
-                cs = srv.cleanup.open(rewrite_local=srv.rewrite_local(state.client_addr),
+                cs = srv.cleanup.open(rewrite_local=srv.rewrite_local(
+                                          state.client_addr, state.client_name,
+                                          state.sasl_username is not None),
                                       content_checks=True)
             except Exception as exc:
                 srv.log.warning(f"queue file create error: {exc}")
@@ -1588,6 +1590,17 @@ class SmtpdServer:
             pass
         self._own = None
         self._rewrite_cache: dict[str, bool] = {}
+        # local_header_rewrite_clients: which clients' headers are rewritten as local
+        # (unqualified addresses get @$myorigin, missing Date/Message-Id/From added).
+        self._rewrite_rules = [w for w in re.split(r"[\s,]+", config.get(
+            "local_header_rewrite_clients") or "") if w]
+        self._rewrite_mynetworks = self._host_list("mynetworks", "$mynetworks") \
+            if "permit_mynetworks" in self._rewrite_rules else None
+        for rule in self._rewrite_rules:
+            if rule not in ("permit_inet_interfaces", "permit_mynetworks",
+                            "permit_sasl_authenticated", "static:all"):
+                self.log.warning(f"local_header_rewrite_clients: {rule} is not supported by "
+                                 "postwell and never matches")
         self.limits = None        # anvil(8): machine-wide counts and rates
         try:
             from postwell.anvil import SmtpdLimits
@@ -1785,20 +1798,40 @@ class SmtpdServer:
         except Exception:
             return False
 
-    def rewrite_local(self, addr: str) -> bool:
-        # Asked at every first RCPT; the answer depends on the address and on this
-        # host's interfaces only, so remember it per client address.
-        cache = self._rewrite_cache
-        hit = cache.get(addr)
-        if hit is None:
-            hit = self._rewrite_local(addr)
-            if len(cache) >= 4096:
-                cache.clear()
-            cache[addr] = hit
-        return hit
+    def rewrite_local(self, addr: str, name: str = "", sasl: bool = False) -> bool:
+        """Postfix's local_header_rewrite_clients, asked at every first RCPT: the first
+        entry that matches makes the client local.  Address-only answers (the default
+        permit_inet_interfaces, permit_mynetworks with address patterns, static:all)
+        are remembered per client address."""
+        rules = self._rewrite_rules
+        if rules == ["permit_inet_interfaces"]:
+            cache = self._rewrite_cache
+            hit = cache.get(addr)
+            if hit is None:
+                hit = self._inet_interface(addr)
+                if len(cache) >= 4096:
+                    cache.clear()
+                cache[addr] = hit
+            return hit
+        for rule in rules:
+            if rule == "permit_inet_interfaces":
+                if self._inet_interface(addr):
+                    return True
+            elif rule == "permit_mynetworks":
+                try:
+                    if self._rewrite_mynetworks and self._rewrite_mynetworks.match(name, addr):
+                        return True
+                except Exception:   # noqa: BLE001 - a table failure: not local
+                    pass
+            elif rule == "permit_sasl_authenticated":
+                if sasl:
+                    return True
+            elif rule == "static:all":
+                return True
+        return False
 
-    def _rewrite_local(self, addr: str) -> bool:
-        # local_header_rewrite_clients = permit_inet_interfaces (Postfix's default).
+    def _inet_interface(self, addr: str) -> bool:
+        # permit_inet_interfaces (Postfix's default): loopback or an address of this host.
         try:
             if ipaddress.ip_address(addr).is_loopback:
                 return True
