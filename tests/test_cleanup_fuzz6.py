@@ -277,20 +277,7 @@ def _deliver(inst, sender: str, rcpts: list[str], content: str, seq: int, xclien
     _log_since_disconnect(inst, before)
     files = {}
     if any(r.code == 250 and "queued" in r.text for r in replies):
-        users = {_ALIASES.get(r.split("@")[0].lower(), r.split("@")[0].lower()) for r in rcpts}
-        users |= extra_users
-        for user in sorted(users & set(harness.MAILBOX_USERS)):
-
-            def new(user=user):
-                for p in inst.maildir_messages(user):
-                    if p not in seen[user]:
-                        data = p.read_bytes()
-                        if f"fuzz-seq {seq}\n".encode() in data:
-                            return data
-                return None
-            files[user] = harness.wait_for(new, 15, 0.05, f"{inst.kind} delivery to {user}")
-        harness.wait_for(lambda: re.search(r"postfix/qmgr\[\d+\]: \w+: removed",
-                                           _tail(inst, before)), 10, 0.05, "removed")
+        files = _delivered(inst, before, seen, rcpts, seq, extra_users, 15)
     log = [norm_log(ln) for ln in _tail(inst, before).splitlines()
            if re.search(os.environ.get("FZ6_LOGRE", r"postfix/(cleanup|qmgr)\["), ln)
            and "removed" not in ln]
@@ -312,6 +299,18 @@ def _sendmail(inst, sender: str, rcpts: list[str], content: str, seq: int, extra
     cp = subprocess.run(cmd + ["-f", sender, "--", *rcpts], timeout=30,
                         input=content.replace("\r\n", "\n").encode("utf-8", "surrogateescape"),
                         env=dict(os.environ, MAIL_CONFIG=str(inst.config_dir)), capture_output=True)
+    files = _delivered(inst, before, seen, rcpts, seq, extra_users, 20)
+    log = [norm_log(ln) for ln in _tail(inst, before).splitlines()
+           if re.search(r"postfix/(cleanup|qmgr|pickup)\[", ln) and "removed" not in ln]
+    log = [re.sub(r"uid=\d+", "uid=U", ln) for ln in log]
+    return [cp.returncode], \
+        {u: norm_file(d.decode("utf-8", "surrogateescape")) for u, d in files.items()}, sorted(log)
+
+
+def _delivered(inst, before: int, seen: dict, rcpts: list[str], seq: int, extra_users,
+               timeout: float) -> dict:
+    """Per mailbox user the recipients reach, the new file of message ``seq``; then
+    waits for the qmgr's "removed" line, so the log is complete."""
     files = {}
     users = {_ALIASES.get(r.split("@")[0].lower(), r.split("@")[0].lower()) for r in rcpts}
     for user in sorted((users | extra_users) & set(harness.MAILBOX_USERS)):
@@ -322,14 +321,10 @@ def _sendmail(inst, sender: str, rcpts: list[str], content: str, seq: int, extra
                     if f"fuzz-seq {seq}\n".encode() in data:
                         return data
             return None
-        files[user] = harness.wait_for(new, 20, 0.05, f"{inst.kind} delivery to {user}")
+        files[user] = harness.wait_for(new, timeout, 0.05, f"{inst.kind} delivery to {user}")
     harness.wait_for(lambda: re.search(r"postfix/qmgr\[\d+\]: \w+: removed",
                                        _tail(inst, before)), 10, 0.05, "removed")
-    log = [norm_log(ln) for ln in _tail(inst, before).splitlines()
-           if re.search(r"postfix/(cleanup|qmgr|pickup)\[", ln) and "removed" not in ln]
-    log = [re.sub(r"uid=\d+", "uid=U", ln) for ln in log]
-    return [cp.returncode], \
-        {u: norm_file(d.decode("utf-8", "surrogateescape")) for u, d in files.items()}, sorted(log)
+    return files
 
 
 def _tail(inst, before: int) -> str:

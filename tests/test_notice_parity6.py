@@ -439,23 +439,9 @@ def env(tmp_path):
     return SimpleNamespace(cfg=cfg, store=store, clock=clock, logs=logs, make=make, agents=agents)
 
 
-def _queue(store, sender, rcpts, body=b"From: s@x.test\nSubject: t\n\nhello\n") -> str:
-    msg = store.create()
-    msg.set_sender(sender)
-    for r in rcpts:
-        msg.add_recipient(r)
-    msg.write(body)
-    msg.commit()
-    return msg.queue_id
-
-
-def _arun(coro, timeout=60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def _pass(qm):
-    qm.scan_incoming()
-    await qm.drain()
+# The qmgr notice tests' helpers: queue a message, run a coroutine bounded, one
+# incoming/ pass.
+from test_qmgr_notices import incoming_pass as _pass, queue as _queue, run as _arun  # noqa: E402
 
 
 def _notices(env, exclude=()):
