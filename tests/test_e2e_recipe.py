@@ -175,7 +175,7 @@ def pairs(tmp_path_factory):
             made.append(ref)
             pw = harness.PostwellInstance(base, VARIANTS[variant])
             made.append(pw)
-            harness.run_side_by_side(lambda inst: inst.start(), ref, pw)
+            harness.start_side_by_side(ref, pw)
             started[variant] = (ref, pw)
         return started[variant]
 

@@ -298,7 +298,9 @@ def pairs(tmp_path_factory):
             if variant in _NO_220:
                 harness.wait_banner = _any_greeting
             try:
-                harness.run_side_by_side(lambda inst: inst.start(), ref, pw)
+                # Waits for each start-up probe's log lines too, so a dialogue's log
+                # window never holds them.
+                harness.start_side_by_side(ref, pw)
             finally:
                 harness.wait_banner = saved
             started[variant] = (ref, pw)
