@@ -1208,3 +1208,8 @@ def check_delivered(path: Path) -> tuple[str | None, bool]:
 
 
 QUEUED_RE = re.compile(r"queued as ([0-9A-Za-z]+)")
+# Postfix's cleanup warns when a new queue file's time stamp is ahead of time(): a
+# property of the machine's clocks at that instant, never of the dialogue being compared.
+POSTFIX_CLOCK_WARNING = re.compile(
+    r"postfix/cleanup\[\d+\]: warning: (file system clock is -?\d+ seconds? ahead of local clock"
+    r"|resetting file time stamps - this hurts performance)")

@@ -96,7 +96,7 @@ def _trail(inst, lines, done: str, size: bool = False, qids_out: list | None = N
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
         m = _PREFIX.match(line)
-        if m:
+        if m and not harness.POSTFIX_CLOCK_WARNING.search(line):
             out.setdefault(m.group(1), []).append(_normalise(m.group(2), size))
     return out
 
