@@ -138,6 +138,8 @@ def test_queue_content_refuses_a_replaced_file(queued):
 @root_only
 def test_worker_delivers_as_the_user_and_is_reused(queued, mailroot, pool, monkeypatch):
     monkeypatch.setattr(local_exec, "_pool", pool)
+    # Maildir work otherwise runs in the calling thread (tests/test_local_threads7.py).
+    monkeypatch.setattr(local_exec, "THREAD_IDENTITIES", False)
     ident = Identity(UID, GID, "someone")
     pids = set()
     for _ in range(3):

@@ -190,6 +190,8 @@ def test_helper_request_delivers_inline_through_the_worker_pool(store, mailroot,
             "message_size_limit": "10240000"}, {}, [])
         agent = LocalAgent(cfg, log=NullLog("local"), store=store, helper_socket="")
         monkeypatch.setattr(local_exec, "_pool", WorkerPool())
+        # The worker path (Maildir work otherwise runs in the helper's thread as the user).
+        monkeypatch.setattr(local_exec, "THREAD_IDENTITIES", False)
         sent = []
         real = local_exec.WorkerPool.run
 

@@ -1,6 +1,8 @@
 """The privileged half of local(8): everything that touches a user's files
-or runs a user's command, each in a forked child that has become that user
-before it opens any path.
+or runs a user's command, as that user: Maildir work and .forward reads in the
+root helper's own thread with the user's effective ids and groups (per-thread
+credentials, see "thread identities" below), everything else in a process
+that has become that user before it opens any path.
 
 The expansion logic in local.py never opens a user path itself; it calls
 :func:`run_as` with one of the ``op_*`` functions below.  The operation
@@ -113,11 +115,103 @@ def run_as(ident: Identity, func, *args):
             raise NeedRoot(f"delivery as uid {ident.uid} requires root privileges")
         return func(*args)
     pool = _pool
+    if pool is not None and _thread_identity_ok(func, args):
+        return _run_in_thread(ident, func, *args)
     if pool is not None and getattr(func, "__name__", None) in WORKER_OPS:
         res = pool.run(ident, func.__name__, args)
         if res is not None:
             return res
     return _run_forked(ident, func, *args)
+
+
+# ------------------------------------------------------ thread identities
+#
+# The Maildir case, which is most local mail, needs no process of its own:
+# Linux keeps credentials per thread (the glibc wrappers make a change
+# process-wide; the raw system calls do not), so the helper's thread that
+# serves a delivery takes the user's groups, gid and effective uid for the
+# file work and returns to root after it -- Postfix's local(8) does the same
+# with seteuid() in its one-delivery-at-a-time process.  As with seteuid(),
+# an effective uid other than 0 clears the thread's capabilities: the kernel
+# checks permissions and quotas as for the user.  What stays with the user
+# workers: mbox appends (fcntl locks do not exclude the threads of one
+# process), commands (they run user code) and anything that is not a Maildir.
+THREAD_IDENTITIES = True    # False: every file operation goes to a user worker (tests, A/B runs)
+_SYSCALLS = {"x86_64": (116, 117, 119), "aarch64": (159, 147, 149)}   # setgroups, setresuid, setresgid
+_THREAD_OPS = {"op_forward_lookup", "op_read_file"}
+_MAILDIR_OPS = {"op_forward_or_mailbox": 3, "op_mailbox": 0, "op_file": 0}   # where the LocalCopy is
+_libc_syscall = None
+
+
+def _thread_creds_available() -> bool:
+    global _libc_syscall
+    if not THREAD_IDENTITIES:
+        return False
+    if _libc_syscall is None:
+        nums = _SYSCALLS.get(os.uname().machine)
+        if nums is None:
+            _libc_syscall = False
+        else:
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).syscall
+                fn.restype = ctypes.c_long
+                _libc_syscall = (fn, nums)
+            except (OSError, AttributeError):
+                _libc_syscall = False
+    return _libc_syscall is not False
+
+
+def _thread_identity_ok(func, args) -> bool:
+    name = getattr(func, "__name__", None)
+    if name in _THREAD_OPS:
+        return _thread_creds_available()
+    at = _MAILDIR_OPS.get(name)
+    if at is None or len(args) <= at or getattr(args[at], "maildir", False) is not True:
+        return False
+    return _thread_creds_available()
+
+
+def _set_thread_creds(groups, gid: int, uid: int) -> None:
+    """Groups, then gid, then uid (the first two need root's capabilities);
+    back to root (uid 0) in the reverse order."""
+    fn, (n_setgroups, n_setresuid, n_setresgid) = _libc_syscall
+    keep = ctypes.c_long(-1)
+    arr = (ctypes.c_uint * max(len(groups), 1))(*groups)
+    calls = [(n_setgroups, ctypes.c_long(len(groups)), arr),
+             (n_setresgid, keep, ctypes.c_long(gid), keep),
+             (n_setresuid, keep, ctypes.c_long(uid), keep)]
+    for call in (calls[::-1] if uid == 0 else calls):
+        if fn(*call) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+
+
+def _run_in_thread(ident: Identity, func, *args):
+    """``func(*args)`` in this thread as ``ident`` (effective ids and groups), then
+    back to root; an answer as a worker gives it."""
+    if not _thread_creds_available():
+        raise NeedRoot("no per-thread credentials here")
+    root_groups = os.getgroups()
+    root_gid = os.getegid()
+    try:
+        if ident.uid != 0 or ident.gid != 0:
+            _set_thread_creds(list(dict.fromkeys(ident.groups or [ident.gid])), ident.gid, ident.uid)
+            if os.geteuid() != ident.uid or os.getegid() != ident.gid:
+                raise OSError(errno.EPERM, "privilege change failed")
+        res = func(*args)
+    except BaseException as exc:  # as a worker answers: a reason, never a hang
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        try:
+            _set_thread_creds(root_groups, root_gid, 0)
+            ok = os.geteuid() == 0 and os.getegid() == root_gid
+        except BaseException:   # noqa: BLE001
+            ok = False
+        if not ok:
+            # A root helper must never go on with a user's identity.
+            os.write(2, b"local helper: cannot return to root credentials\n")
+            os._exit(70)
+    return res
 
 
 def _run_forked(ident: Identity, func, *args):
