@@ -504,8 +504,6 @@ def test_part_header_white_space_before_colon(pairs):
 
 
 @pytest.mark.xdist_group("cleanup-fuzz6")
-@pytest.mark.xfail(strict=True, reason="delivery/virtual.py writes X-Original-To even with "
-                   "enable_original_recipient = no (Postfix does not); not cleanup's part")
 def test_no_x_original_to_without_original_recipient(pairs):
     _one(pairs, "orcpt_off", "Subject: x\r\n")
 

@@ -468,9 +468,8 @@ class LocalAgent(DeliveryAgent):
     # -- the qmgr entry point ------------------------------------------
     async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:
         if request.attributes.get("postwell_verify"):
-            # verify(8) probe: say where the mail would go, deliver nothing.
-            from postwell.verify.probe import local_probe
-            return await asyncio.get_running_loop().run_in_executor(None, local_probe, self, request)
+            # A probe (verify(8) or sendmail -bv): say where the mail would go.
+            return await asyncio.get_running_loop().run_in_executor(None, self.probe, request)
         # An explicit helper_socket always uses the helper ("" never does); else
         # the master's setting is used when this process cannot switch users itself.
         socket_path = self.helper_socket
@@ -494,6 +493,17 @@ class LocalAgent(DeliveryAgent):
             if delivered_to is None:
                 delivered_to = delivered_to_headers(request.open_content)
             out.append(Expansion(self, request, delivered_to).run(rc))
+        return out
+
+    def probe(self, request: DeliveryRequest) -> list[RecipientResult]:
+        """Blocking: a probe's answers, one result per recipient whose parts are
+        the destinations found (TraceExpansion; ``postwell_verify`` = "user" is
+        sendmail -bv, anything else verify(8))."""
+        mta = request.attributes.get("postwell_verify") != "user"
+        out = []
+        for rc in request.recipients:
+            leaves = dsn_for_leaves(rc, TraceExpansion(self, request, set(), mta=mta).run(rc))
+            out.append(self._aggregate(rc, leaves))
         return out
 
     async def _expand_via_helper(self, request, path) -> list[list[Leaf]]:
@@ -1168,6 +1178,107 @@ class Expansion:
         copy = self._copy(b, "", False, "command")
         self._do(b, ident, _command_in_dir, command, env, cwd, self.s.time_limit, self.s.shell,
                  copy, self.request.open_content, bool(self.s.exec_dir))
+
+
+class TraceExpansion(Expansion):
+    """local(8) for a trace-only request: every destination is reported instead
+    of used ("forwards to ADDR", "delivers to mailbox" / "delivers to maildir",
+    "delivers to command: CMD", "delivers to file: PATH"); nothing is written, run
+    or re-injected (checked against 3.7).
+
+    sendmail -bv (DEL_REQ_FLAG_USR_VRFY) expands aliases, .forward and :include:
+    files as for mail.  A verify(8) probe (``mta``, DEL_REQ_FLAG_MTA_VRFY) stops
+    at an alias ("aliased to VALUE", alias.c) or a user's forward_path file
+    ("forward via file: PATH", dotforward.c: found with lstat, not read)."""
+
+    def __init__(self, agent, request, delivered_to, mta: bool = False):
+        super().__init__(agent, request, delivered_to)
+        self.mta = mta
+
+    def alias(self, b: Branch, name: str, unmatched: str | None) -> bool:
+        if not self.mta:
+            return super().alias(b, name, unmatched)
+        if b.exp_from is not None and b.exp_from.lower() == name:
+            return False
+        found = self.agent.aliases.lookup(name)
+        if found is None:
+            if name in ("mailer-daemon", "postmaster"):
+                self._warn(f"required alias not found: {name}")
+                self.leaf(b, "2.0.0", "discarded")
+                return True
+            return False
+        self._report(b, f"aliased to {str(found[0]).strip()}")
+        return True
+
+    def dotforward(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
+        if not self.mta:
+            return super().dotforward(b, user, ext, domain)
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return False
+        attrs = self._attrs(b, user, ext, domain, pw)
+        paths = []
+        for template in self.s.forward_path:
+            path, undefined, _ = expand_template(template, attrs, self.s.fwd_filter)
+            if path and not undefined:
+                paths.append(path)
+        if not paths:
+            return False
+        res = self._call(Identity.from_pwd(pw), op_forward_lookup, pw.pw_dir, paths, pw.pw_uid)
+        if not res.get("path"):
+            return False
+        self._report(b, f"forward via file: {res['path']}")
+        return True
+
+    def _mailbox_next(self, b, user, pw, ident):
+        return None         # the .forward lookup must not write the mailbox
+
+    def _call(self, ident: Identity, func, *args) -> dict:
+        try:
+            return run_as(ident, func, *args)
+        except NeedRoot as exc:
+            # An unprivileged qmgr reads with its own rights what it may: the
+            # user's own .forward (op_read_file's owner checks still apply) and
+            # the :include: files of root's aliases (fewer rights than root's).
+            # An :include: named by a user must be read with that user's rights,
+            # never with ours.
+            if func is op_forward_lookup or (func is op_read_file and ident.uid == 0):
+                return func(*args)
+            return {"error": str(exc)}
+
+    def _report(self, b: Branch, reason: str, address: str | None = None) -> None:
+        self.leaves.append(Leaf(address or b.address, b.orig, "sent", "2.0.0", reason, via=b.via))
+
+    def forward(self, b: Branch, target: str) -> None:
+        if self.been_here(("forward", target.lower(), b.sender)):
+            return
+        self._report(b, f"forwards to {target}", target)
+
+    def mailbox(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return False
+        if self.been_here(("mailbox", user)):
+            return True
+        plan = self._mailbox_plan(b, user, pw, Identity.from_pwd(pw))
+        if plan[0] == "command":
+            self.run_command(b, plan[1], plan[2], pw=pw)
+        else:
+            self._report(b, "delivers to maildir" if plan[2][0].maildir else "delivers to mailbox")
+        return True
+
+    def run_command(self, b: Branch, ident: Identity, command: str, pw=None) -> None:
+        self._report(b, f"delivers to command: {command}")
+
+    def file_token(self, b: Branch, path: str) -> None:
+        if (b.exp_type or "") not in self.s.allow_files:
+            self.leaf(b, "5.7.1", "mail to file is restricted")
+            return
+        if self.been_here(("file", path)):
+            return
+        self._report(b, f"delivers to file: {path}")
 
 
 def _device_of(path: str | None) -> int | None:

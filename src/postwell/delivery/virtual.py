@@ -59,9 +59,12 @@ class Delivery:
     def headers(self) -> bytes:
         # Same order as Postfix's mail_copy(): Return-Path, X-Original-To, Delivered-To.
         out = [f"Return-Path: <{_quote_local(self.sender)}>\n"]
+        # Both addresses in RFC 822 form (quote_822_local), as Postfix writes them:
+        # X-Original-To: "a b"@example.org (checked against 3.7).  Postfix 3.7 keeps
+        # Delivered-To's case (tests/test_delivery_gaps7.py, strict xfail).
         if self.orig:
-            out.append(f"X-Original-To: {self.orig}\n")
-        out.append(f"Delivered-To: {self.recipient.lower()}\n")
+            out.append(f"X-Original-To: {_quote_local(self.orig)}\n")
+        out.append(f"Delivered-To: {_quote_local(self.recipient).lower()}\n")
         return "".join(out).encode("utf-8", "surrogateescape")
 
 
@@ -80,6 +83,9 @@ class VirtualAgent(DeliveryAgent):
         self.lock_methods = [m.lower() for m in config.get_list("virtual_mailbox_lock")]
         # Maildir names carry the system host name (Postfix's get_hostname()), not $myhostname.
         self.hostname = socket.gethostname() or config.get("myhostname")
+        # Postfix's mail_copy() writes X-Original-To only with enable_original_recipient
+        # = yes (orig_to= is still logged either way, checked against 3.7).
+        self.original_recipient = config.get_bool("enable_original_recipient")
         self._workers = None
         message_limit = config.get_int("message_size_limit")
         if self.limit and message_limit and self.limit < message_limit:
@@ -127,7 +133,8 @@ class VirtualAgent(DeliveryAgent):
             return RecipientResult.deferred(rcpt, "mail system configuration error", RELAY, "4.3.0")
         path = os.path.join(self.base, mailbox.lstrip("/"))
         d = Delivery(path=path, maildir=mailbox.endswith("/"), uid=uid, gid=gid,
-                     sender=request.sender, recipient=address, orig=rcpt.orig or address,
+                     sender=request.sender, recipient=address,
+                     orig=(rcpt.orig or address) if self.original_recipient else "",
                      limit=self.limit, lock_methods=self.lock_methods, hostname=self.hostname)
         d.queue_dev = self.queue_device
         return d

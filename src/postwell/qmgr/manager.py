@@ -71,7 +71,7 @@ from postwell.dsn import (
 )
 from postwell.dsn.notice import command_diagnostic
 from postwell.queue import HOLD_ATTRIBUTE
-from postwell.verify import VERIFY_ATTRIBUTE
+from postwell.verify import MTA_PROBE, VERIFY_ATTRIBUTE
 from postwell.queue.format import SIZE_ATTRIBUTE
 from postwell.queue import format as qformat
 
@@ -200,7 +200,8 @@ class QueueManager:
         self._process_sems: dict[str, asyncio.Semaphore | None] = {}
         self._in_progress: set[str] = set()
         self._open_sem = asyncio.Semaphore(OPEN_MESSAGE_LIMIT)
-        self._sender_aware: tuple[object, bool] | None = None
+        self._sender_aware: dict[int, tuple[object, bool]] = {}
+        self._probe_resolver = None     # see _resolver_for_probes
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -421,14 +422,32 @@ class QueueManager:
         svc = self._service_for(transport)
         return svc.command if svc else transport
 
-    def _resolve(self, address: str, sender: str):
-        resolver = self.resolver
-        if self._sender_aware is None or self._sender_aware[0] is not resolver:
-            self._sender_aware = (resolver, _takes_sender(resolver))
-        if self._sender_aware[1]:
+    def _resolve(self, address: str, sender: str, probe: bool = False):
+        resolver = self._resolver_for_probes() if probe else self.resolver
+        got = self._sender_aware.get(id(resolver))
+        if got is None or got[0] is not resolver:
+            got = self._sender_aware[id(resolver)] = (resolver, _takes_sender(resolver))
+        if got[1]:
             # sender_dependent_relayhost_maps and the like need the sender.
             return resolver.resolve(address, sender=sender)
         return resolver.resolve(address)
+
+    def _resolver_for_probes(self):
+        """Postfix's qmgr resolves verify(8) probes in trivial-rewrite's verify
+        context: address_verify_relayhost, _transport_maps, _default_transport,
+        _local_transport, _virtual_transport, _relay_transport and
+        _sender_dependent_relayhost_maps in place of the usual parameters.
+        With none of them set apart, that is the mail resolver itself."""
+        if self._probe_resolver is None:
+            from postwell.verify.probe import probe_routing
+            try:
+                overrides = probe_routing(self.config)
+            except Exception as exc:   # noqa: BLE001 - a config without them routes as mail
+                self.log.warning(f"address verification routing: {exc}")
+                overrides = {}
+            self._probe_resolver = make_resolver(self.config.override(overrides)) \
+                if overrides else False
+        return self._probe_resolver or self.resolver
 
     # ------------------------------------------------------------ queue ops
     def _path(self, queue_name: str, qid: str) -> str:
@@ -640,8 +659,14 @@ class QueueManager:
 
         groups: dict[tuple[str, str], list[tuple[object, Recipient]]] = defaultdict(list)
         early: list[tuple[object, RecipientResult]] = []
-        # A content filter overrides the address resolver for every recipient.
-        route = message_filter(getattr(qm, "attributes", None), self.myhostname)
+        attrs = getattr(qm, "attributes", None)
+        probe = attrs.get(VERIFY_ATTRIBUTE) if attrs else None
+        # verify(8)'s probes (not sendmail -bv's) take the address_verify_* routes.
+        mta_probe = probe == MTA_PROBE
+        # A content filter overrides the address resolver for every recipient,
+        # except for probes of either kind (qmgr_message_resolve(): a trace-only
+        # request bypasses the filter, as sendmail -bv's would otherwise reach it).
+        route = None if probe else message_filter(attrs, self.myhostname)
         for r in pending:
             rc = _rcpt_fields(r)
             if route is not None:
@@ -651,7 +676,7 @@ class QueueManager:
                        else route].append((r, rc))
                 continue
             try:
-                res = self._resolve(rc.address, sender)
+                res = self._resolve(rc.address, sender, mta_probe)
             except Exception as exc:
                 early.append((r, RecipientResult.deferred(rc, f"address resolver failure: {exc}",
                                                           "none", "4.3.0")))
@@ -714,12 +739,13 @@ class QueueManager:
                     # as Postfix's trace_append().
                     if getattr(part, "logged", True):
                         lines.append((part, handoff or handoff_default))
-                    who = r if part is res else _part_recipient(part)
+                    # A recipient the qmgr resolved to another address is logged
+                    # under that address, the queued one as its original: Postfix
+                    # lists it so in defer/ID (postqueue -p, delay notices) too.
+                    who = _final_identity(r, part) if part is res else _part_recipient(part)
                     if part.status == "deferred":
                         defer_entries.append((who, part))
                         continue
-                    if who is r:
-                        who = _final_identity(r, part)
                     if part.status == "sent":
                         action = _success_action(part)
                         if action and wants(getattr(r, "notify", None), "SUCCESS"):
@@ -847,9 +873,16 @@ class QueueManager:
             last[(e.get("recipient", ""), e.get("orig_rcpt", ""))] = e
             last.setdefault((e.get("recipient", ""), None), e)
         expired = []
+        route = message_filter(getattr(qm, "attributes", None), self.myhostname)
         for r in pending:
             rc = _rcpt_fields(r)
-            e = last.get((rc.address, rc.orig or "")) or last.get((rc.address, None))
+            queued = (rc.address, rc.orig or "")
+            if route is None:
+                # defer/ID names the address the resolver gave (see _process).
+                self._as_resolved(rc, sender)
+            # A log written before that rule named the queued address.
+            e = last.get((rc.address, rc.orig or "")) or last.get((rc.address, None)) \
+                or last.get(queued) or last.get((queued[0], None))
             if e is not None:
                 res = RecipientResult.deferred(rc, e.get("reason", ""), "none",
                                                e.get("status") or "4.0.0")
@@ -862,7 +895,8 @@ class QueueManager:
         if expired:
             self.log.info(f"{qid}: from=<{log_address(sender)}>, status=force-expired, returned to sender")
             await self._durable(self._record, qid, qm, [r for r, _ in expired],
-                                [(r, r, res, "failed", res.reason) for r, res in expired], [])
+                                [(r, _final_identity(r, res), res, "failed", res.reason)
+                                 for r, res in expired], [])
         try:
             await self._send_notices(qid, qm, sender, arrival)
         except NoticeError:
@@ -871,6 +905,19 @@ class QueueManager:
             return
         await self._blocking(self.store.remove, qid)
         self.log.info(f"{qid}: removed")
+
+    def _as_resolved(self, rc: Recipient, sender: str) -> Recipient:
+        """``rc`` renamed to the address the resolver delivers to, the queued one
+        kept as its original, as _process does; unchanged when resolving fails."""
+        try:
+            res = self._resolve(rc.address, sender)
+        except Exception:
+            return rc
+        resolved = getattr(res, "recipient", None) or rc.address
+        if resolved != rc.address and not getattr(res, "failed", False):
+            rc.orig = rc.orig or rc.address
+            rc.address = resolved
+        return rc
 
     async def _durable(self, fn, *args):
         """Run a state write (done marks, bounce log) on the state threads."""
@@ -1263,9 +1310,11 @@ class QueueManager:
         """One "Delayed Mail (still being retried)" notice per message, for
         recipients whose NOTIFY asks for DELAY (Postfix's bounce_warn_service)."""
         def rcpt(r, res):
-            rc = _rcpt_fields(r)
+            # Named as in defer/ID: the resolved address, "expanded from" the queued one.
+            rc = _rcpt_fields(_final_identity(r, res))
             diag = self._diagnostic_of(res) or (None, None)
-            return DsnRecipient(rc.address, res.dsn, res.reason, "delayed", rc.orig, rc.orcpt,
+            return DsnRecipient(rc.address, res.dsn, res.reason, "delayed", rc.orig,
+                                getattr(r, "orcpt", None) or None,
                                 diag_type=diag[0], diag_text=diag[1])
         everyone = [rcpt(r, res) for r, res in deferred]
         asked = [rcpt(r, res) for r, res in deferred if wants(getattr(r, "notify", None), "DELAY")]
@@ -1363,6 +1412,16 @@ class QueueManager:
                                      f"renamed to {new}")
             except OSError as exc:
                 self.log.warning(f"queue file name check: {exc}")
+        # Commits whose complete marker a crash took (queue/format.py: the marker
+        # is not fsync'd): their data and header are durable and check out.
+        recover = getattr(self.store, "recover_unmarked", None)
+        if recover is not None:
+            try:
+                for qid in recover():
+                    self.log.warning(f"{qid}: complete queue file without its complete marker "
+                                     f"(system crash?): marked complete")
+            except OSError as exc:
+                self.log.warning(f"queue file marker check: {exc}")
         log_ids = getattr(self.store, "log_ids", None)
         try:
             self._log_ids = log_ids(LOG_ID_LIMIT) if log_ids is not None else None

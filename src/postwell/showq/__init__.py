@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pwd
 import signal
 import socket
@@ -264,8 +265,8 @@ def collect_maildrop(store: QueueStore):
             "arrival_time": int(env.submit_time or st.st_mtime),
             "message_size": size,
             "forced_expire": False,
-            "sender": env.sender or "MAILER-DAEMON",
-            "recipients": [{"address": r} for r in env.recipients],
+            "sender": listed_address(env.sender or "MAILER-DAEMON"),
+            "recipients": [{"address": listed_address(r)} for r in env.recipients],
         }
 
 
@@ -304,8 +305,9 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def _read_reasons(dir_fd: int, queue_id: str) -> dict[str, str]:
-    """recipient -> last delay reason from defer/ID (empty when it went away)."""
+def _read_reasons(dir_fd: int, queue_id: str) -> list[tuple[str, str]]:
+    """The (recipient, delay reason) entries of defer/ID in their order (none
+    when it went away)."""
     try:
         try:
             fd = os.open(queue_id, _OPEN_FLAGS | _NOATIME, dir_fd=dir_fd)
@@ -314,7 +316,7 @@ def _read_reasons(dir_fd: int, queue_id: str) -> dict[str, str]:
                 raise
             fd = os.open(queue_id, _OPEN_FLAGS, dir_fd=dir_fd)
     except OSError:
-        return {}
+        return []
     try:
         data = os.read(fd, 65536)   # one read for any usual log
         if len(data) == 65536:
@@ -327,13 +329,71 @@ def _read_reasons(dir_fd: int, queue_id: str) -> dict[str, str]:
                 left -= len(chunk)
             data = b"".join(parts)
     except OSError:
-        return {}
+        return []
     finally:
         os.close(fd)
     # Postfix's showq reads the log with bounce_log_read(), whose split_nameval()
     # trims blanks around a value: a command's output ending in a blank is listed
-    # as "(busy now)", not "(busy now )".
-    return {k: v.strip() for k, v in qf.defer_reasons(data).items()}
+    # as "(busy now)", not "(busy now )".  Entries without a recipient (the
+    # delay-warning marker) are not listed.
+    return [(e["recipient"], e.get("reason", "").strip())
+            for e in qf.parse_log_entries(data) if e.get("recipient")]
+
+
+# Postfix's showq remembers this many defer-log recipients (duplicate_filter_limit's
+# default) to leave out of the queue file's list.
+DUP_FILTER_LIMIT = 1000
+# An address whose local part is an RFC 5322 dot-atom (3.2.3), with printable text
+# only: listed as it is, the usual case.
+# 8-bit text counts as atom text (QUOTE_FLAG_8BITCLEAN).
+_ATEXT = r'[^\x00-\x20()<>@,;:\\".\[\]\x7f]+'
+_PLAIN = re.compile(rf'{_ATEXT}(?:\.{_ATEXT})*(?:@[^@\x00-\x1f\x7f]*)?\Z').match
+_DOT_ATOM = re.compile(rf'{_ATEXT}(?:\.{_ATEXT})*\Z').match
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def listed_address(address: str) -> str:
+    """An address as Postfix's showq lists it: quote_822_local() (a local part that
+    is not a dot-atom in quotes, '"' and '\\' escaped), control characters
+    shown as '?' (printable())."""
+    if _PLAIN(address):
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if not _DOT_ATOM(local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return _UNPRINTABLE.sub("?", local + (at + domain if at else ""))
+
+
+def _listed_recipients(entries: list[tuple[str, str]], rcpts: list[str]) -> list[dict]:
+    """A message's recipients with their delay reasons from defer/ID.
+
+    When the log names only pending queue recipients (the usual case) each is
+    listed once, in queue order, with its last reason.  When it names other
+    addresses (the qmgr delivered bob%remote@here as bob@remote, local(8)
+    expanded an alias) the list is Postfix's showq's: every log entry in log
+    order, then, without a reason, the pending recipients it did not name."""
+    pending = set(rcpts)
+    if all(a in pending for a, _ in entries):
+        last = dict(entries)
+        out = []
+        for a in rcpts:
+            why = last.get(a)
+            out.append({"address": listed_address(a), "delay_reason": why} if why
+                       else {"address": listed_address(a)})
+        return out
+    out, named = [], set()
+    for a, why in entries:
+        a = listed_address(a)
+        if len(named) < DUP_FILTER_LIMIT:
+            named.add(a)
+        out.append({"address": a, "delay_reason": why} if why else {"address": a})
+    for a in rcpts:
+        a = listed_address(a)
+        if a not in named:
+            out.append({"address": a})
+    return out
 
 
 def _collect_queue(store: QueueStore, qname: str, owner: int | None = None):
@@ -389,20 +449,16 @@ def _collect_queue(store: QueueStore, qname: str, owner: int | None = None):
             finally:
                 close(fd)
             if qid in logged:
-                reasons = _read_reasons(dfd, qid)
-                items = []
-                for a in rcpts:
-                    r = reasons.get(a)
-                    items.append({"address": a} if r is None else {"address": a, "delay_reason": r})
+                items = _listed_recipients(_read_reasons(dfd, qid), rcpts)
             else:
-                items = [{"address": a} for a in rcpts]
+                items = [{"address": listed_address(a)} for a in rcpts]
             yield {
                 "queue_name": qname,
                 "queue_id": qid,
                 "arrival_time": int(arrival_us / 1_000_000),
                 "message_size": size,
                 "forced_expire": bool(mode & _EXPIRE_BIT),
-                "sender": sender or "MAILER-DAEMON",
+                "sender": listed_address(sender or "MAILER-DAEMON"),
                 "recipients": items,
             }
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import pwd
 from functools import partial
 
 from postwell.delivery.base import RecipientResult
@@ -23,6 +22,31 @@ from . import (STATUS_BOUNCE, STATUS_DEFER, STATUS_OK, USER_PROBE, VERIFY_ATTRIB
 
 # Agents that know the probe flag or have nothing to do anyway.
 PROBE_AGENTS = frozenset({"smtp", "relay", "lmtp", "local", "virtual", "error", "retry", "discard"})
+
+# Routing of verify(8) probes (trivial-rewrite's RESOLVE_VERIFY context, which the
+# qmgr asks for DEL_REQ_FLAG_MTA_VRFY messages only): each override, by default
+# the parameter it overrides, stands in for it.  The sender-dependent default
+# transport has no override here: postwell routes no mail by it.
+PROBE_ROUTING = (
+    ("address_verify_relayhost", "relayhost"),
+    ("address_verify_transport_maps", "transport_maps"),
+    ("address_verify_default_transport", "default_transport"),
+    ("address_verify_local_transport", "local_transport"),
+    ("address_verify_virtual_transport", "virtual_transport"),
+    ("address_verify_relay_transport", "relay_transport"),
+    ("address_verify_sender_dependent_relayhost_maps", "sender_dependent_relayhost_maps"),
+)
+
+
+def probe_routing(config) -> dict[str, str]:
+    """The routing parameters a probe sees differently from mail, as raw values
+    for ``config.override`` (``$`` doubled: the override's value is final)."""
+    out = {}
+    for override, regular in PROBE_ROUTING:
+        value = config.get(override)
+        if value != config.get(regular):
+            out[regular] = value.replace("$", "$$")
+    return out
 
 
 def recipient_status(res) -> int:
@@ -131,55 +155,14 @@ async def _mail_report(qmgr, qid, qm, sender, arrival, report) -> None:
 # -- local(8) and virtual(8) probe answers ------------------------------------
 
 def local_probe(agent, request) -> list[RecipientResult]:
-    """local(8) for a probe, as Postfix 3.7 answers it (DEL_REQ_TRACE_ONLY): an alias
-    is "aliased to VALUE" (not expanded further), a user "delivers to mailbox" /
-    "delivers to maildir" / "delivers to command: X", a missing postmaster or
-    mailer-daemon alias "discarded", anything else "unknown user".  .forward files
-    are not read."""
-    s = agent.settings
-    out = []
-    for rc in request.recipients:
-        local = (rc.address.rpartition("@")[0] if "@" in rc.address else rc.address).lower()
-        user = local
-        if s.delimiter:
-            idx = min((i for i in (local.find(c) for c in s.delimiter) if i > 0), default=-1)
-            if idx > 0:
-                user = local[:idx]
-        try:
-            alias = None
-            for key in dict.fromkeys((local, user)):
-                alias = agent.aliases.lookup(key)
-                if alias is not None:
-                    break
-        except Exception:   # noqa: BLE001 - table trouble is temporary
-            out.append(RecipientResult.deferred(rc, "alias database unavailable", "local", "4.3.0"))
-            continue
-        if alias is not None:
-            value = alias[0] if isinstance(alias, tuple) else alias
-            out.append(RecipientResult.sent(rc, f"aliased to {str(value).strip()}", "local"))
-            continue
-        if local in ("mailer-daemon", "postmaster"):
-            agent._warn(f"required alias not found: {local}")
-            out.append(RecipientResult.sent(rc, "discarded", "local"))
-            continue
-        try:
-            pwd.getpwnam(user)
-            known = True
-        except KeyError:
-            known = False
-        if known:
-            if s.mailbox_command:
-                reason = f"delivers to command: {s.mailbox_command}"
-            elif (s.home_mailbox or s.spool).endswith("/"):
-                reason = "delivers to maildir"
-            else:
-                reason = "delivers to mailbox"
-            out.append(RecipientResult.sent(rc, reason, "local"))
-        elif s.luser_relay:
-            out.append(RecipientResult.sent(rc, f"forwards to {s.luser_relay}", "local"))
-        else:
-            out.append(RecipientResult.bounced(rc, f'unknown user: "{user}"', "local", "5.1.1"))
-    return out
+    """local(8)'s answers to a probe (LocalAgent.probe, delivery/local.py
+    TraceExpansion): for verify(8) an alias is "aliased to VALUE", a user's
+    forward_path file "forward via file: PATH", else "delivers to mailbox" /
+    "delivers to maildir" / "delivers to command: X" (mailbox_command_maps
+    first), luser_relay "forwards to ADDR" (expanded), a missing postmaster or
+    mailer-daemon alias "discarded", anything else "unknown user"; sendmail -bv
+    expands aliases and .forward files and answers for each destination."""
+    return agent.probe(request)
 
 
 def virtual_probe(agent, request) -> list[RecipientResult]:
