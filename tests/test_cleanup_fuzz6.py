@@ -494,9 +494,6 @@ def test_seeded_fuzz_masquerade(pairs):
 
 
 @pytest.mark.xdist_group("cleanup-fuzz6")
-@pytest.mark.xfail(strict=True, reason="MIME part headers: Postfix's mime_state removes white "
-                   "space before the colon there too; postwell's cleanup parses parts only when "
-                   "mime_header_checks/body_checks are set")
 def test_part_header_white_space_before_colon(pairs):
     _one(pairs, "default", "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=BB\r\n"
                            "\r\n--BB\r\nContent-Type  : text/plain\r\nX-Part : p\r\n\r\npart\r\n"

@@ -29,9 +29,16 @@ What it does to a message, each point checked against Postfix 3.7:
   boundary past 90% of the limit, else at the limit; address headers after
   their rewrite);
 * ``ID: message-id=...`` log line (``<>`` when none), hopcount_limit
-  (554 5.4.0), message_size_limit over the whole queue file as stored (552 5.3.4
-  "Error: message file too big"), virtual_alias_maps expansion (451 4.6.0 on
-  limits/loops, 451 4.3.0 on table failure), Postfix's duplicate filter;
+  (554 5.4.0), message_size_limit over the whole queue file Postfix's cleanup
+  would write (``postfix_file_size()``: size record, arrival time, attributes,
+  sender, per recipient ORCPT/NOTIFY/original/final, content records, extracted
+  segment; 552 5.3.4 "Error: message file too big" exactly where 3.7 refuses),
+  virtual_alias_maps expansion (451 4.6.0 on limits/loops, 451 4.3.0 on table
+  failure), Postfix's duplicate filter;
+* MIME (unless disable_mime_input_processing): multipart and message/rfc822 part
+  headers written "Name:" as Postfix's MIME parser writes them (mime.py, only for
+  mail whose primary Content-Type has parts), a declared 8bit/binary encoding
+  noted;
 * header_checks (primary headers, the receiving server's Received: included),
   mime_header_checks (Content-*/MIME-Version anywhere, multipart part headers),
   nested_header_checks (message/rfc822 part headers) and body_checks (body lines

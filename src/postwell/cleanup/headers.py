@@ -23,6 +23,8 @@ import re
 from typing import Callable
 
 from ..tables.base import TableError
+from .mime import TEXT_PLAIN, PartScanner, content_type, declares_8bit, structured
+from .mime import without_blanks_before_colon
 from .recsize import RecordSize
 
 # RFC 5322 2.2: field name = printable US-ASCII except colon; Postfix's
@@ -36,6 +38,10 @@ _MBOX_FROM_RE = re.compile(rb">*From ")
 _DEST_HEADERS = ("to", "cc", "resent-to", "resent-cc")
 _DROPPED_HEADERS = frozenset({"bcc", "resent-bcc", "return-path", "content-length"})
 _CAPTURE_LIMIT = 4096   # bytes of a Message-Id header kept for the log line
+# Headers whose text is kept while they pass: the message-ids for the log line, the
+# MIME ones for the structure of the body and the encoding.
+_MIME_NAMES = frozenset({"content-type", "content-transfer-encoding"})
+_CAPTURED = frozenset({"message-id", "resent-message-id"}) | _MIME_NAMES
 _HOUT_FLUSH = 65536     # header output gathered before it is passed on
 
 
@@ -76,6 +82,8 @@ class ContentProcessor:
     _body_needs_lf = False
     _checks = None              # per-message header/body checks (MessageChecks), when configured
     _scanner = None             # the body's line scanner for body_checks / MIME part headers
+    mime_8bit = False           # a Content-Transfer-Encoding said 8bit or binary
+    ctype = TEXT_PLAIN          # the primary Content-Type as received
 
     def __init__(self, sink: Callable[[bytes], None], *, header_size_limit: int = 102400,
                  hopcount_limit: int = 50, line_length_limit: int = 2048,
@@ -83,7 +91,8 @@ class ContentProcessor:
                  on_message_id: Callable[[str, bool], None] | None = None,
                  header_rewriter: Callable[[bytes, int], bytes | None] | None = None,
                  rewrite_names: frozenset[str] = frozenset(),
-                 checks: "MessageChecks | None" = None):
+                 checks: "MessageChecks | None" = None, mime: bool = True,
+                 mime_nesting_limit: int = 100):
         self.sink = sink
         self.header_size_limit = max(header_size_limit, 1)
         self.line_length_limit = max(line_length_limit, 1)
@@ -92,6 +101,8 @@ class ContentProcessor:
         self.on_message_id = on_message_id
         self.header_rewriter = header_rewriter
         self.rewrite_names = rewrite_names
+        self.mime = mime                # disable_mime_input_processing = no
+        self.mime_nesting_limit = mime_nesting_limit
         # Only the mutable state is made here; the scalar starting values are the
         # class attributes below (one message = one instance: fewer stores each).
         self.headers_seen: set[str] = set()
@@ -160,8 +171,11 @@ class ContentProcessor:
         elif self._scanner is None:
             if self._body_needs_lf:
                 self._body(b"\n")
-        if self._scanner is not None:
-            self._scanner.close()
+        scanner = self._scanner
+        if scanner is not None:
+            scanner.close()
+            if type(scanner) is PartScanner and self._body_needs_lf:
+                scanner._sink(b"\n")
 
     def _body(self, data: bytes) -> None:
         if data:
@@ -297,7 +311,7 @@ class ContentProcessor:
                 self.hops += 1
             if self._checks is None:
                 self._note_header(name)
-            self._capture = bytearray() if name in ("message-id", "resent-message-id") else None
+            self._capture = bytearray() if name in _CAPTURED else None
             # Postfix removes these for every client (checked against 3.7).
             self._suppress = name in _DROPPED_HEADERS
             if (self.header_rewriter is not None and name in self.rewrite_names
@@ -465,6 +479,10 @@ class ContentProcessor:
                 raw = bytes(self._hbuf)
                 self._hbuf = None
                 rewrite = True
+                if self._cur_name in _MIME_NAMES:
+                    # The MIME parser reads the header as received, before the checks.
+                    self._mime_header(raw)
+                    self._capture = None
                 if self._checks is not None:
                     raw = self._check_header(raw)
                     if raw is not None:
@@ -493,6 +511,9 @@ class ContentProcessor:
                 self._out_header(b"\n")
         cap, name = self._capture, self._cur_name
         self._capture = None
+        if cap is not None and name in _MIME_NAMES:
+            self._mime_header(bytes(cap))
+            return
         if cap is None or not self.on_message_id or self._hops_over:
             # Past the hop limit Postfix's cleanup reads on but logs no message-id.
             return
@@ -502,6 +523,17 @@ class ContentProcessor:
         # (the logger prints them as "?").
         text = value.decode("utf-8", "surrogateescape").lstrip(" \t").rstrip("\n")
         self.on_message_id(text, bool(name and name.startswith("resent-")))
+
+    def _mime_header(self, raw: bytes) -> None:
+        if not self.mime:
+            return
+        if raw[:13].lower() == b"content-type:":
+            self.ctype = content_type(raw)
+        elif declares_8bit(raw):
+            self.mime_8bit = True
+
+    def _note_8bit(self) -> None:
+        self.mime_8bit = True
 
     def _check_header(self, raw: bytes) -> bytes | None:
         """header_checks on one held logical header: the text to write (the same
@@ -529,8 +561,21 @@ class ContentProcessor:
             scanner = self._checks.body_scanner(self._body, self.line_length_limit,
                                                 self.header_size_limit)
             if scanner is not None:
+                scanner.on_8bit = self._note_8bit
+                # The empty line that ended the primary header block starts the body: it
+                # does not end a top-level message/rfc822's header block.
+                scanner.separator = line is None and not partial
                 self._scanner = scanner
                 self._body = scanner.feed
+        if self._scanner is None and self.ctype is not TEXT_PLAIN and self.mime \
+                and structured(self.ctype):
+            # Part headers to write as Postfix's MIME parser writes them; a plain
+            # message never gets here.
+            scanner = PartScanner(self._body, self.ctype, self.mime_nesting_limit,
+                                  self.header_size_limit, self._note_8bit,
+                                  separator=line is None and not partial)
+            self._scanner = scanner
+            self._body = scanner.feed
         first = line if line is not None else partial
         if first:
             # Postfix separates the header block from a body that started without
@@ -913,6 +958,9 @@ class BodyScanner:
     Memory: one record and one part header (header_size_limit) at most, plus the
     boundary stack (mime_nesting_limit levels)."""
 
+    on_8bit: Callable[[], None] | None = None   # a part's CTE said 8bit or binary
+    separator = False           # the first record is the primary header block's empty line
+
     def __init__(self, run: MessageChecks, out: Callable[[bytes], None], line_limit: int,
                  header_limit: int, ctype: tuple[bytes, bytes, bytes | None]):
         self.run = run
@@ -1001,6 +1049,11 @@ class BodyScanner:
 
     # -- records ------------------------------------------------------------------
     def _record(self, rec: bytes, ends: bool) -> None:
+        if self.separator:
+            self.separator = False
+            if not rec and ends:
+                self._body_record(rec, ends)
+                return
         starts = not self._cont
         self._cont = not ends
         if self.in_headers:
@@ -1080,11 +1133,16 @@ class BodyScanner:
         if hdr is None:
             return
         self._hdr = None
-        raw = bytes(hdr)
+        # Written "Name:" as Postfix's MIME parser writes every part header; the
+        # checks see it so (mime.py).
+        raw = without_blanks_before_colon(bytes(hdr))
         m = _HEADER_RE.match(raw)
         name = m.group(1).decode("ascii", "replace").lower() if m else ""
         if name == "content-type":
             self._block_ctype = _content_type(raw)   # as received, see MessageChecks.header
+        elif name == "content-transfer-encoding" and self.on_8bit is not None \
+                and declares_8bit(raw):
+            self.on_8bit()
         result = self.run._header(raw, name, self._emit, self.header_class)
         if result is not None:
             self._emit(result + b"\n")

@@ -104,3 +104,49 @@ class RecordSize:
             self.total += self._cost(self._open, False)
             self._open = 0
         return self.total
+
+
+# ---------------------------------------------------------------- the whole queue file
+# Postfix's cleanup holds its queue file to message_size_limit (a file size limit on
+# the process: the write that would pass it fails with EFBIG), so what is measured is
+# the whole file: the envelope records before the content, the content records, the
+# extracted segment after them.  Their shapes, read off Postfix 3.7 queue files
+# (tests/test_size_limit7.py compares sizes with a running reference):
+#
+#   C  the size record: six "%15ld" fields, 95 bytes of payload
+#   T  "SECONDS MICROSECONDS" of the arrival time (no padding)
+#   A  name=value attributes (create_time, log_ident, rewrite_context, DSN, client...)
+#   F  the full name (pickup only), S the sender
+#   per recipient: [A notify_flags=N] [A dsn_orig_rcpt=TYPE;ADDR] O original, R final
+#   M  the start of the content, its records, X the extracted segment's start,
+#   [A encoding=7bit|8bit], [L content filter], E the end.
+
+SIZE_RECORD = 1 + 1 + 95
+EMPTY_RECORD = 2
+
+# RFC 3461 4.1 NOTIFY keywords as Postfix's dsn_notify mask writes them.
+NOTIFY_BITS = {"NEVER": 1, "SUCCESS": 2, "FAILURE": 4, "DELAY": 8}
+
+
+def text_length(text: str) -> int:
+    """Bytes of a record's text (UTF-8; bytes that are not kept by surrogateescape)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+
+
+def record(length: int) -> int:
+    """Bytes of one record with ``length`` bytes of payload."""
+    if length < 128:
+        return length + 2
+    return 1 + _vlen(length) + length
+
+
+def attribute(name: str, value: str) -> int:
+    """Bytes of an ``A`` record ``name=value``."""
+    return record(len(name) + 1 + text_length(value))
+
+
+def notify_mask(notify: str) -> int:
+    mask = 0
+    for word in notify.upper().split(","):
+        mask |= NOTIFY_BITS.get(word.strip(), 0)
+    return mask

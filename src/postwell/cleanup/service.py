@@ -16,12 +16,12 @@ from typing import Callable
 
 from ..queue import HOLD_ATTRIBUTE, QueueStore, QueueWriteError, notify_qmgr
 from ..queue.store import wake_qmgr_kept
-from ..queue.format import HEADER_SIZE
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
 from .canonical import (ENVELOPE_RECIPIENT, ENVELOPE_SENDER, HEADER_RECIPIENT, HEADER_SENDER,
                         SENDER_HEADERS, AddressMapper)
 from .headers import ContentChecks, ContentProcessor, ContentStop, MessageChecks
+from . import recsize as rs
 from .recsize import SIZE_ATTRIBUTE
 from .virtual import (AliasExpansionError, AliasLookupError, VirtualAliasExpander,
                       redirect_recipients)
@@ -118,6 +118,11 @@ class CleanupSession:
         self.arrival_time = self.msg.arrival_time
         self.size = 0
         self.too_big = False
+        self.created = cleanup.store.clock()
+        self.fullname: str | None = None
+        self._client_recipients = 0
+        self._recipient_records = 0     # set when the recipients are output (finish)
+        self._envelope_floor = -1
         self.write_error: QueueWriteError | None = None
         self.finished = False
         self._recipients: list[tuple[str, str | None, str | None, str | None]] = []
@@ -139,7 +144,8 @@ class CleanupSession:
                                      on_message_id=self._log_message_id,
                                      header_rewriter=self._rewrite_header
                                      if rewrite_local or cfg.remote_header_domain else None,
-                                     rewrite_names=ADDRESS_HEADERS, checks=self.checks)
+                                     rewrite_names=ADDRESS_HEADERS, checks=self.checks,
+                                     mime=cfg.mime, mime_nesting_limit=cfg.mime_nesting_limit)
         self._id_logged = False
         self._data_started = False
         self.map_error: Exception | None = None
@@ -216,9 +222,16 @@ class CleanupSession:
         # keeps reading the client's data, but nothing more is stored.
         limit = self.cleanup.message_size_limit
         stored = proc.records.stored()
-        if limit and stored > limit:
-            self.too_big = True
-            self.msg.abort()
+        if limit and stored * 2 > limit:
+            floor = self._envelope_floor
+            if floor < 0:
+                # Once per message, and only for one that nears the limit: Postfix's
+                # envelope less its recipient records (aliases and duplicates may
+                # still change those), a lower bound of what it adds to the content.
+                floor = self._envelope_floor = self._floor()
+            if stored + floor > limit:
+                self.too_big = True
+                self.msg.abort()
         if self._held_log is not None and stored >= SMTPD_STREAM_BUFFER:
             self._release_log()
 
@@ -361,7 +374,7 @@ class CleanupSession:
             return Reply(250, REPLY_QUEUED.format(self.queue_id), "2.0.0")
         if self.too_big:
             self.msg.abort()
-            return REPLY_TOO_BIG
+            return self._too_big()
         if self.write_error is not None:
             self.msg.abort()
             self.cleanup.log.warning(f"{self.queue_id}: {self.write_error}")
@@ -398,20 +411,123 @@ class CleanupSession:
             self.msg.abort()
             return REPLY_NO_RECIPIENTS
         # Postfix's size= (qmgr) and postqueue -p size: its content records' length.
-        self.msg.set_attribute(SIZE_ATTRIBUTE, str(self.proc.records.close()))
+        content = self.proc.records.close()
+        self.msg.set_attribute(SIZE_ATTRIBUTE, str(content))
         # message_size_limit covers the whole queue file, envelope included, as in
         # Postfix ("the maximal size in bytes of a message, including envelope
-        # information"): the content as Postfix's records (what was stored, after
-        # header_size_limit) plus postwell's header and envelope.
+        # information"): the file Postfix's cleanup would have written, not ours.
         limit = self.cleanup.message_size_limit
-        if limit and self.proc.records.total + self.envelope_overhead() > limit:
+        if limit and self.postfix_file_size(content) > limit:
+            self.too_big = True
             self.msg.abort()
-            return REPLY_TOO_BIG
+            return self._too_big()
         return None
 
+    def _too_big(self) -> Reply:
+        """The refusal of a queue file past message_size_limit.  Postfix's cleanup
+        logs it when the file is closed at the end of the message (3.7: never while
+        the smtpd still sends; a message the smtpd itself found too big reaches no
+        end here), then the close of the failed stream, which its pickup path does
+        not log."""
+        if self.cleanup.logs_size_refusal:
+            log = self.cleanup.log
+            log.warning(f"{self.queue_id}: queue file size limit exceeded")
+            if self.msg.envelope.attributes.get("log_message_origin") != "local":
+                log.warning("mail_stream_cleanup: close error")
+        return REPLY_TOO_BIG
+
     def envelope_overhead(self) -> int:
-        packed = getattr(self.msg, "packed_envelope", None)
-        return HEADER_SIZE + len(packed() if packed is not None else self.msg.envelope.pack())
+        """Postfix's queue file less its content records (see postfix_file_size)."""
+        return self.postfix_file_size(0)
+
+    def postfix_file_size(self, content: int) -> int:
+        """The size Postfix's cleanup would give this message's queue file, content
+        records of ``content`` bytes included: what message_size_limit measures
+        (recsize.py describes the records; checked against 3.7's files)."""
+        env = self.msg.envelope
+        attrs = env.attributes
+        params = env.params
+        size = rs.SIZE_RECORD + 3 * rs.EMPTY_RECORD + content
+        sec, usec = divmod(round(self.arrival_time * 1_000_000), 1_000_000)
+        size += rs.record(len(str(sec)) + 1 + len(str(usec)))
+        size += rs.attribute("create_time", str(int(self.created)))
+        size += rs.record(rs.text_length(env.sender))
+        origin = attrs.get("log_message_origin")
+        if origin == "local":
+            # pickup: the submitter's full name and the rewrite context; no client, no
+            # log_ident record.  What "sendmail -bs" drops (Postfix's stand-alone
+            # smtpd) carries neither.
+            if "protocol_name" not in attrs:
+                size += rs.record(rs.text_length(self.fullname or ""))
+                size += rs.attribute("rewrite_context", attrs.get("rewrite_context") or "local")
+        elif "client_address" in attrs:
+            size += rs.attribute("log_ident", self.queue_id)
+            size += rs.attribute("rewrite_context", "local" if self.rewrite_local else "remote")
+            # Postfix's smtpd sends the client's identity twice, for logging
+            # (log_client_name, ...) and as is (client_name, ...).
+            for name, logged in _SMTPD_ATTRIBUTES:
+                value = attrs.get(name)
+                if value:
+                    size += rs.attribute(name, value)
+                    if logged:
+                        size += rs.attribute("log_" + name, value)
+            size += rs.attribute("client_address_type",
+                                 "10" if ":" in attrs["client_address"] else "2")
+        else:
+            # Mail postwell makes itself (notices, forwarded copies): an estimate, the
+            # records of Postfix's bounce(8) and local(8) submissions were not compared.
+            size += rs.attribute("log_ident", self.queue_id)
+            size += rs.attribute("rewrite_context", "local")
+        envid = params.get("envid")
+        if envid:
+            size += rs.attribute("envelope_id", envid)
+        if params.get("ret"):
+            size += rs.attribute("ret_flags", "1")
+        body = params.get("body")
+        encoding = _ENCODINGS.get(body.upper()) if body else None
+        if encoding:
+            size += rs.attribute("encoding", encoding)
+        if self.proc.mime_8bit:
+            # The extracted segment says what the content declared (any part).
+            encoding = "8bit"
+        if encoding:
+            size += rs.attribute("encoding", encoding)
+        default_filter = self.cleanup.content_filter() if self.external else None
+        if default_filter:
+            size += rs.record(rs.text_length(default_filter))
+        if self.filter and self.filter != default_filter:
+            size += rs.record(rs.text_length(self.filter))
+        redirect = attrs.get(REDIRECT_ATTRIBUTE)
+        if redirect:
+            size += rs.record(rs.text_length(redirect))
+        return size + self._recipient_records
+
+    def _recipients_size(self) -> int:
+        """The recipients' records (per recipient: notify_flags, dsn_orig_rcpt, O, R)."""
+        size = 0
+        client = self._client_recipients
+        for i, r in enumerate(self.msg.envelope.recipients):
+            if r.notify:
+                size += rs.attribute("notify_flags", str(rs.notify_mask(r.notify)))
+            if i < client:
+                # The client's ORCPT (the smtpd always has one: the address as given
+                # when the client sent none); for sendmail's recipients the address
+                # completed with $myorigin.  always_bcc and BCC actions have none.
+                size += rs.attribute("dsn_orig_rcpt", r.orcpt or
+                                     f"rfc822;{self.cleanup.qualify(r.orig or r.address)}")
+            # The original recipient is written even with enable_original_recipient = no.
+            size += rs.record(rs.text_length(r.orig or ""))
+            size += rs.record(rs.text_length(r.address))
+        return size
+
+    def _floor(self) -> int:
+        # The queue file's recipients are written only at finish(): none counted here.
+        return self.postfix_file_size(0)
+
+    def set_fullname(self, name: str | None) -> None:
+        """The submitter's full name (pickup: sendmail -F or the GECOS name), which
+        Postfix keeps in its queue file (it counts in message_size_limit)."""
+        self.fullname = name
 
     def _output_recipients(self) -> None:
         expander = self.cleanup.expander()
@@ -419,10 +535,17 @@ class CleanupSession:
         dups: set[tuple] = set()
         recipients = self._recipients
         checks = self.checks
-        bcc = self.bcc + (checks.bcc if checks is not None else [])
-        if bcc:
-            # BCC actions: more recipients, expanded like the others.
-            recipients = recipients + [(a, None, None, None) for a in bcc]
+        if self.bcc:
+            # An access map's BCC: one more recipient, expanded like the others; in
+            # Postfix 3.7's queue file it is a recipient as a client's (an ORCPT, no
+            # NOTIFY).
+            recipients = recipients + [(a, None, None, None) for a in self.bcc]
+        # Recipients up to here have an ORCPT record in Postfix's queue file.
+        client = len(recipients)
+        if checks is not None and checks.bcc:
+            # header_checks BCC: "as if specified with NOTIFY=NONE" (header_checks(5);
+            # its queue file record says notify_flags=1).
+            recipients = recipients + [(a, None, None, "NEVER") for a in checks.bcc]
         if self.external and self.cleanup.always_bcc:
             # Postfix adds always_bcc to mail from smtpd and pickup only
             # (CLEANUP_FLAG_BCC_OK), never to its own notices, as if given with
@@ -432,7 +555,10 @@ class CleanupSession:
         # The latest REDIRECT wins: the checks run after the smtpd's access maps.
         redirect = (checks.redirect if checks is not None else None) or self.redirect
         mapper = self.cleanup.mapper()
-        for address, orig, orcpt, notify in recipients:
+        self._client_recipients = -1
+        for index, (address, orig, orcpt, notify) in enumerate(recipients):
+            if index == client:
+                self._client_recipients = len(self.msg.recipients)
             given = address
             address = self.cleanup.qualify(address)
             if mapper is not None:
@@ -454,6 +580,11 @@ class CleanupSession:
                 dups.add(key)
                 self.msg.add_recipient(t, orig=orig if orig is not None else address,
                                        orcpt=orcpt, notify=notify)
+        if self._client_recipients < 0:
+            self._client_recipients = len(self.msg.recipients)
+        # Postfix's queue file keeps the recipients as they are here; its qmgr applies
+        # a REDIRECT.
+        self._recipient_records = self._recipients_size()
         if redirect:
             # Postfix's qmgr applies REDIRECT: the first recipient goes to the target
             # (not alias-expanded), the others are finished; nrcpt= counts them all.
@@ -505,6 +636,11 @@ class CleanupSession:
 
 
 class Cleanup:
+    # False while the smtpd and pickup log cleanup's "queue file size limit exceeded"
+    # line themselves after a 552 from finish(); True: cleanup logs it, with the
+    # "mail_stream_cleanup: close error" line that follows it in Postfix.
+    logs_size_refusal = False
+
     def __init__(self, config, store: QueueStore, log, *, clock: Callable[[], float] | None = None,
                  table_opener: Callable[[str], object] | None = None):
         self.config = config
@@ -514,6 +650,10 @@ class Cleanup:
         self.header_size_limit = _int(config, "header_size_limit", 102400)
         self.hopcount_limit = _int(config, "hopcount_limit", 50)
         self.line_length_limit = _int(config, "line_length_limit", 2048)
+        # Postfix's cleanup parses MIME structure unless told not to (part headers
+        # are written "Name:", declared 8bit content is noted).
+        self.mime = not _bool(config, "disable_mime_input_processing", False)
+        self.mime_nesting_limit = _int(config, "mime_nesting_limit", 100)
         self.myhostname = config.get("myhostname") or "localhost"
         self.myorigin = (config.get("myorigin") if config.raw("myorigin") is not None else "") or self.myhostname
         self.always_add_missing_headers = _bool(config, "always_add_missing_headers", False)
@@ -643,6 +783,16 @@ class Cleanup:
             recursion_limit=_int(self.config, "virtual_alias_recursion_limit", 1000),
             recipient_delimiter=self.config.get("recipient_delimiter") if self.config.raw("recipient_delimiter") is not None else "",
             local_domain=lambda d: d in mydest)
+
+
+# Postfix's smtpd's attributes (3.7 queue files): postwell's name, and whether a
+# "log_" copy of it is written too (the values logging uses, XFORWARD's when given).
+_SMTPD_ATTRIBUTES = (("client_name", True), ("reverse_client_name", False),
+                     ("client_address", True), ("client_port", True),
+                     ("server_address", False), ("server_port", False), ("helo_name", True),
+                     ("protocol_name", True), ("log_message_origin", False),
+                     ("sasl_method", False), ("sasl_username", False), ("sasl_sender", False))
+_ENCODINGS = {"7BIT": "7bit", "8BITMIME": "8bit", "BINARYMIME": "binary"}
 
 
 def split_map_list(text: str) -> list[str]:
