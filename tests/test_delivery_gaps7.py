@@ -80,7 +80,7 @@ def test_virtual_delivered_to_quoted(tmp_path):
     agent = _virtual(tmp_path, virtual_mailbox_maps="inline:{@virtual.test=virtual.test/all/}")
     head = _headers(agent, Recipient("Mr X@virtual.test", "Mr X@virtual.test"))
     assert head.splitlines()[1:] == ['X-Original-To: "Mr X"@virtual.test',
-                                     'Delivered-To: "mr x"@virtual.test']
+                                     'Delivered-To: "Mr X"@virtual.test']   # case kept (3.7)
 
 
 # ---------------------------------------------------------------- showq's listing
@@ -386,9 +386,6 @@ def _alice_heads(deferring):
     return heads
 
 
-@pytest.mark.xfail(strict=True, reason="delivery/virtual.py lower-cases Delivered-To "
-                   "(tests/test_delivery_workers.py pins it); Postfix 3.7's virtual(8) keeps "
-                   "the recipient's case: 'Delivered-To: ALICE@Virtual.Test'")
 def test_virtual_delivered_to_case_side_by_side(deferring):
     heads = _alice_heads(deferring)
     assert heads["postwell"] == heads["postfix"]

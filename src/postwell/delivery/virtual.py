@@ -60,11 +60,11 @@ class Delivery:
         # Same order as Postfix's mail_copy(): Return-Path, X-Original-To, Delivered-To.
         out = [f"Return-Path: <{_quote_local(self.sender)}>\n"]
         # Both addresses in RFC 822 form (quote_822_local), as Postfix writes them:
-        # X-Original-To: "a b"@example.org (checked against 3.7).  Postfix 3.7 keeps
-        # Delivered-To's case (tests/test_delivery_gaps7.py, strict xfail).
+        # X-Original-To: "a b"@example.org (checked against 3.7), and Delivered-To in
+        # the recipient's own case, as virtual(8) 3.7 writes it (loop checks fold case).
         if self.orig:
             out.append(f"X-Original-To: {_quote_local(self.orig)}\n")
-        out.append(f"Delivered-To: {_quote_local(self.recipient).lower()}\n")
+        out.append(f"Delivered-To: {_quote_local(self.recipient)}\n")
         return "".join(out).encode("utf-8", "surrogateescape")
 
 
