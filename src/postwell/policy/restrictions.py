@@ -287,8 +287,16 @@ class Engine:
                              reply_name: str, reply_class: str, def_acl: str | None) -> int:
         chk = state.check
         if chk.recursion > 100:
-            # A restriction class that names itself: stop, as for access maps.
-            self.log.warning(f"restriction list for {reply_class} causes unreasonable recursion")
+            # A restriction class that names itself: stop, as for access maps.  A loop
+            # through an access table entry is reported as Postfix's check_table_result()
+            # does, naming the innermost entry.
+            if chk.table_entry is not None:
+                table, value = chk.table_entry
+                self.log.warning(f"access table {table} entry {value} causes unreasonable "
+                                 "recursion")
+            else:
+                self.log.warning(f"restriction list for {reply_class} causes unreasonable "
+                                 "recursion")
             self.server_error(state)
         saved_recursion = chk.recursion
         chk.recursion += 1
@@ -498,7 +506,11 @@ class Engine:
         if not restrictions:
             self.log.warning(f"access table {table} entry {value} has empty value")
             return OK
-        return await self.generic_checks(state, restrictions, rn, rc, ctx.def_acl)
+        saved_entry, state.check.table_entry = state.check.table_entry, (table, value)
+        try:
+            return await self.generic_checks(state, restrictions, rn, rc, ctx.def_acl)
+        finally:
+            state.check.table_entry = saved_entry
 
     def _delegated_action(self, ctx: _Ctx, table: str, action: str, text: str, datum: str) -> int:
         state = ctx.state
@@ -701,7 +713,13 @@ def _valid_hostaddr(name: str) -> bool:
 
 def _ignored_after(e: Engine, c: _Ctx, args, name: str) -> None:
     if args and c.state.check.warn_if_reject == 0:
-        e.log.warning(f"restriction `{args[0]}' after `{name}' is ignored")
+        text = f"restriction `{args[0]}' after `{name}' is ignored"
+        if c.state.check.hold_ignored:
+            # Until the smtpd has logged the reject: Postfix's smtpd_check_reject()
+            # logs it before generic_checks() warns.
+            c.state.check.ignored.append(text)
+        else:
+            e.log.warning(text)
 
 
 async def _permit(e: Engine, c: _Ctx, args, name):
@@ -777,7 +795,8 @@ async def _permit_mynetworks(e: Engine, c: _Ctx, args, name):
 
 
 async def _permit_inet_interfaces(e: Engine, c: _Ctx, args, name):
-    return OK if e.own.is_inet(c.state.client_addr) else DUNNO
+    addr = c.state.peer_addr or c.state.client_addr
+    return OK if e.own.is_inet(addr) else DUNNO
 
 
 async def _permit_sasl_authenticated(e: Engine, c: _Ctx, args, name):

@@ -151,8 +151,13 @@ class SmtpdPolicy:
             return None
         return self._result(state, await self._check_client(state))
 
-    async def on_helo(self, state: SessionState) -> Reply | None:
-        state.where = "EHLO" if state.protocol and state.protocol.upper().startswith("ESMTP") else "HELO"
+    async def on_helo(self, state: SessionState, command: str | None = None) -> Reply | None:
+        """``command``: "HELO" or "EHLO" as the client sent it (Postfix's log lines
+        name it whatever the session's protocol); without it, the protocol says."""
+        if command is None:
+            command = ("EHLO" if state.protocol and state.protocol.upper().startswith("ESMTP")
+                       else "HELO")
+        state.where = command
         if self.delay_reject:
             return None
         return self._result(state, await self._check_helo(state))

@@ -34,6 +34,12 @@ class CheckState:
     recipient_rcptmap_checked: bool = False
     sender_rcptmap_checked: bool = False
     last_reply: object = None               # the Reply of the last reject (per session)
+    # "restriction `x' after `reject' is ignored": Postfix logs it after the reject
+    # line.  An smtpd that logs the reject once the check is over sets hold_ignored
+    # and logs these after it; otherwise they are logged at once.
+    hold_ignored: bool = False
+    table_entry: object = None              # (table, value) of the access entry expanding
+    ignored: list = field(default_factory=list)
 
 
 @dataclass
@@ -41,6 +47,9 @@ class SessionState:
     client_name: str = "unknown"            # verified name or "unknown"
     client_addr: str = ""
     client_port: str = ""
+    # The connection's own peer address, which XCLIENT leaves alone: Postfix's
+    # permit_inet_interfaces looks at the socket, not at the client XCLIENT named.
+    peer_addr: str | None = None
     reverse_client_name: str = "unknown"
     server_addr: str = ""
     server_port: str = ""

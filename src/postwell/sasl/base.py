@@ -34,9 +34,35 @@ class Challenge:
 
 
 def printable(text: str) -> str:
-    """Control characters become '?', as Postfix's printable() does for the
-    names it logs and stores (sasl_username, sasl_method)."""
-    return "".join("?" if (ord(c) < 0x20 or ord(c) == 0x7F) else c for c in text)
+    """Postfix's printable(s, '?') for the names it logs and stores (sasl_username,
+    sasl_method), with smtputf8_enable on: an ASCII control becomes '?'; a byte
+    0xC2-0xFE followed by continuation bytes is kept with them (Postfix checks no
+    more than that); any other non-ASCII byte becomes '?'.  Client bytes that are
+    not UTF-8 travel in ``text`` as surrogate escapes."""
+    if text.isascii():
+        if text.isprintable():
+            return text
+        return "".join("?" if (ord(c) < 0x20 or ord(c) == 0x7F) else c for c in text)
+    data = bytearray(text.encode("utf-8", "surrogateescape"))
+    i, n = 0, len(data)
+    while i < n:
+        ch = data[i]
+        if 0x20 <= ch < 0x7F:
+            pass
+        elif 0xC2 <= ch <= 0xFE and i + 1 < n and 0x80 <= data[i + 1] < 0xC0:
+            while i + 1 < n and 0x80 <= data[i + 1] < 0xC0:
+                i += 1
+        else:
+            data[i] = 0x3F
+        i += 1
+    return data.decode("utf-8", "surrogateescape")
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """C's "%.100s": the first ``limit`` bytes, as the log line carries them."""
+    if len(text) * 4 <= limit:
+        return text
+    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -100,9 +126,9 @@ def failure_log_text(namaddr: str, mechanism: str, failure: Failure) -> str:
     """The warning Postfix logs (MailLog.warning adds ``warning: ``)."""
     reason = failure.reason or "(reason unavailable)"
     # Postfix prints an empty name as is: only a missing one is "(unavailable)".
-    user = failure.username if failure.username is not None else "(unavailable)"
-    return (f"{namaddr}: SASL {mechanism[:100]} authentication failed: {reason}, "
-            f"sasl_username={user[:100]}")
+    user = printable(failure.username) if failure.username is not None else "(unavailable)"
+    return (f"{namaddr}: SASL {clip(mechanism)} authentication failed: {reason}, "
+            f"sasl_username={clip(user)}")
 
 
 def aborted_log_text(namaddr: str, mechanism: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import (MECHANISM_PROPERTIES, DEFAULT_RESPONSE_LIMIT, SaslExchange, SaslServer,
                    allowed_by_options, apply_mechanism_filter)
 from .mechanisms import (ENCRYPT, LOCAL_MECHANISMS, SECRET_MECHANISMS, NoMechanismExchange,
-                         PasswordBackend)
+                         PasswordBackend, cyrus_decode64)
 
 
 class LocalSaslServer(SaslServer):
@@ -46,6 +46,12 @@ class LocalSaslServer(SaslServer):
               local_port: str = "", local_domain: str | None = None,
               tls_active: bool = False) -> SaslExchange:
         name = mechanism.upper()
+        if isinstance(initial_response, str) and self.backend.cyrus_library:
+            # Postfix's xsasl_cyrus_server_first() decodes the initial response before
+            # libsasl2 looks at the mechanism: a bad one fails whatever the mechanism.
+            decoded = cyrus_decode64(initial_response)
+            if isinstance(decoded, str):
+                return NoMechanismExchange(name, decoded)
         if name not in self.configured:
             return NoMechanismExchange(name, library=f"Couldn't find mech {mechanism}"
                                        if self.backend.cyrus_library else None)

@@ -34,7 +34,10 @@ _C_SPACE = " \t\n\v\f\r"     # C isspace(), what libsasl2 strips around names
 ALL_WHITESPACE = "All-whitespace username."   # libsasl2's canonuser on an empty name
 
 SCRAM_ITERATIONS = 4096      # RFC 7677 4: at least 4096 for SHA-256
-_MAX_FIELD = 1024            # longest user name / password we consider
+# libsasl2's limits: the LOGIN plugin's USERNAME_MAXLEN / PASSWORD_MAXLEN, CRAM-MD5's
+# input, and canonuser's CANON_BUF_SIZE (a longer name is SASL_BUFOVER).
+_MAX_FIELD = 1024
+BUFOVER = "overflowed buffer"               # SASL_BUFOVER
 
 
 class BackendUnavailable(Exception):
@@ -81,13 +84,25 @@ class PasswordBackend:
         raise NotImplementedError
 
 
-def _text(data: bytes) -> str | None:
+def _text(data: bytes) -> str:
+    """A client's field as libsasl2 takes it: any bytes (not UTF-8 ones travel as
+    surrogate escapes, so the log shows them as sent)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _utf8(data: bytes) -> str | None:
+    """SCRAM's fields, which RFC 5802 7 requires to be UTF-8."""
     if len(data) > _MAX_FIELD:
         return None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def _c_string(text: str) -> str:
+    """What C code sees of a field: up to its first NUL."""
+    return text.split("\0", 1)[0]
 
 
 _B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
@@ -131,8 +146,9 @@ class LocalExchange(SaslExchange):
 
     def identity(self, login: str) -> Identity:
         if self.backend.cyrus_library:
-            # libsasl2's canonuser drops white space around the name (C isspace()).
-            login = login.strip(_C_SPACE)
+            # libsasl2's canonuser takes a C string and drops white space around it
+            # (C isspace()).
+            login = _c_string(login).strip(_C_SPACE)
         ident = canonical_identity(login, self.local_domain, self.hostname)
         self.username = ident.reported
         return ident
@@ -201,8 +217,15 @@ class LocalExchange(SaslExchange):
             ok = await self.backend.verify(ident, password)
         except BackendUnavailable:
             return self.fail(GENERIC, temporary=True)
+        except UnicodeEncodeError:
+            # Bytes that are not UTF-8 match no stored name or password.
+            ok = False
         if not ok:
             return self.fail(BADAUTH, library=wrong)
+        if authzid and len(authzid.encode("utf-8", "surrogateescape")) > _MAX_FIELD:
+            # libsasl2 canonicalises the requested identity after the password.
+            self.username = authzid
+            return self.fail(BUFOVER)
         if authzid:
             # RFC 4616 2: we let nobody act for somebody else.  libsasl2 checks this
             # after the password, and reports the requested identity as the user.
@@ -219,6 +242,8 @@ class LocalExchange(SaslExchange):
             return ident, await self.backend.secret(ident)
         except BackendUnavailable:
             return self.fail(GENERIC, temporary=True)
+        except UnicodeEncodeError:
+            return ident, None
 
 
 class PlainExchange(LocalExchange):
@@ -241,8 +266,8 @@ class PlainExchange(LocalExchange):
             return self.fail(BADPROT, library="Got more data than we were expecting in "
                                               "the PLAIN plugin\n")
         authzid, authcid, passwd = (_text(p) for p in parts)
-        if authcid is None or passwd is None or authzid is None:
-            return self.fail(BADPROT)
+        if len(parts[1]) > _MAX_FIELD:
+            return self.fail(BUFOVER)
         if not authcid:
             # libsasl2's canonicalisation fails on an empty name: SASL_FAIL.
             return self.fail(GENERIC, temporary=True, library=ALL_WHITESPACE)
@@ -257,6 +282,7 @@ class LoginExchange(LocalExchange):
     """The LOGIN mechanism (draft-murchison-sasl-login): two prompts."""
     mechanism = "LOGIN"
     _login: str | None = None
+    _login_sent = False
 
     async def first(self, data: bytes | None) -> SaslStep:
         if data is None:
@@ -264,18 +290,24 @@ class LoginExchange(LocalExchange):
         return await self.next(data)
 
     async def next(self, data: bytes) -> SaslStep:
-        text = _text(data)
-        if text is None:
-            return self.fail(BADPROT)
         if self._login is None:
-            self._login = text
-            if text:
-                self.identity(text)
+            if len(data) > _MAX_FIELD:
+                return self.fail(BADPROT, library="username too long (>1024 characters)")
+            # The plugin keeps the name as a C string and names it to libsasl2 only
+            # with the password: until then a failure has no sasl_username.
+            self._login = _c_string(_text(data))
+            self._login_sent = bool(data)
             return Challenge(b"Password:")
+        if len(data) > _MAX_FIELD:
+            return self.fail(BADPROT,
+                             library="clientinlen is > 1024 characters in LOGIN plugin")
         if not self._login.strip(_C_SPACE):
-            # As libsasl2: an empty name is noticed only after the password.
+            # As libsasl2: an empty name is noticed only after the password.  An
+            # empty response names nobody; blanks or a NUL name "".
+            if self._login_sent:
+                self.identity(self._login)
             return self.fail(GENERIC, temporary=True, library=ALL_WHITESPACE)
-        return await self.check_password(self._login, text)
+        return await self.check_password(self._login, _c_string(_text(data)))
 
 
 class CramMd5Exchange(LocalExchange):
@@ -296,9 +328,9 @@ class CramMd5Exchange(LocalExchange):
         return Challenge(self.challenge)
 
     async def next(self, data: bytes) -> SaslStep:
+        if len(data) > _MAX_FIELD:
+            return self.fail(BADPROT, library="CRAM-MD5 input longer than 1024 bytes")
         text = _text(data)
-        if text is None:
-            return self.fail(BADPROT)
         login, _, digest = text.rpartition(" ")
         if not login:
             # libsasl2's CRAM-MD5 plugin: no space after a non-empty name.
@@ -310,7 +342,8 @@ class CramMd5Exchange(LocalExchange):
         if secret is None:
             return self.fail(BADAUTH)
         expected = hmac.new(secret.encode("utf-8"), self.challenge, hashlib.md5).hexdigest()
-        if hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8")):
+        answer = digest.lower().encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(expected.encode(), answer):
             return self.succeed(ident.reported)
         return self.fail(BADAUTH, library="incorrect digest response")
 
@@ -369,7 +402,7 @@ class ScramExchange(LocalExchange):
         return self.fail(BADPROT)
 
     async def _client_first(self, data: bytes) -> SaslStep:
-        text = _text(data)
+        text = _utf8(data)
         if text is None:
             return self.fail(BADPROT)
         parts = text.split(",", 2)
@@ -414,7 +447,7 @@ class ScramExchange(LocalExchange):
         return Challenge(self._server_first.encode("ascii"))
 
     async def _client_final(self, data: bytes) -> SaslStep:
-        text = _text(data)
+        text = _utf8(data)
         if text is None or ",p=" not in text:
             return self.fail(BADPROT)
         without_proof, _, proof_b64 = text.rpartition(",p=")

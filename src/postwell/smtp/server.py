@@ -383,6 +383,7 @@ def _valid_address_literal(text: str) -> bool:
 
 
 _XFORWARD_ATTRS = ("NAME", "ADDR", "PROTO", "HELO", "SOURCE", "PORT", "IDENT")
+_XFORWARD_CLIENT_ATTRS = frozenset(("NAME", "ADDR", "PROTO", "HELO", "PORT"))
 
 
 def _xforward_value_ok(name: str, value: str, ipv6: bool = True) -> bool:
@@ -1014,10 +1015,10 @@ class ServerConnection:
         if not isinstance(self._pending, DataEnd):
             raise RuntimeError("reject_keeping_transaction() without a pending DataEnd")
         kept = (self.sender, self._mail_smtputf8, self.recipients, self.rcpt_attempts,
-                self._declared_size, self.xforward)
+                self._declared_size, self.xforward, self.xforward_client)
         self.send_reply(reply)
         (self.sender, self._mail_smtputf8, self.recipients, self.rcpt_attempts,
-         self._declared_size, self.xforward) = kept
+         self._declared_size, self.xforward, self.xforward_client) = kept
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
@@ -1029,8 +1030,8 @@ class ServerConnection:
         return d
 
     def abort(self, reason: str) -> None:
-        """End the session from outside (EOF, timeout): a DATA or BDAT being read counts as
-        a failed attempt, as in Postfix's "data=0/1"."""
+        """End the session from outside (EOF, timeout): a DATA, BDAT or AUTH exchange
+        being read counts as a failed attempt, as in Postfix's "data=0/1"."""
         if self.closed:
             return
         if self.state == S_DATA:
@@ -1039,6 +1040,9 @@ class ServerConnection:
             self._count("bdat", False)
         elif self.state == S_TLS:
             self._count("starttls", False)
+        elif self.state == S_AUTH:
+            # An exchange left waiting for the client's response failed (auth=0/1).
+            self._count("auth", False)
         self._close(reason)
 
     def tls_started(self) -> None:
@@ -1116,6 +1120,9 @@ class ServerConnection:
     def _reset_transaction(self) -> None:
         # XFORWARD attributes describe one message: Postfix forgets them with it.
         self.xforward: dict[str, str] = {}
+        # Whether XFORWARD named any client attribute, "[UNAVAILABLE]" included: Postfix
+        # then logs orig_client= (its SMTPD_STATE_XFORWARD_CLIENT_MASK flags).
+        self.xforward_client = False
         self.sender: str | None = None
         self._mail_smtputf8 = False
         self.recipients: list[str] = []
@@ -1503,8 +1510,8 @@ class ServerConnection:
             return True
         if self._access_denied and verb_u != "QUIT":
             # RFC 5321 3.1: after a refusing greeting, everything but QUIT gets 503.
-            if handler is not None:
-                self.where = verb_u
+            # A refused command is no state of the session: "lost connection after"
+            # still names the command that was refused (CONNECT, XCLIENT), as Postfix.
             self._error(verb.lower() if handler is not None else "unknown",
                         Reply(503, f"Error: access denied for {self.client}", "5.7.0"))
             return True
@@ -2016,9 +2023,10 @@ class ServerConnection:
             if len(value) > 255:
                 self._error("xforward", Reply(501, "Error: attribute value too long", "5.5.4"))
                 return
-            name = name.upper()
+            sent, name = name, name.upper()
             if name not in _XFORWARD_ATTRS:
-                self._error("xforward", Reply(501, f"Bad XFORWARD attribute name: {name}",
+                # The name as the client wrote it (Postfix 3.7).
+                self._error("xforward", Reply(501, f"Bad XFORWARD attribute name: {sent}",
                                               "5.5.4"))
                 return
             value = unquote_xtext(value)
@@ -2033,6 +2041,8 @@ class ServerConnection:
                 self.xforward.pop(name, None)
             else:
                 self.xforward[name] = value
+            if name in _XFORWARD_CLIENT_ATTRS:
+                self.xforward_client = True
         self._ok_xforward()
 
     def _cmd_starttls(self, arg: str) -> None:

@@ -205,14 +205,19 @@ def parse_xclient(arg: str, ipv6_enabled: bool = True) -> tuple[XclientRequest, 
 
 
 def apply_to_state(state, req: XclientRequest, sasl_enabled: bool) -> None:
-    """Put the attributes into a SessionState, one by one as Postfix does: NAME sets
-    the reverse name too (a REVERSE_NAME after it wins), LOGIN counts only with
+    """Put the attributes into a SessionState, one by one as Postfix does: a NAME that
+    is a name sets the reverse name too (a REVERSE_NAME after it wins), LOGIN counts only with
     smtpd_sasl_auth_enable (then permit_sasl_authenticated sees it)."""
     for item in req.items:
         a, v = item.attribute, item.value
         if a == "NAME":
-            state.client_name = state.reverse_client_name = v
-            state.client_name_status = state.reverse_client_name_status = item.status
+            state.client_name = v
+            state.client_name_status = item.status
+            if item.status == STATUS_OK:
+                # Only a real name stands for the reverse name too: [UNAVAILABLE] and
+                # [TEMPUNAVAIL] leave it as it was (Postfix 3.7, side by side).
+                state.reverse_client_name = v
+                state.reverse_client_name_status = item.status
         elif a == "REVERSE_NAME":
             state.reverse_client_name = v
             state.reverse_client_name_status = item.status

@@ -193,6 +193,41 @@ _REPLY_CLASSES = (("protocol", _PROTOCOL_REPLY), ("policy", _POLICY_REPLY),
                   ("software", _SOFTWARE_REPLY))
 
 
+def _flush_ignored(state, log) -> None:
+    """The "restriction `x' after `reject' is ignored" warnings the restriction engine
+    held back: Postfix logs them after the reject line (policy.restrictions
+    _ignored_after)."""
+    held = state.check.ignored
+    for text in held:
+        log.warning(text)
+    held.clear()
+
+
+def _note_concurrency_refusal(session) -> None:
+    """Postfix's smtpd records a refusal for smtpd_client_connection_count_limit as a
+    policy error (notify_classes), one for the connection rate limit not; the 421 text
+    is the same, so the class cannot be read back from the transcript."""
+    state = getattr(session, "state", None)
+    if state is not None:
+        state.error_classes.add("policy")
+
+
+class _LimitWarningTap:
+    """The smtpd's log as anvil's SmtpdLimits sees it: forwards every line and notes
+    whether the last warning was a concurrency refusal (see _note_concurrency_refusal)."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.concurrency = False
+
+    def warning(self, text: str) -> None:
+        self.concurrency = text.startswith("Connection concurrency limit exceeded")
+        self.log.warning(text)
+
+    def __getattr__(self, name):
+        return getattr(self.log, name)
+
+
 def transcript_error_classes(entries) -> set[str]:
     """The error classes Postfix would have noted for the replies among ``entries``
     (a ServerConnection transcript: command lines as str, replies as bytes)."""
@@ -477,6 +512,8 @@ class SmtpdSession(asyncio.Protocol):
     # Where the transcript's replies start to count for notify_classes: Postfix forgets
     # a session's errors once it has queued a message (smtpd.c data_cmd).
     _errors_from = 0
+    # XCLIENT LOGIN= with SASL off: logged in the client= line only (see _xclient).
+    _xclient_login: str | None = None
 
     def __init__(self, server: "SmtpdServer") -> None:
         self.server = server
@@ -915,6 +952,8 @@ class SmtpdSession(asyncio.Protocol):
                     + f" proto={st.protocol}"
                     + (f" helo=<{st.helo_name}>" if st.helo_name is not None else ""))
         self.server.log.info(line)
+        if self.state is not None and self.state.check.ignored:
+            _flush_ignored(self.state, self.server.log)
 
     def _drop_queue_file(self) -> None:
         if self.cs is not None:
@@ -935,7 +974,11 @@ class SmtpdSession(asyncio.Protocol):
     async def _policy(self, name: str, *args) -> Reply | None:
         """Call SmtpdPolicy.<name>; a failure inside it defers instead of dropping the client."""
         try:
-            return await getattr(self.server.policy, name)(*args)
+            reply = await getattr(self.server.policy, name)(*args)
+            state = self.state
+            if reply is None and state is not None and state.check.ignored:
+                _flush_ignored(state, self.server.log)
+            return reply
         except Exception as exc:
             self.server.log.warning(f"{self.namaddr}: {name}: {exc!r}")
             if self.state is not None:
@@ -977,17 +1020,19 @@ class SmtpdSession(asyncio.Protocol):
             self._abort_transaction()
             old = (state.helo_name, state.protocol)
             state.helo_name = ev.name
-            # HELO after EHLO leaves the protocol ESMTP (Postfix's helo_cmd never
-            # downgrades it; 3.7, side by side).
-            state.protocol = ("ESMTP" if isinstance(ev, Ehlo) or state.protocol == "ESMTP"
-                              else "SMTP")
-            reply = await self._policy("on_helo", state)
+            # The checks (and their reject, warn and reject_warning lines) see the new
+            # name with the protocol of before the command: Postfix's ehlo_cmd sets
+            # ESMTP only once they passed.
+            reply = await self._policy("on_helo", state,
+                                       "EHLO" if isinstance(ev, Ehlo) else "HELO")
             if reply is not None:
-                # Postfix logs the refused name with the protocol of before the command.
-                state.protocol = old[1]
                 self._log_reject(reply)
                 state.helo_name, state.protocol = old
             else:
+                # HELO after EHLO leaves the protocol ESMTP (Postfix's helo_cmd never
+                # downgrades it; 3.7, side by side).
+                state.protocol = ("ESMTP" if isinstance(ev, Ehlo) or state.protocol == "ESMTP"
+                                  else "SMTP")
                 await self._flush_history()
             conn.send_reply(reply)
             return
@@ -1302,6 +1347,15 @@ class SmtpdSession(asyncio.Protocol):
         # The reject lines and replies keep the old name[addr] until the command is done.
         state.shown_namaddr = self.namaddr
         apply_to_state(state, ev.request, srv.sasl is not None)
+        if srv.sasl is None:
+            # With SASL off Postfix still takes LOGIN= (smtpd_sasl_auth_extern): its
+            # client= line names it, though no restriction sees it.
+            for item in ev.request.items:
+                if item.attribute == "LOGIN" and item.value is not None:
+                    self._xclient_login = item.value
+            if ev.complete and not any(i.attribute == "LOGIN" and i.value is not None
+                                       for i in ev.request.items):
+                self._xclient_login = None
         if not ev.complete:
             conn.send_reply(None)       # the bad attribute's 501; the ones before it stay
             return
@@ -1339,6 +1393,9 @@ class SmtpdSession(asyncio.Protocol):
             out += f", orig_client={xf.get('NAME') or 'unknown'}[{addr}]"
         elif xf.get("NAME"):
             out += f", orig_client={xf['NAME']}"
+        elif getattr(self.conn, "xforward_client", False):
+            # PORT, PROTO or HELO alone, or an [UNAVAILABLE] address (Postfix 3.7).
+            out += ", orig_client=unknown"
         return out
 
     def _auth(self):
@@ -1378,10 +1435,15 @@ class SmtpdSession(asyncio.Protocol):
         if reply is not None:
             conn.send_reply(reply)
             return
+        # Postfix's smtpd_check_rcpt() names the address only while it checks it; the
+        # session keeps its first accepted recipient, which the DATA and end-of-data
+        # restrictions (and their log lines) see when it is the only one.
+        first = state.recipient if state.recipient_count else None
         state.recipient = ev.recipient
         reply = await self._policy("on_rcpt", state)
         if reply is not None:
             self._log_reject(reply)
+            state.recipient = first
             conn.send_reply(reply)
             return
         if self.cs is None:
@@ -1393,15 +1455,19 @@ class SmtpdSession(asyncio.Protocol):
                                       content_checks=True)
             except Exception as exc:
                 srv.log.warning(f"queue file create error: {exc}")
+                state.recipient = first
                 conn.send_reply(REPLY_WRITE_ERROR)
                 return
             self.cs = cs
             state.queue_id = cs.queue_id
-            if state.sasl_username is not None:
+            sasl_username, sasl_method = state.sasl_username, state.sasl_method
+            if sasl_username is None and self._xclient_login is not None:
+                sasl_username, sasl_method = self._xclient_login, "XCLIENT"
+            if sasl_username is not None:
                 # Postfix's form, which log tools parse.
                 srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
-                             f"sasl_method={state.sasl_method}, "
-                             f"sasl_username={state.sasl_username}"
+                             f"sasl_method={sasl_method}, "
+                             f"sasl_username={sasl_username}"
                              + (f", sasl_sender={state.sasl_sender}"
                                 if state.sasl_sender is not None else "") + self._xforward_log())
             elif state.sasl_sender is not None:
@@ -1423,8 +1489,8 @@ class SmtpdSession(asyncio.Protocol):
                                ("server_port", state.server_port),
                                ("helo_name", state.helo_name),
                                ("protocol_name", state.protocol),
-                               ("sasl_method", state.sasl_method),
-                               ("sasl_username", state.sasl_username),
+                               ("sasl_method", sasl_method),
+                               ("sasl_username", sasl_username),
                                ("sasl_sender", state.sasl_sender),
                                ("log_message_origin", self.namaddr)):
                 if value:
@@ -1438,6 +1504,8 @@ class SmtpdSession(asyncio.Protocol):
         self.cs.add_recipient(ev.recipient, orig=ev.recipient, orcpt=orcpt, notify=ev.notify)
         state.recipient_count += 1
         self._received_for = ev.recipient if state.recipient_count == 1 else None
+        if first is not None:
+            state.recipient = first
         conn.send_reply(None)
 
     def _received_header(self, bdat: bool) -> str:
@@ -1604,7 +1672,8 @@ class SmtpdServer:
         self.limits = None        # anvil(8): machine-wide counts and rates
         try:
             from postwell.anvil import SmtpdLimits
-            self.limits = SmtpdLimits.from_config(config, self.log, service=service_name,
+            self._limit_log = _LimitWarningTap(self.log)
+            self.limits = SmtpdLimits.from_config(config, self._limit_log, service=service_name,
                                                   hostname=self.hostname,
                                                   exceptions=self._limit_exceptions)
         except Exception as exc:   # noqa: BLE001 - no anvil: the per-process count remains
@@ -1769,9 +1838,11 @@ class SmtpdServer:
     # per-session helpers
     def new_state(self, name, addr, port, server_addr, server_port):
         SessionState = _session_state_class()
-        return SessionState(client_name=name, client_addr=addr, client_port=port,
-                            reverse_client_name=name, server_addr=server_addr,
-                            server_port=server_port)
+        state = SessionState(client_name=name, client_addr=addr, client_port=port,
+                             peer_addr=addr, reverse_client_name=name,
+                             server_addr=server_addr, server_port=server_port)
+        state.check.hold_ignored = True     # _log_reject writes them after the reject
+        return state
 
     def bare_newline_exempt(self, name: str, addr: str) -> bool:
         # Asked once per connection; the answer for a client only changes with the
@@ -1875,12 +1946,18 @@ class SmtpdServer:
                 got = UNAVAILABLE
             if got is not UNAVAILABLE:
                 if got is not None:
+                    # Read before any other await: the warning anvil's check logged
+                    # just before it returned says which limit refused the session.
+                    tap = getattr(self, "_limit_log", None)
+                    if tap is not None and tap.concurrency:
+                        _note_concurrency_refusal(session)
                     # Released (and counted by anvil) before the 421 leaves, so the
                     # client's next attempt sees the count without this refused session.
                     await self.limits.disconnect_settled(session)
                 return got
         if not local:
             return None
+        _note_concurrency_refusal(session)
         self.log.warning(f"Connection concurrency limit exceeded: {self.count_for(session.addr)} "
                          f"from {session.namaddr} for service {self.service_name}")
         return Reply(421, f"{self.hostname} Error: too many connections from {session.addr}",
