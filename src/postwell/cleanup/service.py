@@ -636,10 +636,9 @@ class CleanupSession:
 
 
 class Cleanup:
-    # False while the smtpd and pickup log cleanup's "queue file size limit exceeded"
-    # line themselves after a 552 from finish(); True: cleanup logs it, with the
-    # "mail_stream_cleanup: close error" line that follows it in Postfix.
-    logs_size_refusal = False
+    # True: cleanup logs its own "queue file size limit exceeded" refusal, with the
+    # "mail_stream_cleanup: close error" line that follows it in Postfix (SMTP only).
+    logs_size_refusal = True
 
     def __init__(self, config, store: QueueStore, log, *, clock: Callable[[], float] | None = None,
                  table_opener: Callable[[str], object] | None = None):

@@ -18,7 +18,7 @@ from typing import Callable
 from ..cleanup import Cleanup
 from ..cleanup.addresses import ADDRESS_HEADERS, rewrite_header
 from ..cleanup.headers import ContentProcessor, ContentStop, MessageChecks
-from ..cleanup.service import REPLY_TOO_BIG, _quote_local, mail_date
+from ..cleanup.service import _quote_local, mail_date
 from ..cleanup.virtual import AliasExpansionError, AliasLookupError
 # Postfix's mail_date() (day padded with a space) for pickup's own Received: line.
 from ..dsn.notice import mail_date as received_date
@@ -414,6 +414,7 @@ class Pickup:
                 # The sender in external form, as Postfix 3.7 logs it (from=<"a b"@x>).
                 self.log.info(f"{qid}: uid={uid} from=<{log_address(env.sender)}>")
             cs.set_sender(env.sender, ret=env.ret, envid=env.envid, body_type=env.body)
+            cs.set_fullname(env.fullname)     # Postfix keeps it in the queue file (its size)
             self._set_arrival(cs, mtime)
             cs.set_attribute("rewrite_context", env.rewrite)
             cs.set_attribute("log_ident", qid)
@@ -447,8 +448,6 @@ class Pickup:
         qid = cs.queue_id
         clog = self.cleanup.log
         dsn, reason = bounce_reason(reply)
-        if reply.code == REPLY_TOO_BIG.code and dsn == REPLY_TOO_BIG.enhanced:
-            clog.warning(f"{qid}: queue file size limit exceeded")
         try:
             headers, message_id = self._returned_headers(
                 md, env, uid, qid, mtime if received_at is None else received_at, cs)

@@ -1597,11 +1597,6 @@ class SmtpdSession(asyncio.Protocol):
                 # A refusal of cleanup's own (header/body checks REJECT, a deferral):
                 # Postfix's data_cmd notes a policy error (the others by their text).
                 state.error_classes.add("policy")
-            if reply.code == 552 and "too big" in reply.text:
-                # cleanup's own limit (it counts the headers it adds): Postfix's cleanup
-                # logs this one, as postfix/cleanup (checked against 3.7).
-                clog = getattr(srv.cleanup, "log", None) or srv.log
-                clog.warning(f"{cs.queue_id}: queue file size limit exceeded")
             if ev.bdat and reply.code == 250:
                 # Postfix words the last BDAT reply "Ok: N bytes queued as ID".
                 reply = Reply(250, f"Ok: {ev.size} bytes queued as {cs.queue_id}", "2.0.0")
