@@ -32,10 +32,11 @@ else alone (a message without MIME headers goes out unchanged, 8-bit or not).
 from __future__ import annotations
 
 import asyncio
-import binascii
 import ctypes
+import dataclasses
 import errno
 import hashlib
+import hmac
 import ipaddress
 import os
 import random
@@ -53,7 +54,7 @@ from postwell.smtp.client import (NEED_DATA, AuthChallenge, AuthDone, Connection
                                   HelloDone, IgnoredLine, MailReply, MessageDone, ProtocolError, TlsRefused,
                                   TlsWanted,
                                   RcptReply, Recipient, RecipientDone, Rejected, SmtpClient, State,
-                                  TransactionFailed, needs_smtputf8, quote_address)
+                                  TransactionFailed, has_long_line, needs_smtputf8, quote_address)
 from postwell.smtp.reply import Reply
 
 from .base import DeliveryAgent, RecipientResult
@@ -146,6 +147,10 @@ class MimeDowngrade:
 
     def _line(self, line: bytes, last: bool = False) -> bytes:
         nl = b"" if last else b"\n"
+        if self.in_headers and self.boundaries and line.startswith(b"--") and self._boundary(line):
+            # A part that ends inside its headers (a message/rfc822 part without
+            # a body): the boundary still counts (RFC 2046 5.1.1).
+            return self._flush_headers() + self._line(line, last)
         if self.in_headers:
             if line in (b"", b"\r"):
                 return self._flush_headers() + line + nl
@@ -175,6 +180,10 @@ class MimeDowngrade:
         if self.encode_body:
             return _qp_line(line.rstrip(b"\r")) + nl
         return line + nl
+
+    def _boundary(self, line: bytes) -> bool:
+        stripped = line.rstrip(b" \t\r")
+        return any(stripped in (b"--" + b, b"--" + b + b"--") for b in self.boundaries)
 
     def _start_entity(self, default_type: bytes) -> None:
         self.in_headers, self.headers, self.header_bytes = True, [], 0
@@ -208,20 +217,78 @@ class MimeDowngrade:
         nested = len(self.boundaries)
         if ctype == b"multipart" and boundary and nested < self.nesting_limit:
             self.boundaries.append(boundary)
-        elif ctype == b"message" and nested < self.nesting_limit and not self.boundaries:
-            # message/rfc822 at this level: its body is a whole message (RFC 2046 5.2.1).
+        elif ctype == b"message" and nested < self.nesting_limit:
+            # message/rfc822: its body is a whole message (RFC 2046 5.2.1), at the
+            # top or inside a multipart, as Postfix's mime_state reads it.
             self._start_entity(b"text")
         return b"".join(h + b"\n" for h in out)
 
 
+# Bytes a quoted-printable line keeps as they are (RFC 2045 6.7 rules 2 and 3), as
+# Postfix's mime_state downgrade chooses them: printable ASCII but "=", and TAB.
+_QP_KEEP = frozenset(c for c in range(256) if (32 <= c <= 126 and c != 61) or c == 9)
+_QP_NEEDS = re.compile(rb"[^\t\x20-\x3c\x3e-\x7e]")
+_QP_WIDTH = 73
+
+
 def _qp_line(line: bytes) -> bytes:
-    # RFC 2045 6.7: encode, then soft-break at 76 columns.
-    return binascii.b2a_qp(line, quotetabs=False, istext=True).replace(b"\r", b"")
+    """One line to quoted-printable (RFC 2045 6.7), wrapped as Postfix wraps it:
+    a soft line break ("=") once a line holds more than 72 characters, checked
+    before each input byte, so an encoded triplet is never split; a trailing blank
+    is encoded (rule 3).  Lines come back joined by LF."""
+    if len(line) <= _QP_WIDTH and not _QP_NEEDS.search(line):
+        if line[-1:] in (b" ", b"\t"):
+            return line[:-1] + b"=%02X" % line[-1]
+        return line
+    out = []
+    cur = bytearray()
+    for ch in line:
+        if len(cur) > _QP_WIDTH - 1:
+            out.append(bytes(cur) + b"=")
+            cur.clear()
+        if ch in _QP_KEEP:
+            cur.append(ch)
+        else:
+            cur += b"=%02X" % ch
+    if cur and cur[-1] in (32, 9):
+        cur[-1:] = b"=%02X" % cur[-1]
+    out.append(bytes(cur))
+    return b"\n".join(out)
 
 
 def _orig_orcpt(rcpt) -> str | None:
     orig = getattr(rcpt, "orig", None)
     return f"rfc822;{quote_address(orig)}" if orig else None
+
+
+def _rcpt_order(address: str) -> tuple:
+    """Postfix's recipient sort key: addresses without a domain last, then the
+    domain compared without case, then the whole address byte by byte (UTF-8
+    byte order is code point order)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return (1, "", address)
+    return (0, domain.lower(), address)
+
+
+# Postfix keeps a server reply's text up to line_length_limit (its default; smtp(8)
+# reads it as var_line_limit) and logs non-printable characters as "?" (printable()).
+_REPLY_TEXT_LIMIT = 2048
+# (UTF-8 text stays, as smtputf8_enable = yes makes printable() keep it; bytes
+# that were no UTF-8 were decoded to U+FFFD.)
+_UNPRINTABLE = re.compile("[^\x20-\x7e\n\u0080-\ufffc\ufffe-\U0010ffff]")
+
+_NOTIFY_WORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+
+
+def _notify_order(notify: str | None) -> str | None:
+    """RFC 3461 4.1 NOTIFY words in Postfix's order (dsn_notify_str(): never,
+    success, failure, delay), whatever order the submitter used."""
+    if not notify:
+        return notify
+    words = {w.strip().upper() for w in notify.split(",")}
+    known = [w for w in _NOTIFY_WORDS if w in words]
+    return ",".join(known + sorted(words.difference(_NOTIFY_WORDS, {""}))) or notify
 
 
 def _is_ip(host: str) -> bool:
@@ -445,6 +512,59 @@ def _one_line(reply: Reply) -> str:
 
 def _soft(dsn: str) -> str:
     return "4" + dsn[1:] if dsn.startswith("5") else dsn
+
+
+_EHLO_WORDS = re.compile(r"[ \t=]+")
+_EHLO_KEYWORD_EQ = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)=")
+
+
+class _PostfixClient(SmtpClient):
+    """The engine as Postfix's smtp_loop() drives it: a 421 to MAIL, RCPT, DATA,
+    the end of data or RSET is one more 4xx reply.  Postfix goes on with what the
+    protocol state calls for (the next pipelined reply, RSET, QUIT) and learns that
+    the server hung up (RFC 5321 3.8) from the end of file that follows, so the
+    recipients still waiting for a reply get "lost connection ... while sending
+    RCPT TO", and the peer sees the same commands from both MTAs."""
+
+    _ORDINARY_421 = frozenset({"mail", "rcpt", "data", "dot", "rset"})
+    # SMTPUTF8 (RFC 6531 3.4) goes after the DSN parameters in Postfix's MAIL FROM.
+    _UTF8_BEFORE_DSN = re.compile(r" SMTPUTF8(?= ENVID=| RET=)")
+
+    def _send(self, line: str) -> None:
+        if line.startswith("MAIL FROM:") and " SMTPUTF8 " in line:
+            hits = list(self._UTF8_BEFORE_DSN.finditer(line))
+            if hits:
+                m = hits[-1]
+                line = line[:m.start()] + line[m.end():] + " SMTPUTF8"
+        super()._send(line)
+
+    def _on_greeting(self, reply: Reply) -> None:
+        if reply.code // 100 == 2 and reply.code != 220:
+            reply = dataclasses.replace(reply, code=220)    # smtp_helo(): any 2xx will do
+        super()._on_greeting(reply)
+
+    def _on_data(self, reply: Reply, index: int) -> None:
+        if reply.code // 100 == 3 and reply.code != 354:
+            reply = dataclasses.replace(reply, code=354)    # smtp_loop(): any 3xx goes ahead
+        super()._on_data(reply, index)
+
+    def _on_ehlo(self, reply: Reply, index: int) -> None:
+        if reply.code // 100 == 2 and "=" in reply.text:
+            # smtp_helo(): a keyword ends at "=" too ("SIZE=1000", RFC 4954's
+            # pre-standard "AUTH=LOGIN"), its parameters follow.
+            text = "\n".join(_EHLO_KEYWORD_EQ.sub(r"\1 ", ln) if n else ln
+                             for n, ln in enumerate(reply.text.split("\n")))
+            reply = dataclasses.replace(reply, text=text)
+        super()._on_ehlo(reply, index)
+
+    def _on_reply(self, reply: Reply) -> None:
+        if (reply.code == 421 and self._expect and self.state is not State.GREETING
+                and self._expect[0][0] in self._ORDINARY_421):
+            what, index = self._expect.pop(0)
+            self._unusable = True          # never cached after this
+            getattr(self, "_on_" + what)(reply, index)
+            return
+        super()._on_reply(reply)
 
 
 @dataclass(frozen=True)
@@ -735,6 +855,11 @@ class _Connection:
         self.closed = False
         self.queue_id = ""      # the message being delivered (for warnings)
         self.tls_cache_key: tuple | None = None   # where to save this TLS session
+        self.quit_sent = False      # no QUIT to send at the end: it went out already
+                                    # (pipelined), or Postfix would close without one
+        self.dot_aborted = False    # a lone "." ended a transaction without recipients
+        self.junk: list[str] = []   # lines that were no reply, before the next reply
+        self.read_reply: tuple = (None, None)   # the engine's last reply, as Postfix reads it
 
     @property
     def namaddr(self) -> str:
@@ -760,6 +885,13 @@ class _Connection:
         data = self.engine.data_to_send()
         if not data:
             return False
+        if data == b".\r\n" and self.engine.state is not State.DONE:
+            # The engine's answer to a 354 after no recipient was accepted.
+            self.dot_aborted = True
+        return self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> bool:
+        """write_pending() for bytes of our own (a pipelined QUIT)."""
         w = self.writer
         w.write(data)
         check = getattr(w, "check", None)
@@ -808,6 +940,9 @@ class _Connection:
 
     async def quit(self, timeout: float) -> None:
         if self.closed:
+            return
+        if self.quit_sent:
+            self.abort()
             return
         try:
             self.engine.quit()
@@ -1014,7 +1149,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
     def _envelope(request) -> Envelope:
         attrs = getattr(request, "attributes", None) or {}
         rcpts = tuple(Recipient(getattr(r, "nexthop_recipient", None) or r.address,
-                                getattr(r, "notify", None),
+                                _notify_order(getattr(r, "notify", None)),
                                 getattr(r, "orcpt", None) or _orig_orcpt(r))
                       for r in request.recipients)
         body = attrs.get("body") or attrs.get("body_type")
@@ -1065,9 +1200,14 @@ class SmtpDeliveryAgent(DeliveryAgent):
         return None
 
     def _reusable(self, conn: _Connection) -> bool:
-        s = self.settings
         if conn.closed or not conn.engine.usable:
             return False
+        return self._reuse_left(conn)
+
+    def _reuse_left(self, conn: _Connection) -> bool:
+        """Within smtp_connection_reuse_time_limit and _count_limit (Postfix's
+        THIS_SESSION_IS_EXPIRED, the other way round)."""
+        s = self.settings
         if s.reuse_time_limit and self.monotonic() - conn.created >= s.reuse_time_limit:
             return False
         # "With a reuse count limit of N, a connection is used up to N+1 times."
@@ -1134,7 +1274,11 @@ class SmtpDeliveryAgent(DeliveryAgent):
             # No explicit next hop: the recipient domain, as trivial-rewrite would say.
             request.nexthop = recipients[0].address.rpartition("@")[2] or "localhost"
         results: dict[int, RecipientResult] = {}
+        # RCPT TO order: Postfix's qmgr hands recipients over sorted
+        # (qmgr_message_sort: domain without case, then the address byte-wise).
         pending = list(range(len(recipients)))
+        if len(recipients) > 1:
+            pending.sort(key=lambda i: _rcpt_order(recipients[i].address))
         key = self._cache_key(request)
         last: _SessionFailure | None = None
 
@@ -1187,6 +1331,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
         session_limit = self.settings.mx_session_limit
         sessions = 0
+        utf8_memo: list[bool] = []
+
+        def needs_utf8() -> bool:
+            if not utf8_memo:
+                utf8_memo.append(self._requires_smtputf8(request))
+            return utf8_memo[0]
         nexthop_host = parse_nexthop(request.nexthop).host
         policy_level, tls_match = self._tls_policy(request.nexthop)
         if policy_level is None:
@@ -1205,7 +1355,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
             conn.queue_id = queue_id
             try:
                 await self._handshake(conn, best=target.best, nexthop=nexthop_host,
-                                      tls_level=tls_level, tls_match=tls_match)
+                                      tls_level=tls_level, tls_match=tls_match,
+                                      utf8=needs_utf8)
                 if self.settings.sasl_enable:
                     await self._authenticate(conn, request)
                 sessions += 1
@@ -1313,7 +1464,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
             # No session yet: Postfix logs relay=none for connect failures.
             text = os.strerror(e.errno) if e.errno else str(e)
             raise _SessionFailure("4.4.1", f"{where}: {text}") from None
-        engine = SmtpClient(s.helo_name, never_send_ehlo=s.never_send_ehlo,
+        engine_class = SmtpClient if self.protocol == "lmtp" else _PostfixClient
+        engine = engine_class(s.helo_name, never_send_ehlo=s.never_send_ehlo,
                             use_chunking=s.use_chunking, line_length_limit=s.line_length_limit,
                             quote_envelope=s.quote_envelope, skip_quit_response=s.skip_quit_response,
                             discard_ehlo_keywords=s.discard_ehlo_keywords,
@@ -1373,7 +1525,24 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 self._warning("to prevent loss of mail, turn off command pipelining for "
                               f"{conn.target.ip} with the smtp_discard_ehlo_keyword_address_maps "
                               "parameter")
+            if len(conn.junk) < 20:
+                # smtp_chat_resp(): such a line is read as one more line of the
+                # reply that follows, and quoted with it.
+                conn.junk.append(ev.text)
             return await self._event(conn)
+        reply = getattr(ev, "reply", None)
+        raw = getattr(reply, "raw", None)
+        if raw and (conn.junk or "\n" in raw or len(raw) >= _REPLY_TEXT_LIMIT
+                    or not (raw.isascii() and raw.isprintable())):
+            if reply is conn.read_reply[0]:
+                # The engine hands a reply on again (TransactionFailed after the
+                # RCPT refusals): Postfix read it once.
+                ev = dataclasses.replace(ev, reply=conn.read_reply[1])
+            else:
+                ev = self._as_postfix_reads(conn, ev, reply, raw)
+                conn.read_reply = (reply, ev.reply)
+        elif conn.junk:
+            conn.junk = []
         if isinstance(ev, ProtocolError):
             conn.abort()
             self._warning(f"{conn.namaddr}: {ev.detail}")
@@ -1381,8 +1550,42 @@ class SmtpDeliveryAgent(DeliveryAgent):
                              "malformed server reply", conn.target)
         return ev
 
+    def _as_postfix_reads(self, conn: _Connection, ev, reply, raw: str):
+        """The reply's text as Postfix's smtp_chat_resp() keeps it for logs and
+        notices: lines that were no reply first, lines kept only while the text
+        is shorter than line_length_limit (2048), characters that are not
+        printable (ASCII controls, TAB, undecodable bytes) as "?"; with
+        Postfix's warnings for over-long lines and replies."""
+        lines = [*conn.junk, *raw.split("\n")]
+        conn.junk = []
+        where = f"{conn.target.namaddr}:{conn.target.port}"
+        kept: list[str] = []
+        size = 0
+        for line in lines:
+            if len(line) >= _REPLY_TEXT_LIMIT:       # the engine cut it there
+                self._warning(f"{where}: response longer than {_REPLY_TEXT_LIMIT}: "
+                              f"{line[:30]}...")
+            if size < _REPLY_TEXT_LIMIT:
+                size += len(line) + (1 if kept else 0)
+                kept.append(line)
+        text = "\n".join(kept)
+        if len(kept) < len(lines):
+            self._warning(f"{where}: multi-line response longer than {_REPLY_TEXT_LIMIT} "
+                          f"{text[:30]}...")
+        text = _UNPRINTABLE.sub("?", text)
+        if text == raw:
+            return ev
+        return dataclasses.replace(ev, reply=dataclasses.replace(reply, raw=text))
+
+    def _requires_smtputf8(self, request) -> bool:
+        """RFC 6531 3.2: mail submitted with SMTPUTF8 whose envelope or header is
+        UTF-8 can only go to a server with SMTPUTF8 (asked once per delivery)."""
+        env = self._envelope(request)
+        return env.smtputf8 and (needs_smtputf8(env) or self._header_has_utf8(request))
+
     async def _handshake(self, conn: _Connection, best: bool, nexthop: str,
-                         tls_level: str = "none", tls_match: list[str] | None = None) -> None:
+                         tls_level: str = "none", tls_match: list[str] | None = None,
+                         utf8=None) -> None:
         s = self.settings
         # Postfix detects loops only on the SMTP port (smtp_connect.c).
         loop_detect = conn.target.port == 25 and self.protocol == "smtp"
@@ -1402,6 +1605,24 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 raise self._fail(dsn if permanent else _soft(dsn), reason, conn.target,
                                  permanent=permanent)
             if isinstance(ev, HelloDone):
+                for line in ev.reply.text.split("\n")[1:]:
+                    words = _EHLO_WORDS.split(line.strip(), 2)
+                    if len(words) > 1 and words[0].upper() == "SIZE" and not words[1].isdigit():
+                        self._warning(f'bad EHLO SIZE limit "{words[1]}" from '
+                                      f"{conn.namaddr}:{conn.target.port}")
+                ext = conn.engine.extensions
+                if (utf8 is not None and self.protocol == "smtp" and not ext.smtputf8
+                        and utf8()):
+                    # smtp_helo() (Postfix's "Fix 20140706"): right after EHLO, before
+                    # STARTTLS or AUTH; the message bounces, the session says QUIT.
+                    raise self._fail("5.6.7", "SMTPUTF8 is required, but was not offered "
+                                     f"by host {conn.namaddr}", conn.target, permanent=True)
+                if ext.smtputf8 and not ext.eightbitmime:
+                    # Postfix's smtp_helo(): a server that takes UTF-8 mail takes 8-bit
+                    # mail too (RFC 6531 3.1 needs 8BITMIME), whatever it announced.
+                    self._info(f"host {conn.namaddr} offers SMTPUTF8 support, but not 8BITMIME")
+                    conn.engine.extensions = dataclasses.replace(
+                        ext, keywords=ext.keywords | {"8BITMIME"})
                 if conn.tls_cache_key is not None:
                     # By the reply to the EHLO after STARTTLS the server's TLS 1.3
                     # session tickets have arrived: the session is resumable now.
@@ -1572,13 +1793,17 @@ class SmtpDeliveryAgent(DeliveryAgent):
         offered = list(conn.engine.extensions.auth)
         if s.sasl_mechanism_filter:
             offered = [m for m in offered if m in s.sasl_mechanism_filter]
-        usable = [m for m in ("PLAIN", "LOGIN") if m in offered]
+        # Cyrus SASL's choice among what postwell speaks: CRAM-MD5 (no password
+        # on the wire) before the plaintext ones.
+        usable = [m for m in ("CRAM-MD5", "PLAIN", "LOGIN") if m in offered]
         if "noplaintext" in options:
-            usable = []          # PLAIN and LOGIN are both plaintext mechanisms
+            usable = [m for m in usable if m not in ("PLAIN", "LOGIN")]
+        if "nodictionary" in options:
+            usable = [m for m in usable if m != "CRAM-MD5"]   # RFC 2195 4
         return usable
 
     async def _authenticate(self, conn: _Connection, request) -> None:
-        """SASL client authentication (RFC 4954) with PLAIN or LOGIN."""
+        """SASL client authentication (RFC 4954) with CRAM-MD5, PLAIN or LOGIN."""
         s = self.settings
         if not conn.engine.extensions.auth or conn.engine.authenticated:
             return
@@ -1590,7 +1815,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
             raise self._fail("4.7.0", "SASL authentication failed; cannot authenticate to server "
                              f"{conn.namaddr}: no mechanism available", conn.target)
         user, password = (c.encode("utf-8") for c in creds)
-        if mechs[0] == "PLAIN":
+        cram = None
+        if mechs[0] == "CRAM-MD5":
+            conn.engine.auth("CRAM-MD5")
+            answers = []
+            cram = (user, password)
+        elif mechs[0] == "PLAIN":
             conn.engine.auth("PLAIN", b"\0" + user + b"\0" + password)   # RFC 4616 2
             answers = []
         else:
@@ -1599,6 +1829,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
         while True:
             ev = await self._event(conn)
             if isinstance(ev, AuthChallenge):
+                if cram is not None:
+                    # RFC 2195 2: the user name, a space, the keyed MD5 of the challenge
+                    digest = hmac.new(cram[1], ev.challenge, hashlib.md5).hexdigest()
+                    conn.engine.auth_response(cram[0] + b" " + digest.encode("ascii"))
+                    cram = None
+                    continue
                 conn.engine.auth_response(answers.pop(0) if answers else None)
                 continue
             if isinstance(ev, AuthDone):
@@ -1607,8 +1843,11 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 dsn = _dsn_of(ev.reply)
                 if s.sasl_auth_soft_bounce:
                     dsn = _soft(dsn)
+                # smtp_sasl_authenticate() quotes the reply as printable() leaves
+                # it: the line breaks of a multi-line reply become "?".
+                text = getattr(ev.reply, "raw", "") or _one_line(ev.reply)
                 raise self._fail(dsn, f"SASL authentication failed; server {conn.namaddr} said: "
-                                 f"{_one_line(ev.reply)}", conn.target,
+                                 f"{text.replace(chr(10), '?')}", conn.target,
                                  permanent=dsn.startswith("5"))
 
     def _tls_session_cache(self) -> TlsSessionCache | None:
@@ -1712,8 +1951,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
         :class:`_SessionFailure` (``before_mail`` set when nothing was committed yet).
         """
         full = self._envelope(request)
-        if len(pending) == len(full.recipients):
-            envelope = full         # pending holds ascending indices: all of them
+        if len(pending) == len(full.recipients) and all(i == n for n, i in enumerate(pending)):
+            envelope = full         # pending holds every index in order
         else:
             envelope = Envelope(full.sender, tuple(full.recipients[i] for i in pending),
                                 full.size, full.body_type, full.smtputf8, full.ret, full.envid)
@@ -1743,23 +1982,39 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 r.dsn_action = success_action
             results[i] = r
 
-        # Checks before MAIL FROM that fail the message, not the server.
-        if ext.size and envelope.size and envelope.size > ext.size:
-            for i in pending:        # RFC 1870 6.1
-                result(i, "bounced", "5.3.4", f"message size {envelope.size} exceeds size limit "
-                       f"{ext.size} of server {conn.namaddr}")
-            return None
+        # smtp_proto.c: a session that will not be cached says QUIT right behind
+        # the "." when the server pipelines (RFC 2920 3.1), and after a lone "."
+        # that ended a transaction without recipients it says QUIT, not RSET.
+        keep = self._caching_wanted(request) and self._reuse_left(conn)
+        quit_after_dot = (not keep and ext.pipelining and self.protocol == "smtp"
+                          and not self.settings.use_chunking)
+
+        # Checks before MAIL FROM that fail the message, not the server.  Postfix
+        # then closes a session it will not cache without a QUIT (smtp_xfer()
+        # returns before its protocol loop, the only place that says QUIT).
+        # smtp_helo() checks SMTPUTF8 (and says QUIT), smtp_xfer() the size after.
         if envelope.smtputf8 and not ext.smtputf8 and (
                 needs_smtputf8(envelope) or self._header_has_utf8(request)):
             for i in pending:        # RFC 6531 3.2
                 result(i, "bounced", "5.6.7", "SMTPUTF8 is required, but was not offered by host "
                        f"{conn.namaddr}")
             return None
+        if ext.size and envelope.size and envelope.size > ext.size:
+            for i in pending:        # RFC 1870 6.1
+                result(i, "bounced", "5.3.4", f"message size {envelope.size} exceeds size limit "
+                       f"{ext.size} of server {conn.namaddr}")
+            conn.quit_sent = not keep and self.protocol == "smtp"
+            return None
         downgrade = eight_bit_action(envelope.body_type, ext.eightbitmime,
                                      self.settings.disable_mime_output_conversion) == "convert"
+        if downgrade and envelope.size is not None:
+            # Postfix announces no SIZE= when it may convert the content to 7 bits
+            # (the converted size is not known before it is sent; RFC 1870 6).
+            envelope = dataclasses.replace(envelope, size=None)
 
         # verify(8) probe: the RCPT replies are the answer; no DATA.
         probe = bool(request.attributes.get("postwell_verify"))
+        conn.dot_aborted = False
         conn.engine.start_transaction(envelope, probe=probe)
         accepted: list[int] = []
         rcpt_replies: dict[int, Reply] = {}
@@ -1770,12 +2025,20 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
         def refuse(i, reply: Reply, command: str):
             nonlocal soft
-            if not _dsn_of(reply).startswith("4"):
-                result(i, "bounced", _dsn_of(reply), said(reply, command))
+            dsn, text = _dsn_of(reply), said(reply, command)
+            if dsn[0] not in "45":
+                # smtp_trouble.c vsmtp_fill_dsn(): a failure reply of another class
+                # (DATA answered 250) is a protocol error; the notice still
+                # quotes the server's reply as its diagnostic.
+                dsn, text = "5.5.0", "Protocol error: " + text
+                result(i, "bounced", dsn, text)
+                results[i].diag_type, results[i].diag_text = "smtp", _one_line(reply)
+            elif dsn[0] != "4":
+                result(i, "bounced", dsn, text)
             elif final:
-                result(i, "deferred", _dsn_of(reply), said(reply, command))
+                result(i, "deferred", dsn, text)
             else:
-                soft = self._fail(_dsn_of(reply), said(reply, command), conn.target)
+                soft = self._fail(dsn, text, conn.target)
                 soft.conn_setup_done = setup_done
 
         try:
@@ -1783,6 +2046,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 ev = await self._event(conn)
                 if isinstance(ev, MailReply):
                     got_mail = True
+                    if ev.reply.code // 100 != 2:
+                        # Postfix fails every recipient at once (smtp_mesg_fail), even
+                        # when the pipelined replies after it never come.
+                        for i in pending:
+                            if i not in results:
+                                refuse(i, ev.reply, ev.command)
                 elif isinstance(ev, RcptReply):
                     i = pending[ev.index]
                     if ev.reply.code // 100 == 2:
@@ -1804,6 +2073,19 @@ class SmtpDeliveryAgent(DeliveryAgent):
                         for i in (accepted if ev.command == "DATA" else pending):
                             if i not in results:
                                 refuse(i, ev.reply, ev.command)
+                    if conn.dot_aborted and not keep:
+                        conn.engine.data_to_send()      # the RSET: QUIT follows instead
+                        return soft
+                    if quit_after_dot:
+                        # smtp_loop(): a session that is not kept pipelines QUIT
+                        # right behind the RSET (RFC 2920 3.1).
+                        conn.quit_sent = True
+                        try:
+                            if conn.send_raw(conn.engine.data_to_send() + b"QUIT\r\n"):
+                                await conn.drain(self._timeout_for(conn.engine.state))
+                        except (OSError, asyncio.TimeoutError):
+                            conn.abort()
+                            return soft
                     # The engine sent RSET; its reply keeps the connection reusable.
                     try:
                         await self._event(conn)
@@ -1811,7 +2093,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
                         conn.abort()
                     return soft
                 elif isinstance(ev, ContentWanted):
-                    await self._send_content(conn, request, downgrade)
+                    await self._send_content(conn, request, downgrade, quit_after_dot)
                 elif isinstance(ev, RecipientDone):
                     # LMTP (RFC 2033 4.2): this recipient's own final reply.
                     i = pending[ev.index]
@@ -1864,14 +2146,30 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 close()
         return any(b >= 0x80 for b in seen)
 
-    async def _send_content(self, conn: _Connection, request, downgrade: bool = False) -> None:
+    async def _send_content(self, conn: _Connection, request, downgrade: bool = False,
+                            quit_after: bool = False) -> None:
         timeout = self.settings.data_xfer_timeout or 180.0
         mime = MimeDowngrade(self.config.get_int("mime_nesting_limit") or 100) if downgrade else None
+        # smtp_text_out(): the first line the engine breaks for smtp_line_length_limit
+        # is logged once per message.
+        limit = self.settings.line_length_limit if self.protocol == "smtp" else 0
+        column = 0
         try:
             for chunk in self._content_chunks(request):
                 if conn.engine.state is not State.CONTENT:
                     return       # the engine gave up (a broken reply): _event reports it
-                conn.engine.send_content(mime.feed(chunk) if mime else chunk)
+                data = mime.feed(chunk) if mime else chunk
+                if limit and data:
+                    first = data.find(b"\n")
+                    if column + (len(data) if first < 0 else first) > limit or (
+                            first >= 0 and has_long_line(data, first + 1, limit + 1)):
+                        self._info(f"{conn.queue_id}: breaking line > {limit} bytes "
+                                   "with <CR><LF>SPACE")
+                        limit = 0
+                    else:
+                        last = data.rfind(b"\n")
+                        column = column + len(data) if last < 0 else len(data) - last - 1
+                conn.engine.send_content(data)
                 # A small message goes out with its final "." in one write;
                 # a big one in bounded pieces (DESIGN.md property 4).
                 if conn.engine.pending_output >= CONTENT_FLUSH_SIZE:
@@ -1881,7 +2179,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
             if mime:
                 conn.engine.send_content(mime.close())
             conn.engine.end_content()
-            await conn.flush(timeout)
+            if quit_after:
+                conn.quit_sent = True
+                if conn.send_raw(conn.engine.data_to_send() + b"QUIT\r\n"):
+                    await conn.drain(timeout)
+            else:
+                await conn.flush(timeout)
         except asyncio.TimeoutError:
             conn.abort()
             raise self._fail("4.4.2", f"conversation with {conn.namaddr} timed out while "
