@@ -207,13 +207,24 @@ def show_maildrop_file(path: str, label: str, p: Printer) -> None:
         if p.flags & ENV:
             p.line(None, f"*** ENVELOPE RECORDS {label} ***")
             p.line(end_of_content, f"message_arrival_time: {time.asctime(time.localtime(env.submit_time))}")
+            # In the order and with the attribute names of Postfix's postdrop file.
+            if env.envid is not None:
+                p.line(end_of_content, f"named_attribute: envelope_id={env.envid}")
+            if env.ret is not None:
+                p.line(end_of_content, f"named_attribute: ret_flags={RET_CODES.get(env.ret, env.ret)}")
             p.line(end_of_content, f"named_attribute: rewrite_context={env.rewrite}")
             if env.fullname is not None:
                 p.line(end_of_content, f"sender_fullname: {env.fullname}")
             p.line(end_of_content, f"sender: {env.sender}")
+            if env.body is not None:
+                p.line(end_of_content,
+                       f"named_attribute: encoding={BODY_ENCODING.get(env.body, env.body)}")
             for i, r in enumerate(env.recipients):
                 if i in env.rcpt_orcpt:
                     p.line(end_of_content, f"named_attribute: dsn_orig_rcpt={env.rcpt_orcpt[i]}")
+                notify = env.rcpt_notify.get(i, env.notify)
+                if notify is not None:
+                    p.line(end_of_content, f"named_attribute: notify_flags={notify_flags(notify)}")
                 p.line(end_of_content, f"recipient: {r}")
         p.marker(mf.content_offset, "MESSAGE CONTENTS", label)
         if p.flags & (HEAD | BODY):
@@ -222,6 +233,14 @@ def show_maildrop_file(path: str, label: str, p: Printer) -> None:
         p.marker(st.st_size, "MESSAGE FILE END", label)
     finally:
         os.close(fd)
+
+
+# Postfix's DSN NOTIFY bits (dsn_mask.h), as postdrop files carry them.
+_NOTIFY_BITS = {"NEVER": 1, "SUCCESS": 2, "FAILURE": 4, "DELAY": 8}
+
+
+def notify_flags(value: str) -> int:
+    return sum(_NOTIFY_BITS.get(w.strip().upper(), 0) for w in value.split(","))
 
 
 def is_maildrop_file(path: str) -> bool:
@@ -369,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         # Postfix: -q without ids reads standard input, as without -q.
         from postwell.config import load_config
         try:
-            cfg = load_config(config_dir)
+            cfg = load_config(config_dir, read_master=False)
         except Exception as exc:
             sys.stderr.write(f"{PROG}: fatal: {exc}\n")
             return 1

@@ -9,6 +9,7 @@ Exit status 0, or 1 after a fatal error (usage, unreadable or broken file).
 
 from __future__ import annotations
 
+import dataclasses
 import getopt
 import os
 import sys
@@ -19,7 +20,8 @@ from postwell.config.defaults import DEFAULTS
 from postwell.config.postfix_defaults import POSTFIX_DEFAULTS
 from postwell.config.main import (RAW_PARAMETERS, Config, ConfigError, config_dir_from_env,
                                   iter_logical_lines, load_config, split_name_value)
-from postwell.config.master import MasterService, parse_master_line, unbrace
+from postwell.config.master import (MasterService, parse_master_cf, parse_master_line,
+                                    split_nameval, unbrace)
 
 PROG = "postconf"
 LINE_LIMIT = 80
@@ -82,6 +84,32 @@ def format_param(name: str | None, value: str | None, fold: bool = False) -> str
             cur = cur + " " + w
     lines.append(cur)
     return "\n".join(lines)
+
+
+# ---- reading the configuration -----------------------------------------------
+
+def load(config_dir: str | None, *, defaults_only: bool = False) -> Config:
+    """main.cf and master.cf as postconf reads them.  master.cf is parsed
+    leniently (a malformed `-o` only breaks that service's daemon, as in
+    Postfix); with defaults_only main.cf is not read at all: Postfix's
+    `postconf -d` shows built-in defaults even when main.cf is missing or
+    broken, and ignores main.cf's config_directory."""
+    if defaults_only:
+        directory = config_dir_from_env(config_dir)
+        cfg = Config(directory, {}, {}, [], os.path.join(directory, "main.cf"))
+    else:
+        cfg = load_config(config_dir, read_master=False)
+    master_path = os.path.join(cfg.config_dir, "master.cf")
+    try:
+        with open(master_path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        cfg.warnings.append(f"open {master_path}: No such file or directory")
+    except PermissionError:
+        raise ConfigError(f"open {master_path}: Permission denied") from None
+    else:
+        cfg.services[:] = parse_master_cf(text, master_path, cfg.warnings.append, strict=False)
+    return cfg
 
 
 # ---- main.cf parameters ---------------------------------------------------
@@ -272,7 +300,9 @@ def _parse_assignments(args: list[str]) -> dict[str, str]:
         try:
             name, value = split_name_value(arg, "", 0)
         except ConfigError as e:
-            raise Fatal(e.msg) from None
+            # Postfix quotes the argument from its first non-blank, trailing blanks included
+            why, sep, _quoted = e.msg.partition(': "')
+            raise Fatal(f'{why}: "{arg.lstrip()}"' if sep else e.msg) from None
         edits[name] = value
     return edits
 
@@ -291,8 +321,12 @@ def format_master(svc: MasterService, fold: bool = False) -> str:
     args = _master_args(svc)
     if not fold:
         return " ".join([line] + args) if args else line
-    # Postfix starts a new line before each leading -o and after each -o
-    # pair; everything else wraps before column 80.
+    return _fold_args(line, args)
+
+
+def _fold_args(line: str, args: list[str]) -> str:
+    """Postfix starts a new line before each leading -o and after each -o
+    pair; everything else wraps before column 80."""
     lines, cur = [], line
     in_options, after_pair = True, False
     k = 0
@@ -333,8 +367,11 @@ def _master_args(svc: MasterService) -> list[str]:
         if in_options:
             if word == "-o" and k + 1 < len(argv):
                 pair = unbrace(argv[k + 1])
-                name, _, value = pair.partition("=")
-                text = f"{name.strip()}={value.strip()}"
+                try:
+                    name, value = split_nameval(pair)
+                    text = f"{name}={value}"
+                except ValueError:
+                    text = pair         # shown as written: Postfix does not use it
                 out += ["-o", "{" + text + "}" if _has_space(text) else text]
                 k += 2
                 continue
@@ -360,7 +397,7 @@ def _master_entries(config_dir: str, expand_with: Config | None = None):
     text = _read(path)
     entries = []
     for first, last, line in iter_logical_lines(text, path):
-        svc = parse_master_line(line, path, first)
+        svc = parse_master_line(line, path, first, strict=False)
         if expand_with is not None:
             svc = _expand_service(svc, expand_with)
         entries.append((first - 1, last - 1, svc))
@@ -373,10 +410,14 @@ def _expand_service(svc: MasterService, cfg: Config) -> MasterService:
     argv, k = list(svc.argv), 0
     while k < len(argv) and argv[k].startswith("-"):
         if argv[k] == "-o" and k + 1 < len(argv):
-            name, _, value = unbrace(argv[k + 1]).partition("=")
-            if name.strip() not in RAW_PARAMETERS:
-                value = scfg.expand(value.strip())
-            argv[k + 1] = "{" + f"{name.strip()}={value}" + "}"
+            try:
+                name, value = split_nameval(unbrace(argv[k + 1]))
+            except ValueError:
+                k += 2          # left as written, as Postfix does
+                continue
+            if name not in RAW_PARAMETERS:
+                value = scfg.expand(value)
+            argv[k + 1] = "{" + f"{name}={value}" + "}"
             k += 2
         else:
             k += 1
@@ -421,13 +462,41 @@ MASTER_FIELD_NAMES = ("service", "type", "private", "unprivileged", "chroot", "w
 
 
 def _print_rows(rows, opts: dict, out: _Out) -> None:
-    for key, value in rows:
+    for row in rows:
+        key, value = row[0], row[1]
+        args = row[2] if len(row) > 2 else None
         if "-H" in opts:
             out.line(key)
+        elif args is not None and "-f" in opts:
+            # the command field folds as master.cf's own -o options do
+            out.line(_fold_args(value if "-h" in opts else f"{key} = {value}", args))
+        elif args is not None:
+            # the command field is printed as written, blanks inside braces kept
+            command = " ".join([value] + args)
+            out.line(command if "-h" in opts else f"{key} = {command}")
         elif "-h" in opts:
             out.line(format_param(None, value))
         else:
             out.line(format_param(key, value))
+
+
+def _select_grouped(groups, requests, out: _Out):
+    """Rows of master.cf entries in Postfix's order: entries outside, then the
+    requests, then each entry's rows (a request given twice prints twice)."""
+    if not requests:
+        return [row for group in groups for row in group]
+    hit = [False] * len(requests)
+    chosen = []
+    for group in groups:
+        for i, req in enumerate(requests):
+            for row in group:
+                if _row_match(row, req):
+                    hit[i] = True
+                    chosen.append(row)
+    for i, req in enumerate(requests):
+        if not hit[i]:
+            out.warn(f'unmatched request: "{req}"')
+    return chosen
 
 
 def _row_match(row, req: str) -> bool:
@@ -438,22 +507,25 @@ def _row_match(row, req: str) -> bool:
 def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _Out,
                        cfg: Config | None = None) -> None:
     _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
-    rows = []
-    for _, _, svc in entries:
-        for name, value in sorted(svc.overrides.items()):
-            rows.append((f"{svc.name}/{svc.type}/{name}", value))
-    _print_rows(_select(rows, requests, _row_match, out), opts, out)
+    groups = [[(f"{svc.name}/{svc.type}/{name}", value)
+               for name, value in sorted(svc.overrides.items())] for _, _, svc in entries]
+    _print_rows(_select_grouped(groups, requests, out), opts, out)
 
 
 def show_master_fields(config_dir: str, requests: list[str], opts: dict, out: _Out,
                        cfg: Config | None = None) -> None:
+    for req in requests:
+        parts = req.split("/")
+        if len(parts) == 3 and parts[2] not in MASTER_FIELD_NAMES:
+            raise Fatal(f'invalid service attribute name: "{parts[2]}"')
     _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
-    rows = []
+    groups = []
     for _, _, svc in entries:
-        values = list(svc.fields[:7]) + [" ".join([svc.command] + _master_args(svc))]
-        for field_name, value in zip(MASTER_FIELD_NAMES, values):
-            rows.append((f"{svc.name}/{svc.type}/{field_name}", value))
-    _print_rows(_select(rows, requests, _row_match, out), opts, out)
+        key = f"{svc.name}/{svc.type}"
+        rows = [(f"{key}/{name}", value) for name, value in zip(MASTER_FIELD_NAMES, svc.fields[:7])]
+        rows.append((f"{key}/command", svc.command, _master_args(svc)))
+        groups.append(rows)
+    _print_rows(_select_grouped(groups, requests, out), opts, out)
 
 
 def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
@@ -466,19 +538,33 @@ def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
     result: list[str | None] = list(lines)
     appended: list[str] = []
     for arg in args:
-        key, sep, entry = arg.partition("=") if mode == "e" else (arg, "", "")
+        entry = ""
+        key = arg
         if mode == "e":
-            if not sep:
-                raise Fatal(f'-Me requires service/type=entry argument, not "{arg}"')
-            new_svc = parse_master_line(entry, path, 0)
-            if "/" not in key:
-                raise Fatal(f'-Me requires service/type=entry argument, not "{arg}"')
-            if f"{new_svc.name}/{new_svc.type}" != key:
-                raise Fatal(f'-Me service/type "{key}" does not match entry "{entry}"')
+            try:
+                key, entry = split_nameval(arg)
+            except ValueError as exc:
+                raise Fatal(f'{exc}: "{arg}"') from None
+        parts = key.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise Fatal("-Me, -MX or -M# requires service_name/type")
+        new_svc = None
+        if mode == "e":
+            try:
+                new_svc = parse_master_line(entry, path, 0, strict=False)
+            except ConfigError as exc:
+                # Postfix quotes the whole argument for a short entry.
+                raise Fatal(f'bad field count: "{arg}"' if exc.msg == "bad field count"
+                            else exc.msg) from None
+        # Postfix 3.7 -Me replaces the entry named on the left and any entry
+        # with the new entry's own service/type: the first one found takes
+        # the new text, the others go.
+        wanted = {key} | ({f"{new_svc.name}/{new_svc.type}"} if new_svc else set())
         hit = False
         for first, last, svc in entries:
-            if not _match(svc, key) or ("/" not in key and mode == "e"):
+            if svc.key not in wanted or result[first] is None and mode != "#":
                 continue
+            placed = hit
             hit = True
             for k in range(first, last + 1):
                 if result[k] is None:
@@ -486,14 +572,75 @@ def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
                 if mode == "#":
                     if not lines[k].lstrip().startswith("#") and lines[k].strip():
                         result[k] = "#" + lines[k]
-                elif mode == "e" and k == first:
-                    result[k] = format_master(parse_master_line(entry, path, 0), fold=True)
+                elif mode == "e" and k == first and not placed:
+                    result[k] = format_master(new_svc, fold=True)
                 elif not lines[k].lstrip().startswith("#"):
                     result[k] = None
         if mode == "e" and not hit:
-            appended.append(format_master(parse_master_line(entry, path, 0), fold=True))
+            appended.append(format_master(new_svc, fold=True))
     new = [x for x in result if x is not None] + appended
     atomic_write(path, "\n".join(new) + ("\n" if new else ""))
+
+
+def edit_master_fields(config_dir: str, args: list[str], out: _Out) -> None:
+    """-Fe service/type/field=value: one of the eight fields of an entry (the
+    command field takes the command and its arguments); the entry is written
+    again in folded form."""
+    path, text, entries = _master_entries(config_dir)
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines = lines[:-1]
+    requests = []
+    for arg in args:
+        try:
+            key, value = split_nameval(arg)
+        except ValueError as exc:
+            raise Fatal(f'{exc}: "{arg}"') from None
+        parts = key.split("/")
+        if len(parts) != 3 or not all(parts):
+            raise Fatal("-Fe or -FX requires service_name/type/field_name")
+        if parts[2] not in MASTER_FIELD_NAMES:
+            raise Fatal(f'invalid service attribute name: "{parts[2]}"')
+        _check_field(parts[2], value)
+        requests.append((arg, parts, value))
+    result: list[str | None] = list(lines)
+    current = {idx: svc for idx, (_, _, svc) in enumerate(entries)}
+    for arg, (name, stype, field_name), value in requests:
+        hit = False
+        for idx, (first, last, _) in enumerate(entries):
+            svc = current[idx]
+            if svc.name != name or svc.type != stype:
+                continue
+            hit = True
+            fields = list(svc.fields)
+            argv = list(svc.argv)
+            if field_name == "command":
+                words = value.split()
+                fields[7], argv = (words[0] if words else ""), words[1:]
+            else:
+                fields[MASTER_FIELD_NAMES.index(field_name)] = value
+            current[idx] = dataclasses.replace(svc, fields=tuple(fields), argv=argv)
+            for k in range(first, last + 1):
+                if not lines[k].lstrip().startswith("#"):
+                    result[k] = None
+            result[first] = format_master(current[idx], fold=True)
+        if not hit:
+            out.warn(f'unmatched service_name/type: "{arg}"')
+    new = [x for x in result if x is not None]
+    atomic_write(path, "\n".join(new) + ("\n" if new else ""))
+
+
+def _check_field(field_name: str, value: str) -> None:
+    """A new field value must parse as master.cf's field would (Postfix quotes
+    the value as the line)."""
+    sample = ["x", "unix", "-", "-", "-", "-", "-", "cmd"]
+    if field_name in ("service", "command"):
+        return
+    sample[MASTER_FIELD_NAMES.index(field_name)] = value
+    try:
+        parse_master_line(" ".join(sample), "master.cf", 0, strict=False)
+    except ConfigError as exc:
+        raise Fatal(exc.msg.replace(f'in "{" ".join(sample)}"', f'in "{value}"')) from None
 
 
 def edit_master_params(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
@@ -505,20 +652,27 @@ def edit_master_params(config_dir: str, args: list[str], mode: str, out: _Out) -
     if trailing:
         lines = lines[:-1]
     changes: dict[int, list[tuple[str, str | None]]] = {}
+    # Postfix checks every argument before it edits anything.
+    requests = []
     for arg in args:
-        key, sep, value = arg.partition("=")
-        parts = key.strip().split("/")
-        if len(parts) != 3 or not all(parts) or (mode == "e" and not sep):
-            raise Fatal(f"-P{mode} requires service/type/parameter"
-                        + ("=value" if mode == "e" else "") + " argument")
-        if mode == "e" and any(c.isspace() for c in value.strip()):
+        key, value = arg, None
+        if mode == "e":
+            try:
+                key, value = split_nameval(arg)
+            except ValueError as exc:
+                raise Fatal(f'{exc}: "{arg}"') from None
+        parts = key.split("/")
+        if len(parts) != 3 or not all(parts):
+            raise Fatal("-Pe or -PX requires service_name/type/parameter")
+        if value is not None and any(c.isspace() for c in value):
             raise Fatal("-Pe does not accept whitespace in parameter value")
+        requests.append((parts, value))
+    for parts, value in requests:
         hit = False
         for idx, (_, _, svc) in enumerate(entries):
             if svc.name == parts[0] and svc.type == parts[1]:
                 hit = True
-                changes.setdefault(idx, []).append(
-                    (parts[2], value.strip() if mode == "e" else None))
+                changes.setdefault(idx, []).append((parts[2], value))
         if not hit:
             out.warn(f'unmatched service: "{parts[0]}/{parts[1]}"')
     result: list[str | None] = list(lines)
@@ -545,9 +699,13 @@ def edit_master_params(config_dir: str, args: list[str], mode: str, out: _Out) -
                 opts_part.append(("-o", f"{name}={value}"))
         argv: list[str] = []
         for flag, pair in opts_part:
+            # a pair with white space in it stays one word only inside braces
+            if pair is not None and _has_space(pair):
+                pair = "{" + pair + "}"
             argv += [flag] + ([pair] if pair is not None else [])
         argv += ["{" + w + "}" if any(c.isspace() for c in w) else w for w in rest]
-        new_svc = parse_master_line(" ".join(list(svc.fields) + argv), path, first + 1)
+        new_svc = parse_master_line(" ".join(list(svc.fields) + argv), path, first + 1,
+                                    strict=False)
         for k in range(first, last + 1):
             if not lines[k].lstrip().startswith("#"):
                 result[k] = None
@@ -617,7 +775,7 @@ def show_bounce_templates(config_dir: str | None, names: list[str], *, expand: b
     from . import bounce_templates as bt
     if len(names) > 1:
         raise Fatal("options -b and -t require at most one template file")
-    cfg = load_config(config_dir)
+    cfg = load(config_dir)
     for warning in _with_overrides(cfg):
         out.warn(warning)
     # The template code reports under the bounce daemon's name, as Postfix's does.
@@ -650,11 +808,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     overrides: dict[str, str] = {}
     for flag, value in opts_list:
         if flag == "-o":
-            name, sep, val = value.partition("=")
-            if not sep:
-                out.err.write(f"{PROG}: fatal: -o option requires name=value argument\n")
-                return 1
-            overrides[name.strip()] = val.strip()
+            overrides[value] = value         # checked after the option combinations
         opts[flag] = value
     try:
         return _run(opts, names, overrides, out)
@@ -662,13 +816,13 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         out.err.write(f"{PROG}: fatal: {e}\n")
         return 1
     except ConfigError as e:
-        out.err.write(f"{PROG}: fatal: {_postfix_wording(e)}\n")
+        out.err.write(f"{PROG}: fatal: {postfix_wording(e)}\n")
         return 1
     except BrokenPipeError:
         return 1
 
 
-def _postfix_wording(e: ConfigError) -> str:
+def postfix_wording(e: ConfigError) -> str:
     """Postfix words master.cf errors its own way: the field count error as
     'file F: line N: ...', field errors without a location (the text quotes
     the line)."""
@@ -681,8 +835,12 @@ def _postfix_wording(e: ConfigError) -> str:
 
 
 _FLAG_ORDER = "aAbdefFhHlmMnopPtTxX#"
+# Checked in this order; the message names every flag of the first set
+# that has more than one (Postfix 3.7's incompatible-option table).
 _EXCLUSIVE_GROUPS = ({"-a", "-A", "-b", "-F", "-l", "-m", "-M", "-p", "-P", "-t"},
-                     {"-d", "-e", "-n", "-X", "-#"}, {"-h", "-H"}, {"-e", "-h"}, {"-e", "-x"})
+                     {"-d", "-e", "-n", "-X", "-#"}, {"-e", "-f", "-X", "-#"},
+                     {"-e", "-x", "-X", "-#"}, {"-e", "-o", "-X", "-#"},
+                     {"-e", "-h", "-H", "-X", "-#"})
 _NOT_WITH = {"-M": ("-n", "-d", "-h", "-H"), "-P": ("-n", "-d", "-#"),
              "-F": ("-n", "-d", "-X", "-#")}
 # Listing modes that take none of the parameter-display or edit flags.
@@ -699,7 +857,7 @@ def _check_flags(opts: dict) -> None:
     for group in _EXCLUSIVE_GROUPS:
         given = sorted((f for f in group if f in opts), key=order)
         if len(given) > 1:
-            raise Fatal(f"specify one of {given[0]} {given[1]}")
+            raise Fatal(f"specify one of {' '.join(given)}")
     for mode, bad in _NOT_WITH.items():
         if mode in opts:
             # Postfix names every offending flag at once.
@@ -710,29 +868,40 @@ def _check_flags(opts: dict) -> None:
 
 def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
     config_dir = config_dir_from_env(opts.get("-c"))
+    if names and "=" in names[0] and not any(f in opts for f in ("-a", "-A", "-b", "-l", "-m", "-t")):
+        opts.setdefault("-e", "")       # a first name=value argument means -e
     _check_flags(opts)
+    parsed: dict[str, str] = {}
+    for text in overrides:
+        try:
+            name, value = split_nameval(text)
+        except ValueError as exc:
+            raise Fatal(f"invalid parameter override: {text}: {exc}") from None
+        parsed[name] = value
+    overrides = parsed
+    if ("-X" in opts or "-#" in opts) and any("=" in n for n in names):
+        raise Fatal("-X or -# requires parameter names without value")
     edit_modes = [m for m in ("-e", "-X", "-#") if m in opts]
     if edit_modes and not names:
         raise Fatal("-e requires name=value argument" if edit_modes[0] == "-e"
                     else "missing service argument")
-    if not edit_modes and names and all("=" in n for n in names) and "-M" not in opts \
-            and "-P" not in opts \
-            and "-F" not in opts:
-        edit_modes = ["-e"]
     main_cf = os.path.join(config_dir, "main.cf")
 
-    for flag, shape in (("-M", "service_name[/type]"), ("-F", "service_name[/type[/field]]"),
-                        ("-P", "service_name[/type[/parameter]]")):
-        if flag in opts and not edit_modes and any(n.startswith("/") for n in names):
-            raise Fatal(f"{flag} option requires {shape}")
     cfg = None
     if not edit_modes and ("-M" in opts or "-P" in opts or "-F" in opts):
         _read(os.path.join(config_dir, "master.cf"))
-        cfg = load_config(config_dir if "-c" in opts else None)
+        cfg = load(config_dir if "-c" in opts else None)
         for warning in _with_overrides(cfg):
             out.warn(warning)
         _warn_undefined(cfg, out)
         _warn_unused(cfg, out, main_cf=False)
+    # Request shapes are checked once the files are read (after their warnings).
+    for flag, shape, most in (("-M", "service_name[/type]", 2),
+                              ("-F", "service_name[/type[/field]]", 3),
+                              ("-P", "service_name[/type[/parameter]]", 3)):
+        if flag in opts and not edit_modes and any(
+                n.startswith("/") or n.count("/") >= most for n in names):
+            raise Fatal(f"{flag} option requires {shape}")
     if "-M" in opts:
         if edit_modes:
             if not names:
@@ -750,6 +919,9 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         show_master_params(config_dir, names, opts, out, cfg)
         return 0
     if "-F" in opts:
+        if edit_modes:
+            edit_master_fields(config_dir, names, out)
+            return 0
         show_master_fields(config_dir, names, opts, out, cfg)
         return 0
     if "-m" in opts:
@@ -782,12 +954,7 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         edit_main_cf(main_cf, edits, mode, out)
         return 0
 
-    try:
-        cfg = load_config(config_dir if "-c" in opts else None)
-    except ConfigError:
-        if "-d" not in opts or os.path.exists(main_cf):
-            raise
-        cfg = Config(config_dir, {}, {}, [], main_cf)     # defaults need no main.cf
+    cfg = load(config_dir if "-c" in opts else None, defaults_only="-d" in opts)
     # Postfix's postconf -d does not read main.cf.
     for warning in cfg.warnings if "-d" in opts else _with_overrides(cfg):
         out.warn(warning)

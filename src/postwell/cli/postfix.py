@@ -83,11 +83,30 @@ def _parameter_check(config_dir: str) -> int:
     try:
         from postwell.config import load_config
         from postwell.master.check import parameter_fatal
-        cfg = load_config(config_dir)
+        cfg = load_config(config_dir, read_master=False)
     except Exception:
         return 0        # the command reports an unreadable configuration itself
     fatal = parameter_fatal(cfg, _warn)
     return _fatal(fatal) if fatal else 0
+
+
+def _postconf_check(config_dir: str) -> int:
+    """postfix-script's first `postconf -dh config_directory`: a master.cf that
+    postconf cannot parse stops every command, with postconf's own fatal
+    message on stderr (whatever stderr is) and postfix-script's in the log."""
+    from postwell.cli import postconf
+    from postwell.config import ConfigError, load_config
+    try:
+        postconf.load(config_dir, defaults_only=True)
+    except ConfigError as exc:
+        sys.stderr.write(f"{postconf.PROG}: fatal: {postconf.postfix_wording(exc)}\n")
+        try:
+            cfg = load_config(config_dir, read_master=False)
+            command_directory = cfg.get("command_directory")
+        except Exception:
+            cfg, command_directory = None, "/usr/sbin"
+        return _script_fatal(cfg, f"cannot execute {command_directory}/postconf!")
+    return 0
 
 
 def _load(config_dir):
@@ -319,21 +338,23 @@ def main(argv: list[str] | None = None) -> int:
         _CONF_WARNINGS[:] = override_warnings(os.path.join(config_dir, "main.cf"))
         for w in _CONF_WARNINGS:
             sys.stderr.write(f"{PROG}: warning: {w}\n")
-    cmd = COMMANDS.get(args[0])
-    if cmd is None:
-        try:
-            from postwell.config import load_config
-            cfg = load_config(config_dir)
-        except Exception:
-            cfg = None
-        return _script_fatal(cfg, f"unknown command: '{args[0]}'. Usage: postfix start (or stop, reload, "
-                                  "abort, flush, check, status, set-permissions, upgrade-configuration, "
-                                  "logrotate)")
     os.environ["MAIL_CONFIG"] = config_dir
     try:
-        rc = _parameter_check(config_dir)
+        # postfix(1) checks main.cf, then postfix-script runs postconf (which
+        # reads master.cf) before it looks at the command.
+        rc = _parameter_check(config_dir) or _postconf_check(config_dir)
         if rc:
             return rc
+        cmd = COMMANDS.get(args[0])
+        if cmd is None:
+            try:
+                from postwell.config import load_config
+                cfg = load_config(config_dir, read_master=False)
+            except Exception:
+                cfg = None
+            return _script_fatal(cfg, f"unknown command: '{args[0]}'. Usage: postfix start (or stop, "
+                                      "reload, abort, flush, check, status, set-permissions, "
+                                      "upgrade-configuration, logrotate)")
         return cmd(config_dir)
     except KeyboardInterrupt:
         return 1

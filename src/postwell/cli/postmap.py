@@ -60,6 +60,7 @@ class _Ctx:
         self.dup = "warn"
         self.keep_perms = True
         self.nul = True
+        self.nul_given = None   # -N/-n: lookups try only that form (Postfix's TRY1NULL/TRY0NULL)
         self.files = False      # -F: values are file names / base64 content
         self.as_owner = True
         self.utf8 = True
@@ -100,6 +101,8 @@ def _open(ctx: _Ctx, typ: str, name: str):
         raise Fatal(str(e)) from None
     if not ctx.fold:
         t.fold = False
+    if ctx.nul_given is not None and hasattr(t, "_nul_mode"):
+        t._nul_mode = ctx.nul_given     # an indexed table's key form, fixed instead of guessed
     t.utf8 = ctx.utf8
     return t
 
@@ -146,6 +149,7 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
         try:
             for lineno, key, value in parse_source(text, name, ctx.fold, ctx.warn,
                                                    utf8=ctx.utf8):
+                _alias_format_hint(ctx, key, name, lineno)
                 if ctx.files:
                     value = _files_base64(ctx, value, f"{name}, line {lineno}")
                     if value is None:
@@ -157,6 +161,25 @@ def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
             raise
     except TableError as e:
         raise Fatal(str(e)) from None
+
+
+def _alias_markers(ctx: _Ctx, b) -> None:
+    """postalias -i writes sendmail's markers as a full build does ("@", and
+    the YP_ keys without NUL), replacing earlier ones quietly."""
+    import socket
+    import time
+    host = ctx.config.get("myhostname") if ctx.config is not None else socket.getfqdn()
+    for key, value in ((b._k("@"), b._v("@")),
+                       (b"YP_LAST_MODIFIED", str(int(time.time())).encode()),
+                       (b"YP_MASTER_NAME", host.encode())):
+        b.writer.put(key, value)
+
+
+def _alias_format_hint(ctx: _Ctx, key: str, where: str, lineno: int) -> None:
+    # postmap's hint for an aliases(5) file given to postmap by mistake
+    if key.endswith(":"):
+        ctx.warn(f'{where}, line {lineno}: record is in "key: value" format; '
+                 "is this an alias file?")
 
 
 def _files_base64(ctx: _Ctx, value: str, where: str) -> str | None:
@@ -184,7 +207,7 @@ def _show(ctx: _Ctx, value: str) -> str:
 
 def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
     """-i: add entries from stdin to the existing index (created if absent)."""
-    _require_indexed(typ, "incremental mode")
+    _require_indexed(typ)     # Postfix words -i like a build
     from postwell.tables.index import Builder
     store = _store_class(typ)
     path = name + store.suffix
@@ -203,14 +226,16 @@ def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
         try:
             if alias:
                 from postwell.tables.aliases import parse_aliases
-                for _lineno, key, value in parse_aliases(text, ctx.warn, "-", fold=ctx.fold,
+                for _lineno, key, value in parse_aliases(text, ctx.warn, "stdin", fold=ctx.fold,
                                                          utf8=ctx.utf8):
                     b.put(key, value)
+                _alias_markers(ctx, b)
             else:
-                for lineno, key, value in parse_source(text, "-", ctx.fold, ctx.warn,
+                for lineno, key, value in parse_source(text, "stdin", ctx.fold, ctx.warn,
                                                        utf8=ctx.utf8):
+                    _alias_format_hint(ctx, key, "stdin", lineno)
                     if ctx.files:
-                        value = _files_base64(ctx, value, f"-, line {lineno}")
+                        value = _files_base64(ctx, value, f"stdin, line {lineno}")
                         if value is None:
                             continue
                     b.put(key, value)
@@ -254,6 +279,10 @@ def _lookup(ctx, table, key):
         return table.lookup(key)
     except TableError as e:
         msg = str(e)
+        m = re.fullmatch(r"error reading [^:]+\.lmdb: (?:mdb_\w+: )?(.*)", msg, re.S)
+        if m:
+            # Postfix's dict_lmdb words a failed read with the table's name
+            raise Fatal(f"error reading {table.spec}: {m.group(1)}") from None
         if not msg.startswith("table "):
             msg = f"table {table.spec}: query error: {msg}"
         raise Fatal(msg) from None
@@ -432,9 +461,9 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
             elif o == "-u":
                 ctx.no_utf8 = True
             elif o == "-N":
-                ctx.nul = True
+                ctx.nul = ctx.nul_given = True
             elif o == "-n":
-                ctx.nul = False
+                ctx.nul = ctx.nul_given = False
             # -U, -v:
             # accepted and ignored. Lookups try "key\0" and "key" both.
         if not args:

@@ -320,7 +320,8 @@ def flush_allowed(cfg, site: str) -> bool:
 
 def _load_store(config_dir):
     from postwell.config import load_config
-    cfg = load_config(config_dir)
+    # Postfix's postqueue reads main.cf only: a broken master.cf does not stop it.
+    cfg = load_config(config_dir, read_master=False)
     return cfg, QueueStore(cfg.get("queue_directory"))
 
 

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from postwell.config import load_config
     try:
-        cfg = load_config(config_dir)
+        cfg = load_config(config_dir, read_master=False)     # main.cf only, as Postfix
     except Exception as exc:
         sys.stderr.write(f"{PROG}: fatal: {exc}\n")
         return 1

@@ -44,6 +44,8 @@ import signal
 import sys
 import time
 
+from postwell.cli import tok822
+
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -147,13 +149,13 @@ def parse_args(args: list[str], prog: str = "sendmail") -> Options:
                     i += 1
                     if i >= len(args):
                         raise Fatal(EX_USAGE, f"usage: {prog} [options]",) from _UsageHint(
-                            f"{prog}: option requires an argument -- '{c}'")
+                            f"{prog}: option requires an argument -- '{c}'", o)
                     val = args[i]
                 _apply_arg(o, c, val)
                 break
             if c not in OPTS_PLAIN:
                 raise Fatal(EX_USAGE, f"usage: {prog} [options]") from _UsageHint(
-                    f"{prog}: invalid option -- '{c}'")
+                    f"{prog}: invalid option -- '{c}'", o)
             _apply_flag(o, c)
             j += 1
         i += 1
@@ -178,7 +180,40 @@ def parse_args(args: list[str], prog: str = "sendmail") -> Options:
 
 
 class _UsageHint(Exception):
-    """getopt's own complaint, printed before the fatal usage line."""
+    """getopt's own complaint, printed before the fatal usage line; options
+    holds what was parsed before it (its warnings are said first)."""
+
+    def __init__(self, text: str, options: Options | None = None):
+        super().__init__(text)
+        self.options = options
+
+
+def getopt_complaints(args: list[str], prog: str = "sendmail") -> list[str]:
+    """What glibc's getopt says during Postfix's first pass over the options
+    (a pre-scan for -C and -v): every invalid option, not only the first."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-q" or arg == "-XV":
+            i += 1
+            continue
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break
+        j = 1
+        while j < len(arg):
+            c = arg[j]
+            if c in OPTS_WITH_ARG:
+                if j + 1 >= len(arg):
+                    i += 1
+                    if i >= len(args):
+                        out.append(f"{prog}: option requires an argument -- '{c}'")
+                break
+            if c not in OPTS_PLAIN:
+                out.append(f"{prog}: invalid option -- '{c}'")
+            j += 1
+        i += 1
+    return out
 
 
 def _apply_flag(o: Options, c: str) -> None:
@@ -589,20 +624,30 @@ class Sendmail:
         o = self.o
         if o.sender is None:
             return login_name(self.uid)
-        addrs = parse_address_list(o.sender)
-        if len(addrs) > 1:
+        # Postfix's sendmail keeps what its RFC 822 parser groups as the first
+        # address, however malformed ("a@" stays "a@"), and no route is dropped.
+        address, malformed = tok822.sender(o.sender)
+        if malformed:
             self.warn(f"-f option specified malformed sender: {o.sender}")
-        return addrs[0] if addrs else ""
+        return address
 
     def command_line_recipients(self) -> list[str]:
         out = []
         for arg in self.o.recipients:
-            addrs = parse_address_list(arg)
-            if addrs:
-                out.extend(addrs)
-            elif arg.strip():
-                out.append(arg.strip())
+            out.extend(tok822.recipients(arg))
+        if "" in out:
+            # Postfix's postdrop file carries the empty recipient and its cleanup
+            # sends it to $empty_address_recipient; a maildrop file holds no empty
+            # recipient, so the substitution happens here (same delivery).
+            empty = self.empty_address_recipient()
+            out = [r or empty for r in out]
         return out
+
+    def empty_address_recipient(self) -> str:
+        try:
+            return self.config.get("empty_address_recipient") or "MAILER-DAEMON"
+        except Exception:
+            return "MAILER-DAEMON"
 
     def open_maildrop(self, sender: str):
         from postwell.pickup import MaildropWriter
@@ -618,9 +663,10 @@ class Sendmail:
     def envelope(self, sender: str, recipients: list[str]):
         from postwell.pickup import MaildropEnvelope
         o = self.o
-        full = o.full_name if o.full_name is not None else full_name_of(self.uid)
+        # -F "" is written as an empty full name, as Postfix's postdrop record.
+        full = o.full_name if o.full_name is not None else (full_name_of(self.uid) or None)
         return MaildropEnvelope(sender=sender, recipients=recipients, submit_time=time.time(),
-                                fullname=full or None, notify=o.notify, ret=o.ret, envid=o.envid,
+                                fullname=full, notify=o.notify, ret=o.ret, envid=o.envid,
                                 body=o.body, rewrite=o.rewrite)
 
     def size_limit(self) -> int:
@@ -962,10 +1008,14 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         try:
             opts = parse_args(args, prog)
         except Fatal as f:
-            if isinstance(f.__cause__, _UsageHint):
-                # Postfix runs getopt twice (a pre-scan for -C), so its
-                # complaint appears twice.
-                sys.stderr.write(f"{f.__cause__}\n{f.__cause__}\n")
+            hint = f.__cause__
+            if isinstance(hint, _UsageHint):
+                # Postfix runs getopt twice: the pre-scan complains about every
+                # bad option, the real pass stops at the first one.
+                said = getopt_complaints(args, prog)
+                said += [f"{prog}: warning: {w}" for w in (hint.options.warnings
+                                                          if hint.options else ())]
+                sys.stderr.write("".join(f"{line}\n" for line in said + [str(hint)]))
             raise
         from postwell.config import load_config
         try:

@@ -43,6 +43,10 @@ class MasterService:
     # words after the command, -o pairs included, in order.
     fields: tuple = ()
     argv: list[str] = field(default_factory=list)
+    # Malformed -o words of a leniently parsed entry, in the words Postfix's
+    # daemon dies with when it is started (postconf and postfix check accept
+    # the entry; only the service itself cannot run).
+    option_errors: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -62,8 +66,12 @@ class MasterService:
         return 100
 
 
-def split_args(text: str, filename: str = "master.cf", lineno: int = 0) -> list[str]:
-    """Split on white space; a {...} group is one word (braces kept)."""
+def split_args(text: str, filename: str = "master.cf", lineno: int = 0,
+               unclosed: list | None = None) -> list[str]:
+    """Split on white space; a {...} group is one word (braces kept).  With
+    `unclosed` (postconf's lenient reading) a '{' without its '}' takes the
+    rest of the line as one word, noted as (word index, text) instead of
+    being an error."""
     words: list[str] = []
     i, n = 0, len(text)
     while i < n:
@@ -81,7 +89,12 @@ def split_args(text: str, filename: str = "master.cf", lineno: int = 0) -> list[
                         break
                 j += 1
             if level:
-                raise ConfigError(f'missing \'}}\' in "{text[i:]}"', filename, lineno)
+                if unclosed is None:
+                    raise ConfigError(f'missing \'}}\' in "{text[i:]}"', filename, lineno)
+                rest = text[i:].rstrip()
+                unclosed.append((len(words), rest))
+                words.append(rest + "}")
+                break
             words.append(text[i:j + 1])
             i = j + 1
             continue
@@ -99,6 +112,21 @@ def unbrace(word: str) -> str:
     return word
 
 
+def split_nameval(text: str) -> tuple[str, str]:
+    """`name = value` as Postfix's daemons read an -o argument: the name ends at
+    '=' or white space and only white space may follow it before the '='."""
+    body = text.strip()
+    if not body or body.startswith("="):
+        raise ValueError("missing attribute name")
+    end = 0
+    while end < len(body) and body[end] != "=" and not body[end].isspace():
+        end += 1
+    rest = body[end:].lstrip()
+    if not rest.startswith("="):
+        raise ValueError("missing '=' after attribute name")
+    return body[:end], rest[1:].strip()
+
+
 def _yes_no(value: str, default: bool, what: str, line: str, filename: str, lineno: int) -> bool:
     if value == "-":
         return default
@@ -107,23 +135,32 @@ def _yes_no(value: str, default: bool, what: str, line: str, filename: str, line
     raise ConfigError(f'invalid {what} field "{value}" in "{line}"', filename, lineno)
 
 
-def parse_master_cf(text: str, filename: str = "master.cf", warn=None) -> list[MasterService]:
+def parse_master_cf(text: str, filename: str = "master.cf", warn=None, *,
+                    strict: bool = True) -> list[MasterService]:
     services: list[MasterService] = []
     for first, _last, line in iter_logical_lines(text, filename, warn):
-        services.append(parse_master_line(line, filename, first))
+        services.append(parse_master_line(line, filename, first, strict=strict,
+                                         warn=None if strict else warn))
     return services
 
 
-def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0) -> MasterService:
-    flat = " ".join(line.split())
-    words = split_args(line, filename, lineno)
+def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0, *,
+                      strict: bool = True, warn=None) -> MasterService:
+    """One logical master.cf line.  strict=False (postconf's view) keeps a
+    malformed `-o word` as an argument and notes it in option_errors: Postfix
+    only fails when that service's daemon parses its command line."""
+    # Field errors quote the logical line as read (continuations joined),
+    # control characters shown as '?', as Postfix prints it.
+    flat = "".join("?" if ord(c) < 32 or c == "\x7f" else c for c in line.rstrip())
+    unclosed: list | None = None if strict else []
+    words = split_args(line, filename, lineno, unclosed)
     if len(words) < 8:
         raise ConfigError("bad field count", filename, lineno)
     name, stype, private, unpriv, chroot, wakeup, maxproc, command = words[:8]
     if stype not in SERVICE_TYPES:
         raise ConfigError(f'invalid type field "{stype}" in "{flat}"', filename, lineno)
     priv = _yes_no(private, True, "private", flat, filename, lineno)
-    unpr = _yes_no(unpriv, True, "unpriv", flat, filename, lineno)
+    unpr = _yes_no(unpriv, True, "unprivileged", flat, filename, lineno)
     chrt = _yes_no(chroot, False, "chroot", flat, filename, lineno)
     if wakeup == "-":
         wake = "0"
@@ -138,22 +175,39 @@ def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0) -
     else:
         raise ConfigError(f'invalid process_limit field "{maxproc}" in "{flat}"', filename, lineno)
     argv = words[8:]
+    # postconf warns about an unclosed '{' when it reaches that word
+    brace_warnings = {index - 8: text for index, text in unclosed or () if index >= 8}
+
+    def said(k: int) -> None:
+        if warn is not None and k in brace_warnings:
+            warn(f"master.cf: missing '}}' in \"{brace_warnings.pop(k)}\"")
     overrides: dict[str, str] = {}
     args: list[str] = []
+    option_errors: list[str] = []
     k = 0
     in_options = True       # only leading daemon options carry -o (as postconf reads them)
     while k < len(argv):
         word = argv[k]
         if not word.startswith("-"):
             in_options = False
+        said(k)
         if in_options and word == "-o" and k + 1 < len(argv):
+            said(k + 1)
             pair = unbrace(argv[k + 1])
-            pname, sep, pvalue = pair.partition("=")
-            pname = pname.strip()
-            if not sep or not pname:
-                raise ConfigError(f"missing '=' after attribute name: \"{pair}\"", filename, lineno)
-            overrides[pname] = pvalue.strip()
-            args += ["-o", f"{pname}={pvalue.strip()}"]
+            try:
+                pname, pvalue = split_nameval(pair)
+            except ValueError as exc:
+                if strict:
+                    raise ConfigError(f'{exc}: "{pair}"', filename, lineno) from None
+                option_errors.append(f'invalid "-o {pair}" option value: {exc}')
+                # postconf warns only about a braced pair (a bare word is kept silently)
+                if warn is not None and argv[k + 1].startswith("{"):
+                    warn(f'master.cf: {exc}: "{pair}"')
+                args += ["-o", pair]
+                k += 2
+                continue
+            overrides[pname] = pvalue
+            args += ["-o", f"{pname}={pvalue}"]
             k += 2
             continue
         args.append(unbrace(word))
@@ -162,7 +216,7 @@ def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0) -
                          wakeup=wake, maxproc=limit, command=command, args=args,
                          overrides=overrides, line=lineno,
                          fields=(name, stype, private, unpriv, chroot, wakeup, maxproc, command),
-                         argv=argv)
+                         argv=argv, option_errors=option_errors)
 
 
 def service_port(port: str) -> int:
