@@ -46,7 +46,9 @@ surrogateescape for bytes that are not UTF-8).
     40  8  envelope size in bytes
     48  8  total file size (= envelope offset + envelope size)
     56  4  CRC-32 of bytes 0..55
-    60  4  reserved, zero
+    60  4  CRC-32 of bytes 64..end (content and envelope) as committed, before
+           any in-place change; read only to recover a file whose complete
+           marker a crash lost (see "Completeness and durability")
 
 While the message is being written the header is 64 zero bytes; the real
 header is written with pwrite() at commit, before the data fsync.
@@ -87,9 +89,23 @@ A queue file is a message only when all of these hold:
    file, with exactly one ``S`` record.
 
 Commit order: write content; append envelope; pwrite header; fsync(file);
-fchmod(0700); fsync(file); fsync(directory).  Only then does ``commit()``
-return and may the SMTP server say 250.  Any error on the way removes the
-file and raises ``QueueWriteError``.  A move between directories is
+fchmod(0700); fsync(directory).  Only then does ``commit()`` return and may
+the SMTP server say 250.  Any error on the way removes the file and raises
+``QueueWriteError``.
+
+The marker itself is not fsync'd (a second fsync per message, issue 8): the
+data, envelope and header are durable before the 250, the mode change may
+not be.  A crash can therefore leave a committed file without its marker.
+The qmgr recovers such files when it starts (``QueueStore.recover_unmarked``):
+a file in incoming/ without the marker whose header is valid, whose size
+matches it and whose bytes 64..end match the header's body CRC was written
+to the end and its header filled in -- its commit had reached the fsync -- so
+it is marked complete and delivered.  If its session never got the 250 (the
+crash came during that fsync), the client sends the message again: at worst
+it is delivered twice, never lost.  Anything else stays incomplete and is
+purged after an hour as before.  The body CRC is read for nothing else: the
+queue manager's in-place changes (recipient status, hold mark) come later
+and only to marked files.  A move between directories is
 rename() followed by fsync of the destination directory, then of the source.
 
 The deferred queue keeps the time of the next delivery attempt in the file's
@@ -154,12 +170,17 @@ def decode_text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
-def pack_header(arrival_us: int, content_size: int, envelope_size: int) -> bytes:
+def pack_header(arrival_us: int, content_size: int, envelope_size: int, body_crc: int = 0) -> bytes:
     env_off = HEADER_SIZE + content_size
     body = HEADER_STRUCT.pack(MAGIC, HEADER_SIZE, arrival_us, HEADER_SIZE, content_size,
                               env_off, envelope_size, env_off + envelope_size, 0, 0)
     crc = zlib.crc32(body[:56])
-    return body[:56] + struct.pack("<II", crc, 0)
+    return body[:56] + struct.pack("<II", crc, body_crc & 0xFFFFFFFF)
+
+
+def header_body_crc(data: bytes) -> int:
+    """The body CRC field of a packed header (bytes 60..63)."""
+    return struct.unpack_from("<I", data, 60)[0]
 
 
 @dataclass

@@ -16,6 +16,7 @@ import queue
 import stat
 import threading
 import time
+import zlib
 from typing import Callable, Iterable, Iterator
 
 from . import format as qf
@@ -243,11 +244,11 @@ class CommitBatcher:
 
     Every file handed over since the last round is made durable in one round
     by one thread: start writeback of all of them, fsync each, set the
-    complete marker on each, fsync each again, then one fsync of the
-    directory.  Started together, the writebacks land in one journal
-    transaction, so the round costs about two journal commits however many
-    sessions reached end-of-data meanwhile; each file still gets its own
-    fsync before and after its marker (the commit order of queue/format.py).
+    complete marker on each, then one fsync of the directory.  Started
+    together, the writebacks land in one journal transaction, so the round
+    costs about two journal commits however many sessions reached
+    end-of-data meanwhile; each file still gets its own fsync before its
+    marker (the commit order of queue/format.py).
 
     Cost per message (issue 8): every system call of the thread gives up the
     GIL and must win it back from a busy event loop (futex ping-pong, two
@@ -352,9 +353,9 @@ class CommitBatcher:
         for i, fd in enumerate(fds):
             if errors[i] is None:
                 try:
-                    # The marker goes on only after the data is durable (queue/format.py).
+                    # The marker goes on only after the data is durable; it is not
+                    # fsync'd itself (queue/format.py, QueueStore.recover_unmarked).
                     os.fchmod(fd, COMPLETE_MODE)
-                    fsync(fd)
                 except BaseException as exc:
                     errors[i] = exc
         # Every name was linked before its submit(): one fsync of each directory
@@ -518,6 +519,7 @@ class IncomingMessage:
         # message that fits the buffer goes to disk in one write, header included.
         self._buf = bytearray(qf.HEADER_SIZE)
         self._flushed = 0                  # bytes written to the file so far
+        self._crc = 0                      # of the content so far (the header's body CRC)
         self._envelope: bytes | None = None
         self._status_offsets: list[int] = []
         self._env_problem: str | None = None
@@ -580,6 +582,7 @@ class IncomingMessage:
             raise QueueWriteError("queue file is closed")
         self._buf += data
         self.content_size += len(data)
+        self._crc = zlib.crc32(data, self._crc)
         if len(self._buf) >= WRITE_BUFFER:
             self._flush()
 
@@ -638,7 +641,8 @@ class IncomingMessage:
                 raise QueueWriteError(f"{self.queue_id}: envelope not storable: {self._env_problem}")
             try:
                 # Offsets of recipient status bytes are known only now.
-                header = qf.pack_header(int(self.arrival_time * 1_000_000), self.content_size, len(env))
+                header = qf.pack_header(int(self.arrival_time * 1_000_000), self.content_size, len(env),
+                                        zlib.crc32(env, self._crc))
                 if self._flushed == 0:
                     self._buf[:qf.HEADER_SIZE] = header     # one write for the whole file
                     self._buf += env
@@ -659,13 +663,12 @@ class IncomingMessage:
 
     def _commit_file(self) -> None:
         """Everything but the directory: content, envelope, header, fsync,
-        complete marker, fsync.  On failure the file is discarded."""
+        complete marker (not fsync'd: QueueStore.recover_unmarked puts back one a
+        crash took).  On failure the file is discarded."""
         self._write_all()
         try:
-            st = self.store
-            st._fsync(self._fd)
+            self.store._fsync(self._fd)
             os.fchmod(self._fd, COMPLETE_MODE)
-            st._fsync(self._fd)
         except OSError as exc:
             self._discard()
             raise _write_error(exc, f"{self.queue_id}: commit queue file")
@@ -1317,6 +1320,53 @@ class QueueStore:
 
     def next_attempt(self, queue_id: str, queue_name: str = "deferred") -> float:
         return os.stat(self.path(queue_name, queue_id)).st_mtime
+
+    def recover_unmarked(self) -> list[str]:
+        """Mark complete the files in incoming/ whose commit reached its fsync but
+        whose marker a crash lost (queue/format.py, "Completeness and
+        durability"): a valid header, the recorded size, and bytes 64..end that
+        match the header's body CRC.  The qmgr calls this when it starts; what
+        does not qualify is left to purge_stale().  Returns the ids marked."""
+        marked = []
+        try:
+            it = os.scandir(self.path("incoming"))
+        except FileNotFoundError:
+            return marked
+        with it:
+            entries = [e for e in it if qf.is_queue_id(e.name)]
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or st.st_mode & stat.S_IXUSR or st.st_size < qf.HEADER_SIZE:
+                    continue
+                fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                head = os.pread(fd, qf.HEADER_SIZE, 0)
+                try:
+                    qf.unpack_header(head, st.st_size)
+                except qf.CorruptQueueFile:
+                    continue    # never got its header: the commit did not get that far
+                crc, offset = 0, qf.HEADER_SIZE
+                while offset < st.st_size:
+                    chunk = os.pread(fd, min(st.st_size - offset, 1 << 20), offset)
+                    if not chunk:
+                        break
+                    crc = zlib.crc32(chunk, crc)
+                    offset += len(chunk)
+                if offset != st.st_size or crc != qf.header_body_crc(head):
+                    continue
+                # The marker on a durable file, as a commit leaves it, and durable.
+                self._fsync(fd)
+                os.fchmod(fd, COMPLETE_MODE)
+                self._fsync(fd)
+                marked.append(e.name)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+        return marked
 
     def purge_stale(self, max_age: float = STALE_AGE) -> list[str]:
         """Remove incomplete incoming files (and temporaries) older than ``max_age``."""
