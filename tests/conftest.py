@@ -140,6 +140,8 @@ _SHARED_GROUPS = {
 # no worker is left with a long one at the end while the other idles.
 _LONG_FIRST = (
     "users-pwf", "users-pwe", "test_parity_dialogues3", "test_parity_dialogues2",
+    "test_cli_gaps7", "test_parity_fuzz7", "test_smtp_client_fuzz7", "test_size_limit7",
+    "test_delivery_gaps7", "test_verify7", "test_cli_fuzz7",
     "test_resolve_parity6", "test_parity_gaps5", "test_parity_smtpd", "test_outbound_relay",
     "test_parity_sweep", "test_xclient", "test_outbound_compare", "test_soak_smoke",
     "test_qmgr_notices_e2e", "test_sasl_realm", "test_smtpd_tls", "test_cli_leftovers",
