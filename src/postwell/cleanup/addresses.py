@@ -213,6 +213,10 @@ def rewrite_local(address: str, myorigin: str, *, swap_bangpath: bool = True,
                 local, domain, at = user, host, "@"
     if not at:
         domain = myorigin
+    elif not domain:
+        # "bob@": trivial-rewrite appends @$myorigin only to an address without any
+        # "@"; this one stays as written, and the queue manager bounces it (5.1.3).
+        return address
     domain = domain.rstrip(".")
     return f"{local}@{domain}" if domain else local
 
