@@ -778,22 +778,6 @@ class ContentChecks:
                    if config.is_set("mime_nesting_limit") else MIME_NESTING_LIMIT)
 
 
-_PARAM_RE = re.compile(rb'[;\s]boundary\s*=\s*(?:"([^"]*)"|([^\s;]+))', re.I)
-
-
-def _content_type(raw: bytes) -> tuple[bytes, bytes, bytes | None]:
-    """(type, subtype, boundary) of a Content-Type header (RFC 2045 5.1), lower case."""
-    value = raw.split(b":", 1)[1] if b":" in raw else b""
-    value = value.replace(b"\n", b" ")
-    main = value.split(b";", 1)[0].strip().lower()
-    typ, _, sub = main.partition(b"/")
-    m = _PARAM_RE.search(value)
-    boundary = None
-    if m:
-        boundary = m.group(1) if m.group(1) is not None else m.group(2)
-    return typ.strip(), sub.strip(), boundary or None
-
-
 class MessageChecks:
     """header_checks / body_checks for one message (Postfix cleanup_act()): asked
     by :class:`ContentProcessor` once per logical header and, through
@@ -826,7 +810,7 @@ class MessageChecks:
         if name == "content-type" and header_class == PRIMARY:
             # The MIME structure follows the header as received, whatever the checks
             # do to it (Postfix's mime_state parses it before cleanup sees it).
-            self._ctype = _content_type(raw)
+            self._ctype = content_type(raw)
         return self._header(raw, name, out_header, header_class)
 
     def _header(self, raw: bytes, name: str, out: Callable[[bytes], None],
@@ -1139,7 +1123,7 @@ class BodyScanner:
         m = _HEADER_RE.match(raw)
         name = m.group(1).decode("ascii", "replace").lower() if m else ""
         if name == "content-type":
-            self._block_ctype = _content_type(raw)   # as received, see MessageChecks.header
+            self._block_ctype = content_type(raw)   # as received, see MessageChecks.header
         elif name == "content-transfer-encoding" and self.on_8bit is not None \
                 and declares_8bit(raw):
             self.on_8bit()
