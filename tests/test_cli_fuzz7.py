@@ -35,8 +35,8 @@ REF = "/usr/sbin"
 TOOLS = ("postconf", "postmap", "postalias", "postqueue", "postsuper", "sendmail", "postcat")
 TIMEOUT = 30
 FUZZ_SEED = 7
-FUZZ_CASES = 80
-FUZZ_BUDGET_SECONDS = 45.0
+FUZZ_CASES = 40
+FUZZ_BUDGET_SECONDS = 25.0
 
 pytestmark = [
     pytest.mark.postfix,

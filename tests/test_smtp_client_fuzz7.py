@@ -60,7 +60,7 @@ AUTH_DOMAIN = "auth.test"           # routed through an smtp service with SASL o
 TIMEOUT = 30
 PEER_IO_TIMEOUT = 20.0              # a peer session never outlives this without traffic
 FUZZ_SEED = 7042
-FUZZ_CASES = 30
+FUZZ_CASES = 15
 
 
 # ------------------------------------------------------------------ scripts
