@@ -114,18 +114,21 @@ def mx_params(dns_port: int, smtp_port: int) -> dict:
 
 
 class NamespacedReference(harness.ReferencePostfix):
-    """A reference Postfix whose processes see a resolv.conf naming our dnsmasq."""
+    """A reference Postfix whose processes see a resolv.conf naming our dnsmasq
+    (``nameserver``: a module with its own dnsmasq subclasses with its address)."""
+
+    nameserver = NS
 
     def postfix(self, *args, timeout=60.0, check=False):
         if args[:1] != ("start",):
             return super().postfix(*args, timeout=timeout, check=check)
         resolv = self.root / "resolv.conf"
-        resolv.write_text(f"nameserver {NS}\noptions attempts:1 timeout:1\n")
+        resolv.write_text(f"nameserver {self.nameserver}\noptions attempts:1 timeout:1\n")
         # The mount must succeed before Postfix starts, or it would ask the real resolver.
         script = ('mount --bind "$1" /etc/resolv.conf && grep -qx "nameserver $2" /etc/resolv.conf '
                   '&& exec "$3" -c "$4" start')
         cmd = [UNSHARE, "-m", "--propagation", "private", "sh", "-c", script, "sh",
-               str(resolv), NS, harness.POSTFIX_BIN, str(self.config_dir)]
+               str(resolv), self.nameserver, harness.POSTFIX_BIN, str(self.config_dir)]
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                             stdin=subprocess.DEVNULL)
         if check and cp.returncode != 0:

@@ -30,6 +30,7 @@ import time
 import pytest
 
 import harness
+import test_outbound_mx
 from harness import VIRTUAL_DOMAIN as VD
 from test_parity_dialogues2 import _texts as _tls_texts
 from test_parity_dialogues2 import b64, tls_dialogue
@@ -638,24 +639,10 @@ def restriction_session(rng: random.Random, serial: int = 0) -> list:
     return out
 
 
-class NamespacedReference(harness.ReferencePostfix):
-    """A reference Postfix whose processes see a resolv.conf naming our dnsmasq
-    (test_outbound_mx.NamespacedReference, for this module's name server)."""
+class NamespacedReference(test_outbound_mx.NamespacedReference):
+    """test_outbound_mx's namespaced reference, for this module's name server."""
 
-    def postfix(self, *args, timeout=60.0, check=False):
-        if args[:1] != ("start",):
-            return super().postfix(*args, timeout=timeout, check=check)
-        resolv = self.root / "resolv.conf"
-        resolv.write_text(f"nameserver {NS}\noptions attempts:1 timeout:1\n")
-        script = ('mount --bind "$1" /etc/resolv.conf && grep -qx "nameserver $2" /etc/resolv.conf '
-                  '&& exec "$3" -c "$4" start')
-        cmd = [UNSHARE, "-m", "--propagation", "private", "sh", "-c", script, "sh",
-               str(resolv), NS, harness.POSTFIX_BIN, str(self.config_dir)]
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
-        if check and cp.returncode != 0:
-            raise AssertionError(f"namespaced postfix start failed: {cp.stderr}")
-        return cp
+    nameserver = NS
 
 
 @contextlib.contextmanager
