@@ -537,10 +537,18 @@ def frozen_reference(tmp_path_factory):
 
 
 def _new_file(ref, before: set, queues=("incoming",), timeout: float = 10.0):
+    def complete(p) -> bool:
+        # Postfix writes under a temporary name (pid.random) first and renames the
+        # file to its queue id; the owner-execute bit marks it complete.
+        try:
+            return p.name.isalnum() and bool(p.stat().st_mode & 0o100)
+        except OSError:
+            return False
+
     def new():
-        files = [p for p in ref.queue_files(queues) if p not in before]
+        files = [p for p in ref.queue_files(queues) if p not in before and complete(p)]
         return files[0] if files else None
-    path = harness.wait_for(new, timeout, 0.05, "a queue file in incoming/")
+    path = harness.wait_for(new, timeout, 0.05, "a complete queue file in incoming/")
     time.sleep(0.2)    # cleanup's last write and the final size record
     return path
 
