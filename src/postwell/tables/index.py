@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import threading
 import time
 
 from .base import FileStamp, Table, TableError, TableLookupError
@@ -45,7 +46,15 @@ class Store:
 
 
 class IndexedTable(Table):
-    """A table read from name+suffix through a Store."""
+    """A table read from name+suffix through a Store.
+
+    One table object is shared by every thread of a process (get_table()),
+    and local(8)'s helper looks up aliases on many threads at once.  A
+    Berkeley DB handle opened without DB_THREAD hands every get() the same
+    result buffer, so two concurrent lookups could return each other's
+    values, or a mix of both (one alias delivered by another's expansion);
+    the shared flock and the re-open after a postmap are per table as well.
+    ``_use`` serialises every use of the store: a lookup is microseconds."""
 
     store_class: type = None  # set by subclasses
     reopens_itself = True
@@ -56,6 +65,7 @@ class IndexedTable(Table):
         self.warn = warn
         self.store = None
         self._lock_fd = None
+        self._use = threading.Lock()
         self._open_store()
         if warn is not None:
             self.check_stale(now)
@@ -103,6 +113,10 @@ class IndexedTable(Table):
             self._lock_fd = None
 
     def lookup(self, key: str):
+        with self._use:
+            return self._lookup_serialised(key)
+
+    def _lookup_serialised(self, key: str):
         if self.store is not None and self._pid != os.getpid():
             # opened before a fork: the flock would be shared with the parent
             # (same open file description) and LMDB handles must not cross fork
@@ -165,24 +179,29 @@ class IndexedTable(Table):
             raise TableLookupError(f"error reading {self.path}: {e}") from None
 
     def items(self):
-        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
-        try:
-            self._reopen_if_changed()
-            for k, v in self.store.items():
-                if k.endswith(b"\0"):
-                    k = k[:-1]
-                if v.endswith(b"\0"):
-                    v = v[:-1]
-                yield to_str(k), to_str(v)
-        finally:
-            if self._lock_fd is not None:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        # read whole under the locks: a generator holding them across yields
+        # would block every other thread's lookups while its caller works
+        with self._use:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+            try:
+                self._reopen_if_changed()
+                pairs = list(self.store.items())
+            finally:
+                if self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        for k, v in pairs:
+            if k.endswith(b"\0"):
+                k = k[:-1]
+            if v.endswith(b"\0"):
+                v = v[:-1]
+            yield to_str(k), to_str(v)
 
     def changed(self) -> bool:
         return self.stamp.changed()
 
     def close(self):
-        self._close_store()
+        with self._use:
+            self._close_store()
 
     def __del__(self):
         try:
