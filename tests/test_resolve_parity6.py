@@ -34,6 +34,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -447,7 +448,7 @@ no-resolv
 no-hosts
 local=/test/
 local=/invalid/
-server=/broken.test/127.0.0.1#9
+server=/broken.test/127.0.0.1#{servfail_port}
 host-record=v6dns.test,2001:db8::2
 mx-host=mixed.test,down.broken.test,10
 mx-host=mixed.test,gone.test,20
@@ -549,9 +550,45 @@ class NsPostwell(harness.PostwellInstance):
         return cp
 
 
-def _start_dnsmasq(root: Path) -> subprocess.Popen:
+class ServfailServer:
+    """The broken.test name server: SERVFAIL to every query, at once.  An upstream
+    that never answers gives the same SERVFAIL-class failure to both MTAs, but only
+    after every resolver's retry timeouts (~5 s per case and MTA)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        while not self.done.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+                reply = dns.message.make_response(dns.message.from_wire(data))
+            except (OSError, ValueError, Exception):  # noqa: BLE001 - timeout or junk
+                continue
+            reply.set_rcode(dns.rcode.SERVFAIL)
+            try:
+                self.sock.sendto(reply.to_wire(), peer)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _start_dnsmasq(root: Path, servfail_port: int) -> subprocess.Popen:
     conf = root / "dnsmasq.conf"
-    conf.write_text(f"port=53\nlisten-address={NS}\nbind-interfaces\n" + ZONE)
+    conf.write_text(f"port=53\nlisten-address={NS}\nbind-interfaces\n"
+                    + ZONE.format(servfail_port=servfail_port))
     proc = subprocess.Popen([DNSMASQ, "-k", f"--conf-file={conf}", "--pid-file=", "--user=nobody"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import dns.message
@@ -632,7 +669,8 @@ def pair(tmp_path_factory):
     if not _bindable(NS, 53):
         pytest.skip(f"{NS}:53 is taken")
     base = tmp_path_factory.mktemp("resolve6")
-    dnsmasq = _start_dnsmasq(base)
+    servfail = ServfailServer()
+    dnsmasq = _start_dnsmasq(base, servfail.port)
     p = None
     try:
         p = Pair(base)
@@ -645,6 +683,7 @@ def pair(tmp_path_factory):
             dnsmasq.wait(5)
         except subprocess.TimeoutExpired:
             dnsmasq.kill()
+        servfail.close()
 
 
 # ------------------------------------------------------------------ helpers
