@@ -384,9 +384,9 @@ def test_generator_is_deterministic():
 
 @pytest.mark.xdist_group("cleanup-fuzz6")
 def test_seeded_fuzz(pairs):
-    """60 seeded messages (FUZZ6_N to change), delivered files and cleanup/qmgr log
-    lines identical on both sides."""
-    n = int(os.environ.get("FUZZ6_N", "60"))
+    """30 seeded messages (FUZZ6_N to change: 60 ran clean when it was written),
+    delivered files and cleanup/qmgr log lines identical on both sides."""
+    n = int(os.environ.get("FUZZ6_N", "30"))
     variants = tuple(os.environ.get("FUZZ6_VARIANTS", ",".join(FUZZ_VARIANTS)).split(","))
     failures = _run_cases(pairs, fuzz_cases(n, variants=variants))
     assert not failures, "\n\n".join(failures)
