@@ -34,10 +34,13 @@ notices without a to=<...> log line (Postfix's trace_append, not sent()).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import pwd
 import re
 import socket
+import stat
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -410,6 +413,9 @@ class LocalAgent(DeliveryAgent):
         self._cmd_maps = None
         self.helper_socket = helper_socket
         self._helper = None
+        # The root helper expands on a thread per qmgr connection, all with
+        # this one agent: what is made on first use is made once.
+        self._making = threading.Lock()
 
     # -- shared pieces -------------------------------------------------
     def _warn(self, text: str) -> None:
@@ -425,19 +431,26 @@ class LocalAgent(DeliveryAgent):
     def resolver(self):
         if self._resolver is None:
             from postwell.policy.resolve import AddressResolver
-            self._resolver = AddressResolver(self.config)
+            with self._making:
+                if self._resolver is None:
+                    self._resolver = AddressResolver(self.config)
         return self._resolver
 
     @property
     def aliases(self) -> AliasMaps:
         if self._aliases is None:
-            self._aliases = AliasMaps(self.settings.alias_specs, self.config, self._warn)
+            with self._making:
+                if self._aliases is None:
+                    # Once: its start-up warnings (invalid alias map type) are logged once.
+                    self._aliases = AliasMaps(self.settings.alias_specs, self.config, self._warn)
         return self._aliases
 
     def command_maps(self):
         if self._cmd_maps is None and self.settings.mailbox_command_maps:
             from .base import MapList
-            self._cmd_maps = MapList(self.settings.mailbox_command_maps, self.config)
+            with self._making:
+                if self._cmd_maps is None:
+                    self._cmd_maps = MapList(self.settings.mailbox_command_maps, self.config)
         return self._cmd_maps
 
     @property
@@ -1288,10 +1301,27 @@ def _device_of(path: str | None) -> int | None:
         return None
 
 
+def _reachable_directory(path: str) -> None:
+    """Raise the OSError chdir(2) would give for ``path``, without changing
+    the working directory: it belongs to the whole process, and an
+    unprivileged qmgr runs this on one of its threads (run_as calls the
+    operation directly when no user switch is needed), where a chdir would
+    move every other thread's relative paths and the next command's check."""
+    st = os.stat(path)       # ENOENT, ENOTDIR, EACCES of the components
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    # the effective ids: a thread of the root helper runs with the user's
+    # effective uid only (per-thread setresuid keeps root's real uid)
+    if not os.access(path, os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
 def _command_in_dir(command, env, cwd, time_limit, shell, copy, open_content, strict_cwd):
-    """Runs in the user's child: the working directory must be reachable as the user."""
+    """Runs as the user (a forked child, or this thread of a process that is
+    the user already): the working directory must be reachable as the user.
+    The command's child enters it (op_command's cwd), never this process."""
     try:
-        os.chdir(cwd)
+        _reachable_directory(cwd)
     except OSError as exc:
         if strict_cwd:
             return {"status": "deferred", "dsn": "4.3.0",

@@ -16,6 +16,7 @@ from postwell.delivery.pipe import quote_local as _pipe_quote_local
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -554,9 +555,53 @@ def _dotlock(path: str, tries: int = 10):
     raise OSError(errno.EAGAIN, "unable to lock for exclusive access", lock)
 
 
+# Mailboxes being appended to by a thread of this process: path -> [lock, users].
+# fcntl locks belong to the process, so they never keep out its other
+# threads, and a second thread cannot take a dotlock this process holds
+# (it would sleep and retry, then defer); Postfix's agents deliver one
+# message at a time per process and need neither.  Entries go when unused.
+_mailbox_turns: dict[str, list] = {}
+_mailbox_turns_lock = threading.Lock()
+
+
+def _forget_mailbox_turns() -> None:
+    # A lock some other thread held at fork() would stay held in the child.
+    global _mailbox_turns, _mailbox_turns_lock
+    _mailbox_turns, _mailbox_turns_lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_mailbox_turns)
+
+
+@contextlib.contextmanager
+def _mailbox_turn(path: str):
+    """This thread's turn at one mailbox among the threads of this process."""
+    key = os.path.normpath(path)
+    with _mailbox_turns_lock:
+        entry = _mailbox_turns.get(key)
+        if entry is None:
+            entry = _mailbox_turns[key] = [threading.Lock(), 0]
+        entry[1] += 1
+    try:
+        with entry[0]:
+            yield
+    finally:
+        with _mailbox_turns_lock:
+            entry[1] -= 1
+            if not entry[1] and _mailbox_turns.get(key) is entry:
+                del _mailbox_turns[key]
+
+
 def deliver_mbox(d: Delivery, open_content) -> None:
     """mbox delivery: From_ line, >From quoting, blank line; locked, fsync'd;
-    a failed write is undone by truncating to the old size."""
+    a failed write is undone by truncating to the old size.  Threads of one
+    process take turns (_mailbox_turn): without that two big messages were
+    written into each other, and one's undo could cut off the other."""
+    with _mailbox_turn(d.path):
+        _deliver_mbox(d, open_content)
+
+
+def _deliver_mbox(d: Delivery, open_content) -> None:
     parent = os.path.dirname(d.path)
     if parent:
         os.makedirs(parent, mode=0o700, exist_ok=True)

@@ -152,7 +152,14 @@ def get_table(spec: str, config=None, warn=None, surrogate: bool = False) -> Tab
     # keyed by spec alone: per-service config copies (master.cf -o) must
     # share one open table, and a table's contents do not depend on config
     key = spec.strip()
+    # The common case without the lock (a dict read is atomic): a thread
+    # re-reading a big changed texthash or regexp file under the lock must
+    # not hold up every other thread's lookups in other tables meanwhile.
+    table = _cache.get(key)
+    if table is not None and (table.reopens_itself or not table.changed()):
+        return table
     with _cache_lock:
+        # Another thread may have opened or re-opened it while we waited.
         table = _cache.get(key)
         if table is not None and (table.reopens_itself or not table.changed()):
             return table
