@@ -539,3 +539,32 @@ def test_helper_threads_answer_each_request_with_its_own_aliases(tmp_path):
         server.join(JOIN)
         clear_cache()
     assert not server.is_alive()
+
+
+def test_machine_default_computed_by_racing_threads(monkeypatch):
+    """Config's myhostname/mydomain recursion guard was one set for all threads:
+    a second thread computing mydomain at the same moment took the recursion
+    fallback "localdomain", and the cache could keep it."""
+    from postwell.config import machine
+    real = machine.default_mydomain
+
+    def slow(host):
+        time.sleep(0.05)
+        return real(host)
+    monkeypatch.setattr(machine, "default_mydomain", slow)
+    cfg = Config("/nonexistent", {"myhostname": "mx.example.com"}, {}, [])
+    out, start = [], threading.Barrier(4)
+
+    def run():
+        start.wait(10)
+        out.append(cfg.get("mydomain"))
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert out == ["example.com"] * 4
+    assert cfg.get("mydomain") == "example.com"
+    # the guard still ends a real recursion
+    loop = Config("/nonexistent", {"myhostname": "$mydomain"}, {}, [])
+    assert loop.get("mydomain") == "localdomain"

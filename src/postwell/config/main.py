@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 
 from .defaults import DEFAULTS
+
+# Machine defaults being computed by this thread: {(id(config), name)}
+_computing = threading.local()
 
 DEFAULT_CONFIG_DIR = "/etc/postfix"
 
@@ -243,14 +247,18 @@ class Config:
             return cached
         # myhostname and mydomain default to each other: "myhostname = $mydomain" with
         # mydomain unset must end (Postfix prints mydomain = localdomain), not recurse.
-        busy = self._cache.setdefault("__computing__", set())
-        if name in busy:
+        # The guard is per thread: another thread computing the same default at
+        # the same moment is not a recursion (it got the fallback, and the
+        # cache kept "localdomain" for good).
+        busy = _computing.__dict__.setdefault("names", set())
+        mark = (id(self), name)
+        if mark in busy:
             return "localdomain" if name == "mydomain" else machine.default_myhostname(None)
-        busy.add(name)
+        busy.add(mark)
         try:
             value = self._compute_machine_default(name, base, machine)
         finally:
-            busy.discard(name)
+            busy.discard(mark)
         self._cache[key] = value
         return value
 
