@@ -559,6 +559,7 @@ BROKEN = {"owner_root": {"mail_owner": "root"}, "iface": {"inet_interfaces": "19
 def test_side_by_side_postfix_fatal_before_any_command(reference_factory, tmp_path, name,
                                                       command):
     ref = reference_factory(BROKEN[name])
+    ref.cool_config()    # a just-written main.cf costs Postfix ~2 s of waiting
     pw = harness.PostwellInstance(tmp_path, BROKEN[name], name="pw")
     env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
 
