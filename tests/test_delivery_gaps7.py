@@ -360,9 +360,6 @@ def test_postqueue_json_side_by_side(deferring):
                                        {"address": f'"dan@remote.test"@{HOST}'}]
 
 
-@pytest.mark.xfail(strict=True, reason="cli/postqueue.py sorts a message's recipients "
-                   "(reason-less ones first) and never prints Postfix's '(reason unavailable)' "
-                   "line; Postfix prints showq's order (postqueue/showq_compat.c)")
 def test_postqueue_text_side_by_side(deferring):
     def norm(side):
         return [ln for ln in side.text.replace(side.qid, "QID").splitlines()

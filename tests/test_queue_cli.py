@@ -43,6 +43,7 @@ LONG = "connect to mx.long.test[192.0.2.1]:25: Connection timed out after a very
 
 
 def test_postqueue_p_layout(env, capsys):
+    # Postfix's showq_compat.c: the defer log's order, a reason line at each change.
     store, etc, _ = env
     qid = put(store, "s@x.test", ["a@long.test", "b@short.test", "c@long.test", "d@x.test"])
     with store.open(qid) as q:
@@ -58,9 +59,10 @@ def test_postqueue_p_layout(env, capsys):
         f"{qid:<11}     279 {stamp}  s@x.test\n"
         f"({LONG})\n"
         + " " * 41 + "a@long.test\n"
-        + " " * 41 + "c@long.test\n"
         + " " * 71 + "(short)\n"
         + " " * 41 + "b@short.test\n"
+        + f"({LONG})\n"
+        + " " * 41 + "c@long.test\n"
         "\n"
         "-- 0 Kbytes in 1 Request.\n")
 

@@ -454,11 +454,11 @@ def oracle_listing(messages) -> str:
         id_mark = (m["queue_id"] + postqueue.STATUS_CHAR.get(m["queue_name"], "")
                    + ("#" if m.get("forced_expire") else ""))
         out.append(f"{id_mark:<11}{m['message_size']:>8} {stamp:<20} {m['sender']}")
-        last = None
-        for r in sorted(m["recipients"], key=lambda r: r.get("delay_reason", "")):
-            reason = r.get("delay_reason")
-            if reason is not None and reason != last:
-                out.append(f"{'(' + reason + ')':>78}")
+        last = ""
+        for r in m["recipients"]:
+            reason = r.get("delay_reason", "")
+            if reason != last:
+                out.append(f"{'(' + (reason or 'reason unavailable') + ')':>78}")
             last = reason
             out.append(f"{'':41}{r['address']}")
         out.append("")
@@ -516,7 +516,7 @@ def test_fast_collect_matches_the_full_parser(env, utc):
     varied_queue(store)
     got = list(showq.collect(store))
     assert got == list(oracle_collect(store))
-    assert [m["queue_name"] for m in got] == ["incoming", "active", "active", "deferred", "deferred",
+    assert [m["queue_name"] for m in got] == ["active", "active", "incoming", "deferred", "deferred",
                                                "deferred", "hold", "hold"]
     assert [] in [m["recipients"] for m in got]
     text = postqueue.format_listing(got)

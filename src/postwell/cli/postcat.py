@@ -244,10 +244,15 @@ def notify_flags(value: str) -> int:
 
 
 def is_maildrop_file(path: str) -> bool:
-    from postwell.pickup.maildrop import MAGIC
     try:
         with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+            head = f.read(len(qf.MAGIC))
+            if head == qf.MAGIC:
+                # A queue file: the maildrop format (and the pickup package
+                # behind it) need not be loaded to tell.
+                return False
+            from postwell.pickup.maildrop import MAGIC
+            return head + f.read(max(0, len(MAGIC) - len(head))) == MAGIC
     except OSError:
         return False
 

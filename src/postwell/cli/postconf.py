@@ -9,11 +9,9 @@ Exit status 0, or 1 after a fatal error (usage, unreadable or broken file).
 
 from __future__ import annotations
 
-import dataclasses
 import getopt
 import os
 import sys
-import tempfile
 
 from postwell.config import registry
 from postwell.config.defaults import DEFAULTS
@@ -138,7 +136,7 @@ def _warn_undefined(cfg: Config, out: _Out) -> None:
     for path, value in sources:
         for ref in sorted(registry.referenced_names(value)):
             if (path, ref) in seen or ref in cfg.params or ref in legacy \
-                    or cfg.default(ref) is not None:
+                    or ref in DEFAULTS or cfg.default(ref) is not None:
                 continue
             seen.add((path, ref))
             out.warn(f"{path}: undefined parameter: {ref}")
@@ -160,6 +158,11 @@ def show_params(cfg: Config, names: list[str], opts: dict, out: _Out) -> None:
     legacy = registry.legacy_parameters()
 
     def known(name: str) -> bool:
+        # A name in DEFAULTS always has a default: asking cfg.default() would
+        # compute a machine-dependent one (an interface scan for mynetworks)
+        # only to test it against None.
+        if name in DEFAULTS:
+            return True
         if defaults_only:
             return cfg.default(name) is not None
         return cfg.default(name) is not None or name in known_user or name in legacy
@@ -215,6 +218,7 @@ def atomic_write(path: str, text: str) -> None:
         mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
     except FileNotFoundError:
         mode, owner = 0o644, None
+    import tempfile
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
@@ -619,6 +623,7 @@ def edit_master_fields(config_dir: str, args: list[str], out: _Out) -> None:
                 fields[7], argv = (words[0] if words else ""), words[1:]
             else:
                 fields[MASTER_FIELD_NAMES.index(field_name)] = value
+            import dataclasses
             current[idx] = dataclasses.replace(svc, fields=tuple(fields), argv=argv)
             for k in range(first, last + 1):
                 if not lines[k].lstrip().startswith("#"):

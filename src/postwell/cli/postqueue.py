@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import errno
 import getopt
-import json
 import os
 import sys
 import time
 
-from postwell.pickup import poke_pickup
+# postwell.pickup (and through it cleanup, dsn, qmgr) loads only for -f: the
+# listing must not pay for the submission machinery.
 from postwell.queue import QMGR_FLUSH, CorruptQueueFile, QueueFileNotFound, QueueStore, notify_qmgr
 # The queue scan is shared with the showq service (which runs it as $mail_owner).
 from postwell.showq import SHOW_QUEUES, collect, collect_maildrop  # noqa: F401 (re-exported)
@@ -125,6 +125,13 @@ CHUNK = 512
 _STAMP_CACHE = 4096   # arrival seconds remembered (messages often share one)
 
 
+def _reason_line(reason: str) -> str:
+    # Right-aligned to column 78, padded by the reason's length in bytes
+    # (Postfix's strlen()), never cut.
+    width = len(reason.encode("utf-8", "surrogateescape"))
+    return " " * max(0, 76 - width) + "(" + reason + ")\n"
+
+
 def format_listing(messages) -> str:
     return "".join(iter_listing(messages))
 
@@ -154,23 +161,18 @@ def iter_listing(messages, chunk: int = CHUNK):
         # A force-expired message (postsuper -e) gets a "#" after that mark.
         id_mark = m["queue_id"] + STATUS_CHAR.get(m["queue_name"], "") + ("#" if m.get("forced_expire") else "")
         add(f"{id_mark:<11}{size:>8} {stamp} {m['sender']}\n")
-        rcpts = m["recipients"]
-        if len(rcpts) == 1:
-            r = rcpts[0]
-            reason = r.get("delay_reason")
-            if reason is not None:
-                add(f"{'(' + reason + ')':>78}\n")
-            add(f"{'':41}{r['address']}\n\n")
-        else:
-            # Recipients grouped under their delay reason, reason-less ones first.
-            last = None
-            for r in sorted(rcpts, key=lambda r: r.get("delay_reason", "")):
-                reason = r.get("delay_reason")
-                if reason is not None and reason != last:
-                    add(f"{'(' + reason + ')':>78}\n")
-                last = reason
-                add(f"{'':41}{r['address']}\n")
-            add("\n")
+        # Postfix's showq_compat.c: the recipients in showq's order; a
+        # "(reason)" line whenever a recipient's delay reason differs from the
+        # one before it, "(reason unavailable)" for a recipient without one
+        # after one with a reason.
+        shown = ""
+        for r in m["recipients"]:
+            reason = r.get("delay_reason") or ""
+            if reason != shown:
+                shown = reason
+                add(_reason_line(reason or "reason unavailable"))
+            add(f"{'':41}{r['address']}\n")
+        add("\n")
         if count % chunk == 0:
             yield "".join(buf)
             buf.clear()
@@ -186,6 +188,7 @@ def format_json(messages) -> str:
 
 
 def iter_json(messages, chunk: int = CHUNK):
+    import json
     buf: list[str] = []
     dumps = json.dumps
     for m in messages:
@@ -384,6 +387,7 @@ def main(argv: list[str] | None = None, *, mailq: bool = False) -> int:
             return _fatal("Cannot flush mail queue - mail system is down")
         # The pickup wake-up is best effort: with the qmgr up the system is
         # up, and pickup also scans the maildrop on its own timer.
+        from postwell.pickup import poke_pickup
         poke_pickup(store.queue_directory)
     elif mode == "s" and not _valid_site(arg):
         return _fatal('Cannot flush mail queue - invalid destination: "%s%s"' % _shorten(arg))

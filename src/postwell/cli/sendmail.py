@@ -44,8 +44,6 @@ import signal
 import sys
 import time
 
-from postwell.cli import tok822
-
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -626,12 +624,14 @@ class Sendmail:
             return login_name(self.uid)
         # Postfix's sendmail keeps what its RFC 822 parser groups as the first
         # address, however malformed ("a@" stays "a@"), and no route is dropped.
+        from postwell.cli import tok822
         address, malformed = tok822.sender(o.sender)
         if malformed:
             self.warn(f"-f option specified malformed sender: {o.sender}")
         return address
 
     def command_line_recipients(self) -> list[str]:
+        from postwell.cli import tok822
         out = []
         for arg in self.o.recipients:
             out.extend(tok822.recipients(arg))

@@ -17,6 +17,30 @@ Stable API used by every other part (keep it stable; extend, don't rename):
 """
 
 from .main import Config, ConfigError, load_config  # noqa: F401
-from .master import MasterService, listen_address  # noqa: F401
-from .registry import (register_implemented, unimplemented_parameters,  # noqa: F401
-                       unused_parameters)
+
+# master.cf parsing and the parameter registry load on first use (PEP 562):
+# most command-line tools read main.cf only.
+_LAZY = {
+    "MasterService": "master", "listen_address": "master",
+    "register_implemented": "registry", "unimplemented_parameters": "registry",
+    "unused_parameters": "registry",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+    if name in ("master", "registry"):      # the submodules themselves, as before
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["Config", "ConfigError", "load_config", *_LAZY]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | {"master", "registry"})

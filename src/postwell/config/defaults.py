@@ -9,8 +9,9 @@ DEFAULTS dict is built (see the end of this file):
 2. POSTFIX_DEFAULTS (postfix_defaults.py, generated from `postconf -d`);
 3. POSTWELL_DIFFERENCES: deliberate, documented departures (safer defaults);
 4. machine-dependent defaults (myhostname, mydomain, mynetworks, process_id,
-   process_name) computed for this host at import; Config recomputes them
-   from the loaded main.cf (machine.py), as Postfix does at run time.
+   process_name) computed for this host when one of them (or the whole
+   table) is first read, not at import (_PendingDefaults); Config recomputes
+   them from the loaded main.cf (machine.py), as Postfix does at run time.
 """
 
 DEFAULTS: dict[str, str] = {
@@ -108,16 +109,136 @@ POSTWELL_DIFFERENCES: dict[str, str] = {
 # Names whose default depends on the machine (and on main.cf): machine.py.
 MACHINE_DEPENDENT = ("myhostname", "mydomain", "mynetworks", "process_id", "process_name")
 
-_ADDED_BY_PARTS = {k: v for k, v in DEFAULTS.items() if k not in POSTFIX_DEFAULTS}
-DEFAULTS.clear()
-DEFAULTS.update(POSTFIX_DEFAULTS)
-DEFAULTS.update(_ADDED_BY_PARTS)
-DEFAULTS.update(POSTWELL_DIFFERENCES)
+
+class _Defaults(dict):
+    """DEFAULTS once its machine-dependent values are in: a plain dict."""
+    __slots__ = ()
 
 
-def _machine_defaults() -> None:
-    from .machine import static_machine_defaults
-    DEFAULTS.update(static_machine_defaults())
+_MACHINE_NAMES = frozenset(MACHINE_DEPENDENT)
 
 
-_machine_defaults()
+class _PendingDefaults(_Defaults):
+    """DEFAULTS before anything has read a machine-dependent value.
+
+    Those values cost an interface scan (ctypes, getifaddrs) and a host name
+    look-up that most command-line tools never need (Config computes its own
+    from main.cf), so they are computed the first time one of them, or the
+    whole table, is read, or anything is changed; membership, len(), the
+    names and every other value do not need them.  The object then becomes a
+    _Defaults (same storage), so later reads cost what a dict's do.
+    """
+    __slots__ = ()
+
+    def _fill(self) -> None:
+        from .machine import static_machine_defaults
+        # Values first, class second: a thread that reads meanwhile computes
+        # them again (same result), never sees the placeholders.
+        dict.update(self, static_machine_defaults())
+        self.__class__ = _Defaults
+
+    def __getitem__(self, key):
+        if key in _MACHINE_NAMES:
+            self._fill()
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        if key in _MACHINE_NAMES:
+            self._fill()
+        return dict.get(self, key, default)
+
+    def setdefault(self, key, default=None):
+        if key in _MACHINE_NAMES:
+            self._fill()
+        return dict.setdefault(self, key, default)
+
+    def pop(self, key, *default):
+        if key in _MACHINE_NAMES:
+            self._fill()
+        return dict.pop(self, key, *default)
+
+    def __setitem__(self, key, value):
+        if key in _MACHINE_NAMES:
+            self._fill()
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        if key in _MACHINE_NAMES:
+            self._fill()
+        dict.__delitem__(self, key)
+
+    def __iter__(self):
+        # Defined so that dict(DEFAULTS), {**DEFAULTS} and x.update(DEFAULTS)
+        # copy through __getitem__: CPython copies a dict subclass's storage
+        # directly when the subclass keeps dict's own __iter__.
+        return dict.__iter__(self)
+
+    # Everything else that shows values or changes the table: complete it first.
+    def items(self):
+        self._fill()
+        return self.items()
+
+    def values(self):
+        self._fill()
+        return self.values()
+
+    def copy(self):
+        self._fill()
+        return self.copy()
+
+    def __repr__(self):
+        self._fill()
+        return repr(self)
+
+    def __eq__(self, other):
+        self._fill()
+        return self == other
+
+    def __ne__(self, other):
+        self._fill()
+        return self != other
+
+    def __or__(self, other):
+        self._fill()
+        return self | other
+
+    def __ror__(self, other):
+        self._fill()
+        return other | self
+
+    def __ior__(self, other):
+        self._fill()
+        self |= other
+        return self
+
+    def __reduce_ex__(self, protocol):
+        self._fill()
+        return self.__reduce_ex__(protocol)
+
+    def update(self, *args, **kwargs):
+        self._fill()
+        self.update(*args, **kwargs)
+
+    def popitem(self):
+        self._fill()
+        return self.popitem()
+
+    def clear(self):
+        self._fill()
+        self.clear()
+
+
+def _build() -> _Defaults:
+    added_by_parts = {k: v for k, v in DEFAULTS.items() if k not in POSTFIX_DEFAULTS}
+    built = _PendingDefaults()
+    dict.update(built, POSTFIX_DEFAULTS)
+    dict.update(built, added_by_parts)
+    dict.update(built, POSTWELL_DIFFERENCES)
+    # The machine-dependent names are known (and listed last) from the start;
+    # their values are computed on first use (_PendingDefaults._fill).
+    for name in MACHINE_DEPENDENT:
+        dict.__setitem__(built, name, "")
+    return built
+
+
+DEFAULTS = _build()

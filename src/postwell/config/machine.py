@@ -10,17 +10,17 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import ipaddress
 import os
-import socket
 import sys
+
+# ctypes, ipaddress and socket are imported where they are used: every CLI tool
+# imports this module through the defaults, and most never need an interface list.
 
 DEFAULT_MYDOMAIN = "localdomain"
 
 
 def system_hostname() -> str:
+    import socket
     return socket.gethostname() or "localhost"
 
 
@@ -45,26 +45,42 @@ def process_name() -> str:
 
 # ---- interface addresses -------------------------------------------------
 
-class _SockAddr(ctypes.Structure):
-    _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_ubyte * 14)]
+_ctypes_api = None
 
 
-class _IfAddrs(ctypes.Structure):
-    pass
+def _getifaddrs_api():
+    """(ctypes, libc, the ifaddrs structure type), built on first use."""
+    global _ctypes_api
+    if _ctypes_api is None:
+        import ctypes
+
+        class _SockAddr(ctypes.Structure):
+            _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_ubyte * 14)]
+
+        class _IfAddrs(ctypes.Structure):
+            pass
+
+        _IfAddrs._fields_ = [
+            ("ifa_next", ctypes.POINTER(_IfAddrs)),
+            ("ifa_name", ctypes.c_char_p),
+            ("ifa_flags", ctypes.c_uint),
+            ("ifa_addr", ctypes.POINTER(_SockAddr)),
+            ("ifa_netmask", ctypes.POINTER(_SockAddr)),
+            ("ifa_ifu", ctypes.c_void_p),
+            ("ifa_data", ctypes.c_void_p),
+        ]
+        # The running interpreter already has libc mapped: its global symbols
+        # carry getifaddrs, which spares find_library()'s `ldconfig -p` child.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(libc, "getifaddrs"):
+            import ctypes.util
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _ctypes_api = (ctypes, libc, _IfAddrs)
+    return _ctypes_api
 
 
-_IfAddrs._fields_ = [
-    ("ifa_next", ctypes.POINTER(_IfAddrs)),
-    ("ifa_name", ctypes.c_char_p),
-    ("ifa_flags", ctypes.c_uint),
-    ("ifa_addr", ctypes.POINTER(_SockAddr)),
-    ("ifa_netmask", ctypes.POINTER(_SockAddr)),
-    ("ifa_ifu", ctypes.c_void_p),
-    ("ifa_data", ctypes.c_void_p),
-]
-
-
-def _sockaddr_bytes(ptr) -> tuple[int, bytes] | None:
+def _sockaddr_bytes(ctypes, ptr) -> tuple[int, bytes] | None:
+    import socket
     if not ptr:
         return None
     family = ptr.contents.sa_family
@@ -79,14 +95,16 @@ def _sockaddr_bytes(ptr) -> tuple[int, bytes] | None:
 _iface_cache: list | None = None
 
 
-def interface_networks() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-    """All interface addresses with their netmasks (IPv4 first, then IPv6)."""
+def interface_networks() -> list:
+    """All interface addresses with their netmasks (IPv4 first, then IPv6), as
+    ipaddress.IPv4Interface / IPv6Interface objects."""
     global _iface_cache
     if _iface_cache is not None:
         return list(_iface_cache)
+    import ipaddress
     found: list = []
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        ctypes, libc, _IfAddrs = _getifaddrs_api()
         head = ctypes.POINTER(_IfAddrs)()
         if libc.getifaddrs(ctypes.byref(head)) != 0:
             raise OSError(ctypes.get_errno(), "getifaddrs")
@@ -94,8 +112,8 @@ def interface_networks() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interfa
             node = head
             while node:
                 ifa = node.contents
-                addr = _sockaddr_bytes(ifa.ifa_addr)
-                mask = _sockaddr_bytes(ifa.ifa_netmask)
+                addr = _sockaddr_bytes(ctypes, ifa.ifa_addr)
+                mask = _sockaddr_bytes(ctypes, ifa.ifa_netmask)
                 if addr and mask and addr[0] == mask[0]:
                     ip = ipaddress.ip_address(addr[1])
                     prefix = bin(int.from_bytes(mask[1], "big")).count("1")
@@ -134,6 +152,8 @@ def own_interfaces(inet_interfaces: str = "all", inet_protocols: str = "all") ->
     words = [w for w in inet_interfaces.replace(",", " ").split() if w]
     if not words or any(w.lower() == "all" for w in words):
         return ifaces
+    import ipaddress
+    import socket
     wanted: list = []
     for w in words:
         if w.lower() == "loopback-only":
@@ -169,6 +189,7 @@ def compute_mynetworks(style: str = "host", inet_interfaces: str = "all",
     style = style.strip().lower()
     if style not in ("host", "subnet", "class"):
         raise ValueError(f"unknown mynetworks_style value: {style}")
+    import ipaddress
     nets = []
     for iface in own_interfaces(inet_interfaces, inet_protocols):
         if style == "host":

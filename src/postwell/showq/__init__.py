@@ -33,7 +33,6 @@ $mail_owner are always allowed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import pwd
@@ -61,8 +60,9 @@ MAX_CLIENTS = 8                # connections served at once; more wait in the ba
 SEND_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 60.0
 _LEN = struct.Struct(">I")
-# showq lists the queues in this order.
-SHOW_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+# showq lists the queues in this order (Postfix's showq.c queue_info[]:
+# active before incoming, checked against 3.7).
+SHOW_QUEUES = ("maildrop", "active", "incoming", "deferred", "hold")
 
 
 class ShowqUnavailable(Exception):
@@ -87,12 +87,18 @@ def socket_path(config) -> str:
 
 # ---------------------------------------------------------------- framing
 
-# One encoder for every frame (json.dumps with options builds one per call).
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+# One encoder for every frame (json.dumps with options builds one per call),
+# made by the first frame: postqueue run by root imports this module for the
+# scan alone and never frames anything.
+_encode = None
 SEND_BUFFER = 65536   # frames are sent in writes of about this size
 
 
 def _frame(obj) -> bytes:
+    global _encode
+    if _encode is None:
+        import json
+        _encode = json.JSONEncoder(separators=(",", ":")).encode
     data = _encode(obj).encode("utf-8", "surrogateescape")
     return _LEN.pack(len(data)) + data
 
@@ -158,6 +164,7 @@ def query(queue_directory: str, *, path: str | None = None, timeout: float = CLI
 
     Raises ShowqUnavailable when the socket cannot be reached (before the
     first message is yielded) and ShowqRefused when the service says no."""
+    import json
     path = path or os.path.join(queue_directory, "public", "showq")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -305,6 +312,9 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
+_NO_REASON = "(description unavailable)"   # bounce_log_read()'s stand-in
+
+
 def _read_reasons(dir_fd: int, queue_id: str) -> list[tuple[str, str]]:
     """The (recipient, delay reason) entries of defer/ID in their order (none
     when it went away)."""
@@ -334,9 +344,10 @@ def _read_reasons(dir_fd: int, queue_id: str) -> list[tuple[str, str]]:
         os.close(fd)
     # Postfix's showq reads the log with bounce_log_read(), whose split_nameval()
     # trims blanks around a value: a command's output ending in a blank is listed
-    # as "(busy now)", not "(busy now )".  Entries without a recipient (the
-    # delay-warning marker) are not listed.
-    return [(e["recipient"], e.get("reason", "").strip())
+    # as "(busy now)", not "(busy now )"; an entry without a reason (none, empty,
+    # blanks) has "(description unavailable)" (checked against 3.7).  Entries
+    # without a recipient (the delay-warning marker) are not listed.
+    return [(e["recipient"], e.get("reason", "").strip() or _NO_REASON)
             for e in qf.parse_log_entries(data) if e.get("recipient")]
 
 
@@ -369,13 +380,17 @@ def listed_address(address: str) -> str:
 def _listed_recipients(entries: list[tuple[str, str]], rcpts: list[str]) -> list[dict]:
     """A message's recipients with their delay reasons from defer/ID.
 
-    When the log names only pending queue recipients (the usual case) each is
-    listed once, in queue order, with its last reason.  When it names other
-    addresses (the qmgr delivered bob%remote@here as bob@remote, local(8)
-    expanded an alias) the list is Postfix's showq's: every log entry in log
-    order, then, without a reason, the pending recipients it did not name."""
+    The list is Postfix's showq's (showq_report(), showq_reasons()): every log
+    entry in log order, then, without a reason, the pending recipients it did
+    not name (those an interrupted attempt did not reach, or whose address the
+    log names in another form: bob%remote@here delivered as bob@remote, an
+    alias expanded by local(8)).  A log that names a pending recipient twice
+    and nothing else has outlived an attempt (Postfix starts each one with an
+    empty log): each recipient is then listed once, in queue order, with its
+    last reason."""
     pending = set(rcpts)
-    if all(a in pending for a, _ in entries):
+    logged = [a for a, _ in entries]
+    if len(set(logged)) < len(logged) and all(a in pending for a in logged):
         last = dict(entries)
         out = []
         for a in rcpts:
