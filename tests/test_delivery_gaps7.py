@@ -417,9 +417,6 @@ def test_delay_notice_side_by_side(deferring):
         [f for f in got["postfix"][1] if "dan@" not in f[0]]
 
 
-@pytest.mark.xfail(strict=True, reason="dsn/notice.py writes an Original-Recipient taken from "
-                   "the original address without RFC 822 quotes (Postfix: "
-                   "'rfc822;\"dan@remote.test\"@mx.example.test')")
 def test_delay_notice_original_recipient_quoted(deferring):
     got = _delay_blocks(deferring)
     assert got["postwell"][1] == got["postfix"][1]

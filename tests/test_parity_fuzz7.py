@@ -240,7 +240,7 @@ SASL_DIALOGUES: dict[str, tuple[str, list]] = {
 _RAW_LOG = ("Postfix writes a client's bytes that are not UTF-8 into the maillog as they "
             "are (printable() keeps a lead byte with its continuation bytes); postwell's "
             "log writer (postwell.log sanitize) turns each into '?'")
-SASL_XFAIL: dict[str, str] = {"login_pipelined_response": _RAW_LOG}
+SASL_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name, variant, lines", parity_cases(SASL_DIALOGUES, SASL_XFAIL,

@@ -39,10 +39,13 @@ Nov 29 07:30:00``) and resets them, as Postfix does.
 
 The smtpd side: :class:`AnvilClient` keeps one persistent stream per worker
 and pipelines requests (no lock step between sessions); :class:`SmtpdLimits`
-holds the smtpd_client_*_limit checks with Postfix's reply and log texts.
-Any failure to reach anvil means "no answer", never a rejection: the caller
-falls back to its per-process count, as Postfix's smtpd goes on without
-limits when anvil is down.
+holds the smtpd_client_*_limit checks with Postfix's reply and log texts; a
+refusal is a :class:`LimitReply`, which names the parameter whose limit refused
+(the smtpd's notify_classes bookkeeping needs to know, the reply texts do not
+tell the connection count from the connection rate).  Any failure to reach
+anvil means "no answer", never a rejection: the caller falls back to its
+per-process count, as Postfix's smtpd goes on without limits when anvil is
+down.
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ import select
 import signal
 import socket
 import time
+from dataclasses import dataclass
 
 from postwell.fdutil import drain
+from postwell.smtp.reply import Reply
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
     from postwell.config.registry import register_implemented as _register
@@ -736,6 +741,21 @@ class AnvilClient:
 UNAVAILABLE = object()   # connect(): anvil gave no answer, use the per-process count
 
 
+@dataclass(frozen=True)
+class LimitReply(Reply):
+    """A refusal by one of SmtpdLimits' checks; ``limit`` is the parameter whose
+    limit refused (``smtpd_client_connection_count_limit``, ...)."""
+    limit: str = ""
+
+
+COUNT_LIMIT = "smtpd_client_connection_count_limit"
+CONN_RATE_LIMIT = "smtpd_client_connection_rate_limit"
+MAIL_RATE_LIMIT = "smtpd_client_message_rate_limit"
+RCPT_RATE_LIMIT = "smtpd_client_recipient_rate_limit"
+NEWTLS_RATE_LIMIT = "smtpd_client_new_tls_session_rate_limit"
+AUTH_RATE_LIMIT = "smtpd_client_auth_rate_limit"
+
+
 def _int(config, name: str) -> int:
     try:
         return max(0, config.get_int(name))
@@ -789,9 +809,8 @@ class SmtpdLimits:
         return bool(getattr(conn, "xclient_allowed", False))
 
     async def connect(self, session):
-        """At connect time: a 421 Reply, None (go on) or UNAVAILABLE.  Remembers on
-        the session what disconnect() needs."""
-        from postwell.smtp.reply import Reply
+        """At connect time: a 421 LimitReply, None (go on) or UNAVAILABLE.  Remembers
+        on the session what disconnect() needs."""
         addr, namaddr = session.addr, session.namaddr
         name = getattr(session.state, "client_name", "unknown")
         if self._xclient_host(session) or self.exempt(name, addr):
@@ -805,13 +824,13 @@ class SmtpdLimits:
         if self.count_limit and count > self.count_limit:
             self.log.warning(f"Connection concurrency limit exceeded: {count} from {namaddr} "
                              f"for service {self.service}")
-            return Reply(421, f"{self.hostname} Error: too many connections from {addr}",
-                         "4.7.0")
+            return LimitReply(421, f"{self.hostname} Error: too many connections from {addr}",
+                              "4.7.0", COUNT_LIMIT)
         if self.conn_rate_limit and rate > self.conn_rate_limit:
             self.log.warning(f"Connection rate limit exceeded: {rate} from {namaddr} "
                              f"for service {self.service}")
-            return Reply(421, f"{self.hostname} Error: too many connections from {addr}",
-                         "4.7.0")
+            return LimitReply(421, f"{self.hostname} Error: too many connections from {addr}",
+                              "4.7.0", CONN_RATE_LIMIT)
         return None
 
     def disconnect(self, session) -> None:
@@ -847,47 +866,45 @@ class SmtpdLimits:
         return rate if rate is not None and rate > limit else None
 
     async def mail(self, session):
-        from postwell.smtp.reply import Reply
         rate = await self._rate(session, self.mail_limit, "message")
         if rate is None:
             return None
         self.log.warning(f"Message delivery request rate limit exceeded: {rate} from "
                          f"{session.namaddr} for service {self.service}")
-        return Reply(450, f"Error: too much mail from {self.client_addr(session)}", "4.7.1")
+        return LimitReply(450, f"Error: too much mail from {self.client_addr(session)}", "4.7.1",
+                          MAIL_RATE_LIMIT)
 
     async def rcpt(self, session):
-        from postwell.smtp.reply import Reply
         rate = await self._rate(session, self.rcpt_limit, "recipient")
         if rate is None:
             return None
         self.log.warning(f"Recipient address rate limit exceeded: {rate} from "
                          f"{session.namaddr} for service {self.service}")
-        return Reply(450, f"Error: too many recipients from {self.client_addr(session)}", "4.7.1")
+        return LimitReply(450, f"Error: too many recipients from {self.client_addr(session)}",
+                          "4.7.1", RCPT_RATE_LIMIT)
 
     async def auth(self, session):
-        from postwell.smtp.reply import Reply
         rate = await self._rate(session, self.auth_limit, "auth")
         if rate is None:
             return None
         self.log.warning(f"AUTH command rate limit exceeded: {rate} from "
                          f"{session.namaddr} for service {self.service}")
-        return Reply(450, f"Error: too many AUTH commands from {self.client_addr(session)}",
-                     "4.7.1")
+        return LimitReply(450, f"Error: too many AUTH commands from {self.client_addr(session)}",
+                          "4.7.1", AUTH_RATE_LIMIT)
 
     async def starttls(self, session):
         """Before the 220 to STARTTLS: refuse when the new-session rate is used up."""
-        from postwell.smtp.reply import Reply
         rate = await self._rate(session, self.ntls_limit, "newtls_stat")
         if rate is None:
             return None
         self.log.warning(f"Refusing STARTTLS request from {session.namaddr} for service "
                          f"{self.service}")
-        return Reply(454, f"Error: too many new TLS sessions from {session.namaddr}", "4.7.0")
+        return LimitReply(454, f"Error: too many new TLS sessions from {session.namaddr}",
+                          "4.7.0", NEWTLS_RATE_LIMIT)
 
     async def tls_established(self, session, reused: bool):
         """After a handshake: a new (not resumed) session counts; over the limit the
         session ends with this 421."""
-        from postwell.smtp.reply import Reply
         if reused:
             return None
         rate = await self._rate(session, self.ntls_limit, "newtls")
@@ -895,8 +912,8 @@ class SmtpdLimits:
             return None
         self.log.warning(f"New TLS session rate limit exceeded: {rate} from "
                          f"{session.namaddr} for service {self.service}")
-        return Reply(421, f"{self.hostname} Error: too many new TLS sessions from "
-                          f"{session.namaddr}", "4.7.0")
+        return LimitReply(421, f"{self.hostname} Error: too many new TLS sessions from "
+                               f"{session.namaddr}", "4.7.0", NEWTLS_RATE_LIMIT)
 
     def close(self) -> None:
         self.client.close()

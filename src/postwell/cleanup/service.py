@@ -560,6 +560,10 @@ class CleanupSession:
             if index == client:
                 self._client_recipients = len(self.msg.recipients)
             given = address
+            if not address:
+                # Postfix's cleanup_addr_recipient(): the null recipient goes to
+                # $empty_address_recipient; the original stays empty (no orig_to=).
+                address = self.cleanup.empty_address_recipient
             address = self.cleanup.qualify(address)
             if mapper is not None:
                 address = mapper.map(address, ENVELOPE_RECIPIENT)
@@ -661,6 +665,7 @@ class Cleanup:
         # Postfix's cleanup_out_recipient: with enable_original_recipient = no the
         # duplicate filter keys on the final recipient alone (been_here_fixed).
         self.enable_orcpt = _bool(config, "enable_original_recipient", True)
+        self.empty_address_recipient = config.get("empty_address_recipient") or "MAILER-DAEMON"
         self.remote_header_domain = (config.get("remote_header_rewrite_domain") or "").strip() \
             if config.raw("remote_header_rewrite_domain") is not None else ""
         self._table_opener = table_opener

@@ -87,7 +87,8 @@ WRAP_INDENT = 4
 # "host NAME[ADDR] said: REPLY (in reply to X command)" and friends, as the
 # smtp/lmtp client words a server's reply.
 _REMOTE_REPLY = re.compile(
-    r"^host (?P<name>[^\s\[\]]+)\[(?P<addr>[^\]]*)\](?::\d+)? "
+    # "Protocol error: " (a reply out of place) still names the host (Postfix 3.7).
+    r"^(?:Protocol error: )?host (?P<name>[^\s\[\]]+)\[(?P<addr>[^\]]*)\](?::\d+)? "
     r"(?:said|refused to talk to me|greeted me with): (?P<reply>.*?)"
     r"(?: \(in reply to [^()]*\))?$", re.S)
 # A success report's "delivery via NAME[ADDR]:PORT: REPLY" (Postfix's trace text).
@@ -141,23 +142,36 @@ class DsnRecipient:
 FailedRecipient = DsnRecipient
 
 
+def _octets(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+
 def wrap_line(text: str, length: int = WRAP_LENGTH, indent: int = WRAP_INDENT) -> list[str]:
-    """Break at white space so no line is longer than ``length`` (indent
-    included) unless one word is; continuation lines are indented."""
+    """Break at white space so no line is longer than ``length`` octets (indent
+    included) unless one word is; continuation lines are indented.  Octets, not
+    characters, as Postfix's line_wrap() counts them (UTF-8 text wraps earlier)."""
     out: list[str] = []
     words = text.split(" ")
     cur = ""
+    cur_len = 0
     cur_indent = 0
     for w in words:
+        w_len = _octets(w)
         if not cur:
-            cur = w
+            cur, cur_len = w, w_len
             continue
-        if len(cur) + 1 + len(w) > length - cur_indent:
+        if cur_len + 1 + w_len > length - cur_indent:
             out.append(" " * cur_indent + cur.rstrip())
             cur_indent = indent
-            cur = w
+            cur, cur_len = w, w_len
         else:
             cur += " " + w
+            cur_len += 1 + w_len
     out.append(" " * cur_indent + cur.rstrip())
     return out
 
@@ -232,17 +246,37 @@ def _quote_local(address: str) -> str:
     return f"{local}@{domain}" if at else local
 
 
-def _original_recipient(r: DsnRecipient) -> str | None:
+def _original_recipient(r: DsnRecipient, smtputf8: bool = False) -> str | None:
     # RFC 3464 2.3.1: only what the sender gave (ORCPT); Postfix's smtpd
-    # records "rfc822;<RCPT TO address>" when the client sent none, and we
-    # fall back to the original recipient the same way.
+    # records "rfc822;<RCPT TO address as written>" when the client sent none,
+    # and we fall back to the original recipient the same way.
     if r.orcpt:
         if ";" in r.orcpt:
             return r.orcpt
         return f"rfc822; {r.orcpt}"
     if r.orig:
+        if smtputf8 and _utf8_address(r.orig):
+            return f"utf-8; {r.orig}"
         return f"rfc822;{r.orig}"
     return None
+
+
+def _utf8_address(address: str) -> bool:
+    """Postfix's IS_UTF8_ADDRESS: not ASCII, and valid UTF-8 (no client bytes that
+    were not UTF-8, which travel as surrogate escapes)."""
+    if address.isascii():
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _address_type(address: str, smtputf8: bool) -> str:
+    # RFC 6533 3: "utf-8" only for a message that came with SMTPUTF8 (as Postfix's
+    # bounce daemon: never for an address that is ASCII or not UTF-8).
+    return "utf-8" if smtputf8 and _utf8_address(address) else "rfc822"
 
 
 def _header_block(chunks: Iterable[bytes]) -> Iterable[bytes]:
@@ -338,12 +372,16 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
                   recipients: list[DsnRecipient], original: Callable[[], Iterable[bytes]],
                   content_size: int = 0, to: str | None = None, ret: str | None = None,
                   envid: str | None = None, postmaster: bool = False, full: bool | None = None,
-                  now: float | None = None, warn: Callable[[str], None] | None = None) -> bytes:
+                  now: float | None = None, warn: Callable[[str], None] | None = None,
+                  smtputf8: bool = False) -> bytes:
     """The notice as bytes with LF line ends, ready for cleanup.
 
     ``to`` is the notice's recipient (the sender unless a postmaster copy);
     ``full`` forces (True) or forbids (False) returning the whole original,
     otherwise RET and the kind decide; bounce_size_limit always applies.
+    ``smtputf8``: the original came with MAIL FROM ... SMTPUTF8 (RFC 6533: the
+    report is message/global-delivery-status, the original message/global or
+    message/global-headers, non-ASCII addresses typed "utf-8"; Postfix 3.7).
     """
     now = time.time() if now is None else now
     hostname = config.get("myhostname")
@@ -405,7 +443,13 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         "",
         f"--{boundary}",
         "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
+    ]
+    if smtputf8:
+        lines += ["Content-Type: message/global-delivery-status",      # RFC 6533 6.1
+                  "Content-Transfer-Encoding: 8bit"]
+    else:
+        lines.append("Content-Type: message/delivery-status")
+    lines += [
         "",
         f"Reporting-MTA: dns; {hostname}",                      # RFC 3464 2.2.2
     ]
@@ -413,14 +457,15 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         lines.append(f"Original-Envelope-Id: {envid}")          # RFC 3464 2.2.1
     lines += [
         f"X-Postfix-Queue-ID: {queue_id}",
-        f"X-Postfix-Sender: rfc822; {return_path}",
+        f"X-Postfix-Sender: {_address_type(return_path, smtputf8)}; {return_path}",
         f"Arrival-Date: {mail_date(arrival_time)}",              # RFC 3464 2.2.5
     ]
     retry_until = arrival_time + _time(config, "maximal_queue_lifetime", "d")
     for r in recipients:
         lines.append("")                                        # RFC 3464 2.1: blank line per block
-        lines.append(f"Final-Recipient: rfc822; {log_address(r.address)}")   # RFC 3464 2.3.2
-        orcpt = _original_recipient(r)
+        final = log_address(r.address)
+        lines.append(f"Final-Recipient: {_address_type(final, smtputf8)}; {final}")  # RFC 3464 2.3.2
+        orcpt = _original_recipient(r, smtputf8)
         if orcpt:
             lines.append(f"Original-Recipient: {orcpt}")        # RFC 3464 2.3.1
         lines.append(f"Action: {r.action}")                     # RFC 3464 2.3.3
@@ -438,7 +483,9 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
         "",
         f"--{boundary}",
         f"Content-Description: {prefix}{'Message' if full else 'Message Headers'}",
-        f"Content-Type: {'message/rfc822' if full else 'text/rfc822-headers'}",  # RFC 6522 / 3462
+        # RFC 6522 / 3462; RFC 6532 3.7 and RFC 6533 6.3-6.4 for SMTPUTF8 mail.
+        "Content-Type: " + (("message/global" if full else "message/global-headers") if smtputf8
+                            else ("message/rfc822" if full else "text/rfc822-headers")),
         "Content-Transfer-Encoding: 8bit",
         "",
     ]

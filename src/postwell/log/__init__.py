@@ -16,7 +16,9 @@ work too, as with Postfix.
 
 from __future__ import annotations
 
+import codecs
 import os
+import re
 import socket
 import sys
 import time
@@ -36,8 +38,9 @@ class MailLog:
     def __init__(self, service: str = "postwell", *, syslog_name: str = "postfix",
                  maillog_file: str = "", hostname: str | None = None,
                  syslog_facility: str = "mail", also_stderr: bool = False,
-                 clock=time.time) -> None:
+                 clock=time.time, utf8: bool = True) -> None:
         self.service = service
+        self.utf8 = utf8
         self.syslog_name = syslog_name
         self.program = f"{syslog_name}/{service}" if service else syslog_name
         self.maillog_file = maillog_file
@@ -57,6 +60,7 @@ class MailLog:
     @classmethod
     def from_config(cls, config, service: str, **kw) -> "MailLog":
         """Build from a :class:`postwell.config.Config`."""
+        kw.setdefault("utf8", _utf8_enabled(config))
         return cls(service,
                    syslog_name=config.get("syslog_name") or "postfix",
                    maillog_file=config.get("maillog_file"),
@@ -91,7 +95,7 @@ class MailLog:
     def _emit(self, priority: int, text: str, label: str = "") -> None:
         # Never let control characters from the network break the line shape, and cut
         # each record where Postfix's logger does: the text after the severity label.
-        text = label + sanitize(text[:LOG_RECORD_LIMIT])
+        text = label + sanitize(text[:LOG_RECORD_LIMIT], self.utf8)
         if self._fd is not None:
             line = self.format_line(text).encode("utf-8", "surrogateescape")
             try:
@@ -99,9 +103,18 @@ class MailLog:
             except OSError:
                 pass
         elif self._syslog is not None:
-            self._syslog.syslog(priority, text)
+            try:
+                self._syslog.syslog(priority, text)
+            except UnicodeEncodeError:
+                # Python's syslog() takes UTF-8 text only: a client's raw bytes that
+                # printable() keeps (a lead byte with its continuation bytes) cannot
+                # pass as they are, so they go as U+FFFD.
+                self._syslog.syslog(priority, text.encode("utf-8", "surrogateescape")
+                                    .decode("utf-8", "replace"))
         if self.also_stderr:
             sys.stderr.write(f"{self.program}: {text}\n")
+
+    utf8 = True     # smtputf8_enable: what sanitize() keeps of non-ASCII text
 
     def info(self, text: str) -> None:
         self._emit(6, text)
@@ -136,11 +149,54 @@ def _reset_pid() -> None:
 os.register_at_fork(after_in_child=_reset_pid)
 
 
-def sanitize(text: str) -> str:
-    """Replace control characters (CR, LF, NUL...) as Postfix's printable() does."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else "?" for c in text)
+def _utf8_enabled(config) -> bool:
+    try:
+        return config.get_bool("smtputf8_enable")
+    except Exception:   # noqa: BLE001 - a bad value: Postfix's default since level 1
+        return True
+
+
+def _raw_bytes(exc: UnicodeEncodeError):
+    """Encode error handler: a client's undecodable byte (surrogate escape) as that
+    byte, any other lone surrogate as its UTF-8 form, so every string has bytes."""
+    out = bytearray()
+    for ch in exc.object[exc.start:exc.end]:
+        o = ord(ch)
+        out += bytes((o - 0xDC00,)) if 0xDC80 <= o <= 0xDCFF else ch.encode("utf-8",
+                                                                           "surrogatepass")
+    return bytes(out), exc.end
+
+
+codecs.register_error("postwell.rawbytes", _raw_bytes)
+
+_ASCII_CONTROLS = {**{i: "?" for i in range(0x20)}, 0x7F: "?"}
+# Postfix 3.7's printable() with util_utf8_enable (smtputf8_enable = yes): a byte
+# 0xC2-0xFE followed by continuation bytes is kept with all of them, whether or not
+# the sequence is valid UTF-8 (over-long, surrogate, beyond U+10FFFF, too short);
+# any other byte outside printable ASCII becomes '?'.  Checked against 3.7.
+_UTF8_RUN_OR_BAD = re.compile(rb"[\xc2-\xfe][\x80-\xbf]+|([^\x20-\x7e])")
+_NOT_PRINTABLE_ASCII = re.compile(rb"[^\x20-\x7e]")
+
+
+def _utf8_run_or_mark(m: re.Match) -> bytes:
+    return b"?" if m.group(1) is not None else m.group(0)
+
+
+def sanitize(text: str, utf8: bool = True) -> str:
+    """Postfix's printable(text, '?'), applied to every log record: ASCII controls
+    become '?'; with ``utf8`` (smtputf8_enable = yes) text in UTF-8 shape stays as
+    it is, else each byte >= 0x80 becomes '?'.  Bytes a client sent that were no
+    UTF-8 travel in ``text`` as surrogate escapes and are judged as those bytes."""
+    if text.isascii():
+        if text.isprintable():
+            return text
+        return text.translate(_ASCII_CONTROLS)
+    data = text.encode("utf-8", "postwell.rawbytes")
+    if utf8:
+        data = _UTF8_RUN_OR_BAD.sub(_utf8_run_or_mark, data)
+    else:
+        data = _NOT_PRINTABLE_ASCII.sub(b"?", data)
+    return data.decode("utf-8", "surrogateescape")
 
 
 _null: MailLog | None = None
@@ -160,7 +216,7 @@ class NullLog(MailLog):
 
     def _emit(self, priority: int, text: str, label: str = "") -> None:
         if self.keep:
-            self.lines.append(label + sanitize(text))
+            self.lines.append(label + sanitize(text, self.utf8))
 
     def reopen(self) -> None:
         pass

@@ -37,8 +37,10 @@ from postwell.smtp.server import (NEED_DATA, PAUSED, Auth, AuthAborted, AuthResp
                                   ConnectionClosed, Data, DataChunk, DataEnd, Ehlo, Etrn, Helo,
                                   Info, Mail, Rcpt, Rejected, Rset, ServerConfig,
                                   ServerConnection, StartTls, Vrfy, Warning, Xclient)
-from postwell.smtp.server import _address_token
+from postwell.smtp.server import _address_token, parse_path
 from postwell.smtp.xclient import apply_to_state, restart_state
+from postwell.dsn.orcpt import decode_orcpt, fallback_orcpt, stored_orcpt
+from postwell.policy.restrictions import log_address
 from postwell.dsn.submit import (NoticeError, double_bounce_address, notify_classes,
                                  post_notice)
 
@@ -213,8 +215,8 @@ def _note_concurrency_refusal(session) -> None:
 
 
 class _LimitWarningTap:
-    """The smtpd's log as anvil's SmtpdLimits sees it: forwards every line and notes
-    whether the last warning was a concurrency refusal (see _note_concurrency_refusal)."""
+    """Not used any more (anvil's LimitReply names the limit that refused); kept
+    until tests/test_smtpd_gaps7.py stops importing it."""
 
     def __init__(self, log) -> None:
         self.log = log
@@ -240,6 +242,38 @@ def transcript_error_classes(entries) -> set[str]:
                 found.add(name)
                 break
     return found
+
+
+# "<local@domain>" with nothing to unquote: the command tokenizer's word is the path.
+_SIMPLE_PATH = re.compile(r"[ \t]*(<[^<>\"\\ \t]*>)(?![^ \t])")
+
+
+def rcpt_orcpt(line: str, orcpt: str | None) -> str:
+    """The DSN original recipient Postfix's smtpd records for a RCPT TO command
+    (``line`` as the client sent it; ``orcpt``: the engine's reading of its ORCPT
+    parameter, None without one).  Without ORCPT it is the address as written
+    (dsn.orcpt.fallback_orcpt); with one, its address decoded as Postfix decodes
+    that type (RFC 6533 for utf-8: the engine reads every type as xtext)."""
+    if orcpt is not None:
+        atype, _, addr = orcpt.partition(";")
+        if addr.isascii() and atype.lower() != "utf-8":
+            return stored_orcpt(orcpt)
+    parts = line.strip(" \t").split(None, 1)
+    rest = parts[1].strip(" \t")[3:] if len(parts) == 2 else ""
+    if orcpt is None:
+        m = _SIMPLE_PATH.match(rest)
+        return fallback_orcpt(m.group(1) if m is not None else _address_token(rest)[0])
+    try:
+        params = parse_path(rest, null_ok=False)[1]
+    except Exception:   # noqa: BLE001 - the engine took it: keep the engine's reading
+        return stored_orcpt(orcpt)
+    for param in params:
+        key, eq, value = param.partition("=")
+        if eq and key.upper() == "ORCPT":
+            decoded = decode_orcpt(value)
+            # None: Postfix answers 501 here; the engine took it, so keep its reading.
+            return decoded if decoded is not None else stored_orcpt(orcpt)
+    return stored_orcpt(orcpt)
 
 
 def _mail_date(when: float) -> str:
@@ -1177,10 +1211,11 @@ class SmtpdSession(asyncio.Protocol):
             return                                  # as Postfix: starttls=0/1
         conn.tls_started()
         state = self.state
-        # RFC 3207 4.2: forget what the client said before TLS.
+        # RFC 3207 4.2: forget what the client said before TLS.  The protocol name
+        # stays: Postfix logs proto=ESMTP (and writes ESMTPS) after EHLO, STARTTLS
+        # and then HELO or no greeting at all (3.7, side by side).
         self._abort_transaction()
         state.helo_name = None
-        state.protocol = "SMTP"
         state.sasl_username = state.sasl_method = None
         self._after_tls()
         if self._ccert_refused():
@@ -1431,6 +1466,7 @@ class SmtpdSession(asyncio.Protocol):
 
     async def _rcpt(self, ev: Rcpt) -> None:
         conn, state, srv = self.conn, self.state, self.server
+        line = conn._line_text       # this command's, as sent: the engine waits for our reply
         reply = await srv.event_limit_reply(self, "rcpt")
         if reply is not None:
             conn.send_reply(reply)
@@ -1500,8 +1536,8 @@ class SmtpdSession(asyncio.Protocol):
                 # its cleanup drops it with this warning (3.7, side by side).
                 cs.cleanup.log.warning(f'{cs.queue_id}: spurious null attribute value for '
                                        f'"sasl_sender" -- ignored')
-        orcpt = ev.orcpt if ev.orcpt is not None else f"rfc822;{ev.recipient}"
-        self.cs.add_recipient(ev.recipient, orig=ev.recipient, orcpt=orcpt, notify=ev.notify)
+        self.cs.add_recipient(ev.recipient, orig=ev.recipient, orcpt=rcpt_orcpt(line, ev.orcpt),
+                              notify=ev.notify)
         state.recipient_count += 1
         self._received_for = ev.recipient if state.recipient_count == 1 else None
         if first is not None:
@@ -1512,10 +1548,14 @@ class SmtpdSession(asyncio.Protocol):
         st, srv = self.state, self.server
         helo = st.helo_name if st.helo_name is not None else st.client_name
         proto = st.protocol or "SMTP"
-        # RFC 3848: ESMTPS / ESMTPA / ESMTPSA (Postfix says ESMTPS after HELO too).
-        if self.ssl_object is not None or st.sasl_username:
-            proto = ("ESMTP" + ("S" if self.ssl_object is not None else "")
-                     + ("A" if st.sasl_username else ""))
+        esmtp = proto == "ESMTP"
+        if self._mail is not None and self._mail.smtputf8:
+            proto = "UTF8SMTP"                  # RFC 6531 3.7.3, after HELO too
+        if esmtp:
+            # RFC 3848 (RFC 6531 3.7.3 for UTF8SMTP): S for TLS, A for AUTH, only in an
+            # EHLO session, as Postfix 3.7 ("with SMTP" after HELO, STARTTLS, HELO).
+            proto += ("S" if self.ssl_object is not None else "") + \
+                ("A" if st.sasl_username else "")
         head = f"Received: from {helo} ({st.client_name} [{_rfc_addr(st.client_addr)}])\n"
         if self.ssl_object is not None and srv.tls_received_header:
             try:
@@ -1530,7 +1570,9 @@ class SmtpdSession(asyncio.Protocol):
         head += f"\tby {srv.hostname} ({srv.mail_name}) with {proto} id {st.queue_id}"
         date = _mail_date(srv.clock())
         if self._received_for is not None and st.recipient_count == 1:
-            return head + f"\n\tfor <{self._received_for}>; {date}"
+            # RFC 5321 4.4: a Path; the local part quoted where it needs it, as
+            # Postfix's quote_822_local() writes it (<"a b"@example.org>).
+            return head + f"\n\tfor <{log_address(self._received_for)}>; {date}"
         return head + f";\n\t{date}"
 
     async def _end_of_data(self, ev: DataEnd) -> None:
@@ -1667,8 +1709,7 @@ class SmtpdServer:
         self.limits = None        # anvil(8): machine-wide counts and rates
         try:
             from postwell.anvil import SmtpdLimits
-            self._limit_log = _LimitWarningTap(self.log)
-            self.limits = SmtpdLimits.from_config(config, self._limit_log, service=service_name,
+            self.limits = SmtpdLimits.from_config(config, self.log, service=service_name,
                                                   hostname=self.hostname,
                                                   exceptions=self._limit_exceptions)
         except Exception as exc:   # noqa: BLE001 - no anvil: the per-process count remains
@@ -1941,10 +1982,7 @@ class SmtpdServer:
                 got = UNAVAILABLE
             if got is not UNAVAILABLE:
                 if got is not None:
-                    # Read before any other await: the warning anvil's check logged
-                    # just before it returned says which limit refused the session.
-                    tap = getattr(self, "_limit_log", None)
-                    if tap is not None and tap.concurrency:
+                    if getattr(got, "limit", None) == "smtpd_client_connection_count_limit":
                         _note_concurrency_refusal(session)
                     # Released (and counted by anvil) before the 421 leaves, so the
                     # client's next attempt sees the count without this refused session.
