@@ -289,29 +289,6 @@ def test_concurrency_421_is_a_policy_error(smtpd):
         first.sendall(b"QUIT\r\n")
 
 
-def test_limit_warning_tap_tells_the_limits_apart():
-    from postwell.smtpd.server import _LimitWarningTap
-
-    class Log:
-        def __init__(self):
-            self.lines = []
-
-        def warning(self, text):
-            self.lines.append(text)
-
-        def info(self, text):
-            self.lines.append("i:" + text)
-
-    log = Log()
-    tap = _LimitWarningTap(log)
-    tap.warning("Connection concurrency limit exceeded: 2 from x for service smtp")
-    assert tap.concurrency
-    tap.warning("Connection rate limit exceeded: 3 from x for service smtp")
-    assert not tap.concurrency
-    tap.info("other")
-    assert log.lines[-1] == "i:other" and len(log.lines) == 3
-
-
 def test_xclient_login_without_sasl_is_logged_only(smtpd):
     s = smtpd({"smtpd_authorized_xclient_hosts": "127.0.0.0/8", "mynetworks": "192.0.2.0/24",
                "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination"})

@@ -73,24 +73,24 @@ class MailLog:
             os.close(self._fd)
             self._fd = os.open(self.maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    _stamp_second: int | None = None
-    _stamp = ""
+    # (second, its text) and ((pid, host, program), its tag): each a single
+    # attribute, read once per line, so a thread never pairs one second's key
+    # with another second's text (two attributes could be seen half-updated).
+    _stamp: tuple = (None, "")
+    _tag: tuple = ((), "")
 
     def format_line(self, text: str) -> str:
         # The stamp has one-second resolution: format it once per second, not per line;
         # the "host program[pid]:" part changes only with the process.
         now = int(self.clock())
-        if now != self._stamp_second:
-            self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
-            self._stamp_second = now
+        stamp = self._stamp
+        if stamp[0] != now:
+            stamp = self._stamp = (now, time.strftime("%b %d %H:%M:%S", time.localtime(now)))
         key = (_my_pid, self.hostname, self.program)
-        if key != self._tag_key:
-            self._tag = f" {self.hostname} {self.program}[{_my_pid}]: "
-            self._tag_key = key
-        return f"{self._stamp}{self._tag}{text}\n"
-
-    _tag_key: tuple = ()
-    _tag = ""
+        tag = self._tag
+        if tag[0] != key:
+            tag = self._tag = (key, f" {self.hostname} {self.program}[{_my_pid}]: ")
+        return f"{stamp[1]}{tag[1]}{text}\n"
 
     def _emit(self, priority: int, text: str, label: str = "") -> None:
         # Never let control characters from the network break the line shape, and cut

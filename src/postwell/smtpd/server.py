@@ -214,22 +214,6 @@ def _note_concurrency_refusal(session) -> None:
         state.error_classes.add("policy")
 
 
-class _LimitWarningTap:
-    """Not used any more (anvil's LimitReply names the limit that refused); kept
-    until tests/test_smtpd_gaps7.py stops importing it."""
-
-    def __init__(self, log) -> None:
-        self.log = log
-        self.concurrency = False
-
-    def warning(self, text: str) -> None:
-        self.concurrency = text.startswith("Connection concurrency limit exceeded")
-        self.log.warning(text)
-
-    def __getattr__(self, name):
-        return getattr(self.log, name)
-
-
 def transcript_error_classes(entries) -> set[str]:
     """The error classes Postfix would have noted for the replies among ``entries``
     (a ServerConnection transcript: command lines as str, replies as bytes)."""
