@@ -90,44 +90,126 @@ def _parameter_check(config_dir: str) -> int:
     return _fatal(fatal) if fatal else 0
 
 
-def _postconf_check(config_dir: str) -> int:
-    """postfix-script's first `postconf -dh config_directory`: a master.cf that
-    postconf cannot parse stops every command, with postconf's own fatal
-    message on stderr (whatever stderr is) and postfix-script's in the log."""
-    from postwell.cli import postconf
-    from postwell.config import ConfigError, load_config
-    try:
-        postconf.load(config_dir, defaults_only=True)
-    except ConfigError as exc:
-        sys.stderr.write(f"{postconf.PROG}: fatal: {postconf.postfix_wording(exc)}\n")
+class _Postconf:
+    """The postconf(1) runs postfix-script (and the post-install script it
+    starts) makes, run in-process: their stderr is what Postfix's commands
+    print whatever stderr is (postconf always writes its warnings there), with
+    the program named as postfix-script calls it, $command_directory/postconf.
+    Each kind of run is made once per command and its words repeated as often
+    as Postfix's scripts run it (the files do not change in between)."""
+
+    def __init__(self, config_dir: str):
+        self.config_dir = config_dir
+        self._runs: dict[tuple, tuple[int, str]] = {}
+        self.cfg = None
+        self.command_directory = "/usr/sbin"
         try:
-            cfg = load_config(config_dir, read_master=False)
-            command_directory = cfg.get("command_directory")
+            from postwell.config import load_config
+            self.cfg = load_config(config_dir, read_master=False)
+            self.command_directory = self.cfg.get("command_directory") or "/usr/sbin"
         except Exception:
-            cfg, command_directory = None, "/usr/sbin"
-        return _script_fatal(cfg, f"cannot execute {command_directory}/postconf!")
+            pass
+
+    def run(self, *args: str) -> tuple[int, str]:
+        if args not in self._runs:
+            import io
+            from postwell.cli import postconf
+            err = io.StringIO()
+            try:
+                rc = postconf.main(list(args), stdout=io.StringIO(), stderr=err)
+            except Exception:
+                rc = 1
+            prefix = f"{postconf.PROG}: "
+            named = f"{self.command_directory}/postconf: "
+            text = "".join(named + line[len(prefix):] if line.startswith(prefix) else line
+                           for line in err.getvalue().splitlines(True))
+            self._runs[args] = (rc, text)
+        return self._runs[args]
+
+    def defaults_run(self) -> str:
+        """`postconf -dh config_directory` (and post-install's -d runs): master.cf
+        is read, main.cf is not."""
+        return self.run("-dh", "config_directory")[1]
+
+    def full_run(self) -> str:
+        """`postconf -h NAME`: main.cf and master.cf, unused-parameter warnings."""
+        return self.run("-h", "maillog_file")[1]
+
+    def postsuper_warnings(self) -> str:
+        """What postsuper(1) says on stderr as it reads main.cf."""
+        try:
+            from postwell.cli.postconf import override_warnings
+            words = override_warnings(os.path.join(self.config_dir, "main.cf"), with_syntax=True)
+        except Exception:
+            return ""
+        return "".join(f"postsuper: warning: {w}\n" for w in words)
+
+    def post_install_noise(self) -> str:
+        """stderr of postfix-script's check-fatal up to its master.cf test (Postfix
+        3.7, Debian): its own first postconf run and post-install's (two read
+        master.cf only, fifteen main.cf too)."""
+        return self.defaults_run() * 3 + self.full_run() * 15
+
+    def check_fatal_rest(self) -> str:
+        """... and after it: the maillog_file postconf run, postsuper's scan, and
+        the check-warn postfix-script's first postconf run."""
+        return self.full_run() + self.postsuper_warnings() + self.defaults_run()
+
+
+_POSTCONF: list = []
+
+
+def _postconf(config_dir: str) -> _Postconf:
+    if not _POSTCONF or _POSTCONF[0].config_dir != config_dir:
+        _POSTCONF[:] = [_Postconf(config_dir)]
+    return _POSTCONF[0]
+
+
+def _postconf_check(config_dir: str) -> int:
+    """postfix-script's first `postconf -dh config_directory`: its warnings on
+    stderr (whatever stderr is); a master.cf that postconf cannot parse stops
+    every command, with postconf's own fatal message on stderr and
+    postfix-script's in the log."""
+    pc = _postconf(config_dir)
+    if pc.cfg is None:
+        return 0        # no main.cf: postfix(1) dies of it before postfix-script runs
+    rc, err = pc.run("-dh", "config_directory")
+    sys.stderr.write(err)
+    if rc:
+        return _script_fatal(pc.cfg, f"cannot execute {pc.command_directory}/postconf!")
     return 0
 
 
 def _load(config_dir):
+    # postconf's view of master.cf: what only the master or one daemon would
+    # die of does not stop postfix(1) (Postfix's commands read it with postconf)
     from postwell.master.daemon import MasterError, load
     try:
-        return load(config_dir), None
+        return load(config_dir, lenient=True), None
     except MasterError as exc:
         return None, str(exc)
 
 
-def cmd_check(config_dir: str, quiet: bool = False) -> int:
+def cmd_check(config_dir: str, quiet: bool = False, starting: bool = False) -> int:
     from postwell.master.check import run_check
     cfg, err = _load(config_dir)
     if cfg is None:
         return _fatal(err)
     fatal, warnings = run_check(config_dir)
+    if fatal:
+        return _fatal(fatal, cfg)
+    pc = _postconf(config_dir)
+    sys.stderr.write(pc.post_install_noise())
+    master_cf = os.path.join(cfg.config_dir, "master.cf")
+    if not os.path.isfile(master_cf):
+        _script_fatal(cfg, f"no {master_cf} file found")
+        if starting:
+            _script_fatal(cfg, "Postfix integrity check failed!")
+        return 1
+    sys.stderr.write(pc.check_fatal_rest())
     # postfix-script check-warn reports each finding through $WARN (postlog).
     for w in warnings if not quiet else ():
         _script_log(cfg, w, "warning")
-    if fatal:
-        return _fatal(fatal, cfg)
     return 0
 
 
@@ -146,14 +228,15 @@ def cmd_status(config_dir: str) -> int:
 
 def cmd_start(config_dir: str) -> int:
     from postwell.master.daemon import Master, read_running_pid
-    rc = cmd_check(config_dir)
-    if rc:
-        return rc
     cfg, err = _load(config_dir)
     if cfg is None:
         return _fatal(err)
+    # postfix-script asks "master -t" before its checks
     if read_running_pid(cfg):
         return _script_fatal(cfg, "the Postfix mail system is already running")
+    rc = cmd_check(config_dir, starting=True)
+    if rc:
+        return rc
     _script_log(cfg, "starting the Postfix mail system")
     r, w = os.pipe()
     pid = os.fork()
@@ -201,14 +284,14 @@ def cmd_start(config_dir: str) -> int:
 
 def cmd_start_fg(config_dir: str) -> int:
     from postwell.master.daemon import Master, read_running_pid
-    rc = cmd_check(config_dir)
-    if rc:
-        return rc
     cfg, err = _load(config_dir)
     if cfg is None:
         return _fatal(err)
     if read_running_pid(cfg):
         return _script_fatal(cfg, "the Postfix mail system is already running")
+    rc = cmd_check(config_dir, starting=True)
+    if rc:
+        return rc
     _script_log(cfg, "starting the Postfix mail system")
     r, w = os.pipe()
     master = Master(os.path.abspath(config_dir), ready_fd=w)
@@ -223,7 +306,7 @@ def cmd_start_fg(config_dir: str) -> int:
     return code
 
 
-def _signal_master(config_dir: str, sig, verb: str) -> tuple[int, object, int | None]:
+def _signal_master(config_dir: str, sig, verb: str, before=None) -> tuple[int, object, int | None]:
     from postwell.master.daemon import read_running_pid
     cfg, err = _load(config_dir)
     if cfg is None:
@@ -233,6 +316,8 @@ def _signal_master(config_dir: str, sig, verb: str) -> tuple[int, object, int | 
         return _script_fatal(cfg, "the Postfix mail system is not running"), cfg, None
     if verb:
         _script_log(cfg, verb)
+    if before is not None:
+        before()
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -290,11 +375,15 @@ def cmd_abort(config_dir: str) -> int:
 
 
 def cmd_reload(config_dir: str) -> int:
-    # Postfix's reload runs no check-warn; the fatal part still guards the HUP.
-    rc = cmd_check(config_dir, quiet=True)
-    if rc:
-        return rc
-    rc, _, _ = _signal_master(config_dir, signal.SIGHUP, "refreshing the Postfix mail system")
+    """postfix-script's reload: no check at all (a master.cf postconf could not
+    read has stopped it already); "postsuper active" before the HUP and a
+    postsuper run after it, each with its main.cf warnings.  The master reads
+    the files again and dies, as Postfix's, of what would stop a start."""
+    pc = _postconf(config_dir)
+    rc, _, _ = _signal_master(config_dir, signal.SIGHUP, "refreshing the Postfix mail system",
+                              before=lambda: sys.stderr.write(pc.postsuper_warnings()))
+    if rc == 0:
+        sys.stderr.write(pc.postsuper_warnings())
     return rc
 
 

@@ -136,19 +136,26 @@ def _yes_no(value: str, default: bool, what: str, line: str, filename: str, line
 
 
 def parse_master_cf(text: str, filename: str = "master.cf", warn=None, *,
-                    strict: bool = True) -> list[MasterService]:
+                    strict: bool = True, strict_options: bool | None = None) -> list[MasterService]:
     services: list[MasterService] = []
     for first, _last, line in iter_logical_lines(text, filename, warn):
         services.append(parse_master_line(line, filename, first, strict=strict,
-                                         warn=None if strict else warn))
+                                         warn=None if strict else warn,
+                                         strict_options=strict_options))
     return services
 
 
 def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0, *,
-                      strict: bool = True, warn=None) -> MasterService:
+                      strict: bool = True, warn=None,
+                      strict_options: bool | None = None) -> MasterService:
     """One logical master.cf line.  strict=False (postconf's view) keeps a
     malformed `-o word` as an argument and notes it in option_errors: Postfix
-    only fails when that service's daemon parses its command line."""
+    only fails when that service's daemon parses its command line.
+    strict_options (default: strict) decides that alone: the master's view is
+    strict=True, strict_options=False (an unclosed '{' stops the master, a
+    malformed -o only the one daemon)."""
+    if strict_options is None:
+        strict_options = strict
     # Field errors quote the logical line as read (continuations joined),
     # control characters shown as '?', as Postfix prints it.
     flat = "".join("?" if ord(c) < 32 or c == "\x7f" else c for c in line.rstrip())
@@ -197,7 +204,7 @@ def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0, *
             try:
                 pname, pvalue = split_nameval(pair)
             except ValueError as exc:
-                if strict:
+                if strict_options:
                     raise ConfigError(f'{exc}: "{pair}"', filename, lineno) from None
                 option_errors.append(f'invalid "-o {pair}" option value: {exc}')
                 # postconf warns only about a braced pair (a bare word is kept silently)
@@ -217,6 +224,66 @@ def parse_master_line(line: str, filename: str = "master.cf", lineno: int = 0, *
                          overrides=overrides, line=lineno,
                          fields=(name, stype, private, unpriv, chroot, wakeup, maxproc, command),
                          argv=argv, option_errors=option_errors)
+
+
+# Letters the command-line parser of Postfix's daemon skeletons knows (Postfix
+# 3.7 single/multi/event/trigger servers); the ones followed by ':' take a value.
+_DAEMON_GETOPT = "cdDi:lm:n:o:s:St:uvVz"
+
+
+# Daemons whose command line goes on with arguments of their own after the
+# options (pipe(8) and spawn(8): flags=, user=, argv= ...).
+_DAEMONS_WITH_ARGUMENTS = ("pipe", "spawn")
+
+
+def daemon_startup_error(svc: MasterService) -> str | None:
+    """What the service's daemon dies of ("fatal: ...") while it reads its
+    command line, or None.  The arguments are read as getopt(3) in Postfix's
+    "+" mode does: options until the first word that is not one; the first
+    bad one ends the daemon.  A word after the options is an error too, for
+    all daemons but pipe and spawn (Postfix's daemons say so when they get
+    their first request: at once for a woken one, at the first client of one
+    started per connection)."""
+    words = svc.argv or []
+    takes_arguments = svc.command.rsplit("/", 1)[-1] in _DAEMONS_WITH_ARGUMENTS
+
+    def after_options(rest: list[str]) -> str | None:
+        if rest and not takes_arguments:
+            return f"unexpected command-line argument: {unbrace(rest[0])}"
+        return None
+
+    k = 0
+    while k < len(words):
+        word = words[k]
+        if word == "--":
+            return after_options(words[k + 1:])
+        if not word.startswith("-") or word == "-":
+            return after_options(words[k:])
+        pos = 1
+        while pos < len(word):
+            letter = word[pos]
+            at = _DAEMON_GETOPT.find(letter)
+            if letter == ":" or at < 0:
+                return f"invalid option: {letter}"
+            if _DAEMON_GETOPT[at + 1:at + 2] != ":":
+                pos += 1
+                continue
+            if pos + 1 < len(word):
+                pair = word[pos + 1:]          # -oname=value: as written
+            elif k + 1 < len(words):
+                k += 1
+                # the master hands the daemon a {...} word without its braces
+                pair = unbrace(words[k])
+            else:
+                return f"invalid option: {letter}"
+            if letter == "o":
+                try:
+                    split_nameval(pair)
+                except ValueError as exc:
+                    return f'invalid "-o {pair}" option value: {exc}'
+            break
+        k += 1
+    return None
 
 
 def service_port(port: str) -> int:

@@ -47,20 +47,57 @@ QUIET_VALUES = {"biff": ("no",)}
 
 STOP_DRAIN_SECONDS = 60.0      # smtpd sessions get this long to finish on stop
 BAD_STARTUP_SECONDS = 1.0      # a child dying sooner than this throttles its service
+FATAL_EXIT_DELAY = 1.0         # Postfix's msg_fatal() sleeps this long before exit(1)
 
 
 class MasterError(Exception):
-    """Fatal start-up problem; the text is what follows "fatal: "."""
+    """Fatal start-up problem; the text is what follows "fatal: ".  line: the
+    master.cf line it is about (where Postfix's master logs it depends on it)."""
+
+    def __init__(self, text: str, line: int | None = None):
+        super().__init__(text)
+        self.line = line
 
 
-def load(config_dir: str):
+def load(config_dir: str, *, lenient: bool = False):
+    """main.cf and master.cf as the master reads them: master.cf's fields and
+    braces strictly (an error stops the master), a malformed `-o` only noted in
+    the service's option_errors (only that daemon dies of it, when started).
+    lenient: postconf's reading (an unclosed '{' is a warning), as `postfix
+    check` sees master.cf: Postfix's check runs postconf, never the master's
+    parser."""
     from postwell.config import ConfigError, load_config
+    from postwell.config.master import parse_master_cf
     try:
-        return load_config(config_dir)
+        cfg = load_config(config_dir, read_master=False)
+        path = os.path.join(cfg.config_dir, "master.cf")
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except FileNotFoundError:
+            cfg.warnings.append(f"open {path}: No such file or directory")
+            return cfg
+        except PermissionError:
+            raise ConfigError(f"open {path}: Permission denied") from None
+        cfg.services[:] = parse_master_cf(text, path, None, strict=not lenient,
+                                          strict_options=False)
+        if not lenient:
+            for svc in cfg.services:
+                problem = sv.inet_entry_error(svc) if svc.type == "inet" else None
+                if problem is not None:
+                    raise MasterError(f"{path}: line {svc.line}: {problem}", svc.line)
+        return cfg
     except ConfigError as exc:
-        raise MasterError(str(exc)) from None
-    except NotImplementedError:
-        raise MasterError("master.cf parsing is not available in this build") from None
+        at = exc.line if exc.file and os.path.basename(exc.file) == "master.cf" else None
+        raise MasterError(master_cf_wording(exc), at) from None
+
+
+def master_cf_wording(exc) -> str:
+    """A master.cf error in the words of Postfix's master (master_ent.c
+    fatal_with_context: "FILE: line N: text")."""
+    if exc.file and os.path.basename(exc.file) == "master.cf" and exc.line:
+        return f"{exc.file}: line {exc.line}: {exc.msg}"
+    return str(exc)
 
 
 def mail_owner_ids(config) -> tuple[int, int, str] | None:
@@ -143,6 +180,13 @@ class Slot:
     on_demand: bool = False
     listen_path: str | None = None
     listen_ino: int = 0
+    # What the service's daemon dies of at start (a malformed master.cf -o:
+    # Postfix's master starts, only this daemon fails).  Such a slot runs no
+    # worker of its own: a child that logs the daemon's fatal line and exits 1
+    # is forked whenever Postfix's master would start the daemon (a client
+    # waiting on its listener, or at once for a resident service), and the
+    # master throttles the service as it does any that fails at start-up.
+    startup_error: str | None = None
 
     @property
     def command(self) -> str:
@@ -166,6 +210,7 @@ class Master:
         self.owner = None
         self._warned: set = set()
         self._maildrop_due = 0.0       # next look into maildrop/ for an on-demand pickup
+        self._interfaces: str | None = None   # inet_interfaces as at start (kept by reloads)
 
     # ---------------------------------------------------------------- start
     def run(self) -> int:
@@ -180,17 +225,51 @@ class Master:
             except Exception as exc:
                 raise MasterError(f"start-up failed: {exc!r}") from None
         except MasterError as exc:
+            self._log_fatal(exc)
             self._ready(f"fatal: {exc}")
-            if getattr(self, "log", None):
-                self.log.fatal(str(exc))
             self._cleanup()
             return 1
         self._ready("ok")
         try:
             self._loop()
+        except MasterError as exc:
+            # A reload that read a configuration the master cannot run: Postfix's
+            # master dies of it (its children go when they see it gone).
+            self._log_fatal(exc)
+            return 1
         finally:
             self._cleanup()
         return 0
+
+    def _log_fatal(self, exc: MasterError) -> None:
+        """The master's last words.  Postfix's master with a maillog_file logs
+        through its postlog service: a fatal error about a master.cf entry
+        reaches the maillog only when that entry comes before the postlog
+        entry (the master has not taken over the service's socket yet), else
+        it is lost with the master; postwell says it through syslog then."""
+        cfg = getattr(self, "config", None)
+        if cfg is None:
+            try:
+                from postwell.config import load_config
+                cfg = load_config(self.config_dir, read_master=False)
+            except Exception:   # noqa: BLE001 - postfix(1) has reported it already
+                cfg = None
+        log = getattr(self, "log", None)
+        if cfg is not None and exc.line is not None:
+            postlog = postlog_entry_line(cfg.config_dir)
+            if postlog is not None and postlog < exc.line:
+                _syslog_fatal(cfg, str(exc))
+                return
+            if log is None:
+                try:
+                    from postwell.log import MailLog
+                    log = MailLog.from_config(cfg, "master", also_stderr=self.log_stderr)
+                except OSError:
+                    log = None
+        if log is not None:
+            log.fatal(str(exc))
+        else:
+            _syslog_fatal(cfg, str(exc))
 
     def _ready(self, text: str) -> None:
         if self.ready_fd is not None:
@@ -228,6 +307,8 @@ class Master:
             pass
         self._chown_queue(cfg)
         self._lock_pid(cfg)
+        self._drop_duplicate_services(cfg)
+        self._interfaces = cfg.get("inet_interfaces")
         self.slots = self._make_slots(cfg, {}, warn=True)
         self._listen_on_demand(self.slots, {})
         # Before forking (children may not be able to read the library once
@@ -300,12 +381,51 @@ class Master:
         self._pid_fd = fd
         self._pid_file = path
 
+    def _bind_config(self, scfg):
+        """The configuration a listener is bound with: inet_interfaces as at start."""
+        if self._interfaces is not None and scfg.get("inet_interfaces") != self._interfaces:
+            return scfg.override({"inet_interfaces": self._interfaces})
+        return scfg
+
+    def _release_unwanted_listeners(self, cfg, old_sockets: dict) -> None:
+        """Before a reload binds anything: listeners the new configuration does
+        not keep are closed and their workers told to drain now, so a new
+        listener on an overlapping address (127.0.0.1:25 -> 0.0.0.0:25) can bind
+        once they have let go."""
+        plan = sv.plan_services(cfg.services or [])
+        wanted = set()
+        for services, key_of in ((plan.smtpd, sv.bind_key), (plan.spawn, spawn_service.bind_key)):
+            for svc in services:
+                scfg = self._bind_config(cfg.override(svc.overrides) if svc.overrides else cfg)
+                try:
+                    wanted.add(key_of(svc, scfg))
+                except Exception:   # noqa: BLE001 - _make_slots reports it
+                    pass
+        for slot in self.slots:
+            if slot.key in old_sockets and slot.key not in wanted:
+                for s in old_sockets.pop(slot.key):
+                    s.close()
+                for pid in slot.children:
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+
+    def _drop_duplicate_services(self, cfg) -> None:
+        kept, warnings = sv.drop_duplicates(cfg.services or [])
+        for text in warnings:
+            self.log.warning(text)
+        cfg.services[:] = kept
+
     def _warn_unimplemented_parameters(self, cfg) -> None:
         for name in unimplemented_parameter_names(cfg):
             self.log.warning(f"{cfg.config_dir}/main.cf: parameter {name} is not implemented "
                              "by postwell and is ignored")
 
-    def _make_slots(self, cfg, old_sockets: dict, warn: bool) -> list[Slot]:
+    def _make_slots(self, cfg, old_sockets: dict, warn: bool, busy_wait: float = 0.0) -> list[Slot]:
+        """busy_wait (a reload): how long a new listener may wait for an address
+        the old configuration's draining workers still hold."""
+        from postwell.config import ConfigError
         plan = sv.plan_services(cfg.services or [])
         if warn:
             for svc, why in plan.unsupported:
@@ -316,31 +436,45 @@ class Master:
                                  f"command {svc.command}: {why}; service ignored")
         slots = []
         fresh = []   # sockets bound by this call: closed again if the plan fails
+        master_path = os.path.join(cfg.config_dir, "master.cf")
         for svc in plan.smtpd:
             scfg = cfg.override(svc.overrides) if svc.overrides else cfg
-            key = sv.bind_key(svc, scfg)
+            problem = sv.inet_address_error(svc)
+            if problem is not None:
+                for s in fresh:
+                    s.close()
+                text, located = problem
+                raise MasterError(f"{master_path}: line {svc.line}: {text}" if located else text,
+                                  svc.line)
+            bcfg = self._bind_config(scfg)
+            key = sv.bind_key(svc, bcfg)
             socks = old_sockets.pop(key, None)
             if socks is None:
                 try:
-                    socks = sv.bind_service(svc, scfg)
-                except OSError as exc:
+                    socks = _bind_waiting(lambda: sv.bind_service(svc, bcfg), busy_wait)
+                except (OSError, ConfigError) as exc:
                     for s in fresh:
                         s.close()
-                    raise MasterError(exc.strerror or str(exc)) from None
+                    if isinstance(exc, ConfigError):
+                        raise MasterError(f"{master_path}: line {svc.line}: bad hostname or "
+                                          f"network address: {svc.name}", svc.line) from None
+                    raise MasterError(exc.strerror or str(exc), svc.line) from None
                 fresh.extend(socks)
             slots.append(Slot("smtpd", svc, scfg, socks, sv.worker_count(svc, scfg), key=key))
         for svc in plan.spawn:
             # spawn(8): one supervisor per service; it bounds the commands by maxproc itself.
             scfg = cfg.override(svc.overrides) if svc.overrides else cfg
-            key = spawn_service.bind_key(svc, scfg)
+            bcfg = self._bind_config(scfg)
+            key = spawn_service.bind_key(svc, bcfg)
             socks = old_sockets.pop(key, None)
             if socks is None:
                 try:
-                    socks = spawn_service.bind(svc, scfg, self.owner)
+                    socks = _bind_waiting(lambda: spawn_service.bind(svc, bcfg, self.owner),
+                                          busy_wait)
                 except OSError as exc:
                     for s in fresh:
                         s.close()
-                    raise MasterError(exc.strerror or str(exc)) from None
+                    raise MasterError(exc.strerror or str(exc), svc.line) from None
                 fresh.extend(socks)
             slots.append(Slot("spawn", svc, scfg, socks, 1, key=key))
         if self.owner:
@@ -401,6 +535,20 @@ class Master:
                 from postwell.config.master import MasterService
                 vsvc = MasterService("verify", "unix", True, True, False, "0", 1, "verify")
             slots.append(Slot("verify", vsvc, vcfg, [], 0, key=("verify",), on_demand=True))
+        from postwell.config.master import daemon_startup_error
+        for slot in slots:
+            if slot.svc is not None and slot.kind != "pipehelper":
+                slot.startup_error = daemon_startup_error(slot.svc)
+            if slot.startup_error and slot.kind in ("smtpd", "spawn"):
+                # Postfix starts these per connection: the master keeps the
+                # listener and the doomed daemon is tried when a client waits.
+                slot.nproc = 0
+            elif slot.startup_error and slot.kind == "anvil":
+                # Postfix's anvil runs only once an smtpd asks it about a client
+                # outside smtpd_client_event_limit_exceptions; postwell's binds its
+                # own socket, so a broken one is not started at all: the smtpds
+                # fall back to their per-process counts (with a warning each).
+                slot.nproc = 0
         return slots
 
     # ------------------------------------------------------------ children
@@ -430,7 +578,7 @@ class Master:
 
     def _spawn(self, slot: Slot) -> None:
         self.master_pid = os.getpid()
-        if slot.kind == "smtpd" and slot.preloaded is None:
+        if slot.kind == "smtpd" and slot.preloaded is None and not slot.startup_error:
             slot.preloaded = self._smtpd_preload(slot)
         # What the master allocated since the last freeze (a reloaded
         # configuration, TLS contexts) is shared with this child too: keep the
@@ -476,6 +624,9 @@ class Master:
                 if s.fileno() not in mine and s.fileno() >= 0:
                     s.close()
         master_pid = self.master_pid   # not getppid(): the master may already be gone
+        if slot.startup_error:
+            _die_with_master(master_pid)
+            self._daemon_dies(slot)
         if slot.kind in HELPER_KINDS:
             # The master's listener (on demand): served until max_idle passes
             # with no qmgr connection open.
@@ -549,6 +700,21 @@ class Master:
                     from postwell.delivery import pipe_helper
                     pipe_helper.HELPER_SOCKET = pipe_helper.socket_path(slot.config)
             qmgr.serve(slot.config)
+
+    def _daemon_dies(self, slot) -> None:
+        """The daemon's end when its command line is bad: Postfix's daemon logs
+        the fatal line under the master's syslog_name and its own program name
+        (the service's -o syslog_name is not in effect yet), then msg_fatal()
+        waits a second before it exits 1."""
+        from postwell.log import MailLog
+        try:
+            log = MailLog.from_config(self.config, os.path.basename(slot.command))
+            log.fatal(slot.startup_error)
+            log.close()
+        except Exception:   # noqa: BLE001 - the exit status still tells the master
+            pass
+        time.sleep(FATAL_EXIT_DELAY)
+        raise SystemExit(1)
 
     def _adopt_helper_listener(self, slot) -> None:
         if not (slot.on_demand and slot.sockets):
@@ -652,7 +818,8 @@ class Master:
         now = time.monotonic()
         out = {}
         for slot in self.slots:
-            if slot.on_demand and not slot.children and slot.throttled_until <= now:
+            watched = slot.on_demand or (slot.startup_error and slot.nproc == 0)
+            if watched and not slot.children and slot.throttled_until <= now:
                 # After a reload the old pickup must exit first (one file, one queue id).
                 slot.blocked_by = {p for p in slot.blocked_by if p in self.children}
                 if slot.blocked_by:
@@ -717,7 +884,8 @@ class Master:
                 bad = code != 0
                 if bad:
                     self.log.warning(f"process {path} pid {pid} exit status {code}")
-            if bad and time.monotonic() - child.started < BAD_STARTUP_SECONDS:
+            if bad and (child.slot.startup_error
+                        or time.monotonic() - child.started < BAD_STARTUP_SECONDS):
                 # Postfix: a service that keeps dying at start-up is throttled,
                 # so a crash loop costs one fork per service_throttle_time.
                 self.log.warning(f"{path}: bad command startup -- throttling")
@@ -793,21 +961,31 @@ class Master:
                     pass
 
     def _reload(self) -> None:
-        try:
-            cfg = load(self.config_dir)
-            owner = mail_owner_ids(cfg)
-        except MasterError as exc:
-            self.log.warning(f"reload failed: {exc}; configuration unchanged")
-            return
-        self.log.info(f"reload -- version {cfg.get('mail_version')}, configuration {cfg.config_dir}")
+        """SIGHUP.  As Postfix's master: "reload" is logged, then the files are
+        read again; what would stop a start (an unclosed '{' in master.cf, a bad
+        inet address, a port that cannot be bound) ends the master with a fatal
+        error (MasterError out of the loop), while a malformed -o only ends that
+        service's daemon when it is started."""
+        self.log.info(f"reload -- version {self.config.get('mail_version')}, "
+                      f"configuration {self.config.config_dir}")
+        cfg = load(self.config_dir)
+        owner = mail_owner_ids(cfg)
+        if self._interfaces is not None and cfg.get("inet_interfaces") != self._interfaces:
+            # As Postfix's master: listeners stay on the addresses it started with.
+            for svc in cfg.services or []:
+                if svc.type == "inet":
+                    self.log.warning(f"service {svc.name}: ignoring inet_interfaces change")
+                    self.log.warning("to change inet_interfaces, stop and start Postfix")
+        self._drop_duplicate_services(cfg)
         old_sockets = {s.key: s.sockets for s in self.slots if s.kind in ("smtpd", "spawn")}
         old_listeners = {s.listen_path: s for s in self.slots if s.on_demand and s.sockets}
-        try:
-            new_slots = self._make_slots(cfg, old_sockets, warn=True)
-        except MasterError as exc:
-            self.log.warning(f"reload failed: {exc}; configuration unchanged")
-            # put back the sockets the failed plan took over
-            return
+        self._release_unwanted_listeners(cfg, old_sockets)
+        new_slots = self._make_slots(cfg, old_sockets, warn=True, busy_wait=2.0)
+        # A throttled service stays throttled across the reload, as in Postfix
+        # (a broken daemon is not retried at once for the client still waiting).
+        throttled = {(s.kind, s.key): s.throttled_until for s in self.slots}
+        for slot in new_slots:
+            slot.throttled_until = throttled.get((slot.kind, slot.key), 0.0)
         self.config, self.owner = cfg, owner
         try:
             from postwell.log import MailLog
@@ -870,6 +1048,45 @@ class Master:
 
 
 HELPER_KINDS = ("helper", "localhelper", "pipehelper")
+
+
+def _bind_waiting(bind, wait: float):
+    """bind(), retried for up to `wait` seconds while the address is in use."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return bind()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
+
+
+def postlog_entry_line(config_dir: str) -> int | None:
+    """Line of master.cf's postlog service (unix-dgram, postlogd), if any."""
+    from postwell.config.master import parse_master_cf
+    path = os.path.join(config_dir, "master.cf")
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            services = parse_master_cf(f.read(), path, None, strict=False)
+    except Exception:   # noqa: BLE001 - unreadable: no postlog entry known
+        return None
+    return next((s.line for s in services
+                 if s.type == "unix-dgram" and os.path.basename(s.command) == "postlogd"), None)
+
+
+def _syslog_fatal(config, text: str) -> None:
+    """A fatal line of the master through syslog (Postfix's master says why it
+    could not start, or died at a reload, there, not in maillog_file)."""
+    from postwell.log import MailLog
+    try:
+        name = (config.get("syslog_name") if config is not None else "") or "postfix"
+        facility = (config.get("syslog_facility") if config is not None else "") or "mail"
+        log = MailLog("master", syslog_name=name, syslog_facility=facility)
+        log.fatal(text)
+        log.close()
+    except Exception:   # noqa: BLE001 - nothing left to tell
+        pass
 
 
 def max_idle(config) -> float:

@@ -88,6 +88,100 @@ def plan_services(services) -> Plan:
     return plan
 
 
+def inet_entry_error(svc) -> str | None:
+    """What Postfix's master dies of as it reads an inet entry of master.cf
+    (said after "FILE: line N: "): the name's syntax, then a private service."""
+    problem = inet_address_error(svc, port=False)
+    if problem is not None:
+        return problem[0]
+    if svc.private:
+        return "inet service cannot be private"
+    return None
+
+
+def inet_address_error(svc, port: bool = True) -> tuple[str, bool] | None:
+    """Why Postfix's master cannot listen on an inet service's name, in its
+    words, with whether they carry the "master.cf: line N:" location (the
+    name's syntax is checked as master.cf is read, a port name only when the
+    socket is made); None when the name is usable.  A host name is never
+    looked up here: a syntax check must not wait for DNS."""
+    from .check import valid_hostname
+    name = svc.name
+    if name.startswith("["):
+        end = name.find("]")
+        if end < 0:
+            return 'missing "]"' + f' in "{name}"', True
+        host, service = name[1:end], name[end + 2:] if name[end + 1:end + 2] == ":" else ""
+        if not _is_address(host):
+            return f'valid hostname or network address required in "{name}"', True
+    else:
+        host, sep, service = name.rpartition(":")
+        if ":" in host:
+            return f"bad hostname or network address: {name}", True
+        if host and not (_is_address(host) or valid_hostname(host, lambda text: None)):
+            return f'valid hostname or network address required in "{name}"', True
+    if not service:
+        return f'missing service information in "{name}"', True
+    if port and not service.isdigit():
+        try:
+            socket.getservbyname(service, "tcp")
+        except OSError:
+            from postwell.config.master import _PORT_FALLBACK
+            if service not in _PORT_FALLBACK:
+                return f"{name}: Servname not supported for ai_socktype", False
+    return None
+
+
+def _is_address(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def endpoint_name(svc) -> str:
+    """The name Postfix's master knows a service by: an inet service's
+    numeric "[host]:port" (or port), the socket's path name otherwise."""
+    if svc.type == "inet":
+        try:
+            host, port = listen_address(svc)
+            port = resolve_port(port)
+        except Exception:   # noqa: BLE001 - a bad name is the master's fatal, later
+            return svc.name
+        if not host:
+            return str(port)
+        host = host.strip("[]")
+        try:
+            import ipaddress
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            try:
+                host = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)[0][4][0]
+            except OSError:
+                pass
+        return f"[{host}]:{port}"
+    return f"{'private' if svc.private else 'public'}/{svc.name}"
+
+
+def drop_duplicates(services) -> tuple[list, list[str]]:
+    """Postfix's master keeps the last of several master.cf entries for one
+    service name (its warning words for each earlier one)."""
+    names = [endpoint_name(svc) for svc in services]
+    last = {name: index for index, name in enumerate(names)}
+    kept, warnings = [], []
+    seen = set()
+    for index, (svc, name) in enumerate(zip(services, names)):
+        if name in seen:
+            warnings.append(f'duplicate master.cf entry for service "{svc.name}" ({name}) '
+                            "-- using the last entry")
+        seen.add(name)
+        if last[name] == index:
+            kept.append(svc)
+    return kept, warnings
+
+
 def worker_count(svc, config) -> int:
     maxproc = svc.maxproc
     if maxproc is None:
