@@ -14,7 +14,6 @@ grouped with braces (Postfix 3.0): `-o { name = value with spaces }` or
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, field
 
 from .main import ConfigError, iter_logical_lines
@@ -294,6 +293,7 @@ def service_port(port: str) -> int:
             return value
         raise ValueError(f"bad port number: {port}")
     try:
+        import socket
         return socket.getservbyname(port, "tcp")
     except OSError:
         if port in _PORT_FALLBACK:

@@ -38,4 +38,15 @@ Entry points::
 from .maildrop import (  # noqa: F401
     MaildropEnvelope, MaildropFile, MaildropFormatError, MaildropWriter, poke_pickup, read_maildrop,
 )
-from .service import Pickup, pickup_once, prepare_public, serve, submit_denied  # noqa: F401
+from .acl import submit_denied  # noqa: F401
+
+# The service (and cleanup, dsn, qmgr behind it) loads on first use (PEP 562):
+# sendmail and postqueue need the maildrop format only.
+_SERVICE = ("Pickup", "pickup_once", "prepare_public", "serve")
+
+
+def __getattr__(name: str):
+    if name in _SERVICE:
+        from . import service
+        return getattr(service, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

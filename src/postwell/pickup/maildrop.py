@@ -43,7 +43,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -296,7 +295,7 @@ def read_maildrop(fd: int, file_size: int, max_envelope: int = MAX_ENVELOPE) -> 
 
 
 def new_name() -> str:
-    return secrets.token_hex(16)
+    return os.urandom(16).hex()
 
 
 class MaildropWriter:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import pwd
 import re
 import select
 import signal
@@ -28,6 +27,7 @@ from ..fdutil import drain
 from ..policy.restrictions import log_address
 from ..qmgr.logfmt import format_delay
 from ..queue import QueueStore, fsync_dir, is_queue_id
+from .acl import submit_denied  # noqa: F401 (pickup.submit_denied, as before)
 from .maildrop import (
     MAX_ENVELOPE, NAME_RE, TMP_PREFIX, MaildropEnvelope, MaildropFile, MaildropFormatError,
     read_maildrop,
@@ -742,38 +742,6 @@ def _owner_uid(config) -> int | None:
         return pwd.getpwnam(config.get("mail_owner") or "postfix").pw_uid
     except KeyError:
         return None
-
-
-def submit_denied(config, uid: int) -> str | None:
-    """authorized_submit_users: None when uid may submit, else its login name
-    (or the uid as text).  Supports static:anyone, user names, !name and
-    lookup tables (a table hit means allowed, as in Postfix's check_user_acl)."""
-    spec = config.get("authorized_submit_users") if config.raw("authorized_submit_users") is not None \
-        else "static:anyone"
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    items = [x for x in re.split(r"[,\s]+", spec or "") if x]
-    if not items:
-        return name
-    for item in items:
-        neg = item.startswith("!")
-        if neg:
-            item = item[1:]
-        if item == "static:anyone":
-            return name if neg else None
-        if ":" in item and not item.startswith("/"):
-            try:
-                from postwell.tables import open_table
-                hit = open_table(item, config).lookup(name) is not None
-            except Exception:
-                hit = False
-        else:
-            hit = item == name
-        if hit:
-            return name if neg else None
-    return name
 
 
 # ---------------------------------------------------------------------------- service
