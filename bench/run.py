@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +52,7 @@ class Sample:
     source_ok: bool
     deliver_rate: float = 0.0   # --deliver-only: messages/s from release of the hold queue
     cpu_ms: float = 0.0         # --deliver-only: CPU ms per message of the instance's tree
+    cpu_split: dict = field(default_factory=dict)   # --deliver-only: the same by process role
 
 
 class Sampler(threading.Thread):
@@ -138,6 +139,45 @@ def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
+def process_role(inst, pid: int, before: dict[int, float]) -> str:
+    """What a process of the instance is, for the CPU split of --deliver-only.
+
+    Postfix's programs carry their names (qmgr, local, smtp, trivial-rewrite...).
+    postwell's are all python3: the qmgr holds the public/qmgr FIFO open; a
+    process that appeared once the held mail was released is a delivery
+    helper (local/virtual/pipe, started on demand) or one of its user workers."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+    if isinstance(inst, harness.ReferencePostfix):
+        return comm
+    if pid == inst.master_pid():
+        return "master"
+    fifo = str(inst.queue_dir / "public" / "qmgr")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = []
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == fifo:
+                return "qmgr"
+        except OSError:
+            continue
+    return "helper" if pid not in before else "other"
+
+
+def cpu_split(inst, before: dict[int, float], after: dict[int, float], roles: dict[int, str],
+              messages: int) -> dict[str, float]:
+    """CPU ms per message by process role (roles of processes that left count as "gone")."""
+    out: dict[str, float] = {}
+    for pid, t in after.items():
+        role = roles.get(pid, "gone")
+        out[role] = out.get(role, 0.0) + (t - before.get(pid, 0.0)) * 1000 / messages
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
 def wake_qmgr(inst) -> None:
     """"Scan incoming": postwell's qmgr listens on a FIFO, Postfix's on a unix socket."""
     path = inst.queue_dir / "public" / "qmgr"
@@ -159,9 +199,10 @@ def wake_qmgr(inst) -> None:
 
 
 def deliver_only(inst, mode: str, sink, messages: int, before: int,
-                 timeout: float) -> tuple[float, float]:
-    """Release what the round put on hold; (messages/s, CPU ms per message)
-    until the last one is delivered.  Only delivery is timed: no SMTP.
+                 timeout: float) -> tuple[float, float, dict[str, float]]:
+    """Release what the round put on hold; (messages/s, CPU ms per message,
+    the same by process role) until the last one is delivered.  Only
+    delivery is timed: no SMTP.
 
     The held files are renamed into incoming/ and the qmgr is poked, just as
     cleanup hands over fresh mail, so both MTAs run their normal incoming ->
@@ -197,8 +238,11 @@ def deliver_only(inst, mode: str, sink, messages: int, before: int,
         pass
     elapsed = time.monotonic() - t0
     got = delivered(inst, mode, sink) - (target - len(held))
-    cpu = cpu_between(cpu0, tree_cpu(inst))
-    return got / elapsed, (cpu * 1000 / got) if got else float("nan")
+    cpu1 = tree_cpu(inst)
+    cpu = cpu_between(cpu0, cpu1)
+    roles = {pid: process_role(inst, pid, cpu0) for pid in cpu1}
+    split = cpu_split(inst, cpu0, cpu1, roles, got) if got else {}
+    return got / elapsed, (cpu * 1000 / got) if got else float("nan"), split
 
 
 def one_round(inst, mode: str, sink, sessions: int, messages: int, size: int,
@@ -212,8 +256,9 @@ def one_round(inst, mode: str, sink, sessions: int, messages: int, size: int,
                               recipient=rcpt, timeout=timeout)
     accept_time = time.monotonic() - t0
     deliver_rate = cpu_ms = 0.0
+    split: dict[str, float] = {}
     if hold and res.ok:
-        deliver_rate, cpu_ms = deliver_only(inst, mode, sink, messages, before, timeout)
+        deliver_rate, cpu_ms, split = deliver_only(inst, mode, sink, messages, before, timeout)
     try:
         harness.wait_for(lambda: delivered(inst, mode, sink) >= before + messages,
                          timeout, 0.02, f"{messages} deliveries")
@@ -226,7 +271,8 @@ def one_round(inst, mode: str, sink, sessions: int, messages: int, size: int,
                   accept_rate=(messages / accept_time) if res.ok else 0.0,
                   e2e_rate=got / e2e_time,
                   peak_pss_mib=sampler.peak_pss / 1024, peak_procs=sampler.peak_procs,
-                  source_ok=res.ok, deliver_rate=deliver_rate, cpu_ms=cpu_ms)
+                  source_ok=res.ok, deliver_rate=deliver_rate, cpu_ms=cpu_ms,
+                  cpu_split=split)
 
 
 def make_instances(base: Path, mode: str, sinks: dict, hold: bool = False):
@@ -270,6 +316,10 @@ def remove_local_users(names: list[str]) -> None:
             subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
 
 
+def split_text(split: dict[str, float]) -> str:
+    return " ".join(f"{role} {ms:.2f}" for role, ms in split.items())
+
+
 def summarise(samples: list[Sample]) -> str:
     rows = []
     header = (f"{'sessions':>8} {'mta':>9} {'accept msg/s':>13} {'e2e msg/s':>10} "
@@ -309,6 +359,17 @@ def summarise(samples: list[Sample]) -> str:
             if len(med) == 2:
                 r = [w / f if f else float("nan") for w, f in zip(med["postwell"], med["postfix"])]
                 rows.append(f"{sessions:>8} {'ratio':>9} {r[0]:>14.2f} {r[1]:>11.2f}   (postwell/Postfix)")
+        rows.append("")
+        rows.append("CPU ms/msg by process (median per role over the rounds):")
+        for sessions in sorted({s.sessions for s in samples}):
+            for mta in ("postfix", "postwell"):
+                group = [s for s in samples if s.sessions == sessions and s.mta == mta]
+                roles = {role for s in group for role in s.cpu_split}
+                split = {role: statistics.median(s.cpu_split.get(role, 0.0) for s in group)
+                         for role in roles}
+                split = dict(sorted(split.items(), key=lambda kv: -kv[1]))
+                if split:
+                    rows.append(f"  -s {sessions} {mta}: {split_text(split)}")
     return "\n".join(rows)
 
 
@@ -374,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                                        size, timeout, args.deliver_only)
                     samples.append(sample)
                     extra = (f"  deliver {sample.deliver_rate:8.1f}/s  CPU {sample.cpu_ms:5.2f} ms/msg"
+                             f" ({split_text(sample.cpu_split)})"
                              if args.deliver_only else "")
                     print(f"bench: round {rnd + 1} {inst.kind:>8} -s {s:<4} "
                           f"accept {sample.accept_rate:8.1f}/s  e2e {sample.e2e_rate:8.1f}/s  "

@@ -41,6 +41,9 @@ import threading
 import time
 
 from .base import FileContent, QueueContent
+from postwell.queue.store import dir_sync_group
+
+from . import virtual as _virtual
 from .virtual import Delivery, MailboxFull, deliver_maildir, deliver_mbox, deliver_one
 
 # sysexits.h codes -> (dsn, text), as Postfix's sys_exits_detail().
@@ -171,19 +174,44 @@ def _thread_identity_ok(func, args) -> bool:
     return _thread_creds_available()
 
 
+# (groups, gid, uid) -> the system calls' ctypes arguments, in the order they
+# run: built once per identity (issue 8: building them took longer than the
+# three system calls).  Read-only once built, so threads share them.
+_CRED_CALLS: dict[tuple, tuple] = {}
+_CRED_CALLS_MAX = 256
+
+
+def _cred_calls(groups, gid: int, uid: int) -> tuple:
+    key = (tuple(groups), gid, uid)
+    calls = _CRED_CALLS.get(key)
+    if calls is None:
+        _, (n_setgroups, n_setresuid, n_setresgid) = _libc_syscall
+        keep = ctypes.c_long(-1)
+        arr = (ctypes.c_uint * max(len(groups), 1))(*groups)
+        calls = ((n_setgroups, ctypes.c_long(len(groups)), arr),
+                 (n_setresgid, keep, ctypes.c_long(gid), keep),
+                 (n_setresuid, keep, ctypes.c_long(uid), keep))
+        if uid == 0:
+            calls = calls[::-1]
+        if len(_CRED_CALLS) >= _CRED_CALLS_MAX:
+            _CRED_CALLS.clear()
+        _CRED_CALLS[key] = calls
+    return calls
+
+
 def _set_thread_creds(groups, gid: int, uid: int) -> None:
     """Groups, then gid, then uid (the first two need root's capabilities);
     back to root (uid 0) in the reverse order."""
-    fn, (n_setgroups, n_setresuid, n_setresgid) = _libc_syscall
-    keep = ctypes.c_long(-1)
-    arr = (ctypes.c_uint * max(len(groups), 1))(*groups)
-    calls = [(n_setgroups, ctypes.c_long(len(groups)), arr),
-             (n_setresgid, keep, ctypes.c_long(gid), keep),
-             (n_setresuid, keep, ctypes.c_long(uid), keep)]
-    for call in (calls[::-1] if uid == 0 else calls):
+    fn = _libc_syscall[0]
+    for call in _cred_calls(groups, gid, uid):
         if fn(*call) != 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
+
+
+# The credentials a helper thread returns to: read once per thread (they
+# are the process's own, which a root helper never changes).
+_root_creds = threading.local()
 
 
 def _run_in_thread(ident: Identity, func, *args):
@@ -191,8 +219,10 @@ def _run_in_thread(ident: Identity, func, *args):
     back to root; an answer as a worker gives it."""
     if not _thread_creds_available():
         raise NeedRoot("no per-thread credentials here")
-    root_groups = os.getgroups()
-    root_gid = os.getegid()
+    home = getattr(_root_creds, "value", None)
+    if home is None:
+        home = _root_creds.value = (os.getgroups(), os.getegid())
+    root_groups, root_gid = home
     try:
         if ident.uid != 0 or ident.gid != 0:
             _set_thread_creds(list(dict.fromkeys(ident.groups or [ident.gid])), ident.gid, ident.uid)
@@ -976,6 +1006,192 @@ class LocalCopy(Delivery):
         return "".join(out).encode("utf-8", "surrogateescape")
 
 
+# ------------------------------------------------------- unnamed Maildir files
+#
+# Issue 8: a Maildir file is written as an unnamed file (O_TMPFILE, opened in
+# tmp/), fsync'd, and only then linked into new/ under its final name.  The
+# durability order is the Maildir spec's (data on disk before the name in
+# new/ exists, new/ synced before "delivered"), but no name is made in tmp/
+# and removed again by a rename: one directory update fewer, and on ext4
+# without a journal the file's fsync no longer writes tmp/ synchronously
+# (a new directory entry makes fsync sync the parent too).  A crash before
+# the link leaves nothing behind (the kernel frees the unnamed inode).
+# Where the kernel or file system cannot do it, deliver_maildir() (the named
+# tmp/ file) is used, decided once per process.
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_unnamed_state: dict = {"ok": None, "linkat": None}
+
+
+def _linkat():
+    fn = _unnamed_state["linkat"]
+    if fn is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).linkat
+            fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = False
+        _unnamed_state["linkat"] = fn
+    return fn
+
+
+class _CannotName(Exception):
+    """The unnamed file cannot be linked here: use named tmp/ files."""
+
+
+def _name_unnamed(fd: int, path: str) -> None:
+    """Link the unnamed file ``fd`` to ``path`` (never replacing a name).
+
+    linkat(fd, "", AT_EMPTY_PATH) is allowed to the file's opener since Linux
+    6.10 (before, only with CAP_DAC_READ_SEARCH, which a thread acting as the
+    user does not have); /proc/thread-self/fd/N is the older way."""
+    fn = _linkat()
+    if fn:
+        if fn(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.ENOENT or not os.path.isdir(os.path.dirname(path)):
+            if err in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
+                raise _CannotName(os.strerror(err))
+            raise OSError(err, os.strerror(err), path)
+        # ENOENT with new/ in place: the kernel refuses AT_EMPTY_PATH to us.
+    try:
+        os.link(f"/proc/thread-self/fd/{fd}", path, follow_symlinks=True)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not os.path.isdir(os.path.dirname(path)):
+            raise
+        raise _CannotName(exc.strerror) from None
+
+
+# Deliveries into one new/ at the same time share its fsync (issue 8: local(8)
+# runs two deliveries per recipient at once, which otherwise rarely meet in
+# DirSyncGroup): one that has linked its file waits up to NEW_SYNC_LINGER for
+# the others still writing into the same new/, then one fsync that started
+# after every link covers them all.  Nothing is reported before that fsync.
+NEW_SYNC_LINGER = 0.005     # seconds
+_writers_lock = threading.Condition()
+_writers: dict[str, int] = {}   # new/ -> deliveries between open and link
+
+
+def _forget_writers() -> None:
+    # A lock another thread held at fork() would never be released in the child.
+    global _writers_lock, _writers
+    _writers_lock = threading.Condition()
+    _writers = {}
+
+
+os.register_at_fork(after_in_child=_forget_writers)
+
+
+def _writing(newdir: str, delta: int) -> None:
+    with _writers_lock:
+        n = _writers.get(newdir, 0) + delta
+        if n > 0:
+            _writers[newdir] = n
+        else:
+            _writers.pop(newdir, None)
+        if delta < 0:
+            _writers_lock.notify_all()
+
+
+def _sync_new(newdir: str) -> None:
+    """fsync new/ after this thread's link, shared with the deliveries that
+    are about to link into it (see NEW_SYNC_LINGER)."""
+    group = dir_sync_group(newdir)
+    ticket = group.ticket()
+    with _writers_lock:
+        if _writers.get(newdir):
+            deadline = time.monotonic() + NEW_SYNC_LINGER
+            while _writers.get(newdir):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                _writers_lock.wait(left)
+    group.sync(newdir, os.fsync, ticket)
+
+
+def deliver_maildir_unnamed(d: Delivery, open_content) -> None:
+    """deliver_maildir() with the message written as an unnamed file (see
+    above): the same file names, headers, size limit and durability."""
+    if _unnamed_state["ok"] is False or not _O_TMPFILE:
+        deliver_maildir(d, open_content)
+        return
+    tmpdir, newdir = os.path.join(d.path, "tmp"), os.path.join(d.path, "new")
+    now = time.time()
+    sec, usec = int(now), int((now % 1) * 1_000_000)
+    _writing(newdir, 1)
+    writing = True
+    try:
+        try:
+            fd = os.open(tmpdir, _O_TMPFILE | os.O_WRONLY, 0o600)
+        except FileNotFoundError:
+            # As deliver_maildir(): the directories are made only when missing.
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(os.path.join(d.path, sub), mode=0o700, exist_ok=True)
+            fd = os.open(tmpdir, _O_TMPFILE | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            _unnamed_state["ok"] = False        # no O_TMPFILE on this kernel or file system
+            fd = None
+        if fd is None:
+            _writing(newdir, -1)
+            writing = False
+            deliver_maildir(d, open_content)
+            return
+        try:
+            st = os.fstat(fd)
+            pending = d.headers()
+            written = 0
+            for chunk in open_content():
+                if pending:
+                    chunk, pending = pending + chunk, b""
+                written = _virtual._write_limited(fd, chunk, written, d.limit)
+            if pending:
+                written = _virtual._write_limited(fd, pending, written, d.limit)
+            # The Maildir spec's order: the data is on disk before the file has a name.
+            os.fsync(fd)
+            host = d.hostname.replace("/", "\\057").replace(":", "\\072")
+            # Device and inode make the name unique in new/ while the file lives.
+            newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
+            try:
+                _name_unnamed(fd, newfile)
+            except FileNotFoundError:
+                os.makedirs(newdir, mode=0o700, exist_ok=True)
+                _name_unnamed(fd, newfile)
+        except _CannotName:
+            os.close(fd)
+            _unnamed_state["ok"] = False
+            _writing(newdir, -1)
+            writing = False
+            deliver_maildir(d, open_content)
+            return
+        except BaseException:
+            os.close(fd)            # unnamed: nothing to clean up
+            raise
+        # Linked: no longer one that others' new/ fsync should wait for.
+        _writing(newdir, -1)
+        writing = False
+    finally:
+        if writing:
+            _writing(newdir, -1)
+    _unnamed_state["ok"] = True
+    try:
+        if _virtual.maildir_name_ordered(getattr(d, "queue_dev", None), st.st_dev):
+            return              # see deliver_maildir()
+        deferred = getattr(_virtual._batch_state, "dirs", None)
+        if deferred is not None:
+            deferred.append(newdir)
+        else:
+            _sync_new(newdir)
+    finally:
+        os.close(fd)
+
+
 def _mbox_dsn(err: OSError, default: str) -> str:
     # Postfix's mbox_dsn(): lock trouble and ESTALE are temporary, a full
     # disk too; quota errors are "mailbox full".
@@ -997,7 +1213,7 @@ def op_mailbox(d: LocalCopy, user: str, uid: int, strict_owner: bool, chown_to, 
     """Mailbox delivery: mbox file or Maildir (path ending in "/")."""
     if d.maildir:
         try:
-            deliver_maildir(d, open_content)
+            deliver_maildir_unnamed(d, open_content)
         except MailboxFull:
             return _result("5.2.2", "maildir delivery failed: error writing message: File too large")
         except OSError as exc:
@@ -1038,7 +1254,7 @@ def op_file(d: LocalCopy, open_content) -> dict:
     """/file/name destination: mbox-style append (or Maildir for a trailing "/")."""
     if d.maildir:
         try:
-            deliver_maildir(d, open_content)
+            deliver_maildir_unnamed(d, open_content)
         except MailboxFull:
             return _result("5.2.2", "maildir delivery failed: error writing message: File too large")
         except OSError as exc:

@@ -88,9 +88,17 @@ class DirSyncGroup:
         self._running = False
         self._errors: dict[int, BaseException] = {}
 
-    def sync(self, path: str, fsync: Callable[[int], None]) -> None:
+    def ticket(self) -> int:
+        """The first generation that starts after now: taken right after a
+        change, it lets the caller wait a moment (for others' changes) and
+        still join any fsync that began meanwhile, which covers its change."""
         with self._cond:
-            want = self._started + 1   # the first generation that starts after our change
+            return self._started + 1
+
+    def sync(self, path: str, fsync: Callable[[int], None], want: int | None = None) -> None:
+        with self._cond:
+            if want is None:
+                want = self._started + 1   # the first generation that starts after our change
             while self._done < want:
                 if self._running:
                     self._cond.wait()
@@ -134,13 +142,19 @@ def _forget_groups_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_groups_after_fork)
 
 
-def sync_dir_grouped(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
-    """fsync_dir() shared with the other threads of this process (see DirSyncGroup)."""
+def dir_sync_group(path: str) -> DirSyncGroup:
     group = _dir_groups.get(path)
     if group is None:
         with _dir_groups_lock:
             group = _dir_groups.setdefault(path, DirSyncGroup())
-    group.sync(path, fsync)
+    return group
+
+
+def sync_dir_grouped(path: str, fsync: Callable[[int], None] = os.fsync,
+                     want: int | None = None) -> None:
+    """fsync_dir() shared with the other threads of this process (see
+    DirSyncGroup); ``want``: a ticket() taken right after the change."""
+    dir_sync_group(path).sync(path, fsync, want)
 
 
 class DirSyncer:
