@@ -6,8 +6,6 @@ fsync rules this module follows.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import ctypes
 import errno
 import itertools
@@ -17,7 +15,11 @@ import stat
 import threading
 import time
 import zlib
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+if TYPE_CHECKING:            # annotations only; imported where used (CLI start-up)
+    import asyncio
+    import concurrent.futures
 
 from . import format as qf
 from .format import CorruptQueueFile, Envelope, Recipient
@@ -177,6 +179,7 @@ class DirSyncer:
         self._running = False
 
     def request(self) -> concurrent.futures.Future:
+        import concurrent.futures
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             self._pending.append(fut)
@@ -233,6 +236,7 @@ def commit_executor() -> concurrent.futures.ThreadPoolExecutor:
     global _executor, _executor_pid
     with _executor_lock:
         if _executor is None or _executor_pid != os.getpid():
+            import concurrent.futures
             _executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="qcommit")
             _executor_pid = os.getpid()
         return _executor
@@ -711,6 +715,7 @@ class IncomingMessage:
         if self.aborted:
             raise QueueWriteError(f"{self.queue_id}: queue file is closed")
         self._write_all()                  # discards the file itself on failure
+        import asyncio
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         fd, self._fd = self._fd, None      # the batcher owns it (and has it closed) from now on
