@@ -1145,14 +1145,7 @@ def deliver_maildir_unnamed(d: Delivery, open_content) -> None:
             return
         try:
             st = os.fstat(fd)
-            pending = d.headers()
-            written = 0
-            for chunk in open_content():
-                if pending:
-                    chunk, pending = pending + chunk, b""
-                written = _virtual._write_limited(fd, chunk, written, d.limit)
-            if pending:
-                written = _virtual._write_limited(fd, pending, written, d.limit)
+            _virtual.write_message(fd, d, open_content)
             # The Maildir spec's order: the data is on disk before the file has a name.
             os.fsync(fd)
             host = d.hostname.replace("/", "\\057").replace(":", "\\072")

@@ -413,6 +413,22 @@ def defer_dir_syncs(into: list | None) -> None:
     _batch_state.dirs = into
 
 
+def write_message(fd: int, d: "Delivery", open_content) -> int:
+    """The delivery headers and the queued content into ``fd``; the bytes written.
+    The per-file limit is virtual_mailbox_limit (postconf(5): "an individual ...
+    maildir file").  The queue's content is already LF lines: its chunks are
+    copied as they come, the delivery headers in the same write as the first."""
+    pending = d.headers()
+    written = 0
+    for chunk in open_content():
+        if pending:
+            chunk, pending = pending + chunk, b""
+        written = _write_limited(fd, chunk, written, d.limit)
+    if pending:
+        written = _write_limited(fd, pending, written, d.limit)
+    return written
+
+
 def deliver_maildir(d: Delivery, open_content) -> None:
     """Maildir delivery (the Maildir spec): write under tmp/, fsync, rename
     into new/, fsync new/.  Returns only when both the file and its name in
@@ -437,17 +453,7 @@ def deliver_maildir(d: Delivery, open_content) -> None:
     placed = False
     try:
         st = os.fstat(fd)
-        # The per-file limit is virtual_mailbox_limit (postconf(5): "an individual ... maildir file").
-        # The queue's content is already LF lines: copy its chunks as they come,
-        # the delivery headers in the same write as the first one.
-        pending = d.headers()
-        written = 0
-        for chunk in open_content():
-            if pending:
-                chunk, pending = pending + chunk, b""
-            written = _write_limited(fd, chunk, written, d.limit)
-        if pending:
-            written = _write_limited(fd, pending, written, d.limit)
+        write_message(fd, d, open_content)
         os.fsync(fd)
         # The name carries the file's device and inode: unique in new/ for as
         # long as the file exists, so the rename never replaces a message.
