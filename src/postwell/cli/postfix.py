@@ -183,7 +183,7 @@ def _postconf_check(config_dir: str) -> int:
 def _load(config_dir):
     # postconf's view of master.cf: what only the master or one daemon would
     # die of does not stop postfix(1) (Postfix's commands read it with postconf)
-    from postwell.master.daemon import MasterError, load
+    from postwell.master.startup import MasterError, load
     try:
         return load(config_dir, lenient=True), None
     except MasterError as exc:
@@ -214,7 +214,7 @@ def cmd_check(config_dir: str, quiet: bool = False, starting: bool = False) -> i
 
 
 def cmd_status(config_dir: str) -> int:
-    from postwell.master.daemon import read_running_pid
+    from postwell.master.startup import read_running_pid
     cfg, err = _load(config_dir)
     if cfg is None:
         return _fatal(err)
@@ -307,7 +307,7 @@ def cmd_start_fg(config_dir: str) -> int:
 
 
 def _signal_master(config_dir: str, sig, verb: str, before=None) -> tuple[int, object, int | None]:
-    from postwell.master.daemon import read_running_pid
+    from postwell.master.startup import read_running_pid
     cfg, err = _load(config_dir)
     if cfg is None:
         return _fatal(err), None, None
@@ -336,7 +336,7 @@ def _is_zombie(pid: int) -> bool:
 
 
 def _wait_gone(cfg, pid: int, limit: float) -> bool:
-    from postwell.master.daemon import read_running_pid
+    from postwell.master.startup import read_running_pid
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if read_running_pid(cfg) != pid:
