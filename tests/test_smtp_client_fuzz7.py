@@ -646,8 +646,6 @@ ELSEWHERE = {
     "dsn_global_notice": "dsn: a notice about SMTPUTF8 mail is message/global-delivery-status "
                          "with message/global (or message/global-headers) in Postfix "
                          "(RFC 6533)",
-    "dsn_success_ret_full": "dsn: a success notice returns headers only in Postfix, "
-                            "even with RET=FULL",
     "dsn_null_sender_success": "dsn: NOTIFY=SUCCESS of null-sender mail draws Postfix's "
                                "'not sending trace/success notification for single-bounce "
                                "message' log line",

@@ -412,9 +412,6 @@ def test_orcpt_recorded_side_by_side(pair):
     assert _postwell_orcpts(pw, got_q) == want
 
 
-@pytest.mark.xfail(strict=True, reason="smtp/server.py _cmd_rcpt reads every ORCPT type as "
-                   "xtext; Postfix 3.7 decodes utf-8 as RFC 6533 (postwell.dsn.orcpt."
-                   "decode_orcpt has its rules)")
 def test_utf8_orcpt_syntax_side_by_side(pair):
     ref, pw = pair
     (want_r, _), (got_r, _) = harness.run_side_by_side(_transaction, ref, pw, ENGINE_ORCPT)

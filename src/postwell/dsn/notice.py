@@ -255,6 +255,10 @@ def _original_recipient(r: DsnRecipient, smtputf8: bool = False) -> str | None:
             return r.orcpt
         return f"rfc822; {r.orcpt}"
     if r.orig:
+        # Postfix's bounce daemon types a recipient without a dsn_orig_rcpt record
+        # with a blank ("rfc822; addr"), but its cleanup gives every smtpd, pickup
+        # and local(8) recipient one ("rfc822;addr"), which is what this stands in
+        # for (3.7 side by side: sendmail, -t, alias owners, delay warnings).
         if smtputf8 and _utf8_address(r.orig):
             return f"utf-8; {r.orig}"
         return f"rfc822;{r.orig}"
@@ -396,13 +400,11 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
     return_path = _quote_local(sender) if sender else f"MAILER-DAEMON@{hostname}"
 
     if full is None:
-        # RET (RFC 3461 4.3) defaults differ as in Postfix: a failure returns
-        # the message, a success report only its headers; delay warnings and
-        # postmaster copies always carry headers only.
+        # RET (RFC 3461 4.3) only matters for a failure, whose default is the whole
+        # message; success reports, delay warnings and postmaster copies carry the
+        # headers only, RET=FULL or not (Postfix 3.7 side by side).
         if kind == FAILURE and not postmaster:
             full = (ret or "FULL").upper() != "HDRS"
-        elif kind == SUCCESS:
-            full = (ret or "").upper() == "FULL"
         else:
             full = False
     limit = _int(config, "bounce_size_limit", 50000)

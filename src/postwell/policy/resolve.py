@@ -409,7 +409,10 @@ class AddressResolver:
                 # error flag; 501 at the smtpd for bob@@ourdomain, checked against 3.7).
                 a = _Addr(a.local, a.quoted, None)
             if a.domain is not None:
-                if not self.is_local_domain(a.domain):
+                # An empty domain counts as local (Postfix's resolve_addr() strips a
+                # trailing "@" with nothing after it and puts it back at the end): the
+                # address keeps its empty domain and gets the error flag below.
+                if a.domain and not self.is_local_domain(a.domain):
                     return a, True
                 saved_domain = a.domain
                 a = _Addr(a.local, a.quoted, None)
@@ -438,9 +441,15 @@ class AddressResolver:
                         inner = _Addr(lp, False, None)
                     a = self._rewrite_canon(inner)
                     continue
-            if a.quoted and a.local == "":
+            if a.local == "":
+                # An empty local part, quoted or not, becomes $empty_address_recipient
+                # (Postfix: "for consistency with our own From: message headers").
                 a = _Addr(self.empty_address_recipient, False, None)
             break
+        if saved_domain == "":
+            # "MAILER-DAEMON@": not a valid domain, so the caller flags an error;
+            # Postfix cuts the resolve short as the default class, as for "user@".
+            return _Addr(a.local, a.quoted, ""), True
         if saved_domain is not None:
             return _Addr(a.local, a.quoted, saved_domain), False
         return _Addr(a.local, a.quoted, self.myhostname), False

@@ -55,6 +55,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..dsn.orcpt import decode_orcpt
 from . import xclient as _xclient
 from .reply import Reply
 
@@ -114,7 +115,7 @@ class Mail(Event):
 class Rcpt(Event):
     recipient: str
     notify: str | None = None       # "NEVER" or "SUCCESS,FAILURE,DELAY" subset
-    orcpt: str | None = None        # "rfc822;addr" with the address decoded from xtext
+    orcpt: str | None = None        # "type;addr" as dsn.orcpt.decode_orcpt() reads it
     default: Reply = Reply(250, "Ok", "2.1.5")
     needs_reply = True
 
@@ -1764,15 +1765,13 @@ class ServerConnection:
                 self._error("rcpt", Reply(501, "Error: Bad NOTIFY parameter syntax", "5.5.4"))
                 return
             elif k == "ORCPT" and eq:
-                # RFC 3461 4.2: addr-type ";" xtext
-                atype, semi, xt = val.partition(";")
-                try:
-                    if "orcpt" in kw or not semi or not atype:
-                        raise ValueError
-                    kw["orcpt"] = f"{atype};{unquote_xtext(xt)}"
-                except ValueError:
+                # RFC 3461 4.2: addr-type ";" xtext; RFC 6533 3: the utf-8 type's
+                # \x{HEX} escapes instead (decode_orcpt keeps Postfix 3.7's rules).
+                decoded = None if "orcpt" in kw else decode_orcpt(val)
+                if decoded is None:
                     self._error("rcpt", Reply(501, "Error: Bad ORCPT parameter syntax", "5.5.4"))
                     return
+                kw["orcpt"] = decoded
             else:
                 self._error("rcpt", Reply(555, f"Unsupported option: {p}", "5.5.4"))
                 return
