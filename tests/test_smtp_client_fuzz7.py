@@ -643,15 +643,6 @@ def run_case(pair: Pair, script: Script, msg: Message, tag: str) -> dict:
 # out of the fuzz comparison; the regression cases below keep each one visible as
 # a strict xfail naming its cause.
 ELSEWHERE = {
-    "dsn_global_notice": "dsn: a notice about SMTPUTF8 mail is message/global-delivery-status "
-                         "with message/global (or message/global-headers) in Postfix "
-                         "(RFC 6533)",
-    "dsn_null_sender_success": "dsn: NOTIFY=SUCCESS of null-sender mail draws Postfix's "
-                               "'not sending trace/success notification for single-bounce "
-                               "message' log line",
-    "qmgr_recipient_order": "qmgr: Postfix sorts a message's recipients (domain, then "
-                            "address byte-wise) before delivery, so its notices list them "
-                            "in that order",
 }
 
 

@@ -214,6 +214,7 @@ class QueueManager:
         self.max_decimals = config.get_int("delay_logging_resolution_limit")
         self.delay_warning = config.get_time("delay_warning_time", "h")
         self._cleanup = None
+        self._double_bounce = double_bounce_address(config).lower()
         self.myhostname = config.get("myhostname") or "localhost"
         # defer_transports: master.cf service names whose mail waits for a
         # flush (postconf(5)); empty (the default) costs nothing per message.
@@ -546,17 +547,17 @@ class QueueManager:
                     got = await self._batched(None).submit(self._activate, qid, queue_name)
                 if got is None:
                     return   # gone meanwhile (postsuper -d, another run)
-                qm, warned = got
+                qm, warned, had_defer_log = got
                 if isinstance(qm, BaseException):
                     self._corrupt(qid, qm)
                     return
                 try:
-                    if not flush and queue_name == "incoming" and self.defer_transports:
+                    if not flush and queue_name == "incoming" and had_defer_log:
                         # postqueue -i/-s (Postfix's flush(8)) hand a deferred
                         # message back through incoming/ with its defer log
                         # (new mail has none, postsuper -r drops it): that is
-                        # a flush too, decided only if a transport is deferred.
-                        flush = partial(os.path.exists, self.store.path("defer", qid))
+                        # a flush too (for defer_transports).
+                        flush = True
                     await self._process(qid, qm, self.clock(), warned, flush=flush)
                 finally:
                     # The last close of a removed file frees its blocks (ext4:
@@ -590,7 +591,7 @@ class QueueManager:
         try:
             qm = self.store.open(qid, "active")
         except Exception as exc:
-            return exc, False
+            return exc, False, False
         if queue_name == "incoming" and qm.attributes.get(HOLD_ATTRIBUTE) == "1":
             # Cleanup put it on hold, but this scan (woken by another message) came
             # before cleanup's own move to hold/: hold it here, never deliver it.
@@ -600,12 +601,22 @@ class QueueManager:
             self._hold_active(qid)
             return None
         try:
-            # Mail straight from incoming/ has never been tried: no defer log.
-            warned = False if queue_name == "incoming" else self._reset_defer_log(qid)
+            # Postfix's qmgr_message_alloc() resets the defer log of every message
+            # it activates, from incoming/ too: postqueue -i/-s hand a deferred
+            # message back there with its log.  New mail has none (known without
+            # a look while _log_ids holds).
+            if queue_name == "incoming" and self._no_logs(qid):
+                return qm, False, False
+            st = getattr(qm, "stat", None)
+            if queue_name == "incoming" and st is not None and mode_expired(st.st_mode):
+                # postsuper -e: the return names each recipient's last deferral
+                # reason (side by side with Postfix 3.7), so that log stays.
+                return qm, False, False
+            had, warned = self._reset_defer_log_state(qid)
         except BaseException:
             qm.close()
             raise
-        return qm, warned
+        return qm, warned, had
 
     def _hold_active(self, qid: str) -> None:
         try:
@@ -700,6 +711,14 @@ class QueueManager:
                 groups[_BAD_SYNTAX].append((r, rc))
                 continue
             groups[(res.transport, res.nexthop or "")].append((r, rc))
+        if route is None and len(pending) > 1:
+            # Postfix's qmgr_message_sort() after resolving: each delivery batch
+            # (and so the bounce and trace logs, and the notices) in this order.
+            # A content filter's batch stays in envelope order: the smtp/lmtp
+            # client sorts its RCPT commands itself.
+            for items in groups.values():
+                if len(items) > 1:
+                    items.sort(key=_item_sort_key)
         if self.defer_transports:
             groups = self._defer_transports(groups, flush)
         if getattr(qm, "attributes", None) and qm.attributes.get(VERIFY_ATTRIBUTE):
@@ -708,6 +727,10 @@ class QueueManager:
             await run_probe(self, qid, qm, sender, arrival, active_time, groups, early,
                             dict(qm.attributes))
             return
+        # Transports whose daemon dies at start-up (see _hold_for_transport).
+        stuck = {key[0] for key in groups if self._broken_transport(key[0])} if groups else ()
+        if stuck:
+            groups = {key: items for key, items in groups.items() if key[0] not in stuck}
 
         deferred: list[tuple[object, RecipientResult]] = []
         if warned is None:
@@ -784,10 +807,16 @@ class QueueManager:
 
         if len(groups) == 1:
             (t, n), items = next(iter(groups.items()))
-            await run_group(t, n, items, alone=not early)
+            await run_group(t, n, items, alone=not early and not stuck)
         elif groups:
             await asyncio.gather(*(run_group(t, n, items) for (t, n), items in groups.items()))
 
+        if stuck:
+            # Recipients of a transport whose daemon dies at start-up: Postfix's
+            # qmgr waits for it with the message in the active queue (no log
+            # line, no retry, no expiry) until the connect watchdog fires.
+            self._hold_for_transport(qid, stuck)
+            return
         # Postfix's qmgr_active_done(): expiry is judged after the attempt, on
         # the message's age now; the remaining recipients are returned with
         # the reason (and 4.x status) of this last deferral.
@@ -801,6 +830,7 @@ class QueueManager:
                                 [(r, _final_identity(r, res), res, "failed", res.reason)
                                  for r, res in deferred], [])
             deferred = []
+        self._note_no_trace(qid, sender, pending)
         entries = None
         if fused and fused[0] is not _NOT_FINISHED:
             entries = fused[0]
@@ -834,6 +864,70 @@ class QueueManager:
             if self._log_ids is not None:
                 self._log_ids.discard(qid)      # its logs went with it
             self.log.info(f"{qid}: removed")
+
+    def _broken_transport(self, transport: str) -> bool:
+        """True when the transport's master.cf service cannot start its daemon
+        (a malformed -o and the like: master.daemon runs it as a child that
+        logs the fatal line and exits 1, and the master throttles it)."""
+        cache = self.__dict__.setdefault("_broken_cache", {})
+        got = cache.get(transport)
+        if got is None:
+            svc = None if transport in self._agents else self._service_for(transport)
+            got = False
+            if svc is not None and getattr(svc, "argv", None):
+                from postwell.config.master import daemon_startup_error
+                try:
+                    got = daemon_startup_error(svc) is not None
+                except Exception:       # noqa: BLE001 - judged by the master, not here
+                    got = False
+            cache[transport] = got
+        return got
+
+    def _hold_for_transport(self, qid: str, transports) -> None:
+        """Postfix's qmgr connects to the transport's socket; the master's
+        throttled listener never answers, so the message stays in the active
+        queue, and after $daemon_timeout qmgr_transport_abort() ends the qmgr
+        ("fatal: timeout connecting to transport: NAME"); the restarted qmgr
+        picks the active queue up again.  Here: the message stays in active/
+        untouched, and the watchdog logs that line and starts the held
+        messages again, as the restarted qmgr would."""
+        held = self.__dict__.setdefault("_held", {})
+        loop = asyncio.get_running_loop()
+        for transport in transports:
+            entry = held.get(transport)
+            if entry is None:
+                try:
+                    timeout = self.config.get_time("daemon_timeout")
+                except Exception:       # noqa: BLE001
+                    timeout = 18000.0
+                entry = held[transport] = (set(), loop.call_later(
+                    max(timeout, 0.0), self._transport_watchdog, transport))
+            entry[0].add(qid)
+
+    def _transport_watchdog(self, transport: str) -> None:
+        qids, _ = self.__dict__.get("_held", {}).pop(transport, (set(), None))
+        self.log.fatal(f"timeout connecting to transport: {transport}")
+        if self._stopping:
+            return
+        # A restart re-reads the configuration: a master.cf fixed meanwhile counts.
+        self.__dict__.pop("_broken_cache", None)
+        for qid in sorted(qids):
+            if qid not in self._in_progress and os.path.exists(self._path("active", qid)):
+                self._start(qid, "active")
+
+    def _note_no_trace(self, qid, sender, rcpts) -> None:
+        """Postfix's qmgr asks bounce(8) for a trace/success notice after each
+        pass over a message with a NOTIFY=SUCCESS recipient; for mail from the
+        null or the double-bounce sender bounce(8) logs that it sends none
+        (RFC 3461 6.2: no notice about a notice), found trace entries or not."""
+        if sender and sender.lower() != self._double_bounce:
+            return
+        if not any(wants(getattr(r, "notify", None), "SUCCESS") for r in rcpts
+                   if getattr(r, "notify", None)):
+            return
+        kind = "single" if sender == "" else "double"
+        self.bounce_log.info(f"{qid}: not sending trace/success notification "
+                             f"for {kind}-bounce message")
 
     def _defer_transports(self, groups, flush):
         """Postfix's qmgr_message_resolve(): unless this pass is a flush, the
@@ -1164,16 +1258,20 @@ class QueueManager:
         """Start each attempt with a fresh defer log (Postfix removes it when
         the message becomes active), keeping only the "delay warning sent"
         marker.  Returns whether that warning was already sent."""
+        return self._reset_defer_log_state(qid)[1]
+
+    def _reset_defer_log_state(self, qid: str) -> tuple[bool, bool]:
+        """_reset_defer_log: (there was a defer log, the warning was sent)."""
         path = self.store.path("defer", qid)
         try:
             with open(path, "rb") as f:
                 entries = qformat.parse_log_entries(f.read(4 * 1024 * 1024))
         except FileNotFoundError:
-            return False
+            return False, False
         markers = [e for e in entries if e.get("delay_warning")]
         if not markers:
             _unlink(path)
-            return False
+            return True, False
         if len(markers) != len(entries):
             tmp = path + ".tmp"
             with open(tmp, "wb") as f:
@@ -1181,7 +1279,7 @@ class QueueManager:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)   # atomic: the marker is never lost in between
-        return True
+        return True, True
 
     def _mark_delay_warned(self, qid: str) -> None:
         """Durably record that the one delay warning went out (a free entry in
@@ -1243,6 +1341,8 @@ class QueueManager:
                              content_size=getattr(qm, "content_size", 0), to=to,
                              ret=getattr(qm, "ret", None), envid=getattr(qm, "envid", None),
                              postmaster=postmaster, full=full, now=self.clock(),
+                             # RFC 6533 3: a notice about SMTPUTF8 mail is a global one
+                             smtputf8=bool(getattr(qm, "smtputf8", False)),
                              # bounce_template_file trouble, as Postfix's bounce(8) logs it
                              warn=self.bounce_log.warning)
 
@@ -1254,16 +1354,21 @@ class QueueManager:
                 # An expanded part's entry names the queue recipient as its original.
                 by_orig.setdefault(r.orig or r.address, (i, r))
                 by_orig.setdefault(r.address, (i, r))
-        out = []
+        out, first = [], {}
         for e in entries:
             addr, orig = e.get("recipient", ""), e.get("orig_rcpt", "")
             i, r = by_key.get((addr, orig)) or by_orig.get(orig) or (len(by_key), None)
-            out.append((i, DsnRecipient(addr, e.get("status", "5.0.0"), e.get("reason", ""),
+            # Keyed on the first logged address of the queue recipient (the resolved
+            # one; an alias expansion's parts stay together in log order).
+            key = first.setdefault(i, (_sort_key(addr), i)) if r is not None \
+                else (_sort_key(addr), i)
+            out.append((key, DsnRecipient(addr, e.get("status", "5.0.0"), e.get("reason", ""),
                                         e.get("action", "failed"), orig or None,
                                         getattr(r, "orcpt", None) or None,
                                         diag_type=e.get("diag_type") or None,
                                         diag_text=e.get("diag_text"))))
-        # Envelope order, whatever order the parallel deliveries finished in.
+        # qmgr_message_sort() order (as one delivery batch logs them), whatever
+        # order the parallel deliveries finished in.
         out.sort(key=lambda x: x[0])
         return [d for _, d in out]
 
@@ -1301,6 +1406,7 @@ class QueueManager:
                                         postmaster=True, full=False)
                     await self._post(qid, "postmaster non-delivery", pm_sender, to, data,
                                      critical=False)
+        # A notice about a notice is never sent (_note_no_trace logged it).
         if success and sender and not is_double_bounce(self.config, sender):
             data = self._render(SUCCESS, qid, qm, sender, arrival, success, sender)
             await self._post(qid, "sender delivery status", "", sender, data, critical=False)
@@ -1688,6 +1794,19 @@ def _site_failure(res) -> bool:
     if explicit is not None:
         return bool(explicit)
     return res.status == "deferred" and res.conn_setup_done is None and res.relay == "none"
+
+
+def _sort_key(address: str) -> tuple:
+    # qmgr_message_sort(): no domain last, then the domain without case, then
+    # the whole address byte-wise (UTF-8 byte order is code point order).
+    _, at, domain = address.rpartition("@")
+    return (0, domain.lower(), address) if at else (1, "", address)
+
+
+def _item_sort_key(item) -> tuple:
+    # (queue recipient, resolved Recipient): the resolved address decides, as
+    # Postfix's resolver rewrites rcpt->address before its second sort.
+    return _sort_key(item[1].address)
 
 
 def _wants_failure_notice(r) -> bool:
