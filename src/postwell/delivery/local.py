@@ -702,6 +702,23 @@ class Expansion:
         self.forward_active: set[str] = set()
         self.premade: dict[str, dict] = {}   # user -> mailbox result from the .forward call
         self.nodes = 0
+        self._users: dict[str, object] = {}  # getpwnam() answers of this expansion
+
+    def getpwnam(self, user: str):
+        """pwd.getpwnam() once per user and expansion (KeyError when unknown):
+        the .forward lookup and the mailbox delivery both need the entry, and
+        each look-up reads the passwd database again."""
+        try:
+            pw = self._users[user]
+        except KeyError:
+            try:
+                pw = pwd.getpwnam(user)
+            except KeyError:
+                pw = None
+            self._users[user] = pw
+        if pw is None:
+            raise KeyError(user)
+        return pw
 
     # -- helpers -------------------------------------------------------
     def leaf(self, b: Branch, dsn: str, reason: str) -> None:
@@ -973,7 +990,7 @@ class Expansion:
     # -- .forward -------------------------------------------------------
     def dotforward(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
         try:
-            pw = pwd.getpwnam(user)
+            pw = self.getpwnam(user)
         except KeyError:
             return False
         ident = Identity.from_pwd(pw)
@@ -1053,7 +1070,7 @@ class Expansion:
             self._record(b, premade)
             return True
         try:
-            pw = pwd.getpwnam(user)
+            pw = self.getpwnam(user)
         except KeyError:
             return False
         if self.been_here(("mailbox", user)):
@@ -1227,7 +1244,7 @@ class TraceExpansion(Expansion):
         if not self.mta:
             return super().dotforward(b, user, ext, domain)
         try:
-            pw = pwd.getpwnam(user)
+            pw = self.getpwnam(user)
         except KeyError:
             return False
         attrs = self._attrs(b, user, ext, domain, pw)
@@ -1270,7 +1287,7 @@ class TraceExpansion(Expansion):
 
     def mailbox(self, b: Branch, user: str, ext: str | None, domain: str) -> bool:
         try:
-            pw = pwd.getpwnam(user)
+            pw = self.getpwnam(user)
         except KeyError:
             return False
         if self.been_here(("mailbox", user)):
