@@ -1,4 +1,5 @@
-"""postfix(1) / postwell: start, stop, reload, status, check, start-fg, abort, flush; demo.
+"""postfix(1) / postwell: start, stop, reload, status, check, start-fg, abort, flush,
+logrotate, set-permissions, upgrade-configuration; demo.
 
 Usage: postwell [-c config_dir] [-v] command
 """
@@ -393,6 +394,42 @@ def cmd_flush(config_dir: str) -> int:
     return postqueue.main(["-c", config_dir, "-f"])
 
 
+def _admin_config(config_dir: str):
+    try:
+        from postwell.config import load_config
+        return load_config(config_dir, read_master=False), None
+    except Exception as exc:   # noqa: BLE001 - reported as the other commands do
+        return None, str(exc)
+
+
+def cmd_logrotate(config_dir: str, args: list[str]) -> int:
+    """postfix-script's logrotate (see master/admin.py)."""
+    from postwell.master import admin
+    from postwell.master.startup import read_running_pid
+    cfg, err = _admin_config(config_dir)
+    if cfg is None:
+        return _fatal(err)
+    return admin.logrotate(cfg, args, fatal=_fatal, script_fatal=_script_fatal,
+                           running_pid=read_running_pid)
+
+
+def cmd_post_install(config_dir: str, args: list[str]) -> int:
+    """set-permissions / upgrade-configuration: Postfix's post-install
+    create-missing COMMAND [name=value ...], for postwell's layout."""
+    from postwell.master import admin
+    cfg, err = _admin_config(config_dir)
+    if cfg is None:
+        return _fatal(err)
+    return admin.post_install(cfg, args)
+
+
+# Commands that take the rest of the command line (postfix-script gets "$@").
+ARG_COMMANDS = {
+    "logrotate": cmd_logrotate,
+    "set-permissions": cmd_post_install,
+    "upgrade-configuration": cmd_post_install,
+}
+
 COMMANDS = {
     "start": cmd_start, "stop": cmd_stop, "reload": cmd_reload, "status": cmd_status,
     "check": cmd_check, "start-fg": cmd_start_fg, "abort": cmd_abort, "flush": cmd_flush,
@@ -434,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = _parameter_check(config_dir) or _postconf_check(config_dir)
         if rc:
             return rc
+        if args[0] in ARG_COMMANDS:
+            return ARG_COMMANDS[args[0]](config_dir, args)
         cmd = COMMANDS.get(args[0])
         if cmd is None:
             try:

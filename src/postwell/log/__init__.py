@@ -49,6 +49,12 @@ class MailLog:
         self.clock = clock
         self._fd: int | None = None
         self._syslog = None
+        # Follow a rotated maillog_file (postfix logrotate renames it): the master
+        # re-opens its own log at the reload logrotate sends, so its "reload" line
+        # stays in the rotated file as Postfix's does; /dev/stdout is never rotated.
+        self._follow = bool(maillog_file) and not maillog_file.startswith("/dev/") \
+            and service != "master"
+        self._checked = 0
         self._facility = _SYSLOG_FACILITIES.get(syslog_facility, 2 << 3)
         if maillog_file:
             self._fd = os.open(maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -68,16 +74,56 @@ class MailLog:
                    syslog_facility=config.get("syslog_facility") or "mail", **kw)
 
     def reopen(self) -> None:
-        """Re-open maillog_file (after log rotation or a config reload)."""
+        """Re-open maillog_file (after log rotation or a config reload); the old
+        file stays in use when the path cannot be opened."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = os.open(self.maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                self._replace_fd(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            except OSError:
+                pass
+
+    def _replace_fd(self, flags: int) -> None:
+        # dup2 swaps the file under the same descriptor number in one step: a
+        # thread writing meanwhile reaches the old or the new file, never a
+        # closed (or re-used) descriptor.
+        new = os.open(self.maillog_file, flags | os.O_CLOEXEC, 0o644)
+        try:
+            os.dup2(new, self._fd, inheritable=False)
+        finally:
+            os.close(new)
+
+    def _follow_rotation(self) -> None:
+        """Once a second: has maillog_file been renamed away (postfix logrotate)?
+        Then write to the file now at that path.  A lost path is created again
+        only by an unprivileged process: a root-owned log would lock the
+        mail_owner daemons out (postfix logrotate creates it with their owner)."""
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            st = os.stat(self.maillog_file)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return
+        try:
+            if st is not None:
+                mine = os.fstat(fd)
+                if (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev):
+                    return
+                self._replace_fd(os.O_WRONLY | os.O_APPEND)
+            elif os.geteuid() != 0:
+                self._replace_fd(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError:
+            pass    # keep writing where we were; tried again in a second
 
     # (second, its text) and ((pid, host, program), its tag): each a single
     # attribute, read once per line, so a thread never pairs one second's key
     # with another second's text (two attributes could be seen half-updated).
     _stamp: tuple = (None, "")
     _tag: tuple = ((), "")
+    _follow = False
+    _checked = 0
 
     def format_line(self, text: str) -> str:
         # The stamp has one-second resolution: format it once per second, not per line;
@@ -97,6 +143,12 @@ class MailLog:
         # each record where Postfix's logger does: the text after the severity label.
         text = label + sanitize(text[:LOG_RECORD_LIMIT], self.utf8)
         if self._fd is not None:
+            if self._follow:
+                # the wall clock, not an injected one: rotation happens in real time
+                now = int(time.time())
+                if now != self._checked:
+                    self._checked = now
+                    self._follow_rotation()
             line = self.format_line(text).encode("utf-8", "surrogateescape")
             try:
                 os.write(self._fd, line)
