@@ -430,6 +430,39 @@ def test_postwell_logrotate_running(tmp_path):
         pw.stop()
 
 
+
+def test_reload_after_an_outside_rotation_hands_the_new_file_to_mail_owner(tmp_path):
+    """logrotate(8)-style rotation (rename, then `postfix reload`): the master,
+    as root, creates the new maillog at the reload; it must be the children's,
+    as at start, or their lines are lost."""
+    if not is_root():
+        pytest.skip("needs root")
+    pw = PostwellInstance(tmp_path)
+    pw.start()
+    import socket
+    try:
+        os.rename(pw.maillog, str(pw.maillog) + ".1")
+        pw.cli("reload", check=True)
+        # the reload line goes to the old file (as Postfix's), then the new one is made
+        rotated = Path(str(pw.maillog) + ".1")
+        deadline = time.monotonic() + 10
+        def owner():
+            try:
+                return os.stat(pw.maillog).st_uid
+            except FileNotFoundError:
+                return None
+        while "reload -- " not in rotated.read_text() or owner() != pw.uid:
+            assert time.monotonic() < deadline, (owner(), rotated.read_text()[-2000:])
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", pw.port), 5) as s:
+            s.settimeout(5)
+            s.recv(512)
+            s.sendall(b"QUIT\r\n")
+            s.recv(512)
+        pw.wait_log(r"postfix/smtpd\[\d+\]: disconnect from", timeout=10)
+    finally:
+        pw.stop()
+
 _OLD_STYLE = {
     "verify": "verify    unix  -       -       n       -       0       verify",
     "proxywrite": "proxywrite unix -       -       n       -       -       proxymap",

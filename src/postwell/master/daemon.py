@@ -53,6 +53,17 @@ BAD_STARTUP_SECONDS = 1.0      # a child dying sooner than this throttles its se
 FATAL_EXIT_DELAY = 1.0         # Postfix's msg_fatal() sleeps this long before exit(1)
 
 
+def _prepare_logfile(cfg, owner) -> None:
+    """maillog_file exists, and (when the children run as mail_owner) is theirs:
+    they append to it themselves.  OSError when it cannot be made."""
+    logfile = cfg.get("maillog_file")
+    if logfile and not logfile.startswith("/dev/"):
+        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.close(fd)
+        if owner:
+            os.chown(logfile, owner[0], owner[1])
+
+
 def mail_owner_ids(config) -> tuple[int, int, str] | None:
     """(uid, gid, name) to run children as, or None when not root (run as ourselves)."""
     name = config.get("mail_owner")
@@ -249,16 +260,10 @@ class Master:
                     os.makedirs(d, 0o755, exist_ok=True)
                 except OSError as exc:
                     raise MasterError(f"mkdir {d}: {exc.strerror}") from None
-        logfile = cfg.get("maillog_file")
-        if logfile and not logfile.startswith("/dev/"):
-            try:
-                fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                os.close(fd)
-                if self.owner:
-                    # children log as mail_owner: they must be able to append
-                    os.chown(logfile, self.owner[0], self.owner[1])
-            except OSError as exc:
-                raise MasterError(f"open logfile {logfile}: {exc.strerror}") from None
+        try:
+            _prepare_logfile(cfg, self.owner)
+        except OSError as exc:
+            raise MasterError(f"open logfile {cfg.get('maillog_file')}: {exc.strerror}") from None
 
     def _chown_queue(self, cfg) -> None:
         if not self.owner:
@@ -905,6 +910,9 @@ class Master:
         self.config, self.owner = cfg, owner
         try:
             from postwell.log import MailLog
+            # A maillog rotated away meanwhile is created again here, as root: hand
+            # it to mail_owner as at start, or the children could not append.
+            _prepare_logfile(cfg, owner)
             new_log = MailLog.from_config(cfg, "master", also_stderr=self.log_stderr)
             self.log.close()
             self.log = new_log
