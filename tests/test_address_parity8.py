@@ -240,10 +240,6 @@ def test_sendmail_recipients_side_by_side(pair):
     assert got == want
 
 
-@pytest.mark.xfail(strict=True, reason="cleanup: a pickup recipient gets no dsn_orig_rcpt; "
-                   "Postfix's cleanup records rfc822;<the address after the local rewrite "
-                   "and canonical maps>, and logs no orig_to= for sendmail's empty "
-                   "recipient (its maildrop file says MAILER-DAEMON)")
 def test_sendmail_unqualified_recipients_side_by_side(pair):
     ref, pw = pair
     want, got = harness.run_side_by_side(_submit, ref, pw, CLEANUP_RCPTS)

@@ -23,7 +23,7 @@ import re
 from typing import Callable
 
 from ..tables.base import TableError
-from .mime import TEXT_PLAIN, PartScanner, content_type, declares_8bit, structured
+from .mime import TEXT_PLAIN, PartScanner, content_type, postfix_8bit_encoding, structured
 from .mime import without_blanks_before_colon
 from .recsize import RecordSize
 
@@ -529,7 +529,7 @@ class ContentProcessor:
             return
         if raw[:13].lower() == b"content-type:":
             self.ctype = content_type(raw)
-        elif declares_8bit(raw):
+        elif postfix_8bit_encoding(raw):
             self.mime_8bit = True
 
     def _note_8bit(self) -> None:
@@ -1125,7 +1125,7 @@ class BodyScanner:
         if name == "content-type":
             self._block_ctype = content_type(raw)   # as received, see MessageChecks.header
         elif name == "content-transfer-encoding" and self.on_8bit is not None \
-                and declares_8bit(raw):
+                and postfix_8bit_encoding(raw):
             self.on_8bit()
         result = self.run._header(raw, name, self._emit, self.header_class)
         if result is not None:

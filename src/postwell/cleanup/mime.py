@@ -53,10 +53,22 @@ def content_type(raw: bytes) -> tuple[bytes, bytes, bytes | None]:
 
 
 def declares_8bit(raw: bytes) -> bool:
-    """A Content-Transfer-Encoding header saying 8bit or binary (RFC 2045 6.1)."""
+    """A Content-Transfer-Encoding header whose first token (RFC 2045 6.1) is 8bit or
+    binary.  Cleanup decides with postfix_8bit_encoding(), which is stricter."""
     value = raw.split(b":", 1)[1] if b":" in raw else b""
     token = _TOKEN_RE.match(value).group(1).lower()
     return token in (b"8bit", b"binary")
+
+
+def postfix_8bit_encoding(raw: bytes) -> bool:
+    """A Content-Transfer-Encoding header that makes Postfix's cleanup record the
+    message as 8-bit: the whole value after leading white space (folding included)
+    is 8bit or binary, in any case; a trailing blank or a comment ("8bit (x)",
+    "8bit ") does not count (3.7 side by side)."""
+    value = raw.split(b":", 1)[1] if b":" in raw else b""
+    if value.endswith(b"\n"):
+        value = value[:-1]
+    return value.lstrip(b" \t\n\r\v\f").lower() in (b"8bit", b"binary")
 
 
 def structured(ctype: tuple[bytes, bytes, bytes | None]) -> bool:
@@ -329,5 +341,5 @@ class PartScanner:
         if low.startswith(b"content-type:"):
             self._block_ctype = content_type(raw)
         elif low.startswith(b"content-transfer-encoding:"):
-            if declares_8bit(raw):
+            if postfix_8bit_encoding(raw):
                 self.on_8bit()

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..queue import HOLD_ATTRIBUTE, QueueStore, QueueWriteError, notify_qmgr
 from ..queue.store import wake_qmgr_kept
+from ..dsn.orcpt import stored_orcpt
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
 from .canonical import (ENVELOPE_RECIPIENT, ENVELOPE_SENDER, HEADER_RECIPIENT, HEADER_SENDER,
@@ -106,6 +107,10 @@ def _wake_now(queue_directory: str) -> None:
     wake_qmgr_kept(queue_directory)
 
 
+# The queue file attribute (Postfix's name) for content that declared itself 8-bit.
+ENCODING_ATTRIBUTE = "encoding"
+
+
 class CleanupSession:
     def __init__(self, cleanup: "Cleanup", rewrite_local: bool, content_checks: bool = False):
         self.cleanup = cleanup
@@ -154,6 +159,9 @@ class CleanupSession:
         # FILTER replaces it later, the last one winning.
         self.filter: str | None = cleanup.content_filter() if content_checks else None
         self.external = content_checks
+        # Postfix's CLEANUP_FLAG_AUTOUTF8 (pickup sets it from
+        # smtputf8_autodetect_classes): a non-ASCII envelope address asks for SMTPUTF8.
+        self.autodetect_utf8 = False
 
     # -- envelope ----------------------------------------------------------------
     @property
@@ -169,6 +177,8 @@ class CleanupSession:
                 sender = mapper.map(sender, ENVELOPE_SENDER)
             except AliasLookupError as exc:
                 self.map_error = exc      # answered 451 by finish()
+        if self.autodetect_utf8 and _utf8_address(sender):
+            smtputf8 = True               # RFC 6531 3.4
         self.msg.set_sender(sender, ret=ret, envid=envid, smtputf8=smtputf8,
                             body_type=body_type)
 
@@ -421,6 +431,12 @@ class CleanupSession:
             self.too_big = True
             self.msg.abort()
             return self._too_big()
+        if self.proc.mime_8bit:
+            # Postfix's extracted "encoding=8bit" record: a Content-Transfer-Encoding
+            # of 8bit or binary overrides the client's BODY= (even BODY=7BIT), so
+            # its smtp client sends BODY=8BITMIME (RFC 6152; 3.7 side by side).
+            # Undeclared 8-bit text changes nothing.
+            self.msg.set_attribute(ENCODING_ATTRIBUTE, "8bit")
         return None
 
     def _too_big(self) -> Reply:
@@ -567,8 +583,22 @@ class CleanupSession:
             address = self.cleanup.qualify(address)
             if mapper is not None:
                 address = mapper.map(address, ENVELOPE_RECIPIENT)
+            if self.autodetect_utf8 and _utf8_address(address):
+                self._request_smtputf8()
             if orig is None:
                 orig = given      # Postfix keeps the address as the client gave it
+                if orcpt is None and index < client and address:
+                    # RFC 3461 5.2.1: Postfix's cleanup_addr_recipient() records an
+                    # ORCPT for a client recipient that came without one (sendmail,
+                    # its own notices): the address after the local rewrite and
+                    # canonical mapping, before virtual aliasing (3.7 side by side).
+                    # A caller that names the original recipient (smtpd, sendmail
+                    # -bs, a requeued file) brings its ORCPT or means "rfc822;" + it.
+                    # Every reader (notices, smtp's ORCPT=) takes a missing one for
+                    # "rfc822;" + the original recipient, so only another is stored.
+                    orcpt = self._default_orcpt(address)
+                    if orcpt == f"rfc822;{orig}":
+                        orcpt = None
             targets = expander.expand(address) if expander is not None else [address]
             # Postfix's duplicate filter key (cleanup_out_recipient, checked against
             # 3.7): the client's ORCPT, NOTIFY, the original recipient and the final
@@ -597,6 +627,16 @@ class CleanupSession:
             # Postfix's REDIRECT record (its qmgr lets a redirect override the filter);
             # setting it also drops the envelope packed before the rewrite.
             self.msg.set_attribute(REDIRECT_ATTRIBUTE, target)
+
+    def _request_smtputf8(self) -> None:
+        msg = self.msg
+        msg._envelope = None              # drop the packed copy, as set_attribute()
+        msg.envelope.params["smtputf8"] = "1"
+
+    def _default_orcpt(self, address: str) -> str:
+        # RFC 6533 3: a non-ASCII address of SMTPUTF8 mail is of type utf-8.
+        utf8 = not address.isascii() and "smtputf8" in self.msg.envelope.params
+        return stored_orcpt(("utf-8;" if utf8 else "rfc822;") + address)
 
     def set_redirect(self, address: str) -> None:
         """An access-map REDIRECT (smtpd): every recipient becomes ``address``."""
@@ -665,6 +705,7 @@ class Cleanup:
         # Postfix's cleanup_out_recipient: with enable_original_recipient = no the
         # duplicate filter keys on the final recipient alone (been_here_fixed).
         self.enable_orcpt = _bool(config, "enable_original_recipient", True)
+        self.autodetect_sendmail = _smtputf8_autodetect(config, "sendmail")
         self.empty_address_recipient = config.get("empty_address_recipient") or "MAILER-DAEMON"
         self.remote_header_domain = (config.get("remote_header_rewrite_domain") or "").strip() \
             if config.raw("remote_header_rewrite_domain") is not None else ""
@@ -827,6 +868,18 @@ def _is_pattern_table(spec: str) -> bool:
     return kind in ("regexp", "pcre", "cidr", "socketmap", "tcp")
 
 
+def _utf8_address(address: str) -> bool:
+    """Non-ASCII and valid UTF-8 (Postfix's allascii() and valid_utf8_string()):
+    undecodable bytes arrive as surrogate escapes."""
+    if address.isascii():
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _client_orcpt(orcpt: str | None, orig: str | None) -> str:
     """The ORCPT the client sent, for the duplicate filter.  The smtpd may fill
     in the default ``rfc822;<original recipient>`` itself; that one counts as
@@ -836,6 +889,16 @@ def _client_orcpt(orcpt: str | None, orig: str | None) -> str:
     if orig is not None and orcpt.lower() == f"rfc822;{orig}".lower():
         return ""
     return orcpt
+
+
+def _smtputf8_autodetect(config, mail_class: str) -> bool:
+    try:
+        if not config.get_bool("smtputf8_enable"):
+            return False
+        classes = [c.lower() for c in config.get_list("smtputf8_autodetect_classes")]
+    except (ValueError, TypeError, KeyError):
+        return False
+    return mail_class in classes or "all" in classes
 
 
 def _int(config, name: str, default: int) -> int:

@@ -635,12 +635,9 @@ class Sendmail:
         out = []
         for arg in self.o.recipients:
             out.extend(tok822.recipients(arg))
-        if "" in out:
-            # Postfix's postdrop file carries the empty recipient and its cleanup
-            # sends it to $empty_address_recipient; a maildrop file holds no empty
-            # recipient, so the substitution happens here (same delivery).
-            empty = self.empty_address_recipient()
-            out = [r or empty for r in out]
+        # An empty recipient stays empty, as in Postfix's postdrop file: cleanup
+        # sends it to $empty_address_recipient with no original recipient (no
+        # orig_to= in the log).
         return out
 
     def empty_address_recipient(self) -> str:
@@ -829,6 +826,7 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
     from postwell.pickup import MaildropEnvelope
     from postwell.smtp import server as eng
     from postwell.smtp.reply import Reply
+    from postwell.smtpd.server import rcpt_orcpt
 
     cfg = sm.config
     limit = sm.size_limit()
@@ -879,12 +877,15 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
         conv.close()
         mail = state["mail"]
         rcpts = state["rcpts"]
-        env = MaildropEnvelope(sender=mail.sender, recipients=[r.recipient for r in rcpts],
+        env = MaildropEnvelope(sender=mail.sender, recipients=[r.recipient for r, _ in rcpts],
                                submit_time=time.time(), notify=None, ret=mail.ret, envid=mail.envid,
                                body=mail.body if mail.body in ("7BIT", "8BITMIME") else None,
                                protocol="ESMTP" if conn.esmtp else "SMTP", helo=conn.helo_name,
-                               rcpt_notify={i: r.notify for i, r in enumerate(rcpts) if r.notify},
-                               rcpt_orcpt={i: r.orcpt for i, r in enumerate(rcpts) if r.orcpt})
+                               rcpt_notify={i: r.notify for i, (r, _) in enumerate(rcpts)
+                                            if r.notify},
+                               # the usual "rfc822;" + the recipient is implied (pickup)
+                               rcpt_orcpt={i: o for i, (r, o) in enumerate(rcpts)
+                                           if o and o != f"rfc822;{r.recipient}"})
         try:
             name = w.finish(env)
         except OSError as exc:
@@ -925,7 +926,10 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
                 state["mail"] = ev
                 conn.send_reply(None)
             elif isinstance(ev, eng.Rcpt):
-                state["rcpts"].append(ev)
+                # RFC 3461 5.2.1: as Postfix's smtpd (which -bs runs), a recipient
+                # without ORCPT gets "rfc822;" + the address as typed; the engine
+                # still holds this command's line.
+                state["rcpts"].append((ev, rcpt_orcpt(conn._line_text, ev.orcpt)))
                 conn.send_reply(None)
             elif isinstance(ev, (eng.Data, eng.Bdat)):
                 reply = start_data()

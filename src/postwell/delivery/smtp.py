@@ -1153,6 +1153,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
                                 getattr(r, "orcpt", None) or _orig_orcpt(r))
                       for r in request.recipients)
         body = attrs.get("body") or attrs.get("body_type")
+        if attrs.get("encoding") == "8bit":
+            # Cleanup found a Content-Transfer-Encoding of 8bit/binary: Postfix's
+            # smtp client then says BODY=8BITMIME whatever the client's BODY= was.
+            body = "8BITMIME"
         # SIZE= and "message size N exceeds size limit" give Postfix's message size
         # (the qmgr's size=), which cleanup recorded; older files: the content length.
         try:

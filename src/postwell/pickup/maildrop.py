@@ -19,7 +19,8 @@ Envelope lines (values are escaped: ``%`` and the bytes 0x00-0x1F, 0x7F as
 
     time <seconds since the epoch, decimal>      exactly once
     sender <address>                            exactly once (empty: null sender)
-    rcpt <address>                              zero or more
+    rcpt <address>                              zero or more (empty: cleanup sends
+                                                it to $empty_address_recipient)
     rcpt-notify <NOTIFY value>                  optional, right after its rcpt line
     rcpt-orcpt <type;address>                   optional, right after its rcpt line
                                                 (both from sendmail -bs: RFC 3461)
@@ -199,8 +200,6 @@ def _check_values(env: MaildropEnvelope) -> None:
         raise MaildropFormatError(f"bad verify value {env.verify!r}")
     if env.protocol is not None and env.protocol not in ("SMTP", "ESMTP"):
         raise MaildropFormatError(f"bad protocol value {env.protocol!r}")
-    if any(not r for r in env.recipients):
-        raise MaildropFormatError("empty recipient")
 
 
 def parse_envelope(data: bytes) -> MaildropEnvelope:

@@ -328,6 +328,7 @@ class Pickup:
         is removed only once cleanup's commit is durable."""
         try:
             cs = self.cleanup.open(rewrite_local=rewrite == "local", content_checks=True)
+            cs.autodetect_utf8 = self.cleanup.autodetect_sendmail
         except Exception as exc:   # queue file create error: disk full, permissions
             self.log.warning(f"maildrop/{name}: cannot create queue file: {exc}")
             return KEEP
@@ -432,7 +433,12 @@ class Pickup:
             # Recipients before the content, as Postfix's pickup sends them: the
             # checks' log lines name the latest one.
             for i, rcpt in enumerate(env.recipients):
-                cs.add_recipient(rcpt, orcpt=env.rcpt_orcpt.get(i),
+                # A sendmail -bs recipient comes with its ORCPT as Postfix's smtpd
+                # makes it, "rfc822;" + the address as typed being left out of the
+                # file; naming the original recipient keeps cleanup from deriving
+                # one from the rewritten address instead.
+                cs.add_recipient(rcpt, orig=rcpt if env.protocol else None,
+                                 orcpt=env.rcpt_orcpt.get(i),
                                  notify=env.rcpt_notify.get(i, env.notify))
             self._received(cs, qid, uid, mtime)
             self._copy_content(md, cs, env)
@@ -508,7 +514,7 @@ class Pickup:
         out = []
         seen: set = set()
         for i, given in enumerate(env.recipients):
-            addr = self.cleanup.qualify(given)
+            addr = self.cleanup.qualify(given or self.cleanup.empty_address_recipient)
             notify = env.rcpt_notify.get(i, env.notify)
             client_orcpt = env.rcpt_orcpt.get(i)
             finals = expander.expand(addr) if expander is not None else [addr]

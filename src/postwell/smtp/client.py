@@ -376,10 +376,30 @@ def xtext(value: str) -> str:
     return "".join(out)
 
 
+def uxtext(value: str) -> str:
+    """RFC 6533 3 utf-8-addr-xtext: a character other than QCHAR (printable ASCII
+    less "+", "=" and "\\") as \\x{HEX} of its code point, upper case, as Postfix
+    writes a utf-8 ORCPT."""
+    if _XTEXT_PLAIN.fullmatch(value) and "\\" not in value:
+        return value
+    out = []
+    for ch in value:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:      # an undecodable byte: no code point to give
+            code -= 0xDC00
+        if 33 <= code <= 126 and ch not in "+=\\":
+            out.append(ch)
+        else:
+            out.append(f"\\x{{{code:02X}}}")
+    return "".join(out)
+
+
 def _orcpt_param(orcpt: str) -> str:
     addr_type, sep, addr = orcpt.partition(";")
     if not sep or not addr_type or "@" in addr_type:
         addr_type, addr = "rfc822", orcpt
+    if addr_type.lower() == "utf-8":
+        return f"{addr_type};{uxtext(addr)}"       # RFC 6533 3
     return f"{addr_type};{xtext(addr)}"
 
 
