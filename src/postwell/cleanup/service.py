@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..queue import HOLD_ATTRIBUTE, QueueStore, QueueWriteError, notify_qmgr
 from ..queue.store import wake_qmgr_kept
-from ..dsn.orcpt import stored_orcpt
+from ..dsn.orcpt import is_utf8_address as _utf8_address, stored_orcpt
 from ..smtp.reply import Reply
 from .addresses import ADDRESS_HEADERS, rewrite_header, rewrite_local
 from .canonical import (ENVELOPE_RECIPIENT, ENVELOPE_SENDER, HEADER_RECIPIENT, HEADER_SENDER,
@@ -866,18 +866,6 @@ def _is_pattern_table(spec: str) -> bool:
     if kind == "proxy":
         kind = spec.split(":", 2)[1].lower() if spec.count(":") >= 2 else kind
     return kind in ("regexp", "pcre", "cidr", "socketmap", "tcp")
-
-
-def _utf8_address(address: str) -> bool:
-    """Non-ASCII and valid UTF-8 (Postfix's allascii() and valid_utf8_string()):
-    undecodable bytes arrive as surrogate escapes."""
-    if address.isascii():
-        return False
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _client_orcpt(orcpt: str | None, orig: str | None) -> str:

@@ -37,6 +37,8 @@ from postwell.cli import bounce_templates as _bt
 from postwell.delivery.base import iter_lines
 from postwell.policy.restrictions import log_address
 
+from .orcpt import is_utf8_address as _utf8_address
+
 FAILURE, DELAY, SUCCESS = "failure", "delay", "success"
 VERIFY = "verify"        # sendmail -bv's "Mail Delivery Status Report" (verify_template)
 
@@ -263,18 +265,6 @@ def _original_recipient(r: DsnRecipient, smtputf8: bool = False) -> str | None:
             return f"utf-8; {r.orig}"
         return f"rfc822;{r.orig}"
     return None
-
-
-def _utf8_address(address: str) -> bool:
-    """Postfix's IS_UTF8_ADDRESS: not ASCII, and valid UTF-8 (no client bytes that
-    were not UTF-8, which travel as surrogate escapes)."""
-    if address.isascii():
-        return False
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _address_type(address: str, smtputf8: bool) -> str:

@@ -118,3 +118,15 @@ def fallback_orcpt(path_token: str) -> str:
     if len(path_token) >= 2 and path_token[0] == "<" and path_token[-1] == ">":
         path_token = path_token[1:-1]
     return stored_orcpt("rfc822;" + path_token)
+
+
+def is_utf8_address(address: str) -> bool:
+    """Postfix's IS_UTF8_ADDRESS (allascii() and valid_utf8_string()): not ASCII,
+    and valid UTF-8 (client bytes that were not UTF-8 travel as surrogate escapes)."""
+    if address.isascii():
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
