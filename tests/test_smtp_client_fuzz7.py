@@ -677,6 +677,10 @@ def _lenient(side: dict) -> dict:
     return {"trail": trail, "wire": wire, "notices": notices}
 
 
+def _notice_kind(n: dict) -> tuple:
+    return (str(n["head"].get("Subject") or ""), repr(n.get("types")))
+
+
 def differences(got: dict, lenient: bool = False) -> list[str]:
     want, have = got["postfix"], got["postwell"]
     if lenient:
@@ -694,7 +698,10 @@ def differences(got: dict, lenient: bool = False) -> list[str]:
     if len(have["notices"]) != len(want["notices"]):
         out.append(f"notices: postfix {len(want['notices'])}, postwell {len(have['notices'])}")
     else:
-        for a, b in zip(want["notices"], have["notices"]):
+        # Paired by kind, not by arrival: a message's failure and success notices are two
+        # queue files that either MTA may deliver in either order.
+        for a, b in zip(sorted(want["notices"], key=_notice_kind),
+                        sorted(have["notices"], key=_notice_kind)):
             if a != b:
                 out.append(f"notice differs:\n{a}\n--- postwell:\n{b}")
     return out
