@@ -19,7 +19,7 @@ from postwell.config.postfix_defaults import POSTFIX_DEFAULTS
 from postwell.config.main import (RAW_PARAMETERS, Config, ConfigError, config_dir_from_env,
                                   iter_logical_lines, load_config, split_name_value)
 from postwell.config.master import (MasterService, parse_master_cf, parse_master_line,
-                                    split_nameval, unbrace)
+                                    read_master_text, split_nameval, unbrace)
 
 PROG = "postconf"
 LINE_LIMIT = 80
@@ -97,16 +97,10 @@ def load(config_dir: str | None, *, defaults_only: bool = False) -> Config:
         cfg = Config(directory, {}, {}, [], os.path.join(directory, "main.cf"))
     else:
         cfg = load_config(config_dir, read_master=False)
-    master_path = os.path.join(cfg.config_dir, "master.cf")
-    try:
-        with open(master_path, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except FileNotFoundError:
-        cfg.warnings.append(f"open {master_path}: No such file or directory")
-    except PermissionError:
-        raise ConfigError(f"open {master_path}: Permission denied") from None
-    else:
-        cfg.services[:] = parse_master_cf(text, master_path, cfg.warnings.append, strict=False)
+    text = read_master_text(cfg)
+    if text is not None:
+        cfg.services[:] = parse_master_cf(text, os.path.join(cfg.config_dir, "master.cf"),
+                                          cfg.warnings.append, strict=False)
     return cfg
 
 

@@ -134,6 +134,22 @@ def _yes_no(value: str, default: bool, what: str, line: str, filename: str, line
     raise ConfigError(f'invalid {what} field "{value}" in "{line}"', filename, lineno)
 
 
+def read_master_text(cfg) -> str | None:
+    """$config_directory/master.cf's text; None, with Postfix's warning added to
+    cfg.warnings, when it is missing (postconf and postfix(1) go on without it);
+    ConfigError when it cannot be read."""
+    import os
+    path = os.path.join(cfg.config_dir, "master.cf")
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except FileNotFoundError:
+        cfg.warnings.append(f"open {path}: No such file or directory")
+        return None
+    except PermissionError:
+        raise ConfigError(f"open {path}: Permission denied") from None
+
+
 def parse_master_cf(text: str, filename: str = "master.cf", warn=None, *,
                     strict: bool = True, strict_options: bool | None = None) -> list[MasterService]:
     services: list[MasterService] = []

@@ -1174,13 +1174,7 @@ def deliver_maildir_unnamed(d: Delivery, open_content) -> None:
             _writing(newdir, -1)
     _unnamed_state["ok"] = True
     try:
-        if _virtual.maildir_name_ordered(getattr(d, "queue_dev", None), st.st_dev):
-            return              # see deliver_maildir()
-        deferred = getattr(_virtual._batch_state, "dirs", None)
-        if deferred is not None:
-            deferred.append(newdir)
-        else:
-            _sync_new(newdir)
+        _virtual.sync_new_dir(d, st.st_dev, newdir, _sync_new)
     finally:
         os.close(fd)
 

@@ -429,6 +429,21 @@ def write_message(fd: int, d: "Delivery", open_content) -> int:
     return written
 
 
+def sync_new_dir(d: "Delivery", dev: int, newdir: str, sync) -> None:
+    """Make the new/ entry durable before "delivered": nothing when the queue
+    file's later removal cannot reach the disk before the link (see
+    maildir_name_ordered: no new/ fsync, as Postfix's local(8)); in a worker's
+    batch its caller fsyncs new/ once for the whole batch before any of it is
+    reported; else ``sync(newdir)``."""
+    if maildir_name_ordered(getattr(d, "queue_dev", None), dev):
+        return
+    deferred = getattr(_batch_state, "dirs", None)
+    if deferred is not None:
+        deferred.append(newdir)
+    else:
+        sync(newdir)
+
+
 def deliver_maildir(d: Delivery, open_content) -> None:
     """Maildir delivery (the Maildir spec): write under tmp/, fsync, rename
     into new/, fsync new/.  Returns only when both the file and its name in
@@ -466,20 +481,9 @@ def deliver_maildir(d: Delivery, open_content) -> None:
             make_dirs()
             os.rename(tmpfile, newfile)
         placed = True
-        if maildir_name_ordered(d.queue_dev, st.st_dev):
-            # The queue file is removed only after this returns, and that
-            # removal cannot reach the disk before this rename (see
-            # maildir_name_ordered): no new/ fsync, as Postfix's local(8).
-            return
-        deferred = getattr(_batch_state, "dirs", None)
-        if deferred is not None:
-            # A worker's batch: its caller fsyncs new/ once for the whole
-            # batch before any of it is reported delivered.
-            deferred.append(newdir)
-        else:
-            # Deliveries running at once into one Maildir share the new/ fsync
-            # (group commit); each still returns only after one that covers its rename.
-            sync_dir_grouped(newdir)
+        # Deliveries running at once into one Maildir share the new/ fsync
+        # (group commit); each still returns only after one that covers its rename.
+        sync_new_dir(d, st.st_dev, newdir, sync_dir_grouped)
     finally:
         os.close(fd)
         if not placed:

@@ -63,18 +63,13 @@ def load(config_dir: str, *, lenient: bool = False):
     check` sees master.cf: Postfix's check runs postconf, never the master's
     parser."""
     from postwell.config import ConfigError, load_config
-    from postwell.config.master import parse_master_cf
+    from postwell.config.master import parse_master_cf, read_master_text
     try:
         cfg = load_config(config_dir, read_master=False)
         path = os.path.join(cfg.config_dir, "master.cf")
-        try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                text = f.read()
-        except FileNotFoundError:
-            cfg.warnings.append(f"open {path}: No such file or directory")
+        text = read_master_text(cfg)
+        if text is None:
             return cfg
-        except PermissionError:
-            raise ConfigError(f"open {path}: Permission denied") from None
         cfg.services[:] = parse_master_cf(text, path, None, strict=not lenient,
                                           strict_options=False)
         if not lenient:
