@@ -69,11 +69,11 @@ def test_full_output(env, capsys):
         f"create_time: {stamp}\n"
         "named_attribute: client_name=unknown\n"
         "named_attribute: protocol_name=ESMTP\n"
-        "named_attribute: dsn_ret=2\n"
-        "named_attribute: dsn_envid=env-1\n"
+        "named_attribute: envelope_id=env-1\n"
+        "named_attribute: ret_flags=2\n"
         "sender: s@remote.test\n"
+        "named_attribute: notify_flags=6\n"
         "named_attribute: dsn_orig_rcpt=rfc822;A@far.test\n"
-        "named_attribute: dsn_notify=SUCCESS,FAILURE\n"
         "original_recipient: A@far.test\n"
         "recipient: a@far.test\n"
         "original_recipient: b@far.test\n"
@@ -120,7 +120,7 @@ def test_offsets_point_into_the_file(env, capsys):
             assert data[off:off + 1] == b"S" and b"s@remote.test" in data[off:off + 20]
         elif text.startswith("named_attribute: client_name="):
             assert data[off:off + 1] == b"A" and data[off + 5:].startswith(b"client_name\0unknown")
-        elif text.startswith("named_attribute: dsn_envid="):
+        elif text.startswith("named_attribute: envelope_id="):
             assert data[off:off + 1] == b"P" and data[off + 5:].startswith(b"envid\0env-1")
         elif text.startswith("recipient: b@far.test"):
             assert data[off:off + 1] == b"R" and data[off + 6:].startswith(b"b@far.test\0")

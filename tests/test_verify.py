@@ -882,3 +882,24 @@ def test_prober_queues_a_flagged_probe(tmp_path):
     finally:
         qm.close()
     assert any(f"{qid}: message-id=<" in line for line in log.lines)
+
+
+@pytest.mark.parametrize("address, classes, want", [
+    ("caf\u00e9@x.test", "sendmail, verify", "1"),     # Postfix's default classes name verify
+    ("caf\u00e9@x.test", "sendmail", None),
+    ("plain@x.test", "sendmail, verify", None),
+])
+def test_probe_for_utf8_address_asks_for_smtputf8(tmp_path, address, classes, want):
+    """smtputf8_autodetect_classes "verify": a probe's UTF-8 recipient requests
+    SMTPUTF8 as Postfix's post_mail() probe does."""
+    from postwell.queue import QueueStore
+    from postwell.verify.service import Prober
+    store = QueueStore(str(tmp_path / "q"))
+    store.ensure_layout()
+    cfg = Config(str(tmp_path), {"queue_directory": str(tmp_path / "q"), "myhostname": "mx.x.test",
+                                 "smtputf8_autodetect_classes": classes}, {}, [])
+    qid = asyncio.run(Prober(cfg, NullLog("verify"), store=store,
+                             cleanup_log=NullLog("cleanup")).send(address))
+    assert qid
+    with store.open(qid) as q:
+        assert q.params.get("smtputf8") == want

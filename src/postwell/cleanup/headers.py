@@ -84,6 +84,8 @@ class ContentProcessor:
     _scanner = None             # the body's line scanner for body_checks / MIME part headers
     mime_8bit = False           # a Content-Transfer-Encoding said 8bit or binary
     ctype = TEXT_PLAIN          # the primary Content-Type as received
+    utf8_header = False         # a header as written (after the checks) is not ASCII
+    _utf8_track = False
 
     def __init__(self, sink: Callable[[bytes], None], *, header_size_limit: int = 102400,
                  hopcount_limit: int = 50, line_length_limit: int = 2048,
@@ -92,7 +94,7 @@ class ContentProcessor:
                  header_rewriter: Callable[[bytes, int], bytes | None] | None = None,
                  rewrite_names: frozenset[str] = frozenset(),
                  checks: "MessageChecks | None" = None, mime: bool = True,
-                 mime_nesting_limit: int = 100):
+                 mime_nesting_limit: int = 100, track_utf8: bool = False):
         self.sink = sink
         self.header_size_limit = max(header_size_limit, 1)
         self.line_length_limit = max(line_length_limit, 1)
@@ -114,6 +116,13 @@ class ContentProcessor:
             # Decided once per message: with checks every header is held whole (they
             # see the logical header); without them the hot path stays as it was.
             self._checks = checks
+        if track_utf8:
+            # Postfix's SMTPUTF8_FLAG_HEADER: raised by any header its cleanup writes
+            # through its header output routine (client and MIME part headers after
+            # header_checks, PREPEND text, the smtpd's Received:), not by the
+            # Message-Id/Date/From cleanup adds (3.7 side by side).  Any byte
+            # over 0x7F counts, valid UTF-8 or not.  One isascii() per header block.
+            self._utf8_track = True
 
     # -- line-end normalisation ------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -194,6 +203,9 @@ class ContentProcessor:
     def _flush_headers(self) -> None:
         hout = self._hout
         if hout:
+            if self._utf8_track and self.in_header and not self.utf8_header \
+                    and not hout.isascii():
+                self.utf8_header = True
             data = bytes(hout)
             hout.clear()
             self.sink(data)
@@ -480,13 +492,20 @@ class ContentProcessor:
                 self._hbuf = None
                 rewrite = True
                 if self._cur_name in _MIME_NAMES:
-                    # The MIME parser reads the header as received, before the checks.
-                    self._mime_header(raw)
+                    # The MIME parser reads the header as received, before the checks;
+                    # the encoding is what the checks leave (below).
+                    self._mime_header(raw, self._checks is None)
                     self._capture = None
                 if self._checks is not None:
                     raw = self._check_header(raw)
                     if raw is not None:
                         self._note_header(self._cur_name or "")
+                        if self._cur_name == "content-transfer-encoding" \
+                                and postfix_8bit_encoding(raw):
+                            # Postfix's cleanup takes encoding=8bit from the header it
+                            # writes: after an IGNORE nothing, after a REPLACE the new
+                            # text (3.7 side by side).
+                            self.mime_8bit = True
                     rewrite = (raw is not None and self.header_rewriter is not None
                                and self._cur_name in self.rewrite_names and not self._suppress)
                 new = self.header_rewriter(raw, self._hname_len) if raw and rewrite else None
@@ -524,16 +543,20 @@ class ContentProcessor:
         text = value.decode("utf-8", "surrogateescape").lstrip(" \t").rstrip("\n")
         self.on_message_id(text, bool(name and name.startswith("resent-")))
 
-    def _mime_header(self, raw: bytes) -> None:
-        if not self.mime:
-            return
+    def _mime_header(self, raw: bytes, encoding: bool = True) -> None:
         if raw[:13].lower() == b"content-type:":
-            self.ctype = content_type(raw)
-        elif postfix_8bit_encoding(raw):
+            if self.mime:
+                self.ctype = content_type(raw)
+        elif encoding and postfix_8bit_encoding(raw):
+            # A primary header's encoding counts even with disable_mime_input_processing
+            # (Postfix's header callback sees the primary headers; 3.7 side by side).
             self.mime_8bit = True
 
     def _note_8bit(self) -> None:
         self.mime_8bit = True
+
+    def _note_utf8(self) -> None:
+        self.utf8_header = True
 
     def _check_header(self, raw: bytes) -> bytes | None:
         """header_checks on one held logical header: the text to write (the same
@@ -552,6 +575,9 @@ class ContentProcessor:
 
     def _end_of_header(self, line: bytes | None, partial: bytes | None = None) -> None:
         self._finish_header()
+        if self._utf8_track and not self.utf8_header and not self._hout.isascii():
+            # Before the headers cleanup adds: those never count.
+            self.utf8_header = True
         self.in_header = False
         if self.on_header_end:
             for extra in self.on_header_end(self):
@@ -562,6 +588,8 @@ class ContentProcessor:
                                                 self.header_size_limit)
             if scanner is not None:
                 scanner.on_8bit = self._note_8bit
+                if self._utf8_track:
+                    scanner.on_utf8 = self._note_utf8
                 # The empty line that ended the primary header block starts the body: it
                 # does not end a top-level message/rfc822's header block.
                 scanner.separator = line is None and not partial
@@ -573,7 +601,8 @@ class ContentProcessor:
             # message never gets here.
             scanner = PartScanner(self._body, self.ctype, self.mime_nesting_limit,
                                   self.header_size_limit, self._note_8bit,
-                                  separator=line is None and not partial)
+                                  separator=line is None and not partial,
+                                  on_utf8=self._note_utf8 if self._utf8_track else None)
             self._scanner = scanner
             self._body = scanner.feed
         first = line if line is not None else partial
@@ -943,6 +972,7 @@ class BodyScanner:
     boundary stack (mime_nesting_limit levels)."""
 
     on_8bit: Callable[[], None] | None = None   # a part's CTE said 8bit or binary
+    on_utf8: Callable[[], None] | None = None   # a part header written is not ASCII
     separator = False           # the first record is the primary header block's empty line
 
     def __init__(self, run: MessageChecks, out: Callable[[bytes], None], line_limit: int,
@@ -1124,12 +1154,24 @@ class BodyScanner:
         name = m.group(1).decode("ascii", "replace").lower() if m else ""
         if name == "content-type":
             self._block_ctype = content_type(raw)   # as received, see MessageChecks.header
-        elif name == "content-transfer-encoding" and self.on_8bit is not None \
-                and postfix_8bit_encoding(raw):
-            self.on_8bit()
-        result = self.run._header(raw, name, self._emit, self.header_class)
+        on_utf8 = self.on_utf8
+        emit = self._emit if on_utf8 is None else self._emit_part_header
+        result = self.run._header(raw, name, emit, self.header_class)
         if result is not None:
-            self._emit(result + b"\n")
+            if result is not raw:
+                m = _HEADER_RE.match(result)
+                name = m.group(1).decode("ascii", "replace").lower() if m else ""
+            # The encoding follows the header as written, after mime_header_checks
+            # (IGNORE drops it, REPLACE can make one; 3.7 side by side).
+            if name == "content-transfer-encoding" and self.on_8bit is not None \
+                    and postfix_8bit_encoding(result):
+                self.on_8bit()
+            emit(result + b"\n")
+
+    def _emit_part_header(self, data: bytes) -> None:
+        if not data.isascii():
+            self.on_utf8()
+        self._buf += data
 
     def _end_block(self) -> None:
         self._end_part_header()

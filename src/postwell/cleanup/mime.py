@@ -81,7 +81,8 @@ class PartScanner:
     """The message body, its part header blocks normalised; everything else as is."""
 
     def __init__(self, out: Callable[[bytes], None], ctype, nesting_limit: int,
-                 header_limit: int, on_8bit: Callable[[], None], separator: bool = False):
+                 header_limit: int, on_8bit: Callable[[], None], separator: bool = False,
+                 on_utf8: Callable[[], None] | None = None):
         """``separator``: the body starts with the empty line that ended the primary
         header block (it belongs to no part header block)."""
         self._sink = out
@@ -90,6 +91,9 @@ class PartScanner:
         self.nesting_limit = nesting_limit
         self.header_limit = max(header_limit, 1)
         self.on_8bit = on_8bit
+        # Called when a part header written is not ASCII (Postfix's
+        # SMTPUTF8_FLAG_HEADER); None: nobody asks, nothing is scanned.
+        self.on_utf8 = on_utf8
         self.boundaries: list[bytes] = []
         self._digest: list[bool] = [False]
         self._longest = 0                 # longest boundary: what a candidate line needs
@@ -300,10 +304,14 @@ class PartScanner:
             if self._hlen > self.header_limit:
                 raw = b"\n".join(self._more)
                 self._note(raw)
+                if self.on_utf8 is not None and not raw.isascii():
+                    self.on_utf8()
                 self._buf += raw
                 self._buf += b"\n"
                 self._more = []
         else:
+            if self.on_utf8 is not None and not line.isascii():
+                self.on_utf8()
             self._buf += line
             self._buf += b"\n"
 
@@ -319,6 +327,8 @@ class PartScanner:
         if raw is not None:
             if raw[:1] in b"cC":
                 self._note(raw)
+            if self.on_utf8 is not None and not raw.isascii():
+                self.on_utf8()
             self._buf += raw
             self._buf += b"\n"
 

@@ -109,6 +109,14 @@ def _wake_now(queue_directory: str) -> None:
 
 # The queue file attribute (Postfix's name) for content that declared itself 8-bit.
 ENCODING_ATTRIBUTE = "encoding"
+# Postfix's SMTPUTF8 flags (smtputf8.h) beyond "requested" (the envelope parameter
+# smtputf8 = 1): a header that is not ASCII, a UTF-8 envelope sender.  Postfix keeps
+# them in its size record (postcat -e shows the sum as message_size's last field);
+# postwell writes this attribute, the decimal sum, only when one is raised.
+SMTPUTF8_FLAGS_ATTRIBUTE = "postwell_smtputf8"
+# Postfix's REC_TYPE_FULL record (the submitter's full name, sendmail -F).
+FULLNAME_ATTRIBUTE = "postwell_fullname"
+SMTPUTF8_REQUESTED, SMTPUTF8_HEADER, SMTPUTF8_SENDER = 1, 2, 4
 
 
 class CleanupSession:
@@ -150,7 +158,8 @@ class CleanupSession:
                                      header_rewriter=self._rewrite_header
                                      if rewrite_local or cfg.remote_header_domain else None,
                                      rewrite_names=ADDRESS_HEADERS, checks=self.checks,
-                                     mime=cfg.mime, mime_nesting_limit=cfg.mime_nesting_limit)
+                                     mime=cfg.mime, mime_nesting_limit=cfg.mime_nesting_limit,
+                                     track_utf8=cfg.smtputf8_enable)
         self._id_logged = False
         self._data_started = False
         self.map_error: Exception | None = None
@@ -159,9 +168,11 @@ class CleanupSession:
         # FILTER replaces it later, the last one winning.
         self.filter: str | None = cleanup.content_filter() if content_checks else None
         self.external = content_checks
-        # Postfix's CLEANUP_FLAG_AUTOUTF8 (pickup sets it from
-        # smtputf8_autodetect_classes): a non-ASCII envelope address asks for SMTPUTF8.
-        self.autodetect_utf8 = False
+        # Postfix's CLEANUP_FLAG_AUTOUTF8 (smtputf8_autodetect_classes; pickup sets
+        # it, None: smtpd mail follows the "smtpd" class, other mail none): a UTF-8
+        # envelope address, or a header that is not ASCII, asks for SMTPUTF8.
+        self.autodetect_utf8: bool | None = None
+        self.utf8_flags = 0               # SMTPUTF8_HEADER | SMTPUTF8_SENDER seen
 
     # -- envelope ----------------------------------------------------------------
     @property
@@ -177,8 +188,12 @@ class CleanupSession:
                 sender = mapper.map(sender, ENVELOPE_SENDER)
             except AliasLookupError as exc:
                 self.map_error = exc      # answered 451 by finish()
-        if self.autodetect_utf8 and _utf8_address(sender):
-            smtputf8 = True               # RFC 6531 3.4
+        if self.cleanup.smtputf8_enable and _utf8_address(sender):
+            # Postfix raises its sender flag for every mail class; it asks for
+            # SMTPUTF8 (RFC 6531 3.4) only for an autodetect class (finish()).
+            self.utf8_flags |= SMTPUTF8_SENDER
+        else:
+            self.utf8_flags &= ~SMTPUTF8_SENDER
         self.msg.set_sender(sender, ret=ret, envid=envid, smtputf8=smtputf8,
                             body_type=body_type)
 
@@ -404,6 +419,18 @@ class CleanupSession:
                 self.filter = checks.filter
         if self.filter:
             self.msg.set_attribute(FILTER_ATTRIBUTE, self.filter)
+        if self.proc.utf8_header:
+            self.utf8_flags |= SMTPUTF8_HEADER
+        if self.autodetect_utf8 is None:
+            self.autodetect_utf8 = self.cleanup.autodetect_smtpd and self.external \
+                and "client_address" in self.msg.envelope.attributes
+        if self.utf8_flags:
+            if self.autodetect_utf8:
+                # RFC 6531 3.2: a UTF-8 sender or header needs an SMTPUTF8 path
+                # (Postfix's autodetection; its smtp client bounces such mail 5.6.7
+                # at a server without SMTPUTF8).  Recipients: _output_recipients.
+                self._request_smtputf8()
+            self.msg.set_attribute(SMTPUTF8_FLAGS_ATTRIBUTE, str(self.utf8_flags))
         try:
             if self.map_error is not None:
                 raise self.map_error
@@ -431,7 +458,7 @@ class CleanupSession:
             self.too_big = True
             self.msg.abort()
             return self._too_big()
-        if self.proc.mime_8bit:
+        if self.proc.mime_8bit and self.cleanup.detect_8bit:
             # Postfix's extracted "encoding=8bit" record: a Content-Transfer-Encoding
             # of 8bit or binary overrides the client's BODY= (even BODY=7BIT), so
             # its smtp client sends BODY=8BITMIME (RFC 6152; 3.7 side by side).
@@ -503,7 +530,7 @@ class CleanupSession:
         encoding = _ENCODINGS.get(body.upper()) if body else None
         if encoding:
             size += rs.attribute("encoding", encoding)
-        if self.proc.mime_8bit:
+        if self.proc.mime_8bit and self.cleanup.detect_8bit:
             # The extracted segment says what the content declared (any part).
             encoding = "8bit"
         if encoding:
@@ -542,8 +569,11 @@ class CleanupSession:
 
     def set_fullname(self, name: str | None) -> None:
         """The submitter's full name (pickup: sendmail -F or the GECOS name), which
-        Postfix keeps in its queue file (it counts in message_size_limit)."""
+        Postfix keeps in its queue file (it counts in message_size_limit; postcat -e
+        shows it as sender_fullname)."""
         self.fullname = name
+        if name is not None:
+            self.set_attribute(FULLNAME_ATTRIBUTE, name)
 
     def _output_recipients(self) -> None:
         expander = self.cleanup.expander()
@@ -587,18 +617,17 @@ class CleanupSession:
                 self._request_smtputf8()
             if orig is None:
                 orig = given      # Postfix keeps the address as the client gave it
-                if orcpt is None and index < client and address:
-                    # RFC 3461 5.2.1: Postfix's cleanup_addr_recipient() records an
-                    # ORCPT for a client recipient that came without one (sendmail,
-                    # its own notices): the address after the local rewrite and
-                    # canonical mapping, before virtual aliasing (3.7 side by side).
-                    # A caller that names the original recipient (smtpd, sendmail
-                    # -bs, a requeued file) brings its ORCPT or means "rfc822;" + it.
-                    # Every reader (notices, smtp's ORCPT=) takes a missing one for
-                    # "rfc822;" + the original recipient, so only another is stored.
-                    orcpt = self._default_orcpt(address)
-                    if orcpt == f"rfc822;{orig}":
-                        orcpt = None
+            if orcpt is None and index < client:
+                # RFC 3461 5.2.1: Postfix's cleanup records an ORCPT for every
+                # recipient record that came without one (sendmail, its own
+                # notices, local(8)'s forwarding below a mailing list, verify
+                # probes): the address after the local rewrite and canonical
+                # mapping, before virtual aliasing; the record is written even
+                # when it says what "rfc822;" + the original recipient would
+                # (3.7 side by side, postcat -e).  always_bcc and BCC actions
+                # get none.  Readers still take a missing one (older queue files)
+                # for "rfc822;" + the original recipient.
+                orcpt = self._default_orcpt(address)
             targets = expander.expand(address) if expander is not None else [address]
             # Postfix's duplicate filter key (cleanup_out_recipient, checked against
             # 3.7): the client's ORCPT, NOTIFY, the original recipient and the final
@@ -697,6 +726,9 @@ class Cleanup:
         # are written "Name:", declared 8bit content is noted).
         self.mime = not _bool(config, "disable_mime_input_processing", False)
         self.mime_nesting_limit = _int(config, "mime_nesting_limit", 100)
+        # detect_8bit_encoding_header = no: a Content-Transfer-Encoding never makes
+        # the message 8-bit (only BODY= does).
+        self.detect_8bit = _bool(config, "detect_8bit_encoding_header", True)
         self.myhostname = config.get("myhostname") or "localhost"
         self.myorigin = (config.get("myorigin") if config.raw("myorigin") is not None else "") or self.myhostname
         self.always_add_missing_headers = _bool(config, "always_add_missing_headers", False)
@@ -705,7 +737,9 @@ class Cleanup:
         # Postfix's cleanup_out_recipient: with enable_original_recipient = no the
         # duplicate filter keys on the final recipient alone (been_here_fixed).
         self.enable_orcpt = _bool(config, "enable_original_recipient", True)
+        self.smtputf8_enable = _smtputf8_enabled(config)
         self.autodetect_sendmail = _smtputf8_autodetect(config, "sendmail")
+        self.autodetect_smtpd = _smtputf8_autodetect(config, "smtpd")
         self.empty_address_recipient = config.get("empty_address_recipient") or "MAILER-DAEMON"
         self.remote_header_domain = (config.get("remote_header_rewrite_domain") or "").strip() \
             if config.raw("remote_header_rewrite_domain") is not None else ""
@@ -736,6 +770,16 @@ class Cleanup:
         """Envelope addresses are rewritten in the local context for every client
         (append @$myorigin, bang path, percent hack; checked against 3.7)."""
         return rewrite_local(address, self.myorigin)
+
+    def smtputf8_autodetect(self, mail_class: str) -> bool:
+        """Is ``mail_class`` (sendmail, verify, smtpd, qmqpd, forward, bounce,
+        notify, all) in smtputf8_autodetect_classes (and smtputf8_enable on)?
+        The caller sets the session's ``autodetect_utf8`` from it."""
+        if mail_class == "sendmail":
+            return self.autodetect_sendmail
+        if mail_class == "smtpd":
+            return self.autodetect_smtpd
+        return _smtputf8_autodetect(self.config, mail_class)
 
     def open(self, rewrite_local: bool = False, content_checks: bool = False) -> CleanupSession:
         """``content_checks``: apply header_checks/body_checks, as Postfix's cleanup
@@ -877,6 +921,13 @@ def _client_orcpt(orcpt: str | None, orig: str | None) -> str:
     if orig is not None and orcpt.lower() == f"rfc822;{orig}".lower():
         return ""
     return orcpt
+
+
+def _smtputf8_enabled(config) -> bool:
+    try:
+        return bool(config.get_bool("smtputf8_enable"))
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 def _smtputf8_autodetect(config, mail_class: str) -> bool:

@@ -31,6 +31,14 @@ SEARCH_QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 ENV, HEAD, BODY = 1, 2, 4
 RET_CODES = {"FULL": "1", "HDRS": "2"}
 BODY_ENCODING = {"7BIT": "7bit", "8BITMIME": "8bit", "BINARYMIME": "binary"}
+# cleanup.service.SMTPUTF8_FLAGS_ATTRIBUTE and FULLNAME_ATTRIBUTE (not imported:
+# postcat stays light).
+SMTPUTF8_FLAGS = "postwell_smtputf8"
+FULLNAME = "postwell_fullname"
+# Attributes not listed with the others: the SMTPUTF8 flags are part of Postfix's size
+# record (message_size), the encoding is in its extracted segment, the full name is
+# a record of its own.
+_SHOWN_ELSEWHERE = frozenset({SMTPUTF8_FLAGS, "encoding", FULLNAME})
 
 
 class PostcatError(Exception):
@@ -41,23 +49,38 @@ class NotQueueFile(PostcatError):
     """Postfix warns and goes on with the next file."""
 
 
+# Postfix's record types (rec_type.h) behind each line postcat shows, for -d.
+RECORD_TYPES = {"message_size": "C", "message_arrival_time": "T", "create_time": "A",
+                "named_attribute": "A", "sender_fullname": "F", "sender": "S",
+                "original_recipient": "O", "recipient": "R", "done_recipient": "D",
+                "MESSAGE CONTENTS": "M", "HEADER EXTRACTED": "X", "MESSAGE FILE END": "E"}
+TEXT_RECORD = "N"
+
+
 class Printer:
-    def __init__(self, out, flags: int, offsets: bool):
+    def __init__(self, out, flags: int, offsets: bool, decimal: bool = False,
+                 verbose: bool = False):
         self.out = out
         self.flags = flags
         self.offsets = offsets
+        self.decimal = decimal      # -d: each record's type as a decimal number
+        self.verbose = verbose      # -v: content records named as envelope ones are
 
-    def line(self, offset: int | None, text: bytes | str) -> None:
+    def line(self, offset: int | None, text: bytes | str, rtype: str | None = None) -> None:
         if isinstance(text, str):
+            if rtype is None:
+                rtype = RECORD_TYPES.get(text.partition(":")[0])
             text = text.encode("utf-8", "surrogateescape")
         if self.offsets and offset is not None:
             self.out.write(f"{offset:>9} ".encode())
+        if self.decimal and rtype:
+            self.out.write(f"{ord(rtype):3d} ".encode())
         self.out.write(text + b"\n")
 
     def marker(self, offset: int | None, what: str, label: str) -> None:
         # Postfix prints the section markers only when envelope records are shown.
         if self.flags & ENV:
-            self.line(offset, f"*** {what} {label} ***")
+            self.line(offset, f"*** {what} {label} ***", RECORD_TYPES[what])
 
     def content(self, chunks, base_offset: int) -> None:
         """Header lines with HEAD, the empty line and body with BODY.
@@ -81,6 +104,10 @@ class Printer:
                     shown = bool(self.flags & (BODY if in_body else HEAD))
                     if shown and self.offsets:
                         out.write(f"{offset:>9} ".encode())
+                    if shown and self.decimal:
+                        out.write(f"{ord(TEXT_RECORD):3d} ".encode())
+                    if shown and self.verbose:
+                        out.write(b"regular_text: ")
                 if shown:
                     out.write(chunk[start:stop])
                     if nl >= 0:
@@ -126,7 +153,7 @@ def _envelope_lines(qm, path: str) -> list[tuple[int | None, str]]:
         where = {}
     at = h.envelope_offset
     rcpt_count = len(env.recipients)
-    smtputf8 = 1 if env.params.get("smtputf8") == "1" else 0
+    smtputf8 = (1 if env.params.get("smtputf8") == "1" else 0) | _smtputf8_flags(env.attributes)
     sizes = (h.content_size, h.content_offset, rcpt_count, 0, h.content_size, smtputf8)
     # The sizes and times live in the fixed header at offset 0.
     lines: list[tuple[int | None, str]] = [
@@ -135,27 +162,58 @@ def _envelope_lines(qm, path: str) -> list[tuple[int | None, str]]:
         (0, f"create_time: {time.asctime(time.localtime(qm.arrival_time))}"),
     ]
     for name, value in env.attributes.items():
+        if name in _SHOWN_ELSEWHERE:
+            continue
         lines.append((where.get(("A", name), at), f"named_attribute: {name}={value}"))
-    for name, value in env.params.items():
+    # The DSN parameters with the record names of Postfix's queue file, before the
+    # sender; the BODY= encoding after it, as Postfix's smtpd writes them.
+    body = None
+    # Postfix's smtpd sends ENVID before RET.
+    for name, value in sorted(env.params.items(), key=lambda kv: kv[0] == "ret"):
         off = where.get(("P", name), at)
         if name == "ret":
-            lines.append((off, f"named_attribute: dsn_ret={RET_CODES.get(value, value)}"))
+            lines.append((off, f"named_attribute: ret_flags={RET_CODES.get(value, value)}"))
         elif name == "envid":
-            lines.append((off, f"named_attribute: dsn_envid={value}"))
+            lines.append((off, f"named_attribute: envelope_id={value}"))
         elif name == "body":
-            lines.append((off, f"named_attribute: encoding={BODY_ENCODING.get(value, value)}"))
+            body = (off, f"named_attribute: encoding={BODY_ENCODING.get(value, value)}")
         elif name != "smtputf8":
             lines.append((off, f"named_attribute: {name}={value}"))
+    fullname = env.attributes.get(FULLNAME)
+    if fullname is not None:
+        lines.append((where.get(("A", FULLNAME), at), f"sender_fullname: {fullname}"))
     lines.append((where.get("S", at), f"sender: {env.sender}"))
+    if body is not None:
+        lines.append(body)
     for r in env.recipients:
         rec = r.status_offset - qf.REC_HEAD.size if r.status_offset >= 0 else None
+        # Postfix's cleanup writes NOTIFY (its bit mask) before the ORCPT.
+        if r.notify:
+            lines.append((rec, f"named_attribute: notify_flags={notify_flags(r.notify)}"))
         if r.orcpt:
             lines.append((rec, f"named_attribute: dsn_orig_rcpt={r.orcpt}"))
-        if r.notify:
-            lines.append((rec, f"named_attribute: dsn_notify={r.notify}"))
         lines.append((rec, f"original_recipient: {r.orig or r.address}"))
         lines.append((rec, f"{'done_recipient' if r.done else 'recipient'}: {r.address}"))
     return lines
+
+
+def extracted_lines(env) -> list[str]:
+    """Postfix's extracted segment as postwell knows it: the message's encoding,
+    cleanup's 8bit verdict on the content or else what BODY= said."""
+    value = env.attributes.get("encoding")
+    if not value:
+        body = env.params.get("body")
+        value = BODY_ENCODING.get(body, body) if body else None
+    return [f"named_attribute: encoding={value}"] if value else []
+
+
+def _smtputf8_flags(attributes) -> int:
+    """Postfix's SMTPUTF8 header and sender flags (2 and 4), which cleanup keeps
+    in an attribute of its own."""
+    try:
+        return int(attributes.get(SMTPUTF8_FLAGS) or 0) & 6
+    except ValueError:
+        return 0
 
 
 def show_queue_file(path: str, label: str, p: Printer) -> None:
@@ -176,6 +234,9 @@ def show_queue_file(path: str, label: str, p: Printer) -> None:
             p.content(qm.iter_content(), qm.header.content_offset)
         end = qm.header.envelope_offset
         p.marker(end, "HEADER EXTRACTED", label)
+        if p.flags & ENV:
+            for text in extracted_lines(qm.envelope):
+                p.line(end, text)
         p.marker(qm.header.file_size, "MESSAGE FILE END", label)
     finally:
         qm.close()
@@ -219,6 +280,9 @@ def show_maildrop_file(path: str, label: str, p: Printer) -> None:
             if env.body is not None:
                 p.line(end_of_content,
                        f"named_attribute: encoding={BODY_ENCODING.get(env.body, env.body)}")
+            if env.verify == "user":
+                # Postfix's DEL_REQ_FLAG_USR_VRFY, as its sendmail -bv records it
+                p.line(end_of_content, "named_attribute: trace_flags=512")
             for i, r in enumerate(env.recipients):
                 if i in env.rcpt_orcpt:
                     p.line(end_of_content, f"named_attribute: dsn_orig_rcpt={env.rcpt_orcpt[i]}")
@@ -370,10 +434,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     config_dir = os.environ.get("MAIL_CONFIG")
     flags = 0
-    offsets = by_id = False
+    offsets = by_id = decimal = verbose = False
     for o, v in opts:
         if o == "-c":
             config_dir = v
+        elif o == "-d":
+            decimal = True
+        elif o == "-v":
+            verbose = True
+        elif o == "-s":
+            # Postfix 3.7 takes a start offset; postwell's file layout is its
+            # own, so only the argument is checked
+            if not v.isdigit():
+                sys.stderr.write(f"{PROG}: fatal: bad offset: {v}\n")
+                return 1
         elif o == "-b":
             flags |= BODY
         elif o == "-e":
@@ -387,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if not flags:
         flags = ENV | HEAD | BODY
     out = sys.stdout.buffer
-    p = Printer(out, flags, offsets)
+    p = Printer(out, flags, offsets, decimal, verbose)
     targets: list[tuple[str, str]] = []
     if by_id and args:
         # Postfix: -q without ids reads standard input, as without -q.

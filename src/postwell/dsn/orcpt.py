@@ -5,6 +5,7 @@ API::
     decode_orcpt(value) -> str | None      # ORCPT=value -> "type;address"; None: 501
     fallback_orcpt(path_token) -> str      # no ORCPT: "rfc822;" + the RCPT TO address as sent
     stored_orcpt(orcpt) -> str             # what the queue file keeps of "type;address"
+    implied_orcpt(orcpt, orig) -> str|None # a stored ORCPT, or what a missing one meant
 
 Addresses are text with a client's undecodable bytes as surrogate escapes, as the
 smtpd reads commands; decoded bytes come back in that form too.
@@ -118,6 +119,16 @@ def fallback_orcpt(path_token: str) -> str:
     if len(path_token) >= 2 and path_token[0] == "<" and path_token[-1] == ">":
         path_token = path_token[1:-1]
     return stored_orcpt("rfc822;" + path_token)
+
+
+def implied_orcpt(orcpt: str | None, orig: str | None) -> str | None:
+    """The ORCPT of a queue file recipient: the stored one, else (a file written
+    before cleanup stored every one, or a "sendmail -bs" maildrop file, which
+    leaves the usual one out) "rfc822;" + the original recipient; None without
+    either."""
+    if orcpt:
+        return orcpt
+    return f"rfc822;{orig}" if orig else None
 
 
 def is_utf8_address(address: str) -> bool:

@@ -22,6 +22,7 @@ from ..cleanup.virtual import AliasExpansionError, AliasLookupError
 # Postfix's mail_date() (day padded with a space) for pickup's own Received: line.
 from ..dsn.notice import mail_date as received_date
 from ..dsn.notice import FAILURE, DsnRecipient, render_notice
+from ..dsn.orcpt import implied_orcpt
 from ..dsn.submit import is_double_bounce, post_mail_received, wants
 from ..fdutil import drain
 from ..policy.restrictions import log_address
@@ -144,7 +145,8 @@ class _ReplayChecks(MessageChecks):
 
 # Envelope attributes a requeued message does not keep: cleanup works them out
 # again (size, content_filter, HOLD, REDIRECT come from this pass's checks).
-_NOT_REQUEUED = frozenset({"postwell_size", "postwell_filter", "postwell_hold", "postwell_redirect"})
+_NOT_REQUEUED = frozenset({"postwell_size", "postwell_filter", "postwell_hold", "postwell_redirect",
+                           "postwell_smtputf8", "postwell_fullname"})
 
 
 class _RequeuedFile:
@@ -309,8 +311,13 @@ class Pickup:
             for key, value in attrs.items():
                 if key not in _NOT_REQUEUED:
                     cs.set_attribute(key, value)
+            cs.set_fullname(attrs.get("postwell_fullname"))
             for r in pending:
-                cs.add_recipient(r.address, orig=r.orig, orcpt=r.orcpt, notify=r.notify)
+                # A file written before every recipient got its ORCPT record means
+                # "rfc822;" + the original recipient by a missing one; cleanup would
+                # derive one from the final address instead.
+                cs.add_recipient(r.address, orig=r.orig, orcpt=implied_orcpt(r.orcpt, r.orig),
+                                 notify=r.notify)
             self._received(cs, qid, st.st_uid, when)
             for chunk in qm.iter_content():
                 cs.write(chunk)
@@ -435,11 +442,14 @@ class Pickup:
             for i, rcpt in enumerate(env.recipients):
                 # A sendmail -bs recipient comes with its ORCPT as Postfix's smtpd
                 # makes it, "rfc822;" + the address as typed being left out of the
-                # file; naming the original recipient keeps cleanup from deriving
-                # one from the rewritten address instead.
-                cs.add_recipient(rcpt, orig=rcpt if env.protocol else None,
-                                 orcpt=env.rcpt_orcpt.get(i),
-                                 notify=env.rcpt_notify.get(i, env.notify))
+                # file; given here, cleanup does not derive one from the rewritten
+                # address instead.
+                orcpt = env.rcpt_orcpt.get(i)
+                if env.protocol:
+                    cs.add_recipient(rcpt, orig=rcpt, orcpt=implied_orcpt(orcpt, rcpt),
+                                     notify=env.rcpt_notify.get(i, env.notify))
+                else:
+                    cs.add_recipient(rcpt, orcpt=orcpt, notify=env.rcpt_notify.get(i, env.notify))
             self._received(cs, qid, uid, mtime)
             self._copy_content(md, cs, env)
 

@@ -58,7 +58,11 @@ class Prober:
         try:
             # As Postfix's post_mail(): a local submission, so cleanup adds Date,
             # Message-Id and From, after our own Received line.
-            cs = self._cleanup_service().open(rewrite_local=True)
+            cleanup = self._cleanup_service()
+            cs = cleanup.open(rewrite_local=True)
+            # smtputf8_autodetect_classes' default names "verify": a probe for a
+            # UTF-8 address asks for SMTPUTF8 as Postfix's does.
+            cs.autodetect_utf8 = cleanup.smtputf8_autodetect("verify")
         except Exception as exc:   # noqa: BLE001 - no probe now; the next query retries
             if self.log is not None:
                 self.log.warning(f"cannot queue address verification probe for {address}: {exc}")
