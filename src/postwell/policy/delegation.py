@@ -466,7 +466,7 @@ def request_attributes(state, policy_context: str = "", stress: str = "") -> lis
         ("queue_id", state.queue_id or ""),
         ("instance", _instance(state)),
         ("size", str(size)),
-        ("etrn_domain", getattr(state, "etrn_domain", None) or ""),
+        ("etrn_domain", getattr(state, "etrn_name", None) or ""),
         ("stress", stress),
         ("sasl_method", state.sasl_method or ""),
         ("sasl_username", state.sasl_username or ""),

@@ -289,6 +289,7 @@ class AddressResolver:
         self.append_dot_mydomain = config.get_bool("append_dot_mydomain")
         self.resolve_dequoted = config.get_bool("resolve_dequoted_address")
         self.resolve_null_domain = config.get_bool("resolve_null_domain")
+        self.resolve_numeric_domain = config.get_bool("resolve_numeric_domain")
         self.empty_address_recipient = g("empty_address_recipient") or "MAILER-DAEMON"
         self.show_table = config.get_bool("show_user_unknown_table_name")
         self.allow_min_user = config.get_bool("allow_min_user")
@@ -404,6 +405,11 @@ class AddressResolver:
             if a.domain is not None and a.domain.endswith(".") and a.domain[:-1] \
                     and not a.domain.endswith(".."):
                 a = _Addr(a.local, a.quoted, a.domain[:-1])
+            if (self.resolve_numeric_domain and a.domain
+                    and valid_mailhost_addr(a.domain) is not None and ":" not in a.domain):
+                # resolve_numeric_domain: user@1.2.3.4 is user@[1.2.3.4], before the
+                # local-domain test (Postfix's resolve_addr()).
+                a = _Addr(a.local, a.quoted, f"[{a.domain}]")
             if a.domain == "" and self.resolve_null_domain:
                 # Otherwise "user@" keeps its empty domain: remote, and malformed (the
                 # error flag; 501 at the smtpd for bob@@ourdomain, checked against 3.7).

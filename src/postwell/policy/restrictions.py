@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 from postwell.smtp.reply import Reply
 
-from .matchlist import HostList, OwnAddresses, is_table_spec, mynetworks_list, parse_ip
+from .matchlist import HostList, OwnAddresses, StringList, is_table_spec, mynetworks_list, parse_ip
 from .resolve import AddressResolver, ResolveFlag
 from .resolve import valid_hostname as _valid_hostname
 from .resolve import valid_mailhost_addr
@@ -34,6 +34,7 @@ SENDER = "Sender address"
 RECIPIENT = "Recipient address"
 DATA = "Data command"
 EOD = "End-of-data"
+ETRN = "Etrn command"
 
 _ERR_SOFTWARE = "software"
 _ERR_DATA = "data"
@@ -190,6 +191,24 @@ class Engine:
         for name in _words(g("smtpd_restriction_classes")):
             self.classes[name] = parse_restrictions(g(name))
         self._warned: set[str] = set()
+        perm_log = g("smtpd_log_access_permit_actions")
+        self.permit_log = (StringList("smtpd_log_access_permit_actions", perm_log, config,
+                                      tables=tables) if perm_log and perm_log.strip() else None)
+
+    def acl_permit(self, state: SessionState, action: str, reply_class: str, reply_name: str,
+                   detail: str = "") -> int:
+        """smtpd_acl_permit(): OK, logged as "permit" when smtpd_log_access_permit_actions
+        names the action and no earlier defer_if_permit has overruled it.  Postfix adds
+        a blank before the (maybe empty) detail: "...=unknown[1.2.3.4] ;" is its shape."""
+        if self.permit_log is not None and not state.check.defer_if_permit.active:
+            try:
+                wanted = self.permit_log.match(action)
+            except Exception:   # a table that fails: no line, the request still passes
+                wanted = False
+            if wanted:
+                self.log.info(format_whatsup(
+                    state, "permit", f"action={action} for {reply_class}={reply_name} {detail}"))
+        return OK
 
     def _int(self, name: str, default: int) -> int:
         v = self.config.get(name)
@@ -341,6 +360,9 @@ class Engine:
                     status = await fn(self, ctx, args, name)
                     if nargs and status is None:
                         status = DUNNO
+                    if status == OK and low in _PERMIT_LOGGED:
+                        cls, who = _PERMIT_LOGGED[low](state, reply_class, reply_name)
+                        status = self.acl_permit(state, name, cls, who)
                 elif name in self.classes:
                     status = await self.generic_checks(state, self.classes[name], reply_name,
                                                        reply_class, def_acl)
@@ -476,7 +498,10 @@ class Engine:
             self.log.info(format_whatsup(state, "warn", text))
             return DUNNO
         if up in ("FILTER", "HOLD", "DISCARD", "REDIRECT", "BCC", "PREPEND"):
-            return self._delegated_action(ctx, table, up, text, datum)
+            status = self._delegated_action(ctx, table, up, text, datum)
+            if status == OK:    # DISCARD: a permit too
+                return self.acl_permit(state, cmd, rc, rn, f"from {table}")
+            return status
         if up == "DEFER_IF_PERMIT":
             dsn, t = dsn_split("4.7.1", text)
             return self.defer_if_permit(state, self.codes["access_map_defer_code"], dsn_fix(dsn, rc, self.log),
@@ -487,13 +512,14 @@ class Engine:
                                             f"<{rn}>: {rc} rejected: {t or 'Service unavailable'}")
             return DUNNO
         if value.strip().isdigit():
-            return OK  # an all-numeric result is a time stamp meaning OK
+            # An all-numeric result is a time stamp meaning OK.
+            return self.acl_permit(state, value.strip(), rc, rn, f"from {table}")
         if len(cmd) == 3 and text and cmd[0] in "45" and cmd[1:].isdigit():
             dsn, t = dsn_split(cmd[0] + ".7.1", text)
             return self.reject(state, _ERR_POLICY, int(cmd), dsn_fix(dsn, rc, self.log),
                                f"<{rn}>: {rc} rejected: {t or 'Access denied'}")
         if up in ("OK", "RELAY"):
-            return OK
+            return self.acl_permit(state, cmd, rc, rn, f"from {table}")
         if ":" in value:
             self.log.warning(f"access table {table} has entry with lookup table: {value}")
             self.log.warning("do not specify lookup tables inside SMTPD access maps")
@@ -515,6 +541,11 @@ class Engine:
     def _delegated_action(self, ctx: _Ctx, table: str, action: str, text: str, datum: str) -> int:
         state = ctx.state
         rn, rc = ctx.reply_name, ctx.reply_class
+        if state.where == "ETRN" and action != "PREPEND":
+            # ETRN receives no mail: nothing to store a queue file record in.
+            self.log.warning(f"access table {table}: action {action} is unavailable in "
+                             "smtpd_etrn_restrictions")
+            return DUNNO
         if state.sender is None:
             # Postfix: with smtpd_delay_reject = no, client/helo actions are skipped; its
             # warning names both classes by their reply names, whichever one it was.
@@ -911,7 +942,9 @@ async def _reject_unknown_address(e: Engine, c: _Ctx, addr: str, reply_class: st
                         f"<{addr}>: {reply_class} rejected: Domain {domain} does not accept mail (nullMX)")
     dsn = "4.1.8" if is_sender else "4.1.2"
     if status == "retry":
-        return e.defer_if_permit(c.state, 450, dsn, f"<{addr}>: {reply_class} rejected: Domain not found")
+        return _defer_if_permit_or_reject(
+            e, c.state, _tempfail_defers_if_permit(e, "unknown_address_tempfail_action"), 450,
+            dsn, f"<{addr}>: {reply_class} rejected: Domain not found")
     why = "Malformed DNS server reply" if status == "inval" else "Domain not found"
     return e.reject(c.state, _ERR_POLICY, e.codes["unknown_address_reject_code"], dsn,
                     f"<{addr}>: {reply_class} rejected: {why}")
@@ -1030,6 +1063,19 @@ def _unauth_login_mismatch(e: Engine, c: _Ctx, sender: str) -> int:
 
 
 async def _reject_sender_login_mismatch(e: Engine, c: _Ctx, args, name):
+    low = name.lower()
+    if not _bool(e.config.get("smtpd_sasl_auth_enable"), False):
+        # Postfix checks these only with SASL on, warning on every use (even with
+        # MAIL FROM:<>); reject_sender_login_mismatch is its built-in class of the
+        # authenticated and unauthenticated variants, so it warns twice.
+        if low == "reject_sender_login_mismatch":
+            for part in ("reject_authenticated_sender_login_mismatch",
+                         "reject_unauthenticated_sender_login_mismatch"):
+                e.log.warning(f"restriction `{part}' ignored: no SASL support")
+        else:
+            e.log.warning(f"restriction `{name}' ignored: no SASL support")
+        return DUNNO
+    name = low
     sender = c.state.sender
     if not sender:
         return DUNNO
@@ -1166,7 +1212,8 @@ def _dns(e: Engine):
 
 def _tempfail_defers_if_permit(e: Engine, param: str) -> bool:
     """*_tempfail_action: defer_if_permit (True) or defer (False)."""
-    value = (e.config.get(param) or "").strip().lower()
+    # Each defaults to $reject_tempfail_action.
+    value = (e.config.get(param) or e.config.get("reject_tempfail_action") or "").strip().lower()
     if value not in ("defer_if_permit", "defer"):
         e.warn_once(f"bad configuration: {param} = {value}")
     return value != "defer"
@@ -1757,6 +1804,15 @@ async def _check_helo_access(e: Engine, c: _Ctx, table: str):
     return status
 
 
+async def _check_etrn_access(e: Engine, c: _Ctx, table: str):
+    s = c.state
+    if s.etrn_name is None:
+        return DUNNO
+    sub = _Ctx(s, s.etrn_name, ETRN, c.def_acl)
+    found, status = await e.check_domain_access(sub, table, s.etrn_name)
+    return status
+
+
 async def _check_sender_access(e: Engine, c: _Ctx, table: str):
     s = c.state
     if s.sender is None:
@@ -1791,6 +1847,7 @@ MAP_COMMANDS: dict[str, Callable] = {
     "check_sender_access": _check_sender_access,
     "check_recipient_access": _check_recipient_access,
     "check_sasl_access": _check_sasl_access,
+    "check_etrn_access": _check_etrn_access,
 }
 for _cmd in ("client", "reverse_client_hostname", "helo", "sender", "recipient"):
     for _rtype in ("MX", "NS", "A"):
@@ -1855,7 +1912,19 @@ RESTRICTIONS.update({
     "permit_dnswl_client": (_permit_dnswl, 1),
     "permit_rhswl_client": (_permit_dnswl, 1),
 })
-RESTRICTIONS["check_etrn_access"] = (_not_available, 1)
+
+# The built-in permits that smtpd_log_access_permit_actions can log: name -> what the
+# "for CLASS=NAME" part of the line shows (Postfix's generic_checks()).
+_PERMIT_LOGGED: dict[str, Callable] = {
+    "permit": lambda s, rc, rn: (rc, rn),
+    "permit_naked_ip_address": lambda s, rc, rn: (HELO, s.helo_name),
+    **{n: (lambda s, rc, rn: (CLIENT, s.namaddr)) for n in (
+        "permit_mynetworks", "permit_inet_interfaces", "permit_sasl_authenticated",
+        "permit_tls_clientcerts", "permit_tls_all_clientcerts", "permit_dnswl_client",
+        "permit_rhswl_client")},
+    **{n: (lambda s, rc, rn: (RECIPIENT, s.recipient)) for n in (
+        "permit_auth_destination", "permit_mx_backup", "check_relay_domains")},
+}
 
 REQUIRED_RELAY = ["reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                   "defer_if_permit", "check_relay_domains"]

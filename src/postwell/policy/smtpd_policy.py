@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from postwell.smtp.reply import Reply
 
-from .restrictions import (CLIENT, DATA, EOD, HELO, RECIPIENT, REJECT, REQUIRED_RELAY, SENDER,
-                           Engine, PolicyConfigError, format_whatsup, has_required,
+from .restrictions import (CLIENT, DATA, EOD, ETRN, HELO, RECIPIENT, REJECT, REQUIRED_RELAY,
+                           SENDER, Engine, PolicyConfigError, format_whatsup, has_required,
                            parse_restrictions)
+from .etrn import FLUSH_DENY, FLUSH_OK, FastFlush
 from .matchlist import MatchListError
 from .state import SessionState
 
@@ -48,6 +49,8 @@ class SmtpdPolicy:
         self.recipient_restrictions = parse_restrictions(g("smtpd_recipient_restrictions"))
         self.data_restrictions = parse_restrictions(g("smtpd_data_restrictions"))
         self.eod_restrictions = parse_restrictions(g("smtpd_end_of_data_restrictions"))
+        self.etrn_restrictions = parse_restrictions(g("smtpd_etrn_restrictions"))
+        self.fast_flush = FastFlush(config)
         override = _words(g("receive_override_options"))
         self.skip_unknown_rcpt = "no_unknown_recipient_checks" in override
         try:
@@ -170,8 +173,8 @@ class SmtpdPolicy:
             return None
         return self._result(state, await self._check_mail(state))
 
-    async def on_rcpt(self, state: SessionState) -> Reply | None:
-        state.where = "RCPT"
+    async def on_rcpt(self, state: SessionState, where: str = "RCPT") -> Reply | None:
+        state.where = where
         recipient = state.recipient
         if recipient is None:
             return None
@@ -213,13 +216,49 @@ class SmtpdPolicy:
         state.recipient = address
         state.policy_protocol_state = "VRFY"    # what a policy server is told (Postfix)
         try:
-            reply = await self.on_rcpt(state)
+            # Postfix's vrfy_cmd() runs the checks with state->where = VRFY: its permit
+            # and warn lines say "VRFY from".
+            reply = await self.on_rcpt(state, "VRFY")
         finally:
             state.policy_protocol_state = None
         state.where = "VRFY"
         if reply is None:
             state.where, state.recipient = saved_where, saved_rcpt
         return reply
+
+    async def on_etrn(self, state: SessionState, domain: str) -> Reply | None:
+        """smtpd_etrn_restrictions (Postfix's smtpd_check_etrn): the delayed client and
+        HELO lists first, then the ETRN list with the domain as the reply name."""
+        state.where = "ETRN"
+        chk = state.check
+        if self.delay_reject:
+            for stage in (self._check_client, self._check_helo):
+                if await stage(state) == REJECT:
+                    return state.check.last_reply
+        chk.defer_if_permit.active = chk.defer_if_permit_client or chk.defer_if_permit_helo
+        self._reset(state)
+        state.etrn_name = domain
+        try:
+            status = await self.engine.run_list(state, self.etrn_restrictions, domain, ETRN,
+                                                "check_etrn_access")
+        finally:
+            state.etrn_name = None
+        if status != REJECT and chk.defer_if_permit.active:
+            d = chk.defer_if_permit
+            status = self.engine.reject(state, d.error_class, d.code, d.dsn, d.text)
+        return self._result(state, status)
+
+    def etrn_flush(self, state: SessionState, domain: str) -> Reply:
+        """After on_etrn let it pass: Postfix's flush_send_site() and its replies."""
+        verdict = self.fast_flush.check(domain)
+        if verdict == FLUSH_OK:
+            self.fast_flush.start(domain)
+            return Reply(250, "Queuing started")
+        if verdict == FLUSH_DENY:
+            self.log.warning(f"reject: ETRN {domain[:100]}... from {state.namaddr}")
+            return Reply(459, f"<{domain}>: service unavailable")
+        self.log.warning("unable to talk to fast flush service")
+        return Reply(458, "Unable to queue messages")
 
     async def _stage_after_rcpt(self, state: SessionState, where: str, restrictions: list[str],
                                 reply_name: str, reply_class: str) -> Reply | None:

@@ -58,6 +58,7 @@ class SessionState:
     sender: str | None = None               # None before MAIL FROM; "" is the null sender
     recipient: str | None = None            # the RCPT TO address being checked
     recipient_count: int = 0                # accepted recipients so far
+    etrn_name: str | None = None            # the ETRN domain while smtpd_etrn_restrictions run
     sasl_method: str | None = None
     sasl_username: str | None = None
     sasl_sender: str | None = None
@@ -95,12 +96,15 @@ class SessionState:
     # and client_addr.  The smtpd pins it while an XCLIENT command changes those: Postfix
     # builds its name[addr] anew only once such a command has succeeded.
     shown_namaddr: str | None = None
+    port_logging: bool = False              # smtpd_client_port_logging: name[addr]:port
 
     @property
     def namaddr(self) -> str:
         shown = self.shown_namaddr
         if shown is not None:
             return shown
+        if self.port_logging and self.client_port:
+            return f"{self.client_name}[{self.client_addr}]:{self.client_port}"
         return f"{self.client_name}[{self.client_addr}]"
 
     def reset_transaction(self) -> None:

@@ -14,6 +14,23 @@ under a temporary name (``incoming/tmp.<pid>.<n>``; never a valid id because
 ids are upper-case hex only), fstat()ed for its inode, then link()ed to its id
 name and the temporary name unlinked.
 
+Spare files (issue 9): a message removed as finished (``remove(sync=False)``,
+the qmgr's path) is not unlinked but renamed to ``spare/<id>`` and truncated
+to zero, so its inode stays allocated (at most ``SPARE_LIMIT`` such files, about
+1024; a file over ``SPARE_MAX_SIZE``, 256 KiB, is unlinked as before, so the qmgr's
+event loop never empties a big one).  create() first tries to take one: rename(2) from spare/ to its
+temporary name in incoming/ (only one process can win a name), then it must be
+a regular file owned by the creator with a link count of 1 (a second name, as
+a crash can bring back the removed one, would show the new message under the
+old id too; such a file is only dropped), and it is truncated (which also
+stamps its mtime now) and set to mode 0600 before it is link()ed to its id.
+spare/ is no queue directory: scans never see its files, and a crash between
+the steps leaves at most a temporary that purge_stale() removes.  Why: on ext4
+without a journal every inode allocation steps over each inode freed in the
+last minutes, one by one; with a delivered message freeing one per message
+that walk was the single largest system-time cost of accepting mail.  A queue
+directory without spare/ (made by an older version) keeps plain unlink/create.
+
 Why this is unique: while a queue file exists its inode number is not reused
 on that file system, so no other live queue file can carry the same inode
 suffix.  Inodes are reused after a file is removed; a new file may then get

@@ -11,6 +11,7 @@ import errno
 import itertools
 import os
 import queue
+import random
 import stat
 import threading
 import time
@@ -26,7 +27,13 @@ from .format import CorruptQueueFile, Envelope, Recipient
 
 QUEUE_NAMES = ("incoming", "active", "deferred", "hold", "corrupt")
 LOG_NAMES = ("defer", "bounce")
-ALL_DIRS = QUEUE_NAMES + ("maildrop",) + LOG_NAMES + ("public", "pid")
+# spare/: emptied files of removed messages, whose inodes create() takes again
+# (QueueStore.remove(sync=False) and _claim_spare: issue 9).
+SPARE_DIR = "spare"
+ALL_DIRS = QUEUE_NAMES + ("maildrop",) + LOG_NAMES + ("public", "pid", SPARE_DIR)
+SPARE_LIMIT = 1024        # spare files kept at most (about: counted by each remover)
+SPARE_MAX_SIZE = 262144   # bigger files are unlinked as before
+_spare_clock = time.monotonic   # paces the spare/ listings (tests step it)
 
 COMPLETE_MODE = 0o700     # owner execute bit = "complete" (Postfix's marker)
 # Envelope attribute of a message that cleanup put on hold: whoever finds it in
@@ -1065,6 +1072,13 @@ class QueueStore:
     _top_path: str | None = None
     _top_pid = 0
     _old_tops: list | None = None
+    _spare_fd: int | None = None
+    _spares: list | tuple = ()    # names seen in spare/ not yet tried (this process)
+    _spares_listed = -1e9         # _spare_clock() of the last empty listing
+    _spares_taken = -1e9          # ... and of the last non-empty one
+    _spare_count = -1             # removers: spare/ entries as last counted (+ added since)
+    _spare_counted = 0            # ... and how many were added since that count
+    _spare_recounted = -1e9       # _spare_clock() of that count
 
     def _open_top(self) -> int:
         try:
@@ -1076,16 +1090,19 @@ class QueueStore:
         except OSError as exc:
             os.close(top)
             raise _write_error(exc, "create queue file")
-        old, old_inc, old_pid = self._top, self._incoming, self._top_pid
+        try:
+            spare = os.open(SPARE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=top)
+        except OSError:
+            spare = None         # a queue made before spare/ existed: no reuse
+        old, old_inc, old_spare, old_pid = self._top, self._incoming, self._spare_fd, self._top_pid
         self._top, self._incoming, self._top_path, self._top_pid = top, inc, self.queue_directory, _pid
+        self._spare_fd, self._spares = spare, []
         if old is not None and old_pid == _pid:
             # Another thread may still be creating through them, and a commit round
             # may still fsync the old incoming/: closed with the store.
             if self._old_tops is None:
                 self._old_tops = []
-            self._old_tops.append(old)
-            if old_inc is not None:
-                self._old_tops.append(old_inc)
+            self._old_tops.extend(fd for fd in (old, old_inc, old_spare) if fd is not None)
         return top
 
     def __del__(self):
@@ -1094,7 +1111,7 @@ class QueueStore:
         try:
             if self._top_pid != _pid:
                 return
-            for fd in [self._top, self._incoming] + (self._old_tops or []):
+            for fd in [self._top, self._incoming, self._spare_fd] + (self._old_tops or []):
                 if fd is not None:
                     os.close(fd)
         except Exception:   # noqa: BLE001 - at interpreter exit the module may be gone
@@ -1104,19 +1121,24 @@ class QueueStore:
         tmp = f"tmp.{_pid}.{next(self._tmp_counter)}"
         inc_path = self.path("incoming")
         tmp_path = f"{inc_path}/{tmp}"    # the same file: a tmp name is never reused
+        claimed = self._claim_spare(inc, tmp) if self._spare_fd is not None else None
+        if claimed is not None:
+            fd, ino = claimed
+        else:
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, INCOMPLETE_MODE,
+                             dir_fd=inc)
+            except OSError as exc:
+                raise _write_error(exc, "create queue file")
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, INCOMPLETE_MODE,
-                         dir_fd=inc)
-        except OSError as exc:
-            raise _write_error(exc, "create queue file")
-        try:
-            # The header's zeros ("not committed") are written with the content.
-            st = os.fstat(fd)
-            ino = st.st_ino
-            if stat.S_IMODE(st.st_mode) != INCOMPLETE_MODE:
-                # Only a umask masking owner bits changes the mode open() asked for:
-                # the usual case costs no fchmod.
-                os.fchmod(fd, INCOMPLETE_MODE)
+            if claimed is None:
+                # The header's zeros ("not committed") are written with the content.
+                st = os.fstat(fd)
+                ino = st.st_ino
+                if stat.S_IMODE(st.st_mode) != INCOMPLETE_MODE:
+                    # Only a umask masking owner bits changes the mode open() asked for:
+                    # the usual case costs no fchmod.
+                    os.fchmod(fd, INCOMPLETE_MODE)
             us = None
             for _attempt in range(1000):
                 us = self._microseconds(us)
@@ -1149,6 +1171,154 @@ class QueueStore:
                 pass
             raise _write_error(exc, "create queue file")
         return IncomingMessage(self, qid, fd, self.clock(), inc)
+
+    # -- inode reuse (issue 9) ----------------------------------------------------
+    # Making a file costs the file system an inode allocation, and ext4 without a
+    # journal (the benchmark machine's) skips every inode freed in the last minutes
+    # one by one on its way to a free one: with the qmgr freeing one per delivered
+    # message, that walk was the smtpd's largest single cost (~280 us of system time
+    # a message).  So a message removed as finished (sync=False) leaves its inode in
+    # spare/, emptied, and create() takes it back: rename into incoming/ under a
+    # temporary name (atomic: of two processes only one gets it), check it is a plain
+    # file of ours with no other name, empty it, mark it incomplete, then the usual
+    # link to its id.  A file in spare/ is in no queue directory, so no scan takes it
+    # for mail; a crash leaves at worst a temporary that purge_stale() removes.
+    #
+    # The remover does not fsync the queue directory it renamed the file out of.  A
+    # system crash could then bring the old name back, now pointing at the next
+    # message's content (ext4 without a journal keeps recently freed inodes unused for
+    # exactly this reason).  So before a creator takes anything from a listing of
+    # spare/, it fsyncs the queue directories (only active/ is normally dirty; a
+    # clean directory's fsync writes nothing): every name in the listing left its
+    # queue directory before the listing, so the old names are durably gone before
+    # the inodes carry new mail.  A non-empty listing is made at most every 50 ms,
+    # so that costs a few directory fsyncs a second, not one per message.
+
+    def _claim_spare(self, inc: int, tmp: str) -> tuple[int, int] | None:
+        """(fd, inode) of a spare file renamed to ``tmp`` in incoming/, or None."""
+        spare = self._spare_fd
+        names = self._spares
+        misses = 0
+        for _attempt in range(6):
+            if not names:
+                now = _spare_clock()
+                if now - self._spares_listed < 0.25 or now - self._spares_taken < 0.05:
+                    return None      # spare/ was empty a moment ago: no listing per message
+                try:
+                    names = os.listdir(spare)
+                except OSError:
+                    return None
+                if not names:
+                    self._spares_listed = now
+                    return None
+                self._spares_taken = now
+                if not self._sync_sources():
+                    return None
+                # Every smtpd worker lists the same names: each starts its walk at
+                # its own random place, so that two rarely reach for the same one.
+                if len(names) > 1:
+                    at = random.randrange(len(names))
+                    names = names[at:] + names[:at]
+                self._spares = names
+            try:
+                name = names.pop()
+            except IndexError:
+                continue             # another thread emptied the list
+            try:
+                os.rename(name, tmp, src_dir_fd=spare, dst_dir_fd=inc)
+                misses = 0
+            except FileNotFoundError:
+                # Another process took it; twice in a row: our walk has reached the
+                # names it took, so look again.
+                misses += 1
+                if misses >= 2:
+                    names.clear()
+                continue
+            except OSError:
+                return None
+            fd = None
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=inc)
+                st = os.fstat(fd)
+                # Only a plain file of this user with no other name: a second name (a
+                # crash can bring back the removed one) would show the new message.
+                if (stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+                        and st.st_uid == os.geteuid()):
+                    # Always: it also stamps mtime now, as a new file's.  purge_stale()
+                    # takes an incomplete file older than an hour for a dead one, and a
+                    # small message reaches the disk only at its commit.
+                    os.ftruncate(fd, 0)
+                    if stat.S_IMODE(st.st_mode) != INCOMPLETE_MODE:
+                        os.fchmod(fd, INCOMPLETE_MODE)   # not complete until committed
+                    return fd, st.st_ino
+            except OSError:
+                pass
+            if fd is not None:
+                os.close(fd)
+            try:
+                os.unlink(tmp, dir_fd=inc)
+            except IsADirectoryError:
+                try:
+                    os.rmdir(tmp, dir_fd=inc)     # not ours to keep either (if empty)
+                except OSError:
+                    pass
+            except OSError:
+                pass
+        return None
+
+    def _sync_sources(self) -> bool:
+        """fsync every queue directory a spare can have left (see above)."""
+        top = self._top
+        try:
+            for name in QUEUE_NAMES:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=top)
+                try:
+                    self._fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError:
+            return False         # no reuse now: a fresh file costs only time
+        return True
+
+    def _retire(self, path: str, queue_id: str) -> bool:
+        """Move a finished message's file to spare/, emptied; False when it is
+        not kept (no spare/, spare/ full, an error): then the caller unlinks it."""
+        count = self._spare_count
+        if count < 0 or self._spare_counted >= 256 or count >= SPARE_LIMIT:
+            # Count again now and then (the creators take files out meanwhile); at
+            # the limit at most once a second.
+            now = _spare_clock()
+            if count >= SPARE_LIMIT and now - self._spare_recounted < 1.0:
+                return False
+            self._spare_recounted = now
+            try:
+                count = self._spare_count = len(os.listdir(self.path(SPARE_DIR)))
+            except OSError:
+                self._spare_count = SPARE_LIMIT
+                return False
+            self._spare_counted = 0
+            if count >= SPARE_LIMIT:
+                return False
+        try:
+            # The qmgr removes on its event loop: emptying a big file (its cached
+            # pages, its extents) is left to the last close, off the loop, as before.
+            if os.stat(path).st_size > SPARE_MAX_SIZE:
+                return False
+        except OSError:
+            return False
+        spare = self.path(SPARE_DIR, queue_id)
+        try:
+            os.rename(path, spare)
+        except OSError:
+            return False
+        self._spare_count += 1
+        self._spare_counted += 1
+        try:
+            # Its blocks are free now, as unlink's would be; the inode stays.
+            os.truncate(spare, 0)
+        except OSError:
+            pass             # taken already (the taker empties it) or gone
+        return True
 
     def space_ok(self, size_hint: int = 0) -> bool:
         """Enough free space to accept a message of ``size_hint`` bytes?
@@ -1220,21 +1390,31 @@ class QueueStore:
             sync_dir_grouped(self.path(dst), self._fsync)
             sync_dir_grouped(self.path(src), self._fsync)
 
+    _retire_ok = True      # remove(sync=False) keeps inodes in spare/ (False: plain unlink)
+
     def remove(self, queue_id: str, queue_name: str | None = None, *, sync: bool = True,
                logs: bool = True) -> bool:
         """Remove a message and its side logs.  True when a queue file was removed.
 
         ``sync=False`` skips the directory fsync: right for a message whose
         recipients are all marked done (durably), which a crash could only
-        bring back to be removed again, never delivered twice.
+        bring back to be removed again, never delivered twice.  Such a file
+        (up to SPARE_MAX_SIZE) goes to spare/, emptied, for create() to reuse.
         ``logs=False``: the caller knows the message has no defer/bounce log
         (the qmgr, which alone writes them, see log_ids()): two failing
         unlinks fewer."""
         removed = False
         names = [queue_name] if queue_name else list(QUEUE_NAMES)
         for q in names:
+            path = self.path(q, queue_id)
+            if not sync and self._retire_ok:
+                # A finished message: its inode is kept for the next create() (see
+                # _claim_spare); a file that is not there fails below as before.
+                if self._retire(path, queue_id):
+                    removed = True
+                    break
             try:
-                os.unlink(self.path(q, queue_id))
+                os.unlink(path)
             except FileNotFoundError:
                 continue
             if sync:

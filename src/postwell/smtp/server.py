@@ -258,6 +258,22 @@ EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH",
                        "CHUNKING")
 
 
+def _table_specs(value: str | None) -> list[str]:
+    """The type:name specs of a table list; inline:{...} keeps its blanks and commas."""
+    out, depth, word = [], 0, ""
+    for ch in value or "":
+        if depth == 0 and (ch.isspace() or ch == ","):
+            if word:
+                out.append(word)
+            word = ""
+            continue
+        depth += (ch == "{") - (ch == "}")
+        word += ch
+    if word:
+        out.append(word)
+    return out
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = "localhost.localdomain"
@@ -271,6 +287,8 @@ class ServerConfig:
     disable_vrfy: bool = False
     discard_ehlo_keywords: frozenset = frozenset()
     forbid_bare_newline: str = "normalize"      # "normalize" | "reject" | "no"
+    bare_newline_reject_code: int = 550         # smtpd_forbid_bare_newline_reject_code
+    forbid_unauth_pipelining: bool = False      # smtpd_forbid_unauth_pipelining
     starttls_offered: bool = False
     auth_mechanisms: tuple = ()                 # offered in EHLO when non-empty
     smtputf8_enable: bool = True
@@ -284,6 +302,10 @@ class ServerConfig:
     strict_rfc821_envelopes: bool = False
     helo_required: bool = False                 # smtpd_helo_required (MAIL, AUTH, ETRN)
     reject_footer: str = ""                     # smtpd_reject_footer (a raw template)
+    reject_footer_maps: tuple = ()              # smtpd_reject_footer_maps (table specs)
+    command_filter: tuple = ()                  # smtpd_command_filter (table specs)
+    resolve_numeric_domain: bool = False        # user@1.2.3.4 is user@[1.2.3.4]
+    noop_commands: frozenset = frozenset()      # smtpd_noop_commands (upper case)
 
     @classmethod
     def from_config(cls, config, **overrides) -> "ServerConfig":
@@ -316,10 +338,19 @@ class ServerConfig:
             discard_ehlo_keywords=frozenset(
                 k.upper() for k in config.get_list("smtpd_discard_ehlo_keywords")),
             forbid_bare_newline=bare,
+            # Postfix refuses to start outside 500..599; a bad value keeps the default.
+            bare_newline_reject_code=min(max(num("smtpd_forbid_bare_newline_reject_code", 550),
+                                             500), 599),
+            forbid_unauth_pipelining=(config.get("smtpd_forbid_unauth_pipelining")
+                                      or "no").lower() == "yes",
             smtputf8_enable=(config.get("smtputf8_enable") or "yes").lower() != "no",
             strict_rfc821_envelopes=(config.get("strict_rfc821_envelopes") or "no").lower() == "yes",
             helo_required=(config.get("smtpd_helo_required") or "no").lower() == "yes",
             reject_footer=config.get("smtpd_reject_footer") or "",
+            reject_footer_maps=tuple(_table_specs(config.get("smtpd_reject_footer_maps"))),
+            command_filter=tuple(_table_specs(config.get("smtpd_command_filter"))),
+            resolve_numeric_domain=(config.get("resolve_numeric_domain") or "no").lower() == "yes",
+            noop_commands=frozenset(w.upper() for w in config.get_list("smtpd_noop_commands")),
         )
         if config.raw("smtpd_forbidden_commands") is not None:
             value = re.sub(r"\{\{.*?\}\}", "", config.get("smtpd_forbidden_commands"))
@@ -676,12 +707,13 @@ _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _PLAIN_DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?")
 
 
-def domain_error(address: str, smtputf8: bool) -> bool:
+def domain_error(address: str, smtputf8: bool, numeric_ok: bool = False) -> bool:
     """True when the domain of an (internal-form) address is one Postfix's resolver
     flags as an error, which smtpd answers as address syntax (501 5.1.7 / 5.1.3):
     a bare IP address, a name that is not a valid host name (RFC 1035 2.3.1 labels,
     "_" allowed, not all numeric), a bad [literal] (RFC 5321 4.1.3), or non-ASCII
-    without SMTPUTF8 (RFC 6531 3.3). Checked against Postfix 3.7."""
+    without SMTPUTF8 (RFC 6531 3.3). Checked against Postfix 3.7.  ``numeric_ok``:
+    resolve_numeric_domain = yes, a bare IPv4 address stands for its [literal]."""
     at = address.rfind("@")
     if at < 0:
         return False
@@ -690,6 +722,8 @@ def domain_error(address: str, smtputf8: bool) -> bool:
         # The usual case, decided in C: valid ASCII labels; still an error when too
         # long or all numeric (a bare IP address).
         name = domain[:-1] if domain.endswith(".") else domain
+        if numeric_ok and _valid_ipv4(domain):
+            return False
         return len(name) > 255 or name.replace(".", "").isdigit()
     if domain.startswith("["):
         inner = domain[1:-1] if domain.endswith("]") else ""
@@ -860,6 +894,7 @@ REPLY_DSN_DISABLED = Reply(501, "DSN support is disabled", "5.7.1")
 REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 # Frozen and equal every time: one object instead of one per message.
 _REPLY_QUEUED_OK = Reply(250, "Ok", "2.0.0")
+_REPLY_NOOP_OK = Reply(250, "Ok", "2.0.0")
 _DATA_EVENT = Data()
 _FOOTER_MACRO = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 # Names Postfix's smtpd expands (empty when unset) besides those _with_footer fills in.
@@ -1186,7 +1221,7 @@ class ServerConnection:
                 # finishes, then the next step ends the session instead of reading on
                 # (an instance attribute, so ordinary steps pay nothing for it).
                 self._step = self._hang_up
-            if self.config.reject_footer:
+            if self.config.reject_footer or self.config.reject_footer_maps:
                 reply = self._with_footer(reply)
         if self.error_count >= self.config.soft_error_limit:
             self._delay += self.config.error_sleep_time * (reply.text.count("\n") + 1)
@@ -1206,8 +1241,31 @@ class ServerConnection:
         if t is not None and len(t) < TRANSCRIPT_LIMIT:
             t.append(data)
 
+    def _footer_template(self, reply: Reply) -> str:
+        """smtpd_reject_footer_maps, searched with the whole reply ("550 5.1.1 <a@b>:
+        ..."); no entry (or an empty one) leaves smtpd_reject_footer."""
+        for spec in self.config.reject_footer_maps:
+            from postwell.tables import get_table
+            try:
+                found = get_table(spec).lookup(str(reply))
+            except Exception as exc:    # a failing table: the plain footer, and a warning
+                self._warn(f"smtpd_reject_footer_maps: {spec}: lookup error: {exc}")
+                break
+            if found is not None:
+                if found.strip():
+                    return found
+                break
+        return self.config.reject_footer
+
     def _with_footer(self, reply: Reply) -> Reply:
-        name, _, addr = self.client.rpartition("[")
+        template = (self._footer_template(reply) if self.config.reject_footer_maps
+                    else self.config.reject_footer)
+        if not template:
+            return reply
+        client = self.client
+        if not client.endswith("]"):
+            client = client.rpartition(":")[0]     # smtpd_client_port_logging's ":port"
+        name, _, addr = client.rpartition("[")
         values = {"client_address": addr.rstrip("]"), "client_name": name,
                   "client_port": self.client_port, "server_name": self.config.hostname,
                   "helo_name": self.helo_name or "", "sender": self.sender or ""}
@@ -1217,7 +1275,7 @@ class ServerConnection:
             if key not in values and key not in _FOOTER_KNOWN:
                 self._warn(f'unknown macro name "{key}" in expansion request')
             return values.get(key, "")
-        text = _FOOTER_MACRO.sub(expand, self.config.reject_footer)
+        text = _FOOTER_MACRO.sub(expand, template)
         if text.startswith("\\c"):
             return Reply(reply.code, reply.text + text[2:].replace("\\n", "\n"), reply.enhanced)
         return Reply(reply.code, reply.text + "\n" + text.replace("\\n", "\n"), reply.enhanced)
@@ -1422,7 +1480,8 @@ class ServerConnection:
             return line
 
     def _bare_lf_reply(self) -> Reply:
-        return Reply(550, f"{self.config.hostname} Error: bare <LF> received", "5.5.2")
+        return Reply(self.config.bare_newline_reject_code,
+                     f"{self.config.hostname} Error: bare <LF> received", "5.5.2")
 
     def _bare_lf_reject(self) -> None:
         # smtpd_forbid_bare_newline = reject, in a command: Postfix 3.7.11 answers 550 and
@@ -1481,6 +1540,8 @@ class ServerConnection:
             self._queue_reply(Reply(421, f"{self.config.hostname} Error: too many errors", "4.7.0"))
             self._close("too many errors")
             return False
+        if self.config.command_filter:
+            text = self._filter_command(text)
         parts = text.strip(" \t").split(None, 1)
         if not parts:
             # An empty line is an error but no command: Postfix leaves it out of the
@@ -1491,6 +1552,14 @@ class ServerConnection:
         verb = parts[0]
         arg = parts[1] if len(parts) == 2 else ""
         verb_u = verb.upper()
+        if self.config.noop_commands and verb_u in self.config.noop_commands:
+            # smtpd_noop_commands: "250 Ok" without syntax checks, state or counters,
+            # but still junk (Postfix's smtpd_proto(), ahead of its command table).
+            self._queue_reply(_REPLY_NOOP_OK)
+            self._junk += 1
+            if self._junk > self.config.junk_command_limit:
+                self.error_count += 1
+            return True
         if self._forbidden(verb_u, text):
             # smtpd_forbidden_commands: HTTP proxies, mail headers sent as commands.
             # The whole line, NUL and what follows included, escaped and then cut at
@@ -1528,6 +1597,13 @@ class ServerConnection:
             # PIPELINING at all; more input means the client did not wait for our reply.
             # Postfix logs it once per session (same command set, checked against 3.7).
             self._log_pipelining(verb_u)
+            if self.config.forbid_unauth_pipelining:
+                # smtpd_forbid_unauth_pipelining (3.7.11): the command does not run; the
+                # client hears why and the session ends (a smuggling defence).
+                self._count(verb_u.lower(), False)
+                self._queue_reply(Reply(554, "Error: SMTP protocol synchronization", "5.5.0"))
+                self._close("hangup")
+                return True
         self._line_text = text
         handler(self, arg.strip(" \t"))
         if verb_u in _JUNK_COMMANDS:
@@ -1536,6 +1612,23 @@ class ServerConnection:
             if self._junk > self.config.junk_command_limit:
                 self.error_count += 1
         return True
+
+    def _filter_command(self, text: str) -> str:
+        """smtpd_command_filter: the line, leading blanks skipped, is the lookup key; a
+        result replaces the whole command (Postfix logs the swap, both cut at 100)."""
+        from postwell.tables import get_table
+        key = text.lstrip(" \t")
+        for spec in self.config.command_filter:
+            try:
+                found = get_table(spec).lookup(key)
+            except Exception as exc:    # a failing table: the command as sent
+                self._warn(f"{spec} lookup error for \"{key[:100]}\": {exc}")
+                return text
+            if found is not None:
+                self._events.append(Info(f"{self.client}: replacing command \"{text[:100]}\" "
+                                         f"with \"{found[:100]}\""))
+                return found
+        return text
 
     def _log_pipelining(self, verb_u: str) -> None:
         self.pipelining_violation = True
@@ -1628,7 +1721,7 @@ class ServerConnection:
                     sender.startswith("@") or not _strict_821_ok(_address_token(rest)[0])):
                 raise _SyntaxError      # "<@x>", '<""@x>' too: no local part (Postfix)
             utf8 = self._smtputf8_offered and any(p.upper() == "SMTPUTF8" for p in params)
-            if sender and (domain_error(sender, utf8) or (
+            if sender and (domain_error(sender, utf8, self.config.resolve_numeric_domain) or (
                     self.address_check is not None and self.address_check(sender))):
                 raise _SyntaxError
         except _SyntaxError:
@@ -1733,7 +1826,7 @@ class ServerConnection:
             if self.config.strict_rfc821_envelopes and (
                     rcpt.startswith("@") or not _strict_821_ok(_address_token(rest)[0])):
                 raise _SyntaxError
-            if domain_error(rcpt, self._mail_smtputf8) or (
+            if domain_error(rcpt, self._mail_smtputf8, self.config.resolve_numeric_domain) or (
                     self.address_check is not None and self.address_check(rcpt)):
                 raise _SyntaxError
         except _SyntaxError:

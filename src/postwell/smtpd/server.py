@@ -657,15 +657,20 @@ class SmtpdSession(asyncio.Protocol):
             addr = addr[7:]
         self.addr = addr
         name = client_hostname(addr, srv.peername_lookup)
-        self.namaddr = f"{name}[{addr}]"
+        port_logging = srv.client_port_logging
+        # smtpd_client_port_logging: every "name[addr]" of the session gains ":port".
+        self.namaddr = f"{name}[{addr}]:{peer[1]}" if port_logging else f"{name}[{addr}]"
         srv.log.info(f"connect from {self.namaddr}")
         state = srv.new_state(name, addr, str(peer[1]), str(sock[0]), str(sock[1]))
+        state.port_logging = port_logging
         self.state = state
         bare = srv.server_config.forbid_bare_newline
         if bare != "no" and srv.bare_newline_exempt(name, addr):
             bare = "no"
         self.conn = conn = ServerConnection(srv.server_config, client=self.namaddr,
                                             forbid_bare_newline=bare)
+        if srv.has_ehlo_discard_maps:
+            conn.config = srv.ehlo_discard_config(addr)
         conn.client_port = state.client_port
         check = getattr(getattr(srv.policy, "resolver", None), "syntax_error", None)
         if check is not None:
@@ -1078,6 +1083,11 @@ class SmtpdSession(asyncio.Protocol):
                 state.sender = None
             else:
                 self._mail = ev
+                if not srv.delay_open and self.cs is None and not self._open_queue_file():
+                    # smtpd_delay_open_until_valid_rcpt = no: the file is opened at MAIL.
+                    state.sender = None
+                    self._mail = None
+                    reply = REPLY_WRITE_ERROR
             conn.send_reply(reply)
             return
         if isinstance(ev, Rcpt):
@@ -1129,9 +1139,17 @@ class SmtpdSession(asyncio.Protocol):
             conn.send_reply(reply)
             return
         if isinstance(ev, Etrn):
-            # No fast_flush_domains support yet: refused as Postfix refuses unlisted domains.
-            srv.log.warning(f"reject: ETRN {ev.domain}... from {self.namaddr}")
-            conn.send_reply(None)
+            # smtpd_etrn_restrictions, then fast_flush_domains (Postfix's etrn_cmd()).
+            reply = None
+            if hasattr(srv.policy, "on_etrn"):
+                reply = await self._policy("on_etrn", state, ev.domain)
+                if reply is not None:
+                    self._log_reject(reply)
+            if reply is None and hasattr(srv.policy, "etrn_flush"):
+                reply = srv.policy.etrn_flush(state, ev.domain)
+            elif reply is None:
+                srv.log.warning(f"reject: ETRN {ev.domain[:100]}... from {self.namaddr}")
+            conn.send_reply(reply)
             return
         if isinstance(ev, StartTls):
             await self._starttls()
@@ -1390,6 +1408,8 @@ class SmtpdSession(asyncio.Protocol):
             await self._last_chat_reset()
         self.auth = None                # a later AUTH speaks for the client named now
         conn.xclient_allowed = srv.xclient_authorized(state.client_name, state.client_addr)
+        if srv.has_ehlo_discard_maps:
+            conn.config = srv.ehlo_discard_config(state.client_addr)
         if srv.sasl is not None:
             conn.auth_advertised = not srv.sasl_exception(state.client_name, state.client_addr)
         # The client restrictions run again for the client named now; their log lines
@@ -1448,6 +1468,62 @@ class SmtpdSession(asyncio.Protocol):
         self.conn.send_reply(reply)
         return True
 
+    def _open_queue_file(self) -> bool:
+        """The queue file and id of this transaction, and the "client=" line: at the first
+        accepted RCPT (smtpd_delay_open_until_valid_rcpt = yes) or at MAIL (no)."""
+        state, srv = self.state, self.server
+        try:
+            cs = srv.cleanup.open(rewrite_local=srv.rewrite_local(
+                                      state.client_addr, state.client_name,
+                                      state.sasl_username is not None),
+                                  content_checks=True)
+        except Exception as exc:
+            srv.log.warning(f"queue file create error: {exc}")
+            return False
+        self.cs = cs
+        state.queue_id = cs.queue_id
+        sasl_username, sasl_method = state.sasl_username, state.sasl_method
+        if sasl_username is None and self._xclient_login is not None:
+            sasl_username, sasl_method = self._xclient_login, "XCLIENT"
+        if sasl_username is not None:
+            # Postfix's form, which log tools parse.
+            srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
+                         f"sasl_method={sasl_method}, "
+                         f"sasl_username={sasl_username}"
+                         + (f", sasl_sender={state.sasl_sender}"
+                            if state.sasl_sender is not None else "") + self._xforward_log())
+        elif state.sasl_sender is not None:
+            # MAIL FROM AUTH= without a login ("AUTH=" logs an empty value).
+            srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
+                         f"sasl_sender={state.sasl_sender}" + self._xforward_log())
+        else:
+            srv.log.info(f"{cs.queue_id}: client={self.namaddr}" + self._xforward_log())
+        mail = self._mail
+        cs.set_sender(state.sender or "", ret=mail.ret if mail else None,
+                      envid=mail.envid if mail else None,
+                      smtputf8=bool(mail and mail.smtputf8),
+                      body_type=mail.body if mail else None)
+        for key, value in (("client_name", state.client_name),
+                           ("reverse_client_name", state.reverse_client_name),
+                           ("client_address", state.client_addr),
+                           ("client_port", state.client_port),
+                           ("server_address", state.server_addr),
+                           ("server_port", state.server_port),
+                           ("helo_name", state.helo_name),
+                           ("protocol_name", state.protocol),
+                           ("sasl_method", sasl_method),
+                           ("sasl_username", sasl_username),
+                           ("sasl_sender", state.sasl_sender),
+                           ("log_message_origin", self.namaddr)):
+            if value:
+                cs.set_attribute(key, value)
+        if state.sasl_sender == "":
+            # "MAIL FROM:<...> AUTH=": Postfix's smtpd passes the empty value on and
+            # its cleanup drops it with this warning (3.7, side by side).
+            cs.cleanup.log.warning(f'{cs.queue_id}: spurious null attribute value for '
+                                   f'"sasl_sender" -- ignored')
+        return True
+
     async def _rcpt(self, ev: Rcpt) -> None:
         conn, state, srv = self.conn, self.state, self.server
         line = conn._line_text       # this command's, as sent: the engine waits for our reply
@@ -1466,60 +1542,10 @@ class SmtpdSession(asyncio.Protocol):
             state.recipient = first
             conn.send_reply(reply)
             return
-        if self.cs is None:
-            # smtpd_delay_open: the queue file and id appear at the first accepted RCPT.
-            try:
-                cs = srv.cleanup.open(rewrite_local=srv.rewrite_local(
-                                          state.client_addr, state.client_name,
-                                          state.sasl_username is not None),
-                                      content_checks=True)
-            except Exception as exc:
-                srv.log.warning(f"queue file create error: {exc}")
-                state.recipient = first
-                conn.send_reply(REPLY_WRITE_ERROR)
-                return
-            self.cs = cs
-            state.queue_id = cs.queue_id
-            sasl_username, sasl_method = state.sasl_username, state.sasl_method
-            if sasl_username is None and self._xclient_login is not None:
-                sasl_username, sasl_method = self._xclient_login, "XCLIENT"
-            if sasl_username is not None:
-                # Postfix's form, which log tools parse.
-                srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
-                             f"sasl_method={sasl_method}, "
-                             f"sasl_username={sasl_username}"
-                             + (f", sasl_sender={state.sasl_sender}"
-                                if state.sasl_sender is not None else "") + self._xforward_log())
-            elif state.sasl_sender is not None:
-                # MAIL FROM AUTH= without a login ("AUTH=" logs an empty value).
-                srv.log.info(f"{cs.queue_id}: client={self.namaddr}, "
-                             f"sasl_sender={state.sasl_sender}" + self._xforward_log())
-            else:
-                srv.log.info(f"{cs.queue_id}: client={self.namaddr}" + self._xforward_log())
-            mail = self._mail
-            cs.set_sender(state.sender or "", ret=mail.ret if mail else None,
-                          envid=mail.envid if mail else None,
-                          smtputf8=bool(mail and mail.smtputf8),
-                          body_type=mail.body if mail else None)
-            for key, value in (("client_name", state.client_name),
-                               ("reverse_client_name", state.reverse_client_name),
-                               ("client_address", state.client_addr),
-                               ("client_port", state.client_port),
-                               ("server_address", state.server_addr),
-                               ("server_port", state.server_port),
-                               ("helo_name", state.helo_name),
-                               ("protocol_name", state.protocol),
-                               ("sasl_method", sasl_method),
-                               ("sasl_username", sasl_username),
-                               ("sasl_sender", state.sasl_sender),
-                               ("log_message_origin", self.namaddr)):
-                if value:
-                    cs.set_attribute(key, value)
-            if state.sasl_sender == "":
-                # "MAIL FROM:<...> AUTH=": Postfix's smtpd passes the empty value on and
-                # its cleanup drops it with this warning (3.7, side by side).
-                cs.cleanup.log.warning(f'{cs.queue_id}: spurious null attribute value for '
-                                       f'"sasl_sender" -- ignored')
+        if self.cs is None and not self._open_queue_file():
+            state.recipient = first
+            conn.send_reply(REPLY_WRITE_ERROR)
+            return
         self.cs.add_recipient(ev.recipient, orig=ev.recipient, orcpt=rcpt_orcpt(line, ev.orcpt),
                               notify=ev.notify)
         state.recipient_count += 1
@@ -1856,6 +1882,62 @@ class SmtpdServer:
             return None
 
     # per-session helpers
+    _ehlo_discard: tuple | None = None
+
+    @property
+    def has_ehlo_discard_maps(self) -> bool:
+        if self._ehlo_discard is None:
+            from postwell.policy.restrictions import parse_restrictions
+            specs = parse_restrictions(
+                self.config.get("smtpd_discard_ehlo_keyword_address_maps") or "")
+            self._ehlo_discard = (specs, {})
+        return bool(self._ehlo_discard[0])
+
+    def ehlo_discard_config(self, addr: str):
+        """smtpd_discard_ehlo_keyword_address_maps: the engine configuration for a client
+        (looked up by address, at connect and after XCLIENT, as Postfix does): a listed
+        client's keywords replace smtpd_discard_ehlo_keywords for the whole session."""
+        import dataclasses
+        from postwell.tables import get_table
+        if not self.has_ehlo_discard_maps:
+            return self.server_config
+        specs, made = self._ehlo_discard
+        words = None
+        for spec in specs:
+            try:
+                words = get_table(spec, self.config).lookup(addr)
+            except Exception as exc:    # a failing table: the main.cf list applies
+                self.log.warning(f"smtpd_discard_ehlo_keyword_address_maps lookup error "
+                                 f"for {addr}: {exc}")
+                return self.server_config
+            if words is not None:
+                break
+        if words is None:
+            return self.server_config
+        keys = frozenset(w.upper() for w in re.split(r"[\s,]+", words) if w)
+        cfg = made.get(keys)
+        if cfg is None:
+            if len(made) >= 64:
+                made.clear()
+            cfg = made[keys] = dataclasses.replace(self.server_config, discard_ehlo_keywords=keys)
+        return cfg
+
+    _port_logging: bool | None = None
+    _delay_open: bool | None = None
+
+    @property
+    def delay_open(self) -> bool:
+        if self._delay_open is None:
+            value = self.config.get("smtpd_delay_open_until_valid_rcpt") or "yes"
+            self._delay_open = value.strip().lower() != "no"
+        return self._delay_open
+
+    @property
+    def client_port_logging(self) -> bool:
+        if self._port_logging is None:
+            self._port_logging = self.config.get_bool("smtpd_client_port_logging")
+        return self._port_logging
+
     def new_state(self, name, addr, port, server_addr, server_port):
         SessionState = _session_state_class()
         state = SessionState(client_name=name, client_addr=addr, client_port=port,
