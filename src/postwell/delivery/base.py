@@ -112,6 +112,11 @@ class DeliveryAgent:
     """Base class; ``name`` is the master.cf command / transport it serves."""
 
     name = "none"
+    # How many messages (and bytes of content) for one destination the qmgr
+    # may hand over in one deliver_batch() call; 1: one message per call.
+    batch_limit = 1
+    batch_bytes = 0
+    batch_recipients = 0     # recipients of all its messages together (0: no bound)
 
     def __init__(self, config, log=None, clock=time.time):
         self.config = config
@@ -120,6 +125,11 @@ class DeliveryAgent:
 
     async def deliver(self, request: DeliveryRequest) -> list[RecipientResult]:  # pragma: no cover
         raise NotImplementedError
+
+    async def deliver_batch(self, requests: list[DeliveryRequest]) -> list[list[RecipientResult]]:
+        """Several messages' requests as one delivery; each request's results,
+        in order (an agent with batch_limit > 1 does them as one unit of work)."""
+        return [await self.deliver(r) for r in requests]
 
     def close(self) -> None:
         pass

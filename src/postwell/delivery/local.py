@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from .base import DeliveryAgent, DeliveryRequest, Recipient, RecipientResult, split_map_list
 from .local_exec import (
     Identity, LocalCopy, NeedRoot, _identity_key, op_command, op_file, op_forward_lookup,
-    op_forward_or_mailbox, op_mailbox, op_read_file, run_as,
+    op_forward_or_mailbox, op_mailbox, op_maildir_batch, op_read_file, run_as,
 )
 from .virtual import delivered_to_headers
 
@@ -66,6 +66,20 @@ _register("alias_maps", "forward_path", "home_mailbox", "mail_spool_directory", 
           "frozen_delivered_to", "recipient_delimiter")
 
 RELAY = "local"
+# Messages for one destination that wait for a delivery slot travel to the
+# agent together (qmgr: DeliveryAgent.deliver_batch), at most this many and
+# this much content per batch (bounded memory in the qmgr and the helper).
+BATCH_LIMIT = 32
+BATCH_BYTES = 1 << 20
+# ... and recipients: the batch request is one line of at most
+# helper.MAX_REQUEST for the helper (local_destination_recipient_limit > 1
+# puts several in each message).
+BATCH_RECIPIENTS = 500
+# A batch's answer stays bounded (the qmgr reads it as one line of at most
+# helper.MAX_REQUEST): once its messages made this many results (an alias
+# makes one per member), the helper leaves the rest of the batch alone and
+# the agent sends those messages again one by one.
+BATCH_LEAVES = 1000
 MAX_LEVEL = 100          # Postfix's nesting limit ("possible alias database loop")
 MAX_NODES = 10000        # total expansion work per recipient: bounded CPU for any alias graph
 DEFAULT_PATH = "/usr/bin:/bin"
@@ -145,6 +159,22 @@ class Branch:
     def child(self, **kw) -> "Branch":
         kw.setdefault("level", self.level + 1)
         return replace(self, **kw)
+
+
+@dataclass
+class PlainMaildir:
+    """Expansion.plain_maildir()'s answer: one message's Maildir delivery,
+    to be made together with others of the same ``key`` (user, home, forward
+    files) by op_maildir_batch."""
+    key: tuple
+    ident: Identity
+    home: str
+    paths: list
+    uid: int
+    copy: LocalCopy
+    content: object
+    branch: Branch
+    user: str
 
 
 class DeferAll(Exception):
@@ -402,6 +432,9 @@ class LocalAgent(DeliveryAgent):
     forwarded mail is re-injected (default: $queue_directory)."""
 
     name = "local"
+    batch_limit = BATCH_LIMIT
+    batch_bytes = BATCH_BYTES
+    batch_recipients = BATCH_RECIPIENTS
 
     def __init__(self, config, log=None, clock=time.time, *, store=None, resolver=None,
                  helper_socket: str | None = None):
@@ -498,6 +531,104 @@ class LocalAgent(DeliveryAgent):
         await self._forward(request, per_rcpt)
         return [self._aggregate(rc, leaves) for rc, leaves in zip(request.recipients, per_rcpt)]
 
+    async def deliver_batch(self, requests: list[DeliveryRequest]) -> list[list[RecipientResult]]:
+        """deliver() for several messages (issue 8): one helper request, and
+        the Maildir deliveries of one user share one identity switch, one
+        .forward check and one new/ fsync (expand_batch).  Each message gets
+        its own results, as deliver() would give them."""
+        if len(requests) == 1 or any(r.attributes.get("postwell_verify") for r in requests):
+            return [await self.deliver(r) for r in requests]
+        socket_path = self.helper_socket
+        if socket_path is None:
+            from . import local_helper
+            socket_path = local_helper.HELPER_SOCKET if os.geteuid() != 0 else None
+        if socket_path:
+            per_request = await self._expand_batch_via_helper(requests, socket_path)
+        else:
+            per_request = await asyncio.get_running_loop().run_in_executor(
+                None, self.expand_batch, requests)
+        out = []
+        for request, per_rcpt in zip(requests, per_request):
+            if per_rcpt is None:
+                # Left alone by the batch (see BATCH_LEAVES): on its own now.
+                out.append(await self.deliver(request))
+                continue
+            per_rcpt = [dsn_for_leaves(rc, leaves) for rc, leaves in zip(request.recipients, per_rcpt)]
+            await self._forward(request, per_rcpt)
+            out.append([self._aggregate(rc, leaves)
+                        for rc, leaves in zip(request.recipients, per_rcpt)])
+        return out
+
+    def expand_batch(self, requests: list[DeliveryRequest], max_leaves: int | None = None) -> list:
+        """Blocking: expand_request() for each request.  Single-recipient
+        messages to a plain user's Maildir (no alias, no mailbox_command;
+        Expansion.plain_maildir) are gathered per user and delivered by one
+        op_maildir_batch call as that user, unless the user has a .forward
+        file; everything else, and a group that meets a .forward, is expanded
+        one message at a time as before.  A message that is not plain and
+        comes when the batch already has ``max_leaves`` (BATCH_LEAVES)
+        results is not touched: None in its place."""
+        if max_leaves is None:
+            max_leaves = BATCH_LEAVES
+        out: list = [None] * len(requests)
+        groups: dict[tuple, list] = {}
+        others = []
+        users: dict = {}       # getpwnam() answers, shared by the batch's expansions
+        forward_paths: dict = {}
+        for i, request in enumerate(requests):
+            if len(request.recipients) == 1:
+                rc = request.recipients[0]
+                try:
+                    exp = Expansion(self, request, delivered_to_headers(request.open_content))
+                    exp._users, exp._forward_paths = users, forward_paths
+                    plan = exp.plain_maildir(rc)
+                except Exception as exc:     # one message's trouble is its own
+                    out[i] = self._broken(request, exc)
+                    continue
+                if plan is not None:
+                    groups.setdefault(plan.key, []).append((i, exp, plan))
+                    continue
+                if exp.deferred is not None:
+                    exp.failed(Branch(address=rc.address, orig=rc.orig or rc.address,
+                                      delivered=rc.address), exp.deferred)
+                    out[i] = [exp.leaves]
+                    continue
+            others.append(i)
+        leaves = sum(len(members) for members in groups.values())
+        for i in others:
+            if leaves >= max_leaves:
+                break
+            try:
+                out[i] = self.expand_request(requests[i])
+            except Exception as exc:
+                out[i] = self._broken(requests[i], exc)
+            leaves += sum(len(x) for x in out[i])
+        for members in groups.values():
+            first = members[0][2]
+            res = members[0][1]._call(first.ident, op_maildir_batch, first.home, first.paths,
+                                      first.uid, [p.copy for _, _, p in members],
+                                      [p.content for _, _, p in members])
+            answers = res.get("mailbox") if isinstance(res, dict) else None
+            if not isinstance(answers, list) or len(answers) != len(members):
+                # One at a time: a .forward, a home directory problem, or a
+                # failed call is met (and reported) by the usual expansion.
+                for i, exp, _ in members:
+                    try:
+                        out[i] = [exp.run(requests[i].recipients[0])]
+                    except Exception as exc:
+                        out[i] = self._broken(requests[i], exc)
+                continue
+            for (i, exp, plan), answer in zip(members, answers):
+                out[i] = [exp.plain_result(plan, answer)]
+        return out
+
+    def _broken(self, request, exc) -> list[list[Leaf]]:
+        """A message whose expansion failed unexpectedly: deferred, as the
+        helper answers a request that failed as a whole."""
+        self._warn(f"local helper: {request.queue_id}: {exc}")
+        return [[Leaf(rc.address, rc.orig or rc.address, "deferred", "4.3.0",
+                      "mail system configuration error")] for rc in request.recipients]
+
     def expand_request(self, request: DeliveryRequest) -> list[list[Leaf]]:
         """Blocking: every recipient's deliveries (forwards left pending)."""
         delivered_to = None
@@ -520,6 +651,36 @@ class LocalAgent(DeliveryAgent):
         return out
 
     async def _expand_via_helper(self, request, path) -> list[list[Leaf]]:
+        self._helper_links(path)
+        try:
+            raw = await self._helper.deliver(request.queue_id, request.sender, request.nexthop,
+                                             request.recipients)
+        except (OSError, ConnectionError, ValueError) as exc:
+            self._warn(f"local delivery helper: {exc}")
+            raw = []
+        return self._leaves_of(request, raw)
+
+    async def _expand_batch_via_helper(self, requests, path) -> list[list[list[Leaf]]]:
+        """One helper request for several messages (local_helper: "batch");
+        None for a message the helper left alone (BATCH_LEAVES); a message
+        a failed or short answer leaves out is deferred, as _expand_via_helper."""
+        self._helper_links(path)
+        try:
+            raw = await self._helper.call({"batch": [
+                {"queue_id": r.queue_id, "sender": r.sender, "nexthop": r.nexthop,
+                 "recipients": [[rc.address, rc.orig] for rc in r.recipients]}
+                for r in requests]})
+        except (OSError, ConnectionError, ValueError) as exc:
+            self._warn(f"local delivery helper: {exc}")
+            raw = []
+        if not isinstance(raw, list) or len(raw) != len(requests):
+            if raw:
+                self._warn("local delivery helper: answer does not match the batch")
+            raw = [[]] * len(requests)
+        return [None if one is None else self._leaves_of(request, one)
+                for request, one in zip(requests, raw)]
+
+    def _helper_links(self, path):
         if self._helper is None or self._helper.path != path:
             from .helper import HelperLinks
             from .local_helper import MAX_CONCURRENT
@@ -528,17 +689,15 @@ class LocalAgent(DeliveryAgent):
             # A connection per delivery in progress: the helper answers each on
             # the thread that read it (helper.serve_unix_threaded).
             self._helper = HelperLinks(path, MAX_CONCURRENT)
-        try:
-            raw = await self._helper.deliver(request.queue_id, request.sender, request.nexthop,
-                                             request.recipients)
-        except (OSError, ConnectionError, ValueError) as exc:
-            self._warn(f"local delivery helper: {exc}")
-            raw = []
+        return self._helper
+
+    @staticmethod
+    def _leaves_of(request, raw) -> list[list[Leaf]]:
         out = []
         for i, rc in enumerate(request.recipients):
             try:
                 out.append([Leaf.from_json(v) for v in raw[i]])
-            except (IndexError, TypeError, ValueError):
+            except (IndexError, TypeError, ValueError, KeyError):
                 out.append([Leaf(rc.address, rc.orig or rc.address, "deferred", "4.3.0",
                                  "mail system configuration error")])
         return out
@@ -703,6 +862,8 @@ class Expansion:
         self.premade: dict[str, dict] = {}   # user -> mailbox result from the .forward call
         self.nodes = 0
         self._users: dict[str, object] = {}  # getpwnam() answers of this expansion
+        self.deferred: DeferAll | None = None   # see plain_maildir
+        self._forward_paths: dict | None = None  # plain_maildir's, shared by a batch
 
     def getpwnam(self, user: str):
         """pwd.getpwnam() once per user and expansion (KeyError when unknown):
@@ -719,6 +880,75 @@ class Expansion:
         if pw is None:
             raise KeyError(user)
         return pw
+
+    # -- the batched plain case (LocalAgent.expand_batch) ----------------
+    def plain_maildir(self, rc: Recipient) -> "PlainMaildir | None":
+        """What run(rc) would do when it reaches the user's forward files
+        and then, finding none, the Maildir written with the user's own
+        rights -- no alias, no mailbox_command, no loop, no mbox -- else None.
+        Nothing is recorded here (no leaf, no warning, no "seen" entry): for
+        None, or a user who turns out to have a .forward, run(rc) starts
+        from the beginning on this same expansion -- unless an alias table
+        failed, which leaves its DeferAll in ``deferred``."""
+        address = rc.address
+        self.deferred = None
+        if address.lower() in self.delivered_to:
+            return None
+        local = address.rpartition("@")[0] if "@" in address else address
+        if "/" in local:
+            return None          # split() would warn about an extension: leave it to run()
+        local_l, user, ext, domain = self.split(address)
+        if not user:
+            return None
+        for name in (local_l, user if ext is not None else None):
+            if name is None:
+                continue
+            if name in ("mailer-daemon", "postmaster"):
+                return None      # alias() answers for these even when no table has them
+            try:
+                if self.agent.aliases.lookup(name) is not None:
+                    return None
+            except DeferAll as exc:
+                # What run() would meet at the same lookup (its warning is
+                # logged already): the caller takes this answer as it is.
+                self.deferred = exc
+                return None
+        try:
+            pw = self.getpwnam(user)
+        except KeyError:
+            return None
+        b = Branch(address=address, orig=rc.orig or address, delivered=address,
+                   sender=self.request.sender)
+        ident = Identity.from_pwd(pw)
+        # The forward_path names depend on nothing but the address and the
+        # passwd entry: a batch of mail for one address expands them once.
+        memo = self._forward_paths
+        paths = memo.get(address) if memo is not None else None
+        if paths is None:
+            attrs = self._attrs(b, user, ext, domain, pw)
+            paths = []
+            for template in self.s.forward_path:
+                path, undefined, _ = expand_template(template, attrs, self.s.fwd_filter)
+                if not undefined and path:
+                    paths.append(path)
+            if memo is not None:
+                memo[address] = paths
+        mailbox = self._mailbox_next(b, user, pw, ident)
+        if mailbox is None or mailbox[0].maildir is not True:
+            return None
+        key = (_identity_key(ident), pw.pw_dir, tuple(paths), pw.pw_uid)
+        return PlainMaildir(key, ident, pw.pw_dir, paths, pw.pw_uid, mailbox[0], mailbox[-1], b,
+                            user)
+
+    def plain_result(self, plan: "PlainMaildir", answer) -> list[Leaf]:
+        """The leaves run() gives once op_mailbox answered ``answer``."""
+        self.been_here(("recipient", 0, plan.branch.address))
+        self.been_here(("mailbox", plan.user))
+        if not isinstance(answer, dict) or not (
+                "error" in answer or {"status", "dsn", "reason"} <= answer.keys()):
+            answer = {"error": "malformed delivery answer"}
+        self._record(plan.branch, answer)
+        return self.leaves
 
     # -- helpers -------------------------------------------------------
     def leaf(self, b: Branch, dsn: str, reason: str) -> None:
@@ -773,14 +1003,17 @@ class Expansion:
         try:
             self.recipient(top)
         except DeferAll as exc:
-            # Nothing of a failed expansion goes out: the retry redoes all of it.
-            self.leaves = [l for l in self.leaves
-                           if l.forward_sender is None and l.status not in ("sent", TRACE)]
-            for leaf in self.leaves:
-                leaf.trace = None
-            status = "bounced" if exc.dsn.startswith("5") else "deferred"
-            self.leaves.append(Leaf(address, top.orig, status, exc.dsn, exc.reason))
+            self.failed(top, exc)
         return self.leaves
+
+    def failed(self, top: Branch, exc: DeferAll) -> None:
+        # Nothing of a failed expansion goes out: the retry redoes all of it.
+        self.leaves = [l for l in self.leaves
+                       if l.forward_sender is None and l.status not in ("sent", TRACE)]
+        for leaf in self.leaves:
+            leaf.trace = None
+        status = "bounced" if exc.dsn.startswith("5") else "deferred"
+        self.leaves.append(Leaf(top.address, top.orig, status, exc.dsn, exc.reason))
 
     # -- the recipient switch (Postfix's deliver_recipient/deliver_switch) --
     def recipient(self, b: Branch, mailbox_only: bool = False) -> None:

@@ -60,7 +60,7 @@ import inspect
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from functools import partial
 
 from postwell.delivery import agent_class
@@ -382,8 +382,13 @@ class QueueManager:
 
     def _forget_destination(self, key, dest: Destination) -> None:
         # Like Postfix's in-core queues, a destination lives while it has work
-        # (or is dead): the table stays as small as the active queue.
+        # (or is dead): the table stays as small as the active queue.  Messages
+        # queued for a batch are work too: the next of them to wait for a slot
+        # must find the same window (see _deliver_batched).
         if dest.idle and dest.dead is None and self._destinations.get(key) is dest:
+            bq = self.__dict__.get("_batch_queues", {}).get(key)
+            if bq is not None and bq.pending:
+                return
             del self._destinations[key]
 
     def dead_destinations(self) -> dict[tuple[str, str], tuple[float, str, str]]:
@@ -1023,6 +1028,14 @@ class QueueManager:
         key, dest = self._destination(transport, nexthop, rcpts)
         if dest.dead is not None and self.clock() >= dest.dead[0]:
             dest.resume()           # the backoff is over: try the destination again
+        agent = self.agent(transport)
+        if agent is not None and getattr(agent, "batch_limit", 1) > 1:
+            attrs = attributes if attributes is not None else getattr(qm, "attributes", None)
+            if not (attrs and attrs.get(VERIFY_ATTRIBUTE)):
+                item = _BatchItem(qid, qm, chunk, partial(
+                    self._request, qid, qm, sender, arrival, active_time, transport, nexthop,
+                    rcpts, attributes), getattr(qm, "content_size", 0))
+                return await self._deliver_batched(key, dest, agent, transport, item)
         try:
             if not await dest.acquire():
                 # Postfix's dead-destination shortcut: no new connection attempt
@@ -1047,14 +1060,8 @@ class QueueManager:
             hook = _CompletionHook(qm, chunk)
             try:
                 handoff = self.clock()
-                request = DeliveryRequest(
-                    queue_id=qid, sender=sender, recipients=rcpts, transport=transport,
-                    nexthop=nexthop, arrival_time=arrival,
-                    open_content=lambda: qm.iter_content(),
-                    content_size=getattr(qm, "content_size", 0),
-                    attributes=dict(attributes if attributes is not None
-                                    else getattr(qm, "attributes", {}) or {}),
-                    active_time=active_time, handoff_time=handoff)
+                request = self._request(qid, qm, sender, arrival, active_time, transport, nexthop,
+                                        rcpts, attributes, handoff)
                 request.completed = hook
                 failed_agent = False
                 try:
@@ -1099,6 +1106,178 @@ class QueueManager:
             if res is None:  # an agent that forgets a recipient must not lose it
                 res = RecipientResult.deferred(rc, "delivery status unavailable", "none", "4.3.0")
             out.append((handoff, res))
+        return out
+
+    @staticmethod
+    def _request(qid, qm, sender, arrival, active_time, transport, nexthop, rcpts, attributes,
+                 handoff) -> DeliveryRequest:
+        return DeliveryRequest(
+            queue_id=qid, sender=sender, recipients=rcpts, transport=transport,
+            nexthop=nexthop, arrival_time=arrival,
+            open_content=lambda: qm.iter_content(),
+            content_size=getattr(qm, "content_size", 0),
+            attributes=dict(attributes if attributes is not None
+                            else getattr(qm, "attributes", {}) or {}),
+            active_time=active_time, handoff_time=handoff)
+
+    async def _deliver_batched(self, key, dest: Destination, agent, transport, item) -> list:
+        """_deliver_chunk() for an agent that takes several messages at once
+        (``batch_limit`` > 1: local(8), issue 8).  Messages for one destination
+        queue up behind a single one of them (the queue's *runner*) that waits
+        for the destination's slot; whoever gets the slot takes every message
+        queued by then (up to the agent's batch_limit, batch_bytes and
+        batch_recipients; the first message always goes) to the
+        agent as one delivery, which counts as one delivery in flight towards
+        the destination's concurrency limit and one process of maxproc.  Each
+        message still gets its own results, and the agent reports a message
+        delivered only once its mailbox copy is durable."""
+        queues = self.__dict__.setdefault("_batch_queues", {})
+        bq = queues.get(key)
+        if bq is None:
+            bq = queues[key] = _BatchQueue()
+        bq.pending.append(item)
+        if bq.runner is None:
+            bq.runner = item
+        else:
+            try:
+                got = await item.wake
+            except asyncio.CancelledError:
+                if item.taken:
+                    # Its delivery is under way: the results must be settled
+                    # (a stop never cancels deliveries, but be exact anyway).
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    got = await asyncio.shield(item.wake)
+                else:
+                    self._leave_batch_queue(key, bq, item)
+                    raise
+            if got is not _RUN:
+                return got
+        # The runner is always the first item queued: it takes itself along.
+        try:
+            ok = await dest.acquire()
+        except BaseException:
+            self._leave_batch_queue(key, bq, item)
+            self._forget_destination(key, dest)
+            raise
+        taken, size, rcpts = [], 0, 0
+        limit = max(1, agent.batch_limit)
+        budget = getattr(agent, "batch_bytes", 0) or 0
+        most = getattr(agent, "batch_recipients", 0) or 0
+        while bq.pending and len(taken) < limit:
+            nxt = bq.pending[0]
+            if taken and ((budget and size + nxt.size > budget)
+                          or (most and rcpts + len(nxt.chunk) > most)):
+                break
+            bq.pending.popleft()
+            nxt.taken = True
+            taken.append(nxt)
+            size += nxt.size
+            rcpts += len(nxt.chunk)
+        bq.runner = None
+        self._next_runner(key, bq)
+        try:
+            outcome = await self._run_batch(key, dest, agent, transport, taken, ok)
+        except BaseException as exc:
+            for other in taken:
+                if other is not item and not other.wake.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        other.wake.cancel()
+                    else:
+                        other.wake.set_exception(exc)
+            raise
+        for other, results in zip(taken, outcome):
+            if other is not item and not other.wake.done():
+                other.wake.set_result(results)
+        return outcome[taken.index(item)]
+
+    def _next_runner(self, key, bq: "_BatchQueue") -> None:
+        """The first queued message waits for the next slot for all of them."""
+        if bq.runner is None and bq.pending:
+            bq.runner = bq.pending[0]
+            if not bq.runner.wake.done():
+                bq.runner.wake.set_result(_RUN)
+        elif not bq.pending and bq.runner is None:
+            queues = self.__dict__.get("_batch_queues", {})
+            if queues.get(key) is bq:
+                del queues[key]
+
+    def _leave_batch_queue(self, key, bq: "_BatchQueue", item) -> None:
+        try:
+            bq.pending.remove(item)
+        except ValueError:
+            pass
+        if bq.runner is item:
+            bq.runner = None
+        self._next_runner(key, bq)
+
+    async def _run_batch(self, key, dest: Destination, agent, transport, taken, ok) -> list:
+        """One batch through the agent with the destination slot held (``ok``;
+        False: the destination is dead and every message is deferred)."""
+        if not ok:
+            _, reason, dsn = dest.dead
+            now = self.clock()
+            return [[(now, RecipientResult.deferred(rc, f"delivery temporarily suspended: {reason}",
+                                                    "none", dsn)) for _, rc in it.chunk]
+                    for it in taken]
+        handed_over = False
+        try:
+            sem = self._process_sem(transport)
+            if sem is not None:
+                await sem.acquire()
+            hooks = [_CompletionHook(it.qm, it.chunk) for it in taken]
+            try:
+                handoff = self.clock()
+                requests = []
+                for it, hook in zip(taken, hooks):
+                    request = it.make_request(handoff)
+                    request.completed = hook
+                    requests.append(request)
+                failed_agent = False
+                try:
+                    per_request = await agent.deliver_batch(requests)
+                    if not isinstance(per_request, list) or len(per_request) != len(requests):
+                        raise ValueError("results do not match the batch")
+                except Exception as exc:
+                    for it in taken:
+                        self.log.warning(f"{it.qid}: {transport} delivery agent failed: {exc!r}")
+                    failed_agent = True
+                    per_request = [[RecipientResult.deferred(
+                        rc, "delivery temporarily suspended: unexpected agent failure", "none",
+                        "4.3.0") for _, rc in it.chunk] for it in taken]
+            finally:
+                for hook in hooks:
+                    hook.close()
+                if sem is not None:
+                    handed_over = sem.locked()
+                    sem.release()
+            if not failed_agent:
+                self._feedback(transport, dest, [r for results in per_request for r in results])
+        finally:
+            busy = dest.busy
+            dest.release()
+            handed_over = handed_over or dest.busy >= busy
+            self._forget_destination(key, dest)
+        if handed_over:
+            # As _deliver_chunk: the next batch leaves before this one's bookkeeping.
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+        out = []
+        for it, results in zip(taken, per_request):
+            by_rcpt = {id(res.recipient): res for res in results}
+            mine = []
+            for _, rc in it.chunk:
+                res = by_rcpt.get(id(rc))
+                if res is None:  # an agent that forgets a recipient must not lose it
+                    res = RecipientResult.deferred(rc, "delivery status unavailable", "none",
+                                                   "4.3.0")
+                mine.append((handoff, res))
+            out.append(mine)
         return out
 
     def _feedback(self, transport, dest: Destination, results) -> None:
@@ -1710,6 +1889,32 @@ def _drop_unclaimed(value) -> None:
             close()
         except OSError:
             pass
+
+
+_RUN = object()     # a queued batch item's wake-up: "wait for the slot for the queue"
+
+
+class _BatchItem:
+    """One message's chunk queued for a batch (_deliver_batched)."""
+
+    __slots__ = ("qid", "qm", "chunk", "make_request", "size", "wake", "taken")
+
+    def __init__(self, qid, qm, chunk, make_request, size) -> None:
+        self.qid, self.qm, self.chunk, self.make_request = qid, qm, chunk, make_request
+        self.size = size or 0
+        self.wake = asyncio.get_running_loop().create_future()
+        self.taken = False
+
+
+class _BatchQueue:
+    """The messages waiting for one destination's slot, and which of them
+    (the first) waits for it on behalf of all."""
+
+    __slots__ = ("pending", "runner")
+
+    def __init__(self) -> None:
+        self.pending: deque = deque()
+        self.runner: _BatchItem | None = None
 
 
 class _CompletionHook:
