@@ -128,12 +128,44 @@ def _warn_undefined(cfg: Config, out: _Out) -> None:
     legacy = registry.legacy_parameters()
     seen: set[tuple[str, str]] = set()
     for path, value in sources:
+        syntax = macro_syntax_error(value)
+        if syntax:
+            # Postfix's scan of every value reports a malformed reference
+            # without the file's name (mac_parse) and leaves the value there
+            out.warn(syntax)
+            continue
         for ref in sorted(registry.referenced_names(value)):
             if (path, ref) in seen or ref in cfg.params or ref in legacy \
                     or ref in DEFAULTS or cfg.default(ref) is not None:
                 continue
             seen.add((path, ref))
             out.warn(f"{path}: undefined parameter: {ref}")
+
+
+def macro_syntax_error(value: str) -> str | None:
+    """Postfix's words for a malformed $name reference in value, or None."""
+    if "$" not in value:
+        return None
+    from postwell.config.expand import ExpandError, expand
+    try:
+        # every name known, as "0" (a valid number and compatibility level):
+        # only the text's own shape can fail
+        expand(value, lambda _name: "0")
+    except ExpandError as exc:
+        msg = str(exc)
+        return msg if is_macro_error(msg) else None
+    return None
+
+
+_MACRO_ERRORS = ("unreasonable macro call nesting: ", "truncated macro reference: ",
+                 "empty macro name: ", "unknown operator in macro reference: ",
+                 '"==" or "!="', '"?" or ":" expected at: ', '":" expected at: ',
+                 'unexpected input at: ', '"{expression}" expected at: ',
+                 "bad operator suffix at: ")
+
+
+def is_macro_error(msg: str) -> bool:
+    return msg.startswith(_MACRO_ERRORS)
 
 
 def _warn_unused(cfg: Config, out: _Out, main_cf: bool = True) -> None:
@@ -182,6 +214,21 @@ def show_params(cfg: Config, names: list[str], opts: dict, out: _Out) -> None:
         selected = sorted(n for n in cfg.params if known(n))
     else:
         selected = _all_names(cfg, defaults_only)
+    classes = opts.get("-C")
+    if classes is not None and not names:
+        # -C picks from the listing only; named parameters are always shown
+        wanted = parameter_classes(classes)
+        if "all" not in wanted:
+            per_service = set(registry.service_parameters(cfg.services))
+            user = known_user - per_service
+
+            def class_of(name: str) -> str:
+                if name in per_service:
+                    return "service"
+                if name in user and name not in DEFAULTS and name not in legacy:
+                    return "user"
+                return "builtin"
+            selected = [n for n in selected if class_of(n) in wanted]
     fold = "-f" in opts
     for name in selected:
         if "-H" in opts:
@@ -190,6 +237,22 @@ def show_params(cfg: Config, names: list[str], opts: dict, out: _Out) -> None:
             out.line(format_param(None, value_of(name), fold))
         else:
             out.line(format_param(name, value_of(name), fold))
+
+
+PARAMETER_CLASSES = ("builtin", "service", "user", "all")
+
+
+def parameter_classes(text: str) -> set[str]:
+    """-C's class list (Postfix splits it at blanks and commas)."""
+    import re
+    wanted = set()
+    for word in re.split(r"[ \t\r\n,]+", text):
+        if not word:
+            continue
+        if word not in PARAMETER_CLASSES:
+            raise Fatal(f'unknown -C option value "{word}" in "{text}"')
+        wanted.add(word)
+    return wanted
 
 
 # ---- editing main.cf ------------------------------------------------------
@@ -292,15 +355,19 @@ def edit_main_cf(path: str, edits: dict[str, str | None], mode: str, out: _Out) 
     atomic_write(path, body)
 
 
-def _parse_assignments(args: list[str]) -> dict[str, str]:
+def _parse_assignments(args: list[str], out: _Out | None = None) -> dict[str, str]:
     edits: dict[str, str] = {}
     for arg in args:
+        if arg.lstrip().startswith("#"):
+            raise Fatal("-e, -X, or -# accepts no comment input")
         try:
             name, value = split_name_value(arg, "", 0)
         except ConfigError as e:
             # Postfix quotes the argument from its first non-blank, trailing blanks included
             why, sep, _quoted = e.msg.partition(': "')
             raise Fatal(f'{why}: "{arg.lstrip()}"' if sep else e.msg) from None
+        if name in edits and out is not None:
+            out.warn(f"ignoring earlier request: '{name} = {edits[name]}'")
         edits[name] = value
     return edits
 
@@ -424,9 +491,27 @@ def _expand_service(svc: MasterService, cfg: Config) -> MasterService:
     return dataclasses.replace(svc, argv=argv, overrides=overrides)
 
 
-def _match(svc: MasterService, request: str) -> bool:
-    name, _, stype = request.partition("/")
-    return svc.name == name and (not stype or svc.type == stype)
+def service_pattern(text: str, fewest: int, most: int) -> list[str] | None:
+    """A master.cf request "name[/type[/field]]" split as Postfix splits it
+    (empty parts vanish, so "relay//" is "relay"); a part that is "*" matches
+    anything, a "*" inside a word is refused (None), as is a leading "/".
+    Missing trailing parts are wild cards."""
+    if text.startswith("/"):
+        return None
+    parts = [p for p in text.split("/") if p]
+    if not fewest <= len(parts) <= most:
+        return None
+    if any("*" in p and p != "*" for p in parts):
+        return None
+    return parts + ["*"] * (most - len(parts))
+
+
+def _hits(pattern: str, value: str) -> bool:
+    return pattern == "*" or pattern == value
+
+
+def _service_hits(pattern: list[str], svc: MasterService) -> bool:
+    return _hits(pattern[0], svc.name) and _hits(pattern[1], svc.type)
 
 
 def _select(items, requests, matches, out: _Out):
@@ -441,17 +526,35 @@ def _select(items, requests, matches, out: _Out):
             if matches(item, req):
                 hit[i] = True
                 chosen.append(item)
-    for i, req in enumerate(requests):
+    for i, (text, _) in enumerate(requests):
         if not hit[i]:
-            out.warn(f'unmatched request: "{req}"')
+            out.warn(f'unmatched request: "{text}"')
     return chosen
+
+
+def master_requests(flag: str, names: list[str]) -> list[tuple[str, list[str]]]:
+    """-M, -F and -P requests parsed (fatal on the first bad one, in order)."""
+    shape, most = {"-M": ("service_name[/type]", 2),
+                   "-F": ("service_name[/type[/field]]", 3),
+                   "-P": ("service_name[/type[/parameter]]", 3)}[flag]
+    out = []
+    for text in names:
+        pattern = service_pattern(text, 1, most)
+        if pattern is None:
+            raise Fatal(f"{flag} option requires {shape}")
+        if flag == "-F" and pattern[2] != "*" and pattern[2] not in MASTER_FIELD_NAMES:
+            raise Fatal(f'invalid service attribute name: "{pattern[2]}"')
+        out.append((text, pattern))
+    return out
 
 
 def show_master(config_dir: str, requests: list[str], opts: dict, out: _Out,
                 cfg: Config | None = None) -> None:
+    reqs = master_requests("-M", requests)
     _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
     fold = "-f" in opts
-    for svc in _select([e[2] for e in entries], requests, _match, out):
+    for svc in _select([e[2] for e in entries], reqs,
+                       lambda svc, req: _service_hits(req[1], svc), out):
         out.line(format_master(svc, fold))
 
 
@@ -480,50 +583,103 @@ def _print_rows(rows, opts: dict, out: _Out) -> None:
 
 def _select_grouped(groups, requests, out: _Out):
     """Rows of master.cf entries in Postfix's order: entries outside, then the
-    requests, then each entry's rows (a request given twice prints twice)."""
+    requests, then each entry's rows (a request given twice prints twice).
+    A group is (service, rows); a row's last name part is what the request's
+    third part picks, "*" taking every row."""
     if not requests:
-        return [row for group in groups for row in group]
+        return [row for _, rows in groups for row in rows]
     hit = [False] * len(requests)
     chosen = []
-    for group in groups:
-        for i, req in enumerate(requests):
-            for row in group:
-                if _row_match(row, req):
-                    hit[i] = True
-                    chosen.append(row)
-    for i, req in enumerate(requests):
+    for svc, rows in groups:
+        for i, (_, pattern) in enumerate(requests):
+            if not _service_hits(pattern, svc):
+                continue
+            picked = [row for row in rows if _hits(pattern[2], row[0].rsplit("/", 1)[1])]
+            if picked:
+                hit[i] = True
+                chosen.extend(picked)
+    for i, (text, _) in enumerate(requests):
         if not hit[i]:
-            out.warn(f'unmatched request: "{req}"')
+            out.warn(f'unmatched request: "{text}"')
     return chosen
-
-
-def _row_match(row, req: str) -> bool:
-    parts, want = row[0].split("/"), req.rstrip("/").split("/")
-    return len(want) <= len(parts) and all(w == p for w, p in zip(want, parts))
 
 
 def show_master_params(config_dir: str, requests: list[str], opts: dict, out: _Out,
                        cfg: Config | None = None) -> None:
+    reqs = master_requests("-P", requests)
     _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
-    groups = [[(f"{svc.name}/{svc.type}/{name}", value)
-               for name, value in sorted(svc.overrides.items())] for _, _, svc in entries]
-    _print_rows(_select_grouped(groups, requests, out), opts, out)
+    groups = [(svc, [(f"{svc.name}/{svc.type}/{name}", value)
+                     for name, value in sorted(svc.overrides.items())])
+              for _, _, svc in entries]
+    _print_rows(_select_grouped(groups, reqs, out), opts, out)
 
 
 def show_master_fields(config_dir: str, requests: list[str], opts: dict, out: _Out,
                        cfg: Config | None = None) -> None:
-    for req in requests:
-        parts = req.split("/")
-        if len(parts) == 3 and parts[2] not in MASTER_FIELD_NAMES:
-            raise Fatal(f'invalid service attribute name: "{parts[2]}"')
+    reqs = master_requests("-F", requests)
     _, _, entries = _master_entries(config_dir, cfg if "-x" in opts else None)
     groups = []
     for _, _, svc in entries:
         key = f"{svc.name}/{svc.type}"
         rows = [(f"{key}/{name}", value) for name, value in zip(MASTER_FIELD_NAMES, svc.fields[:7])]
         rows.append((f"{key}/command", svc.command, _master_args(svc)))
-        groups.append(rows)
-    _print_rows(_select_grouped(groups, requests, out), opts, out)
+        groups.append((svc, rows))
+    _print_rows(_select_grouped(groups, reqs, out), opts, out)
+
+
+_EDIT_OPTS = "-Me, -Fe, -Pe, -X, or -#"
+
+
+def master_edit_requests(kind: str, args: list[str], mode: str) -> list[tuple[str, list[str], str | None]]:
+    """-M/-F/-P edit arguments as (raw text, pattern, value), checked in
+    Postfix's order before anything is edited (kind is "M", "F" or "P",
+    mode "e", "X" or "#")."""
+    requests = []
+    for raw in args:
+        if "\n" in raw:
+            raise Fatal(f"{_EDIT_OPTS} accept no multi-line input")
+        text = raw.lstrip()
+        if text.startswith("#"):
+            raise Fatal(f"{_EDIT_OPTS} accept no comment input")
+        value = None
+        if mode == "e":
+            try:
+                text, value = split_nameval(text)
+            except ValueError as exc:
+                raise Fatal(f'{exc}: "{raw}"') from None
+        elif "=" in text:
+            raise Fatal("-X or -# requires names without value")
+        # (Postfix's trimblanks() here finds the end but cuts nothing: trailing
+        # blanks stay part of the type, which then matches no entry)
+        if kind == "M":
+            pattern = service_pattern(text, 2, 2)
+            if pattern is None:
+                raise Fatal("-Me, -MX or -M# requires service_name/type")
+        elif kind == "F":
+            pattern = service_pattern(text, 3, 3)
+            if pattern is None:
+                raise Fatal("-Fe or -FX requires service_name/type/field_name")
+            if pattern[2] != "*" and pattern[2] not in MASTER_FIELD_NAMES:
+                raise Fatal(f'invalid service attribute name: "{pattern[2]}"')
+            if pattern[2] == "*":
+                raise Fatal("-Fe does not accept wild-card field name")
+            if value is not None and pattern[2] != "command" and _has_blank(value):
+                raise Fatal("-Fe does not accept whitespace in non-command field")
+        else:
+            pattern = service_pattern(text, 3, 3)
+            if pattern is None:
+                raise Fatal("-Pe or -PX requires service_name/type/parameter")
+            if pattern[2] == "*":
+                raise Fatal("-Pe does not accept wild-card parameter name")
+            if value is not None and _has_blank(value):
+                raise Fatal("-Pe does not accept whitespace in parameter value")
+        requests.append((raw, pattern, value))
+    return requests
+
+
+def _has_blank(text: str) -> bool:
+    # master.cf's field separators (PCF_MASTER_BLANKS)
+    return any(c in " \t\r\n" for c in text)
 
 
 def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
@@ -535,32 +691,24 @@ def edit_master(config_dir: str, args: list[str], mode: str, out: _Out) -> None:
         lines = lines[:-1]
     result: list[str | None] = list(lines)
     appended: list[str] = []
-    for arg in args:
-        entry = ""
-        key = arg
-        if mode == "e":
-            try:
-                key, entry = split_nameval(arg)
-            except ValueError as exc:
-                raise Fatal(f'{exc}: "{arg}"') from None
-        parts = key.split("/")
-        if len(parts) != 2 or not all(parts):
-            raise Fatal("-Me, -MX or -M# requires service_name/type")
+    for raw, pattern, entry in master_edit_requests("M", args, mode):
         new_svc = None
         if mode == "e":
             try:
                 new_svc = parse_master_line(entry, path, 0, strict=False)
             except ConfigError as exc:
                 # Postfix quotes the whole argument for a short entry.
-                raise Fatal(f'bad field count: "{arg}"' if exc.msg == "bad field count"
+                raise Fatal(f'bad field count: "{raw}"' if exc.msg == "bad field count"
                             else exc.msg) from None
         # Postfix 3.7 -Me replaces the entry named on the left and any entry
         # with the new entry's own service/type: the first one found takes
         # the new text, the others go.
-        wanted = {key} | ({f"{new_svc.name}/{new_svc.type}"} if new_svc else set())
+        def wanted(svc: MasterService) -> bool:
+            return _service_hits(pattern, svc) or (
+                new_svc is not None and (svc.name, svc.type) == (new_svc.name, new_svc.type))
         hit = False
         for first, last, svc in entries:
-            if svc.key not in wanted or result[first] is None and mode != "#":
+            if not wanted(svc) or result[first] is None and mode != "#":
                 continue
             placed = hit
             hit = True
@@ -588,32 +736,27 @@ def edit_master_fields(config_dir: str, args: list[str], out: _Out) -> None:
     lines = text.split("\n")
     if text.endswith("\n"):
         lines = lines[:-1]
-    requests = []
-    for arg in args:
-        try:
-            key, value = split_nameval(arg)
-        except ValueError as exc:
-            raise Fatal(f'{exc}: "{arg}"') from None
-        parts = key.split("/")
-        if len(parts) != 3 or not all(parts):
-            raise Fatal("-Fe or -FX requires service_name/type/field_name")
-        if parts[2] not in MASTER_FIELD_NAMES:
-            raise Fatal(f'invalid service attribute name: "{parts[2]}"')
-        _check_field(parts[2], value)
-        requests.append((arg, parts, value))
+    requests = master_edit_requests("F", args, "e")
     result: list[str | None] = list(lines)
     current = {idx: svc for idx, (_, _, svc) in enumerate(entries)}
-    for arg, (name, stype, field_name), value in requests:
+    for arg, pattern, value in requests:
+        field_name = pattern[2]
         hit = False
         for idx, (first, last, _) in enumerate(entries):
             svc = current[idx]
-            if svc.name != name or svc.type != stype:
+            if not _service_hits(pattern, entries[idx][2]):
                 continue
+            # checked only where it is used, as Postfix does
+            _check_field(field_name, value)
             hit = True
             fields = list(svc.fields)
             argv = list(svc.argv)
             if field_name == "command":
                 words = value.split()
+                if not words:
+                    # Postfix 3.7 crashes here, leaving master.cf as it was;
+                    # an entry without a command would stop the master.
+                    raise Fatal(f'bad field count: "{arg}"')
                 fields[7], argv = (words[0] if words else ""), words[1:]
             else:
                 fields[MASTER_FIELD_NAMES.index(field_name)] = value
@@ -652,28 +795,14 @@ def edit_master_params(config_dir: str, args: list[str], mode: str, out: _Out) -
         lines = lines[:-1]
     changes: dict[int, list[tuple[str, str | None]]] = {}
     # Postfix checks every argument before it edits anything.
-    requests = []
-    for arg in args:
-        key, value = arg, None
-        if mode == "e":
-            try:
-                key, value = split_nameval(arg)
-            except ValueError as exc:
-                raise Fatal(f'{exc}: "{arg}"') from None
-        parts = key.split("/")
-        if len(parts) != 3 or not all(parts):
-            raise Fatal("-Pe or -PX requires service_name/type/parameter")
-        if value is not None and any(c.isspace() for c in value):
-            raise Fatal("-Pe does not accept whitespace in parameter value")
-        requests.append((parts, value))
-    for parts, value in requests:
+    for raw, pattern, value in master_edit_requests("P", args, mode):
         hit = False
         for idx, (_, _, svc) in enumerate(entries):
-            if svc.name == parts[0] and svc.type == parts[1]:
+            if _service_hits(pattern, svc):
                 hit = True
-                changes.setdefault(idx, []).append((parts[2], value))
+                changes.setdefault(idx, []).append((pattern[2], value))
         if not hit:
-            out.warn(f'unmatched service: "{parts[0]}/{parts[1]}"')
+            out.warn(f'unmatched service_name/type: "{raw}"')
     result: list[str | None] = list(lines)
     for idx, edits in changes.items():
         first, last, svc = entries[idx]
@@ -788,13 +917,31 @@ def show_bounce_templates(config_dir: str | None, names: list[str], *, expand: b
     return 0
 
 
+def show_tls_info(mode: str, out: _Out) -> int:
+    """postconf -T: the TLS library postwell runs with (Python's ssl module is
+    built and run against the same OpenSSL, so both versions are the one
+    loaded), and the key types the TLS code can load."""
+    import ssl
+    if mode in ("compile-version", "run-version"):
+        out.line(ssl.OPENSSL_VERSION)
+    elif mode == "public-key-algorithms":
+        for name in ("dsa", "ecdsa", "rsa"):
+            out.line(name)
+    else:
+        out.err.write(f"{PROG}: warning: unknown 'postconf -T' mode: {mode}\n")
+        return 1
+    return 0
+
+
 # ---- entry point ----------------------------------------------------------
 
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     out = _Out(stdout or sys.stdout, stderr or sys.stderr)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        opts_list, names = getopt.gnu_getopt(args, "aAbc:defFhHlmMno:pPtvxX#")
+        # Postfix's GETOPT stops at the first non-option ("+"): a later "-x"
+        # is a parameter name
+        opts_list, names = getopt.getopt(args, "aAbc:C:defFhHlmMno:pPtT:vxX#")
     except getopt.GetoptError as e:
         # glibc getopt's words.
         if "requires argument" in e.msg:
@@ -808,6 +955,15 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     for flag, value in opts_list:
         if flag == "-o":
             overrides[value] = value         # checked after the option combinations
+        if flag == "-C":
+            try:
+                parameter_classes(value)     # checked as it is parsed, as Postfix does
+            except Fatal as exc:
+                out.err.write(f"{PROG}: fatal: {exc}\n")
+                return 1
+        if flag == "-T" and flag in opts:
+            out.err.write(f"{PROG}: fatal: At most one -T <mode> option may be specified\n")
+            return 1
         opts[flag] = value
     try:
         return _run(opts, names, overrides, out)
@@ -815,6 +971,10 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         out.err.write(f"{PROG}: fatal: {e}\n")
         return 1
     except ConfigError as e:
+        if is_macro_error(e.msg):
+            # mac_expand() warns with the reason, its caller dies in general words
+            out.err.write(f"{PROG}: warning: {e.msg}\n{PROG}: fatal: macro processing error\n")
+            return 1
         out.err.write(f"{PROG}: fatal: {postfix_wording(e)}\n")
         return 1
     except BrokenPipeError:
@@ -836,14 +996,14 @@ def postfix_wording(e: ConfigError) -> str:
 _FLAG_ORDER = "aAbdefFhHlmMnopPtTxX#"
 # Checked in this order; the message names every flag of the first set
 # that has more than one (Postfix 3.7's incompatible-option table).
-_EXCLUSIVE_GROUPS = ({"-a", "-A", "-b", "-F", "-l", "-m", "-M", "-p", "-P", "-t"},
-                     {"-d", "-e", "-n", "-X", "-#"}, {"-e", "-f", "-X", "-#"},
+_EXCLUSIVE_GROUPS = ({"-a", "-A", "-b", "-F", "-l", "-m", "-M", "-p", "-P", "-t", "-T"},
+                     {"-d", "-e", "-n", "-X", "-#"}, {"-d", "-o"}, {"-e", "-f", "-X", "-#"},
                      {"-e", "-x", "-X", "-#"}, {"-e", "-o", "-X", "-#"},
                      {"-e", "-h", "-H", "-X", "-#"})
 _NOT_WITH = {"-M": ("-n", "-d", "-h", "-H"), "-P": ("-n", "-d", "-#"),
              "-F": ("-n", "-d", "-X", "-#")}
 # Listing modes that take none of the parameter-display or edit flags.
-for _mode in ("-a", "-A", "-b", "-l", "-m", "-t"):
+for _mode in ("-a", "-A", "-b", "-l", "-m", "-t", "-T"):
     _NOT_WITH[_mode] = ("-d", "-e", "-f", "-h", "-H", "-n", "-o", "-x", "-X", "-#")
 
 
@@ -867,7 +1027,7 @@ def _check_flags(opts: dict) -> None:
 
 def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
     config_dir = config_dir_from_env(opts.get("-c"))
-    if names and "=" in names[0] and not any(f in opts for f in ("-a", "-A", "-b", "-l", "-m", "-t")):
+    if names and "=" in names[0] and not any(f in opts for f in ("-a", "-A", "-b", "-l", "-m", "-t", "-T")):
         opts.setdefault("-e", "")       # a first name=value argument means -e
     _check_flags(opts)
     parsed: dict[str, str] = {}
@@ -878,7 +1038,9 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
             raise Fatal(f"invalid parameter override: {text}: {exc}") from None
         parsed[name] = value
     overrides = parsed
-    if ("-X" in opts or "-#" in opts) and any("=" in n for n in names):
+    if (("-X" in opts or "-#" in opts) and any("=" in n for n in names)
+            and not any(f in opts for f in ("-M", "-F", "-P"))):
+        # master.cf edits check this per request, in their own words
         raise Fatal("-X or -# requires parameter names without value")
     edit_modes = [m for m in ("-e", "-X", "-#") if m in opts]
     if edit_modes and not names:
@@ -895,12 +1057,9 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         _warn_undefined(cfg, out)
         _warn_unused(cfg, out, main_cf=False)
     # Request shapes are checked once the files are read (after their warnings).
-    for flag, shape, most in (("-M", "service_name[/type]", 2),
-                              ("-F", "service_name[/type[/field]]", 3),
-                              ("-P", "service_name[/type[/parameter]]", 3)):
-        if flag in opts and not edit_modes and any(
-                n.startswith("/") or n.count("/") >= most for n in names):
-            raise Fatal(f"{flag} option requires {shape}")
+    for flag in ("-M", "-F", "-P"):
+        if flag in opts and not edit_modes:
+            master_requests(flag, names)
     if "-M" in opts:
         if edit_modes:
             if not names:
@@ -932,6 +1091,8 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
     if "-b" in opts or "-t" in opts:
         return show_bounce_templates(config_dir if "-c" in opts else None, names,
                                      expand="-b" in opts, out=out)
+    if "-T" in opts:
+        return show_tls_info(opts["-T"], out)
     if "-a" in opts or "-A" in opts:
         for name in SERVER_SASL_TYPES if "-a" in opts else CLIENT_SASL_TYPES:
             out.line(name)
@@ -945,11 +1106,15 @@ def _run(opts: dict, names: list[str], overrides: dict, out: _Out) -> int:
         if mode == "e":
             if not names:
                 raise Fatal("-e requires name=value argument")
-            edits = _parse_assignments(names)
+            edits = _parse_assignments(names, out)
         else:
             if not names:
                 raise Fatal(f"{edit_modes[0]} requires parameter name argument")
-            edits = {n: None for n in names}
+            if any(n.lstrip().startswith("#") for n in names):
+                raise Fatal("-e, -X, or -# accepts no comment input")
+            # leading blanks go; trailing ones stay part of the name (and
+            # then match nothing), as Postfix's edit code leaves them
+            edits = {n.lstrip(): None for n in names}
         edit_main_cf(main_cf, edits, mode, out)
         return 0
 

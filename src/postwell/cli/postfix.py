@@ -409,8 +409,10 @@ def cmd_logrotate(config_dir: str, args: list[str]) -> int:
     cfg, err = _admin_config(config_dir)
     if cfg is None:
         return _fatal(err)
+    pc = _postconf(config_dir)
     return admin.logrotate(cfg, args, fatal=_fatal, script_fatal=_script_fatal,
-                           running_pid=read_running_pid)
+                           running_pid=read_running_pid,
+                           postconf_run=lambda name: sys.stderr.write(pc.run("-h", name)[1]))
 
 
 def cmd_post_install(config_dir: str, args: list[str]) -> int:
@@ -436,6 +438,21 @@ COMMANDS = {
 }
 
 
+def _bad_option(word: str) -> int:
+    """glibc getopt's words for postfix(1)'s "c:Dv", then Postfix's usage,
+    which msg_fatal() shows only on a terminal (main.cf is not read yet)."""
+    k = 1
+    while k < len(word) and word[k] in "Dv":
+        k += 1
+    if word[k] == "c":
+        sys.stderr.write(f"{PROG}: option requires an argument -- 'c'\n")
+    else:
+        sys.stderr.write(f"{PROG}: invalid option -- '{word[k]}'\n")
+    if _stderr_is_tty():
+        sys.stderr.write(f"{PROG}: fatal: usage: {PROG} [-c config_dir] [-Dv] command\n")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     config_dir = os.environ.get("MAIL_CONFIG") or "/etc/postfix"
@@ -451,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
             config_dir = a[2:]
         elif a in ("-v", "-D"):
             pass
+        elif a == "--" and not args:
+            args.extend(argv[i + 1:])
+            break
+        elif a.startswith("-") and len(a) > 1 and not args:
+            return _bad_option(a)
         else:
             args.append(a)
         i += 1

@@ -17,7 +17,7 @@ import re
 import sys
 
 from postwell.tables import TableError, fold_key, open_table, split_spec, utf8_from_config
-from postwell.tables.text import parse_source
+from postwell.tables.text import files_base64, parse_source
 
 INDEXED = ("hash", "btree", "lmdb")
 USAGE = {
@@ -96,7 +96,8 @@ def _load_config(config_dir):
 
 def _open(ctx: _Ctx, typ: str, name: str):
     try:
-        t = open_table(f"{typ}:{name}", ctx.config, warn=ctx.warn, fold=ctx.fold)
+        t = open_table(f"{typ}:{name}", ctx.config, warn=ctx.warn, fold=ctx.fold,
+                       rhs_is_file=ctx.files)
     except TableError as e:
         raise Fatal(str(e)) from None
     if not ctx.fold:
@@ -183,17 +184,12 @@ def _alias_format_hint(ctx: _Ctx, key: str, where: str, lineno: int) -> None:
 
 
 def _files_base64(ctx: _Ctx, value: str, where: str) -> str | None:
-    """postmap -F: the value names files (comma/space separated); store their
-    contents, newline-joined, base64-encoded (tls_server_sni_maps and the like)."""
-    chunks = []
-    for fname in value.replace(",", " ").split():
-        try:
-            with open(fname, "rb") as f:
-                chunks.append(f.read())
-        except OSError as e:
-            ctx.warn(f"{where}: open {fname}: {e.strerror}: skipping this entry")
-            return None
-    return base64.b64encode(b"\n".join(chunks)).decode("ascii")
+    """postmap -F: the value's files, base64-encoded; None (warned) when one
+    cannot be read."""
+    encoded, why = files_base64(value)
+    if encoded is None:
+        ctx.warn(f"{where}: {why}: skipping this entry")
+    return encoded
 
 
 def _show(ctx: _Ctx, value: str) -> str:
@@ -248,11 +244,25 @@ def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
 
 
 def delete(ctx: _Ctx, typ: str, name: str, keys: list[str]) -> bool:
+    if typ not in INDEXED:
+        from postwell.tables import _TYPES
+        if typ in _TYPES:
+            # the read-only types refuse the read-write open Postfix asks for
+            raise Fatal(f"{typ}:{name} map requires O_RDONLY access mode")
     _require_indexed(typ, "delete")
     from postwell.tables.index import Builder
     store = _store_class(typ)
     path = name + store.suffix
     if not os.path.exists(path):
+        if typ == "lmdb":
+            # Postfix's LMDB open creates the database it is asked to delete from
+            b = Builder(store, name, src_stat=None, warn=ctx.warn, as_owner=ctx.as_owner,
+                        label=f"lmdb:{name}")
+            try:
+                b.commit()
+            except TableError as e:
+                raise Fatal(str(e)) from None
+            return False
         raise Fatal(f"open database {path}: No such file or directory")
     found = False
     try:
@@ -414,7 +424,9 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
         try:
             opts, args = getopt.getopt(argv, OPTSTRING[prog])
         except getopt.GetoptError as e:
-            print(f"{prog}: invalid option -- '{e.opt}'", file=sys.stderr)
+            # glibc getopt's words
+            what = "option requires an argument" if "requires argument" in e.msg else "invalid option"
+            print(f"{prog}: {what} -- '{e.opt}'", file=sys.stderr)
             raise Fatal(USAGE[prog]) from None
         config_dir = None
         mode = None
@@ -466,15 +478,20 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
                 ctx.nul = ctx.nul_given = False
             # -U, -v:
             # accepted and ignored. Lookups try "key\0" and "key" both.
-        if not args:
+        if not args and mode != "s":
             raise Fatal(USAGE[prog])
         ctx.config = _load_config(config_dir)
         ctx.utf8 = utf8_from_config(ctx.config) and not ctx.no_utf8
+        if (hflag or bflag or mflag) and qkey != "-":
+            raise Fatal('specify -b -h or -m only with "-q -"')
+        if mflag and not (hflag or bflag):
+            print(f"{prog}: warning: ignoring -m option without -b or -h", file=sys.stderr)
         if mode == "q":
             msg = (hflag, bflag, mflag) if (hflag or bflag) else None
             return query(ctx, args, qkey, stdin, stdout, msg, ":\t" if alias else "\t")
         if mode == "s":
-            return dump(ctx, args, stdout, alias)
+            # Postfix lists the first table only; with none it just fails
+            return dump(ctx, args[:1], stdout, alias) if args else 1
         if mode == "d":
             keys = dkeys
             if dkeys == ["-"]:

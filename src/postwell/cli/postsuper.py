@@ -360,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                 ids.append(v)
         qs = [q for q in (queues or DEFAULT_QUEUES[op]) if q != "maildrop"]
         n = run_operation(store, op, ids, qs, report, released)
-        if op == "d" and "maildrop" in (queues or ()):
-            # Postfix deletes maildrop files too when asked by name; the
-            # other operations do not apply to them.
+        if op == "d" and (not queues or "maildrop" in queues):
+            # Postfix's default queue list for -d starts with maildrop (its
+            # man page says otherwise): "-d ALL" and "-d ID" both reach
+            # submitted files pickup has not taken yet; the other operations
+            # do not apply to them.
             n += _delete_maildrop(store, ids, report)
         if op == "f":
             # -f counts under -e's total; its releases under -H's.

@@ -262,7 +262,8 @@ def _apply_arg(o: Options, c: str, val: str) -> None:
     elif c == "V":
         if len(val) > 100:
             o.warnings.append("too long -V option value -- ignored")
-        elif not all(32 <= ord(ch) < 127 for ch in val):   # Postfix allprint(): a space is printable
+        elif not val or not all(32 <= ord(ch) < 127 for ch in val):
+            # Postfix allprint(): a space is printable, an empty string is not
             o.warnings.append("bad syntax in -V option value -- ignored")
         else:
             o.envid = val

@@ -46,7 +46,7 @@ class _Expander:
         self.memo: dict[str, str] = {}
 
     def run(self, text: str, depth: int) -> str:
-        if depth > MAX_DEPTH:
+        if depth > MAX_DEPTH + 1:
             raise ExpandError(f'unreasonable macro call nesting: "{text}"')
         out: list[str] = []
         i, n = 0, len(text)
@@ -85,7 +85,9 @@ class _Expander:
             return ""
         if name in self.memo:
             return self.memo[name]
-        if depth + 1 > MAX_DEPTH:
+        # mac_expand() counts lookups and gives up on the one after the
+        # 101st, naming it (which of two names in a loop it blames matters)
+        if depth > MAX_DEPTH:
             raise ExpandError(f'unreasonable macro call nesting: "{name}"')
         result = self.memo[name] = self.run(raw, depth + 1)
         return result
@@ -118,25 +120,33 @@ class _Expander:
             raise ExpandError(f'truncated macro reference: "{body}"')
         left = self.run(body[1:close], depth + 1)
         rest = body[close + 1:].lstrip()
-        m = re.match(r"(==|!=|<=|>=|<|>)(level)?", rest)
-        if not m or rest[m.end():m.end() + 1] not in ("", " ", "\t", "{"):
+        m = re.match(r"[=!<>]+", rest)
+        if not m or m.group() not in ("==", "!=", "<", "<=", ">=", ">"):
+            # Postfix quotes the left operand without its opening brace
             raise ExpandError('"==" or "!="" or "<"" or "<="" or ">="" or ">" expected at: '
-                              f'"...{body[:close + 1]}>>>{rest}"')
-        op, level = m.group(1), bool(m.group(2))
-        rest = rest[m.end():].lstrip()
+                              f'"...{body[1:close + 1]}>>>{rest}"')
+        op, after_op = m.group(), rest[m.end():]
+        suffix = re.match(r"[A-Za-z0-9_]*", after_op).group()
+        if suffix and suffix != "level":
+            raise ExpandError(f'bad operator suffix at: "...{op}>>>{suffix}"')
+        level = bool(suffix)
+        after_op = after_op[len(suffix):]
+        rest = after_op.lstrip()
         if not rest.startswith("{"):
-            raise ExpandError(f'"{{expression}}" expected at: "...{op}>>>{rest}"')
+            raise ExpandError(f'"{{expression}}" expected at: '
+                              f'"...{body[:close + 1]} {op}>>>{after_op}"')
         close = _matching(rest, 0)
         if close < 0:
             raise ExpandError(f'truncated macro reference: "{body}"')
         right = self.run(rest[1:close], depth + 1)
         rest = rest[close + 1:].lstrip()
+        verdict = _compare(left, op, right, level)
         if not rest:
-            return ""
-        if rest[0] != "?":
-            raise ExpandError(f'"?" expected at: "...}}>>>{rest}"')
-        if_true, if_false = _alternatives(rest[1:].lstrip(), "?")
-        chosen = if_true if _compare(left, op, right, level) else if_false
+            return "true" if verdict else ""      # Postfix's value of a bare comparison
+        if rest[0] not in "?:":
+            raise ExpandError(f'"?" or ":" expected at: "...}}>>>{rest}"')
+        if_true, if_false = _alternatives(rest[1:].lstrip(), rest[0])
+        chosen = if_true if verdict else if_false
         return self.run(chosen, depth + 1) if chosen else ""
 
 
@@ -164,18 +174,37 @@ def _unbrace(text: str) -> str:
 
 
 def _alternatives(rest: str, op: str) -> tuple[str, str]:
-    """Split the text after ? or : into (if_defined, if_undefined)."""
-    if rest.startswith("{"):
-        close = _matching(rest, 0)
-        if close >= 0:
-            first, tail = rest[1:close], rest[close + 1:].lstrip()
-            second = ""
-            if tail.startswith(":"):
-                second = _unbrace(tail[1:])
-            elif tail:
-                first = rest        # not the two-branch form: keep text as written
-            return (first, second) if op == "?" else (second, first)
-    return (rest, "") if op == "?" else ("", rest)
+    """Split the text after ? or : into (if_defined, if_undefined).
+
+    Unbraced, the rest is the one value as written.  Braced, "?{a}" may be
+    followed by ":{b}" or ":b" and nothing else, ":{b}" by nothing at all;
+    anything else is Postfix's "expected"/"unexpected input" error, quoting
+    the end of the last braced text."""
+    if not rest.startswith("{"):
+        return (rest, "") if op == "?" else ("", rest)
+    close = _matching(rest, 0)
+    if close < 0:
+        raise ExpandError(f'truncated macro reference: "{rest}"')
+    first, tail = rest[1:close], rest[close + 1:].lstrip()
+    context = rest[1:close + 1]
+    second = ""
+    if tail:
+        if op != "?":
+            raise ExpandError(f'unexpected input at: "...{context}>>>{tail}"')
+        if not tail.startswith(":"):
+            raise ExpandError(f'":" expected at: "...{context}>>>{tail}"')
+        tail = tail[1:].lstrip()
+        if tail.startswith("{"):
+            close = _matching(tail, 0)
+            if close < 0:
+                raise ExpandError(f'truncated macro reference: "{tail}"')
+            second, after = tail[1:close], tail[close + 1:].lstrip()
+            if after:
+                context = tail[1:close + 1]
+                raise ExpandError(f'unexpected input at: "...{context}>>>{after}"')
+        else:
+            second = tail
+    return (first, second) if op == "?" else (second, first)
 
 
 def _level(text: str) -> tuple[int, ...]:

@@ -140,7 +140,8 @@ def looks_per_service(name: str) -> bool:
 
 
 def referenced_names(text: str) -> set[str]:
-    return set(_REF.findall(text))
+    # "$$" is a literal dollar, never the start of a reference
+    return set(_REF.findall(text.replace("$$", "")))
 
 
 _LEGACY: set[str] | None = None

@@ -95,7 +95,7 @@ def _compress(compressor: str, path: str, script: str) -> str | None:
 
 
 def logrotate(cfg, args: list[str], *, fatal, script_fatal, running_pid,
-              clock=time.time, sleep=time.sleep) -> int:
+              clock=time.time, sleep=time.sleep, postconf_run=None) -> int:
     """`postfix logrotate`: rename maillog_file with the strftime suffix, make
     the running system write a new file, compress the old one."""
     for name in ("maillog_file_compressor", "maillog_file_rotate_suffix"):
@@ -108,8 +108,13 @@ def logrotate(cfg, args: list[str], *, fatal, script_fatal, running_pid,
                      "maillog_file_prefixes")
     if len(args) != 1:
         return script_fatal(cfg, f"usage postfix {args[0]} (no arguments)")
-    if not maillog:
-        return script_fatal(cfg, "empty 'maillog_file' parameter value - logfile rotation failed")
+    # postfix-script reads the three parameters with one `postconf -h` each,
+    # whose warnings reach stderr (postconf_run says them)
+    for name in ("maillog_file", "maillog_file_compressor", "maillog_file_rotate_suffix"):
+        if postconf_run is not None:
+            postconf_run(name)
+        if name == "maillog_file" and not maillog:
+            return script_fatal(cfg, "empty 'maillog_file' parameter value - logfile rotation failed")
     if maillog.startswith("/dev/"):
         return script_fatal(cfg, f"not rotating '{maillog}'")
     suffix = time.strftime(cfg.get("maillog_file_rotate_suffix"), time.localtime(clock()))

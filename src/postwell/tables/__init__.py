@@ -13,7 +13,8 @@ Public API (docs/architecture.md):
     parse_aliases(text) / newaliases_build(config)      # aliases(5)
 
 Supported types: hash btree lmdb texthash inline static regexp pcre cidr
-unix (passwd.byname, group.byname) sqlite fail environ, and the proxy: prefix
+unix (passwd.byname, group.byname) sqlite fail environ unionmap pipemap
+randmap, and the proxy: prefix
 (stripped: postwell has no proxymap; the table is opened in-process).
 ``warn`` receives warning texts (bad table lines, stale index) without the
 "warning: " prefix; default: dropped.
@@ -42,12 +43,15 @@ _TYPES = {
     "lmdb": "lmdbfile:LmdbTable",
     "unix": "unix:UnixTable",
     "sqlite": "sqlite:SqliteTable",
+    "unionmap": "composite:UnionTable",
+    "pipemap": "composite:PipeTable",
+    "randmap": "composite:RandTable",
 }
 
 # types whose constructor takes warn=
-_WANTS_WARN = {"texthash", "cidr", "regexp", "pcre", "hash", "btree", "lmdb"}
+_WANTS_WARN = {"texthash", "cidr", "regexp", "pcre", "hash", "btree", "lmdb", "unionmap", "pipemap"}
 # types that need the config (default_database_type etc.)
-_WANTS_CONFIG = {"hash", "btree", "lmdb", "sqlite"}
+_WANTS_CONFIG = {"hash", "btree", "lmdb", "sqlite", "unionmap", "pipemap"}
 
 
 def table_types() -> list[str]:
@@ -78,10 +82,12 @@ def _class_for(typ: str, spec: str):
     return getattr(mod, clsname)
 
 
-def open_table(spec: str, config=None, warn=None, fold: bool = True) -> Table:
+def open_table(spec: str, config=None, warn=None, fold: bool = True,
+               rhs_is_file: bool = False) -> Table:
     """Open a table. Raises TableError with Postfix's wording on failure.
     ``fold=False`` is postmap -f: no key folding, also while a texthash
-    source is loaded."""
+    source is loaded; ``rhs_is_file`` is postmap -F (a texthash source's
+    values name files whose contents are the values)."""
     typ, name = split_spec(spec)
     cls = _class_for(typ, spec)
     kwargs = {}
@@ -94,6 +100,8 @@ def open_table(spec: str, config=None, warn=None, fold: bool = True) -> Table:
     table.utf8 = utf8_from_config(config)
     if not fold:
         table.fold = False
+    if rhs_is_file:
+        table.rhs_is_file = True
     table.__init__(f"{typ}:{name}", name, **kwargs)
     if warn is not None:
         table.warn = warn

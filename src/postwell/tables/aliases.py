@@ -16,6 +16,7 @@ import socket
 import time
 
 from .base import TableError, fold_key, logical_lines, utf8_from_config
+from .text import not_utf8
 
 _SPECIALS = set("<>@,;:.")
 _NEEDS_QUOTE = set('()<>@,;:\\".[]')
@@ -133,6 +134,10 @@ def parse_aliases(text: str, warn=None, path: str = "aliases", fold: bool = True
     """
     entries = []
     for lineno, line in logical_lines(text, warn, path):
+        if utf8 and not_utf8(line):
+            if warn:
+                warn(f'{path}, line {lineno}: non-UTF-8 input "{line}" -- ignoring this line')
+            continue
         got = _split_name(line)
         value = normalize_value(got[1]) if got else ""
         if got is None or not got[0] or not value.strip():
