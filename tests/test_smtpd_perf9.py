@@ -1,4 +1,4 @@
-"""Issue 9, acceptance CPU: inode reuse through spare/ (queue/store.py).
+"""Issue 8, acceptance CPU: inode reuse through spare/ (queue/store.py).
 
 A finished message removed with ``remove(sync=False)`` (the qmgr's path) leaves
 its file, emptied, in spare/; ``create()`` renames such a file back into

@@ -14,7 +14,7 @@ under a temporary name (``incoming/tmp.<pid>.<n>``; never a valid id because
 ids are upper-case hex only), fstat()ed for its inode, then link()ed to its id
 name and the temporary name unlinked.
 
-Spare files (issue 9): a message removed as finished (``remove(sync=False)``,
+Spare files (issue 8): a message removed as finished (``remove(sync=False)``,
 the qmgr's path) is not unlinked but renamed to ``spare/<id>`` and truncated
 to zero, so its inode stays allocated (at most ``SPARE_LIMIT`` such files, about
 1024; a file over ``SPARE_MAX_SIZE``, 256 KiB, is unlinked as before, so the qmgr's
