@@ -563,6 +563,27 @@ def test_smtputf8_required_not_offered():
     assert res[0].reason == "SMTPUTF8 is required, but was not offered by host 127.0.0.1[127.0.0.1]"
 
 
+@pytest.mark.parametrize("flags, status", [("2", "bounced"), ("4", "bounced"), (None, "sent")])
+def test_smtputf8_flags_of_cleanup_decide(flags, status):
+    """cleanup's header (2: also a UTF-8 MIME part header, which the primary header
+    does not show) and sender (4) flags make SMTPUTF8 mail undeliverable to a server
+    without SMTPUTF8, as Postfix's smtp(8) reads them; ASCII mail without them goes."""
+    srv = ScriptedServer()
+    attrs = {"smtputf8": "1"}
+    if flags:
+        attrs["postwell_smtputf8"] = flags
+
+    async def body(srv):
+        a = agent()
+        res = await a.deliver(request(f"[127.0.0.1]:{srv.port}", ["a@x.test"], attributes=attrs))
+        a.close()
+        return res
+    res = run(with_server(srv, body))
+    assert res[0].status == status
+    if status == "bounced":
+        assert res[0].dsn == "5.6.7"
+
+
 async def deliver_via_port25(srv, a, nexthop, rcpts):
     """Deliver to nexthop port 25 but connect to the scripted server's port instead."""
     a.route = lambda host, port: ("127.0.0.1", srv.port)

@@ -256,6 +256,15 @@ def _qp_line(line: bytes) -> bytes:
     return b"\n".join(out)
 
 
+def _env_recipient(r) -> Recipient:
+    """A queued recipient as the engine sends it: the resolver's address,
+    NOTIFY in Postfix's word order, ORCPT (stored, or the original address)."""
+    notify = getattr(r, "notify", None)
+    return Recipient(getattr(r, "nexthop_recipient", None) or r.address,
+                     _notify_order(notify) if notify else notify,
+                     getattr(r, "orcpt", None) or _orig_orcpt(r))
+
+
 def _orig_orcpt(rcpt) -> str | None:
     orig = getattr(rcpt, "orig", None)
     return f"rfc822;{quote_address(orig)}" if orig else None
@@ -694,9 +703,9 @@ class _Stream(asyncio.Protocol):
     Why not asyncio streams (issue 8): every reply wait went through
     StreamReader.read under ``asyncio.timeout`` (a Timeout object, a
     reschedule and a cancel-scope per read, four reads per message), and
-    every write through StreamWriter.drain; here a wait is one future and
-    one loop timer, and a write that the socket takes at once needs no
-    await at all."""
+    every write through StreamWriter.drain; here a wait is one future (the
+    connection's one watchdog timer enforces the stage timeout), and a write
+    that the socket takes at once needs no await at all."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -708,7 +717,13 @@ class _Stream(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._paused = False
         self._drain_waiter: asyncio.Future | None = None
+        # One watchdog timer per connection rather than one timer per reply
+        # wait (issue 8: two waits per message, each a call_later and a
+        # cancel): a wait sets its deadline; the armed timer, when it fires
+        # early, re-arms itself for the current deadline.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline: float | None = None
         self._over_ssl = False
 
     # ---------------------------------------------------------- protocol
@@ -728,6 +743,10 @@ class _Stream(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._eof = self._lost = True
+        t = self._timer
+        if t is not None:
+            self._timer = None
+            t.cancel()
         if exc is not None:
             self._exception = exc
         self._wake()
@@ -768,18 +787,36 @@ class _Stream(asyncio.Protocol):
         fewer per reply (issue 8)."""
         if self._buffer or self._eof:
             return None
-        w = self._waiter = self._loop.create_future()
+        loop = self._loop
+        w = self._waiter = loop.create_future()
         if timeout:
-            self._timer = self._loop.call_later(timeout, _expire_waiter, w)
+            deadline = self._deadline = loop.time() + timeout
+            t = self._timer
+            if t is None or self._timer_at > deadline:
+                if t is not None:
+                    t.cancel()
+                self._timer_at = deadline
+                self._timer = loop.call_at(deadline, self._watchdog)
+        else:
+            self._deadline = None
         return w
+
+    def _watchdog(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        w = self._waiter
+        if deadline is None or w is None or w.done():
+            return          # no wait with a deadline now: the next one re-arms
+        if deadline > self._loop.time():
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._watchdog)
+            return
+        _expire_waiter(w)
 
     def end_wait(self) -> None:
         """After the future of data_wait() is done (or its waiter cancelled)."""
         self._waiter = None
-        t = self._timer
-        if t is not None:
-            self._timer = None
-            t.cancel()
+        self._deadline = None
 
     def take(self) -> bytes:
         """What the server sent so far; b"" at end of file; the connection's
@@ -828,6 +865,10 @@ class _Stream(asyncio.Protocol):
         return self.transport is None or self.transport.is_closing()
 
     def close(self) -> None:
+        t = self._timer
+        if t is not None:
+            self._timer = None
+            t.cancel()
         if self.transport is not None:
             self.transport.close()
 
@@ -1114,6 +1155,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
         self._tls_policy_maps = None
         # destination key -> idle connections (LIFO)
         self._cache: dict[str, list[_Connection]] = {}
+        self._cache_keys: dict[tuple, str] = {}     # (transport, nexthop) -> key
         # (ip, port) -> (ip, port) actually dialled: lets tests send "port 25" of
         # several MX hosts to scripted servers on loopback ports.  None: as given.
         self.route = None
@@ -1148,10 +1190,10 @@ class SmtpDeliveryAgent(DeliveryAgent):
     @staticmethod
     def _envelope(request) -> Envelope:
         attrs = getattr(request, "attributes", None) or {}
-        rcpts = tuple(Recipient(getattr(r, "nexthop_recipient", None) or r.address,
-                                _notify_order(getattr(r, "notify", None)),
-                                getattr(r, "orcpt", None) or _orig_orcpt(r))
-                      for r in request.recipients)
+        listed = request.recipients
+        # One recipient is the common case: no generator for it (issue 8).
+        rcpts = ((_env_recipient(listed[0]),) if len(listed) == 1
+                 else tuple(map(_env_recipient, listed)))
         body = attrs.get("body") or attrs.get("body_type")
         if attrs.get("encoding") == "8bit":
             # Cleanup found a Content-Transfer-Encoding of 8bit/binary: Postfix's
@@ -1163,12 +1205,12 @@ class SmtpDeliveryAgent(DeliveryAgent):
             size = int(attrs.get("postwell_size") or 0)
         except ValueError:
             size = 0
-        return Envelope(
-            sender=request.sender, recipients=rcpts,
-            size=size or getattr(request, "content_size", None) or 0,
-            body_type=body.upper() if body else None,
-            smtputf8=str(attrs.get("smtputf8", "")).lower() in ("1", "yes", "true"),
-            ret=attrs.get("ret") or None, envid=attrs.get("envid") or None)
+        utf8 = attrs.get("smtputf8")
+        return Envelope(request.sender, rcpts,
+                        size or getattr(request, "content_size", None) or 0,
+                        body.upper() if body else None,
+                        bool(utf8) and str(utf8).lower() in ("1", "yes", "true"),
+                        attrs.get("ret") or None, attrs.get("envid") or None)
 
     @staticmethod
     def _content_chunks(request):
@@ -1180,7 +1222,15 @@ class SmtpDeliveryAgent(DeliveryAgent):
     # ------------------------------------------------------------ cache
 
     def _cache_key(self, request) -> str:
-        return f"{getattr(request, 'transport', 'smtp')}:{request.nexthop}".lower()
+        transport, nexthop = getattr(request, "transport", "smtp"), request.nexthop
+        try:
+            return self._cache_keys[transport, nexthop]
+        except KeyError:
+            key = f"{transport}:{nexthop}".lower()
+            if len(self._cache_keys) >= 1000:      # bounded: many destinations
+                self._cache_keys.clear()
+            self._cache_keys[transport, nexthop] = key
+            return key
 
     def _caching_wanted(self, request) -> bool:
         s = self.settings
@@ -1221,7 +1271,9 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
     def _put_cached(self, key: str, conn: _Connection) -> None:
         self._cache.setdefault(key, []).append(conn)
-        loop = asyncio.get_running_loop()
+        # The stream's loop is the running one (get_running_loop() costs a getpid()).
+        reader = conn.reader
+        loop = reader._loop if isinstance(reader, _Stream) else asyncio.get_running_loop()
         conn.idle_since = loop.time()
         if conn.idle_handle is not None:
             # Issue 8: a connection goes back to the cache after every message;
@@ -1486,38 +1538,61 @@ class SmtpDeliveryAgent(DeliveryAgent):
     async def _event(self, conn: _Connection):
         """Next engine event, with the stage's timeout; I/O trouble becomes a site failure."""
         engine = conn.engine
-        timeout = self._timeout_for(engine.state)    # flush() leaves the state as is
-        try:
-            if engine.pending_output and conn.write_pending():
-                await conn.drain(timeout)
-            stream = conn.reader
-            if isinstance(stream, _Stream):
-                # _Connection.next_event() inlined for our own stream: each
-                # reply wait resumes two coroutine frames fewer (issue 8).
-                while True:
-                    ev = engine.next_event()
-                    if ev is not NEED_DATA:
-                        break
-                    # Replies can make the engine queue commands (HELO fallback, RSET...).
-                    if engine.pending_output and conn.write_pending():
-                        await conn.drain(timeout)
-                    w = stream.data_wait(timeout)
-                    if w is not None:
-                        try:
-                            await w
-                        finally:
-                            stream.end_wait()
-                    engine.receive_data(stream.take())
-            else:
-                ev = await conn.next_event(timeout)
-        except asyncio.TimeoutError:
-            conn.abort()
-            raise self._fail("4.4.2", f"conversation with {conn.namaddr} timed out while "
-                             f"{conn.engine.stage}", conn.target) from None
-        except OSError:
-            conn.abort()
-            raise self._fail("4.4.2", f"lost connection with {conn.namaddr} while "
-                             f"{conn.engine.stage}", conn.target) from None
+        while True:
+            try:
+                if engine.pending_output and conn.write_pending():
+                    await conn.drain(self._timeout_for(engine.state))
+                ev = engine.next_event()
+                if ev is NEED_DATA:
+                    timeout = self._timeout_for(engine.state)    # flush() leaves the state as is
+                    stream = conn.reader
+                    if isinstance(stream, _Stream):
+                        # _Connection.next_event() inlined for our own stream: each
+                        # reply wait resumes two coroutine frames fewer (issue 8).
+                        while ev is NEED_DATA:
+                            # Replies can make the engine queue commands (HELO fallback, RSET...).
+                            if engine.pending_output and conn.write_pending():
+                                await conn.drain(timeout)
+                            w = stream.data_wait(timeout)
+                            if w is not None:
+                                try:
+                                    await w
+                                finally:
+                                    stream.end_wait()
+                            engine.receive_data(stream.take())
+                            ev = engine.next_event()
+                    else:
+                        ev = await conn.next_event(timeout)
+            except asyncio.TimeoutError:
+                conn.abort()
+                raise self._fail("4.4.2", f"conversation with {conn.namaddr} timed out while "
+                                 f"{conn.engine.stage}", conn.target) from None
+            except OSError:
+                conn.abort()
+                raise self._fail("4.4.2", f"lost connection with {conn.namaddr} while "
+                                 f"{conn.engine.stage}", conn.target) from None
+            ev = self._vet(conn, ev)
+            if ev is not None:
+                return ev
+
+    def _ready(self, conn: _Connection):
+        """The engine's next event when it is already at hand (nothing to send
+        first, nothing to wait for), vetted as _event() vets it; None means
+        await _event().  Issue 8: the MAIL, RCPT and DATA replies come in one
+        read, so two of a message's four events are taken without a coroutine."""
+        engine = conn.engine
+        if engine.pending_output:
+            return None
+        ev = engine.next_event()
+        if ev is NEED_DATA:
+            return None
+        return self._vet(conn, ev)
+
+    def _vet(self, conn: _Connection, ev):
+        """An engine event as Postfix's smtp(8) takes it: a closed connection or
+        a malformed reply is a site failure; a line that is no reply is kept
+        for the reply that follows (None: read on); a reply's text is what
+        smtp_chat_resp() keeps of it."""
         if isinstance(ev, ConnectionClosed):
             conn.abort()
             raise self._fail("4.4.2", f"lost connection with {conn.namaddr} while {ev.stage}",
@@ -1533,7 +1608,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
                 # smtp_chat_resp(): such a line is read as one more line of the
                 # reply that follows, and quoted with it.
                 conn.junk.append(ev.text)
-            return await self._event(conn)
+            return None
         reply = getattr(ev, "reply", None)
         raw = getattr(reply, "raw", None)
         if raw and (conn.junk or "\n" in raw or len(raw) >= _REPLY_TEXT_LIMIT
@@ -1585,7 +1660,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
         """RFC 6531 3.2: mail submitted with SMTPUTF8 whose envelope or header is
         UTF-8 can only go to a server with SMTPUTF8 (asked once per delivery)."""
         env = self._envelope(request)
-        return env.smtputf8 and (needs_smtputf8(env) or self._header_has_utf8(request))
+        return env.smtputf8 and (needs_smtputf8(env) or self._content_has_utf8(request))
 
     async def _handshake(self, conn: _Connection, best: bool, nexthop: str,
                          tls_level: str = "none", tls_match: list[str] | None = None,
@@ -1955,7 +2030,8 @@ class SmtpDeliveryAgent(DeliveryAgent):
         :class:`_SessionFailure` (``before_mail`` set when nothing was committed yet).
         """
         full = self._envelope(request)
-        if len(pending) == len(full.recipients) and all(i == n for n, i in enumerate(pending)):
+        n = len(full.recipients)
+        if len(pending) == n and (pending[0] == 0 if n == 1 else pending == list(range(n))):
             envelope = full         # pending holds every index in order
         else:
             envelope = Envelope(full.sender, tuple(full.recipients[i] for i in pending),
@@ -1998,7 +2074,7 @@ class SmtpDeliveryAgent(DeliveryAgent):
         # returns before its protocol loop, the only place that says QUIT).
         # smtp_helo() checks SMTPUTF8 (and says QUIT), smtp_xfer() the size after.
         if envelope.smtputf8 and not ext.smtputf8 and (
-                needs_smtputf8(envelope) or self._header_has_utf8(request)):
+                needs_smtputf8(envelope) or self._content_has_utf8(request)):
             for i in pending:        # RFC 6531 3.2
                 result(i, "bounced", "5.6.7", "SMTPUTF8 is required, but was not offered by host "
                        f"{conn.namaddr}")
@@ -2047,7 +2123,9 @@ class SmtpDeliveryAgent(DeliveryAgent):
 
         try:
             while True:
-                ev = await self._event(conn)
+                ev = self._ready(conn)
+                if ev is None:
+                    ev = await self._event(conn)
                 if isinstance(ev, MailReply):
                     got_mail = True
                     if ev.reply.code // 100 != 2:
@@ -2118,6 +2196,20 @@ class SmtpDeliveryAgent(DeliveryAgent):
             f.before_mail = not got_mail
             f.conn_setup_done = setup_done
             raise
+
+    def _content_has_utf8(self, request) -> bool:
+        """cleanup's SMTPUTF8 header (2) or sender (4) flag, as Postfix's smtp(8)
+        reads them from the queue file (a UTF-8 MIME part header counts too).
+        cleanup writes ``postwell_smtputf8`` only when a flag is raised; without it
+        the primary header is read, which also covers files from before the flag
+        (only for mail that requested SMTPUTF8, so rarely)."""
+        flags = (getattr(request, "attributes", None) or {}).get("postwell_smtputf8")
+        if flags:
+            try:
+                return bool(int(flags) & 6)
+            except ValueError:
+                pass
+        return self._header_has_utf8(request)
 
     def _header_has_utf8(self, request) -> bool:
         """Does the message header hold non-ASCII text?

@@ -321,6 +321,15 @@ class State(enum.Enum):
     CLOSED = "closed"
     ERROR = "error"
 
+    # Members are singletons compared by identity: hash them the same way
+    # (Enum's own __hash__ is a Python-level call, and states key the smtp
+    # client's per-stage timeout table, looked up for every reply wait).
+    __hash__ = object.__hash__
+
+
+# States in which received bytes wait unparsed (a tuple: Enum hashing is a
+# Python-level call, identity comparison is not).
+_NO_PARSE = (State.ERROR, State.TLS)
 
 # What Postfix calls the command in "(in reply to X command)".
 _EXPECT_LABEL = {
@@ -330,6 +339,10 @@ _EXPECT_LABEL = {
     "rset": "RSET", "quit": "QUIT", "dot_abort": "end of DATA",
     "starttls": "STARTTLS", "auth": "AUTH",
 }
+
+# The engine's handler of each expected reply ("mail" -> _on_mail), named
+# once rather than concatenated per reply.
+_HANDLERS = {what: "_on_" + what for what in _EXPECT_LABEL}
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -355,6 +368,10 @@ def quote_address(address: str) -> str:
     quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return quoted + ("@" + domain if at else "")
 
+
+# A line that starts with "." in LF-terminated content (dot-stuffing needed).
+# Most mail has none: this search is cheaper than a replace that finds nothing.
+_LINE_DOT = re.compile(rb"\n\.")
 
 # The same senders and recipients come back message after message (issue 8):
 # remember their quoted form rather than match each again (bounded).
@@ -401,6 +418,22 @@ def _orcpt_param(orcpt: str) -> str:
     if addr_type.lower() == "utf-8":
         return f"{addr_type};{uxtext(addr)}"       # RFC 6533 3
     return f"{addr_type};{xtext(addr)}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _rcpt_command(address: str, notify: str | None, orcpt: str | None, dsn: bool,
+                  quote: bool) -> str:
+    """The RCPT TO command line.  Remembered (bounded): the same recipients
+    come back message after message, and the ORCPT encoding is the costly part
+    (issue 8)."""
+    line = f"RCPT TO:<{_quoted(address) if quote else address}>"
+    if dsn:
+        # RFC 3461 4.2: without a stored ORCPT, Postfix sends the original
+        # recipient (quoted as in the envelope); ORCPT comes before NOTIFY.
+        line += f" ORCPT={_orcpt_param(orcpt or 'rfc822;' + quote_address(address))}"
+        if notify:
+            line += f" NOTIFY={notify.upper()}"    # RFC 3461 4.1
+    return line
 
 
 def _is_ascii(s: str) -> bool:
@@ -641,19 +674,19 @@ class SmtpClient:
         self._early_used = False
         self._bdat = self.use_chunking and ext.chunking
         self._probe = probe
-        params = []
+        line = f"MAIL FROM:<{self._addr(envelope.sender)}>"
         if ext.size is not None and envelope.size is not None:
-            params.append(f"SIZE={envelope.size}")      # RFC 1870 6
+            line += f" SIZE={envelope.size}"            # RFC 1870 6
         if ext.eightbitmime and envelope.body_type in ("8BITMIME", "7BIT"):
-            params.append(f"BODY={envelope.body_type}")  # RFC 6152 2
+            line += f" BODY={envelope.body_type}"        # RFC 6152 2
         if ext.smtputf8 and envelope.smtputf8:
-            params.append("SMTPUTF8")                    # RFC 6531 3.4 (as requested)
+            line += " SMTPUTF8"                          # RFC 6531 3.4 (as requested)
         if ext.dsn:                                      # Postfix's order: ENVID, RET
             if envelope.envid:
-                params.append(f"ENVID={xtext(envelope.envid)}")  # RFC 3461 4.4
+                line += f" ENVID={xtext(envelope.envid)}"  # RFC 3461 4.4
             if envelope.ret:
-                params.append(f"RET={envelope.ret.upper()}")   # RFC 3461 4.3
-        self._send(" ".join([f"MAIL FROM:<{self._addr(envelope.sender)}>", *params]))
+                line += f" RET={envelope.ret.upper()}"   # RFC 3461 4.3
+        self._send(line)
         self._expect = [("mail", -1)]
         self.state = State.MAIL
         if ext.pipelining:
@@ -667,15 +700,8 @@ class SmtpClient:
 
     def _queue_rcpt(self, i: int) -> None:
         r = self._envelope.recipients[i]
-        params = []
-        if self.extensions.dsn:
-            # RFC 3461 4.2: without a stored ORCPT, Postfix sends the original
-            # recipient (quoted as in the envelope); ORCPT comes before NOTIFY.
-            orcpt = r.orcpt or "rfc822;" + quote_address(r.address)
-            params.append(f"ORCPT={_orcpt_param(orcpt)}")
-            if r.notify:
-                params.append(f"NOTIFY={r.notify.upper()}")    # RFC 3461 4.1
-        self._send(" ".join([f"RCPT TO:<{self._addr(r.address)}>", *params]))
+        self._send(_rcpt_command(r.address, r.notify, r.orcpt, self.extensions.dsn,
+                                 self.quote_envelope))
         self._expect.append(("rcpt", i))
 
     def send_content(self, chunk: bytes) -> None:
@@ -790,7 +816,8 @@ class SmtpClient:
             if self._at_line_start and out[:1] == b".":
                 out = b"." + out
                 first_stuffed = True
-            out = out.replace(b"\r\n.", b"\r\n..")
+            if _LINE_DOT.search(chunk) is not None:
+                out = out.replace(b"\r\n.", b"\r\n..")
         last = chunk.rfind(b"\n")
         if last < 0:
             if chunk:
@@ -841,30 +868,46 @@ class SmtpClient:
         self._in.clear()
 
     def _parse(self) -> None:
-        while self.state not in (State.ERROR, State.TLS):
-            nl = self._in.find(b"\n")
-            if nl < 0:
-                if len(self._in) > MAX_REPLY_LINE:
-                    # Keep the head of an over-long line, drop the rest up to its LF.
-                    if not self._discarding:
-                        self._lines_add(bytes(self._in[:MAX_REPLY_LINE]), partial=True)
-                    self._discarding = True
-                    self._in.clear()
-                break
-            raw = bytes(self._in[:nl])
-            del self._in[:nl + 1]
-            if self._discarding:
-                self._discarding = False
-                self._lines_finish_partial()
-                continue
-            line = raw[:MAX_REPLY_LINE].rstrip(b"\r")
-            if not self._lines:
-                reply = _REPLY_CACHE.get(line)
-                if reply is not None:       # a complete one-line reply seen before
-                    self._garbage = 0
-                    self._on_reply(reply)
+        buf = self._in
+        if buf and self.state not in _NO_PARSE:
+            # Lines are cut from one immutable copy and the buffer is trimmed
+            # once at the end (issue 8: a pipelined MAIL/RCPT/DATA answer is
+            # three lines in one read; slicing and trimming the bytearray per
+            # line cost more than the replies' handling).  A handler that ends
+            # parsing (STARTTLS 220, a protocol error) empties the buffer
+            # itself: what followed is dropped, never parsed later.
+            data = bytes(buf)
+            end = len(data)
+            pos = 0
+            cache = _REPLY_CACHE
+            while self.state not in _NO_PARSE:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    if end - pos > MAX_REPLY_LINE:
+                        # Keep the head of an over-long line, drop the rest up to its LF.
+                        if not self._discarding:
+                            self._lines_add(data[pos:pos + MAX_REPLY_LINE], partial=True)
+                        self._discarding = True
+                        pos = end
+                    break
+                start, pos = pos, nl + 1
+                if self._discarding:
+                    self._discarding = False
+                    self._lines_finish_partial()
                     continue
-            self._lines_add(line, partial=False)
+                line = data[start:min(nl, start + MAX_REPLY_LINE)].rstrip(b"\r")
+                if not self._lines:
+                    reply = cache.get(line)
+                    if reply is not None:       # a complete one-line reply seen before
+                        self._garbage = 0
+                        self._on_reply(reply)
+                        continue
+                self._lines_add(line, partial=False)
+            if len(buf) == end:              # not emptied by a handler
+                if pos == end:
+                    buf.clear()
+                elif pos:
+                    del buf[:pos]
         if self._closed and self.state not in (State.ERROR, State.CLOSED):
             stage = self.state.value
             self.state = State.CLOSED
@@ -928,8 +971,7 @@ class SmtpClient:
             self.state = State.READY
             self._events.append(TransactionFailed(reply, _EXPECT_LABEL[what], closing=True))
             return
-        handler = getattr(self, "_on_" + what)
-        handler(reply, index)
+        getattr(self, _HANDLERS[what])(reply, index)
 
     def _on_greeting(self, reply: Reply) -> None:
         self._events.append(Greeting(reply))
