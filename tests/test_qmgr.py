@@ -105,6 +105,22 @@ def test_format_delay_matches_postfix():
         assert format_delay(value) == text, value
 
 
+
+def test_format_delay_fast_path_equals_the_general_rule():
+    """Delays under a second take a shortcut (five per delivery line): the same
+    text as the general significant-digits rule for every value."""
+    import random
+    from postwell.qmgr import logfmt
+    src = open(logfmt.__file__).read()
+    marker = "    if seconds < 1.0 and sig_digits == 2 and max_decimals == 2:"
+    assert marker in src
+    ns: dict = {}
+    exec(compile(src.replace(marker, "    if False:"), "general", "exec"), ns)
+    rng = random.Random(8)
+    values = [i * 7e-6 for i in range(143000)] + [rng.random() * 2 for _ in range(20000)]
+    values += [0.00499999, 0.0049995, 0.0050001, 0.99499999, 0.995, 0.9999996, 1.0, -1.0]
+    assert [v for v in values if format_delay(v) != ns["format_delay"](v)] == []
+
 def test_delivery_line_shape():
     line = delivery_line("4F1A2B3C", "alice@demo.test", "info@demo.test", "virtual", arrival=100.0,
                          active=100.05, handoff=100.06, conn_setup=None, now=100.11, dsn="2.0.0",

@@ -17,6 +17,13 @@ def format_delay(seconds: float, sig_digits: int = 2, max_decimals: int = 2) -> 
     ``max_decimals`` (delay_logging_resolution_limit), rounded half up."""
     if seconds < 0:
         seconds = 0.0
+    if seconds < 1.0 and sig_digits == 2 and max_decimals == 2:
+        # The common case (a delivery's delays, five per log line; issue 8):
+        # under a second, at most two decimals, rounded half up to 10 ms.
+        q = (int(round(seconds * 1_000_000)) + 5_000) // 10_000
+        if q >= 100:
+            return "1"
+        return "0." + f"{q:02d}".rstrip("0") if q else "0"
     million = 1_000_000
     sec = int(seconds)
     usec = int(round((seconds - sec) * million))
