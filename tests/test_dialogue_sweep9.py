@@ -369,6 +369,12 @@ def test_sweep9_session_matches_reference(pairs, name, variant, lines):
 # The behaviours above, pinned where no Postfix runs: on the sans-IO engine and on the
 # policy with in-memory tables.
 
+def table_lookups(**specs):
+    # The smtpd builds the engine's table hooks (the engine itself does no I/O).
+    from postwell.smtpd.server import table_lookups as build
+    return build(**specs)
+
+
 def _driver(**cfg):
     from test_smtp_engine import Driver
     from postwell.smtp.server import ServerConfig
@@ -407,7 +413,7 @@ def test_engine_noop_commands_and_command_filter(tmp_path):
     assert "xyzzy" not in d.conn.counters_text() and "etrn" not in d.conn.counters_text()
     table = tmp_path / "filter"
     table.write_text("/^NOOP x/ RSET\n")
-    d = _driver(command_filter=(f"regexp:{table}",))
+    d = _driver(**table_lookups(filter_specs=(f"regexp:{table}",)))
     d.feed(b"EHLO a.example\r\n")
     assert d.feed(b" NOOP x\r\n") == "250 2.0.0 Ok\r\n"
     assert "rset=1" in d.conn.counters_text()
@@ -418,7 +424,7 @@ def test_engine_noop_commands_and_command_filter(tmp_path):
 def test_engine_reject_footer_maps(tmp_path):
     table = tmp_path / "footer"
     table.write_text("/^500 / \\c (see the FAQ)\n/^501 /\n")
-    d = _driver(reject_footer="plain", reject_footer_maps=(f"regexp:{table}",))
+    d = _driver(reject_footer="plain", **table_lookups(footer_specs=(f"regexp:{table}",)))
     assert d.feed(b"FOO\r\n") == "500 5.5.2 Error: command not recognized (see the FAQ)\r\n"
     assert d.feed(b"HELO\r\n") == "501-Syntax: HELO hostname\r\n501 plain\r\n"
 

@@ -429,6 +429,22 @@ def test_bs_rejects_recipients_and_eof(inst):
     assert rc == 0 and out.startswith(b"220 ") and b"250 mx.example.com\r\n" in out
 
 
+
+def test_bs_applies_command_filter_and_footer_maps(inst):
+    """sendmail -bs runs Postfix's smtpd, so smtpd_command_filter and
+    smtpd_reject_footer_maps apply there too."""
+    etc = inst / "etc"
+    (etc / "filter").write_text("/^FROB( .*)?$/ NOOP\n")
+    (etc / "footer").write_text("/^500 / see the FAQ\n")
+    with open(etc / "main.cf", "a") as f:
+        f.write(f"smtpd_command_filter = regexp:{etc / 'filter'}\n"
+                f"smtpd_reject_footer_maps = regexp:{etc / 'footer'}\n")
+    rc, out, _ = run(["-C", str(etc), "-bs"], b"HELO a\r\nFROB x\r\nWIBBLE\r\nQUIT\r\n")
+    lines = out.decode().split("\r\n")
+    assert rc == 0
+    assert lines[2] == "250 2.0.0 Ok"                     # FROB x became NOOP
+    assert lines[3:5] == ["500-5.5.2 Error: command not recognized", "500 5.5.2 see the FAQ"]
+
 def test_bi_builds_alias_database(inst):
     aliases = inst / "etc" / "aliases"
     aliases.write_text("postmaster: root\nabuse: root\n")

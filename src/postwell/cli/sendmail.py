@@ -827,11 +827,12 @@ def run_smtp(sm: "Sendmail", infd: int = 0, outfd: int = 1) -> int:
     from postwell.pickup import MaildropEnvelope
     from postwell.smtp import server as eng
     from postwell.smtp.reply import Reply
-    from postwell.smtpd.server import rcpt_orcpt
+    from postwell.smtpd.server import rcpt_orcpt, table_lookups
 
     cfg = sm.config
     limit = sm.size_limit()
-    conn = eng.ServerConnection(eng.ServerConfig.from_config(cfg, starttls_offered=False, auth_mechanisms=()),
+    conn = eng.ServerConnection(eng.ServerConfig.from_config(cfg, starttls_offered=False, auth_mechanisms=(),
+                                                             **table_lookups(cfg)),
                                 client="localhost[127.0.0.1]")
     banner = cfg.get("smtpd_banner") or f"{cfg.get('myhostname')} ESMTP {cfg.get('mail_name')}"
     conn.send_greeting(Reply(220, banner))

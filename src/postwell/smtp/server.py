@@ -3,6 +3,9 @@
 API (the asyncio glue in postwell.smtpd is the only caller; tests drive it directly)::
 
     cfg  = ServerConfig.from_config(config)          # or ServerConfig(hostname=..., ...)
+    # Table lookups come in as plain callables (footer_lookup, command_filter), built by
+    # the caller (postwell.smtpd.server.table_lookups): the engine itself does no I/O.
+    cfg  = ServerConfig.from_config(config, **table_lookups(config))
     conn = ServerConnection(cfg, client="name[addr]")  # client is used in warning texts only
     conn.send_greeting(Reply(220, "mx ESMTP postwell"))  # or a 421/554 from on_connect
     conn.receive_data(data)      # bytes from the peer; b"" means the peer closed
@@ -55,7 +58,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..dsn.orcpt import decode_orcpt
 from . import xclient as _xclient
 from .reply import Reply
 
@@ -258,22 +260,6 @@ EHLO_KEYWORDS_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH",
                        "CHUNKING")
 
 
-def _table_specs(value: str | None) -> list[str]:
-    """The type:name specs of a table list; inline:{...} keeps its blanks and commas."""
-    out, depth, word = [], 0, ""
-    for ch in value or "":
-        if depth == 0 and (ch.isspace() or ch == ","):
-            if word:
-                out.append(word)
-            word = ""
-            continue
-        depth += (ch == "{") - (ch == "}")
-        word += ch
-    if word:
-        out.append(word)
-    return out
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = "localhost.localdomain"
@@ -302,10 +288,20 @@ class ServerConfig:
     strict_rfc821_envelopes: bool = False
     helo_required: bool = False                 # smtpd_helo_required (MAIL, AUTH, ETRN)
     reject_footer: str = ""                     # smtpd_reject_footer (a raw template)
-    reject_footer_maps: tuple = ()              # smtpd_reject_footer_maps (table specs)
-    command_filter: tuple = ()                  # smtpd_command_filter (table specs)
+    # Table lookups are the caller's (the smtpd builds these from smtpd_reject_footer_maps
+    # and smtpd_command_filter), so the engine never touches a file.  A hook that raises
+    # counts as "nothing found"; each line of str(exc) is logged as a warning.
+    # footer_lookup(reply as str(Reply)) -> footer template, or None for smtpd_reject_footer
+    footer_lookup: Callable[[str], str | None] | None = None
+    # command_filter(line without leading blanks) -> replacement command line, or None
+    command_filter: Callable[[str], str | None] | None = None
     resolve_numeric_domain: bool = False        # user@1.2.3.4 is user@[1.2.3.4]
     noop_commands: frozenset = frozenset()      # smtpd_noop_commands (upper case)
+
+    def __post_init__(self) -> None:
+        # EHLO replies made from this configuration, by the session's own settings
+        # (ServerConnection._ehlo_reply); not a field, so no part of ==, hash or replace().
+        object.__setattr__(self, "_ehlo_replies", {})
 
     @classmethod
     def from_config(cls, config, **overrides) -> "ServerConfig":
@@ -347,8 +343,6 @@ class ServerConfig:
             strict_rfc821_envelopes=(config.get("strict_rfc821_envelopes") or "no").lower() == "yes",
             helo_required=(config.get("smtpd_helo_required") or "no").lower() == "yes",
             reject_footer=config.get("smtpd_reject_footer") or "",
-            reject_footer_maps=tuple(_table_specs(config.get("smtpd_reject_footer_maps"))),
-            command_filter=tuple(_table_specs(config.get("smtpd_command_filter"))),
             resolve_numeric_domain=(config.get("resolve_numeric_domain") or "no").lower() == "yes",
             noop_commands=frozenset(w.upper() for w in config.get_list("smtpd_noop_commands")),
         )
@@ -895,6 +889,7 @@ REPLY_FILE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
 # Frozen and equal every time: one object instead of one per message.
 _REPLY_QUEUED_OK = Reply(250, "Ok", "2.0.0")
 _REPLY_NOOP_OK = Reply(250, "Ok", "2.0.0")
+_REPLY_BYE = Reply(221, "Bye", "2.0.0")
 _DATA_EVENT = Data()
 _FOOTER_MACRO = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 # Names Postfix's smtpd expands (empty when unset) besides those _with_footer fills in.
@@ -915,6 +910,11 @@ _REPLY_BYTES: dict = {}   # Reply -> its wire form (bounded; see _queue_reply)
 # Entries of ServerConnection.transcript kept at most (bounded memory; Postfix flushes
 # its history at EHLO/RSET/end of DATA past smtpd_history_flush_threshold).
 TRANSCRIPT_LIMIT = 500
+
+
+# A DATA line the fast path cannot pass on as it is: LF "." (RFC 5321 4.5.2 transparency,
+# or the terminator) or an LF without its CR.  One C-level scan instead of four.
+_DATA_SPECIAL = re.compile(rb"\n(?:\.|(?<!\r\n))")
 
 
 def _may_have_long_line(chunk: bytes, limit: int) -> bool:
@@ -1221,7 +1221,7 @@ class ServerConnection:
                 # finishes, then the next step ends the session instead of reading on
                 # (an instance attribute, so ordinary steps pay nothing for it).
                 self._step = self._hang_up
-            if self.config.reject_footer or self.config.reject_footer_maps:
+            if self.config.reject_footer or self.config.footer_lookup is not None:
                 reply = self._with_footer(reply)
         if self.error_count >= self.config.soft_error_limit:
             self._delay += self.config.error_sleep_time * (reply.text.count("\n") + 1)
@@ -1244,21 +1244,17 @@ class ServerConnection:
     def _footer_template(self, reply: Reply) -> str:
         """smtpd_reject_footer_maps, searched with the whole reply ("550 5.1.1 <a@b>:
         ..."); no entry (or an empty one) leaves smtpd_reject_footer."""
-        for spec in self.config.reject_footer_maps:
-            from postwell.tables import get_table
-            try:
-                found = get_table(spec).lookup(str(reply))
-            except Exception as exc:    # a failing table: the plain footer, and a warning
-                self._warn(f"smtpd_reject_footer_maps: {spec}: lookup error: {exc}")
-                break
-            if found is not None:
-                if found.strip():
-                    return found
-                break
-        return self.config.reject_footer
+        try:
+            found = self.config.footer_lookup(str(reply))
+        except Exception as exc:    # a failing table: the plain footer, and warnings
+            for text in str(exc).split("\n"):
+                self._warn(text)
+            return self.config.reject_footer
+        # An empty entry stops the search (the hook's) and leaves the plain footer.
+        return found if found is not None and found.strip() else self.config.reject_footer
 
     def _with_footer(self, reply: Reply) -> Reply:
-        template = (self._footer_template(reply) if self.config.reject_footer_maps
+        template = (self._footer_template(reply) if self.config.footer_lookup is not None
                     else self.config.reject_footer)
         if not template:
             return reply
@@ -1616,19 +1612,17 @@ class ServerConnection:
     def _filter_command(self, text: str) -> str:
         """smtpd_command_filter: the line, leading blanks skipped, is the lookup key; a
         result replaces the whole command (Postfix logs the swap, both cut at 100)."""
-        from postwell.tables import get_table
-        key = text.lstrip(" \t")
-        for spec in self.config.command_filter:
-            try:
-                found = get_table(spec).lookup(key)
-            except Exception as exc:    # a failing table: the command as sent
-                self._warn(f"{spec} lookup error for \"{key[:100]}\": {exc}")
-                return text
-            if found is not None:
-                self._events.append(Info(f"{self.client}: replacing command \"{text[:100]}\" "
-                                         f"with \"{found[:100]}\""))
-                return found
-        return text
+        try:
+            found = self.config.command_filter(text.lstrip(" \t"))
+        except Exception as exc:    # a failing table: the command as sent
+            for line in str(exc).split("\n"):
+                self._warn(line)
+            return text
+        if found is None:
+            return text
+        self._events.append(Info(f"{self.client}: replacing command \"{text[:100]}\" "
+                                 f"with \"{found[:100]}\""))
+        return found
 
     def _log_pipelining(self, verb_u: str) -> None:
         self.pipelining_violation = True
@@ -1670,6 +1664,22 @@ class ServerConnection:
         self._cmd_helo(arg, ehlo=True)
 
     def _ehlo_reply(self) -> Reply:
+        # The same few replies every session: made once per configuration and session
+        # settings (a bounded cache; an unhashable mechanism list is just not cached).
+        key = (self.tls_active, self.auth_mechanisms, self.auth_advertised,
+               self.xclient_allowed, self.xforward_allowed)
+        made = self.config._ehlo_replies
+        try:
+            reply = made.get(key)
+        except TypeError:
+            return self._make_ehlo_reply()
+        if reply is None:
+            reply = self._make_ehlo_reply()
+            if len(made) < 64:
+                made[key] = reply
+        return reply
+
+    def _make_ehlo_reply(self) -> Reply:
         c = self.config
         lines = [c.hostname]
         offered = {
@@ -1860,6 +1870,9 @@ class ServerConnection:
             elif k == "ORCPT" and eq:
                 # RFC 3461 4.2: addr-type ";" xtext; RFC 6533 3: the utf-8 type's
                 # \x{HEX} escapes instead (decode_orcpt keeps Postfix 3.7's rules).
+                # Imported here: the dsn package pulls in policy and queue, which the
+                # engine must not need (importing it stays cheap and free of tables).
+                from ..dsn.orcpt import decode_orcpt
                 decoded = None if "orcpt" in kw else decode_orcpt(val)
                 if decoded is None:
                     self._error("rcpt", Reply(501, "Error: Bad ORCPT parameter syntax", "5.5.4"))
@@ -1985,14 +1998,14 @@ class ServerConnection:
             self._error("rset", Reply(501, "Syntax: RSET", "5.5.4"))
             return
         self._reset_transaction()
-        self._ok("rset", Reply(250, "Ok", "2.0.0"))
+        self._ok("rset", _REPLY_NOOP_OK)
         self._events.append(Rset())
 
     def _cmd_noop(self, arg: str) -> None:
-        self._ok("noop", Reply(250, "Ok", "2.0.0"))
+        self._ok("noop", _REPLY_NOOP_OK)
 
     def _cmd_quit(self, arg: str) -> None:
-        self._ok("quit", Reply(221, "Bye", "2.0.0"))
+        self._ok("quit", _REPLY_BYE)
         self._close("quit")
 
     def _cmd_vrfy(self, arg: str) -> None:
@@ -2232,12 +2245,19 @@ class ServerConnection:
             # Fast path: whole CRLF lines, none starting with "." (RFC 5321 4.5.2: nothing
             # to unstuff) and no bare LF, go on in one piece, up to CRLF "." CRLF if there.
             # Anything else takes the line-by-line loop below, which has the same result.
-            t = buf.find(b"\r\n.\r\n")
-            end = t + 2 if t >= 0 else buf.rfind(b"\n") + 1
+            # One scan finds the first line that needs the loop (a bare LF, a leading
+            # ".") or the terminator; all lines before it are plain CRLF lines.
+            end = buf.rfind(b"\n") + 1
+            t = -1
+            m = _DATA_SPECIAL.search(buf, 0, end) if end else None
+            if m is not None:
+                t = m.start() - 1           # the CR of CRLF "." CRLF, if it is one
+                if t >= 0 and buf[t] == 0x0D and buf[t + 2:t + 5] == b".\r\n":
+                    end = t + 2
+                else:
+                    end, t = 0, -1          # the loop below takes it all
             size_limit = self.config.message_size_limit
-            if end > 0 and buf.find(b"\n.", 0, end) < 0 \
-                    and not (size_limit and self._data_size + end > size_limit) \
-                    and buf.count(b"\n", 0, end) == buf.count(b"\r\n", 0, end):
+            if end > 0 and not (size_limit and self._data_size + end > size_limit):
                 chunk = bytes(buf[:end])
                 self._emit_content(chunk)
                 if end > limit and _may_have_long_line(chunk, limit):

@@ -56,6 +56,80 @@ _RATE_LIMIT_ATTR = {"mail": "mail_limit", "rcpt": "rcpt_limit", "auth": "auth_li
 
 # --------------------------------------------------------------------------- helpers
 
+def table_specs(value: str | None) -> list[str]:
+    """The type:name specs of a table list; inline:{...} keeps its blanks and commas."""
+    out, depth, word = [], 0, ""
+    for ch in value or "":
+        if depth == 0 and (ch.isspace() or ch == ","):
+            if word:
+                out.append(word)
+            word = ""
+            continue
+        depth += (ch == "{") - (ch == "}")
+        word += ch
+    if word:
+        out.append(word)
+    return out
+
+
+class TableHookError(Exception):
+    """A table behind an engine hook failed; each line of str() is one warning."""
+
+
+def table_lookups(config=None, *, footer_specs=None, filter_specs=None) -> dict:
+    """The engine's table hooks (ServerConfig.footer_lookup, .command_filter) for
+    smtpd_reject_footer_maps and smtpd_command_filter, read from ``config`` unless the
+    specs are given; only the configured ones.  Use:
+    ``ServerConfig.from_config(config, **table_lookups(config))``.  The tables are
+    opened at the first lookup (get_table: shared, re-opened when the file changes)."""
+    from postwell.tables import get_table
+    if footer_specs is None:
+        footer_specs = table_specs(config.get("smtpd_reject_footer_maps")) \
+            if config is not None else ()
+    if filter_specs is None:
+        filter_specs = table_specs(config.get("smtpd_command_filter")) \
+            if config is not None else ()
+    footer_specs, filter_specs = tuple(footer_specs), tuple(filter_specs)
+    hooks: dict = {}
+
+    def footer_lookup(reply_text: str) -> str | None:
+        # The first table with an entry decides (the engine falls back to
+        # smtpd_reject_footer when it fails).
+        for spec in footer_specs:
+            try:
+                found = get_table(spec, config).lookup(reply_text)
+            except Exception as exc:    # noqa: BLE001 - logged by the engine
+                raise TableHookError(f"smtpd_reject_footer_maps: {spec}: lookup error: "
+                                     f"{exc}") from None
+            if found == "":
+                # Postfix's maps_find(): an empty result is a configuration error, not
+                # "not found" (the later tables are not asked; checked against 3.7).
+                raise TableHookError(
+                    f"smtpd_reject_footer_maps lookup of {reply_text} returns an empty "
+                    "string result\nsmtpd_reject_footer_maps should return NO RESULT in "
+                    "case of NOT FOUND")
+            if found is not None:
+                return found
+        return None
+
+    def command_filter(key: str) -> str | None:
+        for spec in filter_specs:
+            try:
+                found = get_table(spec, config).lookup(key)
+            except Exception as exc:    # noqa: BLE001 - logged by the engine
+                raise TableHookError(f"{spec} lookup error for \"{key[:100]}\": {exc}") \
+                    from None
+            if found is not None:
+                return found
+        return None
+
+    if footer_specs:
+        hooks["footer_lookup"] = footer_lookup
+    if filter_specs:
+        hooks["command_filter"] = command_filter
+    return hooks
+
+
 _hosts_cache: dict[str, str] | None = None
 
 
@@ -1797,6 +1871,8 @@ class SmtpdServer:
             ipv6_enabled=any(w in ("ipv6", "all") for w in
                              (config.get("inet_protocols") or "all").lower()
                              .replace(",", " ").split()),
+            # The engine does no I/O: table lookups reach it as plain callables.
+            **table_lookups(config),
         )
 
     def xclient_authorized(self, name: str, addr: str) -> bool:
