@@ -224,7 +224,12 @@ def rewrite_local(address: str, myorigin: str, *, swap_bangpath: bool = True,
 # RFC 5322 3.2.3 atext, without "%" and "!" (those addresses take the full path).
 _ATEXT = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-_PLAIN_ITEM = rf"(?:{_PLAIN_ADDR}|(?:{_ATEXT}[ \t\r\n]+)*<{_PLAIN_ADDR}>)"
+# RFC 5322 3.2.4 quoted-string as tokenize() reads it (a backslash takes any one
+# character): a display name such as "Doe, John" holds no address to rewrite.
+_QSTRING = r'"(?:[^"\\]|\\[\s\S])*"'
+# Words of the phrase: an atom needs white space (or a quote) after it, so no text
+# splits into words in two ways (no backtracking blow-up on input that fails).
+_PLAIN_ITEM = rf"(?:{_PLAIN_ADDR}|(?:{_ATEXT}(?:[ \t\r\n]+|(?=\"))|{_QSTRING}[ \t\r\n]*)*<{_PLAIN_ADDR}>)"
 # A list of already-qualified addresses (the usual From:/To:) that the local
 # rewrite leaves unchanged: every address has a domain without a trailing dot.
 _UNCHANGED_RE = re.compile(rf"[ \t\r\n]*{_PLAIN_ITEM}(?:[ \t\r\n]*,[ \t\r\n]*{_PLAIN_ITEM})*[ \t\r\n]*")

@@ -43,6 +43,9 @@ _CAPTURE_LIMIT = 4096   # bytes of a Message-Id header kept for the log line
 _MIME_NAMES = frozenset({"content-type", "content-transfer-encoding"})
 _CAPTURED = frozenset({"message-id", "resent-message-id"}) | _MIME_NAMES
 _HOUT_FLUSH = 65536     # header output gathered before it is passed on
+# One whole logical header, "Name:" with no blanks before the colon (RFC 5322 2.2,
+# 2.2.3 folding): what _header_run() takes in one step.
+_LOGICAL_RE = re.compile(rb"([\x21-\x39\x3b-\x7e]+):[^\n]*\n(?:[ \t][^\n]*\n)*")
 
 
 class ContentProcessor:
@@ -233,6 +236,12 @@ class ContentProcessor:
                 break
             if nl >= 0 and not self._line and nl - pos <= self.header_size_limit:
                 # The usual case: a whole line in this chunk, nothing held before it.
+                if self._checks is None:
+                    # Whole headers in one step while they need no line-by-line care.
+                    end = self._header_run(data, pos)
+                    if end != pos:
+                        pos = end
+                        continue
                 line = data[pos:nl]
                 pos = nl + 1
                 self._classify(line, True)
@@ -253,6 +262,97 @@ class ContentProcessor:
             self._decide(complete=complete)
         if pos < n:
             self._body(data[pos:])
+
+    def _header_run(self, data: bytes, pos: int) -> int:
+        """Whole logical headers from ``pos`` (a line start, nothing held, no checks),
+        with what the line-by-line path (_classify, _finish_header) would do for
+        each, in one loop: the same output, the same state after.  A header is taken
+        only when the line after it is in ``data`` and does not continue it, and
+        when it is within header_size_limit (and, for one to rewrite, within
+        line_length_limit: one input record).  Returns the position after the
+        last header taken (``pos`` when none was).  Why: most of a message's
+        headers need nothing but to be passed on, and a call per line (or two)
+        was cleanup's largest cost for a typical message."""
+        n = len(data)
+        limit = self.header_size_limit
+        match = _LOGICAL_RE.match
+        names = self.rewrite_names if self.header_rewriter is not None else ()
+        seen = self.headers_seen
+        hout = self._hout
+        span = pos              # start of the text not yet copied to the output
+        begun = False
+        name = ""
+        while True:
+            m = match(data, pos)
+            if m is None:
+                break
+            end = m.end()
+            if end >= n or data[end] in (32, 9) or end - pos - 1 > limit:
+                break
+            name = m.group(1).decode("ascii").lower()
+            rewrite = name in names
+            if rewrite and (end - pos - 1 > self.line_length_limit or name in _CAPTURED
+                            or name in _DROPPED_HEADERS):
+                # Too long for one input record, or a name the line path treats
+                # in two ways at once: left to it.
+                break
+            if not begun:
+                begun = True
+                # The header before this one is complete now.  Any first client line
+                # that is a header is an ordinary one (no mbox From, no white space).
+                self._first_client_line = False
+                self._finish_header()
+            seen.add(name)
+            if name == "received":
+                self.hops += 1
+                if 0 < self.hopcount_limit <= self.hops:
+                    self._hops_over = True
+            elif name.startswith("resent-"):
+                self.resent = True
+            if rewrite:
+                new = self.header_rewriter(data[pos:end - 1], m.end(1) - pos)
+                if new is not None:
+                    # Written as _finish_header writes a rewritten header (cut when
+                    # too long); unchanged, it is written as received (as there).
+                    hout += data[span:pos]
+                    span = end
+                    self._cur_name, self._capture, self._suppress = name, None, False
+                    self._hcut, self._held = False, None
+                    if 0 < len(new) <= limit and b"\n" not in new:
+                        hout += new
+                        hout += b"\n"
+                    else:
+                        self._hlen, self._hstarted, self._new_line = 0, False, True
+                        self._cut_out(new)
+                        if self._held and not self._hcut:
+                            self._line_out(bytes(self._held))
+                        self._held = None
+                        if self._hstarted:
+                            self._out_header(b"\n")
+            elif name in _CAPTURED:
+                cap = data[pos:min(end, pos + _CAPTURE_LIMIT)]
+                if name in _MIME_NAMES:
+                    self._mime_header(cap)
+                elif self.on_message_id and not self._hops_over:
+                    value = cap[_HEADER_RE.match(cap).end():]
+                    # As _finish_header logs it.
+                    text = value.decode("utf-8", "surrogateescape").lstrip(" \t").rstrip("\n")
+                    self.on_message_id(text, name.startswith("resent-"))
+            elif name in _DROPPED_HEADERS:
+                hout += data[span:pos]
+                span = end
+            pos = end
+            if pos - span + len(hout) >= _HOUT_FLUSH:
+                # As the line path: header output passed on in bounded pieces.
+                hout += data[span:pos]
+                span = pos
+                self._flush_headers()
+        if begun:
+            hout += data[span:pos]
+            self._cur_name, self._capture, self._suppress = name, None, False
+            if len(hout) >= _HOUT_FLUSH:
+                self._flush_headers()
+        return pos
 
     def _may_become_header(self, piece: bytes) -> bool:
         """Incremental check that the line so far is ``name-chars [blanks]``: only

@@ -27,6 +27,9 @@ _PARAM_RE = re.compile(rb'[;\s]boundary\s*=\s*(?:"([^"]*)"|([^\s;]+))', re.I)
 _TOKEN_RE = re.compile(rb"[ \t\n]*([^ \t\n;()]*)")
 
 TEXT_PLAIN = (b"text", b"plain", None)
+# Hyphens inside lines skipped one by one in a chunk before PartScanner looks for
+# "\n-" instead (pays off from about this many on).
+_SKIPS_BEFORE_PAIR_SEARCH = 8
 MESSAGE_RFC822 = (b"message", b"rfc822", None)
 
 
@@ -203,21 +206,34 @@ class PartScanner:
             pos = nl + 1
             self._mid = False
         find = data.find
+        skipped = 0
         while pos < n:
             # The next line that starts with "-".  One-byte find() is memchr (a
             # two-byte pattern such as "\n-" is many times slower), and a line with
             # a "-" inside is skipped whole.
-            c = find(b"-", pos)
-            if c < 0:
-                self._mid = data[-1] != 10
-                break
-            if c != pos and data[c - 1] != 10:
-                nl = find(b"\n", c)
-                if nl < 0:
-                    self._mid = True
+            if skipped < _SKIPS_BEFORE_PAIR_SEARCH:
+                c = find(b"-", pos)
+                if c < 0:
+                    self._mid = data[-1] != 10
                     break
-                pos = nl + 1
-                continue
+                if c != pos and data[c - 1] != 10:
+                    skipped += 1
+                    nl = find(b"\n", c)
+                    if nl < 0:
+                        self._mid = True
+                        break
+                    pos = nl + 1
+                    continue
+            elif data[pos] == 45:
+                c = pos
+            else:
+                # Text full of hyphens inside lines (HTML, CSS): one C-level search
+                # for a line start with "-" costs less than a step per hyphen.
+                c = find(b"\n-", pos)
+                if c < 0:
+                    self._mid = data[-1] != 10
+                    break
+                c += 1
             nl = find(b"\n", c)
             if nl < 0:
                 self._cand = bytearray(data[c:c + self._longest + 4])

@@ -454,7 +454,8 @@ class CleanupSession:
         # Postfix ("the maximal size in bytes of a message, including envelope
         # information"): the file Postfix's cleanup would have written, not ours.
         limit = self.cleanup.message_size_limit
-        if limit and self.postfix_file_size(content) > limit:
+        if limit and content + self._size_bound() > limit \
+                and self.postfix_file_size(content) > limit:
             self.too_big = True
             self.msg.abort()
             return self._too_big()
@@ -543,7 +544,33 @@ class CleanupSession:
         redirect = attrs.get(REDIRECT_ATTRIBUTE)
         if redirect:
             size += rs.record(rs.text_length(redirect))
-        return size + self._recipient_records
+        records = self._recipient_records
+        if records is None:
+            records = self._recipient_records = self._recipients_size()
+        return size + records
+
+    def _size_bound(self) -> int:
+        """An upper bound of postfix_file_size(0) from character counts alone (a
+        character is at most 4 bytes of UTF-8, a record's type and length at most 6;
+        every record that postfix_file_size() prices is covered), so the exact price
+        is asked only of a message near message_size_limit."""
+        env = self.msg.envelope
+        attrs = env.attributes
+        cleanup = self.cleanup
+        chars = (len(self.queue_id) + len(env.sender) + len(self.fullname or "")
+                 + len(self.filter or "") + len(cleanup.content_filter() or "")
+                 + len(env.params.get("envid") or "")
+                 + sum(map(len, attrs)) + sum(map(len, attrs.values())))
+        bound = 1024 + 32 * len(attrs)
+        records = self._recipient_records
+        if records is not None:
+            bound += records
+        else:
+            rcpts = env.recipients
+            for r in rcpts:
+                chars += len(r.address) + len(r.orig or "") + len(r.orcpt or "")
+            bound += len(rcpts) * (128 + 4 * len(cleanup.myorigin))
+        return bound + 8 * chars
 
     def _recipients_size(self) -> int:
         """The recipients' records (per recipient: notify_flags, dsn_orig_rcpt, O, R)."""
@@ -646,8 +673,8 @@ class CleanupSession:
         if self._client_recipients < 0:
             self._client_recipients = len(self.msg.recipients)
         # Postfix's queue file keeps the recipients as they are here; its qmgr applies
-        # a REDIRECT.
-        self._recipient_records = self._recipients_size()
+        # a REDIRECT (so they are priced now); otherwise when a size is asked for.
+        self._recipient_records = self._recipients_size() if redirect else None
         if redirect:
             # Postfix's qmgr applies REDIRECT: the first recipient goes to the target
             # (not alias-expanded), the others are finished; nrcpt= counts them all.
@@ -712,6 +739,7 @@ class Cleanup:
     # True: cleanup logs its own "queue file size limit exceeded" refusal, with the
     # "mail_stream_cleanup: close error" line that follows it in Postfix (SMTP only).
     logs_size_refusal = True
+    _expander_settings: tuple | None = None   # expander()'s settings, read once
 
     def __init__(self, config, store: QueueStore, log, *, clock: Callable[[], float] | None = None,
                  table_opener: Callable[[str], object] | None = None):
@@ -861,17 +889,24 @@ class Cleanup:
         tables = self._open_tables()
         if not tables:
             return None
-        mydest = {d.lower() for d in (self.config.get_list("mydestination")
-                                      if self.config.raw("mydestination") is not None else [])}
-        mydest.add(self.myhostname.lower())
-        # virtual(5): the bare "user" form applies when the domain is $myorigin too.
-        mydest.add(self.myorigin.lower())
-        return VirtualAliasExpander(
-            [(t.lookup, _is_pattern_table(spec)) for spec, t in zip(self._specs or (), tables)],
-            expansion_limit=_int(self.config, "virtual_alias_expansion_limit", 1000),
-            recursion_limit=_int(self.config, "virtual_alias_recursion_limit", 1000),
-            recipient_delimiter=self.config.get("recipient_delimiter") if self.config.raw("recipient_delimiter") is not None else "",
-            local_domain=lambda d: d in mydest)
+        settings = self._expander_settings
+        if settings is None:
+            # The configuration is fixed for the process: read once, not per message
+            # (the tables are asked for each time: postmap may rebuild them).
+            mydest = {d.lower() for d in (self.config.get_list("mydestination")
+                                          if self.config.raw("mydestination") is not None else [])}
+            mydest.add(self.myhostname.lower())
+            # virtual(5): the bare "user" form applies when the domain is $myorigin too.
+            mydest.add(self.myorigin.lower())
+            settings = self._expander_settings = (
+                [_is_pattern_table(spec) for spec in self._specs or ()],
+                dict(expansion_limit=_int(self.config, "virtual_alias_expansion_limit", 1000),
+                     recursion_limit=_int(self.config, "virtual_alias_recursion_limit", 1000),
+                     recipient_delimiter=self.config.get("recipient_delimiter")
+                     if self.config.raw("recipient_delimiter") is not None else "",
+                     local_domain=mydest.__contains__))
+        patterns, options = settings
+        return VirtualAliasExpander([(t.lookup, p) for p, t in zip(patterns, tables)], **options)
 
 
 # Postfix's smtpd's attributes (3.7 queue files): postwell's name, and whether a
