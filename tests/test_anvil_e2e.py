@@ -410,15 +410,32 @@ def test_new_tls_session_rate_as_postfix(tls_pair):
 # ---------------------------------------------------------------- restarts
 
 def _anvil_pid(pw) -> int | None:
-    """anvil binds under private/anvil.<pid> before renaming: /proc/net/unix keeps that name."""
-    prefix = str(pw.queue_dir / "private" / "anvil.")
+    """The running anvil: the master's child that holds private/anvil's
+    listener (the master owns the name and starts anvil on demand)."""
+    import os
+    path = str(pw.queue_dir / "private" / "anvil")
+    inodes = set()
     with open("/proc/net/unix") as f:
         for line in f:
-            path = line.split()[-1] if len(line.split()) >= 8 else ""
-            if path.startswith(prefix):
-                pid = int(path[len(prefix):])
-                if harness.pid_alive(pid):
-                    return pid
+            fields = line.split()
+            # the name as bound (a temporary one renamed into place) and listening
+            if len(fields) >= 8 and fields[-1].startswith(path) and fields[3] == "00010000":
+                inodes.add(fields[6])
+    master = pw.master_pid()
+    for pid in pw.processes():
+        if pid == master:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return pid
     return None
 
 
@@ -442,31 +459,32 @@ def test_anvil_killed_is_restarted_and_limit_holds_again(count_pair):
     import os
     import signal
     ref, pw = count_pair
-    old = _anvil_pid(pw)
-    assert old is not None
+    _wait_idle(pw)   # a question to anvil starts it if it is not running (on demand)
+    old = harness.wait_for(lambda: _anvil_pid(pw), 10, what="anvil")
     # A child that dies within the master's BAD_STARTUP_SECONDS of its start is
     # throttled (Postfix's "bad command startup"): kill an anvil that is older.
     harness.wait_for(lambda: _process_age(old) > 1.5, 10, what="anvil older than 1.5 s")
     os.kill(old, signal.SIGKILL)
-    harness.wait_for(lambda: _anvil_pid(pw) not in (None, old), 15, what="a new anvil")
     pw.wait_log(rf"postfix/master\[\d+\]: warning: process \S+/anvil pid {old} killed by signal 9")
     # While anvil was away the workers went on alone (never refusing for that);
-    # after their retry pause they use the new anvil.
+    # after their retry pause their next question starts a new anvil.
     r = harness.dialogue(pw.port, ["QUIT"], timeout=10)
     assert r[0].code == 220
     time.sleep(1.5)
     _limit_holds(pw)
+    assert _anvil_pid(pw) not in (None, old)
 
 
 def test_limit_holds_after_reload(count_pair):
     ref, pw = count_pair
-    old = _anvil_pid(pw)
+    _wait_idle(pw)
+    old = harness.wait_for(lambda: _anvil_pid(pw), 10, what="anvil")
     pw.reload()
-    harness.wait_for(lambda: _anvil_pid(pw) not in (None, old), 15, what="the new anvil")
     harness.wait_for(lambda: not harness.pid_alive(old), 15, what="the old anvil gone")
     harness.wait_banner(pw.port, 15)
     time.sleep(1.5)
-    _limit_holds(pw)
+    _limit_holds(pw)   # the new workers' questions start the new anvil
+    assert _anvil_pid(pw) not in (None, old)
 
 
 # ---------------------------------------------------------------- AUTH

@@ -243,16 +243,16 @@ def test_start_status_stop(inst):
     # pipe(8) or postlogd
     assert "command spawn" not in log and "service cleanup" not in log
     assert "service maildrop" not in log and "service postlog" not in log
-    # 2 smtpd + qmgr + anvil + the spawn(8) supervisor (showq and, as root, the
+    # 2 smtpd + qmgr + the spawn(8) supervisor (anvil, showq and, as root, the
     # virtual, local and pipe helpers run on demand)
-    assert wait_for(lambda: len(inst.children()) == 5)
+    assert wait_for(lambda: len(inst.children()) == 4)
     if os.geteuid() == 0:
         uids = []
         for child in inst.children():
             with open(f"/proc/{child}/status") as f:
                 uids.append(set([l for l in f if l.startswith("Uid:")][0].split()[1:]))
         assert uids.count({"0"}) == 1                     # only spawn (helpers: on demand)
-        assert uids.count({str(inst.owner.pw_uid)}) == 4  # smtpd x2, qmgr, anvil as mail_owner
+        assert uids.count({str(inst.owner.pw_uid)}) == 3  # smtpd x2, qmgr as mail_owner
     r = inst.run("start")
     assert r.returncode == 1 and "fatal: the Postfix mail system is already running" in inst.log()
     r = inst.run("stop")
@@ -323,7 +323,7 @@ def _connects(port):
 
 def test_crashed_child_is_restarted(inst):
     assert inst.run("start").returncode == 0
-    n = 5   # 2 smtpd, qmgr, anvil, spawn (the root helpers run on demand)
+    n = 4   # 2 smtpd, qmgr, spawn (anvil and the root helpers run on demand)
     assert wait_for(lambda: len(inst.children()) == n)
     time.sleep(1.2)   # a child dying right at start-up would throttle the service instead
     victim = inst.children()[0]
@@ -362,7 +362,7 @@ def test_end_to_end_virtual_delivery(inst):
 
 def test_children_exit_when_master_is_killed(inst):
     assert inst.run("start").returncode == 0
-    n = 5   # 2 smtpd, qmgr, anvil, spawn (the root helpers run on demand)
+    n = 4   # 2 smtpd, qmgr, spawn (anvil and the root helpers run on demand)
     assert wait_for(lambda: len(inst.children()) == n)
     children = inst.children()
     os.kill(inst.master_pid(), signal.SIGKILL)

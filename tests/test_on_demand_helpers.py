@@ -496,7 +496,7 @@ def test_master_plans_helpers_and_pickup_on_demand(tmp_path):
     m, cfg = _master(tmp_path, MASTER_CF)
     slots = m._make_slots(cfg, {}, warn=True)
     od = {s.kind: s for s in slots if s.on_demand}
-    assert sorted(od) == ["helper", "localhelper", "pickup", "pipehelper", "showq"]
+    assert sorted(od) == ["anvil", "helper", "localhelper", "pickup", "pipehelper", "showq"]
     assert all(s.nproc == 0 and not s.sockets for s in od.values())
     spawned = []
 
@@ -506,7 +506,7 @@ def test_master_plans_helpers_and_pickup_on_demand(tmp_path):
     m._spawn = spawn
     m.slots = slots
     m._start_missing()
-    assert sorted(s.kind for s in spawned) == ["anvil", "qmgr"]   # nothing else until asked
+    assert sorted(s.kind for s in spawned) == ["qmgr"]   # nothing else until asked
 
 
 @pytest.mark.parametrize("wakeup, idle, on_demand", [
@@ -670,8 +670,8 @@ def test_running_instance_starts_pickup_and_helper_only_when_mail_comes(tmp_path
         wait_until(lambda: all(os.path.exists(p) for p in private), "helper sockets")
         time.sleep(0.5)
         idle = set(_kids(inst))
-        # anvil, 2 smtpd workers, qmgr: no root helper, no pickup while nothing happens
-        assert len(idle) == 4 and all(_uid(p) == inst.uid for p in idle)
+        # 2 smtpd workers, qmgr: no root helper, no anvil, no pickup while nothing happens
+        assert len(idle) == 3 and all(_uid(p) == inst.uid for p in idle)
         inos = [os.stat(p).st_ino for p in private]
 
         def submit(n):

@@ -64,6 +64,12 @@ def test_missing_source_and_table(cf):
     assert rc == 1 and err == f"postmap: fatal: open {cf}/nope: No such file or directory\n"
     rc, _, err = run_ours("postmap", ["-c", str(cf), "-q", "a", f"hash:{cf}/nope"])
     assert rc == 1 and err == f"postmap: fatal: open database {cf}/nope.db: No such file or directory\n"
+    # Postfix opens the source before it looks at the type: a missing source
+    # is reported first, whatever the type
+    for typ in ("cidr", "texthash", "unknown"):
+        rc, _, err = run_ours("postmap", ["-c", str(cf), f"{typ}:{cf}/x"])
+        assert rc == 1 and err == f"postmap: fatal: open {cf}/x: No such file or directory\n"
+    (cf / "x").write_text("a b\n")
     rc, _, err = run_ours("postmap", ["-c", str(cf), f"cidr:{cf}/x"])
     assert err == "postmap: fatal: unsupported dictionary type: cidr does not support bulk-mode creation.\n"
 

@@ -399,3 +399,67 @@ def test_non_empty_listings_are_paced(tmp_path, monkeypatch):
     assert _inode(store, "incoming", third.queue_id) in inos
     for m in (first, second, third):
         m.abort()
+
+
+def test_remover_empties_before_the_file_is_claimable(tmp_path, monkeypatch):
+    """The remover truncates while the file still has its queue name: a truncate by
+    name in spare/ could land on the next message once a creator took the inode.
+    A remover dying between the steps leaves an unmarked, empty file that no scan
+    takes for mail (not an empty "complete" one that would look corrupt)."""
+    store = _store(tmp_path)
+    old = _commit(store)
+    store.move(old.queue_id, "incoming", "active", sync=False)
+    path = store.path("active", old.queue_id)
+    seen = []
+    real_rename = os.rename
+
+    class Died(BaseException):
+        pass
+
+    def rename(src, dst, *a, **kw):
+        if dst.startswith(store.path(SPARE_DIR)):
+            st = os.stat(src)
+            seen.append((st.st_size, stat.S_IMODE(st.st_mode)))
+            raise Died()
+        return real_rename(src, dst, *a, **kw)
+    monkeypatch.setattr(store_mod.os, "rename", rename)
+    with pytest.raises(Died):
+        store.remove(old.queue_id, "active", sync=False, logs=False)
+    assert seen == [(0, INCOMPLETE_MODE)]
+    assert os.path.exists(path) and store.scan("active") == []
+
+
+def test_qmgr_start_clears_a_cut_short_removal(tmp_path, monkeypatch):
+    """What a remover killed between emptying and renaming leaves (an empty,
+    unmarked file under its queue id) is removed at the qmgr's start; messages,
+    even an unmarked non-empty one (a commit whose marker a crash took), stay."""
+    store = _store(tmp_path)
+    keep = _commit(store)
+    store.move(keep.queue_id, "incoming", "active", sync=False)
+    old = _commit(store)
+    store.move(old.queue_id, "incoming", "active", sync=False)
+
+    class Died(BaseException):
+        pass
+    real_rename = os.rename
+
+    def rename(src, dst, *a, **kw):
+        if dst.startswith(store.path(SPARE_DIR)):
+            raise Died()
+        return real_rename(src, dst, *a, **kw)
+    monkeypatch.setattr(store_mod.os, "rename", rename)
+    with pytest.raises(Died):
+        store.remove(old.queue_id, "active", sync=False, logs=False)
+    monkeypatch.undo()
+    unmarked = _commit(store)
+    store.move(unmarked.queue_id, "incoming", "deferred", sync=False)
+    os.chmod(store.path("deferred", unmarked.queue_id), INCOMPLETE_MODE)
+
+    from postwell.qmgr.manager import QueueManager
+    from postwell.config.main import Config
+    qm = QueueManager(Config(str(tmp_path), {}, {}, []), store)
+    qm._start_up_checks()
+    assert not os.path.exists(store.path("active", old.queue_id))
+    assert store.scan("active") == [keep.queue_id]
+    assert os.path.getsize(store.path("deferred", unmarked.queue_id)) > 0
+    assert store.clear_retired() == []

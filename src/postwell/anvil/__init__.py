@@ -418,9 +418,15 @@ class _PollTransport:
         return self.closing
 
 
-def serve(config, *, log=None, ready=None) -> None:
+def serve(config, *, log=None, ready=None, sock=None, max_idle=None) -> None:
     """The anvil service: call in a child of the master, already running as
     mail_owner.  Returns after SIGTERM (logging the statistics first).
+
+    sock: the master's listener on private/anvil (on demand, as Postfix's
+    master starts anvil); it stays the master's, so its name is left in place.
+    max_idle: with sock, also return once no smtpd has been connected for that
+    long, but never sooner than one anvil_rate_time_unit (Postfix's anvil: not
+    before the sampling interval ends), so no rate window is cut short.
 
     A plain poll(2) loop, not an event loop: anvil answers one short line per
     request from a handful of smtpd workers, and every page an event loop
@@ -440,7 +446,13 @@ def serve(config, *, log=None, ready=None) -> None:
         interval = 600.0
     interval = max(1.0, interval)
     path = socket_path(config)
-    sock, ino = _listen(path)
+    owned = sock is None
+    if owned:
+        sock, ino = _listen(path)
+        max_idle = None
+    else:
+        ino = None
+        max_idle = None if max_idle is None else max(float(max_idle), table.time_unit)
     sock.setblocking(False)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signals: list[int] = []
@@ -458,10 +470,18 @@ def serve(config, *, log=None, ready=None) -> None:
     if ready is not None:
         ready()
     next_dump = time.monotonic() + interval
+    idle_since = time.monotonic()   # since when no smtpd is connected
     stopping = False
     try:
         while not stopping:
             wait = max(0.0, min(next_dump - time.monotonic(), table.time_unit))
+            if max_idle is not None and not streams:
+                left = idle_since + max_idle - time.monotonic()
+                if left <= 0:
+                    if not select.select([sock], [], [], 0)[0]:
+                        break
+                    left = 0.0   # an smtpd just connected: serve it rather than leave
+                wait = min(wait, left)
             try:
                 events = poller.poll(wait * 1000)
             except InterruptedError:
@@ -475,6 +495,8 @@ def serve(config, *, log=None, ready=None) -> None:
                     pair = streams.get(fd)
                     if pair is not None:
                         _service(fd, ev, pair, streams)
+            if streams:
+                idle_since = time.monotonic()
             while signals:
                 signum = signals.pop()
                 if signum == signal.SIGHUP:
@@ -495,11 +517,12 @@ def serve(config, *, log=None, ready=None) -> None:
             transport.out = b""
             transport.close()
             stream.connection_lost(None)
-        try:
-            if os.stat(path).st_ino == ino:
-                os.unlink(path)   # ours, not a newer anvil's after a reload
-        except OSError:
-            pass
+        if owned:
+            try:
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)   # ours, not a newer anvil's after a reload
+            except OSError:
+                pass
         sock.close()
         for fd in (wake_r, wake_w):
             os.close(fd)

@@ -38,7 +38,8 @@ FULLNAME = "postwell_fullname"
 # Attributes not listed with the others: the SMTPUTF8 flags are part of Postfix's size
 # record (message_size), the encoding is in its extracted segment, the full name is
 # a record of its own.
-_SHOWN_ELSEWHERE = frozenset({SMTPUTF8_FLAGS, "encoding", FULLNAME})
+TRACE = "postwell_trace"   # sendmail -v (postwell.qmgr.notices): Postfix's trace_flags
+_SHOWN_ELSEWHERE = frozenset({SMTPUTF8_FLAGS, "encoding", FULLNAME, TRACE})
 
 
 class PostcatError(Exception):
@@ -183,6 +184,9 @@ def _envelope_lines(qm, path: str) -> list[tuple[int | None, str]]:
     if fullname is not None:
         lines.append((where.get(("A", FULLNAME), at), f"sender_fullname: {fullname}"))
     lines.append((where.get("S", at), f"sender: {env.sender}"))
+    if env.attributes.get(TRACE) == "1":
+        # DEL_REQ_FLAG_RECORD, where Postfix's cleanup writes it: after the sender
+        lines.append((where.get(("A", TRACE), at), "named_attribute: trace_flags=1024"))
     if body is not None:
         lines.append(body)
     for r in env.recipients:
@@ -283,6 +287,9 @@ def show_maildrop_file(path: str, label: str, p: Printer) -> None:
             if env.verify == "user":
                 # Postfix's DEL_REQ_FLAG_USR_VRFY, as its sendmail -bv records it
                 p.line(end_of_content, "named_attribute: trace_flags=512")
+            if env.trace == "record":
+                # DEL_REQ_FLAG_RECORD, as Postfix's sendmail -v records it
+                p.line(end_of_content, "named_attribute: trace_flags=1024")
             for i, r in enumerate(env.recipients):
                 if i in env.rcpt_orcpt:
                     p.line(end_of_content, f"named_attribute: dsn_orig_rcpt={env.rcpt_orcpt[i]}")

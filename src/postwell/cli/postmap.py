@@ -114,10 +114,23 @@ def _store_class(typ: str):
     return cls.store_class
 
 
+# Every type Debian's Postfix 3.7 knows (built in or in dynamicmaps.cf), plus
+# postwell's own: a known type that cannot be built is worded differently from
+# one Postfix has never heard of.
+POSTFIX_TYPES = frozenset((
+    "btree", "cidr", "environ", "fail", "hash", "inline", "internal", "lmdb", "memcache",
+    "nis", "pcre", "pipemap", "proxy", "randmap", "regexp", "socketmap", "static", "tcp",
+    "texthash", "unionmap", "unix"))
+
+
+def _known_type(typ: str) -> bool:
+    from postwell.tables import _TYPES
+    return typ in POSTFIX_TYPES or typ in _TYPES
+
+
 def _require_indexed(typ: str, what: str = "bulk-mode creation"):
     if typ not in INDEXED:
-        from postwell.tables import _TYPES
-        if typ in _TYPES:
+        if _known_type(typ):
             raise Fatal(f"unsupported dictionary type: {typ} does not support {what}.")
         if what in ("bulk-mode creation", "incremental mode"):
             # Debian's Postfix points at the plugin package when a map is created.
@@ -125,14 +138,76 @@ def _require_indexed(typ: str, what: str = "bulk-mode creation"):
         raise Fatal(f"unsupported dictionary type: {typ}")
 
 
-def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
-    _require_indexed(typ)
+def _require_creatable(typ: str) -> None:
+    """The type check of a build, made (as Postfix's mkmap_open) only once the
+    source is open: a missing source is reported first, whatever the type."""
+    if typ != "fail":
+        _require_indexed(typ)
+
+
+def split_build(ctx: _Ctx, arg: str) -> tuple[str, str]:
+    """A build's (and -i's) `type:name` as Postfix's postmap splits it: at the
+    first colon, the type kept as typed and its form never checked; without a
+    colon the default_database_type."""
+    typ, sep, name = arg.partition(":")
+    if not sep:
+        return ctx.default_type(), arg
+    return typ, name
+
+
+def _read_source(name: str):
     try:
-        st = os.stat(name)
-        with open(name, "rb") as f:
-            text = f.read().decode("utf-8", "surrogateescape")
+        # a bare descriptor: a directory opens as it does for Postfix (Python's
+        # file objects refuse one)
+        fd = os.open(name, os.O_RDONLY)
     except OSError as e:
         raise Fatal(f"open {name}: {e.strerror}") from None
+    try:
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise Fatal(f"fstat {name}: {e.strerror}") from None
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except OSError:
+                # Postfix's line reader takes a read error (a directory's
+                # EISDIR) for the end of the input
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return st, b"".join(chunks).decode("utf-8", "surrogateescape")
+
+
+def _fail_build(ctx: _Ctx, name: str, text: str, where: str, alias: bool) -> None:
+    """fail: accepts a build and refuses its first write, as Postfix's
+    dict_fail; postalias always writes its "@" marker at the end."""
+    if alias:
+        from postwell.tables.aliases import parse_aliases
+        entries = parse_aliases(text, ctx.warn, where, fold=ctx.fold, utf8=ctx.utf8)
+    else:
+        entries = parse_source(text, where, ctx.fold, ctx.warn, utf8=ctx.utf8)
+    for lineno, key, _value in entries:
+        if not alias:
+            _alias_format_hint(ctx, key, where, lineno)
+        raise Fatal(f"table fail:{name}: write error: Application error")
+    if alias:
+        raise Fatal(f"table fail:{name}: write error: Application error")
+
+
+def build(ctx: _Ctx, typ: str, name: str, alias: bool) -> None:
+    if typ == "proxy":
+        # refused before anything is opened (-i words it as a type error)
+        raise Fatal("can't create maps via the proxy service")
+    st, text = _read_source(name)
+    _require_creatable(typ)
+    if typ == "fail":
+        _fail_build(ctx, name, text, name, alias)
+        return
     if not ctx.keep_perms:
         st = None
     try:
@@ -203,7 +278,10 @@ def _show(ctx: _Ctx, value: str) -> str:
 
 def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
     """-i: add entries from stdin to the existing index (created if absent)."""
-    _require_indexed(typ)     # Postfix words -i like a build
+    _require_creatable(typ)     # Postfix words -i like a build
+    if typ == "fail":
+        _fail_build(ctx, name, stdin.read(), "stdin", alias)
+        return
     from postwell.tables.index import Builder
     store = _store_class(typ)
     path = name + store.suffix
@@ -244,11 +322,16 @@ def incremental(ctx: _Ctx, typ: str, name: str, alias: bool, stdin) -> None:
 
 
 def delete(ctx: _Ctx, typ: str, name: str, keys: list[str]) -> bool:
-    if typ not in INDEXED:
-        from postwell.tables import _TYPES
-        if typ in _TYPES:
-            # the read-only types refuse the read-write open Postfix asks for
-            raise Fatal(f"{typ}:{name} map requires O_RDONLY access mode")
+    if typ == "fail":
+        raise Fatal(f"table fail:{name}: delete error: Application error")
+    if typ in ("static", "environ"):
+        # these two open read-write and refuse the delete itself
+        raise Fatal(f"table {typ}:{name}: delete operation is not supported")
+    if typ == "internal":
+        return False    # a fresh in-memory table: the key is simply not there
+    if typ not in INDEXED and _known_type(typ) and typ != "memcache":
+        # the read-only types refuse the read-write open Postfix asks for
+        raise Fatal(f"{typ}:{name} map requires O_RDONLY access mode")
     _require_indexed(typ, "delete")
     from postwell.tables.index import Builder
     store = _store_class(typ)
@@ -502,7 +585,7 @@ def run(argv, prog: str, stdin=None, stdout=None) -> int:
                 found = delete(ctx, typ, name, keys) or found
             return 0 if found else 1
         for a in args:
-            typ, name = ctx.split(a)
+            typ, name = split_build(ctx, a)
             if incr:
                 incremental(ctx, typ, name, alias, stdin)
             else:

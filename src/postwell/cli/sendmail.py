@@ -663,9 +663,12 @@ class Sendmail:
         o = self.o
         # -F "" is written as an empty full name, as Postfix's postdrop record.
         full = o.full_name if o.full_name is not None else (full_name_of(self.uid) or None)
+        # One -v (Postfix's DEL_REQ_FLAG_RECORD): deliver and mail the sender a
+        # report of the first attempt; more than one only makes Postfix verbose.
         return MaildropEnvelope(sender=sender, recipients=recipients, submit_time=time.time(),
                                 fullname=full, notify=o.notify, ret=o.ret, envid=o.envid,
-                                body=o.body, rewrite=o.rewrite)
+                                body=o.body, rewrite=o.rewrite,
+                                trace="record" if o.verbose == 1 and not o.verify else None)
 
     def size_limit(self) -> int:
         try:
@@ -723,6 +726,9 @@ class Sendmail:
             writer.abort()
             raise
         _wake_pickup(self.queue_directory)
+        if env.trace == "record":
+            sys.stdout.write(f"Mail Delivery Status Report will be mailed to <{sender}>.\n")
+            sys.stdout.flush()
         return EX_OK
 
     def too_big_warnings(self) -> None:

@@ -41,7 +41,8 @@ import threading
 import time
 
 from .base import FileContent, QueueContent
-from postwell.queue.store import dir_sync_group
+# libc's sync_file_range(2) (or None) and its flag: the queue's commit rounds use them too.
+from postwell.queue.store import _SYNC_FILE_RANGE_WRITE, _sync_file_range, dir_sync_group  # noqa: F401
 
 from . import virtual as _virtual
 from .virtual import Delivery, MailboxFull, deliver_maildir, deliver_mbox, deliver_one
@@ -1153,14 +1154,7 @@ def deliver_maildir_unnamed(d: Delivery, open_content) -> None:
             _virtual.write_message(fd, d, open_content)
             # The Maildir spec's order: the data is on disk before the file has a name.
             os.fsync(fd)
-            host = d.hostname.replace("/", "\\057").replace(":", "\\072")
-            # Device and inode make the name unique in new/ while the file lives.
-            newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
-            try:
-                _name_unnamed(fd, newfile)
-            except FileNotFoundError:
-                os.makedirs(newdir, mode=0o700, exist_ok=True)
-                _name_unnamed(fd, newfile)
+            _link_into_new(fd, d, newdir, st, sec, usec)
         except _CannotName:
             os.close(fd)
             _unnamed_state["ok"] = False
@@ -1184,20 +1178,17 @@ def deliver_maildir_unnamed(d: Delivery, open_content) -> None:
         os.close(fd)
 
 
-def _load_sync_file_range():
-    """libc's sync_file_range(2), or None (a hint: errors show in the fsync)."""
+
+def _link_into_new(fd: int, d, newdir: str, st, sec: int, usec: int) -> None:
+    """Give an unnamed, fsync'd Maildir file its name in new/ (made if missing)."""
+    host = d.hostname.replace("/", "\\057").replace(":", "\\072")
+    # Device and inode make the name unique in new/ while the file lives.
+    newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
+        _name_unnamed(fd, newfile)
+    except FileNotFoundError:
+        os.makedirs(newdir, mode=0o700, exist_ok=True)
+        _name_unnamed(fd, newfile)
 
 # The files of a batch are fsync'd side by side: the file system and the
 # block layer merge concurrent journal commits and cache flushes, where one
@@ -1335,15 +1326,8 @@ def deliver_maildir_batch(copies: list, contents: list) -> list[dict]:
             try:
                 if error is not None:
                     raise error
-                host = d.hostname.replace("/", "\\057").replace(":", "\\072")
                 newdir = os.path.join(d.path, "new")
-                # Device and inode make the name unique in new/ while the file lives.
-                newfile = os.path.join(newdir, f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}")
-                try:
-                    _name_unnamed(fd, newfile)
-                except FileNotFoundError:
-                    os.makedirs(newdir, mode=0o700, exist_ok=True)
-                    _name_unnamed(fd, newfile)
+                _link_into_new(fd, d, newdir, st, sec, usec)
             except _CannotName:
                 _unnamed_state["ok"] = False
                 single.append(i)

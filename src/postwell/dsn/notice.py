@@ -468,7 +468,8 @@ def render_notice(config, *, kind: str, queue_id: str, sender: str, arrival_time
             lines.append(f"Remote-MTA: dns; {remote}")          # RFC 3464 2.3.5
         if code is not None:
             lines += wrap_line(f"Diagnostic-Code: {code}")      # RFC 3464 2.3.6
-        if r.action == "delayed":
+        if r.action == "delayed" and kind != VERIFY:
+            # (Postfix's trace report, sendmail -v's, names no retry limit)
             lines.append(f"Will-Retry-Until: {mail_date(retry_until)}")  # RFC 3464 2.3.9
     prefix = "" if kind in (SUCCESS, VERIFY) else "Undelivered "
     lines += [

@@ -213,6 +213,9 @@ class Master:
     def _startup(self) -> None:
         from postwell.log import MailLog
         from postwell.queue import QueueStore
+        # First, before any thread of this process allocates: the limit is read
+        # when the first extra arena is made, and the children inherit it.
+        limit_malloc_arenas()
         cfg = load(self.config_dir)
         self.config = cfg
         self.owner = mail_owner_ids(cfg)
@@ -241,6 +244,7 @@ class Master:
         # Before forking (children may not be able to read the library once
         # unprivileged) and before the warning (parts register what they honour).
         preload_modules()
+        preload_for_config(cfg)
         self._warn_unimplemented_parameters(cfg)
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._pipe_w)
@@ -435,15 +439,19 @@ class Master:
         ssvc = plan.showq
         scfg = cfg.override(ssvc.overrides) if ssvc is not None and ssvc.overrides else cfg
         slots.append(Slot("showq", ssvc, scfg, [], 0, key=("showq",), on_demand=True))
-        # anvil(8): machine-wide per-client counts for all smtpd workers; always
-        # running (Postfix's stock master.cf has it).  First, so it is listening
-        # before the workers' first clients arrive.
+        # anvil(8): machine-wide per-client counts for all smtpd workers (Postfix's
+        # stock master.cf has it).  On demand, as Postfix's master runs it: the
+        # master owns private/anvil and forks anvil when an smtpd first asks about
+        # a client outside smtpd_client_event_limit_exceptions, so a quiet system,
+        # or one whose clients are all exempt ($mynetworks), carries no such
+        # process (issue 8: the tree's memory).  It leaves when no smtpd has been
+        # connected for max_idle (at least one anvil_rate_time_unit).
         asvc = next((s for s in cfg.services or [] if s.command == "anvil" and s.type == "unix"), None)
         acfg = cfg.override(asvc.overrides) if asvc is not None and asvc.overrides else cfg
         if asvc is None:   # stock line "anvil unix - - n - 1 anvil" (names it in the log)
             from postwell.config.master import MasterService
             asvc = MasterService("anvil", "unix", True, True, False, "0", 1, "anvil")
-        slots.insert(0, Slot("anvil", asvc, acfg, [], 1, key=("anvil",)))
+        slots.insert(0, Slot("anvil", asvc, acfg, [], 0, key=("anvil",), on_demand=True))
         # verify(8) for reject_unverified_*: on demand, as showq (the master owns
         # private/verify and forks the service when an smtpd or the qmgr connects);
         # offered when master.cf has it, or main.cf asks for it without the line.
@@ -466,10 +474,11 @@ class Master:
                 slot.nproc = 0
             elif slot.startup_error and slot.kind == "anvil":
                 # Postfix's anvil runs only once an smtpd asks it about a client
-                # outside smtpd_client_event_limit_exceptions; postwell's binds its
-                # own socket, so a broken one is not started at all: the smtpds
-                # fall back to their per-process counts (with a warning each).
+                # outside smtpd_client_event_limit_exceptions.  A broken one is
+                # not started at all and gets no listener: the smtpds fall back
+                # to their per-process counts (with a warning each).
                 slot.nproc = 0
+                slot.on_demand = False
         return slots
 
     # ------------------------------------------------------------ children
@@ -499,6 +508,8 @@ class Master:
 
     def _spawn(self, slot: Slot) -> None:
         self.master_pid = os.getpid()
+        if slot.kind == "qmgr":
+            self._qmgr_started(slot)
         if slot.kind == "smtpd" and slot.preloaded is None and not slot.startup_error:
             slot.preloaded = self._smtpd_preload(slot)
         # What the master allocated since the last freeze (a reloaded
@@ -596,7 +607,10 @@ class Master:
                 pickup.serve(slot.config)
         elif slot.kind == "anvil":
             from postwell import anvil
-            anvil.serve(slot.config)
+            if slot.on_demand and slot.sockets:
+                anvil.serve(slot.config, sock=slot.sockets[0], max_idle=max_idle(slot.config))
+            else:
+                anvil.serve(slot.config)
         elif slot.kind == "verify":
             from postwell.verify import service as verify_service
             if slot.on_demand and slot.sockets:
@@ -688,7 +702,7 @@ class Master:
             sock, ino = showq.listen(path)
         elif slot.kind == "pickup":
             return _open_pickup_fifo(slot.config, self.owner, self.log)
-        elif slot.kind == "verify":
+        elif slot.kind in ("verify", "anvil"):
             # Owned by mail_owner, mode 0600: the smtpd and the qmgr connect as that user.
             from postwell.delivery import helper
             owner = self.owner or (None, None)
@@ -705,6 +719,12 @@ class Master:
         path, slot.listen_path = slot.listen_path, None
         if path is None or slot.kind == "pickup":
             return     # public/pickup stays: sendmail pokes it even while we are down
+        if slot.kind == "showq" and self.stopping:
+            # Postfix's master leaves public/showq when it stops: while it is
+            # down, postqueue/mailq find a socket nobody listens on and say
+            # "Connection refused" (not "No such file or directory"); the next
+            # start binds over it (showq.listen).
+            return
         try:
             if os.stat(path).st_ino == slot.listen_ino:
                 os.unlink(path)
@@ -748,6 +768,11 @@ class Master:
                 for s in slot.sockets:
                     if s.fileno() >= 0:
                         out[s.fileno()] = slot
+            elif (slot.kind == "qmgr" and self._qmgr_waiting and self._qmgr_fifo is not None
+                  and not slot.children and self._qmgr_fifo.fileno() >= 0):
+                slot.blocked_by = {p for p in slot.blocked_by if p in self.children}
+                if not slot.blocked_by:
+                    out[self._qmgr_fifo.fileno()] = slot
         return out
 
     def _retired_slots(self):
@@ -811,6 +836,55 @@ class Master:
                 # so a crash loop costs one fork per service_throttle_time.
                 self.log.warning(f"{path}: bad command startup -- throttling")
                 child.slot.throttled_until = time.monotonic() + self.config.get_time("service_throttle_time")
+            elif bad and child.slot.kind == "qmgr":
+                self._qmgr_wait_for_trigger(child.slot)
+
+    # A qmgr that died (its fatal "timeout connecting to transport", a crash):
+    # Postfix's master starts the next one only when the qmgr service is
+    # triggered -- a poke of public/qmgr (new mail, a flush) or the service's
+    # own wakeup timer (master.cf, 300 s in the stock line) -- not at once.
+    # Meanwhile the master holds that FIFO open: pokes are kept in it for the
+    # next qmgr, and the first one starts it.  Mail waits in its queue.
+    _qmgr_fifo = None           # _Fifo of public/qmgr once a qmgr has died
+    _qmgr_waiting = False       # a dead qmgr waits for a trigger
+    _qmgr_epoch: float | None = None   # the wakeup timer's phase: the first qmgr start
+
+    def _qmgr_wait_for_trigger(self, slot) -> None:
+        now = time.monotonic()
+        wake = _qmgr_wakeup(slot.svc)
+        epoch = self._qmgr_epoch if self._qmgr_epoch is not None else now
+        until = epoch + (int((now - epoch) // wake) + 1) * wake if wake > 0 else float("inf")
+        slot.throttled_until = max(slot.throttled_until, until)
+        self._qmgr_waiting = True
+        self._qmgr_hold_fifo(slot)
+
+    def _qmgr_hold_fifo(self, slot) -> None:
+        """Hold public/qmgr open (never read here) from the first qmgr on, so a
+        poke made while a dying qmgr no longer reads (its last deliveries) is
+        still there when it has gone: it starts the next one at once."""
+        if self._qmgr_fifo is not None:
+            return
+        path = os.path.join(slot.config.get("queue_directory"), "public", "qmgr")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return      # not made yet (the qmgr makes it): the next death tries again
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                self._qmgr_fifo = _Fifo(fd)
+                return
+        except OSError:
+            pass
+        os.close(fd)
+
+    def _qmgr_started(self, slot) -> None:
+        if self._qmgr_epoch is None:
+            self._qmgr_epoch = time.monotonic()
+        self._qmgr_hold_fifo(slot)
+        if self._qmgr_waiting:
+            # Started by its trigger or its timer: a later death waits anew.
+            self._qmgr_waiting = False
+            slot.throttled_until = 0.0
 
     # ------------------------------------------------------------ main loop
     def _loop(self) -> None:
@@ -880,6 +954,13 @@ class Master:
                     os.kill(c.pid, signal.SIGUSR1)
                 except ProcessLookupError:
                     pass
+        if self._qmgr_waiting and self._qmgr_fifo is not None:
+            # A dead qmgr: the flush request (postqueue -f's "F") starts the next
+            # one, which reads it, as Postfix's trigger would.
+            try:
+                os.write(self._qmgr_fifo.fileno(), b"F")
+            except OSError:
+                pass
 
     def _reload(self) -> None:
         """SIGHUP.  As Postfix's master: "reload" is logged, then the files are
@@ -946,6 +1027,7 @@ class Master:
                 slot.blocked_by = old_pickup
         self._listen_on_demand(new_slots, old_listeners)
         self.slots = new_slots
+        preload_for_config(cfg)
         self._start_missing()
         self._forget_stale_preloads()
 
@@ -1022,6 +1104,16 @@ def max_idle(config) -> float:
     return max(1.0, idle)
 
 
+def _qmgr_wakeup(svc) -> float:
+    """The qmgr service's master.cf wakeup time (300 when there is no line,
+    as the stock one); 0: none, only a trigger starts it."""
+    raw = str(getattr(svc, "wakeup", None) or "300") if svc is not None else "300"
+    try:
+        return max(0.0, float(raw.rstrip("?").replace("-", "0") or 0))
+    except ValueError:
+        return 300.0
+
+
 def pickup_on_demand(svc, config) -> bool:
     """Postfix's master wakes pickup every `wakeup` seconds (master.cf, 60 in
     the stock line), and a wakeup shorter than max_idle keeps it running for
@@ -1046,6 +1138,9 @@ def _on_demand_path(slot) -> str:
     if slot.kind == "verify":
         from postwell import verify
         return verify.socket_path(slot.config)
+    if slot.kind == "anvil":
+        from postwell import anvil
+        return anvil.socket_path(slot.config)
     from postwell.delivery import helper, local_helper, pipe_helper
     module = {"helper": helper, "localhelper": local_helper, "pipehelper": pipe_helper}[slot.kind]
     return module.socket_path(slot.config)
@@ -1108,21 +1203,61 @@ def maildrop_waiting(queue_directory: str) -> bool:
 # Only what some child can use: every page imported here is in the tree's PSS
 # once (shared by all children), so nothing goes in "just in case"
 # (concurrent.futures.process alone brings multiprocessing, about 1 MiB;
-# uuid and mimetypes are used by no part).
+# uuid and mimetypes are used by no part; no part builds or formats MIME
+# messages with the email package: email.policy, .generator, .mime.*, and
+# secrets, gettext, dbm, shlex, glob were another 0.75 MiB).  Codecs
+# (encodings.*) and concurrent.futures.thread load by name at run time, out
+# of reach of tests/test_memory9.py's scan of function-level imports.
 _PRELOAD_STDLIB = (
-    "asyncio", "concurrent.futures", "email", "email.utils", "email.parser", "email.policy",
-    "email.message", "email.header", "email.headerregistry", "ssl", "json", "hashlib", "hmac",
+    "asyncio", "concurrent.futures", "email", "email.utils", "email.parser",
+    "email.message", "email.header", "ssl", "json", "hashlib", "hmac",
     "base64", "binascii", "ipaddress", "encodings.idna", "encodings.utf_8", "encodings.ascii",
-    "encodings.latin_1", "stringprep", "unicodedata", "secrets", "random", "socket", "selectors",
-    "fcntl", "struct", "zlib", "datetime", "calendar", "locale", "gettext", "dbm", "sqlite3",
-    "shlex", "textwrap", "urllib.parse", "quopri", "syslog", "pwd", "grp", "resource",
+    "encodings.latin_1", "stringprep", "unicodedata", "random", "socket", "selectors",
+    "fcntl", "struct", "zlib", "datetime", "calendar", "locale", "sqlite3",
+    "textwrap", "urllib.parse", "quopri", "syslog", "pwd", "grp", "resource",
     "concurrent.futures.thread", "queue", "threading", "logging",
-    "traceback", "linecache", "tokenize", "email.feedparser", "email.generator", "email.charset",
+    "traceback", "linecache", "tokenize", "email.feedparser", "email.charset",
     "email.base64mime", "email.quoprimime", "email.encoders", "email.iterators",
-    "email._header_value_parser", "email.mime.text", "email.mime.multipart", "email.mime.base",
-    "email.mime.message", "email.contentmanager", "dns.resolver", "dns.asyncresolver",
-    "lmdb", "berkeleydb", "uvloop", "signal", "errno", "stat", "tempfile", "glob", "fnmatch", "re",
+    "dns.resolver", "dns.asyncresolver",
+    "lmdb", "berkeleydb", "uvloop", "signal", "errno", "stat", "tempfile", "fnmatch", "re",
 )
+
+# Imported by an smtpd only to check a SASL password stored as an argon2 or
+# bcrypt hash (sasl/passwords.py): preloaded when some smtpd offers AUTH.
+_PRELOAD_SASL = ("argon2", "argon2.exceptions", "bcrypt")
+
+
+def preload_for_config(cfg) -> None:
+    """What this configuration's children may import beyond preload_modules()
+    (called at start and at every reload, before forking)."""
+    import importlib
+    if not sasl_offered(cfg):
+        return
+    for name in _PRELOAD_SASL:
+        try:
+            importlib.import_module(name)
+        except Exception:   # noqa: BLE001 - not installed: the scheme says so when used
+            pass
+
+
+def sasl_offered(cfg) -> bool:
+    """Whether some smtpd service has smtpd_sasl_auth_enable on (main.cf, or
+    the service's -o); main.cf alone when master.cf names no smtpd."""
+    def enabled(c) -> bool:
+        try:
+            return c.get_bool("smtpd_sasl_auth_enable")
+        except Exception:   # noqa: BLE001 - a bad value: the smtpd reports it
+            return False
+    smtpds = [svc for svc in cfg.services or [] if svc.command == "smtpd"]
+    if not smtpds:
+        return enabled(cfg)
+    for svc in smtpds:
+        try:
+            if enabled(cfg.override(svc.overrides) if svc.overrides else cfg):
+                return True
+        except Exception:   # noqa: BLE001 - its smtpd will not start either
+            continue
+    return False
 
 
 def unimplemented_parameter_names(cfg) -> list[str]:
@@ -1183,6 +1318,55 @@ def preload_modules() -> None:
     import gc
     gc.collect()
     gc.freeze()
+    # Compiling a module whose .pyc is missing or stale (PYTHONDONTWRITEBYTECODE,
+    # an unwritable tree) leaves megabytes of freed parse trees in the heap;
+    # every child would inherit them as resident pages.
+    release_free_heap()
+
+
+# glibc mallopt(3) parameter number (malloc.h).
+_M_ARENA_MAX = -8
+# Arenas per process.  glibc gives every thread that allocates its own arena
+# (up to 8 per core), each with its own resident pages; Python threads allocate
+# while holding the GIL, so they gain nothing from the extra arenas.
+MALLOC_ARENAS = 2
+
+
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas in this process and in the children it forks
+    (MALLOC_ARENA_MAX in the environment wins: glibc read it at start).
+    False where there is no glibc mallopt."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    libc = _libc()
+    fn = getattr(libc, "mallopt", None)
+    if fn is None:
+        return False
+    try:
+        return fn(_M_ARENA_MAX, arenas) == 1
+    except Exception:   # noqa: BLE001 - an optimisation only
+        return False
+
+
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the kernel (glibc malloc_trim(3))."""
+    libc = _libc()
+    fn = getattr(libc, "malloc_trim", None)
+    if fn is None:
+        return False
+    try:
+        fn(0)
+    except Exception:   # noqa: BLE001 - an optimisation only
+        return False
+    return True
 
 
 def _die_with_master(master_pid: int) -> None:

@@ -33,6 +33,8 @@ Envelope lines (values are escaped: ``%`` and the bytes 0x00-0x1F, 0x7F as
     protocol <SMTP | ESMTP>                     sendmail -bs only
     helo <name>                                 sendmail -bs only
     verify <user>                               sendmail -bv only (a report, no delivery)
+    trace <record>                              sendmail -v: deliver, then mail the sender
+                                                a report of the first delivery attempt
 
 Anything else (unknown names, repeated single-valued names, bad escapes, a
 size that disagrees with the file, missing ``end``) makes the file corrupt.
@@ -64,7 +66,7 @@ TMP_PREFIX = ".tmp."
 WRITE_BUFFER = 65536
 
 SINGLE = ("time", "sender", "fullname", "notify", "ret", "envid", "body", "rewrite", "protocol", "helo",
-          "verify")
+          "verify", "trace")
 MULTI = ("rcpt",)
 PER_RCPT = ("rcpt-notify", "rcpt-orcpt")
 _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
@@ -123,6 +125,7 @@ class MaildropEnvelope:
     protocol: str | None = None
     helo: str | None = None
     verify: str | None = None      # "user": sendmail -bv, a report instead of delivery
+    trace: str | None = None       # "record": sendmail -v, a report after delivery
 
     def pack(self) -> bytes:
         lines = [_line("time", f"{self.submit_time:.6f}"), _line("sender", self.sender)]
@@ -131,7 +134,7 @@ class MaildropEnvelope:
             if value is not None:
                 lines.append(_line(name, value))
         lines.append(_line("rewrite", self.rewrite))
-        for name in ("protocol", "helo", "verify"):
+        for name in ("protocol", "helo", "verify", "trace"):
             value = getattr(self, name)
             if value is not None:
                 lines.append(_line(name, value))
@@ -198,6 +201,8 @@ def _check_values(env: MaildropEnvelope) -> None:
         raise MaildropFormatError(f"bad rewrite value {env.rewrite!r}")
     if env.verify is not None and env.verify != "user":
         raise MaildropFormatError(f"bad verify value {env.verify!r}")
+    if env.trace is not None and env.trace != "record":
+        raise MaildropFormatError(f"bad trace value {env.trace!r}")
     if env.protocol is not None and env.protocol not in ("SMTP", "ESMTP"):
         raise MaildropFormatError(f"bad protocol value {env.protocol!r}")
 

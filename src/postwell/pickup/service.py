@@ -437,6 +437,10 @@ class Pickup:
             if env.verify == "user":
                 # sendmail -bv: delivery agents report, the sender gets a status report.
                 cs.set_attribute("postwell_verify", "user")
+            if env.trace == "record":
+                # sendmail -v: delivered as usual, then a report to the sender
+                # (postwell.qmgr.notices TRACE_ATTRIBUTE)
+                cs.set_attribute("postwell_trace", "1")
             # Recipients before the content, as Postfix's pickup sends them: the
             # checks' log lines name the latest one.
             for i, rcpt in enumerate(env.recipients):

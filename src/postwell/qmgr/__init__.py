@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 from .manager import QueueManager  # noqa: F401
+
+FATAL_EXIT_DELAY = 1.0     # msg_fatal() sleeps this long before exit(1)
 
 
 def serve(config, stop_event=None) -> None:
@@ -46,14 +49,21 @@ def serve(config, stop_event=None) -> None:
         loop.add_signal_handler(signal.SIGUSR1, qm.flush)
         fifo = os.path.join(config.get("queue_directory"), "public", "qmgr")
         await qm.run(fifo, stop, freeze_gc=True)
+        return qm.fatal
 
     try:
         # uvloop's event loop costs less per callback and per thread hand-off.
         import uvloop
     except ImportError:
-        asyncio.run(main())
+        fatal = asyncio.run(main())
     else:
-        uvloop.run(main())
+        fatal = uvloop.run(main())
+    if fatal:
+        # Postfix's msg_fatal(): a second's pause (no tight restart loop), then
+        # exit status 1, which the master logs; mail in active/ waits for the
+        # next qmgr.
+        time.sleep(FATAL_EXIT_DELAY)
+        raise SystemExit(1)
 
 
 def _raise_fd_limit() -> None:

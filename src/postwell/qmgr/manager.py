@@ -72,6 +72,7 @@ from postwell.dsn import (
 from postwell.dsn.notice import command_diagnostic
 from postwell.queue import HOLD_ATTRIBUTE
 from postwell.verify import MTA_PROBE, VERIFY_ATTRIBUTE
+from postwell.qmgr.notices import record_deferrals, records, send_record_report, wants_trace
 from postwell.queue.format import SIZE_ATTRIBUTE
 from postwell.queue import format as qformat
 
@@ -181,6 +182,21 @@ def make_resolver(config):
     return AddressResolver(config)
 
 
+async def _let_the_waiter_go() -> None:
+    """Issue 8: one loop turn so that the delivery request of whoever just got the
+    destination's slot leaves before this delivery's bookkeeping (done marks,
+    removal, log lines: 0.25-0.4 ms), which otherwise sat between one delivery's
+    end and the next one's start.  A stop in this one turn must not drop the
+    results of a delivery that took place (it would be made again after the
+    restart): the caller settles them as without the yield."""
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+
+
 class QueueManager:
     def __init__(self, config, store, *, log=None, clock=time.time, resolver=None,
                  agents: dict | None = None, bounce_log=None, agent_logs=None):
@@ -226,6 +242,10 @@ class QueueManager:
         # message outside it is finished without looking for logs: no failing
         # open of bounce/ID and no failing unlinks.  None: unknown, always look.
         self._log_ids: set[str] | None = None
+        # run()'s stop event: a fatal error ends the daemon (_transport_watchdog).
+        # Driven without run() (tests), the qmgr stays and acts as its successor.
+        self._fatal_stop: asyncio.Event | None = None
+        self.fatal = False          # ended by a fatal error: the daemon exits 1
 
     # ---------------------------------------------------------------- agents
     def _service_for(self, transport: str):
@@ -776,8 +796,9 @@ class QueueManager:
                         continue
                     if part.status == "sent":
                         action = _success_action(part)
-                        if action and wants(getattr(r, "notify", None), "SUCCESS"):
-                            bounce_entries.append((r, who, part, action,
+                        # sendmail -v reports every delivery (qmgr/notices.py)
+                        if records(qm) or (action and wants(getattr(r, "notify", None), "SUCCESS")):
+                            bounce_entries.append((r, who, part, action or "delivered",
                                                    f"delivery via {part.relay}: {part.reason}"))
                     else:
                         bounce_entries.append((r, who, part, "failed", part.reason))
@@ -849,6 +870,9 @@ class QueueManager:
             if entries is None:
                 self.log.info(f"{qid}: removed")
                 return
+        if deferred and records(qm):
+            # sendmail -v: the first pass's deferrals join its report (qmgr/notices.py)
+            await record_deferrals(self, qid, deferred)
         try:
             await self._send_notices(qid, qm, sender, arrival, entries)
             notices_pending = False
@@ -885,6 +909,14 @@ class QueueManager:
                     got = daemon_startup_error(svc) is not None
                 except Exception:       # noqa: BLE001 - judged by the master, not here
                     got = False
+            if svc is not None and not got:
+                # A master.cf service whose command is no delivery agent (a typo, a
+                # daemon that is not installed): Postfix's master fails to exec it
+                # and throttles it, so its qmgr waits as for a daemon dying of its
+                # -o (side by side with 3.7).  A transport without any master.cf
+                # service is another case: "mail transport unavailable" at once.
+                got = agent_class("retry" if svc.command == "error" and svc.name == "retry"
+                                  else svc.command) is None
             cache[transport] = got
         return got
 
@@ -894,8 +926,13 @@ class QueueManager:
         queue, and after $daemon_timeout qmgr_transport_abort() ends the qmgr
         ("fatal: timeout connecting to transport: NAME"); the restarted qmgr
         picks the active queue up again.  Here: the message stays in active/
-        untouched, and the watchdog logs that line and starts the held
-        messages again, as the restarted qmgr would."""
+        untouched and the watchdog logs that line; the daemon (run()) then
+        ends with exit status 1 once its deliveries in flight are done, and
+        the master starts the next qmgr when it is triggered (master/daemon.py
+        _qmgr_wait_for_trigger).  Driven without run(), this qmgr starts the
+        held messages again itself, as the restarted one would."""
+        if self.fatal or self._stopping:
+            return          # ending: the next qmgr takes the message up
         held = self.__dict__.setdefault("_held", {})
         loop = asyncio.get_running_loop()
         for transport in transports:
@@ -911,8 +948,21 @@ class QueueManager:
 
     def _transport_watchdog(self, transport: str) -> None:
         qids, _ = self.__dict__.get("_held", {}).pop(transport, (set(), None))
+        if self.fatal:
+            return
         self.log.fatal(f"timeout connecting to transport: {transport}")
         if self._stopping:
+            return
+        if self._fatal_stop is not None:
+            # The daemon (run()) ends as Postfix's qmgr does: exit status 1, and the
+            # master starts a new qmgr later, which takes active/ up again.  Our
+            # agents run in this process, so what is in flight finishes first (its
+            # done marks durable): nothing is delivered twice because of the exit.
+            self.fatal = True
+            self._stopping = True
+            for _, timer in self.__dict__.pop("_held", {}).values():
+                timer.cancel()       # one fatal line per qmgr, as Postfix's
+            self._fatal_stop.set()
             return
         # A restart re-reads the configuration: a master.cf fixed meanwhile counts.
         self.__dict__.pop("_broken_cache", None)
@@ -1086,19 +1136,7 @@ class QueueManager:
             handed_over = handed_over or dest.busy >= busy   # a waiter got the slot
             self._forget_destination(key, dest)
         if handed_over:
-            # Issue 8: let the waiter's request leave before this message's
-            # bookkeeping (done mark, removal, log lines: 0.25-0.4 ms).  With
-            # local(8)'s two deliveries per recipient, that bookkeeping sat
-            # between one delivery's end and the next one's start.
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                # A stop in this one turn must not drop the results of a
-                # delivery that took place (it would be made again after the
-                # restart): they are settled below, as without the yield.
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+            await _let_the_waiter_go()
         by_rcpt = {id(res.recipient): res for res in results}
         out = []
         for rc in rcpts:
@@ -1260,13 +1298,7 @@ class QueueManager:
             handed_over = handed_over or dest.busy >= busy
             self._forget_destination(key, dest)
         if handed_over:
-            # As _deliver_chunk: the next batch leaves before this one's bookkeeping.
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+            await _let_the_waiter_go()
         out = []
         for it, results in zip(taken, per_request):
             by_rcpt = {id(res.recipient): res for res in results}
@@ -1325,7 +1357,8 @@ class QueueManager:
             self._note_log(qid)
         for i, (_, who, res, action, reason) in enumerate(wanted):
             _append_reason(self.store, "bounce", qid, who, res.dsn, reason, action,
-                           i == len(wanted) - 1, self._diagnostic_of(res))
+                           i == len(wanted) - 1, self._diagnostic_of(res),
+                           relay=res.relay if action == "failed" and records(qm) else None)
         if done:
             qm.mark_done(done)
         for who, res in defer_entries:
@@ -1479,7 +1512,17 @@ class QueueManager:
         return max(self.min_backoff, min(self.max_backoff, age))
 
     def _defer_file(self, qid: str, next_attempt: float) -> None:
-        self.store.move(qid, "active", "deferred")
+        try:
+            self.store.move(qid, "active", "deferred")
+        except FileNotFoundError:
+            # Deleted under us (postsuper -d) after this pass wrote its logs: they
+            # go now, while the file is still open here (its inode, and so its
+            # id, cannot be anyone else's yet).
+            sweep = getattr(self.store, "remove_orphan_logs", None)
+            if sweep is not None and not self._no_logs(qid) and sweep([qid]):
+                if self._log_ids is not None:
+                    self._log_ids.discard(qid)
+            raise
         try:
             self.store.set_next_attempt(qid, next_attempt)
         except OSError as exc:
@@ -1586,7 +1629,9 @@ class QueueManager:
                     await self._post(qid, "postmaster non-delivery", pm_sender, to, data,
                                      critical=False)
         # A notice about a notice is never sent (_note_no_trace logged it).
-        if success and sender and not is_double_bounce(self.config, sender):
+        if await send_record_report(self, qid, qm, sender, arrival, entries):
+            pass    # sendmail -v: its report stands for the success notice
+        elif success and sender and not is_double_bounce(self.config, sender):
             data = self._render(SUCCESS, qid, qm, sender, arrival, success, sender)
             await self._post(qid, "sender delivery status", "", sender, data, critical=False)
         await self._blocking(_unlink, self.store.path("bounce", qid))
@@ -1636,6 +1681,7 @@ class QueueManager:
                   *, freeze_gc: bool = False) -> None:
         loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
+        self._fatal_stop = stop
         fd = None
         if fifo_path:
             fd = _open_fifo(fifo_path)
@@ -1676,13 +1722,23 @@ class QueueManager:
                     self.scan_deferred(force=force)
                     next_deferred = loop.time() + self.run_delay
         finally:
+            # Ending (stop or fatal): a message held for a broken transport waits
+            # for the next qmgr, with no fatal line from this one.
+            self._stopping = True
+            for _, timer in self.__dict__.pop("_held", {}).values():
+                timer.cancel()
             if fd is not None:
                 loop.remove_reader(fd)
                 os.close(fd)
             # Deliveries in flight finish (bounded by the agents' own timeouts);
             # anything not finished stays in active/ and is resumed next start.
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=30)
+            # After a fatal error nobody is waiting for us to go (a stop has the
+            # master's own deadline): every delivery in flight is let finish, so
+            # the next qmgr never repeats one whose done mark was still due.
+            while self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=None if self.fatal else 30)
+                if not self.fatal:
+                    break
             await self._close_agents()
 
     def _start_up_checks(self) -> None:
@@ -1699,6 +1755,14 @@ class QueueManager:
                 self.log.warning(f"queue file name check: {exc}")
         # Commits whose complete marker a crash took (queue/format.py: the marker
         # is not fsync'd): their data and header are durable and check out.
+        # A removal (inode kept for reuse, QueueStore._retire) cut short by a crash:
+        # an emptied, unmarked file under its old name.  Nothing to deliver.
+        retired = getattr(self.store, "clear_retired", None)
+        if retired is not None:
+            try:
+                retired()
+            except OSError as exc:
+                self.log.warning(f"queue file removal check: {exc}")
         recover = getattr(self.store, "recover_unmarked", None)
         if recover is not None:
             try:
@@ -1712,6 +1776,18 @@ class QueueManager:
             self._log_ids = log_ids(LOG_ID_LIMIT) if log_ids is not None else None
         except OSError:
             self._log_ids = None
+        # Logs whose message is in no queue (a crash, or a previous qmgr's log
+        # of a message deleted under it): no qmgr writes logs now, so each is
+        # surely stale.  Their ids then need no look when a message has them.
+        sweep = getattr(self.store, "remove_orphan_logs", None)
+        if self._log_ids and sweep is not None:
+            try:
+                gone = sweep(sorted(self._log_ids))
+            except OSError as exc:
+                self.log.warning(f"queue log check: {exc}")
+            else:
+                self._log_ids.difference_update(gone)
+                self._log_ids = {n for n in self._log_ids if not n.endswith(".tmp")}
 
     async def _close_agents(self) -> None:
         """Say QUIT on cached SMTP/LMTP connections (bounded), close the rest."""
@@ -1938,7 +2014,7 @@ class _CompletionHook:
 
     def __call__(self, recipient) -> bool:
         r = self._by_rc.get(id(recipient))
-        if r is None or isinstance(r, str) or wants(getattr(r, "notify", None), "SUCCESS"):
+        if r is None or isinstance(r, str) or wants_trace(self._qm, r):
             return False
         with self._lock:
             if not self._open:
@@ -1961,12 +2037,16 @@ def _takes_sender(resolver) -> bool:
     return "sender" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _append_reason(store, kind, qid, who, dsn, reason, action, sync, diag) -> None:
+def _append_reason(store, kind, qid, who, dsn, reason, action, sync, diag,
+                   relay=None) -> None:
     """One bounce/ID or defer/ID entry; a typed diagnostic travels in it as
     Postfix's bounce log carries it (diag_type, diag_text)."""
-    if diag and hasattr(store, "_log_entry") and hasattr(store, "_append_log"):
+    if (diag or relay) and hasattr(store, "_log_entry") and hasattr(store, "_append_log"):
         entry = store._log_entry(who, dsn, reason, action)
-        entry["diag_type"], entry["diag_text"] = diag
+        if diag:
+            entry["diag_type"], entry["diag_text"] = diag
+        if relay:
+            entry["trace_relay"] = relay    # sendmail -v's report (qmgr/notices.py)
         store._append_log(kind, qid, entry, sync)
     elif kind == "bounce":
         store.append_bounce_log(qid, who, dsn, reason, action=action, sync=sync)

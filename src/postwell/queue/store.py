@@ -1158,6 +1158,12 @@ class QueueStore:
                 raise OSError(errno.EEXIST, "cannot find a free queue id")
             os.unlink(tmp, dir_fd=inc)
             # Leftover side logs of an earlier message with this id are not ours.
+            # Such orphans do arise while we run (a log postsuper -r kept, left
+            # behind when pickup has re-queued the file and freed its inode; a log
+            # the qmgr wrote for a message postsuper -d deleted meanwhile, if it
+            # dies before taking it back; unsynced unlinks an OS crash undid), so
+            # the qmgr's start-up sweep (remove_orphan_logs) cannot stand in for
+            # these two unlinks.
             for log in LOG_NAMES:
                 try:
                     os.unlink(f"{log}/{qid}", dir_fd=top)
@@ -1302,22 +1308,25 @@ class QueueStore:
         try:
             # The qmgr removes on its event loop: emptying a big file (its cached
             # pages, its extents) is left to the last close, off the loop, as before.
-            if os.stat(path).st_size > SPARE_MAX_SIZE:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > SPARE_MAX_SIZE:
                 return False
+            # Emptied while it still has its queue name, which no one else uses: once
+            # in spare/ a creator may take it at any moment, and a truncate by name
+            # there could land on the next message's content (the name is looked up,
+            # then the inode truncated: a taker can slip in between).  Unmarked
+            # first, so a crash between the steps leaves an incomplete file the
+            # qmgr ignores (and purge_stale() removes), not an empty "corrupt" one.
+            os.chmod(path, INCOMPLETE_MODE)
+            os.truncate(path, 0)     # its blocks are free now, as unlink's would be
         except OSError:
             return False
-        spare = self.path(SPARE_DIR, queue_id)
         try:
-            os.rename(path, spare)
+            os.rename(path, self.path(SPARE_DIR, queue_id))
         except OSError:
             return False
         self._spare_count += 1
         self._spare_counted += 1
-        try:
-            # Its blocks are free now, as unlink's would be; the inode stays.
-            os.truncate(spare, 0)
-        except OSError:
-            pass             # taken already (the taker empties it) or gone
         return True
 
     def space_ok(self, size_hint: int = 0) -> bool:
@@ -1404,6 +1413,17 @@ class QueueStore:
         (the qmgr, which alone writes them, see log_ids()): two failing
         unlinks fewer."""
         removed = False
+        if logs:
+            # The logs go first: a process dying between the two steps leaves a
+            # message without its logs (it was finished or deleted anyway), never a
+            # log without its message, which a later message given the same id
+            # (same inode, through spare/ or the file system, and same microsecond)
+            # would take for its own.
+            for log in LOG_NAMES:
+                try:
+                    os.unlink(self.path(log, queue_id))
+                except FileNotFoundError:
+                    pass
         names = [queue_name] if queue_name else list(QUEUE_NAMES)
         for q in names:
             path = self.path(q, queue_id)
@@ -1421,13 +1441,48 @@ class QueueStore:
                 sync_dir_grouped(self.path(q), self._fsync)
             removed = True
             break
-        if logs:
-            for log in LOG_NAMES:
+        return removed
+
+    def remove_orphan_logs(self, queue_ids: Iterable[str]) -> list[str]:
+        """Remove the defer/ and bounce/ logs of those ids whose queue file is in
+        no queue (maildrop/ counts: postsuper -r keeps the log for mailq while the
+        file waits there), and a reset's leftover ``ID.tmp``.  Returns the ids
+        whose logs went.  For the qmgr alone (the only writer of logs): at its
+        start-up, and for a message deleted under it.
+
+        A file seen in none of the directories is looked for once more: a move
+        between two queues (postsuper -h/-H) may pass behind a single walk."""
+        gone = []
+        places = QUEUE_NAMES + ("maildrop",)
+        queue_ids = list(queue_ids)
+        present: set[str] = set()
+        if len(queue_ids) > 8:
+            # One listing per directory beats a look per id in every one of them.
+            for q in places:
                 try:
-                    os.unlink(self.path(log, queue_id))
+                    present.update(os.listdir(self.path(q)))
                 except FileNotFoundError:
                     pass
-        return removed
+
+        def queued(qid):
+            return any(os.path.lexists(self.path(q, qid)) for q in places)
+
+        for name in queue_ids:
+            if name.endswith(".tmp") and qf.is_queue_id(name[:-4]):
+                try:
+                    os.unlink(self.path("defer", name))
+                except OSError:
+                    pass
+                continue
+            if not qf.is_queue_id(name) or name in present or queued(name) or queued(name):
+                continue
+            for log in LOG_NAMES:
+                try:
+                    os.unlink(self.path(log, name))
+                except FileNotFoundError:
+                    pass
+            gone.append(name)
+        return gone
 
     def log_ids(self, limit: int) -> set[str] | None:
         """Ids that have a defer/ or bounce/ log now; None when there are more
@@ -1519,6 +1574,30 @@ class QueueStore:
 
     def next_attempt(self, queue_id: str, queue_name: str = "deferred") -> float:
         return os.stat(self.path(queue_name, queue_id)).st_mtime
+
+    def clear_retired(self) -> list[str]:
+        """Remove what a remover dying inside ``_retire()`` left: an unmarked, empty
+        file under a queue id in active/, deferred/ or hold/ (no message is ever
+        empty: a committed file has at least its header; files are made only in
+        incoming/).  The qmgr calls this when it starts.  Returns "queue/id"."""
+        gone = []
+        for q in ("active", "deferred", "hold"):
+            try:
+                it = os.scandir(self.path(q))
+            except FileNotFoundError:
+                continue
+            with it:
+                entries = [e for e in it if qf.is_queue_id(e.name)]
+            for e in entries:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_size == 0 \
+                            and not st.st_mode & stat.S_IXUSR:
+                        os.unlink(e.path)
+                        gone.append(f"{q}/{e.name}")
+                except OSError:
+                    continue
+        return gone
 
     def recover_unmarked(self) -> list[str]:
         """Mark complete the files in incoming/ whose commit reached its fsync but

@@ -555,11 +555,10 @@ def listen(path: str) -> tuple[socket.socket, int]:
     survives it), not from ``path`` afterwards: a newer
     showq (a reload) may replace the name at any moment, and the older one must
     not remove the newer one's socket on exit."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(17, f"{path}: exists and is not a socket")
-    except FileNotFoundError:
-        pass
+    # Whatever is left at the name (the socket of a stopped master, which
+    # Postfix leaves in place, or a stray plain file) is replaced by the
+    # rename below, as Postfix's unix_listen() unlinks it before bind();
+    # only a directory there makes the rename fail.
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}"
     try:
