@@ -1,4 +1,4 @@
-"""Small file-descriptor helpers shared by the poll-loop daemons (pickup, anvil)."""
+"""Small file-descriptor helpers shared by the daemons (pickup, anvil, showq, verify)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,13 @@ def drain(fd: int, rounds: int = 64) -> None:
             return
         except OSError:
             return
+
+
+def unlink_if_ours(path: str, ino: int) -> None:
+    """Remove the socket name a daemon bound, unless a newer instance (after a
+    reload) has bound the name again since: then it is not ours to remove."""
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass

@@ -59,7 +59,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from postwell.fdutil import drain
+from postwell.fdutil import drain, unlink_if_ours
 from postwell.smtp.reply import Reply
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
@@ -518,11 +518,7 @@ def serve(config, *, log=None, ready=None, sock=None, max_idle=None) -> None:
             transport.close()
             stream.connection_lost(None)
         if owned:
-            try:
-                if os.stat(path).st_ino == ino:
-                    os.unlink(path)   # ours, not a newer anvil's after a reload
-            except OSError:
-                pass
+            unlink_if_ours(path, ino)
         sock.close()
         for fd in (wake_r, wake_w):
             os.close(fd)

@@ -1511,13 +1511,7 @@ class QueueStore:
         but incoming/ once the qmgr has run this at start-up."""
         done = []
         for q in QUEUE_NAMES:
-            try:
-                it = os.scandir(self.path(q))
-            except FileNotFoundError:
-                continue
-            with it:
-                entries = [e for e in it if qf.is_queue_id(e.name)]
-            for e in entries:
+            for e in self._id_entries(q):
                 try:
                     want = int(e.name[5:], 16)
                     if e.inode() == want:
@@ -1575,6 +1569,15 @@ class QueueStore:
     def next_attempt(self, queue_id: str, queue_name: str = "deferred") -> float:
         return os.stat(self.path(queue_name, queue_id)).st_mtime
 
+    def _id_entries(self, queue_name: str) -> list:
+        """The directory entries named as queue ids in a queue ([] without it)."""
+        try:
+            it = os.scandir(self.path(queue_name))
+        except FileNotFoundError:
+            return []
+        with it:
+            return [e for e in it if qf.is_queue_id(e.name)]
+
     def clear_retired(self) -> list[str]:
         """Remove what a remover dying inside ``_retire()`` left: an unmarked, empty
         file under a queue id in active/, deferred/ or hold/ (no message is ever
@@ -1582,13 +1585,7 @@ class QueueStore:
         incoming/).  The qmgr calls this when it starts.  Returns "queue/id"."""
         gone = []
         for q in ("active", "deferred", "hold"):
-            try:
-                it = os.scandir(self.path(q))
-            except FileNotFoundError:
-                continue
-            with it:
-                entries = [e for e in it if qf.is_queue_id(e.name)]
-            for e in entries:
+            for e in self._id_entries(q):
                 try:
                     st = e.stat(follow_symlinks=False)
                     if stat.S_ISREG(st.st_mode) and st.st_size == 0 \

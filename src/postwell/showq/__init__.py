@@ -44,6 +44,7 @@ import threading
 import time
 
 from postwell.queue import CorruptQueueFile, QueueStore
+from postwell.fdutil import unlink_if_ours
 from postwell.queue import format as qf
 
 try:  # start-up warnings name set-but-ignored parameters; these are honoured here
@@ -633,11 +634,6 @@ def serve(config, stop_event: threading.Event | None = None, *,
     finally:
         if owned:
             sock.close()
-            try:
-                # A newer showq (after a reload) may own the name by now.
-                if os.stat(path).st_ino == ino:
-                    os.unlink(path)
-            except OSError:
-                pass
+            unlink_if_ours(path, ino)
         for w in list(workers):
             w.join(SEND_TIMEOUT)

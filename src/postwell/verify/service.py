@@ -17,6 +17,8 @@ import time
 
 from . import (IN_PROGRESS, MAX_LINE, MTA_PROBE, STATUS_BOUNCE, STATUS_DEFER, STATUS_OK,
                VERIFY_ATTRIBUTE, socket_path)
+from postwell.fdutil import unlink_if_ours
+
 from .cache import PROBE_TTL, CacheOpenError, MemoryStore, VerifyCache, open_store
 
 
@@ -319,11 +321,7 @@ def serve(config, *, log=None, ready=None, sock: socket.socket | None = None,
         asyncio.run(main())
     finally:
         if owned:
-            try:
-                if os.stat(path).st_ino == ino:
-                    os.unlink(path)   # ours, not a newer verify's after a reload
-            except OSError:
-                pass
+            unlink_if_ours(path, ino)
         cache.close()
 
 
