@@ -212,6 +212,8 @@ class QueueManager:
         # (transport, destination) -> concurrency window; a destination is the
         # next hop, or the recipient when the transport's recipient limit is 1.
         self._destinations: dict[tuple[str, str], Destination] = {}
+        # Messages queued for a batching agent's destination (_deliver_batched).
+        self._batch_queues: dict = {}
         self._transport_settings: dict[str, dict] = {}
         self._process_sems: dict[str, asyncio.Semaphore | None] = {}
         self._in_progress: set[str] = set()
@@ -406,7 +408,7 @@ class QueueManager:
         # queued for a batch are work too: the next of them to wait for a slot
         # must find the same window (see _deliver_batched).
         if dest.idle and dest.dead is None and self._destinations.get(key) is dest:
-            bq = self.__dict__.get("_batch_queues", {}).get(key)
+            bq = self._batch_queues.get(key)
             if bq is not None and bq.pending:
                 return
             del self._destinations[key]
@@ -1169,7 +1171,7 @@ class QueueManager:
         the destination's concurrency limit and one process of maxproc.  Each
         message still gets its own results, and the agent reports a message
         delivered only once its mailbox copy is durable."""
-        queues = self.__dict__.setdefault("_batch_queues", {})
+        queues = self._batch_queues
         bq = queues.get(key)
         if bq is None:
             bq = queues[key] = _BatchQueue()
@@ -1237,7 +1239,7 @@ class QueueManager:
             if not bq.runner.wake.done():
                 bq.runner.wake.set_result(_RUN)
         elif not bq.pending and bq.runner is None:
-            queues = self.__dict__.get("_batch_queues", {})
+            queues = self._batch_queues
             if queues.get(key) is bq:
                 del queues[key]
 
